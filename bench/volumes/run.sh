@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Benchmark of Skyvisor replicated volumes over NBD against qemu-nbd.
+#
+# fio's nbd engine (libnbd) drives: 4k random write QD1 (latency p50/p99),
+# 4k random write QD32 (IOPS), 1 MiB sequential write (throughput), on
+#   - qemu-nbd serving a plain raw file (baseline),
+#   - skyvisor-volume-node with 1, 2 and 3 replicas.
+# Replicas are separate processes on loopback on this machine (no network
+# namespaces), each with its own data directory on the same disk.
+#
+# Usage: bench/volumes/run.sh [RUNTIME_SECONDS]   (default 15)
+# Needs: fio with the nbd engine, qemu-nbd, python3. Writes results to
+# bench/volumes/results.md and prints them.
+set -euo pipefail
+
+RUNTIME=${1:-15}
+SIZE=$((1024 * 1024 * 1024))
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+WORK=$(mktemp -d /var/tmp/skyvisor-bench.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+fio --enghelp 2>/dev/null | grep -qw nbd || { echo "fio lacks the nbd engine" >&2; exit 1; }
+cargo build --release -q -p skyvisor-volume --bin skyvisor-volume-node
+NODE=$CARGO_TARGET_DIR/release/skyvisor-volume-node
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+wait_tcp() { # host:port
+  for _ in $(seq 1 200); do
+    if python3 -c "import socket,sys; socket.create_connection(('${1%:*}', ${1#*:}), 1)" 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  echo "timeout waiting for $1" >&2; return 1
+}
+
+control() { # socket command...
+  python3 - "$1" "${@:2}" <<'PY'
+import socket, sys, json, time
+path, cmd = sys.argv[1], " ".join(sys.argv[2:])
+for _ in range(400):
+    try:
+        s = socket.socket(socket.AF_UNIX); s.connect(path); break
+    except OSError:
+        time.sleep(0.05)
+s.sendall((cmd + "\n").encode())
+line = s.makefile().readline()
+v = json.loads(line)
+if "error" in v:
+    sys.exit("control error: " + v["error"])
+print(json.dumps(v["ok"]))
+PY
+}
+
+# fio JOB_NAME URI RW BS IODEPTH -> json file
+run_fio() {
+  local name=$1 uri=$2 rw=$3 bs=$4 qd=$5
+  fio --name="$name" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
+      --size=$SIZE --time_based --runtime="$RUNTIME" --ramp_time=2 --randrepeat=0 \
+      --output-format=json --output="$WORK/$name.json" >/dev/null
+}
+
+bench_target() { # label uri
+  local label=$1 uri=$2
+  run_fio "$label-seq" "$uri" write 1M 8
+  run_fio "$label-qd1" "$uri" randwrite 4k 1
+  run_fio "$label-qd32" "$uri" randwrite 4k 32
+}
+
+# --- baseline: qemu-nbd on a raw file -------------------------------------
+truncate -s $SIZE "$WORK/plain.img"
+PORT=$(free_port)
+qemu-nbd -f raw -x vol -b 127.0.0.1 -p "$PORT" -t --cache=writeback --aio=threads "$WORK/plain.img" &
+PIDS+=($!); disown
+wait_tcp "127.0.0.1:$PORT"
+bench_target qemu-nbd "nbd://127.0.0.1:$PORT/vol"
+kill -9 "${PIDS[-1]}"; unset 'PIDS[-1]'
+
+# --- skyvisor with 1, 2, 3 replicas -----------------------------------------
+for N in 1 2 3; do
+  D=$WORK/sky$N; mkdir -p "$D"
+  REPLICAS=()
+  for i in $(seq 1 "$N"); do
+    ADDR=127.0.0.1:$(free_port)
+    RUST_LOG=warn "$NODE" --node "n$i" --data-dir "$D/n$i" --listen "$ADDR" \
+      --membership-dir "$D/membership" --control "$D/n$i.sock" 2>"$D/n$i.log" &
+    PIDS+=($!); disown
+    wait_tcp "$ADDR"
+    REPLICAS+=("n$i=$ADDR")
+  done
+  control "$D/n1.sock" create vol $SIZE 1 "${REPLICAS[@]}" >/dev/null
+  NBD_PORT=$(free_port)
+  control "$D/n1.sock" open vol "127.0.0.1:$NBD_PORT" 0 >/dev/null
+  bench_target "sky$N" "nbd://127.0.0.1:$NBD_PORT/vol"
+  for _ in $(seq 1 "$N"); do kill -9 "${PIDS[-1]}"; unset 'PIDS[-1]'; done
+done
+
+python3 - "$WORK" "$RUNTIME" > "$HERE/results.md" <<'PY'
+import json, sys, os
+work, runtime = sys.argv[1], sys.argv[2]
+def load(n):
+    return json.load(open(os.path.join(work, n + ".json")))["jobs"][0]["write"]
+rows = []
+base = {}
+for label, name in [("qemu-nbd (raw file)", "qemu-nbd"), ("skyvisor, 1 replica", "sky1"),
+                    ("skyvisor, 2 replicas", "sky2"), ("skyvisor, 3 replicas", "sky3")]:
+    qd1 = load(name + "-qd1"); qd32 = load(name + "-qd32"); seq = load(name + "-seq")
+    p = qd1["clat_ns"]["percentile"]
+    r = dict(p50=p["50.000000"] / 1000, p99=p["99.000000"] / 1000, iops=qd32["iops"], mbs=seq["bw_bytes"] / 2**20)
+    if name == "qemu-nbd":
+        base = r
+    rows.append((label, r))
+print(f"fio nbd engine, {runtime}s per test after 2s ramp, 1 GiB volume; replicas are separate processes on loopback, same disk.\n")
+print("| target | 4k randwrite QD1 p50 (µs) | p99 (µs) | p50 vs qemu-nbd | 4k randwrite QD32 IOPS | IOPS vs qemu-nbd | 1M seq write MiB/s | vs qemu-nbd |")
+print("|---|---|---|---|---|---|---|---|")
+for label, r in rows:
+    print(f"| {label} | {r['p50']:.0f} | {r['p99']:.0f} | {r['p50']/base['p50']:.2f}x | {r['iops']:.0f} | {r['iops']/base['iops']:.0%} | {r['mbs']:.0f} | {r['mbs']/base['mbs']:.0%} |")
+PY
+cat "$HERE/results.md"

@@ -1,0 +1,156 @@
+//! A simulated hypervisor: VMs are entries in memory that "run" at once.
+//! For unit tests of the supervisor and for control-plane benchmarks with
+//! thousands of simulated hosts; never the proof that a feature works.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use skyvisor_core::ExitReason;
+use tokio::sync::mpsc;
+
+use crate::hypervisor::{HvError, Hypervisor, Vm, VmEvent, VmExit, VmLaunch};
+
+type Registry = Arc<Mutex<HashMap<PathBuf, mpsc::UnboundedSender<VmEvent>>>>;
+
+/// Simulated VMs, keyed by run directory.
+#[derive(Default, Clone)]
+pub struct FakeHypervisor {
+    running: Registry,
+    launches: Arc<Mutex<Vec<VmLaunch>>>,
+    fail_next: Arc<Mutex<Option<String>>>,
+}
+
+impl FakeHypervisor {
+    /// No VMs yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every launch so far, in order.
+    pub fn launches(&self) -> Vec<VmLaunch> {
+        lock(&self.launches).clone()
+    }
+
+    /// Number of VMs running now.
+    pub fn running(&self) -> usize {
+        lock(&self.running).len()
+    }
+
+    /// Makes the next launch fail with `message`.
+    pub fn fail_next_launch(&self, message: &str) {
+        *lock(&self.fail_next) = Some(message.to_string());
+    }
+
+    /// Simulates the VM in `run_dir` crashing (as if killed by SIGKILL).
+    pub fn crash(&self, run_dir: &Path) -> bool {
+        match lock(&self.running).remove(run_dir) {
+            Some(tx) => tx
+                .send(VmEvent::Exited(VmExit {
+                    reason: ExitReason::Killed,
+                    detail: "killed by signal 9 (SIGKILL)".into(),
+                }))
+                .is_ok(),
+            None => false,
+        }
+    }
+
+    /// Simulates the guest in `run_dir` powering itself off.
+    pub fn guest_shutdown(&self, run_dir: &Path) -> bool {
+        lock(&self.running)
+            .get(run_dir)
+            .is_some_and(|tx| tx.send(VmEvent::GuestShutdown).is_ok())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct FakeVm {
+    run_dir: PathBuf,
+    registry: Registry,
+    tx: mpsc::UnboundedSender<VmEvent>,
+    rx: mpsc::UnboundedReceiver<VmEvent>,
+    exited: Option<VmExit>,
+}
+
+impl FakeVm {
+    fn exit(&self, reason: ExitReason) {
+        lock(&self.registry).remove(&self.run_dir);
+        let _ = self.tx.send(VmEvent::Exited(VmExit {
+            reason,
+            detail: "exited".into(),
+        }));
+    }
+}
+
+#[async_trait]
+impl Vm for FakeVm {
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+
+    async fn next_event(&mut self) -> VmEvent {
+        if let Some(e) = &self.exited {
+            return VmEvent::Exited(e.clone());
+        }
+        match self.rx.recv().await {
+            Some(VmEvent::Exited(e)) => {
+                self.exited = Some(e.clone());
+                VmEvent::Exited(e)
+            }
+            Some(other) => other,
+            // Unreachable while we hold a sender; treat as vanished.
+            None => VmEvent::Exited(VmExit {
+                reason: ExitReason::Vanished,
+                detail: "fake VM channel closed".into(),
+            }),
+        }
+    }
+
+    async fn powerdown(&self) -> Result<(), HvError> {
+        // A simulated guest obeys the power button at once.
+        let _ = self.tx.send(VmEvent::GuestShutdown);
+        Ok(())
+    }
+
+    async fn reset_and_resume(&self) -> Result<(), HvError> {
+        let _ = self.tx.send(VmEvent::Reset);
+        Ok(())
+    }
+
+    async fn quit(&self) -> Result<(), HvError> {
+        self.exit(ExitReason::Requested);
+        Ok(())
+    }
+
+    fn kill(&self) {
+        self.exit(ExitReason::Killed);
+    }
+}
+
+#[async_trait]
+impl Hypervisor for FakeHypervisor {
+    async fn launch(&self, launch: &VmLaunch) -> Result<Box<dyn Vm>, HvError> {
+        if let Some(msg) = lock(&self.fail_next).take() {
+            return Err(HvError::StartFailed(msg));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.running).insert(launch.run_dir.clone(), tx.clone());
+        lock(&self.launches).push(launch.clone());
+        Ok(Box::new(FakeVm {
+            run_dir: launch.run_dir.clone(),
+            registry: self.running.clone(),
+            tx,
+            rx,
+            exited: None,
+        }))
+    }
+
+    async fn attach(&self, _run_dir: &Path) -> Option<Box<dyn Vm>> {
+        // Simulated VMs do not outlive their agent.
+        None
+    }
+}

@@ -1,0 +1,94 @@
+//! The agent's own small HTTP service: what only this host can answer
+//! (console logs of its VMs). The server proxies users' requests here.
+
+use std::io::SeekFrom;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::Deserialize;
+use skyvisor_core::InstanceId;
+use skyvisor_core::api::ConsoleLog;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use crate::AgentContext;
+
+/// The agent's routes.
+pub fn router(ctx: Arc<AgentContext>) -> Router {
+    Router::new()
+        .route("/agent/v1/health", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/agent/v1/instances/{id}/console",
+            axum::routing::get(console),
+        )
+        .with_state(ctx)
+}
+
+#[derive(Deserialize)]
+struct ConsoleQuery {
+    offset: Option<i64>,
+    max_bytes: Option<u64>,
+}
+
+async fn console(
+    State(ctx): State<Arc<AgentContext>>,
+    Path(id): Path<uuid::Uuid>,
+    Query(q): Query<ConsoleQuery>,
+) -> impl IntoResponse {
+    let path = ctx
+        .vm_dir(&InstanceId(id))
+        .join(skyvisor_qemu::files::SERIAL_LOG);
+    let max = q.max_bytes.unwrap_or(64 * 1024).min(1 << 20);
+    match read_slice(&path, q.offset.unwrap_or(0), max).await {
+        Ok(log) => Json(log).into_response(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Json(ConsoleLog {
+            offset: 0,
+            text: String::new(),
+        })
+        .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Up to `max` bytes of `path` from `offset` (negative: from the end).
+pub async fn read_slice(
+    path: &std::path::Path,
+    offset: i64,
+    max: u64,
+) -> std::io::Result<ConsoleLog> {
+    let mut f = tokio::fs::File::open(path).await?;
+    let len = f.metadata().await?.len();
+    let start = if offset < 0 {
+        len.saturating_sub(offset.unsigned_abs())
+    } else {
+        (offset as u64).min(len)
+    };
+    f.seek(SeekFrom::Start(start)).await?;
+    let mut buf = Vec::new();
+    f.take(max).read_to_end(&mut buf).await?;
+    Ok(ConsoleLog {
+        offset: start,
+        text: String::from_utf8_lossy(&buf).into_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn slices_from_start_and_end() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("serial.log");
+        tokio::fs::write(&p, b"hello world").await.expect("write");
+        let s = read_slice(&p, 0, 5).await.expect("read");
+        assert_eq!((s.offset, s.text.as_str()), (0, "hello"));
+        let s = read_slice(&p, -5, 100).await.expect("read");
+        assert_eq!((s.offset, s.text.as_str()), (6, "world"));
+        let s = read_slice(&p, 100, 10).await.expect("read");
+        assert_eq!((s.offset, s.text.as_str()), (11, ""));
+    }
+}

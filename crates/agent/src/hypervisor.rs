@@ -1,0 +1,117 @@
+//! The agent's view of a hypervisor: launch a VM, re-attach to one, and
+//! receive what happens to it. [`crate::qemu_hv::QemuHypervisor`] is the
+//! real one; [`crate::fake_hv::FakeHypervisor`] simulates VMs for tests and
+//! control-plane benchmarks.
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use skyvisor_core::{Accel, ExitReason, InstanceId, MacAddr, Resources};
+use thiserror::Error;
+
+/// How a VM boots.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum LaunchBoot {
+    /// Direct kernel boot.
+    Kernel {
+        /// The kernel.
+        kernel: PathBuf,
+        /// The initrd.
+        initrd: Option<PathBuf>,
+        /// Its command line.
+        cmdline: String,
+    },
+    /// Firmware boots the root disk.
+    Firmware,
+}
+
+/// Everything needed to start one VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmLaunch {
+    /// The instance.
+    pub instance: InstanceId,
+    /// Its name.
+    pub name: String,
+    /// Where its sockets, pidfile and logs live.
+    pub run_dir: PathBuf,
+    /// The accelerator.
+    pub accel: Accel,
+    /// vCPUs and memory.
+    pub resources: Resources,
+    /// How it boots.
+    pub boot: LaunchBoot,
+    /// Its root disk (qcow2).
+    pub root_disk: PathBuf,
+    /// Its tap device.
+    pub tap: String,
+    /// Its MAC.
+    pub mac: MacAddr,
+    /// Whether to add the guest channel.
+    pub guest_channel: bool,
+}
+
+/// Something that happened to a running VM.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VmEvent {
+    /// The guest powered itself off; the VM is paused, its process alive.
+    GuestShutdown,
+    /// The guest rebooted (or was reset).
+    Reset,
+    /// The process is gone.
+    Exited(VmExit),
+}
+
+/// How a VM's process ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmExit {
+    /// Why.
+    pub reason: ExitReason,
+    /// The signal, status or the hypervisor's last error lines.
+    pub detail: String,
+}
+
+/// What can go wrong driving a hypervisor.
+#[derive(Debug, Error)]
+pub enum HvError {
+    /// The VM could not be started; the message says why (QEMU's own error).
+    #[error("VM did not start: {0}")]
+    StartFailed(String),
+    /// A control command failed.
+    #[error("VM control failed: {0}")]
+    Control(String),
+}
+
+/// A running VM the agent owns.
+#[async_trait]
+pub trait Vm: Send + Sync {
+    /// The hypervisor process id, if there is one.
+    fn pid(&self) -> Option<u32>;
+
+    /// The next event. Cancel-safe: an event is never lost when the future
+    /// is dropped. After `Exited`, it returns `Exited` again.
+    async fn next_event(&mut self) -> VmEvent;
+
+    /// Presses the ACPI power button.
+    async fn powerdown(&self) -> Result<(), HvError>;
+
+    /// Resets the VM and lets it run (used to reboot after a guest shutdown).
+    async fn reset_and_resume(&self) -> Result<(), HvError>;
+
+    /// Asks the hypervisor process to exit now.
+    async fn quit(&self) -> Result<(), HvError>;
+
+    /// Kills the hypervisor process (last resort).
+    fn kill(&self);
+}
+
+/// Starts and finds VMs.
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// Starts a VM and lets it run.
+    async fn launch(&self, launch: &VmLaunch) -> Result<Box<dyn Vm>, HvError>;
+
+    /// Re-attaches to a VM left running by an earlier agent, if one runs
+    /// in `run_dir`.
+    async fn attach(&self, run_dir: &Path) -> Option<Box<dyn Vm>>;
+}

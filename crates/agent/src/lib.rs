@@ -1,0 +1,403 @@
+//! The host agent: one per host. It registers the host and holds its lease,
+//! sets up the host's VM network, and runs one supervisor task per VM bound
+//! to the host, converging each to its spec and reporting status.
+//!
+//! VMs outlive the agent: stopping or crashing the agent leaves them
+//! running, and the next agent re-attaches to them.
+
+pub mod disks;
+pub mod fake_hv;
+pub mod host;
+pub mod http;
+pub mod hypervisor;
+pub mod images;
+pub mod qemu_hv;
+pub mod supervisor;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::StreamExt;
+use skyvisor_core::{
+    Accel, Capacity, Host, HostName, InstanceId, InstanceName, InstanceSpec, Network, Overcommit,
+    keys,
+};
+use skyvisor_net::{BridgeConfig, HostNetwork};
+use skyvisor_store::{
+    Compare, LeaseId, Op, Store, StoreError, StoreExt, WatchEvent, decode, encode,
+};
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+use crate::hypervisor::Hypervisor;
+use crate::images::ImageCache;
+use crate::supervisor::Supervisor;
+
+/// How an agent is set up.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This host's name in the pool.
+    pub host: HostName,
+    /// Where VM disks, sockets and logs live.
+    pub data_dir: PathBuf,
+    /// The address other hosts reach this one at.
+    pub address: String,
+    /// The QEMU binary.
+    pub qemu_binary: PathBuf,
+    /// The bridge VMs attach to.
+    pub bridge: String,
+    /// Masquerade VM traffic to the outside.
+    pub nat: bool,
+    /// Overcommit ratios.
+    pub overcommit: Overcommit,
+    /// Memory kept for the host itself.
+    pub reserved_memory_mib: u64,
+    /// Where the agent's HTTP service listens (port 0: any).
+    pub listen: SocketAddr,
+    /// Lease time-to-live: the host is declared dead this long after its
+    /// agent stops renewing.
+    pub lease_ttl: Duration,
+    /// Check that guests' web services answer after boot.
+    pub probe_guests: bool,
+}
+
+/// What went wrong starting an agent.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Another live agent uses this host name.
+    #[error(
+        "host name {0:?} is already used by a live agent; choose another name or stop that agent"
+    )]
+    NameTaken(String),
+    /// The host's network could not be set up.
+    #[error("setting up the VM network: {0}")]
+    Network(String),
+    /// The HTTP service could not listen.
+    #[error("agent HTTP service cannot listen on {addr}: {message}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        message: String,
+    },
+    /// No network is defined in the store.
+    #[error("no network is defined in the store; start a server first")]
+    NoNetwork,
+}
+
+/// What every supervisor shares.
+pub struct AgentContext {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// The hypervisor.
+    pub hypervisor: Arc<dyn Hypervisor>,
+    /// The host network.
+    pub network: Arc<dyn HostNetwork>,
+    /// Image files.
+    pub images: ImageCache,
+    /// This host.
+    pub host: HostName,
+    /// The accelerator VMs run with.
+    pub accel: Accel,
+    /// The bridge.
+    pub bridge: String,
+    /// MTU for guests.
+    pub mtu: u32,
+    /// Probe guest services after boot.
+    pub probe_guests: bool,
+    /// HTTP client for guest probes.
+    pub http: reqwest::Client,
+    /// The agent's data directory.
+    pub data_dir: PathBuf,
+}
+
+impl AgentContext {
+    /// The directory of a VM's disk, sockets and logs.
+    pub fn vm_dir(&self, id: &InstanceId) -> PathBuf {
+        self.data_dir.join("vms").join(id.0.simple().to_string())
+    }
+}
+
+/// A running agent. Dropping it (or [`AgentHandle::shutdown`]) stops the
+/// agent but leaves its VMs running.
+pub struct AgentHandle {
+    /// Where the agent's HTTP service listens.
+    pub url: String,
+    /// The shared context.
+    pub ctx: Arc<AgentContext>,
+    tasks: Vec<JoinHandle<()>>,
+    lease: LeaseId,
+}
+
+impl AgentHandle {
+    /// Stops the agent, releasing its lease; VMs keep running.
+    pub async fn shutdown(mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        let _ = self.ctx.store.revoke_lease(self.lease).await;
+    }
+}
+
+impl Drop for AgentHandle {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Starts an agent: network, HTTP service, registration, lease, supervisors.
+pub async fn start(
+    cfg: AgentConfig,
+    store: Arc<dyn Store>,
+    hypervisor: Arc<dyn Hypervisor>,
+    network: Arc<dyn HostNetwork>,
+    images: ImageCache,
+    accel: (Accel, String),
+) -> Result<AgentHandle, AgentError> {
+    let net = wait_for_network(store.as_ref()).await?;
+    network
+        .ensure_bridge(&BridgeConfig {
+            name: cfg.bridge.clone(),
+            subnet: net.subnet,
+            nat: cfg.nat,
+        })
+        .await
+        .map_err(|e| AgentError::Network(e.to_string()))?;
+    tokio::fs::create_dir_all(cfg.data_dir.join("vms"))
+        .await
+        .map_err(|e| AgentError::Network(format!("creating {}: {e}", cfg.data_dir.display())))?;
+
+    let ctx = Arc::new(AgentContext {
+        store: store.clone(),
+        hypervisor,
+        network,
+        images,
+        host: cfg.host.clone(),
+        accel: accel.0,
+        bridge: cfg.bridge.clone(),
+        mtu: net.mtu,
+        probe_guests: cfg.probe_guests,
+        http: reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap_or_default(),
+        data_dir: cfg.data_dir.clone(),
+    });
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| AgentError::Listen {
+            addr: cfg.listen,
+            message: e.to_string(),
+        })?;
+    let local = listener.local_addr().map_err(|e| AgentError::Listen {
+        addr: cfg.listen,
+        message: e.to_string(),
+    })?;
+    let url = format!("http://{local}");
+    let mut tasks = Vec::new();
+    let router = http::router(ctx.clone());
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            error!(error = %e, "agent HTTP service failed");
+        }
+    }));
+
+    // Liveness first: refuse to start if a live agent holds this name.
+    let lease = store.grant_lease(cfg.lease_ttl).await?;
+    let alive_key = keys::host_alive(&cfg.host);
+    let taken = store
+        .txn(
+            vec![Compare::Absent(alive_key.clone())],
+            vec![Op::Put {
+                key: alive_key,
+                value: encode(&Utc::now()),
+                lease: Some(lease),
+            }],
+        )
+        .await?;
+    if !taken.succeeded {
+        let _ = store.revoke_lease(lease).await;
+        return Err(AgentError::NameTaken(cfg.host.to_string()));
+    }
+    let physical = host::physical_resources(&cfg.data_dir, cfg.reserved_memory_mib);
+    let registration = Host {
+        name: cfg.host.clone(),
+        address: cfg.address.clone(),
+        capacity: Capacity::new(physical, cfg.overcommit),
+        accel: accel.0,
+        accel_reason: accel.1.clone(),
+        qemu_version: skyvisor_qemu::qemu_version(&cfg.qemu_binary)
+            .await
+            .unwrap_or_else(|e| format!("unknown ({e})")),
+        agent_version: skyvisor_core::VERSION.to_string(),
+        subnet: net.subnet,
+        agent_url: Some(url.clone()),
+        disk_free_bytes: host::disk_space(&cfg.data_dir).1,
+        started_at: Utc::now(),
+    };
+    store
+        .put(&keys::host(&cfg.host), encode(&registration))
+        .await?;
+    info!(host = %cfg.host, accel = %accel.0, reason = %accel.1, %url, "agent registered");
+
+    tasks.push(tokio::spawn(keep_lease(
+        store.clone(),
+        lease,
+        cfg.lease_ttl,
+    )));
+    tasks.push(tokio::spawn(refresh_disk(
+        store.clone(),
+        registration,
+        cfg.data_dir.clone(),
+    )));
+    tasks.push(tokio::spawn(dispatch(ctx.clone())));
+    Ok(AgentHandle {
+        url,
+        ctx,
+        tasks,
+        lease,
+    })
+}
+
+async fn wait_for_network(store: &dyn Store) -> Result<Network, AgentError> {
+    let key = keys::network(skyvisor_core::keys::DEFAULT_NETWORK);
+    for _ in 0..100 {
+        if let Some((n, _)) = store.get_json::<Network>(&key).await? {
+            return Ok(n);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(AgentError::NoNetwork)
+}
+
+/// Renews the lease at a third of its TTL.
+async fn keep_lease(store: Arc<dyn Store>, lease: LeaseId, ttl: Duration) {
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        if let Err(e) = store.keep_alive(lease).await {
+            // Fencing (stopping VMs once the lease is surely lost) belongs to
+            // the HA work; for now this is loud.
+            error!(error = %e, "could not renew the host lease");
+        }
+    }
+}
+
+/// Keeps the registration's free-disk figure current for placement.
+async fn refresh_disk(store: Arc<dyn Store>, mut reg: Host, data_dir: PathBuf) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let free = host::disk_space(&data_dir).1;
+        // Only write when it moved by more than 64 MiB.
+        if free.abs_diff(reg.disk_free_bytes) > 64 << 20 {
+            reg.disk_free_bytes = free;
+            if let Err(e) = store.put(&keys::host(&reg.name), encode(&reg)).await {
+                debug!(error = %e, "could not refresh free disk");
+            }
+        }
+    }
+}
+
+struct Supervised {
+    id: InstanceId,
+    spec: watch::Sender<InstanceSpec>,
+    task: JoinHandle<()>,
+}
+
+/// Follows the instance specs bound to this host and keeps one supervisor
+/// per instance fed with its latest spec.
+async fn dispatch(ctx: Arc<AgentContext>) {
+    let mut running: HashMap<InstanceName, Supervised> = HashMap::new();
+    loop {
+        let listing = match ctx.store.list(keys::INSTANCE_SPECS).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "cannot list instances; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut seen = Vec::new();
+        for kv in &listing.items {
+            if let Ok(spec) = decode::<InstanceSpec>(kv) {
+                seen.push(spec.name.clone());
+                offer(&ctx, &mut running, spec);
+            }
+        }
+        running.retain(|name, s| seen.contains(name) || !s.task.is_finished());
+        let mut stream = match ctx
+            .store
+            .watch(keys::INSTANCE_SPECS, listing.revision + 1)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot watch instances; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(WatchEvent::Put(kv)) => match decode::<InstanceSpec>(&kv) {
+                    Ok(spec) => offer(&ctx, &mut running, spec),
+                    Err(e) => warn!(error = %e, "skipping undecodable instance spec"),
+                },
+                Ok(WatchEvent::Delete { key, .. }) => {
+                    if let Ok(name) = InstanceName::new(keys::name_of(&key))
+                        && running.get(&name).is_some_and(|s| s.task.is_finished())
+                    {
+                        running.remove(&name);
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "instance watch broke; relisting");
+                    break;
+                }
+            }
+            running.retain(|_, s| !s.task.is_finished() || !s.spec.is_closed());
+        }
+    }
+}
+
+/// Hands `spec` to its supervisor, starting one if needed.
+fn offer(
+    ctx: &Arc<AgentContext>,
+    running: &mut HashMap<InstanceName, Supervised>,
+    spec: InstanceSpec,
+) {
+    if spec.host != ctx.host {
+        return;
+    }
+    if let Some(s) = running.get(&spec.name)
+        && s.id == spec.id
+        && !s.task.is_finished()
+    {
+        s.spec.send_replace(spec);
+        return;
+    }
+    let (tx, rx) = watch::channel(spec.clone());
+    let ctx = ctx.clone();
+    let task = tokio::spawn(async move {
+        Supervisor::new(ctx, rx).await.run().await;
+    });
+    running.insert(
+        spec.name.clone(),
+        Supervised {
+            id: spec.id,
+            spec: tx,
+            task,
+        },
+    );
+}

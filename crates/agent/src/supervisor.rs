@@ -1,0 +1,651 @@
+//! One task per VM: it owns the VM's hypervisor process and converges it to
+//! the instance's spec — start, stop, reboot, resize, restart after a
+//! crash, delete — writing the instance's status as it goes.
+//!
+//! The task is level-triggered: each turn compares the latest spec with
+//! what runs, acts, then waits for the spec, the VM or a timer to change.
+//! A restarted agent starts a new task that re-attaches to the running VM.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use skyvisor_core::image::{FileRole, ImageKind, ImageState};
+use skyvisor_core::{
+    ExitReason, ExitRecord, Image, InstancePhase, InstanceSpec, InstanceStatus, PowerState,
+    Resources, RestartPolicy, keys,
+};
+use skyvisor_store::{Op, StoreExt, encode};
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::AgentContext;
+use crate::disks::create_root_disk;
+use crate::hypervisor::{LaunchBoot, Vm, VmEvent, VmExit, VmLaunch};
+
+/// The file in a VM's directory recording how its running process was launched.
+const LAUNCH_FILE: &str = "launch.json";
+/// The root disk's file name.
+pub const ROOT_DISK: &str = "root.qcow2";
+/// How long QEMU gets to exit after `quit` before it is killed.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Restart delays after unrequested exits grow up to this.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A VM that ran this long before failing restarts without delay.
+const STABLE_RUN: Duration = Duration::from_secs(60);
+
+/// A running VM and what it was launched with.
+struct Running {
+    vm: Box<dyn Vm>,
+    resources: Resources,
+    since: Instant,
+}
+
+/// The state of one VM's supervisor task.
+pub struct Supervisor {
+    ctx: Arc<AgentContext>,
+    spec_rx: watch::Receiver<InstanceSpec>,
+    status: InstanceStatus,
+    written: Option<InstanceStatus>,
+    running: Option<Running>,
+    /// Don't start again until the spec's generation moves past this
+    /// (after the guest shut down, or a failure with no restart).
+    hold: Option<u64>,
+    restart_at: Option<Instant>,
+    backoff: Duration,
+    probe: Option<(oneshot::Receiver<()>, tokio::task::JoinHandle<()>)>,
+}
+
+impl Supervisor {
+    /// A supervisor for the instance whose spec `spec_rx` follows.
+    pub async fn new(ctx: Arc<AgentContext>, spec_rx: watch::Receiver<InstanceSpec>) -> Self {
+        let name = spec_rx.borrow().name.clone();
+        let status = match ctx
+            .store
+            .get_json::<InstanceStatus>(&keys::instance_status(&name))
+            .await
+        {
+            Ok(Some((s, _))) => s,
+            _ => InstanceStatus::pending(),
+        };
+        Self {
+            ctx,
+            spec_rx,
+            written: Some(status.clone()),
+            status,
+            running: None,
+            hold: None,
+            restart_at: None,
+            backoff: Duration::ZERO,
+            probe: None,
+        }
+    }
+
+    fn vm_dir(&self, spec: &InstanceSpec) -> PathBuf {
+        self.ctx.vm_dir(&spec.id)
+    }
+
+    /// Runs until the instance is deleted or the agent drops its spec sender.
+    pub async fn run(mut self) {
+        let spec = self.spec_rx.borrow().clone();
+        self.adopt(&spec).await;
+        loop {
+            let spec = self.spec_rx.borrow_and_update().clone();
+            if spec.deleting {
+                self.teardown(&spec).await;
+                return;
+            }
+            if self.converge(&spec).await {
+                continue;
+            }
+            self.status.observed_generation = spec.generation;
+            self.publish(&spec).await;
+            let restart_at = self.restart_at;
+            tokio::select! {
+                changed = self.spec_rx.changed() => {
+                    if changed.is_err() {
+                        // The agent is shutting down: leave the VM running.
+                        self.cancel_probe();
+                        return;
+                    }
+                }
+                event = next_event(&mut self.running) => self.on_event(&spec, event).await,
+                () = probe_done(&mut self.probe) => {
+                    self.probe = None;
+                    self.status.guest_ready = true;
+                    self.status.ready_at = Some(Utc::now());
+                    info!(instance = %spec.name, "guest service answers");
+                }
+                () = sleep_until(restart_at) => { self.restart_at = None; }
+            }
+        }
+    }
+
+    /// Takes over a VM an earlier agent left running.
+    async fn adopt(&mut self, spec: &InstanceSpec) {
+        let dir = self.vm_dir(spec);
+        let Some(vm) = self.ctx.hypervisor.attach(&dir).await else {
+            return;
+        };
+        let resources = match tokio::fs::read(dir.join(LAUNCH_FILE)).await {
+            Ok(b) => serde_json::from_slice::<VmLaunch>(&b)
+                .map(|l| l.resources)
+                .unwrap_or(spec.resources),
+            Err(_) => spec.resources,
+        };
+        info!(instance = %spec.name, pid = ?vm.pid(), "re-attached to running VM");
+        self.status.pid = vm.pid();
+        self.status.phase = InstancePhase::Running;
+        self.status.host = Some(self.ctx.host.clone());
+        self.running = Some(Running {
+            vm,
+            resources,
+            since: Instant::now(),
+        });
+        if !self.status.guest_ready {
+            self.start_probe(spec);
+        }
+    }
+
+    /// One step towards the spec. Returns true if it acted (look again).
+    async fn converge(&mut self, spec: &InstanceSpec) -> bool {
+        let want_running = spec.power == PowerState::Running;
+        if self.hold.is_some_and(|g| g != spec.generation) {
+            self.hold = None;
+            self.restart_at = None;
+            self.backoff = Duration::ZERO;
+        }
+        match &self.running {
+            None => {
+                if want_running && self.hold.is_none() {
+                    if self.restart_at.is_some_and(|t| Instant::now() < t) {
+                        return false;
+                    }
+                    self.restart_at = None;
+                    self.start(spec).await;
+                    return true;
+                }
+                if !want_running
+                    && matches!(
+                        self.status.phase,
+                        InstancePhase::Pending | InstancePhase::Starting | InstancePhase::Stopping
+                    )
+                {
+                    self.status.phase = InstancePhase::Stopped;
+                    self.restart_at = None;
+                }
+                false
+            }
+            Some(running) => {
+                if !want_running {
+                    self.stop(spec, spec.force_stop).await;
+                    return true;
+                }
+                if running.resources.vcpus != spec.resources.vcpus
+                    || running.resources.memory_mib != spec.resources.memory_mib
+                {
+                    info!(instance = %spec.name, "resizing: restarting with the new size");
+                    self.stop(spec, false).await;
+                    return true;
+                }
+                if spec.reboot_generation > self.status.observed_reboot_generation {
+                    self.reboot(spec).await;
+                    return true;
+                }
+                false
+            }
+        }
+    }
+
+    /// Writes the status if it changed since the last write.
+    async fn publish(&mut self, spec: &InstanceSpec) {
+        if self.written.as_ref() == Some(&self.status) {
+            return;
+        }
+        self.status.updated_at = Utc::now();
+        match self
+            .ctx
+            .store
+            .put(&keys::instance_status(&spec.name), encode(&self.status))
+            .await
+        {
+            Ok(_) => self.written = Some(self.status.clone()),
+            Err(e) => warn!(instance = %spec.name, error = %e, "could not write status"),
+        }
+    }
+
+    async fn set_phase(&mut self, spec: &InstanceSpec, phase: InstancePhase) {
+        self.status.phase = phase;
+        self.publish(spec).await;
+    }
+
+    async fn start(&mut self, spec: &InstanceSpec) {
+        self.set_phase(spec, InstancePhase::Starting).await;
+        match self.launch(spec).await {
+            Ok(running) => {
+                self.status.pid = running.vm.pid();
+                self.status.accel = Some(self.ctx.accel);
+                self.status.host = Some(self.ctx.host.clone());
+                self.status.boot_count += 1;
+                self.status.started_at = Some(Utc::now());
+                self.status.ready_at = None;
+                self.status.guest_ready = false;
+                self.status.message = None;
+                self.status.phase = InstancePhase::Running;
+                self.status.observed_reboot_generation = spec.reboot_generation;
+                self.running = Some(running);
+                info!(instance = %spec.name, pid = ?self.status.pid, "VM started");
+                self.start_probe(spec);
+            }
+            Err(message) => {
+                warn!(instance = %spec.name, error = %message, "VM failed to start");
+                self.status.phase = InstancePhase::Failed;
+                self.status.pid = None;
+                self.status.message = Some(message.clone());
+                self.status.last_exit = Some(ExitRecord {
+                    at: Utc::now(),
+                    reason: ExitReason::StartFailed,
+                    detail: message,
+                });
+                self.hold = Some(spec.generation);
+            }
+        }
+        self.publish(spec).await;
+    }
+
+    /// Prepares disk and network and launches the VM; undoes what it did
+    /// on failure.
+    async fn launch(&self, spec: &InstanceSpec) -> Result<Running, String> {
+        let dir = self.vm_dir(spec);
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let image = self.image(spec).await?;
+        let root = dir.join(ROOT_DISK);
+        let mut created_disk = false;
+        if !tokio::fs::try_exists(&root).await.unwrap_or(false) {
+            let base = match image.file(FileRole::Disk) {
+                Some(f) => Some((
+                    self.ctx.images.file(&image, f).await?,
+                    f.format.unwrap_or(skyvisor_core::image::DiskFormat::Qcow2),
+                )),
+                None => None,
+            };
+            create_root_disk(
+                &root,
+                base.as_ref().map(|(p, f)| (p.as_path(), *f)),
+                spec.resources.disk_gib << 30,
+            )
+            .await?;
+            created_disk = true;
+        }
+        let boot = match image.kind {
+            ImageKind::KernelInitrd => {
+                let kernel = match image.file(FileRole::Kernel) {
+                    Some(f) => self.ctx.images.file(&image, f).await?,
+                    None => return Err(format!("image {} has no kernel", image.name)),
+                };
+                let initrd = match image.file(FileRole::Initrd) {
+                    Some(f) => Some(self.ctx.images.file(&image, f).await?),
+                    None => None,
+                };
+                LaunchBoot::Kernel {
+                    kernel,
+                    initrd,
+                    cmdline: self.cmdline(spec, &image),
+                }
+            }
+            ImageKind::Disk => LaunchBoot::Firmware,
+        };
+        let tap = skyvisor_net::tap_name(&spec.id);
+        let undo = |created_disk: bool| {
+            let root = root.clone();
+            let tap = tap.clone();
+            let net = self.ctx.network.clone();
+            async move {
+                let _ = net.delete_tap(&tap).await;
+                if created_disk {
+                    let _ = tokio::fs::remove_file(&root).await;
+                }
+            }
+        };
+        if let Err(e) = self.ctx.network.ensure_tap(&tap, &self.ctx.bridge).await {
+            undo(created_disk).await;
+            return Err(format!("creating tap {tap}: {e}"));
+        }
+        let launch = VmLaunch {
+            instance: spec.id,
+            name: spec.name.to_string(),
+            run_dir: dir.clone(),
+            accel: self.ctx.accel,
+            resources: spec.resources,
+            boot,
+            root_disk: root.clone(),
+            tap: tap.clone(),
+            mac: spec.network.mac,
+            guest_channel: image.guest_service,
+        };
+        let vm = match self.ctx.hypervisor.launch(&launch).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                undo(created_disk).await;
+                return Err(e.to_string());
+            }
+        };
+        if let Err(e) = tokio::fs::write(dir.join(LAUNCH_FILE), encode(&launch)).await {
+            warn!(instance = %spec.name, error = %e, "could not record launch config");
+        }
+        Ok(Running {
+            vm,
+            resources: spec.resources,
+            since: Instant::now(),
+        })
+    }
+
+    async fn image(&self, spec: &InstanceSpec) -> Result<Image, String> {
+        match self
+            .ctx
+            .store
+            .get_json::<Image>(&keys::image(&spec.image))
+            .await
+        {
+            Ok(Some((img, _))) if img.state == ImageState::Ready => Ok(img),
+            Ok(Some(_)) => Err(format!("image {} is not ready", spec.image)),
+            Ok(None) => Err(format!("image {} no longer exists", spec.image)),
+            Err(e) => Err(format!("reading image {}: {e}", spec.image)),
+        }
+    }
+
+    /// The kernel command line: the image's, plus the VM's identity and
+    /// network settings for the guest's init.
+    fn cmdline(&self, spec: &InstanceSpec, image: &Image) -> String {
+        let mut c = image.cmdline.clone().unwrap_or_default();
+        if image.guest_service {
+            let n = &spec.network;
+            c.push_str(&format!(
+                " sv.name={} sv.id={} sv.ip={}/{} sv.gw={} sv.mtu={}",
+                spec.name, spec.id, n.ip, n.prefix_len, n.gateway, self.ctx.mtu
+            ));
+        }
+        c.trim().to_string()
+    }
+
+    fn start_probe(&mut self, spec: &InstanceSpec) {
+        self.cancel_probe();
+        if !self.ctx.probe_guests {
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        let url = format!("http://{}/health", spec.network.ip);
+        let http = self.ctx.http.clone();
+        let handle = tokio::spawn(async move {
+            loop {
+                let ok = http
+                    .get(&url)
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                if ok {
+                    let _ = tx.send(());
+                    return;
+                }
+                // Poll interval of the readiness check, not a readiness wait.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        self.probe = Some((rx, handle));
+    }
+
+    fn cancel_probe(&mut self) {
+        if let Some((_, h)) = self.probe.take() {
+            h.abort();
+        }
+    }
+
+    /// Waits up to `timeout` for the guest to power itself off; false if it
+    /// did not (or the process exited, which is recorded as the exit).
+    async fn await_guest_shutdown(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(running) = self.running.as_mut() else {
+                return false;
+            };
+            match tokio::time::timeout_at(deadline, running.vm.next_event()).await {
+                Ok(VmEvent::GuestShutdown) => return true,
+                Ok(VmEvent::Reset) => continue,
+                Ok(VmEvent::Exited(_)) => {
+                    self.running = None;
+                    return false;
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Makes the process exit: quit, then kill. Returns how it ended.
+    async fn terminate(&mut self) -> Option<VmExit> {
+        let mut running = self.running.take()?;
+        let _ = running.vm.quit().await;
+        let wait = async {
+            loop {
+                if let VmEvent::Exited(e) = running.vm.next_event().await {
+                    return e;
+                }
+            }
+        };
+        match tokio::time::timeout(QUIT_TIMEOUT, wait).await {
+            Ok(e) => Some(e),
+            Err(_) => {
+                running.vm.kill();
+                loop {
+                    if let VmEvent::Exited(e) = running.vm.next_event().await {
+                        return Some(e);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn stop(&mut self, spec: &InstanceSpec, force: bool) {
+        self.set_phase(spec, InstancePhase::Stopping).await;
+        self.cancel_probe();
+        let graceful = !force
+            && match &self.running {
+                Some(r) => r.vm.powerdown().await.is_ok(),
+                None => false,
+            }
+            && self
+                .await_guest_shutdown(Duration::from_secs(u64::from(spec.stop_timeout_secs)))
+                .await;
+        self.terminate().await;
+        info!(instance = %spec.name, graceful, "VM stopped");
+        self.status.phase = InstancePhase::Stopped;
+        self.status.pid = None;
+        self.status.guest_ready = false;
+        self.status.last_exit = Some(ExitRecord {
+            at: Utc::now(),
+            reason: ExitReason::Requested,
+            detail: if graceful {
+                "shut down gracefully".into()
+            } else if force {
+                "powered off (forced)".into()
+            } else {
+                format!(
+                    "powered off: the guest did not shut down within {}s",
+                    spec.stop_timeout_secs
+                )
+            },
+        });
+        self.publish(spec).await;
+    }
+
+    async fn reboot(&mut self, spec: &InstanceSpec) {
+        self.cancel_probe();
+        self.status.guest_ready = false;
+        self.publish(spec).await;
+        let graceful = match &self.running {
+            Some(r) => r.vm.powerdown().await.is_ok(),
+            None => false,
+        } && self
+            .await_guest_shutdown(Duration::from_secs(u64::from(spec.stop_timeout_secs)))
+            .await;
+        self.status.observed_reboot_generation = spec.reboot_generation;
+        let Some(running) = &self.running else {
+            // It exited instead; the main loop restarts it if wanted.
+            self.status.phase = InstancePhase::Stopped;
+            self.status.pid = None;
+            return;
+        };
+        match running.vm.reset_and_resume().await {
+            Ok(()) => {
+                info!(instance = %spec.name, graceful, "VM rebooted");
+                self.status.boot_count += 1;
+                self.status.started_at = Some(Utc::now());
+                self.status.ready_at = None;
+                self.start_probe(spec);
+            }
+            Err(e) => {
+                warn!(instance = %spec.name, error = %e, "reboot failed; restarting the VM");
+                self.terminate().await;
+                self.status.phase = InstancePhase::Stopped;
+                self.status.pid = None;
+            }
+        }
+        self.publish(spec).await;
+    }
+
+    async fn on_event(&mut self, spec: &InstanceSpec, event: VmEvent) {
+        match event {
+            VmEvent::Reset => {
+                self.status.boot_count += 1;
+                self.status.guest_ready = false;
+                self.status.ready_at = None;
+                self.status.started_at = Some(Utc::now());
+                self.start_probe(spec);
+            }
+            VmEvent::GuestShutdown => {
+                info!(instance = %spec.name, "the guest shut itself down");
+                self.cancel_probe();
+                self.terminate().await;
+                self.after_exit(
+                    spec,
+                    VmExit {
+                        reason: ExitReason::GuestShutdown,
+                        detail: "the guest powered itself off".into(),
+                    },
+                    None,
+                );
+            }
+            VmEvent::Exited(exit) => {
+                let ran_for = self.running.take().map(|r| r.since.elapsed());
+                warn!(instance = %spec.name, reason = ?exit.reason, detail = %exit.detail, "VM exited unexpectedly");
+                self.cancel_probe();
+                self.after_exit(spec, exit, ran_for);
+            }
+        }
+    }
+
+    /// Records an exit nobody asked for and applies the restart policy.
+    fn after_exit(&mut self, spec: &InstanceSpec, exit: VmExit, ran_for: Option<Duration>) {
+        self.status.pid = None;
+        self.status.guest_ready = false;
+        let restart = match spec.restart_policy {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => exit.reason.is_failure(),
+            RestartPolicy::Never => false,
+        };
+        self.status.last_exit = Some(ExitRecord {
+            at: Utc::now(),
+            reason: exit.reason,
+            detail: exit.detail.clone(),
+        });
+        if restart {
+            if ran_for.is_some_and(|d| d >= STABLE_RUN) {
+                self.backoff = Duration::ZERO;
+            }
+            self.restart_at = Some(Instant::now() + self.backoff);
+            self.status.message = Some(format!(
+                "{}; restarting (restart policy {}) in {}s",
+                exit.detail,
+                spec.restart_policy,
+                self.backoff.as_secs()
+            ));
+            self.backoff = (self.backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF);
+            self.status.restart_count += 1;
+            self.status.phase = InstancePhase::Starting;
+        } else {
+            self.hold = Some(spec.generation);
+            self.status.phase = if exit.reason.is_failure() {
+                InstancePhase::Failed
+            } else {
+                InstancePhase::Stopped
+            };
+            self.status.message = Some(exit.detail);
+        }
+    }
+
+    /// Deletes the VM: power off, remove tap and disk, then the records.
+    async fn teardown(&mut self, spec: &InstanceSpec) {
+        self.set_phase(spec, InstancePhase::Deleting).await;
+        self.cancel_probe();
+        if self.running.is_some() {
+            self.stop(spec, true).await;
+        }
+        let tap = skyvisor_net::tap_name(&spec.id);
+        if let Err(e) = self.ctx.network.delete_tap(&tap).await {
+            warn!(instance = %spec.name, error = %e, "could not delete tap");
+        }
+        let dir = self.vm_dir(spec);
+        if let Err(e) = tokio::fs::remove_dir_all(&dir).await
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(instance = %spec.name, error = %e, "could not remove the VM's files");
+        }
+        let ops = vec![
+            Op::Delete(keys::instance_spec(&spec.name)),
+            Op::Delete(keys::instance_status(&spec.name)),
+            Op::Delete(keys::ipam_claim(&spec.network.network, spec.network.ip)),
+        ];
+        // Keep trying: the records must go once the resources are gone.
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.ctx.store.txn(vec![], ops.clone()).await {
+                Ok(_) => break,
+                Err(e) => {
+                    warn!(instance = %spec.name, error = %e, "could not delete records; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        info!(instance = %spec.name, "instance deleted");
+    }
+}
+
+async fn next_event(running: &mut Option<Running>) -> VmEvent {
+    match running {
+        Some(r) => r.vm.next_event().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn probe_done(probe: &mut Option<(oneshot::Receiver<()>, tokio::task::JoinHandle<()>)>) {
+    match probe {
+        Some((rx, _)) => {
+            if rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,1002 @@
+//! The client commands: `vm`, `image`, `host`, `type`, `info`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use chrono::Utc;
+use clap::{Args, Subcommand};
+use reqwest::Method;
+use skyvisor_core::api::{
+    BuildImageRequest, ConsoleLog, CreateInstanceRequest, ResizeInstanceRequest, ServerInfo,
+    StopInstanceRequest,
+};
+use skyvisor_core::image::ImageState;
+use skyvisor_core::{
+    HostView, Image, Instance, InstancePhase, InstanceType, PowerState, RestartPolicy,
+};
+
+use crate::client::Client;
+use crate::output::{self, OutputFormat, ago, kv, mib, table};
+use crate::progress::Progress;
+use crate::{parse_gib, parse_mib};
+
+/// A client command.
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Virtual machines: create, list, start, stop, delete...
+    #[command(subcommand, alias = "instance")]
+    Vm(VmCommand),
+    /// Guest images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Hosts of the pool.
+    #[command(subcommand)]
+    Host(HostCommand),
+    /// Instance types.
+    #[command(subcommand, name = "type")]
+    Type(TypeCommand),
+    /// What the server is.
+    Info,
+}
+
+/// `skyvisor vm ...`
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create a VM (and start it unless --no-start).
+    Create(CreateArgs),
+    /// List VMs.
+    #[command(alias = "ls")]
+    List,
+    /// Show one VM.
+    Show {
+        /// The VM.
+        name: String,
+    },
+    /// Start a VM.
+    Start {
+        /// The VM.
+        name: String,
+        /// Wait until its service answers.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Stop a VM: ACPI shutdown, then power off after the timeout.
+    Stop {
+        /// The VM.
+        name: String,
+        /// Power off at once.
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for a graceful shutdown before powering off.
+        #[arg(long = "stop-timeout")]
+        stop_timeout: Option<u32>,
+        /// Return without waiting for it to stop.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Reboot a running VM gracefully.
+    Reboot {
+        /// The VM.
+        name: String,
+        /// Wait until its service answers again.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Change a VM's type or size (a running VM restarts).
+    Resize {
+        /// The VM.
+        name: String,
+        /// New instance type.
+        #[arg(long = "type")]
+        instance_type: Option<String>,
+        /// New vCPU count.
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// New memory, e.g. 512M or 1G.
+        #[arg(long, value_parser = parse_mib)]
+        memory: Option<u64>,
+        /// Wait until it runs with the new size and its service answers.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Delete a VM and its disk.
+    #[command(alias = "rm")]
+    Delete {
+        /// The VM.
+        name: String,
+        /// Delete even if it is running.
+        #[arg(long, short)]
+        force: bool,
+        /// Return without waiting until it is gone.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Print the VM's serial console output.
+    #[command(alias = "logs")]
+    Console {
+        /// The VM.
+        name: String,
+        /// Keep printing new output.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only the last N bytes.
+        #[arg(long)]
+        tail: Option<u64>,
+    },
+}
+
+/// Arguments of `vm create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Name (lowercase letters, digits and '-').
+    pub name: String,
+    /// Image to boot.
+    #[arg(long, default_value = "debian-busybox")]
+    pub image: String,
+    /// Instance type (see `skyvisor type list`).
+    #[arg(long = "type", short = 't')]
+    pub instance_type: Option<String>,
+    /// vCPUs (overrides the type's).
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Memory, e.g. 512M or 1G (overrides the type's).
+    #[arg(long, value_parser = parse_mib)]
+    pub memory: Option<u64>,
+    /// Root disk size, e.g. 4G (overrides the type's).
+    #[arg(long, value_parser = parse_gib)]
+    pub disk: Option<u64>,
+    /// What to do when the VM ends unasked: never, on-failure, always.
+    #[arg(long, default_value = "on-failure")]
+    pub restart: RestartPolicy,
+    /// Create it stopped.
+    #[arg(long)]
+    pub no_start: bool,
+    /// Seconds a graceful stop may take before the VM is powered off.
+    #[arg(long)]
+    pub stop_timeout: Option<u32>,
+    /// Wait until the VM runs and its service answers.
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+}
+
+/// `skyvisor image ...`
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// List images.
+    #[command(alias = "ls")]
+    List,
+    /// Show one image.
+    Show {
+        /// The image.
+        name: String,
+    },
+    /// Build an image from a built-in recipe (from Debian packages).
+    Build {
+        /// Name of the new image.
+        name: String,
+        /// The recipe.
+        #[arg(long, default_value = "debian-busybox")]
+        recipe: String,
+        /// Return without waiting for the build.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Import a disk image (qcow2 or raw, booted by firmware) or a kernel and initrd.
+    Import {
+        /// Name of the new image.
+        name: String,
+        /// A bootable disk image.
+        #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
+        disk: Option<PathBuf>,
+        /// A Linux kernel.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// An initrd for the kernel.
+        #[arg(long, requires = "kernel")]
+        initrd: Option<PathBuf>,
+        /// Kernel command line.
+        #[arg(long, requires = "kernel")]
+        cmdline: Option<String>,
+        /// One line for people.
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Delete an image no VM uses.
+    #[command(alias = "rm")]
+    Delete {
+        /// The image.
+        name: String,
+    },
+}
+
+/// `skyvisor host ...`
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// List hosts.
+    #[command(alias = "ls")]
+    List,
+    /// Show one host (the only one if omitted).
+    Show {
+        /// The host.
+        name: Option<String>,
+    },
+    /// Keep new VMs off a host.
+    Cordon {
+        /// The host.
+        name: String,
+    },
+    /// Let new VMs land on a host again.
+    Uncordon {
+        /// The host.
+        name: String,
+    },
+}
+
+/// `skyvisor type ...`
+#[derive(Debug, Subcommand)]
+pub enum TypeCommand {
+    /// List instance types.
+    #[command(alias = "ls")]
+    List,
+}
+
+/// Runs a client command against the API at `url`.
+pub async fn run(url: &str, format: OutputFormat, cmd: ClientCommand) -> Result<()> {
+    let client = Client::new(url);
+    match cmd {
+        ClientCommand::Vm(c) => vm(&client, format, c).await,
+        ClientCommand::Image(c) => image(&client, format, c).await,
+        ClientCommand::Host(c) => host(&client, format, c).await,
+        ClientCommand::Type(TypeCommand::List) => {
+            let types: Vec<InstanceType> = client.get("/v1/types").await?;
+            output::print(format, &types, |types| {
+                let mut t = table(&["TYPE", "VCPU", "MEMORY", "DISK", "DESCRIPTION"]);
+                for ty in types {
+                    t.add_row(vec![
+                        ty.name.to_string(),
+                        ty.resources.vcpus.to_string(),
+                        mib(ty.resources.memory_mib),
+                        format!("{} GiB", ty.resources.disk_gib),
+                        ty.description.clone(),
+                    ]);
+                }
+                println!("{t}");
+            });
+            Ok(())
+        }
+        ClientCommand::Info => {
+            let info: ServerInfo = client.get("/v1/info").await?;
+            output::print(format, &info, |i| {
+                println!(
+                    "{}",
+                    kv(&[
+                        ("api", client.base().to_string()),
+                        ("version", i.version.clone()),
+                        ("store", i.store.clone()),
+                        ("hosts", i.hosts.to_string()),
+                    ])
+                );
+            });
+            Ok(())
+        }
+    }
+}
+
+fn phase_text(i: &Instance) -> String {
+    let s = &i.status;
+    match s.phase {
+        InstancePhase::Running if s.guest_ready => "running".into(),
+        InstancePhase::Running => "running (booting)".into(),
+        p => p.to_string(),
+    }
+}
+
+fn vm_table(list: &[Instance]) {
+    let mut t = table(&[
+        "NAME", "STATE", "TYPE", "VCPU", "MEMORY", "IP", "HOST", "UPTIME",
+    ]);
+    let now = Utc::now();
+    for i in list {
+        let uptime = match (i.status.phase, i.status.started_at) {
+            (InstancePhase::Running, Some(at)) => ago((now - at).num_seconds()),
+            _ => "-".into(),
+        };
+        t.add_row(vec![
+            i.spec.name.to_string(),
+            phase_text(i),
+            i.spec
+                .instance_type
+                .as_ref()
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "custom".into()),
+            i.spec.resources.vcpus.to_string(),
+            mib(i.spec.resources.memory_mib),
+            i.spec.network.ip.to_string(),
+            i.spec.host.to_string(),
+            uptime,
+        ]);
+    }
+    println!("{t}");
+}
+
+fn vm_detail(i: &Instance) {
+    let s = &i.status;
+    let mut rows = vec![
+        ("name", i.spec.name.to_string()),
+        ("id", i.spec.id.to_string()),
+        ("state", phase_text(i)),
+        (
+            "desired",
+            match i.spec.power {
+                PowerState::Running => "running".into(),
+                PowerState::Stopped => "stopped".into(),
+            },
+        ),
+        ("image", i.spec.image.to_string()),
+        (
+            "type",
+            i.spec
+                .instance_type
+                .as_ref()
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "custom".into()),
+        ),
+        (
+            "size",
+            format!(
+                "{} vCPU, {}, {} GiB disk",
+                i.spec.resources.vcpus,
+                mib(i.spec.resources.memory_mib),
+                i.spec.resources.disk_gib
+            ),
+        ),
+        ("ip", i.spec.network.ip.to_string()),
+        ("url", format!("http://{}/", i.spec.network.ip)),
+        ("mac", i.spec.network.mac.to_string()),
+        ("host", i.spec.host.to_string()),
+        ("restart", i.spec.restart_policy.to_string()),
+        ("boots", s.boot_count.to_string()),
+        ("restarts", s.restart_count.to_string()),
+    ];
+    if let Some(a) = s.accel {
+        rows.push(("accel", a.to_string()));
+    }
+    if let Some(pid) = s.pid {
+        rows.push(("pid", pid.to_string()));
+    }
+    if let Some(at) = s.started_at {
+        rows.push(("started", at.to_rfc3339()));
+    }
+    if let (Some(a), Some(b)) = (s.started_at, s.ready_at) {
+        rows.push((
+            "boot time",
+            format!("{:.1}s", (b - a).num_milliseconds() as f64 / 1000.0),
+        ));
+    }
+    if let Some(e) = &s.last_exit {
+        rows.push((
+            "last exit",
+            format!(
+                "{} at {}: {}",
+                serde_json::to_value(e.reason)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                e.at.to_rfc3339(),
+                e.detail
+            ),
+        ));
+    }
+    if let Some(m) = &s.message {
+        rows.push(("message", m.clone()));
+    }
+    println!("{}", kv(&rows));
+}
+
+/// What a wait is for.
+#[derive(Clone, Copy, PartialEq)]
+enum Goal {
+    /// Running and (when the image has one) its service answers.
+    Ready,
+    /// Stopped.
+    Stopped,
+    /// Gone.
+    Deleted,
+}
+
+/// Polls the VM until `goal`, showing progress; fails if it fails.
+async fn wait_for(
+    client: &Client,
+    name: &str,
+    goal: Goal,
+    timeout: Duration,
+    quiet: bool,
+    min_boots: u64,
+) -> Result<Option<Instance>> {
+    let mut progress = Progress::new(quiet);
+    let path = format!("/v1/instances/{name}");
+    loop {
+        let inst: Instance = match client.get(&path).await {
+            Ok(i) => i,
+            Err(e) if goal == Goal::Deleted && e.is_not_found() => {
+                progress.finish();
+                return Ok(None);
+            }
+            Err(e) => {
+                progress.finish();
+                return Err(e.into());
+            }
+        };
+        let s = &inst.status;
+        let done = match goal {
+            Goal::Ready => {
+                s.phase == InstancePhase::Running && s.guest_ready && s.boot_count >= min_boots
+            }
+            Goal::Stopped => matches!(s.phase, InstancePhase::Stopped),
+            Goal::Deleted => false,
+        };
+        if done {
+            progress.finish();
+            return Ok(Some(inst));
+        }
+        if goal != Goal::Deleted && s.phase == InstancePhase::Failed {
+            progress.finish();
+            bail!(
+                "VM {name} failed: {}",
+                s.message
+                    .clone()
+                    .unwrap_or_else(|| "no reason given".into())
+            );
+        }
+        let msg = match (s.phase, s.guest_ready) {
+            (InstancePhase::Running, false) if goal == Goal::Ready => {
+                format!(
+                    "{name}: booting, waiting for its service at http://{}/",
+                    inst.spec.network.ip
+                )
+            }
+            (p, _) => format!("{name}: {p}"),
+        };
+        progress.set(&msg);
+        if progress.elapsed() > timeout {
+            progress.finish();
+            bail!(
+                "timed out after {}s waiting for VM {name} (it is {}); see `skyvisor vm console {name}`",
+                timeout.as_secs(),
+                s.phase
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()> {
+    let quiet = format == OutputFormat::Json;
+    match cmd {
+        VmCommand::Create(a) => {
+            let instance_type = match (&a.instance_type, a.vcpus, a.memory) {
+                (None, None, None) => Some("small".to_string()),
+                (t, _, _) => t.clone(),
+            };
+            let req = CreateInstanceRequest {
+                name: a.name.clone(),
+                image: a.image.clone(),
+                instance_type,
+                vcpus: a.vcpus,
+                memory_mib: a.memory,
+                disk_gib: a.disk,
+                restart_policy: Some(a.restart),
+                start: Some(!a.no_start),
+                stop_timeout_secs: a.stop_timeout,
+            };
+            let mut inst: Instance = client.post("/v1/instances", &req).await?;
+            if a.wait && !a.no_start {
+                let started = std::time::Instant::now();
+                if let Some(i) = wait_for(
+                    client,
+                    &a.name,
+                    Goal::Ready,
+                    Duration::from_secs(a.timeout),
+                    quiet,
+                    1,
+                )
+                .await?
+                {
+                    inst = i;
+                }
+                if !quiet {
+                    eprintln!(
+                        "VM {} is ready after {:.1}s: http://{}/",
+                        a.name,
+                        started.elapsed().as_secs_f64(),
+                        inst.spec.network.ip
+                    );
+                }
+            }
+            output::print(format, &inst, |i| vm_table(std::slice::from_ref(i)));
+        }
+        VmCommand::List => {
+            let list: Vec<Instance> = client.get("/v1/instances").await?;
+            output::print(format, &list, |l| vm_table(l));
+        }
+        VmCommand::Show { name } => {
+            let inst: Instance = client.get(&format!("/v1/instances/{name}")).await?;
+            output::print(format, &inst, vm_detail);
+        }
+        VmCommand::Start {
+            name,
+            wait,
+            timeout,
+        } => {
+            let before: Instance = client.get(&format!("/v1/instances/{name}")).await?;
+            let mut inst: Instance = client
+                .post(
+                    &format!("/v1/instances/{name}/start"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            if wait {
+                let need = if before.status.phase == InstancePhase::Running {
+                    before.status.boot_count
+                } else {
+                    before.status.boot_count + 1
+                };
+                if let Some(i) = wait_for(
+                    client,
+                    &name,
+                    Goal::Ready,
+                    Duration::from_secs(timeout),
+                    quiet,
+                    need,
+                )
+                .await?
+                {
+                    inst = i;
+                }
+            }
+            output::print(format, &inst, |i| vm_table(std::slice::from_ref(i)));
+        }
+        VmCommand::Stop {
+            name,
+            force,
+            stop_timeout,
+            no_wait,
+        } => {
+            let req = StopInstanceRequest {
+                force,
+                timeout_secs: stop_timeout,
+            };
+            let mut inst: Instance = client
+                .post(&format!("/v1/instances/{name}/stop"), &req)
+                .await?;
+            if !no_wait {
+                let limit = u64::from(stop_timeout.unwrap_or(inst.spec.stop_timeout_secs)) + 60;
+                if let Some(i) = wait_for(
+                    client,
+                    &name,
+                    Goal::Stopped,
+                    Duration::from_secs(limit),
+                    quiet,
+                    0,
+                )
+                .await?
+                {
+                    inst = i;
+                }
+            }
+            output::print(format, &inst, |i| vm_table(std::slice::from_ref(i)));
+        }
+        VmCommand::Reboot { name, wait } => {
+            let mut inst: Instance = client
+                .post(
+                    &format!("/v1/instances/{name}/reboot"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            if wait {
+                let need = inst.status.boot_count + 1;
+                if let Some(i) = wait_for(
+                    client,
+                    &name,
+                    Goal::Ready,
+                    Duration::from_secs(300),
+                    quiet,
+                    need,
+                )
+                .await?
+                {
+                    inst = i;
+                }
+            }
+            output::print(format, &inst, |i| vm_table(std::slice::from_ref(i)));
+        }
+        VmCommand::Resize {
+            name,
+            instance_type,
+            vcpus,
+            memory,
+            wait,
+        } => {
+            let before: Instance = client.get(&format!("/v1/instances/{name}")).await?;
+            let req = ResizeInstanceRequest {
+                instance_type,
+                vcpus,
+                memory_mib: memory,
+            };
+            let mut inst: Instance = client
+                .post(&format!("/v1/instances/{name}/resize"), &req)
+                .await?;
+            if wait && before.spec.power == PowerState::Running {
+                let need = before.status.boot_count + 1;
+                if let Some(i) = wait_for(
+                    client,
+                    &name,
+                    Goal::Ready,
+                    Duration::from_secs(300),
+                    quiet,
+                    need,
+                )
+                .await?
+                {
+                    inst = i;
+                }
+            }
+            output::print(format, &inst, |i| vm_table(std::slice::from_ref(i)));
+        }
+        VmCommand::Delete {
+            name,
+            force,
+            no_wait,
+        } => {
+            let inst: Instance = client
+                .call::<(), Instance>(
+                    Method::DELETE,
+                    &format!("/v1/instances/{name}?force={force}"),
+                    None,
+                )
+                .await?;
+            if !no_wait {
+                wait_for(
+                    client,
+                    &name,
+                    Goal::Deleted,
+                    Duration::from_secs(120),
+                    quiet,
+                    0,
+                )
+                .await?;
+                if !quiet {
+                    eprintln!("VM {name} deleted");
+                }
+            }
+            if quiet {
+                output::print(format, &inst, |_| {});
+            }
+        }
+        VmCommand::Console { name, follow, tail } => {
+            let mut offset: i64 = match tail {
+                Some(n) => -(i64::try_from(n).unwrap_or(i64::MAX)),
+                None => 0,
+            };
+            loop {
+                let log: ConsoleLog = client
+                    .get(&format!(
+                        "/v1/instances/{name}/console?offset={offset}&max_bytes=1048576"
+                    ))
+                    .await?;
+                use std::io::Write;
+                let mut out = std::io::stdout();
+                out.write_all(log.text.as_bytes())?;
+                out.flush()?;
+                offset = i64::try_from(log.offset + log.text.len() as u64).unwrap_or(i64::MAX);
+                if !follow {
+                    if log.text.len() < 1 << 20 {
+                        break;
+                    }
+                    continue;
+                }
+                if log.text.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn image_table(list: &[Image]) {
+    let mut t = table(&["NAME", "STATE", "KIND", "SIZE", "SOURCE", "DESCRIPTION"]);
+    for i in list {
+        let state = match (&i.state, &i.message) {
+            (ImageState::Building, Some(m)) => format!("building: {m}"),
+            (ImageState::Failed, Some(m)) => format!("failed: {m}"),
+            (s, _) => serde_json::to_value(s)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+        };
+        t.add_row(vec![
+            i.name.to_string(),
+            state,
+            i.kind.to_string(),
+            format!("{:.1} MiB", i.size_bytes() as f64 / 1048576.0),
+            match &i.source {
+                skyvisor_core::ImageSource::Recipe { recipe, .. } => format!("recipe {recipe}"),
+                skyvisor_core::ImageSource::Import => "import".into(),
+            },
+            i.description.clone(),
+        ]);
+    }
+    println!("{t}");
+}
+
+async fn image(client: &Client, format: OutputFormat, cmd: ImageCommand) -> Result<()> {
+    let quiet = format == OutputFormat::Json;
+    match cmd {
+        ImageCommand::List => {
+            let list: Vec<Image> = client.get("/v1/images").await?;
+            output::print(format, &list, |l| image_table(l));
+        }
+        ImageCommand::Show { name } => {
+            let img: Image = client.get(&format!("/v1/images/{name}")).await?;
+            output::print(format, &img, |i| {
+                image_table(std::slice::from_ref(i));
+                let mut t = table(&["FILE", "ROLE", "SIZE", "SHA256"]);
+                for f in &i.files {
+                    t.add_row(vec![
+                        f.file_name.clone(),
+                        format!("{:?}", f.role).to_lowercase(),
+                        format!("{} bytes", f.size_bytes),
+                        f.sha256.clone(),
+                    ]);
+                }
+                println!("{t}");
+                if let skyvisor_core::ImageSource::Recipe { packages, .. } = &i.source
+                    && !packages.is_empty()
+                {
+                    println!("built from: {}", packages.join(", "));
+                }
+            });
+        }
+        ImageCommand::Build {
+            name,
+            recipe,
+            no_wait,
+        } => {
+            let mut img: Image = client
+                .post(
+                    "/v1/images/build",
+                    &BuildImageRequest {
+                        name: name.clone(),
+                        recipe,
+                    },
+                )
+                .await?;
+            if !no_wait {
+                let mut progress = Progress::new(quiet);
+                loop {
+                    img = client.get(&format!("/v1/images/{name}")).await?;
+                    match img.state {
+                        ImageState::Ready => break,
+                        ImageState::Failed => {
+                            progress.finish();
+                            bail!(
+                                "image {name} failed to build: {}",
+                                img.message.unwrap_or_default()
+                            );
+                        }
+                        ImageState::Building => {
+                            progress.set(&format!(
+                                "building {name}: {}",
+                                img.message.clone().unwrap_or_default()
+                            ));
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                progress.finish();
+            }
+            output::print(format, &img, |i| image_table(std::slice::from_ref(i)));
+        }
+        ImageCommand::Import {
+            name,
+            disk,
+            kernel,
+            initrd,
+            cmdline,
+            description,
+        } => {
+            let mut form = reqwest::multipart::Form::new();
+            let mut parts = Vec::new();
+            if let Some(d) = disk {
+                parts.push(("disk", d));
+            }
+            if let Some(k) = kernel {
+                parts.push(("kernel", k));
+            }
+            if let Some(i) = initrd {
+                parts.push(("initrd", i));
+            }
+            if parts.is_empty() {
+                bail!("give --disk FILE, or --kernel FILE (and --initrd FILE)");
+            }
+            let mut progress = Progress::new(quiet);
+            for (part, path) in parts {
+                let file = tokio::fs::File::open(&path)
+                    .await
+                    .with_context(|| format!("cannot open {}", path.display()))?;
+                let len = file.metadata().await?.len();
+                progress.set(&format!(
+                    "uploading {} ({:.1} MiB)",
+                    path.display(),
+                    len as f64 / 1048576.0
+                ));
+                let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+                form = form.part(
+                    part,
+                    reqwest::multipart::Part::stream_with_length(body, len).file_name(part),
+                );
+            }
+            let mut query = vec![("name", name.clone())];
+            if let Some(c) = cmdline {
+                query.push(("cmdline", c));
+            }
+            if let Some(d) = description {
+                query.push(("description", d));
+            }
+            let req = client
+                .request(Method::POST, "/v1/images/import")
+                .query(&query)
+                .multipart(form)
+                .timeout(Duration::from_secs(3600));
+            let img: Image = client.finish(req).await?;
+            progress.finish();
+            output::print(format, &img, |i| image_table(std::slice::from_ref(i)));
+        }
+        ImageCommand::Delete { name } => {
+            client
+                .call::<(), ()>(Method::DELETE, &format!("/v1/images/{name}"), None)
+                .await?;
+            if !quiet {
+                eprintln!("image {name} deleted");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn host_table(list: &[HostView]) {
+    let mut t = table(&[
+        "HOST",
+        "STATE",
+        "ACCEL",
+        "VMS",
+        "VCPU (used/total)",
+        "MEMORY (used/total)",
+        "DISK (used/total)",
+        "ADDRESS",
+    ]);
+    for h in list {
+        let a = h.host.capacity.allocatable;
+        t.add_row(vec![
+            h.host.name.to_string(),
+            h.state.to_string(),
+            h.host.accel.to_string(),
+            h.instances.to_string(),
+            format!("{}/{}", h.allocated.vcpus, a.vcpus),
+            format!("{}/{}", mib(h.allocated.memory_mib), mib(a.memory_mib)),
+            format!("{}/{} GiB", h.allocated.disk_gib, a.disk_gib),
+            h.host.address.clone(),
+        ]);
+    }
+    println!("{t}");
+}
+
+async fn host(client: &Client, format: OutputFormat, cmd: HostCommand) -> Result<()> {
+    let show = |h: &HostView| {
+        let c = &h.host.capacity;
+        println!(
+            "{}",
+            kv(&[
+                ("name", h.host.name.to_string()),
+                ("state", h.state.to_string()),
+                ("address", h.host.address.clone()),
+                (
+                    "accel",
+                    format!("{} ({})", h.host.accel, h.host.accel_reason)
+                ),
+                ("qemu", h.host.qemu_version.clone()),
+                ("agent", h.host.agent_version.clone()),
+                ("subnet", h.host.subnet.to_string()),
+                (
+                    "physical",
+                    format!(
+                        "{} CPU, {}, {} GiB disk ({} MiB free)",
+                        c.physical.vcpus,
+                        mib(c.physical.memory_mib),
+                        c.physical.disk_gib,
+                        h.host.disk_free_bytes >> 20
+                    )
+                ),
+                (
+                    "overcommit",
+                    format!(
+                        "cpu {}x, memory {}x, disk {}x",
+                        c.overcommit.cpu, c.overcommit.memory, c.overcommit.disk
+                    )
+                ),
+                (
+                    "allocatable",
+                    format!(
+                        "{} vCPU, {}, {} GiB",
+                        c.allocatable.vcpus,
+                        mib(c.allocatable.memory_mib),
+                        c.allocatable.disk_gib
+                    )
+                ),
+                (
+                    "allocated",
+                    format!(
+                        "{} vCPU, {}, {} GiB to {} VMs",
+                        h.allocated.vcpus,
+                        mib(h.allocated.memory_mib),
+                        h.allocated.disk_gib,
+                        h.instances
+                    )
+                ),
+                (
+                    "free",
+                    format!(
+                        "{} vCPU, {}, {} GiB",
+                        h.free.vcpus,
+                        mib(h.free.memory_mib),
+                        h.free.disk_gib
+                    )
+                ),
+            ])
+        );
+    };
+    match cmd {
+        HostCommand::List => {
+            let list: Vec<HostView> = client.get("/v1/hosts").await?;
+            output::print(format, &list, |l| host_table(l));
+        }
+        HostCommand::Show { name } => {
+            let h: HostView = match name {
+                Some(n) => client.get(&format!("/v1/hosts/{n}")).await?,
+                None => {
+                    let mut list: Vec<HostView> = client.get("/v1/hosts").await?;
+                    match list.len() {
+                        1 => list.remove(0),
+                        0 => bail!("no hosts are registered"),
+                        n => bail!("{n} hosts are registered; name one (see `skyvisor host list`)"),
+                    }
+                }
+            };
+            output::print(format, &h, show);
+        }
+        HostCommand::Cordon { name } => {
+            let h: HostView = client
+                .post(&format!("/v1/hosts/{name}/cordon"), &serde_json::json!({}))
+                .await?;
+            output::print(format, &h, |h| host_table(std::slice::from_ref(h)));
+        }
+        HostCommand::Uncordon { name } => {
+            let h: HostView = client
+                .post(
+                    &format!("/v1/hosts/{name}/uncordon"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            output::print(format, &h, |h| host_table(std::slice::from_ref(h)));
+        }
+    }
+    Ok(())
+}

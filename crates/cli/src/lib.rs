@@ -1,0 +1,63 @@
+//! The `skyvisor` command-line client: every command is a call to the REST
+//! API. Tables for people, `-o json` for scripts, progress while waiting.
+
+pub mod client;
+pub mod commands;
+pub mod output;
+pub mod progress;
+
+pub use client::{Client, ClientError};
+pub use commands::{ClientCommand, run};
+pub use output::OutputFormat;
+
+/// Parses a memory size: `512`, `512M`, `512MiB`, `1G`, `1GiB` → MiB.
+pub fn parse_mib(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 512M or 1G"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 1,
+        "g" | "gb" | "gib" => 1024,
+        other => return Err(format!("unknown unit {other:?} in {s:?}; use M or G")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Parses a disk size: `4`, `4G`, `4GiB` → GiB.
+pub fn parse_gib(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 4G"))?;
+    match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "g" | "gb" | "gib" => Ok(n),
+        "t" | "tb" | "tib" => n
+            .checked_mul(1024)
+            .ok_or_else(|| format!("{s:?} is too large")),
+        other => Err(format!("unknown unit {other:?} in {s:?}; use G or T")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_mib("512"), Ok(512));
+        assert_eq!(parse_mib("512M"), Ok(512));
+        assert_eq!(parse_mib("1G"), Ok(1024));
+        assert_eq!(parse_mib("2GiB"), Ok(2048));
+        assert!(parse_mib("lots").is_err());
+        assert!(parse_mib("1X").is_err());
+        assert_eq!(parse_gib("4G"), Ok(4));
+        assert_eq!(parse_gib("1T"), Ok(1024));
+        assert!(parse_gib("4M").is_err());
+    }
+}

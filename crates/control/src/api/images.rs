@@ -1,0 +1,302 @@
+//! `/v1/images` and `/v1/recipes`: list, show, build, import, delete, and
+//! file downloads for agents.
+
+use std::path::PathBuf;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Multipart, Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use skyvisor_core::api::{BuildImageRequest, ErrorBody};
+use skyvisor_core::image::{FileRole, ImageKind, ImageSource, ImageState};
+use skyvisor_core::{Image, ImageName, keys};
+use skyvisor_store::{StoreExt, encode};
+use tokio::io::AsyncWriteExt;
+use utoipa::{IntoParams, ToSchema};
+
+use super::{ApiJson, ApiQuery};
+use crate::ControlPlane;
+use crate::error::{ApiError, ApiResult};
+use crate::images::{TempDirGuard, describe_file, publish_import, storage_error};
+
+/// All images.
+#[utoipa::path(get, path = "/v1/images", tag = "images",
+    responses((status = 200, body = Vec<Image>)))]
+pub(super) async fn list(State(cp): State<ControlPlane>) -> ApiResult<Json<Vec<Image>>> {
+    Ok(Json(cp.images().await?))
+}
+
+/// One image.
+#[utoipa::path(get, path = "/v1/images/{name}", tag = "images",
+    params(("name" = String, Path, description = "image name")),
+    responses((status = 200, body = Image), (status = 404, body = ErrorBody)))]
+pub(super) async fn show(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Image>> {
+    Ok(Json(cp.image(&ImageName::new(name)?).await?))
+}
+
+/// Deletes an image no instance uses.
+#[utoipa::path(delete, path = "/v1/images/{name}", tag = "images",
+    params(("name" = String, Path, description = "image name")),
+    responses(
+        (status = 204),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "in use"),
+    ))]
+pub(super) async fn delete(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    cp.delete_image(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Starts building an image from a built-in recipe; poll the image until
+/// it is `ready`.
+#[utoipa::path(post, path = "/v1/images/build", tag = "images",
+    request_body = BuildImageRequest,
+    responses(
+        (status = 202, body = Image),
+        (status = 400, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "name taken"),
+    ))]
+pub(super) async fn build(
+    State(cp): State<ControlPlane>,
+    ApiJson(req): ApiJson<BuildImageRequest>,
+) -> ApiResult<(StatusCode, Json<Image>)> {
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(cp.build_image(&req.name, &req.recipe).await?),
+    ))
+}
+
+/// A built-in image recipe.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Recipe {
+    /// Its name.
+    pub name: String,
+    /// What it builds.
+    pub description: String,
+}
+
+/// The built-in image recipes.
+#[utoipa::path(get, path = "/v1/recipes", tag = "images",
+    responses((status = 200, body = Vec<Recipe>)))]
+pub(super) async fn list_recipes() -> Json<Vec<Recipe>> {
+    Json(
+        skyvisor_image::recipes()
+            .into_iter()
+            .map(|r| Recipe {
+                name: r.name.to_string(),
+                description: r.description.to_string(),
+            })
+            .collect(),
+    )
+}
+
+/// Options of an import.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ImportQuery {
+    /// Name of the new image.
+    name: String,
+    /// One line for people.
+    #[serde(default)]
+    description: Option<String>,
+    /// Kernel command line (kernel+initrd images).
+    #[serde(default)]
+    cmdline: Option<String>,
+    /// Whether the guest runs Skyvisor's guest service on port 80.
+    #[serde(default)]
+    guest_service: bool,
+}
+
+/// Imports an image from a multipart upload: a part `disk` (qcow2 or raw,
+/// booted by firmware), or parts `kernel` and optionally `initrd`.
+#[utoipa::path(post, path = "/v1/images/import", tag = "images",
+    params(ImportQuery),
+    request_body(content_type = "multipart/form-data", description = "parts: disk | kernel, initrd"),
+    responses(
+        (status = 201, body = Image),
+        (status = 400, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "name taken"),
+        (status = 413, body = ErrorBody, description = "no room in the image store"),
+    ))]
+pub(super) async fn import(
+    State(cp): State<ControlPlane>,
+    ApiQuery(q): ApiQuery<ImportQuery>,
+    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> ApiResult<(StatusCode, Json<Image>)> {
+    let name = ImageName::new(q.name)?;
+    let mut multipart = multipart.map_err(|e| {
+        ApiError::invalid(format!(
+            "the body must be multipart/form-data with parts disk, or kernel and initrd: {}",
+            e.body_text()
+        ))
+    })?;
+    let placeholder = Image {
+        name: name.clone(),
+        kind: ImageKind::Disk,
+        description: q.description.clone().unwrap_or_default(),
+        files: vec![],
+        cmdline: q.cmdline.clone(),
+        guest_service: q.guest_service,
+        source: ImageSource::Import,
+        state: ImageState::Building,
+        message: Some("uploading".into()),
+        created_at: Utc::now(),
+    };
+    if !cp
+        .store
+        .create(&keys::image(&name), encode(&placeholder))
+        .await?
+    {
+        return Err(ApiError::already_exists(format!(
+            "image {name:?} already exists"
+        )));
+    }
+    let tmp: PathBuf = cp
+        .config
+        .data_dir
+        .join("images")
+        .join(format!(".import-{name}-{}", uuid::Uuid::new_v4().simple()));
+    let mut guard = TempDirGuard(Some(tmp.clone()));
+    let result = receive(&cp, &mut multipart, &tmp, placeholder).await;
+    match result {
+        Ok(image) => {
+            publish_import(&cp, &image, &tmp).await.inspect_err(|_| {
+                let store = cp.store.clone();
+                let key = keys::image(&name);
+                tokio::spawn(async move {
+                    let _ = store.delete(&key).await;
+                });
+            })?;
+            guard.0 = None;
+            Ok((StatusCode::CREATED, Json(image)))
+        }
+        Err(e) => {
+            // Nothing half-created: no record, no files.
+            cp.store.delete(&keys::image(&name)).await?;
+            Err(e)
+        }
+    }
+}
+
+async fn receive(
+    cp: &ControlPlane,
+    multipart: &mut Multipart,
+    tmp: &std::path::Path,
+    mut image: Image,
+) -> ApiResult<Image> {
+    tokio::fs::create_dir_all(tmp)
+        .await
+        .map_err(|e| storage_error("creating the upload directory", &e))?;
+    let _ = cp;
+    let mut roles = Vec::new();
+    while let Some(mut field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| ApiError::invalid(format!("bad multipart body: {}", e.body_text())))?
+    {
+        let role = match field.name() {
+            Some("disk") => FileRole::Disk,
+            Some("kernel") => FileRole::Kernel,
+            Some("initrd") => FileRole::Initrd,
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "unexpected part {other:?}; allowed parts: disk, kernel, initrd"
+                )));
+            }
+        };
+        if roles.contains(&role) {
+            return Err(ApiError::invalid(format!("part {role:?} given twice")));
+        }
+        let file_name = match role {
+            FileRole::Disk => "disk.img",
+            FileRole::Kernel => "vmlinuz",
+            FileRole::Initrd => "initrd.img",
+        };
+        let path = tmp.join(file_name);
+        let mut f = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| storage_error("storing the upload", &e))?;
+        while let Some(chunk) = field
+            .chunk()
+            .await
+            .map_err(|e| ApiError::invalid(format!("upload interrupted: {}", e.body_text())))?
+        {
+            f.write_all(&chunk)
+                .await
+                .map_err(|e| storage_error("storing the upload", &e))?;
+        }
+        f.sync_all()
+            .await
+            .map_err(|e| storage_error("storing the upload", &e))?;
+        let described = describe_file(tmp, role, file_name)
+            .await
+            .map_err(|m| ApiError::invalid(format!("part {file_name}: {m}")))?;
+        if described.size_bytes == 0 {
+            return Err(ApiError::invalid(format!("part {file_name} is empty")));
+        }
+        roles.push(role);
+        image.files.push(described);
+    }
+    let has = |r| roles.contains(&r);
+    image.kind = match (
+        has(FileRole::Disk),
+        has(FileRole::Kernel),
+        has(FileRole::Initrd),
+    ) {
+        (true, false, false) => ImageKind::Disk,
+        (_, true, _) => ImageKind::KernelInitrd,
+        (false, false, true) => {
+            return Err(ApiError::invalid("an initrd needs a kernel part too"));
+        }
+        (true, false, true) => {
+            return Err(ApiError::invalid("an initrd needs a kernel part too"));
+        }
+        (false, false, false) => {
+            return Err(ApiError::invalid(
+                "no image given; upload a part disk, or kernel (and initrd)",
+            ));
+        }
+    };
+    if image.kind == ImageKind::KernelInitrd && image.cmdline.is_none() {
+        image.cmdline = Some("console=ttyS0".into());
+    }
+    image.state = ImageState::Ready;
+    image.message = None;
+    Ok(image)
+}
+
+/// Downloads one file of a ready image (agents fetch images this way).
+#[utoipa::path(get, path = "/v1/images/{name}/files/{file}", tag = "images",
+    params(("name" = String, Path, description = "image name"), ("file" = String, Path, description = "file name")),
+    responses((status = 200, content_type = "application/octet-stream"), (status = 404, body = ErrorBody)))]
+pub(super) async fn file(
+    State(cp): State<ControlPlane>,
+    Path((name, file)): Path<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
+    let path = cp.image_file_path(&name, &file).await?;
+    let f = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ApiError::internal(format!("opening {}: {e}", path.display())))?;
+    let len = f
+        .metadata()
+        .await
+        .map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?
+        .len();
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(f));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        body,
+    ))
+}

@@ -1,0 +1,207 @@
+//! `/v1/instances`: create, list, show, start, stop, reboot, resize, delete,
+//! console.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use skyvisor_core::Instance;
+use skyvisor_core::api::{
+    ConsoleLog, CreateInstanceRequest, ErrorBody, ResizeInstanceRequest, StopInstanceRequest,
+};
+use utoipa::IntoParams;
+
+use super::{ApiJson, ApiQuery};
+use crate::ControlPlane;
+use crate::error::{ApiError, ApiResult};
+
+/// All instances.
+#[utoipa::path(get, path = "/v1/instances", tag = "instances",
+    responses((status = 200, body = Vec<Instance>)))]
+pub(super) async fn list(State(cp): State<ControlPlane>) -> Json<Vec<Instance>> {
+    Json(cp.instances().await)
+}
+
+/// Creates an instance and, unless `start` is false, starts it.
+#[utoipa::path(post, path = "/v1/instances", tag = "instances",
+    request_body = CreateInstanceRequest,
+    responses(
+        (status = 201, body = Instance),
+        (status = 400, body = ErrorBody, description = "invalid name, type or size"),
+        (status = 404, body = ErrorBody, description = "unknown image"),
+        (status = 409, body = ErrorBody, description = "duplicate name, image not ready, no host fits"),
+    ))]
+pub(super) async fn create(
+    State(cp): State<ControlPlane>,
+    ApiJson(req): ApiJson<CreateInstanceRequest>,
+) -> ApiResult<(StatusCode, Json<Instance>)> {
+    Ok((StatusCode::CREATED, Json(cp.create_instance(req).await?)))
+}
+
+/// One instance.
+#[utoipa::path(get, path = "/v1/instances/{name}", tag = "instances",
+    params(("name" = String, Path, description = "instance name")),
+    responses((status = 200, body = Instance), (status = 404, body = ErrorBody)))]
+pub(super) async fn show(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Instance>> {
+    Ok(Json(cp.instance(&name).await?))
+}
+
+/// Options of a delete.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DeleteQuery {
+    /// Delete even if it is running (it is powered off first).
+    #[serde(default)]
+    force: bool,
+}
+
+/// Deletes an instance: its agent powers it off, removes its disk and
+/// address, then the record. Poll until 404 to see it gone.
+#[utoipa::path(delete, path = "/v1/instances/{name}", tag = "instances",
+    params(("name" = String, Path, description = "instance name"), DeleteQuery),
+    responses(
+        (status = 202, body = Instance),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "running and not forced"),
+    ))]
+pub(super) async fn delete(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<DeleteQuery>,
+) -> ApiResult<(StatusCode, Json<Instance>)> {
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(cp.delete_instance(&name, q.force).await?),
+    ))
+}
+
+/// Starts an instance.
+#[utoipa::path(post, path = "/v1/instances/{name}/start", tag = "instances",
+    params(("name" = String, Path, description = "instance name")),
+    responses((status = 202, body = Instance), (status = 404, body = ErrorBody)))]
+pub(super) async fn start(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+) -> ApiResult<(StatusCode, Json<Instance>)> {
+    Ok((StatusCode::ACCEPTED, Json(cp.start_instance(&name).await?)))
+}
+
+/// Stops an instance: ACPI shutdown, then power off after the timeout.
+#[utoipa::path(post, path = "/v1/instances/{name}/stop", tag = "instances",
+    params(("name" = String, Path, description = "instance name")),
+    request_body(content = StopInstanceRequest, description = "optional"),
+    responses((status = 202, body = Instance), (status = 404, body = ErrorBody)))]
+pub(super) async fn stop(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<(StatusCode, Json<Instance>)> {
+    // The body is optional: an empty one means the defaults.
+    let req: StopInstanceRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        StopInstanceRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::invalid(format!("the request body is invalid: {e}")))?
+    };
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(cp.stop_instance(&name, req).await?),
+    ))
+}
+
+/// Reboots a running instance gracefully.
+#[utoipa::path(post, path = "/v1/instances/{name}/reboot", tag = "instances",
+    params(("name" = String, Path, description = "instance name")),
+    responses(
+        (status = 202, body = Instance),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "not running"),
+    ))]
+pub(super) async fn reboot(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+) -> ApiResult<(StatusCode, Json<Instance>)> {
+    Ok((StatusCode::ACCEPTED, Json(cp.reboot_instance(&name).await?)))
+}
+
+/// Changes an instance's vCPUs and memory (a running one is restarted).
+#[utoipa::path(post, path = "/v1/instances/{name}/resize", tag = "instances",
+    params(("name" = String, Path, description = "instance name")),
+    request_body = ResizeInstanceRequest,
+    responses(
+        (status = 202, body = Instance),
+        (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "the host cannot fit the new size"),
+    ))]
+pub(super) async fn resize(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<ResizeInstanceRequest>,
+) -> ApiResult<(StatusCode, Json<Instance>)> {
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(cp.resize_instance(&name, req).await?),
+    ))
+}
+
+/// Which part of the console log to read.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ConsoleQuery {
+    /// Byte offset to start at; negative counts from the end.
+    #[serde(default)]
+    offset: Option<i64>,
+    /// Most bytes to return (default 64 KiB, at most 1 MiB).
+    #[serde(default)]
+    max_bytes: Option<u64>,
+}
+
+/// The instance's serial console output.
+#[utoipa::path(get, path = "/v1/instances/{name}/console", tag = "instances",
+    params(("name" = String, Path, description = "instance name"), ConsoleQuery),
+    responses((status = 200, body = ConsoleLog), (status = 404, body = ErrorBody)))]
+pub(super) async fn console(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<ConsoleQuery>,
+) -> ApiResult<Json<ConsoleLog>> {
+    let inst = cp.instance(&name).await?;
+    let max = q.max_bytes.unwrap_or(64 * 1024).min(1 << 20);
+    let host = cp.inventory.host(&inst.spec.host).await.ok_or_else(|| {
+        ApiError::unavailable(format!("host {} is not registered", inst.spec.host))
+    })?;
+    let Some(agent) = host.host.agent_url.clone() else {
+        return Err(ApiError::unavailable(format!(
+            "host {} does not serve console logs",
+            inst.spec.host
+        )));
+    };
+    let url = format!("{agent}/agent/v1/instances/{}/console", inst.spec.id);
+    let mut query = vec![("max_bytes", max.to_string())];
+    if let Some(o) = q.offset {
+        query.push(("offset", o.to_string()));
+    }
+    let resp =
+        cp.http.get(&url).query(&query).send().await.map_err(|e| {
+            ApiError::unavailable(format!("host {} unreachable: {e}", inst.spec.host))
+        })?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        return Err(ApiError::bad_gateway(format!(
+            "host {} answered {status}: {text}",
+            inst.spec.host
+        )));
+    }
+    let log: ConsoleLog = resp.json().await.map_err(|e| {
+        ApiError::bad_gateway(format!(
+            "host {} sent a bad console log: {e}",
+            inst.spec.host
+        ))
+    })?;
+    Ok(Json(log))
+}

@@ -1,0 +1,142 @@
+//! The REST API under `/v1`: JSON in and out, errors as [`ErrorBody`],
+//! and an OpenAPI document generated from these handlers.
+//!
+//! Handlers only translate HTTP to [`ControlPlane`] calls; they hold no
+//! logic of their own.
+
+mod extract;
+mod hosts;
+mod images;
+mod instances;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use skyvisor_core::InstanceType;
+use skyvisor_core::api::{ErrorBody, ServerInfo};
+use skyvisor_core::resources::builtin_types;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::ControlPlane;
+use crate::error::ApiError;
+use crate::metrics::RequestLabels;
+
+pub use extract::{ApiJson, ApiQuery};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Skyvisor API",
+        description = "A private cloud: VMs on a pool of hosts.",
+        license(name = "Apache-2.0")
+    ),
+    components(schemas(ErrorBody))
+)]
+struct ApiDoc;
+
+/// The OpenAPI document of the API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let (_, api) = api_router().split_for_parts();
+    api
+}
+
+fn api_router() -> OpenApiRouter<ControlPlane> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(info))
+        .routes(routes!(list_types))
+        .routes(routes!(instances::list, instances::create))
+        .routes(routes!(instances::show, instances::delete))
+        .routes(routes!(instances::start))
+        .routes(routes!(instances::stop))
+        .routes(routes!(instances::reboot))
+        .routes(routes!(instances::resize))
+        .routes(routes!(instances::console))
+        .routes(routes!(images::list))
+        .routes(routes!(images::build))
+        .routes({
+            // Uploads are large; every other route keeps axum's 2 MB limit.
+            let (schemas, paths, method) = routes!(images::import);
+            (
+                schemas,
+                paths,
+                method.layer(axum::extract::DefaultBodyLimit::disable()),
+            )
+        })
+        .routes(routes!(images::list_recipes))
+        .routes(routes!(images::show, images::delete))
+        .routes(routes!(images::file))
+        .routes(routes!(hosts::list))
+        .routes(routes!(hosts::show))
+        .routes(routes!(hosts::cordon))
+        .routes(routes!(hosts::uncordon))
+}
+
+/// The whole HTTP service: `/v1/...`, `/v1/openapi.json`, `/metrics`, `/healthz`.
+pub fn router(cp: ControlPlane) -> Router {
+    let (api, doc) = api_router().split_for_parts();
+    let doc_json = serde_json::to_string_pretty(&doc).unwrap_or_default();
+    api.route(
+        "/v1/openapi.json",
+        axum::routing::get(move || {
+            let body = doc_json.clone();
+            async move { ([("content-type", "application/json")], body) }
+        }),
+    )
+    .route("/metrics", axum::routing::get(metrics))
+    .route("/healthz", axum::routing::get(|| async { "ok" }))
+    .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
+    .method_not_allowed_fallback(|| async {
+        ApiError {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            code: "method_not_allowed",
+            message: "method not allowed on this endpoint; see /v1/openapi.json".into(),
+            field: None,
+        }
+    })
+    .layer(middleware::from_fn_with_state(cp.clone(), count_requests))
+    .layer(tower_http::trace::TraceLayer::new_for_http())
+    .with_state(cp)
+}
+
+async fn count_requests(State(cp): State<ControlPlane>, req: Request, next: Next) -> Response {
+    let method = req.method().to_string();
+    let resp = next.run(req).await;
+    cp.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            method,
+            status: resp.status().as_u16(),
+        })
+        .inc();
+    resp
+}
+
+async fn metrics(State(cp): State<ControlPlane>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        cp.metrics.encode(),
+    )
+}
+
+/// What this server is.
+#[utoipa::path(get, path = "/v1/info", tag = "system",
+    responses((status = 200, body = ServerInfo)))]
+async fn info(State(cp): State<ControlPlane>) -> Json<ServerInfo> {
+    Json(ServerInfo {
+        version: skyvisor_core::VERSION.to_string(),
+        store: cp.store.backend().to_string(),
+        hosts: cp.inventory.hosts().await.len() as u32,
+    })
+}
+
+/// The instance types.
+#[utoipa::path(get, path = "/v1/types", tag = "instances",
+    responses((status = 200, body = Vec<InstanceType>)))]
+async fn list_types() -> Json<Vec<InstanceType>> {
+    Json(builtin_types())
+}

@@ -1,0 +1,471 @@
+//! Instance operations: validate a request, place it, write desired state.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use chrono::Utc;
+use skyvisor_core::api::{CreateInstanceRequest, ResizeInstanceRequest, StopInstanceRequest};
+use skyvisor_core::image::ImageState;
+use skyvisor_core::resources::{builtin_types, find_type};
+use skyvisor_core::{
+    Image, ImageName, Instance, InstanceId, InstanceName, InstancePhase, InstanceSpec,
+    InstanceStatus, InstanceType, MacAddr, NetworkAttachment, PowerState, Resources,
+    ValidationError, keys,
+};
+use skyvisor_store::{Compare, StoreExt, encode, put_json};
+use tracing::info;
+
+use crate::error::{ApiError, ApiResult};
+use crate::scheduler::{self, PlacementRequest};
+use crate::{ControlPlane, READ_YOUR_WRITES, ipam};
+
+/// Default graceful stop timeout.
+pub const DEFAULT_STOP_TIMEOUT_SECS: u32 = 30;
+/// Longest graceful stop timeout accepted.
+pub const MAX_STOP_TIMEOUT_SECS: u32 = 3600;
+
+/// Resolves a type name and per-field overrides to a size.
+fn resolve_size(
+    instance_type: Option<&str>,
+    vcpus: Option<u32>,
+    memory_mib: Option<u64>,
+    disk_gib: Option<u64>,
+) -> Result<(Option<InstanceType>, Resources), ValidationError> {
+    let base = match instance_type {
+        Some(t) => Some(find_type(t)?),
+        None => None,
+    };
+    let resources = match &base {
+        Some(t) => Resources {
+            vcpus: vcpus.unwrap_or(t.resources.vcpus),
+            memory_mib: memory_mib.unwrap_or(t.resources.memory_mib),
+            disk_gib: disk_gib.unwrap_or(t.resources.disk_gib),
+        },
+        None => match (vcpus, memory_mib) {
+            (Some(vcpus), Some(memory_mib)) => Resources {
+                vcpus,
+                memory_mib,
+                disk_gib: disk_gib.unwrap_or(2),
+            },
+            _ => {
+                let names: Vec<String> =
+                    builtin_types().iter().map(|t| t.name.to_string()).collect();
+                return Err(ValidationError::new(
+                    "instance type",
+                    format!(
+                        "give a type ({}) or both vcpus and memory_mib for a custom size",
+                        names.join(", ")
+                    ),
+                ));
+            }
+        },
+    };
+    resources.validate_vm()?;
+    Ok((base, resources))
+}
+
+fn validate_stop_timeout(v: u32) -> Result<u32, ValidationError> {
+    if v == 0 || v > MAX_STOP_TIMEOUT_SECS {
+        return Err(ValidationError::new(
+            "stop_timeout_secs",
+            format!("{v} is out of range; allowed: 1 to {MAX_STOP_TIMEOUT_SECS}"),
+        ));
+    }
+    Ok(v)
+}
+
+impl ControlPlane {
+    /// Loads image `name`, or a 404 that lists the images there are.
+    pub async fn image(&self, name: &ImageName) -> ApiResult<Image> {
+        match self.store.get_json::<Image>(&keys::image(name)).await? {
+            Some((image, _)) => Ok(image),
+            None => {
+                let (all, _) = self.store.list_json::<Image>(keys::IMAGES).await?;
+                let names: Vec<String> = all.iter().map(|(i, _)| i.name.to_string()).collect();
+                Err(ApiError::not_found(format!(
+                    "image {name:?} not found; images: {}",
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                )))
+            }
+        }
+    }
+
+    /// Creates an instance: validates, places, allocates an address and
+    /// writes spec, status and address claim in one transaction.
+    pub async fn create_instance(&self, req: CreateInstanceRequest) -> ApiResult<Instance> {
+        let name = InstanceName::new(req.name.clone())?;
+        let image_name = ImageName::new(req.image.clone())?;
+        let (itype, resources) = resolve_size(
+            req.instance_type.as_deref(),
+            req.vcpus,
+            req.memory_mib,
+            req.disk_gib,
+        )?;
+        let stop_timeout_secs =
+            validate_stop_timeout(req.stop_timeout_secs.unwrap_or(DEFAULT_STOP_TIMEOUT_SECS))?;
+        let image = self.image(&image_name).await?;
+        match image.state {
+            ImageState::Ready => {}
+            ImageState::Building => {
+                return Err(ApiError::conflict(format!(
+                    "image {image_name:?} is still being built; wait until `skyvisor image show {image_name}` says ready"
+                )));
+            }
+            ImageState::Failed => {
+                return Err(ApiError::conflict(format!(
+                    "image {image_name:?} failed to build: {}",
+                    image.message.unwrap_or_default()
+                )));
+            }
+        }
+        if let Some(disk) = image.file(skyvisor_core::image::FileRole::Disk) {
+            let need = disk.virtual_size_bytes.unwrap_or(0).div_ceil(1 << 30);
+            if resources.disk_gib < need {
+                return Err(ApiError::from(ValidationError::new(
+                    "disk_gib",
+                    format!(
+                        "{} GiB is smaller than image {image_name}'s disk; allowed: at least {need} GiB",
+                        resources.disk_gib
+                    ),
+                )));
+            }
+        }
+        let network = self.default_network().await?;
+
+        let _placing = self.placement.lock().await;
+        if self.inventory.instance(&name).await.is_some() {
+            return Err(ApiError::already_exists(format!(
+                "instance {name:?} already exists"
+            )));
+        }
+        let started = Instant::now();
+        let host = scheduler::place(
+            &self.inventory.hosts().await,
+            &PlacementRequest {
+                resources,
+                ..Default::default()
+            },
+            self.config.weigher,
+        )?;
+        self.metrics
+            .placement_seconds
+            .observe(started.elapsed().as_secs_f64());
+
+        let id = InstanceId::random();
+        let used = self.inventory.used_ips(&network.name).await;
+        let mut raced = HashSet::new();
+        // A claim can only collide with a writer outside this server; a few
+        // retries with the colliding addresses skipped settle it.
+        for _ in 0..8 {
+            let ip = ipam::next_free(&network.subnet, &used, &raced).ok_or_else(|| {
+                ApiError::insufficient_capacity(format!(
+                    "network {} ({}) has no free addresses",
+                    network.name, network.subnet
+                ))
+            })?;
+            let spec = InstanceSpec {
+                name: name.clone(),
+                id,
+                image: image_name.clone(),
+                instance_type: itype.as_ref().map(|t| t.name.clone()),
+                resources,
+                power: if req.start.unwrap_or(true) {
+                    PowerState::Running
+                } else {
+                    PowerState::Stopped
+                },
+                restart_policy: req.restart_policy.unwrap_or_default(),
+                host: host.clone(),
+                network: NetworkAttachment {
+                    network: network.name.clone(),
+                    ip,
+                    prefix_len: network.subnet.prefix_len,
+                    gateway: network.subnet.gateway(),
+                    mac: MacAddr::derived_from(id.0.as_bytes()),
+                },
+                reboot_generation: 0,
+                stop_timeout_secs,
+                force_stop: false,
+                deleting: false,
+                generation: 1,
+                created_at: Utc::now(),
+            };
+            let spec_key = keys::instance_spec(&name);
+            let claim_key = keys::ipam_claim(&network.name, ip);
+            let out = self
+                .store
+                .txn(
+                    vec![
+                        Compare::Absent(spec_key.clone()),
+                        Compare::Absent(claim_key.clone()),
+                    ],
+                    vec![
+                        put_json(spec_key.clone(), &spec),
+                        put_json(keys::instance_status(&name), &InstanceStatus::pending()),
+                        put_json(claim_key, &name),
+                    ],
+                )
+                .await?;
+            if out.succeeded {
+                self.inventory
+                    .wait_for(out.revision, READ_YOUR_WRITES)
+                    .await;
+                info!(instance = %name, %host, %ip, "instance created");
+                return Ok(Instance {
+                    spec,
+                    status: InstanceStatus::pending(),
+                });
+            }
+            if self.store.get(&spec_key).await?.is_some() {
+                return Err(ApiError::already_exists(format!(
+                    "instance {name:?} already exists"
+                )));
+            }
+            raced.insert(ip);
+        }
+        Err(ApiError::unavailable(
+            "could not claim an address: too many concurrent creates; retry",
+        ))
+    }
+
+    /// One instance, or 404.
+    pub async fn instance(&self, name: &str) -> ApiResult<Instance> {
+        let name = InstanceName::new(name)?;
+        self.inventory
+            .instance_full(&name)
+            .await
+            .ok_or_else(|| ApiError::not_found(format!("instance {name:?} not found")))
+    }
+
+    /// All instances.
+    pub async fn instances(&self) -> Vec<Instance> {
+        self.inventory.instances_full().await
+    }
+
+    /// Applies `change` to the stored spec with compare-and-swap, retrying
+    /// when an agent or another request wrote in between.
+    async fn update_spec(
+        &self,
+        name: &str,
+        change: impl Fn(&mut InstanceSpec, &InstanceStatus) -> ApiResult<()>,
+    ) -> ApiResult<Instance> {
+        let name = InstanceName::new(name)?;
+        let key = keys::instance_spec(&name);
+        for _ in 0..16 {
+            let Some((mut spec, rev)) = self.store.get_json::<InstanceSpec>(&key).await? else {
+                return Err(ApiError::not_found(format!("instance {name:?} not found")));
+            };
+            if spec.deleting {
+                return Err(ApiError::conflict(format!(
+                    "instance {name:?} is being deleted"
+                )));
+            }
+            let status = self
+                .store
+                .get_json::<InstanceStatus>(&keys::instance_status(&name))
+                .await?
+                .map(|(s, _)| s)
+                .unwrap_or_else(InstanceStatus::pending);
+            change(&mut spec, &status)?;
+            spec.generation += 1;
+            let out = self
+                .store
+                .txn(
+                    vec![Compare::ModRevision(key.clone(), rev)],
+                    vec![put_json(key.clone(), &spec)],
+                )
+                .await?;
+            if out.succeeded {
+                self.inventory
+                    .wait_for(out.revision, READ_YOUR_WRITES)
+                    .await;
+                return Ok(Instance { spec, status });
+            }
+        }
+        Err(ApiError::unavailable(format!(
+            "instance {name:?} is changing too fast; retry"
+        )))
+    }
+
+    /// Asks for the instance to run.
+    pub async fn start_instance(&self, name: &str) -> ApiResult<Instance> {
+        self.update_spec(name, |spec, _| {
+            spec.power = PowerState::Running;
+            spec.force_stop = false;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Asks for the instance to stop, gracefully unless forced.
+    pub async fn stop_instance(&self, name: &str, req: StopInstanceRequest) -> ApiResult<Instance> {
+        let timeout = req.timeout_secs.map(validate_stop_timeout).transpose()?;
+        self.update_spec(name, |spec, _| {
+            spec.power = PowerState::Stopped;
+            spec.force_stop = req.force;
+            if let Some(t) = timeout {
+                spec.stop_timeout_secs = t;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Asks for a graceful reboot of a running instance.
+    pub async fn reboot_instance(&self, name: &str) -> ApiResult<Instance> {
+        self.update_spec(name, |spec, status| {
+            if spec.power != PowerState::Running || status.phase != InstancePhase::Running {
+                return Err(ApiError::conflict(format!(
+                    "instance {:?} is {}, not running; start it instead",
+                    spec.name, status.phase
+                )));
+            }
+            spec.reboot_generation += 1;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Changes vCPUs and memory; a running instance is restarted by its agent
+    /// (stop, reconfigure, start). Refused when its host cannot fit the new size.
+    pub async fn resize_instance(
+        &self,
+        name: &str,
+        req: ResizeInstanceRequest,
+    ) -> ApiResult<Instance> {
+        let current = self.instance(name).await?;
+        let (itype, mut resources) = match (&req.instance_type, req.vcpus, req.memory_mib) {
+            (None, None, None) => {
+                return Err(ApiError::invalid(
+                    "give a new instance type, or vcpus and/or memory_mib",
+                ));
+            }
+            (Some(t), v, m) => resolve_size(Some(t), v, m, None)?,
+            (None, v, m) => {
+                let r = Resources {
+                    vcpus: v.unwrap_or(current.spec.resources.vcpus),
+                    memory_mib: m.unwrap_or(current.spec.resources.memory_mib),
+                    disk_gib: current.spec.resources.disk_gib,
+                };
+                r.validate_vm()?;
+                (None, r)
+            }
+        };
+        // Disks keep their size: a resize never shrinks or copies a disk.
+        resources.disk_gib = current.spec.resources.disk_gib;
+        let _placing = self.placement.lock().await;
+        let host = current.spec.host.clone();
+        let hosts = self.inventory.hosts().await;
+        let placed = scheduler::place(
+            &hosts,
+            &PlacementRequest {
+                resources,
+                only: Some(host.clone()),
+                replacing: current.spec.resources,
+            },
+            self.config.weigher,
+        );
+        if let Err(e) = placed {
+            return Err(ApiError::insufficient_capacity(format!(
+                "host {host} cannot fit instance {name:?} at {} vCPU / {} MiB: {}",
+                resources.vcpus,
+                resources.memory_mib,
+                e.to_string().trim_start_matches("no host can fit it: ")
+            )));
+        }
+        self.update_spec(name, |spec, _| {
+            spec.resources = resources;
+            spec.instance_type = itype.as_ref().map(|t| t.name.clone());
+            Ok(())
+        })
+        .await
+    }
+
+    /// Marks the instance for deletion; its agent cleans up and removes the
+    /// records. A running instance needs `force`.
+    pub async fn delete_instance(&self, name: &str, force: bool) -> ApiResult<Instance> {
+        let name_v = InstanceName::new(name)?;
+        let key = keys::instance_spec(&name_v);
+        for _ in 0..16 {
+            let Some((mut spec, rev)) = self.store.get_json::<InstanceSpec>(&key).await? else {
+                return Err(ApiError::not_found(format!("instance {name:?} not found")));
+            };
+            let status = self
+                .store
+                .get_json::<InstanceStatus>(&keys::instance_status(&name_v))
+                .await?
+                .map(|(s, _)| s)
+                .unwrap_or_else(InstanceStatus::pending);
+            if spec.deleting {
+                return Ok(Instance { spec, status });
+            }
+            let running = matches!(
+                status.phase,
+                InstancePhase::Running | InstancePhase::Starting | InstancePhase::Stopping
+            ) || (spec.power == PowerState::Running
+                && status.phase == InstancePhase::Pending);
+            if running && !force {
+                return Err(ApiError::conflict(format!(
+                    "instance {name:?} is {}; stop it first or delete with force",
+                    status.phase
+                )));
+            }
+            spec.deleting = true;
+            spec.force_stop = true;
+            spec.generation += 1;
+            let out = self
+                .store
+                .txn(
+                    vec![Compare::ModRevision(key.clone(), rev)],
+                    vec![skyvisor_store::Op::Put {
+                        key: key.clone(),
+                        value: encode(&spec),
+                        lease: None,
+                    }],
+                )
+                .await?;
+            if out.succeeded {
+                self.inventory
+                    .wait_for(out.revision, READ_YOUR_WRITES)
+                    .await;
+                info!(instance = %name, "instance deletion requested");
+                return Ok(Instance { spec, status });
+            }
+        }
+        Err(ApiError::unavailable(format!(
+            "instance {name:?} is changing too fast; retry"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_from_type_with_overrides() {
+        let (t, r) = resolve_size(Some("small"), None, Some(640), None).expect("ok");
+        assert_eq!(t.expect("type").name.as_str(), "small");
+        assert_eq!(r.memory_mib, 640);
+        assert_eq!(r.vcpus, 1);
+    }
+
+    #[test]
+    fn custom_size_needs_cpu_and_memory() {
+        let e = resolve_size(None, Some(1), None, None).expect_err("incomplete");
+        assert!(e.message.contains("nano, micro"), "{e}");
+        let (_, r) = resolve_size(None, Some(2), Some(300), None).expect("custom");
+        assert_eq!((r.vcpus, r.memory_mib), (2, 300));
+    }
+
+    #[test]
+    fn stop_timeout_bounds() {
+        assert!(validate_stop_timeout(0).is_err());
+        assert!(validate_stop_timeout(30).is_ok());
+        assert!(validate_stop_timeout(MAX_STOP_TIMEOUT_SECS + 1).is_err());
+    }
+}

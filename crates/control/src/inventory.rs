@@ -1,0 +1,340 @@
+//! An in-memory view of hosts and instance specs, kept current by watching
+//! the store, so that placement and listing never scan the store.
+//!
+//! The view is a cache: the store stays the only authority. Writers that
+//! need to see their own write wait for the view to reach the write's
+//! revision ([`Inventory::wait_for`]).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use skyvisor_core::keys;
+use skyvisor_core::{
+    Host, HostName, HostState, Instance, InstanceName, InstanceSpec, InstanceStatus, Resources,
+};
+use skyvisor_store::{Revision, Store, StoreError, WatchEvent, decode};
+use tokio::sync::{RwLock, watch};
+use tracing::{debug, warn};
+
+/// What the inventory knows about one host.
+#[derive(Debug, Clone)]
+pub struct HostEntry {
+    /// The agent's registration.
+    pub host: Host,
+    /// Whether its liveness key exists (its lease is held).
+    pub alive: bool,
+    /// Administrative state set through the API, if any.
+    pub admin_state: Option<HostState>,
+    /// Resources promised to the instances bound to it.
+    pub allocated: Resources,
+    /// Number of instances bound to it.
+    pub instances: u32,
+}
+
+impl HostEntry {
+    /// The state to show: unreachable when dead, else the admin state or ready.
+    pub fn state(&self) -> HostState {
+        if !self.alive {
+            HostState::Unreachable
+        } else {
+            self.admin_state.unwrap_or(HostState::Ready)
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    hosts: BTreeMap<HostName, Host>,
+    alive: BTreeSet<HostName>,
+    admin: BTreeMap<HostName, HostState>,
+    instances: BTreeMap<InstanceName, InstanceSpec>,
+    statuses: BTreeMap<InstanceName, InstanceStatus>,
+    used_ips: HashMap<String, HashSet<Ipv4Addr>>,
+    allocated: HashMap<HostName, (Resources, u32)>,
+}
+
+impl State {
+    fn add_instance(&mut self, spec: InstanceSpec) {
+        self.remove_instance(&spec.name);
+        self.used_ips
+            .entry(spec.network.network.clone())
+            .or_default()
+            .insert(spec.network.ip);
+        let entry = self.allocated.entry(spec.host.clone()).or_default();
+        entry.0 = entry.0.plus(spec.resources);
+        entry.1 += 1;
+        self.instances.insert(spec.name.clone(), spec);
+    }
+
+    fn remove_instance(&mut self, name: &InstanceName) {
+        if let Some(old) = self.instances.remove(name) {
+            if let Some(ips) = self.used_ips.get_mut(&old.network.network) {
+                ips.remove(&old.network.ip);
+            }
+            if let Some(entry) = self.allocated.get_mut(&old.host) {
+                entry.0 = entry.0.minus(old.resources);
+                entry.1 = entry.1.saturating_sub(1);
+            }
+        }
+    }
+
+    fn apply(&mut self, event: &WatchEvent) {
+        let key = event.key();
+        let name = keys::name_of(key);
+        match event {
+            WatchEvent::Put(kv) => {
+                if key.starts_with(keys::INSTANCE_SPECS) {
+                    match decode::<InstanceSpec>(kv) {
+                        Ok(spec) => self.add_instance(spec),
+                        Err(e) => warn!(error = %e, "skipping undecodable instance spec"),
+                    }
+                } else if key.starts_with(keys::INSTANCE_STATUSES) {
+                    match (InstanceName::new(name), decode::<InstanceStatus>(kv)) {
+                        (Ok(n), Ok(status)) => {
+                            self.statuses.insert(n, status);
+                        }
+                        _ => warn!(key, "skipping undecodable instance status"),
+                    }
+                } else if key.starts_with(keys::HOSTS_ALIVE) {
+                    if let Ok(h) = HostName::new(name) {
+                        self.alive.insert(h);
+                    }
+                } else if key.starts_with(keys::HOST_STATES) {
+                    match (HostName::new(name), decode::<HostState>(kv)) {
+                        (Ok(h), Ok(s)) => {
+                            self.admin.insert(h, s);
+                        }
+                        _ => warn!(key, "skipping undecodable host state"),
+                    }
+                } else if key.starts_with(keys::HOSTS) {
+                    match decode::<Host>(kv) {
+                        Ok(host) => {
+                            self.hosts.insert(host.name.clone(), host);
+                        }
+                        Err(e) => warn!(error = %e, "skipping undecodable host"),
+                    }
+                }
+            }
+            WatchEvent::Delete { .. } => {
+                let Ok(n) = InstanceName::new(name) else {
+                    return;
+                };
+                if key.starts_with(keys::INSTANCE_SPECS) {
+                    self.remove_instance(&n);
+                    return;
+                }
+                if key.starts_with(keys::INSTANCE_STATUSES) {
+                    self.statuses.remove(&n);
+                    return;
+                }
+                let Ok(h) = HostName::new(name) else { return };
+                if key.starts_with(keys::HOSTS_ALIVE) {
+                    self.alive.remove(&h);
+                } else if key.starts_with(keys::HOST_STATES) {
+                    self.admin.remove(&h);
+                } else if key.starts_with(keys::HOSTS) {
+                    self.hosts.remove(&h);
+                }
+            }
+        }
+    }
+}
+
+/// The prefixes the inventory follows.
+const PREFIXES: [&str; 5] = [
+    keys::INSTANCE_SPECS,
+    keys::INSTANCE_STATUSES,
+    keys::HOSTS,
+    keys::HOSTS_ALIVE,
+    keys::HOST_STATES,
+];
+
+fn followed(key: &str) -> bool {
+    PREFIXES.iter().any(|p| key.starts_with(p))
+}
+
+/// The cached view of hosts and instance specs.
+pub struct Inventory {
+    state: RwLock<State>,
+    /// The lowest revision every followed prefix has caught up to.
+    revision: watch::Sender<Revision>,
+}
+
+impl Inventory {
+    /// Loads the view from `store` and keeps following it in background
+    /// tasks until the returned inventory is dropped.
+    pub async fn start(store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
+        let inv = Arc::new(Self {
+            state: RwLock::new(State::default()),
+            revision: watch::channel(0).0,
+        });
+        let revision = inv.load(store.as_ref()).await?;
+        inv.revision.send_replace(revision);
+        tokio::spawn(follow(Arc::downgrade(&inv), store, revision));
+        Ok(inv)
+    }
+
+    /// Replaces the view with a fresh listing; returns the lowest revision
+    /// the listings were read at (watching from there replays, harmlessly,
+    /// what a later listing already showed).
+    async fn load(&self, store: &dyn Store) -> Result<Revision, StoreError> {
+        let mut fresh = State::default();
+        let mut low = Revision::MAX;
+        for prefix in PREFIXES {
+            let listing = store.list(prefix).await?;
+            for kv in listing.items {
+                fresh.apply(&WatchEvent::Put(kv));
+            }
+            low = low.min(listing.revision);
+        }
+        *self.state.write().await = fresh;
+        Ok(low)
+    }
+
+    /// Waits until the view reflects every write up to `revision`, or the
+    /// timeout passes (then the view is merely a little stale).
+    pub async fn wait_for(&self, revision: Revision, timeout: Duration) {
+        let mut rx = self.revision.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|r| *r >= revision)).await;
+    }
+
+    /// All hosts with their state and allocation.
+    pub async fn hosts(&self) -> Vec<HostEntry> {
+        let st = self.state.read().await;
+        st.hosts.values().map(|h| host_entry(&st, h)).collect()
+    }
+
+    /// One host.
+    pub async fn host(&self, name: &HostName) -> Option<HostEntry> {
+        let st = self.state.read().await;
+        st.hosts.get(name).map(|h| host_entry(&st, h))
+    }
+
+    /// One instance spec.
+    pub async fn instance(&self, name: &InstanceName) -> Option<InstanceSpec> {
+        self.state.read().await.instances.get(name).cloned()
+    }
+
+    /// One instance: spec and status (pending if no agent reported yet).
+    pub async fn instance_full(&self, name: &InstanceName) -> Option<Instance> {
+        let st = self.state.read().await;
+        st.instances.get(name).map(|spec| Instance {
+            spec: spec.clone(),
+            status: st
+                .statuses
+                .get(name)
+                .cloned()
+                .unwrap_or_else(InstanceStatus::pending),
+        })
+    }
+
+    /// All instances, by name.
+    pub async fn instances_full(&self) -> Vec<Instance> {
+        let st = self.state.read().await;
+        st.instances
+            .values()
+            .map(|spec| Instance {
+                spec: spec.clone(),
+                status: st
+                    .statuses
+                    .get(&spec.name)
+                    .cloned()
+                    .unwrap_or_else(InstanceStatus::pending),
+            })
+            .collect()
+    }
+
+    /// All instance specs, by name.
+    pub async fn instances(&self) -> Vec<InstanceSpec> {
+        self.state
+            .read()
+            .await
+            .instances
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Whether `ip` is in use in `network`.
+    pub async fn ip_in_use(&self, network: &str, ip: Ipv4Addr) -> bool {
+        self.state
+            .read()
+            .await
+            .used_ips
+            .get(network)
+            .is_some_and(|s| s.contains(&ip))
+    }
+
+    /// The addresses in use in `network`.
+    pub async fn used_ips(&self, network: &str) -> HashSet<Ipv4Addr> {
+        self.state
+            .read()
+            .await
+            .used_ips
+            .get(network)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+fn host_entry(st: &State, h: &Host) -> HostEntry {
+    let (allocated, instances) = st.allocated.get(&h.name).copied().unwrap_or_default();
+    HostEntry {
+        host: h.clone(),
+        alive: st.alive.contains(&h.name),
+        admin_state: st.admin.get(&h.name).copied(),
+        allocated,
+        instances,
+    }
+}
+
+/// Follows the store: one watch over every key (so events arrive in one
+/// revision order), relisting when the watch breaks or history was compacted.
+async fn follow(inv: std::sync::Weak<Inventory>, store: Arc<dyn Store>, mut revision: Revision) {
+    loop {
+        match store.watch("", revision + 1).await {
+            Ok(mut stream) => loop {
+                let next = tokio::time::timeout(Duration::from_secs(5), stream.next()).await;
+                let Some(inventory) = inv.upgrade() else {
+                    return;
+                };
+                match next {
+                    // Idle: loop to check the inventory is still wanted.
+                    Err(_) => continue,
+                    Ok(Some(Ok(event))) => {
+                        revision = event.revision();
+                        if followed(event.key()) {
+                            inventory.state.write().await.apply(&event);
+                        }
+                        inventory.revision.send_replace(revision);
+                    }
+                    Ok(Some(Err(e))) => {
+                        warn!(error = %e, "inventory watch broke; relisting");
+                        break;
+                    }
+                    Ok(None) => break,
+                }
+            },
+            Err(e) => debug!(error = %e, "inventory watch failed; retrying"),
+        }
+        loop {
+            let Some(inventory) = inv.upgrade() else {
+                return;
+            };
+            match inventory.load(store.as_ref()).await {
+                Ok(r) => {
+                    revision = r;
+                    break;
+                }
+                Err(e) => {
+                    debug!(error = %e, "inventory relist failed; retrying");
+                    drop(inventory);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! Prometheus metrics of the control plane, served at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of a request metric.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// HTTP method.
+    pub method: String,
+    /// Status code.
+    pub status: u16,
+}
+
+/// The control plane's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests served, by method and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Placement latency in seconds.
+    pub placement_seconds: Histogram,
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("skyvisor");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("api_requests", "API requests served", requests.clone());
+        let placement_seconds = Histogram::new(exponential_buckets(0.00001, 2.0, 20));
+        registry.register(
+            "placement_seconds",
+            "Time to choose a host for a VM",
+            placement_seconds.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            placement_seconds,
+        }
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

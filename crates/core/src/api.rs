@@ -1,0 +1,115 @@
+//! Request and response bodies of the REST API (`/v1`), shared by the server
+//! and the CLI.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::instance::RestartPolicy;
+
+/// Body of `POST /v1/instances`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateInstanceRequest {
+    /// Unique name (a DNS label).
+    pub name: String,
+    /// Image to boot.
+    pub image: String,
+    /// Instance type; omit it and give `vcpus` and `memory_mib` for a custom size.
+    #[serde(default)]
+    pub instance_type: Option<String>,
+    /// vCPUs: overrides the type's.
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// Memory in MiB: overrides the type's.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// Root disk in GiB: overrides the type's.
+    #[serde(default)]
+    pub disk_gib: Option<u64>,
+    /// Restart policy; default `on-failure`.
+    #[serde(default)]
+    pub restart_policy: Option<RestartPolicy>,
+    /// Start it at once (default true).
+    #[serde(default)]
+    pub start: Option<bool>,
+    /// Graceful stop timeout in seconds (default 30).
+    #[serde(default)]
+    pub stop_timeout_secs: Option<u32>,
+}
+
+/// Body of `POST /v1/instances/{name}/stop`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StopInstanceRequest {
+    /// Skip the graceful shutdown and power off at once.
+    #[serde(default)]
+    pub force: bool,
+    /// Graceful timeout for this stop, in seconds; default the VM's own.
+    #[serde(default)]
+    pub timeout_secs: Option<u32>,
+}
+
+/// Body of `POST /v1/instances/{name}/resize`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeInstanceRequest {
+    /// New instance type.
+    #[serde(default)]
+    pub instance_type: Option<String>,
+    /// New vCPU count (overrides the type's).
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// New memory in MiB (overrides the type's).
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+}
+
+/// Body of `POST /v1/images/build`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildImageRequest {
+    /// Name of the image to create.
+    pub name: String,
+    /// Recipe to build it with (see `GET /v1/recipes`).
+    pub recipe: String,
+}
+
+/// An error as every non-2xx answer carries it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Machine-readable kind, e.g. `not_found`, `invalid`, `conflict`, `insufficient_capacity`.
+    pub code: String,
+    /// For people: what was wrong and what is allowed.
+    pub message: String,
+    /// The field at fault, if one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// `GET /v1/info`: what this server is.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ServerInfo {
+    /// Skyvisor version.
+    pub version: String,
+    /// Store backend: `embedded` or `etcd`.
+    pub store: String,
+    /// Hosts registered.
+    pub hosts: u32,
+}
+
+/// A slice of a VM's serial console log.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ConsoleLog {
+    /// Byte offset in the log where `text` starts; pass the sum of it and
+    /// the text's length to read on.
+    pub offset: u64,
+    /// The text.
+    pub text: String,
+}

@@ -1,0 +1,144 @@
+//! Guest images: what a VM's root disk and boot files are made from.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::names::ImageName;
+
+/// How an image boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageKind {
+    /// QEMU loads a kernel and initrd directly; the image's disk is the
+    /// VM's data disk.
+    KernelInitrd,
+    /// A bootable disk with its own OS, booted by QEMU's firmware.
+    Disk,
+}
+
+impl fmt::Display for ImageKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::KernelInitrd => "kernel-initrd",
+            Self::Disk => "disk",
+        })
+    }
+}
+
+/// What a file of an image is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FileRole {
+    /// The Linux kernel.
+    Kernel,
+    /// The initial RAM disk.
+    Initrd,
+    /// The base disk that VM root disks overlay.
+    Disk,
+}
+
+/// The format of a disk file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// QEMU copy-on-write.
+    Qcow2,
+    /// A plain image.
+    Raw,
+}
+
+impl DiskFormat {
+    /// QEMU's name for the format.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Qcow2 => "qcow2",
+            Self::Raw => "raw",
+        }
+    }
+}
+
+/// One file of an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ImageFile {
+    /// What it is for.
+    pub role: FileRole,
+    /// Its file name inside the image's directory.
+    pub file_name: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// SHA-256 of the content, hex.
+    pub sha256: String,
+    /// For disks: the format.
+    pub format: Option<DiskFormat>,
+    /// For disks: the virtual size in bytes.
+    pub virtual_size_bytes: Option<u64>,
+}
+
+/// Where an image came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase", tag = "type")]
+pub enum ImageSource {
+    /// Built by a built-in recipe from Debian packages.
+    Recipe {
+        /// The recipe's name.
+        recipe: String,
+        /// The packages it was built from, with versions.
+        packages: Vec<String>,
+    },
+    /// Uploaded by a user.
+    Import,
+}
+
+/// Whether an image can be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageState {
+    /// Being built or uploaded.
+    Building,
+    /// Usable.
+    Ready,
+    /// The build or upload failed; see `message`.
+    Failed,
+}
+
+/// A guest image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Image {
+    /// Unique name.
+    pub name: ImageName,
+    /// How it boots.
+    pub kind: ImageKind,
+    /// One line for people.
+    pub description: String,
+    /// Its files.
+    pub files: Vec<ImageFile>,
+    /// Kernel command line for kernel+initrd images; the agent appends the
+    /// VM's identity and network settings.
+    pub cmdline: Option<String>,
+    /// Whether the guest runs Skyvisor's guest service (port 80), so that
+    /// readiness can be checked.
+    pub guest_service: bool,
+    /// Where it came from.
+    pub source: ImageSource,
+    /// Whether it can be used.
+    pub state: ImageState,
+    /// Why it failed, if it did.
+    pub message: Option<String>,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+}
+
+impl Image {
+    /// The file with `role`, if the image has one.
+    pub fn file(&self, role: FileRole) -> Option<&ImageFile> {
+        self.files.iter().find(|f| f.role == role)
+    }
+
+    /// Total size of the image's files.
+    pub fn size_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size_bytes).sum()
+    }
+}

@@ -1,0 +1,257 @@
+//! Instances (VMs): the desired spec written by the API and the status
+//! reported by the host agent that runs them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::accel::Accel;
+use crate::error::ValidationError;
+use crate::names::{HostName, ImageName, InstanceName, TypeName};
+use crate::network::NetworkAttachment;
+use crate::resources::Resources;
+
+/// The unique, never reused id of an instance.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
+#[serde(transparent)]
+#[schema(value_type = String, format = "uuid")]
+pub struct InstanceId(pub Uuid);
+
+impl InstanceId {
+    /// A new random id.
+    pub fn random() -> Self {
+        Self(Uuid::new_v4())
+    }
+
+    /// The first 8 hex digits, for names with a length limit (tap devices).
+    pub fn short(&self) -> String {
+        self.0.simple().to_string()[..8].to_string()
+    }
+}
+
+impl fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Whether the user wants the VM running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerState {
+    /// The VM should run.
+    Running,
+    /// The VM should be stopped (its disk is kept).
+    Stopped,
+}
+
+/// What the agent does when a VM's QEMU process ends without being asked to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Leave it stopped.
+    Never,
+    /// Restart it when QEMU crashed or was killed, not when the guest shut down.
+    #[default]
+    OnFailure,
+    /// Restart it whenever it ends.
+    Always,
+}
+
+impl FromStr for RestartPolicy {
+    type Err = ValidationError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "never" => Ok(Self::Never),
+            "on-failure" => Ok(Self::OnFailure),
+            "always" => Ok(Self::Always),
+            other => Err(ValidationError::new(
+                "restart policy",
+                format!("unknown policy {other:?}; allowed: never, on-failure, always"),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Never => "never",
+            Self::OnFailure => "on-failure",
+            Self::Always => "always",
+        })
+    }
+}
+
+/// The desired state of an instance, owned by the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct InstanceSpec {
+    /// Unique name.
+    pub name: InstanceName,
+    /// Unique id, never reused; distinguishes a re-created VM of the same name.
+    pub id: InstanceId,
+    /// The image the root disk was made from.
+    pub image: ImageName,
+    /// The instance type, or none for a custom size.
+    pub instance_type: Option<TypeName>,
+    /// What the VM gets.
+    pub resources: Resources,
+    /// Whether it should run.
+    pub power: PowerState,
+    /// What to do when it ends unasked.
+    pub restart_policy: RestartPolicy,
+    /// The host it is bound to.
+    pub host: HostName,
+    /// Its address.
+    pub network: NetworkAttachment,
+    /// Bumped by each reboot request; the agent reboots when its observed
+    /// value is behind.
+    pub reboot_generation: u64,
+    /// How long a graceful stop may take before the VM is forced off.
+    pub stop_timeout_secs: u32,
+    /// Power off at once on the next stop instead of shutting down gracefully.
+    pub force_stop: bool,
+    /// Set once deletion was requested; the agent cleans up and then removes
+    /// the records.
+    pub deleting: bool,
+    /// Bumped on every change to the spec.
+    pub generation: u64,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// The lifecycle phase of an instance, as reported by its agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum InstancePhase {
+    /// Accepted; its agent has not acted on it yet.
+    Pending,
+    /// Its disk and network are being prepared and QEMU started.
+    Starting,
+    /// QEMU runs the guest.
+    Running,
+    /// Shutting down.
+    Stopping,
+    /// Not running; its disk is kept.
+    Stopped,
+    /// Could not be started, or ended and will not be restarted.
+    Failed,
+    /// Being deleted.
+    Deleting,
+}
+
+impl fmt::Display for InstancePhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        f.write_str(&s)
+    }
+}
+
+/// Why a VM's QEMU process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExitReason {
+    /// The agent stopped it because the user asked.
+    Requested,
+    /// The guest powered itself off.
+    GuestShutdown,
+    /// QEMU was killed by a signal it did not ask for.
+    Killed,
+    /// QEMU exited with an error status.
+    Crashed,
+    /// QEMU is gone and how it ended is unknown (it ended while no agent watched).
+    Vanished,
+    /// QEMU could not be started.
+    StartFailed,
+}
+
+impl ExitReason {
+    /// Whether a restart policy of `on-failure` restarts after this.
+    pub fn is_failure(self) -> bool {
+        matches!(self, Self::Killed | Self::Crashed | Self::Vanished)
+    }
+}
+
+/// How and when a VM last ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ExitRecord {
+    /// When the agent saw it end.
+    pub at: DateTime<Utc>,
+    /// Why.
+    pub reason: ExitReason,
+    /// Details: the signal, exit status or QEMU's last error line.
+    pub detail: String,
+}
+
+/// The observed state of an instance, owned by its host agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct InstanceStatus {
+    /// Lifecycle phase.
+    pub phase: InstancePhase,
+    /// The host it runs on.
+    pub host: Option<HostName>,
+    /// QEMU's process id while it runs.
+    pub pid: Option<u32>,
+    /// The accelerator it runs with.
+    pub accel: Option<Accel>,
+    /// Whether the guest's web service answered since the last boot.
+    pub guest_ready: bool,
+    /// How many times the guest was booted.
+    pub boot_count: u64,
+    /// How many times the agent restarted it after it ended unasked.
+    pub restart_count: u64,
+    /// The last time it ended.
+    pub last_exit: Option<ExitRecord>,
+    /// When the current QEMU process was started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When the guest's service first answered after the current start.
+    pub ready_at: Option<DateTime<Utc>>,
+    /// The last error, for people.
+    pub message: Option<String>,
+    /// The spec generation this status reflects.
+    pub observed_generation: u64,
+    /// The reboot generation last carried out.
+    pub observed_reboot_generation: u64,
+    /// When this status was written.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl InstanceStatus {
+    /// The status of a VM no agent has acted on yet.
+    pub fn pending() -> Self {
+        Self {
+            phase: InstancePhase::Pending,
+            host: None,
+            pid: None,
+            accel: None,
+            guest_ready: false,
+            boot_count: 0,
+            restart_count: 0,
+            last_exit: None,
+            started_at: None,
+            ready_at: None,
+            message: None,
+            observed_generation: 0,
+            observed_reboot_generation: 0,
+            updated_at: Utc::now(),
+        }
+    }
+}
+
+/// An instance as the API shows it: spec and status together.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Instance {
+    /// What the user asked for.
+    pub spec: InstanceSpec,
+    /// What the agent reports.
+    pub status: InstanceStatus,
+}

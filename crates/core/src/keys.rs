@@ -1,0 +1,94 @@
+//! The store's key layout. Every key Skyvisor writes is built here, so the
+//! layout can be read in one place.
+//!
+//! Specs (desired state) and statuses (observed state) live under separate
+//! keys so that the API and the agents never race on one record.
+
+use std::net::Ipv4Addr;
+
+use crate::names::{HostName, ImageName, InstanceName};
+
+/// Prefix of all instance specs.
+pub const INSTANCE_SPECS: &str = "instances/spec/";
+/// Prefix of all instance statuses.
+pub const INSTANCE_STATUSES: &str = "instances/status/";
+/// Prefix of all host registrations.
+pub const HOSTS: &str = "hosts/registered/";
+/// Prefix of the lease-bound liveness keys of hosts.
+pub const HOSTS_ALIVE: &str = "hosts/alive/";
+/// Prefix of administrative host states (cordoned, draining...).
+pub const HOST_STATES: &str = "hosts/state/";
+/// Prefix of all images.
+pub const IMAGES: &str = "images/";
+/// Prefix of all networks.
+pub const NETWORKS: &str = "networks/";
+/// The network every VM joins today.
+pub const DEFAULT_NETWORK: &str = "default";
+/// Prefix of all IP address claims.
+pub const IPAM: &str = "ipam/";
+
+/// The spec of instance `name`.
+pub fn instance_spec(name: &InstanceName) -> String {
+    format!("{INSTANCE_SPECS}{name}")
+}
+
+/// The status of instance `name`.
+pub fn instance_status(name: &InstanceName) -> String {
+    format!("{INSTANCE_STATUSES}{name}")
+}
+
+/// The registration of host `name`.
+pub fn host(name: &HostName) -> String {
+    format!("{HOSTS}{name}")
+}
+
+/// The liveness key of host `name`, bound to its agent's lease.
+pub fn host_alive(name: &HostName) -> String {
+    format!("{HOSTS_ALIVE}{name}")
+}
+
+/// The administrative state of host `name`.
+pub fn host_state(name: &HostName) -> String {
+    format!("{HOST_STATES}{name}")
+}
+
+/// Image `name`.
+pub fn image(name: &ImageName) -> String {
+    format!("{IMAGES}{name}")
+}
+
+/// Network `name`.
+pub fn network(name: &str) -> String {
+    format!("{NETWORKS}{name}")
+}
+
+/// Prefix of the address claims of `network`.
+pub fn ipam_prefix(network: &str) -> String {
+    format!("{IPAM}{network}/")
+}
+
+/// The claim of `ip` in `network`.
+pub fn ipam_claim(network: &str, ip: Ipv4Addr) -> String {
+    format!("{IPAM}{network}/{ip}")
+}
+
+/// The last path segment of `key`: the name of the object it holds.
+pub fn name_of(key: &str) -> &str {
+    key.rsplit('/').next().unwrap_or(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_nest_under_their_prefixes() {
+        let n = InstanceName::new("web").expect("name");
+        assert!(instance_spec(&n).starts_with(INSTANCE_SPECS));
+        assert_eq!(name_of(&instance_status(&n)), "web");
+        assert_eq!(
+            ipam_claim("default", Ipv4Addr::new(10, 0, 0, 2)),
+            "ipam/default/10.0.0.2"
+        );
+    }
+}

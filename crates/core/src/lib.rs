@@ -1,0 +1,32 @@
+//! Skyvisor's domain model: typed names and ids, instances, images, hosts,
+//! instance types and the request/response types of the REST API.
+//!
+//! This crate is shared by the server, the host agent and the CLI, so it holds
+//! data and validation only. It must never do I/O, talk to QEMU or the store.
+
+pub mod accel;
+pub mod api;
+pub mod error;
+pub mod host;
+pub mod image;
+pub mod instance;
+pub mod keys;
+pub mod names;
+pub mod network;
+pub mod resources;
+
+pub use accel::{Accel, AccelMode};
+pub use error::ValidationError;
+pub use host::{Capacity, Host, HostState, HostView, Overcommit};
+pub use image::{Image, ImageFile, ImageKind, ImageSource, ImageState};
+pub use instance::{
+    ExitReason, ExitRecord, Instance, InstanceId, InstancePhase, InstanceSpec, InstanceStatus,
+    PowerState, RestartPolicy,
+};
+pub use names::{HostName, ImageName, InstanceName, TypeName};
+pub use network::{Ipv4Net, MacAddr, Network, NetworkAttachment};
+pub use resources::{InstanceType, Resources};
+
+/// The version of Skyvisor this crate was built as; agents of another
+/// version are refused by the server.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,167 @@
+//! Validated names of the things users create and refer to.
+//!
+//! All names follow the rules of a DNS label so that they can be used as
+//! guest hostnames and in store keys without escaping.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ValidationError;
+
+/// Longest name accepted for any object.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// Checks `value` against the DNS-label rules used for every name:
+/// 1 to 63 characters of `a-z`, `0-9` and `-`, starting with a letter and
+/// not ending with `-`.
+pub fn validate_name(field: &str, value: &str) -> Result<(), ValidationError> {
+    let allowed = "1 to 63 characters of lowercase letters, digits and '-', \
+                   starting with a letter and not ending with '-'";
+    let fail = |what: &str| {
+        Err(ValidationError::new(
+            field,
+            format!("{what} (got {value:?}); allowed: {allowed}"),
+        ))
+    };
+    if value.is_empty() {
+        return fail("must not be empty");
+    }
+    if value.len() > MAX_NAME_LEN {
+        return fail("is too long");
+    }
+    if !value.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return fail("must start with a lowercase letter");
+    }
+    if value.ends_with('-') {
+        return fail("must not end with '-'");
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return fail(&format!("contains {bad:?}"));
+    }
+    Ok(())
+}
+
+macro_rules! validated_name {
+    ($(#[$doc:meta])* $ty:ident, $field:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
+        #[serde(transparent)]
+        #[schema(value_type = String)]
+        pub struct $ty(String);
+
+        impl $ty {
+            /// Validates `value` and wraps it.
+            pub fn new(value: impl Into<String>) -> Result<Self, ValidationError> {
+                let value = value.into();
+                validate_name($field, &value)?;
+                Ok(Self(value))
+            }
+
+            /// The name as a string slice.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = ValidationError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::new(s)
+            }
+        }
+
+        impl AsRef<str> for $ty {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                Self::new(s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+validated_name!(
+    /// The unique name of an instance (a VM), chosen by its user.
+    InstanceName,
+    "instance name"
+);
+validated_name!(
+    /// The unique name of a host in the pool.
+    HostName,
+    "host name"
+);
+validated_name!(
+    /// The unique name of a guest image.
+    ImageName,
+    "image name"
+);
+validated_name!(
+    /// The name of an instance type such as `small`.
+    TypeName,
+    "instance type"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn accepts_dns_labels() {
+        for ok in ["a", "web-1", "x9", &"a".repeat(63)] {
+            assert!(InstanceName::new(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_names_with_reason() {
+        let cases = [
+            ("", "must not be empty"),
+            ("1abc", "must start with a lowercase letter"),
+            ("Web", "must start with a lowercase letter"),
+            ("web-", "must not end with '-'"),
+            ("we_b", "contains '_'"),
+            ("we/b", "contains '/'"),
+        ];
+        for (bad, why) in cases {
+            let err = InstanceName::new(bad).expect_err(bad);
+            assert!(err.message.contains(why), "{bad}: {err}");
+            assert_eq!(err.field, "instance name");
+        }
+        assert!(InstanceName::new("a".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn deserialize_validates() {
+        let err = serde_json::from_str::<InstanceName>("\"Bad Name\"").expect_err("invalid");
+        assert!(err.to_string().contains("invalid instance name"));
+        let ok: InstanceName = serde_json::from_str("\"good\"").expect("valid");
+        assert_eq!(ok.as_str(), "good");
+    }
+
+    proptest! {
+        #[test]
+        fn valid_names_never_contain_separators(s in "\\PC{0,80}") {
+            if let Ok(n) = InstanceName::new(s.clone()) {
+                prop_assert!(!n.as_str().contains('/'));
+                prop_assert!(n.as_str().len() <= MAX_NAME_LEN);
+            }
+        }
+    }
+}

@@ -1,0 +1,102 @@
+#!/bin/sh
+# Skyvisor default guest: /init, PID 1 of the initramfs.
+#
+# Sets the system up from the kernel command line (sv.name, sv.id, sv.ip, sv.gw,
+# sv.dns, sv.probe), then runs skyvisor-guest in a loop, restarting it if it dies.
+# This shell stays PID 1 for the life of the VM: it must never exit (the kernel
+# would panic), and while it waits for the service it also reaps orphaned
+# processes (busybox ash waits with waitpid(-1)). Poweroff and reboot are done by
+# skyvisor-guest itself (sync, unmount /data, reboot(2)).
+
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+umask 022
+set -f # no globbing when splitting the command line
+
+log() { echo "skyvisor-init: $*"; }
+
+mount -t proc -o nosuid,nodev,noexec proc /proc
+mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
+mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o nosuid,noexec,gid=5,mode=620 devpts /dev/pts
+mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run
+mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /tmp
+
+cmdline=$(cat /proc/cmdline)
+arg() {
+    for w in $cmdline; do
+        case "$w" in "$1="*) echo "${w#*=}"; return 0 ;; esac
+    done
+    return 1
+}
+
+# Accelerator probe: the host only wants to know that the guest boots.
+if [ "$(arg sv.probe)" = 1 ]; then
+    /usr/bin/skyvisor-guest probe
+    # Only reached if the binary cannot run.
+    printf '\nSKYVISOR-PROBE-OK\n'
+    poweroff -f
+fi
+
+while read -r module; do
+    [ -n "$module" ] || continue
+    insmod "$module" || log "insmod $module failed"
+done </etc/skyvisor/modules
+
+# Device nodes appear as the drivers probe; give them a moment.
+wait_for() {
+    i=0
+    while [ ! -e "$1" ] && [ $i -lt 20 ]; do
+        usleep 100000
+        i=$((i + 1))
+    done
+    [ -e "$1" ]
+}
+
+name=$(arg sv.name)
+ip=$(arg sv.ip)
+gw=$(arg sv.gw)
+dns=$(arg sv.dns)
+mtu=$(arg sv.mtu)
+
+hostname "${name:-skyvisor-guest}" 2>/dev/null || hostname skyvisor-guest
+[ -n "$dns" ] && echo "nameserver $dns" >/etc/resolv.conf
+
+ip link set lo up
+if wait_for /sys/class/net/eth0; then
+    [ -n "$mtu" ] && { ip link set eth0 mtu "$mtu" || log "cannot set mtu $mtu on eth0"; }
+    ip link set eth0 up
+    if [ -n "$ip" ]; then
+        ip addr add "$ip" dev eth0 || log "cannot set address $ip on eth0"
+        if [ -n "$gw" ]; then
+            ip route add default via "$gw" dev eth0 || log "cannot add default route via $gw"
+        fi
+        # Let neighbours and switches learn where this address lives now.
+        arping -U -c 1 -I eth0 "${ip%/*}" >/dev/null 2>&1 &
+    fi
+else
+    log "no eth0"
+fi
+
+mkdir -p /data
+if [ -b /dev/vda ] || wait_for /dev/vda; then
+    # Format only a blank disk: never overwrite data we merely failed to mount.
+    if [ "$(dd if=/dev/vda bs=65536 count=1 2>/dev/null | tr -d '\000' | wc -c)" = 0 ]; then
+        log "/dev/vda is blank: formatting it"
+        mke2fs -F -L skyvisor-data /dev/vda >/dev/null || log "formatting /dev/vda failed"
+    fi
+    if mount -t ext4 -o noatime /dev/vda /data; then
+        log "mounted /dev/vda on /data"
+    else
+        log "ERROR: cannot mount /dev/vda on /data; the disk endpoints will answer 503"
+    fi
+else
+    log "no /dev/vda: /data is not persistent"
+fi
+
+log "starting skyvisor-guest name=${name:--} ip=${ip:--}"
+while :; do
+    /usr/bin/skyvisor-guest serve
+    log "skyvisor-guest exited with status $?; restarting in 1s"
+    sleep 1
+done

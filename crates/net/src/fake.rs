@@ -1,0 +1,109 @@
+//! An in-memory [`HostNetwork`] for tests and simulated hosts.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use crate::{BridgeConfig, HostNetwork, NetError, OverlayConfig, validate_ifname};
+
+/// Records bridges, taps and overlays instead of creating them.
+#[derive(Debug, Default)]
+pub struct FakeNetwork {
+    state: Mutex<FakeState>,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    bridges: BTreeMap<String, BridgeConfig>,
+    taps: BTreeSet<String>,
+    overlays: BTreeMap<String, OverlayConfig>,
+}
+
+impl FakeNetwork {
+    /// An empty fake network.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The bridges created so far.
+    pub fn bridges(&self) -> Vec<BridgeConfig> {
+        self.lock().bridges.values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        // A panic while holding the lock leaves plain data behind; keep going.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl HostNetwork for FakeNetwork {
+    async fn ensure_bridge(&self, bridge: &BridgeConfig) -> Result<(), NetError> {
+        validate_ifname(&bridge.name)?;
+        self.lock()
+            .bridges
+            .insert(bridge.name.clone(), bridge.clone());
+        Ok(())
+    }
+
+    async fn ensure_tap(&self, name: &str, bridge: &str) -> Result<(), NetError> {
+        validate_ifname(name)?;
+        let mut s = self.lock();
+        if !s.bridges.contains_key(bridge) {
+            return Err(NetError::Command {
+                command: format!("ip link set {name} master {bridge}"),
+                stderr: format!("Cannot find device \"{bridge}\""),
+            });
+        }
+        s.taps.insert(name.to_string());
+        Ok(())
+    }
+
+    async fn delete_tap(&self, name: &str) -> Result<(), NetError> {
+        self.lock().taps.remove(name);
+        Ok(())
+    }
+
+    async fn list_taps(&self, prefix: &str) -> Result<Vec<String>, NetError> {
+        Ok(self
+            .lock()
+            .taps
+            .iter()
+            .filter(|t| t.starts_with(prefix))
+            .cloned()
+            .collect())
+    }
+
+    async fn ensure_overlay(&self, _bridge: &str, overlay: &OverlayConfig) -> Result<(), NetError> {
+        validate_ifname(&overlay.name)?;
+        self.lock()
+            .overlays
+            .insert(overlay.name.clone(), overlay.clone());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn taps_need_their_bridge() {
+        let net = FakeNetwork::new();
+        assert!(net.ensure_tap("svt1", "br0").await.is_err());
+        net.ensure_bridge(&BridgeConfig {
+            name: "br0".into(),
+            subnet: "10.0.0.0/24".parse().expect("subnet"),
+            nat: true,
+        })
+        .await
+        .expect("bridge");
+        net.ensure_tap("svt1", "br0").await.expect("tap");
+        net.ensure_tap("svt1", "br0").await.expect("idempotent");
+        assert_eq!(net.list_taps("svt").await.expect("list"), vec!["svt1"]);
+        net.delete_tap("svt1").await.expect("delete");
+        net.delete_tap("svt1").await.expect("delete is idempotent");
+        assert!(net.list_taps("svt").await.expect("list").is_empty());
+    }
+}

@@ -1,0 +1,136 @@
+//! Host networking for VMs: one Linux bridge per host with the VM subnet's
+//! gateway address and NAT to the outside, one tap per VM on that bridge,
+//! and (for clusters) a VXLAN overlay joining the bridges of all hosts.
+//!
+//! Everything goes through the narrow [`HostNetwork`] trait: [`LinuxNetwork`]
+//! drives iproute2 and nftables, [`FakeNetwork`] keeps state in memory for
+//! tests. This crate never decides addresses; allocation is the control
+//! plane's job.
+
+mod fake;
+mod linux;
+
+use std::net::Ipv4Addr;
+
+use async_trait::async_trait;
+use skyvisor_core::{InstanceId, Ipv4Net};
+use thiserror::Error;
+
+pub use fake::FakeNetwork;
+pub use linux::LinuxNetwork;
+
+/// Longest Linux interface name.
+pub const IFNAME_MAX: usize = 15;
+
+/// What went wrong configuring the host's network.
+#[derive(Debug, Error)]
+pub enum NetError {
+    /// A command (`ip`, `nft`, `sysctl`) failed.
+    #[error("`{command}` failed: {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// A needed tool is not installed.
+    #[error("`{tool}` is not installed (install the iproute2 and nftables packages)")]
+    ToolMissing {
+        /// The missing tool.
+        tool: String,
+    },
+    /// An interface name is not usable.
+    #[error("invalid interface name {name:?}: {reason}")]
+    InvalidName {
+        /// The name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The host bridge VMs attach to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeConfig {
+    /// Bridge device name, e.g. `svbr0`.
+    pub name: String,
+    /// The VM subnet; the bridge gets its gateway address.
+    pub subnet: Ipv4Net,
+    /// Masquerade VM traffic leaving the subnet.
+    pub nat: bool,
+}
+
+/// A VXLAN tunnel joining this host's bridge to other hosts' bridges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayConfig {
+    /// VXLAN device name, e.g. `svvx0`.
+    pub name: String,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    /// This host's underlay address.
+    pub local: Ipv4Addr,
+    /// UDP port (4789 is the IANA default).
+    pub port: u16,
+    /// The other hosts' underlay addresses (head-end replication).
+    pub peers: Vec<Ipv4Addr>,
+}
+
+/// The host's networking, as the agent needs it.
+#[async_trait]
+pub trait HostNetwork: Send + Sync {
+    /// Creates (or checks) the bridge with its gateway address, IP forwarding
+    /// and NAT. Idempotent.
+    async fn ensure_bridge(&self, bridge: &BridgeConfig) -> Result<(), NetError>;
+
+    /// Creates (or re-uses) tap `name` enslaved to `bridge`, up. Idempotent.
+    async fn ensure_tap(&self, name: &str, bridge: &str) -> Result<(), NetError>;
+
+    /// Deletes tap `name`; no error if it does not exist.
+    async fn delete_tap(&self, name: &str) -> Result<(), NetError>;
+
+    /// The names of existing taps that start with `prefix`.
+    async fn list_taps(&self, prefix: &str) -> Result<Vec<String>, NetError>;
+
+    /// Creates or updates the VXLAN overlay on `bridge`. Idempotent.
+    async fn ensure_overlay(&self, bridge: &str, overlay: &OverlayConfig) -> Result<(), NetError>;
+}
+
+/// The tap device name of an instance: `svt` + the id's first 8 hex digits,
+/// well inside Linux's 15-character limit.
+pub fn tap_name(id: &InstanceId) -> String {
+    format!("svt{}", id.short())
+}
+
+/// Checks that `name` can be a Linux interface name.
+pub fn validate_ifname(name: &str) -> Result<(), NetError> {
+    let invalid = |reason: &str| NetError::InvalidName {
+        name: name.to_string(),
+        reason: reason.to_string(),
+    };
+    if name.is_empty() || name.len() > IFNAME_MAX {
+        return Err(invalid("must be 1 to 15 characters"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(invalid(
+            "allowed characters: letters, digits, '-', '_', '.'",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_names_fit_linux_limit() {
+        let name = tap_name(&InstanceId::random());
+        assert!(name.len() <= IFNAME_MAX);
+        validate_ifname(&name).expect("valid");
+        assert!(validate_ifname("this-name-is-far-too-long").is_err());
+        assert!(validate_ifname("bad name").is_err());
+    }
+}

@@ -1,0 +1,105 @@
+//! `skyvisor`: the one binary. `up` runs an all-in-one host (API, agent,
+//! embedded store); every other command is a client of the REST API.
+
+mod config;
+mod up;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use skyvisor_cli::{ClientCommand, OutputFormat};
+use skyvisor_core::{AccelMode, Ipv4Net};
+
+/// Skyvisor: a private cloud of VMs on a pool of Linux hosts.
+#[derive(Debug, Parser)]
+#[command(name = "skyvisor", version, propagate_version = true)]
+struct Cli {
+    /// The API to talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "SKYVISOR_URL",
+        default_value = "http://127.0.0.1:7780"
+    )]
+    url: String,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run an all-in-one host: API, host agent and an embedded store.
+    Up(UpArgs),
+    #[command(flatten)]
+    Client(ClientCommand),
+}
+
+/// Options of `skyvisor up`; each overrides the config file.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// A TOML config file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Where state, images and VM disks live.
+    #[arg(long, env = "SKYVISOR_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Cache of downloaded packages and built images.
+    #[arg(long, env = "SKYVISOR_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// API listen address.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Accelerator: auto (KVM if it really boots a guest), kvm, tcg.
+    #[arg(long)]
+    accel: Option<AccelMode>,
+    /// This host's name.
+    #[arg(long)]
+    host_name: Option<String>,
+    /// The VM bridge's name.
+    #[arg(long)]
+    bridge: Option<String>,
+    /// The VM subnet.
+    #[arg(long)]
+    subnet: Option<Ipv4Net>,
+    /// The QEMU binary.
+    #[arg(long)]
+    qemu: Option<PathBuf>,
+    /// Don't build the default image at start.
+    #[arg(long)]
+    no_default_image: bool,
+    /// Log format.
+    #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Up(args) => up::run(args).await,
+            Command::Client(cmd) => skyvisor_cli::run(&cli.url, cli.output, cmd).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! A VM's life: create, serve, keep disk state across stop/start, resize,
+//! reboot, delete without a trace.
+
+use std::time::Duration;
+
+use crate::harness::{Cloud, alive, guest_call, guest_json, wait_until};
+
+#[test]
+fn create_serves_page_and_keeps_disk_across_stop_start() {
+    let cloud = Cloud::start();
+    let ip = cloud.create_vm("web", &["--type", "micro"]);
+
+    // The guest's page names it.
+    let id = guest_json(ip, "/identity");
+    assert_eq!(id["name"], "web");
+    let inst = cloud.instance("web");
+    assert_eq!(id["id"], inst["spec"]["id"]);
+    assert_eq!(inst["status"]["phase"], "running");
+    assert_eq!(inst["status"]["guest_ready"], true);
+    assert_eq!(inst["status"]["accel"], "tcg");
+    let (status, page) = crate::harness::http(
+        "GET",
+        &format!("http://{ip}/"),
+        None,
+        Duration::from_secs(10),
+    )
+    .expect("page");
+    assert_eq!(status, 200);
+    assert!(page.contains("web"), "{page}");
+
+    // The host can reach the service; the list shows it.
+    let list = cloud.sv_ok(&["vm", "list"]);
+    assert!(
+        list.contains("web") && list.contains(&ip.to_string()),
+        "{list}"
+    );
+
+    // State on the VM's disk survives stop/start.
+    for want in 1..=3 {
+        let v = guest_call(ip, "POST", "/counter/increment", None);
+        assert_eq!(v["value"], want);
+    }
+    let boot_before = guest_json(ip, "/identity")["boot_id"].clone();
+    let stopped = cloud.sv_json(&["vm", "stop", "web"]);
+    assert_eq!(stopped["status"]["phase"], "stopped");
+    assert_eq!(
+        stopped["status"]["last_exit"]["detail"], "shut down gracefully",
+        "{stopped}"
+    );
+    assert!(cloud.qemu_pids().is_empty(), "QEMU still runs after stop");
+    cloud.sv_ok(&["vm", "start", "web", "--wait"]);
+    let after = guest_json(ip, "/counter");
+    assert_eq!(after["value"], 3, "the counter on disk was lost");
+    assert_ne!(
+        guest_json(ip, "/identity")["boot_id"],
+        boot_before,
+        "no new boot"
+    );
+    let shown = cloud.instance("web");
+    assert_eq!(shown["status"]["boot_count"], 2);
+}
+
+#[test]
+fn reboot_resize_and_delete_leaves_no_trace() {
+    let cloud = Cloud::start();
+    let ip = cloud.create_vm("app", &["--type", "nano"]);
+    let pid = cloud.instance("app")["status"]["pid"]
+        .as_u64()
+        .expect("pid") as u32;
+    let mem_before = guest_json(ip, "/identity")["memory_kib"]
+        .as_u64()
+        .expect("memory_kib");
+    assert!(
+        mem_before < 128 * 1024,
+        "nano should have < 128 MiB: {mem_before}"
+    );
+
+    // Reboot: a new boot in the same QEMU process, the disk kept.
+    guest_call(ip, "POST", "/counter/increment", None);
+    let boot1 = guest_json(ip, "/identity")["boot_id"].clone();
+    cloud.sv_ok(&["vm", "reboot", "app", "--wait"]);
+    let boot2 = guest_json(ip, "/identity")["boot_id"].clone();
+    assert_ne!(boot1, boot2, "reboot did not boot again");
+    assert_eq!(
+        cloud.instance("app")["status"]["pid"].as_u64(),
+        Some(u64::from(pid))
+    );
+    assert_eq!(guest_json(ip, "/counter")["value"], 1);
+
+    // Resize up while running: restarted with more memory, disk kept.
+    let resized = cloud.sv_json(&["vm", "resize", "app", "--type", "micro", "--wait"]);
+    assert_eq!(resized["spec"]["resources"]["memory_mib"], 256);
+    let mem_after = guest_json(ip, "/identity")["memory_kib"]
+        .as_u64()
+        .expect("memory_kib");
+    assert!(
+        mem_after > mem_before + 100 * 1024,
+        "memory {mem_before} -> {mem_after}"
+    );
+    assert_eq!(guest_json(ip, "/counter")["value"], 1);
+    assert_eq!(cloud.instance("app")["spec"]["instance_type"], "micro");
+
+    // Delete: record, disk, tap, process and address all gone.
+    let inst = cloud.instance("app");
+    let id = inst["spec"]["id"].as_str().expect("id").replace('-', "");
+    let new_pid = inst["status"]["pid"].as_u64().expect("pid") as u32;
+    let tap = format!("svt{}", &id[..8]);
+    assert!(std::path::Path::new(&format!("/sys/class/net/{tap}")).exists());
+    let err = cloud.sv_err(&["vm", "delete", "app"]);
+    assert!(err.contains("stop it first"), "{err}");
+    cloud.sv_ok(&["vm", "delete", "app", "--force"]);
+    let (status, body) = cloud.api("GET", "/v1/instances/app", None);
+    assert_eq!(status, 404, "{body}");
+    assert!(!alive(new_pid), "QEMU survived delete");
+    assert!(
+        !std::path::Path::new(&format!("/sys/class/net/{tap}")).exists(),
+        "tap left"
+    );
+    assert!(
+        !cloud.data_dir.join("agent/vms").join(&id).exists(),
+        "VM files left"
+    );
+    let host = cloud.sv_json(&["host", "show"]);
+    assert_eq!(host["instances"], 0);
+    assert_eq!(host["allocated"]["memory_mib"], 0);
+    // The address is free again: the next VM gets it.
+    let again = cloud.sv_json(&["vm", "create", "app2", "--type", "nano", "--no-start"]);
+    assert_eq!(crate::harness::ip_of(&again), ip);
+    wait_until("app2 stopped", Duration::from_secs(30), || {
+        (cloud.instance("app2")["status"]["phase"] == "stopped").then_some(())
+    });
+}

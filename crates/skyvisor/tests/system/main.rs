@@ -1,0 +1,7 @@
+//! Whole-system tests: a real `skyvisor up`, real QEMU guests under TCG,
+//! real HTTP to the guests' web services.
+
+mod bad_input;
+mod harness;
+mod lifecycle;
+mod resilience;

@@ -1,0 +1,290 @@
+//! Links from a primary to replicas: [`Link`] is either the in-process
+//! replica of the primary's own node or a pipelined TCP connection to a
+//! replica server ([`RemoteReplica`]).
+//!
+//! Every call has a deadline. When a remote call times out or the
+//! connection breaks, the whole connection is closed and every call in
+//! flight on it fails at once, so a dead replica costs one timeout, not one
+//! per request. A link is never reused after it broke.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::BufReader;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::ids::{NodeId, VolumeId};
+use crate::replica::{Replica, ReplicaStore};
+use crate::server::{read_frame, write_frames};
+use crate::wire::{self, Request, RequestFrame, Response, WireError};
+
+/// Why a call to a replica failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LinkError {
+    /// The replica could not be reached or did not answer in time.
+    #[error("replica {node} unreachable: {message}")]
+    Transport {
+        /// The replica's node.
+        node: NodeId,
+        /// What happened.
+        message: String,
+    },
+    /// The replica answered with an error.
+    #[error("replica {node} refused: {error}")]
+    Replica {
+        /// The replica's node.
+        node: NodeId,
+        /// The error.
+        error: WireError,
+    },
+}
+
+impl LinkError {
+    /// The replica says our epoch is behind: someone newer owns the volume.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, LinkError::Replica { error: WireError::StaleEpoch { request, current }, .. } if current > request)
+    }
+}
+
+type Pending =
+    Arc<std::sync::Mutex<Option<HashMap<u64, oneshot::Sender<Result<Response, WireError>>>>>>;
+
+/// A pipelined connection to a remote replica server.
+#[derive(Debug)]
+pub struct RemoteReplica {
+    node: NodeId,
+    tx: mpsc::Sender<(Bytes, Option<Bytes>)>,
+    pending: Pending,
+    next_id: AtomicU64,
+    broken: Arc<AtomicBool>,
+    reader: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RemoteReplica {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.writer.abort();
+    }
+}
+
+impl RemoteReplica {
+    /// Connects to `addr` and checks it is `node`'s server.
+    pub async fn connect(
+        node: &NodeId,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<Arc<Self>, LinkError> {
+        let err = |m: String| LinkError::Transport {
+            node: node.clone(),
+            message: m,
+        };
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| err("connect timed out".into()))?
+            .map_err(|e| err(format!("connect {addr}: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let addr_shown: SocketAddr = stream.peer_addr().map_err(|e| err(e.to_string()))?;
+        let (r, w) = stream.into_split();
+        let (tx, rx) = mpsc::channel(512);
+        let pending: Pending = Arc::new(std::sync::Mutex::new(Some(HashMap::new())));
+        let broken = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let broken = broken.clone();
+            tokio::spawn(async move {
+                let _ = write_frames(w, rx).await;
+                broken.store(true, Ordering::Release);
+            })
+        };
+        let reader = {
+            let (pending, broken) = (pending.clone(), broken.clone());
+            tokio::spawn(async move {
+                let mut r = BufReader::with_capacity(256 * 1024, r);
+                loop {
+                    let body = match read_frame(&mut r).await {
+                        Ok(Some(b)) => b,
+                        _ => break,
+                    };
+                    let Ok((id, result)) = wire::decode_response(body) else {
+                        break;
+                    };
+                    let waiter = pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_mut()
+                        .and_then(|m| m.remove(&id));
+                    if let Some(w) = waiter {
+                        let _ = w.send(result);
+                    }
+                }
+                broken.store(true, Ordering::Release);
+                // Dropping the senders fails every call in flight.
+                pending.lock().unwrap_or_else(|p| p.into_inner()).take();
+            })
+        };
+        tracing::debug!(node = %node, addr = %addr_shown, "connected to replica");
+        Ok(Arc::new(Self {
+            node: node.clone(),
+            tx,
+            pending,
+            next_id: AtomicU64::new(1),
+            broken,
+            reader,
+            writer,
+        }))
+    }
+
+    /// Whether the connection is known to be broken.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    /// Closes the connection; calls in flight fail.
+    pub fn close(&self) {
+        self.broken.store(true, Ordering::Release);
+        self.reader.abort();
+        self.writer.abort();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+
+    async fn call(
+        &self,
+        volume: &VolumeId,
+        epoch: u64,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<Response, LinkError> {
+        let err = |m: &str| LinkError::Transport {
+            node: self.node.clone(),
+            message: m.to_owned(),
+        };
+        if self.is_broken() {
+            return Err(err("connection closed"));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            match p.as_mut() {
+                Some(m) => {
+                    m.insert(id, tx);
+                }
+                None => return Err(err("connection closed")),
+            }
+        }
+        let frame = RequestFrame {
+            id,
+            epoch,
+            volume: volume.clone(),
+            request,
+        };
+        let r = tokio::time::timeout(timeout, async {
+            self.tx
+                .send(frame.encode())
+                .await
+                .map_err(|_| err("connection closed"))?;
+            rx.await.map_err(|_| err("connection closed"))
+        })
+        .await;
+        match r {
+            Ok(Ok(Ok(resp))) => Ok(resp),
+            Ok(Ok(Err(error))) => Err(LinkError::Replica {
+                node: self.node.clone(),
+                error,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                // One timeout condemns the connection (see module doc).
+                self.close();
+                Err(err("request timed out"))
+            }
+        }
+    }
+}
+
+/// A link to one replica of a volume.
+#[derive(Debug, Clone)]
+pub enum Link {
+    /// The replica on the primary's own node, called in process.
+    Local {
+        /// The node.
+        node: NodeId,
+        /// The store holding it.
+        store: Arc<ReplicaStore>,
+    },
+    /// A replica on another node.
+    Remote(Arc<RemoteReplica>),
+}
+
+impl Link {
+    /// The replica's node.
+    pub fn node(&self) -> &NodeId {
+        match self {
+            Link::Local { node, .. } => node,
+            Link::Remote(r) => &r.node,
+        }
+    }
+
+    /// Whether the link can no longer be used.
+    pub fn is_broken(&self) -> bool {
+        match self {
+            Link::Local { .. } => false,
+            Link::Remote(r) => r.is_broken(),
+        }
+    }
+
+    /// Closes the link.
+    pub fn close(&self) {
+        if let Link::Remote(r) = self {
+            r.close();
+        }
+    }
+
+    /// The in-process replica, if local and present.
+    pub fn local_replica(&self, volume: &VolumeId) -> Option<Arc<Replica>> {
+        match self {
+            Link::Local { store, .. } => store.get(volume),
+            Link::Remote(_) => None,
+        }
+    }
+
+    /// Calls the replica with a deadline.
+    pub async fn call(
+        &self,
+        volume: &VolumeId,
+        epoch: u64,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<Response, LinkError> {
+        match self {
+            Link::Local { node, store } => {
+                let frame = RequestFrame {
+                    id: 0,
+                    epoch,
+                    volume: volume.clone(),
+                    request,
+                };
+                match tokio::time::timeout(timeout, store.handle(frame)).await {
+                    Ok(Ok(r)) => Ok(r),
+                    Ok(Err(error)) => Err(LinkError::Replica {
+                        node: node.clone(),
+                        error,
+                    }),
+                    Err(_) => Err(LinkError::Transport {
+                        node: node.clone(),
+                        message: "local replica timed out".into(),
+                    }),
+                }
+            }
+            Link::Remote(r) => r.call(volume, epoch, request, timeout).await,
+        }
+    }
+}

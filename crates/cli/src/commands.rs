@@ -419,6 +419,7 @@ async fn wait_for(
     timeout: Duration,
     quiet: bool,
     min_boots: u64,
+    min_generation: u64,
 ) -> Result<Option<Instance>> {
     let mut progress = Progress::new(quiet);
     let path = format!("/v1/instances/{name}");
@@ -446,7 +447,11 @@ async fn wait_for(
             progress.finish();
             return Ok(Some(inst));
         }
-        if goal != Goal::Deleted && s.phase == InstancePhase::Failed {
+        // A failure counts only once the agent has seen this request.
+        if goal != Goal::Deleted
+            && s.phase == InstancePhase::Failed
+            && s.observed_generation >= min_generation
+        {
             progress.finish();
             bail!(
                 "VM {name} failed: {}",
@@ -506,6 +511,7 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                     Duration::from_secs(a.timeout),
                     quiet,
                     1,
+                    inst.spec.generation,
                 )
                 .await?
                 {
@@ -555,6 +561,7 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                     Duration::from_secs(timeout),
                     quiet,
                     need,
+                    inst.spec.generation,
                 )
                 .await?
                 {
@@ -585,6 +592,7 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                     Duration::from_secs(limit),
                     quiet,
                     0,
+                    inst.spec.generation,
                 )
                 .await?
                 {
@@ -609,6 +617,7 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                     Duration::from_secs(300),
                     quiet,
                     need,
+                    inst.spec.generation,
                 )
                 .await?
                 {
@@ -642,6 +651,7 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                     Duration::from_secs(300),
                     quiet,
                     need,
+                    inst.spec.generation,
                 )
                 .await?
                 {
@@ -669,6 +679,7 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                     Goal::Deleted,
                     Duration::from_secs(120),
                     quiet,
+                    0,
                     0,
                 )
                 .await?;

@@ -155,7 +155,7 @@ impl ControlPlane {
             .await?
         {
             return Err(ApiError::already_exists(format!(
-                "image {name:?} already exists"
+                "image \"{name}\" already exists"
             )));
         }
         let cp = self.clone();
@@ -333,7 +333,7 @@ impl ControlPlane {
         let image = self.image(&name).await?;
         if image.state == ImageState::Building {
             return Err(ApiError::conflict(format!(
-                "image {name:?} is still being built"
+                "image \"{name}\" is still being built"
             )));
         }
         let users: Vec<String> = self
@@ -346,7 +346,7 @@ impl ControlPlane {
             .collect();
         if !users.is_empty() {
             return Err(ApiError::conflict(format!(
-                "image {name:?} is used by instances {}; delete them first",
+                "image \"{name}\" is used by instances {}; delete them first",
                 users.join(", ")
             )));
         }
@@ -365,11 +365,11 @@ impl ControlPlane {
         let name = ImageName::new(name)?;
         let image = self.image(&name).await?;
         if image.state != ImageState::Ready {
-            return Err(ApiError::conflict(format!("image {name:?} is not ready")));
+            return Err(ApiError::conflict(format!("image \"{name}\" is not ready")));
         }
         if !image.files.iter().any(|f| f.file_name == file_name) {
             return Err(ApiError::not_found(format!(
-                "image {name:?} has no file {file_name:?}"
+                "image \"{name}\" has no file {file_name:?}"
             )));
         }
         Ok(self.image_dir(name.as_str()).join(file_name))

@@ -83,7 +83,7 @@ impl ControlPlane {
                 let (all, _) = self.store.list_json::<Image>(keys::IMAGES).await?;
                 let names: Vec<String> = all.iter().map(|(i, _)| i.name.to_string()).collect();
                 Err(ApiError::not_found(format!(
-                    "image {name:?} not found; images: {}",
+                    "image \"{name}\" not found; images: {}",
                     if names.is_empty() {
                         "none".to_string()
                     } else {
@@ -112,12 +112,12 @@ impl ControlPlane {
             ImageState::Ready => {}
             ImageState::Building => {
                 return Err(ApiError::conflict(format!(
-                    "image {image_name:?} is still being built; wait until `skyvisor image show {image_name}` says ready"
+                    "image \"{image_name}\" is still being built; wait until `skyvisor image show {image_name}` says ready"
                 )));
             }
             ImageState::Failed => {
                 return Err(ApiError::conflict(format!(
-                    "image {image_name:?} failed to build: {}",
+                    "image \"{image_name}\" failed to build: {}",
                     image.message.unwrap_or_default()
                 )));
             }
@@ -139,7 +139,7 @@ impl ControlPlane {
         let _placing = self.placement.lock().await;
         if self.inventory.instance(&name).await.is_some() {
             return Err(ApiError::already_exists(format!(
-                "instance {name:?} already exists"
+                "instance \"{name}\" already exists"
             )));
         }
         let started = Instant::now();
@@ -222,7 +222,7 @@ impl ControlPlane {
             }
             if self.store.get(&spec_key).await?.is_some() {
                 return Err(ApiError::already_exists(format!(
-                    "instance {name:?} already exists"
+                    "instance \"{name}\" already exists"
                 )));
             }
             raced.insert(ip);
@@ -238,7 +238,7 @@ impl ControlPlane {
         self.inventory
             .instance_full(&name)
             .await
-            .ok_or_else(|| ApiError::not_found(format!("instance {name:?} not found")))
+            .ok_or_else(|| ApiError::not_found(format!("instance \"{name}\" not found")))
     }
 
     /// All instances.
@@ -257,11 +257,13 @@ impl ControlPlane {
         let key = keys::instance_spec(&name);
         for _ in 0..16 {
             let Some((mut spec, rev)) = self.store.get_json::<InstanceSpec>(&key).await? else {
-                return Err(ApiError::not_found(format!("instance {name:?} not found")));
+                return Err(ApiError::not_found(format!(
+                    "instance \"{name}\" not found"
+                )));
             };
             if spec.deleting {
                 return Err(ApiError::conflict(format!(
-                    "instance {name:?} is being deleted"
+                    "instance \"{name}\" is being deleted"
                 )));
             }
             let status = self
@@ -287,7 +289,7 @@ impl ControlPlane {
             }
         }
         Err(ApiError::unavailable(format!(
-            "instance {name:?} is changing too fast; retry"
+            "instance \"{name}\" is changing too fast; retry"
         )))
     }
 
@@ -320,7 +322,7 @@ impl ControlPlane {
         self.update_spec(name, |spec, status| {
             if spec.power != PowerState::Running || status.phase != InstancePhase::Running {
                 return Err(ApiError::conflict(format!(
-                    "instance {:?} is {}, not running; start it instead",
+                    "instance \"{}\" is {}, not running; start it instead",
                     spec.name, status.phase
                 )));
             }
@@ -371,7 +373,7 @@ impl ControlPlane {
         );
         if let Err(e) = placed {
             return Err(ApiError::insufficient_capacity(format!(
-                "host {host} cannot fit instance {name:?} at {} vCPU / {} MiB: {}",
+                "host {host} cannot fit instance \"{name}\" at {} vCPU / {} MiB: {}",
                 resources.vcpus,
                 resources.memory_mib,
                 e.to_string().trim_start_matches("no host can fit it: ")
@@ -392,7 +394,9 @@ impl ControlPlane {
         let key = keys::instance_spec(&name_v);
         for _ in 0..16 {
             let Some((mut spec, rev)) = self.store.get_json::<InstanceSpec>(&key).await? else {
-                return Err(ApiError::not_found(format!("instance {name:?} not found")));
+                return Err(ApiError::not_found(format!(
+                    "instance \"{name}\" not found"
+                )));
             };
             let status = self
                 .store
@@ -410,7 +414,7 @@ impl ControlPlane {
                 && status.phase == InstancePhase::Pending);
             if running && !force {
                 return Err(ApiError::conflict(format!(
-                    "instance {name:?} is {}; stop it first or delete with force",
+                    "instance \"{name}\" is {}; stop it first or delete with force",
                     status.phase
                 )));
             }
@@ -437,7 +441,7 @@ impl ControlPlane {
             }
         }
         Err(ApiError::unavailable(format!(
-            "instance {name:?} is changing too fast; retry"
+            "instance \"{name}\" is changing too fast; retry"
         )))
     }
 }

@@ -33,7 +33,7 @@ async fn find(cp: &ControlPlane, name: String) -> ApiResult<HostEntry> {
     cp.inventory
         .host(&name)
         .await
-        .ok_or_else(|| ApiError::not_found(format!("host {name:?} not found")))
+        .ok_or_else(|| ApiError::not_found(format!("host \"{name}\" not found")))
 }
 
 /// One host.

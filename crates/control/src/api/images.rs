@@ -157,7 +157,7 @@ pub(super) async fn import(
         .await?
     {
         return Err(ApiError::already_exists(format!(
-            "image {name:?} already exists"
+            "image \"{name}\" already exists"
         )));
     }
     let tmp: PathBuf = cp

@@ -297,10 +297,10 @@ async fn keep_lease(store: Arc<dyn Store>, lease: LeaseId, ttl: Duration) {
 /// Keeps the registration's free-disk figure current for placement.
 async fn refresh_disk(store: Arc<dyn Store>, mut reg: Host, data_dir: PathBuf) {
     loop {
-        tokio::time::sleep(Duration::from_secs(10)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let free = host::disk_space(&data_dir).1;
-        // Only write when it moved by more than 64 MiB.
-        if free.abs_diff(reg.disk_free_bytes) > 64 << 20 {
+        // Only write when it moved by more than 16 MiB.
+        if free.abs_diff(reg.disk_free_bytes) > 16 << 20 {
             reg.disk_free_bytes = free;
             if let Err(e) = store.put(&keys::host(&reg.name), encode(&reg)).await {
                 debug!(error = %e, "could not refresh free disk");

@@ -257,12 +257,13 @@ impl Supervisor {
 
     /// Prepares disk and network and launches the VM; undoes what it did
     /// on failure.
-    async fn launch(&self, spec: &InstanceSpec) -> Result<Running, String> {
+    async fn launch(&mut self, spec: &InstanceSpec) -> Result<Running, String> {
         let dir = self.vm_dir(spec);
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let image = self.image(spec).await?;
+        self.status.guest_service = image.guest_service;
         let root = dir.join(ROOT_DISK);
         let mut created_disk = false;
         if !tokio::fs::try_exists(&root).await.unwrap_or(false) {
@@ -374,7 +375,7 @@ impl Supervisor {
 
     fn start_probe(&mut self, spec: &InstanceSpec) {
         self.cancel_probe();
-        if !self.ctx.probe_guests {
+        if !self.ctx.probe_guests || !self.status.guest_service {
             return;
         }
         let (tx, rx) = oneshot::channel();

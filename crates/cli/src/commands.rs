@@ -207,6 +207,9 @@ pub enum ImageCommand {
         /// One line for people.
         #[arg(long)]
         description: Option<String>,
+        /// The guest runs Skyvisor's guest service on port 80 (readiness is checked).
+        #[arg(long)]
+        guest_service: bool,
     },
     /// Delete an image no VM uses.
     #[command(alias = "rm")]
@@ -292,7 +295,7 @@ pub async fn run(url: &str, format: OutputFormat, cmd: ClientCommand) -> Result<
 fn phase_text(i: &Instance) -> String {
     let s = &i.status;
     match s.phase {
-        InstancePhase::Running if s.guest_ready => "running".into(),
+        InstancePhase::Running if s.guest_ready || !s.guest_service => "running".into(),
         InstancePhase::Running => "running (booting)".into(),
         p => p.to_string(),
     }
@@ -438,7 +441,9 @@ async fn wait_for(
         let s = &inst.status;
         let done = match goal {
             Goal::Ready => {
-                s.phase == InstancePhase::Running && s.guest_ready && s.boot_count >= min_boots
+                s.phase == InstancePhase::Running
+                    && (s.guest_ready || !s.guest_service)
+                    && s.boot_count >= min_boots
             }
             Goal::Stopped => matches!(s.phase, InstancePhase::Stopped),
             Goal::Deleted => false,
@@ -823,6 +828,7 @@ async fn image(client: &Client, format: OutputFormat, cmd: ImageCommand) -> Resu
             initrd,
             cmdline,
             description,
+            guest_service,
         } => {
             let mut form = reqwest::multipart::Form::new();
             let mut parts = Vec::new();
@@ -855,7 +861,10 @@ async fn image(client: &Client, format: OutputFormat, cmd: ImageCommand) -> Resu
                     reqwest::multipart::Part::stream_with_length(body, len).file_name(part),
                 );
             }
-            let mut query = vec![("name", name.clone())];
+            let mut query = vec![
+                ("name", name.clone()),
+                ("guest_service", guest_service.to_string()),
+            ];
             if let Some(c) = cmdline {
                 query.push(("cmdline", c));
             }

@@ -203,6 +203,9 @@ pub struct InstanceStatus {
     pub pid: Option<u32>,
     /// The accelerator it runs with.
     pub accel: Option<Accel>,
+    /// Whether the guest runs Skyvisor's guest service (so readiness is checked).
+    #[serde(default)]
+    pub guest_service: bool,
     /// Whether the guest's web service answered since the last boot.
     pub guest_ready: bool,
     /// How many times the guest was booted.
@@ -233,6 +236,7 @@ impl InstanceStatus {
             host: None,
             pid: None,
             accel: None,
+            guest_service: false,
             guest_ready: false,
             boot_count: 0,
             restart_count: 0,

@@ -70,6 +70,8 @@ fn free_port() -> u16 {
 pub struct CloudOptions {
     /// Extra arguments to `skyvisor up`.
     pub extra_args: Vec<String>,
+    /// Put the data directory on a tmpfs of this many MiB (to fill it up).
+    pub tmpfs_mib: Option<u64>,
 }
 
 /// A running all-in-one Skyvisor for one test.
@@ -115,6 +117,19 @@ impl Cloud {
         // A killed earlier run may have left this slot's leftovers.
         cloud.cleanup();
         cloud.url = format!("http://127.0.0.1:{}", cloud.port);
+        if let Some(mib) = cloud.options.tmpfs_mib {
+            std::fs::create_dir_all(&cloud.data_dir).expect("data dir");
+            let out = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+                .arg(&cloud.data_dir)
+                .output()
+                .expect("mount");
+            assert!(
+                out.status.success(),
+                "mount tmpfs: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         cloud.spawn_up();
         cloud.wait_ready();
         cloud
@@ -320,6 +335,11 @@ impl Cloud {
                 "ip",
                 &format!("skyvisor-{}", self.bridge),
             ])
+            .output();
+        // A tmpfs from an earlier run or this one.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.data_dir)
             .output();
         let _ = std::fs::remove_dir_all(&self.data_dir);
     }

@@ -3,5 +3,6 @@
 
 mod bad_input;
 mod harness;
+mod images;
 mod lifecycle;
 mod resilience;

@@ -65,6 +65,26 @@ fn killed_qemu_is_detected_and_restarted_by_policy() {
     // An explicit start brings it back.
     cloud.sv_ok(&["vm", "start", "never", "--wait"]);
     assert_eq!(guest_json(ip_never, "/identity")["name"], "never");
+
+    // A guest that powers itself off is not a failure: stopped, not failed.
+    let (status, _) = crate::harness::http(
+        "POST",
+        &format!("http://{ip_never}/poweroff"),
+        None,
+        Duration::from_secs(10),
+    )
+    .expect("poweroff");
+    assert_eq!(status, 200);
+    let off = wait_until(
+        "the guest's own poweroff recorded",
+        Duration::from_secs(60),
+        || {
+            let v = cloud.instance("never");
+            (v["status"]["phase"] == "stopped").then_some(v)
+        },
+    );
+    assert_eq!(off["status"]["last_exit"]["reason"], "guest-shutdown");
+    assert_eq!(off["spec"]["power"], "running", "the user's wish is kept");
 }
 
 #[test]

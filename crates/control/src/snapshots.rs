@@ -1,0 +1,306 @@
+//! Snapshot operations: validate a request and write desired state — a
+//! pending snapshot record, a deletion mark, a restore request in the
+//! instance's spec, a schedule. The agent of the host that keeps the VM
+//! (and the snapshot's files) carries them out and reports back in the
+//! records. Nothing here touches files or QEMU.
+
+use chrono::Utc;
+use skyvisor_core::api::{CreateSnapshotRequest, RestoreInstanceRequest};
+use skyvisor_core::{
+    CheckpointSchedule, Instance, InstanceName, InstanceSpec, PowerState, RestoreRequest,
+    Snapshot, SnapshotKind, SnapshotName, SnapshotOrigin, SnapshotState, keys,
+};
+use skyvisor_store::{Compare, StoreExt, encode, put_json};
+use tracing::info;
+
+use crate::ControlPlane;
+use crate::error::{ApiError, ApiResult};
+
+/// Whether `snap` may go onto the VM of `spec` (restore or clone), or why not.
+pub fn check_fits(snap: &Snapshot, spec: &InstanceSpec) -> ApiResult<()> {
+    if snap.image != spec.image {
+        return Err(ApiError::conflict(format!(
+            "snapshot {} was taken of image {}; VM {} runs image {}",
+            snap.name, snap.image, spec.name, spec.image
+        )));
+    }
+    if snap.resources.vcpus != spec.resources.vcpus
+        || snap.resources.memory_mib != spec.resources.memory_mib
+    {
+        let want = snap
+            .instance_type
+            .as_ref()
+            .map(|t| format!("instance type {t} ("))
+            .unwrap_or_else(|| "(".into());
+        return Err(ApiError::conflict(format!(
+            "snapshot {} needs {want}{} vCPU, {} MiB); VM {} has {} vCPU, {} MiB: resize it first",
+            snap.name,
+            snap.resources.vcpus,
+            snap.resources.memory_mib,
+            spec.name,
+            spec.resources.vcpus,
+            spec.resources.memory_mib
+        )));
+    }
+    if snap.host != spec.host {
+        return Err(ApiError::conflict(format!(
+            "snapshot {} is kept on host {}; VM {} runs on host {}",
+            snap.name, snap.host, spec.name, spec.host
+        )));
+    }
+    Ok(())
+}
+
+/// A snapshot that can be used (ready, not being deleted), or why not.
+pub fn check_ready(snap: &Snapshot) -> ApiResult<()> {
+    if snap.deleting {
+        return Err(ApiError::conflict(format!(
+            "snapshot {} is being deleted",
+            snap.name
+        )));
+    }
+    match snap.state {
+        SnapshotState::Ready => Ok(()),
+        SnapshotState::Failed => Err(ApiError::conflict(format!(
+            "snapshot {} failed ({}); it cannot be used",
+            snap.name,
+            snap.message.clone().unwrap_or_default()
+        ))),
+        s => Err(ApiError::conflict(format!(
+            "snapshot {} is {s}; wait until it is ready",
+            snap.name
+        ))),
+    }
+}
+
+impl ControlPlane {
+    async fn spec_of(&self, name: &InstanceName) -> ApiResult<InstanceSpec> {
+        match self
+            .store
+            .get_json::<InstanceSpec>(&keys::instance_spec(name))
+            .await?
+        {
+            Some((spec, _)) => Ok(spec),
+            None => Err(ApiError::not_found(format!(
+                "instance \"{name}\" not found"
+            ))),
+        }
+    }
+
+    /// Asks for a snapshot of `instance`: a pending record its agent
+    /// takes — live (memory, devices and disk) if the VM runs, of the disk
+    /// if it is stopped.
+    pub async fn create_snapshot(
+        &self,
+        instance: &str,
+        req: CreateSnapshotRequest,
+    ) -> ApiResult<Snapshot> {
+        let instance = InstanceName::new(instance)?;
+        let now = Utc::now();
+        let name = match req.name {
+            Some(n) => SnapshotName::new(n)?,
+            None => SnapshotName::at("snap", now)?,
+        };
+        let spec = self.spec_of(&instance).await?;
+        if spec.deleting {
+            return Err(ApiError::conflict(format!(
+                "instance \"{instance}\" is being deleted"
+            )));
+        }
+        let snap = Snapshot {
+            name: name.clone(),
+            instance: instance.clone(),
+            instance_id: spec.id,
+            host: spec.host.clone(),
+            state: SnapshotState::Pending,
+            kind: None,
+            origin: SnapshotOrigin::Manual,
+            image: spec.image.clone(),
+            instance_type: spec.instance_type.clone(),
+            resources: spec.resources,
+            created_at: now,
+            taken_at: None,
+            paused_ms: None,
+            duration_ms: None,
+            memory_bytes: 0,
+            disk_bytes: 0,
+            progress: None,
+            deleting: false,
+            message: None,
+            updated_at: now,
+        };
+        if !self
+            .store
+            .create(&keys::snapshot(&instance, &name), encode(&snap))
+            .await?
+        {
+            return Err(ApiError::already_exists(format!(
+                "instance \"{instance}\" already has a snapshot named \"{name}\""
+            )));
+        }
+        info!(%instance, snapshot = %name, "snapshot requested");
+        Ok(snap)
+    }
+
+    /// The snapshots of `instance` (also after it was deleted), oldest
+    /// first; of every instance when `None`.
+    pub async fn snapshots(&self, instance: Option<&str>) -> ApiResult<Vec<Snapshot>> {
+        let prefix = match instance {
+            Some(i) => keys::snapshots_of(&InstanceName::new(i)?),
+            None => keys::SNAPSHOTS.to_string(),
+        };
+        let (all, _) = self.store.list_json::<Snapshot>(&prefix).await?;
+        let mut list: Vec<Snapshot> = all.into_iter().map(|(s, _)| s).collect();
+        list.sort_by(|a, b| {
+            (a.instance.as_str(), a.created_at).cmp(&(b.instance.as_str(), b.created_at))
+        });
+        Ok(list)
+    }
+
+    /// One snapshot, or 404.
+    pub async fn snapshot(&self, instance: &str, name: &str) -> ApiResult<Snapshot> {
+        let instance = InstanceName::new(instance)?;
+        let name = SnapshotName::new(name)?;
+        match self
+            .store
+            .get_json::<Snapshot>(&keys::snapshot(&instance, &name))
+            .await?
+        {
+            Some((s, _)) => Ok(s),
+            None => Err(ApiError::not_found(format!(
+                "instance \"{instance}\" has no snapshot \"{name}\""
+            ))),
+        }
+    }
+
+    /// Marks a snapshot for deletion; its host's agent removes the files,
+    /// then the record.
+    pub async fn delete_snapshot(&self, instance: &str, name: &str) -> ApiResult<Snapshot> {
+        let instance = InstanceName::new(instance)?;
+        let name = SnapshotName::new(name)?;
+        let key = keys::snapshot(&instance, &name);
+        for _ in 0..16 {
+            let Some((mut snap, rev)) = self.store.get_json::<Snapshot>(&key).await? else {
+                return Err(ApiError::not_found(format!(
+                    "instance \"{instance}\" has no snapshot \"{name}\""
+                )));
+            };
+            if snap.deleting {
+                return Ok(snap);
+            }
+            if matches!(snap.state, SnapshotState::Pending | SnapshotState::Saving) {
+                return Err(ApiError::conflict(format!(
+                    "snapshot \"{name}\" is being taken; delete it once it is ready or failed"
+                )));
+            }
+            snap.deleting = true;
+            snap.updated_at = Utc::now();
+            let out = self
+                .store
+                .txn(
+                    vec![Compare::ModRevision(key.clone(), rev)],
+                    vec![put_json(key.clone(), &snap)],
+                )
+                .await?;
+            if out.succeeded {
+                info!(%instance, snapshot = %name, "snapshot deletion requested");
+                return Ok(snap);
+            }
+        }
+        Err(ApiError::unavailable(format!(
+            "snapshot \"{name}\" is changing too fast; retry"
+        )))
+    }
+
+    /// Marks every snapshot of the instance with id `spec.id` for deletion.
+    pub(crate) async fn delete_snapshots_of(&self, spec: &InstanceSpec) -> ApiResult<()> {
+        let (all, _) = self
+            .store
+            .list_json::<Snapshot>(&keys::snapshots_of(&spec.name))
+            .await?;
+        for (mut snap, rev) in all {
+            if snap.instance_id != spec.id || snap.deleting {
+                continue;
+            }
+            snap.deleting = true;
+            snap.updated_at = Utc::now();
+            let key = keys::snapshot(&snap.instance, &snap.name);
+            // A lost race means someone else changed it; that one is
+            // deleted by the agent when it settles, or by a retried delete.
+            self.store
+                .txn(
+                    vec![Compare::ModRevision(key.clone(), rev)],
+                    vec![put_json(key, &snap)],
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Asks the instance to go back to one of its snapshots. Refused (and
+    /// the VM left as it is) when the snapshot is not ready, belongs to
+    /// another VM, or needs another size, image or host.
+    pub async fn restore_instance(
+        &self,
+        instance: &str,
+        req: RestoreInstanceRequest,
+    ) -> ApiResult<Instance> {
+        let name = InstanceName::new(instance)?;
+        let snap_name = SnapshotName::new(req.snapshot.clone())?;
+        let spec = self.spec_of(&name).await?;
+        let snap = match self
+            .store
+            .get_json::<Snapshot>(&keys::snapshot(&name, &snap_name))
+            .await?
+        {
+            Some((s, _)) => s,
+            None => {
+                return Err(ApiError::not_found(format!(
+                    "instance \"{name}\" has no snapshot \"{snap_name}\"; see `skyvisor vm snapshot list {name}`"
+                )));
+            }
+        };
+        check_ready(&snap)?;
+        if snap.instance_id != spec.id {
+            return Err(ApiError::conflict(format!(
+                "snapshot \"{snap_name}\" belongs to another VM that was also named \"{name}\" (id {}); clone it instead: skyvisor vm create NEW --from-snapshot {name}/{snap_name}",
+                snap.instance_id
+            )));
+        }
+        check_fits(&snap, &spec)?;
+        let full = snap.kind == Some(SnapshotKind::Full);
+        let inst = self
+            .update_spec(name.as_str(), |spec, _| {
+                let generation = spec.restore.as_ref().map_or(0, |r| r.generation) + 1;
+                spec.restore = Some(RestoreRequest {
+                    snapshot: snap_name.clone(),
+                    generation,
+                });
+                if full {
+                    // Continuing from a running checkpoint means running.
+                    spec.power = PowerState::Running;
+                    spec.force_stop = false;
+                }
+                Ok(())
+            })
+            .await?;
+        info!(instance = %name, snapshot = %snap_name, "restore requested");
+        Ok(inst)
+    }
+
+    /// Sets or clears the instance's checkpoint schedule.
+    pub async fn set_checkpoint_schedule(
+        &self,
+        instance: &str,
+        schedule: Option<CheckpointSchedule>,
+    ) -> ApiResult<Instance> {
+        if let Some(s) = &schedule {
+            s.validate()?;
+        }
+        self.update_spec(instance, |spec, _| {
+            spec.checkpoint_schedule = schedule;
+            Ok(())
+        })
+        .await
+    }
+}

@@ -182,6 +182,30 @@ impl Qmp {
         self.unit("blockdev-backup", args).await
     }
 
+    /// Passes `fd` to QEMU into a new fd set (`add-fd`); returns the fd
+    /// set's id, usable as the path `/dev/fdset/<id>` wherever QEMU opens
+    /// files. The fd set lives until [`Qmp::remove_fd`].
+    pub async fn add_fd(&self, fd: std::os::fd::OwnedFd) -> Result<u64, QmpError> {
+        #[derive(serde::Deserialize)]
+        struct Added {
+            #[serde(rename = "fdset-id")]
+            fdset_id: u64,
+        }
+        let v = self.execute_with_fd("add-fd", Value::Null, fd).await?;
+        serde_json::from_value::<Added>(v)
+            .map(|a| a.fdset_id)
+            .map_err(|source| QmpError::Decode {
+                command: "add-fd".into(),
+                source,
+            })
+    }
+
+    /// Removes fd set `fdset_id` (`remove-fd`); QEMU closes its copies
+    /// once nothing uses them.
+    pub async fn remove_fd(&self, fdset_id: u64) -> Result<(), QmpError> {
+        self.unit("remove-fd", json!({"fdset-id": fdset_id})).await
+    }
+
     /// Re-activates (or inactivates) every block node
     /// (`blockdev-set-active`). A completed outgoing migration leaves the
     /// nodes inactive until `cont`; activating them earlier lets a block

@@ -159,6 +159,10 @@ impl Vm for FakeVm {
         Ok(())
     }
 
+    async fn set_link(&self, _up: bool) -> Result<(), HvError> {
+        Ok(())
+    }
+
     async fn guest_request(&self, _line: &str) -> Result<String, HvError> {
         Ok(r#"{"ok":true}"#.into())
     }

@@ -53,6 +53,10 @@ pub struct VmLaunch {
     /// Continue from this saved memory file instead of booting.
     #[serde(default)]
     pub incoming: Option<PathBuf>,
+    /// Start with the NIC's link down (a clone, until it has its own
+    /// identity: its RAM still holds its parent's address).
+    #[serde(default)]
+    pub link_down: bool,
 }
 
 /// What a live checkpoint writes.
@@ -141,6 +145,9 @@ pub trait Vm: Send + Sync {
     /// After an agent restart: ends a checkpoint the previous agent left
     /// half done and resumes the guest if that left it paused.
     async fn recover_checkpoint(&self) -> Result<(), HvError>;
+
+    /// Plugs or unplugs the VM's network cable.
+    async fn set_link(&self, up: bool) -> Result<(), HvError>;
 
     /// Sends one request line to the guest's control channel and returns
     /// its answer line.

@@ -23,6 +23,11 @@ use crate::hypervisor::{
 
 /// The block node of the root disk (its disk id in [`QemuHypervisor::config`]).
 const ROOT_NODE: &str = "root";
+/// Caps the write rate of checkpoints (bytes per second), to leave the
+/// host's disk to its VMs; unset, checkpoints write as fast as they can.
+pub const MAX_BANDWIDTH_ENV: &str = "SKYVISOR_CHECKPOINT_MAX_BANDWIDTH";
+/// The NIC's id.
+const NIC_ID: &str = "net0";
 /// How long loading a saved memory file may take.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long the guest gets to answer on its control channel.
@@ -65,7 +70,7 @@ impl QemuHypervisor {
             cache: CacheMode::Writeback,
         }];
         cfg.nics = vec![NicConfig {
-            id: "net0".into(),
+            id: NIC_ID.into(),
             ifname: l.tap.clone(),
             mac: l.mac,
             vhost: l.accel == skyvisor_core::Accel::Kvm && Path::new("/dev/vhost-net").exists(),
@@ -212,6 +217,9 @@ impl Vm for QemuVmHandle {
         progress: &mut (dyn FnMut(SnapshotProgress) + Send),
     ) -> Result<CheckpointOutcome, HvError> {
         let mut save = SavePlan::new(&plan.memory_file);
+        save.max_bandwidth = std::env::var(MAX_BANDWIDTH_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok());
         save.disk = Some(DiskCapture {
             node: ROOT_NODE.into(),
             target_file: plan.disk_target.clone(),
@@ -268,6 +276,10 @@ impl Vm for QemuVmHandle {
         Ok(())
     }
 
+    async fn set_link(&self, up: bool) -> Result<(), HvError> {
+        self.vm.qmp().set_link(NIC_ID, up).await.map_err(control)
+    }
+
     async fn guest_request(&self, line: &str) -> Result<String, HvError> {
         let path = self.vm.run_dir().join(files::GUEST_SOCKET);
         let exchange = async {
@@ -316,6 +328,12 @@ impl Hypervisor for QemuHypervisor {
                     )));
                 }
             }
+        }
+        if launch.link_down
+            && let Err(e) = handle.vm.qmp().set_link(NIC_ID, false).await
+        {
+            let _ = handle.vm.kill();
+            return Err(HvError::StartFailed(format!("could not unplug the NIC: {e}")));
         }
         if let Err(e) = handle.vm.qmp().cont().await {
             let _ = handle.vm.kill();

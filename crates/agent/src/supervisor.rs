@@ -292,7 +292,7 @@ impl Supervisor {
             }
         }
         let cloned = incoming.is_some();
-        let launched = self.launch(spec, incoming).await;
+        let launched = self.launch(spec, incoming, cloned).await;
         match launched {
             Ok(running) => {
                 self.launched(spec, running, true);
@@ -304,6 +304,11 @@ impl Supervisor {
                         self.terminate().await;
                         self.start_failed(spec, format!("the clone did not take its own identity: {e}")).await;
                         return;
+                    }
+                    if let Some(r) = &self.running
+                        && let Err(e) = r.vm.set_link(true).await
+                    {
+                        warn!(instance = %spec.name, error = %e, "cannot plug the clone's NIC");
                     }
                     info!(instance = %spec.name, "clone took its own identity");
                 }
@@ -420,7 +425,10 @@ impl Supervisor {
         }
         let from = Some(snap.name.to_string());
         if snap.kind == Some(SnapshotKind::Full) && spec.power == PowerState::Running {
-            match self.launch(spec, Some(checkpoints::memory_file(&self.ctx, &snap))).await {
+            match self
+                .launch(spec, Some(checkpoints::memory_file(&self.ctx, &snap)), false)
+                .await
+            {
                 Ok(running) => {
                     self.launched(spec, running, false);
                     self.status.restored_from = from;
@@ -498,7 +506,12 @@ impl Supervisor {
     /// Prepares disk and network and launches the VM; undoes what it did
     /// on failure. With `incoming`, the VM continues from that saved
     /// memory instead of booting.
-    async fn launch(&self, spec: &InstanceSpec, incoming: Option<PathBuf>) -> Result<Running, String> {
+    async fn launch(
+        &self,
+        spec: &InstanceSpec,
+        incoming: Option<PathBuf>,
+        link_down: bool,
+    ) -> Result<Running, String> {
         let dir = self.vm_dir(spec);
         tokio::fs::create_dir_all(&dir)
             .await
@@ -568,6 +581,7 @@ impl Supervisor {
             mac: spec.network.mac,
             guest_channel: image.guest_service,
             incoming,
+            link_down,
         };
         let vm = match self.ctx.hypervisor.launch(&launch).await {
             Ok(vm) => vm,

@@ -212,27 +212,40 @@ impl ControlPlane {
         )))
     }
 
-    /// Marks every snapshot of the instance with id `spec.id` for deletion.
+    /// Marks every snapshot of the instance with id `spec.id` for deletion
+    /// (one being taken is deleted by its agent once it settles).
     pub(crate) async fn delete_snapshots_of(&self, spec: &InstanceSpec) -> ApiResult<()> {
         let (all, _) = self
             .store
             .list_json::<Snapshot>(&keys::snapshots_of(&spec.name))
             .await?;
-        for (mut snap, rev) in all {
-            if snap.instance_id != spec.id || snap.deleting {
+        for (snap, _) in all {
+            if snap.instance_id != spec.id {
                 continue;
             }
-            snap.deleting = true;
-            snap.updated_at = Utc::now();
             let key = keys::snapshot(&snap.instance, &snap.name);
-            // A lost race means someone else changed it; that one is
-            // deleted by the agent when it settles, or by a retried delete.
-            self.store
-                .txn(
-                    vec![Compare::ModRevision(key.clone(), rev)],
-                    vec![put_json(key, &snap)],
-                )
-                .await?;
+            // The agent may be writing the record (progress, outcome):
+            // retry until the mark lands.
+            for _ in 0..32 {
+                let Some((mut s, rev)) = self.store.get_json::<Snapshot>(&key).await? else {
+                    break;
+                };
+                if s.deleting {
+                    break;
+                }
+                s.deleting = true;
+                s.updated_at = Utc::now();
+                let out = self
+                    .store
+                    .txn(
+                        vec![Compare::ModRevision(key.clone(), rev)],
+                        vec![put_json(key.clone(), &s)],
+                    )
+                    .await?;
+                if out.succeeded {
+                    break;
+                }
+            }
         }
         Ok(())
     }

@@ -80,6 +80,9 @@ pub struct SavePlan {
     pub converge_within: Duration,
     /// The whole save gives up (and the guest runs on) after this long.
     pub timeout: Duration,
+    /// Cap on the write rate, bytes per second; `None` writes as fast as
+    /// QEMU can (the default: a local file).
+    pub max_bandwidth: Option<u64>,
 }
 
 impl SavePlan {
@@ -92,6 +95,7 @@ impl SavePlan {
             downtime_limit: Duration::from_millis(50),
             converge_within: Duration::from_secs(5),
             timeout: Duration::from_secs(600),
+            max_bandwidth: None,
         }
     }
 }
@@ -278,7 +282,7 @@ async fn save_to(
     qmp.migrate_set_capabilities(&file_capabilities()).await?;
     let mut limit = plan.downtime_limit;
     qmp.migrate_set_parameters(&MigrationParameters {
-        max_bandwidth: Some(UNLIMITED_BANDWIDTH),
+        max_bandwidth: Some(plan.max_bandwidth.unwrap_or(UNLIMITED_BANDWIDTH)),
         downtime_limit: Some(millis(limit)),
         ..Default::default()
     })

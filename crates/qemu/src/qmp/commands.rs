@@ -206,6 +206,11 @@ impl Qmp {
         self.unit("remove-fd", json!({"fdset-id": fdset_id})).await
     }
 
+    /// Sets a NIC's link up or down (`set_link`), as pulling its cable.
+    pub async fn set_link(&self, name: &str, up: bool) -> Result<(), QmpError> {
+        self.unit("set_link", json!({"name": name, "up": up})).await
+    }
+
     /// Re-activates (or inactivates) every block node
     /// (`blockdev-set-active`). A completed outgoing migration leaves the
     /// nodes inactive until `cont`; activating them earlier lets a block

@@ -70,6 +70,8 @@ fn free_port() -> u16 {
 pub struct CloudOptions {
     /// Extra arguments to `skyvisor up`.
     pub extra_args: Vec<String>,
+    /// Extra environment variables of `skyvisor up`.
+    pub extra_env: Vec<(String, String)>,
 }
 
 /// A running all-in-one Skyvisor for one test.
@@ -157,6 +159,7 @@ impl Cloud {
         let child = Command::new(skyvisor_bin())
             .args(self.up_args())
             .env("RUST_LOG", "info,skyvisor_agent=debug")
+            .envs(self.options.extra_env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use skyvisor_core::{
-    InstanceId, InstanceName, InstanceSpec, Snapshot, SnapshotKind, SnapshotName,
-    SnapshotOrigin, SnapshotProgress, SnapshotState, keys,
+    InstanceId, InstanceName, InstanceSpec, Snapshot, SnapshotKind, SnapshotName, SnapshotOrigin,
+    SnapshotProgress, SnapshotState, keys,
 };
 use skyvisor_store::{Compare, Store, StoreError, StoreExt, WatchEvent, decode, put_json};
 use tokio::process::Command;
@@ -159,16 +159,15 @@ async fn create_disk_target(root: &Path, target: &Path) -> Result<(), String> {
         }
     }
     cmd.arg(target).arg(size.to_string());
-    run(&mut cmd, "creating the snapshot's disk").await.map(drop)
+    run(&mut cmd, "creating the snapshot's disk")
+        .await
+        .map(drop)
 }
 
 /// Copies a (sparse) file.
 async fn copy_file(from: &Path, to: &Path, what: &str) -> Result<(), String> {
     run(
-        Command::new("cp")
-            .arg("--sparse=always")
-            .arg(from)
-            .arg(to),
+        Command::new("cp").arg("--sparse=always").arg(from).arg(to),
         what,
     )
     .await
@@ -262,7 +261,9 @@ pub async fn take(
             memory_bytes = done.memory_bytes, disk_bytes = done.disk_bytes,
             took_ms = started.elapsed().as_millis() as u64, "snapshot ready"
         ),
-        (Err(e), _) => warn!(instance = %spec.name, snapshot = %snap.name, error = %e, "snapshot failed"),
+        (Err(e), _) => {
+            warn!(instance = %spec.name, snapshot = %snap.name, error = %e, "snapshot failed")
+        }
     }
     match written {
         Ok(Some(s)) => Some(s),
@@ -369,7 +370,12 @@ async fn save(
 
 /// Writes the metadata, makes everything durable and renames the
 /// temporary directory to its published name.
-async fn publish(tmp: &Path, final_dir: &Path, snap: &Snapshot, done: &Saved) -> Result<(), String> {
+async fn publish(
+    tmp: &Path,
+    final_dir: &Path,
+    snap: &Snapshot,
+    done: &Saved,
+) -> Result<(), String> {
     let mut meta = snap.clone();
     meta.state = SnapshotState::Ready;
     meta.taken_at = Some(done.taken_at);
@@ -440,9 +446,16 @@ pub fn memory_file(ctx: &AgentContext, snap: &Snapshot) -> PathBuf {
 }
 
 /// Whether snapshot `snap` can go onto the VM of `spec` here; why not.
-pub fn check_usable(ctx: &AgentContext, snap: &Snapshot, spec: &InstanceSpec) -> Result<(), String> {
+pub fn check_usable(
+    ctx: &AgentContext,
+    snap: &Snapshot,
+    spec: &InstanceSpec,
+) -> Result<(), String> {
     if snap.state != SnapshotState::Ready || snap.deleting {
-        return Err(format!("snapshot {} is {}, not ready", snap.name, snap.state));
+        return Err(format!(
+            "snapshot {} is {}, not ready",
+            snap.name, snap.state
+        ));
     }
     if snap.host != ctx.host {
         return Err(format!(
@@ -561,7 +574,10 @@ pub async fn request_scheduled(ctx: &AgentContext, spec: &InstanceSpec) -> Resul
         updated_at: now,
     };
     ctx.store
-        .create(&keys::snapshot(&spec.name, &name), skyvisor_store::encode(&snap))
+        .create(
+            &keys::snapshot(&spec.name, &name),
+            skyvisor_store::encode(&snap),
+        )
         .await
         .map_err(|e| e.to_string())
         .map(drop)
@@ -652,11 +668,7 @@ pub async fn follow(ctx: Arc<AgentContext>) {
                 handle(&ctx, snap).await;
             }
         }
-        let mut stream = match ctx
-            .store
-            .watch(keys::SNAPSHOTS, listing.revision + 1)
-            .await
-        {
+        let mut stream = match ctx.store.watch(keys::SNAPSHOTS, listing.revision + 1).await {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "cannot watch snapshots; retrying");
@@ -710,7 +722,9 @@ async fn handle(ctx: &Arc<AgentContext>, snap: Snapshot) {
         .get_json::<InstanceSpec>(&keys::instance_spec(&snap.instance))
         .await;
     if let Ok(spec) = spec
-        && spec.as_ref().is_none_or(|(s, _)| s.id != snap.instance_id || s.deleting)
+        && spec
+            .as_ref()
+            .is_none_or(|(s, _)| s.id != snap.instance_id || s.deleting)
     {
         let _ = update(ctx.store.as_ref(), &snap.instance, &snap.name, |s| {
             if s.state != SnapshotState::Pending {

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use skyvisor_core::{ExitReason, SnapshotProgress};
 use skyvisor_core::image::DiskFormat;
+use skyvisor_core::{ExitReason, SnapshotProgress};
 use skyvisor_qemu::checkpoint::{self, DiskCapture, SavePlan};
 use skyvisor_qemu::qmp::{EventKind, EventStreamError, MigrationStatus, RunState, ShutdownCause};
 use skyvisor_qemu::{
@@ -251,7 +251,10 @@ impl Vm for QemuVmHandle {
             info.status,
             Some(MigrationStatus::Active | MigrationStatus::Setup | MigrationStatus::Device)
         ) {
-            info!(pid = self.vm.pid(), "cancelling a checkpoint the previous agent left running");
+            info!(
+                pid = self.vm.pid(),
+                "cancelling a checkpoint the previous agent left running"
+            );
             qmp.migrate_cancel().await.map_err(control)?;
             // The cancel completes asynchronously; wait a little for it.
             for _ in 0..100 {
@@ -270,7 +273,10 @@ impl Vm for QemuVmHandle {
         let _ = qmp.blockdev_del("svckpt").await;
         let status = qmp.query_status().await.map_err(control)?;
         if status.status == RunState::Postmigrate {
-            info!(pid = self.vm.pid(), "resuming a guest a checkpoint left paused");
+            info!(
+                pid = self.vm.pid(),
+                "resuming a guest a checkpoint left paused"
+            );
             qmp.cont().await.map_err(control)?;
         }
         Ok(())
@@ -333,7 +339,9 @@ impl Hypervisor for QemuHypervisor {
             && let Err(e) = handle.vm.qmp().set_link(NIC_ID, false).await
         {
             let _ = handle.vm.kill();
-            return Err(HvError::StartFailed(format!("could not unplug the NIC: {e}")));
+            return Err(HvError::StartFailed(format!(
+                "could not unplug the NIC: {e}"
+            )));
         }
         if let Err(e) = handle.vm.qmp().cont().await {
             let _ = handle.vm.kill();

@@ -74,7 +74,10 @@ impl Drop for Supervisor {
             .checkpoint_inboxes
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if inboxes.get(&id).is_some_and(|tx| tx.same_channel(&self.snap_tx)) {
+        if inboxes
+            .get(&id)
+            .is_some_and(|tx| tx.same_channel(&self.snap_tx))
+        {
             inboxes.remove(&id);
         }
     }
@@ -285,8 +288,11 @@ impl Supervisor {
             match self.prepare_clone(spec, src, &root).await {
                 Ok(memory) => incoming = memory,
                 Err(message) => {
-                    self.start_failed(spec, format!("cloning from {}/{}: {message}", src.instance, src.snapshot))
-                        .await;
+                    self.start_failed(
+                        spec,
+                        format!("cloning from {}/{}: {message}", src.instance, src.snapshot),
+                    )
+                    .await;
                     return;
                 }
             }
@@ -302,7 +308,11 @@ impl Supervisor {
                         // Running on with the parent's address would take it over.
                         warn!(instance = %spec.name, error = %e, "the clone did not take its identity; stopping it");
                         self.terminate().await;
-                        self.start_failed(spec, format!("the clone did not take its own identity: {e}")).await;
+                        self.start_failed(
+                            spec,
+                            format!("the clone did not take its own identity: {e}"),
+                        )
+                        .await;
                         return;
                     }
                     if let Some(r) = &self.running
@@ -399,7 +409,9 @@ impl Supervisor {
             Ok(None) => Err("it no longer exists".to_string()),
             Err(e) => Err(format!("reading it: {e}")),
         };
-        let snap = match snap.and_then(|s| checkpoints::check_usable(&self.ctx, &s, spec).map(|()| s)) {
+        let snap = match snap
+            .and_then(|s| checkpoints::check_usable(&self.ctx, &s, spec).map(|()| s))
+        {
             Ok(s) => s,
             Err(m) => {
                 warn!(instance = %spec.name, snapshot = %r.snapshot, error = %m, "restore refused");
@@ -420,13 +432,18 @@ impl Supervisor {
         self.hold = None;
         let root = self.vm_dir(spec).join(ROOT_DISK);
         if let Err(m) = checkpoints::restore_disk(&self.ctx, &snap, &root).await {
-            self.start_failed(spec, format!("restore from {} failed: {m}", snap.name)).await;
+            self.start_failed(spec, format!("restore from {} failed: {m}", snap.name))
+                .await;
             return;
         }
         let from = Some(snap.name.to_string());
         if snap.kind == Some(SnapshotKind::Full) && spec.power == PowerState::Running {
             match self
-                .launch(spec, Some(checkpoints::memory_file(&self.ctx, &snap)), false)
+                .launch(
+                    spec,
+                    Some(checkpoints::memory_file(&self.ctx, &snap)),
+                    false,
+                )
                 .await
             {
                 Ok(running) => {
@@ -435,7 +452,8 @@ impl Supervisor {
                     info!(instance = %spec.name, snapshot = %snap.name, "restored");
                 }
                 Err(m) => {
-                    self.start_failed(spec, format!("restore from {} failed: {m}", snap.name)).await;
+                    self.start_failed(spec, format!("restore from {} failed: {m}", snap.name))
+                        .await;
                     return;
                 }
             }
@@ -467,7 +485,8 @@ impl Supervisor {
             .await
             .map_err(|e| format!("creating {}: {e}", dir.display()))?;
         checkpoints::restore_disk(&self.ctx, &snap, root).await?;
-        Ok((snap.kind == Some(SnapshotKind::Full)).then(|| checkpoints::memory_file(&self.ctx, &snap)))
+        Ok((snap.kind == Some(SnapshotKind::Full))
+            .then(|| checkpoints::memory_file(&self.ctx, &snap)))
     }
 
     /// Tells a clone's guest (which woke up as its parent) who it is now:

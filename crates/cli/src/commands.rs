@@ -730,9 +730,7 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
             let inst: Instance = client
                 .call::<(), Instance>(
                     Method::DELETE,
-                    &format!(
-                        "/v1/instances/{name}?force={force}&with_snapshots={with_snapshots}"
-                    ),
+                    &format!("/v1/instances/{name}?force={force}&with_snapshots={with_snapshots}"),
                     None,
                 )
                 .await?;
@@ -770,9 +768,15 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
             timeout,
         } => {
             let started = std::time::Instant::now();
-            let inst =
-                snapshots::restore(client, format, &name, &snapshot, wait, Duration::from_secs(timeout))
-                    .await?;
+            let inst = snapshots::restore(
+                client,
+                format,
+                &name,
+                &snapshot,
+                wait,
+                Duration::from_secs(timeout),
+            )
+            .await?;
             if wait && !quiet {
                 eprintln!(
                     "VM {name} restored from {snapshot}; it answers after {:.2}s",

@@ -251,7 +251,9 @@ pub async fn snapshot(client: &Client, format: OutputFormat, cmd: SnapshotComman
         }
         SnapshotCommand::Delete { vm, name, no_wait } => {
             let path = format!("/v1/instances/{vm}/snapshots/{name}");
-            let s: Snapshot = client.call::<(), Snapshot>(Method::DELETE, &path, None).await?;
+            let s: Snapshot = client
+                .call::<(), Snapshot>(Method::DELETE, &path, None)
+                .await?;
             if !no_wait {
                 let mut progress = Progress::new(quiet);
                 loop {
@@ -329,7 +331,9 @@ pub async fn restore(
                 progress.finish();
                 bail!(
                     "VM {vm} failed: {}",
-                    s.message.clone().unwrap_or_else(|| "no reason given".into())
+                    s.message
+                        .clone()
+                        .unwrap_or_else(|| "no reason given".into())
                 );
             }
             let full = snap.kind == Some(SnapshotKind::Full);

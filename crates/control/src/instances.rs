@@ -134,7 +134,10 @@ impl ControlPlane {
                 if let Some(d) = req.disk_gib {
                     r.disk_gib = d;
                 }
-                let t = snap.instance_type.as_ref().and_then(|t| find_type(t.as_str()).ok());
+                let t = snap
+                    .instance_type
+                    .as_ref()
+                    .and_then(|t| find_type(t.as_str()).ok());
                 (snap.image.clone(), (t, r))
             }
             None => (

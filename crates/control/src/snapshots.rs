@@ -7,8 +7,8 @@
 use chrono::Utc;
 use skyvisor_core::api::{CreateSnapshotRequest, RestoreInstanceRequest};
 use skyvisor_core::{
-    CheckpointSchedule, Instance, InstanceName, InstanceSpec, PowerState, RestoreRequest,
-    Snapshot, SnapshotKind, SnapshotName, SnapshotOrigin, SnapshotState, keys,
+    CheckpointSchedule, Instance, InstanceName, InstanceSpec, PowerState, RestoreRequest, Snapshot,
+    SnapshotKind, SnapshotName, SnapshotOrigin, SnapshotState, keys,
 };
 use skyvisor_store::{Compare, StoreExt, encode, put_json};
 use tracing::info;
@@ -315,5 +315,118 @@ impl ControlPlane {
             Ok(())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use skyvisor_core::{
+        HostName, ImageName, InstanceId, MacAddr, NetworkAttachment, Resources, RestartPolicy,
+        TypeName,
+    };
+
+    use super::*;
+
+    fn spec() -> InstanceSpec {
+        InstanceSpec {
+            name: InstanceName::new("web").expect("name"),
+            id: InstanceId::random(),
+            image: ImageName::new("debian").expect("image"),
+            instance_type: Some(TypeName::new("nano").expect("type")),
+            resources: Resources {
+                vcpus: 1,
+                memory_mib: 128,
+                disk_gib: 1,
+            },
+            power: PowerState::Running,
+            restart_policy: RestartPolicy::OnFailure,
+            host: HostName::new("h1").expect("host"),
+            network: NetworkAttachment {
+                network: "default".into(),
+                ip: "10.0.0.2".parse().expect("ip"),
+                prefix_len: 24,
+                gateway: "10.0.0.1".parse().expect("gw"),
+                mac: MacAddr([0x52, 0x54, 0, 0, 0, 1]),
+            },
+            reboot_generation: 0,
+            stop_timeout_secs: 30,
+            force_stop: false,
+            deleting: false,
+            generation: 1,
+            created_at: Utc::now(),
+            restore: None,
+            clone_of: None,
+            checkpoint_schedule: None,
+        }
+    }
+
+    fn snap_of(spec: &InstanceSpec) -> Snapshot {
+        Snapshot {
+            name: SnapshotName::new("s1").expect("name"),
+            instance: spec.name.clone(),
+            instance_id: spec.id,
+            host: spec.host.clone(),
+            state: SnapshotState::Ready,
+            kind: Some(SnapshotKind::Full),
+            origin: SnapshotOrigin::Manual,
+            image: spec.image.clone(),
+            instance_type: spec.instance_type.clone(),
+            resources: spec.resources,
+            created_at: Utc::now(),
+            taken_at: None,
+            paused_ms: Some(5),
+            duration_ms: None,
+            memory_bytes: 1,
+            disk_bytes: 1,
+            progress: None,
+            deleting: false,
+            message: None,
+            updated_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn snapshots_fit_only_their_image_size_and_host() {
+        let s = spec();
+        let snap = snap_of(&s);
+        check_fits(&snap, &s).expect("fits");
+        check_ready(&snap).expect("ready");
+
+        let mut other = s.clone();
+        other.image = ImageName::new("alpine").expect("image");
+        let e = check_fits(&snap, &other).expect_err("image");
+        assert!(e.message.contains("image debian"), "{}", e.message);
+
+        let mut bigger = s.clone();
+        bigger.resources.memory_mib = 256;
+        let e = check_fits(&snap, &bigger).expect_err("size");
+        assert!(
+            e.message.contains("instance type nano") && e.message.contains("resize it first"),
+            "{}",
+            e.message
+        );
+
+        let mut elsewhere = s.clone();
+        elsewhere.host = HostName::new("h2").expect("host");
+        let e = check_fits(&snap, &elsewhere).expect_err("host");
+        assert!(e.message.contains("kept on host h1"), "{}", e.message);
+    }
+
+    #[test]
+    fn only_ready_snapshots_are_usable() {
+        let s = spec();
+        for (state, want) in [
+            (SnapshotState::Pending, "wait until it is ready"),
+            (SnapshotState::Saving, "wait until it is ready"),
+            (SnapshotState::Failed, "cannot be used"),
+        ] {
+            let mut snap = snap_of(&s);
+            snap.state = state;
+            let e = check_ready(&snap).expect_err("not ready");
+            assert!(e.message.contains(want), "{}", e.message);
+        }
+        let mut snap = snap_of(&s);
+        snap.deleting = true;
+        assert!(check_ready(&snap).is_err());
     }
 }

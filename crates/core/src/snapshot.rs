@@ -262,7 +262,10 @@ mod tests {
             "auto-20250102-030405"
         );
         let r = parse_snapshot_ref("web/snap-1").expect("ref");
-        assert_eq!((r.instance.as_str(), r.snapshot.as_str()), ("web", "snap-1"));
+        assert_eq!(
+            (r.instance.as_str(), r.snapshot.as_str()),
+            ("web", "snap-1")
+        );
         assert!(parse_snapshot_ref("web").is_err());
         assert!(parse_snapshot_ref("web/Snap").is_err());
         assert!(serde_json::from_str::<SnapshotName>("\"a b\"").is_err());
@@ -275,7 +278,14 @@ mod tests {
             keep: 5,
         };
         ok.validate().expect("valid");
-        assert!(CheckpointSchedule { every_secs: 1, ..ok }.validate().is_err());
+        assert!(
+            CheckpointSchedule {
+                every_secs: 1,
+                ..ok
+            }
+            .validate()
+            .is_err()
+        );
         assert!(CheckpointSchedule { keep: 0, ..ok }.validate().is_err());
     }
 }

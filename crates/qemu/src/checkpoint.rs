@@ -304,7 +304,10 @@ async fn save_to(
         if Instant::now() >= raise_at {
             limit = (limit * 4).min(Duration::from_secs(60));
             raise_at = Instant::now() + plan.converge_within;
-            info!(limit_ms = millis(limit), "checkpoint: RAM is dirtied faster than it is saved; allowing a longer pause");
+            info!(
+                limit_ms = millis(limit),
+                "checkpoint: RAM is dirtied faster than it is saved; allowing a longer pause"
+            );
             qmp.migrate_set_parameters(&MigrationParameters {
                 downtime_limit: Some(millis(limit)),
                 ..Default::default()
@@ -415,7 +418,13 @@ fn millis(d: Duration) -> u64 {
 /// Resumes a guest that a failed save left paused.
 async fn resume_if_paused(qmp: &Qmp) {
     match qmp.query_status().await {
-        Ok(s) if !s.running && matches!(s.status, RunState::Postmigrate | RunState::FinishMigrate | RunState::Paused) => {
+        Ok(s)
+            if !s.running
+                && matches!(
+                    s.status,
+                    RunState::Postmigrate | RunState::FinishMigrate | RunState::Paused
+                ) =>
+        {
             if let Err(e) = qmp.cont().await {
                 warn!(error = %e, "checkpoint: could not resume the guest after a failed save");
             }
@@ -515,7 +524,11 @@ async fn cleanup_disk_copy(qmp: &Qmp, d: &DiskCapture) {
 /// `-incoming defer` and still paused. The caller then `cont`s. If loading
 /// fails QEMU exits (its `exit-on-error` default), which shows here as a
 /// load failure.
-pub async fn load(qmp: &Qmp, memory_file: &Path, timeout: Duration) -> Result<Duration, CheckpointError> {
+pub async fn load(
+    qmp: &Qmp,
+    memory_file: &Path,
+    timeout: Duration,
+) -> Result<Duration, CheckpointError> {
     let uri = file_uri(memory_file)?;
     let started = Instant::now();
     let mut watch = Watch {

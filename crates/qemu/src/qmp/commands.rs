@@ -5,8 +5,8 @@ use serde_json::{Value, json};
 
 use super::Qmp;
 use super::types::{
-    AnnounceParameters, BlockJobInfo, BlockdevBackup, BlockdevMirror, JobInfo,
-    MigrationCapability, MigrationInfo, MigrationParameters, NbdListen, StatusInfo, VersionInfo,
+    AnnounceParameters, BlockJobInfo, BlockdevBackup, BlockdevMirror, JobInfo, MigrationCapability,
+    MigrationInfo, MigrationParameters, NbdListen, StatusInfo, VersionInfo,
 };
 use crate::error::QmpError;
 

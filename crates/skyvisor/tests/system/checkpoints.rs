@@ -13,9 +13,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-use crate::harness::{
-    Cloud, CloudOptions, alive, guest_call, guest_json, http, ip_of, wait_until,
-};
+use crate::harness::{Cloud, CloudOptions, alive, guest_call, guest_json, http, ip_of, wait_until};
 
 fn pid_of(cloud: &Cloud, name: &str) -> u32 {
     cloud.instance(name)["status"]["pid"]
@@ -87,16 +85,22 @@ fn leftovers(dir: &Path) -> Vec<String> {
 
 /// Waits until a snapshot is saving (its request was taken up).
 fn wait_saving(cloud: &Cloud, vm: &str, snap: &str) {
-    wait_until(&format!("{vm}/{snap} saving"), Duration::from_secs(30), || {
-        (snapshot_json(cloud, vm, snap)["state"] == "saving").then_some(())
-    });
+    wait_until(
+        &format!("{vm}/{snap} saving"),
+        Duration::from_secs(30),
+        || (snapshot_json(cloud, vm, snap)["state"] == "saving").then_some(()),
+    );
 }
 
 fn wait_settled(cloud: &Cloud, vm: &str, snap: &str) -> Value {
-    wait_until(&format!("{vm}/{snap} settled"), Duration::from_secs(120), || {
-        let v = snapshot_json(cloud, vm, snap);
-        matches!(v["state"].as_str(), Some("ready" | "failed")).then_some(v)
-    })
+    wait_until(
+        &format!("{vm}/{snap} settled"),
+        Duration::from_secs(120),
+        || {
+            let v = snapshot_json(cloud, vm, snap);
+            matches!(v["state"].as_str(), Some("ready" | "failed")).then_some(v)
+        },
+    )
 }
 
 #[test]
@@ -124,7 +128,11 @@ fn restore_continues_from_the_checkpoint_and_forgets_later_writes() {
     let counter_at_snapshot = ram_counter(ip);
     let files = snapshots_dir(&cloud, "keeper").join("s1");
     for f in ["memory", "disk.qcow2", "meta.json"] {
-        assert!(files.join(f).is_file(), "{f} missing in {}", files.display());
+        assert!(
+            files.join(f).is_file(),
+            "{f} missing in {}",
+            files.display()
+        );
     }
 
     // Life goes on after the checkpoint: RAM, disk and time move.
@@ -139,7 +147,10 @@ fn restore_continues_from_the_checkpoint_and_forgets_later_writes() {
 
     let restored = cloud.sv_json(&["vm", "restore", "keeper", "s1", "--wait"]);
     assert_eq!(restored["status"]["restored_from"], "s1");
-    assert_eq!(restored["status"]["boot_count"], 1, "a restore is not a boot");
+    assert_eq!(
+        restored["status"]["boot_count"], 1,
+        "a restore is not a boot"
+    );
     assert!(!alive(pid), "the old QEMU still runs");
 
     // The guest is the one from the checkpoint: same boot, RAM as it was,
@@ -162,9 +173,15 @@ fn restore_continues_from_the_checkpoint_and_forgets_later_writes() {
 
     // Listed with its size and pause; shown; deleted with its files.
     let list = cloud.sv_ok(&["vm", "snapshot", "list", "keeper"]);
-    assert!(list.contains("s1") && list.contains("ready") && list.contains("MiB"), "{list}");
+    assert!(
+        list.contains("s1") && list.contains("ready") && list.contains("MiB"),
+        "{list}"
+    );
     let shown = cloud.sv_ok(&["vm", "snapshot", "show", "keeper", "s1"]);
-    assert!(shown.contains("vm paused") && shown.contains("memory file"), "{shown}");
+    assert!(
+        shown.contains("vm paused") && shown.contains("memory file"),
+        "{shown}"
+    );
     cloud.sv_ok(&["vm", "snapshot", "delete", "keeper", "s1"]);
     let (status, _) = cloud.api("GET", "/v1/instances/keeper/snapshots/s1", None);
     assert_eq!(status, 404);
@@ -218,7 +235,10 @@ fn clone_answers_on_its_own_address_with_its_parents_ram() {
     assert_eq!(id["name"], "child");
     assert_eq!(id["id"], clone["spec"]["id"]);
     assert_eq!(id["ip"], child_ip.to_string());
-    assert_eq!(id["boot_id"], parent_boot, "a clone continues its parent's boot");
+    assert_eq!(
+        id["boot_id"], parent_boot,
+        "a clone continues its parent's boot"
+    );
     assert_eq!(guest_json(child_ip, "/ram")["value"], token.as_str());
     // Both answer, each as itself.
     guest_call(child_ip, "PUT", "/ram", Some("child's own"));
@@ -345,8 +365,15 @@ fn a_full_disk_fails_the_save_and_the_vm_runs_on() {
     let failed = snapshot_json(&cloud, "full", "big");
     assert_eq!(failed["state"], "failed");
     assert_eq!(failed["memory_bytes"], 0);
-    assert!(leftovers(&dir).is_empty(), "temporary files left: {:?}", leftovers(&dir));
-    assert!(!dir.join("big").exists(), "a partial snapshot was published");
+    assert!(
+        leftovers(&dir).is_empty(),
+        "temporary files left: {:?}",
+        leftovers(&dir)
+    );
+    assert!(
+        !dir.join("big").exists(),
+        "a partial snapshot was published"
+    );
     let (_, list) = cloud.api("GET", "/v1/instances/full/snapshots", None);
     assert!(
         list.as_array()
@@ -399,12 +426,20 @@ fn interrupted_saves_leave_earlier_snapshots_intact() {
     let cut = wait_settled(&cloud, "fragile", "cut");
     assert_eq!(cut["state"], "failed", "{cut}");
     assert!(
-        cut["message"].as_str().unwrap_or("").contains("agent restarted"),
+        cut["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("agent restarted"),
         "{cut}"
     );
     wait_until("the guest running again", Duration::from_secs(60), || {
-        let (status, v) = http("GET", &format!("http://{ip}/ram"), None, Duration::from_secs(2))
-            .ok()?;
+        let (status, v) = http(
+            "GET",
+            &format!("http://{ip}/ram"),
+            None,
+            Duration::from_secs(2),
+        )
+        .ok()?;
         (status == 200 && v.contains("after good")).then_some(())
     });
     assert_eq!(pid_of(&cloud, "fragile"), pid, "the VM was restarted");
@@ -416,7 +451,11 @@ fn interrupted_saves_leave_earlier_snapshots_intact() {
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill QEMU");
     let crash = wait_settled(&cloud, "fragile", "crash");
     assert_eq!(crash["state"], "failed", "{crash}");
-    assert!(leftovers(&dir).is_empty(), "temporary files left: {:?}", leftovers(&dir));
+    assert!(
+        leftovers(&dir).is_empty(),
+        "temporary files left: {:?}",
+        leftovers(&dir)
+    );
     assert!(!dir.join("crash").exists() && !dir.join("cut").exists());
     wait_until("restarted by policy", Duration::from_secs(120), || {
         let v = cloud.instance("fragile");
@@ -451,17 +490,21 @@ fn a_schedule_takes_checkpoints_and_prunes_only_its_own() {
     };
     // Wait for a third scheduled checkpoint and the pruning it triggers.
     let mut seen = std::collections::BTreeSet::new();
-    wait_until("three scheduled checkpoints", Duration::from_secs(90), || {
-        let (_, list) = cloud.api("GET", "/v1/instances/cron/snapshots", None);
-        for s in scheduled(&list) {
-            seen.insert(s["name"].as_str().unwrap_or("").to_string());
-        }
-        let ready: Vec<Value> = scheduled(&list)
-            .into_iter()
-            .filter(|s| s["state"] == "ready" && s["deleting"] == false)
-            .collect();
-        (seen.len() >= 3 && ready.len() == 2).then_some(())
-    });
+    wait_until(
+        "three scheduled checkpoints",
+        Duration::from_secs(90),
+        || {
+            let (_, list) = cloud.api("GET", "/v1/instances/cron/snapshots", None);
+            for s in scheduled(&list) {
+                seen.insert(s["name"].as_str().unwrap_or("").to_string());
+            }
+            let ready: Vec<Value> = scheduled(&list)
+                .into_iter()
+                .filter(|s| s["state"] == "ready" && s["deleting"] == false)
+                .collect();
+            (seen.len() >= 3 && ready.len() == 2).then_some(())
+        },
+    );
     let (_, list) = cloud.api("GET", "/v1/instances/cron/snapshots", None);
     assert_eq!(
         list.as_array()

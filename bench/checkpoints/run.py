@@ -148,15 +148,33 @@ def nonzero_pages(path):
     return n * PAGE
 
 
+def quick_get(ip, path):
+    """GET with a 50 ms connect timeout: a SYN lost while no QEMU owns the
+    tap is retried at once rather than after TCP's 1 s retransmit."""
+    s = socket.create_connection((ip, 80), timeout=0.05)
+    try:
+        s.settimeout(2)
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(head[:80])
+    return body.decode()
+
+
 def wait_guest(ip, want_ram=None, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            if want_ram is None:
-                http("GET", f"http://{ip}/uptime", timeout=1)
-                return
-            v = http("GET", f"http://{ip}/ram", timeout=1)
-            if v and v.get("value") == want_ram:
+            body = quick_get(ip, "/ram")
+            if want_ram is None or json.loads(body).get("value") == want_ram:
                 return
         except Exception:
             pass
@@ -168,7 +186,12 @@ def start_load(ip, mem_mib, busy):
     if busy:
         mib = mem_mib // 2
         http("POST", f"http://{ip}/memtest/start?mib={mib}&rate_mib_s=0", "")
-        time.sleep(2)  # let it touch its whole buffer before measuring
+        # Measure once the tester has written its whole buffer at least once.
+        deadline = time.time() + 300
+        while http("GET", f"http://{ip}/memtest")["passes"] < 1:
+            if time.time() > deadline:
+                raise RuntimeError("memtest made no pass in 300 s")
+            time.sleep(0.2)
 
 
 # --- Skyvisor ------------------------------------------------------------

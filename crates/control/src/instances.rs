@@ -140,6 +140,12 @@ impl ControlPlane {
                     .and_then(|t| find_type(t.as_str()).ok());
                 (snap.image.clone(), (t, r))
             }
+            None if req.image.is_empty() => {
+                return Err(ApiError::from(ValidationError::new(
+                    "image",
+                    "missing field `image`: give the image to boot (or from_snapshot to clone)",
+                )));
+            }
             None => (
                 ImageName::new(req.image.clone())?,
                 resolve_size(

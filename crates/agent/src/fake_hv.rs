@@ -7,10 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use skyvisor_core::ExitReason;
+use skyvisor_core::{ExitReason, SnapshotProgress};
 use tokio::sync::mpsc;
 
-use crate::hypervisor::{HvError, Hypervisor, Vm, VmEvent, VmExit, VmLaunch};
+use crate::hypervisor::{
+    CheckpointOutcome, CheckpointPlan, HvError, Hypervisor, Vm, VmEvent, VmExit, VmLaunch,
+};
 
 type Registry = Arc<Mutex<HashMap<PathBuf, mpsc::UnboundedSender<VmEvent>>>>;
 
@@ -128,6 +130,41 @@ impl Vm for FakeVm {
 
     fn kill(&self) {
         self.exit(ExitReason::Killed);
+    }
+
+    async fn checkpoint(
+        &self,
+        plan: &CheckpointPlan,
+        progress: &mut (dyn FnMut(SnapshotProgress) + Send),
+    ) -> Result<CheckpointOutcome, HvError> {
+        // Simulated: tiny files so the agent's publish steps have something
+        // to verify and move.
+        let write = |p: &std::path::Path, b: &[u8]| {
+            std::fs::write(p, b).map_err(|e| HvError::Control(format!("{}: {e}", p.display())))
+        };
+        write(&plan.memory_file, b"fake memory")?;
+        progress(SnapshotProgress {
+            ram_transferred: 11,
+            ram_remaining: 0,
+            ram_total: 11,
+        });
+        Ok(CheckpointOutcome {
+            paused: std::time::Duration::from_millis(1),
+            paused_at: std::time::SystemTime::now(),
+            total: std::time::Duration::from_millis(1),
+        })
+    }
+
+    async fn recover_checkpoint(&self) -> Result<(), HvError> {
+        Ok(())
+    }
+
+    async fn set_link(&self, _up: bool) -> Result<(), HvError> {
+        Ok(())
+    }
+
+    async fn guest_request(&self, _line: &str) -> Result<String, HvError> {
+        Ok(r#"{"ok":true}"#.into())
     }
 }
 

@@ -4,10 +4,11 @@
 //! control-plane benchmarks.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use skyvisor_core::{Accel, ExitReason, InstanceId, MacAddr, Resources};
+use skyvisor_core::{Accel, ExitReason, InstanceId, MacAddr, Resources, SnapshotProgress};
 use thiserror::Error;
 
 /// How a VM boots.
@@ -49,6 +50,34 @@ pub struct VmLaunch {
     pub mac: MacAddr,
     /// Whether to add the guest channel.
     pub guest_channel: bool,
+    /// Continue from this saved memory file instead of booting.
+    #[serde(default)]
+    pub incoming: Option<PathBuf>,
+    /// Start with the NIC's link down (a clone, until it has its own
+    /// identity: its RAM still holds its parent's address).
+    #[serde(default)]
+    pub link_down: bool,
+}
+
+/// What a live checkpoint writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointPlan {
+    /// The memory file to create.
+    pub memory_file: PathBuf,
+    /// An empty qcow2 (with the root disk's backing file) to copy the root
+    /// disk into, as it is at the instant the guest is paused.
+    pub disk_target: PathBuf,
+}
+
+/// What a live checkpoint did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointOutcome {
+    /// How long the guest was paused.
+    pub paused: Duration,
+    /// When it was paused: the checkpoint's instant.
+    pub paused_at: SystemTime,
+    /// How long the whole checkpoint took.
+    pub total: Duration,
 }
 
 /// Something that happened to a running VM.
@@ -103,6 +132,26 @@ pub trait Vm: Send + Sync {
 
     /// Kills the hypervisor process (last resort).
     fn kill(&self);
+
+    /// Saves memory, CPU and device state to a file while the guest runs,
+    /// and the root disk as it was at the instant the guest was paused;
+    /// reports progress through `progress`. On failure the guest runs on.
+    async fn checkpoint(
+        &self,
+        plan: &CheckpointPlan,
+        progress: &mut (dyn FnMut(SnapshotProgress) + Send),
+    ) -> Result<CheckpointOutcome, HvError>;
+
+    /// After an agent restart: ends a checkpoint the previous agent left
+    /// half done and resumes the guest if that left it paused.
+    async fn recover_checkpoint(&self) -> Result<(), HvError>;
+
+    /// Plugs or unplugs the VM's network cable.
+    async fn set_link(&self, up: bool) -> Result<(), HvError>;
+
+    /// Sends one request line to the guest's control channel and returns
+    /// its answer line.
+    async fn guest_request(&self, line: &str) -> Result<String, HvError>;
 }
 
 /// Starts and finds VMs.

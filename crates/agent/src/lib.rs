@@ -5,6 +5,7 @@
 //! VMs outlive the agent: stopping or crashing the agent leaves them
 //! running, and the next agent re-attaches to them.
 
+pub mod checkpoints;
 pub mod disks;
 pub mod fake_hv;
 pub mod host;
@@ -118,6 +119,10 @@ pub struct AgentContext {
     pub http: reqwest::Client,
     /// The agent's data directory.
     pub data_dir: PathBuf,
+    /// Where snapshot requests reach each VM's supervisor, by instance id.
+    pub checkpoint_inboxes: std::sync::Mutex<
+        HashMap<InstanceId, tokio::sync::mpsc::UnboundedSender<skyvisor_core::Snapshot>>,
+    >,
 }
 
 impl AgentContext {
@@ -193,6 +198,7 @@ pub async fn start(
             .build()
             .unwrap_or_default(),
         data_dir: cfg.data_dir.clone(),
+        checkpoint_inboxes: std::sync::Mutex::new(HashMap::new()),
     });
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -263,6 +269,7 @@ pub async fn start(
         cfg.data_dir.clone(),
     )));
     tasks.push(tokio::spawn(dispatch(ctx.clone())));
+    tasks.push(tokio::spawn(checkpoints::follow(ctx.clone())));
     Ok(AgentHandle {
         url,
         ctx,

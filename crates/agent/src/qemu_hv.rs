@@ -1,18 +1,37 @@
 //! [`Hypervisor`] on QEMU, through the `skyvisor-qemu` driver.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use skyvisor_core::ExitReason;
 use skyvisor_core::image::DiskFormat;
-use skyvisor_qemu::qmp::{EventKind, EventStreamError, ShutdownCause};
+use skyvisor_core::{ExitReason, SnapshotProgress};
+use skyvisor_qemu::checkpoint::{self, DiskCapture, SavePlan};
+use skyvisor_qemu::qmp::{EventKind, EventStreamError, MigrationStatus, RunState, ShutdownCause};
 use skyvisor_qemu::{
-    Boot, CacheMode, DiskConfig, DiskSource, ExitInfo, NicConfig, ProcessExit, QemuVm, VmConfig,
+    Boot, CacheMode, DiskConfig, DiskSource, ExitInfo, Incoming, NicConfig, ProcessExit, QemuVm,
+    VmConfig, files,
 };
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, info};
 
-use crate::hypervisor::{HvError, Hypervisor, LaunchBoot, Vm, VmEvent, VmExit, VmLaunch};
+use crate::hypervisor::{
+    CheckpointOutcome, CheckpointPlan, HvError, Hypervisor, LaunchBoot, Vm, VmEvent, VmExit,
+    VmLaunch,
+};
+
+/// The block node of the root disk (its disk id in [`QemuHypervisor::config`]).
+const ROOT_NODE: &str = "root";
+/// Caps the write rate of checkpoints (bytes per second), to leave the
+/// host's disk to its VMs; unset, checkpoints write as fast as they can.
+pub const MAX_BANDWIDTH_ENV: &str = "SKYVISOR_CHECKPOINT_MAX_BANDWIDTH";
+/// The NIC's id.
+const NIC_ID: &str = "net0";
+/// How long loading a saved memory file may take.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long the guest gets to answer on its control channel.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs VMs as QEMU processes.
 pub struct QemuHypervisor {
@@ -51,12 +70,15 @@ impl QemuHypervisor {
             cache: CacheMode::Writeback,
         }];
         cfg.nics = vec![NicConfig {
-            id: "net0".into(),
+            id: NIC_ID.into(),
             ifname: l.tap.clone(),
             mac: l.mac,
             vhost: l.accel == skyvisor_core::Accel::Kvm && Path::new("/dev/vhost-net").exists(),
         }];
         cfg.guest_channel = l.guest_channel;
+        if l.incoming.is_some() {
+            cfg.incoming = Some(Incoming::Defer);
+        }
         cfg
     }
 }
@@ -188,6 +210,106 @@ impl Vm for QemuVmHandle {
     fn kill(&self) {
         let _ = self.vm.kill();
     }
+
+    async fn checkpoint(
+        &self,
+        plan: &CheckpointPlan,
+        progress: &mut (dyn FnMut(SnapshotProgress) + Send),
+    ) -> Result<CheckpointOutcome, HvError> {
+        let mut save = SavePlan::new(&plan.memory_file);
+        save.max_bandwidth = std::env::var(MAX_BANDWIDTH_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok());
+        save.disk = Some(DiskCapture {
+            node: ROOT_NODE.into(),
+            target_file: plan.disk_target.clone(),
+            target_node: "svckpt".into(),
+            job_id: "svckpt".into(),
+        });
+        let report = checkpoint::save(self.vm.qmp(), &save, |info| {
+            if let Some(ram) = &info.ram {
+                progress(SnapshotProgress {
+                    ram_transferred: ram.transferred,
+                    ram_remaining: ram.remaining,
+                    ram_total: ram.total,
+                });
+            }
+        })
+        .await
+        .map_err(control)?;
+        Ok(CheckpointOutcome {
+            paused: report.paused,
+            paused_at: report.paused_at,
+            total: report.total,
+        })
+    }
+
+    async fn recover_checkpoint(&self) -> Result<(), HvError> {
+        let qmp = self.vm.qmp();
+        let info = qmp.query_migrate().await.map_err(control)?;
+        if matches!(
+            info.status,
+            Some(MigrationStatus::Active | MigrationStatus::Setup | MigrationStatus::Device)
+        ) {
+            info!(
+                pid = self.vm.pid(),
+                "cancelling a checkpoint the previous agent left running"
+            );
+            qmp.migrate_cancel().await.map_err(control)?;
+            // The cancel completes asynchronously; wait a little for it.
+            for _ in 0..100 {
+                match qmp.query_migrate().await.map_err(control)?.status {
+                    Some(s) if s.is_finished() => break,
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        }
+        if let Ok(jobs) = qmp.query_jobs().await {
+            for j in jobs.iter().filter(|j| j.id == "svckpt") {
+                let _ = qmp.job_cancel(&j.id).await;
+                let _ = qmp.job_dismiss(&j.id).await;
+            }
+        }
+        let _ = qmp.blockdev_del("svckpt").await;
+        let status = qmp.query_status().await.map_err(control)?;
+        if status.status == RunState::Postmigrate {
+            info!(
+                pid = self.vm.pid(),
+                "resuming a guest a checkpoint left paused"
+            );
+            qmp.cont().await.map_err(control)?;
+        }
+        Ok(())
+    }
+
+    async fn set_link(&self, up: bool) -> Result<(), HvError> {
+        self.vm.qmp().set_link(NIC_ID, up).await.map_err(control)
+    }
+
+    async fn guest_request(&self, line: &str) -> Result<String, HvError> {
+        let path = self.vm.run_dir().join(files::GUEST_SOCKET);
+        let exchange = async {
+            let mut stream = tokio::net::UnixStream::connect(&path).await?;
+            stream.write_all(format!("{line}\n").as_bytes()).await?;
+            let mut reader = BufReader::new(stream);
+            let mut answer = String::new();
+            reader.read_line(&mut answer).await?;
+            Ok::<_, std::io::Error>(answer.trim().to_string())
+        };
+        match tokio::time::timeout(GUEST_TIMEOUT, exchange).await {
+            Ok(Ok(a)) if !a.is_empty() => Ok(a),
+            Ok(Ok(_)) => Err(HvError::Control(
+                "the guest closed its control channel without answering".into(),
+            )),
+            Ok(Err(e)) => Err(HvError::Control(format!(
+                "guest control channel {}: {e}",
+                path.display()
+            ))),
+            Err(_) => Err(HvError::Control(format!(
+                "the guest did not answer on its control channel within {GUEST_TIMEOUT:?}"
+            ))),
+        }
+    }
 }
 
 #[async_trait]
@@ -199,6 +321,28 @@ impl Hypervisor for QemuHypervisor {
             .map_err(|e| HvError::StartFailed(e.to_string()))?;
         // Subscribe before the guest runs so no event is missed.
         let handle = QemuVmHandle::new(vm);
+        if let Some(memory) = &launch.incoming {
+            match checkpoint::load(handle.vm.qmp(), memory, LOAD_TIMEOUT).await {
+                Ok(took) => {
+                    debug!(took_ms = took.as_millis() as u64, "memory loaded");
+                }
+                Err(e) => {
+                    let _ = handle.vm.kill();
+                    return Err(HvError::StartFailed(format!(
+                        "restoring memory from {}: {e}",
+                        memory.display()
+                    )));
+                }
+            }
+        }
+        if launch.link_down
+            && let Err(e) = handle.vm.qmp().set_link(NIC_ID, false).await
+        {
+            let _ = handle.vm.kill();
+            return Err(HvError::StartFailed(format!(
+                "could not unplug the NIC: {e}"
+            )));
+        }
         if let Err(e) = handle.vm.qmp().cont().await {
             let _ = handle.vm.kill();
             return Err(HvError::StartFailed(format!(

@@ -13,15 +13,17 @@ use std::time::Duration;
 use chrono::Utc;
 use skyvisor_core::image::{FileRole, ImageKind, ImageState};
 use skyvisor_core::{
-    ExitReason, ExitRecord, Image, InstancePhase, InstanceSpec, InstanceStatus, PowerState,
-    Resources, RestartPolicy, keys,
+    CheckpointSchedule, CloneSource, ExitReason, ExitRecord, Image, InstancePhase, InstanceSpec,
+    InstanceStatus, PowerState, Resources, RestartPolicy, RestoreRequest, Snapshot, SnapshotKind,
+    SnapshotOrigin, keys,
 };
 use skyvisor_store::{Op, StoreExt, encode};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::AgentContext;
+use crate::checkpoints;
 use crate::disks::create_root_disk;
 use crate::hypervisor::{LaunchBoot, Vm, VmEvent, VmExit, VmLaunch};
 
@@ -56,6 +58,29 @@ pub struct Supervisor {
     restart_at: Option<Instant>,
     backoff: Duration,
     probe: Option<(oneshot::Receiver<()>, tokio::task::JoinHandle<()>)>,
+    /// Snapshot requests for this VM (see [`crate::checkpoints::follow`]).
+    snap_tx: mpsc::UnboundedSender<Snapshot>,
+    snap_rx: mpsc::UnboundedReceiver<Snapshot>,
+    /// The schedule in force and when it next asks for a checkpoint.
+    schedule: Option<CheckpointSchedule>,
+    next_checkpoint: Option<Instant>,
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        let id = self.spec_rx.borrow().id;
+        let mut inboxes = self
+            .ctx
+            .checkpoint_inboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if inboxes
+            .get(&id)
+            .is_some_and(|tx| tx.same_channel(&self.snap_tx))
+        {
+            inboxes.remove(&id);
+        }
+    }
 }
 
 impl Supervisor {
@@ -70,6 +95,12 @@ impl Supervisor {
             Ok(Some((s, _))) => s,
             _ => InstanceStatus::pending(),
         };
+        let (snap_tx, snap_rx) = mpsc::unbounded_channel();
+        let id = spec_rx.borrow().id;
+        ctx.checkpoint_inboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, snap_tx.clone());
         Self {
             ctx,
             spec_rx,
@@ -80,6 +111,10 @@ impl Supervisor {
             restart_at: None,
             backoff: Duration::ZERO,
             probe: None,
+            snap_tx,
+            snap_rx,
+            schedule: None,
+            next_checkpoint: None,
         }
     }
 
@@ -91,6 +126,9 @@ impl Supervisor {
     pub async fn run(mut self) {
         let spec = self.spec_rx.borrow().clone();
         self.adopt(&spec).await;
+        for snap in checkpoints::recover(&self.ctx, &spec).await {
+            let _ = self.snap_tx.send(snap);
+        }
         loop {
             let spec = self.spec_rx.borrow_and_update().clone();
             if spec.deleting {
@@ -102,7 +140,9 @@ impl Supervisor {
             }
             self.status.observed_generation = spec.generation;
             self.publish(&spec).await;
+            self.plan_checkpoint(&spec);
             let restart_at = self.restart_at;
+            let checkpoint_at = self.next_checkpoint;
             tokio::select! {
                 changed = self.spec_rx.changed() => {
                     if changed.is_err() {
@@ -119,6 +159,13 @@ impl Supervisor {
                     info!(instance = %spec.name, "guest service answers");
                 }
                 () = sleep_until(restart_at) => { self.restart_at = None; }
+                Some(snap) = self.snap_rx.recv() => self.snapshot(&spec, snap).await,
+                () = sleep_until(checkpoint_at) => {
+                    self.next_checkpoint = None;
+                    if let Err(e) = checkpoints::request_scheduled(&self.ctx, &spec).await {
+                        warn!(instance = %spec.name, error = %e, "cannot request a scheduled checkpoint");
+                    }
+                }
             }
         }
     }
@@ -136,6 +183,9 @@ impl Supervisor {
             Err(_) => spec.resources,
         };
         info!(instance = %spec.name, pid = ?vm.pid(), "re-attached to running VM");
+        if let Err(e) = vm.recover_checkpoint().await {
+            warn!(instance = %spec.name, error = %e, "cannot check for an interrupted checkpoint");
+        }
         self.status.pid = vm.pid();
         self.status.phase = InstancePhase::Running;
         self.status.host = Some(self.ctx.host.clone());
@@ -156,6 +206,13 @@ impl Supervisor {
             self.hold = None;
             self.restart_at = None;
             self.backoff = Duration::ZERO;
+        }
+        if let Some(r) = &spec.restore
+            && r.generation > self.status.observed_restore_generation
+        {
+            let r = r.clone();
+            self.restore(spec, &r).await;
+            return true;
         }
         match &self.running {
             None => {
@@ -223,41 +280,257 @@ impl Supervisor {
 
     async fn start(&mut self, spec: &InstanceSpec) {
         self.set_phase(spec, InstancePhase::Starting).await;
-        match self.launch(spec).await {
+        let root = self.vm_dir(spec).join(ROOT_DISK);
+        let mut incoming = None;
+        if let Some(src) = &spec.clone_of
+            && !tokio::fs::try_exists(&root).await.unwrap_or(false)
+        {
+            match self.prepare_clone(spec, src, &root).await {
+                Ok(memory) => incoming = memory,
+                Err(message) => {
+                    self.start_failed(
+                        spec,
+                        format!("cloning from {}/{}: {message}", src.instance, src.snapshot),
+                    )
+                    .await;
+                    return;
+                }
+            }
+        }
+        let cloned = incoming.is_some();
+        let launched = self.launch(spec, incoming, cloned).await;
+        match launched {
             Ok(running) => {
-                self.status.pid = running.vm.pid();
-                self.status.accel = Some(self.ctx.accel);
-                self.status.host = Some(self.ctx.host.clone());
-                self.status.boot_count += 1;
-                self.status.started_at = Some(Utc::now());
-                self.status.ready_at = None;
-                self.status.guest_ready = false;
-                self.status.message = None;
-                self.status.phase = InstancePhase::Running;
-                self.status.observed_reboot_generation = spec.reboot_generation;
-                self.running = Some(running);
-                info!(instance = %spec.name, pid = ?self.status.pid, "VM started");
-                self.start_probe(spec);
+                self.launched(spec, running, true);
+                if let Some(src) = spec.clone_of.as_ref().filter(|_| cloned) {
+                    self.status.restored_from = Some(format!("{}/{}", src.instance, src.snapshot));
+                    if let Err(e) = self.give_identity(spec).await {
+                        // Running on with the parent's address would take it over.
+                        warn!(instance = %spec.name, error = %e, "the clone did not take its identity; stopping it");
+                        self.terminate().await;
+                        self.start_failed(
+                            spec,
+                            format!("the clone did not take its own identity: {e}"),
+                        )
+                        .await;
+                        return;
+                    }
+                    if let Some(r) = &self.running
+                        && let Err(e) = r.vm.set_link(true).await
+                    {
+                        warn!(instance = %spec.name, error = %e, "cannot plug the clone's NIC");
+                    }
+                    info!(instance = %spec.name, "clone took its own identity");
+                }
+                self.publish(spec).await;
             }
             Err(message) => {
-                warn!(instance = %spec.name, error = %message, "VM failed to start");
-                self.status.phase = InstancePhase::Failed;
-                self.status.pid = None;
-                self.status.message = Some(message.clone());
-                self.status.last_exit = Some(ExitRecord {
-                    at: Utc::now(),
-                    reason: ExitReason::StartFailed,
-                    detail: message,
-                });
-                self.hold = Some(spec.generation);
+                if cloned {
+                    // The next start clones again rather than boot the copy.
+                    let _ = tokio::fs::remove_file(&root).await;
+                }
+                self.start_failed(spec, message).await;
             }
+        }
+    }
+
+    /// Records a launched VM; `boot` counts it as a boot (a restore is not).
+    fn launched(&mut self, spec: &InstanceSpec, running: Running, boot: bool) {
+        self.status.pid = running.vm.pid();
+        self.status.accel = Some(self.ctx.accel);
+        self.status.host = Some(self.ctx.host.clone());
+        if boot {
+            self.status.boot_count += 1;
+            self.status.restored_from = None;
+        }
+        self.status.started_at = Some(Utc::now());
+        self.status.ready_at = None;
+        self.status.guest_ready = false;
+        self.status.message = None;
+        self.status.phase = InstancePhase::Running;
+        self.status.observed_reboot_generation = spec.reboot_generation;
+        self.running = Some(running);
+        info!(instance = %spec.name, pid = ?self.status.pid, boot, "VM started");
+        self.start_probe(spec);
+    }
+
+    /// Records a start that failed and holds until the spec changes.
+    async fn start_failed(&mut self, spec: &InstanceSpec, message: String) {
+        warn!(instance = %spec.name, error = %message, "VM failed to start");
+        self.status.phase = InstancePhase::Failed;
+        self.status.pid = None;
+        self.status.guest_ready = false;
+        self.status.message = Some(message.clone());
+        self.status.last_exit = Some(ExitRecord {
+            at: Utc::now(),
+            reason: ExitReason::StartFailed,
+            detail: message,
+        });
+        self.hold = Some(spec.generation);
+        self.publish(spec).await;
+    }
+
+    /// Plans the next scheduled checkpoint: one interval after the VM
+    /// started running or the last one was asked for.
+    fn plan_checkpoint(&mut self, spec: &InstanceSpec) {
+        if spec.checkpoint_schedule != self.schedule {
+            self.schedule = spec.checkpoint_schedule;
+            self.next_checkpoint = None;
+        }
+        match (self.schedule, self.running.is_some()) {
+            (Some(s), true) => {
+                if self.next_checkpoint.is_none() {
+                    self.next_checkpoint = Some(Instant::now() + Duration::from_secs(s.every_secs));
+                }
+            }
+            _ => self.next_checkpoint = None,
+        }
+    }
+
+    /// Takes a requested snapshot: live if the VM runs, of the disk if not.
+    async fn snapshot(&mut self, spec: &InstanceSpec, snap: Snapshot) {
+        let root = self.vm_dir(spec).join(ROOT_DISK);
+        let origin = snap.origin;
+        let vm = self.running.as_ref().map(|r| r.vm.as_ref());
+        checkpoints::take(&self.ctx, spec, vm, &root, snap).await;
+        if origin == SnapshotOrigin::Scheduled {
+            checkpoints::prune(&self.ctx, spec).await;
+        }
+    }
+
+    /// Puts the VM back to a snapshot: its disk, and for a full snapshot
+    /// its memory and devices, continuing where the snapshot left off. A
+    /// snapshot that does not fit leaves the VM as it is.
+    async fn restore(&mut self, spec: &InstanceSpec, r: &RestoreRequest) {
+        self.status.observed_restore_generation = r.generation;
+        let snap = match checkpoints::get(self.ctx.store.as_ref(), &spec.name, &r.snapshot).await {
+            Ok(Some(s)) if s.instance_id == spec.id => Ok(s),
+            Ok(Some(_)) => Err("it belongs to an earlier VM of this name".to_string()),
+            Ok(None) => Err("it no longer exists".to_string()),
+            Err(e) => Err(format!("reading it: {e}")),
+        };
+        let snap = match snap
+            .and_then(|s| checkpoints::check_usable(&self.ctx, &s, spec).map(|()| s))
+        {
+            Ok(s) => s,
+            Err(m) => {
+                warn!(instance = %spec.name, snapshot = %r.snapshot, error = %m, "restore refused");
+                self.status.message = Some(format!("restore from {} failed: {m}", r.snapshot));
+                self.publish(spec).await;
+                return;
+            }
+        };
+        info!(instance = %spec.name, snapshot = %snap.name, kind = ?snap.kind, "restoring");
+        self.cancel_probe();
+        self.set_phase(spec, InstancePhase::Starting).await;
+        if self.running.is_some() {
+            self.terminate().await;
+        }
+        self.status.pid = None;
+        self.status.guest_ready = false;
+        self.restart_at = None;
+        self.hold = None;
+        let root = self.vm_dir(spec).join(ROOT_DISK);
+        if let Err(m) = checkpoints::restore_disk(&self.ctx, &snap, &root).await {
+            self.start_failed(spec, format!("restore from {} failed: {m}", snap.name))
+                .await;
+            return;
+        }
+        let from = Some(snap.name.to_string());
+        if snap.kind == Some(SnapshotKind::Full) && spec.power == PowerState::Running {
+            match self
+                .launch(
+                    spec,
+                    Some(checkpoints::memory_file(&self.ctx, &snap)),
+                    false,
+                )
+                .await
+            {
+                Ok(running) => {
+                    self.launched(spec, running, false);
+                    self.status.restored_from = from;
+                    info!(instance = %spec.name, snapshot = %snap.name, "restored");
+                }
+                Err(m) => {
+                    self.start_failed(spec, format!("restore from {} failed: {m}", snap.name))
+                        .await;
+                    return;
+                }
+            }
+        } else {
+            // Disk only (or the VM is to stay stopped): the next turn boots
+            // it from the restored disk if it should run.
+            self.status.phase = InstancePhase::Stopped;
+            self.status.restored_from = from;
+            self.status.message = None;
         }
         self.publish(spec).await;
     }
 
+    /// Copies a clone's first disk from its snapshot; returns the memory
+    /// file to continue from, for a full snapshot.
+    async fn prepare_clone(
+        &self,
+        spec: &InstanceSpec,
+        src: &CloneSource,
+        root: &std::path::Path,
+    ) -> Result<Option<PathBuf>, String> {
+        let snap = checkpoints::get(self.ctx.store.as_ref(), &src.instance, &src.snapshot)
+            .await
+            .map_err(|e| format!("reading the snapshot: {e}"))?
+            .ok_or("the snapshot no longer exists")?;
+        checkpoints::check_usable(&self.ctx, &snap, spec)?;
+        let dir = self.vm_dir(spec);
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        checkpoints::restore_disk(&self.ctx, &snap, root).await?;
+        Ok((snap.kind == Some(SnapshotKind::Full))
+            .then(|| checkpoints::memory_file(&self.ctx, &snap)))
+    }
+
+    /// Tells a clone's guest (which woke up as its parent) who it is now:
+    /// name, id, address and MAC, over the guest channel.
+    async fn give_identity(&self, spec: &InstanceSpec) -> Result<(), String> {
+        let Some(running) = &self.running else {
+            return Err("the VM is not running".into());
+        };
+        let n = &spec.network;
+        let line = serde_json::json!({
+            "op": "set-identity",
+            "name": spec.name.as_str(),
+            "id": spec.id.to_string(),
+            "ip": format!("{}/{}", n.ip, n.prefix_len),
+            "gw": n.gateway.to_string(),
+            "mac": n.mac.to_string(),
+        })
+        .to_string();
+        let mut last = String::new();
+        for _ in 0..3 {
+            match running.vm.guest_request(&line).await {
+                Ok(answer) => {
+                    let v: serde_json::Value = serde_json::from_str(&answer)
+                        .map_err(|e| format!("the guest answered {answer:?}: {e}"))?;
+                    if v["ok"] == true {
+                        return Ok(());
+                    }
+                    return Err(format!("the guest refused: {}", v["error"]));
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(last)
+    }
+
     /// Prepares disk and network and launches the VM; undoes what it did
-    /// on failure.
-    async fn launch(&mut self, spec: &InstanceSpec) -> Result<Running, String> {
+    /// on failure. With `incoming`, the VM continues from that saved
+    /// memory instead of booting.
+    async fn launch(
+        &mut self,
+        spec: &InstanceSpec,
+        incoming: Option<PathBuf>,
+        link_down: bool,
+    ) -> Result<Running, String> {
         let dir = self.vm_dir(spec);
         tokio::fs::create_dir_all(&dir)
             .await
@@ -327,6 +600,8 @@ impl Supervisor {
             tap: tap.clone(),
             mac: spec.network.mac,
             guest_channel: image.guest_service,
+            incoming,
+            link_down,
         };
         let vm = match self.ctx.hypervisor.launch(&launch).await {
             Ok(vm) => vm,
@@ -591,6 +866,7 @@ impl Supervisor {
     /// Deletes the VM: power off, remove tap and disk, then the records.
     async fn teardown(&mut self, spec: &InstanceSpec) {
         self.set_phase(spec, InstancePhase::Deleting).await;
+        checkpoints::abandon(&self.ctx, spec).await;
         self.cancel_probe();
         if self.running.is_some() {
             self.stop(spec, true).await;

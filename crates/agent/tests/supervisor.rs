@@ -114,6 +114,9 @@ fn spec(name: &str, policy: RestartPolicy) -> InstanceSpec {
         deleting: false,
         generation: 1,
         created_at: Utc::now(),
+        restore: None,
+        clone_of: None,
+        checkpoint_schedule: None,
     }
 }
 

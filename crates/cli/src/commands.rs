@@ -19,6 +19,7 @@ use skyvisor_core::{
 use crate::client::Client;
 use crate::output::{self, OutputFormat, ago, kv, mib, table};
 use crate::progress::Progress;
+use crate::snapshots::{self, SnapshotCommand};
 use crate::{parse_gib, parse_mib};
 
 /// A client command.
@@ -114,6 +115,37 @@ pub enum VmCommand {
         /// Return without waiting until it is gone.
         #[arg(long)]
         no_wait: bool,
+        /// Delete its snapshots too (they are kept by default).
+        #[arg(long)]
+        with_snapshots: bool,
+    },
+    /// Snapshots (checkpoints) of VMs: create, list, show, delete.
+    #[command(subcommand, alias = "snap")]
+    Snapshot(SnapshotCommand),
+    /// Put a VM back to one of its snapshots: memory, processes and disk
+    /// as they were; what was written since is lost.
+    Restore {
+        /// The VM.
+        name: String,
+        /// The snapshot.
+        snapshot: String,
+        /// Wait until the VM runs from the snapshot and its service answers.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Change a VM's settings: its checkpoint schedule.
+    Update {
+        /// The VM.
+        name: String,
+        /// Take a checkpoint this often while it runs, e.g. 10m (`off` to stop).
+        #[arg(long)]
+        checkpoint_every: String,
+        /// Scheduled checkpoints to keep (older ones are deleted; manual ones never).
+        #[arg(long)]
+        keep: Option<u32>,
     },
     /// Print the VM's serial console output.
     #[command(alias = "logs")]
@@ -134,9 +166,19 @@ pub enum VmCommand {
 pub struct CreateArgs {
     /// Name (lowercase letters, digits and '-').
     pub name: String,
-    /// Image to boot.
-    #[arg(long, default_value = "debian-busybox")]
-    pub image: String,
+    /// Image to boot (default debian-busybox; a clone takes its snapshot's).
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Clone: start from snapshot VM/SNAPSHOT (its memory, processes and
+    /// disk) with a new name, id, MAC and IP.
+    #[arg(long, conflicts_with_all = ["image", "instance_type", "vcpus", "memory"])]
+    pub from_snapshot: Option<String>,
+    /// Take a checkpoint this often while it runs, e.g. 10m.
+    #[arg(long)]
+    pub checkpoint_every: Option<String>,
+    /// Scheduled checkpoints to keep (default 5).
+    #[arg(long)]
+    pub keep: Option<u32>,
     /// Instance type (see `skyvisor type list`).
     #[arg(long = "type", short = 't')]
     pub instance_type: Option<String>,
@@ -368,6 +410,18 @@ fn vm_detail(i: &Instance) {
         ("boots", s.boot_count.to_string()),
         ("restarts", s.restart_count.to_string()),
     ];
+    if let Some(c) = &i.spec.checkpoint_schedule {
+        rows.push((
+            "checkpoints",
+            format!("every {}s, keep {}", c.every_secs, c.keep),
+        ));
+    }
+    if let Some(c) = &i.spec.clone_of {
+        rows.push(("clone of", format!("{}/{}", c.instance, c.snapshot)));
+    }
+    if let Some(r) = &s.restored_from {
+        rows.push(("restored from", r.clone()));
+    }
     if let Some(a) = s.accel {
         rows.push(("accel", a.to_string()));
     }
@@ -491,13 +545,18 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
     let quiet = format == OutputFormat::Json;
     match cmd {
         VmCommand::Create(a) => {
-            let instance_type = match (&a.instance_type, a.vcpus, a.memory) {
-                (None, None, None) => Some("small".to_string()),
-                (t, _, _) => t.clone(),
+            let instance_type = match (&a.instance_type, a.vcpus, a.memory, &a.from_snapshot) {
+                (None, None, None, None) => Some("small".to_string()),
+                (t, _, _, _) => t.clone(),
+            };
+            let image = match (&a.image, &a.from_snapshot) {
+                (Some(i), _) => i.clone(),
+                (None, Some(_)) => String::new(),
+                (None, None) => "debian-busybox".to_string(),
             };
             let req = CreateInstanceRequest {
                 name: a.name.clone(),
-                image: a.image.clone(),
+                image,
                 instance_type,
                 vcpus: a.vcpus,
                 memory_mib: a.memory,
@@ -505,6 +564,8 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                 restart_policy: Some(a.restart),
                 start: Some(!a.no_start),
                 stop_timeout_secs: a.stop_timeout,
+                from_snapshot: a.from_snapshot.clone(),
+                checkpoint_schedule: snapshots::schedule(a.checkpoint_every.as_deref(), a.keep)?,
             };
             let mut inst: Instance = client.post("/v1/instances", &req).await?;
             if a.wait && !a.no_start {
@@ -669,11 +730,12 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
             name,
             force,
             no_wait,
+            with_snapshots,
         } => {
             let inst: Instance = client
                 .call::<(), Instance>(
                     Method::DELETE,
-                    &format!("/v1/instances/{name}?force={force}"),
+                    &format!("/v1/instances/{name}?force={force}&with_snapshots={with_snapshots}"),
                     None,
                 )
                 .await?;
@@ -689,12 +751,53 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                 )
                 .await?;
                 if !quiet {
-                    eprintln!("VM {name} deleted");
+                    eprintln!(
+                        "VM {name} deleted{}",
+                        if with_snapshots {
+                            " with its snapshots"
+                        } else {
+                            "; its snapshots are kept (see `skyvisor vm snapshot list`)"
+                        }
+                    );
                 }
             }
             if quiet {
                 output::print(format, &inst, |_| {});
             }
+        }
+        VmCommand::Snapshot(c) => snapshots::snapshot(client, format, c).await?,
+        VmCommand::Restore {
+            name,
+            snapshot,
+            wait,
+            timeout,
+        } => {
+            let started = std::time::Instant::now();
+            let inst = snapshots::restore(
+                client,
+                format,
+                &name,
+                &snapshot,
+                wait,
+                Duration::from_secs(timeout),
+            )
+            .await?;
+            if wait && !quiet {
+                eprintln!(
+                    "VM {name} restored from {snapshot}; it answers after {:.2}s",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            output::print(format, &inst, |i| vm_table(std::slice::from_ref(i)));
+        }
+        VmCommand::Update {
+            name,
+            checkpoint_every,
+            keep,
+        } => {
+            let schedule = snapshots::schedule(Some(&checkpoint_every), keep)?;
+            let inst = snapshots::update_schedule(client, &name, schedule).await?;
+            output::print(format, &inst, vm_detail);
         }
         VmCommand::Console { name, follow, tail } => {
             let mut offset: i64 = match tail {

@@ -5,6 +5,7 @@ pub mod client;
 pub mod commands;
 pub mod output;
 pub mod progress;
+pub mod snapshots;
 
 pub use client::{Client, ClientError};
 pub use commands::{ClientCommand, run};

@@ -98,13 +98,64 @@ impl ControlPlane {
     /// writes spec, status and address claim in one transaction.
     pub async fn create_instance(&self, req: CreateInstanceRequest) -> ApiResult<Instance> {
         let name = InstanceName::new(req.name.clone())?;
-        let image_name = ImageName::new(req.image.clone())?;
-        let (itype, resources) = resolve_size(
-            req.instance_type.as_deref(),
-            req.vcpus,
-            req.memory_mib,
-            req.disk_gib,
-        )?;
+        if let Some(s) = &req.checkpoint_schedule {
+            s.validate()?;
+        }
+        // A clone takes its image, size and host from its snapshot.
+        let clone = match &req.from_snapshot {
+            Some(r) => {
+                let src = skyvisor_core::snapshot::parse_snapshot_ref(r)?;
+                let snap = self
+                    .snapshot(src.instance.as_str(), src.snapshot.as_str())
+                    .await?;
+                crate::snapshots::check_ready(&snap)?;
+                Some((src, snap))
+            }
+            None => None,
+        };
+        let (image_name, (itype, resources)) = match &clone {
+            Some((_, snap)) => {
+                if !req.image.is_empty() && req.image != snap.image.as_str() {
+                    return Err(ApiError::from(ValidationError::new(
+                        "image",
+                        format!(
+                            "a clone runs its snapshot's image {}, not {}; leave the image out",
+                            snap.image, req.image
+                        ),
+                    )));
+                }
+                if req.instance_type.is_some() || req.vcpus.is_some() || req.memory_mib.is_some() {
+                    return Err(ApiError::from(ValidationError::new(
+                        "instance type",
+                        "a clone has its snapshot's size; leave type, vcpus and memory out",
+                    )));
+                }
+                let mut r = snap.resources;
+                if let Some(d) = req.disk_gib {
+                    r.disk_gib = d;
+                }
+                let t = snap
+                    .instance_type
+                    .as_ref()
+                    .and_then(|t| find_type(t.as_str()).ok());
+                (snap.image.clone(), (t, r))
+            }
+            None if req.image.is_empty() => {
+                return Err(ApiError::from(ValidationError::new(
+                    "image",
+                    "missing field `image`: give the image to boot (or from_snapshot to clone)",
+                )));
+            }
+            None => (
+                ImageName::new(req.image.clone())?,
+                resolve_size(
+                    req.instance_type.as_deref(),
+                    req.vcpus,
+                    req.memory_mib,
+                    req.disk_gib,
+                )?,
+            ),
+        };
         let stop_timeout_secs =
             validate_stop_timeout(req.stop_timeout_secs.unwrap_or(DEFAULT_STOP_TIMEOUT_SECS))?;
         let image = self.image(&image_name).await?;
@@ -147,6 +198,8 @@ impl ControlPlane {
             &self.inventory.hosts().await,
             &PlacementRequest {
                 resources,
+                // A clone starts where its snapshot's files are.
+                only: clone.as_ref().map(|(_, s)| s.host.clone()),
                 ..Default::default()
             },
             self.config.weigher,
@@ -193,6 +246,9 @@ impl ControlPlane {
                 deleting: false,
                 generation: 1,
                 created_at: Utc::now(),
+                restore: None,
+                clone_of: clone.as_ref().map(|(src, _)| src.clone()),
+                checkpoint_schedule: req.checkpoint_schedule,
             };
             let spec_key = keys::instance_spec(&name);
             let claim_key = keys::ipam_claim(&network.name, ip);
@@ -248,7 +304,7 @@ impl ControlPlane {
 
     /// Applies `change` to the stored spec with compare-and-swap, retrying
     /// when an agent or another request wrote in between.
-    async fn update_spec(
+    pub(crate) async fn update_spec(
         &self,
         name: &str,
         change: impl Fn(&mut InstanceSpec, &InstanceStatus) -> ApiResult<()>,
@@ -389,7 +445,12 @@ impl ControlPlane {
 
     /// Marks the instance for deletion; its agent cleans up and removes the
     /// records. A running instance needs `force`.
-    pub async fn delete_instance(&self, name: &str, force: bool) -> ApiResult<Instance> {
+    pub async fn delete_instance(
+        &self,
+        name: &str,
+        force: bool,
+        with_snapshots: bool,
+    ) -> ApiResult<Instance> {
         let name_v = InstanceName::new(name)?;
         let key = keys::instance_spec(&name_v);
         for _ in 0..16 {
@@ -405,6 +466,9 @@ impl ControlPlane {
                 .map(|(s, _)| s)
                 .unwrap_or_else(InstanceStatus::pending);
             if spec.deleting {
+                if with_snapshots {
+                    self.delete_snapshots_of(&spec).await?;
+                }
                 return Ok(Instance { spec, status });
             }
             let running = matches!(
@@ -436,7 +500,10 @@ impl ControlPlane {
                 self.inventory
                     .wait_for(out.revision, READ_YOUR_WRITES)
                     .await;
-                info!(instance = %name, "instance deletion requested");
+                if with_snapshots {
+                    self.delete_snapshots_of(&spec).await?;
+                }
+                info!(instance = %name, with_snapshots, "instance deletion requested");
                 return Ok(Instance { spec, status });
             }
         }

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::instance::RestartPolicy;
+use crate::snapshot::CheckpointSchedule;
 
 /// Body of `POST /v1/instances`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
@@ -12,7 +13,8 @@ use crate::instance::RestartPolicy;
 pub struct CreateInstanceRequest {
     /// Unique name (a DNS label).
     pub name: String,
-    /// Image to boot.
+    /// Image to boot (required, unless cloning).
+    #[serde(default)]
     pub image: String,
     /// Instance type; omit it and give `vcpus` and `memory_mib` for a custom size.
     #[serde(default)]
@@ -35,6 +37,38 @@ pub struct CreateInstanceRequest {
     /// Graceful stop timeout in seconds (default 30).
     #[serde(default)]
     pub stop_timeout_secs: Option<u32>,
+    /// Clone: start from snapshot `VM/SNAPSHOT` instead of booting. The
+    /// image and size come from the snapshot (give none, or the same).
+    #[serde(default)]
+    pub from_snapshot: Option<String>,
+    /// Periodic checkpoints.
+    #[serde(default)]
+    pub checkpoint_schedule: Option<CheckpointSchedule>,
+}
+
+/// Body of `POST /v1/instances/{name}/snapshots`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshotRequest {
+    /// The snapshot's name; default `snap-<UTC time>`.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// Body of `POST /v1/instances/{name}/restore`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreInstanceRequest {
+    /// The snapshot of this instance to go back to.
+    pub snapshot: String,
+}
+
+/// Body of `PUT /v1/instances/{name}/checkpoint-schedule`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleRequest {
+    /// The schedule, or null to turn periodic checkpoints off.
+    pub schedule: Option<CheckpointSchedule>,
 }
 
 /// Body of `POST /v1/instances/{name}/stop`.

@@ -14,6 +14,7 @@ use crate::error::ValidationError;
 use crate::names::{HostName, ImageName, InstanceName, TypeName};
 use crate::network::NetworkAttachment;
 use crate::resources::Resources;
+use crate::snapshot::{CheckpointSchedule, CloneSource, RestoreRequest};
 
 /// The unique, never reused id of an instance.
 #[derive(
@@ -124,6 +125,15 @@ pub struct InstanceSpec {
     pub generation: u64,
     /// When it was created.
     pub created_at: DateTime<Utc>,
+    /// The latest restore asked for; acted on once (see [`RestoreRequest`]).
+    #[serde(default)]
+    pub restore: Option<RestoreRequest>,
+    /// For a clone: the snapshot its first start continues from.
+    #[serde(default)]
+    pub clone_of: Option<CloneSource>,
+    /// Periodic checkpoints, if wanted.
+    #[serde(default)]
+    pub checkpoint_schedule: Option<CheckpointSchedule>,
 }
 
 /// The lifecycle phase of an instance, as reported by its agent.
@@ -224,6 +234,12 @@ pub struct InstanceStatus {
     pub observed_generation: u64,
     /// The reboot generation last carried out.
     pub observed_reboot_generation: u64,
+    /// The restore generation last carried out (done or failed).
+    #[serde(default)]
+    pub observed_restore_generation: u64,
+    /// The snapshot the running guest was last restored (or cloned) from.
+    #[serde(default)]
+    pub restored_from: Option<String>,
     /// When this status was written.
     pub updated_at: DateTime<Utc>,
 }
@@ -246,6 +262,8 @@ impl InstanceStatus {
             message: None,
             observed_generation: 0,
             observed_reboot_generation: 0,
+            observed_restore_generation: 0,
+            restored_from: None,
             updated_at: Utc::now(),
         }
     }

@@ -26,6 +26,8 @@ pub const NETWORKS: &str = "networks/";
 pub const DEFAULT_NETWORK: &str = "default";
 /// Prefix of all IP address claims.
 pub const IPAM: &str = "ipam/";
+/// Prefix of all snapshot records: `snapshots/<instance>/<snapshot>`.
+pub const SNAPSHOTS: &str = "snapshots/";
 
 /// The spec of instance `name`.
 pub fn instance_spec(name: &InstanceName) -> String {
@@ -70,6 +72,16 @@ pub fn ipam_prefix(network: &str) -> String {
 /// The claim of `ip` in `network`.
 pub fn ipam_claim(network: &str, ip: Ipv4Addr) -> String {
     format!("{IPAM}{network}/{ip}")
+}
+
+/// Prefix of the snapshots of instance `name`.
+pub fn snapshots_of(name: &InstanceName) -> String {
+    format!("{SNAPSHOTS}{name}/")
+}
+
+/// Snapshot `snapshot` of instance `name`.
+pub fn snapshot(name: &InstanceName, snapshot: &crate::snapshot::SnapshotName) -> String {
+    format!("{SNAPSHOTS}{name}/{snapshot}")
 }
 
 /// The last path segment of `key`: the name of the object it holds.

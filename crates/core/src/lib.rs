@@ -14,6 +14,7 @@ pub mod keys;
 pub mod names;
 pub mod network;
 pub mod resources;
+pub mod snapshot;
 
 pub use accel::{Accel, AccelMode};
 pub use error::ValidationError;
@@ -26,6 +27,10 @@ pub use instance::{
 pub use names::{HostName, ImageName, InstanceName, TypeName};
 pub use network::{Ipv4Net, MacAddr, Network, NetworkAttachment};
 pub use resources::{InstanceType, Resources};
+pub use snapshot::{
+    CheckpointSchedule, CloneSource, RestoreRequest, Snapshot, SnapshotKind, SnapshotName,
+    SnapshotOrigin, SnapshotProgress, SnapshotState,
+};
 
 /// The version of Skyvisor this crate was built as; agents of another
 /// version are refused by the server.

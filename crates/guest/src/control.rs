@@ -52,6 +52,17 @@ pub struct IdentityUpdate {
     pub ip: Option<Ipv4Cidr>,
     /// New default gateway.
     pub gw: Option<Ipv4Addr>,
+    /// New MAC of eth0 (a clone continues with its parent's MAC in RAM).
+    pub mac: Option<String>,
+}
+
+/// Whether `s` is a MAC like `52:54:00:12:34:56`.
+pub fn valid_mac(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 impl IdentityUpdate {
@@ -109,11 +120,18 @@ pub fn parse_request(line: &str) -> Result<ControlRequest, String> {
                         .map_err(|_| format!("gw {s:?} is not an IPv4 address"))
                 })
                 .transpose()?;
+            let mac = opt_string(&v, "mac")?;
+            if let Some(m) = &mac
+                && !valid_mac(m)
+            {
+                return Err(format!("mac {m:?} is not a MAC like 52:54:00:12:34:56"));
+            }
             Ok(ControlRequest::SetIdentity(IdentityUpdate {
                 name,
                 id,
                 ip,
                 gw,
+                mac,
             }))
         }
         other => Err(format!("unknown op {other:?}")),
@@ -124,6 +142,9 @@ pub fn parse_request(line: &str) -> Result<ControlRequest, String> {
 pub fn net_commands(update: &IdentityUpdate) -> Vec<Vec<String>> {
     let mut cmds = Vec::new();
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<String>>();
+    if let Some(mac) = &update.mac {
+        cmds.push(s(&["ip", "link", "set", "eth0", "address", mac]));
+    }
     if let Some(ip) = update.ip {
         cmds.push(s(&["ip", "addr", "flush", "dev", "eth0"]));
         cmds.push(s(&["ip", "addr", "add", &ip.to_string(), "dev", "eth0"]));
@@ -374,6 +395,7 @@ mod tests {
             r#"{"op":"set-identity","gw":"x"}"#,
             r#"{"op":"set-identity","name":"a b"}"#,
             r#"{"op":"set-identity","name":5}"#,
+            r#"{"op":"set-identity","mac":"52:54:00:zz:00:01"}"#,
         ] {
             assert!(parse_request(bad).is_err(), "{bad}");
         }
@@ -384,12 +406,14 @@ mod tests {
         let u = IdentityUpdate {
             ip: "10.0.0.7/24".parse().ok(),
             gw: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            mac: Some("52:54:00:01:02:03".into()),
             ..Default::default()
         };
         let cmds: Vec<String> = net_commands(&u).iter().map(|c| c.join(" ")).collect();
         assert_eq!(
             cmds,
             [
+                "ip link set eth0 address 52:54:00:01:02:03",
                 "ip addr flush dev eth0",
                 "ip addr add 10.0.0.7/24 dev eth0",
                 "ip link set eth0 up",

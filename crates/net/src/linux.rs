@@ -76,6 +76,20 @@ fn link_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }
 
+/// Whether link `name` is already up and a port of `bridge` (a VM restarted
+/// on its tap, e.g. for a restore): then there is nothing to run.
+fn attached_and_up(name: &str, bridge: &str) -> bool {
+    let dir = Path::new("/sys/class/net").join(name);
+    let master = std::fs::read_link(dir.join("master"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let up = std::fs::read_to_string(dir.join("flags"))
+        .ok()
+        .and_then(|f| u32::from_str_radix(f.trim().trim_start_matches("0x"), 16).ok())
+        .is_some_and(|flags| flags & 0x1 != 0);
+    up && master.as_deref() == Some(bridge)
+}
+
 /// The nftables table name for a bridge's NAT rules.
 fn nat_table(bridge: &str) -> String {
     format!("skyvisor-{bridge}")
@@ -130,6 +144,9 @@ impl HostNetwork for LinuxNetwork {
 
     async fn ensure_tap(&self, name: &str, bridge: &str) -> Result<(), NetError> {
         validate_ifname(name)?;
+        if attached_and_up(name, bridge) {
+            return Ok(());
+        }
         if !link_exists(name) {
             run("ip", &["tuntap", "add", "dev", name, "mode", "tap"], None).await?;
         }

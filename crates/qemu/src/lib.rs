@@ -5,6 +5,8 @@
 //!   caller); [`attach`] finds it again after a restart; [`QemuVm`] watches
 //!   it exit and holds its [`Qmp`] session.
 //! - [`qmp`] is a small QMP client with typed helpers and an event stream.
+//! - [`checkpoint`] saves a running VM's memory and a point-in-time disk
+//!   copy, and loads saved memory into a new QEMU.
 //! - [`host`] tells QEMU's version and whether an accelerator really boots.
 //! - `fake` (feature `fake`) is a fake QMP server for tests.
 //!
@@ -12,6 +14,7 @@
 //! import them. Callers own the policy (restart, migrate, stop); this crate
 //! only does what it is told and reports what QEMU did.
 
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 #[cfg(any(test, feature = "fake"))]

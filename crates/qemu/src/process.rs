@@ -37,8 +37,9 @@ use crate::qmp::{EventKind, EventStream, EventStreamError, Qmp, QmpOptions, Shut
 const EVENT_DRAIN: Duration = Duration::from_secs(3);
 /// How long a QEMU that broke the QMP handshake gets to exit and explain.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
-/// How often [`launch`] looks for the QMP socket.
-const POLL: Duration = Duration::from_millis(50);
+/// How often [`launch`] looks for the QMP socket (often: a restore waits
+/// on it with the guest down).
+const POLL: Duration = Duration::from_millis(5);
 /// Lines of `qemu.log` kept in errors and [`ExitInfo`].
 const TAIL_LINES: usize = 20;
 /// Bytes of `qemu.log` read for a tail.

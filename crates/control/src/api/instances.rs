@@ -56,6 +56,10 @@ pub(super) struct DeleteQuery {
     /// Delete even if it is running (it is powered off first).
     #[serde(default)]
     force: bool,
+    /// Delete its snapshots too (by default they are kept, and can still
+    /// be cloned).
+    #[serde(default)]
+    with_snapshots: bool,
 }
 
 /// Deletes an instance: its agent powers it off, removes its disk and
@@ -74,7 +78,7 @@ pub(super) async fn delete(
 ) -> ApiResult<(StatusCode, Json<Instance>)> {
     Ok((
         StatusCode::ACCEPTED,
-        Json(cp.delete_instance(&name, q.force).await?),
+        Json(cp.delete_instance(&name, q.force, q.with_snapshots).await?),
     ))
 }
 

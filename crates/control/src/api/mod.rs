@@ -8,6 +8,7 @@ mod extract;
 mod hosts;
 mod images;
 mod instances;
+mod snapshots;
 
 use axum::Json;
 use axum::Router;
@@ -56,6 +57,11 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(instances::reboot))
         .routes(routes!(instances::resize))
         .routes(routes!(instances::console))
+        .routes(routes!(snapshots::list, snapshots::create))
+        .routes(routes!(snapshots::show, snapshots::delete))
+        .routes(routes!(snapshots::list_all))
+        .routes(routes!(snapshots::restore))
+        .routes(routes!(snapshots::schedule))
         .routes(routes!(images::list))
         .routes(routes!(images::build))
         .routes({

@@ -5,8 +5,8 @@ use serde_json::{Value, json};
 
 use super::Qmp;
 use super::types::{
-    AnnounceParameters, BlockJobInfo, BlockdevMirror, MigrationCapability, MigrationInfo,
-    MigrationParameters, NbdListen, StatusInfo, VersionInfo,
+    AnnounceParameters, BlockJobInfo, BlockdevBackup, BlockdevMirror, JobInfo, MigrationCapability,
+    MigrationInfo, MigrationParameters, NbdListen, StatusInfo, VersionInfo,
 };
 use crate::error::QmpError;
 
@@ -174,6 +174,65 @@ impl Qmp {
     /// Completes a ready job by its job id (`job-complete`).
     pub async fn job_complete(&self, id: &str) -> Result<(), QmpError> {
         self.unit("job-complete", json!({"id": id})).await
+    }
+
+    /// Starts a point-in-time copy of a node (`blockdev-backup`).
+    pub async fn blockdev_backup(&self, backup: &BlockdevBackup) -> Result<(), QmpError> {
+        let args = encode("blockdev-backup", backup)?;
+        self.unit("blockdev-backup", args).await
+    }
+
+    /// Passes `fd` to QEMU into a new fd set (`add-fd`); returns the fd
+    /// set's id, usable as the path `/dev/fdset/<id>` wherever QEMU opens
+    /// files. The fd set lives until [`Qmp::remove_fd`].
+    pub async fn add_fd(&self, fd: std::os::fd::OwnedFd) -> Result<u64, QmpError> {
+        #[derive(serde::Deserialize)]
+        struct Added {
+            #[serde(rename = "fdset-id")]
+            fdset_id: u64,
+        }
+        let v = self.execute_with_fd("add-fd", Value::Null, fd).await?;
+        serde_json::from_value::<Added>(v)
+            .map(|a| a.fdset_id)
+            .map_err(|source| QmpError::Decode {
+                command: "add-fd".into(),
+                source,
+            })
+    }
+
+    /// Removes fd set `fdset_id` (`remove-fd`); QEMU closes its copies
+    /// once nothing uses them.
+    pub async fn remove_fd(&self, fdset_id: u64) -> Result<(), QmpError> {
+        self.unit("remove-fd", json!({"fdset-id": fdset_id})).await
+    }
+
+    /// Sets a NIC's link up or down (`set_link`), as pulling its cable.
+    pub async fn set_link(&self, name: &str, up: bool) -> Result<(), QmpError> {
+        self.unit("set_link", json!({"name": name, "up": up})).await
+    }
+
+    /// Re-activates (or inactivates) every block node
+    /// (`blockdev-set-active`). A completed outgoing migration leaves the
+    /// nodes inactive until `cont`; activating them earlier lets a block
+    /// job start while the guest is still paused.
+    pub async fn blockdev_set_active(&self, active: bool) -> Result<(), QmpError> {
+        self.unit("blockdev-set-active", json!({"active": active}))
+            .await
+    }
+
+    /// All jobs (`query-jobs`), including concluded ones not yet dismissed.
+    pub async fn query_jobs(&self) -> Result<Vec<JobInfo>, QmpError> {
+        self.execute_as("query-jobs", Value::Null).await
+    }
+
+    /// Removes a concluded job (`job-dismiss`).
+    pub async fn job_dismiss(&self, id: &str) -> Result<(), QmpError> {
+        self.unit("job-dismiss", json!({"id": id})).await
+    }
+
+    /// Cancels a job (`job-cancel`).
+    pub async fn job_cancel(&self, id: &str) -> Result<(), QmpError> {
+        self.unit("job-cancel", json!({"id": id})).await
     }
 
     /// The running block jobs (`query-block-jobs`).

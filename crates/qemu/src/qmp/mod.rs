@@ -17,6 +17,7 @@ pub mod event;
 pub mod types;
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -87,10 +88,17 @@ impl std::fmt::Debug for Qmp {
     }
 }
 
+/// A command line for the writer task, with a file descriptor to pass
+/// along it (`SCM_RIGHTS`) for commands like `add-fd`.
+struct Outgoing {
+    line: String,
+    fd: Option<OwnedFd>,
+}
+
 struct Inner {
     path: PathBuf,
     shared: Arc<Shared>,
-    out: mpsc::UnboundedSender<String>,
+    out: mpsc::UnboundedSender<Outgoing>,
     next_id: AtomicU64,
     opts: QmpOptions,
     greeting: Greeting,
@@ -334,6 +342,29 @@ impl Qmp {
         args: Value,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
+        self.send(command, args, None, timeout).await
+    }
+
+    /// Runs `command` with a file descriptor passed along (`SCM_RIGHTS`),
+    /// as `add-fd` and `getfd` want. QEMU takes its own copy; `fd` is
+    /// closed here once sent.
+    pub async fn execute_with_fd(
+        &self,
+        command: &str,
+        args: Value,
+        fd: OwnedFd,
+    ) -> Result<Value, QmpError> {
+        self.send(command, args, Some(fd), self.inner.opts.command_timeout)
+            .await
+    }
+
+    async fn send(
+        &self,
+        command: &str,
+        args: Value,
+        fd: Option<OwnedFd>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
         let shared = &self.inner.shared;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -359,7 +390,7 @@ impl Qmp {
         debug!(command, id, "QMP command");
         // The writer task writes whole lines, so a caller that gives up
         // half-way can never leave half a command on the socket.
-        if self.inner.out.send(line).is_err() {
+        if self.inner.out.send(Outgoing { line, fd }).is_err() {
             return Err(QmpError::Disconnected {
                 command: Some(command.to_owned()),
             });
@@ -426,14 +457,59 @@ async fn read_loop(mut lines: FramedRead<OwnedReadHalf, LinesCodec>, shared: Arc
 
 async fn write_loop(
     mut wr: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<String>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
     shared: Arc<Shared>,
 ) {
-    while let Some(line) = rx.recv().await {
-        if let Err(e) = wr.write_all(line.as_bytes()).await {
+    while let Some(out) = rx.recv().await {
+        let mut rest = out.line.as_bytes();
+        if let Some(fd) = &out.fd {
+            // The descriptor travels with the first bytes of the line.
+            match send_with_fd(&wr, rest, fd).await {
+                Ok(n) => rest = rest.get(n..).unwrap_or_default(),
+                Err(e) => {
+                    debug!(error = %e, "QMP write with a file descriptor failed");
+                    shared.close();
+                    return;
+                }
+            }
+        }
+        if let Err(e) = wr.write_all(rest).await {
             debug!(error = %e, "QMP write failed");
             shared.close();
             return;
+        }
+    }
+}
+
+/// Sends `bytes` (at least one) with `fd` attached as `SCM_RIGHTS`;
+/// returns how many bytes went.
+async fn send_with_fd(wr: &OwnedWriteHalf, bytes: &[u8], fd: &OwnedFd) -> std::io::Result<usize> {
+    use std::mem::MaybeUninit;
+    use std::os::fd::AsFd;
+
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
+    let stream: &tokio::net::UnixStream = wr.as_ref();
+    loop {
+        stream.writable().await?;
+        let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            let fds = [fd.as_fd()];
+            if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+                return Err(std::io::Error::other("no room for the file descriptor"));
+            }
+            sendmsg(
+                stream,
+                &[std::io::IoSlice::new(bytes)],
+                &mut control,
+                SendFlags::NOSIGNAL,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match sent {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
     }
 }

@@ -193,6 +193,10 @@ qapi_enum! {
         ValidateUuid => "validate-uuid",
         /// Send pages without copying them.
         ZeroCopySend => "zero-copy-send",
+        /// Write each RAM page at a fixed offset of a `file:` target, so a
+        /// page re-sent by a later pass overwrites itself and zero pages
+        /// leave holes: the file never holds more than the guest's RAM.
+        MappedRam => "mapped-ram",
     }
 }
 
@@ -220,6 +224,46 @@ qapi_enum! {
         /// Gone.
         Null => "null",
     }
+}
+
+/// One entry of `query-jobs`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct JobInfo {
+    /// The job id.
+    pub id: String,
+    /// The job type, e.g. `backup`.
+    #[serde(rename = "type")]
+    pub job_type: String,
+    /// Its state.
+    pub status: JobStatus,
+    /// Work done (bytes for block jobs).
+    #[serde(default)]
+    pub current_progress: u64,
+    /// Work to do.
+    #[serde(default)]
+    pub total_progress: u64,
+    /// Why it failed, once concluded with an error.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// `blockdev-backup`: a point-in-time copy of a node into another, with
+/// copy-before-write from the moment the job starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevBackup {
+    /// The job's id.
+    pub job_id: String,
+    /// The source node.
+    pub device: String,
+    /// The target node (already added with `blockdev-add`).
+    pub target: String,
+    /// What to copy.
+    pub sync: MirrorSync,
+    /// Keep the job after it ends until `job-dismiss`, so its result can be
+    /// read.
+    pub auto_dismiss: bool,
 }
 
 /// `query-status`.

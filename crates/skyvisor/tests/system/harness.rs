@@ -72,6 +72,8 @@ pub struct CloudOptions {
     pub extra_args: Vec<String>,
     /// Put the data directory on a tmpfs of this many MiB (to fill it up).
     pub tmpfs_mib: Option<u64>,
+    /// Extra environment variables of `skyvisor up`.
+    pub extra_env: Vec<(String, String)>,
 }
 
 /// A running all-in-one Skyvisor for one test.
@@ -172,6 +174,7 @@ impl Cloud {
         let child = Command::new(skyvisor_bin())
             .args(self.up_args())
             .env("RUST_LOG", "info,skyvisor_agent=debug")
+            .envs(self.options.extra_env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -2,6 +2,7 @@
 //! real HTTP to the guests' web services.
 
 mod bad_input;
+mod checkpoints;
 mod harness;
 mod images;
 mod lifecycle;

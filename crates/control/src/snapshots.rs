@@ -1,0 +1,432 @@
+//! Snapshot operations: validate a request and write desired state — a
+//! pending snapshot record, a deletion mark, a restore request in the
+//! instance's spec, a schedule. The agent of the host that keeps the VM
+//! (and the snapshot's files) carries them out and reports back in the
+//! records. Nothing here touches files or QEMU.
+
+use chrono::Utc;
+use skyvisor_core::api::{CreateSnapshotRequest, RestoreInstanceRequest};
+use skyvisor_core::{
+    CheckpointSchedule, Instance, InstanceName, InstanceSpec, PowerState, RestoreRequest, Snapshot,
+    SnapshotKind, SnapshotName, SnapshotOrigin, SnapshotState, keys,
+};
+use skyvisor_store::{Compare, StoreExt, encode, put_json};
+use tracing::info;
+
+use crate::ControlPlane;
+use crate::error::{ApiError, ApiResult};
+
+/// Whether `snap` may go onto the VM of `spec` (restore or clone), or why not.
+pub fn check_fits(snap: &Snapshot, spec: &InstanceSpec) -> ApiResult<()> {
+    if snap.image != spec.image {
+        return Err(ApiError::conflict(format!(
+            "snapshot {} was taken of image {}; VM {} runs image {}",
+            snap.name, snap.image, spec.name, spec.image
+        )));
+    }
+    if snap.resources.vcpus != spec.resources.vcpus
+        || snap.resources.memory_mib != spec.resources.memory_mib
+    {
+        let want = snap
+            .instance_type
+            .as_ref()
+            .map(|t| format!("instance type {t} ("))
+            .unwrap_or_else(|| "(".into());
+        return Err(ApiError::conflict(format!(
+            "snapshot {} needs {want}{} vCPU, {} MiB); VM {} has {} vCPU, {} MiB: resize it first",
+            snap.name,
+            snap.resources.vcpus,
+            snap.resources.memory_mib,
+            spec.name,
+            spec.resources.vcpus,
+            spec.resources.memory_mib
+        )));
+    }
+    if snap.host != spec.host {
+        return Err(ApiError::conflict(format!(
+            "snapshot {} is kept on host {}; VM {} runs on host {}",
+            snap.name, snap.host, spec.name, spec.host
+        )));
+    }
+    Ok(())
+}
+
+/// A snapshot that can be used (ready, not being deleted), or why not.
+pub fn check_ready(snap: &Snapshot) -> ApiResult<()> {
+    if snap.deleting {
+        return Err(ApiError::conflict(format!(
+            "snapshot {} is being deleted",
+            snap.name
+        )));
+    }
+    match snap.state {
+        SnapshotState::Ready => Ok(()),
+        SnapshotState::Failed => Err(ApiError::conflict(format!(
+            "snapshot {} failed ({}); it cannot be used",
+            snap.name,
+            snap.message.clone().unwrap_or_default()
+        ))),
+        s => Err(ApiError::conflict(format!(
+            "snapshot {} is {s}; wait until it is ready",
+            snap.name
+        ))),
+    }
+}
+
+impl ControlPlane {
+    async fn spec_of(&self, name: &InstanceName) -> ApiResult<InstanceSpec> {
+        match self
+            .store
+            .get_json::<InstanceSpec>(&keys::instance_spec(name))
+            .await?
+        {
+            Some((spec, _)) => Ok(spec),
+            None => Err(ApiError::not_found(format!(
+                "instance \"{name}\" not found"
+            ))),
+        }
+    }
+
+    /// Asks for a snapshot of `instance`: a pending record its agent
+    /// takes — live (memory, devices and disk) if the VM runs, of the disk
+    /// if it is stopped.
+    pub async fn create_snapshot(
+        &self,
+        instance: &str,
+        req: CreateSnapshotRequest,
+    ) -> ApiResult<Snapshot> {
+        let instance = InstanceName::new(instance)?;
+        let now = Utc::now();
+        let name = match req.name {
+            Some(n) => SnapshotName::new(n)?,
+            None => SnapshotName::at("snap", now)?,
+        };
+        let spec = self.spec_of(&instance).await?;
+        if spec.deleting {
+            return Err(ApiError::conflict(format!(
+                "instance \"{instance}\" is being deleted"
+            )));
+        }
+        let snap = Snapshot {
+            name: name.clone(),
+            instance: instance.clone(),
+            instance_id: spec.id,
+            host: spec.host.clone(),
+            state: SnapshotState::Pending,
+            kind: None,
+            origin: SnapshotOrigin::Manual,
+            image: spec.image.clone(),
+            instance_type: spec.instance_type.clone(),
+            resources: spec.resources,
+            created_at: now,
+            taken_at: None,
+            paused_ms: None,
+            duration_ms: None,
+            memory_bytes: 0,
+            disk_bytes: 0,
+            progress: None,
+            deleting: false,
+            message: None,
+            updated_at: now,
+        };
+        if !self
+            .store
+            .create(&keys::snapshot(&instance, &name), encode(&snap))
+            .await?
+        {
+            return Err(ApiError::already_exists(format!(
+                "instance \"{instance}\" already has a snapshot named \"{name}\""
+            )));
+        }
+        info!(%instance, snapshot = %name, "snapshot requested");
+        Ok(snap)
+    }
+
+    /// The snapshots of `instance` (also after it was deleted), oldest
+    /// first; of every instance when `None`.
+    pub async fn snapshots(&self, instance: Option<&str>) -> ApiResult<Vec<Snapshot>> {
+        let prefix = match instance {
+            Some(i) => keys::snapshots_of(&InstanceName::new(i)?),
+            None => keys::SNAPSHOTS.to_string(),
+        };
+        let (all, _) = self.store.list_json::<Snapshot>(&prefix).await?;
+        let mut list: Vec<Snapshot> = all.into_iter().map(|(s, _)| s).collect();
+        list.sort_by(|a, b| {
+            (a.instance.as_str(), a.created_at).cmp(&(b.instance.as_str(), b.created_at))
+        });
+        Ok(list)
+    }
+
+    /// One snapshot, or 404.
+    pub async fn snapshot(&self, instance: &str, name: &str) -> ApiResult<Snapshot> {
+        let instance = InstanceName::new(instance)?;
+        let name = SnapshotName::new(name)?;
+        match self
+            .store
+            .get_json::<Snapshot>(&keys::snapshot(&instance, &name))
+            .await?
+        {
+            Some((s, _)) => Ok(s),
+            None => Err(ApiError::not_found(format!(
+                "instance \"{instance}\" has no snapshot \"{name}\""
+            ))),
+        }
+    }
+
+    /// Marks a snapshot for deletion; its host's agent removes the files,
+    /// then the record.
+    pub async fn delete_snapshot(&self, instance: &str, name: &str) -> ApiResult<Snapshot> {
+        let instance = InstanceName::new(instance)?;
+        let name = SnapshotName::new(name)?;
+        let key = keys::snapshot(&instance, &name);
+        for _ in 0..16 {
+            let Some((mut snap, rev)) = self.store.get_json::<Snapshot>(&key).await? else {
+                return Err(ApiError::not_found(format!(
+                    "instance \"{instance}\" has no snapshot \"{name}\""
+                )));
+            };
+            if snap.deleting {
+                return Ok(snap);
+            }
+            if matches!(snap.state, SnapshotState::Pending | SnapshotState::Saving) {
+                return Err(ApiError::conflict(format!(
+                    "snapshot \"{name}\" is being taken; delete it once it is ready or failed"
+                )));
+            }
+            snap.deleting = true;
+            snap.updated_at = Utc::now();
+            let out = self
+                .store
+                .txn(
+                    vec![Compare::ModRevision(key.clone(), rev)],
+                    vec![put_json(key.clone(), &snap)],
+                )
+                .await?;
+            if out.succeeded {
+                info!(%instance, snapshot = %name, "snapshot deletion requested");
+                return Ok(snap);
+            }
+        }
+        Err(ApiError::unavailable(format!(
+            "snapshot \"{name}\" is changing too fast; retry"
+        )))
+    }
+
+    /// Marks every snapshot of the instance with id `spec.id` for deletion
+    /// (one being taken is deleted by its agent once it settles).
+    pub(crate) async fn delete_snapshots_of(&self, spec: &InstanceSpec) -> ApiResult<()> {
+        let (all, _) = self
+            .store
+            .list_json::<Snapshot>(&keys::snapshots_of(&spec.name))
+            .await?;
+        for (snap, _) in all {
+            if snap.instance_id != spec.id {
+                continue;
+            }
+            let key = keys::snapshot(&snap.instance, &snap.name);
+            // The agent may be writing the record (progress, outcome):
+            // retry until the mark lands.
+            for _ in 0..32 {
+                let Some((mut s, rev)) = self.store.get_json::<Snapshot>(&key).await? else {
+                    break;
+                };
+                if s.deleting {
+                    break;
+                }
+                s.deleting = true;
+                s.updated_at = Utc::now();
+                let out = self
+                    .store
+                    .txn(
+                        vec![Compare::ModRevision(key.clone(), rev)],
+                        vec![put_json(key.clone(), &s)],
+                    )
+                    .await?;
+                if out.succeeded {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the instance to go back to one of its snapshots. Refused (and
+    /// the VM left as it is) when the snapshot is not ready, belongs to
+    /// another VM, or needs another size, image or host.
+    pub async fn restore_instance(
+        &self,
+        instance: &str,
+        req: RestoreInstanceRequest,
+    ) -> ApiResult<Instance> {
+        let name = InstanceName::new(instance)?;
+        let snap_name = SnapshotName::new(req.snapshot.clone())?;
+        let spec = self.spec_of(&name).await?;
+        let snap = match self
+            .store
+            .get_json::<Snapshot>(&keys::snapshot(&name, &snap_name))
+            .await?
+        {
+            Some((s, _)) => s,
+            None => {
+                return Err(ApiError::not_found(format!(
+                    "instance \"{name}\" has no snapshot \"{snap_name}\"; see `skyvisor vm snapshot list {name}`"
+                )));
+            }
+        };
+        check_ready(&snap)?;
+        if snap.instance_id != spec.id {
+            return Err(ApiError::conflict(format!(
+                "snapshot \"{snap_name}\" belongs to another VM that was also named \"{name}\" (id {}); clone it instead: skyvisor vm create NEW --from-snapshot {name}/{snap_name}",
+                snap.instance_id
+            )));
+        }
+        check_fits(&snap, &spec)?;
+        let full = snap.kind == Some(SnapshotKind::Full);
+        let inst = self
+            .update_spec(name.as_str(), |spec, _| {
+                let generation = spec.restore.as_ref().map_or(0, |r| r.generation) + 1;
+                spec.restore = Some(RestoreRequest {
+                    snapshot: snap_name.clone(),
+                    generation,
+                });
+                if full {
+                    // Continuing from a running checkpoint means running.
+                    spec.power = PowerState::Running;
+                    spec.force_stop = false;
+                }
+                Ok(())
+            })
+            .await?;
+        info!(instance = %name, snapshot = %snap_name, "restore requested");
+        Ok(inst)
+    }
+
+    /// Sets or clears the instance's checkpoint schedule.
+    pub async fn set_checkpoint_schedule(
+        &self,
+        instance: &str,
+        schedule: Option<CheckpointSchedule>,
+    ) -> ApiResult<Instance> {
+        if let Some(s) = &schedule {
+            s.validate()?;
+        }
+        self.update_spec(instance, |spec, _| {
+            spec.checkpoint_schedule = schedule;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use skyvisor_core::{
+        HostName, ImageName, InstanceId, MacAddr, NetworkAttachment, Resources, RestartPolicy,
+        TypeName,
+    };
+
+    use super::*;
+
+    fn spec() -> InstanceSpec {
+        InstanceSpec {
+            name: InstanceName::new("web").expect("name"),
+            id: InstanceId::random(),
+            image: ImageName::new("debian").expect("image"),
+            instance_type: Some(TypeName::new("nano").expect("type")),
+            resources: Resources {
+                vcpus: 1,
+                memory_mib: 128,
+                disk_gib: 1,
+            },
+            power: PowerState::Running,
+            restart_policy: RestartPolicy::OnFailure,
+            host: HostName::new("h1").expect("host"),
+            network: NetworkAttachment {
+                network: "default".into(),
+                ip: "10.0.0.2".parse().expect("ip"),
+                prefix_len: 24,
+                gateway: "10.0.0.1".parse().expect("gw"),
+                mac: MacAddr([0x52, 0x54, 0, 0, 0, 1]),
+            },
+            reboot_generation: 0,
+            stop_timeout_secs: 30,
+            force_stop: false,
+            deleting: false,
+            generation: 1,
+            created_at: Utc::now(),
+            restore: None,
+            clone_of: None,
+            checkpoint_schedule: None,
+        }
+    }
+
+    fn snap_of(spec: &InstanceSpec) -> Snapshot {
+        Snapshot {
+            name: SnapshotName::new("s1").expect("name"),
+            instance: spec.name.clone(),
+            instance_id: spec.id,
+            host: spec.host.clone(),
+            state: SnapshotState::Ready,
+            kind: Some(SnapshotKind::Full),
+            origin: SnapshotOrigin::Manual,
+            image: spec.image.clone(),
+            instance_type: spec.instance_type.clone(),
+            resources: spec.resources,
+            created_at: Utc::now(),
+            taken_at: None,
+            paused_ms: Some(5),
+            duration_ms: None,
+            memory_bytes: 1,
+            disk_bytes: 1,
+            progress: None,
+            deleting: false,
+            message: None,
+            updated_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn snapshots_fit_only_their_image_size_and_host() {
+        let s = spec();
+        let snap = snap_of(&s);
+        check_fits(&snap, &s).expect("fits");
+        check_ready(&snap).expect("ready");
+
+        let mut other = s.clone();
+        other.image = ImageName::new("alpine").expect("image");
+        let e = check_fits(&snap, &other).expect_err("image");
+        assert!(e.message.contains("image debian"), "{}", e.message);
+
+        let mut bigger = s.clone();
+        bigger.resources.memory_mib = 256;
+        let e = check_fits(&snap, &bigger).expect_err("size");
+        assert!(
+            e.message.contains("instance type nano") && e.message.contains("resize it first"),
+            "{}",
+            e.message
+        );
+
+        let mut elsewhere = s.clone();
+        elsewhere.host = HostName::new("h2").expect("host");
+        let e = check_fits(&snap, &elsewhere).expect_err("host");
+        assert!(e.message.contains("kept on host h1"), "{}", e.message);
+    }
+
+    #[test]
+    fn only_ready_snapshots_are_usable() {
+        let s = spec();
+        for (state, want) in [
+            (SnapshotState::Pending, "wait until it is ready"),
+            (SnapshotState::Saving, "wait until it is ready"),
+            (SnapshotState::Failed, "cannot be used"),
+        ] {
+            let mut snap = snap_of(&s);
+            snap.state = state;
+            let e = check_ready(&snap).expect_err("not ready");
+            assert!(e.message.contains(want), "{}", e.message);
+        }
+        let mut snap = snap_of(&s);
+        snap.deleting = true;
+        assert!(check_ready(&snap).is_err());
+    }
+}

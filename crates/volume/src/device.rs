@@ -1254,8 +1254,10 @@ impl ReplicatedDevice {
         link.call(&self.volume, epoch, Request::Flush, o.request_timeout)
             .await
             .map_err(|e| e.to_string())?;
-        self.rejoin(node, &link, &abort).await?;
+        // Counted before the rejoin makes the replica show as in sync, so
+        // whoever sees it in sync also sees what the resync copied.
         self.resynced_bytes.fetch_add(done, Ordering::Relaxed);
+        self.rejoin(node, &link, &abort).await?;
         info!(volume = %self.volume, node = %node, bytes = done, "resync done; replica back in sync");
         Ok(())
     }

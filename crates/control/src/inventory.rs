@@ -3,7 +3,12 @@
 //!
 //! The view is a cache: the store stays the only authority. Writers that
 //! need to see their own write wait for the view to reach the write's
-//! revision ([`Inventory::wait_for`]).
+//! revision ([`Inventory::wait_for`]). Everything in one view is as of one
+//! store revision, so a decision taken on it can be guarded by comparing
+//! the mod revisions it saw (see `HostEntry::alloc_revision`).
+//!
+//! The view knows whether it is following the store ([`Inventory::connected`]):
+//! while its watch is broken, it must not be served as current.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -13,7 +18,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use skyvisor_core::keys;
 use skyvisor_core::{
-    Host, HostName, HostState, Instance, InstanceName, InstanceSpec, InstanceStatus, Resources,
+    GroupName, Host, HostName, HostState, Instance, InstanceName, InstanceSpec, InstanceStatus,
+    Resources,
 };
 use skyvisor_store::{Revision, Store, StoreError, WatchEvent, decode};
 use tokio::sync::{RwLock, watch};
@@ -32,6 +38,10 @@ pub struct HostEntry {
     pub allocated: Resources,
     /// Number of instances bound to it.
     pub instances: u32,
+    /// Mod revision of its allocation marker (0: never written).
+    pub alloc_revision: Revision,
+    /// Mod revision of its administrative state key (0: none set).
+    pub state_revision: Revision,
 }
 
 impl HostEntry {
@@ -53,7 +63,13 @@ struct State {
     instances: BTreeMap<InstanceName, InstanceSpec>,
     statuses: BTreeMap<InstanceName, InstanceStatus>,
     used_ips: HashMap<String, HashSet<Ipv4Addr>>,
+    /// Address claims (`ipam/<network>/<ip>`), held by instances or hosts.
+    claims: HashMap<String, HashSet<Ipv4Addr>>,
     allocated: HashMap<HostName, (Resources, u32)>,
+    alloc_revs: HashMap<HostName, Revision>,
+    state_revs: HashMap<HostName, Revision>,
+    /// Spread group -> member -> its host.
+    groups: HashMap<GroupName, BTreeMap<InstanceName, HostName>>,
 }
 
 impl State {
@@ -66,6 +82,12 @@ impl State {
         let entry = self.allocated.entry(spec.host.clone()).or_default();
         entry.0 = entry.0.plus(spec.resources);
         entry.1 += 1;
+        if let Some(g) = &spec.spread_group {
+            self.groups
+                .entry(g.clone())
+                .or_default()
+                .insert(spec.name.clone(), spec.host.clone());
+        }
         self.instances.insert(spec.name.clone(), spec);
     }
 
@@ -78,12 +100,62 @@ impl State {
                 entry.0 = entry.0.minus(old.resources);
                 entry.1 = entry.1.saturating_sub(1);
             }
+            if let Some(g) = &old.spread_group
+                && let Some(members) = self.groups.get_mut(g)
+            {
+                members.remove(name);
+                if members.is_empty() {
+                    self.groups.remove(g);
+                }
+            }
         }
+    }
+
+    /// `ipam/<network>/<ip>` split into network and address.
+    fn claim_of(key: &str) -> Option<(String, Ipv4Addr)> {
+        let rest = key.strip_prefix(keys::IPAM)?;
+        let (network, ip) = rest.split_once('/')?;
+        Some((network.to_string(), ip.parse().ok()?))
     }
 
     fn apply(&mut self, event: &WatchEvent) {
         let key = event.key();
         let name = keys::name_of(key);
+        if key.starts_with(keys::IPAM) {
+            if let Some((network, ip)) = Self::claim_of(key) {
+                match event {
+                    WatchEvent::Put(_) => {
+                        self.claims.entry(network).or_default().insert(ip);
+                    }
+                    WatchEvent::Delete { .. } => {
+                        if let Some(c) = self.claims.get_mut(&network) {
+                            c.remove(&ip);
+                        }
+                    }
+                }
+            }
+            return;
+        }
+        if key.starts_with(keys::HOST_ALLOCS) || key.starts_with(keys::HOST_STATES) {
+            let Ok(h) = HostName::new(name) else { return };
+            let revs = if key.starts_with(keys::HOST_ALLOCS) {
+                &mut self.alloc_revs
+            } else {
+                &mut self.state_revs
+            };
+            match event {
+                WatchEvent::Put(kv) => {
+                    revs.insert(h.clone(), kv.mod_revision);
+                }
+                WatchEvent::Delete { .. } => {
+                    revs.remove(&h);
+                }
+            }
+            // The state key also carries the state itself (below).
+            if key.starts_with(keys::HOST_ALLOCS) {
+                return;
+            }
+        }
         match event {
             WatchEvent::Put(kv) => {
                 if key.starts_with(keys::INSTANCE_SPECS) {
@@ -143,13 +215,18 @@ impl State {
     }
 }
 
-/// The prefixes the inventory follows.
-const PREFIXES: [&str; 5] = [
-    keys::INSTANCE_SPECS,
-    keys::INSTANCE_STATUSES,
+/// The prefixes the inventory follows. The guards (allocation markers,
+/// host states, claims) are listed before what they guard: after a fresh
+/// load the view may pair an older guard revision with newer specs, which
+/// only makes a guarded transaction fail and retry, never pass wrongly.
+const PREFIXES: [&str; 7] = [
+    keys::HOST_ALLOCS,
+    keys::HOST_STATES,
+    keys::IPAM,
     keys::HOSTS,
     keys::HOSTS_ALIVE,
-    keys::HOST_STATES,
+    keys::INSTANCE_SPECS,
+    keys::INSTANCE_STATUSES,
 ];
 
 fn followed(key: &str) -> bool {
@@ -161,6 +238,8 @@ pub struct Inventory {
     state: RwLock<State>,
     /// The lowest revision every followed prefix has caught up to.
     revision: watch::Sender<Revision>,
+    /// Whether the view follows the store (false while its watch is broken).
+    connected: watch::Sender<bool>,
 }
 
 impl Inventory {
@@ -170,6 +249,7 @@ impl Inventory {
         let inv = Arc::new(Self {
             state: RwLock::new(State::default()),
             revision: watch::channel(0).0,
+            connected: watch::channel(true).0,
         });
         let revision = inv.load(store.as_ref()).await?;
         inv.revision.send_replace(revision);
@@ -195,10 +275,37 @@ impl Inventory {
     }
 
     /// Waits until the view reflects every write up to `revision`, or the
-    /// timeout passes (then the view is merely a little stale).
-    pub async fn wait_for(&self, revision: Revision, timeout: Duration) {
+    /// timeout passes (then the view is merely a little stale). Returns
+    /// whether it caught up.
+    pub async fn wait_for(&self, revision: Revision, timeout: Duration) -> bool {
         let mut rx = self.revision.subscribe();
-        let _ = tokio::time::timeout(timeout, rx.wait_for(|r| *r >= revision)).await;
+        matches!(
+            tokio::time::timeout(timeout, rx.wait_for(|r| *r >= revision)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// The store revision the view reflects.
+    pub fn revision(&self) -> Revision {
+        *self.revision.borrow()
+    }
+
+    /// Whether the view is following the store now; false from the moment
+    /// its watch broke until a fresh listing succeeded.
+    pub fn connected(&self) -> bool {
+        *self.connected.borrow()
+    }
+
+    /// Where the members of spread group `group` run: one member per host.
+    pub async fn spread_members(&self, group: &GroupName) -> HashMap<HostName, InstanceName> {
+        let st = self.state.read().await;
+        let mut out = HashMap::new();
+        if let Some(members) = st.groups.get(group) {
+            for (name, host) in members {
+                out.entry(host.clone()).or_insert_with(|| name.clone());
+            }
+        }
+        out
     }
 
     /// All hosts with their state and allocation.
@@ -268,15 +375,15 @@ impl Inventory {
             .is_some_and(|s| s.contains(&ip))
     }
 
-    /// The addresses in use in `network`.
+    /// The addresses in use in `network`: those of instances and every
+    /// claimed one (hosts hold claims too).
     pub async fn used_ips(&self, network: &str) -> HashSet<Ipv4Addr> {
-        self.state
-            .read()
-            .await
-            .used_ips
-            .get(network)
-            .cloned()
-            .unwrap_or_default()
+        let st = self.state.read().await;
+        let mut used = st.used_ips.get(network).cloned().unwrap_or_default();
+        if let Some(claims) = st.claims.get(network) {
+            used.extend(claims.iter().copied());
+        }
+        used
     }
 }
 
@@ -288,6 +395,8 @@ fn host_entry(st: &State, h: &Host) -> HostEntry {
         admin_state: st.admin.get(&h.name).copied(),
         allocated,
         instances,
+        alloc_revision: st.alloc_revs.get(&h.name).copied().unwrap_or(0),
+        state_revision: st.state_revs.get(&h.name).copied().unwrap_or(0),
     }
 }
 
@@ -313,12 +422,21 @@ async fn follow(inv: std::sync::Weak<Inventory>, store: Arc<dyn Store>, mut revi
                     }
                     Ok(Some(Err(e))) => {
                         warn!(error = %e, "inventory watch broke; relisting");
+                        inventory.connected.send_replace(false);
                         break;
                     }
-                    Ok(None) => break,
+                    Ok(None) => {
+                        inventory.connected.send_replace(false);
+                        break;
+                    }
                 }
             },
-            Err(e) => debug!(error = %e, "inventory watch failed; retrying"),
+            Err(e) => {
+                debug!(error = %e, "inventory watch failed; retrying");
+                if let Some(inventory) = inv.upgrade() {
+                    inventory.connected.send_replace(false);
+                }
+            }
         }
         loop {
             let Some(inventory) = inv.upgrade() else {
@@ -327,6 +445,8 @@ async fn follow(inv: std::sync::Weak<Inventory>, store: Arc<dyn Store>, mut revi
             match inventory.load(store.as_ref()).await {
                 Ok(r) => {
                     revision = r;
+                    inventory.revision.send_modify(|v| *v = (*v).max(r));
+                    inventory.connected.send_replace(true);
                     break;
                 }
                 Err(e) => {

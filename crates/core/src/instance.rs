@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::accel::Accel;
 use crate::error::ValidationError;
-use crate::names::{HostName, ImageName, InstanceName, TypeName};
+use crate::names::{GroupName, HostName, ImageName, InstanceName, TypeName};
 use crate::network::NetworkAttachment;
 use crate::resources::Resources;
 
@@ -124,6 +124,13 @@ pub struct InstanceSpec {
     pub generation: u64,
     /// When it was created.
     pub created_at: DateTime<Utc>,
+    /// Its spread (anti-affinity) group: placement never puts two instances
+    /// of one group on the same host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread_group: Option<GroupName>,
+    /// The accelerator it must run with; any host's when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<Accel>,
 }
 
 /// The lifecycle phase of an instance, as reported by its agent.

@@ -13,7 +13,7 @@ use skyvisor_core::api::{
 };
 use skyvisor_core::image::ImageState;
 use skyvisor_core::{
-    HostView, Image, Instance, InstancePhase, InstanceType, PowerState, RestartPolicy,
+    Accel, HostView, Image, Instance, InstancePhase, InstanceType, PowerState, RestartPolicy,
 };
 
 use crate::client::Client;
@@ -164,6 +164,13 @@ pub struct CreateArgs {
     /// Give up waiting after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Spread group: never on a host that already runs a VM of this group
+    /// (replicas of a service on different hosts).
+    #[arg(long)]
+    pub spread_group: Option<String>,
+    /// Only on hosts that run VMs with this accelerator: kvm or tcg.
+    #[arg(long)]
+    pub accel: Option<Accel>,
 }
 
 /// `skyvisor image ...`
@@ -279,8 +286,25 @@ pub async fn run(url: &str, format: OutputFormat, cmd: ClientCommand) -> Result<
                     kv(&[
                         ("api", client.base().to_string()),
                         ("version", i.version.clone()),
-                        ("store", i.store.clone()),
+                        (
+                            "store",
+                            if i.store_ok {
+                                i.store.clone()
+                            } else {
+                                format!("{} (unreachable)", i.store)
+                            }
+                        ),
                         ("hosts", i.hosts.to_string()),
+                        ("server", i.server.clone().unwrap_or_default()),
+                        ("leader", i.leader.clone().unwrap_or_else(|| "none".into())),
+                        (
+                            "servers",
+                            i.servers
+                                .iter()
+                                .map(|s| format!("{} ({})", s.name, s.url))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
                     ])
                 );
             });
@@ -500,6 +524,8 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                 restart_policy: Some(a.restart),
                 start: Some(!a.no_start),
                 stop_timeout_secs: a.stop_timeout,
+                spread_group: a.spread_group.clone(),
+                accel: a.accel,
             };
             let mut inst: Instance = client.post("/v1/instances", &req).await?;
             if a.wait && !a.no_start {

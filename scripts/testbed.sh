@@ -29,6 +29,8 @@
 #   ACCEL          agents' accelerator: auto, kvm or tcg (default tcg)
 #   LEASE_TTL      lease TTL of agents and servers in seconds (default 10)
 #   ETCD_BIN       the etcd binary (default: etcd)
+#   SERVER_ARGS    extra arguments of every `skyvisor server` (e.g. --weigher pack)
+#   AGENT_ARGS     extra arguments of every `skyvisor agent`
 #
 # Layout for TESTBED_ID=n: hosts h1..hN in namespaces svtbnh1.., underlay
 # 10.216.n.0/24 on bridge svtbnbr (root: .1, host H: .10+H), VM subnet
@@ -157,9 +159,11 @@ server_start() {
   local i=$1
   running "server$i" && return 0
   mkdir -p "$CACHE"
+  local extra=()
+  read -ra extra <<<"${SERVER_ARGS:-}"
   spawn "server$i" "$(skyvisor_bin)" server --etcd "$ETCD_URL" --name "s$i" \
     --listen "$ROOT_IP:$((7779 + i))" --data-dir "$DIR/s$i" --cache-dir "$CACHE" \
-    --subnet "$VMNET" --lease-ttl "$LEASE_TTL"
+    --subnet "$VMNET" --lease-ttl "$LEASE_TTL" "${extra[@]}"
   (( i > $(servers) )) && echo "$i" >"$DIR/servers"
   wait_for "server s$i" 60 curl -fsS "$(server_url "$i")/v1/info"
 }
@@ -167,9 +171,11 @@ server_start() {
 agent_start() {
   local h=$1
   running "agent$h" && return 0
+  local extra=()
+  read -ra extra <<<"${AGENT_ARGS:-}"
   spawn "agent$h" ip netns exec "$(ns "$h")" "$(skyvisor_bin)" agent \
     --server "$(server_urls)" --host-name "h$h" --address "$(host_ip "$h")" \
-    --data-dir "$DIR/h$h" --accel "$ACCEL" --lease-ttl "$LEASE_TTL"
+    --data-dir "$DIR/h$h" --accel "$ACCEL" --lease-ttl "$LEASE_TTL" "${extra[@]}"
 }
 
 host_ready() {

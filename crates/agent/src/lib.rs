@@ -171,7 +171,8 @@ impl Drop for AgentHandle {
     }
 }
 
-/// Starts an agent: network, HTTP service, registration, lease, supervisors.
+/// Starts an agent: liveness (refusing a name a live agent holds, before
+/// touching anything), network, HTTP service, registration, supervisors.
 pub async fn start(
     cfg: AgentConfig,
     store: Arc<dyn Store>,
@@ -182,6 +183,38 @@ pub async fn start(
 ) -> Result<AgentHandle, AgentError> {
     cluster::check_version(store.as_ref()).await?;
     let net = wait_for_network(store.as_ref()).await?;
+    let lease = take_liveness(store.as_ref(), &cfg.host, cfg.lease_ttl).await?;
+    match bring_up(cfg, store.clone(), hypervisor, network, images, accel, net, lease).await {
+        Ok(handle) => Ok(handle),
+        Err(e) => {
+            let _ = store.revoke_lease(lease).await;
+            Err(e)
+        }
+    }
+}
+
+/// Aborts the tasks it holds when dropped, unless taken out.
+struct TaskGuard(Vec<JoinHandle<()>>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn bring_up(
+    cfg: AgentConfig,
+    store: Arc<dyn Store>,
+    hypervisor: Arc<dyn Hypervisor>,
+    network: Arc<dyn HostNetwork>,
+    images: ImageCache,
+    accel: (Accel, String),
+    net: Network,
+    lease: LeaseId,
+) -> Result<AgentHandle, AgentError> {
     let host_address = match &cfg.overlay {
         Some(_) => Some(cluster::claim_host_address(store.as_ref(), &cfg.host, &net).await?),
         None => None,
@@ -227,16 +260,14 @@ pub async fn start(
         message: e.to_string(),
     })?;
     let url = format!("http://{local}");
-    let mut tasks = Vec::new();
+    let mut guard = TaskGuard(Vec::new());
     let router = http::router(ctx.clone());
-    tasks.push(tokio::spawn(async move {
+    guard.0.push(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router).await {
             error!(error = %e, "agent HTTP service failed");
         }
     }));
 
-    // Liveness first: refuse to start if a live agent holds this name.
-    let lease = take_liveness(store.as_ref(), &cfg.host, cfg.lease_ttl).await?;
     let physical = host::physical_resources(&cfg.data_dir, cfg.reserved_memory_mib);
     let registration = Host {
         name: cfg.host.clone(),
@@ -260,14 +291,14 @@ pub async fn start(
     info!(host = %cfg.host, accel = %accel.0, reason = %accel.1, %url, "agent registered");
 
     let lease = Arc::new(std::sync::Mutex::new(lease));
-    tasks.push(tokio::spawn(keep_lease(
+    guard.0.push(tokio::spawn(keep_lease(
         store.clone(),
         lease.clone(),
         cfg.lease_ttl,
         cfg.host.clone(),
     )));
     if let Some(overlay) = &cfg.overlay {
-        tasks.push(tokio::spawn(cluster::follow_peers(
+        guard.0.push(tokio::spawn(cluster::follow_peers(
             store.clone(),
             ctx.network.clone(),
             cfg.bridge.clone(),
@@ -276,13 +307,14 @@ pub async fn start(
             net.clone(),
         )));
     }
-    tasks.push(tokio::spawn(cluster::follow_servers(ctx.clone())));
-    tasks.push(tokio::spawn(refresh_disk(
+    guard.0.push(tokio::spawn(cluster::follow_servers(ctx.clone())));
+    guard.0.push(tokio::spawn(refresh_disk(
         store.clone(),
         registration,
         cfg.data_dir.clone(),
     )));
-    tasks.push(tokio::spawn(dispatch(ctx.clone())));
+    guard.0.push(tokio::spawn(dispatch(ctx.clone())));
+    let tasks = std::mem::take(&mut guard.0);
     Ok(AgentHandle {
         url,
         ctx,

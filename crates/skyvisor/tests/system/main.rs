@@ -1,7 +1,10 @@
 //! Whole-system tests: a real `skyvisor up`, real QEMU guests under TCG,
-//! real HTTP to the guests' web services.
+//! real HTTP to the guests' web services; and clusters of real `skyvisor
+//! server`s and `skyvisor agent`s on a multi-host test bed (`testbed.rs`).
 
 mod bad_input;
+mod cluster;
 mod harness;
 mod lifecycle;
 mod resilience;
+mod testbed;

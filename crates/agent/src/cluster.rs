@@ -87,7 +87,10 @@ pub async fn claim_host_address(
         };
         let key = keys::ipam_claim(&network.name, ip);
         let out = store
-            .txn(vec![Compare::Absent(key.clone())], vec![put_json(key, &mine)])
+            .txn(
+                vec![Compare::Absent(key.clone())],
+                vec![put_json(key, &mine)],
+            )
             .await?;
         if out.succeeded {
             info!(%host, %ip, "claimed the host's address on the VM network");
@@ -125,7 +128,15 @@ pub async fn follow_peers(
                 hosts.insert(name, addr);
             }
         }
-        apply(&network, &bridge, &settings, &vm_network, &hosts, &mut applied).await;
+        apply(
+            &network,
+            &bridge,
+            &settings,
+            &vm_network,
+            &hosts,
+            &mut applied,
+        )
+        .await;
         let mut stream = match store.watch(keys::HOSTS, listing.revision + 1).await {
             Ok(s) => s,
             Err(e) => {
@@ -149,7 +160,15 @@ pub async fn follow_peers(
                     break;
                 }
             }
-            apply(&network, &bridge, &settings, &vm_network, &hosts, &mut applied).await;
+            apply(
+                &network,
+                &bridge,
+                &settings,
+                &vm_network,
+                &hosts,
+                &mut applied,
+            )
+            .await;
         }
     }
 }
@@ -214,7 +233,8 @@ pub async fn follow_servers(ctx: Arc<AgentContext>) {
     loop {
         match ctx.store.list_json::<ServerRecord>(keys::SERVERS).await {
             Ok((servers, _)) => {
-                ctx.images.set_servers(servers.into_iter().map(|(s, _)| s.url).collect());
+                ctx.images
+                    .set_servers(servers.into_iter().map(|(s, _)| s.url).collect());
             }
             Err(e) => debug!(error = %e, "cannot list servers"),
         }

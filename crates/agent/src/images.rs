@@ -105,7 +105,12 @@ impl ImageCache {
     /// The servers to download from, in order.
     fn candidates(&self) -> Vec<String> {
         let mut all: Vec<String> = self.server_url.iter().cloned().collect();
-        for s in self.servers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for s in self
+            .servers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             if !all.contains(s) {
                 all.push(s.clone());
             }

@@ -184,7 +184,18 @@ pub async fn start(
     cluster::check_version(store.as_ref()).await?;
     let net = wait_for_network(store.as_ref()).await?;
     let lease = take_liveness(store.as_ref(), &cfg.host, cfg.lease_ttl).await?;
-    match bring_up(cfg, store.clone(), hypervisor, network, images, accel, net, lease).await {
+    match bring_up(
+        cfg,
+        store.clone(),
+        hypervisor,
+        network,
+        images,
+        accel,
+        net,
+        lease,
+    )
+    .await
+    {
         Ok(handle) => Ok(handle),
         Err(e) => {
             let _ = store.revoke_lease(lease).await;
@@ -307,7 +318,9 @@ async fn bring_up(
             net.clone(),
         )));
     }
-    guard.0.push(tokio::spawn(cluster::follow_servers(ctx.clone())));
+    guard
+        .0
+        .push(tokio::spawn(cluster::follow_servers(ctx.clone())));
     guard.0.push(tokio::spawn(refresh_disk(
         store.clone(),
         registration,
@@ -442,8 +455,7 @@ async fn dispatch(ctx: Arc<AgentContext>) {
             }
         }
         running.retain(|name, s| seen.contains(name) || !s.task.is_finished());
-        let mut stream = match ctx.store.watch(&prefix, listing.revision + 1).await
-        {
+        let mut stream = match ctx.store.watch(&prefix, listing.revision + 1).await {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "cannot watch instances; retrying");

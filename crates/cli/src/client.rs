@@ -183,7 +183,8 @@ impl Client {
     /// A request builder for `path` on the server in use, for callers with
     /// special bodies.
     pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        self.http.request(method, format!("{}{}", self.base(), path))
+        self.http
+            .request(method, format!("{}{}", self.base(), path))
     }
 }
 

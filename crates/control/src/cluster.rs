@@ -14,9 +14,7 @@ use std::time::Duration;
 use chrono::Utc;
 use skyvisor_core::cluster::{ClusterVersion, ServerRecord, versions_compatible};
 use skyvisor_core::{InstanceSpec, ServerName, keys};
-use skyvisor_store::{
-    Compare, LeaseId, Op, Store, StoreError, StoreExt, decode, encode, put_json,
-};
+use skyvisor_store::{Compare, LeaseId, Op, Store, StoreError, StoreExt, decode, encode, put_json};
 use thiserror::Error;
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
@@ -270,7 +268,11 @@ pub async fn check_version(store: &dyn Store) -> Result<(), ClusterError> {
 
 /// Creates this server's record bound to `lease`, refusing a name a live
 /// server holds.
-async fn register(store: &dyn Store, me: &ServerRecord, lease: LeaseId) -> Result<(), ClusterError> {
+async fn register(
+    store: &dyn Store,
+    me: &ServerRecord,
+    lease: LeaseId,
+) -> Result<(), ClusterError> {
     let key = keys::server(&me.name);
     let out = store
         .txn(
@@ -286,7 +288,9 @@ async fn register(store: &dyn Store, me: &ServerRecord, lease: LeaseId) -> Resul
         return Ok(());
     }
     let url = match store.get(&key).await? {
-        Some(kv) => decode::<ServerRecord>(&kv).map(|r| r.url).unwrap_or_default(),
+        Some(kv) => decode::<ServerRecord>(&kv)
+            .map(|r| r.url)
+            .unwrap_or_default(),
         None => String::new(),
     };
     Err(ClusterError::NameTaken {
@@ -297,7 +301,11 @@ async fn register(store: &dyn Store, me: &ServerRecord, lease: LeaseId) -> Resul
 
 /// Re-creates the registration when the lease was replaced (it expired
 /// during an outage and the election granted a new one).
-async fn keep_registered(store: Arc<dyn Store>, me: ServerRecord, slot: Arc<Mutex<Option<LeaseId>>>) {
+async fn keep_registered(
+    store: Arc<dyn Store>,
+    me: ServerRecord,
+    slot: Arc<Mutex<Option<LeaseId>>>,
+) {
     let key = keys::server(&me.name);
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -354,11 +362,7 @@ async fn leader_work(
     settings: ClusterSettings,
 ) {
     loop {
-        if leadership
-            .wait_for(|l| l.is_leader)
-            .await
-            .is_err()
-        {
+        if leadership.wait_for(|l| l.is_leader).await.is_err() {
             return;
         }
         info!(server = %settings.name, "starting leader-only work");

@@ -329,7 +329,9 @@ mod tests {
         wait_until("a leads", || a.is_leader()).await;
         let b = Election::start(store.clone(), candidate("b", 600));
         let mut b_rx = b.subscribe();
-        b_rx.wait_for(|s| s.leader.is_some()).await.expect("b sees a leader");
+        b_rx.wait_for(|s| s.leader.is_some())
+            .await
+            .expect("b sees a leader");
         assert!(!b.is_leader());
         assert_eq!(b.current().leader.expect("leader").name.as_str(), "a");
 
@@ -352,7 +354,9 @@ mod tests {
         wait_until("a leads", || a.is_leader()).await;
         let b = Election::start(store.clone(), candidate("b", 600));
         let mut b_rx = b.subscribe();
-        b_rx.wait_for(|s| s.leader.is_some()).await.expect("b sees a");
+        b_rx.wait_for(|s| s.leader.is_some())
+            .await
+            .expect("b sees a");
         // A crash: no resign, the lease is simply not renewed any more.
         drop(a);
         let started = Instant::now();

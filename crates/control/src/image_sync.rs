@@ -56,7 +56,14 @@ pub async fn sync_once(cp: &ControlPlane) -> Result<(), String> {
             debug!(image = %image.name, error = %e, "cannot copy image yet");
         }
     }
-    remove_orphans(cp, &images.iter().map(|(i, _)| i.name.to_string()).collect::<Vec<_>>()).await;
+    remove_orphans(
+        cp,
+        &images
+            .iter()
+            .map(|(i, _)| i.name.to_string())
+            .collect::<Vec<_>>(),
+    )
+    .await;
     Ok(())
 }
 

@@ -5,9 +5,9 @@ use std::time::Instant;
 
 use chrono::Utc;
 use skyvisor_core::api::{CreateInstanceRequest, ResizeInstanceRequest, StopInstanceRequest};
+use skyvisor_core::cluster::AllocMark;
 use skyvisor_core::image::ImageState;
 use skyvisor_core::resources::{builtin_types, find_type};
-use skyvisor_core::cluster::AllocMark;
 use skyvisor_core::{
     GroupName, HostName, Image, ImageName, Instance, InstanceId, InstanceName, InstancePhase,
     InstanceSpec, InstanceStatus, InstanceType, MacAddr, NetworkAttachment, PowerState, Resources,
@@ -339,7 +339,10 @@ impl ControlPlane {
             spec.generation += 1;
             let out = self
                 .store
-                .txn(vec![Compare::ModRevision(key.clone(), rev)], spec_ops(&spec))
+                .txn(
+                    vec![Compare::ModRevision(key.clone(), rev)],
+                    spec_ops(&spec),
+                )
                 .await?;
             if out.succeeded {
                 self.inventory
@@ -520,7 +523,10 @@ impl ControlPlane {
             spec.generation += 1;
             let out = self
                 .store
-                .txn(vec![Compare::ModRevision(key.clone(), rev)], spec_ops(&spec))
+                .txn(
+                    vec![Compare::ModRevision(key.clone(), rev)],
+                    spec_ops(&spec),
+                )
                 .await?;
             if out.succeeded {
                 self.inventory

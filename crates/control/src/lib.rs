@@ -9,12 +9,12 @@ pub mod api;
 pub mod cluster;
 pub mod election;
 pub mod error;
+pub mod image_sync;
 pub mod images;
 pub mod instances;
 pub mod inventory;
 pub mod ipam;
 pub mod metrics;
-pub mod image_sync;
 pub mod scheduler;
 
 use std::path::PathBuf;
@@ -116,9 +116,12 @@ impl ControlPlane {
     /// caller owns the membership; [`Membership::leave`] hands leadership
     /// over at once on a clean stop.
     pub async fn join_cluster(&self) -> Result<Membership, ClusterError> {
-        let membership =
-            Membership::join(self.store.clone(), self.inventory.clone(), &self.config.cluster)
-                .await?;
+        let membership = Membership::join(
+            self.store.clone(),
+            self.inventory.clone(),
+            &self.config.cluster,
+        )
+        .await?;
         let _ = self.cluster.set(membership.view());
         tokio::spawn(image_sync::run(self.clone()));
         Ok(membership)

@@ -316,8 +316,14 @@ pub(crate) mod tests {
         let hosts = vec![host("a", 8, 4096), host("b", 8, 4096), host("c", 8, 4096)];
         let group = GroupName::new("web").expect("group");
         let mut members = HashMap::new();
-        members.insert(hosts[0].host.name.clone(), InstanceName::new("web-1").expect("n"));
-        members.insert(hosts[2].host.name.clone(), InstanceName::new("web-3").expect("n"));
+        members.insert(
+            hosts[0].host.name.clone(),
+            InstanceName::new("web-1").expect("n"),
+        );
+        members.insert(
+            hosts[2].host.name.clone(),
+            InstanceName::new("web-3").expect("n"),
+        );
         let mut req = need(1, 128);
         req.spread = Some(SpreadConstraint {
             group: group.clone(),
@@ -327,7 +333,10 @@ pub(crate) mod tests {
         for w in [Weigher::Spread, Weigher::Pack] {
             assert_eq!(place(&hosts, &req, w).expect("fit").as_str(), "b");
         }
-        members.insert(hosts[1].host.name.clone(), InstanceName::new("web-2").expect("n"));
+        members.insert(
+            hosts[1].host.name.clone(),
+            InstanceName::new("web-2").expect("n"),
+        );
         req.spread = Some(SpreadConstraint { group, members });
         let err = place(&hosts, &req, Weigher::Spread).expect_err("all taken");
         assert_eq!(
@@ -354,7 +363,10 @@ pub(crate) mod tests {
             )
         );
         req.accel = Some(Accel::Tcg);
-        assert_eq!(place(&[a, b], &req, Weigher::Spread).expect("tcg").as_str(), "b");
+        assert_eq!(
+            place(&[a, b], &req, Weigher::Spread).expect("tcg").as_str(),
+            "b"
+        );
     }
 
     #[test]
@@ -384,7 +396,13 @@ pub(crate) mod tests {
     #[test]
     fn weigher_names_parse() {
         assert_eq!("pack".parse::<Weigher>().expect("pack"), Weigher::Pack);
-        assert_eq!(Weigher::Spread.to_string().parse::<Weigher>().expect("spread"), Weigher::Spread);
+        assert_eq!(
+            Weigher::Spread
+                .to_string()
+                .parse::<Weigher>()
+                .expect("spread"),
+            Weigher::Spread
+        );
         let e = "random".parse::<Weigher>().expect_err("unknown");
         assert!(e.message.contains("allowed: spread, pack"), "{e}");
     }

@@ -138,7 +138,11 @@ mod tests {
         assert!(binding(&h, &n).starts_with(&bindings_of(&h)));
         assert_eq!(name_of(&binding(&h, &n)), "web");
         // Host-level prefixes never swallow each other's keys.
-        for (a, b) in [(HOSTS, HOST_ALLOCS), (HOSTS, HOSTS_ALIVE), (HOSTS, HOST_STATES)] {
+        for (a, b) in [
+            (HOSTS, HOST_ALLOCS),
+            (HOSTS, HOSTS_ALIVE),
+            (HOSTS, HOST_STATES),
+        ] {
             assert!(!a.starts_with(b) && !b.starts_with(a), "{a} {b}");
         }
     }

@@ -112,10 +112,7 @@ impl HostNetwork for LinuxNetwork {
                 // The host's own address carries the subnet (and is what the
                 // host sends from); the shared gateway is a bare /32, so it is
                 // never chosen as a source address.
-                let keep = [
-                    format!("{host}/{}", subnet.prefix_len),
-                    format!("{gw}/32"),
-                ];
+                let keep = [format!("{host}/{}", subnet.prefix_len), format!("{gw}/32")];
                 for addr in bridge_addresses(&bridge.name).await? {
                     let in_subnet = addr
                         .split('/')
@@ -258,7 +255,15 @@ impl HostNetwork for LinuxNetwork {
             if !current.contains(&peer) {
                 run(
                     "bridge",
-                    &["fdb", "append", "00:00:00:00:00:00", "dev", name, "dst", &peer],
+                    &[
+                        "fdb",
+                        "append",
+                        "00:00:00:00:00:00",
+                        "dev",
+                        name,
+                        "dst",
+                        &peer,
+                    ],
                     None,
                 )
                 .await?;

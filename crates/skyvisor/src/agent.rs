@@ -83,10 +83,7 @@ async fn join_info(servers: &[String]) -> Result<JoinInfo> {
     let mut errors = Vec::new();
     for url in servers {
         let client = Client::new(url);
-        let path = format!(
-            "/v1/cluster/join?version={}",
-            skyvisor_core::VERSION
-        );
+        let path = format!("/v1/cluster/join?version={}", skyvisor_core::VERSION);
         match client.get::<JoinInfo>(&path).await {
             Ok(info) => return Ok(info),
             // The server answered with a refusal: that is the cluster's word.
@@ -122,7 +119,9 @@ fn local_address_towards(url: &str) -> Option<Ipv4Addr> {
 pub async fn run(args: AgentArgs) -> Result<()> {
     daemon::init_logs(&args.log_format);
     if !nix::unistd::geteuid().is_root() {
-        bail!("skyvisor agent needs root: it creates a bridge, taps, a VXLAN device and NAT rules for VMs");
+        bail!(
+            "skyvisor agent needs root: it creates a bridge, taps, a VXLAN device and NAT rules for VMs"
+        );
     }
     let file = match &args.config {
         Some(p) => config::load_file(p)?,

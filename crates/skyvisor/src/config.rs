@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
-use skyvisor_core::{AccelMode, HostName, Ipv4Net, Overcommit};
 use skyvisor_control::Weigher;
+use skyvisor_core::{AccelMode, HostName, Ipv4Net, Overcommit};
 
 /// Everything `up` can be told. Every field is optional in the file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -189,7 +189,10 @@ mod tests {
         )
         .expect("cluster config");
         assert_eq!(cluster.server.weigher, Some(Weigher::Pack));
-        assert_eq!(cluster.agent.address, Some("10.0.0.11".parse().expect("ip")));
+        assert_eq!(
+            cluster.agent.address,
+            Some("10.0.0.11".parse().expect("ip"))
+        );
         let err = toml::from_str::<FileConfig>("[server]\nwiegher = \"pack\"\n").expect_err("typo");
         assert!(err.to_string().contains("unknown field"), "{err}");
         assert_eq!(ok.accel, Some(AccelMode::Tcg));

@@ -123,10 +123,7 @@ pub struct HostAgentSettings {
 
 /// Chooses the accelerator and starts the host agent with QEMU and the
 /// host's real network.
-pub async fn start_host_agent(
-    s: HostAgentSettings,
-    store: Arc<dyn Store>,
-) -> Result<AgentHandle> {
+pub async fn start_host_agent(s: HostAgentSettings, store: Arc<dyn Store>) -> Result<AgentHandle> {
     let images = ImageCache::new(
         s.image_dirs.clone(),
         s.dir.join("image-cache"),
@@ -189,7 +186,10 @@ async fn default_image_files(
     if image.state != ImageState::Ready {
         return None;
     }
-    let kernel = images.file(&image, image.file(FileRole::Kernel)?).await.ok()?;
+    let kernel = images
+        .file(&image, image.file(FileRole::Kernel)?)
+        .await
+        .ok()?;
     let initrd = match image.file(FileRole::Initrd) {
         Some(f) => Some(images.file(&image, f).await.ok()?),
         None => None,

@@ -163,7 +163,11 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let bound = listener.local_addr()?;
-    let url = match args.advertise_url.clone().or(file.server.advertise_url.clone()) {
+    let url = match args
+        .advertise_url
+        .clone()
+        .or(file.server.advertise_url.clone())
+    {
         Some(u) => u.trim_end_matches('/').to_string(),
         None if bound.ip().is_unspecified() => bail!(
             "listening on {bound}: give --advertise-url with the address agents and other servers reach this server at"
@@ -196,7 +200,10 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let router = skyvisor_control::api::router(cp.clone());
     let mut api = tokio::spawn(async move { axum::serve(listener, router).await });
     info!(server = %name, %url, etcd = %etcd.join(","), "server running");
-    eprintln!("Server {name} serving the API at {url} (etcd {})", etcd.join(","));
+    eprintln!(
+        "Server {name} serving the API at {url} (etcd {})",
+        etcd.join(",")
+    );
 
     if !args.no_default_image {
         let cp = cp.clone();
@@ -204,11 +211,15 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         // building it) meanwhile.
         tokio::spawn(async move {
             match cp
-                .ensure_image(DEFAULT_IMAGE, DEFAULT_RECIPE, |m| info!(image = DEFAULT_IMAGE, "{m}"))
+                .ensure_image(DEFAULT_IMAGE, DEFAULT_RECIPE, |m| {
+                    info!(image = DEFAULT_IMAGE, "{m}")
+                })
                 .await
             {
                 Ok(_) => info!(image = DEFAULT_IMAGE, "default image ready"),
-                Err(e) => warn!(image = DEFAULT_IMAGE, error = %e.message, "default image not ready"),
+                Err(e) => {
+                    warn!(image = DEFAULT_IMAGE, error = %e.message, "default image not ready")
+                }
             }
         });
     }

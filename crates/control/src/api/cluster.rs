@@ -66,7 +66,11 @@ pub(super) async fn join(
             q.version
         )));
     }
-    let servers = live_servers(&cp).await?.into_iter().map(|s| s.url).collect();
+    let servers = live_servers(&cp)
+        .await?
+        .into_iter()
+        .map(|s| s.url)
+        .collect();
     Ok(Json(JoinInfo {
         version: version.to_string(),
         etcd_endpoints: cluster.etcd_endpoints.clone(),
@@ -108,7 +112,8 @@ pub(super) async fn require_store(
 pub(super) async fn healthz(State(cp): State<ControlPlane>) -> Response {
     match cp.store_unavailable() {
         None => "ok".into_response(),
-        Some(why) => ApiError::unavailable(format!("the state store is unreachable: {why}"))
-            .into_response(),
+        Some(why) => {
+            ApiError::unavailable(format!("the state store is unreachable: {why}")).into_response()
+        }
     }
 }

@@ -101,7 +101,10 @@ pub fn router(cp: ControlPlane) -> Router {
             field: None,
         }
     })
-    .layer(middleware::from_fn_with_state(cp.clone(), cluster::require_store))
+    .layer(middleware::from_fn_with_state(
+        cp.clone(),
+        cluster::require_store,
+    ))
     .layer(middleware::from_fn_with_state(cp.clone(), count_requests))
     .layer(tower_http::trace::TraceLayer::new_for_http())
     .with_state(cp)
@@ -135,7 +138,11 @@ async fn info(State(cp): State<ControlPlane>) -> Json<ServerInfo> {
     let (server, leader) = match cp.cluster_view() {
         Some(v) => (
             Some(v.me.name.to_string()),
-            v.leadership.borrow().leader.as_ref().map(|l| l.name.to_string()),
+            v.leadership
+                .borrow()
+                .leader
+                .as_ref()
+                .map(|l| l.name.to_string()),
         ),
         None => (None, None),
     };

@@ -37,12 +37,27 @@ fn placement_spreads_replicas_and_vms_reach_each_other_across_hosts() {
     // Replicas of one service land on different hosts.
     let mut vms = Vec::new();
     for i in 1..=3 {
-        vms.push(bed.create_vm(&format!("web-{i}"), &["--type", "nano", "--spread-group", "web"]));
+        vms.push(bed.create_vm(
+            &format!("web-{i}"),
+            &["--type", "nano", "--spread-group", "web"],
+        ));
     }
     let placed: BTreeSet<u32> = vms.iter().map(|v| bed.host_of(v)).collect();
-    assert_eq!(placed, BTreeSet::from([1, 2, 3]), "spread group members share a host");
+    assert_eq!(
+        placed,
+        BTreeSet::from([1, 2, 3]),
+        "spread group members share a host"
+    );
     // A fourth replica has nowhere to go, and the error says why, host by host.
-    let err = bed.sv_err(&["vm", "create", "web-4", "--type", "nano", "--spread-group", "web"]);
+    let err = bed.sv_err(&[
+        "vm",
+        "create",
+        "web-4",
+        "--type",
+        "nano",
+        "--spread-group",
+        "web",
+    ]);
     for i in 1..=3 {
         assert!(
             err.contains(&format!("h{i}: already runs web-")) && err.contains("spread group web"),
@@ -69,7 +84,10 @@ fn placement_spreads_replicas_and_vms_reach_each_other_across_hosts() {
         }
     }
     for (i, ip) in ips.iter().enumerate() {
-        assert_eq!(guest_json(*ip, "/identity")["name"], format!("web-{}", i + 1));
+        assert_eq!(
+            guest_json(*ip, "/identity")["name"],
+            format!("web-{}", i + 1)
+        );
     }
     // A VM always leaves the VM network through its own host: the gateway
     // address is on every host, but ARP for it never crosses the overlay.
@@ -88,7 +106,14 @@ fn placement_spreads_replicas_and_vms_reach_each_other_across_hosts() {
     let cordoned = bed.sv_json(&["host", "cordon", "h3"]);
     assert_eq!(cordoned["state"], "cordoned");
     for i in 1..=3 {
-        let v = bed.sv_json(&["vm", "create", &format!("idle-{i}"), "--type", "nano", "--no-start"]);
+        let v = bed.sv_json(&[
+            "vm",
+            "create",
+            &format!("idle-{i}"),
+            "--type",
+            "nano",
+            "--no-start",
+        ]);
         assert_ne!(bed.host_of(&v), 3, "a VM landed on the cordoned host: {v}");
     }
     // Nothing fits: the error names the reason for every host.
@@ -105,13 +130,21 @@ fn placement_spreads_replicas_and_vms_reach_each_other_across_hosts() {
     }
     bed.sv_ok(&["host", "uncordon", "h3"]);
     let v = bed.sv_json(&["vm", "create", "idle-4", "--type", "nano", "--no-start"]);
-    assert_eq!(bed.host_of(&v), 3, "the uncordoned, emptiest host takes it: {v}");
+    assert_eq!(
+        bed.host_of(&v),
+        3,
+        "the uncordoned, emptiest host takes it: {v}"
+    );
 
     // Addresses are allocated cluster-wide, never twice.
     let all = bed.sv_json(&["vm", "list"]);
     let addrs: Vec<_> = all.as_array().expect("vms").iter().map(vm_ip).collect();
     let unique: BTreeSet<_> = addrs.iter().collect();
-    assert_eq!(unique.len(), addrs.len(), "an address was handed out twice: {addrs:?}");
+    assert_eq!(
+        unique.len(),
+        addrs.len(),
+        "an address was handed out twice: {addrs:?}"
+    );
 }
 
 #[test]
@@ -125,13 +158,38 @@ fn pack_weigher_fills_one_host_first() {
     );
     let mut hosts = BTreeSet::new();
     for i in 1..=4 {
-        let v = bed.sv_json(&["vm", "create", &format!("p{i}"), "--type", "nano", "--no-start"]);
+        let v = bed.sv_json(&[
+            "vm",
+            "create",
+            &format!("p{i}"),
+            "--type",
+            "nano",
+            "--no-start",
+        ]);
         hosts.insert(bed.host_of(&v));
     }
     assert_eq!(hosts.len(), 1, "pack spread VMs over hosts {hosts:?}");
     // A spread group still wins over packing.
-    let a = bed.sv_json(&["vm", "create", "g1", "--type", "nano", "--no-start", "--spread-group", "g"]);
-    let b = bed.sv_json(&["vm", "create", "g2", "--type", "nano", "--no-start", "--spread-group", "g"]);
+    let a = bed.sv_json(&[
+        "vm",
+        "create",
+        "g1",
+        "--type",
+        "nano",
+        "--no-start",
+        "--spread-group",
+        "g",
+    ]);
+    let b = bed.sv_json(&[
+        "vm",
+        "create",
+        "g2",
+        "--type",
+        "nano",
+        "--no-start",
+        "--spread-group",
+        "g",
+    ]);
     assert_ne!(bed.host_of(&a), bed.host_of(&b));
 }
 
@@ -150,8 +208,12 @@ fn killing_the_leading_server_lets_another_take_over_and_loses_nothing() {
     let before = bed.create_vm("before", &["--type", "nano"]);
     // A create acknowledged by the leader, which dies right after answering.
     let body = r#"{"name":"acked","image":"debian-busybox","instance_type":"nano"}"#;
-    let (status, acked) = http_json("POST", &format!("{}/v1/instances", bed.server_url(1)), Some(body))
-        .expect("create on s1");
+    let (status, acked) = http_json(
+        "POST",
+        &format!("{}/v1/instances", bed.server_url(1)),
+        Some(body),
+    )
+    .expect("create on s1");
     assert_eq!(status, 201, "{acked}");
     bed.script_ok(&["server-kill", "1"]);
     let killed = Instant::now();
@@ -194,7 +256,11 @@ fn etcd_restart_is_survived() {
     let b = bed.create_vm("b", &["--type", "nano", "--spread-group", "g"]);
     let pids: Vec<u64> = [&a, &b]
         .iter()
-        .map(|v| bed.instance(v["spec"]["name"].as_str().expect("name"))["status"]["pid"].as_u64().expect("pid"))
+        .map(|v| {
+            bed.instance(v["spec"]["name"].as_str().expect("name"))["status"]["pid"]
+                .as_u64()
+                .expect("pid")
+        })
         .collect();
     let boot_a = guest_json(vm_ip(&a), "/identity")["boot_id"].clone();
 
@@ -215,18 +281,31 @@ fn etcd_restart_is_survived() {
         Some(r#"{"name":"during","image":"debian-busybox","instance_type":"nano"}"#),
     );
     assert_eq!(status, 503);
-    assert!(asked.elapsed() < Duration::from_secs(5), "took {:?}", asked.elapsed());
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        asked.elapsed()
+    );
     let cli = bed.sv_err(&["vm", "list"]);
     assert!(cli.contains("state store is unreachable"), "{cli}");
     let (status, info) = bed.api("GET", "/v1/info", None);
-    assert_eq!((status, &info["store_ok"]), (200, &Value::Bool(false)), "{info}");
+    assert_eq!(
+        (status, &info["store_ok"]),
+        (200, &Value::Bool(false)),
+        "{info}"
+    );
 
     // Agents keep their VMs running through the outage, longer than a lease.
     std::thread::sleep(Duration::from_secs(LEASE_TTL + 2).saturating_sub(stopped.elapsed()));
     for (v, pid) in [&a, &b].iter().zip(&pids) {
         assert!(alive(*pid as u32), "{} died with etcd", v["spec"]["name"]);
-        let (status, body) = http("GET", &format!("http://{}/health", vm_ip(v)), None, Duration::from_secs(10))
-            .expect("guest answers during the outage");
+        let (status, body) = http(
+            "GET",
+            &format!("http://{}/health", vm_ip(v)),
+            None,
+            Duration::from_secs(10),
+        )
+        .expect("guest answers during the outage");
         assert_eq!((status, body.trim()), (200, "ok"));
     }
 
@@ -242,7 +321,11 @@ fn etcd_restart_is_survived() {
         assert_eq!(now["status"]["pid"].as_u64(), Some(*pid), "{now}");
         assert_eq!(now["status"]["phase"], "running");
     }
-    assert_eq!(guest_json(vm_ip(&a), "/identity")["boot_id"], boot_a, "a was rebooted");
+    assert_eq!(
+        guest_json(vm_ip(&a), "/identity")["boot_id"],
+        boot_a,
+        "a was rebooted"
+    );
     let c = bed.create_vm("c", &["--type", "nano"]);
     assert_eq!(guest_json(vm_ip(&c), "/identity")["name"], "c");
 }
@@ -274,7 +357,11 @@ fn hosts_killed_cut_off_and_restored() {
         let v = bed.instance(&name2);
         (v["status"]["phase"] == "running" && v["status"]["guest_ready"] == true).then_some(v)
     });
-    assert_eq!(back["status"]["pid"].as_u64(), Some(pid2), "a new QEMU was started");
+    assert_eq!(
+        back["status"]["pid"].as_u64(),
+        Some(pid2),
+        "a new QEMU was started"
+    );
     assert_eq!(guest_json(vm_ip(&v2), "/identity")["boot_id"], boot2);
 
     // Cut off: the host is unreachable, its VM keeps running, new VMs go
@@ -284,7 +371,15 @@ fn hosts_killed_cut_off_and_restored() {
     assert_eq!(pid3.len(), 1);
     bed.script_ok(&["host-cut", "3"]);
     bed.wait_host_state(3, "unreachable", unreachable_within());
-    let err = bed.sv_err(&["vm", "create", "elsewhere", "--vcpus", "9", "--memory", "128M"]);
+    let err = bed.sv_err(&[
+        "vm",
+        "create",
+        "elsewhere",
+        "--vcpus",
+        "9",
+        "--memory",
+        "128M",
+    ]);
     assert!(err.contains("h3: unreachable"), "{err}");
     let w = bed.sv_json(&["vm", "create", "w", "--type", "nano", "--no-start"]);
     assert_ne!(bed.host_of(&w), 3);
@@ -292,7 +387,10 @@ fn hosts_killed_cut_off_and_restored() {
     bed.script_ok(&["host-restore", "3"]);
     bed.wait_host_state(3, "ready", Duration::from_secs(30));
     assert_eq!(bed.qemu_pids(3), pid3, "the VM was restarted");
-    assert_eq!(guest_json(vm_ip(&v3), "/identity")["name"], v3["spec"]["name"]);
+    assert_eq!(
+        guest_json(vm_ip(&v3), "/identity")["name"],
+        v3["spec"]["name"]
+    );
 
     // Killed (agent and QEMUs): unreachable; back, its VM is started again.
     let v1 = on(1);
@@ -348,7 +446,10 @@ fn duplicate_host_names_and_other_versions_are_refused() {
     let message = v["error"]["message"].as_str().unwrap_or_default();
     assert!(
         message.contains("agent version 0.0.1 cannot join")
-            && message.contains(&format!("cluster runs version {}", env!("CARGO_PKG_VERSION"))),
+            && message.contains(&format!(
+                "cluster runs version {}",
+                env!("CARGO_PKG_VERSION")
+            )),
         "{v}"
     );
 
@@ -384,5 +485,9 @@ fn duplicate_host_names_and_other_versions_are_refused() {
         "{stderr}"
     );
     let (_, hosts) = bed.api("GET", "/v1/hosts", None);
-    assert_eq!(hosts.as_array().map(Vec::len), Some(2), "a refused agent registered: {hosts}");
+    assert_eq!(
+        hosts.as_array().map(Vec::len),
+        Some(2),
+        "a refused agent registered: {hosts}"
+    );
 }

@@ -238,7 +238,12 @@ impl TestBed {
 
     /// An instance as the API shows it.
     pub fn instance(&self, name: &str) -> Value {
-        let (status, v) = self.api_on(self.any_server(), "GET", &format!("/v1/instances/{name}"), None);
+        let (status, v) = self.api_on(
+            self.any_server(),
+            "GET",
+            &format!("/v1/instances/{name}"),
+            None,
+        );
         assert_eq!(status, 200, "instance {name}: {v}");
         v
     }

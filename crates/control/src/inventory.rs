@@ -328,30 +328,13 @@ impl Inventory {
     /// One instance: spec and status (pending if no agent reported yet).
     pub async fn instance_full(&self, name: &InstanceName) -> Option<Instance> {
         let st = self.state.read().await;
-        st.instances.get(name).map(|spec| Instance {
-            spec: spec.clone(),
-            status: st
-                .statuses
-                .get(name)
-                .cloned()
-                .unwrap_or_else(InstanceStatus::pending),
-        })
+        st.instances.get(name).map(|spec| full(&st, spec))
     }
 
     /// All instances, by name.
     pub async fn instances_full(&self) -> Vec<Instance> {
         let st = self.state.read().await;
-        st.instances
-            .values()
-            .map(|spec| Instance {
-                spec: spec.clone(),
-                status: st
-                    .statuses
-                    .get(&spec.name)
-                    .cloned()
-                    .unwrap_or_else(InstanceStatus::pending),
-            })
-            .collect()
+        st.instances.values().map(|spec| full(&st, spec)).collect()
     }
 
     /// All instance specs, by name.
@@ -384,6 +367,32 @@ impl Inventory {
             used.extend(claims.iter().copied());
         }
         used
+    }
+}
+
+/// An instance as shown: its status is its agent's last report, marked as
+/// such while its host is unreachable (the report may be stale).
+fn full(st: &State, spec: &InstanceSpec) -> Instance {
+    let mut status = st
+        .statuses
+        .get(&spec.name)
+        .cloned()
+        .unwrap_or_else(InstanceStatus::pending);
+    if !st.alive.contains(&spec.host) {
+        let last = status
+            .message
+            .take()
+            .map(|m| format!("; its last message: {m}"))
+            .unwrap_or_default();
+        status.message = Some(format!(
+            "host {} is unreachable: this status is its last report, from {}{last}",
+            spec.host,
+            status.updated_at.format("%Y-%m-%d %H:%M:%S UTC")
+        ));
+    }
+    Instance {
+        spec: spec.clone(),
+        status,
     }
 }
 

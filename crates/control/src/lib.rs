@@ -142,7 +142,16 @@ impl ControlPlane {
             }
         }
         if !self.inventory.connected() {
-            return Some("lost the watch on the store; reconnecting".into());
+            let endpoints = &self.config.cluster.etcd_endpoints;
+            let at = if endpoints.is_empty() {
+                String::new()
+            } else {
+                format!(" at {}", endpoints.join(","))
+            };
+            return Some(format!(
+                "lost the watch on the {} store{at}; reconnecting",
+                self.store.backend()
+            ));
         }
         None
     }

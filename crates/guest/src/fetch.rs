@@ -57,11 +57,10 @@ pub fn fetch(url: &str) -> Result<Fetched, String> {
     s.set_read_timeout(Some(TIMEOUT))
         .and_then(|()| s.set_write_timeout(Some(TIMEOUT)))
         .map_err(|e| format!("{addr}: {e}"))?;
-    write!(
-        s,
-        "GET {target} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("sending to {addr}: {e}"))?;
+    // One write: a server may answer and close once it has the head.
+    let request = format!("GET {target} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes())
+        .map_err(|e| format!("sending to {addr}: {e}"))?;
     let mut answer = Vec::new();
     s.take(MAX_ANSWER)
         .read_to_end(&mut answer)

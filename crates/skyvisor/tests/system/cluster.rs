@@ -401,13 +401,34 @@ fn hosts_killed_cut_off_and_restored() {
     for pid in &pids1 {
         assert!(!alive(*pid), "QEMU {pid} survived the host kill");
     }
+    let unknown = bed.instance(&name1);
+    assert!(
+        unknown["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("host h1 is unreachable")),
+        "{unknown}"
+    );
     bed.script_ok(&["host-restore", "1"]);
     bed.wait_host_state(1, "ready", Duration::from_secs(30));
-    let again = wait_until("v1 running again", Duration::from_secs(240), || {
-        let v = bed.instance(&name1);
-        (v["status"]["phase"] == "running" && v["status"]["guest_ready"] == true).then_some(v)
-    });
-    assert!(!pids1.contains(&(again["status"]["pid"].as_u64().expect("pid") as u32)));
+    // Until its agent reports again, the VM shows its last report, marked.
+    let stale = bed.instance(&name1);
+    let again = wait_until(
+        "v1 running again in a new QEMU",
+        Duration::from_secs(240),
+        || {
+            let v = bed.instance(&name1);
+            let pid = v["status"]["pid"].as_u64().unwrap_or(0) as u32;
+            (v["status"]["phase"] == "running"
+                && v["status"]["guest_ready"] == true
+                && pid != 0
+                && !pids1.contains(&pid))
+            .then_some(v)
+        },
+    );
+    assert!(
+        again["status"]["boot_count"].as_u64() > stale["status"]["boot_count"].as_u64(),
+        "{stale} -> {again}"
+    );
     assert_eq!(guest_json(vm_ip(&v1), "/identity")["name"], name1);
 }
 

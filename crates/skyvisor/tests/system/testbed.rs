@@ -354,8 +354,15 @@ pub fn whoami_server(ip: Ipv4Addr) -> u16 {
                 .map(|a| a.ip().to_string())
                 .unwrap_or_default();
             let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut buf = [0u8; 2048];
-            let _ = c.read(&mut buf);
+            // Read the whole head before answering.
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16384 {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
             let _ = write!(
                 c,
                 "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{peer}",

@@ -19,7 +19,7 @@ use tracing::{debug, info};
 use crate::error::{ApiError, ApiResult};
 use crate::inventory::HostEntry;
 use crate::scheduler::{self, PlacementRequest, SpreadConstraint};
-use crate::{ControlPlane, READ_YOUR_WRITES, ipam};
+use crate::{ControlPlane, READ_YOUR_WRITES};
 
 /// How many times a write guarded by what the view showed is retried after
 /// another writer got in between.
@@ -196,8 +196,11 @@ impl ControlPlane {
                 )));
             };
 
-            let used = self.inventory.used_ips(&network.name).await;
-            let ip = ipam::next_free(&network.subnet, &used, &raced).ok_or_else(|| {
+            let ip = self
+                .inventory
+                .next_free_ip(&network.name, &network.subnet, &raced)
+                .await
+                .ok_or_else(|| {
                 ApiError::insufficient_capacity(format!(
                     "network {} ({}) has no free addresses",
                     network.name, network.subnet
@@ -246,11 +249,13 @@ impl ControlPlane {
             ));
             ops.push(put_json(claim_key.clone(), &name));
             ops.push(self.alloc_mark(&host, &name));
-            let out = self.store.txn(compares, ops).await?;
+            let committing = Instant::now();
+            let out = self.store.txn(compares, ops.clone()).await?;
+            self.metrics
+                .create_commit_seconds
+                .observe(committing.elapsed().as_secs_f64());
             if out.succeeded {
-                self.inventory
-                    .wait_for(out.revision, READ_YOUR_WRITES)
-                    .await;
+                self.inventory.apply_committed(&ops, out.revision).await;
                 info!(instance = %name, %host, %ip, "instance created");
                 return Ok(Instance {
                     spec,
@@ -468,11 +473,9 @@ impl ControlPlane {
             compares.extend(self.host_guard(entry));
             let mut ops = spec_ops(&spec);
             ops.push(self.alloc_mark(&host, &name_v));
-            let out = self.store.txn(compares, ops).await?;
-            self.inventory
-                .wait_for(out.revision, READ_YOUR_WRITES)
-                .await;
+            let out = self.store.txn(compares, ops.clone()).await?;
             if out.succeeded {
+                self.inventory.apply_committed(&ops, out.revision).await;
                 let status = self
                     .inventory
                     .instance_full(&name_v)
@@ -481,6 +484,9 @@ impl ControlPlane {
                     .unwrap_or_else(InstanceStatus::pending);
                 return Ok(Instance { spec, status });
             }
+            self.inventory
+                .wait_for(out.revision, READ_YOUR_WRITES)
+                .await;
         }
         Err(ApiError::unavailable(format!(
             "instance \"{name}\" or its host is changing too fast; retry"

@@ -21,7 +21,7 @@ use skyvisor_core::{
     GroupName, Host, HostName, HostState, Instance, InstanceName, InstanceSpec, InstanceStatus,
     Resources,
 };
-use skyvisor_store::{Revision, Store, StoreError, WatchEvent, decode};
+use skyvisor_store::{KeyValue, Op, Revision, Store, StoreError, WatchEvent, decode};
 use tokio::sync::{RwLock, watch};
 use tracing::{debug, warn};
 
@@ -57,6 +57,9 @@ impl HostEntry {
 
 #[derive(Debug, Default)]
 struct State {
+    /// The revision of the last watch event applied (or the lowest listing
+    /// revision after a load).
+    applied: Revision,
     hosts: BTreeMap<HostName, Host>,
     alive: BTreeSet<HostName>,
     admin: BTreeMap<HostName, HostState>,
@@ -270,6 +273,7 @@ impl Inventory {
             }
             low = low.min(listing.revision);
         }
+        fresh.applied = low;
         *self.state.write().await = fresh;
         Ok(low)
     }
@@ -283,6 +287,56 @@ impl Inventory {
             tokio::time::timeout(timeout, rx.wait_for(|r| *r >= revision)).await,
             Ok(Ok(_))
         )
+    }
+
+    /// Applies the writes of a transaction this server just committed at
+    /// `revision`, before the watch delivers them, so that this server's
+    /// next decision (and the client's next read) sees them at once. The
+    /// watch re-applies them later, in order; an older event replayed in
+    /// between can only make the view look older than it is, which a
+    /// guarded transaction turns into a retry, never into a wrong write.
+    pub async fn apply_committed(&self, ops: &[Op], revision: Revision) {
+        let mut st = self.state.write().await;
+        // Already delivered by the watch, maybe with later changes on top:
+        // applying it again would bring older values back.
+        if st.applied >= revision || *self.revision.borrow() >= revision {
+            return;
+        }
+        for op in ops {
+            let event = match op {
+                Op::Put { key, value, lease } => WatchEvent::Put(KeyValue {
+                    key: key.clone(),
+                    value: value.clone(),
+                    create_revision: revision,
+                    mod_revision: revision,
+                    lease: *lease,
+                }),
+                Op::Delete(key) => WatchEvent::Delete {
+                    key: key.clone(),
+                    mod_revision: revision,
+                },
+            };
+            if followed(event.key()) {
+                st.apply(&event);
+            }
+        }
+    }
+
+    /// The lowest address of `subnet` VMs may get that is neither claimed
+    /// in `network` nor in `skip`.
+    pub async fn next_free_ip(
+        &self,
+        network: &str,
+        subnet: &skyvisor_core::Ipv4Net,
+        skip: &HashSet<Ipv4Addr>,
+    ) -> Option<Ipv4Addr> {
+        let st = self.state.read().await;
+        let empty = HashSet::new();
+        let used = st.used_ips.get(network).unwrap_or(&empty);
+        let claimed = st.claims.get(network).unwrap_or(&empty);
+        crate::ipam::lowest_free(subnet, |ip| {
+            used.contains(&ip) || claimed.contains(&ip) || skip.contains(&ip)
+        })
     }
 
     /// The store revision the view reflects.
@@ -425,7 +479,9 @@ async fn follow(inv: std::sync::Weak<Inventory>, store: Arc<dyn Store>, mut revi
                     Ok(Some(Ok(event))) => {
                         revision = event.revision();
                         if followed(event.key()) {
-                            inventory.state.write().await.apply(&event);
+                            let mut st = inventory.state.write().await;
+                            st.apply(&event);
+                            st.applied = revision;
                         }
                         inventory.revision.send_replace(revision);
                     }

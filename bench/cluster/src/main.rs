@@ -8,6 +8,10 @@
 //! measures the control plane, never a hypervisor. VMs are created stopped,
 //! so no agent makes a disk (10,000 `qemu-img` runs would measure the disk).
 //!
+//! The simulated hosts and the API clients run on their own threads at a
+//! lower CPU priority (nice 10): on a small machine they stand in for other
+//! machines, and must not starve the server and etcd they load.
+//!
 //! Reported: placement latency p50/p99 (from the server's own histogram),
 //! create throughput and latency, the time until every agent reported its
 //! VMs, list-all latency, and the server's memory.
@@ -158,7 +162,11 @@ fn histogram_percentile(metrics: &str, name: &str, p: f64) -> Option<Duration> {
     None
 }
 
-async fn wait_for_api(http: &reqwest::Client, url: &str, child: Option<&mut std::process::Child>) -> Result<()> {
+async fn wait_for_api(
+    http: &reqwest::Client,
+    url: &str,
+    child: Option<&mut std::process::Child>,
+) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut child = child;
     loop {
@@ -196,7 +204,24 @@ async fn ready_image(store: &dyn Store) -> Result<()> {
     Ok(())
 }
 
-async fn start_agents(n: usize, store: Arc<dyn Store>, dir: &Path) -> Result<Vec<AgentHandle>> {
+/// A runtime for the simulated agents whose threads run at nice 10 (a
+/// thread's priority is inherited by the threads it creates).
+fn agent_runtime() -> Result<tokio::runtime::Runtime> {
+    std::thread::spawn(|| {
+        rustix::process::nice(10).context("lowering the agents' priority")?;
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("sim-agent")
+            .enable_all()
+            .build()
+            .context("agents' runtime")
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the agents' runtime thread panicked"))?
+}
+
+async fn start_agents(n: usize, store: Arc<dyn Store>, dir: PathBuf) -> Result<Vec<AgentHandle>> {
+    let dir = dir.as_path();
     let started = Instant::now();
     let results: Vec<Result<AgentHandle>> = futures::stream::iter(0..n)
         .map(|i| {
@@ -253,8 +278,7 @@ async fn start_server(
         StoreKind::Etcd => {
             let etcd = EtcdProcess::start().await.context("starting etcd")?;
             let store: Arc<dyn Store> = Arc::new(
-                EtcdStore::connect(&etcd.endpoints(), "/skyvisor/", EtcdOptions::default())
-                    .await?,
+                EtcdStore::connect(&etcd.endpoints(), "/skyvisor/", EtcdOptions::default()).await?,
             );
             let bin = match &args.skyvisor {
                 Some(b) => b.clone(),
@@ -289,8 +313,7 @@ async fn start_server(
             ))
         }
         StoreKind::Embedded => {
-            let store: Arc<dyn Store> =
-                Arc::new(EmbeddedStore::open(&dir.join("store.redb"))?);
+            let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.join("store.redb"))?);
             let cp = ControlPlane::start(
                 store.clone(),
                 ServerConfig {
@@ -338,7 +361,9 @@ async fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let dir = tempfile::Builder::new().prefix("skyvisor-bench-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("skyvisor-bench-")
+        .tempdir()?;
     let http = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(args.concurrency)
@@ -347,7 +372,14 @@ async fn main() -> Result<()> {
 
     let (server, store, _etcd) = start_server(&args, dir.path(), &http).await?;
     ready_image(store.as_ref()).await?;
-    let agents = start_agents(args.hosts, store.clone(), &dir.path().join("agents")).await?;
+    let agents_rt = agent_runtime()?;
+    let agents = agents_rt
+        .spawn(start_agents(
+            args.hosts,
+            store.clone(),
+            dir.path().join("agents"),
+        ))
+        .await??;
     // All hosts visible to placement.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -371,7 +403,10 @@ async fn main() -> Result<()> {
     }
 
     // Creates.
-    eprintln!("creating {} VMs with {} clients...", args.vms, args.concurrency);
+    eprintln!(
+        "creating {} VMs with {} clients...",
+        args.vms, args.concurrency
+    );
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let workers: Vec<_> = (0..args.concurrency)
@@ -380,7 +415,8 @@ async fn main() -> Result<()> {
             let http = http.clone();
             let url = format!("{}/v1/instances", server.url);
             let total = args.vms;
-            tokio::spawn(async move {
+            // The clients stand in for users on other machines too.
+            agents_rt.spawn(async move {
                 let mut latencies = Vec::new();
                 let mut failures = Vec::new();
                 loop {
@@ -397,7 +433,11 @@ async fn main() -> Result<()> {
                     let t = Instant::now();
                     match http.post(&url).json(&body).send().await {
                         Ok(r) if r.status().as_u16() == 201 => latencies.push(t.elapsed()),
-                        Ok(r) => failures.push(format!("{}: {}", r.status(), r.text().await.unwrap_or_default())),
+                        Ok(r) => failures.push(format!(
+                            "{}: {}",
+                            r.status(),
+                            r.text().await.unwrap_or_default()
+                        )),
                         Err(e) => failures.push(e.to_string()),
                     }
                 }
@@ -429,7 +469,11 @@ async fn main() -> Result<()> {
             .await?;
         let done = list
             .as_array()
-            .map(|a| a.iter().filter(|i| i["status"]["phase"] == "stopped").count())
+            .map(|a| {
+                a.iter()
+                    .filter(|i| i["status"]["phase"] == "stopped")
+                    .count()
+            })
             .unwrap_or(0);
         if done >= create_lat.len() || converge_started.elapsed() > Duration::from_secs(300) {
             break done;
@@ -528,10 +572,19 @@ async fn main() -> Result<()> {
         }
     );
     if !failures.is_empty() {
-        println!("\n{} creates failed; first: {}", failures.len(), failures[0]);
+        println!(
+            "\n{} creates failed; first: {}",
+            failures.len(),
+            failures[0]
+        );
     }
-    for a in agents {
-        a.shutdown().await;
-    }
+    agents_rt
+        .spawn(async move {
+            for a in agents {
+                a.shutdown().await;
+            }
+        })
+        .await?;
+    agents_rt.shutdown_background();
     Ok(())
 }

@@ -238,6 +238,7 @@ pub async fn follow_servers(ctx: Arc<AgentContext>) {
             }
             Err(e) => debug!(error = %e, "cannot list servers"),
         }
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        // Only image downloads use the list; it changes rarely.
+        tokio::time::sleep(Duration::from_secs(30)).await;
     }
 }

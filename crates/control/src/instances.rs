@@ -24,6 +24,9 @@ use crate::{ControlPlane, READ_YOUR_WRITES};
 /// How many times a write guarded by what the view showed is retried after
 /// another writer got in between.
 const MAX_ATTEMPTS: usize = 8;
+/// How many times a create may decide again because an earlier commit to
+/// the same host (from this server) failed.
+const MAX_CHAIN_BREAKS: usize = 64;
 
 /// The writes that store `spec`: the spec and its copy under its host.
 pub fn spec_ops(spec: &InstanceSpec) -> Vec<Op> {
@@ -155,26 +158,35 @@ impl ControlPlane {
             .map(GroupName::new)
             .transpose()?;
 
-        let _placing = self.placement.lock().await;
         let id = InstanceId::random();
         let mut raced = HashSet::new();
         // A transaction fails when another writer (another server, or an
         // agent) changed what the decision was based on: the name, the
         // address, or the chosen host's allocation or state. Each retry
         // first lets the view catch up with that write.
-        for _ in 0..MAX_ATTEMPTS {
-            if self.inventory.instance(&name).await.is_some() {
+        let mut attempts = 0;
+        let mut chain_breaks = 0;
+        while attempts < MAX_ATTEMPTS && chain_breaks < MAX_CHAIN_BREAKS {
+            // Decisions are taken one at a time, on the view plus what this
+            // server is still committing; the commits themselves overlap.
+            let placing = self.placement.lock().await;
+            if self.inventory.instance(&name).await.is_some() || self.inflight.has_name(&name) {
                 return Err(ApiError::already_exists(format!(
                     "instance \"{name}\" already exists"
                 )));
             }
             let started = Instant::now();
-            let hosts = self.inventory.hosts().await;
+            let mut hosts = self.inventory.hosts().await;
+            self.inflight.adjust(&mut hosts);
             let spread = match &spread_group {
-                Some(group) => Some(SpreadConstraint {
-                    group: group.clone(),
-                    members: self.inventory.spread_members(group).await,
-                }),
+                Some(group) => {
+                    let mut members = self.inventory.spread_members(group).await;
+                    self.inflight.add_members(group, &mut members);
+                    Some(SpreadConstraint {
+                        group: group.clone(),
+                        members,
+                    })
+                }
                 None => None,
             };
             let host = scheduler::place(
@@ -195,17 +207,43 @@ impl ControlPlane {
                     "placement chose host {host}, which is not in the inventory"
                 )));
             };
-
+            let (based_on, state_revision) = (entry.alloc_revision, entry.state_revision);
+            let mut skip = self.inflight.ips();
+            skip.extend(raced.iter().copied());
             let ip = self
                 .inventory
-                .next_free_ip(&network.name, &network.subnet, &raced)
+                .next_free_ip(&network.name, &network.subnet, &skip)
                 .await
                 .ok_or_else(|| {
-                ApiError::insufficient_capacity(format!(
-                    "network {} ({}) has no free addresses",
-                    network.name, network.subnet
-                ))
-            })?;
+                    ApiError::insufficient_capacity(format!(
+                        "network {} ({}) has no free addresses",
+                        network.name, network.subnet
+                    ))
+                })?;
+            let (reservation, predecessor) =
+                self.inflight
+                    .reserve(&host, &name, ip, resources, spread_group.clone());
+            drop(placing);
+
+            // The marker revision to compare with: the view's, or the one an
+            // earlier commit to the same host from this server leaves.
+            let (alloc_revision, chain) = match predecessor {
+                None => (based_on, None),
+                Some(p) => match p.committed(based_on).await {
+                    Ok((r, chain)) => (r, Some(chain)),
+                    Err(seen) => {
+                        // An earlier commit to the host failed or saw more
+                        // than this decision did: decide again on a view
+                        // that has caught up.
+                        reservation.failed(seen);
+                        chain_breaks += 1;
+                        self.inflight.drained(&host).await;
+                        self.inventory.wait_for(seen, READ_YOUR_WRITES).await;
+                        continue;
+                    }
+                },
+            };
+            attempts += 1;
             let spec = InstanceSpec {
                 name: name.clone(),
                 id,
@@ -237,11 +275,12 @@ impl ControlPlane {
             };
             let spec_key = keys::instance_spec(&name);
             let claim_key = keys::ipam_claim(&network.name, ip);
-            let mut compares = vec![
+            let compares = vec![
                 Compare::Absent(spec_key.clone()),
                 Compare::Absent(claim_key.clone()),
+                Compare::ModRevision(keys::host_alloc(&host), alloc_revision),
+                Compare::ModRevision(keys::host_state(&host), state_revision),
             ];
-            compares.extend(self.host_guard(entry));
             let mut ops = spec_ops(&spec);
             ops.push(put_json(
                 keys::instance_status(&name),
@@ -256,12 +295,14 @@ impl ControlPlane {
                 .observe(committing.elapsed().as_secs_f64());
             if out.succeeded {
                 self.inventory.apply_committed(&ops, out.revision).await;
+                reservation.committed(out.revision, based_on, chain.as_ref().map(|c| c.as_slice()));
                 info!(instance = %name, %host, %ip, "instance created");
                 return Ok(Instance {
                     spec,
                     status: InstanceStatus::pending(),
                 });
             }
+            reservation.failed(out.revision);
             if self.store.get(&spec_key).await?.is_some() {
                 return Err(ApiError::already_exists(format!(
                     "instance \"{name}\" already exists"
@@ -442,7 +483,8 @@ impl ControlPlane {
                 )));
             }
             let host = spec.host.clone();
-            let hosts = self.inventory.hosts().await;
+            let mut hosts = self.inventory.hosts().await;
+            self.inflight.adjust(&mut hosts);
             let placed = scheduler::place(
                 &hosts,
                 &PlacementRequest {

@@ -22,14 +22,16 @@ use skyvisor_core::{
     Resources,
 };
 use skyvisor_store::{KeyValue, Op, Revision, Store, StoreError, WatchEvent, decode};
-use tokio::sync::{RwLock, watch};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use tokio::sync::watch;
 use tracing::{debug, warn};
 
 /// What the inventory knows about one host.
 #[derive(Debug, Clone)]
 pub struct HostEntry {
-    /// The agent's registration.
-    pub host: Host,
+    /// The agent's registration (shared: a snapshot of a thousand hosts
+    /// costs no copies).
+    pub host: Arc<Host>,
     /// Whether its liveness key exists (its lease is held).
     pub alive: bool,
     /// Administrative state set through the API, if any.
@@ -60,7 +62,7 @@ struct State {
     /// The revision of the last watch event applied (or the lowest listing
     /// revision after a load).
     applied: Revision,
-    hosts: BTreeMap<HostName, Host>,
+    hosts: BTreeMap<HostName, Arc<Host>>,
     alive: BTreeSet<HostName>,
     admin: BTreeMap<HostName, HostState>,
     instances: BTreeMap<InstanceName, InstanceSpec>,
@@ -187,7 +189,7 @@ impl State {
                 } else if key.starts_with(keys::HOSTS) {
                     match decode::<Host>(kv) {
                         Ok(host) => {
-                            self.hosts.insert(host.name.clone(), host);
+                            self.hosts.insert(host.name.clone(), Arc::new(host));
                         }
                         Err(e) => warn!(error = %e, "skipping undecodable host"),
                     }
@@ -246,6 +248,17 @@ pub struct Inventory {
 }
 
 impl Inventory {
+    /// The state for reading. A plain lock: every critical section is short
+    /// and never awaits, so placement never queues behind async writers.
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        // The state is plain data; a panic elsewhere leaves it usable.
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Loads the view from `store` and keeps following it in background
     /// tasks until the returned inventory is dropped.
     pub async fn start(store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
@@ -274,7 +287,7 @@ impl Inventory {
             low = low.min(listing.revision);
         }
         fresh.applied = low;
-        *self.state.write().await = fresh;
+        *self.write() = fresh;
         Ok(low)
     }
 
@@ -296,7 +309,7 @@ impl Inventory {
     /// between can only make the view look older than it is, which a
     /// guarded transaction turns into a retry, never into a wrong write.
     pub async fn apply_committed(&self, ops: &[Op], revision: Revision) {
-        let mut st = self.state.write().await;
+        let mut st = self.write();
         // Already delivered by the watch, maybe with later changes on top:
         // applying it again would bring older values back.
         if st.applied >= revision || *self.revision.borrow() >= revision {
@@ -330,7 +343,7 @@ impl Inventory {
         subnet: &skyvisor_core::Ipv4Net,
         skip: &HashSet<Ipv4Addr>,
     ) -> Option<Ipv4Addr> {
-        let st = self.state.read().await;
+        let st = self.read();
         let empty = HashSet::new();
         let used = st.used_ips.get(network).unwrap_or(&empty);
         let claimed = st.claims.get(network).unwrap_or(&empty);
@@ -352,7 +365,7 @@ impl Inventory {
 
     /// Where the members of spread group `group` run: one member per host.
     pub async fn spread_members(&self, group: &GroupName) -> HashMap<HostName, InstanceName> {
-        let st = self.state.read().await;
+        let st = self.read();
         let mut out = HashMap::new();
         if let Some(members) = st.groups.get(group) {
             for (name, host) in members {
@@ -364,49 +377,41 @@ impl Inventory {
 
     /// All hosts with their state and allocation.
     pub async fn hosts(&self) -> Vec<HostEntry> {
-        let st = self.state.read().await;
+        let st = self.read();
         st.hosts.values().map(|h| host_entry(&st, h)).collect()
     }
 
     /// One host.
     pub async fn host(&self, name: &HostName) -> Option<HostEntry> {
-        let st = self.state.read().await;
+        let st = self.read();
         st.hosts.get(name).map(|h| host_entry(&st, h))
     }
 
     /// One instance spec.
     pub async fn instance(&self, name: &InstanceName) -> Option<InstanceSpec> {
-        self.state.read().await.instances.get(name).cloned()
+        self.read().instances.get(name).cloned()
     }
 
     /// One instance: spec and status (pending if no agent reported yet).
     pub async fn instance_full(&self, name: &InstanceName) -> Option<Instance> {
-        let st = self.state.read().await;
+        let st = self.read();
         st.instances.get(name).map(|spec| full(&st, spec))
     }
 
     /// All instances, by name.
     pub async fn instances_full(&self) -> Vec<Instance> {
-        let st = self.state.read().await;
+        let st = self.read();
         st.instances.values().map(|spec| full(&st, spec)).collect()
     }
 
     /// All instance specs, by name.
     pub async fn instances(&self) -> Vec<InstanceSpec> {
-        self.state
-            .read()
-            .await
-            .instances
-            .values()
-            .cloned()
-            .collect()
+        self.read().instances.values().cloned().collect()
     }
 
     /// Whether `ip` is in use in `network`.
     pub async fn ip_in_use(&self, network: &str, ip: Ipv4Addr) -> bool {
-        self.state
-            .read()
-            .await
+        self.read()
             .used_ips
             .get(network)
             .is_some_and(|s| s.contains(&ip))
@@ -415,7 +420,7 @@ impl Inventory {
     /// The addresses in use in `network`: those of instances and every
     /// claimed one (hosts hold claims too).
     pub async fn used_ips(&self, network: &str) -> HashSet<Ipv4Addr> {
-        let st = self.state.read().await;
+        let st = self.read();
         let mut used = st.used_ips.get(network).cloned().unwrap_or_default();
         if let Some(claims) = st.claims.get(network) {
             used.extend(claims.iter().copied());
@@ -450,10 +455,10 @@ fn full(st: &State, spec: &InstanceSpec) -> Instance {
     }
 }
 
-fn host_entry(st: &State, h: &Host) -> HostEntry {
+fn host_entry(st: &State, h: &Arc<Host>) -> HostEntry {
     let (allocated, instances) = st.allocated.get(&h.name).copied().unwrap_or_default();
     HostEntry {
-        host: h.clone(),
+        host: Arc::clone(h),
         alive: st.alive.contains(&h.name),
         admin_state: st.admin.get(&h.name).copied(),
         allocated,
@@ -479,7 +484,7 @@ async fn follow(inv: std::sync::Weak<Inventory>, store: Arc<dyn Store>, mut revi
                     Ok(Some(Ok(event))) => {
                         revision = event.revision();
                         if followed(event.key()) {
-                            let mut st = inventory.state.write().await;
+                            let mut st = inventory.write();
                             st.apply(&event);
                             st.applied = revision;
                         }

@@ -11,6 +11,7 @@ pub mod election;
 pub mod error;
 pub mod image_sync;
 pub mod images;
+mod inflight;
 pub mod instances;
 pub mod inventory;
 pub mod ipam;
@@ -64,8 +65,10 @@ pub struct ControlPlane {
     pub inventory: Arc<Inventory>,
     /// Configuration.
     pub config: Arc<ServerConfig>,
-    /// Serializes placement so two creates never take the same room.
+    /// Serializes placement decisions so two creates never take the same room.
     pub(crate) placement: Arc<Mutex<()>>,
+    /// Placements decided and not yet committed.
+    pub(crate) inflight: inflight::InFlight,
     /// Request metrics.
     pub metrics: Arc<metrics::Metrics>,
     /// HTTP client for talking to agents.
@@ -104,6 +107,7 @@ impl ControlPlane {
             inventory,
             config: Arc::new(config),
             placement: Arc::new(Mutex::new(())),
+            inflight: inflight::InFlight::default(),
             metrics: Arc::new(metrics::Metrics::new()),
             http,
             cluster: Arc::new(OnceLock::new()),

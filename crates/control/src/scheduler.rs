@@ -216,7 +216,7 @@ pub(crate) mod tests {
 
     pub(crate) fn host(name: &str, vcpus: u32, memory_mib: u64) -> HostEntry {
         HostEntry {
-            host: Host {
+            host: std::sync::Arc::new(Host {
                 name: HostName::new(name).expect("name"),
                 address: "127.0.0.1".into(),
                 capacity: Capacity::new(
@@ -240,7 +240,7 @@ pub(crate) mod tests {
                 agent_url: None,
                 disk_free_bytes: u64::MAX,
                 started_at: Utc::now(),
-            },
+            }),
             alive: true,
             admin_state: None,
             allocated: Resources::default(),
@@ -349,7 +349,7 @@ pub(crate) mod tests {
     #[test]
     fn accelerator_and_agent_version_filter_hosts() {
         let mut a = host("a", 8, 4096);
-        a.host.agent_version = "0.0.1".into();
+        std::sync::Arc::make_mut(&mut a.host).agent_version = "0.0.1".into();
         let b = host("b", 8, 4096);
         let mut req = need(1, 128);
         req.accel = Some(Accel::Kvm);
@@ -372,7 +372,7 @@ pub(crate) mod tests {
     #[test]
     fn overcommit_scales_what_fits() {
         let mut a = host("a", 2, 1024);
-        a.host.capacity = skyvisor_core::Capacity::new(
+        std::sync::Arc::make_mut(&mut a.host).capacity = skyvisor_core::Capacity::new(
             a.host.capacity.physical,
             Overcommit {
                 cpu: 4.0,

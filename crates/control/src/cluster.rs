@@ -14,7 +14,7 @@ use std::time::Duration;
 use chrono::Utc;
 use skyvisor_core::cluster::{ClusterVersion, ServerRecord, versions_compatible};
 use skyvisor_core::{InstanceSpec, ServerName, keys};
-use skyvisor_store::{Compare, LeaseId, Op, Store, StoreError, StoreExt, decode, encode, put_json};
+use skyvisor_store::{Compare, LeaseId, Op, Store, StoreError, StoreExt, decode, encode};
 use thiserror::Error;
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
@@ -22,6 +22,10 @@ use tracing::{debug, info, warn};
 
 use crate::election::{CandidateConfig, Election, Leadership};
 use crate::inventory::Inventory;
+
+/// How often the leader checks the per-host copies of specs (a safety net:
+/// every write keeps them in step).
+const REPAIR_EVERY: Duration = Duration::from_secs(300);
 
 /// How this server takes part in the cluster.
 #[derive(Debug, Clone)]
@@ -400,7 +404,7 @@ async fn housekeeping(store: Arc<dyn Store>, inventory: Arc<Inventory>, settings
             }
             last_compact = tokio::time::Instant::now();
         }
-        tokio::time::sleep(Duration::from_secs(60)).await;
+        tokio::time::sleep(REPAIR_EVERY).await;
     }
 }
 
@@ -418,25 +422,38 @@ pub async fn repair_bindings(store: &dyn Store) -> Result<usize, StoreError> {
         .iter()
         .map(|kv| (kv.key.as_str(), kv.value.as_slice()))
         .collect();
+    /// What the copy's key needs; the rest of the spec is not decoded.
+    #[derive(serde::Deserialize)]
+    struct Placement {
+        name: skyvisor_core::InstanceName,
+        host: skyvisor_core::HostName,
+    }
     for kv in &specs.items {
-        let spec: InstanceSpec = match decode(kv) {
+        let at: Placement = match decode(kv) {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "skipping undecodable instance spec");
                 continue;
             }
         };
-        let key = keys::binding(&spec.host, &spec.name);
+        let key = keys::binding(&at.host, &at.name);
+        // Copies are written with the spec's own bytes; only when they
+        // differ is a full comparison needed.
         let stale = have.get(key.as_str()).is_none_or(|v| {
-            // Compare decoded: byte-equal JSON is not guaranteed.
-            serde_json::from_slice::<InstanceSpec>(v).ok().as_ref() != Some(&spec)
+            *v != kv.value.as_slice()
+                && serde_json::from_slice::<InstanceSpec>(v).ok()
+                    != serde_json::from_slice::<InstanceSpec>(&kv.value).ok()
         });
         wanted.insert(key.clone());
         if stale {
             let out = store
                 .txn(
                     vec![Compare::ModRevision(kv.key.clone(), kv.mod_revision)],
-                    vec![put_json(key, &spec)],
+                    vec![Op::Put {
+                        key,
+                        value: kv.value.clone(),
+                        lease: None,
+                    }],
                 )
                 .await?;
             repaired += usize::from(out.succeeded);

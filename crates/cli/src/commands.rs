@@ -953,6 +953,13 @@ async fn host(client: &Client, format: OutputFormat, cmd: HostCommand) -> Result
                 ("agent", h.host.agent_version.clone()),
                 ("subnet", h.host.subnet.to_string()),
                 (
+                    "vm network address",
+                    h.host
+                        .bridge_address
+                        .map(|a| a.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                ),
+                (
                     "physical",
                     format!(
                         "{} CPU, {}, {} GiB disk ({} MiB free)",

@@ -20,6 +20,8 @@ pub struct ImageCache {
     pub cache_dir: PathBuf,
     /// The server to download from.
     pub server_url: Option<String>,
+    /// Other servers of the cluster, tried when `server_url` fails.
+    servers: Mutex<Vec<String>>,
     http: reqwest::Client,
     verified: Mutex<HashSet<PathBuf>>,
 }
@@ -31,6 +33,7 @@ impl ImageCache {
             shared_dirs,
             cache_dir,
             server_url,
+            servers: Mutex::new(Vec::new()),
             http: reqwest::Client::new(),
             verified: Mutex::new(HashSet::new()),
         }
@@ -53,36 +56,66 @@ impl ImageCache {
         if self.is_verified(&p, file).await {
             return Ok(p);
         }
-        let Some(server) = &self.server_url else {
+        let servers = self.candidates();
+        if servers.is_empty() {
             return Err(format!(
                 "image {} file {} is not on this host and no server is known to fetch it from",
                 image.name, file.file_name
             ));
-        };
+        }
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| format!("{}: {e}", dir.display()))?;
-        let url = format!("{server}/v1/images/{}/files/{}", image.name, file.file_name);
-        info!(%url, "downloading image file");
-        let tmp = dir.join(format!(
-            ".{}.part-{}",
-            file.file_name,
-            uuid::Uuid::new_v4().simple()
-        ));
-        let result = download(&self.http, &url, &tmp, &file.sha256).await;
-        match result {
-            Ok(()) => {
-                tokio::fs::rename(&tmp, &p)
-                    .await
-                    .map_err(|e| format!("{}: {e}", p.display()))?;
-                self.mark_verified(&p);
-                Ok(p)
-            }
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                Err(e)
+        let mut errors = Vec::new();
+        for server in servers {
+            let url = format!(
+                "{}/v1/images/{}/files/{}",
+                server.trim_end_matches('/'),
+                image.name,
+                file.file_name
+            );
+            info!(%url, "downloading image file");
+            let tmp = dir.join(format!(
+                ".{}.part-{}",
+                file.file_name,
+                uuid::Uuid::new_v4().simple()
+            ));
+            match download(&self.http, &url, &tmp, &file.sha256).await {
+                Ok(()) => {
+                    tokio::fs::rename(&tmp, &p)
+                        .await
+                        .map_err(|e| format!("{}: {e}", p.display()))?;
+                    self.mark_verified(&p);
+                    return Ok(p);
+                }
+                Err(e) => {
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    errors.push(e);
+                }
             }
         }
+        Err(errors.join("; "))
+    }
+
+    /// Sets the cluster's other servers, tried after `server_url`.
+    pub fn set_servers(&self, urls: Vec<String>) {
+        *self.servers.lock().unwrap_or_else(|e| e.into_inner()) = urls;
+    }
+
+    /// The servers to download from, in order.
+    fn candidates(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.server_url.iter().cloned().collect();
+        for s in self
+            .servers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            if !all.contains(s) {
+                all.push(s.clone());
+            }
+        }
+        all
     }
 
     fn mark_verified(&self, p: &Path) {

@@ -6,6 +6,7 @@
 //! running, and the next agent re-attaches to them.
 
 pub mod checkpoints;
+pub mod cluster;
 pub mod disks;
 pub mod fake_hv;
 pub mod host;
@@ -66,6 +67,9 @@ pub struct AgentConfig {
     pub lease_ttl: Duration,
     /// Check that guests' web services answer after boot.
     pub probe_guests: bool,
+    /// Join the cluster's VXLAN overlay (hosts of a cluster); none for a
+    /// single host.
+    pub overlay: Option<cluster::OverlaySettings>,
 }
 
 /// What went wrong starting an agent.
@@ -93,6 +97,16 @@ pub enum AgentError {
     /// No network is defined in the store.
     #[error("no network is defined in the store; start a server first")]
     NoNetwork,
+    /// The cluster runs another version.
+    #[error(
+        "this agent is version {agent} but the cluster runs version {cluster}; install skyvisor {cluster} on this host"
+    )]
+    VersionMismatch {
+        /// The agent's version.
+        agent: String,
+        /// The cluster's.
+        cluster: String,
+    },
 }
 
 /// What every supervisor shares.
@@ -140,7 +154,7 @@ pub struct AgentHandle {
     /// The shared context.
     pub ctx: Arc<AgentContext>,
     tasks: Vec<JoinHandle<()>>,
-    lease: LeaseId,
+    lease: Arc<std::sync::Mutex<LeaseId>>,
 }
 
 impl AgentHandle {
@@ -149,7 +163,8 @@ impl AgentHandle {
         for t in self.tasks.drain(..) {
             t.abort();
         }
-        let _ = self.ctx.store.revoke_lease(self.lease).await;
+        let lease = *self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self.ctx.store.revoke_lease(lease).await;
     }
 }
 
@@ -161,7 +176,8 @@ impl Drop for AgentHandle {
     }
 }
 
-/// Starts an agent: network, HTTP service, registration, lease, supervisors.
+/// Starts an agent: liveness (refusing a name a live agent holds, before
+/// touching anything), network, HTTP service, registration, supervisors.
 pub async fn start(
     cfg: AgentConfig,
     store: Arc<dyn Store>,
@@ -170,12 +186,61 @@ pub async fn start(
     images: ImageCache,
     accel: (Accel, String),
 ) -> Result<AgentHandle, AgentError> {
+    cluster::check_version(store.as_ref()).await?;
     let net = wait_for_network(store.as_ref()).await?;
+    let lease = take_liveness(store.as_ref(), &cfg.host, cfg.lease_ttl).await?;
+    match bring_up(
+        cfg,
+        store.clone(),
+        hypervisor,
+        network,
+        images,
+        accel,
+        net,
+        lease,
+    )
+    .await
+    {
+        Ok(handle) => Ok(handle),
+        Err(e) => {
+            let _ = store.revoke_lease(lease).await;
+            Err(e)
+        }
+    }
+}
+
+/// Aborts the tasks it holds when dropped, unless taken out.
+struct TaskGuard(Vec<JoinHandle<()>>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn bring_up(
+    cfg: AgentConfig,
+    store: Arc<dyn Store>,
+    hypervisor: Arc<dyn Hypervisor>,
+    network: Arc<dyn HostNetwork>,
+    images: ImageCache,
+    accel: (Accel, String),
+    net: Network,
+    lease: LeaseId,
+) -> Result<AgentHandle, AgentError> {
+    let host_address = match &cfg.overlay {
+        Some(_) => Some(cluster::claim_host_address(store.as_ref(), &cfg.host, &net).await?),
+        None => None,
+    };
     network
         .ensure_bridge(&BridgeConfig {
             name: cfg.bridge.clone(),
             subnet: net.subnet,
             nat: cfg.nat,
+            host_address,
         })
         .await
         .map_err(|e| AgentError::Network(e.to_string()))?;
@@ -212,31 +277,14 @@ pub async fn start(
         message: e.to_string(),
     })?;
     let url = format!("http://{local}");
-    let mut tasks = Vec::new();
+    let mut guard = TaskGuard(Vec::new());
     let router = http::router(ctx.clone());
-    tasks.push(tokio::spawn(async move {
+    guard.0.push(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router).await {
             error!(error = %e, "agent HTTP service failed");
         }
     }));
 
-    // Liveness first: refuse to start if a live agent holds this name.
-    let lease = store.grant_lease(cfg.lease_ttl).await?;
-    let alive_key = keys::host_alive(&cfg.host);
-    let taken = store
-        .txn(
-            vec![Compare::Absent(alive_key.clone())],
-            vec![Op::Put {
-                key: alive_key,
-                value: encode(&Utc::now()),
-                lease: Some(lease),
-            }],
-        )
-        .await?;
-    if !taken.succeeded {
-        let _ = store.revoke_lease(lease).await;
-        return Err(AgentError::NameTaken(cfg.host.to_string()));
-    }
     let physical = host::physical_resources(&cfg.data_dir, cfg.reserved_memory_mib);
     let registration = Host {
         name: cfg.host.clone(),
@@ -249,6 +297,7 @@ pub async fn start(
             .unwrap_or_else(|e| format!("unknown ({e})")),
         agent_version: skyvisor_core::VERSION.to_string(),
         subnet: net.subnet,
+        bridge_address: host_address,
         agent_url: Some(url.clone()),
         disk_free_bytes: host::disk_space(&cfg.data_dir).1,
         started_at: Utc::now(),
@@ -258,18 +307,34 @@ pub async fn start(
         .await?;
     info!(host = %cfg.host, accel = %accel.0, reason = %accel.1, %url, "agent registered");
 
-    tasks.push(tokio::spawn(keep_lease(
+    let lease = Arc::new(std::sync::Mutex::new(lease));
+    guard.0.push(tokio::spawn(keep_lease(
         store.clone(),
-        lease,
+        lease.clone(),
         cfg.lease_ttl,
+        cfg.host.clone(),
     )));
-    tasks.push(tokio::spawn(refresh_disk(
+    if let Some(overlay) = &cfg.overlay {
+        guard.0.push(tokio::spawn(cluster::follow_peers(
+            store.clone(),
+            ctx.network.clone(),
+            cfg.bridge.clone(),
+            cfg.host.clone(),
+            overlay.clone(),
+            net.clone(),
+        )));
+    }
+    guard
+        .0
+        .push(tokio::spawn(cluster::follow_servers(ctx.clone())));
+    guard.0.push(tokio::spawn(refresh_disk(
         store.clone(),
         registration,
         cfg.data_dir.clone(),
     )));
-    tasks.push(tokio::spawn(dispatch(ctx.clone())));
-    tasks.push(tokio::spawn(checkpoints::follow(ctx.clone())));
+    guard.0.push(tokio::spawn(dispatch(ctx.clone())));
+    guard.0.push(tokio::spawn(checkpoints::follow(ctx.clone())));
+    let tasks = std::mem::take(&mut guard.0);
     Ok(AgentHandle {
         url,
         ctx,
@@ -289,14 +354,65 @@ async fn wait_for_network(store: &dyn Store) -> Result<Network, AgentError> {
     Err(AgentError::NoNetwork)
 }
 
-/// Renews the lease at a third of its TTL.
-async fn keep_lease(store: Arc<dyn Store>, lease: LeaseId, ttl: Duration) {
+/// Takes the host's liveness key under a new lease; fails if a live agent
+/// holds the name.
+async fn take_liveness(
+    store: &dyn Store,
+    host: &HostName,
+    ttl: Duration,
+) -> Result<LeaseId, AgentError> {
+    let lease = store.grant_lease(ttl).await?;
+    let alive_key = keys::host_alive(host);
+    let taken = store
+        .txn(
+            vec![Compare::Absent(alive_key.clone())],
+            vec![Op::Put {
+                key: alive_key,
+                value: encode(&Utc::now()),
+                lease: Some(lease),
+            }],
+        )
+        .await;
+    match taken {
+        Ok(t) if t.succeeded => Ok(lease),
+        Ok(_) => {
+            let _ = store.revoke_lease(lease).await;
+            Err(AgentError::NameTaken(host.to_string()))
+        }
+        Err(e) => {
+            let _ = store.revoke_lease(lease).await;
+            Err(e.into())
+        }
+    }
+}
+
+/// Renews the lease at a third of its TTL. When the store expired it (it
+/// could not be reached for longer than the TTL), takes a new one, so the
+/// host is live again as soon as the store is back.
+async fn keep_lease(
+    store: Arc<dyn Store>,
+    lease: Arc<std::sync::Mutex<LeaseId>>,
+    ttl: Duration,
+    host: HostName,
+) {
     loop {
         tokio::time::sleep(ttl / 3).await;
-        if let Err(e) = store.keep_alive(lease).await {
+        let current = *lease.lock().unwrap_or_else(|e| e.into_inner());
+        match store.keep_alive(current).await {
+            Ok(()) => {}
+            Err(StoreError::LeaseNotFound(_)) => {
+                warn!(%host, "the host lease expired; taking a new one");
+                match take_liveness(store.as_ref(), &host, ttl).await {
+                    Ok(new) => {
+                        *lease.lock().unwrap_or_else(|e| e.into_inner()) = new;
+                        info!(%host, "the host is live again");
+                    }
+                    Err(e) => error!(%host, error = %e, "cannot take a new host lease"),
+                }
+            }
             // Fencing (stopping VMs once the lease is surely lost) belongs to
             // the HA work; for now this is loud.
-            error!(error = %e, "could not renew the host lease");
+            Err(e) => error!(error = %e, "could not renew the host lease"),
         }
     }
 }
@@ -327,7 +443,10 @@ struct Supervised {
 async fn dispatch(ctx: Arc<AgentContext>) {
     let mut running: HashMap<InstanceName, Supervised> = HashMap::new();
     loop {
-        let listing = match ctx.store.list(keys::INSTANCE_SPECS).await {
+        // Only this host's copies of the specs: an agent follows its own
+        // instances, not the whole cluster's.
+        let prefix = keys::bindings_of(&ctx.host);
+        let listing = match ctx.store.list(&prefix).await {
             Ok(l) => l,
             Err(e) => {
                 warn!(error = %e, "cannot list instances; retrying");
@@ -343,11 +462,7 @@ async fn dispatch(ctx: Arc<AgentContext>) {
             }
         }
         running.retain(|name, s| seen.contains(name) || !s.task.is_finished());
-        let mut stream = match ctx
-            .store
-            .watch(keys::INSTANCE_SPECS, listing.revision + 1)
-            .await
-        {
+        let mut stream = match ctx.store.watch(&prefix, listing.revision + 1).await {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "cannot watch instances; retrying");

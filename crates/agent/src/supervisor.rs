@@ -883,6 +883,7 @@ impl Supervisor {
         }
         let ops = vec![
             Op::Delete(keys::instance_spec(&spec.name)),
+            Op::Delete(keys::binding(&spec.host, &spec.name)),
             Op::Delete(keys::instance_status(&spec.name)),
             Op::Delete(keys::ipam_claim(&spec.network.network, spec.network.ip)),
         ];

@@ -68,6 +68,7 @@ async fn world() -> World {
             listen: ([127, 0, 0, 1], 0).into(),
             lease_ttl: Duration::from_secs(10),
             probe_guests: false,
+            overlay: None,
         },
         store.clone(),
         Arc::new(hv.clone()),
@@ -84,6 +85,13 @@ async fn world() -> World {
         _agent: agent,
         dir,
     }
+}
+
+fn spec_ops(s: &InstanceSpec) -> Vec<skyvisor_store::Op> {
+    vec![
+        skyvisor_store::put_json(keys::instance_spec(&s.name), s),
+        skyvisor_store::put_json(keys::binding(&s.host, &s.name), s),
+    ]
 }
 
 fn spec(name: &str, policy: RestartPolicy) -> InstanceSpec {
@@ -117,15 +125,15 @@ fn spec(name: &str, policy: RestartPolicy) -> InstanceSpec {
         restore: None,
         clone_of: None,
         checkpoint_schedule: None,
+        spread_group: None,
+        accel: None,
     }
 }
 
 impl World {
     async fn put(&self, s: &InstanceSpec) {
-        self.store
-            .put(&keys::instance_spec(&s.name), encode(s))
-            .await
-            .expect("put spec");
+        // As the API writes it: the spec and its copy under the host.
+        self.store.txn(vec![], spec_ops(s)).await.expect("put spec");
     }
 
     async fn status(&self, name: &str) -> Option<InstanceStatus> {
@@ -287,6 +295,14 @@ async fn delete_removes_records_files_and_tap() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(w.status("gone").await.is_none());
+    assert!(
+        w.store
+            .get(&keys::binding(&s.host, &s.name))
+            .await
+            .expect("get")
+            .is_none(),
+        "the host's copy of the spec was left"
+    );
     assert!(
         w.store
             .get(&keys::ipam_claim("default", s.network.ip))

@@ -1,5 +1,7 @@
 //! A typed client of the REST API.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -43,18 +45,32 @@ impl ClientError {
     }
 }
 
-/// A client of one Skyvisor API.
+/// A client of one Skyvisor API, served by one server or several (a
+/// cluster): a request no server accepted the connection for goes to the
+/// next one.
 #[derive(Clone)]
 pub struct Client {
-    base: String,
+    bases: Vec<String>,
+    /// The server that answered last; requests start there.
+    current: Arc<AtomicUsize>,
     http: reqwest::Client,
 }
 
 impl Client {
-    /// A client of the API at `base` (e.g. `http://127.0.0.1:7780`).
+    /// A client of the API at `base` (e.g. `http://127.0.0.1:7780`), or of
+    /// several servers of one cluster, comma-separated.
     pub fn new(base: &str) -> Self {
+        let mut bases: Vec<String> = base
+            .split(',')
+            .map(|b| b.trim().trim_end_matches('/').to_string())
+            .filter(|b| !b.is_empty())
+            .collect();
+        if bases.is_empty() {
+            bases.push(base.trim().to_string());
+        }
         Self {
-            base: base.trim_end_matches('/').to_string(),
+            bases,
+            current: Arc::new(AtomicUsize::new(0)),
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
                 .no_proxy()
@@ -63,26 +79,54 @@ impl Client {
         }
     }
 
-    /// The API's base URL.
+    /// The API's base URL (the server in use).
     pub fn base(&self) -> &str {
-        &self.base
+        let i = self.current.load(Ordering::Relaxed) % self.bases.len();
+        &self.bases[i]
     }
 
     /// Sends a request with an optional JSON body and decodes the answer.
+    /// When a server refuses the connection (it is down), the next one is
+    /// tried: nothing was sent, so any request may be.
     pub async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<&B>,
     ) -> Result<T, ClientError> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{}", self.base, path))
-            .timeout(Duration::from_secs(120));
-        if let Some(b) = body {
-            req = req.json(b);
+        let n = self.bases.len();
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut refused = Vec::new();
+        for k in 0..n {
+            let i = (first + k) % n;
+            let mut req = self
+                .http
+                .request(method.clone(), format!("{}{}", self.bases[i], path))
+                .timeout(Duration::from_secs(120));
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            match req.send().await {
+                Err(e) if e.is_connect() && k + 1 < n => {
+                    refused.push(format!("{}: {}", self.bases[i], root_cause(&e)));
+                }
+                Err(e) => {
+                    refused.push(format!("{}: {}", self.bases[i], root_cause(&e)));
+                    return Err(ClientError::Unreachable {
+                        url: self.bases.join(","),
+                        message: refused.join("; "),
+                    });
+                }
+                Ok(resp) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return self.decode(resp).await;
+                }
+            }
         }
-        self.finish(req).await
+        Err(ClientError::Unreachable {
+            url: self.bases.join(","),
+            message: refused.join("; "),
+        })
     }
 
     /// GET and decode.
@@ -105,12 +149,17 @@ impl Client {
         req: reqwest::RequestBuilder,
     ) -> Result<T, ClientError> {
         let resp = req.send().await.map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
+            url: self.base().to_string(),
             message: root_cause(&e),
         })?;
+        self.decode(resp).await
+    }
+
+    /// Decodes an answer or the API's error.
+    async fn decode<T: DeserializeOwned>(&self, resp: reqwest::Response) -> Result<T, ClientError> {
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
+            url: self.base().to_string(),
             message: root_cause(&e),
         })?;
         if status.is_success() {
@@ -131,9 +180,11 @@ impl Client {
         }
     }
 
-    /// A request builder for `path`, for callers with special bodies.
+    /// A request builder for `path` on the server in use, for callers with
+    /// special bodies.
     pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        self.http.request(method, format!("{}{}", self.base, path))
+        self.http
+            .request(method, format!("{}{}", self.base(), path))
     }
 }
 

@@ -13,7 +13,7 @@ use skyvisor_core::api::{
 };
 use skyvisor_core::image::ImageState;
 use skyvisor_core::{
-    HostView, Image, Instance, InstancePhase, InstanceType, PowerState, RestartPolicy,
+    Accel, HostView, Image, Instance, InstancePhase, InstanceType, PowerState, RestartPolicy,
 };
 
 use crate::client::Client;
@@ -206,6 +206,13 @@ pub struct CreateArgs {
     /// Give up waiting after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Spread group: never on a host that already runs a VM of this group
+    /// (replicas of a service on different hosts).
+    #[arg(long)]
+    pub spread_group: Option<String>,
+    /// Only on hosts that run VMs with this accelerator: kvm or tcg.
+    #[arg(long)]
+    pub accel: Option<Accel>,
 }
 
 /// `skyvisor image ...`
@@ -324,8 +331,25 @@ pub async fn run(url: &str, format: OutputFormat, cmd: ClientCommand) -> Result<
                     kv(&[
                         ("api", client.base().to_string()),
                         ("version", i.version.clone()),
-                        ("store", i.store.clone()),
+                        (
+                            "store",
+                            if i.store_ok {
+                                i.store.clone()
+                            } else {
+                                format!("{} (unreachable)", i.store)
+                            }
+                        ),
                         ("hosts", i.hosts.to_string()),
+                        ("server", i.server.clone().unwrap_or_default()),
+                        ("leader", i.leader.clone().unwrap_or_else(|| "none".into())),
+                        (
+                            "servers",
+                            i.servers
+                                .iter()
+                                .map(|s| format!("{} ({})", s.name, s.url))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
                     ])
                 );
             });
@@ -566,6 +590,8 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                 stop_timeout_secs: a.stop_timeout,
                 from_snapshot: a.from_snapshot.clone(),
                 checkpoint_schedule: snapshots::schedule(a.checkpoint_every.as_deref(), a.keep)?,
+                spread_group: a.spread_group.clone(),
+                accel: a.accel,
             };
             let mut inst: Instance = client.post("/v1/instances", &req).await?;
             if a.wait && !a.no_start {
@@ -947,6 +973,13 @@ async fn image(client: &Client, format: OutputFormat, cmd: ImageCommand) -> Resu
             if parts.is_empty() {
                 bail!("give --disk FILE, or --kernel FILE (and --initrd FILE)");
             }
+            // The server refuses a taken name before reading the upload and
+            // closes the connection; ask first so the user sees why.
+            match client.get::<Image>(&format!("/v1/images/{name}")).await {
+                Ok(_) => bail!("image \"{name}\" already exists"),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
             let mut progress = Progress::new(quiet);
             for (part, path) in parts {
                 let file = tokio::fs::File::open(&path)
@@ -1038,6 +1071,13 @@ async fn host(client: &Client, format: OutputFormat, cmd: HostCommand) -> Result
                 ("qemu", h.host.qemu_version.clone()),
                 ("agent", h.host.agent_version.clone()),
                 ("subnet", h.host.subnet.to_string()),
+                (
+                    "vm network address",
+                    h.host
+                        .bridge_address
+                        .map(|a| a.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                ),
                 (
                     "physical",
                     format!(

@@ -361,18 +361,40 @@ impl ControlPlane {
     }
 
     /// The path of one file of a ready image, for serving it to agents.
-    pub async fn image_file_path(&self, name: &str, file_name: &str) -> ApiResult<PathBuf> {
+    /// A file this server lacks (the image was made on another server and
+    /// not copied yet) is copied from a peer first, unless `from_peers` is
+    /// false (the request comes from a peer).
+    pub async fn image_file_path(
+        &self,
+        name: &str,
+        file_name: &str,
+        from_peers: bool,
+    ) -> ApiResult<PathBuf> {
         let name = ImageName::new(name)?;
         let image = self.image(&name).await?;
         if image.state != ImageState::Ready {
             return Err(ApiError::conflict(format!("image \"{name}\" is not ready")));
         }
-        if !image.files.iter().any(|f| f.file_name == file_name) {
+        let Some(file) = image.files.iter().find(|f| f.file_name == file_name) else {
             return Err(ApiError::not_found(format!(
                 "image \"{name}\" has no file {file_name:?}"
             )));
+        };
+        let path = self.image_dir(name.as_str()).join(file_name);
+        let here = tokio::fs::metadata(&path)
+            .await
+            .is_ok_and(|m| m.len() == file.size_bytes);
+        if !here {
+            if !from_peers {
+                return Err(ApiError::not_found(format!(
+                    "this server has no copy of file {file_name:?} of image \"{name}\" yet"
+                )));
+            }
+            crate::image_sync::ensure_local(self, &image)
+                .await
+                .map_err(ApiError::unavailable)?;
         }
-        Ok(self.image_dir(name.as_str()).join(file_name))
+        Ok(path)
     }
 }
 

@@ -5,19 +5,36 @@ use std::time::Instant;
 
 use chrono::Utc;
 use skyvisor_core::api::{CreateInstanceRequest, ResizeInstanceRequest, StopInstanceRequest};
+use skyvisor_core::cluster::AllocMark;
 use skyvisor_core::image::ImageState;
 use skyvisor_core::resources::{builtin_types, find_type};
 use skyvisor_core::{
-    Image, ImageName, Instance, InstanceId, InstanceName, InstancePhase, InstanceSpec,
-    InstanceStatus, InstanceType, MacAddr, NetworkAttachment, PowerState, Resources,
+    GroupName, HostName, Image, ImageName, Instance, InstanceId, InstanceName, InstancePhase,
+    InstanceSpec, InstanceStatus, InstanceType, MacAddr, NetworkAttachment, PowerState, Resources,
     ValidationError, keys,
 };
-use skyvisor_store::{Compare, StoreExt, encode, put_json};
-use tracing::info;
+use skyvisor_store::{Compare, Op, StoreExt, put_json};
+use tracing::{debug, info};
 
 use crate::error::{ApiError, ApiResult};
-use crate::scheduler::{self, PlacementRequest};
-use crate::{ControlPlane, READ_YOUR_WRITES, ipam};
+use crate::inventory::HostEntry;
+use crate::scheduler::{self, PlacementRequest, SpreadConstraint};
+use crate::{ControlPlane, READ_YOUR_WRITES};
+
+/// How many times a write guarded by what the view showed is retried after
+/// another writer got in between.
+const MAX_ATTEMPTS: usize = 8;
+/// How many times a create may decide again because an earlier commit to
+/// the same host (from this server) failed.
+const MAX_CHAIN_BREAKS: usize = 64;
+
+/// The writes that store `spec`: the spec and its copy under its host.
+pub fn spec_ops(spec: &InstanceSpec) -> Vec<Op> {
+    vec![
+        put_json(keys::instance_spec(&spec.name), spec),
+        put_json(keys::binding(&spec.host, &spec.name), spec),
+    ]
+}
 
 /// Default graceful stop timeout.
 pub const DEFAULT_STOP_TIMEOUT_SECS: u32 = 30;
@@ -186,40 +203,100 @@ impl ControlPlane {
             }
         }
         let network = self.default_network().await?;
-
-        let _placing = self.placement.lock().await;
-        if self.inventory.instance(&name).await.is_some() {
-            return Err(ApiError::already_exists(format!(
-                "instance \"{name}\" already exists"
-            )));
-        }
-        let started = Instant::now();
-        let host = scheduler::place(
-            &self.inventory.hosts().await,
-            &PlacementRequest {
-                resources,
-                // A clone starts where its snapshot's files are.
-                only: clone.as_ref().map(|(_, s)| s.host.clone()),
-                ..Default::default()
-            },
-            self.config.weigher,
-        )?;
-        self.metrics
-            .placement_seconds
-            .observe(started.elapsed().as_secs_f64());
+        let spread_group = req
+            .spread_group
+            .as_deref()
+            .map(GroupName::new)
+            .transpose()?;
 
         let id = InstanceId::random();
-        let used = self.inventory.used_ips(&network.name).await;
         let mut raced = HashSet::new();
-        // A claim can only collide with a writer outside this server; a few
-        // retries with the colliding addresses skipped settle it.
-        for _ in 0..8 {
-            let ip = ipam::next_free(&network.subnet, &used, &raced).ok_or_else(|| {
-                ApiError::insufficient_capacity(format!(
-                    "network {} ({}) has no free addresses",
-                    network.name, network.subnet
-                ))
-            })?;
+        // A transaction fails when another writer (another server, or an
+        // agent) changed what the decision was based on: the name, the
+        // address, or the chosen host's allocation or state. Each retry
+        // first lets the view catch up with that write.
+        let mut attempts = 0;
+        let mut chain_breaks = 0;
+        while attempts < MAX_ATTEMPTS && chain_breaks < MAX_CHAIN_BREAKS {
+            // Decisions are taken one at a time, on the view plus what this
+            // server is still committing; the commits themselves overlap.
+            let placing = self.placement.lock().await;
+            if self.inventory.instance(&name).await.is_some() || self.inflight.has_name(&name) {
+                return Err(ApiError::already_exists(format!(
+                    "instance \"{name}\" already exists"
+                )));
+            }
+            let started = Instant::now();
+            let mut hosts = self.inventory.hosts().await;
+            self.inflight.adjust(&mut hosts);
+            let spread = match &spread_group {
+                Some(group) => {
+                    let mut members = self.inventory.spread_members(group).await;
+                    self.inflight.add_members(group, &mut members);
+                    Some(SpreadConstraint {
+                        group: group.clone(),
+                        members,
+                    })
+                }
+                None => None,
+            };
+            let host = scheduler::place(
+                &hosts,
+                &PlacementRequest {
+                    resources,
+                    accel: req.accel,
+                    spread,
+                    // A clone starts where its snapshot's files are.
+                    only: clone.as_ref().map(|(_, s)| s.host.clone()),
+                    ..Default::default()
+                },
+                self.config.weigher,
+            )?;
+            self.metrics
+                .placement_seconds
+                .observe(started.elapsed().as_secs_f64());
+            let Some(entry) = hosts.iter().find(|h| h.host.name == host) else {
+                return Err(ApiError::internal(format!(
+                    "placement chose host {host}, which is not in the inventory"
+                )));
+            };
+            let (based_on, state_revision) = (entry.alloc_revision, entry.state_revision);
+            let mut skip = self.inflight.ips();
+            skip.extend(raced.iter().copied());
+            let ip = self
+                .inventory
+                .next_free_ip(&network.name, &network.subnet, &skip)
+                .await
+                .ok_or_else(|| {
+                    ApiError::insufficient_capacity(format!(
+                        "network {} ({}) has no free addresses",
+                        network.name, network.subnet
+                    ))
+                })?;
+            let (reservation, predecessor) =
+                self.inflight
+                    .reserve(&host, &name, ip, resources, spread_group.clone());
+            drop(placing);
+
+            // The marker revision to compare with: the view's, or the one an
+            // earlier commit to the same host from this server leaves.
+            let (alloc_revision, chain) = match predecessor {
+                None => (based_on, None),
+                Some(p) => match p.committed(based_on).await {
+                    Ok((r, chain)) => (r, Some(chain)),
+                    Err(seen) => {
+                        // An earlier commit to the host failed or saw more
+                        // than this decision did: decide again on a view
+                        // that has caught up.
+                        reservation.failed(seen);
+                        chain_breaks += 1;
+                        self.inflight.drained(&host).await;
+                        self.inventory.wait_for(seen, READ_YOUR_WRITES).await;
+                        continue;
+                    }
+                },
+            };
+            attempts += 1;
             let spec = InstanceSpec {
                 name: name.clone(),
                 id,
@@ -249,43 +326,75 @@ impl ControlPlane {
                 restore: None,
                 clone_of: clone.as_ref().map(|(src, _)| src.clone()),
                 checkpoint_schedule: req.checkpoint_schedule,
+                spread_group: spread_group.clone(),
+                accel: req.accel,
             };
             let spec_key = keys::instance_spec(&name);
             let claim_key = keys::ipam_claim(&network.name, ip);
-            let out = self
-                .store
-                .txn(
-                    vec![
-                        Compare::Absent(spec_key.clone()),
-                        Compare::Absent(claim_key.clone()),
-                    ],
-                    vec![
-                        put_json(spec_key.clone(), &spec),
-                        put_json(keys::instance_status(&name), &InstanceStatus::pending()),
-                        put_json(claim_key, &name),
-                    ],
-                )
-                .await?;
+            let compares = vec![
+                Compare::Absent(spec_key.clone()),
+                Compare::Absent(claim_key.clone()),
+                Compare::ModRevision(keys::host_alloc(&host), alloc_revision),
+                Compare::ModRevision(keys::host_state(&host), state_revision),
+            ];
+            let mut ops = spec_ops(&spec);
+            ops.push(put_json(
+                keys::instance_status(&name),
+                &InstanceStatus::pending(),
+            ));
+            ops.push(put_json(claim_key.clone(), &name));
+            ops.push(self.alloc_mark(&host, &name));
+            let committing = Instant::now();
+            let out = self.store.txn(compares, ops.clone()).await?;
+            self.metrics
+                .create_commit_seconds
+                .observe(committing.elapsed().as_secs_f64());
             if out.succeeded {
-                self.inventory
-                    .wait_for(out.revision, READ_YOUR_WRITES)
-                    .await;
+                self.inventory.apply_committed(&ops, out.revision).await;
+                reservation.committed(out.revision, based_on, chain.as_ref().map(|c| c.as_slice()));
                 info!(instance = %name, %host, %ip, "instance created");
                 return Ok(Instance {
                     spec,
                     status: InstanceStatus::pending(),
                 });
             }
+            reservation.failed(out.revision);
             if self.store.get(&spec_key).await?.is_some() {
                 return Err(ApiError::already_exists(format!(
                     "instance \"{name}\" already exists"
                 )));
             }
-            raced.insert(ip);
+            if self.store.get(&claim_key).await?.is_some() {
+                raced.insert(ip);
+            }
+            debug!(instance = %name, %host, "placement raced another writer; retrying");
+            self.inventory
+                .wait_for(out.revision, READ_YOUR_WRITES)
+                .await;
         }
         Err(ApiError::unavailable(
-            "could not claim an address: too many concurrent creates; retry",
+            "could not place the instance: the pool is changing too fast (too many concurrent creates); retry",
         ))
+    }
+
+    /// Comparisons that hold only while `host`'s allocation and state are
+    /// what the view showed when it was chosen.
+    fn host_guard(&self, host: &HostEntry) -> Vec<Compare> {
+        vec![
+            Compare::ModRevision(keys::host_alloc(&host.host.name), host.alloc_revision),
+            Compare::ModRevision(keys::host_state(&host.host.name), host.state_revision),
+        ]
+    }
+
+    /// Rewrites `host`'s allocation marker (see [`keys::host_alloc`]).
+    fn alloc_mark(&self, host: &HostName, instance: &InstanceName) -> Op {
+        put_json(
+            keys::host_alloc(host),
+            &AllocMark {
+                instance: instance.to_string(),
+                server: self.config.cluster.name.to_string(),
+            },
+        )
     }
 
     /// One instance, or 404.
@@ -334,7 +443,7 @@ impl ControlPlane {
                 .store
                 .txn(
                     vec![Compare::ModRevision(key.clone(), rev)],
-                    vec![put_json(key.clone(), &spec)],
+                    spec_ops(&spec),
                 )
                 .await?;
             if out.succeeded {
@@ -415,32 +524,71 @@ impl ControlPlane {
         };
         // Disks keep their size: a resize never shrinks or copies a disk.
         resources.disk_gib = current.spec.resources.disk_gib;
+        let name_v = InstanceName::new(name)?;
+        let key = keys::instance_spec(&name_v);
         let _placing = self.placement.lock().await;
-        let host = current.spec.host.clone();
-        let hosts = self.inventory.hosts().await;
-        let placed = scheduler::place(
-            &hosts,
-            &PlacementRequest {
-                resources,
-                only: Some(host.clone()),
-                replacing: current.spec.resources,
-            },
-            self.config.weigher,
-        );
-        if let Err(e) = placed {
-            return Err(ApiError::insufficient_capacity(format!(
-                "host {host} cannot fit instance \"{name}\" at {} vCPU / {} MiB: {}",
-                resources.vcpus,
-                resources.memory_mib,
-                e.to_string().trim_start_matches("no host can fit it: ")
-            )));
-        }
-        self.update_spec(name, |spec, _| {
+        for _ in 0..MAX_ATTEMPTS {
+            let Some((mut spec, rev)) = self.store.get_json::<InstanceSpec>(&key).await? else {
+                return Err(ApiError::not_found(format!(
+                    "instance \"{name}\" not found"
+                )));
+            };
+            if spec.deleting {
+                return Err(ApiError::conflict(format!(
+                    "instance \"{name}\" is being deleted"
+                )));
+            }
+            let host = spec.host.clone();
+            let mut hosts = self.inventory.hosts().await;
+            self.inflight.adjust(&mut hosts);
+            let placed = scheduler::place(
+                &hosts,
+                &PlacementRequest {
+                    resources,
+                    only: Some(host.clone()),
+                    replacing: spec.resources,
+                    ..Default::default()
+                },
+                self.config.weigher,
+            );
+            if let Err(e) = placed {
+                return Err(ApiError::insufficient_capacity(format!(
+                    "host {host} cannot fit instance \"{name}\" at {} vCPU / {} MiB: {}",
+                    resources.vcpus,
+                    resources.memory_mib,
+                    e.to_string().trim_start_matches("no host can fit it: ")
+                )));
+            }
+            let Some(entry) = hosts.iter().find(|h| h.host.name == host) else {
+                return Err(ApiError::internal(format!(
+                    "host {host} vanished from the inventory"
+                )));
+            };
             spec.resources = resources;
             spec.instance_type = itype.as_ref().map(|t| t.name.clone());
-            Ok(())
-        })
-        .await
+            spec.generation += 1;
+            let mut compares = vec![Compare::ModRevision(key.clone(), rev)];
+            compares.extend(self.host_guard(entry));
+            let mut ops = spec_ops(&spec);
+            ops.push(self.alloc_mark(&host, &name_v));
+            let out = self.store.txn(compares, ops.clone()).await?;
+            if out.succeeded {
+                self.inventory.apply_committed(&ops, out.revision).await;
+                let status = self
+                    .inventory
+                    .instance_full(&name_v)
+                    .await
+                    .map(|i| i.status)
+                    .unwrap_or_else(InstanceStatus::pending);
+                return Ok(Instance { spec, status });
+            }
+            self.inventory
+                .wait_for(out.revision, READ_YOUR_WRITES)
+                .await;
+        }
+        Err(ApiError::unavailable(format!(
+            "instance \"{name}\" or its host is changing too fast; retry"
+        )))
     }
 
     /// Marks the instance for deletion; its agent cleans up and removes the
@@ -489,11 +637,7 @@ impl ControlPlane {
                 .store
                 .txn(
                     vec![Compare::ModRevision(key.clone(), rev)],
-                    vec![skyvisor_store::Op::Put {
-                        key: key.clone(),
-                        value: encode(&spec),
-                        lease: None,
-                    }],
+                    spec_ops(&spec),
                 )
                 .await?;
             if out.succeeded {

@@ -14,9 +14,12 @@ pub fn next_free(
     used: &HashSet<Ipv4Addr>,
     skip: &HashSet<Ipv4Addr>,
 ) -> Option<Ipv4Addr> {
-    subnet
-        .vm_addresses()
-        .find(|ip| !used.contains(ip) && !skip.contains(ip))
+    lowest_free(subnet, |ip| used.contains(&ip) || skip.contains(&ip))
+}
+
+/// The lowest address of `subnet` VMs may get for which `taken` is false.
+pub fn lowest_free(subnet: &Ipv4Net, taken: impl Fn(Ipv4Addr) -> bool) -> Option<Ipv4Addr> {
+    subnet.vm_addresses().find(|ip| !taken(*ip))
 }
 
 #[cfg(test)]

@@ -6,8 +6,12 @@
 //! status back.
 
 pub mod api;
+pub mod cluster;
+pub mod election;
 pub mod error;
+pub mod image_sync;
 pub mod images;
+mod inflight;
 pub mod instances;
 pub mod inventory;
 pub mod ipam;
@@ -16,13 +20,14 @@ pub mod scheduler;
 pub mod snapshots;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use skyvisor_core::{Ipv4Net, Network, keys};
 use skyvisor_store::{Store, StoreError, StoreExt, encode};
 use tokio::sync::Mutex;
 
+pub use cluster::{ClusterError, ClusterSettings, ClusterView, Membership};
 pub use error::{ApiError, ApiResult};
 pub use inventory::Inventory;
 pub use scheduler::Weigher;
@@ -48,6 +53,8 @@ pub struct ServerConfig {
     pub mtu: u32,
     /// How placement orders hosts.
     pub weigher: Weigher,
+    /// This server's identity and part in a cluster.
+    pub cluster: ClusterSettings,
 }
 
 /// The control plane's shared state; cheap to clone.
@@ -59,12 +66,18 @@ pub struct ControlPlane {
     pub inventory: Arc<Inventory>,
     /// Configuration.
     pub config: Arc<ServerConfig>,
-    /// Serializes placement so two creates never take the same room.
+    /// Serializes placement decisions so two creates never take the same room.
     pub(crate) placement: Arc<Mutex<()>>,
+    /// Placements decided and not yet committed.
+    pub(crate) inflight: inflight::InFlight,
     /// Request metrics.
     pub metrics: Arc<metrics::Metrics>,
     /// HTTP client for talking to agents.
     pub(crate) http: reqwest::Client,
+    /// The membership as the API shows it, once joined.
+    pub(crate) cluster: Arc<OnceLock<ClusterView>>,
+    /// One image copy from a peer at a time.
+    pub(crate) image_sync_lock: Arc<Mutex<()>>,
 }
 
 /// How long a writer waits for the inventory to show its own write.
@@ -95,9 +108,57 @@ impl ControlPlane {
             inventory,
             config: Arc::new(config),
             placement: Arc::new(Mutex::new(())),
+            inflight: inflight::InFlight::default(),
             metrics: Arc::new(metrics::Metrics::new()),
             http,
+            cluster: Arc::new(OnceLock::new()),
+            image_sync_lock: Arc::new(Mutex::new(())),
         })
+    }
+
+    /// Joins the cluster (version check, registration, election, leader-only
+    /// work) and starts replicating images from the other servers. The
+    /// caller owns the membership; [`Membership::leave`] hands leadership
+    /// over at once on a clean stop.
+    pub async fn join_cluster(&self) -> Result<Membership, ClusterError> {
+        let membership = Membership::join(
+            self.store.clone(),
+            self.inventory.clone(),
+            &self.config.cluster,
+        )
+        .await?;
+        let _ = self.cluster.set(membership.view());
+        tokio::spawn(image_sync::run(self.clone()));
+        Ok(membership)
+    }
+
+    /// The membership, once joined.
+    pub fn cluster_view(&self) -> Option<&ClusterView> {
+        self.cluster.get()
+    }
+
+    /// Why the store cannot be relied on now, if it cannot: its last probe
+    /// failed, or the inventory lost its watch and has not relisted yet.
+    pub fn store_unavailable(&self) -> Option<String> {
+        if let Some(view) = self.cluster.get() {
+            let health = view.health.borrow();
+            if !health.ok {
+                return Some(health.error.clone().unwrap_or_else(|| "no answer".into()));
+            }
+        }
+        if !self.inventory.connected() {
+            let endpoints = &self.config.cluster.etcd_endpoints;
+            let at = if endpoints.is_empty() {
+                String::new()
+            } else {
+                format!(" at {}", endpoints.join(","))
+            };
+            return Some(format!(
+                "lost the watch on the {} store{at}; reconnecting",
+                self.store.backend()
+            ));
+        }
+        None
     }
 
     /// The default network as stored.

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Placement latency in seconds.
     pub placement_seconds: Histogram,
+    /// Latency of the store transaction that creates an instance, seconds.
+    pub create_commit_seconds: Histogram,
 }
 
 impl Metrics {
@@ -30,16 +32,25 @@ impl Metrics {
         let mut registry = Registry::with_prefix("skyvisor");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register("api_requests", "API requests served", requests.clone());
-        let placement_seconds = Histogram::new(exponential_buckets(0.00001, 2.0, 20));
+        // Fine buckets (±12%) from 1 µs to about a minute, so percentiles
+        // read from them are meaningful.
+        let placement_seconds = Histogram::new(exponential_buckets(0.000_001, 1.25, 80));
         registry.register(
             "placement_seconds",
             "Time to choose a host for a VM",
             placement_seconds.clone(),
         );
+        let create_commit_seconds = Histogram::new(exponential_buckets(0.000_001, 1.25, 80));
+        registry.register(
+            "create_commit_seconds",
+            "Time to commit a new instance to the store",
+            create_commit_seconds.clone(),
+        );
         Self {
             registry,
             requests,
             placement_seconds,
+            create_commit_seconds,
         }
     }
 

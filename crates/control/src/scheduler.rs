@@ -1,13 +1,18 @@
 //! Placement: which host runs a VM. Filters drop hosts that cannot take it
-//! (each saying why), then a weigher orders the rest.
+//! (each saying why: state, agent version, accelerator, spread group,
+//! capacity with overcommit), then a weigher orders the rest.
 //!
 //! Pure functions over an inventory snapshot; no I/O, so placement costs
 //! microseconds and is tested without hosts.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
-use skyvisor_core::{HostName, HostState, Resources};
+use skyvisor_core::{
+    Accel, GroupName, HostName, HostState, InstanceName, Resources, ValidationError,
+};
 use thiserror::Error;
 use utoipa::ToSchema;
 
@@ -34,6 +39,19 @@ pub struct PlacementRequest {
     /// Resources already counted on `only` that the request replaces (a
     /// resize frees the old size as it takes the new one).
     pub replacing: Resources,
+    /// The accelerator the VM must run with, if any.
+    pub accel: Option<Accel>,
+    /// The VM's spread group and where its members already run.
+    pub spread: Option<SpreadConstraint>,
+}
+
+/// Anti-affinity: hosts that already run a member of the group are out.
+#[derive(Debug, Clone)]
+pub struct SpreadConstraint {
+    /// The group.
+    pub group: GroupName,
+    /// One member per host that runs any (the host's reason names it).
+    pub members: HashMap<HostName, InstanceName>,
 }
 
 /// No host can take the VM; says why, host by host.
@@ -69,6 +87,26 @@ pub fn filter(host: &HostEntry, req: &PlacementRequest) -> Option<String> {
     match host.state() {
         HostState::Ready => {}
         other => return Some(other.to_string()),
+    }
+    let version = &host.host.agent_version;
+    if version != skyvisor_core::VERSION {
+        return Some(format!(
+            "its agent runs version {version}, the server {}",
+            skyvisor_core::VERSION
+        ));
+    }
+    if let Some(accel) = req.accel
+        && host.host.accel != accel
+    {
+        return Some(format!("runs VMs with {}, needs {accel}", host.host.accel));
+    }
+    if let Some(spread) = &req.spread
+        && let Some(member) = spread.members.get(&host.host.name)
+    {
+        return Some(format!(
+            "already runs {member} of spread group {}",
+            spread.group
+        ));
     }
     let allocatable = host.host.capacity.allocatable;
     let free = allocatable.minus(host.allocated.minus(req.replacing));
@@ -147,6 +185,20 @@ pub fn place(
     }
 }
 
+impl FromStr for Weigher {
+    type Err = ValidationError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "spread" => Ok(Self::Spread),
+            "pack" => Ok(Self::Pack),
+            other => Err(ValidationError::new(
+                "weigher",
+                format!("unknown weigher {other:?}; allowed: spread, pack"),
+            )),
+        }
+    }
+}
+
 impl fmt::Display for Weigher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -164,7 +216,7 @@ pub(crate) mod tests {
 
     pub(crate) fn host(name: &str, vcpus: u32, memory_mib: u64) -> HostEntry {
         HostEntry {
-            host: Host {
+            host: std::sync::Arc::new(Host {
                 name: HostName::new(name).expect("name"),
                 address: "127.0.0.1".into(),
                 capacity: Capacity::new(
@@ -182,16 +234,19 @@ pub(crate) mod tests {
                 accel: Accel::Tcg,
                 accel_reason: String::new(),
                 qemu_version: String::new(),
-                agent_version: String::new(),
+                agent_version: skyvisor_core::VERSION.to_string(),
                 subnet: "10.0.0.0/24".parse().expect("subnet"),
+                bridge_address: None,
                 agent_url: None,
                 disk_free_bytes: u64::MAX,
                 started_at: Utc::now(),
-            },
+            }),
             alive: true,
             admin_state: None,
             allocated: Resources::default(),
             instances: 0,
+            alloc_revision: 0,
+            state_revision: 0,
         }
     }
 
@@ -254,6 +309,102 @@ pub(crate) mod tests {
         assert!(place(std::slice::from_ref(&a), &req, Weigher::Spread).is_err());
         req.replacing = a.allocated;
         assert!(place(&[a], &req, Weigher::Spread).is_ok());
+    }
+
+    #[test]
+    fn spread_group_keeps_members_apart() {
+        let hosts = vec![host("a", 8, 4096), host("b", 8, 4096), host("c", 8, 4096)];
+        let group = GroupName::new("web").expect("group");
+        let mut members = HashMap::new();
+        members.insert(
+            hosts[0].host.name.clone(),
+            InstanceName::new("web-1").expect("n"),
+        );
+        members.insert(
+            hosts[2].host.name.clone(),
+            InstanceName::new("web-3").expect("n"),
+        );
+        let mut req = need(1, 128);
+        req.spread = Some(SpreadConstraint {
+            group: group.clone(),
+            members: members.clone(),
+        });
+        // b is the only host without a member, whatever the weigher prefers.
+        for w in [Weigher::Spread, Weigher::Pack] {
+            assert_eq!(place(&hosts, &req, w).expect("fit").as_str(), "b");
+        }
+        members.insert(
+            hosts[1].host.name.clone(),
+            InstanceName::new("web-2").expect("n"),
+        );
+        req.spread = Some(SpreadConstraint { group, members });
+        let err = place(&hosts, &req, Weigher::Spread).expect_err("all taken");
+        assert_eq!(
+            err.to_string(),
+            "no host can fit it: a: already runs web-1 of spread group web; \
+             b: already runs web-2 of spread group web; c: already runs web-3 of spread group web"
+        );
+    }
+
+    #[test]
+    fn accelerator_and_agent_version_filter_hosts() {
+        let mut a = host("a", 8, 4096);
+        std::sync::Arc::make_mut(&mut a.host).agent_version = "0.0.1".into();
+        let b = host("b", 8, 4096);
+        let mut req = need(1, 128);
+        req.accel = Some(Accel::Kvm);
+        let err = place(&[a.clone(), b.clone()], &req, Weigher::Spread).expect_err("no kvm");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "no host can fit it: a: its agent runs version 0.0.1, the server {}; \
+                 b: runs VMs with tcg, needs kvm",
+                skyvisor_core::VERSION
+            )
+        );
+        req.accel = Some(Accel::Tcg);
+        assert_eq!(
+            place(&[a, b], &req, Weigher::Spread).expect("tcg").as_str(),
+            "b"
+        );
+    }
+
+    #[test]
+    fn overcommit_scales_what_fits() {
+        let mut a = host("a", 2, 1024);
+        std::sync::Arc::make_mut(&mut a.host).capacity = skyvisor_core::Capacity::new(
+            a.host.capacity.physical,
+            Overcommit {
+                cpu: 4.0,
+                memory: 1.5,
+                disk: 1.0,
+            },
+        );
+        a.allocated = Resources {
+            vcpus: 7,
+            memory_mib: 1000,
+            disk_gib: 1,
+        };
+        assert!(place(std::slice::from_ref(&a), &need(1, 536), Weigher::Pack).is_ok());
+        let err = place(&[a], &need(2, 537), Weigher::Pack).expect_err("full");
+        assert_eq!(
+            err.to_string(),
+            "no host can fit it: a: 1 vCPU free, needs 2, 536 MiB memory free, needs 537"
+        );
+    }
+
+    #[test]
+    fn weigher_names_parse() {
+        assert_eq!("pack".parse::<Weigher>().expect("pack"), Weigher::Pack);
+        assert_eq!(
+            Weigher::Spread
+                .to_string()
+                .parse::<Weigher>()
+                .expect("spread"),
+            Weigher::Spread
+        );
+        let e = "random".parse::<Weigher>().expect_err("unknown");
+        assert!(e.message.contains("allowed: spread, pack"), "{e}");
     }
 
     #[test]

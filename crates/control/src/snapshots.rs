@@ -357,6 +357,8 @@ mod tests {
             restore: None,
             clone_of: None,
             checkpoint_schedule: None,
+            spread_group: None,
+            accel: None,
         }
     }
 

@@ -34,6 +34,20 @@ impl fmt::Display for Accel {
     }
 }
 
+impl FromStr for Accel {
+    type Err = ValidationError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "kvm" => Ok(Self::Kvm),
+            "tcg" => Ok(Self::Tcg),
+            other => Err(ValidationError::new(
+                "accel",
+                format!("unknown accelerator {other:?}; allowed: kvm, tcg"),
+            )),
+        }
+    }
+}
+
 /// How a host chooses its accelerator.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]

@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::accel::Accel;
+use crate::cluster::ServerRecord;
 use crate::instance::RestartPolicy;
 use crate::snapshot::CheckpointSchedule;
 
@@ -37,6 +39,13 @@ pub struct CreateInstanceRequest {
     /// Graceful stop timeout in seconds (default 30).
     #[serde(default)]
     pub stop_timeout_secs: Option<u32>,
+    /// Spread (anti-affinity) group: never placed on a host that already
+    /// runs an instance of this group.
+    #[serde(default)]
+    pub spread_group: Option<String>,
+    /// Only place it on hosts that run VMs with this accelerator.
+    #[serde(default)]
+    pub accel: Option<Accel>,
     /// Clone: start from snapshot `VM/SNAPSHOT` instead of booting. The
     /// image and size come from the snapshot (give none, or the same).
     #[serde(default)]
@@ -136,6 +145,22 @@ pub struct ServerInfo {
     pub store: String,
     /// Hosts registered.
     pub hosts: u32,
+    /// This server's name in the cluster.
+    #[serde(default)]
+    pub server: Option<String>,
+    /// The server currently leading the cluster (running its controllers).
+    #[serde(default)]
+    pub leader: Option<String>,
+    /// Every live server of the cluster.
+    #[serde(default)]
+    pub servers: Vec<ServerRecord>,
+    /// Whether this server can reach its state store right now.
+    #[serde(default = "store_ok_default")]
+    pub store_ok: bool,
+}
+
+fn store_ok_default() -> bool {
+    true
 }
 
 /// A slice of a VM's serial console log.

@@ -126,6 +126,12 @@ pub struct Host {
     pub agent_version: String,
     /// The VM subnet served from this host's bridge.
     pub subnet: Ipv4Net,
+    /// The host's own, cluster-unique address on the VM network (cluster
+    /// overlay only): other hosts and VMs reach it there, and traffic it
+    /// forwards into the VM network comes from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub bridge_address: Option<std::net::Ipv4Addr>,
     /// The agent's own HTTP endpoint (console logs, image cache, migration).
     pub agent_url: Option<String>,
     /// Free bytes on the file system of the agent's data directory, as last

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::accel::Accel;
 use crate::error::ValidationError;
-use crate::names::{HostName, ImageName, InstanceName, TypeName};
+use crate::names::{GroupName, HostName, ImageName, InstanceName, TypeName};
 use crate::network::NetworkAttachment;
 use crate::resources::Resources;
 use crate::snapshot::{CheckpointSchedule, CloneSource, RestoreRequest};
@@ -134,6 +134,13 @@ pub struct InstanceSpec {
     /// Periodic checkpoints, if wanted.
     #[serde(default)]
     pub checkpoint_schedule: Option<CheckpointSchedule>,
+    /// Its spread (anti-affinity) group: placement never puts two instances
+    /// of one group on the same host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread_group: Option<GroupName>,
+    /// The accelerator it must run with; any host's when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<Accel>,
 }
 
 /// The lifecycle phase of an instance, as reported by its agent.

@@ -28,6 +28,19 @@ pub const DEFAULT_NETWORK: &str = "default";
 pub const IPAM: &str = "ipam/";
 /// Prefix of all snapshot records: `snapshots/<instance>/<snapshot>`.
 pub const SNAPSHOTS: &str = "snapshots/";
+/// Prefix of the per-host allocation markers (see [`host_alloc`]).
+pub const HOST_ALLOCS: &str = "hosts/alloc/";
+/// Prefix of the per-host copies of instance specs (see [`binding`]).
+pub const BINDINGS: &str = "bindings/";
+/// Prefix of the lease-bound records of live control-plane servers.
+pub const SERVERS: &str = "servers/";
+/// The leader key: exists, bound to the leader's lease, while a server leads.
+pub const LEADER: &str = "cluster/leader";
+/// The version every server and agent of the cluster must run.
+pub const CLUSTER_VERSION: &str = "cluster/version";
+/// The prefix of the value of an address claim held by a host (its own
+/// address on the VM network) rather than by an instance.
+pub const HOST_CLAIM_PREFIX: &str = "host/";
 
 /// The spec of instance `name`.
 pub fn instance_spec(name: &InstanceName) -> String {
@@ -84,6 +97,37 @@ pub fn snapshot(name: &InstanceName, snapshot: &crate::snapshot::SnapshotName) -
     format!("{SNAPSHOTS}{name}/{snapshot}")
 }
 
+/// The allocation marker of host `name`. Every write that changes what is
+/// allocated on a host (a placement, a resize) rewrites it and compares its
+/// mod revision with the one its decision was based on, so two servers can
+/// never book the same room.
+pub fn host_alloc(name: &HostName) -> String {
+    format!("{HOST_ALLOCS}{name}")
+}
+
+/// The prefix of the instance specs bound to host `host`.
+pub fn bindings_of(host: &HostName) -> String {
+    format!("{BINDINGS}{host}/")
+}
+
+/// The copy of instance `name`'s spec under its host, which that host's
+/// agent watches (so an agent follows its own instances, not the whole
+/// cluster's). Every write of a spec writes this copy in the same
+/// transaction; every delete of a spec deletes it.
+pub fn binding(host: &HostName, name: &InstanceName) -> String {
+    format!("{BINDINGS}{host}/{name}")
+}
+
+/// The record of live server `name`.
+pub fn server(name: &crate::names::ServerName) -> String {
+    format!("{SERVERS}{name}")
+}
+
+/// The value of the address claim of host `name`'s own address.
+pub fn host_claim_value(name: &HostName) -> String {
+    format!("{HOST_CLAIM_PREFIX}{name}")
+}
+
 /// The last path segment of `key`: the name of the object it holds.
 pub fn name_of(key: &str) -> &str {
     key.rsplit('/').next().unwrap_or(key)
@@ -102,5 +146,16 @@ mod tests {
             ipam_claim("default", Ipv4Addr::new(10, 0, 0, 2)),
             "ipam/default/10.0.0.2"
         );
+        let h = HostName::new("h1").expect("host");
+        assert!(binding(&h, &n).starts_with(&bindings_of(&h)));
+        assert_eq!(name_of(&binding(&h, &n)), "web");
+        // Host-level prefixes never swallow each other's keys.
+        for (a, b) in [
+            (HOSTS, HOST_ALLOCS),
+            (HOSTS, HOSTS_ALIVE),
+            (HOSTS, HOST_STATES),
+        ] {
+            assert!(!a.starts_with(b) && !b.starts_with(a), "{a} {b}");
+        }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod accel;
 pub mod api;
+pub mod cluster;
 pub mod error;
 pub mod host;
 pub mod image;
@@ -24,7 +25,7 @@ pub use instance::{
     ExitReason, ExitRecord, Instance, InstanceId, InstancePhase, InstanceSpec, InstanceStatus,
     PowerState, RestartPolicy,
 };
-pub use names::{HostName, ImageName, InstanceName, TypeName};
+pub use names::{GroupName, HostName, ImageName, InstanceName, ServerName, TypeName};
 pub use network::{Ipv4Net, MacAddr, Network, NetworkAttachment};
 pub use resources::{InstanceType, Resources};
 pub use snapshot::{

@@ -116,6 +116,17 @@ validated_name!(
     TypeName,
     "instance type"
 );
+validated_name!(
+    /// The name of a spread (anti-affinity) group: no two instances of one
+    /// group run on the same host.
+    GroupName,
+    "spread group"
+);
+validated_name!(
+    /// The unique name of a control-plane server in a cluster.
+    ServerName,
+    "server name"
+);
 
 #[cfg(test)]
 mod tests {

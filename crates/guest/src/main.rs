@@ -11,6 +11,7 @@
 mod cmdline;
 mod control;
 mod disk;
+mod fetch;
 mod http;
 mod json;
 mod memtest;

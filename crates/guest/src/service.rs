@@ -142,6 +142,7 @@ enum Route<'a> {
     MemtestRate,
     PowerOff,
     Reboot,
+    Fetch,
 }
 
 impl Route<'_> {
@@ -161,6 +162,7 @@ impl Route<'_> {
             "/memtest/rate" => Route::MemtestRate,
             "/poweroff" => Route::PowerOff,
             "/reboot" => Route::Reboot,
+            "/fetch" => Route::Fetch,
             p => Route::File(p.strip_prefix("/files/")?),
         })
     }
@@ -313,6 +315,22 @@ impl Guest {
                 .into()
             }
             Route::Health => Response::text(200, "ok").into(),
+            Route::Fetch => match req.query("url") {
+                None => Response::text(400, "give ?url=http://IP[:PORT]/PATH").into(),
+                Some(url) => match crate::fetch::fetch(url) {
+                    Ok(got) => Response::json(
+                        200,
+                        format!(
+                            r#"{{"url":{},"status":{},"body":{}}}"#,
+                            quote(url),
+                            got.status,
+                            quote(&got.body)
+                        ),
+                    )
+                    .into(),
+                    Err(e) => Response::text(502, &e).into(),
+                },
+            },
             Route::Identity => Response::json(200, self.identity_json()).into(),
             Route::Uptime => Response::json(
                 200,

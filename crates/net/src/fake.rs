@@ -31,6 +31,11 @@ impl FakeNetwork {
         self.lock().bridges.values().cloned().collect()
     }
 
+    /// The overlays as last configured.
+    pub fn overlays(&self) -> Vec<OverlayConfig> {
+        self.lock().overlays.values().cloned().collect()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
         // A panic while holding the lock leaves plain data behind; keep going.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -96,6 +101,7 @@ mod tests {
             name: "br0".into(),
             subnet: "10.0.0.0/24".parse().expect("subnet"),
             nat: true,
+            host_address: None,
         })
         .await
         .expect("bridge");

@@ -2,6 +2,16 @@
 //! gateway address and NAT to the outside, one tap per VM on that bridge,
 //! and (for clusters) a VXLAN overlay joining the bridges of all hosts.
 //!
+//! In a cluster every host's bridge carries the same gateway address (the
+//! subnet's first), so a VM always leaves through its own host wherever it
+//! runs; ARP for that address never crosses the overlay, so each VM learns
+//! its own host's bridge. Each host also has a cluster-unique address of
+//! its own on the VM network ([`BridgeConfig::host_address`]): hosts reach
+//! VMs of other hosts through the overlay from it, and traffic a host
+//! forwards into the VM network from outside (routed to it) is
+//! source-translated to it, so that the answer comes back through the same
+//! host whichever host the VM runs on.
+//!
 //! Everything goes through the narrow [`HostNetwork`] trait: [`LinuxNetwork`]
 //! drives iproute2 and nftables, [`FakeNetwork`] keeps state in memory for
 //! tests. This crate never decides addresses; allocation is the control
@@ -58,6 +68,10 @@ pub struct BridgeConfig {
     pub subnet: Ipv4Net,
     /// Masquerade VM traffic leaving the subnet.
     pub nat: bool,
+    /// The host's own, cluster-unique address in the subnet (cluster mode):
+    /// the bridge then holds the gateway as a /32 and this address with the
+    /// subnet's prefix.
+    pub host_address: Option<Ipv4Addr>,
 }
 
 /// A VXLAN tunnel joining this host's bridge to other hosts' bridges.
@@ -73,6 +87,9 @@ pub struct OverlayConfig {
     pub port: u16,
     /// The other hosts' underlay addresses (head-end replication).
     pub peers: Vec<Ipv4Addr>,
+    /// The gateway address every host's bridge carries: ARP for it is
+    /// dropped on the overlay so each VM only ever hears its own host.
+    pub gateway: Ipv4Addr,
 }
 
 /// The host's networking, as the agent needs it.
@@ -91,7 +108,9 @@ pub trait HostNetwork: Send + Sync {
     /// The names of existing taps that start with `prefix`.
     async fn list_taps(&self, prefix: &str) -> Result<Vec<String>, NetError>;
 
-    /// Creates or updates the VXLAN overlay on `bridge`. Idempotent.
+    /// Creates or updates the VXLAN overlay on `bridge`: the device, its
+    /// flooding list (exactly `overlay.peers`) and the ARP filter for the
+    /// gateway. Idempotent.
     async fn ensure_overlay(&self, bridge: &str, overlay: &OverlayConfig) -> Result<(), NetError>;
 }
 

@@ -107,19 +107,65 @@ impl HostNetwork for LinuxNetwork {
                 return Err(e);
             }
         }
-        let gw = format!("{}/{}", bridge.subnet.gateway(), bridge.subnet.prefix_len);
-        run("ip", &["addr", "replace", &gw, "dev", &bridge.name], None).await?;
+        let subnet = bridge.subnet;
+        let gw = subnet.gateway();
+        match bridge.host_address {
+            None => {
+                let gw = format!("{gw}/{}", subnet.prefix_len);
+                run("ip", &["addr", "replace", &gw, "dev", &bridge.name], None).await?;
+            }
+            Some(host) => {
+                if !subnet.contains(host) || host == gw {
+                    return Err(NetError::Command {
+                        command: format!("configure bridge {}", bridge.name),
+                        stderr: format!(
+                            "host address {host} must be in {subnet} and differ from the gateway {gw}"
+                        ),
+                    });
+                }
+                // The host's own address carries the subnet (and is what the
+                // host sends from); the shared gateway is a bare /32, so it is
+                // never chosen as a source address.
+                let keep = [format!("{host}/{}", subnet.prefix_len), format!("{gw}/32")];
+                for addr in bridge_addresses(&bridge.name).await? {
+                    let in_subnet = addr
+                        .split('/')
+                        .next()
+                        .and_then(|a| a.parse().ok())
+                        .is_some_and(|a| subnet.contains(a));
+                    if in_subnet && !keep.contains(&addr) {
+                        run("ip", &["addr", "del", &addr, "dev", &bridge.name], None).await?;
+                    }
+                }
+                for addr in &keep {
+                    run("ip", &["addr", "replace", addr, "dev", &bridge.name], None).await?;
+                }
+                // ARP from the host names its own address, never the gateway.
+                write_sysctl(
+                    &format!("/proc/sys/net/ipv4/conf/{}/arp_announce", bridge.name),
+                    "2",
+                )
+                .await?;
+            }
+        }
         run("ip", &["link", "set", &bridge.name, "up"], None).await?;
-        if bridge.nat {
-            tokio::fs::write("/proc/sys/net/ipv4/ip_forward", "1\n")
-                .await
-                .map_err(|e| NetError::Command {
-                    command: "sysctl net.ipv4.ip_forward=1".into(),
-                    stderr: e.to_string(),
-                })?;
+        if bridge.nat || bridge.host_address.is_some() {
+            write_sysctl("/proc/sys/net/ipv4/ip_forward", "1").await?;
             let table = nat_table(&bridge.name);
-            let subnet = bridge.subnet.to_string();
             let name = &bridge.name;
+            let masquerade = if bridge.nat {
+                format!("ip saddr {subnet} ip daddr != {subnet} masquerade\n")
+            } else {
+                String::new()
+            };
+            // Traffic routed into the VM network from outside may enter at
+            // any host; answering from here keeps the flow on one host.
+            let inbound = match bridge.host_address {
+                Some(host) => {
+                    format!("oifname \"{name}\" ip saddr != {subnet} snat to {host}\n")
+                }
+                None => String::new(),
+            };
             // Add-then-delete-then-define is one atomic nft transaction that
             // works whether or not the table existed.
             let script = format!(
@@ -128,7 +174,8 @@ impl HostNetwork for LinuxNetwork {
                  table ip {table} {{\n\
                    chain postrouting {{\n\
                      type nat hook postrouting priority srcnat; policy accept;\n\
-                     ip saddr {subnet} ip daddr != {subnet} masquerade\n\
+                     {masquerade}\
+                     {inbound}\
                    }}\n\
                    chain forward {{\n\
                      type filter hook forward priority filter; policy accept;\n\
@@ -187,45 +234,42 @@ impl HostNetwork for LinuxNetwork {
 
     async fn ensure_overlay(&self, bridge: &str, overlay: &OverlayConfig) -> Result<(), NetError> {
         validate_ifname(&overlay.name)?;
-        if !link_exists(&overlay.name) {
-            let vni = overlay.vni.to_string();
-            let local = overlay.local.to_string();
-            let port = overlay.port.to_string();
+        let name = overlay.name.as_str();
+        let vni = overlay.vni.to_string();
+        let local = overlay.local.to_string();
+        let port = overlay.port.to_string();
+        if link_exists(name) {
+            // A device left with other parameters (another VNI, address or
+            // port) is replaced rather than silently kept.
+            let details = run("ip", &["-d", "link", "show", "dev", name], None).await?;
+            let matches = details.contains(&format!("vxlan id {vni} "))
+                && details.contains(&format!("local {local} "))
+                && details.contains(&format!("dstport {port} "));
+            if !matches {
+                run("ip", &["link", "del", name], None).await?;
+            }
+        }
+        if !link_exists(name) {
             run(
                 "ip",
                 &[
-                    "link",
-                    "add",
-                    &overlay.name,
-                    "type",
-                    "vxlan",
-                    "id",
-                    &vni,
-                    "local",
-                    &local,
-                    "dstport",
+                    "link", "add", name, "type", "vxlan", "id", &vni, "local", &local, "dstport",
                     &port,
                 ],
                 None,
             )
             .await?;
         }
-        run(
-            "ip",
-            &["link", "set", &overlay.name, "master", bridge],
-            None,
-        )
-        .await?;
-        run("ip", &["link", "set", &overlay.name, "up"], None).await?;
+        run("ip", &["link", "set", name, "master", bridge], None).await?;
+        run("ip", &["link", "set", name, "up"], None).await?;
         // Head-end replication: broadcast and unknown unicast go to every
-        // peer; the bridge then learns where each MAC lives.
-        let fdb = run("bridge", &["fdb", "show", "dev", &overlay.name], None).await?;
+        // peer; the bridge then learns where each MAC lives. The list is
+        // made exactly the peers: departed hosts are dropped.
+        let fdb = run("bridge", &["fdb", "show", "dev", name], None).await?;
+        let current = flood_destinations(&fdb);
         for peer in &overlay.peers {
             let peer = peer.to_string();
-            if !fdb
-                .lines()
-                .any(|l| l.starts_with("00:00:00:00:00:00") && l.contains(&format!("dst {peer} ")))
-            {
+            if !current.contains(&peer) {
                 run(
                     "bridge",
                     &[
@@ -233,7 +277,7 @@ impl HostNetwork for LinuxNetwork {
                         "append",
                         "00:00:00:00:00:00",
                         "dev",
-                        &overlay.name,
+                        name,
                         "dst",
                         &peer,
                     ],
@@ -242,6 +286,97 @@ impl HostNetwork for LinuxNetwork {
                 .await?;
             }
         }
+        for old in &current {
+            if !overlay.peers.iter().any(|p| &p.to_string() == old) {
+                run(
+                    "bridge",
+                    &["fdb", "del", "00:00:00:00:00:00", "dev", name, "dst", old],
+                    None,
+                )
+                .await?;
+            }
+        }
+        // Every host's bridge answers for the gateway: ARP about it must
+        // not cross the overlay, or a VM could learn another host's bridge.
+        let table = overlay_table(name);
+        let gw = overlay.gateway;
+        let rules = format!(
+            "iifname \"{name}\" arp daddr ip {gw} drop\n\
+             iifname \"{name}\" arp saddr ip {gw} drop\n\
+             oifname \"{name}\" arp daddr ip {gw} drop\n\
+             oifname \"{name}\" arp saddr ip {gw} drop\n"
+        );
+        let script = format!(
+            "table bridge {table} {{}}\n\
+             delete table bridge {table}\n\
+             table bridge {table} {{\n\
+               chain forward {{\n\
+                 type filter hook forward priority filter; policy accept;\n\
+                 {rules}\
+               }}\n\
+               chain input {{\n\
+                 type filter hook input priority filter; policy accept;\n\
+                 {rules}\
+               }}\n\
+               chain output {{\n\
+                 type filter hook output priority filter; policy accept;\n\
+                 {rules}\
+               }}\n\
+             }}\n"
+        );
+        run("nft", &["-f", "-"], Some(&script)).await?;
         Ok(())
+    }
+}
+
+/// The nftables (bridge family) table of an overlay's ARP filter.
+fn overlay_table(vxlan: &str) -> String {
+    format!("skyvisor-ovl-{vxlan}")
+}
+
+/// The destinations of the all-zero (flooding) entries of `bridge fdb show`.
+fn flood_destinations(fdb: &str) -> Vec<String> {
+    fdb.lines()
+        .filter(|l| l.starts_with("00:00:00:00:00:00"))
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            words.find(|w| *w == "dst")?;
+            words.next().map(str::to_string)
+        })
+        .collect()
+}
+
+/// The IPv4 addresses (`a.b.c.d/len`) on `dev`.
+async fn bridge_addresses(dev: &str) -> Result<Vec<String>, NetError> {
+    let out = run("ip", &["-4", "-o", "addr", "show", "dev", dev], None).await?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            words.find(|w| *w == "inet")?;
+            words.next().map(str::to_string)
+        })
+        .collect())
+}
+
+async fn write_sysctl(path: &str, value: &str) -> Result<(), NetError> {
+    tokio::fs::write(path, format!("{value}\n"))
+        .await
+        .map_err(|e| NetError::Command {
+            command: format!("write {value} to {path}"),
+            stderr: e.to_string(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_flooding_entries() {
+        let fdb = "00:00:00:00:00:00 dst 10.0.0.2 self permanent\n\
+                   00:00:00:00:00:00 dst 10.0.0.3 self permanent\n\
+                   52:54:00:aa:bb:cc dst 10.0.0.2 self\n";
+        assert_eq!(flood_destinations(fdb), vec!["10.0.0.2", "10.0.0.3"]);
     }
 }

@@ -1,11 +1,13 @@
-//! Settings of `skyvisor up`: defaults, overridden by an optional TOML file,
-//! overridden by command-line flags.
+//! Settings of `skyvisor up`, `server` and `agent`: defaults, overridden by
+//! an optional TOML file, overridden by command-line flags. One file format
+//! serves all three; each command reads the keys it needs.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
+use skyvisor_control::Weigher;
 use skyvisor_core::{AccelMode, HostName, Ipv4Net, Overcommit};
 
 /// Everything `up` can be told. Every field is optional in the file.
@@ -32,6 +34,12 @@ pub struct FileConfig {
     pub reserved_memory_mib: Option<u64>,
     /// Build the default image at start.
     pub default_image: Option<bool>,
+    /// The cluster store (`server`, `agent`).
+    pub cluster: ClusterFileConfig,
+    /// Control-plane server settings (`server`).
+    pub server: ServerFileConfig,
+    /// Host agent settings (`agent`).
+    pub agent: AgentFileConfig,
 }
 
 /// The VM network's settings.
@@ -44,6 +52,50 @@ pub struct NetworkConfig {
     pub subnet: Option<Ipv4Net>,
     /// Masquerade VM traffic to the outside.
     pub nat: Option<bool>,
+    /// MTU of VMs (a cluster's default leaves room for VXLAN headers).
+    pub mtu: Option<u32>,
+    /// VXLAN network identifier of the overlay.
+    pub vni: Option<u32>,
+    /// VXLAN UDP port.
+    pub vxlan_port: Option<u16>,
+}
+
+/// Where the cluster keeps its state.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterFileConfig {
+    /// etcd client URLs.
+    pub etcd: Option<Vec<String>>,
+    /// Key prefix in etcd.
+    pub namespace: Option<String>,
+}
+
+/// `[server]`: a control-plane server of a cluster.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerFileConfig {
+    /// The server's unique name.
+    pub name: Option<String>,
+    /// The URL others reach its API at.
+    pub advertise_url: Option<String>,
+    /// Placement weigher: spread or pack.
+    pub weigher: Option<Weigher>,
+    /// Lease TTL of its registration and leadership, seconds.
+    pub lease_ttl_secs: Option<u64>,
+}
+
+/// `[agent]`: the host agent of a cluster host.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentFileConfig {
+    /// Servers to join through (the agent asks them for the store).
+    pub servers: Option<Vec<String>>,
+    /// This host's address other hosts reach it at.
+    pub address: Option<std::net::Ipv4Addr>,
+    /// The agent's HTTP listen address.
+    pub listen: Option<SocketAddr>,
+    /// Lease TTL of the host, seconds.
+    pub lease_ttl_secs: Option<u64>,
 }
 
 /// The settings `up` runs with.
@@ -131,6 +183,18 @@ mod tests {
             "listen = \"127.0.0.1:9000\"\naccel = \"tcg\"\n[network]\nsubnet = \"10.9.0.0/24\"\n",
         )
         .expect("valid");
+        let cluster: FileConfig = toml::from_str(
+            "[cluster]\netcd = [\"http://10.0.0.1:2379\"]\n[server]\nname = \"s1\"\nweigher = \"pack\"\n\
+             [agent]\naddress = \"10.0.0.11\"\nservers = [\"http://10.0.0.1:7780\"]\n",
+        )
+        .expect("cluster config");
+        assert_eq!(cluster.server.weigher, Some(Weigher::Pack));
+        assert_eq!(
+            cluster.agent.address,
+            Some("10.0.0.11".parse().expect("ip"))
+        );
+        let err = toml::from_str::<FileConfig>("[server]\nwiegher = \"pack\"\n").expect_err("typo");
+        assert!(err.to_string().contains("unknown field"), "{err}");
         assert_eq!(ok.accel, Some(AccelMode::Tcg));
         assert_eq!(
             ok.network.subnet.map(|s| s.to_string()).as_deref(),

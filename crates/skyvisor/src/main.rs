@@ -1,7 +1,11 @@
 //! `skyvisor`: the one binary. `up` runs an all-in-one host (API, agent,
-//! embedded store); every other command is a client of the REST API.
+//! embedded store); `server` and `agent` run a cluster's control plane and
+//! its hosts on etcd; every other command is a client of the REST API.
 
+mod agent;
 mod config;
+mod daemon;
+mod server;
 mod up;
 
 use std::net::SocketAddr;
@@ -35,6 +39,10 @@ struct Cli {
 enum Command {
     /// Run an all-in-one host: API, host agent and an embedded store.
     Up(UpArgs),
+    /// Run a cluster's control plane (API, scheduler, controllers) on etcd.
+    Server(server::ServerArgs),
+    /// Join this host to a cluster's pool.
+    Agent(agent::AgentArgs),
     #[command(flatten)]
     Client(ClientCommand),
 }
@@ -92,6 +100,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Up(args) => up::run(args).await,
+            Command::Server(args) => server::run(args).await,
+            Command::Agent(args) => agent::run(args).await,
             Command::Client(cmd) => skyvisor_cli::run(&cli.url, cli.output, cmd).await,
         }
     });

@@ -7,21 +7,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use skyvisor_agent::images::ImageCache;
-use skyvisor_agent::qemu_hv::QemuHypervisor;
-use skyvisor_agent::{AgentConfig, host};
 use skyvisor_control::images::{DEFAULT_IMAGE, DEFAULT_RECIPE};
-use skyvisor_control::{ControlPlane, ServerConfig, Weigher};
-use skyvisor_core::HostName;
+use skyvisor_control::{ClusterSettings, ControlPlane, ServerConfig, Weigher};
 use skyvisor_core::image::FileRole;
-use skyvisor_net::LinuxNetwork;
+use skyvisor_core::{HostName, ServerName};
 use skyvisor_store::Store;
 use skyvisor_store::embedded::EmbeddedStore;
 use tracing::info;
-use tracing_subscriber::EnvFilter;
 
 use crate::UpArgs;
 use crate::config::{self, FileConfig, UpSettings};
+use crate::daemon::{self, HostAgentSettings};
 
 fn settings(args: &UpArgs) -> Result<UpSettings> {
     let file = match &args.config {
@@ -72,38 +68,36 @@ fn settings(args: &UpArgs) -> Result<UpSettings> {
     })
 }
 
-fn init_logs(format: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,tower_http=warn,h2=warn,hyper=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 /// Runs the all-in-one host until SIGINT or SIGTERM.
 pub async fn run(args: UpArgs) -> Result<()> {
-    init_logs(&args.log_format);
+    daemon::init_logs(&args.log_format);
     let s = settings(&args)?;
     if !nix::unistd::geteuid().is_root() {
         bail!("skyvisor up needs root: it creates a bridge, taps and NAT rules for VMs");
     }
-    check_socket_paths(&s)?;
+    daemon::check_socket_paths(&s.data_dir.join("agent"))?;
     std::fs::create_dir_all(&s.data_dir)
         .with_context(|| format!("cannot create data directory {}", s.data_dir.display()))?;
     std::fs::create_dir_all(&s.cache_dir)
         .with_context(|| format!("cannot create cache directory {}", s.cache_dir.display()))?;
-    let qemu_version = skyvisor_qemu_version(&s.qemu).await?;
+    let qemu_version = daemon::qemu_version(&s.qemu).await?;
     info!(data_dir = %s.data_dir.display(), qemu = %qemu_version, "starting");
 
     let store: Arc<dyn Store> = Arc::new(
         EmbeddedStore::open(&s.data_dir.join("store.redb"))
             .with_context(|| format!("cannot open the store in {}", s.data_dir.display()))?,
     );
+    // The listener first: the cluster records carry its URL.
+    let listener = tokio::net::TcpListener::bind(s.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (is another skyvisor up running?)",
+                s.listen
+            )
+        })?;
+    let api_url = format!("http://{}", listener.local_addr()?);
+    let server_name = ServerName::new(s.host_name.as_str()).context("server name")?;
     let cp = ControlPlane::start(
         store.clone(),
         ServerConfig {
@@ -114,22 +108,18 @@ pub async fn run(args: UpArgs) -> Result<()> {
             vni: 4213,
             mtu: 1500,
             weigher: Weigher::Spread,
+            cluster: ClusterSettings::single(server_name, api_url.clone()),
         },
     )
     .await
     .context("cannot start the control plane")?;
-
-    let listener = tokio::net::TcpListener::bind(s.listen)
+    let membership = cp
+        .join_cluster()
         .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (is another skyvisor up running?)",
-                s.listen
-            )
-        })?;
-    let api_url = format!("http://{}", listener.local_addr()?);
+        .context("cannot start the control plane")?;
+
     let router = skyvisor_control::api::router(cp.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    let mut server = tokio::spawn(async move { axum::serve(listener, router).await });
     eprintln!("API listening on {api_url}");
 
     let mut probe_files = None;
@@ -144,97 +134,36 @@ pub async fn run(args: UpArgs) -> Result<()> {
         let initrd = image.file(FileRole::Initrd).map(|f| dir.join(&f.file_name));
         probe_files = kernel.map(|k| (k, initrd));
     }
-    let accel = host::choose_accel(
-        s.accel,
-        &s.qemu,
-        probe_files
-            .as_ref()
-            .map(|(k, i)| (k.as_path(), i.as_deref())),
-        &s.data_dir.join("accel-probe.json"),
-    )
-    .await;
-    eprintln!("Accelerator: {} ({})", accel.0, accel.1);
 
-    let agent = skyvisor_agent::start(
-        AgentConfig {
-            host: s.host_name.clone(),
-            data_dir: s.data_dir.join("agent"),
+    let agent = daemon::start_host_agent(
+        HostAgentSettings {
+            host_name: s.host_name.clone(),
+            dir: s.data_dir.join("agent"),
             address: "127.0.0.1".into(),
-            qemu_binary: s.qemu.clone(),
+            qemu: s.qemu.clone(),
             bridge: s.bridge.clone(),
             nat: s.nat,
             overcommit: s.overcommit,
             reserved_memory_mib: s.reserved_memory_mib,
             listen: ([127, 0, 0, 1], 0).into(),
             lease_ttl: Duration::from_secs(10),
-            probe_guests: true,
+            overlay: None,
+            accel: s.accel,
+            image_dirs: vec![s.data_dir.join("images")],
+            server_url: Some(api_url.clone()),
+            probe_files,
         },
         store.clone(),
-        Arc::new(QemuHypervisor {
-            binary: s.qemu.clone(),
-        }),
-        Arc::new(LinuxNetwork::new()),
-        ImageCache::new(
-            vec![s.data_dir.join("images")],
-            s.data_dir.join("agent").join("image-cache"),
-            Some(api_url.clone()),
-        ),
-        accel,
     )
-    .await
-    .context("cannot start the host agent")?;
+    .await?;
     eprintln!(
         "Skyvisor is up: host {} ready, API {api_url} (Ctrl-C stops Skyvisor; VMs keep running)",
         s.host_name
     );
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-        r = server => {
-            match r {
-                Ok(Ok(())) => bail!("the API server stopped"),
-                Ok(Err(e)) => bail!("the API server failed: {e}"),
-                Err(e) => bail!("the API server task failed: {e}"),
-            }
-        }
-    }
+    daemon::wait_for_stop(Some(&mut server)).await?;
     eprintln!("Stopping Skyvisor; VMs keep running and are re-attached at the next start");
     agent.shutdown().await;
-    Ok(())
-}
-
-async fn skyvisor_qemu_version(qemu: &std::path::Path) -> Result<String> {
-    let out = tokio::process::Command::new(qemu)
-        .arg("--version")
-        .output()
-        .await
-        .with_context(|| {
-            format!(
-                "cannot run QEMU ({}); install it (apt-get install qemu-system-x86) or set --qemu",
-                qemu.display()
-            )
-        })?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string())
-}
-
-/// Unix socket paths are limited to 107 bytes; a deep data directory would
-/// make every VM fail to start, so refuse it up front.
-fn check_socket_paths(s: &UpSettings) -> Result<()> {
-    let longest = s
-        .data_dir
-        .join("agent/vms/0123456789abcdef0123456789abcdef/console.sock");
-    let len = longest.as_os_str().len();
-    if len > 107 {
-        bail!(
-            "data directory {} is too deep: VM socket paths would be {len} bytes, over the 107 unix sockets allow; choose a shorter --data-dir",
-            s.data_dir.display()
-        );
-    }
+    membership.leave().await;
     Ok(())
 }

@@ -14,7 +14,7 @@ fn view(e: HostEntry) -> HostView {
     let state = e.state();
     HostView {
         free: e.host.capacity.allocatable.minus(e.allocated),
-        host: e.host,
+        host: std::sync::Arc::unwrap_or_clone(e.host),
         state,
         allocated: e.allocated,
         instances: e.instances,

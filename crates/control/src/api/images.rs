@@ -281,8 +281,10 @@ async fn receive(
 pub(super) async fn file(
     State(cp): State<ControlPlane>,
     Path((name, file)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
 ) -> ApiResult<impl IntoResponse> {
-    let path = cp.image_file_path(&name, &file).await?;
+    let from_peers = !headers.contains_key(crate::image_sync::NO_PEER_FETCH_HEADER);
+    let path = cp.image_file_path(&name, &file, from_peers).await?;
     let f = tokio::fs::File::open(&path)
         .await
         .map_err(|e| ApiError::internal(format!("opening {}: {e}", path.display())))?;

@@ -4,6 +4,7 @@
 //! Handlers only translate HTTP to [`ControlPlane`] calls; they hold no
 //! logic of their own.
 
+mod cluster;
 mod extract;
 mod hosts;
 mod images;
@@ -80,6 +81,8 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(hosts::show))
         .routes(routes!(hosts::cordon))
         .routes(routes!(hosts::uncordon))
+        .routes(routes!(cluster::servers))
+        .routes(routes!(cluster::join))
 }
 
 /// The whole HTTP service: `/v1/...`, `/v1/openapi.json`, `/metrics`, `/healthz`.
@@ -94,7 +97,7 @@ pub fn router(cp: ControlPlane) -> Router {
         }),
     )
     .route("/metrics", axum::routing::get(metrics))
-    .route("/healthz", axum::routing::get(|| async { "ok" }))
+    .route("/healthz", axum::routing::get(cluster::healthz))
     .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
     .method_not_allowed_fallback(|| async {
         ApiError {
@@ -104,6 +107,10 @@ pub fn router(cp: ControlPlane) -> Router {
             field: None,
         }
     })
+    .layer(middleware::from_fn_with_state(
+        cp.clone(),
+        cluster::require_store,
+    ))
     .layer(middleware::from_fn_with_state(cp.clone(), count_requests))
     .layer(tower_http::trace::TraceLayer::new_for_http())
     .with_state(cp)
@@ -133,10 +140,33 @@ async fn metrics(State(cp): State<ControlPlane>) -> impl IntoResponse {
 #[utoipa::path(get, path = "/v1/info", tag = "system",
     responses((status = 200, body = ServerInfo)))]
 async fn info(State(cp): State<ControlPlane>) -> Json<ServerInfo> {
+    let store_ok = cp.store_unavailable().is_none();
+    let (server, leader) = match cp.cluster_view() {
+        Some(v) => (
+            Some(v.me.name.to_string()),
+            v.leadership
+                .borrow()
+                .leader
+                .as_ref()
+                .map(|l| l.name.to_string()),
+        ),
+        None => (None, None),
+    };
+    // The list of servers needs the store; from memory, the info still says
+    // who this server is while the store is away.
+    let servers = if store_ok {
+        cluster::live_servers(&cp).await.unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     Json(ServerInfo {
         version: skyvisor_core::VERSION.to_string(),
         store: cp.store.backend().to_string(),
         hosts: cp.inventory.hosts().await.len() as u32,
+        server,
+        leader,
+        servers,
+        store_ok,
     })
 }
 

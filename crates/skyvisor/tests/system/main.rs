@@ -1,9 +1,12 @@
 //! Whole-system tests: a real `skyvisor up`, real QEMU guests under TCG,
-//! real HTTP to the guests' web services.
+//! real HTTP to the guests' web services; and clusters of real `skyvisor
+//! server`s and `skyvisor agent`s on a multi-host test bed (`testbed.rs`).
 
 mod bad_input;
 mod checkpoints;
+mod cluster;
 mod harness;
 mod images;
 mod lifecycle;
 mod resilience;
+mod testbed;

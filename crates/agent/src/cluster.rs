@@ -1,0 +1,244 @@
+//! The agent's part in a cluster: the version check at start, the host's
+//! own address on the VM network, the overlay's peers (every other
+//! registered host) and the list of servers images are fetched from.
+//!
+//! This module must never hand the host an address another host or an
+//! instance holds: addresses are claimed with create-if-absent keys.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use skyvisor_core::cluster::{ClusterVersion, ServerRecord, versions_compatible};
+use skyvisor_core::{Host, HostName, Network, keys};
+use skyvisor_net::{HostNetwork, OverlayConfig};
+use skyvisor_store::{Compare, Store, StoreExt, WatchEvent, decode, put_json};
+use tracing::{debug, info, warn};
+
+use crate::{AgentContext, AgentError};
+
+/// How this host joins the overlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlaySettings {
+    /// The VXLAN device's name, e.g. `svvx0`.
+    pub device: String,
+    /// Its UDP port (4789 is the IANA default).
+    pub port: u16,
+    /// This host's underlay address: where the other hosts send its traffic.
+    pub local: Ipv4Addr,
+}
+
+/// Refuses to run against a cluster of another version.
+pub async fn check_version(store: &dyn Store) -> Result<(), AgentError> {
+    let Some((cluster, _)) = store
+        .get_json::<ClusterVersion>(keys::CLUSTER_VERSION)
+        .await?
+    else {
+        // No server recorded one yet; the server refuses mismatched agents'
+        // hosts at placement anyway.
+        return Ok(());
+    };
+    let mine = skyvisor_core::VERSION;
+    if versions_compatible(mine, &cluster.version) {
+        Ok(())
+    } else {
+        Err(AgentError::VersionMismatch {
+            agent: mine.to_string(),
+            cluster: cluster.version,
+        })
+    }
+}
+
+/// The host's own address on `network`: the one it claimed before, or the
+/// highest free one (instances get the lowest, so the two rarely meet).
+pub async fn claim_host_address(
+    store: &dyn Store,
+    host: &HostName,
+    network: &Network,
+) -> Result<Ipv4Addr, AgentError> {
+    let mine = keys::host_claim_value(host);
+    for _ in 0..16 {
+        let listing = store.list(&keys::ipam_prefix(&network.name)).await?;
+        let mut taken = std::collections::HashSet::new();
+        for kv in &listing.items {
+            let Ok(ip) = keys::name_of(&kv.key).parse::<Ipv4Addr>() else {
+                continue;
+            };
+            if decode::<String>(kv).is_ok_and(|v| v == mine) {
+                return Ok(ip);
+            }
+            taken.insert(ip);
+        }
+        let gateway = network.subnet.gateway();
+        let Some(ip) = network
+            .subnet
+            .vm_addresses()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .find(|ip| !taken.contains(ip) && *ip != gateway)
+        else {
+            return Err(AgentError::Network(format!(
+                "network {} ({}) has no free address for host {host}",
+                network.name, network.subnet
+            )));
+        };
+        let key = keys::ipam_claim(&network.name, ip);
+        let out = store
+            .txn(
+                vec![Compare::Absent(key.clone())],
+                vec![put_json(key, &mine)],
+            )
+            .await?;
+        if out.succeeded {
+            info!(%host, %ip, "claimed the host's address on the VM network");
+            return Ok(ip);
+        }
+    }
+    Err(AgentError::Network(format!(
+        "could not claim an address for host {host}: too many concurrent claims"
+    )))
+}
+
+/// Keeps the overlay's flooding list equal to the other registered hosts'
+/// addresses, forever.
+pub async fn follow_peers(
+    store: Arc<dyn Store>,
+    network: Arc<dyn HostNetwork>,
+    bridge: String,
+    me: HostName,
+    settings: OverlaySettings,
+    vm_network: Network,
+) {
+    let mut applied: Option<Vec<Ipv4Addr>> = None;
+    loop {
+        let listing = match store.list(keys::HOSTS).await {
+            Ok(l) => l,
+            Err(e) => {
+                debug!(error = %e, "cannot list hosts for the overlay; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut hosts: BTreeMap<String, Ipv4Addr> = BTreeMap::new();
+        for kv in &listing.items {
+            if let Some((name, addr)) = peer_of(kv, &me) {
+                hosts.insert(name, addr);
+            }
+        }
+        apply(
+            &network,
+            &bridge,
+            &settings,
+            &vm_network,
+            &hosts,
+            &mut applied,
+        )
+        .await;
+        let mut stream = match store.watch(keys::HOSTS, listing.revision + 1).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "cannot watch hosts for the overlay; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(WatchEvent::Put(kv)) => {
+                    if let Some((name, addr)) = peer_of(&kv, &me) {
+                        hosts.insert(name, addr);
+                    }
+                }
+                Ok(WatchEvent::Delete { key, .. }) => {
+                    hosts.remove(keys::name_of(&key));
+                }
+                Err(e) => {
+                    debug!(error = %e, "host watch broke; relisting");
+                    break;
+                }
+            }
+            apply(
+                &network,
+                &bridge,
+                &settings,
+                &vm_network,
+                &hosts,
+                &mut applied,
+            )
+            .await;
+        }
+    }
+}
+
+/// A registered host other than `me`, with its underlay address.
+fn peer_of(kv: &skyvisor_store::KeyValue, me: &HostName) -> Option<(String, Ipv4Addr)> {
+    let host: Host = decode(kv).ok()?;
+    if &host.name == me {
+        return None;
+    }
+    match host.address.parse::<Ipv4Addr>() {
+        Ok(addr) => Some((host.name.to_string(), addr)),
+        Err(_) => {
+            warn!(host = %host.name, address = %host.address, "host address is not an IPv4 address; not an overlay peer");
+            None
+        }
+    }
+}
+
+async fn apply(
+    network: &Arc<dyn HostNetwork>,
+    bridge: &str,
+    settings: &OverlaySettings,
+    vm_network: &Network,
+    hosts: &BTreeMap<String, Ipv4Addr>,
+    applied: &mut Option<Vec<Ipv4Addr>>,
+) {
+    let mut peers: Vec<Ipv4Addr> = hosts.values().copied().collect();
+    peers.sort();
+    peers.dedup();
+    if applied.as_ref() == Some(&peers) {
+        return;
+    }
+    let config = overlay_config(settings, vm_network, peers.clone());
+    match network.ensure_overlay(bridge, &config).await {
+        Ok(()) => {
+            info!(peers = ?peers, "overlay peers updated");
+            *applied = Some(peers);
+        }
+        Err(e) => warn!(error = %e, "cannot update the overlay"),
+    }
+}
+
+/// The overlay configuration for `peers`.
+pub fn overlay_config(
+    settings: &OverlaySettings,
+    vm_network: &Network,
+    peers: Vec<Ipv4Addr>,
+) -> OverlayConfig {
+    OverlayConfig {
+        name: settings.device.clone(),
+        vni: vm_network.vni,
+        local: settings.local,
+        port: settings.port,
+        peers,
+        gateway: vm_network.subnet.gateway(),
+    }
+}
+
+/// Keeps the image cache's list of servers current, forever.
+pub async fn follow_servers(ctx: Arc<AgentContext>) {
+    loop {
+        match ctx.store.list_json::<ServerRecord>(keys::SERVERS).await {
+            Ok((servers, _)) => {
+                ctx.images
+                    .set_servers(servers.into_iter().map(|(s, _)| s.url).collect());
+            }
+            Err(e) => debug!(error = %e, "cannot list servers"),
+        }
+        // Only image downloads use the list; it changes rarely.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+}

@@ -1,0 +1,124 @@
+//! `GET /fetch?url=http://IP[:PORT]/PATH`: the guest fetches a page from
+//! another machine and reports what it got, so that tests (and people) can
+//! check what a VM itself reaches over the network: another VM, a host.
+//!
+//! Only plain HTTP to a literal IPv4 address, with a short timeout and a
+//! bounded answer; this must never hang a connection thread for long.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::time::Duration;
+
+/// How long connecting, sending and reading may each take.
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest answer read (head and body).
+const MAX_ANSWER: u64 = 1 << 20;
+
+/// What a fetch got.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Fetched {
+    /// The HTTP status.
+    pub status: u16,
+    /// The body, as text (lossy).
+    pub body: String,
+}
+
+/// Splits `http://1.2.3.4:8080/a?b` into the address and the request target.
+pub fn parse_url(url: &str) -> Result<(SocketAddrV4, String), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url:?}: only http:// URLs can be fetched"))?;
+    let (authority, target) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let (host, port) = match authority.split_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("{url:?}: invalid port {p:?}"))?,
+        ),
+        None => (authority, 80),
+    };
+    let ip: Ipv4Addr = host
+        .parse()
+        .map_err(|_| format!("{url:?}: the host must be an IPv4 address, got {host:?}"))?;
+    if target.chars().any(|c| c.is_ascii_control() || c == ' ') {
+        return Err(format!("{url:?}: invalid characters in the path"));
+    }
+    Ok((SocketAddrV4::new(ip, port), target.to_string()))
+}
+
+/// GETs `url` with HTTP/1.0.
+pub fn fetch(url: &str) -> Result<Fetched, String> {
+    let (addr, target) = parse_url(url)?;
+    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(addr), TIMEOUT)
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    s.set_read_timeout(Some(TIMEOUT))
+        .and_then(|()| s.set_write_timeout(Some(TIMEOUT)))
+        .map_err(|e| format!("{addr}: {e}"))?;
+    // One write: a server may answer and close once it has the head.
+    let request = format!("GET {target} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes())
+        .map_err(|e| format!("sending to {addr}: {e}"))?;
+    let mut answer = Vec::new();
+    s.take(MAX_ANSWER)
+        .read_to_end(&mut answer)
+        .map_err(|e| format!("reading from {addr}: {e}"))?;
+    let text = String::from_utf8_lossy(&answer);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("{addr} answered no HTTP status"))?;
+    let body = text
+        .find("\r\n\r\n")
+        .map(|i| text[i + 4..].to_string())
+        .unwrap_or_default();
+    Ok(Fetched { status, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn urls_are_checked() {
+        let (a, t) = parse_url("http://10.0.0.2/identity").expect("ok");
+        assert_eq!(a.to_string(), "10.0.0.2:80");
+        assert_eq!(t, "/identity");
+        let (a, t) = parse_url("http://10.0.0.2:8080").expect("ok");
+        assert_eq!((a.port(), t.as_str()), (8080, "/"));
+        assert!(parse_url("https://10.0.0.2/").is_err());
+        assert!(parse_url("http://example.com/").is_err());
+        assert!(parse_url("http://10.0.0.2:99999/").is_err());
+        assert!(parse_url("http://10.0.0.2/a b").is_err());
+    }
+
+    #[test]
+    fn fetches_from_a_server_and_reports_refusal() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().expect("accept");
+            let mut buf = [0u8; 1024];
+            let n = c.read(&mut buf).expect("read");
+            assert!(String::from_utf8_lossy(&buf[..n]).starts_with("GET /x HTTP/1.0"));
+            c.write_all(b"HTTP/1.0 201 Created\r\nContent-Length: 2\r\n\r\nhi")
+                .expect("write");
+        });
+        let got = fetch(&format!("http://127.0.0.1:{port}/x")).expect("fetch");
+        assert_eq!(
+            got,
+            Fetched {
+                status: 201,
+                body: "hi".into()
+            }
+        );
+        server.join().expect("server");
+        // Nothing listens there any more.
+        let err = fetch(&format!("http://127.0.0.1:{port}/x")).expect_err("refused");
+        assert!(err.contains("connecting to"), "{err}");
+    }
+}

@@ -1,0 +1,229 @@
+//! `skyvisor agent`: joins this host to a cluster's pool. It finds the
+//! cluster's store through a server (`--server`) or directly (`--etcd`),
+//! registers the host, holds its lease, joins the VXLAN overlay and runs
+//! the VMs placed on it.
+//!
+//! Stopping it (or a crash) leaves VMs running; the next agent on the same
+//! data directory re-attaches to them.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use skyvisor_agent::cluster::OverlaySettings;
+use skyvisor_cli::client::{Client, ClientError};
+use skyvisor_core::cluster::JoinInfo;
+use skyvisor_core::{AccelMode, HostName};
+use skyvisor_store::Store;
+
+use crate::config::{self, FileConfig};
+use crate::daemon::{self, HostAgentSettings};
+use crate::server::{DEFAULT_NAMESPACE, connect_etcd};
+
+/// The agent's default HTTP port.
+pub const DEFAULT_AGENT_PORT: u16 = 7781;
+/// The overlay's default VXLAN UDP port (IANA's).
+pub const DEFAULT_VXLAN_PORT: u16 = 4789;
+
+/// Options of `skyvisor agent`; each overrides the config file.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// A TOML config file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Servers to join through, comma-separated (they tell the agent where
+    /// the store is); the first that answers is used.
+    #[arg(long, value_delimiter = ',', conflicts_with = "etcd")]
+    server: Vec<String>,
+    /// etcd client URLs, comma-separated, to join without asking a server.
+    #[arg(long, value_delimiter = ',', env = "SKYVISOR_ETCD")]
+    etcd: Vec<String>,
+    /// Key prefix of the cluster in etcd (with --etcd).
+    #[arg(long)]
+    etcd_namespace: Option<String>,
+    /// This host's name in the pool (default: the machine's host name).
+    #[arg(long)]
+    host_name: Option<String>,
+    /// This host's IPv4 address other hosts reach it at (default: the
+    /// address this host reaches the store from).
+    #[arg(long)]
+    address: Option<Ipv4Addr>,
+    /// The agent's HTTP listen address (default: ADDRESS:7781).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Where VM disks, sockets and logs live.
+    #[arg(long, env = "SKYVISOR_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Accelerator: auto (KVM if it really boots a guest), kvm, tcg.
+    #[arg(long)]
+    accel: Option<AccelMode>,
+    /// The VM bridge's name.
+    #[arg(long)]
+    bridge: Option<String>,
+    /// The QEMU binary.
+    #[arg(long)]
+    qemu: Option<PathBuf>,
+    /// Seconds after the agent stops renewing its lease that the host is
+    /// declared unreachable.
+    #[arg(long)]
+    lease_ttl: Option<u64>,
+    /// VXLAN UDP port of the overlay.
+    #[arg(long)]
+    vxlan_port: Option<u16>,
+    /// Log format.
+    #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
+}
+
+/// Asks the servers how to join; the first that answers decides.
+async fn join_info(servers: &[String]) -> Result<JoinInfo> {
+    let mut errors = Vec::new();
+    for url in servers {
+        let client = Client::new(url);
+        let path = format!("/v1/cluster/join?version={}", skyvisor_core::VERSION);
+        match client.get::<JoinInfo>(&path).await {
+            Ok(info) => return Ok(info),
+            // The server answered with a refusal: that is the cluster's word.
+            Err(e @ ClientError::Api { .. }) => {
+                return Err(anyhow::anyhow!("server {url} refused this agent: {e}"));
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    bail!("no server answered: {}", errors.join("; "))
+}
+
+/// The local address this host uses to reach `url`'s host: the address the
+/// rest of the cluster most likely reaches it at.
+fn local_address_towards(url: &str) -> Option<Ipv4Addr> {
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    let authority = rest.split('/').next()?;
+    let target: SocketAddr = if authority.contains(':') {
+        authority.parse().ok()?
+    } else {
+        format!("{authority}:80").parse().ok()?
+    };
+    // Connecting a UDP socket sends nothing; it only picks a route.
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    sock.connect(target).ok()?;
+    match sock.local_addr().ok()?.ip() {
+        std::net::IpAddr::V4(v4) if !v4.is_unspecified() => Some(v4),
+        _ => None,
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(args: AgentArgs) -> Result<()> {
+    daemon::init_logs(&args.log_format);
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "skyvisor agent needs root: it creates a bridge, taps, a VXLAN device and NAT rules for VMs"
+        );
+    }
+    let file = match &args.config {
+        Some(p) => config::load_file(p)?,
+        None => FileConfig::default(),
+    };
+    let servers = if args.server.is_empty() {
+        file.agent.servers.clone().unwrap_or_default()
+    } else {
+        args.server.clone()
+    };
+    let etcd_arg = if args.etcd.is_empty() {
+        file.cluster.etcd.clone().unwrap_or_default()
+    } else {
+        args.etcd.clone()
+    };
+    let (endpoints, namespace, server_urls) = if !servers.is_empty() && args.etcd.is_empty() {
+        let info = join_info(&servers).await?;
+        (info.etcd_endpoints, info.etcd_namespace, info.servers)
+    } else if !etcd_arg.is_empty() {
+        let ns = args
+            .etcd_namespace
+            .clone()
+            .or(file.cluster.namespace.clone())
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.into());
+        (etcd_arg, ns, Vec::new())
+    } else {
+        bail!("give --server URL (a server of the cluster) or --etcd URL (its store)");
+    };
+    let host_name = match args.host_name.clone().or(file.host_name.clone()) {
+        Some(n) => HostName::new(n).context("--host-name")?,
+        None => config::default_host_name(),
+    };
+    let address = match args.address.or(file.agent.address) {
+        Some(a) => a,
+        None => endpoints
+            .iter()
+            .find_map(|e| local_address_towards(e))
+            .context("cannot tell this host's address; give --address")?,
+    };
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or(file.data_dir.clone())
+        .unwrap_or_else(config::default_data_dir);
+    let agent_dir = data_dir.join("agent");
+    daemon::check_socket_paths(&agent_dir)?;
+    let qemu = args
+        .qemu
+        .clone()
+        .or(file.qemu.clone())
+        .unwrap_or_else(|| "qemu-system-x86_64".into());
+    daemon::qemu_version(&qemu).await?;
+    let overcommit = file.overcommit.unwrap_or_default();
+    overcommit.validate().context("config file")?;
+
+    let store: Arc<dyn Store> = Arc::new(connect_etcd(&endpoints, &namespace).await?);
+    let agent = daemon::start_host_agent(
+        HostAgentSettings {
+            host_name: host_name.clone(),
+            dir: agent_dir,
+            address: address.to_string(),
+            qemu,
+            bridge: args
+                .bridge
+                .clone()
+                .or(file.network.bridge.clone())
+                .unwrap_or_else(|| "svbr0".into()),
+            nat: file.network.nat.unwrap_or(true),
+            overcommit,
+            reserved_memory_mib: file.reserved_memory_mib.unwrap_or(1024),
+            listen: args
+                .listen
+                .or(file.agent.listen)
+                .unwrap_or_else(|| (address, DEFAULT_AGENT_PORT).into()),
+            lease_ttl: Duration::from_secs(
+                args.lease_ttl
+                    .or(file.agent.lease_ttl_secs)
+                    .unwrap_or(10)
+                    .clamp(2, 600),
+            ),
+            overlay: Some(OverlaySettings {
+                device: "svvx0".into(),
+                port: args
+                    .vxlan_port
+                    .or(file.network.vxlan_port)
+                    .unwrap_or(DEFAULT_VXLAN_PORT),
+                local: address,
+            }),
+            accel: args.accel.or(file.accel).unwrap_or_default(),
+            image_dirs: Vec::new(),
+            server_url: server_urls.first().cloned().or(servers.first().cloned()),
+            probe_files: None,
+        },
+        store,
+    )
+    .await?;
+    eprintln!(
+        "Skyvisor agent is up: host {host_name} ({address}) joined the pool (agent API {})",
+        agent.url
+    );
+    daemon::wait_for_stop(None).await?;
+    eprintln!("Stopping the agent; VMs keep running and are re-attached at the next start");
+    agent.shutdown().await;
+    Ok(())
+}

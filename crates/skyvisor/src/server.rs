@@ -1,0 +1,232 @@
+//! `skyvisor server`: a control-plane server of a cluster (API, scheduler,
+//! controllers) on etcd. Several may run at once; one leads at a time.
+//!
+//! Stopping it cleanly revokes its lease, so another server leads at once;
+//! a crash is noticed when its lease expires.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use skyvisor_control::images::{DEFAULT_IMAGE, DEFAULT_RECIPE};
+use skyvisor_control::{ClusterSettings, ControlPlane, ServerConfig, Weigher};
+use skyvisor_core::{Ipv4Net, ServerName};
+use skyvisor_store::{EtcdOptions, EtcdStore, Store};
+use tracing::{info, warn};
+
+use crate::config::{self, FileConfig};
+use crate::daemon;
+
+/// The default key prefix of a cluster in etcd.
+pub const DEFAULT_NAMESPACE: &str = "/skyvisor/";
+/// The default API port.
+pub const DEFAULT_PORT: u16 = 7780;
+/// How long a starting server or agent waits for etcd to answer.
+pub const ETCD_WAIT: Duration = Duration::from_secs(60);
+
+/// Options of `skyvisor server`; each overrides the config file.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// A TOML config file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// etcd client URLs, comma-separated.
+    #[arg(long, value_delimiter = ',', env = "SKYVISOR_ETCD")]
+    etcd: Vec<String>,
+    /// Key prefix of this cluster in etcd.
+    #[arg(long)]
+    etcd_namespace: Option<String>,
+    /// This server's unique name (default: the machine's host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// API listen address.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// The URL agents, other servers and users reach this API at
+    /// (default: http://LISTEN).
+    #[arg(long)]
+    advertise_url: Option<String>,
+    /// Where images live.
+    #[arg(long, env = "SKYVISOR_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Cache of downloaded packages and built images.
+    #[arg(long, env = "SKYVISOR_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// The VM subnet (used when the cluster is first created).
+    #[arg(long)]
+    subnet: Option<Ipv4Net>,
+    /// MTU of VMs (the default leaves room for the overlay's VXLAN headers
+    /// on a 1500-byte underlay).
+    #[arg(long)]
+    mtu: Option<u32>,
+    /// How placement chooses among hosts that fit: spread or pack.
+    #[arg(long)]
+    weigher: Option<Weigher>,
+    /// Seconds a crashed leader keeps leadership before another takes over.
+    #[arg(long)]
+    lease_ttl: Option<u64>,
+    /// Don't build the default image at start.
+    #[arg(long)]
+    no_default_image: bool,
+    /// Log format.
+    #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
+}
+
+/// Connects to etcd, waiting up to [`ETCD_WAIT`] for it to answer.
+pub async fn connect_etcd(endpoints: &[String], namespace: &str) -> Result<EtcdStore> {
+    if endpoints.is_empty() {
+        bail!("no etcd endpoints: give --etcd http://HOST:2379 (or [cluster] etcd in the config)");
+    }
+    if !namespace.starts_with('/') || !namespace.ends_with('/') {
+        bail!("etcd namespace {namespace:?} must start and end with '/', e.g. /skyvisor/");
+    }
+    let started = Instant::now();
+    let mut told = false;
+    loop {
+        match EtcdStore::connect(endpoints, namespace, EtcdOptions::default()).await {
+            Ok(s) => return Ok(s),
+            Err(e) if started.elapsed() < ETCD_WAIT => {
+                if !told {
+                    eprintln!("Waiting for etcd at {}: {e}", endpoints.join(","));
+                    told = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot reach etcd at {} within {ETCD_WAIT:?}",
+                        endpoints.join(",")
+                    )
+                });
+            }
+        }
+    }
+}
+
+/// Runs a server until SIGINT or SIGTERM.
+pub async fn run(args: ServerArgs) -> Result<()> {
+    daemon::init_logs(&args.log_format);
+    let file = match &args.config {
+        Some(p) => config::load_file(p)?,
+        None => FileConfig::default(),
+    };
+    let etcd = if args.etcd.is_empty() {
+        file.cluster.etcd.clone().unwrap_or_default()
+    } else {
+        args.etcd.clone()
+    };
+    let namespace = args
+        .etcd_namespace
+        .clone()
+        .or(file.cluster.namespace.clone())
+        .unwrap_or_else(|| DEFAULT_NAMESPACE.into());
+    let name = match args.name.clone().or(file.server.name.clone()) {
+        Some(n) => ServerName::new(n).context("--name")?,
+        None => ServerName::new(config::default_host_name().as_str()).context("server name")?,
+    };
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| ([0, 0, 0, 0], DEFAULT_PORT).into());
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or(file.data_dir.clone())
+        .unwrap_or_else(config::default_data_dir);
+    let cache_dir = args
+        .cache_dir
+        .clone()
+        .or(file.cache_dir.clone())
+        .unwrap_or_else(config::default_cache_dir);
+    let subnet = match args.subnet.or(file.network.subnet) {
+        Some(s) => s,
+        None => "10.213.0.0/24".parse().context("default subnet")?,
+    };
+    let lease_ttl = Duration::from_secs(
+        args.lease_ttl
+            .or(file.server.lease_ttl_secs)
+            .unwrap_or(10)
+            .clamp(2, 600),
+    );
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    std::fs::create_dir_all(&cache_dir)
+        .with_context(|| format!("cannot create cache directory {}", cache_dir.display()))?;
+
+    let store: Arc<dyn Store> = Arc::new(connect_etcd(&etcd, &namespace).await?);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let bound = listener.local_addr()?;
+    let url = match args
+        .advertise_url
+        .clone()
+        .or(file.server.advertise_url.clone())
+    {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None if bound.ip().is_unspecified() => bail!(
+            "listening on {bound}: give --advertise-url with the address agents and other servers reach this server at"
+        ),
+        None => format!("http://{bound}"),
+    };
+    let mut cluster = ClusterSettings::single(name.clone(), url.clone());
+    cluster.lease_ttl = lease_ttl;
+    cluster.etcd_endpoints = etcd.clone();
+    cluster.etcd_namespace = namespace.clone();
+    let cp = ControlPlane::start(
+        store.clone(),
+        ServerConfig {
+            data_dir: data_dir.clone(),
+            cache_dir,
+            guest_binary: None,
+            subnet,
+            vni: file.network.vni.unwrap_or(4213),
+            mtu: args.mtu.or(file.network.mtu).unwrap_or(1450),
+            weigher: args
+                .weigher
+                .or(file.server.weigher)
+                .unwrap_or(Weigher::Spread),
+            cluster,
+        },
+    )
+    .await
+    .context("cannot start the control plane")?;
+    let membership = cp.join_cluster().await?;
+    let router = skyvisor_control::api::router(cp.clone());
+    let mut api = tokio::spawn(async move { axum::serve(listener, router).await });
+    info!(server = %name, %url, etcd = %etcd.join(","), "server running");
+    eprintln!(
+        "Server {name} serving the API at {url} (etcd {})",
+        etcd.join(",")
+    );
+
+    if !args.no_default_image {
+        let cp = cp.clone();
+        // In the background: the API serves (and another server may be
+        // building it) meanwhile.
+        tokio::spawn(async move {
+            match cp
+                .ensure_image(DEFAULT_IMAGE, DEFAULT_RECIPE, |m| {
+                    info!(image = DEFAULT_IMAGE, "{m}")
+                })
+                .await
+            {
+                Ok(_) => info!(image = DEFAULT_IMAGE, "default image ready"),
+                Err(e) => {
+                    warn!(image = DEFAULT_IMAGE, error = %e.message, "default image not ready")
+                }
+            }
+        });
+    }
+    eprintln!("Skyvisor server {name} is up");
+
+    daemon::wait_for_stop(Some(&mut api)).await?;
+    eprintln!("Stopping server {name}; another server takes over");
+    membership.leave().await;
+    Ok(())
+}

@@ -4,10 +4,11 @@
 //! control-plane benchmarks.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use skyvisor_core::{Accel, ExitReason, InstanceId, MacAddr, Resources};
+use skyvisor_core::{Accel, ExitReason, InstanceId, MacAddr, Resources, VolumeId, VolumeName};
 use thiserror::Error;
 
 /// How a VM boots.
@@ -49,6 +50,36 @@ pub struct VmLaunch {
     pub mac: MacAddr,
     /// Whether to add the guest channel.
     pub guest_channel: bool,
+    /// Replicated volumes served over NBD: the root volume (instead of
+    /// `root_disk`) and data volumes, in device order.
+    #[serde(default)]
+    pub volumes: Vec<LaunchVolume>,
+}
+
+impl VmLaunch {
+    /// The root volume, if the VM boots from one.
+    pub fn root_volume(&self) -> Option<&LaunchVolume> {
+        self.volumes.iter().find(|v| v.root)
+    }
+}
+
+/// A volume disk of a VM, served by the agent's NBD server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchVolume {
+    /// The volume.
+    pub name: VolumeName,
+    /// Its id.
+    pub id: VolumeId,
+    /// The disk's QEMU node and device id.
+    pub disk_id: String,
+    /// Whether it is the VM's root disk.
+    pub root: bool,
+    /// The serial number the guest sees.
+    pub serial: String,
+    /// The NBD server's unix socket.
+    pub socket: PathBuf,
+    /// The export's name.
+    pub export: String,
 }
 
 /// Something that happened to a running VM.
@@ -103,6 +134,13 @@ pub trait Vm: Send + Sync {
 
     /// Kills the hypervisor process (last resort).
     fn kill(&self);
+
+    /// Hot-plugs a volume disk into the VM.
+    async fn attach_disk(&self, disk: &LaunchVolume) -> Result<(), HvError>;
+
+    /// Hot-unplugs disk `disk_id`: asks the guest to release it, waits up to
+    /// `timeout` until it has, then removes the disk's backend.
+    async fn detach_disk(&self, disk_id: &str, timeout: Duration) -> Result<(), HvError>;
 }
 
 /// Starts and finds VMs.

@@ -13,6 +13,7 @@ pub mod hypervisor;
 pub mod images;
 pub mod qemu_hv;
 pub mod supervisor;
+pub mod volumes;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -38,6 +39,7 @@ use tracing::{debug, error, info, warn};
 use crate::hypervisor::Hypervisor;
 use crate::images::ImageCache;
 use crate::supervisor::Supervisor;
+use crate::volumes::{VolumeService, VolumeServiceConfig};
 
 /// How an agent is set up.
 #[derive(Debug, Clone)]
@@ -65,6 +67,9 @@ pub struct AgentConfig {
     pub lease_ttl: Duration,
     /// Check that guests' web services answer after boot.
     pub probe_guests: bool,
+    /// Where this host's volume replica server listens; `None`: the host
+    /// holds no replicas and serves no volumes.
+    pub replica_listen: Option<SocketAddr>,
 }
 
 /// What went wrong starting an agent.
@@ -92,6 +97,9 @@ pub enum AgentError {
     /// No network is defined in the store.
     #[error("no network is defined in the store; start a server first")]
     NoNetwork,
+    /// The volume service could not start.
+    #[error("starting the volume service: {0}")]
+    Volumes(#[from] volumes::VolumeServiceError),
 }
 
 /// What every supervisor shares.
@@ -118,6 +126,8 @@ pub struct AgentContext {
     pub http: reqwest::Client,
     /// The agent's data directory.
     pub data_dir: PathBuf,
+    /// Replicated volumes on this host, if it serves them.
+    pub volumes: Option<Arc<VolumeService>>,
 }
 
 impl AgentContext {
@@ -144,7 +154,21 @@ impl AgentHandle {
         for t in self.tasks.drain(..) {
             t.abort();
         }
+        if let Some(v) = &self.ctx.volumes {
+            v.shutdown().await;
+        }
         let _ = self.ctx.store.revoke_lease(self.lease).await;
+    }
+
+    /// Stops the agent as if its host died: tasks and servers end, the
+    /// lease is left to expire. For tests of host failure.
+    pub async fn crash(mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        if let Some(v) = &self.ctx.volumes {
+            v.shutdown().await;
+        }
     }
 }
 
@@ -177,6 +201,22 @@ pub async fn start(
     tokio::fs::create_dir_all(cfg.data_dir.join("vms"))
         .await
         .map_err(|e| AgentError::Network(format!("creating {}: {e}", cfg.data_dir.display())))?;
+    let volumes = match cfg.replica_listen {
+        Some(listen) => Some(
+            VolumeService::start(
+                VolumeServiceConfig {
+                    host: cfg.host.clone(),
+                    data_dir: cfg.data_dir.clone(),
+                    replica_listen: listen,
+                    advertise_host: cfg.address.clone(),
+                    device: skyvisor_volume::DeviceOptions::default(),
+                },
+                store.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
 
     let ctx = Arc::new(AgentContext {
         store: store.clone(),
@@ -193,6 +233,7 @@ pub async fn start(
             .build()
             .unwrap_or_default(),
         data_dir: cfg.data_dir.clone(),
+        volumes: volumes.clone(),
     });
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -207,7 +248,10 @@ pub async fn start(
     })?;
     let url = format!("http://{local}");
     let mut tasks = Vec::new();
-    let router = http::router(ctx.clone());
+    let mut router = http::router(ctx.clone());
+    if let Some(v) = &volumes {
+        router = router.merge(volumes::http::router(v.clone()));
+    }
     tasks.push(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router).await {
             error!(error = %e, "agent HTTP service failed");
@@ -245,6 +289,7 @@ pub async fn start(
         subnet: net.subnet,
         agent_url: Some(url.clone()),
         disk_free_bytes: host::disk_space(&cfg.data_dir).1,
+        replica_addr: volumes.as_ref().map(|v| v.replica_addr().to_owned()),
         started_at: Utc::now(),
     };
     store
@@ -263,6 +308,9 @@ pub async fn start(
         cfg.data_dir.clone(),
     )));
     tasks.push(tokio::spawn(dispatch(ctx.clone())));
+    if let Some(v) = volumes {
+        tasks.push(tokio::spawn(volumes::controller::run(v)));
+    }
     Ok(AgentHandle {
         url,
         ctx,

@@ -68,6 +68,7 @@ async fn world() -> World {
             listen: ([127, 0, 0, 1], 0).into(),
             lease_ttl: Duration::from_secs(10),
             probe_guests: false,
+            replica_listen: None,
         },
         store.clone(),
         Arc::new(hv.clone()),
@@ -114,6 +115,7 @@ fn spec(name: &str, policy: RestartPolicy) -> InstanceSpec {
         deleting: false,
         generation: 1,
         created_at: Utc::now(),
+        volumes: vec![],
     }
 }
 

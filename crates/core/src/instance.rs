@@ -14,6 +14,7 @@ use crate::error::ValidationError;
 use crate::names::{HostName, ImageName, InstanceName, TypeName};
 use crate::network::NetworkAttachment;
 use crate::resources::Resources;
+use crate::volume::InstanceVolume;
 
 /// The unique, never reused id of an instance.
 #[derive(
@@ -124,6 +125,17 @@ pub struct InstanceSpec {
     pub generation: u64,
     /// When it was created.
     pub created_at: DateTime<Utc>,
+    /// Replicated volumes it uses, in the order they were attached: the
+    /// root volume (its `vda`, instead of a local disk) first if it has one.
+    #[serde(default)]
+    pub volumes: Vec<InstanceVolume>,
+}
+
+impl InstanceSpec {
+    /// The volume it boots from, if any.
+    pub fn root_volume(&self) -> Option<&InstanceVolume> {
+        self.volumes.iter().find(|v| v.root)
+    }
 }
 
 /// The lifecycle phase of an instance, as reported by its agent.
@@ -224,6 +236,9 @@ pub struct InstanceStatus {
     pub observed_generation: u64,
     /// The reboot generation last carried out.
     pub observed_reboot_generation: u64,
+    /// The volumes plugged into the running VM, as its agent last saw.
+    #[serde(default)]
+    pub attached_volumes: Vec<crate::names::VolumeName>,
     /// When this status was written.
     pub updated_at: DateTime<Utc>,
 }
@@ -246,6 +261,7 @@ impl InstanceStatus {
             message: None,
             observed_generation: 0,
             observed_reboot_generation: 0,
+            attached_volumes: Vec::new(),
             updated_at: Utc::now(),
         }
     }

@@ -14,6 +14,7 @@ pub mod keys;
 pub mod names;
 pub mod network;
 pub mod resources;
+pub mod volume;
 
 pub use accel::{Accel, AccelMode};
 pub use error::ValidationError;
@@ -23,9 +24,13 @@ pub use instance::{
     ExitReason, ExitRecord, Instance, InstanceId, InstancePhase, InstanceSpec, InstanceStatus,
     PowerState, RestartPolicy,
 };
-pub use names::{HostName, ImageName, InstanceName, TypeName};
+pub use names::{HostName, ImageName, InstanceName, TypeName, VolumeName};
 pub use network::{Ipv4Net, MacAddr, Network, NetworkAttachment};
 pub use resources::{InstanceType, Resources};
+pub use volume::{
+    InstanceVolume, MembershipView, ReplicaState, ReplicaView, Volume, VolumeAttachment,
+    VolumeHealth, VolumeId, VolumePhase, VolumeRuntime, VolumeSnapshot, VolumeSpec, VolumeStatus,
+};
 
 /// The version of Skyvisor this crate was built as; agents of another
 /// version are refused by the server.

@@ -134,6 +134,12 @@ impl ControlPlane {
                 )));
             }
         }
+        let volumes = self.instance_volumes(&req, &image).await?;
+        let mut resources = resources;
+        if let Some(root) = volumes.iter().find(|v| v.volume.root) {
+            // No local disk: the VM's disk is its root volume.
+            resources.disk_gib = root.spec.size_bytes.div_ceil(1 << 30).max(1);
+        }
         let network = self.default_network().await?;
 
         let _placing = self.placement.lock().await;
@@ -143,14 +149,7 @@ impl ControlPlane {
             )));
         }
         let started = Instant::now();
-        let host = scheduler::place(
-            &self.inventory.hosts().await,
-            &PlacementRequest {
-                resources,
-                ..Default::default()
-            },
-            self.config.weigher,
-        )?;
+        let host = self.place_with_volumes(&self.inventory.hosts().await, resources, &volumes)?;
         self.metrics
             .placement_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -193,23 +192,25 @@ impl ControlPlane {
                 deleting: false,
                 generation: 1,
                 created_at: Utc::now(),
+                volumes: volumes.iter().map(|v| v.volume.clone()).collect(),
             };
             let spec_key = keys::instance_spec(&name);
             let claim_key = keys::ipam_claim(&network.name, ip);
-            let out = self
-                .store
-                .txn(
-                    vec![
-                        Compare::Absent(spec_key.clone()),
-                        Compare::Absent(claim_key.clone()),
-                    ],
-                    vec![
-                        put_json(spec_key.clone(), &spec),
-                        put_json(keys::instance_status(&name), &InstanceStatus::pending()),
-                        put_json(claim_key, &name),
-                    ],
-                )
-                .await?;
+            let mut compares = vec![
+                Compare::Absent(spec_key.clone()),
+                Compare::Absent(claim_key.clone()),
+            ];
+            let mut ops = vec![
+                put_json(spec_key.clone(), &spec),
+                put_json(keys::instance_status(&name), &InstanceStatus::pending()),
+                put_json(claim_key, &name),
+            ];
+            for v in &volumes {
+                let (c, o) = v.claim(&spec);
+                compares.extend(c);
+                ops.extend(o);
+            }
+            let out = self.store.txn(compares, ops).await?;
             if out.succeeded {
                 self.inventory
                     .wait_for(out.revision, READ_YOUR_WRITES)
@@ -224,6 +225,10 @@ impl ControlPlane {
                 return Err(ApiError::already_exists(format!(
                     "instance \"{name}\" already exists"
                 )));
+            }
+            // A volume claimed meanwhile refuses with its own reason.
+            for v in &volumes {
+                self.instance_volumes_still_free(v).await?;
             }
             raced.insert(ip);
         }

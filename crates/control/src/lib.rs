@@ -13,6 +13,7 @@ pub mod inventory;
 pub mod ipam;
 pub mod metrics;
 pub mod scheduler;
+pub mod volumes;
 
 use std::path::PathBuf;
 use std::sync::Arc;

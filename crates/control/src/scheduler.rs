@@ -186,6 +186,7 @@ pub(crate) mod tests {
                 subnet: "10.0.0.0/24".parse().expect("subnet"),
                 agent_url: None,
                 disk_free_bytes: u64::MAX,
+                replica_addr: None,
                 started_at: Utc::now(),
             },
             alive: true,

@@ -69,6 +69,10 @@ fn settings(args: &UpArgs) -> Result<UpSettings> {
         overcommit,
         reserved_memory_mib: file.reserved_memory_mib.unwrap_or(1024),
         default_image: !args.no_default_image && file.default_image.unwrap_or(true),
+        replica_listen: args
+            .replica_listen
+            .or(file.replica_listen)
+            .unwrap_or_else(|| ([127, 0, 0, 1], 7781).into()),
     })
 }
 
@@ -168,6 +172,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
             listen: ([127, 0, 0, 1], 0).into(),
             lease_ttl: Duration::from_secs(10),
             probe_guests: true,
+            replica_listen: Some(s.replica_listen),
         },
         store.clone(),
         Arc::new(QemuHypervisor {

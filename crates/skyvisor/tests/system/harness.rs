@@ -88,6 +88,7 @@ pub struct Cloud {
     pub host: String,
     up: Option<Child>,
     port: u16,
+    replica_port: u16,
     slot: Slot,
     options: CloudOptions,
 }
@@ -111,6 +112,7 @@ impl Cloud {
             host: format!("test-{n}"),
             up: None,
             port: free_port(),
+            replica_port: free_port(),
             slot,
             options,
         };
@@ -156,6 +158,8 @@ impl Cloud {
             ),
             "--host-name".into(),
             self.host.clone(),
+            "--replica-listen".into(),
+            format!("127.0.0.1:{}", self.replica_port),
         ];
         a.extend(self.options.extra_args.iter().cloned());
         a

@@ -253,6 +253,16 @@ impl VolumeService {
     /// Stops the servers. Devices are not closed: VMs keep running and the
     /// next agent serves their volumes again (QEMU reconnects).
     pub async fn shutdown(&self) {
+        // Reports stop with the agent; their records stay (a crashed agent
+        // leaves them too) until the next primary writes its own.
+        for s in self
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            s.reporter.abort();
+        }
         self.server.shutdown().await;
         self.nbd.shutdown().await;
     }

@@ -5,4 +5,7 @@ mod bad_input;
 mod harness;
 mod images;
 mod lifecycle;
+mod multihost;
 mod resilience;
+mod volumes;
+mod volumes_multihost;

@@ -74,10 +74,15 @@ impl fmt::Display for VolumeId {
 /// Checks a volume size: whole MiB, from 1 MiB to 64 TiB.
 pub fn validate_size(field: &str, bytes: u64) -> Result<u64, ValidationError> {
     if !(MIN_VOLUME_BYTES..=MAX_VOLUME_BYTES).contains(&bytes) {
+        let shown = if bytes >= 1 << 40 {
+            format!("{} TiB", bytes >> 40)
+        } else {
+            format!("{bytes} bytes")
+        };
         return Err(ValidationError::new(
             field,
             format!(
-                "{bytes} bytes is out of range; allowed: 1 MiB to {} TiB",
+                "{shown} is out of range; allowed: 1 MiB to {} TiB",
                 MAX_VOLUME_BYTES >> 40
             ),
         ));

@@ -5,10 +5,12 @@
 # 4k random write QD32 (IOPS), 1 MiB sequential write (throughput), on
 #   - qemu-nbd serving a plain raw file (baseline),
 #   - skyvisor-volume-node with 1, 2 and 3 replicas.
-# Replicas are separate processes on loopback on this machine (no network
-# namespaces), each with its own data directory on the same disk.
+# The primary (and its own replica) runs in this network namespace; every
+# other replica runs in a network namespace of its own, reached over a veth
+# pair, as another host would be (NETNS=0, or not running as root: all on
+# loopback instead). Each replica has its own data directory on the same disk.
 #
-# Usage: bench/volumes/run.sh [RUNTIME_SECONDS]   (default 15)
+# Usage: [NETNS=0] bench/volumes/run.sh [RUNTIME_SECONDS]   (default 15)
 # Needs: fio with the nbd engine, qemu-nbd, python3. Writes results to
 # bench/volumes/results.md and prints them.
 set -euo pipefail
@@ -20,8 +22,14 @@ ROOT=$(cd "$HERE/../.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 WORK=$(mktemp -d /var/tmp/skyvisor-bench.XXXXXX)
 PIDS=()
+NETNS=${NETNS:-1}
+[ "$(id -u)" = 0 ] || NETNS=0
+TAG=$(( $$ % 10000 ))
+NAMESPACES=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  for ns in "${NAMESPACES[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
+  for i in 2 3; do ip link del "vbh${i}x$TAG" 2>/dev/null || true; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -82,13 +90,37 @@ wait_tcp "127.0.0.1:$PORT"
 bench_target qemu-nbd "nbd://127.0.0.1:$PORT/vol"
 kill -9 "${PIDS[-1]}"; unset 'PIDS[-1]'
 
+# A "host" for replica I: its own network namespace joined to this one by a
+# veth pair (10.254.I.1 here, 10.254.I.2 there). Prints the namespace.
+make_host_ns() {
+  local i=$1 ns="svb${TAG}n$1"
+  ip netns add "$ns"; NAMESPACES+=("$ns")
+  ip link add "vbh${i}x$TAG" type veth peer name "vbn${i}x$TAG"
+  ip link set "vbn${i}x$TAG" netns "$ns"
+  ip addr add "10.254.$i.1/30" dev "vbh${i}x$TAG"
+  ip link set "vbh${i}x$TAG" up
+  ip netns exec "$ns" ip addr add "10.254.$i.2/30" dev "vbn${i}x$TAG"
+  ip netns exec "$ns" ip link set "vbn${i}x$TAG" up
+  ip netns exec "$ns" ip link set lo up
+}
+if [ "$NETNS" = 1 ]; then
+  make_host_ns 2
+  make_host_ns 3
+fi
+
 # --- skyvisor with 1, 2, 3 replicas -----------------------------------------
 for N in 1 2 3; do
   D=$WORK/sky$N; mkdir -p "$D"
   REPLICAS=()
   for i in $(seq 1 "$N"); do
-    ADDR=127.0.0.1:$(free_port)
-    RUST_LOG=warn "$NODE" --node "n$i" --data-dir "$D/n$i" --listen "$ADDR" \
+    if [ "$NETNS" = 1 ] && [ "$i" -gt 1 ]; then
+      ADDR=10.254.$i.2:$(free_port)
+      RUN=(ip netns exec "svb${TAG}n$i")
+    else
+      ADDR=127.0.0.1:$(free_port)
+      RUN=()
+    fi
+    RUST_LOG=warn "${RUN[@]}" "$NODE" --node "n$i" --data-dir "$D/n$i" --listen "$ADDR" \
       --membership-dir "$D/membership" --control "$D/n$i.sock" 2>"$D/n$i.log" &
     PIDS+=($!); disown
     wait_tcp "$ADDR"
@@ -101,9 +133,9 @@ for N in 1 2 3; do
   for _ in $(seq 1 "$N"); do kill -9 "${PIDS[-1]}"; unset 'PIDS[-1]'; done
 done
 
-python3 - "$WORK" "$RUNTIME" > "$HERE/results.md" <<'PY'
+python3 - "$WORK" "$RUNTIME" "$NETNS" > "$HERE/results.md" <<'PY'
 import json, sys, os
-work, runtime = sys.argv[1], sys.argv[2]
+work, runtime, netns = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 def load(n):
     return json.load(open(os.path.join(work, n + ".json")))["jobs"][0]["write"]
 rows = []
@@ -116,7 +148,9 @@ for label, name in [("qemu-nbd (raw file)", "qemu-nbd"), ("skyvisor, 1 replica",
     if name == "qemu-nbd":
         base = r
     rows.append((label, r))
-print(f"fio nbd engine, {runtime}s per test after 2s ramp, 1 GiB volume; replicas are separate processes on loopback, same disk.\n")
+where = ("the primary's own replica in its process, every other replica in its own network namespace over a veth pair"
+         if netns else "replicas are separate processes on loopback")
+print(f"fio nbd engine, {runtime}s per test after 2s ramp, 1 GiB volume; {where}; same disk.\n")
 print("| target | 4k randwrite QD1 p50 (µs) | p99 (µs) | p50 vs qemu-nbd | 4k randwrite QD32 IOPS | IOPS vs qemu-nbd | 1M seq write MiB/s | vs qemu-nbd |")
 print("|---|---|---|---|---|---|---|---|")
 for label, r in rows:

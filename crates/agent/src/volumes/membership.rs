@@ -103,6 +103,23 @@ mod tests {
         skyvisor_volume::membership::check_store_contract(&StoreMembership::new(store)).await;
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn meets_the_membership_store_contract_on_etcd() {
+        let etcd = skyvisor_store::testing::EtcdProcess::start()
+            .await
+            .expect("start etcd");
+        let store: Arc<dyn Store> = Arc::new(
+            skyvisor_store::EtcdStore::connect(
+                &etcd.endpoints(),
+                "/membership-contract/",
+                skyvisor_store::EtcdOptions::default(),
+            )
+            .await
+            .expect("connect"),
+        );
+        skyvisor_volume::membership::check_store_contract(&StoreMembership::new(store)).await;
+    }
+
     #[tokio::test]
     async fn the_control_plane_view_reads_the_record() {
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));

@@ -5,23 +5,36 @@
 # 4k random write QD32 (IOPS), 1 MiB sequential write (throughput), on
 #   - qemu-nbd serving a plain raw file (baseline),
 #   - skyvisor-volume-node with 1, 2 and 3 replicas.
-# Replicas are separate processes on loopback on this machine (no network
-# namespaces), each with its own data directory on the same disk.
+# The primary (and its own replica) runs in this network namespace; every
+# other replica runs in a network namespace of its own, reached over a veth
+# pair, as another host would be (NETNS=0, or not running as root: all on
+# loopback instead). Each replica has its own data directory on the same disk.
 #
-# Usage: bench/volumes/run.sh [RUNTIME_SECONDS]   (default 15)
+# All four targets run at once and the tests are interleaved round by round
+# (each test on each target, ROUNDS times, medians reported), so load from
+# elsewhere on the machine hits every target alike.
+#
+# Usage: [NETNS=0] [ROUNDS=3] bench/volumes/run.sh [RUNTIME_SECONDS]   (default 5)
 # Needs: fio with the nbd engine, qemu-nbd, python3. Writes results to
 # bench/volumes/results.md and prints them.
 set -euo pipefail
 
-RUNTIME=${1:-15}
+RUNTIME=${1:-5}
+ROUNDS=${ROUNDS:-3}
 SIZE=$((1024 * 1024 * 1024))
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 WORK=$(mktemp -d /var/tmp/skyvisor-bench.XXXXXX)
 PIDS=()
+NETNS=${NETNS:-1}
+[ "$(id -u)" = 0 ] || NETNS=0
+TAG=$(( $$ % 10000 ))
+NAMESPACES=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  for ns in "${NAMESPACES[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
+  for i in 2 3; do ip link del "vbh${i}x$TAG" 2>/dev/null || true; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -62,15 +75,8 @@ PY
 run_fio() {
   local name=$1 uri=$2 rw=$3 bs=$4 qd=$5
   fio --name="$name" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
-      --size=$SIZE --time_based --runtime="$RUNTIME" --ramp_time=2 --randrepeat=0 \
+      --size=$SIZE --time_based --runtime="$RUNTIME" --ramp_time=1 --randrepeat=0 \
       --output-format=json --output="$WORK/$name.json" >/dev/null
-}
-
-bench_target() { # label uri
-  local label=$1 uri=$2
-  run_fio "$label-seq" "$uri" write 1M 8
-  run_fio "$label-qd1" "$uri" randwrite 4k 1
-  run_fio "$label-qd32" "$uri" randwrite 4k 32
 }
 
 # --- baseline: qemu-nbd on a raw file -------------------------------------
@@ -79,16 +85,40 @@ PORT=$(free_port)
 qemu-nbd -f raw -x vol -b 127.0.0.1 -p "$PORT" -t --cache=writeback --aio=threads "$WORK/plain.img" &
 PIDS+=($!); disown
 wait_tcp "127.0.0.1:$PORT"
-bench_target qemu-nbd "nbd://127.0.0.1:$PORT/vol"
-kill -9 "${PIDS[-1]}"; unset 'PIDS[-1]'
+declare -A URI
+URI[qemu-nbd]="nbd://127.0.0.1:$PORT/vol"
+
+# A "host" for replica I: its own network namespace joined to this one by a
+# veth pair (10.254.I.1 here, 10.254.I.2 there). Prints the namespace.
+make_host_ns() {
+  local i=$1 ns="svb${TAG}n$1"
+  ip netns add "$ns"; NAMESPACES+=("$ns")
+  ip link add "vbh${i}x$TAG" type veth peer name "vbn${i}x$TAG"
+  ip link set "vbn${i}x$TAG" netns "$ns"
+  ip addr add "10.254.$i.1/30" dev "vbh${i}x$TAG"
+  ip link set "vbh${i}x$TAG" up
+  ip netns exec "$ns" ip addr add "10.254.$i.2/30" dev "vbn${i}x$TAG"
+  ip netns exec "$ns" ip link set "vbn${i}x$TAG" up
+  ip netns exec "$ns" ip link set lo up
+}
+if [ "$NETNS" = 1 ]; then
+  make_host_ns 2
+  make_host_ns 3
+fi
 
 # --- skyvisor with 1, 2, 3 replicas -----------------------------------------
 for N in 1 2 3; do
   D=$WORK/sky$N; mkdir -p "$D"
   REPLICAS=()
   for i in $(seq 1 "$N"); do
-    ADDR=127.0.0.1:$(free_port)
-    RUST_LOG=warn "$NODE" --node "n$i" --data-dir "$D/n$i" --listen "$ADDR" \
+    if [ "$NETNS" = 1 ] && [ "$i" -gt 1 ]; then
+      ADDR=10.254.$i.2:$(free_port)
+      RUN=(ip netns exec "svb${TAG}n$i")
+    else
+      ADDR=127.0.0.1:$(free_port)
+      RUN=()
+    fi
+    RUST_LOG=warn "${RUN[@]}" "$NODE" --node "n$i" --data-dir "$D/n$i" --listen "$ADDR" \
       --membership-dir "$D/membership" --control "$D/n$i.sock" 2>"$D/n$i.log" &
     PIDS+=($!); disown
     wait_tcp "$ADDR"
@@ -97,26 +127,38 @@ for N in 1 2 3; do
   control "$D/n1.sock" create vol $SIZE 1 "${REPLICAS[@]}" >/dev/null
   NBD_PORT=$(free_port)
   control "$D/n1.sock" open vol "127.0.0.1:$NBD_PORT" 0 >/dev/null
-  bench_target "sky$N" "nbd://127.0.0.1:$NBD_PORT/vol"
-  for _ in $(seq 1 "$N"); do kill -9 "${PIDS[-1]}"; unset 'PIDS[-1]'; done
+  URI[sky$N]="nbd://127.0.0.1:$NBD_PORT/vol"
 done
 
-python3 - "$WORK" "$RUNTIME" > "$HERE/results.md" <<'PY'
-import json, sys, os
-work, runtime = sys.argv[1], sys.argv[2]
-def load(n):
-    return json.load(open(os.path.join(work, n + ".json")))["jobs"][0]["write"]
+# --- the tests, interleaved ----------------------------------------------------
+for round in $(seq 1 "$ROUNDS"); do
+  for target in qemu-nbd sky1 sky2 sky3; do
+    run_fio "$target-seq-$round" "${URI[$target]}" write 1M 8
+    run_fio "$target-qd1-$round" "${URI[$target]}" randwrite 4k 1
+    run_fio "$target-qd32-$round" "${URI[$target]}" randwrite 4k 32
+  done
+done
+
+python3 - "$WORK" "$RUNTIME" "$NETNS" "$ROUNDS" > "$HERE/results.md" <<'PY'
+import json, sys, os, statistics
+work, runtime, netns, rounds = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
+def runs(n):
+    return [json.load(open(os.path.join(work, f"{n}-{r}.json")))["jobs"][0]["write"] for r in range(1, rounds + 1)]
+med = statistics.median
 rows = []
 base = {}
 for label, name in [("qemu-nbd (raw file)", "qemu-nbd"), ("skyvisor, 1 replica", "sky1"),
                     ("skyvisor, 2 replicas", "sky2"), ("skyvisor, 3 replicas", "sky3")]:
-    qd1 = load(name + "-qd1"); qd32 = load(name + "-qd32"); seq = load(name + "-seq")
-    p = qd1["clat_ns"]["percentile"]
-    r = dict(p50=p["50.000000"] / 1000, p99=p["99.000000"] / 1000, iops=qd32["iops"], mbs=seq["bw_bytes"] / 2**20)
+    qd1 = [j["clat_ns"]["percentile"] for j in runs(name + "-qd1")]
+    r = dict(p50=med([p["50.000000"] for p in qd1]) / 1000, p99=med([p["99.000000"] for p in qd1]) / 1000,
+             iops=med([j["iops"] for j in runs(name + "-qd32")]),
+             mbs=med([j["bw_bytes"] for j in runs(name + "-seq")]) / 2**20)
     if name == "qemu-nbd":
         base = r
     rows.append((label, r))
-print(f"fio nbd engine, {runtime}s per test after 2s ramp, 1 GiB volume; replicas are separate processes on loopback, same disk.\n")
+where = ("the primary's own replica in its process, every other replica in its own network namespace over a veth pair"
+         if netns else "replicas are separate processes on loopback")
+print(f"fio nbd engine, {runtime}s per test after 1s ramp, median of {rounds} interleaved rounds, 1 GiB volume; {where}; same disk.\n")
 print("| target | 4k randwrite QD1 p50 (µs) | p99 (µs) | p50 vs qemu-nbd | 4k randwrite QD32 IOPS | IOPS vs qemu-nbd | 1M seq write MiB/s | vs qemu-nbd |")
 print("|---|---|---|---|---|---|---|---|")
 for label, r in rows:

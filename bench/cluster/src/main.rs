@@ -248,6 +248,7 @@ async fn start_agents(n: usize, store: Arc<dyn Store>, dir: PathBuf) -> Result<V
                         lease_ttl: Duration::from_secs(10),
                         probe_guests: false,
                         overlay: None,
+                        replica_listen: None,
                     },
                     store,
                     Arc::new(FakeHypervisor::new()),

@@ -5,16 +5,19 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use skyvisor_core::{ExitReason, SnapshotProgress};
 use tokio::sync::mpsc;
 
 use crate::hypervisor::{
-    CheckpointOutcome, CheckpointPlan, HvError, Hypervisor, Vm, VmEvent, VmExit, VmLaunch,
+    CheckpointOutcome, CheckpointPlan, HvError, Hypervisor, LaunchVolume, Vm, VmEvent, VmExit,
+    VmLaunch,
 };
 
 type Registry = Arc<Mutex<HashMap<PathBuf, mpsc::UnboundedSender<VmEvent>>>>;
+type Disks = Arc<Mutex<HashMap<PathBuf, Vec<String>>>>;
 
 /// Simulated VMs, keyed by run directory.
 #[derive(Default, Clone)]
@@ -22,6 +25,7 @@ pub struct FakeHypervisor {
     running: Registry,
     launches: Arc<Mutex<Vec<VmLaunch>>>,
     fail_next: Arc<Mutex<Option<String>>>,
+    disks: Disks,
 }
 
 impl FakeHypervisor {
@@ -38,6 +42,12 @@ impl FakeHypervisor {
     /// Number of VMs running now.
     pub fn running(&self) -> usize {
         lock(&self.running).len()
+    }
+
+    /// The ids of the volume disks plugged into the VM in `run_dir`
+    /// (at launch or hot), in order.
+    pub fn disks(&self, run_dir: &Path) -> Vec<String> {
+        lock(&self.disks).get(run_dir).cloned().unwrap_or_default()
     }
 
     /// Makes the next launch fail with `message`.
@@ -76,6 +86,7 @@ struct FakeVm {
     tx: mpsc::UnboundedSender<VmEvent>,
     rx: mpsc::UnboundedReceiver<VmEvent>,
     exited: Option<VmExit>,
+    disks: Disks,
 }
 
 impl FakeVm {
@@ -166,6 +177,22 @@ impl Vm for FakeVm {
     async fn guest_request(&self, _line: &str) -> Result<String, HvError> {
         Ok(r#"{"ok":true}"#.into())
     }
+    async fn attach_disk(&self, disk: &LaunchVolume) -> Result<(), HvError> {
+        let mut disks = lock(&self.disks);
+        let list = disks.entry(self.run_dir.clone()).or_default();
+        if list.contains(&disk.disk_id) {
+            return Err(HvError::Control(format!("disk {} exists", disk.disk_id)));
+        }
+        list.push(disk.disk_id.clone());
+        Ok(())
+    }
+
+    async fn detach_disk(&self, disk_id: &str, _timeout: Duration) -> Result<(), HvError> {
+        if let Some(list) = lock(&self.disks).get_mut(&self.run_dir) {
+            list.retain(|d| d != disk_id);
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -177,12 +204,17 @@ impl Hypervisor for FakeHypervisor {
         let (tx, rx) = mpsc::unbounded_channel();
         lock(&self.running).insert(launch.run_dir.clone(), tx.clone());
         lock(&self.launches).push(launch.clone());
+        lock(&self.disks).insert(
+            launch.run_dir.clone(),
+            launch.volumes.iter().map(|v| v.disk_id.clone()).collect(),
+        );
         Ok(Box::new(FakeVm {
             run_dir: launch.run_dir.clone(),
             registry: self.running.clone(),
             tx,
             rx,
             exited: None,
+            disks: self.disks.clone(),
         }))
     }
 

@@ -8,7 +8,9 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use skyvisor_core::{Accel, ExitReason, InstanceId, MacAddr, Resources, SnapshotProgress};
+use skyvisor_core::{
+    Accel, ExitReason, InstanceId, MacAddr, Resources, SnapshotProgress, VolumeId, VolumeName,
+};
 use thiserror::Error;
 
 /// How a VM boots.
@@ -57,6 +59,36 @@ pub struct VmLaunch {
     /// identity: its RAM still holds its parent's address).
     #[serde(default)]
     pub link_down: bool,
+    /// Replicated volumes served over NBD: the root volume (instead of
+    /// `root_disk`) and data volumes, in device order.
+    #[serde(default)]
+    pub volumes: Vec<LaunchVolume>,
+}
+
+impl VmLaunch {
+    /// The root volume, if the VM boots from one.
+    pub fn root_volume(&self) -> Option<&LaunchVolume> {
+        self.volumes.iter().find(|v| v.root)
+    }
+}
+
+/// A volume disk of a VM, served by the agent's NBD server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchVolume {
+    /// The volume.
+    pub name: VolumeName,
+    /// Its id.
+    pub id: VolumeId,
+    /// The disk's QEMU node and device id.
+    pub disk_id: String,
+    /// Whether it is the VM's root disk.
+    pub root: bool,
+    /// The serial number the guest sees.
+    pub serial: String,
+    /// The NBD server's unix socket.
+    pub socket: PathBuf,
+    /// The export's name.
+    pub export: String,
 }
 
 /// What a live checkpoint writes.
@@ -152,6 +184,12 @@ pub trait Vm: Send + Sync {
     /// Sends one request line to the guest's control channel and returns
     /// its answer line.
     async fn guest_request(&self, line: &str) -> Result<String, HvError>;
+    /// Hot-plugs a volume disk into the VM.
+    async fn attach_disk(&self, disk: &LaunchVolume) -> Result<(), HvError>;
+
+    /// Hot-unplugs disk `disk_id`: asks the guest to release it, waits up to
+    /// `timeout` until it has, then removes the disk's backend.
+    async fn detach_disk(&self, disk_id: &str, timeout: Duration) -> Result<(), HvError>;
 }
 
 /// Starts and finds VMs.

@@ -15,6 +15,7 @@ pub mod hypervisor;
 pub mod images;
 pub mod qemu_hv;
 pub mod supervisor;
+pub mod volumes;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -40,6 +41,7 @@ use tracing::{debug, error, info, warn};
 use crate::hypervisor::Hypervisor;
 use crate::images::ImageCache;
 use crate::supervisor::Supervisor;
+use crate::volumes::{VolumeService, VolumeServiceConfig};
 
 /// How an agent is set up.
 #[derive(Debug, Clone)]
@@ -70,6 +72,9 @@ pub struct AgentConfig {
     /// Join the cluster's VXLAN overlay (hosts of a cluster); none for a
     /// single host.
     pub overlay: Option<cluster::OverlaySettings>,
+    /// Where this host's volume replica server listens; `None`: the host
+    /// holds no replicas and serves no volumes.
+    pub replica_listen: Option<SocketAddr>,
 }
 
 /// What went wrong starting an agent.
@@ -107,6 +112,9 @@ pub enum AgentError {
         /// The cluster's.
         cluster: String,
     },
+    /// The volume service could not start.
+    #[error("starting the volume service: {0}")]
+    Volumes(#[from] volumes::VolumeServiceError),
 }
 
 /// What every supervisor shares.
@@ -137,6 +145,8 @@ pub struct AgentContext {
     pub checkpoint_inboxes: std::sync::Mutex<
         HashMap<InstanceId, tokio::sync::mpsc::UnboundedSender<skyvisor_core::Snapshot>>,
     >,
+    /// Replicated volumes on this host, if it serves them.
+    pub volumes: Option<Arc<VolumeService>>,
 }
 
 impl AgentContext {
@@ -163,8 +173,22 @@ impl AgentHandle {
         for t in self.tasks.drain(..) {
             t.abort();
         }
+        if let Some(v) = &self.ctx.volumes {
+            v.shutdown().await;
+        }
         let lease = *self.lease.lock().unwrap_or_else(|e| e.into_inner());
         let _ = self.ctx.store.revoke_lease(lease).await;
+    }
+
+    /// Stops the agent as if its host died: tasks and servers end, the
+    /// lease is left to expire. For tests of host failure.
+    pub async fn crash(mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        if let Some(v) = &self.ctx.volumes {
+            v.shutdown().await;
+        }
     }
 }
 
@@ -247,6 +271,22 @@ async fn bring_up(
     tokio::fs::create_dir_all(cfg.data_dir.join("vms"))
         .await
         .map_err(|e| AgentError::Network(format!("creating {}: {e}", cfg.data_dir.display())))?;
+    let volumes = match cfg.replica_listen {
+        Some(listen) => Some(
+            VolumeService::start(
+                VolumeServiceConfig {
+                    host: cfg.host.clone(),
+                    data_dir: cfg.data_dir.clone(),
+                    replica_listen: listen,
+                    advertise_host: cfg.address.clone(),
+                    device: skyvisor_volume::DeviceOptions::default(),
+                },
+                store.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
 
     let ctx = Arc::new(AgentContext {
         store: store.clone(),
@@ -264,6 +304,7 @@ async fn bring_up(
             .unwrap_or_default(),
         data_dir: cfg.data_dir.clone(),
         checkpoint_inboxes: std::sync::Mutex::new(HashMap::new()),
+        volumes: volumes.clone(),
     });
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -278,7 +319,10 @@ async fn bring_up(
     })?;
     let url = format!("http://{local}");
     let mut guard = TaskGuard(Vec::new());
-    let router = http::router(ctx.clone());
+    let mut router = http::router(ctx.clone());
+    if let Some(v) = &volumes {
+        router = router.merge(volumes::http::router(v.clone()));
+    }
     guard.0.push(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router).await {
             error!(error = %e, "agent HTTP service failed");
@@ -300,6 +344,7 @@ async fn bring_up(
         bridge_address: host_address,
         agent_url: Some(url.clone()),
         disk_free_bytes: host::disk_space(&cfg.data_dir).1,
+        replica_addr: volumes.as_ref().map(|v| v.replica_addr().to_owned()),
         started_at: Utc::now(),
     };
     store
@@ -334,6 +379,9 @@ async fn bring_up(
     )));
     guard.0.push(tokio::spawn(dispatch(ctx.clone())));
     guard.0.push(tokio::spawn(checkpoints::follow(ctx.clone())));
+    if let Some(v) = volumes {
+        guard.0.push(tokio::spawn(volumes::controller::run(v)));
+    }
     let tasks = std::mem::take(&mut guard.0);
     Ok(AgentHandle {
         url,

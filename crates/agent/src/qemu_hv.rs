@@ -9,16 +9,16 @@ use skyvisor_core::{ExitReason, SnapshotProgress};
 use skyvisor_qemu::checkpoint::{self, DiskCapture, SavePlan};
 use skyvisor_qemu::qmp::{EventKind, EventStreamError, MigrationStatus, RunState, ShutdownCause};
 use skyvisor_qemu::{
-    Boot, CacheMode, DiskConfig, DiskSource, ExitInfo, Incoming, NicConfig, ProcessExit, QemuVm,
-    VmConfig, files,
+    Boot, CacheMode, DiskConfig, DiskSource, ExitInfo, Incoming, NbdServer, NicConfig, ProcessExit,
+    QemuVm, VmConfig, files,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
 use crate::hypervisor::{
-    CheckpointOutcome, CheckpointPlan, HvError, Hypervisor, LaunchBoot, Vm, VmEvent, VmExit,
-    VmLaunch,
+    CheckpointOutcome, CheckpointPlan, HvError, Hypervisor, LaunchBoot, LaunchVolume, Vm, VmEvent,
+    VmExit, VmLaunch,
 };
 
 /// The block node of the root disk (its disk id in [`QemuHypervisor::config`]).
@@ -32,6 +32,28 @@ const NIC_ID: &str = "net0";
 const LOAD_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long the guest gets to answer on its control channel.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long QEMU keeps retrying a lost connection to the agent's NBD server
+/// (an agent restart) before failing the guest's I/O.
+const NBD_RECONNECT_SECS: u32 = 60;
+
+/// QEMU's disk for a volume served by the agent's NBD server.
+pub fn volume_disk(v: &LaunchVolume) -> DiskConfig {
+    DiskConfig {
+        id: v.disk_id.clone(),
+        source: DiskSource::Nbd {
+            server: NbdServer::Unix {
+                path: v.socket.clone(),
+            },
+            export: v.export.clone(),
+            reconnect_delay_secs: Some(NBD_RECONNECT_SECS),
+        },
+        read_only: false,
+        // The guest sees a write cache and flushes it: FLUSH and FUA reach
+        // every in-sync replica.
+        cache: CacheMode::Writeback,
+    }
+}
 
 /// Runs VMs as QEMU processes.
 pub struct QemuHypervisor {
@@ -58,16 +80,21 @@ impl QemuHypervisor {
             },
             LaunchBoot::Firmware => Boot::Firmware,
         };
-        cfg.disks = vec![DiskConfig {
-            id: "root".into(),
-            source: DiskSource::File {
-                path: l.root_disk.clone(),
-                format: DiskFormat::Qcow2,
+        // Data volumes are hot-plugged before the guest runs (see
+        // `launch`), with their serial numbers.
+        cfg.disks = vec![match l.root_volume() {
+            Some(v) => volume_disk(v),
+            None => DiskConfig {
+                id: "root".into(),
+                source: DiskSource::File {
+                    path: l.root_disk.clone(),
+                    format: DiskFormat::Qcow2,
+                },
+                read_only: false,
+                // Host page cache with guest flushes honoured: safe, and works
+                // on file systems without O_DIRECT (tmpfs).
+                cache: CacheMode::Writeback,
             },
-            read_only: false,
-            // Host page cache with guest flushes honoured: safe, and works
-            // on file systems without O_DIRECT (tmpfs).
-            cache: CacheMode::Writeback,
         }];
         cfg.nics = vec![NicConfig {
             id: NIC_ID.into(),
@@ -310,6 +337,55 @@ impl Vm for QemuVmHandle {
             ))),
         }
     }
+    async fn attach_disk(&self, disk: &LaunchVolume) -> Result<(), HvError> {
+        plug(&self.vm, disk).await
+    }
+
+    async fn detach_disk(&self, disk_id: &str, timeout: Duration) -> Result<(), HvError> {
+        let qmp = self.vm.qmp();
+        // Subscribe first so the event cannot slip by.
+        let mut events = qmp.events();
+        match qmp.device_del(disk_id).await {
+            Ok(()) => {
+                let gone = events.wait_for(|e| {
+                    matches!(e.kind(), EventKind::DeviceDeleted { device: Some(d), .. } if d == disk_id)
+                });
+                if tokio::time::timeout(timeout, gone).await.is_err() {
+                    return Err(HvError::Control(format!(
+                        "the guest did not release disk {disk_id} within {}s",
+                        timeout.as_secs()
+                    )));
+                }
+            }
+            // Already gone (an earlier attempt got this far).
+            Err(e) if e.to_string().contains("not found") => {}
+            Err(e) => return Err(control(e)),
+        }
+        match qmp.blockdev_del(disk_id).await {
+            Err(e) if !e.to_string().contains("not found") => Err(control(e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Adds a volume disk to a running or paused VM: its NBD block node, then
+/// the virtio-blk device; undoes the node if the device fails.
+async fn plug(vm: &QemuVm, disk: &LaunchVolume) -> Result<(), HvError> {
+    let cfg = volume_disk(disk);
+    let node = cfg.blockdev_json().map_err(control)?;
+    vm.qmp().blockdev_add(node).await.map_err(control)?;
+    let mut device = cfg.device_json(false);
+    if let Some(obj) = device.as_object_mut() {
+        obj.insert(
+            "serial".into(),
+            serde_json::Value::from(disk.serial.clone()),
+        );
+    }
+    if let Err(e) = vm.qmp().device_add(device).await {
+        let _ = vm.qmp().blockdev_del(&disk.disk_id).await;
+        return Err(control(e));
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -342,6 +418,15 @@ impl Hypervisor for QemuHypervisor {
             return Err(HvError::StartFailed(format!(
                 "could not unplug the NIC: {e}"
             )));
+        }
+        for v in launch.volumes.iter().filter(|v| !v.root) {
+            if let Err(e) = plug(&handle.vm, v).await {
+                let _ = handle.vm.kill();
+                return Err(HvError::StartFailed(format!(
+                    "could not attach volume {}: {e}",
+                    v.name
+                )));
+            }
         }
         if let Err(e) = handle.vm.qmp().cont().await {
             let _ = handle.vm.kill();

@@ -14,10 +14,10 @@ use chrono::Utc;
 use skyvisor_core::image::{FileRole, ImageKind, ImageState};
 use skyvisor_core::{
     CheckpointSchedule, CloneSource, ExitReason, ExitRecord, Image, InstancePhase, InstanceSpec,
-    InstanceStatus, PowerState, Resources, RestartPolicy, RestoreRequest, Snapshot, SnapshotKind,
-    SnapshotOrigin, keys,
+    InstanceStatus, InstanceVolume, PowerState, Resources, RestartPolicy, RestoreRequest, Snapshot,
+    SnapshotKind, SnapshotOrigin, VolumeAttachment, VolumeName, keys,
 };
-use skyvisor_store::{Op, StoreExt, encode};
+use skyvisor_store::{Compare, Op, StoreExt, decode, encode};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use crate::AgentContext;
 use crate::checkpoints;
 use crate::disks::create_root_disk;
-use crate::hypervisor::{LaunchBoot, Vm, VmEvent, VmExit, VmLaunch};
+use crate::hypervisor::{LaunchBoot, LaunchVolume, Vm, VmEvent, VmExit, VmLaunch};
 
 /// The file in a VM's directory recording how its running process was launched.
 const LAUNCH_FILE: &str = "launch.json";
@@ -37,12 +37,16 @@ const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A VM that ran this long before failing restarts without delay.
 const STABLE_RUN: Duration = Duration::from_secs(60);
+/// How long the guest gets to release a volume being detached.
+const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running VM and what it was launched with.
 struct Running {
     vm: Box<dyn Vm>,
     resources: Resources,
     since: Instant,
+    /// The volume disks plugged into it.
+    volumes: Vec<LaunchVolume>,
 }
 
 /// The state of one VM's supervisor task.
@@ -64,6 +68,11 @@ pub struct Supervisor {
     /// The schedule in force and when it next asks for a checkpoint.
     schedule: Option<CheckpointSchedule>,
     next_checkpoint: Option<Instant>,
+    /// The spec's volume list whose stale claims were last cleaned up.
+    claims_checked: Option<Vec<InstanceVolume>>,
+    /// A hot-plug that failed at this spec generation: not retried until
+    /// the spec changes.
+    volume_error: Option<u64>,
 }
 
 impl Drop for Supervisor {
@@ -115,6 +124,8 @@ impl Supervisor {
             snap_rx,
             schedule: None,
             next_checkpoint: None,
+            claims_checked: None,
+            volume_error: None,
         }
     }
 
@@ -176,16 +187,33 @@ impl Supervisor {
         let Some(vm) = self.ctx.hypervisor.attach(&dir).await else {
             return;
         };
-        let resources = match tokio::fs::read(dir.join(LAUNCH_FILE)).await {
-            Ok(b) => serde_json::from_slice::<VmLaunch>(&b)
-                .map(|l| l.resources)
-                .unwrap_or(spec.resources),
-            Err(_) => spec.resources,
+        let launched = match tokio::fs::read(dir.join(LAUNCH_FILE)).await {
+            Ok(b) => serde_json::from_slice::<VmLaunch>(&b).ok(),
+            Err(_) => None,
         };
+        let resources = launched.as_ref().map_or(spec.resources, |l| l.resources);
+        let volumes = launched.map(|l| l.volumes).unwrap_or_default();
         info!(instance = %spec.name, pid = ?vm.pid(), "re-attached to running VM");
         if let Err(e) = vm.recover_checkpoint().await {
             warn!(instance = %spec.name, error = %e, "cannot check for an interrupted checkpoint");
         }
+        // Serve its volumes again: QEMU reconnects to the NBD socket.
+        for v in &volumes {
+            let iv = InstanceVolume {
+                name: v.name.clone(),
+                id: v.id,
+                root: v.root,
+            };
+            let served = match &self.ctx.volumes {
+                Some(svc) => svc.serve(&iv, &spec.name).await.map_err(|e| e.to_string()),
+                None => Err("this host serves no volumes".to_string()),
+            };
+            if let Err(e) = served {
+                warn!(instance = %spec.name, volume = %v.name, error = %e, "cannot serve a volume of a re-attached VM");
+                self.status.message = Some(format!("volume {}: {e}", v.name));
+            }
+        }
+        self.status.attached_volumes = volumes.iter().map(|v| v.name.clone()).collect();
         self.status.pid = vm.pid();
         self.status.phase = InstancePhase::Running;
         self.status.host = Some(self.ctx.host.clone());
@@ -193,6 +221,7 @@ impl Supervisor {
             vm,
             resources,
             since: Instant::now(),
+            volumes,
         });
         if !self.status.guest_ready {
             self.start_probe(spec);
@@ -233,6 +262,13 @@ impl Supervisor {
                     self.status.phase = InstancePhase::Stopped;
                     self.restart_at = None;
                 }
+                // Not running and not about to: its volumes are free for
+                // any host to serve.
+                if let Some(svc) = &self.ctx.volumes {
+                    svc.release_instance(&spec.name).await;
+                }
+                self.status.attached_volumes.clear();
+                self.release_claims(spec).await;
                 false
             }
             Some(running) => {
@@ -251,7 +287,9 @@ impl Supervisor {
                     self.reboot(spec).await;
                     return true;
                 }
-                false
+                let changed = self.sync_volumes(spec).await;
+                self.release_claims(spec).await;
+                changed
             }
         }
     }
@@ -301,6 +339,8 @@ impl Supervisor {
         let launched = self.launch(spec, incoming, cloned).await;
         match launched {
             Ok(running) => {
+                self.status.attached_volumes =
+                    running.volumes.iter().map(|v| v.name.clone()).collect();
                 self.launched(spec, running, true);
                 if let Some(src) = spec.clone_of.as_ref().filter(|_| cloned) {
                     self.status.restored_from = Some(format!("{}/{}", src.instance, src.snapshot));
@@ -537,9 +577,16 @@ impl Supervisor {
             .map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let image = self.image(spec).await?;
         self.status.guest_service = image.guest_service;
+        if spec.root_volume().is_some() && image.kind != ImageKind::KernelInitrd {
+            return Err(format!(
+                "image {} boots its own disk; a root volume needs a kernel image",
+                image.name
+            ));
+        }
+        let volumes = self.serve_volumes(spec).await?;
         let root = dir.join(ROOT_DISK);
         let mut created_disk = false;
-        if !tokio::fs::try_exists(&root).await.unwrap_or(false) {
+        if spec.root_volume().is_none() && !tokio::fs::try_exists(&root).await.unwrap_or(false) {
             let base = match image.file(FileRole::Disk) {
                 Some(f) => Some((
                     self.ctx.images.file(&image, f).await?,
@@ -547,12 +594,16 @@ impl Supervisor {
                 )),
                 None => None,
             };
-            create_root_disk(
+            if let Err(e) = create_root_disk(
                 &root,
                 base.as_ref().map(|(p, f)| (p.as_path(), *f)),
                 spec.resources.disk_gib << 30,
             )
-            .await?;
+            .await
+            {
+                self.release_volumes(spec).await;
+                return Err(e);
+            }
             created_disk = true;
         }
         let boot = match image.kind {
@@ -578,10 +629,15 @@ impl Supervisor {
             let root = root.clone();
             let tap = tap.clone();
             let net = self.ctx.network.clone();
+            let volumes = self.ctx.volumes.clone();
+            let name = spec.name.clone();
             async move {
                 let _ = net.delete_tap(&tap).await;
                 if created_disk {
                     let _ = tokio::fs::remove_file(&root).await;
+                }
+                if let Some(v) = volumes {
+                    v.release_instance(&name).await;
                 }
             }
         };
@@ -602,6 +658,7 @@ impl Supervisor {
             guest_channel: image.guest_service,
             incoming,
             link_down,
+            volumes: volumes.clone(),
         };
         let vm = match self.ctx.hypervisor.launch(&launch).await {
             Ok(vm) => vm,
@@ -617,7 +674,207 @@ impl Supervisor {
             vm,
             resources: spec.resources,
             since: Instant::now(),
+            volumes,
         })
+    }
+
+    /// Serves every volume of the VM on this host (root first); on failure
+    /// stops serving those already served.
+    async fn serve_volumes(&self, spec: &InstanceSpec) -> Result<Vec<LaunchVolume>, String> {
+        if spec.volumes.is_empty() {
+            return Ok(vec![]);
+        }
+        let Some(svc) = self.ctx.volumes.clone() else {
+            return Err(format!(
+                "host {} serves no volumes (its agent runs without a replica server)",
+                self.ctx.host
+            ));
+        };
+        let mut ordered: Vec<&InstanceVolume> = spec.volumes.iter().filter(|v| v.root).collect();
+        ordered.extend(spec.volumes.iter().filter(|v| !v.root));
+        let mut out = vec![];
+        for v in ordered {
+            match svc.serve(v, &spec.name).await {
+                Ok(t) => out.push(launch_volume(v, t)),
+                Err(e) => {
+                    svc.release_instance(&spec.name).await;
+                    return Err(format!("volume {}: {e}", v.name));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn release_volumes(&self, spec: &InstanceSpec) {
+        if let Some(svc) = &self.ctx.volumes {
+            svc.release_instance(&spec.name).await;
+        }
+    }
+
+    /// Hot-plugs volumes added to the spec of the running VM and unplugs
+    /// the ones removed. Returns true if it changed anything.
+    async fn sync_volumes(&mut self, spec: &InstanceSpec) -> bool {
+        let Some(running) = self.running.as_ref() else {
+            return false;
+        };
+        let detach: Vec<LaunchVolume> = running
+            .volumes
+            .iter()
+            .filter(|p| !p.root && !spec.volumes.iter().any(|w| w.id == p.id))
+            .cloned()
+            .collect();
+        let attach: Vec<InstanceVolume> = spec
+            .volumes
+            .iter()
+            .filter(|w| !w.root && !running.volumes.iter().any(|p| p.id == w.id))
+            .cloned()
+            .collect();
+        if (detach.is_empty() && attach.is_empty()) || self.volume_error == Some(spec.generation) {
+            return false;
+        }
+        let mut errors = vec![];
+        let mut changed = false;
+        let svc = self.ctx.volumes.clone();
+        for d in detach {
+            let Some(running) = self.running.as_mut() else {
+                break;
+            };
+            match running.vm.detach_disk(&d.disk_id, DETACH_TIMEOUT).await {
+                Ok(()) => {
+                    running.volumes.retain(|v| v.id != d.id);
+                    if let Some(svc) = &svc {
+                        svc.release(&d.id).await;
+                    }
+                    info!(instance = %spec.name, volume = %d.name, "volume detached");
+                    changed = true;
+                }
+                Err(e) => errors.push(format!("detaching volume {}: {e}", d.name)),
+            }
+        }
+        for a in attach {
+            let Some(svc) = &svc else {
+                errors.push(format!(
+                    "attaching volume {}: host {} serves no volumes",
+                    a.name, self.ctx.host
+                ));
+                continue;
+            };
+            let target = match svc.serve(&a, &spec.name).await {
+                Ok(t) => t,
+                Err(e) => {
+                    errors.push(format!("attaching volume {}: {e}", a.name));
+                    continue;
+                }
+            };
+            let lv = launch_volume(&a, target);
+            let Some(running) = self.running.as_mut() else {
+                break;
+            };
+            match running.vm.attach_disk(&lv).await {
+                Ok(()) => {
+                    info!(instance = %spec.name, volume = %a.name, "volume attached");
+                    running.volumes.push(lv);
+                    changed = true;
+                }
+                Err(e) => {
+                    svc.release(&a.id).await;
+                    errors.push(format!("attaching volume {}: {e}", a.name));
+                }
+            }
+        }
+        if let Some(running) = &self.running {
+            self.status.attached_volumes = running.volumes.iter().map(|v| v.name.clone()).collect();
+            let volumes = running.volumes.clone();
+            self.record_volumes(spec, volumes).await;
+        }
+        if errors.is_empty() {
+            self.volume_error = None;
+        } else {
+            let message = errors.join("; ");
+            warn!(instance = %spec.name, error = %message, "volume hot-plug failed");
+            self.status.message = Some(message);
+            self.volume_error = Some(spec.generation);
+        }
+        changed
+    }
+
+    /// Rewrites the launch record with the VM's current volumes, so that a
+    /// restarted agent serves them again.
+    async fn record_volumes(&self, spec: &InstanceSpec, volumes: Vec<LaunchVolume>) {
+        let path = self.vm_dir(spec).join(LAUNCH_FILE);
+        let Ok(bytes) = tokio::fs::read(&path).await else {
+            return;
+        };
+        let Ok(mut launch) = serde_json::from_slice::<VmLaunch>(&bytes) else {
+            return;
+        };
+        launch.volumes = volumes;
+        if let Err(e) = tokio::fs::write(&path, encode(&launch)).await {
+            warn!(instance = %spec.name, error = %e, "could not record the VM's volumes");
+        }
+    }
+
+    /// Removes this VM's claims on volumes it no longer lists and no longer
+    /// uses, so that other VMs may attach them.
+    async fn release_claims(&mut self, spec: &InstanceSpec) {
+        if self.claims_checked.as_ref() == Some(&spec.volumes) {
+            return;
+        }
+        let Ok(listing) = self.ctx.store.list(keys::VOLUME_ATTACHMENTS).await else {
+            return;
+        };
+        let plugged: Vec<VolumeName> = self
+            .running
+            .as_ref()
+            .map(|r| r.volumes.iter().map(|v| v.name.clone()).collect())
+            .unwrap_or_default();
+        let mut done = true;
+        for kv in listing.items {
+            let Ok(claim) = decode::<VolumeAttachment>(&kv) else {
+                continue;
+            };
+            let Ok(name) = VolumeName::new(keys::name_of(&kv.key)) else {
+                continue;
+            };
+            if claim.instance_id != spec.id || spec.volumes.iter().any(|v| v.name == name) {
+                continue;
+            }
+            if plugged.contains(&name) {
+                done = false;
+                continue;
+            }
+            // Only if the spec still does not list it (no re-attach raced).
+            let spec_key = keys::instance_spec(&spec.name);
+            let Ok(Some((fresh, rev))) = self.ctx.store.get_json::<InstanceSpec>(&spec_key).await
+            else {
+                done = false;
+                continue;
+            };
+            if fresh.id != spec.id || fresh.volumes.iter().any(|v| v.name == name) {
+                done = false;
+                continue;
+            }
+            match self
+                .ctx
+                .store
+                .txn(
+                    vec![
+                        Compare::ModRevision(spec_key, rev),
+                        Compare::ModRevision(kv.key.clone(), kv.mod_revision),
+                    ],
+                    vec![Op::Delete(kv.key.clone())],
+                )
+                .await
+            {
+                Ok(out) if out.succeeded => {
+                    info!(instance = %spec.name, volume = %name, "volume released");
+                }
+                _ => done = false,
+            }
+        }
+        if done {
+            self.claims_checked = Some(spec.volumes.clone());
+        }
     }
 
     async fn image(&self, spec: &InstanceSpec) -> Result<Image, String> {
@@ -881,12 +1138,21 @@ impl Supervisor {
         {
             warn!(instance = %spec.name, error = %e, "could not remove the VM's files");
         }
-        let ops = vec![
+        self.release_volumes(spec).await;
+        let mut ops = vec![
             Op::Delete(keys::instance_spec(&spec.name)),
             Op::Delete(keys::binding(&spec.host, &spec.name)),
             Op::Delete(keys::instance_status(&spec.name)),
             Op::Delete(keys::ipam_claim(&spec.network.network, spec.network.ip)),
         ];
+        // Its volumes stay; its claims on them go with it.
+        if let Ok(listing) = self.ctx.store.list(keys::VOLUME_ATTACHMENTS).await {
+            for kv in listing.items {
+                if decode::<VolumeAttachment>(&kv).is_ok_and(|c| c.instance_id == spec.id) {
+                    ops.push(Op::Delete(kv.key));
+                }
+            }
+        }
         // Keep trying: the records must go once the resources are gone.
         let mut delay = Duration::from_millis(200);
         loop {
@@ -900,6 +1166,19 @@ impl Supervisor {
             }
         }
         info!(instance = %spec.name, "instance deleted");
+    }
+}
+
+/// The launch description of a volume served at `target`.
+fn launch_volume(v: &InstanceVolume, target: crate::volumes::NbdTarget) -> LaunchVolume {
+    LaunchVolume {
+        name: v.name.clone(),
+        id: v.id,
+        disk_id: crate::volumes::disk_id(v),
+        root: v.root,
+        serial: crate::volumes::serial(v),
+        socket: target.socket,
+        export: target.export,
     }
 }
 

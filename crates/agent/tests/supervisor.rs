@@ -69,6 +69,7 @@ async fn world() -> World {
             lease_ttl: Duration::from_secs(10),
             probe_guests: false,
             overlay: None,
+            replica_listen: None,
         },
         store.clone(),
         Arc::new(hv.clone()),
@@ -127,6 +128,7 @@ fn spec(name: &str, policy: RestartPolicy) -> InstanceSpec {
         checkpoint_schedule: None,
         spread_group: None,
         accel: None,
+        volumes: vec![],
     }
 }
 

@@ -20,6 +20,7 @@ use crate::client::Client;
 use crate::output::{self, OutputFormat, ago, kv, mib, table};
 use crate::progress::Progress;
 use crate::snapshots::{self, SnapshotCommand};
+use crate::volumes::VolumeCommand;
 use crate::{parse_gib, parse_mib};
 
 /// A client command.
@@ -34,6 +35,9 @@ pub enum ClientCommand {
     /// Hosts of the pool.
     #[command(subcommand)]
     Host(HostCommand),
+    /// Replicated block volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
     /// Instance types.
     #[command(subcommand, name = "type")]
     Type(TypeCommand),
@@ -147,6 +151,26 @@ pub enum VmCommand {
         #[arg(long)]
         keep: Option<u32>,
     },
+    /// Attach a volume to a VM (hot-plugged into a running VM).
+    AttachVolume {
+        /// The VM.
+        name: String,
+        /// The volume.
+        volume: String,
+        /// Return without waiting for a running VM to get the disk.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Detach a data volume from a VM (hot-unplugged from a running VM).
+    DetachVolume {
+        /// The VM.
+        name: String,
+        /// The volume.
+        volume: String,
+        /// Return without waiting until the volume is free.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Print the VM's serial console output.
     #[command(alias = "logs")]
     Console {
@@ -189,8 +213,14 @@ pub struct CreateArgs {
     #[arg(long, value_parser = parse_mib)]
     pub memory: Option<u64>,
     /// Root disk size, e.g. 4G (overrides the type's).
-    #[arg(long, value_parser = parse_gib)]
+    #[arg(long, value_parser = parse_gib, conflicts_with = "root_volume")]
     pub disk: Option<u64>,
+    /// Boot from this volume: it is the VM's vda instead of a local disk.
+    #[arg(long)]
+    pub root_volume: Option<String>,
+    /// Attach this volume too (vdb, vdc...); repeatable.
+    #[arg(long = "volume")]
+    pub volumes: Vec<String>,
     /// What to do when the VM ends unasked: never, on-failure, always.
     #[arg(long, default_value = "on-failure")]
     pub restart: RestartPolicy,
@@ -306,6 +336,7 @@ pub async fn run(url: &str, format: OutputFormat, cmd: ClientCommand) -> Result<
         ClientCommand::Vm(c) => vm(&client, format, c).await,
         ClientCommand::Image(c) => image(&client, format, c).await,
         ClientCommand::Host(c) => host(&client, format, c).await,
+        ClientCommand::Volume(c) => crate::volumes::volume(&client, format, c).await,
         ClientCommand::Type(TypeCommand::List) => {
             let types: Vec<InstanceType> = client.get("/v1/types").await?;
             output::print(format, &types, |types| {
@@ -430,6 +461,31 @@ fn vm_detail(i: &Instance) {
         ("url", format!("http://{}/", i.spec.network.ip)),
         ("mac", i.spec.network.mac.to_string()),
         ("host", i.spec.host.to_string()),
+        (
+            "volumes",
+            if i.spec.volumes.is_empty() {
+                "-".into()
+            } else {
+                i.spec
+                    .volumes
+                    .iter()
+                    .map(|v| {
+                        let plugged = s.attached_volumes.contains(&v.name);
+                        format!(
+                            "{}{}{}",
+                            v.name,
+                            if v.root { " (root)" } else { "" },
+                            if plugged || s.phase != InstancePhase::Running {
+                                ""
+                            } else {
+                                " (attaching)"
+                            }
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        ),
         ("restart", i.spec.restart_policy.to_string()),
         ("boots", s.boot_count.to_string()),
         ("restarts", s.restart_count.to_string()),
@@ -592,6 +648,8 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                 checkpoint_schedule: snapshots::schedule(a.checkpoint_every.as_deref(), a.keep)?,
                 spread_group: a.spread_group.clone(),
                 accel: a.accel,
+                root_volume: a.root_volume.clone(),
+                volumes: a.volumes.clone(),
             };
             let mut inst: Instance = client.post("/v1/instances", &req).await?;
             if a.wait && !a.no_start {
@@ -825,6 +883,16 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
             let inst = snapshots::update_schedule(client, &name, schedule).await?;
             output::print(format, &inst, vm_detail);
         }
+        VmCommand::AttachVolume {
+            name,
+            volume,
+            no_wait,
+        } => crate::volumes::attach(client, format, &name, &volume, !no_wait).await?,
+        VmCommand::DetachVolume {
+            name,
+            volume,
+            no_wait,
+        } => crate::volumes::detach(client, format, &name, &volume, !no_wait).await?,
         VmCommand::Console { name, follow, tail } => {
             let mut offset: i64 = match tail {
                 Some(n) => -(i64::try_from(n).unwrap_or(i64::MAX)),

@@ -6,6 +6,7 @@ pub mod commands;
 pub mod output;
 pub mod progress;
 pub mod snapshots;
+pub mod volumes;
 
 pub use client::{Client, ClientError};
 pub use commands::{ClientCommand, run};
@@ -45,6 +46,27 @@ pub fn parse_gib(s: &str) -> Result<u64, String> {
     }
 }
 
+/// Parses a byte size with a binary unit: `512M`, `10G`, `1T` (also
+/// `MiB`, `GiB`, `TiB`, `MB`...). A bare number is bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 512M or 10G"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("unknown unit {other:?} in {s:?}; use M, G or T")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +82,11 @@ mod tests {
         assert_eq!(parse_gib("4G"), Ok(4));
         assert_eq!(parse_gib("1T"), Ok(1024));
         assert!(parse_gib("4M").is_err());
+        assert_eq!(parse_bytes("10G"), Ok(10 << 30));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1T"), Ok(1 << 40));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("10X").is_err());
+        assert!(parse_bytes("99999999999T").is_err());
     }
 }

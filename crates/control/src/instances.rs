@@ -202,6 +202,12 @@ impl ControlPlane {
                 )));
             }
         }
+        let volumes = self.instance_volumes(&req, &image).await?;
+        let mut resources = resources;
+        if let Some(root) = volumes.iter().find(|v| v.volume.root) {
+            // No local disk: the VM's disk is its root volume.
+            resources.disk_gib = root.spec.size_bytes.div_ceil(1 << 30).max(1);
+        }
         let network = self.default_network().await?;
         let spread_group = req
             .spread_group
@@ -240,9 +246,9 @@ impl ControlPlane {
                 }
                 None => None,
             };
-            let host = scheduler::place(
+            let host = self.place_with_volumes(
                 &hosts,
-                &PlacementRequest {
+                PlacementRequest {
                     resources,
                     accel: req.accel,
                     spread,
@@ -250,7 +256,7 @@ impl ControlPlane {
                     only: clone.as_ref().map(|(_, s)| s.host.clone()),
                     ..Default::default()
                 },
-                self.config.weigher,
+                &volumes,
             )?;
             self.metrics
                 .placement_seconds
@@ -328,10 +334,11 @@ impl ControlPlane {
                 checkpoint_schedule: req.checkpoint_schedule,
                 spread_group: spread_group.clone(),
                 accel: req.accel,
+                volumes: volumes.iter().map(|v| v.volume.clone()).collect(),
             };
             let spec_key = keys::instance_spec(&name);
             let claim_key = keys::ipam_claim(&network.name, ip);
-            let compares = vec![
+            let mut compares = vec![
                 Compare::Absent(spec_key.clone()),
                 Compare::Absent(claim_key.clone()),
                 Compare::ModRevision(keys::host_alloc(&host), alloc_revision),
@@ -344,6 +351,11 @@ impl ControlPlane {
             ));
             ops.push(put_json(claim_key.clone(), &name));
             ops.push(self.alloc_mark(&host, &name));
+            for v in &volumes {
+                let (c, o) = v.claim(&spec);
+                compares.extend(c);
+                ops.extend(o);
+            }
             let committing = Instant::now();
             let out = self.store.txn(compares, ops.clone()).await?;
             self.metrics
@@ -363,6 +375,10 @@ impl ControlPlane {
                 return Err(ApiError::already_exists(format!(
                     "instance \"{name}\" already exists"
                 )));
+            }
+            // A volume claimed meanwhile refuses with its own reason.
+            for v in &volumes {
+                self.instance_volumes_still_free(v).await?;
             }
             if self.store.get(&claim_key).await?.is_some() {
                 raced.insert(ip);

@@ -18,6 +18,7 @@ pub mod ipam;
 pub mod metrics;
 pub mod scheduler;
 pub mod snapshots;
+pub mod volumes;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};

@@ -239,6 +239,7 @@ pub(crate) mod tests {
                 bridge_address: None,
                 agent_url: None,
                 disk_free_bytes: u64::MAX,
+                replica_addr: None,
                 started_at: Utc::now(),
             }),
             alive: true,

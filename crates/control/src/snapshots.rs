@@ -107,6 +107,13 @@ impl ControlPlane {
                 "instance \"{instance}\" is being deleted"
             )));
         }
+        if !spec.volumes.is_empty() {
+            let names: Vec<String> = spec.volumes.iter().map(|v| v.name.to_string()).collect();
+            return Err(ApiError::conflict(format!(
+                "instance \"{instance}\" uses replicated volumes ({}); checkpoints of such VMs are not supported yet: snapshot its volumes with `skyvisor volume snapshot create`",
+                names.join(", ")
+            )));
+        }
         let snap = Snapshot {
             name: name.clone(),
             instance: instance.clone(),
@@ -359,6 +366,7 @@ mod tests {
             checkpoint_schedule: None,
             spread_group: None,
             accel: None,
+            volumes: vec![],
         }
     }
 

@@ -46,6 +46,7 @@ async fn fake_host(store: &dyn Store, name: &str, vcpus: u32) {
         agent_version: skyvisor_core::VERSION.into(),
         subnet: "10.99.0.0/16".parse().expect("subnet"),
         bridge_address: None,
+        replica_addr: None,
         agent_url: None,
         disk_free_bytes: u64::MAX,
         started_at: Utc::now(),

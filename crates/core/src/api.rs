@@ -39,6 +39,13 @@ pub struct CreateInstanceRequest {
     /// Graceful stop timeout in seconds (default 30).
     #[serde(default)]
     pub stop_timeout_secs: Option<u32>,
+    /// A volume to boot from: it becomes the VM's `vda` instead of a local
+    /// disk (the image must boot a kernel, e.g. `debian-busybox`).
+    #[serde(default)]
+    pub root_volume: Option<String>,
+    /// Volumes to attach as further disks (`vdb`, `vdc`...).
+    #[serde(default)]
+    pub volumes: Vec<String>,
     /// Spread (anti-affinity) group: never placed on a host that already
     /// runs an instance of this group.
     #[serde(default)]

@@ -137,6 +137,10 @@ pub struct Host {
     /// Free bytes on the file system of the agent's data directory, as last
     /// measured.
     pub disk_free_bytes: u64,
+    /// Where its replica server for volumes listens (`host:port`); none if
+    /// the host holds no volume replicas.
+    #[serde(default)]
+    pub replica_addr: Option<String>,
     /// When the agent started.
     pub started_at: DateTime<Utc>,
 }

@@ -15,6 +15,7 @@ use crate::names::{GroupName, HostName, ImageName, InstanceName, TypeName};
 use crate::network::NetworkAttachment;
 use crate::resources::Resources;
 use crate::snapshot::{CheckpointSchedule, CloneSource, RestoreRequest};
+use crate::volume::InstanceVolume;
 
 /// The unique, never reused id of an instance.
 #[derive(
@@ -141,6 +142,17 @@ pub struct InstanceSpec {
     /// The accelerator it must run with; any host's when none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<Accel>,
+    /// Replicated volumes it uses, in the order they were attached: the
+    /// root volume (its `vda`, instead of a local disk) first if it has one.
+    #[serde(default)]
+    pub volumes: Vec<InstanceVolume>,
+}
+
+impl InstanceSpec {
+    /// The volume it boots from, if any.
+    pub fn root_volume(&self) -> Option<&InstanceVolume> {
+        self.volumes.iter().find(|v| v.root)
+    }
 }
 
 /// The lifecycle phase of an instance, as reported by its agent.
@@ -247,6 +259,9 @@ pub struct InstanceStatus {
     /// The snapshot the running guest was last restored (or cloned) from.
     #[serde(default)]
     pub restored_from: Option<String>,
+    /// The volumes plugged into the running VM, as its agent last saw.
+    #[serde(default)]
+    pub attached_volumes: Vec<crate::names::VolumeName>,
     /// When this status was written.
     pub updated_at: DateTime<Utc>,
 }
@@ -271,6 +286,7 @@ impl InstanceStatus {
             observed_reboot_generation: 0,
             observed_restore_generation: 0,
             restored_from: None,
+            attached_volumes: Vec::new(),
             updated_at: Utc::now(),
         }
     }

@@ -6,7 +6,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::names::{HostName, ImageName, InstanceName};
+use crate::names::{HostName, ImageName, InstanceName, VolumeName};
 
 /// Prefix of all instance specs.
 pub const INSTANCE_SPECS: &str = "instances/spec/";
@@ -41,6 +41,18 @@ pub const CLUSTER_VERSION: &str = "cluster/version";
 /// The prefix of the value of an address claim held by a host (its own
 /// address on the VM network) rather than by an instance.
 pub const HOST_CLAIM_PREFIX: &str = "host/";
+/// Prefix of all volume specs.
+pub const VOLUME_SPECS: &str = "volumes/spec/";
+/// Prefix of all volume statuses.
+pub const VOLUME_STATUSES: &str = "volumes/status/";
+/// Prefix of the claims of volumes by the VMs using them.
+pub const VOLUME_ATTACHMENTS: &str = "volumes/attachment/";
+/// Prefix of what serving agents report about the volumes they serve.
+pub const VOLUME_RUNTIMES: &str = "volumes/runtime/";
+/// Prefix of the data path's membership records, by volume id.
+pub const VOLUME_MEMBERSHIP: &str = "volumes/membership/";
+/// Prefix of all volume snapshots.
+pub const VOLUME_SNAPSHOTS: &str = "volumes/snapshot/";
 
 /// The spec of instance `name`.
 pub fn instance_spec(name: &InstanceName) -> String {
@@ -128,6 +140,42 @@ pub fn host_claim_value(name: &HostName) -> String {
     format!("{HOST_CLAIM_PREFIX}{name}")
 }
 
+/// The spec of volume `name`.
+pub fn volume_spec(name: &VolumeName) -> String {
+    format!("{VOLUME_SPECS}{name}")
+}
+
+/// The status of volume `name`.
+pub fn volume_status(name: &VolumeName) -> String {
+    format!("{VOLUME_STATUSES}{name}")
+}
+
+/// The claim of volume `name` by the VM using it.
+pub fn volume_attachment(name: &VolumeName) -> String {
+    format!("{VOLUME_ATTACHMENTS}{name}")
+}
+
+/// What the agent serving volume `name` reports.
+pub fn volume_runtime(name: &VolumeName) -> String {
+    format!("{VOLUME_RUNTIMES}{name}")
+}
+
+/// The membership record of the volume whose data id is `data_id`
+/// (see `VolumeId::data_id`).
+pub fn volume_membership(data_id: &str) -> String {
+    format!("{VOLUME_MEMBERSHIP}{data_id}")
+}
+
+/// Prefix of the snapshots of volume `name`.
+pub fn volume_snapshots(name: &VolumeName) -> String {
+    format!("{VOLUME_SNAPSHOTS}{name}/")
+}
+
+/// Snapshot `snapshot` of volume `name`.
+pub fn volume_snapshot(name: &VolumeName, snapshot: &str) -> String {
+    format!("{VOLUME_SNAPSHOTS}{name}/{snapshot}")
+}
+
 /// The last path segment of `key`: the name of the object it holds.
 pub fn name_of(key: &str) -> &str {
     key.rsplit('/').next().unwrap_or(key)
@@ -157,5 +205,22 @@ mod tests {
         ] {
             assert!(!a.starts_with(b) && !b.starts_with(a), "{a} {b}");
         }
+        let v = VolumeName::new("data").expect("volume");
+        let all = [
+            VOLUME_SPECS,
+            VOLUME_STATUSES,
+            VOLUME_ATTACHMENTS,
+            VOLUME_RUNTIMES,
+            VOLUME_MEMBERSHIP,
+            VOLUME_SNAPSHOTS,
+        ];
+        // No volume prefix swallows another's keys.
+        for a in all {
+            for b in all {
+                assert!(a == b || !a.starts_with(b), "{a} {b}");
+            }
+        }
+        assert!(volume_snapshot(&v, "s1").starts_with(&volume_snapshots(&v)));
+        assert_eq!(name_of(&volume_attachment(&v)), "data");
     }
 }

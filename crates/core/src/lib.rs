@@ -16,6 +16,7 @@ pub mod names;
 pub mod network;
 pub mod resources;
 pub mod snapshot;
+pub mod volume;
 
 pub use accel::{Accel, AccelMode};
 pub use error::ValidationError;
@@ -25,12 +26,16 @@ pub use instance::{
     ExitReason, ExitRecord, Instance, InstanceId, InstancePhase, InstanceSpec, InstanceStatus,
     PowerState, RestartPolicy,
 };
-pub use names::{GroupName, HostName, ImageName, InstanceName, ServerName, TypeName};
+pub use names::{GroupName, HostName, ImageName, InstanceName, ServerName, TypeName, VolumeName};
 pub use network::{Ipv4Net, MacAddr, Network, NetworkAttachment};
 pub use resources::{InstanceType, Resources};
 pub use snapshot::{
     CheckpointSchedule, CloneSource, RestoreRequest, Snapshot, SnapshotKind, SnapshotName,
     SnapshotOrigin, SnapshotProgress, SnapshotState,
+};
+pub use volume::{
+    InstanceVolume, MembershipView, ReplicaState, ReplicaView, Volume, VolumeAttachment,
+    VolumeHealth, VolumeId, VolumePhase, VolumeRuntime, VolumeSnapshot, VolumeSpec, VolumeStatus,
 };
 
 /// The version of Skyvisor this crate was built as; agents of another

@@ -112,6 +112,11 @@ validated_name!(
     "image name"
 );
 validated_name!(
+    /// The unique name of a replicated block volume.
+    VolumeName,
+    "volume name"
+);
+validated_name!(
     /// The name of an instance type such as `small`.
     TypeName,
     "instance type"

@@ -8,6 +8,7 @@
 //! The process must never panic on a request, must answer every bad request with a
 //! 4xx and a text reason, and must keep serving while a single connection misbehaves.
 
+mod blk;
 mod cmdline;
 mod control;
 mod disk;

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::blk::Blk;
 use crate::cmdline::{Identity, Ipv4Cidr};
 use crate::disk::{self, Disk, DiskError};
 use crate::http::{Request, Response};
@@ -87,6 +88,7 @@ pub struct Guest {
     ram_counter: AtomicU64,
     memtest: MemTest,
     disk: Disk,
+    blk: Blk,
 }
 
 fn read_trimmed(path: &str) -> Option<String> {
@@ -143,6 +145,8 @@ enum Route<'a> {
     PowerOff,
     Reboot,
     Fetch,
+    Blk,
+    BlkDev(&'a str),
 }
 
 impl Route<'_> {
@@ -163,6 +167,8 @@ impl Route<'_> {
             "/poweroff" => Route::PowerOff,
             "/reboot" => Route::Reboot,
             "/fetch" => Route::Fetch,
+            "/blk" => Route::Blk,
+            p if p.starts_with("/blk/") => Route::BlkDev(&p[5..]),
             p => Route::File(p.strip_prefix("/files/")?),
         })
     }
@@ -170,6 +176,7 @@ impl Route<'_> {
     fn allowed(&self) -> &'static [&'static str] {
         match self {
             Route::File(_) => &["GET", "HEAD", "PUT", "DELETE"],
+            Route::BlkDev(_) => &["GET", "PUT"],
             Route::Ram => &["GET", "HEAD", "PUT"],
             Route::CounterIncrement
             | Route::MemtestStart
@@ -213,6 +220,7 @@ impl Guest {
             ram_counter: AtomicU64::new(0),
             memtest: MemTest::default(),
             disk,
+            blk: Blk::system(),
         }
     }
 
@@ -350,6 +358,8 @@ impl Guest {
                 Err(e) => disk_error(e).into(),
             },
             Route::File(name) => self.file(method, name, &req.body).into(),
+            Route::Blk => Response::json(200, self.blk.list_json()).into(),
+            Route::BlkDev(name) => self.blk_dev(method, name, req).into(),
             Route::Ram if is_get => {
                 let v = self.ram.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 Response::json(200, format!(r#"{{"value":{}}}"#, quote_opt(v.as_deref()))).into()
@@ -435,6 +445,41 @@ impl Guest {
                 .map(|d| Response::bytes(200, "application/octet-stream", d)),
         };
         result.unwrap_or_else(disk_error)
+    }
+
+    fn blk_dev(&self, method: &str, name: &str, req: &Request) -> Response {
+        let number = |q: &str| -> Result<u64, Response> {
+            match req.query(q).map(str::parse::<u64>) {
+                None => Ok(0),
+                Some(Ok(n)) => Ok(n),
+                Some(Err(_)) => Err(Response::text(400, &format!("{q} must be a number"))),
+            }
+        };
+        let offset = match number("offset") {
+            Ok(o) => o,
+            Err(r) => return r,
+        };
+        let result = if method == "PUT" {
+            self.blk.write(name, offset, &req.body).map(|()| {
+                Response::json(
+                    200,
+                    format!(
+                        r#"{{"disk":{},"offset":{offset},"bytes":{}}}"#,
+                        quote(name),
+                        req.body.len()
+                    ),
+                )
+            })
+        } else {
+            let len = match number("len") {
+                Ok(l) => l,
+                Err(r) => return r,
+            };
+            self.blk
+                .read(name, offset, len)
+                .map(|d| Response::bytes(200, "application/octet-stream", d))
+        };
+        result.unwrap_or_else(|e| Response::text(e.status(), &e.to_string()))
     }
 
     fn memtest_start(&self, req: &Request) -> Response {

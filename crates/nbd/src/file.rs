@@ -150,6 +150,27 @@ impl FileDevice {
         }
     }
 
+    /// Like [`Self::blocking`] for a small read or write: it mostly hits the
+    /// page cache and takes microseconds, less than the hop to the blocking
+    /// pool and back, so on a multi-threaded runtime it runs on the worker
+    /// itself (`block_in_place` moves the worker's other tasks away, so a
+    /// write throttled by writeback stalls nobody else).
+    async fn small_io<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        len: usize,
+        f: impl FnOnce(&File) -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T, DeviceError> {
+        let multi = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi && len <= SMALL_IO {
+            let file = self.inner.file.clone();
+            return tokio::task::block_in_place(move || f(&file))
+                .map_err(|e| DeviceError::from_io(op, e));
+        }
+        self.blocking(op, f).await
+    }
+
     async fn zero_by_writing(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         self.blocking("writing zeroes", move |f| {
             let chunk = vec![0u8; 1 << 20];
@@ -164,6 +185,9 @@ impl FileDevice {
         .await
     }
 }
+
+/// Reads and writes up to this size run in place (see `small_io`).
+const SMALL_IO: usize = 64 * 1024;
 
 fn to_off(v: u64) -> Result<i64, DeviceError> {
     i64::try_from(v).map_err(|_| DeviceError::Invalid(format!("offset {v} too large")))
@@ -186,7 +210,7 @@ impl BlockDevice for FileDevice {
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes, DeviceError> {
         self.check_usable()?;
         check_range(offset, len as u64, self.inner.size)?;
-        self.blocking("reading", move |f| {
+        self.small_io("reading", len, move |f| {
             let mut buf = BytesMut::zeroed(len);
             let mut done = 0usize;
             while done < len {
@@ -205,7 +229,8 @@ impl BlockDevice for FileDevice {
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
         self.check_write(offset, data.len() as u64)?;
-        self.blocking("writing", move |f| f.write_all_at(&data, offset))
+        let len = data.len();
+        self.small_io("writing", len, move |f| f.write_all_at(&data, offset))
             .await?;
         if fua { self.sync().await } else { Ok(()) }
     }

@@ -25,6 +25,8 @@ use crate::server::{DEFAULT_NAMESPACE, connect_etcd};
 
 /// The agent's default HTTP port.
 pub const DEFAULT_AGENT_PORT: u16 = 7781;
+/// The volume replica server's default port.
+pub const DEFAULT_REPLICA_PORT: u16 = 7782;
 /// The overlay's default VXLAN UDP port (IANA's).
 pub const DEFAULT_VXLAN_PORT: u16 = 4789;
 
@@ -73,6 +75,9 @@ pub struct AgentArgs {
     /// VXLAN UDP port of the overlay.
     #[arg(long)]
     vxlan_port: Option<u16>,
+    /// Where the volume replica server listens (default: this host's address, port 7781).
+    #[arg(long)]
+    replica_listen: Option<SocketAddr>,
     /// Log format.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
@@ -211,6 +216,11 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 local: address,
             }),
             accel: args.accel.or(file.accel).unwrap_or_default(),
+            replica_listen: Some(
+                args.replica_listen
+                    .or(file.replica_listen)
+                    .unwrap_or_else(|| (address, DEFAULT_REPLICA_PORT).into()),
+            ),
             image_dirs: Vec::new(),
             server_url: server_urls.first().cloned().or(servers.first().cloned()),
             probe_files: None,

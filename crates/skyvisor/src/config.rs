@@ -40,6 +40,8 @@ pub struct FileConfig {
     pub server: ServerFileConfig,
     /// Host agent settings (`agent`).
     pub agent: AgentFileConfig,
+    /// Where the volume replica server listens (default 127.0.0.1:7781).
+    pub replica_listen: Option<SocketAddr>,
 }
 
 /// The VM network's settings.
@@ -125,6 +127,8 @@ pub struct UpSettings {
     pub reserved_memory_mib: u64,
     /// Build the default image at start.
     pub default_image: bool,
+    /// Where the volume replica server listens.
+    pub replica_listen: SocketAddr,
 }
 
 /// Reads a TOML config file, naming the file in errors.

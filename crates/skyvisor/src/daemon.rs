@@ -119,6 +119,8 @@ pub struct HostAgentSettings {
     pub server_url: Option<String>,
     /// A kernel (and initrd) to probe KVM with, when known locally.
     pub probe_files: Option<(PathBuf, Option<PathBuf>)>,
+    /// Where the volume replica server listens; none: no volumes here.
+    pub replica_listen: Option<SocketAddr>,
 }
 
 /// Chooses the accelerator and starts the host agent with QEMU and the
@@ -160,6 +162,7 @@ pub async fn start_host_agent(s: HostAgentSettings, store: Arc<dyn Store>) -> Re
             lease_ttl: s.lease_ttl,
             probe_guests: true,
             overlay: s.overlay.clone(),
+            replica_listen: s.replica_listen,
         },
         store,
         Arc::new(QemuHypervisor {

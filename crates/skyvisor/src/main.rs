@@ -80,6 +80,10 @@ pub struct UpArgs {
     /// Don't build the default image at start.
     #[arg(long)]
     no_default_image: bool,
+    /// Where the volume replica server listens (other hosts' primaries
+    /// write replicas here).
+    #[arg(long)]
+    replica_listen: Option<SocketAddr>,
     /// Log format.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,

@@ -65,6 +65,10 @@ fn settings(args: &UpArgs) -> Result<UpSettings> {
         overcommit,
         reserved_memory_mib: file.reserved_memory_mib.unwrap_or(1024),
         default_image: !args.no_default_image && file.default_image.unwrap_or(true),
+        replica_listen: args
+            .replica_listen
+            .or(file.replica_listen)
+            .unwrap_or_else(|| ([127, 0, 0, 1], 7781).into()),
     })
 }
 
@@ -152,6 +156,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
             image_dirs: vec![s.data_dir.join("images")],
             server_url: Some(api_url.clone()),
             probe_files,
+            replica_listen: Some(s.replica_listen),
         },
         store.clone(),
     )

@@ -1254,10 +1254,13 @@ impl ReplicatedDevice {
         link.call(&self.volume, epoch, Request::Flush, o.request_timeout)
             .await
             .map_err(|e| e.to_string())?;
-        // Counted before the rejoin makes the replica show as in sync, so
-        // whoever sees it in sync also sees what the resync copied.
+        // Counted before the replica shows as in sync, so that nobody sees
+        // it back in sync with its resync not counted yet.
         self.resynced_bytes.fetch_add(done, Ordering::Relaxed);
-        self.rejoin(node, &link, &abort).await?;
+        if let Err(e) = self.rejoin(node, &link, &abort).await {
+            self.resynced_bytes.fetch_sub(done, Ordering::Relaxed);
+            return Err(e);
+        }
         info!(volume = %self.volume, node = %node, bytes = done, "resync done; replica back in sync");
         Ok(())
     }

@@ -41,4 +41,4 @@ pub use membership::{
 };
 pub use replica::{ReplicaStore, ReplicaStoreError, ReplicaStoreOptions};
 pub use server::{ReplicaServer, ReplicaServerError};
-pub use volume::{VolumeSpec, create_volume};
+pub use volume::{VolumeSpec, call_replica, create_volume, delete_replicas, grow_volume};

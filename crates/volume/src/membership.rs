@@ -379,6 +379,84 @@ impl MembershipStore for FileMembershipStore {
     }
 }
 
+/// The contract every [`MembershipStore`] must meet, checked against a
+/// fresh (empty) store: absent records load as `None`, `cas` with `None`
+/// only creates, a stale version never wins, the version returned is the
+/// one `load` reports, and of many concurrent swaps from one version
+/// exactly one wins. Panics naming what differed: call it from tests of
+/// every implementation (the in-memory and file stores here, the cluster
+/// store in the agent).
+pub async fn check_store_contract(store: &dyn MembershipStore) {
+    let n = |s: &str| NodeId::new(s).expect("node id");
+    let volume = VolumeId::new("contract-check").expect("volume id");
+    let m = Membership {
+        volume: volume.clone(),
+        size: 1 << 30,
+        region_size: 1 << 20,
+        extent_size: 4 << 20,
+        epoch: 1,
+        primary: None,
+        min_in_sync: 1,
+        replicas: ["a", "b"]
+            .iter()
+            .map(|x| ReplicaMember {
+                node: n(x),
+                addr: format!("{x}:1"),
+                in_sync: true,
+                activity_suspect: false,
+            })
+            .collect(),
+    };
+    assert!(
+        store.load(&volume).await.expect("load").is_none(),
+        "a fresh store has no record"
+    );
+    let v1 = store
+        .cas(&volume, None, &m)
+        .await
+        .expect("cas")
+        .expect("creating an absent record succeeds");
+    assert_eq!(
+        store.cas(&volume, None, &m).await.expect("cas"),
+        None,
+        "expected None only creates"
+    );
+    let loaded = store.load(&volume).await.expect("load").expect("present");
+    assert_eq!(loaded.version, v1, "load reports the version cas returned");
+    assert_eq!(loaded.value, m);
+    let m2 = m.drop_from_sync(&[n("a")]);
+    assert_eq!(
+        store.cas(&volume, Some(v1 + 7), &m2).await.expect("cas"),
+        None,
+        "a wrong version never wins"
+    );
+    let v2 = store
+        .cas(&volume, Some(v1), &m2)
+        .await
+        .expect("cas")
+        .expect("the current version wins");
+    assert_ne!(v1, v2, "a swap changes the version");
+    assert_eq!(
+        store.cas(&volume, Some(v1), &m).await.expect("cas"),
+        None,
+        "an old version never wins again"
+    );
+    let got = store.load(&volume).await.expect("load").expect("present");
+    assert_eq!((got.version, &got.value), (v2, &m2));
+    // Concurrent swaps from one version: exactly one wins.
+    let volume_ref = &volume;
+    let tries = futures::future::join_all((0..8u64).map(|i| {
+        let mut next = m2.clone();
+        next.epoch += 1 + i;
+        async move { store.cas(volume_ref, Some(v2), &next).await.expect("cas") }
+    }))
+    .await;
+    let winners: Vec<u64> = tries.into_iter().flatten().collect();
+    assert_eq!(winners.len(), 1, "exactly one concurrent swap wins");
+    let got = store.load(&volume).await.expect("load").expect("present");
+    assert_eq!(got.version, winners[0]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,25 +574,7 @@ mod tests {
             Box::new(FileMembershipStore::new(dir.path()).expect("store")),
         ];
         for s in stores {
-            let m = three();
-            let v = &m.volume;
-            assert!(s.load(v).await.expect("load").is_none());
-            let v1 = s.cas(v, None, &m).await.expect("cas").expect("created");
-            assert_eq!(
-                s.cas(v, None, &m).await.expect("cas"),
-                None,
-                "exists already"
-            );
-            let m2 = m.drop_from_sync(&[n("a")]);
-            assert_eq!(s.cas(v, Some(v1 + 7), &m2).await.expect("cas"), None);
-            let v2 = s
-                .cas(v, Some(v1), &m2)
-                .await
-                .expect("cas")
-                .expect("swapped");
-            let got = s.load(v).await.expect("load").expect("present");
-            assert_eq!(got.version, v2);
-            assert_eq!(got.value, m2);
+            check_store_contract(s.as_ref()).await;
         }
     }
 }

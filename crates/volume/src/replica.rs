@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -108,6 +109,9 @@ pub struct Replica {
     gate: tokio::sync::RwLock<()>,
     tracking: tokio::sync::Mutex<Tracking>,
     activity_idle: Duration,
+    /// Replaced by a reopened replica (after a resize): refuses everything
+    /// so that no request still holding this copy writes stale metadata.
+    retired: AtomicBool,
 }
 
 fn io_err(e: impl std::fmt::Display) -> WireError {
@@ -177,7 +181,15 @@ impl Replica {
         self.size.div_ceil(u64::from(self.region_size))
     }
 
+    fn check_retired(&self) -> Result<(), WireError> {
+        if self.retired.load(Ordering::Acquire) {
+            return Err(WireError::Io("the replica was reopened; retry".into()));
+        }
+        Ok(())
+    }
+
     fn check_epoch(&self, epoch: u64) -> Result<(), WireError> {
+        self.check_retired()?;
         let current = self.meta().epoch;
         if epoch != current {
             return Err(WireError::StaleEpoch {
@@ -257,6 +269,7 @@ impl Replica {
         track_activity: bool,
     ) -> Result<(), WireError> {
         let _g = self.gate.write().await;
+        self.check_retired()?;
         let mut t = self.tracking.lock().await;
         {
             let mut m = self.meta();
@@ -387,9 +400,10 @@ impl Replica {
     /// Executes one request against this replica.
     pub async fn handle(&self, epoch: u64, request: Request) -> Result<Response, WireError> {
         match request {
-            Request::Hello { .. } | Request::Create { .. } | Request::Delete => {
-                Err(WireError::Invalid("handled by the store".into()))
-            }
+            Request::Hello { .. }
+            | Request::Create { .. }
+            | Request::Delete
+            | Request::Resize { .. } => Err(WireError::Invalid("handled by the store".into())),
             Request::GetState => Ok(Response::State(self.state())),
             Request::SetEpoch {
                 role,
@@ -583,6 +597,7 @@ fn open_replica(
             last: HashMap::new(),
         }),
         activity_idle: options.activity_idle,
+        retired: AtomicBool::new(false),
     })
 }
 
@@ -745,6 +760,51 @@ impl ReplicaStore {
         Ok(Response::Ok)
     }
 
+    async fn resize(
+        &self,
+        volume: &VolumeId,
+        epoch: u64,
+        size: u64,
+    ) -> Result<Response, WireError> {
+        let _a = self.admin.lock().await;
+        let r = self.get(volume).ok_or(WireError::NotFound)?;
+        // No request may run on the old copy while the files change.
+        let _g = r.gate.write().await;
+        let current = r.meta().epoch;
+        if epoch < current {
+            return Err(WireError::StaleEpoch {
+                request: epoch,
+                current,
+            });
+        }
+        if size == r.size {
+            return Ok(Response::Ok);
+        }
+        if size < r.size || !size.is_multiple_of(4096) {
+            return Err(WireError::Invalid(format!(
+                "cannot resize from {} to {size} bytes: volumes only grow, in multiples of 4096",
+                r.size
+            )));
+        }
+        let mut meta = r.meta().clone();
+        meta.size = size;
+        let (dir, node, options) = (r.dir.clone(), self.node.clone(), self.options.clone());
+        let replica = blocking(move || {
+            let b = serde_json::to_vec_pretty(&meta).map_err(std::io::Error::other)?;
+            fsutil::write_atomic(&dir.join("meta.json"), &b)?;
+            // Reopening sizes the data file and the bitmaps to the new size.
+            open_replica(&dir, &node, &options).map_err(std::io::Error::other)
+        })
+        .await?;
+        r.retired.store(true, Ordering::Release);
+        info!(volume = %volume, node = %self.node, size, "replica resized");
+        self.replicas
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(volume.clone(), Arc::new(replica));
+        Ok(Response::Ok)
+    }
+
     /// Executes one request.
     pub async fn handle(&self, frame: RequestFrame) -> Result<Response, WireError> {
         match frame.request {
@@ -765,6 +825,7 @@ impl ReplicaStore {
                     .await
             }
             Request::Delete => self.delete(&frame.volume, frame.epoch).await,
+            Request::Resize { size } => self.resize(&frame.volume, frame.epoch, size).await,
             request => {
                 let r = self.get(&frame.volume).ok_or(WireError::NotFound)?;
                 r.handle(frame.epoch, request).await

@@ -1,9 +1,12 @@
 //! Volume lifecycle outside a primary: creating a replicated volume (its
-//! replicas and its membership record).
+//! replicas and its membership record), growing it, deleting its replicas,
+//! and calling one replica directly (snapshot listing and deletion).
 //!
 //! Creation either completes (every replica created, consistent at epoch 1,
 //! record stored) or removes what it created; it never leaves a record
-//! naming replicas that do not exist.
+//! naming replicas that do not exist. Growing claims the volume (the record
+//! names the grower as primary) so that nobody opens it while replicas
+//! change size; it never runs while another node serves the volume.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +19,7 @@ use crate::device::VolumeError;
 use crate::ids::{NodeId, VolumeId};
 use crate::membership::{Membership, MembershipStore, ReplicaMember};
 use crate::replica::ReplicaStore;
-use crate::wire::{Request, Role};
+use crate::wire::{Request, Response, Role};
 
 /// Default dirty-tracking granularity (1 MiB).
 pub const DEFAULT_REGION_SIZE: u32 = 1 << 20;
@@ -71,6 +74,131 @@ async fn link_to(
     link.call(volume, 0, Request::Hello { node: node.clone() }, timeout)
         .await?;
     Ok(link)
+}
+
+/// Calls the replica of `volume` on `node` (at `addr`) once: in process
+/// when `local` is that node's store, else over a fresh connection.
+pub async fn call_replica(
+    volume: &VolumeId,
+    node: &NodeId,
+    addr: &str,
+    epoch: u64,
+    request: Request,
+    local: Option<&Arc<ReplicaStore>>,
+    timeout: Duration,
+) -> Result<Response, VolumeError> {
+    let link = link_to(volume, node, addr, local, timeout).await?;
+    let r = link.call(volume, epoch, request, timeout).await;
+    link.close();
+    Ok(r?)
+}
+
+/// Grows a volume that no node serves to `new_size` bytes (never call it
+/// while `node` itself serves the volume): every
+/// replica (in sync or not) must be reachable. `node` claims the volume as
+/// primary for the duration (so that no one opens it half grown), resizes
+/// every replica (idempotent), then stores the new size and releases the
+/// claim. A failure releases the claim; replicas already grown stay grown
+/// and a retry finishes the job.
+pub async fn grow_volume(
+    store: &dyn MembershipStore,
+    volume: &VolumeId,
+    node: &NodeId,
+    new_size: u64,
+    local: Option<&Arc<ReplicaStore>>,
+    timeout: Duration,
+) -> Result<Membership, VolumeError> {
+    let record = store
+        .load(volume)
+        .await?
+        .ok_or_else(|| VolumeError::NotFound {
+            volume: volume.clone(),
+        })?;
+    let m = record.value;
+    if let Some(p) = &m.primary
+        && p != node
+    {
+        return Err(VolumeError::PrimaryElsewhere {
+            volume: volume.clone(),
+            primary: p.clone(),
+        });
+    }
+    if new_size == m.size {
+        return Ok(m);
+    }
+    if new_size < m.size || !new_size.is_multiple_of(4096) {
+        return Err(VolumeError::Invalid(format!(
+            "cannot resize volume {volume} from {} to {new_size} bytes: volumes only grow, in multiples of 4096",
+            m.size
+        )));
+    }
+    let mut claimed = m.clone();
+    claimed.primary = Some(node.clone());
+    let version = store
+        .cas(volume, Some(record.version), &claimed)
+        .await?
+        .ok_or_else(|| VolumeError::ConcurrentChange {
+            volume: volume.clone(),
+        })?;
+    let results = join_all(m.replicas.iter().map(|r| {
+        call_replica(
+            volume,
+            &r.node,
+            &r.addr,
+            m.epoch,
+            Request::Resize { size: new_size },
+            local,
+            timeout,
+        )
+    }))
+    .await;
+    let failed = results.into_iter().find_map(Result::err);
+    let mut done = claimed.clone();
+    // A claim of ours left by an earlier, interrupted grow ends here too.
+    done.primary = None;
+    if failed.is_none() {
+        done.size = new_size;
+    }
+    let stored = store.cas(volume, Some(version), &done).await?;
+    if let Some(e) = failed {
+        warn!(volume = %volume, "growing failed: {e}");
+        return Err(e);
+    }
+    if stored.is_none() {
+        return Err(VolumeError::ConcurrentChange {
+            volume: volume.clone(),
+        });
+    }
+    info!(volume = %volume, size = new_size, "volume grown");
+    Ok(done)
+}
+
+/// Deletes every replica of `m` that can be reached (with their
+/// snapshots); returns the nodes whose replica could not be deleted, with
+/// why. The membership record is the caller's to remove.
+pub async fn delete_replicas(
+    m: &Membership,
+    local: Option<&Arc<ReplicaStore>>,
+    timeout: Duration,
+) -> Vec<(NodeId, VolumeError)> {
+    let results = join_all(m.replicas.iter().map(|r| async move {
+        let res = call_replica(
+            &m.volume,
+            &r.node,
+            &r.addr,
+            u64::MAX,
+            Request::Delete,
+            local,
+            timeout,
+        )
+        .await;
+        (r.node.clone(), res)
+    }))
+    .await;
+    results
+        .into_iter()
+        .filter_map(|(n, r)| r.err().map(|e| (n, e)))
+        .collect()
 }
 
 /// Creates the volume's replicas (empty, hence identical and in sync) and

@@ -166,6 +166,12 @@ pub enum Request {
     },
     /// List snapshots.
     ListSnapshots,
+    /// Grow the replica to `size` bytes (idempotent; never shrinks). Only
+    /// while no primary serves the volume.
+    Resize {
+        /// The new size in bytes (a multiple of 4096).
+        size: u64,
+    },
 }
 
 /// A successful answer.
@@ -345,6 +351,7 @@ impl RequestFrame {
             Request::Snapshot { .. } => (15, None),
             Request::DeleteSnapshot { .. } => (16, None),
             Request::ListSnapshots => (17, None),
+            Request::Resize { .. } => (18, None),
         };
         b.put_u8(kind);
         b.put_u64(self.id);
@@ -424,6 +431,7 @@ impl RequestFrame {
             Request::Snapshot { name } | Request::DeleteSnapshot { name } => {
                 put_bytes(&mut b, name.as_bytes())
             }
+            Request::Resize { size } => b.put_u64(*size),
         }
         let total = b.len() - 4 + payload.as_ref().map_or(0, |p| p.len());
         b[0..4].copy_from_slice(&(total as u32).to_be_bytes());
@@ -505,6 +513,7 @@ impl RequestFrame {
             15 => Request::Snapshot { name: d.string()? },
             16 => Request::DeleteSnapshot { name: d.string()? },
             17 => Request::ListSnapshots,
+            18 => Request::Resize { size: d.u64()? },
             _ => return Err(DecodeError("unknown request kind")),
         };
         d.end()?;
@@ -725,6 +734,7 @@ mod tests {
             Request::Snapshot { name: "s1".into() },
             Request::DeleteSnapshot { name: "s1".into() },
             Request::ListSnapshots,
+            Request::Resize { size: 1 << 30 },
         ];
         for request in reqs {
             let f = RequestFrame {

@@ -341,3 +341,87 @@ async fn snapshot_and_add_replica() {
     assert_eq!(dev.status().replicas.len(), 2);
     dev.close().await.expect("close");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grow_keeps_data_and_refuses_while_served() {
+    let (nodes, store, v) = setup(2, 1).await;
+    let open = || {
+        ReplicatedDevice::open(
+            v.clone(),
+            nodes[0].id.clone(),
+            store.clone(),
+            Some(nodes[0].store.clone()),
+            opts(),
+        )
+    };
+    let dev = open().await.expect("open");
+    dev.write(SIZE - 4096, Bytes::from(vec![9u8; 4096]), true)
+        .await
+        .expect("write");
+    // While n1 serves it, nobody else may grow it.
+    let e = skyvisor_volume::grow_volume(
+        &*store,
+        &v,
+        &nodes[1].id,
+        2 * SIZE,
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect_err("served elsewhere");
+    assert!(
+        matches!(e, skyvisor_volume::VolumeError::PrimaryElsewhere { .. }),
+        "{e}"
+    );
+    dev.close().await.expect("close");
+
+    let grown = skyvisor_volume::grow_volume(
+        &*store,
+        &v,
+        &nodes[1].id,
+        2 * SIZE,
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("grow");
+    assert_eq!(grown.size, 2 * SIZE);
+    assert_eq!(grown.primary, None, "the grower's claim is released");
+    for n in &nodes {
+        assert_eq!(n.data("vol").len() as u64, 2 * SIZE);
+    }
+    // Shrinking is refused; growing to the same size is a no-op.
+    assert!(
+        skyvisor_volume::grow_volume(
+            &*store,
+            &v,
+            &nodes[1].id,
+            SIZE,
+            None,
+            Duration::from_secs(5)
+        )
+        .await
+        .is_err()
+    );
+    let dev = open().await.expect("reopen");
+    assert_eq!(skyvisor_nbd::BlockDevice::size(&*dev), 2 * SIZE);
+    assert_eq!(
+        dev.read(SIZE - 4096, 4096).await.expect("read"),
+        vec![9u8; 4096]
+    );
+    assert_eq!(dev.read(SIZE, 4096).await.expect("read"), vec![0u8; 4096]);
+    dev.write(2 * SIZE - 4096, Bytes::from(vec![3u8; 4096]), true)
+        .await
+        .expect("write in the new space");
+    assert!(all_in_sync(&dev));
+    let m = dev.membership();
+    dev.close().await.expect("close");
+
+    // Deleting removes every replica's files.
+    let failed =
+        skyvisor_volume::delete_replicas(&m, Some(&nodes[0].store), Duration::from_secs(5)).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    for n in &nodes {
+        assert!(!n.dir.path().join("volumes").join("vol").exists());
+    }
+}

@@ -10,6 +10,7 @@ mod hosts;
 mod images;
 mod instances;
 mod snapshots;
+mod volumes;
 
 use axum::Json;
 use axum::Router;
@@ -83,6 +84,13 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(hosts::uncordon))
         .routes(routes!(cluster::servers))
         .routes(routes!(cluster::join))
+        .routes(routes!(volumes::list, volumes::create))
+        .routes(routes!(volumes::show, volumes::delete))
+        .routes(routes!(volumes::grow))
+        .routes(routes!(volumes::list_snapshots, volumes::create_snapshot))
+        .routes(routes!(volumes::delete_snapshot))
+        .routes(routes!(volumes::attach))
+        .routes(routes!(volumes::detach))
 }
 
 /// The whole HTTP service: `/v1/...`, `/v1/openapi.json`, `/metrics`, `/healthz`.

@@ -41,12 +41,14 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> O
 
 /// A test slot: a number no other running test holds (an flock), used for
 /// the bridge name, subnet and data directory.
-struct Slot {
-    n: u32,
+pub struct Slot {
+    /// The slot's number.
+    pub n: u32,
     _lock: nix::fcntl::Flock<File>,
 }
 
-fn acquire_slot() -> Slot {
+/// Takes a free test slot.
+pub fn acquire_slot() -> Slot {
     let dir = Path::new("/tmp/skyvisor-test-slots");
     std::fs::create_dir_all(dir).expect("slot dir");
     for n in 1..250 {
@@ -58,7 +60,8 @@ fn acquire_slot() -> Slot {
     panic!("no free test slot");
 }
 
-fn free_port() -> u16 {
+/// A TCP port free right now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -90,6 +93,7 @@ pub struct Cloud {
     pub host: String,
     up: Option<Child>,
     port: u16,
+    replica_port: u16,
     slot: Slot,
     options: CloudOptions,
 }
@@ -113,6 +117,7 @@ impl Cloud {
             host: format!("test-{n}"),
             up: None,
             port: free_port(),
+            replica_port: free_port(),
             slot,
             options,
         };
@@ -158,6 +163,8 @@ impl Cloud {
             ),
             "--host-name".into(),
             self.host.clone(),
+            "--replica-listen".into(),
+            format!("127.0.0.1:{}", self.replica_port),
         ];
         a.extend(self.options.extra_args.iter().cloned());
         a

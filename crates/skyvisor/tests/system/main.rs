@@ -8,5 +8,8 @@ mod cluster;
 mod harness;
 mod images;
 mod lifecycle;
+mod multihost;
 mod resilience;
 mod testbed;
+mod volumes;
+mod volumes_multihost;

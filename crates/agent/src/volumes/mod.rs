@@ -1,0 +1,699 @@
+//! Replicated volumes on this host: one [`VolumeService`] per agent.
+//!
+//! It runs the host's replica store (`<data dir>/replicas`) and replica
+//! server (other hosts' primaries write to it), and one NBD server on a
+//! unix socket (`<data dir>/nbd.sock`) through which the volumes of the VMs
+//! running here are served to their QEMUs. Serving a volume means being its
+//! primary: [`VolumeService::serve`] opens a `ReplicatedDevice` (using the
+//! local replica in process when this host holds one) and exports it;
+//! [`VolumeService::release`] removes the export and closes the device.
+//!
+//! The takeover rule lives here, in [`may_take_over`], and nowhere else: a
+//! host serves a volume that the membership record says another host
+//! serves only once that host's lease has expired.
+//!
+//! Submodules: [`membership`] (records in the store), [`controller`]
+//! (create, grow, delete, status, clean-up), [`http`] (snapshots on
+//! request of the API). This module must never decide placement or touch
+//! instance specs: the API owns those.
+
+pub mod controller;
+pub mod http;
+pub mod membership;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use skyvisor_core::{
+    HostName, InstanceName, InstanceVolume, ReplicaState, ReplicaView, VolumeId, VolumeName,
+    VolumeRuntime, VolumeSnapshot, keys,
+};
+use skyvisor_nbd::{Export, NbdServer, ServerConfig, ServerError};
+use skyvisor_store::{Compare, Op, Store, StoreError, StoreExt, encode};
+use skyvisor_volume::{
+    DeviceOptions, MembershipStore, NodeId, ReplicaServer, ReplicaServerError, ReplicaStore,
+    ReplicaStoreOptions, ReplicaSyncState, ReplicatedDevice, VolumeError,
+};
+use thiserror::Error;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use membership::StoreMembership;
+
+/// How long [`VolumeService::serve`] waits for another live host to stop
+/// serving a volume (e.g. to finish a snapshot) before giving up.
+const SERVE_WAIT: Duration = Duration::from_secs(30);
+/// How often a served volume's runtime record is refreshed.
+const RUNTIME_INTERVAL: Duration = Duration::from_secs(1);
+/// Deadline of controller calls to replica servers.
+pub(crate) const REPLICA_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a host's volume service is set up.
+#[derive(Debug, Clone)]
+pub struct VolumeServiceConfig {
+    /// This host.
+    pub host: HostName,
+    /// The agent's data directory (replicas and the NBD socket go in it).
+    pub data_dir: PathBuf,
+    /// Where the replica server listens.
+    pub replica_listen: SocketAddr,
+    /// The address other hosts reach this one at (the port is the replica
+    /// server's).
+    pub advertise_host: String,
+    /// Settings of the devices this host serves.
+    pub device: DeviceOptions,
+}
+
+/// What can go wrong serving volumes.
+#[derive(Debug, Error)]
+pub enum VolumeServiceError {
+    /// The replica store could not be opened.
+    #[error("cannot open the volume replicas in {path}: {message}")]
+    Replicas {
+        /// Its directory.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// The replica server could not listen.
+    #[error(transparent)]
+    ReplicaServer(#[from] ReplicaServerError),
+    /// The NBD server failed.
+    #[error("NBD server: {0}")]
+    Nbd(#[from] ServerError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The volume has no membership record.
+    #[error("volume {name} has no replicas: it is being created or deleted")]
+    NoRecord {
+        /// The volume.
+        name: VolumeName,
+    },
+    /// A live host serves the volume.
+    #[error(
+        "volume {name} is served by host {host}, which is alive; it must stop serving it first"
+    )]
+    ServedElsewhere {
+        /// The volume.
+        name: VolumeName,
+        /// The host serving it.
+        host: String,
+    },
+    /// Another VM on this host uses the volume.
+    #[error("volume {name} is already used by VM {instance} on this host")]
+    InUse {
+        /// The volume.
+        name: VolumeName,
+        /// The VM using it.
+        instance: String,
+    },
+    /// The data path failed.
+    #[error("volume {name}: {source}")]
+    Volume {
+        /// The volume.
+        name: VolumeName,
+        /// What failed.
+        #[source]
+        source: VolumeError,
+    },
+    /// A snapshot request cannot be carried out.
+    #[error("volume {name}: {message}")]
+    Snapshot {
+        /// The volume.
+        name: VolumeName,
+        /// Why.
+        message: String,
+    },
+}
+
+/// Where QEMU finds a served volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdTarget {
+    /// The NBD server's unix socket.
+    pub socket: PathBuf,
+    /// The export's name.
+    pub export: String,
+}
+
+struct Served {
+    device: Arc<ReplicatedDevice>,
+    instance: Option<InstanceName>,
+    stop_report: CancellationToken,
+    reporter: JoinHandle<()>,
+}
+
+/// The takeover rule: may this host serve a volume whose membership record
+/// names `primary` (another host) as its primary?
+///
+/// Only once `primary`'s lease has expired (its `hosts/alive/` key is
+/// gone). An agent that cannot renew its lease stops its VMs before the
+/// lease runs out (it fences itself), so by then nothing writes through the
+/// old primary; and even if it did, the replicas refuse its stale epoch.
+/// Host failover (restarting a dead host's VMs elsewhere) builds on exactly
+/// this: it is the only place where a takeover is decided.
+pub async fn may_take_over(store: &dyn Store, primary: &NodeId) -> Result<bool, StoreError> {
+    let Ok(host) = HostName::new(primary.as_str()) else {
+        // Not one of our hosts: nothing tells us it is gone.
+        return Ok(false);
+    };
+    Ok(store.get(&keys::host_alive(&host)).await?.is_none())
+}
+
+/// The disk id (QEMU block node and device id) of a volume in a VM.
+pub fn disk_id(v: &InstanceVolume) -> String {
+    if v.root {
+        "root".into()
+    } else {
+        let id = v.id.data_id();
+        format!("vol{}", &id[..12])
+    }
+}
+
+/// The serial number the guest sees (`/dev/disk/by-id/virtio-<serial>`,
+/// `/sys/block/vdX/serial`): the volume's name, cut to virtio's 20 bytes.
+pub fn serial(v: &InstanceVolume) -> String {
+    v.name.as_str().chars().take(20).collect()
+}
+
+/// This host's volumes: replica store and server, NBD server, the devices
+/// it serves.
+pub struct VolumeService {
+    host: HostName,
+    node: NodeId,
+    store: Arc<dyn Store>,
+    membership: Arc<StoreMembership>,
+    replicas: Arc<ReplicaStore>,
+    server: ReplicaServer,
+    replica_addr: String,
+    nbd: NbdServer,
+    nbd_socket: PathBuf,
+    device: DeviceOptions,
+    served: Mutex<HashMap<VolumeId, Served>>,
+    locks: Mutex<HashMap<VolumeId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl VolumeService {
+    /// Opens the replicas, starts the replica and NBD servers.
+    pub async fn start(
+        cfg: VolumeServiceConfig,
+        store: Arc<dyn Store>,
+    ) -> Result<Arc<Self>, VolumeServiceError> {
+        let node = NodeId::new(cfg.host.as_str()).map_err(|e| VolumeServiceError::Replicas {
+            path: cfg.data_dir.clone(),
+            message: e.to_string(),
+        })?;
+        let dir = cfg.data_dir.join("replicas");
+        let replicas = ReplicaStore::open(&dir, node.clone(), ReplicaStoreOptions::default())
+            .map_err(|e| VolumeServiceError::Replicas {
+                path: dir.clone(),
+                message: e.to_string(),
+            })?;
+        let server = ReplicaServer::start(replicas.clone(), cfg.replica_listen).await?;
+        let replica_addr = format!("{}:{}", cfg.advertise_host, server.local_addr().port());
+        let nbd = NbdServer::new(ServerConfig::default());
+        let nbd_socket = nbd.listen_unix(&cfg.data_dir.join("nbd.sock")).await?;
+        info!(host = %cfg.host, %replica_addr, nbd = %nbd_socket.display(), "volume service started");
+        Ok(Arc::new(Self {
+            host: cfg.host,
+            node,
+            membership: Arc::new(StoreMembership::new(store.clone())),
+            store,
+            replicas,
+            server,
+            replica_addr,
+            nbd,
+            nbd_socket,
+            device: cfg.device,
+            served: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Where other hosts reach this host's replica server (`host:port`).
+    pub fn replica_addr(&self) -> &str {
+        &self.replica_addr
+    }
+
+    /// This host's replicas.
+    pub fn replicas(&self) -> &Arc<ReplicaStore> {
+        &self.replicas
+    }
+
+    /// The NBD server's socket.
+    pub fn nbd_socket(&self) -> &std::path::Path {
+        &self.nbd_socket
+    }
+
+    /// Stops the servers. Devices are not closed: VMs keep running and the
+    /// next agent serves their volumes again (QEMU reconnects).
+    pub async fn shutdown(&self) {
+        // Reports stop with the agent; their records stay (a crashed agent
+        // leaves them too) until the next primary writes its own.
+        for s in self
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            s.reporter.abort();
+        }
+        self.server.shutdown().await;
+        self.nbd.shutdown().await;
+    }
+
+    fn lock_for(&self, id: &VolumeId) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(*id)
+            .or_default()
+            .clone()
+    }
+
+    fn served_device(
+        &self,
+        id: &VolumeId,
+    ) -> Option<(Arc<ReplicatedDevice>, Option<InstanceName>)> {
+        self.served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|s| (s.device.clone(), s.instance.clone()))
+    }
+
+    /// The volumes served for `instance`.
+    pub fn served_for(&self, instance: &InstanceName) -> Vec<VolumeId> {
+        self.served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, s)| s.instance.as_ref() == Some(instance))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Whether this host serves volume `id`.
+    pub fn is_serving(&self, id: &VolumeId) -> bool {
+        self.served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id)
+    }
+
+    /// Opens the volume as its primary on this host, following the
+    /// takeover rule; waits a while for another live host to let go.
+    /// Call with the volume's lock held.
+    async fn open_device(
+        &self,
+        name: &VolumeName,
+        id: &VolumeId,
+    ) -> Result<Arc<ReplicatedDevice>, VolumeServiceError> {
+        let data_id = data_id(name, id)?;
+        let deadline = tokio::time::Instant::now() + SERVE_WAIT;
+        loop {
+            let record = self
+                .membership
+                .load(&data_id)
+                .await
+                .map_err(|e| VolumeServiceError::Volume {
+                    name: name.clone(),
+                    source: e.into(),
+                })?
+                .ok_or_else(|| VolumeServiceError::NoRecord { name: name.clone() })?;
+            let takeover = match &record.value.primary {
+                None => false,
+                Some(p) if p == &self.node => false,
+                Some(p) => {
+                    if may_take_over(self.store.as_ref(), p).await? {
+                        info!(volume = %name, old_primary = %p, "taking the volume over: its primary's lease expired");
+                        true
+                    } else if tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        continue;
+                    } else {
+                        return Err(VolumeServiceError::ServedElsewhere {
+                            name: name.clone(),
+                            host: p.to_string(),
+                        });
+                    }
+                }
+            };
+            let options = DeviceOptions {
+                takeover,
+                ..self.device.clone()
+            };
+            match ReplicatedDevice::open(
+                data_id.clone(),
+                self.node.clone(),
+                self.membership.clone() as Arc<dyn MembershipStore>,
+                Some(self.replicas.clone()),
+                options,
+            )
+            .await
+            {
+                Ok(dev) => return Ok(dev),
+                Err(
+                    VolumeError::PrimaryElsewhere { .. } | VolumeError::ConcurrentChange { .. },
+                ) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(source) => {
+                    return Err(VolumeServiceError::Volume {
+                        name: name.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Serves volume `v` for `instance`: becomes its primary and exports it
+    /// on the NBD socket. Idempotent for the same VM.
+    pub async fn serve(
+        self: &Arc<Self>,
+        v: &InstanceVolume,
+        instance: &InstanceName,
+    ) -> Result<NbdTarget, VolumeServiceError> {
+        let lock = self.lock_for(&v.id);
+        let _g = lock.lock().await;
+        let target = NbdTarget {
+            socket: self.nbd_socket.clone(),
+            export: v.id.data_id(),
+        };
+        if let Some((_, user)) = self.served_device(&v.id) {
+            return match user {
+                Some(u) if &u == instance => Ok(target),
+                other => Err(VolumeServiceError::InUse {
+                    name: v.name.clone(),
+                    instance: other.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+                }),
+            };
+        }
+        let device = self.open_device(&v.name, &v.id).await?;
+        let export = Export::new(target.export.clone(), device.clone())
+            .with_description(format!("volume {}", v.name));
+        if let Err(e) = self.nbd.add_export(export) {
+            let _ = device.close().await;
+            return Err(e.into());
+        }
+        let stop_report = CancellationToken::new();
+        let reporter = tokio::spawn(report_runtime(
+            self.store.clone(),
+            self.host.clone(),
+            v.name.clone(),
+            Some(instance.clone()),
+            device.clone(),
+            stop_report.clone(),
+        ));
+        self.served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                v.id,
+                Served {
+                    device,
+                    instance: Some(instance.clone()),
+                    stop_report,
+                    reporter,
+                },
+            );
+        info!(volume = %v.name, %instance, "serving volume");
+        Ok(target)
+    }
+
+    /// Stops serving volume `v`: removes its export (QEMU must no longer
+    /// use it), closes the device (flushing every replica and clearing the
+    /// record's primary) and removes its runtime record.
+    pub async fn release(&self, id: &VolumeId) {
+        let lock = self.lock_for(id);
+        let _g = lock.lock().await;
+        let Some(served) = self
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+        else {
+            return;
+        };
+        self.nbd.remove_export(&id.data_id()).await;
+        served.stop_report.cancel();
+        let _ = served.reporter.await;
+        if let Err(e) = served.device.close().await {
+            warn!(volume = %id, error = %e, "closing the volume failed");
+        }
+        info!(volume = %id, "stopped serving volume");
+    }
+
+    /// Stops serving every volume served for `instance`.
+    pub async fn release_instance(&self, instance: &InstanceName) {
+        for id in self.served_for(instance) {
+            self.release(&id).await;
+        }
+    }
+
+    /// Takes a crash-consistent snapshot named `snapshot` of a volume and
+    /// records it. If this host serves the volume, through its device;
+    /// else the volume is opened here for the snapshot (under the takeover
+    /// rule) and closed again.
+    pub async fn snapshot(
+        &self,
+        name: &VolumeName,
+        id: &VolumeId,
+        snapshot: &str,
+    ) -> Result<VolumeSnapshot, VolumeServiceError> {
+        let snap_err = |m: String| VolumeServiceError::Snapshot {
+            name: name.clone(),
+            message: m,
+        };
+        skyvisor_core::volume::validate_snapshot_name(snapshot)
+            .map_err(|e| snap_err(e.to_string()))?;
+        let key = keys::volume_snapshot(name, snapshot);
+        if self.store.get(&key).await?.is_some() {
+            return Err(snap_err(format!("snapshot {snapshot} exists")));
+        }
+        let (holders, epoch, size) = match self.served_device(id) {
+            Some((dev, _)) => {
+                let holders =
+                    dev.snapshot(snapshot)
+                        .await
+                        .map_err(|source| VolumeServiceError::Volume {
+                            name: name.clone(),
+                            source,
+                        })?;
+                let m = dev.membership();
+                (holders, m.epoch, m.size)
+            }
+            None => {
+                let lock = self.lock_for(id);
+                let _g = lock.lock().await;
+                let dev = self.open_device(name, id).await?;
+                let r = dev.snapshot(snapshot).await;
+                let m = dev.membership();
+                if let Err(e) = dev.close().await {
+                    warn!(volume = %name, error = %e, "closing after a snapshot failed");
+                }
+                let holders = r.map_err(|source| VolumeServiceError::Volume {
+                    name: name.clone(),
+                    source,
+                })?;
+                (holders, m.epoch, m.size)
+            }
+        };
+        let record = VolumeSnapshot {
+            volume: name.clone(),
+            volume_id: *id,
+            name: snapshot.to_owned(),
+            size_bytes: size,
+            epoch,
+            hosts: holders
+                .iter()
+                .filter_map(|n| HostName::new(n.as_str()).ok())
+                .collect(),
+            created_at: Utc::now(),
+        };
+        let out = self
+            .store
+            .txn(
+                vec![Compare::Absent(key.clone())],
+                vec![Op::Put {
+                    key,
+                    value: encode(&record),
+                    lease: None,
+                }],
+            )
+            .await?;
+        if !out.succeeded {
+            return Err(snap_err(format!("snapshot {snapshot} exists")));
+        }
+        info!(volume = %name, snapshot, hosts = ?record.hosts, "volume snapshot taken");
+        Ok(record)
+    }
+
+    /// Deletes a snapshot from every replica holding it, then its record.
+    /// Fails, keeping the record, if a holder cannot be reached.
+    pub async fn delete_snapshot(
+        &self,
+        name: &VolumeName,
+        snapshot: &str,
+    ) -> Result<(), VolumeServiceError> {
+        let snap_err = |m: String| VolumeServiceError::Snapshot {
+            name: name.clone(),
+            message: m,
+        };
+        let key = keys::volume_snapshot(name, snapshot);
+        let Some((record, rev)) = self.store.get_json::<VolumeSnapshot>(&key).await? else {
+            return Err(snap_err(format!("snapshot {snapshot} not found")));
+        };
+        let data_id = data_id(name, &record.volume_id)?;
+        let membership =
+            self.membership
+                .load(&data_id)
+                .await
+                .map_err(|e| VolumeServiceError::Volume {
+                    name: name.clone(),
+                    source: e.into(),
+                })?;
+        let mut failed = vec![];
+        if let Some(m) = membership {
+            for host in &record.hosts {
+                let Some(member) = m
+                    .value
+                    .replicas
+                    .iter()
+                    .find(|r| r.node.as_str() == host.as_str())
+                else {
+                    continue;
+                };
+                if let Err(e) = skyvisor_volume::call_replica(
+                    &data_id,
+                    &member.node,
+                    &member.addr,
+                    m.value.epoch,
+                    skyvisor_volume::wire::Request::DeleteSnapshot {
+                        name: snapshot.to_owned(),
+                    },
+                    Some(&self.replicas),
+                    REPLICA_CALL_TIMEOUT,
+                )
+                .await
+                {
+                    failed.push(format!("{host}: {e}"));
+                }
+            }
+        }
+        if !failed.is_empty() {
+            return Err(snap_err(format!(
+                "could not delete snapshot {snapshot} everywhere ({}); retry",
+                failed.join("; ")
+            )));
+        }
+        self.store
+            .txn(
+                vec![Compare::ModRevision(key.clone(), rev)],
+                vec![Op::Delete(key)],
+            )
+            .await?;
+        info!(volume = %name, snapshot, "volume snapshot deleted");
+        Ok(())
+    }
+}
+
+fn data_id(
+    name: &VolumeName,
+    id: &VolumeId,
+) -> Result<skyvisor_volume::VolumeId, VolumeServiceError> {
+    skyvisor_volume::VolumeId::new(id.data_id()).map_err(|e| VolumeServiceError::Snapshot {
+        name: name.clone(),
+        message: e.to_string(),
+    })
+}
+
+/// The runtime record of a served volume, from its device's status.
+fn runtime_of(
+    host: &HostName,
+    instance: Option<&InstanceName>,
+    dev: &ReplicatedDevice,
+) -> VolumeRuntime {
+    let st = dev.status();
+    let replicas = st
+        .replicas
+        .iter()
+        .filter_map(|r| {
+            let host = HostName::new(r.node.as_str()).ok()?;
+            let (state, done, total, message) = match &r.state {
+                ReplicaSyncState::InSync => (ReplicaState::InSync, None, None, None),
+                ReplicaSyncState::Resyncing { done, total } => {
+                    (ReplicaState::Resyncing, Some(*done), Some(*total), None)
+                }
+                ReplicaSyncState::Stale { error } => {
+                    (ReplicaState::OutOfSync, None, None, error.clone())
+                }
+                ReplicaSyncState::Degraded { error } => {
+                    (ReplicaState::Unreachable, None, None, error.clone())
+                }
+            };
+            Some(ReplicaView {
+                host,
+                address: r.addr.clone(),
+                state,
+                resync_done_bytes: done,
+                resync_total_bytes: total,
+                read_source: r.read_source,
+                message,
+            })
+        })
+        .collect();
+    VolumeRuntime {
+        host: host.clone(),
+        instance: instance.cloned(),
+        epoch: st.epoch,
+        writable: st.writable && st.fenced.is_none(),
+        replicas,
+        resynced_bytes: st.resynced_bytes,
+        updated_at: Utc::now(),
+    }
+}
+
+/// Publishes a served volume's runtime record while it is served, then
+/// removes it.
+async fn report_runtime(
+    store: Arc<dyn Store>,
+    host: HostName,
+    name: VolumeName,
+    instance: Option<InstanceName>,
+    dev: Arc<ReplicatedDevice>,
+    stop: CancellationToken,
+) {
+    let key = keys::volume_runtime(&name);
+    let mut last: Option<VolumeRuntime> = None;
+    loop {
+        let mut now = runtime_of(&host, instance.as_ref(), &dev);
+        let changed = match &last {
+            Some(l) => {
+                now.updated_at = l.updated_at;
+                *l != now
+            }
+            None => true,
+        };
+        if changed {
+            now.updated_at = Utc::now();
+            match store.put(&key, encode(&now)).await {
+                Ok(_) => last = Some(now),
+                Err(e) => warn!(volume = %name, error = %e, "could not write the volume's runtime"),
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(RUNTIME_INTERVAL) => {}
+        }
+    }
+    if let Err(e) = store.delete(&key).await {
+        warn!(volume = %name, error = %e, "could not remove the volume's runtime");
+    }
+}

@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use skyvisor_core::{ExitReason, SnapshotProgress};
+use skyvisor_core::{ExitReason, MigrationPhase, MigrationProgress, SnapshotProgress};
 use tokio::sync::mpsc;
 
 use crate::hypervisor::{
-    CheckpointOutcome, CheckpointPlan, HvError, Hypervisor, LaunchVolume, Vm, VmEvent, VmExit,
-    VmLaunch,
+    CheckpointOutcome, CheckpointPlan, HvError, Hypervisor, IncomingPlan, LaunchVolume,
+    OutgoingControl, OutgoingOutcome, OutgoingPlan, Vm, VmEvent, VmExit, VmLaunch,
 };
 
 type Registry = Arc<Mutex<HashMap<PathBuf, mpsc::UnboundedSender<VmEvent>>>>;
@@ -191,6 +191,42 @@ impl Vm for FakeVm {
         if let Some(list) = lock(&self.disks).get_mut(&self.run_dir) {
             list.retain(|d| d != disk_id);
         }
+        Ok(())
+    }
+
+    async fn migrate_out(
+        &self,
+        _plan: &OutgoingPlan,
+        control: &mut dyn OutgoingControl,
+    ) -> Result<OutgoingOutcome, HvError> {
+        // Simulated: one progress report, then the switchover.
+        let p = MigrationProgress {
+            ram_transferred: 1 << 20,
+            ram_total: 1 << 20,
+            iteration: 1,
+            ..Default::default()
+        };
+        if !control.progress(MigrationPhase::Transferring, &p).await {
+            return Err(HvError::Control("the migration was cancelled".into()));
+        }
+        control.before_stop().await.map_err(HvError::Control)?;
+        Ok(OutgoingOutcome {
+            stopped_at: std::time::Instant::now(),
+            qemu_downtime_ms: 1,
+            ram_transferred: 1 << 20,
+            disk_copied: 0,
+        })
+    }
+
+    async fn resume_after_migration(&self) -> Result<(), HvError> {
+        Ok(())
+    }
+
+    async fn prepare_incoming(&self, _plan: &IncomingPlan) -> Result<(), HvError> {
+        Ok(())
+    }
+
+    async fn finish_incoming(&self, _timeout: Duration) -> Result<(), HvError> {
         Ok(())
     }
 }

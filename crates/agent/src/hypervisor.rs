@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use skyvisor_core::{
-    Accel, ExitReason, InstanceId, MacAddr, Resources, SnapshotProgress, VolumeId, VolumeName,
+    Accel, ExitReason, InstanceId, MacAddr, MigrationPhase, MigrationProgress, Resources,
+    SnapshotProgress, VolumeId, VolumeName,
 };
 use thiserror::Error;
 
@@ -63,6 +64,10 @@ pub struct VmLaunch {
     /// `root_disk`) and data volumes, in device order.
     #[serde(default)]
     pub volumes: Vec<LaunchVolume>,
+    /// Start paused, waiting for a live migration's state (see
+    /// [`Vm::prepare_incoming`]) instead of booting.
+    #[serde(default)]
+    pub migration_target: bool,
 }
 
 impl VmLaunch {
@@ -110,6 +115,76 @@ pub struct CheckpointOutcome {
     pub paused_at: SystemTime,
     /// How long the whole checkpoint took.
     pub total: Duration,
+}
+
+/// Where the source sends a live migration's disk and memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingPlan {
+    /// The destination's NBD export of the root disk, if the VM has a local
+    /// root disk (mirrored while memory is copied).
+    pub disk: Option<NbdTarget>,
+    /// The destination's migration address, e.g. `tcp:10.0.0.3:49152`.
+    pub uri: String,
+    /// Switch over once the memory left to send takes at most this long at
+    /// the measured throughput: the pause the guest will see, roughly.
+    pub switchover_budget: Duration,
+    /// Fail when no byte moved for this long (a cut network).
+    pub stall_timeout: Duration,
+    /// Fail when it has not converged by then.
+    pub max_duration: Duration,
+    /// Bandwidth cap, bytes per second; `None`: as fast as it goes.
+    pub max_bandwidth: Option<u64>,
+}
+
+/// An NBD export on another host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NbdTarget {
+    /// Its address.
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+    /// The export's name.
+    pub export: String,
+}
+
+/// Where the destination of a live migration listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncomingPlan {
+    /// The address to listen on.
+    pub host: String,
+    /// The migration stream's port.
+    pub migration_port: u16,
+    /// The NBD server's port (for the root disk's mirror), if it has one.
+    pub nbd_port: Option<u16>,
+}
+
+/// The export name of a migrating VM's root disk on the destination.
+pub const MIGRATION_EXPORT: &str = "svmig-root";
+
+/// What the source's side of a live migration did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutgoingOutcome {
+    /// When the source's guest was stopped for the switchover.
+    pub stopped_at: std::time::Instant,
+    /// The downtime QEMU reports, milliseconds.
+    pub qemu_downtime_ms: u64,
+    /// Memory bytes sent.
+    pub ram_transferred: u64,
+    /// Disk bytes copied.
+    pub disk_copied: u64,
+}
+
+/// The source's driver of a live migration reports progress through this
+/// and asks it before it pauses the guest.
+#[async_trait]
+pub trait OutgoingControl: Send {
+    /// New figures. Returns false to cancel the migration.
+    async fn progress(&mut self, phase: MigrationPhase, progress: &MigrationProgress) -> bool;
+
+    /// The memory left fits the budget: the guest is about to be paused for
+    /// the switchover (send its network traffic to the destination now).
+    /// An error fails the migration.
+    async fn before_stop(&mut self) -> Result<(), String>;
 }
 
 /// Something that happened to a running VM.
@@ -190,6 +265,29 @@ pub trait Vm: Send + Sync {
     /// Hot-unplugs disk `disk_id`: asks the guest to release it, waits up to
     /// `timeout` until it has, then removes the disk's backend.
     async fn detach_disk(&self, disk_id: &str, timeout: Duration) -> Result<(), HvError>;
+
+    /// Source side of a live migration: mirrors the root disk and copies
+    /// memory to the destination while the guest runs, then pauses it and
+    /// sends the rest. On success the guest is paused here and whole at the
+    /// destination; on failure (or a cancel) the guest runs here again.
+    async fn migrate_out(
+        &self,
+        plan: &OutgoingPlan,
+        control: &mut dyn OutgoingControl,
+    ) -> Result<OutgoingOutcome, HvError>;
+
+    /// After a migration that completed but whose handover failed: lets
+    /// the guest run here again.
+    async fn resume_after_migration(&self) -> Result<(), HvError>;
+
+    /// Destination side: listens for the root disk's mirror and the
+    /// migration stream (a VM launched as a migration target).
+    async fn prepare_incoming(&self, plan: &IncomingPlan) -> Result<(), HvError>;
+
+    /// Destination side, after the handover is committed: waits until all
+    /// state arrived, closes the disk export and lets the guest run, then
+    /// has its NIC announce the new place.
+    async fn finish_incoming(&self, timeout: Duration) -> Result<(), HvError>;
 }
 
 /// Starts and finds VMs.

@@ -13,6 +13,8 @@ pub mod host;
 pub mod http;
 pub mod hypervisor;
 pub mod images;
+mod launch;
+pub mod migration;
 pub mod qemu_hv;
 pub mod supervisor;
 pub mod volumes;
@@ -147,6 +149,12 @@ pub struct AgentContext {
     >,
     /// Replicated volumes on this host, if it serves them.
     pub volumes: Option<Arc<VolumeService>>,
+    /// The address other hosts reach this one at (migration streams).
+    pub address: String,
+    /// The overlay's VXLAN device, in a cluster.
+    pub overlay_device: Option<String>,
+    /// VMs prepared here as live migrations' destinations.
+    pub incoming: migration::IncomingVms,
 }
 
 impl AgentContext {
@@ -305,6 +313,9 @@ async fn bring_up(
         data_dir: cfg.data_dir.clone(),
         checkpoint_inboxes: std::sync::Mutex::new(HashMap::new()),
         volumes: volumes.clone(),
+        address: cfg.address.clone(),
+        overlay_device: cfg.overlay.as_ref().map(|o| o.device.clone()),
+        incoming: tokio::sync::Mutex::new(HashMap::new()),
     });
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -319,7 +330,7 @@ async fn bring_up(
     })?;
     let url = format!("http://{local}");
     let mut guard = TaskGuard(Vec::new());
-    let mut router = http::router(ctx.clone());
+    let mut router = http::router(ctx.clone()).merge(migration::router(ctx.clone()));
     if let Some(v) = &volumes {
         router = router.merge(volumes::http::router(v.clone()));
     }
@@ -484,6 +495,14 @@ struct Supervised {
     id: InstanceId,
     spec: watch::Sender<InstanceSpec>,
     task: JoinHandle<()>,
+}
+
+/// The writes that store `spec`: the spec and its copy under its host.
+pub(crate) fn spec_ops(spec: &InstanceSpec) -> Vec<Op> {
+    vec![
+        skyvisor_store::put_json(keys::instance_spec(&spec.name), spec),
+        skyvisor_store::put_json(keys::binding(&spec.host, &spec.name), spec),
+    ]
 }
 
 /// Follows the instance specs bound to this host and keeps one supervisor

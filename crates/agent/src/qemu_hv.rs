@@ -6,19 +6,27 @@ use std::time::Duration;
 use async_trait::async_trait;
 use skyvisor_core::image::DiskFormat;
 use skyvisor_core::{ExitReason, SnapshotProgress};
+use skyvisor_core::{MigrationPhase, MigrationProgress};
+use skyvisor_qemu::Qmp;
 use skyvisor_qemu::checkpoint::{self, DiskCapture, SavePlan};
-use skyvisor_qemu::qmp::{EventKind, EventStreamError, MigrationStatus, RunState, ShutdownCause};
+use skyvisor_qemu::qmp::{
+    AnnounceParameters, BlockJobInfo, BlockdevMirror, EventKind, EventStreamError,
+    MigrationCapability, MigrationInfo, MigrationParameters, MigrationStatus, MirrorSync,
+    NbdListen, RunState, ShutdownCause,
+};
 use skyvisor_qemu::{
     Boot, CacheMode, DiskConfig, DiskSource, ExitInfo, Incoming, NbdServer, NicConfig, ProcessExit,
     QemuVm, VmConfig, files,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
-use tracing::{debug, info};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
 
 use crate::hypervisor::{
-    CheckpointOutcome, CheckpointPlan, HvError, Hypervisor, LaunchBoot, LaunchVolume, Vm, VmEvent,
-    VmExit, VmLaunch,
+    CheckpointOutcome, CheckpointPlan, HvError, Hypervisor, IncomingPlan, LaunchBoot, LaunchVolume,
+    MIGRATION_EXPORT, OutgoingControl, OutgoingOutcome, OutgoingPlan, Vm, VmEvent, VmExit,
+    VmLaunch,
 };
 
 /// The block node of the root disk (its disk id in [`QemuHypervisor::config`]).
@@ -103,9 +111,10 @@ impl QemuHypervisor {
             vhost: l.accel == skyvisor_core::Accel::Kvm && Path::new("/dev/vhost-net").exists(),
         }];
         cfg.guest_channel = l.guest_channel;
-        if l.incoming.is_some() {
+        if l.incoming.is_some() || l.migration_target {
             cfg.incoming = Some(Incoming::Defer);
         }
+        cfg.export_disks = l.migration_target;
         cfg
     }
 }
@@ -298,6 +307,21 @@ impl Vm for QemuVmHandle {
             }
         }
         let _ = qmp.blockdev_del("svckpt").await;
+        // A live migration's disk mirror an earlier agent left running.
+        if mirror_job(qmp).await.ok().flatten().is_some() {
+            info!(
+                pid = self.vm.pid(),
+                "cancelling a migration's disk mirror the previous agent left running"
+            );
+            let _ = qmp.block_job_cancel(MIRROR_JOB, true).await;
+            for _ in 0..200 {
+                if mirror_job(qmp).await.ok().flatten().is_none() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let _ = qmp.blockdev_del(MIRROR_JOB).await;
         let status = qmp.query_status().await.map_err(control)?;
         if status.status == RunState::Postmigrate {
             info!(
@@ -341,6 +365,85 @@ impl Vm for QemuVmHandle {
         plug(&self.vm, disk).await
     }
 
+    async fn migrate_out(
+        &self,
+        plan: &OutgoingPlan,
+        control: &mut dyn OutgoingControl,
+    ) -> Result<OutgoingOutcome, HvError> {
+        let qmp = self.vm.qmp();
+        match migrate_out(qmp, plan, control).await {
+            Ok(o) => Ok(o),
+            Err(e) => {
+                if let Err(undo) = abort_outgoing(qmp).await {
+                    warn!(error = %undo, "could not undo a failed migration cleanly");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn resume_after_migration(&self) -> Result<(), HvError> {
+        abort_outgoing(self.vm.qmp()).await
+    }
+
+    async fn prepare_incoming(&self, plan: &IncomingPlan) -> Result<(), HvError> {
+        let qmp = self.vm.qmp();
+        qmp.migrate_set_capabilities(&[
+            (MigrationCapability::Events, true),
+            // Activate the disk only at `cont`, after the export is gone:
+            // the export holds write access until then.
+            (MigrationCapability::LateBlockActivate, true),
+        ])
+        .await
+        .map_err(control)?;
+        if let Some(port) = plan.nbd_port {
+            qmp.nbd_server_start(&NbdListen::Inet {
+                host: plan.host.clone(),
+                port,
+            })
+            .await
+            .map_err(control)?;
+            qmp.nbd_server_add(ROOT_NODE, MIGRATION_EXPORT, true)
+                .await
+                .map_err(control)?;
+        }
+        qmp.migrate_incoming(&format!("tcp:{}:{}", plan.host, plan.migration_port))
+            .await
+            .map_err(control)
+    }
+
+    async fn finish_incoming(&self, timeout: Duration) -> Result<(), HvError> {
+        let qmp = self.vm.qmp();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = qmp.query_migrate().await.map_err(control)?;
+            match info.status {
+                Some(MigrationStatus::Completed) => break,
+                Some(MigrationStatus::Failed | MigrationStatus::Cancelled) => {
+                    return Err(HvError::Control(format!(
+                        "the incoming migration failed: {}",
+                        info.error_desc.unwrap_or_default()
+                    )));
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(HvError::Control(format!(
+                        "the incoming migration did not complete within {timeout:?}"
+                    )));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+        // Gone already after an earlier attempt: fine.
+        let _ = qmp.nbd_server_stop().await;
+        let status = qmp.query_status().await.map_err(control)?;
+        if !status.running {
+            qmp.cont().await.map_err(control)?;
+        }
+        qmp.announce_self(&AnnounceParameters::default())
+            .await
+            .map_err(control)
+    }
+
     async fn detach_disk(&self, disk_id: &str, timeout: Duration) -> Result<(), HvError> {
         let qmp = self.vm.qmp();
         // Subscribe first so the event cannot slip by.
@@ -366,6 +469,390 @@ impl Vm for QemuVmHandle {
             _ => Ok(()),
         }
     }
+}
+
+/// The mirror job and target node of a migrating root disk.
+const MIRROR_JOB: &str = "svmig-root";
+/// How often the source checks memory transfer while it waits to switch over.
+const MIGRATION_POLL: Duration = Duration::from_millis(5);
+/// How often progress is reported.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// After the network switch, how long the still-running source gets to
+/// read the frames already queued on its tap (a paused QEMU never reads
+/// them: they would be lost with it). The guest's inbound traffic queues
+/// at the destination meanwhile, so this delays it but drops nothing.
+const RING_DRAIN: Duration = Duration::from_millis(20);
+/// Pause the guest once the memory left takes at most this long to send.
+const FINAL_BUDGET: Duration = Duration::from_millis(10);
+/// Pause the guest at the latest this long after the network switch (its
+/// inbound traffic queues at the destination meanwhile).
+const MAX_QUEUEING: Duration = Duration::from_millis(150);
+/// The longest the last stop-and-copy may take before it counts as failed.
+const COMPLETION_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn mirror_progress(job: Option<&BlockJobInfo>) -> (u64, u64) {
+    job.map_or((0, 0), |j| (j.offset, j.len))
+}
+
+fn ram_progress(info: &MigrationInfo, disk: (u64, u64)) -> MigrationProgress {
+    let ram = info.ram.clone().unwrap_or_default();
+    MigrationProgress {
+        disk_copied: disk.0,
+        disk_total: disk.1,
+        ram_transferred: ram.transferred,
+        ram_remaining: ram.remaining,
+        ram_total: ram.total,
+        dirty_rate: ram.dirty_pages_rate.saturating_mul(ram.page_size.max(4096)),
+        mbps: ram.mbps,
+        iteration: ram.dirty_sync_count,
+        expected_downtime_ms: info.expected_downtime.unwrap_or(0),
+        throttle_percent: info.cpu_throttle_percentage.unwrap_or(0),
+    }
+}
+
+/// Tracks whether bytes still move.
+struct StallWatch {
+    last: u64,
+    since: Instant,
+    limit: Duration,
+}
+
+impl StallWatch {
+    fn new(limit: Duration) -> Self {
+        Self {
+            last: 0,
+            since: Instant::now(),
+            limit,
+        }
+    }
+
+    fn check(&mut self, moved: u64, what: &str) -> Result<(), HvError> {
+        if moved != self.last {
+            self.last = moved;
+            self.since = Instant::now();
+            return Ok(());
+        }
+        if self.since.elapsed() > self.limit {
+            return Err(HvError::Control(format!(
+                "{what} stalled: nothing moved for {}s (is the destination reachable?)",
+                self.limit.as_secs()
+            )));
+        }
+        Ok(())
+    }
+}
+
+async fn mirror_job(qmp: &Qmp) -> Result<Option<BlockJobInfo>, HvError> {
+    Ok(qmp
+        .query_block_jobs()
+        .await
+        .map_err(control)?
+        .into_iter()
+        .find(|j| j.device == MIRROR_JOB))
+}
+
+/// The source's steps; the caller undoes them on failure.
+async fn migrate_out(
+    qmp: &Qmp,
+    plan: &OutgoingPlan,
+    ctl: &mut dyn OutgoingControl,
+) -> Result<OutgoingOutcome, HvError> {
+    let started = Instant::now();
+    let cancelled = || HvError::Control("the migration was cancelled".into());
+    let timed_out = || {
+        HvError::Control(format!(
+            "the migration did not converge within {}s",
+            plan.max_duration.as_secs()
+        ))
+    };
+    // 1. The disk: mirror it into the destination's export; from `ready` on,
+    // every guest write reaches both (write-blocking), so it stays in sync.
+    if let Some(disk) = &plan.disk {
+        qmp.blockdev_add(serde_json::json!({
+            "driver": "nbd",
+            "node-name": MIRROR_JOB,
+            "server": {"type": "inet", "host": disk.host, "port": disk.port.to_string()},
+            "export": disk.export,
+        }))
+        .await
+        .map_err(control)?;
+        qmp.blockdev_mirror(&BlockdevMirror {
+            job_id: MIRROR_JOB.into(),
+            device: ROOT_NODE.into(),
+            target: MIRROR_JOB.into(),
+            // The destination's disk has the same base: only this VM's own
+            // layer moves.
+            sync: MirrorSync::Top,
+            speed: plan.max_bandwidth,
+            copy_mode: Some("write-blocking".into()),
+        })
+        .await
+        .map_err(control)?;
+        let mut stall = StallWatch::new(plan.stall_timeout);
+        let mut reported = Instant::now() - PROGRESS_EVERY;
+        loop {
+            let job = mirror_job(qmp).await?;
+            let Some(job) = job else {
+                return Err(HvError::Control(
+                    "the disk mirror ended before it was in sync".into(),
+                ));
+            };
+            if let Some(e) = &job.error {
+                return Err(HvError::Control(format!("the disk mirror failed: {e}")));
+            }
+            if reported.elapsed() >= PROGRESS_EVERY || job.ready {
+                reported = Instant::now();
+                let p = MigrationProgress {
+                    disk_copied: job.offset,
+                    disk_total: job.len,
+                    ..Default::default()
+                };
+                if !ctl.progress(MigrationPhase::CopyingDisk, &p).await {
+                    return Err(cancelled());
+                }
+            }
+            if job.ready {
+                break;
+            }
+            stall.check(job.offset, "the disk copy")?;
+            if started.elapsed() > plan.max_duration {
+                return Err(timed_out());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // 2. Memory, while the guest runs. QEMU must not switch over by itself
+    // (downtime limit 0): the network is redirected first, then we pause.
+    qmp.migrate_set_capabilities(&[
+        (MigrationCapability::Events, true),
+        (MigrationCapability::AutoConverge, true),
+        (MigrationCapability::PauseBeforeSwitchover, false),
+        (MigrationCapability::PostcopyRam, false),
+    ])
+    .await
+    .map_err(control)?;
+    qmp.migrate_set_parameters(&MigrationParameters {
+        downtime_limit: Some(0),
+        max_bandwidth: Some(plan.max_bandwidth.unwrap_or(u64::MAX >> 8)),
+        ..Default::default()
+    })
+    .await
+    .map_err(control)?;
+    qmp.migrate(&plan.uri).await.map_err(control)?;
+    let mut stall = StallWatch::new(plan.stall_timeout);
+    let mut reported = Instant::now() - PROGRESS_EVERY;
+    let mut disk = (0, 0);
+    let mut last_remaining: Option<(u64, Instant)> = None;
+    loop {
+        let info = qmp.query_migrate().await.map_err(control)?;
+        match info.status {
+            Some(MigrationStatus::Failed | MigrationStatus::Cancelled) => {
+                return Err(HvError::Control(format!(
+                    "the memory transfer failed: {}",
+                    info.error_desc
+                        .unwrap_or_else(|| "QEMU gave no reason".into())
+                )));
+            }
+            // Everything was sent while the guest ran, between two polls;
+            // QEMU paused it itself (before the network switch: frames that
+            // reached its tap after the pause may be lost).
+            Some(MigrationStatus::Completed) => {
+                warn!("QEMU completed the migration on its own, before the network switch");
+                ctl.before_stop()
+                    .await
+                    .map_err(|e| HvError::Control(format!("switching the network: {e}")))?;
+                return finish_outgoing(qmp, plan, Instant::now(), &info).await;
+            }
+            _ => {}
+        }
+        let ram = info.ram.clone().unwrap_or_default();
+        if reported.elapsed() >= PROGRESS_EVERY {
+            reported = Instant::now();
+            if plan.disk.is_some() {
+                disk = mirror_progress(mirror_job(qmp).await?.as_ref());
+            }
+            if !ctl
+                .progress(MigrationPhase::Transferring, &ram_progress(&info, disk))
+                .await
+            {
+                return Err(cancelled());
+            }
+        }
+        stall.check(ram.transferred, "the memory transfer")?;
+        if started.elapsed() > plan.max_duration {
+            return Err(timed_out());
+        }
+        // How fast the rest goes: QEMU's throughput, or how fast the
+        // remaining count falls (zero pages cost nothing to send, so an
+        // idle guest's memory drains far faster than the throughput says).
+        let now = Instant::now();
+        let mut rate = ram.mbps * 1e6 / 8.0;
+        if let Some((prev, at)) = last_remaining
+            && prev > ram.remaining
+        {
+            let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+            rate = rate.max((prev - ram.remaining) as f64 / secs);
+        }
+        last_remaining = Some((ram.remaining, now));
+        let fits = rate > 0.0
+            && ram.transferred > 0
+            && (ram.remaining as f64) <= rate * plan.switchover_budget.as_secs_f64();
+        if fits && info.status == Some(MigrationStatus::Active) {
+            break;
+        }
+        tokio::time::sleep(MIGRATION_POLL).await;
+    }
+    // 3. Switchover: traffic for the guest now queues at the destination;
+    // let the guest take what already reached it. From here QEMU may
+    // finish on its own (nothing is lost any more): let it send what it
+    // can while the guest runs, then pause it.
+    ctl.before_stop()
+        .await
+        .map_err(|e| HvError::Control(format!("preparing the switchover: {e}")))?;
+    let redirected = Instant::now();
+    tokio::time::sleep(RING_DRAIN).await;
+    let mut last_remaining: Option<(u64, Instant)> = None;
+    loop {
+        let info = qmp.query_migrate().await.map_err(control)?;
+        match info.status {
+            Some(MigrationStatus::Completed) => {
+                let paused = Duration::from_millis(info.downtime.unwrap_or(0));
+                let stopped_at = Instant::now()
+                    .checked_sub(paused)
+                    .unwrap_or_else(Instant::now);
+                return finish_outgoing(qmp, plan, stopped_at, &info).await;
+            }
+            Some(MigrationStatus::Active) => {}
+            // Device state or failure: handled below, after the stop.
+            _ => break,
+        }
+        let ram = info.ram.clone().unwrap_or_default();
+        let now = Instant::now();
+        let mut rate = ram.mbps * 1e6 / 8.0;
+        if let Some((prev, at)) = last_remaining
+            && prev > ram.remaining
+        {
+            let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+            rate = rate.max((prev - ram.remaining) as f64 / secs);
+        }
+        last_remaining = Some((ram.remaining, now));
+        let small = rate > 0.0 && (ram.remaining as f64) <= rate * FINAL_BUDGET.as_secs_f64();
+        if small || redirected.elapsed() >= MAX_QUEUEING {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let stopped_at = Instant::now();
+    if let Err(e) = qmp.stop().await {
+        // It may have completed (and stopped the guest) meanwhile.
+        let info = qmp.query_migrate().await.map_err(control)?;
+        if info.status != Some(MigrationStatus::Completed) {
+            return Err(control(e));
+        }
+    }
+    let deadline = Instant::now() + COMPLETION_TIMEOUT;
+    let info = loop {
+        let info = qmp.query_migrate().await.map_err(control)?;
+        match info.status {
+            Some(MigrationStatus::Completed) => break info,
+            Some(MigrationStatus::Failed | MigrationStatus::Cancelled) => {
+                return Err(HvError::Control(format!(
+                    "the last copy failed: {}",
+                    info.error_desc
+                        .unwrap_or_else(|| "QEMU gave no reason".into())
+                )));
+            }
+            _ if Instant::now() > deadline => {
+                return Err(HvError::Control(format!(
+                    "the last copy did not finish within {}s",
+                    COMPLETION_TIMEOUT.as_secs()
+                )));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    };
+    finish_outgoing(qmp, plan, stopped_at, &info).await
+}
+
+/// Ends the disk mirror after the memory arrived (the guest is paused):
+/// cancelling a job in sync completes it, leaving the copy in place.
+async fn finish_outgoing(
+    qmp: &Qmp,
+    plan: &OutgoingPlan,
+    stopped_at: Instant,
+    info: &MigrationInfo,
+) -> Result<OutgoingOutcome, HvError> {
+    let mut disk_copied = 0;
+    if plan.disk.is_some() {
+        let mut events = qmp.events();
+        qmp.block_job_cancel(MIRROR_JOB, false)
+            .await
+            .map_err(control)?;
+        let done = events.wait_for(|e| {
+            matches!(e.kind(), EventKind::BlockJobCompleted(j) | EventKind::BlockJobCancelled(j) if j.device == MIRROR_JOB)
+        });
+        match tokio::time::timeout(COMPLETION_TIMEOUT, done).await {
+            Ok(Some(e)) => {
+                if let EventKind::BlockJobCompleted(j) = e.kind() {
+                    disk_copied = j.offset;
+                    if let Some(err) = j.error {
+                        return Err(HvError::Control(format!(
+                            "the disk mirror failed at the end: {err}"
+                        )));
+                    }
+                } else {
+                    return Err(HvError::Control(
+                        "the disk mirror was cancelled before it completed".into(),
+                    ));
+                }
+            }
+            _ => {
+                return Err(HvError::Control("the disk mirror did not complete".into()));
+            }
+        }
+        let _ = qmp.blockdev_del(MIRROR_JOB).await;
+    }
+    Ok(OutgoingOutcome {
+        stopped_at: stopped_at.into_std(),
+        qemu_downtime_ms: info.downtime.unwrap_or(0),
+        ram_transferred: info.ram.as_ref().map_or(0, |r| r.transferred),
+        disk_copied,
+    })
+}
+
+/// Undoes the source's side: cancels the transfer and the mirror, drops
+/// the target node and lets the guest run.
+async fn abort_outgoing(qmp: &Qmp) -> Result<(), HvError> {
+    let info = qmp.query_migrate().await.map_err(control)?;
+    if info.status.as_ref().is_some_and(|s| !s.is_finished()) {
+        qmp.migrate_cancel().await.map_err(control)?;
+        for _ in 0..500 {
+            match qmp.query_migrate().await.map_err(control)?.status {
+                Some(s) if s.is_finished() => break,
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+    if mirror_job(qmp).await?.is_some() {
+        let _ = qmp.block_job_cancel(MIRROR_JOB, true).await;
+        for _ in 0..500 {
+            if mirror_job(qmp).await?.is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let _ = qmp.blockdev_del(MIRROR_JOB).await;
+    let status = qmp.query_status().await.map_err(control)?;
+    if !status.running
+        && matches!(
+            status.status,
+            RunState::Paused | RunState::Postmigrate | RunState::FinishMigrate
+        )
+    {
+        qmp.cont().await.map_err(control)?;
+    }
+    Ok(())
 }
 
 /// Adds a volume disk to a running or paused VM: its NBD block node, then
@@ -397,6 +884,10 @@ impl Hypervisor for QemuHypervisor {
             .map_err(|e| HvError::StartFailed(e.to_string()))?;
         // Subscribe before the guest runs so no event is missed.
         let handle = QemuVmHandle::new(vm);
+        if launch.migration_target {
+            // It stays paused until the migration brings its state.
+            return Ok(Box::new(handle));
+        }
         if let Some(memory) = &launch.incoming {
             match checkpoint::load(handle.vm.qmp(), memory, LOAD_TIMEOUT).await {
                 Ok(took) => {

@@ -11,9 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use skyvisor_core::image::{FileRole, ImageKind, ImageState};
 use skyvisor_core::{
-    CheckpointSchedule, CloneSource, ExitReason, ExitRecord, Image, InstancePhase, InstanceSpec,
+    CheckpointSchedule, CloneSource, ExitReason, ExitRecord, InstancePhase, InstanceSpec,
     InstanceStatus, InstanceVolume, PowerState, Resources, RestartPolicy, RestoreRequest, Snapshot,
     SnapshotKind, SnapshotOrigin, VolumeAttachment, VolumeName, keys,
 };
@@ -24,11 +23,11 @@ use tracing::{info, warn};
 
 use crate::AgentContext;
 use crate::checkpoints;
-use crate::disks::create_root_disk;
-use crate::hypervisor::{LaunchBoot, LaunchVolume, Vm, VmEvent, VmExit, VmLaunch};
+use crate::hypervisor::{LaunchVolume, Vm, VmEvent, VmExit, VmLaunch};
+use crate::launch::Launcher;
 
 /// The file in a VM's directory recording how its running process was launched.
-const LAUNCH_FILE: &str = "launch.json";
+pub(crate) const LAUNCH_FILE: &str = "launch.json";
 /// The root disk's file name.
 pub const ROOT_DISK: &str = "root.qcow2";
 /// How long QEMU gets to exit after `quit` before it is killed.
@@ -41,12 +40,12 @@ const STABLE_RUN: Duration = Duration::from_secs(60);
 const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running VM and what it was launched with.
-struct Running {
-    vm: Box<dyn Vm>,
-    resources: Resources,
-    since: Instant,
+pub(crate) struct Running {
+    pub(crate) vm: Box<dyn Vm>,
+    pub(crate) resources: Resources,
+    pub(crate) since: Instant,
     /// The volume disks plugged into it.
-    volumes: Vec<LaunchVolume>,
+    pub(crate) volumes: Vec<LaunchVolume>,
 }
 
 /// The state of one VM's supervisor task.
@@ -73,6 +72,10 @@ pub struct Supervisor {
     /// A hot-plug that failed at this spec generation: not retried until
     /// the spec changes.
     volume_error: Option<u64>,
+    /// The last migration this supervisor ran (not retried).
+    migration_done: Option<skyvisor_core::MigrationId>,
+    /// The VM moved to another host: this supervisor is done.
+    moved: bool,
 }
 
 impl Drop for Supervisor {
@@ -126,6 +129,8 @@ impl Supervisor {
             next_checkpoint: None,
             claims_checked: None,
             volume_error: None,
+            migration_done: None,
+            moved: false,
         }
     }
 
@@ -147,6 +152,10 @@ impl Supervisor {
                 return;
             }
             if self.converge(&spec).await {
+                if self.moved {
+                    self.cancel_probe();
+                    return;
+                }
                 continue;
             }
             self.status.observed_generation = spec.generation;
@@ -181,8 +190,41 @@ impl Supervisor {
         }
     }
 
+    /// Takes over a VM that migrated here (prepared by the migration's
+    /// destination endpoint); resumes it if the source could not ask.
+    async fn adopt_incoming(&mut self, spec: &InstanceSpec) -> bool {
+        let mut incoming = self.ctx.incoming.lock().await;
+        let Some(v) = incoming.remove(&spec.name) else {
+            return false;
+        };
+        if !v.resumed
+            && let Err(e) = v.vm.finish_incoming(Duration::from_secs(30)).await
+        {
+            warn!(instance = %spec.name, error = %e, "a migrated VM could not be resumed; discarding it");
+            v.vm.kill();
+            return false;
+        }
+        info!(instance = %spec.name, pid = ?v.vm.pid(), "took over a migrated VM");
+        self.status.pid = v.vm.pid();
+        self.status.phase = InstancePhase::Running;
+        self.status.host = Some(self.ctx.host.clone());
+        self.status.accel = Some(self.ctx.accel);
+        self.status.guest_service = v.guest_service;
+        self.status.message = None;
+        self.running = Some(Running {
+            vm: v.vm,
+            resources: v.resources,
+            since: Instant::now(),
+            volumes: vec![],
+        });
+        true
+    }
+
     /// Takes over a VM an earlier agent left running.
     async fn adopt(&mut self, spec: &InstanceSpec) {
+        if self.adopt_incoming(spec).await {
+            return;
+        }
         let dir = self.vm_dir(spec);
         let Some(vm) = self.ctx.hypervisor.attach(&dir).await else {
             return;
@@ -192,6 +234,15 @@ impl Supervisor {
             Err(_) => None,
         };
         let resources = launched.as_ref().map_or(spec.resources, |l| l.resources);
+        if launched.as_ref().is_some_and(|l| l.migration_target)
+            && let Err(e) = vm.finish_incoming(Duration::from_secs(30)).await
+        {
+            // A destination VM an earlier agent prepared: it runs only if
+            // its migration completed (the binding says it did).
+            warn!(instance = %spec.name, error = %e, "a migrated VM left by an earlier agent cannot run; discarding it");
+            vm.kill();
+            return;
+        }
         let volumes = launched.map(|l| l.volumes).unwrap_or_default();
         info!(instance = %spec.name, pid = ?vm.pid(), "re-attached to running VM");
         if let Err(e) = vm.recover_checkpoint().await {
@@ -285,6 +336,25 @@ impl Supervisor {
                 }
                 if spec.reboot_generation > self.status.observed_reboot_generation {
                     self.reboot(spec).await;
+                    return true;
+                }
+                if let Some(req) = &spec.migration
+                    && self.migration_done != Some(req.id)
+                {
+                    let outcome =
+                        crate::migration::migrate_out(&self.ctx, spec, req, &*running.vm).await;
+                    self.migration_done = Some(req.id);
+                    match outcome {
+                        crate::migration::SourceOutcome::Moved => {
+                            self.running = None;
+                            self.moved = true;
+                        }
+                        crate::migration::SourceOutcome::Stayed => {
+                            if !self.status.guest_ready {
+                                self.start_probe(spec);
+                            }
+                        }
+                    }
                     return true;
                 }
                 let changed = self.sync_volumes(spec).await;
@@ -562,153 +632,25 @@ impl Supervisor {
         Err(last)
     }
 
-    /// Prepares disk and network and launches the VM; undoes what it did
-    /// on failure. With `incoming`, the VM continues from that saved
-    /// memory instead of booting.
+    fn launcher(&self) -> Launcher {
+        Launcher {
+            ctx: self.ctx.clone(),
+        }
+    }
+
+    /// Prepares disk and network and launches the VM (see [`Launcher::launch`]).
     async fn launch(
         &mut self,
         spec: &InstanceSpec,
         incoming: Option<PathBuf>,
         link_down: bool,
     ) -> Result<Running, String> {
-        let dir = self.vm_dir(spec);
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let image = self.image(spec).await?;
-        self.status.guest_service = image.guest_service;
-        if spec.root_volume().is_some() && image.kind != ImageKind::KernelInitrd {
-            return Err(format!(
-                "image {} boots its own disk; a root volume needs a kernel image",
-                image.name
-            ));
-        }
-        let volumes = self.serve_volumes(spec).await?;
-        let root = dir.join(ROOT_DISK);
-        let mut created_disk = false;
-        if spec.root_volume().is_none() && !tokio::fs::try_exists(&root).await.unwrap_or(false) {
-            let base = match image.file(FileRole::Disk) {
-                Some(f) => Some((
-                    self.ctx.images.file(&image, f).await?,
-                    f.format.unwrap_or(skyvisor_core::image::DiskFormat::Qcow2),
-                )),
-                None => None,
-            };
-            if let Err(e) = create_root_disk(
-                &root,
-                base.as_ref().map(|(p, f)| (p.as_path(), *f)),
-                spec.resources.disk_gib << 30,
-            )
-            .await
-            {
-                self.release_volumes(spec).await;
-                return Err(e);
-            }
-            created_disk = true;
-        }
-        let boot = match image.kind {
-            ImageKind::KernelInitrd => {
-                let kernel = match image.file(FileRole::Kernel) {
-                    Some(f) => self.ctx.images.file(&image, f).await?,
-                    None => return Err(format!("image {} has no kernel", image.name)),
-                };
-                let initrd = match image.file(FileRole::Initrd) {
-                    Some(f) => Some(self.ctx.images.file(&image, f).await?),
-                    None => None,
-                };
-                LaunchBoot::Kernel {
-                    kernel,
-                    initrd,
-                    cmdline: self.cmdline(spec, &image),
-                }
-            }
-            ImageKind::Disk => LaunchBoot::Firmware,
-        };
-        let tap = skyvisor_net::tap_name(&spec.id);
-        let undo = |created_disk: bool| {
-            let root = root.clone();
-            let tap = tap.clone();
-            let net = self.ctx.network.clone();
-            let volumes = self.ctx.volumes.clone();
-            let name = spec.name.clone();
-            async move {
-                let _ = net.delete_tap(&tap).await;
-                if created_disk {
-                    let _ = tokio::fs::remove_file(&root).await;
-                }
-                if let Some(v) = volumes {
-                    v.release_instance(&name).await;
-                }
-            }
-        };
-        if let Err(e) = self.ctx.network.ensure_tap(&tap, &self.ctx.bridge).await {
-            undo(created_disk).await;
-            return Err(format!("creating tap {tap}: {e}"));
-        }
-        let launch = VmLaunch {
-            instance: spec.id,
-            name: spec.name.to_string(),
-            run_dir: dir.clone(),
-            accel: self.ctx.accel,
-            resources: spec.resources,
-            boot,
-            root_disk: root.clone(),
-            tap: tap.clone(),
-            mac: spec.network.mac,
-            guest_channel: image.guest_service,
-            incoming,
-            link_down,
-            volumes: volumes.clone(),
-        };
-        let vm = match self.ctx.hypervisor.launch(&launch).await {
-            Ok(vm) => vm,
-            Err(e) => {
-                undo(created_disk).await;
-                return Err(e.to_string());
-            }
-        };
-        if let Err(e) = tokio::fs::write(dir.join(LAUNCH_FILE), encode(&launch)).await {
-            warn!(instance = %spec.name, error = %e, "could not record launch config");
-        }
-        Ok(Running {
-            vm,
-            resources: spec.resources,
-            since: Instant::now(),
-            volumes,
-        })
-    }
-
-    /// Serves every volume of the VM on this host (root first); on failure
-    /// stops serving those already served.
-    async fn serve_volumes(&self, spec: &InstanceSpec) -> Result<Vec<LaunchVolume>, String> {
-        if spec.volumes.is_empty() {
-            return Ok(vec![]);
-        }
-        let Some(svc) = self.ctx.volumes.clone() else {
-            return Err(format!(
-                "host {} serves no volumes (its agent runs without a replica server)",
-                self.ctx.host
-            ));
-        };
-        let mut ordered: Vec<&InstanceVolume> = spec.volumes.iter().filter(|v| v.root).collect();
-        ordered.extend(spec.volumes.iter().filter(|v| !v.root));
-        let mut out = vec![];
-        for v in ordered {
-            match svc.serve(v, &spec.name).await {
-                Ok(t) => out.push(launch_volume(v, t)),
-                Err(e) => {
-                    svc.release_instance(&spec.name).await;
-                    return Err(format!("volume {}: {e}", v.name));
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    async fn release_volumes(&self, spec: &InstanceSpec) {
-        if let Some(svc) = &self.ctx.volumes {
-            svc.release_instance(&spec.name).await;
-        }
+        let (running, guest_service) = self
+            .launcher()
+            .launch(spec, incoming, link_down, false)
+            .await?;
+        self.status.guest_service = guest_service;
+        Ok(running)
     }
 
     /// Hot-plugs volumes added to the spec of the running VM and unplugs
@@ -875,34 +817,6 @@ impl Supervisor {
         if done {
             self.claims_checked = Some(spec.volumes.clone());
         }
-    }
-
-    async fn image(&self, spec: &InstanceSpec) -> Result<Image, String> {
-        match self
-            .ctx
-            .store
-            .get_json::<Image>(&keys::image(&spec.image))
-            .await
-        {
-            Ok(Some((img, _))) if img.state == ImageState::Ready => Ok(img),
-            Ok(Some(_)) => Err(format!("image {} is not ready", spec.image)),
-            Ok(None) => Err(format!("image {} no longer exists", spec.image)),
-            Err(e) => Err(format!("reading image {}: {e}", spec.image)),
-        }
-    }
-
-    /// The kernel command line: the image's, plus the VM's identity and
-    /// network settings for the guest's init.
-    fn cmdline(&self, spec: &InstanceSpec, image: &Image) -> String {
-        let mut c = image.cmdline.clone().unwrap_or_default();
-        if image.guest_service {
-            let n = &spec.network;
-            c.push_str(&format!(
-                " sv.name={} sv.id={} sv.ip={}/{} sv.gw={} sv.mtu={}",
-                spec.name, spec.id, n.ip, n.prefix_len, n.gateway, self.ctx.mtu
-            ));
-        }
-        c.trim().to_string()
     }
 
     fn start_probe(&mut self, spec: &InstanceSpec) {
@@ -1138,7 +1052,7 @@ impl Supervisor {
         {
             warn!(instance = %spec.name, error = %e, "could not remove the VM's files");
         }
-        self.release_volumes(spec).await;
+        self.launcher().release_volumes(spec).await;
         let mut ops = vec![
             Op::Delete(keys::instance_spec(&spec.name)),
             Op::Delete(keys::binding(&spec.host, &spec.name)),
@@ -1170,7 +1084,7 @@ impl Supervisor {
 }
 
 /// The launch description of a volume served at `target`.
-fn launch_volume(v: &InstanceVolume, target: crate::volumes::NbdTarget) -> LaunchVolume {
+pub(crate) fn launch_volume(v: &InstanceVolume, target: crate::volumes::NbdTarget) -> LaunchVolume {
     LaunchVolume {
         name: v.name.clone(),
         id: v.id,

@@ -124,6 +124,7 @@ fn spec(name: &str, policy: RestartPolicy) -> InstanceSpec {
         generation: 1,
         created_at: Utc::now(),
         restore: None,
+        migration: None,
         clone_of: None,
         checkpoint_schedule: None,
         spread_group: None,

@@ -182,6 +182,7 @@ fn vm_spec(host: &HostName, volumes: Vec<InstanceVolume>) -> InstanceSpec {
         generation: 1,
         created_at: Utc::now(),
         restore: None,
+        migration: None,
         clone_of: None,
         checkpoint_schedule: None,
         spread_group: None,

@@ -38,6 +38,9 @@ pub enum ClientCommand {
     /// Replicated block volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Live migrations: what moved where, and how it went.
+    #[command(subcommand)]
+    Migration(crate::migrations::MigrationCommand),
     /// Instance types.
     #[command(subcommand, name = "type")]
     Type(TypeCommand),
@@ -57,6 +60,21 @@ pub enum VmCommand {
     Show {
         /// The VM.
         name: String,
+    },
+    /// Live-migrate a running VM to another host: it keeps its address,
+    /// memory, disk and processes. Shows progress until it is done.
+    Migrate {
+        /// The VM.
+        name: String,
+        /// The destination host (default: the scheduler picks one).
+        #[arg(long, conflicts_with = "cancel")]
+        to: Option<String>,
+        /// Cancel the VM's migration in flight; it stays where it runs.
+        #[arg(long)]
+        cancel: bool,
+        /// Return at once instead of following the migration.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Start a VM.
     Start {
@@ -319,6 +337,27 @@ pub enum HostCommand {
         /// The host.
         name: String,
     },
+    /// Maintenance: keep new VMs off a host and live-migrate its running
+    /// VMs to other hosts, one at a time.
+    Drain {
+        /// The host.
+        name: String,
+        /// Return at once instead of waiting until no running VM is left.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Return a drained host to service.
+    Undrain {
+        /// The host.
+        name: String,
+    },
+    /// Even out memory allocation across hosts by live-migrating VMs, one
+    /// migration at a time.
+    Rebalance {
+        /// At most this many migrations (default 3).
+        #[arg(long)]
+        max_moves: Option<u32>,
+    },
 }
 
 /// `skyvisor type ...`
@@ -337,6 +376,7 @@ pub async fn run(url: &str, format: OutputFormat, cmd: ClientCommand) -> Result<
         ClientCommand::Image(c) => image(&client, format, c).await,
         ClientCommand::Host(c) => host(&client, format, c).await,
         ClientCommand::Volume(c) => crate::volumes::volume(&client, format, c).await,
+        ClientCommand::Migration(c) => crate::migrations::migration(&client, format, c).await,
         ClientCommand::Type(TypeCommand::List) => {
             let types: Vec<InstanceType> = client.get("/v1/types").await?;
             output::print(format, &types, |types| {
@@ -893,6 +933,12 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
             volume,
             no_wait,
         } => crate::volumes::detach(client, format, &name, &volume, !no_wait).await?,
+        VmCommand::Migrate {
+            name,
+            to,
+            cancel,
+            no_wait,
+        } => crate::migrations::migrate(client, format, &name, to, cancel, !no_wait).await?,
         VmCommand::Console { name, follow, tail } => {
             let mut offset: i64 = match tail {
                 Some(n) => -(i64::try_from(n).unwrap_or(i64::MAX)),
@@ -1212,6 +1258,13 @@ async fn host(client: &Client, format: OutputFormat, cmd: HostCommand) -> Result
                 }
             };
             output::print(format, &h, show);
+        }
+        HostCommand::Drain { name, no_wait } => {
+            crate::migrations::drain(client, format, &name, !no_wait).await?
+        }
+        HostCommand::Undrain { name } => crate::migrations::undrain(client, format, &name).await?,
+        HostCommand::Rebalance { max_moves } => {
+            crate::migrations::rebalance(client, format, max_moves).await?
         }
         HostCommand::Cordon { name } => {
             let h: HostView = client

@@ -36,6 +36,17 @@ pub fn spec_ops(spec: &InstanceSpec) -> Vec<Op> {
     ]
 }
 
+/// Refuses changes to an instance that is migrating.
+pub(crate) fn refuse_while_migrating(spec: &InstanceSpec) -> ApiResult<()> {
+    match &spec.migration {
+        Some(m) => Err(ApiError::conflict(format!(
+            "instance \"{}\" is migrating to {} (migration {}); wait for it to finish or cancel it with `skyvisor vm migrate {} --cancel`",
+            spec.name, m.destination, m.id, spec.name
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Default graceful stop timeout.
 pub const DEFAULT_STOP_TIMEOUT_SECS: u32 = 30;
 /// Longest graceful stop timeout accepted.
@@ -330,6 +341,7 @@ impl ControlPlane {
                 generation: 1,
                 created_at: Utc::now(),
                 restore: None,
+                migration: None,
                 clone_of: clone.as_ref().map(|(src, _)| src.clone()),
                 checkpoint_schedule: req.checkpoint_schedule,
                 spread_group: spread_group.clone(),
@@ -395,7 +407,7 @@ impl ControlPlane {
 
     /// Comparisons that hold only while `host`'s allocation and state are
     /// what the view showed when it was chosen.
-    fn host_guard(&self, host: &HostEntry) -> Vec<Compare> {
+    pub(crate) fn host_guard(&self, host: &HostEntry) -> Vec<Compare> {
         vec![
             Compare::ModRevision(keys::host_alloc(&host.host.name), host.alloc_revision),
             Compare::ModRevision(keys::host_state(&host.host.name), host.state_revision),
@@ -403,7 +415,7 @@ impl ControlPlane {
     }
 
     /// Rewrites `host`'s allocation marker (see [`keys::host_alloc`]).
-    fn alloc_mark(&self, host: &HostName, instance: &InstanceName) -> Op {
+    pub(crate) fn alloc_mark(&self, host: &HostName, instance: &InstanceName) -> Op {
         put_json(
             keys::host_alloc(host),
             &AllocMark {
@@ -447,6 +459,7 @@ impl ControlPlane {
                     "instance \"{name}\" is being deleted"
                 )));
             }
+            refuse_while_migrating(&spec)?;
             let status = self
                 .store
                 .get_json::<InstanceStatus>(&keys::instance_status(&name))
@@ -554,6 +567,7 @@ impl ControlPlane {
                     "instance \"{name}\" is being deleted"
                 )));
             }
+            refuse_while_migrating(&spec)?;
             let host = spec.host.clone();
             let mut hosts = self.inventory.hosts().await;
             self.inflight.adjust(&mut hosts);
@@ -640,6 +654,7 @@ impl ControlPlane {
                 InstancePhase::Running | InstancePhase::Starting | InstancePhase::Stopping
             ) || (spec.power == PowerState::Running
                 && status.phase == InstancePhase::Pending);
+            refuse_while_migrating(&spec)?;
             if running && !force {
                 return Err(ApiError::conflict(format!(
                     "instance \"{name}\" is {}; stop it first or delete with force",

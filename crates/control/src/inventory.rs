@@ -87,6 +87,11 @@ impl State {
         let entry = self.allocated.entry(spec.host.clone()).or_default();
         entry.0 = entry.0.plus(spec.resources);
         entry.1 += 1;
+        // A VM on its way holds its resources on the destination too.
+        if let Some(m) = &spec.migration {
+            let dest = self.allocated.entry(m.destination.clone()).or_default();
+            dest.0 = dest.0.plus(spec.resources);
+        }
         if let Some(g) = &spec.spread_group {
             self.groups
                 .entry(g.clone())
@@ -104,6 +109,11 @@ impl State {
             if let Some(entry) = self.allocated.get_mut(&old.host) {
                 entry.0 = entry.0.minus(old.resources);
                 entry.1 = entry.1.saturating_sub(1);
+            }
+            if let Some(m) = &old.migration
+                && let Some(dest) = self.allocated.get_mut(&m.destination)
+            {
+                dest.0 = dest.0.minus(old.resources);
             }
             if let Some(g) = &old.spread_group
                 && let Some(members) = self.groups.get_mut(g)

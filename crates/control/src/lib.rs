@@ -16,6 +16,7 @@ pub mod instances;
 pub mod inventory;
 pub mod ipam;
 pub mod metrics;
+pub mod migrations;
 pub mod scheduler;
 pub mod snapshots;
 pub mod volumes;
@@ -130,6 +131,7 @@ impl ControlPlane {
         .await?;
         let _ = self.cluster.set(membership.view());
         tokio::spawn(image_sync::run(self.clone()));
+        tokio::spawn(migrations::run(self.clone()));
         Ok(membership)
     }
 

@@ -107,6 +107,7 @@ impl ControlPlane {
                 "instance \"{instance}\" is being deleted"
             )));
         }
+        crate::instances::refuse_while_migrating(&spec)?;
         if !spec.volumes.is_empty() {
             let names: Vec<String> = spec.volumes.iter().map(|v| v.name.to_string()).collect();
             return Err(ApiError::conflict(format!(
@@ -288,6 +289,12 @@ impl ControlPlane {
             )));
         }
         check_fits(&snap, &spec)?;
+        if snap.host != spec.host {
+            return Err(ApiError::conflict(format!(
+                "snapshot \"{snap_name}\" is stored on host {}, but instance \"{name}\" now runs on host {} (it migrated); snapshots do not move between hosts yet: migrate it back with `skyvisor vm migrate {name} --to {}`",
+                snap.host, spec.host, snap.host
+            )));
+        }
         let full = snap.kind == Some(SnapshotKind::Full);
         let inst = self
             .update_spec(name.as_str(), |spec, _| {
@@ -362,6 +369,7 @@ mod tests {
             generation: 1,
             created_at: Utc::now(),
             restore: None,
+            migration: None,
             clone_of: None,
             checkpoint_schedule: None,
             spread_group: None,

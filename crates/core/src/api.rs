@@ -179,3 +179,45 @@ pub struct ConsoleLog {
     /// The text.
     pub text: String,
 }
+
+/// Body of `POST /v1/instances/{name}/migrate`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateInstanceRequest {
+    /// The destination host; the scheduler picks one when absent.
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+/// Body of `POST /v1/hosts/rebalance`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RebalanceRequest {
+    /// At most this many migrations (default 3, at most 50); they run one
+    /// at a time.
+    #[serde(default)]
+    pub max_moves: Option<u32>,
+}
+
+/// What `POST /v1/hosts/rebalance` planned.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RebalancePlan {
+    /// The moves, in order: instance, from, to.
+    pub moves: Vec<PlannedMove>,
+    /// Memory allocation spread (most minus least loaded host, percent of
+    /// allocatable) before and, if all moves succeed, after.
+    pub spread_before_percent: f64,
+    /// See `spread_before_percent`.
+    pub spread_after_percent: f64,
+}
+
+/// One move of a rebalance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PlannedMove {
+    /// The VM.
+    pub instance: String,
+    /// Where it runs.
+    pub from: String,
+    /// Where it goes.
+    pub to: String,
+}

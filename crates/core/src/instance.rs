@@ -146,6 +146,10 @@ pub struct InstanceSpec {
     /// root volume (its `vda`, instead of a local disk) first if it has one.
     #[serde(default)]
     pub volumes: Vec<InstanceVolume>,
+    /// A live migration in flight: the source's agent moves the VM to the
+    /// destination and clears this when it is done, one way or the other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::MigrationRequest>,
 }
 
 impl InstanceSpec {

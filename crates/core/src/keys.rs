@@ -53,6 +53,12 @@ pub const VOLUME_RUNTIMES: &str = "volumes/runtime/";
 pub const VOLUME_MEMBERSHIP: &str = "volumes/membership/";
 /// Prefix of all volume snapshots.
 pub const VOLUME_SNAPSHOTS: &str = "volumes/snapshot/";
+/// Prefix of migration records (`migrations/record/<id>`).
+pub const MIGRATIONS: &str = "migrations/record/";
+/// Prefix of cancel requests of migrations (`migrations/cancel/<id>`).
+pub const MIGRATION_CANCELS: &str = "migrations/cancel/";
+/// A pending rebalance request: how many more moves it may make.
+pub const REBALANCE: &str = "cluster/rebalance";
 
 /// The spec of instance `name`.
 pub fn instance_spec(name: &InstanceName) -> String {
@@ -174,6 +180,16 @@ pub fn volume_snapshots(name: &VolumeName) -> String {
 /// Snapshot `snapshot` of volume `name`.
 pub fn volume_snapshot(name: &VolumeName, snapshot: &str) -> String {
     format!("{VOLUME_SNAPSHOTS}{name}/{snapshot}")
+}
+
+/// A migration's record.
+pub fn migration(id: &crate::MigrationId) -> String {
+    format!("{MIGRATIONS}{id}")
+}
+
+/// The cancel request of a migration.
+pub fn migration_cancel(id: &crate::MigrationId) -> String {
+    format!("{MIGRATION_CANCELS}{id}")
 }
 
 /// The last path segment of `key`: the name of the object it holds.

@@ -12,6 +12,7 @@ pub mod host;
 pub mod image;
 pub mod instance;
 pub mod keys;
+pub mod migration;
 pub mod names;
 pub mod network;
 pub mod resources;
@@ -25,6 +26,10 @@ pub use image::{Image, ImageFile, ImageKind, ImageSource, ImageState};
 pub use instance::{
     ExitReason, ExitRecord, Instance, InstanceId, InstancePhase, InstanceSpec, InstanceStatus,
     PowerState, RestartPolicy,
+};
+pub use migration::{
+    Migration, MigrationId, MigrationPhase, MigrationProgress, MigrationReason, MigrationRequest,
+    MigrationResult,
 };
 pub use names::{GroupName, HostName, ImageName, InstanceName, ServerName, TypeName, VolumeName};
 pub use network::{Ipv4Net, MacAddr, Network, NetworkAttachment};

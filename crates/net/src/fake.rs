@@ -5,6 +5,8 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
+use skyvisor_core::MacAddr;
+
 use crate::{BridgeConfig, HostNetwork, NetError, OverlayConfig, validate_ifname};
 
 /// Records bridges, taps and overlays instead of creating them.
@@ -86,6 +88,32 @@ impl HostNetwork for FakeNetwork {
             .overlays
             .insert(overlay.name.clone(), overlay.clone());
         Ok(())
+    }
+
+    async fn pin_mac(&self, _mac: MacAddr, tap: &str) -> Result<(), NetError> {
+        validate_ifname(tap)
+    }
+
+    async fn redirect_mac(
+        &self,
+        _mac: MacAddr,
+        overlay: &str,
+        _remote: std::net::Ipv4Addr,
+    ) -> Result<(), NetError> {
+        validate_ifname(overlay)
+    }
+
+    async fn steer_mac(
+        &self,
+        _mac: MacAddr,
+        overlay: &str,
+        _remote: std::net::Ipv4Addr,
+    ) -> Result<(), NetError> {
+        validate_ifname(overlay)
+    }
+
+    async fn clear_redirect(&self, _mac: MacAddr, overlay: &str) -> Result<(), NetError> {
+        validate_ifname(overlay)
     }
 }
 

@@ -23,7 +23,7 @@ mod linux;
 use std::net::Ipv4Addr;
 
 use async_trait::async_trait;
-use skyvisor_core::{InstanceId, Ipv4Net};
+use skyvisor_core::{InstanceId, Ipv4Net, MacAddr};
 use thiserror::Error;
 
 pub use fake::FakeNetwork;
@@ -112,6 +112,37 @@ pub trait HostNetwork: Send + Sync {
     /// flooding list (exactly `overlay.peers`) and the ARP filter for the
     /// gateway. Idempotent.
     async fn ensure_overlay(&self, bridge: &str, overlay: &OverlayConfig) -> Result<(), NetError>;
+
+    /// Live migration, destination side: frames for `mac` go to `tap` (the
+    /// paused destination VM's; they queue there until it runs) whatever the
+    /// bridge learned before. The entry goes with the tap.
+    async fn pin_mac(&self, mac: MacAddr, tap: &str) -> Result<(), NetError>;
+
+    /// Live migration, source side: frames for `mac` leave through the
+    /// overlay device `overlay` to the host at `remote`, whatever the
+    /// bridge learns meanwhile. Undo with [`HostNetwork::clear_redirect`].
+    async fn redirect_mac(
+        &self,
+        mac: MacAddr,
+        overlay: &str,
+        remote: Ipv4Addr,
+    ) -> Result<(), NetError>;
+
+    /// Live migration, on every other host: the overlay sends frames for
+    /// `mac` to the host at `remote`, whatever it learns meanwhile (the VM
+    /// still talks from its old host until it is paused). Undo with
+    /// [`HostNetwork::clear_redirect`].
+    async fn steer_mac(
+        &self,
+        mac: MacAddr,
+        overlay: &str,
+        remote: Ipv4Addr,
+    ) -> Result<(), NetError>;
+
+    /// Removes what [`HostNetwork::redirect_mac`] or
+    /// [`HostNetwork::steer_mac`] set up (the bridge and the overlay then
+    /// learn `mac`'s place again). No error if there is nothing to remove.
+    async fn clear_redirect(&self, mac: MacAddr, overlay: &str) -> Result<(), NetError>;
 }
 
 /// The tap device name of an instance: `svt` + the id's first 8 hex digits,

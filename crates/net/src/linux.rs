@@ -9,6 +9,10 @@ use async_trait::async_trait;
 use tokio::process::Command;
 use tracing::debug;
 
+use std::net::Ipv4Addr;
+
+use skyvisor_core::MacAddr;
+
 use crate::{BridgeConfig, HostNetwork, NetError, OverlayConfig, validate_ifname};
 
 /// The host's real network.
@@ -230,6 +234,92 @@ impl HostNetwork for LinuxNetwork {
         }
         out.sort();
         Ok(out)
+    }
+
+    async fn pin_mac(&self, mac: MacAddr, tap: &str) -> Result<(), NetError> {
+        validate_ifname(tap)?;
+        let mac = mac.to_string();
+        run(
+            "bridge",
+            // Sticky: frames from the VM's old place must not move it.
+            &[
+                "fdb", "replace", &mac, "dev", tap, "master", "static", "sticky",
+            ],
+            None,
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn redirect_mac(
+        &self,
+        mac: MacAddr,
+        overlay: &str,
+        remote: Ipv4Addr,
+    ) -> Result<(), NetError> {
+        self.steer_mac(mac, overlay, remote).await?;
+        // Sticky: frames the VM still sends from its tap until it is paused
+        // must not move the entry back (learning moves static entries that
+        // are not sticky).
+        run(
+            "bridge",
+            &[
+                "fdb",
+                "replace",
+                &mac.to_string(),
+                "dev",
+                overlay,
+                "master",
+                "static",
+                "sticky",
+            ],
+            None,
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn steer_mac(
+        &self,
+        mac: MacAddr,
+        overlay: &str,
+        remote: Ipv4Addr,
+    ) -> Result<(), NetError> {
+        validate_ifname(overlay)?;
+        // Permanent: learning does not move it.
+        run(
+            "bridge",
+            &[
+                "fdb",
+                "replace",
+                &mac.to_string(),
+                "dev",
+                overlay,
+                "dst",
+                &remote.to_string(),
+                "self",
+                "permanent",
+            ],
+            None,
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn clear_redirect(&self, mac: MacAddr, overlay: &str) -> Result<(), NetError> {
+        validate_ifname(overlay)?;
+        if !link_exists(overlay) {
+            return Ok(());
+        }
+        let m = mac.to_string();
+        let _ = run(
+            "bridge",
+            &["fdb", "del", &m, "dev", overlay, "master"],
+            None,
+        )
+        .await;
+        let _ = run("bridge", &["fdb", "del", &m, "dev", overlay, "self"], None).await;
+        Ok(())
     }
 
     async fn ensure_overlay(&self, bridge: &str, overlay: &OverlayConfig) -> Result<(), NetError> {

@@ -84,6 +84,11 @@ pub struct VmConfig {
     pub run_dir: PathBuf,
     /// Start waiting for an incoming migration instead of booting.
     pub incoming: Option<Incoming>,
+    /// Let the disks' guest devices share write access, so that QEMU's own
+    /// NBD server can export them writable while the guest device exists:
+    /// the destination of a live migration, whose disks the source mirrors
+    /// into. Not migrated state; the source need not match.
+    pub export_disks: bool,
     /// Turn on QEMU's seccomp filter (`-sandbox on`). Only if the binary was
     /// built with seccomp support.
     pub sandbox: bool,
@@ -129,6 +134,7 @@ impl VmConfig {
             rng: true,
             run_dir: run_dir.into(),
             incoming: None,
+            export_disks: false,
             sandbox: false,
             start_timeout: Duration::from_secs(30),
             qmp_command_timeout: Duration::from_secs(30),
@@ -212,7 +218,11 @@ impl VmConfig {
             // SeaBIOS boots the first disk when there is no kernel.
             let boot_first = i == 0 && matches!(self.boot, Boot::Firmware);
             a.push2("-blockdev", disk.blockdev_json()?.to_string());
-            a.push2("-device", disk.device_arg(boot_first));
+            let mut device = disk.device_arg(boot_first);
+            if self.export_disks {
+                device.push_str(",share-rw=on");
+            }
+            a.push2("-device", device);
         }
 
         for nic in &self.nics {

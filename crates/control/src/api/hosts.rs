@@ -21,6 +21,11 @@ fn view(e: HostEntry) -> HostView {
     }
 }
 
+/// The view of host `name`, or 404.
+pub(super) async fn view_of(cp: &ControlPlane, name: &str) -> ApiResult<HostView> {
+    Ok(view(find(cp, name.to_string()).await?))
+}
+
 /// All hosts.
 #[utoipa::path(get, path = "/v1/hosts", tag = "hosts",
     responses((status = 200, body = Vec<HostView>)))]

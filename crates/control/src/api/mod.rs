@@ -9,6 +9,7 @@ mod extract;
 mod hosts;
 mod images;
 mod instances;
+mod migrations;
 mod snapshots;
 mod volumes;
 
@@ -82,6 +83,13 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(hosts::show))
         .routes(routes!(hosts::cordon))
         .routes(routes!(hosts::uncordon))
+        .routes(routes!(migrations::drain))
+        .routes(routes!(migrations::undrain))
+        .routes(routes!(migrations::rebalance))
+        .routes(routes!(migrations::migrate))
+        .routes(routes!(migrations::cancel))
+        .routes(routes!(migrations::list))
+        .routes(routes!(migrations::show))
         .routes(routes!(cluster::servers))
         .routes(routes!(cluster::join))
         .routes(routes!(volumes::list, volumes::create))

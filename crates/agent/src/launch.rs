@@ -1,0 +1,212 @@
+//! Building a VM's launch: its image, root disk, tap and QEMU process.
+//! Shared by a VM's supervisor (starts, restores) and the destination of a
+//! live migration (which starts a VM that waits for its state).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use skyvisor_core::image::{FileRole, ImageKind, ImageState};
+use skyvisor_core::{Image, InstanceSpec, InstanceVolume, keys};
+use skyvisor_store::{StoreExt, encode};
+use tokio::time::Instant;
+use tracing::warn;
+
+use crate::AgentContext;
+use crate::disks::create_root_disk;
+use crate::hypervisor::{LaunchBoot, LaunchVolume, VmLaunch};
+use crate::supervisor::{LAUNCH_FILE, ROOT_DISK, Running, launch_volume};
+
+/// Launches VMs for the agent.
+pub(crate) struct Launcher {
+    pub(crate) ctx: Arc<AgentContext>,
+}
+
+impl Launcher {
+    fn vm_dir(&self, spec: &InstanceSpec) -> PathBuf {
+        self.ctx.vm_dir(&spec.id)
+    }
+
+    /// Prepares disk and network and launches the VM; undoes what it did
+    /// on failure. With `incoming`, the VM continues from that saved
+    /// memory instead of booting.
+    pub(crate) async fn launch(
+        &self,
+        spec: &InstanceSpec,
+        incoming: Option<PathBuf>,
+        link_down: bool,
+        migration_target: bool,
+    ) -> Result<(Running, bool), String> {
+        let dir = self.vm_dir(spec);
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let image = self.image(spec).await?;
+        if spec.root_volume().is_some() && image.kind != ImageKind::KernelInitrd {
+            return Err(format!(
+                "image {} boots its own disk; a root volume needs a kernel image",
+                image.name
+            ));
+        }
+        let volumes = self.serve_volumes(spec).await?;
+        let root = dir.join(ROOT_DISK);
+        let mut created_disk = false;
+        if spec.root_volume().is_none() && !tokio::fs::try_exists(&root).await.unwrap_or(false) {
+            let base = match image.file(FileRole::Disk) {
+                Some(f) => Some((
+                    self.ctx.images.file(&image, f).await?,
+                    f.format.unwrap_or(skyvisor_core::image::DiskFormat::Qcow2),
+                )),
+                None => None,
+            };
+            if let Err(e) = create_root_disk(
+                &root,
+                base.as_ref().map(|(p, f)| (p.as_path(), *f)),
+                spec.resources.disk_gib << 30,
+            )
+            .await
+            {
+                self.release_volumes(spec).await;
+                return Err(e);
+            }
+            created_disk = true;
+        }
+        let boot = match image.kind {
+            ImageKind::KernelInitrd => {
+                let kernel = match image.file(FileRole::Kernel) {
+                    Some(f) => self.ctx.images.file(&image, f).await?,
+                    None => return Err(format!("image {} has no kernel", image.name)),
+                };
+                let initrd = match image.file(FileRole::Initrd) {
+                    Some(f) => Some(self.ctx.images.file(&image, f).await?),
+                    None => None,
+                };
+                LaunchBoot::Kernel {
+                    kernel,
+                    initrd,
+                    cmdline: self.cmdline(spec, &image),
+                }
+            }
+            ImageKind::Disk => LaunchBoot::Firmware,
+        };
+        let tap = skyvisor_net::tap_name(&spec.id);
+        let undo = |created_disk: bool| {
+            let root = root.clone();
+            let tap = tap.clone();
+            let net = self.ctx.network.clone();
+            let volumes = self.ctx.volumes.clone();
+            let name = spec.name.clone();
+            async move {
+                let _ = net.delete_tap(&tap).await;
+                if created_disk {
+                    let _ = tokio::fs::remove_file(&root).await;
+                }
+                if let Some(v) = volumes {
+                    v.release_instance(&name).await;
+                }
+            }
+        };
+        if let Err(e) = self.ctx.network.ensure_tap(&tap, &self.ctx.bridge).await {
+            undo(created_disk).await;
+            return Err(format!("creating tap {tap}: {e}"));
+        }
+        let launch = VmLaunch {
+            instance: spec.id,
+            name: spec.name.to_string(),
+            run_dir: dir.clone(),
+            accel: self.ctx.accel,
+            resources: spec.resources,
+            boot,
+            root_disk: root.clone(),
+            tap: tap.clone(),
+            mac: spec.network.mac,
+            guest_channel: image.guest_service,
+            incoming,
+            link_down,
+            volumes: volumes.clone(),
+            migration_target,
+        };
+        let vm = match self.ctx.hypervisor.launch(&launch).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                undo(created_disk).await;
+                return Err(e.to_string());
+            }
+        };
+        if let Err(e) = tokio::fs::write(dir.join(LAUNCH_FILE), encode(&launch)).await {
+            warn!(instance = %spec.name, error = %e, "could not record launch config");
+        }
+        Ok((
+            Running {
+                vm,
+                resources: spec.resources,
+                since: Instant::now(),
+                volumes,
+            },
+            image.guest_service,
+        ))
+    }
+
+    /// Serves every volume of the VM on this host (root first); on failure
+    /// stops serving those already served.
+    pub(crate) async fn serve_volumes(
+        &self,
+        spec: &InstanceSpec,
+    ) -> Result<Vec<LaunchVolume>, String> {
+        if spec.volumes.is_empty() {
+            return Ok(vec![]);
+        }
+        let Some(svc) = self.ctx.volumes.clone() else {
+            return Err(format!(
+                "host {} serves no volumes (its agent runs without a replica server)",
+                self.ctx.host
+            ));
+        };
+        let mut ordered: Vec<&InstanceVolume> = spec.volumes.iter().filter(|v| v.root).collect();
+        ordered.extend(spec.volumes.iter().filter(|v| !v.root));
+        let mut out = vec![];
+        for v in ordered {
+            match svc.serve(v, &spec.name).await {
+                Ok(t) => out.push(launch_volume(v, t)),
+                Err(e) => {
+                    svc.release_instance(&spec.name).await;
+                    return Err(format!("volume {}: {e}", v.name));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) async fn release_volumes(&self, spec: &InstanceSpec) {
+        if let Some(svc) = &self.ctx.volumes {
+            svc.release_instance(&spec.name).await;
+        }
+    }
+
+    pub(crate) async fn image(&self, spec: &InstanceSpec) -> Result<Image, String> {
+        match self
+            .ctx
+            .store
+            .get_json::<Image>(&keys::image(&spec.image))
+            .await
+        {
+            Ok(Some((img, _))) if img.state == ImageState::Ready => Ok(img),
+            Ok(Some(_)) => Err(format!("image {} is not ready", spec.image)),
+            Ok(None) => Err(format!("image {} no longer exists", spec.image)),
+            Err(e) => Err(format!("reading image {}: {e}", spec.image)),
+        }
+    }
+
+    /// The kernel command line: the image's, plus the VM's identity and
+    /// network settings for the guest's init.
+    pub(crate) fn cmdline(&self, spec: &InstanceSpec, image: &Image) -> String {
+        let mut c = image.cmdline.clone().unwrap_or_default();
+        if image.guest_service {
+            let n = &spec.network;
+            c.push_str(&format!(
+                " sv.name={} sv.id={} sv.ip={}/{} sv.gw={} sv.mtu={}",
+                spec.name, spec.id, n.ip, n.prefix_len, n.gateway, self.ctx.mtu
+            ));
+        }
+        c.trim().to_string()
+    }
+}

@@ -1,0 +1,963 @@
+//! Live migration on a host agent.
+//!
+//! The source's agent drives a migration from the VM's supervisor (which
+//! owns the QEMU process): it asks the destination's agent to prepare an
+//! empty VM waiting for the state, has QEMU mirror the disk and copy memory
+//! straight to it, redirects the VM's traffic, pauses the guest for the
+//! last pages, commits the handover to the store and asks the destination
+//! to resume. The destination's side is a few HTTP endpoints.
+//!
+//! The VM runs in exactly one place: the destination resumes only after
+//! the store says the VM is bound to it (the handover's transaction), and
+//! the source resumes only when that transaction surely did not happen.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, TcpListener};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use skyvisor_core::{
+    Host, InstanceName, InstanceSpec, MacAddr, Migration, MigrationId, MigrationPhase,
+    MigrationProgress, MigrationRequest, MigrationResult, Resources, keys,
+};
+use skyvisor_store::{Compare, Op, StoreExt, put_json};
+use tracing::{info, warn};
+
+use crate::AgentContext;
+use crate::hypervisor::{
+    HvError, IncomingPlan, MIGRATION_EXPORT, NbdTarget, OutgoingControl, OutgoingPlan, Vm,
+};
+use crate::launch::Launcher;
+
+/// The source switches over (network first, then the pause) once the
+/// memory left would take this long to send. It must leave room for the
+/// network switch before QEMU could finish on its own; the pause itself is
+/// shorter, since the network switch and the drain of the tap come first.
+pub const SWITCHOVER_BUDGET: Duration = Duration::from_millis(100);
+/// A migration fails when nothing moved for this long.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// A migration fails when it has not converged in this long (override in
+/// seconds with `SKYVISOR_MIGRATION_MAX_SECS`).
+pub const MAX_DURATION: Duration = Duration::from_secs(600);
+/// Environment override of [`MAX_DURATION`], seconds.
+pub const MAX_DURATION_ENV: &str = "SKYVISOR_MIGRATION_MAX_SECS";
+/// How long the source keeps sending the VM's traffic to the destination
+/// after the switchover (until every host learned its new place).
+const REDIRECT_HOLD: Duration = Duration::from_secs(10);
+/// How long a prepared destination VM waits for its handover.
+const INCOMING_TIMEOUT: Duration = Duration::from_secs(900);
+/// How long the switchover waits for the other hosts to steer traffic.
+const STEER_TIMEOUT: Duration = Duration::from_millis(500);
+/// Agent-to-agent request timeout.
+const PEER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A VM prepared here as a migration's destination.
+pub struct IncomingVm {
+    /// The migration.
+    pub migration: MigrationId,
+    /// The paused VM waiting for its state.
+    pub vm: Box<dyn Vm>,
+    /// Its size.
+    pub resources: Resources,
+    /// Whether its guest runs the Skyvisor guest service.
+    pub guest_service: bool,
+    /// It was resumed after the handover.
+    pub resumed: bool,
+}
+
+/// The destination VMs of this host, by instance.
+pub type IncomingVms = tokio::sync::Mutex<HashMap<InstanceName, IncomingVm>>;
+
+/// What the source asks the destination to prepare.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrepareRequest {
+    /// The VM.
+    pub instance: InstanceName,
+}
+
+/// Where the overlay must send a MAC for a while (every host but a
+/// migration's source and destination, at its switchover).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SteerRequest {
+    /// The migrating VM's MAC.
+    pub mac: MacAddr,
+    /// The destination host's overlay address.
+    pub to: Ipv4Addr,
+}
+
+/// Where the prepared destination listens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrepareAnswer {
+    /// Its address.
+    pub host: String,
+    /// The migration stream's port.
+    pub migration_port: u16,
+    /// The root disk's NBD export port, if the VM has a local root disk.
+    pub nbd_port: Option<u16>,
+}
+
+/// An error answer of the migration endpoints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PeerError {
+    error: String,
+}
+
+fn peer_error(status: StatusCode, error: impl Into<String>) -> Response {
+    (
+        status,
+        Json(PeerError {
+            error: error.into(),
+        }),
+    )
+        .into_response()
+}
+
+/// The destination's routes.
+pub fn router(ctx: Arc<AgentContext>) -> Router {
+    Router::new()
+        .route(
+            "/agent/v1/migrations/{id}/prepare",
+            axum::routing::post(prepare),
+        )
+        .route("/agent/v1/migrations/{id}/pin", axum::routing::post(pin))
+        .route(
+            "/agent/v1/migrations/{id}/resume",
+            axum::routing::post(resume),
+        )
+        .route(
+            "/agent/v1/migrations/{id}/abort",
+            axum::routing::post(abort),
+        )
+        .route("/agent/v1/overlay/steer", axum::routing::post(steer))
+        .with_state(ctx)
+}
+
+/// The spec of `instance`, if its migration `id` comes here.
+async fn incoming_spec(
+    ctx: &AgentContext,
+    id: MigrationId,
+    instance: &InstanceName,
+) -> Result<InstanceSpec, Response> {
+    let spec = match ctx
+        .store
+        .get_json::<InstanceSpec>(&keys::instance_spec(instance))
+        .await
+    {
+        Ok(Some((s, _))) => s,
+        Ok(None) => {
+            return Err(peer_error(
+                StatusCode::NOT_FOUND,
+                format!("instance {instance} not found"),
+            ));
+        }
+        Err(e) => return Err(peer_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    };
+    let here = spec
+        .migration
+        .as_ref()
+        .is_some_and(|m| m.id == id && m.destination == ctx.host);
+    if here || spec.host == ctx.host {
+        Ok(spec)
+    } else {
+        Err(peer_error(
+            StatusCode::CONFLICT,
+            format!(
+                "instance {instance} has no migration {id} to host {}",
+                ctx.host
+            ),
+        ))
+    }
+}
+
+/// A free TCP port on `host` (it is released again; QEMU binds it next).
+fn free_port(host: &str) -> Result<u16, String> {
+    TcpListener::bind((host, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port on {host}: {e}"))
+}
+
+async fn prepare(
+    State(ctx): State<Arc<AgentContext>>,
+    Path(id): Path<MigrationId>,
+    Json(req): Json<PrepareRequest>,
+) -> Response {
+    let spec = match incoming_spec(&ctx, id, &req.instance).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if spec.host == ctx.host {
+        return peer_error(
+            StatusCode::CONFLICT,
+            format!("instance {} already runs on this host", spec.name),
+        );
+    }
+    let mut incoming = ctx.incoming.lock().await;
+    if let Some(old) = incoming.remove(&spec.name) {
+        warn!(instance = %spec.name, migration = %old.migration, "replacing an earlier destination VM");
+        discard(&ctx, &spec, old).await;
+    }
+    // A disk left from an earlier stay here would mix with the mirror.
+    let dir = ctx.vm_dir(&spec.id);
+    if let Err(e) = tokio::fs::remove_dir_all(&dir).await
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        return peer_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("clearing {}: {e}", dir.display()),
+        );
+    }
+    if let Some(overlay) = &ctx.overlay_device
+        && let Err(e) = ctx.network.clear_redirect(spec.network.mac, overlay).await
+    {
+        return peer_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    }
+    let launcher = Launcher { ctx: ctx.clone() };
+    let (running, guest_service) = match launcher.launch(&spec, None, false, true).await {
+        Ok(r) => r,
+        Err(e) => {
+            return peer_error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("starting the destination VM: {e}"),
+            );
+        }
+    };
+    let host = ctx.address.clone();
+    let ports = free_port(&host).and_then(|m| {
+        let n = if spec.root_volume().is_none() {
+            Some(free_port(&host)?)
+        } else {
+            None
+        };
+        Ok((m, n))
+    });
+    let plan = match ports {
+        Ok((migration_port, nbd_port)) => IncomingPlan {
+            host: host.clone(),
+            migration_port,
+            nbd_port,
+        },
+        Err(e) => {
+            running.vm.kill();
+            cleanup_files(&ctx, &spec).await;
+            return peer_error(StatusCode::INTERNAL_SERVER_ERROR, e);
+        }
+    };
+    if let Err(e) = running.vm.prepare_incoming(&plan).await {
+        running.vm.kill();
+        cleanup_files(&ctx, &spec).await;
+        return peer_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("preparing the destination VM: {e}"),
+        );
+    }
+    info!(instance = %spec.name, migration = %id, port = plan.migration_port, "destination VM waits for its state");
+    incoming.insert(
+        spec.name.clone(),
+        IncomingVm {
+            migration: id,
+            vm: running.vm,
+            resources: spec.resources,
+            guest_service,
+            resumed: false,
+        },
+    );
+    drop(incoming);
+    tokio::spawn(watch_incoming(ctx.clone(), spec.clone(), id));
+    Json(PrepareAnswer {
+        host: plan.host,
+        migration_port: plan.migration_port,
+        nbd_port: plan.nbd_port,
+    })
+    .into_response()
+}
+
+async fn pin(
+    State(ctx): State<Arc<AgentContext>>,
+    Path(id): Path<MigrationId>,
+    Json(req): Json<PrepareRequest>,
+) -> Response {
+    let spec = match incoming_spec(&ctx, id, &req.instance).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let tap = skyvisor_net::tap_name(&spec.id);
+    // A redirect left from when the VM last left this host would send its
+    // frames away again.
+    if let Some(overlay) = &ctx.overlay_device
+        && let Err(e) = ctx.network.clear_redirect(spec.network.mac, overlay).await
+    {
+        return peer_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    }
+    match ctx.network.pin_mac(spec.network.mac, &tap).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => peer_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn steer(State(ctx): State<Arc<AgentContext>>, Json(req): Json<SteerRequest>) -> Response {
+    let Some(overlay) = ctx.overlay_device.clone() else {
+        return StatusCode::NO_CONTENT.into_response();
+    };
+    if let Err(e) = ctx.network.steer_mac(req.mac, &overlay, req.to).await {
+        return peer_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    }
+    // Until every host learned the VM's new place from its announcements.
+    tokio::spawn(async move {
+        tokio::time::sleep(REDIRECT_HOLD).await;
+        if let Err(e) = ctx.network.clear_redirect(req.mac, &overlay).await {
+            warn!(mac = %req.mac, error = %e, "could not end a migration's steering");
+        }
+    });
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn resume(
+    State(ctx): State<Arc<AgentContext>>,
+    Path(id): Path<MigrationId>,
+    Json(req): Json<PrepareRequest>,
+) -> Response {
+    let spec = match incoming_spec(&ctx, id, &req.instance).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    // Only once the handover is committed: until then the source may
+    // still resume its copy.
+    if spec.host != ctx.host {
+        return peer_error(
+            StatusCode::CONFLICT,
+            format!(
+                "instance {} is not bound to host {} yet",
+                spec.name, ctx.host
+            ),
+        );
+    }
+    let mut incoming = ctx.incoming.lock().await;
+    match incoming.get_mut(&spec.name) {
+        Some(v) if v.migration == id => {
+            if !v.resumed {
+                if let Err(e) = v.vm.finish_incoming(Duration::from_secs(30)).await {
+                    return peer_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+                }
+                v.resumed = true;
+                info!(instance = %spec.name, migration = %id, "migrated VM resumed here");
+            }
+            StatusCode::NO_CONTENT.into_response()
+        }
+        // Its supervisor took it over already (and resumed it).
+        _ => StatusCode::NO_CONTENT.into_response(),
+    }
+}
+
+async fn abort(
+    State(ctx): State<Arc<AgentContext>>,
+    Path(id): Path<MigrationId>,
+    Json(req): Json<PrepareRequest>,
+) -> Response {
+    let spec = match ctx
+        .store
+        .get_json::<InstanceSpec>(&keys::instance_spec(&req.instance))
+        .await
+    {
+        Ok(Some((s, _))) => s,
+        Ok(None) => return StatusCode::NO_CONTENT.into_response(),
+        Err(e) => return peer_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    if spec.host == ctx.host {
+        return peer_error(
+            StatusCode::CONFLICT,
+            format!(
+                "instance {} is bound to this host: the migration completed",
+                spec.name
+            ),
+        );
+    }
+    let mut incoming = ctx.incoming.lock().await;
+    if incoming.get(&spec.name).is_some_and(|v| v.migration == id)
+        && let Some(v) = incoming.remove(&spec.name)
+    {
+        discard(&ctx, &spec, v).await;
+        info!(instance = %spec.name, migration = %id, "destination VM discarded");
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// Kills a destination VM that will not get its handover and removes its
+/// tap and files.
+async fn discard(ctx: &AgentContext, spec: &InstanceSpec, v: IncomingVm) {
+    v.vm.kill();
+    cleanup_files(ctx, spec).await;
+}
+
+async fn cleanup_files(ctx: &AgentContext, spec: &InstanceSpec) {
+    let tap = skyvisor_net::tap_name(&spec.id);
+    if let Err(e) = ctx.network.delete_tap(&tap).await {
+        warn!(instance = %spec.name, error = %e, "could not delete a tap");
+    }
+    let dir = ctx.vm_dir(&spec.id);
+    if let Err(e) = tokio::fs::remove_dir_all(&dir).await
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(instance = %spec.name, error = %e, "could not remove a VM's files");
+    }
+}
+
+/// Discards a destination VM whose migration ended without a handover
+/// (the source failed, rolled back or died), or that waited too long.
+async fn watch_incoming(ctx: Arc<AgentContext>, spec: InstanceSpec, id: MigrationId) {
+    let started = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        {
+            let incoming = ctx.incoming.lock().await;
+            match incoming.get(&spec.name) {
+                Some(v) if v.migration == id => {}
+                // Taken over by its supervisor, or discarded.
+                _ => return,
+            }
+        }
+        let record = ctx.store.get_json::<Migration>(&keys::migration(&id)).await;
+        let ended = match &record {
+            Ok(Some((m, _))) => {
+                matches!(m.phase, MigrationPhase::Failed | MigrationPhase::Cancelled)
+            }
+            Ok(None) => true,
+            Err(_) => false,
+        };
+        if ended || started.elapsed() > INCOMING_TIMEOUT {
+            // Only if the VM did not become ours meanwhile.
+            let bound_here = matches!(
+                ctx.store.get_json::<InstanceSpec>(&keys::instance_spec(&spec.name)).await,
+                Ok(Some((s, _))) if s.host == ctx.host
+            );
+            if bound_here {
+                continue;
+            }
+            let mut incoming = ctx.incoming.lock().await;
+            if incoming.get(&spec.name).is_some_and(|v| v.migration == id)
+                && let Some(v) = incoming.remove(&spec.name)
+            {
+                warn!(instance = %spec.name, migration = %id, "discarding a destination VM whose migration ended without a handover");
+                discard(&ctx, &spec, v).await;
+            }
+            return;
+        }
+    }
+}
+
+/// How the source's side of a migration ended.
+pub(crate) enum SourceOutcome {
+    /// The VM runs on the destination now; the local copy is gone.
+    Moved,
+    /// The VM runs here still.
+    Stayed,
+}
+
+/// The source's view of the destination.
+struct Peer {
+    http: reqwest::Client,
+    url: String,
+    id: MigrationId,
+    instance: InstanceName,
+}
+
+impl Peer {
+    async fn call<T: serde::de::DeserializeOwned>(&self, step: &str) -> Result<Option<T>, String> {
+        self.call_with(
+            step,
+            &PrepareRequest {
+                instance: self.instance.clone(),
+            },
+        )
+        .await
+    }
+
+    async fn call_with<B: Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        step: &str,
+        body: &B,
+    ) -> Result<Option<T>, String> {
+        let url = format!("{}/agent/v1/migrations/{}/{step}", self.url, self.id);
+        let resp = self
+            .http
+            .post(&url)
+            .timeout(PEER_TIMEOUT)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| format!("destination agent at {}: {e}", self.url))?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            let msg = resp
+                .json::<PeerError>()
+                .await
+                .map(|e| e.error)
+                .unwrap_or_else(|_| status.to_string());
+            return Err(format!("destination agent ({step}): {msg}"));
+        }
+        resp.json::<T>()
+            .await
+            .map(Some)
+            .map_err(|e| format!("destination agent ({step}): bad answer: {e}"))
+    }
+}
+
+/// Progress reports and the network switch, for the hypervisor's driver.
+struct SourceControl<'a> {
+    ctx: &'a AgentContext,
+    peer: &'a Peer,
+    record: Migration,
+    spec: &'a InstanceSpec,
+    dest_address: Option<Ipv4Addr>,
+    /// The agents of the other hosts (neither source nor destination).
+    others: Vec<String>,
+    redirected: bool,
+    cancelled: bool,
+}
+
+impl SourceControl<'_> {
+    async fn save(&self) {
+        if let Err(e) = self
+            .ctx
+            .store
+            .put(
+                &keys::migration(&self.record.id),
+                skyvisor_store::encode(&self.record),
+            )
+            .await
+        {
+            warn!(migration = %self.record.id, error = %e, "could not record migration progress");
+        }
+    }
+}
+
+#[async_trait]
+impl OutgoingControl for SourceControl<'_> {
+    async fn progress(&mut self, phase: MigrationPhase, progress: &MigrationProgress) -> bool {
+        if matches!(
+            self.ctx
+                .store
+                .get(&keys::migration_cancel(&self.record.id))
+                .await,
+            Ok(Some(_))
+        ) {
+            self.cancelled = true;
+            return false;
+        }
+        self.record.progress = progress.clone();
+        if self.record.phase != phase {
+            info!(instance = %self.spec.name, migration = %self.record.id, %phase, "migration phase");
+            self.record.set_phase(phase);
+        } else {
+            self.record.updated_at = Utc::now();
+        }
+        self.save().await;
+        true
+    }
+
+    async fn before_stop(&mut self) -> Result<(), String> {
+        self.record.set_phase(MigrationPhase::SwitchingOver);
+        // Frames for the VM queue at the destination's tap from now on.
+        self.peer.call::<()>("pin").await?;
+        // Every other host sends the VM's frames straight there too.
+        if let Some(to) = self.dest_address {
+            steer_others(self.ctx, &self.others, self.spec.network.mac, to).await;
+        }
+        if let (Some(overlay), Some(dest)) = (&self.ctx.overlay_device, self.dest_address) {
+            self.ctx
+                .network
+                .redirect_mac(self.spec.network.mac, overlay, dest)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.redirected = true;
+        }
+        Ok(())
+    }
+}
+
+/// The agents of every registered host but this one and `dest`.
+async fn other_agents(ctx: &AgentContext, dest: &skyvisor_core::HostName) -> Vec<String> {
+    let Ok(listing) = ctx.store.list(keys::HOSTS).await else {
+        return vec![];
+    };
+    listing
+        .items
+        .iter()
+        .filter_map(|kv| skyvisor_store::decode::<Host>(kv).ok())
+        .filter(|h| h.name != ctx.host && &h.name != dest)
+        .filter_map(|h| h.agent_url)
+        .collect()
+}
+
+/// Asks every other host to send `mac`'s frames to `to`, all at once; a
+/// host that does not answer in time learns it from the VM's announcements.
+async fn steer_others(ctx: &AgentContext, agents: &[String], mac: MacAddr, to: Ipv4Addr) {
+    let calls = agents.iter().map(|url| {
+        let req = ctx
+            .http
+            .post(format!("{url}/agent/v1/overlay/steer"))
+            .timeout(STEER_TIMEOUT)
+            .json(&SteerRequest { mac, to });
+        async move {
+            if let Err(e) = req.send().await.and_then(|r| r.error_for_status()) {
+                warn!(agent = %url, error = %e, "could not steer a migrating VM's traffic on a host");
+            }
+        }
+    });
+    futures::future::join_all(calls).await;
+}
+
+fn max_duration() -> Duration {
+    std::env::var(MAX_DURATION_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(MAX_DURATION, Duration::from_secs)
+}
+
+/// Runs migration `req` of the VM `vm` (running here under `spec`).
+pub(crate) async fn migrate_out(
+    ctx: &Arc<AgentContext>,
+    spec: &InstanceSpec,
+    req: &MigrationRequest,
+    vm: &dyn Vm,
+) -> SourceOutcome {
+    let started = Instant::now();
+    let record = match ctx
+        .store
+        .get_json::<Migration>(&keys::migration(&req.id))
+        .await
+    {
+        Ok(Some((m, _))) if !m.phase.is_finished() => m,
+        Ok(_) => {
+            // Nothing (left) to do: the request is stale.
+            clear_request(ctx, spec, req.id).await;
+            return SourceOutcome::Stayed;
+        }
+        Err(e) => {
+            warn!(instance = %spec.name, error = %e, "cannot read the migration record; retrying later");
+            return SourceOutcome::Stayed;
+        }
+    };
+    info!(instance = %spec.name, migration = %req.id, to = %req.destination, "migration starts");
+    let dest_host = match ctx
+        .store
+        .get_json::<Host>(&keys::host(&req.destination))
+        .await
+    {
+        Ok(Some((h, _))) => h,
+        Ok(None) => {
+            fail(
+                ctx,
+                spec,
+                record,
+                "the destination host is not registered".into(),
+                false,
+            )
+            .await;
+            return SourceOutcome::Stayed;
+        }
+        Err(e) => {
+            fail(
+                ctx,
+                spec,
+                record,
+                format!("reading the destination: {e}"),
+                false,
+            )
+            .await;
+            return SourceOutcome::Stayed;
+        }
+    };
+    let Some(url) = dest_host.agent_url.clone() else {
+        fail(
+            ctx,
+            spec,
+            record,
+            "the destination agent has no address".into(),
+            false,
+        )
+        .await;
+        return SourceOutcome::Stayed;
+    };
+    let peer = Peer {
+        http: ctx.http.clone(),
+        url,
+        id: req.id,
+        instance: spec.name.clone(),
+    };
+    let mut control = SourceControl {
+        ctx,
+        peer: &peer,
+        record,
+        spec,
+        dest_address: dest_host.address.parse().ok(),
+        others: other_agents(ctx, &req.destination).await,
+        redirected: false,
+        cancelled: false,
+    };
+    control.record.set_phase(MigrationPhase::Preparing);
+    control.save().await;
+    let answer = match peer.call::<PrepareAnswer>("prepare").await {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            fail(
+                ctx,
+                spec,
+                control.record,
+                "the destination did not answer".into(),
+                false,
+            )
+            .await;
+            return SourceOutcome::Stayed;
+        }
+        Err(e) => {
+            let _ = peer.call::<()>("abort").await;
+            fail(ctx, spec, control.record, e, false).await;
+            return SourceOutcome::Stayed;
+        }
+    };
+    let plan = OutgoingPlan {
+        disk: answer.nbd_port.map(|port| NbdTarget {
+            host: answer.host.clone(),
+            port,
+            export: MIGRATION_EXPORT.into(),
+        }),
+        uri: format!("tcp:{}:{}", answer.host, answer.migration_port),
+        switchover_budget: SWITCHOVER_BUDGET,
+        stall_timeout: STALL_TIMEOUT,
+        max_duration: max_duration(),
+        max_bandwidth: None,
+    };
+    let outcome = vm.migrate_out(&plan, &mut control).await;
+    let (redirected, cancelled) = (control.redirected, control.cancelled);
+    let mut record = control.record;
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            undo_redirect(ctx, spec, redirected).await;
+            let _ = peer.call::<()>("abort").await;
+            let message = match e {
+                HvError::Control(m) | HvError::StartFailed(m) => m,
+            };
+            fail(ctx, spec, record, message, cancelled).await;
+            return SourceOutcome::Stayed;
+        }
+    };
+    // The guest is paused here and whole at the destination: hand over.
+    record.set_phase(MigrationPhase::Completed);
+    record.result = Some(MigrationResult {
+        total_ms: started.elapsed().as_millis() as u64,
+        qemu_downtime_ms: outcome.qemu_downtime_ms,
+        pause_ms: outcome.stopped_at.elapsed().as_millis() as u64,
+        ram_transferred: outcome.ram_transferred,
+        disk_copied: outcome.disk_copied,
+    });
+    if !hand_over(ctx, spec, req, &record).await {
+        warn!(instance = %spec.name, migration = %req.id, "handover not committed; the VM resumes here");
+        let resumed = vm.resume_after_migration().await;
+        undo_redirect(ctx, spec, redirected).await;
+        let _ = peer.call::<()>("abort").await;
+        if let Err(e) = resumed {
+            warn!(instance = %spec.name, error = %e, "could not resume the VM after a failed handover");
+        }
+        record.result = None;
+        fail(
+            ctx,
+            spec,
+            record,
+            "the handover could not be recorded in the store".into(),
+            false,
+        )
+        .await;
+        return SourceOutcome::Stayed;
+    }
+    // Committed: the destination may run it now. If this call fails its
+    // supervisor resumes it when it sees the binding.
+    if let Err(e) = peer.call::<()>("resume").await {
+        warn!(instance = %spec.name, error = %e, "the destination did not confirm the resume; its agent resumes the VM on its own");
+    }
+    let pause = outcome.stopped_at.elapsed();
+    if let Some(r) = record.result.as_mut() {
+        r.pause_ms = pause.as_millis() as u64;
+        r.total_ms = started.elapsed().as_millis() as u64;
+    }
+    info!(instance = %spec.name, migration = %req.id, to = %req.destination,
+        pause_ms = pause.as_millis() as u64, total_ms = started.elapsed().as_millis() as u64,
+        "migration completed");
+    if let Err(e) = ctx
+        .store
+        .put(
+            &keys::migration(&record.id),
+            skyvisor_store::encode(&record),
+        )
+        .await
+    {
+        warn!(migration = %record.id, error = %e, "could not record the migration's figures");
+    }
+    // The local copy: gone, but the redirect stays until the rest of the
+    // network has learned the new place.
+    if vm.quit().await.is_err() {
+        vm.kill();
+    }
+    {
+        // The VM may be on its way back here already: its new destination
+        // VM owns the tap and the directory then.
+        let incoming = ctx.incoming.lock().await;
+        if !incoming.contains_key(&spec.name) {
+            cleanup_files(ctx, spec).await;
+        }
+    }
+    if redirected {
+        let ctx = ctx.clone();
+        let spec = spec.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(REDIRECT_HOLD).await;
+            undo_redirect(&ctx, &spec, true).await;
+        });
+    }
+    SourceOutcome::Moved
+}
+
+/// Commits the handover: the VM bound to the destination, its request
+/// cleared, the record completed. True once it surely happened; false once
+/// it surely did not. While the store cannot tell, it keeps asking (the
+/// guest stays paused: running it in two places would be worse).
+async fn hand_over(
+    ctx: &AgentContext,
+    spec: &InstanceSpec,
+    req: &MigrationRequest,
+    record: &Migration,
+) -> bool {
+    let key = keys::instance_spec(&spec.name);
+    let mut delay = Duration::from_millis(20);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let current = ctx.store.get_json::<InstanceSpec>(&key).await;
+        let (mut next, rev) = match current {
+            Ok(Some((s, rev))) => (s, rev),
+            Ok(None) => return false,
+            Err(e) => {
+                warn!(instance = %spec.name, error = %e, "cannot read the spec for the handover; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        if next.host == req.destination && next.migration.is_none() {
+            // An earlier attempt committed (its answer was lost).
+            return true;
+        }
+        if next.migration.as_ref().map(|m| m.id) != Some(req.id) || next.deleting {
+            return false;
+        }
+        if attempts > 50 {
+            return false;
+        }
+        let old_host = next.host.clone();
+        next.host = req.destination.clone();
+        next.migration = None;
+        next.generation += 1;
+        let mut ops = crate::spec_ops(&next);
+        ops.push(Op::Delete(keys::binding(&old_host, &next.name)));
+        ops.push(put_json(keys::migration(&record.id), record));
+        match ctx
+            .store
+            .txn(vec![Compare::ModRevision(key.clone(), rev)], ops)
+            .await
+        {
+            Ok(t) if t.succeeded => return true,
+            // The spec changed meanwhile: look again.
+            Ok(_) => {}
+            Err(e) => {
+                warn!(instance = %spec.name, error = %e, "the handover's commit failed; checking whether it happened");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+async fn undo_redirect(ctx: &AgentContext, spec: &InstanceSpec, redirected: bool) {
+    if let (true, Some(overlay)) = (redirected, &ctx.overlay_device)
+        && let Err(e) = ctx.network.clear_redirect(spec.network.mac, overlay).await
+    {
+        warn!(instance = %spec.name, error = %e, "could not remove a migration's traffic redirect");
+    }
+}
+
+/// Records a migration that ended with the VM still here, and clears the
+/// instance's request.
+async fn fail(
+    ctx: &AgentContext,
+    spec: &InstanceSpec,
+    mut record: Migration,
+    error: String,
+    cancelled: bool,
+) {
+    warn!(instance = %spec.name, migration = %record.id, %error, "migration did not complete; the VM stays on {}", ctx.host);
+    record.set_phase(if cancelled {
+        MigrationPhase::Cancelled
+    } else {
+        MigrationPhase::Failed
+    });
+    record.error = Some(error);
+    let mut delay = Duration::from_millis(50);
+    for _ in 0..20 {
+        match ctx
+            .store
+            .put(
+                &keys::migration(&record.id),
+                skyvisor_store::encode(&record),
+            )
+            .await
+        {
+            Ok(_) => break,
+            Err(e) => {
+                warn!(migration = %record.id, error = %e, "could not record the failed migration; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+    clear_request(ctx, spec, record.id).await;
+}
+
+/// Removes migration `id`'s request from the instance's spec.
+async fn clear_request(ctx: &AgentContext, spec: &InstanceSpec, id: MigrationId) {
+    let key = keys::instance_spec(&spec.name);
+    for _ in 0..20 {
+        let Ok(Some((mut s, rev))) = ctx.store.get_json::<InstanceSpec>(&key).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        if s.migration.as_ref().map(|m| m.id) != Some(id) {
+            return;
+        }
+        s.migration = None;
+        s.generation += 1;
+        match ctx
+            .store
+            .txn(
+                vec![Compare::ModRevision(key.clone(), rev)],
+                crate::spec_ops(&s),
+            )
+            .await
+        {
+            Ok(t) if t.succeeded => return,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    warn!(instance = %spec.name, migration = %id, "could not clear the migration request");
+}

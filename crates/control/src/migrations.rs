@@ -1,0 +1,536 @@
+//! Live migration requests, host maintenance (drain) and rebalancing.
+//!
+//! A request is validated here and becomes desired state in one
+//! transaction: the migration's record, the instance's spec carrying the
+//! request (the source's agent acts on it) and the destination's allocation
+//! (its resources are held there while the VM moves). The agents do the
+//! moving and finish the record. The leader's maintenance loop turns a
+//! draining host or a rebalance plan into migrations, one at a time.
+//!
+//! This module never talks to an agent or QEMU.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use skyvisor_core::api::{MigrateInstanceRequest, PlannedMove, RebalancePlan, RebalanceRequest};
+use skyvisor_core::{
+    HostName, HostState, InstanceName, InstancePhase, InstanceSpec, InstanceStatus, Migration,
+    MigrationId, MigrationPhase, MigrationProgress, MigrationReason, MigrationRequest, PowerState,
+    keys,
+};
+use skyvisor_store::{Compare, StoreExt, decode, encode, put_json};
+use tracing::{info, warn};
+
+use crate::error::{ApiError, ApiResult};
+use crate::instances::spec_ops;
+use crate::scheduler::{self, PlacementRequest, SpreadConstraint};
+use crate::{ControlPlane, READ_YOUR_WRITES};
+
+/// Default and largest number of moves of one rebalance.
+const DEFAULT_MOVES: u32 = 3;
+const MAX_MOVES: u32 = 50;
+/// How often the leader looks at draining hosts and the rebalance plan.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(1);
+/// A VM whose drain migration failed is not tried again for this long.
+const DRAIN_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// The rebalance moves still to make (`cluster/rebalance`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct RebalanceQueue {
+    moves: Vec<PlannedMove>,
+    current: Option<MigrationId>,
+}
+
+impl ControlPlane {
+    /// Starts a live migration of a running instance.
+    pub async fn migrate_instance(
+        &self,
+        name: &str,
+        req: MigrateInstanceRequest,
+        reason: MigrationReason,
+    ) -> ApiResult<Migration> {
+        let name = InstanceName::new(name)?;
+        let to = req.to.as_deref().map(HostName::new).transpose()?;
+        let key = keys::instance_spec(&name);
+        let _placing = self.placement.lock().await;
+        for _ in 0..8 {
+            let Some((spec, rev)) = self.store.get_json::<InstanceSpec>(&key).await? else {
+                return Err(ApiError::not_found(format!(
+                    "instance \"{name}\" not found"
+                )));
+            };
+            let status = self
+                .store
+                .get_json::<InstanceStatus>(&keys::instance_status(&name))
+                .await?
+                .map(|(s, _)| s)
+                .unwrap_or_else(InstanceStatus::pending);
+            check_migratable(&spec, &status)?;
+            let hosts = self.inventory.hosts().await;
+            let Some(source) = hosts.iter().find(|h| h.host.name == spec.host) else {
+                return Err(ApiError::conflict(format!(
+                    "instance \"{name}\" is on host {}, which is not registered",
+                    spec.host
+                )));
+            };
+            if !source.alive {
+                return Err(ApiError::conflict(format!(
+                    "instance \"{name}\" is on host {}, which is unreachable: a live migration needs its source running",
+                    spec.host
+                )));
+            }
+            if let Some(to) = &to {
+                if *to == spec.host {
+                    return Err(ApiError::conflict(format!(
+                        "instance \"{name}\" already runs on host {to}; name another host"
+                    )));
+                }
+                if !hosts.iter().any(|h| &h.host.name == to) {
+                    return Err(ApiError::not_found(format!("host \"{to}\" not found")));
+                }
+            }
+            let candidates: Vec<_> = hosts
+                .iter()
+                .filter(|h| h.host.name != spec.host)
+                .cloned()
+                .collect();
+            let spread = match &spec.spread_group {
+                Some(group) => {
+                    let mut members = self.inventory.spread_members(group).await;
+                    members.retain(|_, m| *m != name);
+                    Some(SpreadConstraint {
+                        group: group.clone(),
+                        members,
+                    })
+                }
+                None => None,
+            };
+            let placed = scheduler::place(
+                &candidates,
+                &PlacementRequest {
+                    resources: spec.resources,
+                    only: to.clone(),
+                    // Memory and CPU state only move between hosts with the
+                    // same accelerator.
+                    accel: Some(source.host.accel),
+                    spread,
+                    ..Default::default()
+                },
+                self.config.weigher,
+            );
+            let dest = match placed {
+                Ok(h) => h,
+                Err(scheduler::PlacementError::NoHosts) => {
+                    return Err(ApiError::insufficient_capacity(format!(
+                        "instance \"{name}\" has nowhere to go: no other host is registered"
+                    )));
+                }
+                Err(e) => {
+                    let reasons = e.to_string();
+                    let reasons = reasons.trim_start_matches("no host can fit it: ");
+                    return Err(ApiError::insufficient_capacity(match &to {
+                        Some(to) => format!(
+                            "host {to} cannot take instance \"{name}\": {}",
+                            reasons
+                                .split("; ")
+                                .find_map(|r| r.strip_prefix(&format!("{to}: ")))
+                                .unwrap_or(reasons)
+                        ),
+                        None => format!("no host can take instance \"{name}\": {reasons}"),
+                    }));
+                }
+            };
+            let Some(entry) = hosts.iter().find(|h| h.host.name == dest) else {
+                return Err(ApiError::internal(format!(
+                    "placement chose host {dest}, which is not in the inventory"
+                )));
+            };
+            let now = Utc::now();
+            let record = Migration {
+                id: MigrationId::random(),
+                instance: name.clone(),
+                instance_id: spec.id,
+                source: spec.host.clone(),
+                destination: dest.clone(),
+                reason,
+                phase: MigrationPhase::Pending,
+                progress: MigrationProgress::default(),
+                result: None,
+                error: None,
+                created_at: now,
+                updated_at: now,
+                finished_at: None,
+            };
+            let mut next = spec.clone();
+            next.migration = Some(MigrationRequest {
+                id: record.id,
+                destination: dest.clone(),
+            });
+            next.generation += 1;
+            let mut compares = vec![Compare::ModRevision(key.clone(), rev)];
+            compares.extend(self.host_guard(entry));
+            let mut ops = spec_ops(&next);
+            ops.push(put_json(keys::migration(&record.id), &record));
+            ops.push(self.alloc_mark(&dest, &name));
+            let out = self.store.txn(compares, ops.clone()).await?;
+            if out.succeeded {
+                self.inventory.apply_committed(&ops, out.revision).await;
+                info!(instance = %name, from = %spec.host, to = %dest, migration = %record.id, %reason, "migration requested");
+                return Ok(record);
+            }
+            self.inventory
+                .wait_for(out.revision, READ_YOUR_WRITES)
+                .await;
+        }
+        Err(ApiError::unavailable(format!(
+            "instance \"{name}\" or the hosts are changing too fast; retry"
+        )))
+    }
+
+    /// Asks the source to cancel the instance's migration in flight.
+    pub async fn cancel_migration(&self, name: &str) -> ApiResult<Migration> {
+        let name = InstanceName::new(name)?;
+        let Some((spec, _)) = self
+            .store
+            .get_json::<InstanceSpec>(&keys::instance_spec(&name))
+            .await?
+        else {
+            return Err(ApiError::not_found(format!(
+                "instance \"{name}\" not found"
+            )));
+        };
+        let Some(req) = spec.migration else {
+            return Err(ApiError::conflict(format!(
+                "instance \"{name}\" is not migrating"
+            )));
+        };
+        let record = self.migration(&req.id.to_string()).await?;
+        if record.phase == MigrationPhase::SwitchingOver {
+            return Err(ApiError::conflict(format!(
+                "migration {} of \"{name}\" is switching over; it is too late to cancel",
+                req.id
+            )));
+        }
+        self.store
+            .put(&keys::migration_cancel(&req.id), encode(&Utc::now()))
+            .await?;
+        info!(instance = %name, migration = %req.id, "migration cancel requested");
+        Ok(record)
+    }
+
+    /// All migration records, newest first.
+    pub async fn migrations(&self) -> ApiResult<Vec<Migration>> {
+        let listing = self.store.list(keys::MIGRATIONS).await?;
+        let mut out: Vec<Migration> = listing
+            .items
+            .iter()
+            .filter_map(|kv| decode::<Migration>(kv).ok())
+            .collect();
+        out.sort_by_key(|m| std::cmp::Reverse(m.created_at));
+        Ok(out)
+    }
+
+    /// One migration record.
+    pub async fn migration(&self, id: &str) -> ApiResult<Migration> {
+        let Some(mid) = MigrationId::parse(id) else {
+            return Err(ApiError::invalid(format!(
+                "invalid migration id {id:?}: expected a UUID as `skyvisor migration list` shows"
+            )));
+        };
+        self.store
+            .get_json::<Migration>(&keys::migration(&mid))
+            .await?
+            .map(|(m, _)| m)
+            .ok_or_else(|| ApiError::not_found(format!("migration {id} not found")))
+    }
+
+    /// Puts a host in maintenance: no new VMs, and the leader live-migrates
+    /// its running VMs away one at a time.
+    pub async fn drain_host(&self, name: &str) -> ApiResult<()> {
+        let host = HostName::new(name)?;
+        if self.inventory.host(&host).await.is_none() {
+            return Err(ApiError::not_found(format!("host \"{host}\" not found")));
+        }
+        let rev = self
+            .store
+            .put(&keys::host_state(&host), encode(&HostState::Draining))
+            .await?;
+        self.inventory.wait_for(rev, READ_YOUR_WRITES).await;
+        info!(%host, "host draining");
+        Ok(())
+    }
+
+    /// Returns a host to service (new VMs may land there again).
+    pub async fn undrain_host(&self, name: &str) -> ApiResult<()> {
+        let host = HostName::new(name)?;
+        if self.inventory.host(&host).await.is_none() {
+            return Err(ApiError::not_found(format!("host \"{host}\" not found")));
+        }
+        let rev = self.store.delete(&keys::host_state(&host)).await?;
+        self.inventory.wait_for(rev, READ_YOUR_WRITES).await;
+        info!(%host, "host back in service");
+        Ok(())
+    }
+
+    /// Plans moves that even out memory allocation across ready hosts and
+    /// queues them for the leader, which runs them one at a time.
+    pub async fn rebalance(&self, req: RebalanceRequest) -> ApiResult<RebalancePlan> {
+        let max = req.max_moves.unwrap_or(DEFAULT_MOVES);
+        if max == 0 || max > MAX_MOVES {
+            return Err(ApiError::invalid(format!(
+                "max_moves {max} is out of range; allowed: 1 to {MAX_MOVES}"
+            )));
+        }
+        if let Some((q, _)) = self
+            .store
+            .get_json::<RebalanceQueue>(keys::REBALANCE)
+            .await?
+            && (!q.moves.is_empty() || q.current.is_some())
+        {
+            return Err(ApiError::conflict(format!(
+                "a rebalance is running ({} moves left); wait until `skyvisor migration list` shows it done",
+                q.moves.len()
+            )));
+        }
+        let hosts = self.inventory.hosts().await;
+        let instances = self.inventory.instances_full().await;
+        let mut load: HashMap<HostName, (u64, u64)> = hosts
+            .iter()
+            .filter(|h| h.state() == HostState::Ready)
+            .map(|h| {
+                (
+                    h.host.name.clone(),
+                    (
+                        h.allocated.memory_mib,
+                        h.host.capacity.allocatable.memory_mib.max(1),
+                    ),
+                )
+            })
+            .collect();
+        let spread = |load: &HashMap<HostName, (u64, u64)>| -> f64 {
+            let ratios: Vec<f64> = load.values().map(|(a, t)| *a as f64 / *t as f64).collect();
+            let max = ratios.iter().copied().fold(f64::MIN, f64::max);
+            let min = ratios.iter().copied().fold(f64::MAX, f64::min);
+            if ratios.is_empty() {
+                0.0
+            } else {
+                (max - min) * 100.0
+            }
+        };
+        let before = spread(&load);
+        let mut placed: HashMap<InstanceName, HostName> = instances
+            .iter()
+            .map(|i| (i.spec.name.clone(), i.spec.host.clone()))
+            .collect();
+        let mut moves = vec![];
+        while moves.len() < max as usize && load.len() >= 2 {
+            let ratio = |h: &HostName, l: &HashMap<HostName, (u64, u64)>| {
+                let (a, t) = l[h];
+                a as f64 / t as f64
+            };
+            let mut names: Vec<HostName> = load.keys().cloned().collect();
+            names.sort_by(|a, b| ratio(a, &load).total_cmp(&ratio(b, &load)));
+            let (least, most) = (names[0].clone(), names[names.len() - 1].clone());
+            let current = spread(&load);
+            let mut best: Option<(f64, &InstanceName, u64)> = None;
+            for i in &instances {
+                if placed.get(&i.spec.name) != Some(&most)
+                    || check_migratable(&i.spec, &i.status).is_err()
+                    || moves
+                        .iter()
+                        .any(|m: &PlannedMove| m.instance == i.spec.name.as_str())
+                {
+                    continue;
+                }
+                let mem = i.spec.resources.memory_mib;
+                let (la, lt) = load[&least];
+                if la + mem > lt {
+                    continue;
+                }
+                let mut trial = load.clone();
+                if let Some(e) = trial.get_mut(&most) {
+                    e.0 -= mem.min(e.0);
+                }
+                if let Some(e) = trial.get_mut(&least) {
+                    e.0 += mem;
+                }
+                let after = spread(&trial);
+                if after + 0.5 < current && best.is_none_or(|(b, _, _)| after < b) {
+                    best = Some((after, &i.spec.name, mem));
+                }
+            }
+            let Some((_, name, mem)) = best else { break };
+            if let Some(e) = load.get_mut(&most) {
+                e.0 -= mem.min(e.0);
+            }
+            if let Some(e) = load.get_mut(&least) {
+                e.0 += mem;
+            }
+            placed.insert(name.clone(), least.clone());
+            moves.push(PlannedMove {
+                instance: name.to_string(),
+                from: most.to_string(),
+                to: least.to_string(),
+            });
+        }
+        let plan = RebalancePlan {
+            spread_after_percent: spread(&load),
+            spread_before_percent: before,
+            moves: moves.clone(),
+        };
+        if !moves.is_empty() {
+            self.store
+                .put(
+                    keys::REBALANCE,
+                    encode(&RebalanceQueue {
+                        moves,
+                        current: None,
+                    }),
+                )
+                .await?;
+            info!(moves = plan.moves.len(), "rebalance planned");
+        }
+        Ok(plan)
+    }
+}
+
+/// Refuses instances that cannot migrate live now, saying why.
+fn check_migratable(spec: &InstanceSpec, status: &InstanceStatus) -> ApiResult<()> {
+    let name = &spec.name;
+    if spec.deleting {
+        return Err(ApiError::conflict(format!(
+            "instance \"{name}\" is being deleted"
+        )));
+    }
+    if let Some(m) = &spec.migration {
+        return Err(ApiError::conflict(format!(
+            "instance \"{name}\" is already migrating to {} (migration {}); wait for it or cancel it with `skyvisor vm migrate {name} --cancel`",
+            m.destination, m.id
+        )));
+    }
+    if spec.power != PowerState::Running || status.phase != InstancePhase::Running {
+        return Err(ApiError::conflict(format!(
+            "instance \"{name}\" is {}; only a running VM migrates live",
+            status.phase
+        )));
+    }
+    if !spec.volumes.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "instance \"{name}\" uses replicated volumes, which do not migrate live yet; its volumes already have replicas elsewhere: stop it and start it there instead"
+        )));
+    }
+    if spec
+        .restore
+        .as_ref()
+        .is_some_and(|r| r.generation > status.observed_restore_generation)
+    {
+        return Err(ApiError::conflict(format!(
+            "instance \"{name}\" is being restored from a snapshot; migrate it afterwards"
+        )));
+    }
+    Ok(())
+}
+
+/// The leader's maintenance loop: drains hosts and runs rebalance plans.
+pub(crate) async fn run(cp: ControlPlane) {
+    let mut failed: HashMap<InstanceName, Instant> = HashMap::new();
+    loop {
+        tokio::time::sleep(MAINTENANCE_EVERY).await;
+        let leads = cp
+            .cluster_view()
+            .is_some_and(|v| v.leadership.borrow().is_leader);
+        if !leads || cp.store_unavailable().is_some() {
+            continue;
+        }
+        failed.retain(|_, at| at.elapsed() < DRAIN_RETRY_AFTER);
+        drain_step(&cp, &mut failed).await;
+        if let Err(e) = rebalance_step(&cp).await {
+            warn!(error = %e.message, "rebalance step failed");
+        }
+    }
+}
+
+/// Starts the next migration off each draining host that has none running.
+async fn drain_step(cp: &ControlPlane, failed: &mut HashMap<InstanceName, Instant>) {
+    let hosts = cp.inventory.hosts().await;
+    let instances = cp.inventory.instances_full().await;
+    for h in hosts.iter().filter(|h| h.state() == HostState::Draining) {
+        let on_host: Vec<_> = instances
+            .iter()
+            .filter(|i| i.spec.host == h.host.name)
+            .collect();
+        if on_host.iter().any(|i| i.spec.migration.is_some()) {
+            continue;
+        }
+        let next = on_host.iter().find(|i| {
+            !failed.contains_key(&i.spec.name) && check_migratable(&i.spec, &i.status).is_ok()
+        });
+        let Some(next) = next else { continue };
+        match cp
+            .migrate_instance(
+                next.spec.name.as_str(),
+                MigrateInstanceRequest::default(),
+                MigrationReason::Drain,
+            )
+            .await
+        {
+            Ok(m) => {
+                info!(host = %h.host.name, instance = %next.spec.name, to = %m.destination, "draining: migration started")
+            }
+            Err(e) => {
+                warn!(host = %h.host.name, instance = %next.spec.name, error = %e.message, "draining: cannot migrate; retrying later");
+                failed.insert(next.spec.name.clone(), Instant::now());
+            }
+        }
+    }
+}
+
+/// Advances the rebalance plan by at most one migration.
+async fn rebalance_step(cp: &ControlPlane) -> ApiResult<()> {
+    let Some((mut q, rev)) = cp.store.get_json::<RebalanceQueue>(keys::REBALANCE).await? else {
+        return Ok(());
+    };
+    if let Some(id) = q.current {
+        match cp.migration(&id.to_string()).await {
+            Ok(m) if !m.phase.is_finished() => return Ok(()),
+            _ => q.current = None,
+        }
+    }
+    if q.moves.is_empty() {
+        cp.store
+            .txn(
+                vec![Compare::ModRevision(keys::REBALANCE.into(), rev)],
+                vec![skyvisor_store::Op::Delete(keys::REBALANCE.into())],
+            )
+            .await?;
+        return Ok(());
+    }
+    let mv = q.moves.remove(0);
+    match cp
+        .migrate_instance(
+            &mv.instance,
+            MigrateInstanceRequest {
+                to: Some(mv.to.clone()),
+            },
+            MigrationReason::Rebalance,
+        )
+        .await
+    {
+        Ok(m) => {
+            info!(instance = %mv.instance, to = %mv.to, "rebalance: migration started");
+            q.current = Some(m.id);
+        }
+        Err(e) => {
+            warn!(instance = %mv.instance, to = %mv.to, error = %e.message, "rebalance: move skipped")
+        }
+    }
+    cp.store
+        .txn(
+            vec![Compare::ModRevision(keys::REBALANCE.into(), rev)],
+            vec![put_json(keys::REBALANCE.to_string(), &q)],
+        )
+        .await?;
+    Ok(())
+}

@@ -185,6 +185,10 @@ pub trait OutgoingControl: Send {
     /// the switchover (send its network traffic to the destination now).
     /// An error fails the migration.
     async fn before_stop(&mut self) -> Result<(), String>;
+
+    /// The migration failed: break its streams to the destination, so that
+    /// QEMU is not held by sends to a host that stopped answering.
+    async fn unblock(&mut self);
 }
 
 /// Something that happened to a running VM.

@@ -56,6 +56,8 @@ const REDIRECT_HOLD: Duration = Duration::from_secs(10);
 const INCOMING_TIMEOUT: Duration = Duration::from_secs(900);
 /// How long the switchover waits for the other hosts to steer traffic.
 const STEER_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long the source waits for the destination to discard its VM.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Agent-to-agent request timeout.
 const PEER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -489,7 +491,12 @@ impl Peer {
         let resp = self
             .http
             .post(&url)
-            .timeout(PEER_TIMEOUT)
+            // Cleanup steps must not hang on a dead or cut-off peer.
+            .timeout(if step == "abort" {
+                ABORT_TIMEOUT
+            } else {
+                PEER_TIMEOUT
+            })
             .json(body)
             .send()
             .await
@@ -522,6 +529,8 @@ struct SourceControl<'a> {
     dest_address: Option<Ipv4Addr>,
     /// The agents of the other hosts (neither source nor destination).
     others: Vec<String>,
+    /// The destination's stream endpoints (migration, disk export).
+    streams: Vec<(Ipv4Addr, u16)>,
     redirected: bool,
     cancelled: bool,
 }
@@ -564,6 +573,14 @@ impl OutgoingControl for SourceControl<'_> {
         }
         self.save().await;
         true
+    }
+
+    async fn unblock(&mut self) {
+        for (ip, port) in &self.streams {
+            if let Err(e) = self.ctx.network.kill_connections(*ip, *port).await {
+                warn!(destination = %ip, port, error = %e, "could not break a migration stream");
+            }
+        }
     }
 
     async fn before_stop(&mut self) -> Result<(), String> {
@@ -703,6 +720,7 @@ pub(crate) async fn migrate_out(
         spec,
         dest_address: dest_host.address.parse().ok(),
         others: other_agents(ctx, &req.destination).await,
+        streams: vec![],
         redirected: false,
         cancelled: false,
     };
@@ -727,6 +745,12 @@ pub(crate) async fn migrate_out(
             return SourceOutcome::Stayed;
         }
     };
+    if let Ok(ip) = answer.host.parse::<Ipv4Addr>() {
+        control.streams.push((ip, answer.migration_port));
+        if let Some(p) = answer.nbd_port {
+            control.streams.push((ip, p));
+        }
+    }
     let plan = OutgoingPlan {
         disk: answer.nbd_port.map(|port| NbdTarget {
             host: answer.host.clone(),

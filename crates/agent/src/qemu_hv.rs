@@ -374,6 +374,7 @@ impl Vm for QemuVmHandle {
         match migrate_out(qmp, plan, control).await {
             Ok(o) => Ok(o),
             Err(e) => {
+                control.unblock().await;
                 if let Err(undo) = abort_outgoing(qmp).await {
                     warn!(error = %undo, "could not undo a failed migration cleanly");
                 }
@@ -482,6 +483,8 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// them: they would be lost with it). The guest's inbound traffic queues
 /// at the destination meanwhile, so this delays it but drops nothing.
 const RING_DRAIN: Duration = Duration::from_millis(20);
+/// How long a `query-migrate` may take during a migration.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause the guest once the memory left takes at most this long to send.
 const FINAL_BUDGET: Duration = Duration::from_millis(10);
 /// Pause the guest at the latest this long after the network switch (its
@@ -540,6 +543,21 @@ impl StallWatch {
         }
         Ok(())
     }
+}
+
+/// `query-migrate` with a short deadline: while a send to an unreachable
+/// destination blocks QEMU, its monitor does not answer, and that is a
+/// stall too.
+async fn query_migrate(qmp: &Qmp) -> Result<MigrationInfo, HvError> {
+    let v = qmp
+        .execute_with_timeout("query-migrate", serde_json::Value::Null, QUERY_TIMEOUT)
+        .await
+        .map_err(|e| {
+            HvError::Control(format!(
+                "QEMU stopped answering while migrating (is the destination reachable?): {e}"
+            ))
+        })?;
+    serde_json::from_value(v).map_err(control)
 }
 
 async fn mirror_job(qmp: &Qmp) -> Result<Option<BlockJobInfo>, HvError> {
@@ -644,7 +662,7 @@ async fn migrate_out(
     let mut disk = (0, 0);
     let mut last_remaining: Option<(u64, Instant)> = None;
     loop {
-        let info = qmp.query_migrate().await.map_err(control)?;
+        let info = query_migrate(qmp).await?;
         match info.status {
             Some(MigrationStatus::Failed | MigrationStatus::Cancelled) => {
                 return Err(HvError::Control(format!(
@@ -713,7 +731,7 @@ async fn migrate_out(
     tokio::time::sleep(RING_DRAIN).await;
     let mut last_remaining: Option<(u64, Instant)> = None;
     loop {
-        let info = qmp.query_migrate().await.map_err(control)?;
+        let info = query_migrate(qmp).await?;
         match info.status {
             Some(MigrationStatus::Completed) => {
                 let paused = Duration::from_millis(info.downtime.unwrap_or(0));
@@ -745,14 +763,14 @@ async fn migrate_out(
     let stopped_at = Instant::now();
     if let Err(e) = qmp.stop().await {
         // It may have completed (and stopped the guest) meanwhile.
-        let info = qmp.query_migrate().await.map_err(control)?;
+        let info = query_migrate(qmp).await?;
         if info.status != Some(MigrationStatus::Completed) {
             return Err(control(e));
         }
     }
     let deadline = Instant::now() + COMPLETION_TIMEOUT;
     let info = loop {
-        let info = qmp.query_migrate().await.map_err(control)?;
+        let info = query_migrate(qmp).await?;
         match info.status {
             Some(MigrationStatus::Completed) => break info,
             Some(MigrationStatus::Failed | MigrationStatus::Cancelled) => {

@@ -112,6 +112,14 @@ impl HostNetwork for FakeNetwork {
         validate_ifname(overlay)
     }
 
+    async fn kill_connections(
+        &self,
+        _remote: std::net::Ipv4Addr,
+        _port: u16,
+    ) -> Result<(), NetError> {
+        Ok(())
+    }
+
     async fn clear_redirect(&self, _mac: MacAddr, overlay: &str) -> Result<(), NetError> {
         validate_ifname(overlay)
     }

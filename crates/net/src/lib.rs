@@ -139,6 +139,11 @@ pub trait HostNetwork: Send + Sync {
         remote: Ipv4Addr,
     ) -> Result<(), NetError>;
 
+    /// Breaks this host's TCP connections to `remote`:`port` (a live
+    /// migration's streams to a destination that stopped answering: a
+    /// blocked send would otherwise hold QEMU for many minutes).
+    async fn kill_connections(&self, remote: Ipv4Addr, port: u16) -> Result<(), NetError>;
+
     /// Removes what [`HostNetwork::redirect_mac`] or
     /// [`HostNetwork::steer_mac`] set up (the bridge and the overlay then
     /// learn `mac`'s place again). No error if there is nothing to remove.

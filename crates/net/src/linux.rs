@@ -306,6 +306,23 @@ impl HostNetwork for LinuxNetwork {
         .map(drop)
     }
 
+    async fn kill_connections(&self, remote: Ipv4Addr, port: u16) -> Result<(), NetError> {
+        run(
+            "ss",
+            &[
+                "-K",
+                "dst",
+                &remote.to_string(),
+                "dport",
+                "=",
+                &port.to_string(),
+            ],
+            None,
+        )
+        .await
+        .map(drop)
+    }
+
     async fn clear_redirect(&self, mac: MacAddr, overlay: &str) -> Result<(), NetError> {
         validate_ifname(overlay)?;
         if !link_exists(overlay) {

@@ -8,6 +8,7 @@ mod cluster;
 mod harness;
 mod images;
 mod lifecycle;
+mod migration;
 mod multihost;
 mod resilience;
 mod testbed;

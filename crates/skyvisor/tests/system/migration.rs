@@ -1,0 +1,429 @@
+//! Live migration on the multi-host test bed: real guests move between
+//! hosts (network namespaces with their own agents) while a client keeps
+//! opening connections to them; host drain; refusals; and faults (the
+//! destination dies, the network between the hosts is cut).
+
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::{guest_call, guest_json, wait_until};
+use crate::testbed::{LEASE_TTL, TestBed, vm_ip};
+
+/// What a client that opens a new connection every 10 ms saw.
+struct ClientReport {
+    requests: usize,
+    failures: Vec<String>,
+    slowest: Duration,
+}
+
+/// A client that requests the guest's page over a new TCP connection
+/// every 10 ms until stopped.
+struct Client {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<ClientReport>,
+}
+
+impl Client {
+    fn start(ip: Ipv4Addr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut report = ClientReport {
+                requests: 0,
+                failures: vec![],
+                slowest: Duration::ZERO,
+            };
+            while !flag.load(Ordering::SeqCst) {
+                let started = Instant::now();
+                match get_health(ip) {
+                    Ok(()) => {}
+                    Err(e) => report
+                        .failures
+                        .push(format!("{:?}: {e}", started.elapsed())),
+                }
+                report.requests += 1;
+                report.slowest = report.slowest.max(started.elapsed());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            report
+        });
+        Self { stop, thread }
+    }
+
+    fn finish(self) -> ClientReport {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().expect("client thread")
+    }
+}
+
+/// One request on a fresh connection; generous timeouts (TCP retries a
+/// lost SYN after 1 s): only a request that does not complete fails.
+fn get_health(ip: Ipv4Addr) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&SocketAddr::from((ip, 80)), Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: vm\r\nConnection: close\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    if buf.starts_with(b"HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "unexpected answer: {}",
+            String::from_utf8_lossy(&buf[..buf.len().min(80)])
+        )))
+    }
+}
+
+/// Migrates `name` to host `to` with the CLI (it waits); returns the record.
+fn migrate(bed: &TestBed, name: &str, to: &str) -> Value {
+    let m = bed.sv_json(&["vm", "migrate", name, "--to", to]);
+    assert_eq!(m["phase"], "completed", "{m}");
+    assert_eq!(m["destination"], to, "{m}");
+    let r = &m["result"];
+    assert!(r["pause_ms"].as_u64().is_some(), "{m}");
+    assert!(r["ram_transferred"].as_u64() > Some(0), "{m}");
+    m
+}
+
+fn host_name(v: &Value) -> String {
+    v["spec"]["host"].as_str().expect("host").to_string()
+}
+
+/// Waits until the migration's record is in `phase`; returns it.
+fn wait_phase(bed: &TestBed, id: &str, phases: &[&str], timeout: Duration) -> Value {
+    wait_until(&format!("migration {id} in {phases:?}"), timeout, || {
+        let (status, m) = bed.api("GET", &format!("/v1/migrations/{id}"), None);
+        assert_eq!(status, 200, "{m}");
+        phases
+            .contains(&m["phase"].as_str().unwrap_or_default())
+            .then_some(m)
+    })
+}
+
+#[test]
+fn running_vm_moves_between_hosts_without_failed_requests_and_keeps_its_state() {
+    let bed = TestBed::start(3, 1);
+    let vm = bed.create_vm("mover", &["--type", "micro"]);
+    let ip = vm_ip(&vm);
+    let first = host_name(&vm);
+    let before = guest_json(ip, "/uptime");
+    // State in RAM only, on disk, and a guest that keeps rewriting memory.
+    guest_call(ip, "PUT", "/ram", Some("kept-in-ram"));
+    for _ in 0..3 {
+        guest_call(ip, "POST", "/counter/increment", None);
+    }
+    let memtest = guest_call(ip, "POST", "/memtest/start?mib=48&rate_mib_s=20", None);
+    assert_eq!(memtest["running"], true, "{memtest}");
+
+    // A -> B -> C -> A, with a client opening connections all along and
+    // disk writes during the first move.
+    let mut order: Vec<String> = ["h1", "h2", "h3"]
+        .iter()
+        .map(|s| s.to_string())
+        .filter(|h| *h != first)
+        .collect();
+    order.push(first.clone());
+    let client = Client::start(ip);
+    let writer = std::thread::spawn(move || {
+        let mut acked = 0;
+        for _ in 0..20 {
+            let v = guest_call(ip, "POST", "/counter/increment", None);
+            assert!(v["value"].as_u64().is_some(), "{v}");
+            acked += 1;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        acked
+    });
+    let mut records = vec![];
+    for to in &order {
+        records.push(migrate(&bed, "mover", to));
+        let now = bed.instance("mover");
+        assert_eq!(&host_name(&now), to, "{now}");
+        assert_eq!(now["status"]["phase"], "running", "{now}");
+    }
+    let acked = writer.join().expect("writer");
+    let report = client.finish();
+
+    assert!(
+        report.requests > 50,
+        "the client barely ran: {}",
+        report.requests
+    );
+    assert!(
+        report.failures.is_empty(),
+        "{} of {} requests failed during migration: {:?}",
+        report.failures.len(),
+        report.requests,
+        report.failures
+    );
+    eprintln!(
+        "{} requests, slowest {:?}; pauses {:?}",
+        report.requests,
+        report.slowest,
+        records
+            .iter()
+            .map(|m| m["result"]["pause_ms"].as_u64())
+            .collect::<Vec<_>>()
+    );
+
+    // Same boot, uptime kept growing, RAM-only state and every
+    // acknowledged disk write still there, memory pattern intact.
+    let after = guest_json(ip, "/uptime");
+    assert_eq!(after["boot_id"], before["boot_id"], "the guest rebooted");
+    assert!(
+        after["uptime_secs"].as_f64() > before["uptime_secs"].as_f64(),
+        "{before} -> {after}"
+    );
+    assert_eq!(guest_json(ip, "/ram")["value"], "kept-in-ram");
+    assert_eq!(
+        guest_json(ip, "/counter")["value"].as_u64(),
+        Some(3 + acked),
+        "acknowledged disk writes were lost"
+    );
+    // A full pass over the area after the moves checks every page.
+    let mt = wait_until(
+        "a memtest pass after the moves",
+        Duration::from_secs(60),
+        || {
+            let mt = guest_json(ip, "/memtest");
+            (mt["passes"].as_u64() >= Some(2)).then_some(mt)
+        },
+    );
+    assert_eq!(mt["running"], true, "{mt}");
+    assert_eq!(mt["mismatches"], 0, "memory changed in transit: {mt}");
+
+    // The records tell the story; each old host kept nothing behind.
+    let list = bed.sv_json(&["migration", "list"]);
+    let done: Vec<&Value> = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|m| m["instance"] == "mover")
+        .collect();
+    assert_eq!(done.len(), 3, "{list}");
+    assert!(done.iter().all(|m| m["phase"] == "completed"), "{list}");
+    let show = bed.sv_json(&["migration", "show", records[0]["id"].as_str().expect("id")]);
+    assert_eq!(show["source"], first.as_str(), "{show}");
+    for h in 1..=3u32 {
+        let here = format!("h{h}") == first;
+        let pids = bed.qemu_pids(h);
+        assert_eq!(
+            pids.len(),
+            usize::from(here),
+            "host h{h} runs {pids:?} after the round trip"
+        );
+    }
+}
+
+#[test]
+fn drain_moves_every_running_vm_off_a_host_and_undrain_returns_it() {
+    let bed = TestBed::start(3, 1);
+    // All three VMs on h1: keep the others out while creating.
+    bed.sv_ok(&["host", "cordon", "h2"]);
+    bed.sv_ok(&["host", "cordon", "h3"]);
+    let mut ips = vec![];
+    for i in 1..=3 {
+        let v = bed.create_vm(&format!("d{i}"), &["--type", "nano"]);
+        assert_eq!(host_name(&v), "h1", "{v}");
+        ips.push((
+            vm_ip(&v),
+            guest_json(vm_ip(&v), "/uptime")["boot_id"].clone(),
+        ));
+    }
+    bed.sv_ok(&["host", "uncordon", "h2"]);
+    bed.sv_ok(&["host", "uncordon", "h3"]);
+
+    let client = Client::start(ips[0].0);
+    let out = bed.sv_json(&["host", "drain", "h1"]);
+    assert_eq!(out["state"], "draining", "{out}");
+    let report = client.finish();
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    for i in 1..=3 {
+        let v = bed.instance(&format!("d{i}"));
+        assert_ne!(host_name(&v), "h1", "d{i} still on h1: {v}");
+        assert_eq!(v["status"]["phase"], "running", "{v}");
+    }
+    for (ip, boot) in &ips {
+        assert_eq!(
+            &guest_json(*ip, "/uptime")["boot_id"],
+            boot,
+            "{ip} rebooted"
+        );
+    }
+    assert!(bed.qemu_pids(1).is_empty(), "h1 still runs QEMUs");
+    let drains: Vec<Value> = bed
+        .sv_json(&["migration", "list"])
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|m| m["reason"] == "drain")
+        .cloned()
+        .collect();
+    assert_eq!(drains.len(), 3, "{drains:?}");
+
+    // Nothing new lands on a draining host.
+    let v = bed.create_vm("after-drain", &["--type", "nano"]);
+    assert_ne!(host_name(&v), "h1", "{v}");
+    let out = bed.sv_json(&["host", "undrain", "h1"]);
+    assert_eq!(out["state"], "ready", "{out}");
+
+    // Rebalance: h1 is empty, the others hold everything: moves go to h1.
+    let plan = bed.sv_json(&["host", "rebalance", "--max-moves", "1"]);
+    let moves = plan["moves"].as_array().expect("moves");
+    assert_eq!(moves.len(), 1, "{plan}");
+    assert_eq!(moves[0]["to"], "h1", "{plan}");
+    let name = moves[0]["instance"].as_str().expect("instance").to_string();
+    wait_until("the rebalance move", Duration::from_secs(120), || {
+        (host_name(&bed.instance(&name)) == "h1").then_some(())
+    });
+}
+
+#[test]
+fn bad_migrations_are_refused_before_anything_starts() {
+    let bed = TestBed::start(2, 1);
+    let vm = bed.create_vm("stay", &["--type", "nano"]);
+    let here = host_name(&vm);
+    let other = if here == "h1" { "h2" } else { "h1" };
+
+    let err = bed.sv_err(&["vm", "migrate", "stay", "--to", &here]);
+    assert!(err.contains("already runs on host"), "{err}");
+    let err = bed.sv_err(&["vm", "migrate", "stay", "--to", "h9"]);
+    assert!(err.contains("host \"h9\" not found"), "{err}");
+    let err = bed.sv_err(&["vm", "migrate", "stay", "--to", "Not_A_Host"]);
+    assert!(err.contains("host"), "{err}");
+    let err = bed.sv_err(&["vm", "migrate", "nope"]);
+    assert!(err.contains("not found"), "{err}");
+    let (status, body) = bed.api("POST", "/v1/instances/stay/migrate", Some("{\"to\": 3}"));
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = bed.api("GET", "/v1/migrations/not-an-id", None);
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = bed.api(
+        "GET",
+        "/v1/migrations/6f1c1d2e-0000-4000-8000-000000000000",
+        None,
+    );
+    assert_eq!(status, 404, "{body}");
+    let err = bed.sv_err(&["vm", "migrate", "stay", "--cancel"]);
+    assert!(err.contains("not migrating"), "{err}");
+
+    // A cordoned destination, and a full one, say why.
+    bed.sv_ok(&["host", "cordon", other]);
+    let err = bed.sv_err(&["vm", "migrate", "stay", "--to", other]);
+    assert!(err.contains("cordoned"), "{err}");
+    let err = bed.sv_err(&["vm", "migrate", "stay"]);
+    assert!(err.contains("no host can take"), "{err}");
+    bed.sv_ok(&["host", "uncordon", other]);
+    let free = bed.sv_json(&["host", "show", other])["free"]["memory_mib"]
+        .as_u64()
+        .expect("free memory");
+    bed.sv_ok(&["host", "cordon", &here]);
+    bed.sv_json(&[
+        "vm",
+        "create",
+        "filler",
+        "--no-start",
+        "--vcpus",
+        "1",
+        "--memory",
+        &(free - 64).to_string(),
+    ]);
+    bed.sv_ok(&["host", "uncordon", &here]);
+    let err = bed.sv_err(&["vm", "migrate", "stay", "--to", other]);
+    assert!(err.contains("memory free"), "{err}");
+
+    // A stopped VM does not migrate live.
+    bed.sv_ok(&["vm", "stop", "stay"]);
+    let err = bed.sv_err(&["vm", "migrate", "stay"]);
+    assert!(err.contains("only a running VM migrates live"), "{err}");
+
+    // Nothing was recorded, nothing moved.
+    let list = bed.sv_json(&["migration", "list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+    assert_eq!(host_name(&bed.instance("stay")), here);
+}
+
+/// Starts a migration of a guest that keeps dirtying memory fast, so the
+/// transfer lasts; returns the record once memory is being copied.
+fn start_slow_migration(bed: &TestBed, name: &str, to: &str) -> Value {
+    let v = bed.instance(name);
+    let ip = vm_ip(&v);
+    if guest_json(ip, "/memtest")["running"] != true {
+        guest_call(ip, "POST", "/memtest/start?mib=160&rate_mib_s=0", None);
+    }
+    let m = bed.sv_json(&["vm", "migrate", name, "--to", to, "--no-wait"]);
+    let id = m["id"].as_str().expect("id").to_string();
+    wait_phase(bed, &id, &["transferring"], Duration::from_secs(60))
+}
+
+#[test]
+fn destination_death_or_a_cut_network_leave_the_vm_running_on_its_source() {
+    let bed = TestBed::start(3, 1);
+    bed.sv_ok(&["host", "cordon", "h2"]);
+    bed.sv_ok(&["host", "cordon", "h3"]);
+    let vm = bed.create_vm("survivor", &["--type", "small"]);
+    bed.sv_ok(&["host", "uncordon", "h2"]);
+    bed.sv_ok(&["host", "uncordon", "h3"]);
+    let ip = vm_ip(&vm);
+    assert_eq!(host_name(&vm), "h1");
+    let boot = guest_json(ip, "/uptime")["boot_id"].clone();
+    guest_call(ip, "PUT", "/ram", Some("still-here"));
+
+    // The destination dies mid-transfer.
+    let m = start_slow_migration(&bed, "survivor", "h2");
+    let id = m["id"].as_str().expect("id").to_string();
+    bed.script_ok(&["host-kill", "2"]);
+    let m = wait_phase(&bed, &id, &["failed"], Duration::from_secs(90));
+    assert!(m["error"].is_string(), "{m}");
+    let v = bed.instance("survivor");
+    assert_eq!(host_name(&v), "h1", "{v}");
+    assert!(v["spec"]["migration"].is_null(), "{v}");
+    assert_eq!(guest_json(ip, "/uptime")["boot_id"], boot);
+    assert_eq!(guest_json(ip, "/ram")["value"], "still-here");
+    assert_eq!(guest_json(ip, "/memtest")["mismatches"], 0);
+    // The destination host comes back without the half-made VM.
+    bed.script_ok(&["host-restore", "2"]);
+    bed.wait_host_state(2, "ready", Duration::from_secs(60));
+    assert!(bed.qemu_pids(2).is_empty(), "h2 kept a destination QEMU");
+
+    // The network between source and destination is cut mid-transfer:
+    // the source notices no progress, gives up and runs on.
+    let m = start_slow_migration(&bed, "survivor", "h3");
+    let id = m["id"].as_str().expect("id").to_string();
+    bed.script_ok(&["host-cut", "3"]);
+    let m = wait_phase(&bed, &id, &["failed"], Duration::from_secs(120));
+    assert!(
+        m["error"].as_str().unwrap_or_default().contains("stalled")
+            || m["error"].as_str().unwrap_or_default().contains("failed"),
+        "{m}"
+    );
+    let v = bed.instance("survivor");
+    assert_eq!(host_name(&v), "h1", "{v}");
+    assert_eq!(v["status"]["phase"], "running", "{v}");
+    assert_eq!(guest_json(ip, "/uptime")["boot_id"], boot);
+    let before = guest_json(ip, "/counter")["value"].as_u64().unwrap_or(0);
+    let after = guest_call(ip, "POST", "/counter/increment", None);
+    assert_eq!(
+        after["value"].as_u64(),
+        Some(before + 1),
+        "the disk is stuck"
+    );
+    bed.script_ok(&["host-restore", "3"]);
+    bed.wait_host_state(3, "ready", Duration::from_secs(LEASE_TTL * 10 + 60));
+    wait_until(
+        "h3 to drop the half-made VM",
+        Duration::from_secs(60),
+        || bed.qemu_pids(3).is_empty().then_some(()),
+    );
+
+    // And then it moves for real.
+    guest_call(ip, "POST", "/memtest/stop", None);
+    migrate(&bed, "survivor", "h3");
+    assert_eq!(guest_json(ip, "/uptime")["boot_id"], boot);
+    assert_eq!(guest_json(ip, "/ram")["value"], "still-here");
+}

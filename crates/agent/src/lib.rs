@@ -388,6 +388,9 @@ async fn bring_up(
         registration,
         cfg.data_dir.clone(),
     )));
+    guard
+        .0
+        .push(tokio::spawn(migration::sweep_orphans(ctx.clone())));
     guard.0.push(tokio::spawn(dispatch(ctx.clone())));
     guard.0.push(tokio::spawn(checkpoints::follow(ctx.clone())));
     if let Some(v) = volumes {

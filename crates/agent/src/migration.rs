@@ -29,7 +29,7 @@ use skyvisor_core::{
     MigrationProgress, MigrationRequest, MigrationResult, Resources, keys,
 };
 use skyvisor_store::{Compare, Op, StoreExt, put_json};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::AgentContext;
 use crate::hypervisor::{
@@ -455,6 +455,54 @@ async fn watch_incoming(ctx: Arc<AgentContext>, spec: InstanceSpec, id: Migratio
     }
 }
 
+/// After an agent restart: destination VMs the previous agent prepared
+/// wait for a handover nobody will ask for any more, unless the VM was
+/// handed over to this host meanwhile (its supervisor adopts those).
+/// Discards the others.
+pub(crate) async fn sweep_orphans(ctx: Arc<AgentContext>) {
+    let Ok(mut dir) = tokio::fs::read_dir(ctx.data_dir.join("vms")).await else {
+        return;
+    };
+    while let Ok(Some(entry)) = dir.next_entry().await {
+        let launch = match tokio::fs::read(entry.path().join(crate::supervisor::LAUNCH_FILE)).await
+        {
+            Ok(b) => serde_json::from_slice::<crate::hypervisor::VmLaunch>(&b).ok(),
+            Err(_) => None,
+        };
+        let Some(launch) = launch.filter(|l| l.migration_target) else {
+            continue;
+        };
+        let Ok(name) = InstanceName::new(&launch.name) else {
+            continue;
+        };
+        let spec = match ctx
+            .store
+            .get_json::<InstanceSpec>(&keys::instance_spec(&name))
+            .await
+        {
+            Ok(s) => s.map(|(s, _)| s),
+            // Unknown: leave it for the next start.
+            Err(_) => continue,
+        };
+        if spec
+            .as_ref()
+            .is_some_and(|s| s.host == ctx.host && s.id == launch.instance)
+        {
+            continue;
+        }
+        if ctx.incoming.lock().await.contains_key(&name) {
+            continue;
+        }
+        warn!(instance = %name, "discarding a destination VM an earlier agent left waiting");
+        if let Some(vm) = ctx.hypervisor.attach(&launch.run_dir).await {
+            vm.kill();
+        }
+        let tap = skyvisor_net::tap_name(&launch.instance);
+        let _ = ctx.network.delete_tap(&tap).await;
+        let _ = tokio::fs::remove_dir_all(entry.path()).await;
+    }
+}
+
 /// How the source's side of a migration ended.
 pub(crate) enum SourceOutcome {
     /// The VM runs on the destination now; the local copy is gone.
@@ -761,7 +809,7 @@ pub(crate) async fn migrate_out(
         switchover_budget: SWITCHOVER_BUDGET,
         stall_timeout: STALL_TIMEOUT,
         max_duration: max_duration(),
-        max_bandwidth: None,
+        max_bandwidth: req.max_bandwidth_mib_s.map(|m| m << 20),
     };
     let outcome = vm.migrate_out(&plan, &mut control).await;
     let (redirected, cancelled) = (control.redirected, control.cancelled);
@@ -787,6 +835,7 @@ pub(crate) async fn migrate_out(
         ram_transferred: outcome.ram_transferred,
         disk_copied: outcome.disk_copied,
     });
+    let completed_after = outcome.stopped_at.elapsed();
     if !hand_over(ctx, spec, req, &record).await {
         warn!(instance = %spec.name, migration = %req.id, "handover not committed; the VM resumes here");
         let resumed = vm.resume_after_migration().await;
@@ -806,12 +855,18 @@ pub(crate) async fn migrate_out(
         .await;
         return SourceOutcome::Stayed;
     }
+    let committed_at = outcome.stopped_at.elapsed();
     // Committed: the destination may run it now. If this call fails its
     // supervisor resumes it when it sees the binding.
     if let Err(e) = peer.call::<()>("resume").await {
         warn!(instance = %spec.name, error = %e, "the destination did not confirm the resume; its agent resumes the VM on its own");
     }
     let pause = outcome.stopped_at.elapsed();
+    debug!(instance = %spec.name, migration = %req.id,
+        copied_ms = completed_after.as_millis() as u64,
+        committed_ms = committed_at.as_millis() as u64,
+        resumed_ms = pause.as_millis() as u64,
+        "switchover steps (from the pause)");
     if let Some(r) = record.result.as_mut() {
         r.pause_ms = pause.as_millis() as u64;
         r.total_ms = started.elapsed().as_millis() as u64;

@@ -489,7 +489,7 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 const FINAL_BUDGET: Duration = Duration::from_millis(10);
 /// Pause the guest at the latest this long after the network switch (its
 /// inbound traffic queues at the destination meanwhile).
-const MAX_QUEUEING: Duration = Duration::from_millis(150);
+const MAX_QUEUEING: Duration = Duration::from_millis(100);
 /// The longest the last stop-and-copy may take before it counts as failed.
 const COMPLETION_TIMEOUT: Duration = Duration::from_secs(60);
 

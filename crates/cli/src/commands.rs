@@ -69,6 +69,9 @@ pub enum VmCommand {
         /// The destination host (default: the scheduler picks one).
         #[arg(long, conflicts_with = "cancel")]
         to: Option<String>,
+        /// Cap the copy's bandwidth, MiB per second (default: no cap).
+        #[arg(long, value_name = "MIB_S", conflicts_with = "cancel")]
+        bandwidth: Option<u64>,
         /// Cancel the VM's migration in flight; it stays where it runs.
         #[arg(long)]
         cancel: bool,
@@ -936,9 +939,13 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
         VmCommand::Migrate {
             name,
             to,
+            bandwidth,
             cancel,
             no_wait,
-        } => crate::migrations::migrate(client, format, &name, to, cancel, !no_wait).await?,
+        } => {
+            crate::migrations::migrate(client, format, &name, to, bandwidth, cancel, !no_wait)
+                .await?
+        }
         VmCommand::Console { name, follow, tail } => {
             let mut offset: i64 = match tail {
                 Some(n) => -(i64::try_from(n).unwrap_or(i64::MAX)),

@@ -127,6 +127,7 @@ pub async fn migrate(
     format: OutputFormat,
     name: &str,
     to: Option<String>,
+    max_bandwidth_mib_s: Option<u64>,
     cancel: bool,
     wait: bool,
 ) -> Result<()> {
@@ -148,7 +149,10 @@ pub async fn migrate(
     let m: Migration = client
         .post(
             &format!("/v1/instances/{name}/migrate"),
-            &MigrateInstanceRequest { to },
+            &MigrateInstanceRequest {
+                to,
+                max_bandwidth_mib_s,
+            },
         )
         .await?;
     if !wait {

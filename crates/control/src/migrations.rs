@@ -53,6 +53,13 @@ impl ControlPlane {
     ) -> ApiResult<Migration> {
         let name = InstanceName::new(name)?;
         let to = req.to.as_deref().map(HostName::new).transpose()?;
+        if req.max_bandwidth_mib_s == Some(0) || req.max_bandwidth_mib_s > Some(1 << 20) {
+            return Err(ApiError::invalid(format!(
+                "max_bandwidth_mib_s {} is out of range; allowed: 1 to {} (or leave it out for no cap)",
+                req.max_bandwidth_mib_s.unwrap_or(0),
+                1u64 << 20
+            )));
+        }
         let key = keys::instance_spec(&name);
         let _placing = self.placement.lock().await;
         for _ in 0..8 {
@@ -167,6 +174,7 @@ impl ControlPlane {
             next.migration = Some(MigrationRequest {
                 id: record.id,
                 destination: dest.clone(),
+                max_bandwidth_mib_s: req.max_bandwidth_mib_s,
             });
             next.generation += 1;
             let mut compares = vec![Compare::ModRevision(key.clone(), rev)];
@@ -513,6 +521,7 @@ async fn rebalance_step(cp: &ControlPlane) -> ApiResult<()> {
             &mv.instance,
             MigrateInstanceRequest {
                 to: Some(mv.to.clone()),
+                max_bandwidth_mib_s: None,
             },
             MigrationReason::Rebalance,
         )

@@ -187,6 +187,10 @@ pub struct MigrateInstanceRequest {
     /// The destination host; the scheduler picks one when absent.
     #[serde(default)]
     pub to: Option<String>,
+    /// Cap on the copy's bandwidth (memory and disk), MiB per second, to
+    /// spare the network; unlimited when absent.
+    #[serde(default)]
+    pub max_bandwidth_mib_s: Option<u64>,
 }
 
 /// Body of `POST /v1/hosts/rebalance`.

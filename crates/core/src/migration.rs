@@ -208,6 +208,9 @@ pub struct MigrationRequest {
     pub id: MigrationId,
     /// Where the VM goes.
     pub destination: HostName,
+    /// Bandwidth cap, MiB per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth_mib_s: Option<u64>,
 }
 
 #[cfg(test)]

@@ -301,6 +301,19 @@ fn bad_migrations_are_refused_before_anything_starts() {
     assert!(err.contains("not found"), "{err}");
     let (status, body) = bed.api("POST", "/v1/instances/stay/migrate", Some("{\"to\": 3}"));
     assert_eq!(status, 400, "{body}");
+    let (status, body) = bed.api(
+        "POST",
+        "/v1/instances/stay/migrate",
+        Some("{\"max_bandwidth_mib_s\": 0}"),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("allowed"),
+        "{body}"
+    );
     let (status, body) = bed.api("GET", "/v1/migrations/not-an-id", None);
     assert_eq!(status, 400, "{body}");
     let (status, body) = bed.api(
@@ -348,15 +361,25 @@ fn bad_migrations_are_refused_before_anything_starts() {
     assert_eq!(host_name(&bed.instance("stay")), here);
 }
 
-/// Starts a migration of a guest that keeps dirtying memory fast, so the
-/// transfer lasts; returns the record once memory is being copied.
+/// Starts a migration of a guest that keeps dirtying memory, capped to a
+/// bandwidth that makes it last; returns the record once memory is being
+/// copied.
 fn start_slow_migration(bed: &TestBed, name: &str, to: &str) -> Value {
     let v = bed.instance(name);
     let ip = vm_ip(&v);
     if guest_json(ip, "/memtest")["running"] != true {
         guest_call(ip, "POST", "/memtest/start?mib=160&rate_mib_s=0", None);
     }
-    let m = bed.sv_json(&["vm", "migrate", name, "--to", to, "--no-wait"]);
+    let m = bed.sv_json(&[
+        "vm",
+        "migrate",
+        name,
+        "--to",
+        to,
+        "--bandwidth",
+        "8",
+        "--no-wait",
+    ]);
     let id = m["id"].as_str().expect("id").to_string();
     wait_phase(bed, &id, &["transferring"], Duration::from_secs(60))
 }
@@ -373,6 +396,21 @@ fn destination_death_or_a_cut_network_leave_the_vm_running_on_its_source() {
     assert_eq!(host_name(&vm), "h1");
     let boot = guest_json(ip, "/uptime")["boot_id"].clone();
     guest_call(ip, "PUT", "/ram", Some("still-here"));
+
+    // Cancelled mid-transfer: it stays, and says so.
+    let m = start_slow_migration(&bed, "survivor", "h2");
+    let id = m["id"].as_str().expect("id").to_string();
+    let out = bed.sv_json(&["vm", "migrate", "survivor", "--cancel"]);
+    assert_eq!(out["id"], id.as_str(), "{out}");
+    let m = wait_phase(&bed, &id, &["cancelled"], Duration::from_secs(60));
+    assert!(m["result"].is_null(), "{m}");
+    assert_eq!(host_name(&bed.instance("survivor")), "h1");
+    assert_eq!(guest_json(ip, "/uptime")["boot_id"], boot);
+    wait_until(
+        "h2 to drop the half-made VM",
+        Duration::from_secs(60),
+        || bed.qemu_pids(2).is_empty().then_some(()),
+    );
 
     // The destination dies mid-transfer.
     let m = start_slow_migration(&bed, "survivor", "h2");

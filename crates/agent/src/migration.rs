@@ -455,10 +455,11 @@ async fn watch_incoming(ctx: Arc<AgentContext>, spec: InstanceSpec, id: Migratio
     }
 }
 
-/// After an agent restart: destination VMs the previous agent prepared
-/// wait for a handover nobody will ask for any more, unless the VM was
-/// handed over to this host meanwhile (its supervisor adopts those).
-/// Discards the others.
+/// After an agent restart: QEMUs of VMs that are not bound to this host
+/// any more are orphans — a migration's destination VM whose handover nobody
+/// will ask for, a migration's source whose agent died after the handover,
+/// a VM deleted while the agent was down. Discards them (VMs bound here are
+/// left to their supervisors, which adopt them).
 pub(crate) async fn sweep_orphans(ctx: Arc<AgentContext>) {
     let Ok(mut dir) = tokio::fs::read_dir(ctx.data_dir.join("vms")).await else {
         return;
@@ -469,7 +470,7 @@ pub(crate) async fn sweep_orphans(ctx: Arc<AgentContext>) {
             Ok(b) => serde_json::from_slice::<crate::hypervisor::VmLaunch>(&b).ok(),
             Err(_) => None,
         };
-        let Some(launch) = launch.filter(|l| l.migration_target) else {
+        let Some(launch) = launch else {
             continue;
         };
         let Ok(name) = InstanceName::new(&launch.name) else {
@@ -493,7 +494,7 @@ pub(crate) async fn sweep_orphans(ctx: Arc<AgentContext>) {
         if ctx.incoming.lock().await.contains_key(&name) {
             continue;
         }
-        warn!(instance = %name, "discarding a destination VM an earlier agent left waiting");
+        warn!(instance = %name, "discarding a VM that is not bound to this host");
         if let Some(vm) = ctx.hypervisor.attach(&launch.run_dir).await {
             vm.kill();
         }

@@ -41,7 +41,7 @@ use crate::launch::Launcher;
 /// memory left would take this long to send. It must leave room for the
 /// network switch before QEMU could finish on its own; the pause itself is
 /// shorter, since the network switch and the drain of the tap come first.
-pub const SWITCHOVER_BUDGET: Duration = Duration::from_millis(100);
+pub const SWITCHOVER_BUDGET: Duration = Duration::from_millis(50);
 /// A migration fails when nothing moved for this long.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// A migration fails when it has not converged in this long (override in

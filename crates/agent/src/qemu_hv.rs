@@ -489,7 +489,7 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 const FINAL_BUDGET: Duration = Duration::from_millis(10);
 /// Pause the guest at the latest this long after the network switch (its
 /// inbound traffic queues at the destination meanwhile).
-const MAX_QUEUEING: Duration = Duration::from_millis(100);
+const MAX_QUEUEING: Duration = Duration::from_millis(150);
 /// The longest the last stop-and-copy may take before it counts as failed.
 const COMPLETION_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -754,8 +754,15 @@ async fn migrate_out(
             rate = rate.max((prev - ram.remaining) as f64 / secs);
         }
         last_remaining = Some((ram.remaining, now));
-        let small = rate > 0.0 && (ram.remaining as f64) <= rate * FINAL_BUDGET.as_secs_f64();
-        if small || redirected.elapsed() >= MAX_QUEUEING {
+        // Pause once little is left, or at once if what is left cannot be
+        // sent within the time the guest's traffic may queue (a guest that
+        // dirties memory keeps it from shrinking: waiting only adds delay).
+        let eta = if rate > 0.0 {
+            Duration::from_secs_f64(ram.remaining as f64 / rate)
+        } else {
+            MAX_QUEUEING
+        };
+        if eta <= FINAL_BUDGET || redirected.elapsed() + eta >= MAX_QUEUEING {
             break;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;

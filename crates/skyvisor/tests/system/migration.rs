@@ -365,10 +365,20 @@ fn bad_migrations_are_refused_before_anything_starts() {
 /// bandwidth that makes it last; returns the record once memory is being
 /// copied.
 fn start_slow_migration(bed: &TestBed, name: &str, to: &str) -> Value {
+    start_slow_migration_of(bed, name, to, 160)
+}
+
+/// [`start_slow_migration`] with a memtest of `mib` MiB.
+fn start_slow_migration_of(bed: &TestBed, name: &str, to: &str, mib: u32) -> Value {
     let v = bed.instance(name);
     let ip = vm_ip(&v);
     if guest_json(ip, "/memtest")["running"] != true {
-        guest_call(ip, "POST", "/memtest/start?mib=160&rate_mib_s=0", None);
+        guest_call(
+            ip,
+            "POST",
+            &format!("/memtest/start?mib={mib}&rate_mib_s=0"),
+            None,
+        );
     }
     let m = bed.sv_json(&[
         "vm",
@@ -464,4 +474,54 @@ fn destination_death_or_a_cut_network_leave_the_vm_running_on_its_source() {
     migrate(&bed, "survivor", "h3");
     assert_eq!(guest_json(ip, "/uptime")["boot_id"], boot);
     assert_eq!(guest_json(ip, "/ram")["value"], "still-here");
+}
+
+#[test]
+fn a_restarted_source_agent_takes_the_migration_up_again_and_the_vm_runs_once() {
+    let bed = TestBed::start(2, 1);
+    bed.sv_ok(&["host", "cordon", "h2"]);
+    let vm = bed.create_vm("phoenix", &["--type", "nano"]);
+    bed.sv_ok(&["host", "uncordon", "h2"]);
+    let ip = vm_ip(&vm);
+    assert_eq!(host_name(&vm), "h1");
+    let boot = guest_json(ip, "/uptime")["boot_id"].clone();
+    guest_call(ip, "PUT", "/ram", Some("survives-the-agent"));
+
+    // The source's agent dies mid-transfer (its QEMUs live on) and comes
+    // back: it cancels what QEMU was doing and runs the migration again.
+    let m = start_slow_migration_of(&bed, "phoenix", "h2", 24);
+    let id = m["id"].as_str().expect("id").to_string();
+    bed.script_ok(&["agent-kill", "1"]);
+    assert_eq!(
+        guest_json(ip, "/uptime")["boot_id"],
+        boot,
+        "the VM died with its agent"
+    );
+    // A new agent takes the host's name once the old one's lease is gone.
+    bed.wait_host_state(1, "unreachable", Duration::from_secs(LEASE_TTL * 2 + 10));
+    bed.script_ok(&["agent-start", "1"]);
+    bed.wait_host_state(1, "ready", Duration::from_secs(60));
+    let m = wait_phase(
+        &bed,
+        &id,
+        &["completed", "failed"],
+        Duration::from_secs(240),
+    );
+    let v = bed.instance("phoenix");
+    let expect_host = if m["phase"] == "completed" {
+        "h2"
+    } else {
+        "h1"
+    };
+    assert_eq!(host_name(&v), expect_host, "{m}\n{v}");
+    assert!(v["spec"]["migration"].is_null(), "{v}");
+    // Exactly one QEMU runs it, on the host it is bound to.
+    let n = |h: u32| bed.qemu_pids(h).len();
+    wait_until("one QEMU for the VM", Duration::from_secs(60), || {
+        (n(1) + n(2) == 1).then_some(())
+    });
+    assert_eq!(n(if expect_host == "h1" { 1 } else { 2 }), 1);
+    assert_eq!(guest_json(ip, "/uptime")["boot_id"], boot);
+    assert_eq!(guest_json(ip, "/ram")["value"], "survives-the-agent");
+    assert_eq!(guest_json(ip, "/memtest")["mismatches"], 0);
 }

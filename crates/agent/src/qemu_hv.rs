@@ -12,7 +12,7 @@ use skyvisor_qemu::checkpoint::{self, DiskCapture, SavePlan};
 use skyvisor_qemu::qmp::{
     AnnounceParameters, BlockJobInfo, BlockdevMirror, EventKind, EventStreamError,
     MigrationCapability, MigrationInfo, MigrationParameters, MigrationStatus, MirrorSync,
-    NbdListen, RunState, ShutdownCause,
+    NbdListen, RamStats, RunState, ShutdownCause,
 };
 use skyvisor_qemu::{
     Boot, CacheMode, DiskConfig, DiskSource, ExitInfo, Incoming, NbdServer, NicConfig, ProcessExit,
@@ -513,6 +513,30 @@ fn ram_progress(info: &MigrationInfo, disk: (u64, u64)) -> MigrationProgress {
     }
 }
 
+/// How fast the memory left to send goes, bytes per second: QEMU's
+/// throughput, or how fast the remaining count falls between two looks if
+/// that is faster (zero pages cost nothing to send, so an idle guest's
+/// memory drains far faster than the throughput says).
+#[derive(Default)]
+struct DrainRate {
+    last: Option<(u64, Instant)>,
+}
+
+impl DrainRate {
+    fn rate(&mut self, ram: &RamStats) -> f64 {
+        let now = Instant::now();
+        let mut rate = ram.mbps * 1e6 / 8.0;
+        if let Some((prev, at)) = self.last
+            && prev > ram.remaining
+        {
+            let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+            rate = rate.max((prev - ram.remaining) as f64 / secs);
+        }
+        self.last = Some((ram.remaining, now));
+        rate
+    }
+}
+
 /// Tracks whether bytes still move.
 struct StallWatch {
     last: u64,
@@ -660,7 +684,7 @@ async fn migrate_out(
     let mut stall = StallWatch::new(plan.stall_timeout);
     let mut reported = Instant::now() - PROGRESS_EVERY;
     let mut disk = (0, 0);
-    let mut last_remaining: Option<(u64, Instant)> = None;
+    let mut drain = DrainRate::default();
     loop {
         let info = query_migrate(qmp).await?;
         match info.status {
@@ -700,18 +724,7 @@ async fn migrate_out(
         if started.elapsed() > plan.max_duration {
             return Err(timed_out());
         }
-        // How fast the rest goes: QEMU's throughput, or how fast the
-        // remaining count falls (zero pages cost nothing to send, so an
-        // idle guest's memory drains far faster than the throughput says).
-        let now = Instant::now();
-        let mut rate = ram.mbps * 1e6 / 8.0;
-        if let Some((prev, at)) = last_remaining
-            && prev > ram.remaining
-        {
-            let secs = now.duration_since(at).as_secs_f64().max(1e-3);
-            rate = rate.max((prev - ram.remaining) as f64 / secs);
-        }
-        last_remaining = Some((ram.remaining, now));
+        let rate = drain.rate(&ram);
         let fits = rate > 0.0
             && ram.transferred > 0
             && (ram.remaining as f64) <= rate * plan.switchover_budget.as_secs_f64();
@@ -729,7 +742,7 @@ async fn migrate_out(
         .map_err(|e| HvError::Control(format!("preparing the switchover: {e}")))?;
     let redirected = Instant::now();
     tokio::time::sleep(RING_DRAIN).await;
-    let mut last_remaining: Option<(u64, Instant)> = None;
+    let mut drain = DrainRate::default();
     loop {
         let info = query_migrate(qmp).await?;
         match info.status {
@@ -745,15 +758,7 @@ async fn migrate_out(
             _ => break,
         }
         let ram = info.ram.clone().unwrap_or_default();
-        let now = Instant::now();
-        let mut rate = ram.mbps * 1e6 / 8.0;
-        if let Some((prev, at)) = last_remaining
-            && prev > ram.remaining
-        {
-            let secs = now.duration_since(at).as_secs_f64().max(1e-3);
-            rate = rate.max((prev - ram.remaining) as f64 / secs);
-        }
-        last_remaining = Some((ram.remaining, now));
+        let rate = drain.rate(&ram);
         // Pause once little is left, or at once if what is left cannot be
         // sent within the time the guest's traffic may queue (a guest that
         // dirties memory keeps it from shrinking: waiting only adds delay).

@@ -489,7 +489,7 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 const FINAL_BUDGET: Duration = Duration::from_millis(10);
 /// Pause the guest at the latest this long after the network switch (its
 /// inbound traffic queues at the destination meanwhile).
-const MAX_QUEUEING: Duration = Duration::from_millis(150);
+const MAX_QUEUEING: Duration = Duration::from_millis(120);
 /// The longest the last stop-and-copy may take before it counts as failed.
 const COMPLETION_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -729,6 +729,12 @@ async fn migrate_out(
             && ram.transferred > 0
             && (ram.remaining as f64) <= rate * plan.switchover_budget.as_secs_f64();
         if fits && info.status == Some(MigrationStatus::Active) {
+            debug!(
+                remaining = ram.remaining,
+                rate = rate as u64,
+                pass = ram.dirty_sync_count,
+                "switching over"
+            );
             break;
         }
         tokio::time::sleep(MIGRATION_POLL).await;
@@ -742,7 +748,6 @@ async fn migrate_out(
         .map_err(|e| HvError::Control(format!("preparing the switchover: {e}")))?;
     let redirected = Instant::now();
     tokio::time::sleep(RING_DRAIN).await;
-    let mut drain = DrainRate::default();
     loop {
         let info = query_migrate(qmp).await?;
         match info.status {
@@ -758,16 +763,32 @@ async fn migrate_out(
             _ => break,
         }
         let ram = info.ram.clone().unwrap_or_default();
-        let rate = drain.rate(&ram);
+        // The network is switched: no hurry any more, so judge by what really
+        // crosses the wire (zero pages make the count fall fast, the last
+        // real pages do not).
+        let rate = ram.mbps * 1e6 / 8.0;
         // Pause once little is left, or at once if what is left cannot be
         // sent within the time the guest's traffic may queue (a guest that
         // dirties memory keeps it from shrinking: waiting only adds delay).
+        // With no rate yet, look again.
         let eta = if rate > 0.0 {
             Duration::from_secs_f64(ram.remaining as f64 / rate)
         } else {
-            MAX_QUEUEING
+            MAX_QUEUEING.saturating_sub(redirected.elapsed()) / 2
         };
-        if eta <= FINAL_BUDGET || redirected.elapsed() + eta >= MAX_QUEUEING {
+        // In the first pass what is left only shrinks (it is the untouched
+        // rest of memory, mostly zero pages that cost nothing): waiting for
+        // it always pays, up to the limit.
+        let first_pass = ram.dirty_sync_count <= 1;
+        let cannot_shrink = !first_pass && redirected.elapsed() + eta >= MAX_QUEUEING;
+        if eta <= FINAL_BUDGET || cannot_shrink || redirected.elapsed() >= MAX_QUEUEING {
+            debug!(
+                remaining = ram.remaining,
+                rate = rate as u64,
+                pass = ram.dirty_sync_count,
+                after_ms = redirected.elapsed().as_millis() as u64,
+                "pausing the guest"
+            );
             break;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;

@@ -262,7 +262,7 @@ fn drain_moves_every_running_vm_off_a_host_and_undrain_returns_it() {
         .as_array()
         .expect("list")
         .iter()
-        .filter(|m| m["reason"] == "drain")
+        .filter(|m| m["reason"] == "drain" && m["phase"] == "completed")
         .cloned()
         .collect();
     assert_eq!(drains.len(), 3, "{drains:?}");

@@ -1,17 +1,29 @@
 #!/usr/bin/env bash
 # Installs everything Skyvisor needs on Debian 12 (bookworm): QEMU 10 from
 # bookworm-backports (blockdev-mirror migrations, current QMP), etcd, NBD
-# tools, and the build tools for the Rust workspace. Idempotent.
+# tools, and the build tools for the Rust workspace. Idempotent: a machine
+# that has it all is left alone and no package list is fetched.
+#
+# Every probe of something that may not be installed yet is written so that
+# a missing command is an answer ("not there"), never an exit under
+# `set -e`/`pipefail`.
 set -euo pipefail
 
+say() { echo "install-deps: $*" >&2; }
+
 if [ "$(id -u)" -ne 0 ]; then
-  echo "install-deps: run as root (it uses apt-get)" >&2
+  say "run as root (it uses apt-get)"
   exit 1
 fi
 
 export DEBIAN_FRONTEND=noninteractive
+backports_list=/etc/apt/sources.list.d/skyvisor-backports.list
 if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-  echo "deb http://deb.debian.org/debian bookworm-backports main" > /etc/apt/sources.list.d/skyvisor-backports.list
+  # The same Debian mirror the machine already uses for bookworm (only the
+  # files apt reads: *.list and *.sources).
+  mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null \
+    | grep -oE 'https?://[^ ]*/debian/?( |$)' | head -n 1 | tr -d ' ' || true)
+  echo "deb ${mirror:-http://deb.debian.org/debian} bookworm-backports main" > "$backports_list"
 fi
 
 packages=(
@@ -27,29 +39,57 @@ packages=(
   protobuf-compiler pkg-config gcc
   # Volumes and benchmarks: NBD clients, fio.
   libnbd-bin fio
-  # Tests and scripts.
-  curl jq procps psmisc util-linux
+  # Tests and scripts (shellcheck checks the scripts themselves).
+  curl jq procps psmisc util-linux shellcheck
 )
 
 missing=()
 for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
 done
-qemu_major=$(qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -1)
-if [ "${#missing[@]}" -gt 0 ] || [ "${qemu_major:-0}" -lt 10 ]; then
-  echo "install-deps: installing ${missing[*]:-qemu 10}" >&2
-  apt-get update -qq
-  apt-get install -y -q -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
-  apt-get install -y -q "${packages[@]}" >/dev/null
+
+# QEMU's major version, or 0 when QEMU is not installed yet.
+qemu_major() {
+  local v=""
+  if command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    v=$(qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -n 1 || true)
+  fi
+  echo "${v:-0}"
+}
+
+if [ "${#missing[@]}" -gt 0 ] || [ "$(qemu_major)" -lt 10 ]; then
+  say "installing ${missing[*]:-QEMU 10}"
+  say "step: apt-get update (needs the Debian package mirror)"
+  if ! apt-get update -qq; then
+    say "cannot reach the Debian package mirror (apt-get update failed); nothing was installed. Check the network or /etc/apt/sources.list and run again."
+    exit 1
+  fi
+  say "step: QEMU 10 from bookworm-backports"
+  if ! apt-get install -y -q -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null; then
+    say "installing QEMU from bookworm-backports failed (see apt's message above)"
+    exit 1
+  fi
+  say "step: the other packages"
+  if ! apt-get install -y -q "${packages[@]}" >/dev/null; then
+    say "installing packages failed (see apt's message above)"
+    exit 1
+  fi
 fi
+if [ "$(qemu_major)" -lt 10 ]; then
+  say "QEMU 10 or newer is needed; found: $(qemu-system-x86_64 --version 2>/dev/null | head -n 1 || echo none)"
+  exit 1
+fi
+
 # The etcd package may start a system etcd on the default ports; Skyvisor
 # starts its own etcd where it needs one.
-if command -v systemctl >/dev/null && systemctl is-enabled --quiet etcd 2>/dev/null; then
+if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled --quiet etcd 2>/dev/null; then
   systemctl disable --now etcd >/dev/null 2>&1 || true
 fi
 
-if ! command -v cargo >/dev/null; then
-  echo "install-deps: cargo is missing; install a Rust toolchain (rustup) first" >&2
+if ! command -v cargo >/dev/null 2>&1; then
+  say "cargo is missing; install a Rust toolchain (rustup) first"
   exit 1
 fi
-echo "install-deps: ok ($(qemu-system-x86_64 --version | head -1))" >&2
+say "ok ($(qemu-system-x86_64 --version | head -n 1))"

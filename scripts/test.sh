@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: unit tests, store conformance against etcd,
-# and integration tests that boot real guests under QEMU.
+# Runs the whole test suite: a static check of the shell scripts, unit
+# tests, store conformance against etcd, and integration tests that boot
+# real guests under QEMU. Extra arguments go to nextest (e.g. -E FILTER).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./scripts/install-deps.sh
+echo "==> shellcheck (warnings) of the scripts" >&2
+shellcheck -S warning scripts/*.sh .ci/run bench/*/*.sh
 cargo build --workspace --bins -q
 exec cargo nextest run --workspace --profile ci "$@"

@@ -1,6 +1,7 @@
 //! The agent's part in a cluster: the version check at start, the host's
 //! own address on the VM network, the overlay's peers (every other
-//! registered host) and the list of servers images are fetched from.
+//! registered host) and where image files are fetched from (live servers
+//! and peer hosts).
 //!
 //! This module must never hand the host an address another host or an
 //! instance holds: addresses are claimed with create-if-absent keys.
@@ -228,17 +229,85 @@ pub fn overlay_config(
     }
 }
 
-/// Keeps the image cache's list of servers current, forever.
-pub async fn follow_servers(ctx: Arc<AgentContext>) {
+/// Keeps the image cache's sources current, forever: the live servers
+/// (their records live as long as their leases) and the other hosts'
+/// agents, each followed through a watch of its prefix, so a server's death
+/// or arrival is seen within moments rather than at the next poll.
+pub async fn follow_image_sources(ctx: Arc<AgentContext>) {
+    let servers = {
+        let ctx = ctx.clone();
+        follow_prefix(ctx.store.clone(), keys::SERVERS, move |items| {
+            let urls = items
+                .values()
+                .filter_map(|kv| decode::<ServerRecord>(kv).ok())
+                .map(|s| s.url)
+                .collect();
+            ctx.images.set_servers(urls);
+        })
+    };
+    let peers = {
+        let ctx = ctx.clone();
+        let me = ctx.host.clone();
+        follow_prefix(ctx.store.clone(), keys::HOSTS, move |items| {
+            let peers = items
+                .values()
+                .filter_map(|kv| decode::<Host>(kv).ok())
+                .filter(|h| h.name != me)
+                .filter_map(|h| h.agent_url.map(|u| (h.name.to_string(), u)))
+                .collect();
+            ctx.images.set_peers(peers);
+        })
+    };
+    tokio::join!(servers, peers);
+}
+
+/// Calls `apply` with every key under `prefix` now and after every change,
+/// forever: a listing, then a watch from the listing's revision; a broken
+/// watch is followed by a new listing.
+async fn follow_prefix(
+    store: Arc<dyn Store>,
+    prefix: &'static str,
+    apply: impl Fn(&BTreeMap<String, skyvisor_store::KeyValue>),
+) {
     loop {
-        match ctx.store.list_json::<ServerRecord>(keys::SERVERS).await {
-            Ok((servers, _)) => {
-                ctx.images
-                    .set_servers(servers.into_iter().map(|(s, _)| s.url).collect());
+        let listing = match store.list(prefix).await {
+            Ok(l) => l,
+            Err(e) => {
+                debug!(error = %e, prefix, "cannot list; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
             }
-            Err(e) => debug!(error = %e, "cannot list servers"),
+        };
+        let mut items: BTreeMap<String, skyvisor_store::KeyValue> = listing
+            .items
+            .into_iter()
+            .map(|kv| (kv.key.clone(), kv))
+            .collect();
+        apply(&items);
+        let mut stream = match store.watch(prefix, listing.revision + 1).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, prefix, "cannot watch; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(WatchEvent::Put(kv)) => {
+                    items.insert(kv.key.clone(), kv);
+                }
+                Ok(WatchEvent::Delete { key, .. }) => {
+                    items.remove(&key);
+                }
+                Err(e) => {
+                    debug!(error = %e, prefix, "watch broke; relisting");
+                    break;
+                }
+            }
+            apply(&items);
         }
-        // Only image downloads use the list; it changes rarely.
-        tokio::time::sleep(Duration::from_secs(30)).await;
+        // The stream ended (store restarted, compaction): list again.
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

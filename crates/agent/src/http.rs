@@ -1,5 +1,7 @@
 //! The agent's own small HTTP service: what only this host can answer
-//! (console logs of its VMs). The server proxies users' requests here.
+//! (console logs of its VMs; the server proxies users' requests here) and
+//! the verified image files it holds, by checksum, for peer hosts that
+//! cannot reach a server.
 
 use std::io::SeekFrom;
 use std::sync::Arc;
@@ -23,6 +25,10 @@ pub fn router(ctx: Arc<AgentContext>) -> Router {
         .route(
             "/agent/v1/instances/{id}/console",
             axum::routing::get(console),
+        )
+        .route(
+            "/agent/v1/image-files/{sha256}",
+            axum::routing::get(image_file),
         )
         .with_state(ctx)
 }
@@ -50,6 +56,47 @@ async fn console(
         })
         .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// A verified image file this host holds, by its SHA-256 (lowercase hex).
+/// Image files are content-addressed and the fetching host verifies the
+/// checksum, so a peer need not be trusted.
+async fn image_file(
+    State(ctx): State<Arc<AgentContext>>,
+    Path(sha256): Path<String>,
+) -> axum::response::Response {
+    if sha256.len() != 64
+        || !sha256
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return (
+            StatusCode::BAD_REQUEST,
+            "the file is named by its SHA-256: 64 lowercase hex digits",
+        )
+            .into_response();
+    }
+    let Some(path) = ctx.images.by_checksum(&sha256).await else {
+        return (StatusCode::NOT_FOUND, "no verified copy of that file here").into_response();
+    };
+    match tokio::fs::File::open(&path).await {
+        Ok(f) => {
+            let len = f.metadata().await.map(|m| m.len()).ok();
+            let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+                f,
+                1 << 20,
+            ));
+            let mut resp = body.into_response();
+            if let Some(len) = len
+                && let Ok(v) = axum::http::HeaderValue::from_str(&len.to_string())
+            {
+                resp.headers_mut()
+                    .insert(axum::http::header::CONTENT_LENGTH, v);
+            }
+            resp
+        }
+        Err(e) => (StatusCode::NOT_FOUND, e.to_string()).into_response(),
     }
 }
 

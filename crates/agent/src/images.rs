@@ -1,15 +1,28 @@
-//! The agent's image cache: finds an image's files on this host, or
-//! downloads them from the server and verifies their checksums.
+//! The agent's image cache: finds an image's files on this host, or fetches
+//! them from any live server, or from a peer host that holds a verified
+//! copy, and verifies their checksums before use.
+//!
+//! Files are content-addressed by their SHA-256: a copy from anywhere is
+//! used only once its checksum matches the image record's, so a peer host
+//! can serve what it holds without being trusted. A fetch tries every source
+//! it knows, again and again with backoff, for a bounded time; when it
+//! gives up, its error names every source's last reason.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use skyvisor_core::{Image, ImageFile};
 use tokio::io::AsyncWriteExt;
-use tracing::info;
+use tracing::{info, warn};
+
+/// How long a fetch keeps trying before the VM's start fails.
+pub const DEFAULT_FETCH_DEADLINE: Duration = Duration::from_secs(120);
+/// The longest pause between two rounds of attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Where an agent finds image files.
 pub struct ImageCache {
@@ -18,12 +31,53 @@ pub struct ImageCache {
     pub shared_dirs: Vec<PathBuf>,
     /// The agent's own cache for downloaded files.
     pub cache_dir: PathBuf,
-    /// The server to download from.
+    /// The server the agent was started with; tried after the live servers.
     pub server_url: Option<String>,
-    /// Other servers of the cluster, tried when `server_url` fails.
+    /// The cluster's live servers' API URLs (kept current from the store).
     servers: Mutex<Vec<String>>,
+    /// Other hosts' agent URLs by host name (kept current from the store).
+    peers: Mutex<BTreeMap<String, String>>,
+    /// How long a fetch keeps trying.
+    deadline: Duration,
     http: reqwest::Client,
-    verified: Mutex<HashSet<PathBuf>>,
+    /// Paths whose content was verified in this process, with its checksum.
+    verified: Mutex<HashMap<PathBuf, String>>,
+}
+
+/// One place a file can come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Source {
+    /// A server's API.
+    Server(String),
+    /// Another host's agent (by name, at its URL).
+    Peer(String, String),
+}
+
+impl Source {
+    fn url(&self, image: &Image, file: &ImageFile) -> String {
+        match self {
+            Source::Server(base) => format!(
+                "{}/v1/images/{}/files/{}",
+                base.trim_end_matches('/'),
+                image.name,
+                file.file_name
+            ),
+            Source::Peer(_, base) => {
+                format!(
+                    "{}/agent/v1/image-files/{}",
+                    base.trim_end_matches('/'),
+                    file.sha256
+                )
+            }
+        }
+    }
+
+    fn label(&self) -> String {
+        match self {
+            Source::Server(base) => format!("server {base}"),
+            Source::Peer(name, _) => format!("host {name}"),
+        }
+    }
 }
 
 impl ImageCache {
@@ -34,95 +88,216 @@ impl ImageCache {
             cache_dir,
             server_url,
             servers: Mutex::new(Vec::new()),
-            http: reqwest::Client::new(),
-            verified: Mutex::new(HashSet::new()),
+            peers: Mutex::new(BTreeMap::new()),
+            deadline: DEFAULT_FETCH_DEADLINE,
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .no_proxy()
+                .build()
+                .unwrap_or_default(),
+            verified: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same cache, giving up on a fetch after `deadline`.
+    pub fn with_fetch_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
     }
 
     /// The local path of `file` of `image`, fetching it if needed.
     pub async fn file(&self, image: &Image, file: &ImageFile) -> Result<PathBuf, String> {
+        self.fetch(image, file, &|_| {}).await
+    }
+
+    /// The local path of `file` of `image` if this host has a verified copy.
+    pub async fn local(&self, image: &Image, file: &ImageFile) -> Option<PathBuf> {
         for dir in &self.shared_dirs {
             let p = dir.join(image.name.as_str()).join(&file.file_name);
             if self.is_verified(&p, file).await {
-                return Ok(p);
+                return Some(p);
             }
         }
-        let dir = self.cache_dir.join(format!(
-            "{}-{}",
-            image.name,
-            &file.sha256[..file.sha256.len().min(12)]
-        ));
-        let p = dir.join(&file.file_name);
-        if self.is_verified(&p, file).await {
+        let p = self.cache_path(image, file);
+        self.is_verified(&p, file).await.then_some(p)
+    }
+
+    /// Like [`ImageCache::file`], telling `progress` what it is doing (which
+    /// source, which attempt) while it fetches.
+    pub async fn fetch(
+        &self,
+        image: &Image,
+        file: &ImageFile,
+        progress: &(dyn Fn(String) + Send + Sync),
+    ) -> Result<PathBuf, String> {
+        if let Some(p) = self.local(image, file).await {
             return Ok(p);
         }
-        let servers = self.candidates();
-        if servers.is_empty() {
-            return Err(format!(
-                "image {} file {} is not on this host and no server is known to fetch it from",
-                image.name, file.file_name
-            ));
-        }
+        let p = self.cache_path(image, file);
+        let dir = p
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.cache_dir.clone());
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| format!("{}: {e}", dir.display()))?;
-        let mut errors = Vec::new();
-        for server in servers {
-            let url = format!(
-                "{}/v1/images/{}/files/{}",
-                server.trim_end_matches('/'),
-                image.name,
-                file.file_name
-            );
-            info!(%url, "downloading image file");
-            let tmp = dir.join(format!(
-                ".{}.part-{}",
-                file.file_name,
-                uuid::Uuid::new_v4().simple()
-            ));
-            match download(&self.http, &url, &tmp, &file.sha256).await {
-                Ok(()) => {
-                    tokio::fs::rename(&tmp, &p)
-                        .await
-                        .map_err(|e| format!("{}: {e}", p.display()))?;
-                    self.mark_verified(&p);
-                    return Ok(p);
+        let started = Instant::now();
+        let mut last_error: BTreeMap<String, String> = BTreeMap::new();
+        let mut attempts = 0u32;
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let sources = self.sources();
+            if sources.is_empty() {
+                last_error.insert(
+                    "sources".into(),
+                    "no server or peer host is known to fetch it from".into(),
+                );
+            }
+            for source in sources {
+                attempts += 1;
+                let url = source.url(image, file);
+                progress(format!(
+                    "fetching image {} file {} from {} (attempt {attempts})",
+                    image.name,
+                    file.file_name,
+                    source.label()
+                ));
+                info!(%url, attempt = attempts, "downloading image file");
+                let tmp = dir.join(format!(
+                    ".{}.part-{}",
+                    file.file_name,
+                    uuid::Uuid::new_v4().simple()
+                ));
+                match download(&self.http, &url, &tmp, &file.sha256).await {
+                    Ok(()) => {
+                        tokio::fs::rename(&tmp, &p)
+                            .await
+                            .map_err(|e| format!("{}: {e}", p.display()))?;
+                        self.mark_verified(&p, &file.sha256);
+                        return Ok(p);
+                    }
+                    Err(e) => {
+                        let _ = tokio::fs::remove_file(&tmp).await;
+                        warn!(%url, error = %e, "image file download failed");
+                        last_error.insert(source.label(), e);
+                    }
                 }
-                Err(e) => {
-                    let _ = tokio::fs::remove_file(&tmp).await;
-                    errors.push(e);
+            }
+            if started.elapsed() + backoff > self.deadline {
+                let reasons: Vec<String> = last_error
+                    .iter()
+                    .map(|(source, e)| format!("{source}: {e}"))
+                    .collect();
+                return Err(format!(
+                    "could not fetch image {} file {} in {}s ({attempts} attempts): {}",
+                    image.name,
+                    file.file_name,
+                    started.elapsed().as_secs(),
+                    reasons.join("; ")
+                ));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// A verified local copy of the file whose SHA-256 is `sha256`, for a
+    /// peer host that asks for it.
+    pub async fn by_checksum(&self, sha256: &str) -> Option<PathBuf> {
+        let known: Vec<PathBuf> = self
+            .verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, h)| h.as_str() == sha256)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in known {
+            if tokio::fs::try_exists(&p).await.unwrap_or(false) {
+                return Some(p);
+            }
+        }
+        // Downloaded before this process started: the cache directory's
+        // name carries the checksum's prefix; verify the whole of it.
+        let prefix = sha256.get(..12)?;
+        let mut dirs = tokio::fs::read_dir(&self.cache_dir).await.ok()?;
+        while let Ok(Some(d)) = dirs.next_entry().await {
+            if !d
+                .file_name()
+                .to_string_lossy()
+                .ends_with(&format!("-{prefix}"))
+            {
+                continue;
+            }
+            let Ok(mut files) = tokio::fs::read_dir(d.path()).await else {
+                continue;
+            };
+            while let Ok(Some(f)) = files.next_entry().await {
+                let p = f.path();
+                if f.file_name().to_string_lossy().starts_with('.') {
+                    continue;
+                }
+                if hash_file(&p).await.is_ok_and(|h| h == sha256) {
+                    self.mark_verified(&p, sha256);
+                    return Some(p);
                 }
             }
         }
-        Err(errors.join("; "))
+        None
     }
 
-    /// Sets the cluster's other servers, tried after `server_url`.
+    /// Sets the cluster's live servers, tried first.
     pub fn set_servers(&self, urls: Vec<String>) {
         *self.servers.lock().unwrap_or_else(|e| e.into_inner()) = urls;
     }
 
-    /// The servers to download from, in order.
-    fn candidates(&self) -> Vec<String> {
-        let mut all: Vec<String> = self.server_url.iter().cloned().collect();
-        for s in self
+    /// Sets the other hosts' agent URLs by host name, tried after the servers.
+    pub fn set_peers(&self, peers: BTreeMap<String, String>) {
+        *self.peers.lock().unwrap_or_else(|e| e.into_inner()) = peers;
+    }
+
+    /// Where this cache keeps its own copy of `file`.
+    fn cache_path(&self, image: &Image, file: &ImageFile) -> PathBuf {
+        self.cache_dir
+            .join(format!(
+                "{}-{}",
+                image.name,
+                &file.sha256[..file.sha256.len().min(12)]
+            ))
+            .join(&file.file_name)
+    }
+
+    /// The sources to try, in order: the live servers, the server the agent
+    /// was started with, then peer hosts.
+    fn sources(&self) -> Vec<Source> {
+        let mut all: Vec<Source> = self
             .servers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
+            .cloned()
+            .map(Source::Server)
+            .collect();
+        if let Some(s) = &self.server_url
+            && !all.contains(&Source::Server(s.clone()))
         {
-            if !all.contains(s) {
-                all.push(s.clone());
-            }
+            all.push(Source::Server(s.clone()));
         }
+        all.extend(
+            self.peers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(name, url)| Source::Peer(name.clone(), url.clone())),
+        );
         all
     }
 
-    fn mark_verified(&self, p: &Path) {
+    fn mark_verified(&self, p: &Path, sha256: &str) {
         self.verified
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(p.to_path_buf());
+            .insert(p.to_path_buf(), sha256.to_string());
     }
 
     /// Whether `p` holds `file`: size always, checksum once per process.
@@ -135,13 +310,14 @@ impl ImageCache {
             .verified
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(p)
+            .get(p)
+            .is_some_and(|h| *h == file.sha256)
         {
             return true;
         }
         match hash_file(p).await {
             Ok(h) if h == file.sha256 => {
-                self.mark_verified(p);
+                self.mark_verified(p, &file.sha256);
                 true
             }
             _ => false,
@@ -149,7 +325,8 @@ impl ImageCache {
     }
 }
 
-async fn hash_file(p: &Path) -> std::io::Result<String> {
+/// The SHA-256 of a file's content, hex.
+pub async fn hash_file(p: &Path) -> std::io::Result<String> {
     use tokio::io::AsyncReadExt;
     let mut f = tokio::fs::File::open(p).await?;
     let mut h = Sha256::new();

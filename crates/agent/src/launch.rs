@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use skyvisor_core::image::{FileRole, ImageKind, ImageState};
-use skyvisor_core::{Image, InstanceSpec, InstanceVolume, keys};
+use skyvisor_core::{Image, ImageFile, InstanceSpec, InstanceVolume, keys};
 use skyvisor_store::{StoreExt, encode};
 use tokio::time::Instant;
 use tracing::warn;
@@ -194,6 +194,29 @@ impl Launcher {
             Ok(None) => Err(format!("image {} no longer exists", spec.image)),
             Err(e) => Err(format!("reading image {}: {e}", spec.image)),
         }
+    }
+
+    /// The image of `spec` and those of its files a launch will read that
+    /// this host has no verified copy of yet.
+    pub(crate) async fn missing_image_files(
+        &self,
+        spec: &InstanceSpec,
+    ) -> Result<(Image, Vec<ImageFile>), String> {
+        let image = self.image(spec).await?;
+        let root = self.vm_dir(spec).join(ROOT_DISK);
+        let needs_base =
+            spec.root_volume().is_none() && !tokio::fs::try_exists(&root).await.unwrap_or(false);
+        let mut missing = Vec::new();
+        for f in &image.files {
+            let needed = match f.role {
+                FileRole::Disk => needs_base,
+                FileRole::Kernel | FileRole::Initrd => image.kind == ImageKind::KernelInitrd,
+            };
+            if needed && self.ctx.images.local(&image, f).await.is_none() {
+                missing.push(f.clone());
+            }
+        }
+        Ok((image, missing))
     }
 
     /// The kernel command line: the image's, plus the VM's identity and

@@ -382,7 +382,7 @@ async fn bring_up(
     }
     guard
         .0
-        .push(tokio::spawn(cluster::follow_servers(ctx.clone())));
+        .push(tokio::spawn(cluster::follow_image_sources(ctx.clone())));
     guard.0.push(tokio::spawn(refresh_disk(
         store.clone(),
         registration,

@@ -217,6 +217,8 @@ async fn prepare(
             format!("clearing {}: {e}", dir.display()),
         );
     }
+    // A redirect or steering left from when the VM last left this host
+    // (or passed by) would send its frames away again.
     if let Some(overlay) = &ctx.overlay_device
         && let Err(e) = ctx.network.clear_redirect(spec.network.mac, overlay).await
     {
@@ -291,14 +293,9 @@ async fn pin(
         Ok(s) => s,
         Err(r) => return r,
     };
+    // `prepare` already cleared what an earlier stay here left on the
+    // overlay; this step is on the switchover's path, so only the pin.
     let tap = skyvisor_net::tap_name(&spec.id);
-    // A redirect left from when the VM last left this host would send its
-    // frames away again.
-    if let Some(overlay) = &ctx.overlay_device
-        && let Err(e) = ctx.network.clear_redirect(spec.network.mac, overlay).await
-    {
-        return peer_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-    }
     match ctx.network.pin_mac(spec.network.mac, &tap).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => peer_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

@@ -308,20 +308,12 @@ impl Vm for QemuVmHandle {
         }
         let _ = qmp.blockdev_del("svckpt").await;
         // A live migration's disk mirror an earlier agent left running.
-        if mirror_job(qmp).await.ok().flatten().is_some() {
+        if drop_mirror(qmp).await.unwrap_or(false) {
             info!(
                 pid = self.vm.pid(),
-                "cancelling a migration's disk mirror the previous agent left running"
+                "cancelled a migration's disk mirror the previous agent left running"
             );
-            let _ = qmp.block_job_cancel(MIRROR_JOB, true).await;
-            for _ in 0..200 {
-                if mirror_job(qmp).await.ok().flatten().is_none() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
         }
-        let _ = qmp.blockdev_del(MIRROR_JOB).await;
         let status = qmp.query_status().await.map_err(control)?;
         if status.status == RunState::Postmigrate {
             info!(
@@ -871,6 +863,24 @@ async fn finish_outgoing(
     })
 }
 
+/// Cancels a migration's disk mirror if one runs, waits (a few seconds at
+/// most) until it is gone and removes its target node. Returns whether there
+/// was one.
+async fn drop_mirror(qmp: &Qmp) -> Result<bool, HvError> {
+    let found = mirror_job(qmp).await?.is_some();
+    if found {
+        let _ = qmp.block_job_cancel(MIRROR_JOB, true).await;
+        for _ in 0..500 {
+            if mirror_job(qmp).await?.is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let _ = qmp.blockdev_del(MIRROR_JOB).await;
+    Ok(found)
+}
+
 /// Undoes the source's side: cancels the transfer and the mirror, drops
 /// the target node and lets the guest run.
 async fn abort_outgoing(qmp: &Qmp) -> Result<(), HvError> {
@@ -884,16 +894,7 @@ async fn abort_outgoing(qmp: &Qmp) -> Result<(), HvError> {
             }
         }
     }
-    if mirror_job(qmp).await?.is_some() {
-        let _ = qmp.block_job_cancel(MIRROR_JOB, true).await;
-        for _ in 0..500 {
-            if mirror_job(qmp).await?.is_none() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-    let _ = qmp.blockdev_del(MIRROR_JOB).await;
+    drop_mirror(qmp).await?;
     let status = qmp.query_status().await.map_err(control)?;
     if !status.running
         && matches!(

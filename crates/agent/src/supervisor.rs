@@ -405,6 +405,10 @@ impl Supervisor {
                 }
             }
         }
+        if let Err(message) = self.fetch_image_files(spec).await {
+            self.start_failed(spec, message).await;
+            return;
+        }
         let cloned = incoming.is_some();
         let launched = self.launch(spec, incoming, cloned).await;
         match launched {
@@ -440,6 +444,44 @@ impl Supervisor {
                     let _ = tokio::fs::remove_file(&root).await;
                 }
                 self.start_failed(spec, message).await;
+            }
+        }
+    }
+
+    /// Fetches the image files this host lacks before a launch, showing in
+    /// the VM's status which file comes from where (the fetch retries every
+    /// source it knows for a bounded time).
+    async fn fetch_image_files(&mut self, spec: &InstanceSpec) -> Result<(), String> {
+        let (image, missing) = self.launcher().missing_image_files(spec).await?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let (tx, mut rx) = watch::channel(String::new());
+        let ctx = self.ctx.clone();
+        let fetch = async move {
+            for f in &missing {
+                ctx.images
+                    .fetch(&image, f, &|m| {
+                        let _ = tx.send(m);
+                    })
+                    .await?;
+            }
+            Ok::<(), String>(())
+        };
+        tokio::pin!(fetch);
+        loop {
+            tokio::select! {
+                biased;
+                done = &mut fetch => {
+                    self.status.message = None;
+                    return done;
+                }
+                changed = rx.changed() => {
+                    if changed.is_ok() {
+                        self.status.message = Some(rx.borrow_and_update().clone());
+                        self.publish(spec).await;
+                    }
+                }
             }
         }
     }

@@ -19,6 +19,7 @@ use skyvisor_core::{
 use crate::client::Client;
 use crate::output::{self, OutputFormat, ago, kv, mib, table};
 use crate::progress::Progress;
+use crate::readiness::{self, Needs};
 use crate::snapshots::{self, SnapshotCommand};
 use crate::volumes::VolumeCommand;
 use crate::{parse_gib, parse_mib};
@@ -694,6 +695,15 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                 root_volume: a.root_volume.clone(),
                 volumes: a.volumes.clone(),
             };
+            if a.wait {
+                // Right after `skyvisor up` the host may not have registered
+                // yet and the image may still be building: wait for both.
+                let needs = Needs {
+                    image: (!req.image.is_empty()).then_some(req.image.as_str()),
+                    hosts: 1,
+                };
+                readiness::wait_for(client, needs, Duration::from_secs(a.timeout), quiet).await?;
+            }
             let mut inst: Instance = client.post("/v1/instances", &req).await?;
             if a.wait && !a.no_start {
                 let started = std::time::Instant::now();

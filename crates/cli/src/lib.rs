@@ -6,6 +6,7 @@ pub mod commands;
 pub mod migrations;
 pub mod output;
 pub mod progress;
+pub mod readiness;
 pub mod snapshots;
 pub mod volumes;
 

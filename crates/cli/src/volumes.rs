@@ -17,6 +17,7 @@ use crate::client::Client;
 use crate::output::{self, OutputFormat, kv, table};
 use crate::parse_bytes;
 use crate::progress::Progress;
+use crate::readiness::{self, Needs};
 
 /// `skyvisor volume ...`
 #[derive(Debug, Subcommand)]
@@ -300,6 +301,12 @@ pub async fn volume(client: &Client, format: OutputFormat, cmd: VolumeCommand) -
                 replicas: Some(replicas),
                 min_in_sync: Some(min_in_sync),
             };
+            // Right after `skyvisor up` the host may not have registered yet.
+            let needs = Needs {
+                image: None,
+                hosts: 1,
+            };
+            readiness::wait_for(client, needs, Duration::from_secs(120), quiet).await?;
             let mut v: Volume = client.post("/v1/volumes", &req).await?;
             if v.status.phase != VolumePhase::Available
                 && let Some(done) =

@@ -460,12 +460,7 @@ impl ControlPlane {
                 )));
             }
             refuse_while_migrating(&spec)?;
-            let status = self
-                .store
-                .get_json::<InstanceStatus>(&keys::instance_status(&name))
-                .await?
-                .map(|(s, _)| s)
-                .unwrap_or_else(InstanceStatus::pending);
+            let status = self.instance_status(&name).await?;
             change(&mut spec, &status)?;
             spec.generation += 1;
             let out = self
@@ -637,12 +632,7 @@ impl ControlPlane {
                     "instance \"{name}\" not found"
                 )));
             };
-            let status = self
-                .store
-                .get_json::<InstanceStatus>(&keys::instance_status(&name_v))
-                .await?
-                .map(|(s, _)| s)
-                .unwrap_or_else(InstanceStatus::pending);
+            let status = self.instance_status(&name_v).await?;
             if spec.deleting {
                 if with_snapshots {
                     self.delete_snapshots_of(&spec).await?;

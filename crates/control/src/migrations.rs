@@ -68,12 +68,7 @@ impl ControlPlane {
                     "instance \"{name}\" not found"
                 )));
             };
-            let status = self
-                .store
-                .get_json::<InstanceStatus>(&keys::instance_status(&name))
-                .await?
-                .map(|(s, _)| s)
-                .unwrap_or_else(InstanceStatus::pending);
+            let status = self.instance_status(&name).await?;
             check_migratable(&spec, &status)?;
             let hosts = self.inventory.hosts().await;
             let Some(source) = hosts.iter().find(|h| h.host.name == spec.host) else {

@@ -799,7 +799,8 @@ impl ControlPlane {
         Ok((spec, rev))
     }
 
-    async fn instance_status(&self, name: &InstanceName) -> ApiResult<InstanceStatus> {
+    /// The instance's stored status (pending if it has none yet).
+    pub(crate) async fn instance_status(&self, name: &InstanceName) -> ApiResult<InstanceStatus> {
         Ok(self
             .store
             .get_json::<InstanceStatus>(&keys::instance_status(name))

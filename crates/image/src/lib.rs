@@ -202,19 +202,25 @@ impl fmt::Display for BuildProgress {
     }
 }
 
-/// Finds `skyvisor-guest` next to the running executable, or one directory up (test
-/// binaries live in `target/<profile>/deps`).
+/// Finds `skyvisor-guest` next to the running executable, one directory up (test
+/// binaries live in `target/<profile>/deps`), or where the Debian package puts
+/// it (`/usr/lib/skyvisor/` beside `/usr/bin/skyvisor`).
 pub fn guest_binary_near_current_exe() -> Option<PathBuf> {
     guest_binary_near(&std::env::current_exe().ok()?)
 }
 
 fn guest_binary_near(exe: &Path) -> Option<PathBuf> {
     let dir = exe.parent()?;
-    [Some(dir), dir.parent()]
-        .into_iter()
-        .flatten()
-        .map(|d| d.join("skyvisor-guest"))
-        .find(|p| p.is_file())
+    let packaged = dir.parent().map(|d| d.join("lib/skyvisor"));
+    [
+        Some(dir.to_path_buf()),
+        dir.parent().map(Path::to_path_buf),
+        packaged,
+    ]
+    .into_iter()
+    .flatten()
+    .map(|d| d.join("skyvisor-guest"))
+    .find(|p| p.is_file())
 }
 
 /// What a finished build records about itself.
@@ -473,6 +479,71 @@ async fn fetch(
         });
     }
     apt::download(pkg, debs).await
+}
+
+/// The guest kernel and the static busybox the default recipe is made of,
+/// unpacked from the same Debian packages into `cache_dir` (kept there, so a
+/// second call is a lookup). For tools and tests that boot a bare kernel with
+/// an initramfs of their own, such as the accelerator probe's tests, on a host
+/// with no kernel of its own in `/boot`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestParts {
+    /// The kernel image (`vmlinuz-<release>`).
+    pub kernel: PathBuf,
+    /// The static busybox executable.
+    pub busybox: PathBuf,
+}
+
+/// Fetches (or finds in `cache_dir`) the parts described by [`GuestParts`].
+pub async fn guest_parts(cache_dir: &Path) -> Result<GuestParts, ImageError> {
+    std::fs::create_dir_all(cache_dir).map_err(ImageError::io("creating", cache_dir))?;
+    let packages = apt::resolve_memoised(
+        &cache_dir.join("resolved.json"),
+        KERNEL_METAPACKAGE,
+        &[BUSYBOX_PACKAGE],
+    )
+    .await?;
+    let [kernel_pkg, busybox_pkg] =
+        <[Package; 2]>::try_from(packages).map_err(|_| ImageError::PackageResolve {
+            package: BUSYBOX_PACKAGE.to_string(),
+            command: "apt-cache show".to_string(),
+            detail: "unexpected number of packages".to_string(),
+        })?;
+    let debs = cache_dir.join("debs");
+    let silent = |_: BuildProgress| {};
+    let parts_dir = cache_dir.join("parts");
+    let mut unpacked = Vec::new();
+    for pkg in [&kernel_pkg, &busybox_pkg] {
+        let dir = parts_dir.join(pkg.deb_file_name());
+        if !dir.is_dir() {
+            let deb = fetch(pkg, &debs, &silent).await?;
+            // Unpacked aside and renamed, so a concurrent caller never sees
+            // half a package.
+            let stage = parts_dir.join(format!(".stage-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&stage);
+            apt::extract(&deb, &stage).await?;
+            if let Err(source) = std::fs::rename(&stage, &dir)
+                && !dir.is_dir()
+            {
+                return Err(ImageError::Io {
+                    op: "renaming into",
+                    path: dir,
+                    source,
+                });
+            }
+            let _ = std::fs::remove_dir_all(&stage);
+        }
+        unpacked.push(dir);
+    }
+    let (kernel_version, _) = kernel_release(&unpacked[0])?;
+    Ok(GuestParts {
+        kernel: first_existing(
+            &unpacked[0],
+            &[&format!("boot/vmlinuz-{kernel_version}")],
+            "kernel image",
+        )?,
+        busybox: first_existing(&unpacked[1], &["bin/busybox", "usr/bin/busybox"], "busybox")?,
+    })
 }
 
 async fn build_fresh(

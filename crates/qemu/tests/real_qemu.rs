@@ -849,20 +849,31 @@ impl Drop for Tap {
     }
 }
 
-fn host_kernel() -> PathBuf {
-    let mut kernels: Vec<PathBuf> = fs::read_dir("/boot")
-        .expect("/boot")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vmlinuz-"))
+/// The guest kernel and busybox, fetched the way the product fetches them
+/// (the image pipeline's Debian packages, cached under `target/test-cache`):
+/// a fresh host has no kernel in `/boot` and no busybox.
+fn guest_parts() -> &'static skyvisor_image::GuestParts {
+    static PARTS: std::sync::OnceLock<skyvisor_image::GuestParts> = std::sync::OnceLock::new();
+    PARTS.get_or_init(|| {
+        let cache = std::env::var_os("SKYVISOR_TEST_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-cache")
+            });
+        // Its own thread: callers may be inside a runtime already.
+        std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .expect("runtime")
+                .block_on(skyvisor_image::guest_parts(&cache))
         })
-        .collect();
-    kernels.sort();
-    kernels
-        .pop()
-        .expect("a kernel in /boot (vmlinuz-*) for the probe test")
+        .join()
+        .expect("fetching thread")
+        .expect("the guest kernel and busybox from Debian packages")
+    })
+}
+
+fn host_kernel() -> PathBuf {
+    guest_parts().kernel.clone()
 }
 
 /// A busybox initramfs that prints the probe marker when asked.
@@ -877,7 +888,7 @@ fn probe_initramfs() -> Vec<u8> {
 
 /// A newc cpio archive with busybox and `init`.
 fn initramfs(init: &str) -> Vec<u8> {
-    let busybox = fs::read("/usr/bin/busybox").expect("busybox-static at /usr/bin/busybox");
+    let busybox = fs::read(&guest_parts().busybox).expect("busybox");
     let mut out = Vec::new();
     let entries: [(&str, u32, &[u8]); 4] = [
         ("bin", 0o040755, b""),

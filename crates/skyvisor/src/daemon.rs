@@ -1,6 +1,7 @@
 //! What `up`, `server` and `agent` share: logs, checks, the host agent's
 //! start (accelerator choice included) and waiting for a stop.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,7 +26,9 @@ pub fn init_logs(format: &str) {
         .unwrap_or_else(|_| EnvFilter::new("info,tower_http=warn,h2=warn,hyper=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal: a log file gets plain lines.
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
     if format == "json" {
         builder.json().init();
     } else {

@@ -26,7 +26,7 @@ use skyvisor_control::images::{DEFAULT_IMAGE, DEFAULT_RECIPE};
 use skyvisor_control::{ControlPlane, ServerConfig, Weigher};
 use skyvisor_core::{Accel, HostName, InstanceName, InstanceSpec, Overcommit, keys};
 use skyvisor_net::LinuxNetwork;
-use skyvisor_store::{Compare, EmbeddedStore, Op, Store, StoreExt, put_json};
+use skyvisor_store::{Compare, EmbeddedStore, Op, Store, StoreExt};
 
 use crate::harness::{Slot, acquire_slot, cache_dir, free_port, wait_until};
 
@@ -207,12 +207,9 @@ impl MultiHost {
                 .expect("instance");
             let old_host = std::mem::replace(&mut spec.host, host);
             spec.generation += 1;
-            // Agents watch their bindings, so move the copy along with the spec.
-            let ops = vec![
-                put_json(key.clone(), &spec),
-                put_json(keys::binding(&spec.host, &spec.name), &spec),
-                Op::Delete(keys::binding(&old_host, &spec.name)),
-            ];
+            // Agents watch their bindings: the copy moves with the spec.
+            let mut ops = skyvisor_control::instances::spec_ops(&spec);
+            ops.push(Op::Delete(keys::binding(&old_host, &spec.name)));
             let out = store
                 .txn(vec![Compare::ModRevision(key, rev)], ops)
                 .await

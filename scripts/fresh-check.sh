@@ -149,7 +149,7 @@ step() {
   t0=$(date +%s)
   say "step: $name ($cmd)"
   set +e
-  in_root "$cmd" 2>&1 | tee "$work/$name.log" | sed 's/^/    | /' >&2
+  in_root "$cmd" 2>&1 | tee "$work/$name.log" | sed -u 's/^/    | /' >&2
   rc=${PIPESTATUS[0]}
   set -e
   results+=("$(printf '%-10s %-4s %5ss  %s' "$name" "$([ "$rc" = 0 ] && echo ok || echo FAIL)" "$(($(date +%s) - t0))" "$cmd")")

@@ -198,6 +198,7 @@ async fn ready_image(store: &dyn Store) -> Result<()> {
         source: ImageSource::Import,
         state: ImageState::Ready,
         message: None,
+        builder: None,
         created_at: Utc::now(),
     };
     store.put(&keys::image(&image.name), encode(&image)).await?;

@@ -46,6 +46,7 @@ async fn world() -> World {
         source: ImageSource::Import,
         state: ImageState::Ready,
         message: None,
+        builder: None,
         created_at: Utc::now(),
     };
     store

@@ -95,6 +95,7 @@ async fn world() -> Arc<dyn Store> {
         source: ImageSource::Import,
         state: ImageState::Ready,
         message: None,
+        builder: None,
         created_at: Utc::now(),
     };
     store

@@ -147,6 +147,7 @@ impl ControlPlane {
             },
             state: ImageState::Building,
             message: Some("queued".into()),
+            builder: Some(self.config.cluster.name.clone()),
             created_at: Utc::now(),
         };
         if !self
@@ -167,6 +168,78 @@ impl ControlPlane {
         Ok(image)
     }
 
+    /// Finds images left `building` by a server that no longer works on
+    /// them — one that is gone from the cluster, or this server itself
+    /// before it restarted (`at_start`) — and settles each: a recipe build
+    /// is resumed here; an upload, whose bytes died with its server, fails
+    /// with the reason. Each change is a compare-and-swap on the record, so
+    /// two servers never both take one. Returns how many it settled.
+    pub async fn recover_interrupted_builds(&self, at_start: bool) -> ApiResult<usize> {
+        let me = &self.config.cluster.name;
+        let (servers, _) = self
+            .store
+            .list_json::<skyvisor_core::cluster::ServerRecord>(keys::SERVERS)
+            .await?;
+        let live: std::collections::HashSet<_> = servers.into_iter().map(|(s, _)| s.name).collect();
+        let (images, _) = self.store.list_json::<Image>(keys::IMAGES).await?;
+        let mut settled = 0;
+        for (image, rev) in images {
+            let Some(builder) = image.builder.clone() else {
+                continue;
+            };
+            let orphaned = if &builder == me {
+                at_start
+            } else {
+                !live.contains(&builder)
+            };
+            if image.state != ImageState::Building || !orphaned {
+                continue;
+            }
+            let mut next = image.clone();
+            let resume = match &image.source {
+                ImageSource::Recipe { recipe, .. } => {
+                    next.builder = Some(me.clone());
+                    next.message = Some(format!(
+                        "resumed on server {me} (server {builder} stopped while building it)"
+                    ));
+                    Some(recipe.clone())
+                }
+                _ => {
+                    next.state = ImageState::Failed;
+                    next.builder = None;
+                    next.files.clear();
+                    next.message = Some(format!(
+                        "the upload to server {builder} was interrupted when that server stopped; delete the image and import it again"
+                    ));
+                    None
+                }
+            };
+            let key = keys::image(&image.name);
+            let out = self
+                .store
+                .txn(
+                    vec![skyvisor_store::Compare::ModRevision(key.clone(), rev)],
+                    vec![skyvisor_store::put_json(key, &next)],
+                )
+                .await?;
+            if !out.succeeded {
+                continue;
+            }
+            settled += 1;
+            match resume {
+                Some(recipe) => {
+                    info!(image = %image.name, %builder, "resuming an image build its server left");
+                    let cp = self.clone();
+                    tokio::spawn(async move { cp.run_build(next, &recipe).await });
+                }
+                None => {
+                    warn!(image = %image.name, %builder, "an image upload was interrupted by its server's death");
+                }
+            }
+        }
+        Ok(settled)
+    }
+
     async fn run_build(&self, mut image: Image, recipe: &str) {
         let name = image.name.clone();
         let final_dir = self.image_dir(name.as_str());
@@ -178,6 +251,7 @@ impl ControlPlane {
         let result = self
             .build_into(&mut image, recipe, &tmp_dir, &final_dir)
             .await;
+        image.builder = None;
         match result {
             Ok(()) => {
                 image.state = ImageState::Ready;

@@ -130,6 +130,11 @@ impl ControlPlane {
         )
         .await?;
         let _ = self.cluster.set(membership.view());
+        // Whatever this server was building before it restarted is no
+        // longer being built: resume or fail it now.
+        if let Err(e) = self.recover_interrupted_builds(true).await {
+            tracing::warn!(error = %e.message, "cannot check for interrupted image builds");
+        }
         tokio::spawn(image_sync::run(self.clone()));
         tokio::spawn(migrations::run(self.clone()));
         Ok(membership)

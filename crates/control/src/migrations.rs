@@ -436,7 +436,8 @@ fn check_migratable(spec: &InstanceSpec, status: &InstanceStatus) -> ApiResult<(
     Ok(())
 }
 
-/// The leader's maintenance loop: drains hosts and runs rebalance plans.
+/// The leader's maintenance loop: settles image builds whose server died,
+/// drains hosts and runs rebalance plans.
 pub(crate) async fn run(cp: ControlPlane) {
     let mut failed: HashMap<InstanceName, Instant> = HashMap::new();
     loop {
@@ -448,6 +449,9 @@ pub(crate) async fn run(cp: ControlPlane) {
             continue;
         }
         failed.retain(|_, at| at.elapsed() < DRAIN_RETRY_AFTER);
+        if let Err(e) = cp.recover_interrupted_builds(false).await {
+            warn!(error = %e.message, "cannot check for interrupted image builds");
+        }
         drain_step(&cp, &mut failed).await;
         if let Err(e) = rebalance_step(&cp).await {
             warn!(error = %e.message, "rebalance step failed");

@@ -74,6 +74,7 @@ async fn ready_image(store: &dyn Store) {
         source: ImageSource::Import,
         state: ImageState::Ready,
         message: None,
+        builder: None,
         created_at: Utc::now(),
     };
     store
@@ -463,5 +464,100 @@ async fn api_answers_503_at_once_while_etcd_is_down_and_recovers() {
         201,
         "{}",
         r.text().await.unwrap_or_default()
+    );
+}
+
+/// An image record left `building` by `builder`.
+async fn building_image(store: &dyn Store, name: &str, source: ImageSource, builder: &str) {
+    let image = Image {
+        name: ImageName::new(name).expect("name"),
+        kind: ImageKind::KernelInitrd,
+        description: "test".into(),
+        files: vec![],
+        cmdline: None,
+        guest_service: true,
+        source,
+        state: ImageState::Building,
+        message: Some("uploading".into()),
+        builder: Some(ServerName::new(builder).expect("name")),
+        created_at: Utc::now(),
+    };
+    store
+        .put(&keys::image(&image.name), encode(&image))
+        .await
+        .expect("image");
+}
+
+async fn image(store: &dyn Store, name: &str) -> Image {
+    store
+        .get_json::<Image>(&keys::image(&ImageName::new(name).expect("name")))
+        .await
+        .expect("get")
+        .expect("image")
+        .0
+}
+
+#[tokio::test]
+async fn builds_and_uploads_whose_server_died_are_resumed_or_failed_with_the_reason() {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));
+    let dir = tempfile::tempdir().expect("tmp");
+    let cp = ControlPlane::start(store.clone(), config(dir.path(), "sa", Weigher::Spread))
+        .await
+        .expect("server");
+    let _membership = cp.join_cluster().await.expect("join");
+    // This server's own upload is in progress as far as a running server
+    // knows; only at its start is it known to be interrupted.
+    building_image(store.as_ref(), "mine", ImageSource::Import, "sa").await;
+    assert_eq!(
+        cp.recover_interrupted_builds(false).await.expect("recover"),
+        0
+    );
+    assert_eq!(
+        image(store.as_ref(), "mine").await.state,
+        ImageState::Building
+    );
+    assert_eq!(
+        cp.recover_interrupted_builds(true).await.expect("recover"),
+        1
+    );
+    assert_eq!(
+        image(store.as_ref(), "mine").await.state,
+        ImageState::Failed
+    );
+
+    // "gone" is no live server.
+    building_image(store.as_ref(), "upload", ImageSource::Import, "gone").await;
+    let recipe = ImageSource::Recipe {
+        recipe: "debian-busybox".into(),
+        packages: vec![],
+    };
+    building_image(store.as_ref(), "built", recipe, "gone").await;
+    let settled = cp.recover_interrupted_builds(false).await.expect("recover");
+    assert_eq!(settled, 2);
+    let upload = image(store.as_ref(), "upload").await;
+    assert_eq!(upload.state, ImageState::Failed);
+    let why = upload.message.unwrap_or_default();
+    assert!(
+        why.contains("server gone") && why.contains("import it again"),
+        "{why}"
+    );
+    let built = image(store.as_ref(), "built").await;
+    assert_ne!(
+        built.builder.as_ref().map(|b| b.as_str()),
+        Some("gone"),
+        "the build was not taken over"
+    );
+    assert!(
+        built.state != ImageState::Building
+            || built
+                .message
+                .unwrap_or_default()
+                .contains("resumed on server sa"),
+        "the build was not taken over"
+    );
+    // Settled records are not touched again.
+    assert_eq!(
+        cp.recover_interrupted_builds(false).await.expect("recover"),
+        0
     );
 }

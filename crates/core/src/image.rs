@@ -127,6 +127,12 @@ pub struct Image {
     pub state: ImageState,
     /// Why it failed, if it did.
     pub message: Option<String>,
+    /// While it is being built or uploaded: the server doing it. If that
+    /// server dies, the leader resumes a build or fails an upload with the
+    /// reason, so no image stays `building` forever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub builder: Option<crate::ServerName>,
     /// When it was created.
     pub created_at: DateTime<Utc>,
 }

@@ -149,6 +149,7 @@ pub(super) async fn import(
         source: ImageSource::Import,
         state: ImageState::Building,
         message: Some("uploading".into()),
+        builder: Some(cp.config.cluster.name.clone()),
         created_at: Utc::now(),
     };
     if !cp
@@ -270,6 +271,7 @@ async fn receive(
         image.cmdline = Some("console=ttyS0".into());
     }
     image.state = ImageState::Ready;
+    image.builder = None;
     image.message = None;
     Ok(image)
 }

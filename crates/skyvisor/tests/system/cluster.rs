@@ -512,3 +512,70 @@ fn duplicate_host_names_and_other_versions_are_refused() {
         "a refused agent registered: {hosts}"
     );
 }
+
+/// Makes only host `only` take new VMs (the others cordoned).
+fn only_host_takes_vms(bed: &TestBed, only: u32) {
+    for h in 1..=bed.hosts {
+        let verb = if h == only { "uncordon" } else { "cordon" };
+        bed.sv_ok(&["host", verb, &format!("h{h}")]);
+    }
+}
+
+#[test]
+fn vms_start_on_hosts_without_the_image_after_its_server_dies_or_with_no_server_reachable() {
+    let bed = TestBed::start(3, 2);
+    wait_until("s2 has the image files", Duration::from_secs(60), || {
+        let dir = bed.dir.join("s2/images/debian-busybox");
+        (std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0) >= 3).then_some(())
+    });
+    // h1 fetches the image from s1, which built it.
+    only_host_takes_vms(&bed, 1);
+    let first = bed.create_vm("first", &["--type", "nano"]);
+    assert_eq!(bed.host_of(&first), 1);
+
+    // s1 dies; h2, which has no copy yet, must fetch from s2 at once (its
+    // list of servers still names s1 until s1's lease expires).
+    bed.script_ok(&["server-kill", "1"]);
+    only_host_takes_vms(&bed, 2);
+    let second = bed.create_vm("second", &["--type", "nano"]);
+    assert_eq!(bed.host_of(&second), 2);
+    assert_eq!(guest_json(vm_ip(&second), "/identity")["name"], "second");
+
+    // h3 cannot reach any server (its traffic to their ports is refused),
+    // but reaches the store and its peers: it takes the image from a peer
+    // host's verified copy.
+    let root_ip = bed
+        .server_url(2)
+        .trim_start_matches("http://")
+        .split(':')
+        .next()
+        .expect("server address")
+        .to_string();
+    bed.script_ok(&[
+        "exec",
+        "3",
+        "iptables",
+        "-I",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        &root_ip,
+        "--dport",
+        "7780:7789",
+        "-j",
+        "REJECT",
+        "--reject-with",
+        "tcp-reset",
+    ]);
+    only_host_takes_vms(&bed, 3);
+    let third = bed.create_vm("third", &["--type", "nano"]);
+    assert_eq!(bed.host_of(&third), 3);
+    assert_eq!(guest_json(vm_ip(&third), "/identity")["name"], "third");
+    let log = std::fs::read_to_string(bed.dir.join("agent3.log")).unwrap_or_default();
+    assert!(
+        log.contains("/agent/v1/image-files/"),
+        "h3 did not fetch from a peer host:\n{}",
+        bed.logs_tail()
+    );
+}

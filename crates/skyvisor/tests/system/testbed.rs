@@ -309,7 +309,8 @@ impl TestBed {
         pids
     }
 
-    fn logs_tail(&self) -> String {
+    /// The last lines of every daemon's log.
+    pub fn logs_tail(&self) -> String {
         let mut out = String::new();
         let mut names: Vec<String> = std::fs::read_dir(&self.dir)
             .map(|d| {

@@ -579,3 +579,143 @@ fn vms_start_on_hosts_without_the_image_after_its_server_dies_or_with_no_server_
         bed.logs_tail()
     );
 }
+
+#[test]
+fn a_drain_with_a_migration_in_flight_finishes_through_the_new_leader() {
+    let bed = TestBed::start(3, 2);
+    only_host_takes_vms(&bed, 1);
+    let mut boots = Vec::new();
+    for i in 1..=2 {
+        let v = bed.create_vm(&format!("d{i}"), &["--type", "nano"]);
+        boots.push((
+            vm_ip(&v),
+            guest_json(vm_ip(&v), "/uptime")["boot_id"].clone(),
+        ));
+    }
+    for h in 2..=3 {
+        bed.sv_ok(&["host", "uncordon", &format!("h{h}")]);
+    }
+    let out = bed.sv_json(&["host", "drain", "h1", "--no-wait"]);
+    assert_eq!(out["state"], "draining", "{out}");
+    // The leader (s1) dies once the drain's first migration is under way.
+    wait_until("a drain migration running", Duration::from_secs(60), || {
+        let list = bed.sv_json(&["migration", "list"]);
+        list.as_array()
+            .expect("list")
+            .iter()
+            .any(|m| m["reason"] == "drain")
+            .then_some(())
+    });
+    bed.script_ok(&["server-kill", "1"]);
+    wait_until("h1 drained", Duration::from_secs(240), || {
+        (1..=2)
+            .all(|i| bed.instance(&format!("d{i}"))["spec"]["host"] != "h1")
+            .then_some(())
+    });
+    wait_until("both running elsewhere", Duration::from_secs(120), || {
+        (1..=2)
+            .all(|i| bed.instance(&format!("d{i}"))["status"]["phase"] == "running")
+            .then_some(())
+    });
+    for (ip, boot) in &boots {
+        assert_eq!(
+            &guest_json(*ip, "/uptime")["boot_id"],
+            boot,
+            "{ip} rebooted"
+        );
+    }
+    assert!(bed.qemu_pids(1).is_empty(), "h1 still runs QEMUs");
+    let (_, info) = bed.api_on(2, "GET", "/v1/info", None);
+    assert_eq!(info["leader"], "s2", "{info}");
+}
+
+#[test]
+fn creates_and_deletes_go_on_while_each_server_in_turn_dies() {
+    let bed = TestBed::start(2, 2);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A client creating and deleting (stopped) VMs in a loop through the
+    // CLI with every server's URL; each operation's start and outcome.
+    let worker = {
+        let urls = bed.urls();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut ops: Vec<(Instant, bool, String)> = Vec::new();
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let name = format!("loop{i}");
+                for args in [
+                    vec![
+                        "vm",
+                        "create",
+                        name.as_str(),
+                        "--type",
+                        "nano",
+                        "--no-start",
+                    ],
+                    vec!["vm", "delete", name.as_str(), "--force"],
+                ] {
+                    let at = Instant::now();
+                    let out = std::process::Command::new(crate::harness::skyvisor_bin())
+                        .args(&args)
+                        .env("SKYVISOR_URL", &urls)
+                        .output()
+                        .expect("run skyvisor");
+                    ops.push((
+                        at,
+                        out.status.success(),
+                        String::from_utf8_lossy(&out.stderr).into_owned(),
+                    ));
+                }
+            }
+            ops
+        })
+    };
+    let wait_some_ops = || std::thread::sleep(Duration::from_secs(3));
+    wait_some_ops();
+    bed.script_ok(&["server-kill", "1"]);
+    wait_until("s2 leads", Duration::from_secs(LEASE_TTL * 2 + 10), || {
+        let (_, info) = bed.api_on(2, "GET", "/v1/info", None);
+        (info["leader"] == "s2").then_some(())
+    });
+    bed.script_ok(&["server-start", "1"]);
+    wait_some_ops();
+    bed.script_ok(&["server-kill", "2"]);
+    wait_until("s1 leads", Duration::from_secs(LEASE_TTL * 2 + 10), || {
+        let (_, info) = bed.api_on(1, "GET", "/v1/info", None);
+        (info["leader"] == "s1").then_some(())
+    });
+    wait_some_ops();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let ops = worker.join().expect("client thread");
+    let ok = ops.iter().filter(|o| o.1).count();
+    assert!(ok >= 10, "only {ok} of {} operations succeeded", ops.len());
+    // The longest stretch during which operations kept failing.
+    let mut longest = Duration::ZERO;
+    let mut failing_since: Option<Instant> = None;
+    for (at, success, _) in &ops {
+        match (success, failing_since) {
+            (false, None) => failing_since = Some(*at),
+            (true, Some(since)) => {
+                longest = longest.max(at.duration_since(since));
+                failing_since = None;
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        failing_since.is_none(),
+        "the last operations failed: {:?}",
+        ops.last()
+    );
+    let failures: Vec<&String> = ops.iter().filter(|o| !o.1).map(|o| &o.2).collect();
+    eprintln!(
+        "{} operations, {} failed, longest failing stretch {longest:?}: {failures:?}",
+        ops.len(),
+        failures.len()
+    );
+    assert!(
+        longest < Duration::from_secs(LEASE_TTL),
+        "operations failed for {longest:?} (lease TTL {LEASE_TTL}s): {failures:?}"
+    );
+}

@@ -21,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 
-filter='package(skyvisor-qemu) | package(skyvisor-image) | (package(skyvisor) & test(/^system::(lifecycle|images)::/))'
+filter='package(skyvisor-qemu) | package(skyvisor-image) | (binary(system) & test(/^(lifecycle|images)::/))'
 run_tests=1
 run_package=1
 keep=0
@@ -121,6 +121,13 @@ mount --rbind /dev "$root/dev"; mount --make-rslave "$root/dev"; mounts+=("$root
 mnt -t tmpfs tmpfs "$root/run"
 mnt -t tmpfs tmpfs "$root/tmp"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# The certificate authorities a machine of this kind trusts (its registries
+# are reached through them).
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+  mkdir -p "$root/usr/local/share/ca-certificates"
+  cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+  chroot "$root" update-ca-certificates >/dev/null 2>&1 || say "update-ca-certificates failed in the clean root"
+fi
 # The machine's Rust toolchain and nextest, as a new machine has them; the
 # crates registry cache is shared so a rerun downloads nothing again.
 rustup_home=${RUSTUP_HOME:-$HOME/.rustup}

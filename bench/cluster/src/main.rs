@@ -250,6 +250,7 @@ async fn start_agents(n: usize, store: Arc<dyn Store>, dir: PathBuf) -> Result<V
                         probe_guests: false,
                         overlay: None,
                         replica_listen: None,
+                        fencing: None,
                     },
                     store,
                     Arc::new(FakeHypervisor::new()),

@@ -229,7 +229,8 @@ pub fn overlay_config(
     }
 }
 
-/// Keeps the image cache's sources current, forever: the live servers
+/// Keeps the image cache's sources (and the fence's list of peers)
+/// current, forever: the live servers
 /// (their records live as long as their leases) and the other hosts'
 /// agents, each followed through a watch of its prefix, so a server's death
 /// or arrival is seen within moments rather than at the next poll.
@@ -249,13 +250,21 @@ pub async fn follow_image_sources(ctx: Arc<AgentContext>) {
         let ctx = ctx.clone();
         let me = ctx.host.clone();
         follow_prefix(ctx.store.clone(), keys::HOSTS, move |items| {
-            let peers = items
+            let peers: Vec<(HostName, String)> = items
                 .values()
                 .filter_map(|kv| decode::<Host>(kv).ok())
                 .filter(|h| h.name != me)
-                .filter_map(|h| h.agent_url.map(|u| (h.name.to_string(), u)))
+                .filter_map(|h| h.agent_url.map(|u| (h.name, u)))
                 .collect();
-            ctx.images.set_peers(peers);
+            if let Some(fence) = &ctx.fence {
+                fence.set_peers(peers.clone());
+            }
+            ctx.images.set_peers(
+                peers
+                    .into_iter()
+                    .map(|(h, u)| (h.to_string(), u))
+                    .collect(),
+            );
         })
     };
     tokio::join!(servers, peers);

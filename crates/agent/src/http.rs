@@ -30,6 +30,7 @@ pub fn router(ctx: Arc<AgentContext>) -> Router {
             "/agent/v1/image-files/{sha256}",
             axum::routing::get(image_file),
         )
+        .route("/agent/v1/peer-probe", axum::routing::get(peer_probe))
         .with_state(ctx)
 }
 
@@ -56,6 +57,29 @@ async fn console(
         })
         .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct ProbeQuery {
+    from: String,
+}
+
+/// A peer's fencing probe: answering it is hearing that peer, which this
+/// host then reports (see [`crate::fencing`]).
+async fn peer_probe(
+    State(ctx): State<Arc<AgentContext>>,
+    Query(q): Query<ProbeQuery>,
+) -> axum::response::Response {
+    let Ok(peer) = skyvisor_core::HostName::new(q.from) else {
+        return (StatusCode::BAD_REQUEST, "from: a host name").into_response();
+    };
+    match &ctx.fence {
+        Some(fence) => {
+            fence.heard_from(peer);
+            Json(serde_json::json!({ "host": ctx.host })).into_response()
+        }
+        None => (StatusCode::NOT_FOUND, "this host does not fence").into_response(),
     }
 }
 

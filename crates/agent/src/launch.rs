@@ -40,6 +40,11 @@ impl Launcher {
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        // The watchdog fences only what is marked: protected VMs.
+        let protected = spec.ha == skyvisor_core::HaPolicy::Restart && self.ctx.fence.is_some();
+        crate::fencing::mark_protected(&dir, protected)
+            .await
+            .map_err(|e| format!("marking {} as HA-protected: {e}", dir.display()))?;
         let image = self.image(spec).await?;
         if spec.root_volume().is_some() && image.kind != ImageKind::KernelInitrd {
             return Err(format!(

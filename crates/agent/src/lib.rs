@@ -8,6 +8,7 @@
 pub mod checkpoints;
 pub mod cluster;
 pub mod disks;
+pub mod fencing;
 pub mod fake_hv;
 pub mod host;
 pub mod http;
@@ -77,6 +78,9 @@ pub struct AgentConfig {
     /// Where this host's volume replica server listens; `None`: the host
     /// holds no replicas and serves no volumes.
     pub replica_listen: Option<SocketAddr>,
+    /// Self-fencing of HA-protected VMs (hosts of a cluster); none for a
+    /// single host, where nothing fails over.
+    pub fencing: Option<FencingConfig>,
 }
 
 /// What went wrong starting an agent.
@@ -119,6 +123,15 @@ pub enum AgentError {
     Volumes(#[from] volumes::VolumeServiceError),
 }
 
+/// How a host fences itself.
+#[derive(Debug, Clone)]
+pub struct FencingConfig {
+    /// The watchdog process to run beside the agent (program and
+    /// arguments); none: the agent alone fences (tests with in-process
+    /// agents).
+    pub watchdog: Option<(PathBuf, Vec<String>)>,
+}
+
 /// What every supervisor shares.
 pub struct AgentContext {
     /// The store.
@@ -155,6 +168,8 @@ pub struct AgentContext {
     pub overlay_device: Option<String>,
     /// VMs prepared here as live migrations' destinations.
     pub incoming: migration::IncomingVms,
+    /// Self-fencing, in a cluster.
+    pub fence: Option<Arc<fencing::Fence>>,
 }
 
 impl AgentContext {
@@ -184,8 +199,13 @@ impl AgentHandle {
         if let Some(v) = &self.ctx.volumes {
             v.shutdown().await;
         }
-        let lease = *self.lease.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = self.ctx.store.revoke_lease(lease).await;
+        // A fencing host keeps its lease: its protected VMs run on, and the
+        // next agent takes the lease up (or the host is fenced and failed
+        // over if none comes in time).
+        if self.ctx.fence.is_none() {
+            let lease = *self.lease.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = self.ctx.store.revoke_lease(lease).await;
+        }
     }
 
     /// Stops the agent as if its host died: tasks and servers end, the
@@ -220,7 +240,14 @@ pub async fn start(
 ) -> Result<AgentHandle, AgentError> {
     cluster::check_version(store.as_ref()).await?;
     let net = wait_for_network(store.as_ref()).await?;
-    let lease = take_liveness(store.as_ref(), &cfg.host, cfg.lease_ttl).await?;
+    let adopted = match &cfg.fencing {
+        Some(_) => adopt_lease(store.as_ref(), &cfg.host, &cfg.data_dir).await,
+        None => None,
+    };
+    let lease = match adopted {
+        Some(l) => l,
+        None => take_liveness(store.as_ref(), &cfg.host, cfg.lease_ttl).await?,
+    };
     match bring_up(
         cfg,
         store.clone(),
@@ -316,6 +343,10 @@ async fn bring_up(
         address: cfg.address.clone(),
         overlay_device: cfg.overlay.as_ref().map(|o| o.device.clone()),
         incoming: tokio::sync::Mutex::new(HashMap::new()),
+        fence: cfg
+            .fencing
+            .as_ref()
+            .map(|_| Arc::new(fencing::Fence::new(cfg.lease_ttl))),
     });
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -369,7 +400,26 @@ async fn bring_up(
         lease.clone(),
         cfg.lease_ttl,
         cfg.host.clone(),
+        ctx.fence.clone(),
+        cfg.fencing.is_some().then(|| cfg.data_dir.join(LEASE_FILE)),
     )));
+    if let (Some(fence), Some(fencing)) = (&ctx.fence, &cfg.fencing) {
+        if let Some((exe, args)) = &fencing.watchdog
+            && let Err(e) = fencing::ensure_watchdog(exe, args, &cfg.data_dir)
+        {
+            return Err(AgentError::Network(format!(
+                "cannot start the fence watchdog {}: {e}",
+                exe.display()
+            )));
+        }
+        guard.0.push(tokio::spawn(fencing::run(
+            fence.clone(),
+            store.clone(),
+            cfg.host.clone(),
+            cfg.data_dir.clone(),
+            lease.clone(),
+        )));
+    }
     if let Some(overlay) = &cfg.overlay {
         guard.0.push(tokio::spawn(cluster::follow_peers(
             store.clone(),
@@ -456,27 +506,72 @@ async fn keep_lease(
     lease: Arc<std::sync::Mutex<LeaseId>>,
     ttl: Duration,
     host: HostName,
+    fence: Option<Arc<fencing::Fence>>,
+    lease_file: Option<PathBuf>,
 ) {
+    if let Some(f) = &lease_file {
+        let current = *lease.lock().unwrap_or_else(|e| e.into_inner());
+        remember_lease(f, current).await;
+    }
     loop {
         tokio::time::sleep(ttl / 3).await;
         let current = *lease.lock().unwrap_or_else(|e| e.into_inner());
-        match store.keep_alive(current).await {
-            Ok(()) => {}
-            Err(StoreError::LeaseNotFound(_)) => {
+        // The lease runs at least a TTL from when the renewal was sent.
+        let sent = std::time::Instant::now();
+        // A renewal that hangs must not hold up the next one.
+        let renewed = tokio::time::timeout(ttl / 3, store.keep_alive(current)).await;
+        match renewed {
+            Ok(Ok(())) => {
+                if let Some(f) = &fence {
+                    f.renewed(sent);
+                }
+            }
+            Ok(Err(StoreError::LeaseNotFound(_))) => {
                 warn!(%host, "the host lease expired; taking a new one");
                 match take_liveness(store.as_ref(), &host, ttl).await {
                     Ok(new) => {
                         *lease.lock().unwrap_or_else(|e| e.into_inner()) = new;
+                        if let Some(f) = &lease_file {
+                            remember_lease(f, new).await;
+                        }
+                        if let Some(f) = &fence {
+                            f.renewed(sent);
+                        }
                         info!(%host, "the host is live again");
                     }
                     Err(e) => error!(%host, error = %e, "cannot take a new host lease"),
                 }
             }
-            // Fencing (stopping VMs once the lease is surely lost) belongs to
-            // the HA work; for now this is loud.
-            Err(e) => error!(error = %e, "could not renew the host lease"),
+            // The fencing module decides what this means for the VMs.
+            Ok(Err(e)) => error!(error = %e, "could not renew the host lease"),
+            Err(_) => error!("renewing the host lease timed out"),
         }
     }
+}
+
+/// Where a fencing agent keeps its lease id, so a restarted agent takes
+/// the same lease up instead of waiting for it to expire (which would
+/// fence its VMs).
+const LEASE_FILE: &str = "host-lease";
+
+async fn remember_lease(file: &std::path::Path, lease: LeaseId) {
+    if let Err(e) = tokio::fs::write(file, lease.0.to_string()).await {
+        warn!(error = %e, "cannot record the host lease id");
+    }
+}
+
+/// The lease an earlier agent of this host held, if it is still alive and
+/// still holds the host's liveness key: the new agent renews it at once.
+async fn adopt_lease(store: &dyn Store, host: &HostName, data_dir: &std::path::Path) -> Option<LeaseId> {
+    let text = tokio::fs::read_to_string(data_dir.join(LEASE_FILE)).await.ok()?;
+    let lease = LeaseId(text.trim().parse().ok()?);
+    let kv = store.get(&keys::host_alive(host)).await.ok()??;
+    if kv.lease != Some(lease) {
+        return None;
+    }
+    store.keep_alive(lease).await.ok()?;
+    info!(%host, "took up the lease of the previous agent of this host");
+    Some(lease)
 }
 
 /// Keeps the registration's free-disk figure current for placement.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use skyvisor_core::{
-    CheckpointSchedule, CloneSource, ExitReason, ExitRecord, InstancePhase, InstanceSpec,
+    CheckpointSchedule, CloneSource, ExitReason, ExitRecord, HaPolicy, InstancePhase, InstanceSpec,
     InstanceStatus, InstanceVolume, PowerState, Resources, RestartPolicy, RestoreRequest, Snapshot,
     SnapshotKind, SnapshotOrigin, VolumeAttachment, VolumeName, keys,
 };
@@ -301,6 +301,18 @@ impl Supervisor {
                         return false;
                     }
                     self.restart_at = None;
+                    if spec.ha == HaPolicy::Restart
+                        && self.ctx.fence.as_ref().is_some_and(|f| f.is_fenced())
+                    {
+                        // It may be starting elsewhere right now.
+                        let msg = "this host is fenced (it cannot renew its lease and reaches too few peers); the VM waits until the host is live again or is restarted elsewhere".to_string();
+                        if self.status.message.as_ref() != Some(&msg) {
+                            warn!(instance = %spec.name, "not starting a protected VM on a fenced host");
+                        }
+                        self.status.message = Some(msg);
+                        self.restart_at = Some(Instant::now() + Duration::from_secs(1));
+                        return false;
+                    }
                     self.start(spec).await;
                     return true;
                 }

@@ -71,6 +71,7 @@ async fn world() -> World {
             probe_guests: false,
             overlay: None,
             replica_listen: None,
+            fencing: None,
         },
         store.clone(),
         Arc::new(hv.clone()),
@@ -131,6 +132,8 @@ fn spec(name: &str, policy: RestartPolicy) -> InstanceSpec {
         spread_group: None,
         accel: None,
         volumes: vec![],
+        ha: Default::default(),
+        ha_priority: 0,
     }
 }
 

@@ -49,6 +49,7 @@ async fn start_host(store: &Arc<dyn Store>, name: &str) -> Host {
             probe_guests: false,
             overlay: None,
             replica_listen: Some(([127, 0, 0, 1], 0).into()),
+            fencing: None,
         },
         store.clone(),
         Arc::new(hv.clone()),
@@ -189,6 +190,8 @@ fn vm_spec(host: &HostName, volumes: Vec<InstanceVolume>) -> InstanceSpec {
         spread_group: None,
         accel: None,
         volumes,
+        ha: Default::default(),
+        ha_priority: 0,
     }
 }
 

@@ -13,7 +13,7 @@ use skyvisor_core::api::{
 };
 use skyvisor_core::image::ImageState;
 use skyvisor_core::{
-    Accel, HostView, Image, Instance, InstancePhase, InstanceType, PowerState, RestartPolicy,
+    Accel, HaPolicy, HostView, Image, Instance, InstancePhase, InstanceType, PowerState, RestartPolicy,
 };
 
 use crate::client::Client;
@@ -42,6 +42,9 @@ pub enum ClientCommand {
     /// Live migrations: what moved where, and how it went.
     #[command(subcommand)]
     Migration(crate::migrations::MigrationCommand),
+    /// High availability: failovers after host deaths, and refusals.
+    #[command(subcommand)]
+    Failover(crate::failovers::FailoverCommand),
     /// Instance types.
     #[command(subcommand, name = "type")]
     Type(TypeCommand),
@@ -265,6 +268,13 @@ pub struct CreateArgs {
     /// Only on hosts that run VMs with this accelerator: kvm or tcg.
     #[arg(long)]
     pub accel: Option<Accel>,
+    /// When its host dies: restart it on another host (needs a root volume
+    /// with 2+ replicas; the default for one in a cluster), or off.
+    #[arg(long)]
+    pub ha: Option<HaPolicy>,
+    /// Restart order after a host's death, higher first (0-1000).
+    #[arg(long)]
+    pub ha_priority: Option<u32>,
 }
 
 /// `skyvisor image ...`
@@ -381,6 +391,7 @@ pub async fn run(url: &str, format: OutputFormat, cmd: ClientCommand) -> Result<
         ClientCommand::Host(c) => host(&client, format, c).await,
         ClientCommand::Volume(c) => crate::volumes::volume(&client, format, c).await,
         ClientCommand::Migration(c) => crate::migrations::migration(&client, format, c).await,
+        ClientCommand::Failover(c) => crate::failovers::failover(&client, format, c).await,
         ClientCommand::Type(TypeCommand::List) => {
             let types: Vec<InstanceType> = client.get("/v1/types").await?;
             output::print(format, &types, |types| {
@@ -531,6 +542,19 @@ fn vm_detail(i: &Instance) {
             },
         ),
         ("restart", i.spec.restart_policy.to_string()),
+        (
+            "ha",
+            match (i.spec.ha, i.spec.root_volume()) {
+                (HaPolicy::Restart, _) => format!(
+                    "restart (priority {}): restarted on another host if {} dies",
+                    i.spec.ha_priority, i.spec.host
+                ),
+                (HaPolicy::Off, None) => {
+                    "off: not protected (its disk is local to its host)".to_string()
+                }
+                (HaPolicy::Off, Some(_)) => "off: not protected (--ha off)".to_string(),
+            },
+        ),
         ("boots", s.boot_count.to_string()),
         ("restarts", s.restart_count.to_string()),
     ];
@@ -694,6 +718,8 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                 accel: a.accel,
                 root_volume: a.root_volume.clone(),
                 volumes: a.volumes.clone(),
+                ha: a.ha,
+                ha_priority: a.ha_priority,
             };
             if a.wait {
                 // Right after `skyvisor up` the host may not have registered

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod commands;
+pub mod failovers;
 pub mod migrations;
 pub mod output;
 pub mod progress;

@@ -47,6 +47,10 @@ pub struct ClusterSettings {
     /// How many revisions of history the leader keeps when compacting
     /// (watchers further behind must relist).
     pub keep_revisions: i64,
+    /// How long after a host's lease is gone before its HA-protected VMs
+    /// are restarted elsewhere (its agent fenced itself a quarter of its
+    /// TTL before the lease could expire; this is the extra safety).
+    pub ha_margin: Duration,
 }
 
 impl ClusterSettings {
@@ -60,9 +64,13 @@ impl ClusterSettings {
             etcd_namespace: String::new(),
             compact_every: Duration::from_secs(300),
             keep_revisions: 100_000,
+            ha_margin: DEFAULT_HA_MARGIN,
         }
     }
 }
+
+/// The default [`ClusterSettings::ha_margin`].
+pub const DEFAULT_HA_MARGIN: Duration = Duration::from_secs(2);
 
 /// Why a server cannot join the cluster.
 #[derive(Debug, Error)]

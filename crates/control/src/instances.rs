@@ -9,7 +9,7 @@ use skyvisor_core::cluster::AllocMark;
 use skyvisor_core::image::ImageState;
 use skyvisor_core::resources::{builtin_types, find_type};
 use skyvisor_core::{
-    GroupName, HostName, Image, ImageName, Instance, InstanceId, InstanceName, InstancePhase,
+    GroupName, HaPolicy, HostName, Image, ImageName, Instance, InstanceId, InstanceName, InstancePhase,
     InstanceSpec, InstanceStatus, InstanceType, MacAddr, NetworkAttachment, PowerState, Resources,
     ValidationError, keys,
 };
@@ -18,6 +18,7 @@ use tracing::{debug, info};
 
 use crate::error::{ApiError, ApiResult};
 use crate::inventory::HostEntry;
+use crate::volumes::ResolvedVolume;
 use crate::scheduler::{self, PlacementRequest, SpreadConstraint};
 use crate::{ControlPlane, READ_YOUR_WRITES};
 
@@ -46,6 +47,9 @@ pub(crate) fn refuse_while_migrating(spec: &InstanceSpec) -> ApiResult<()> {
         None => Ok(()),
     }
 }
+
+/// Highest HA restart priority.
+pub const MAX_HA_PRIORITY: u32 = 1000;
 
 /// Default graceful stop timeout.
 pub const DEFAULT_STOP_TIMEOUT_SECS: u32 = 30;
@@ -219,6 +223,7 @@ impl ControlPlane {
             // No local disk: the VM's disk is its root volume.
             resources.disk_gib = root.spec.size_bytes.div_ceil(1 << 30).max(1);
         }
+        let (ha, ha_priority) = self.ha_settings(&req, &volumes)?;
         let network = self.default_network().await?;
         let spread_group = req
             .spread_group
@@ -347,6 +352,8 @@ impl ControlPlane {
                 spread_group: spread_group.clone(),
                 accel: req.accel,
                 volumes: volumes.iter().map(|v| v.volume.clone()).collect(),
+                ha,
+                ha_priority,
             };
             let spec_key = keys::instance_spec(&name);
             let claim_key = keys::ipam_claim(&network.name, ip);
@@ -403,6 +410,47 @@ impl ControlPlane {
         Err(ApiError::unavailable(
             "could not place the instance: the pool is changing too fast (too many concurrent creates); retry",
         ))
+    }
+
+    /// The HA policy and priority of a new instance: `restart` needs a
+    /// replicated root disk (a local disk cannot follow its VM); in a
+    /// cluster, a VM with one is protected unless asked otherwise.
+    fn ha_settings(
+        &self,
+        req: &CreateInstanceRequest,
+        volumes: &[ResolvedVolume],
+    ) -> ApiResult<(HaPolicy, u32)> {
+        let root = volumes.iter().find(|v| v.volume.root);
+        let clustered = !self.config.cluster.etcd_endpoints.is_empty();
+        let ha = match (req.ha, root) {
+            (Some(HaPolicy::Restart), None) => {
+                return Err(ApiError::from(ValidationError::new(
+                    "ha",
+                    "ha restart needs a replicated root disk: a local disk cannot follow its VM to another host; \
+                     give a root volume with 2 or more replicas (`skyvisor volume create NAME --size 4G --replicas 2`, then --root-volume NAME), or use --ha off",
+                )));
+            }
+            (Some(HaPolicy::Restart), Some(r)) if r.spec.replicas < 2 => {
+                return Err(ApiError::from(ValidationError::new(
+                    "ha",
+                    format!(
+                        "ha restart needs a root volume with 2 or more replicas (on different hosts); volume {} has {}",
+                        r.volume.name, r.spec.replicas
+                    ),
+                )));
+            }
+            (Some(p), _) => p,
+            (None, Some(r)) if clustered && r.spec.replicas >= 2 => HaPolicy::Restart,
+            (None, _) => HaPolicy::Off,
+        };
+        let priority = req.ha_priority.unwrap_or(0);
+        if priority > MAX_HA_PRIORITY {
+            return Err(ApiError::from(ValidationError::new(
+                "ha_priority",
+                format!("{priority} is too high; allowed: 0 to {MAX_HA_PRIORITY}"),
+            )));
+        }
+        Ok((ha, priority))
     }
 
     /// Comparisons that hold only while `host`'s allocation and state are

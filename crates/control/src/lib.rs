@@ -9,6 +9,7 @@ pub mod api;
 pub mod cluster;
 pub mod election;
 pub mod error;
+pub mod ha;
 pub mod image_sync;
 pub mod images;
 mod inflight;
@@ -137,6 +138,7 @@ impl ControlPlane {
         }
         tokio::spawn(image_sync::run(self.clone()));
         tokio::spawn(migrations::run(self.clone()));
+        tokio::spawn(ha::run(self.clone()));
         Ok(membership)
     }
 

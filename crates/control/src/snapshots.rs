@@ -375,6 +375,8 @@ mod tests {
             spread_group: None,
             accel: None,
             volumes: vec![],
+            ha: Default::default(),
+            ha_priority: 0,
         }
     }
 

@@ -60,6 +60,14 @@ pub struct CreateInstanceRequest {
     /// Periodic checkpoints.
     #[serde(default)]
     pub checkpoint_schedule: Option<CheckpointSchedule>,
+    /// What happens when its host dies: `restart` (the default for a VM
+    /// with a root volume in a cluster) or `off`.
+    #[serde(default)]
+    pub ha: Option<crate::HaPolicy>,
+    /// Restart order after a host's death, higher first (default 0).
+    #[serde(default)]
+    #[schema(maximum = 1000)]
+    pub ha_priority: Option<u32>,
 }
 
 /// Body of `POST /v1/instances/{name}/snapshots`.

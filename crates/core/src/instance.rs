@@ -150,6 +150,12 @@ pub struct InstanceSpec {
     /// destination and clears this when it is done, one way or the other.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<crate::MigrationRequest>,
+    /// What happens when its host dies.
+    #[serde(default)]
+    pub ha: crate::HaPolicy,
+    /// Among instances restarted after one host's death, higher first.
+    #[serde(default)]
+    pub ha_priority: u32,
 }
 
 impl InstanceSpec {

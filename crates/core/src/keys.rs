@@ -59,6 +59,21 @@ pub const MIGRATIONS: &str = "migrations/record/";
 pub const MIGRATION_CANCELS: &str = "migrations/cancel/";
 /// A pending rebalance request: how many more moves it may make.
 pub const REBALANCE: &str = "cluster/rebalance";
+/// Prefix of the hosts' hearing reports ([`crate::HearingReport`]), bound
+/// to each host's lease.
+pub const HOST_HEARING: &str = "hosts/heard/";
+/// Prefix of failover records ([`crate::FailoverRecord`]).
+pub const FAILOVERS: &str = "failovers/";
+
+/// A host's hearing report.
+pub fn host_hearing(name: &HostName) -> String {
+    format!("{HOST_HEARING}{name}")
+}
+
+/// A failover record.
+pub fn failover(id: &str) -> String {
+    format!("{FAILOVERS}{id}")
+}
 
 /// The spec of instance `name`.
 pub fn instance_spec(name: &InstanceName) -> String {

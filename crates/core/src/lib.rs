@@ -8,6 +8,7 @@ pub mod accel;
 pub mod api;
 pub mod cluster;
 pub mod error;
+pub mod ha;
 pub mod host;
 pub mod image;
 pub mod instance;
@@ -21,6 +22,7 @@ pub mod volume;
 
 pub use accel::{Accel, AccelMode};
 pub use error::ValidationError;
+pub use ha::{FailoverOutcome, FailoverRecord, HaPolicy, HearingReport};
 pub use host::{Capacity, Host, HostState, HostView, Overcommit};
 pub use image::{Image, ImageFile, ImageKind, ImageSource, ImageState};
 pub use instance::{

@@ -182,11 +182,17 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let overcommit = file.overcommit.unwrap_or_default();
     overcommit.validate().context("config file")?;
 
+    let lease_ttl = Duration::from_secs(
+        args.lease_ttl
+            .or(file.agent.lease_ttl_secs)
+            .unwrap_or(10)
+            .clamp(2, 600),
+    );
     let store: Arc<dyn Store> = Arc::new(connect_etcd(&endpoints, &namespace).await?);
     let agent = daemon::start_host_agent(
         HostAgentSettings {
             host_name: host_name.clone(),
-            dir: agent_dir,
+            dir: agent_dir.clone(),
             address: address.to_string(),
             qemu,
             bridge: args
@@ -201,12 +207,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 .listen
                 .or(file.agent.listen)
                 .unwrap_or_else(|| (address, DEFAULT_AGENT_PORT).into()),
-            lease_ttl: Duration::from_secs(
-                args.lease_ttl
-                    .or(file.agent.lease_ttl_secs)
-                    .unwrap_or(10)
-                    .clamp(2, 600),
-            ),
+            lease_ttl,
             overlay: Some(OverlaySettings {
                 device: "svvx0".into(),
                 port: args
@@ -224,6 +225,19 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             image_dirs: Vec::new(),
             server_url: server_urls.first().cloned().or(servers.first().cloned()),
             probe_files: None,
+            fencing: Some(skyvisor_agent::FencingConfig {
+                watchdog: Some((
+                    std::env::current_exe().context("cannot find the skyvisor executable")?,
+                    vec![
+                        "fence-watchdog".into(),
+                        "--data-dir".into(),
+                        agent_dir.display().to_string(),
+                        "--deadline-ms".into(),
+                        // The agent's own fence deadline (see Fence::deadline).
+                        (lease_ttl - lease_ttl / 4).as_millis().to_string(),
+                    ],
+                )),
+            }),
         },
         store,
     )

@@ -124,6 +124,8 @@ pub struct HostAgentSettings {
     pub probe_files: Option<(PathBuf, Option<PathBuf>)>,
     /// Where the volume replica server listens; none: no volumes here.
     pub replica_listen: Option<SocketAddr>,
+    /// Self-fencing of HA-protected VMs (cluster agents).
+    pub fencing: Option<skyvisor_agent::FencingConfig>,
 }
 
 /// Chooses the accelerator and starts the host agent with QEMU and the
@@ -166,6 +168,7 @@ pub async fn start_host_agent(s: HostAgentSettings, store: Arc<dyn Store>) -> Re
             probe_guests: true,
             overlay: s.overlay.clone(),
             replica_listen: s.replica_listen,
+            fencing: s.fencing.clone(),
         },
         store,
         Arc::new(QemuHypervisor {

@@ -43,6 +43,10 @@ enum Command {
     Server(server::ServerArgs),
     /// Join this host to a cluster's pool.
     Agent(agent::AgentArgs),
+    /// The agent's fence watchdog (started by `skyvisor agent`): kills the
+    /// host's HA-protected VMs when the agent stops feeding it.
+    #[command(hide = true)]
+    FenceWatchdog(FenceWatchdogArgs),
     #[command(flatten)]
     Client(ClientCommand),
 }
@@ -89,8 +93,27 @@ pub struct UpArgs {
     log_format: String,
 }
 
+/// Options of the hidden `skyvisor fence-watchdog`.
+#[derive(Debug, clap::Args)]
+struct FenceWatchdogArgs {
+    /// The agent's data directory (its heartbeat file and VM directories).
+    #[arg(long)]
+    data_dir: std::path::PathBuf,
+    /// Milliseconds without a heartbeat after which protected VMs are killed.
+    #[arg(long)]
+    deadline_ms: u64,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A plain loop with no runtime: it must work when the agent's does not.
+    if let Command::FenceWatchdog(a) = &cli.command {
+        skyvisor_agent::fencing::run_watchdog(
+            &a.data_dir,
+            std::time::Duration::from_millis(a.deadline_ms),
+        );
+        return ExitCode::SUCCESS;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -106,6 +129,7 @@ fn main() -> ExitCode {
             Command::Up(args) => up::run(args).await,
             Command::Server(args) => server::run(args).await,
             Command::Agent(args) => agent::run(args).await,
+            Command::FenceWatchdog(_) => Ok(()),
             Command::Client(cmd) => skyvisor_cli::run(&cli.url, cli.output, cmd).await,
         }
     });

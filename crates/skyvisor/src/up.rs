@@ -157,6 +157,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
             server_url: Some(api_url.clone()),
             probe_files,
             replica_listen: Some(s.replica_listen),
+            // One host: nothing fails over, so nothing needs fencing.
+            fencing: None,
         },
         store.clone(),
     )

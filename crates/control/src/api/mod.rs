@@ -6,6 +6,7 @@
 
 mod cluster;
 mod extract;
+mod failovers;
 mod hosts;
 mod images;
 mod instances;
@@ -90,6 +91,7 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(migrations::cancel))
         .routes(routes!(migrations::list))
         .routes(routes!(migrations::show))
+        .routes(routes!(failovers::list))
         .routes(routes!(cluster::servers))
         .routes(routes!(cluster::join))
         .routes(routes!(volumes::list, volumes::create))

@@ -148,6 +148,7 @@ impl MultiHost {
             lease_ttl: Duration::from_secs(3),
             probe_guests: true,
             replica_listen: Some(h.replica_listen),
+            fencing: None,
         };
         let images = ImageCache::new(
             vec![self.data_dir.join("images")],

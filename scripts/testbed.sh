@@ -19,6 +19,7 @@
 #   host-kill H        SIGKILL host H's agent and QEMUs (a crash of the host)
 #   host-cut H         take host H's link down (it keeps running, unreachable)
 #   host-restore H     bring host H's link up and start its agent if it is down
+#   vmnet-via H        route this machine's traffic to the VM network through host H
 #   exec H CMD...      run CMD inside host H's namespace
 #
 # Environment:
@@ -241,6 +242,7 @@ case $cmd in
   agent-stop) stop "agent${1:?usage: agent-stop H}" TERM ;;
   host-kill) need_root; host_kill "${1:?usage: host-kill H}" ;;
   host-cut) need_root; ip link set "$(veth "${1:?usage: host-cut H}")" down ;;
+  vmnet-via) need_root; ip route replace "$VMNET" via "$(host_ip "${1:?usage: vmnet-via H}")" ;;
   host-restore)
     need_root
     h=${1:?usage: host-restore H}

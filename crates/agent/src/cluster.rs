@@ -259,12 +259,8 @@ pub async fn follow_image_sources(ctx: Arc<AgentContext>) {
             if let Some(fence) = &ctx.fence {
                 fence.set_peers(peers.clone());
             }
-            ctx.images.set_peers(
-                peers
-                    .into_iter()
-                    .map(|(h, u)| (h.to_string(), u))
-                    .collect(),
-            );
+            ctx.images
+                .set_peers(peers.into_iter().map(|(h, u)| (h.to_string(), u)).collect());
         })
     };
     tokio::join!(servers, peers);

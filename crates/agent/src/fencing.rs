@@ -104,7 +104,16 @@ impl Fence {
         *lock(&self.peers) = peers;
     }
 
-    /// Whether protected VMs may run here now.
+    /// Whether a protected VM may start here now: only while the lease is
+    /// fresh (a quorum of peers keeps running VMs running, but starts
+    /// nothing), and never while fenced. Decided on the spot, not by the
+    /// periodic task: an agent waking from a hang must not start anything
+    /// before it knows where it stands.
+    pub fn may_start(&self) -> bool {
+        !self.fenced.load(Ordering::SeqCst) && self.lease_fresh()
+    }
+
+    /// Whether the host fenced itself (and has not held its lease since).
     pub fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::SeqCst)
     }
@@ -231,8 +240,9 @@ pub async fn mark_protected(vm_dir: &Path, protected: bool) -> std::io::Result<(
 }
 
 /// The agent's side, forever: decides every tick, kills protected QEMUs
-/// when isolated, feeds the watchdog's heartbeat while not, probes the
-/// peers and writes the hearing report under the current lease.
+/// when isolated and feeds the watchdog's heartbeat while not; beside it,
+/// probes the peers and writes the hearing report under the current lease
+/// (a slow peer never delays a decision).
 pub async fn run(
     fence: std::sync::Arc<Fence>,
     store: std::sync::Arc<dyn Store>,
@@ -240,21 +250,25 @@ pub async fn run(
     data_dir: PathBuf,
     lease: std::sync::Arc<std::sync::Mutex<LeaseId>>,
 ) {
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_millis(800))
-        .build()
-        .unwrap_or_default();
+    let probing = tokio::spawn(probe_and_report(fence.clone(), store, me, lease));
+    // Ends the prober with this task (an aborted agent stops both).
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _probing = AbortOnDrop(probing);
     let heartbeat = data_dir.join(HEARTBEAT_FILE);
+    let tmp = data_dir.join(format!("{HEARTBEAT_FILE}.tmp"));
     let vms = data_dir.join("vms");
-    let mut last_probe = Instant::now() - fence.ttl;
-    let mut last_report: Option<(Instant, Vec<HostName>)> = None;
     loop {
         if fence.decide() {
             // Written aside and renamed: the watchdog never reads half.
-            let tmp = data_dir.join(format!("{HEARTBEAT_FILE}.tmp"));
-            if tokio::fs::write(&tmp, monotonic_nanos().to_string()).await.is_ok() {
+            if tokio::fs::write(&tmp, monotonic_nanos().to_string())
+                .await
+                .is_ok()
+            {
                 let _ = tokio::fs::rename(&tmp, &heartbeat).await;
             }
         } else {
@@ -263,37 +277,54 @@ pub async fn run(
                 warn!(pids = ?killed, "fenced: killed the QEMUs of HA-protected VMs");
             }
         }
-        if last_probe.elapsed() >= fence.ttl / 3 {
-            last_probe = Instant::now();
-            probe_peers(&fence, &http, &me).await;
-            let heard = fence.heard_recently();
-            let due = last_report
-                .as_ref()
-                .is_none_or(|(at, h)| *h != heard || at.elapsed() >= fence.ttl / 2);
-            if due {
-                let report = HearingReport {
-                    host: me.clone(),
-                    at: Utc::now(),
-                    heard: heard.clone(),
-                };
-                let lease = *lock(&lease);
-                let put = store
-                    .txn(
-                        vec![],
-                        vec![Op::Put {
-                            key: keys::host_hearing(&me),
-                            value: encode(&report),
-                            lease: Some(lease),
-                        }],
-                    )
-                    .await;
-                match put {
-                    Ok(_) => last_report = Some((Instant::now(), heard)),
-                    Err(e) => debug!(error = %e, "cannot write the hearing report"),
-                }
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+/// Probes the peers every third of the TTL and writes the hearing report
+/// when it changed, or every half TTL.
+async fn probe_and_report(
+    fence: std::sync::Arc<Fence>,
+    store: std::sync::Arc<dyn Store>,
+    me: HostName,
+    lease: std::sync::Arc<std::sync::Mutex<LeaseId>>,
+) {
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_millis(800))
+        .build()
+        .unwrap_or_default();
+    let mut last_report: Option<(Instant, Vec<HostName>)> = None;
+    loop {
+        probe_peers(&fence, &http, &me).await;
+        let heard = fence.heard_recently();
+        let due = last_report
+            .as_ref()
+            .is_none_or(|(at, h)| *h != heard || at.elapsed() >= fence.ttl / 2);
+        if due {
+            let report = HearingReport {
+                host: me.clone(),
+                at: Utc::now(),
+                heard: heard.clone(),
+            };
+            let lease = *lock(&lease);
+            let put = store
+                .txn(
+                    vec![],
+                    vec![Op::Put {
+                        key: keys::host_hearing(&me),
+                        value: encode(&report),
+                        lease: Some(lease),
+                    }],
+                )
+                .await;
+            match put {
+                Ok(_) => last_report = Some((Instant::now(), heard)),
+                Err(e) => debug!(error = %e, "cannot write the hearing report"),
             }
         }
-        tokio::time::sleep(TICK).await;
+        tokio::time::sleep(fence.ttl / 3).await;
     }
 }
 
@@ -344,7 +375,9 @@ pub fn ensure_watchdog(exe: &Path, args: &[String], data_dir: &Path) -> std::io:
     // SAFETY: setsid is async-signal-safe and touches no memory of ours.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from)
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
         });
     }
     let child = cmd.spawn()?;
@@ -450,8 +483,11 @@ mod tests {
             .arg(&vm)
             .spawn()
             .expect("spawn");
-        std::fs::write(vm.join(skyvisor_qemu::files::PIDFILE), child.id().to_string())
-            .expect("pidfile");
+        std::fs::write(
+            vm.join(skyvisor_qemu::files::PIDFILE),
+            child.id().to_string(),
+        )
+        .expect("pidfile");
         let killed = kill_protected(dir.path());
         let status = child.wait().expect("wait");
         assert_eq!(killed, vec![child.id() as i32]);

@@ -177,6 +177,12 @@ impl Launcher {
                     return Err(format!("volume {}: {e}", v.name));
                 }
             }
+            if v.root
+                && let Err(e) = svc.format_if_blank(&v.id).await
+            {
+                svc.release_instance(&spec.name).await;
+                return Err(format!("volume {}: {e}", v.name));
+            }
         }
         Ok(out)
     }

@@ -8,8 +8,8 @@
 pub mod checkpoints;
 pub mod cluster;
 pub mod disks;
-pub mod fencing;
 pub mod fake_hv;
+pub mod fencing;
 pub mod host;
 pub mod http;
 pub mod hypervisor;
@@ -562,8 +562,14 @@ async fn remember_lease(file: &std::path::Path, lease: LeaseId) {
 
 /// The lease an earlier agent of this host held, if it is still alive and
 /// still holds the host's liveness key: the new agent renews it at once.
-async fn adopt_lease(store: &dyn Store, host: &HostName, data_dir: &std::path::Path) -> Option<LeaseId> {
-    let text = tokio::fs::read_to_string(data_dir.join(LEASE_FILE)).await.ok()?;
+async fn adopt_lease(
+    store: &dyn Store,
+    host: &HostName,
+    data_dir: &std::path::Path,
+) -> Option<LeaseId> {
+    let text = tokio::fs::read_to_string(data_dir.join(LEASE_FILE))
+        .await
+        .ok()?;
     let lease = LeaseId(text.trim().parse().ok()?);
     let kv = store.get(&keys::host_alive(host)).await.ok()??;
     if kv.lease != Some(lease) {

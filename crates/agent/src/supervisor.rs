@@ -301,15 +301,12 @@ impl Supervisor {
                         return false;
                     }
                     self.restart_at = None;
-                    if spec.ha == HaPolicy::Restart
-                        && self.ctx.fence.as_ref().is_some_and(|f| f.is_fenced())
-                    {
+                    if let Some(why) = self.may_not_start_here(spec).await {
                         // It may be starting elsewhere right now.
-                        let msg = "this host is fenced (it cannot renew its lease and reaches too few peers); the VM waits until the host is live again or is restarted elsewhere".to_string();
-                        if self.status.message.as_ref() != Some(&msg) {
-                            warn!(instance = %spec.name, "not starting a protected VM on a fenced host");
+                        if self.status.message.as_ref() != Some(&why) {
+                            warn!(instance = %spec.name, reason = %why, "not starting a protected VM");
                         }
-                        self.status.message = Some(msg);
+                        self.status.message = Some(why);
                         self.restart_at = Some(Instant::now() + Duration::from_secs(1));
                         return false;
                     }
@@ -457,6 +454,33 @@ impl Supervisor {
                 }
                 self.start_failed(spec, message).await;
             }
+        }
+    }
+
+    /// Why a protected VM must not start here now, if it must not: the host
+    /// is fenced or its lease is not fresh, or the VM is no longer bound
+    /// here (read from the store after the lease was renewed, so a failover
+    /// that happened while this host was away is always seen).
+    async fn may_not_start_here(&self, spec: &InstanceSpec) -> Option<String> {
+        let fence = self.ctx.fence.as_ref()?;
+        if spec.ha != HaPolicy::Restart {
+            return None;
+        }
+        if !fence.may_start() {
+            return Some(
+                "this host is fenced or has not renewed its lease lately; the VM waits until the host is live again, or is restarted elsewhere"
+                    .into(),
+            );
+        }
+        match self
+            .ctx
+            .store
+            .get_json::<InstanceSpec>(&keys::binding(&self.ctx.host, &spec.name))
+            .await
+        {
+            Ok(Some((bound, _))) if bound.id == spec.id => None,
+            Ok(_) => Some("the VM is bound to another host now".into()),
+            Err(e) => Some(format!("cannot confirm the VM is still bound here: {e}")),
         }
     }
 

@@ -13,7 +13,8 @@ use skyvisor_core::api::{
 };
 use skyvisor_core::image::ImageState;
 use skyvisor_core::{
-    Accel, HaPolicy, HostView, Image, Instance, InstancePhase, InstanceType, PowerState, RestartPolicy,
+    Accel, HaPolicy, HostView, Image, Instance, InstancePhase, InstanceType, PowerState,
+    RestartPolicy,
 };
 
 use crate::client::Client;

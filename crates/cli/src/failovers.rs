@@ -29,7 +29,13 @@ pub async fn failover(client: &Client, format: OutputFormat, cmd: FailoverComman
 
 fn list_table(list: &[FailoverRecord]) {
     let mut t = table(&[
-        "INSTANCE", "FROM", "TO", "OUTCOME", "LEASE LOST", "DEAD AFTER", "REASON",
+        "INSTANCE",
+        "FROM",
+        "TO",
+        "OUTCOME",
+        "LEASE LOST",
+        "DEAD AFTER",
+        "REASON",
     ]);
     for r in list {
         let dead_after = (r.declared_dead_at - r.lease_lost_at)
@@ -39,7 +45,10 @@ fn list_table(list: &[FailoverRecord]) {
         t.add_row(vec![
             r.instance.to_string(),
             r.from_host.to_string(),
-            r.to_host.as_ref().map(|h| h.to_string()).unwrap_or("-".into()),
+            r.to_host
+                .as_ref()
+                .map(|h| h.to_string())
+                .unwrap_or("-".into()),
             match r.outcome {
                 FailoverOutcome::Restarted => "restarted".into(),
                 FailoverOutcome::Refused => "refused".into(),

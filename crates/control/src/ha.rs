@@ -31,11 +31,11 @@ use skyvisor_core::{
 use skyvisor_store::{Compare, Op, StoreExt, put_json};
 use tracing::{info, warn};
 
+use crate::ControlPlane;
 use crate::error::ApiResult;
+use crate::instances::spec_ops;
 use crate::inventory::HostEntry;
 use crate::scheduler::{self, PlacementRequest, SpreadConstraint};
-use crate::ControlPlane;
-use crate::instances::spec_ops;
 
 /// How often the controller looks.
 const TICK: Duration = Duration::from_millis(250);
@@ -100,34 +100,41 @@ async fn step(cp: &ControlPlane, state: &mut State) -> ApiResult<()> {
     if due.is_empty() {
         return Ok(());
     }
-    let (reports, _) = cp.store.list_json::<HearingReport>(keys::HOST_HEARING).await?;
+    let (reports, _) = cp
+        .store
+        .list_json::<HearingReport>(keys::HOST_HEARING)
+        .await?;
     let now = Utc::now();
     let fresh: Vec<HearingReport> = reports
         .into_iter()
         .map(|(r, _)| r)
         .filter(|r| alive.contains(&r.host))
-        .filter(|r| {
-            (now - r.at)
-                .to_std()
-                .is_ok_and(|age| age < REPORT_FRESH)
-        })
+        .filter(|r| (now - r.at).to_std().is_ok_and(|age| age < REPORT_FRESH))
         .collect();
     let voters = hosts.len() + 1;
     let instances = cp.inventory.instances_full().await;
     for (dead, lost_at) in due {
         if let Some(r) = fresh.iter().find(|r| r.heard.contains(&dead)) {
-            hold(state, &dead, format!(
-                "host {dead} lost its lease but host {} still hears it: not failing it over (cut off from the store only)",
-                r.host
-            ));
+            hold(
+                state,
+                &dead,
+                format!(
+                    "host {dead} lost its lease but host {} still hears it: not failing it over (cut off from the store only)",
+                    r.host
+                ),
+            );
             continue;
         }
         let reporters = fresh.iter().filter(|r| r.host != dead).count();
         if (reporters + 1) * 2 < voters {
-            hold(state, &dead, format!(
-                "host {dead} lost its lease, but only {reporters} of {} hosts report (with the store, no half of the voters): this side of a partition does not fail over",
-                hosts.len()
-            ));
+            hold(
+                state,
+                &dead,
+                format!(
+                    "host {dead} lost its lease, but only {reporters} of {} hosts report (with the store, no half of the voters): this side of a partition does not fail over",
+                    hosts.len()
+                ),
+            );
             continue;
         }
         state.held.remove(&dead);
@@ -279,7 +286,9 @@ async fn fail_over(
             e => e.to_string(),
         })?;
     let Some(entry) = usable.iter().find(|h| h.host.name == target) else {
-        return Err(format!("placement chose host {target}, which is not usable"));
+        return Err(format!(
+            "placement chose host {target}, which is not usable"
+        ));
     };
     let mut next = spec.clone();
     next.host = target.clone();
@@ -294,7 +303,9 @@ async fn fail_over(
         to_host: Some(target.clone()),
         outcome: FailoverOutcome::Restarted,
         reason: if replica_hosts.contains(&target) {
-            format!("host {dead} died; restarted on {target}, which holds a replica of its root disk")
+            format!(
+                "host {dead} died; restarted on {target}, which holds a replica of its root disk"
+            )
         } else {
             format!("host {dead} died; restarted on {target}")
         },
@@ -335,7 +346,10 @@ fn record_id(name: &InstanceName) -> String {
 impl ControlPlane {
     /// Every failover and refusal, oldest first.
     pub async fn failovers(&self) -> ApiResult<Vec<FailoverRecord>> {
-        let (all, _) = self.store.list_json::<FailoverRecord>(keys::FAILOVERS).await?;
+        let (all, _) = self
+            .store
+            .list_json::<FailoverRecord>(keys::FAILOVERS)
+            .await?;
         let mut v: Vec<FailoverRecord> = all.into_iter().map(|(r, _)| r).collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(v)

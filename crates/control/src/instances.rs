@@ -9,17 +9,17 @@ use skyvisor_core::cluster::AllocMark;
 use skyvisor_core::image::ImageState;
 use skyvisor_core::resources::{builtin_types, find_type};
 use skyvisor_core::{
-    GroupName, HaPolicy, HostName, Image, ImageName, Instance, InstanceId, InstanceName, InstancePhase,
-    InstanceSpec, InstanceStatus, InstanceType, MacAddr, NetworkAttachment, PowerState, Resources,
-    ValidationError, keys,
+    GroupName, HaPolicy, HostName, Image, ImageName, Instance, InstanceId, InstanceName,
+    InstancePhase, InstanceSpec, InstanceStatus, InstanceType, MacAddr, NetworkAttachment,
+    PowerState, Resources, ValidationError, keys,
 };
 use skyvisor_store::{Compare, Op, StoreExt, put_json};
 use tracing::{debug, info};
 
 use crate::error::{ApiError, ApiResult};
 use crate::inventory::HostEntry;
-use crate::volumes::ResolvedVolume;
 use crate::scheduler::{self, PlacementRequest, SpreadConstraint};
+use crate::volumes::ResolvedVolume;
 use crate::{ControlPlane, READ_YOUR_WRITES};
 
 /// How many times a write guarded by what the view showed is retried after

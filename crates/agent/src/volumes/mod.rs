@@ -18,6 +18,7 @@
 //! instance specs: the API owns those.
 
 pub mod controller;
+pub mod format;
 pub mod http;
 pub mod membership;
 
@@ -196,6 +197,8 @@ pub struct VolumeService {
     device: DeviceOptions,
     served: Mutex<HashMap<VolumeId, Served>>,
     locks: Mutex<HashMap<VolumeId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Scratch space for formatting blank root volumes.
+    scratch_dir: PathBuf,
 }
 
 impl VolumeService {
@@ -232,6 +235,7 @@ impl VolumeService {
             device: cfg.device,
             served: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
+            scratch_dir: cfg.data_dir.join("tmp"),
         }))
     }
 
@@ -448,6 +452,16 @@ impl VolumeService {
             warn!(volume = %id, error = %e, "closing the volume failed");
         }
         info!(volume = %id, "stopped serving volume");
+    }
+
+    /// Gives a blank volume this host serves an ext4 file system (see
+    /// [`format`]); returns whether it did.
+    pub async fn format_if_blank(&self, id: &VolumeId) -> Result<bool, String> {
+        let Some((device, _)) = self.served_device(id) else {
+            return Err(format!("volume {id} is not served here"));
+        };
+        let size = device.membership().size;
+        format::format_if_blank(device.as_ref(), size, &self.scratch_dir).await
     }
 
     /// Stops serving every volume served for `instance`.

@@ -5,6 +5,7 @@
 mod bad_input;
 mod checkpoints;
 mod cluster;
+mod ha;
 mod harness;
 mod images;
 mod lifecycle;

@@ -117,7 +117,11 @@ impl TestBed {
             .env("LEASE_TTL", LEASE_TTL.to_string())
             .env("ACCEL", "tcg")
             .env("SERVER_ARGS", self.options.server_args.join(" "))
-            .env("RUST_LOG", "info,skyvisor_agent=debug");
+            .env(
+                "RUST_LOG",
+                std::env::var("TESTBED_RUST_LOG")
+                    .unwrap_or_else(|_| "info,skyvisor_agent=debug".into()),
+            );
         c
     }
 
@@ -336,6 +340,14 @@ impl Drop for TestBed {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("--- test bed {} logs ---\n{}", self.id, self.logs_tail());
+            // Whole logs for a closer look, when asked.
+            if let Some(keep) = std::env::var_os("TESTBED_KEEP_LOGS") {
+                let _ = std::process::Command::new("cp")
+                    .arg("-r")
+                    .arg(&self.dir)
+                    .arg(keep)
+                    .status();
+            }
         }
         self.script_quiet(&["down"]);
     }

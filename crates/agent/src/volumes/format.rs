@@ -1,0 +1,94 @@
+//! A blank root volume gets a journaling file system before its first
+//! boot, made on the host with `mkfs.ext4` (label `skyvisor-data`, as the
+//! image's base disks): the guest's own fallback (busybox `mke2fs`) makes
+//! ext2, which has no journal, and a VM restarted elsewhere after its host
+//! died would then mount a file system a crash left inconsistent.
+//!
+//! This module must never write to a volume that is not blank.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use skyvisor_nbd::device::BlockDevice;
+use tokio::io::AsyncReadExt;
+use tracing::info;
+
+/// The label the default guest mounts at `/data`.
+const LABEL: &str = "skyvisor-data";
+/// How much of the start of a volume is read to tell whether it is blank.
+const PROBE: usize = 64 * 1024;
+/// Copy granularity: only chunks with data are written.
+const CHUNK: usize = 1 << 20;
+
+/// Formats `device` (of `size` bytes) if its start is all zeroes, building
+/// the file system in a sparse scratch file under `scratch_dir`. Returns
+/// whether it formatted.
+pub async fn format_if_blank(
+    device: &dyn BlockDevice,
+    size: u64,
+    scratch_dir: &Path,
+) -> Result<bool, String> {
+    let probe = device
+        .read(0, PROBE.min(size as usize))
+        .await
+        .map_err(|e| format!("reading the volume's start: {e}"))?;
+    if probe.iter().any(|b| *b != 0) {
+        return Ok(false);
+    }
+    tokio::fs::create_dir_all(scratch_dir)
+        .await
+        .map_err(|e| format!("creating {}: {e}", scratch_dir.display()))?;
+    let scratch = tempfile::Builder::new()
+        .prefix(".format-")
+        .tempfile_in(scratch_dir)
+        .map_err(|e| format!("creating a scratch file in {}: {e}", scratch_dir.display()))?;
+    scratch
+        .as_file()
+        .set_len(size)
+        .map_err(|e| format!("sizing the scratch file: {e}"))?;
+    let out = tokio::process::Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-L",
+            LABEL,
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+        ])
+        .arg(scratch.path())
+        .output()
+        .await
+        .map_err(|e| format!("running mkfs.ext4 (install e2fsprogs): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "mkfs.ext4 failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let mut file = tokio::fs::File::open(scratch.path())
+        .await
+        .map_err(|e| format!("reading the scratch file: {e}"))?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut offset = 0u64;
+    let mut written = 0u64;
+    while offset < size {
+        let want = CHUNK.min((size - offset) as usize);
+        file.read_exact(&mut buf[..want])
+            .await
+            .map_err(|e| format!("reading the scratch file: {e}"))?;
+        if buf[..want].iter().any(|b| *b != 0) {
+            device
+                .write(offset, Bytes::copy_from_slice(&buf[..want]), false)
+                .await
+                .map_err(|e| format!("writing the file system at {offset}: {e}"))?;
+            written += want as u64;
+        }
+        offset += want as u64;
+    }
+    device
+        .flush()
+        .await
+        .map_err(|e| format!("flushing the new file system: {e}"))?;
+    info!(written, "formatted a blank root volume with ext4");
+    Ok(true)
+}

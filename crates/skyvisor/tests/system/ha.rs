@@ -1,0 +1,255 @@
+//! High availability on the multi-host test bed (hosts as network
+//! namespaces with real agents, real etcd, real TCG guests): a dead, hung
+//! or cut-off host's protected VMs run again on other hosts with every
+//! acknowledged write, never twice; an etcd outage alone stops nothing.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::{alive, guest_call, guest_json, wait_until};
+use crate::testbed::{LEASE_TTL, TestBed, vm_ip};
+
+/// A protected VM `name` on a 2-replica root volume of its own; returns it
+/// with `n` acknowledged counter increments written.
+fn protected_vm(bed: &TestBed, name: &str, n: u64) -> (Value, u64) {
+    let vol = format!("{name}-root");
+    bed.sv_ok(&[
+        "volume",
+        "create",
+        &vol,
+        "--size",
+        "256M",
+        "--replicas",
+        "2",
+    ]);
+    let v = bed.create_vm(name, &["--type", "nano", "--root-volume", &vol]);
+    assert_eq!(v["spec"]["ha"], "restart", "{v}");
+    let ip = vm_ip(&v);
+    let mut acked = 0;
+    for _ in 0..n {
+        acked = guest_call(ip, "POST", "/counter/increment", None)["value"]
+            .as_u64()
+            .expect("counter");
+    }
+    (v, acked)
+}
+
+/// Routes this machine's traffic to the VM network through a host other
+/// than `h` (the one about to fail).
+fn route_around(bed: &TestBed, h: u32) {
+    let via = (1..=bed.hosts).find(|o| *o != h).expect("another host");
+    bed.script_ok(&["vmnet-via", &via.to_string()]);
+}
+
+/// Waits until `name` runs with its service answering on a host other than
+/// `not_on`; returns it.
+fn running_elsewhere(bed: &TestBed, name: &str, not_on: u32) -> Value {
+    wait_until(
+        &format!("{name} running on a host other than h{not_on}"),
+        Duration::from_secs(180),
+        || {
+            let v = bed.instance(name);
+            (bed.host_of(&v) != not_on
+                && v["status"]["phase"] == "running"
+                && v["status"]["guest_ready"] == true)
+                .then_some(v)
+        },
+    )
+}
+
+fn boot_id(ip: Ipv4Addr) -> Value {
+    guest_json(ip, "/uptime")["boot_id"].clone()
+}
+
+fn failovers(bed: &TestBed) -> Vec<Value> {
+    bed.sv_json(&["failover", "list"])
+        .as_array()
+        .expect("failovers")
+        .clone()
+}
+
+/// Every live QEMU of instance `v` on every host of the bed.
+fn qemus_of(bed: &TestBed, v: &Value) -> Vec<u32> {
+    let id = v["spec"]["id"].as_str().expect("id").replace('-', "");
+    (1..=bed.hosts)
+        .flat_map(|h| {
+            let pidfile = bed.dir.join(format!("h{h}/agent/vms/{id}/qemu.pid"));
+            std::fs::read_to_string(pidfile)
+                .ok()
+                .and_then(|t| t.trim().parse::<u32>().ok())
+                .filter(|p| alive(*p) && qemu_cmdline_has(*p, &id))
+        })
+        .collect()
+}
+
+fn qemu_cmdline_has(pid: u32, id: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(id))
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_killed_hosts_protected_vm_runs_elsewhere_with_every_acknowledged_write() {
+    let bed = TestBed::start(3, 1);
+    let (v, acked) = protected_vm(&bed, "a", 5);
+    let ip = vm_ip(&v);
+    let h = bed.host_of(&v);
+    let boot = boot_id(ip);
+    // An unprotected VM (local disk) on the same host: refused, with why.
+    for other in (1..=3).filter(|o| *o != h) {
+        bed.sv_ok(&["host", "cordon", &format!("h{other}")]);
+    }
+    bed.create_vm("local", &["--type", "nano"]);
+    for other in (1..=3).filter(|o| *o != h) {
+        bed.sv_ok(&["host", "uncordon", &format!("h{other}")]);
+    }
+
+    route_around(&bed, h);
+    let killed = Instant::now();
+    bed.script_ok(&["host-kill", &h.to_string()]);
+    let moved = running_elsewhere(&bed, "a", h);
+    eprintln!("a answers again after {:?}", killed.elapsed());
+    assert_eq!(
+        guest_json(ip, "/counter")["value"].as_u64(),
+        Some(acked),
+        "an acknowledged write was lost"
+    );
+    assert_ne!(boot_id(ip), boot, "a cold restart must report a new boot");
+    assert_eq!(qemus_of(&bed, &moved).len(), 1, "one QEMU runs a");
+
+    let records = failovers(&bed);
+    let a = records
+        .iter()
+        .find(|r| r["instance"] == "a")
+        .unwrap_or_else(|| panic!("no failover of a: {records:?}"));
+    assert_eq!(a["outcome"], "restarted", "{a}");
+    assert_eq!(a["from_host"], format!("h{h}"));
+    let local = wait_until("the refusal for local", Duration::from_secs(30), || {
+        failovers(&bed)
+            .into_iter()
+            .find(|r| r["instance"] == "local")
+    });
+    assert_eq!(local["outcome"], "refused", "{local}");
+    assert!(
+        local["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("ha off"),
+        "{local}"
+    );
+    assert_eq!(bed.instance("local")["spec"]["host"], format!("h{h}"));
+}
+
+#[test]
+fn a_hung_agent_is_fenced_by_its_watchdog_before_the_vm_starts_elsewhere() {
+    let bed = TestBed::start(3, 1);
+    let (v, acked) = protected_vm(&bed, "b", 3);
+    let ip = vm_ip(&v);
+    let h = bed.host_of(&v);
+    let old_qemu = v["status"]["pid"].as_u64().expect("pid") as u32;
+    let epoch_before = bed.sv_json(&["volume", "show", "b-root"])["epoch"]
+        .as_u64()
+        .expect("epoch");
+    let agent: i32 = std::fs::read_to_string(bed.dir.join(format!("agent{h}.pid")))
+        .expect("agent pidfile")
+        .trim()
+        .parse()
+        .expect("pid");
+    let stop = |sig| nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent), sig);
+    stop(nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let stopped = Instant::now();
+    // Watch when the old QEMU dies and when the VM is rebound.
+    let mut died_at = None;
+    let rebound_at = wait_until("b rebound", Duration::from_secs(120), || {
+        if died_at.is_none() && !alive(old_qemu) {
+            died_at = Some(stopped.elapsed());
+        }
+        (bed.host_of(&bed.instance("b")) != h).then(|| stopped.elapsed())
+    });
+    let died_at = died_at.unwrap_or_else(|| {
+        panic!("the hung host's QEMU still ran when b was rebound after {rebound_at:?}")
+    });
+    eprintln!("old QEMU fenced after {died_at:?}, rebound after {rebound_at:?}");
+    assert!(died_at < rebound_at);
+    let moved = running_elsewhere(&bed, "b", h);
+    assert_eq!(guest_json(ip, "/counter")["value"].as_u64(), Some(acked));
+    let epoch_after = bed.sv_json(&["volume", "show", "b-root"])["epoch"]
+        .as_u64()
+        .expect("epoch");
+    assert!(epoch_after > epoch_before, "the takeover bumps the epoch");
+
+    // The agent wakes up: it finds b bound elsewhere and runs nothing of it.
+    stop(nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    bed.wait_host_state(h, "ready", Duration::from_secs(60));
+    assert_eq!(qemus_of(&bed, &moved).len(), 1, "exactly one QEMU runs b");
+    assert_eq!(
+        guest_call(ip, "POST", "/counter/increment", None)["value"].as_u64(),
+        Some(acked + 1)
+    );
+}
+
+#[test]
+fn a_cut_off_host_fences_before_the_restart_and_rejoins() {
+    let bed = TestBed::start(3, 1);
+    let (v, acked) = protected_vm(&bed, "c", 2);
+    let ip = vm_ip(&v);
+    let h = bed.host_of(&v);
+    let old_qemu = v["status"]["pid"].as_u64().expect("pid") as u32;
+    route_around(&bed, h);
+    bed.script_ok(&["host-cut", &h.to_string()]);
+    let cut = Instant::now();
+    let mut died_at = None;
+    let rebound_at = wait_until("c rebound", Duration::from_secs(120), || {
+        if died_at.is_none() && !alive(old_qemu) {
+            died_at = Some(cut.elapsed());
+        }
+        (bed.host_of(&bed.instance("c")) != h).then(|| cut.elapsed())
+    });
+    let died_at = died_at.unwrap_or_else(|| {
+        panic!("the isolated host's QEMU still ran when c was rebound after {rebound_at:?}")
+    });
+    eprintln!("isolated QEMU fenced after {died_at:?}, rebound after {rebound_at:?}");
+    assert!(died_at < rebound_at);
+    let moved = running_elsewhere(&bed, "c", h);
+    assert_eq!(guest_json(ip, "/counter")["value"].as_u64(), Some(acked));
+
+    bed.script_ok(&["host-restore", &h.to_string()]);
+    bed.wait_host_state(h, "ready", Duration::from_secs(60));
+    assert_eq!(qemus_of(&bed, &moved).len(), 1, "exactly one QEMU runs c");
+    wait_until("c's volume healthy again", Duration::from_secs(120), || {
+        (bed.sv_json(&["volume", "show", "c-root"])["health"] == "healthy").then_some(())
+    });
+}
+
+#[test]
+fn an_etcd_outage_with_every_host_connected_stops_nothing() {
+    let bed = TestBed::start(3, 1);
+    let (v, acked) = protected_vm(&bed, "d", 1);
+    let ip = vm_ip(&v);
+    let pid = v["status"]["pid"].as_u64().expect("pid") as u32;
+    let boot = boot_id(ip);
+    bed.script_ok(&["etcd-stop"]);
+    // The outage itself is what is tested: twice the lease TTL.
+    std::thread::sleep(Duration::from_secs(2 * LEASE_TTL + 1));
+    assert!(alive(pid), "the VM was fenced during an etcd outage");
+    assert_eq!(
+        guest_call(ip, "POST", "/counter/increment", None)["value"].as_u64(),
+        Some(acked + 1)
+    );
+    bed.script_ok(&["etcd-start"]);
+    wait_until("the API back", Duration::from_secs(30), || {
+        (bed.api("GET", "/v1/instances", None).0 == 200).then_some(())
+    });
+    for h in 1..=bed.hosts {
+        bed.wait_host_state(h, "ready", Duration::from_secs(60));
+    }
+    // Give a wrongful failover the time it would need, then look.
+    std::thread::sleep(Duration::from_secs(LEASE_TTL + 3));
+    let now = bed.instance("d");
+    assert_eq!(now["spec"]["host"], v["spec"]["host"], "d was failed over");
+    assert_eq!(now["status"]["pid"].as_u64(), Some(pid as u64));
+    assert_eq!(boot_id(ip), boot);
+    assert!(failovers(&bed).is_empty(), "{:?}", failovers(&bed));
+}

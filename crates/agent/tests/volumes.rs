@@ -132,6 +132,7 @@ async fn create_volume(store: &Arc<dyn Store>, name: &str, hosts: &[&HostName]) 
         deleting: false,
         generation: 1,
         created_at: Utc::now(),
+        owner: None,
     };
     store
         .put(&keys::volume_spec(&spec.name), encode(&spec))

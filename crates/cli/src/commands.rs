@@ -269,13 +269,22 @@ pub struct CreateArgs {
     /// Only on hosts that run VMs with this accelerator: kvm or tcg.
     #[arg(long)]
     pub accel: Option<Accel>,
-    /// When its host dies: restart it on another host (needs a root volume
-    /// with 2+ replicas; the default for one in a cluster), or off.
+    /// When its host dies: restart it on another host (needs a replicated
+    /// root disk: --disk-replicas 2 or a --root-volume; the default then),
+    /// or off.
     #[arg(long)]
     pub ha: Option<HaPolicy>,
     /// Restart order after a host's death, higher first (0-1000).
     #[arg(long)]
     pub ha_priority: Option<u32>,
+    /// In a cluster: keep the root disk local to the VM's host instead of a
+    /// replicated volume (the VM then cannot be restarted elsewhere).
+    #[arg(long, conflicts_with_all = ["root_volume", "disk_replicas"])]
+    pub local_disk: bool,
+    /// In a cluster: make the root disk a replicated volume with this many
+    /// replicas (1-3); with 2+ the VM is restarted elsewhere if its host dies.
+    #[arg(long)]
+    pub disk_replicas: Option<u32>,
 }
 
 /// `skyvisor image ...`
@@ -721,6 +730,8 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                 volumes: a.volumes.clone(),
                 ha: a.ha,
                 ha_priority: a.ha_priority,
+                local_disk: a.local_disk.then_some(true),
+                disk_replicas: a.disk_replicas,
             };
             if a.wait {
                 // Right after `skyvisor up` the host may not have registered

@@ -11,7 +11,7 @@ use skyvisor_core::resources::{builtin_types, find_type};
 use skyvisor_core::{
     GroupName, HaPolicy, HostName, Image, ImageName, Instance, InstanceId, InstanceName,
     InstancePhase, InstanceSpec, InstanceStatus, InstanceType, MacAddr, NetworkAttachment,
-    PowerState, Resources, ValidationError, keys,
+    PowerState, Resources, ValidationError, VolumeName, keys,
 };
 use skyvisor_store::{Compare, Op, StoreExt, put_json};
 use tracing::{debug, info};
@@ -128,7 +128,113 @@ impl ControlPlane {
 
     /// Creates an instance: validates, places, allocates an address and
     /// writes spec, status and address claim in one transaction.
-    pub async fn create_instance(&self, req: CreateInstanceRequest) -> ApiResult<Instance> {
+    pub async fn create_instance(&self, mut req: CreateInstanceRequest) -> ApiResult<Instance> {
+        // In a cluster the root disk can be a replicated volume made for the
+        // VM, so that it can run elsewhere when its host dies.
+        let made = self.make_root_volume(&mut req).await?;
+        let created = self.create_instance_with(req).await;
+        if created.is_err()
+            && let Some(volume) = made
+        {
+            // Nothing half-created: the volume made for it goes too.
+            if let Err(e) = self.delete_volume(volume.as_str()).await {
+                tracing::warn!(volume = %volume, error = %e.message, "cannot remove the root volume of a refused create");
+            }
+        }
+        created
+    }
+
+    /// Makes the replicated root volume of a new VM in a cluster when asked
+    /// (`disk_replicas`, for an image that boots a kernel), and points
+    /// `req` at it. Returns its name.
+    async fn make_root_volume(
+        &self,
+        req: &mut CreateInstanceRequest,
+    ) -> ApiResult<Option<VolumeName>> {
+        let clustered = !self.config.cluster.etcd_endpoints.is_empty();
+        let local = req.local_disk.unwrap_or(false);
+        if let Some(n) = req.disk_replicas {
+            if !clustered {
+                return Err(ApiError::from(ValidationError::new(
+                    "disk_replicas",
+                    "a single host keeps VM disks local; disk_replicas needs a cluster",
+                )));
+            }
+            if local || req.root_volume.is_some() {
+                return Err(ApiError::from(ValidationError::new(
+                    "disk_replicas",
+                    "disk_replicas sizes the root volume made for the VM; leave it out with local_disk or root_volume",
+                )));
+            }
+            if !(1..=3).contains(&n) {
+                return Err(ApiError::from(ValidationError::new(
+                    "disk_replicas",
+                    format!("{n} replicas; allowed: 1 to 3"),
+                )));
+            }
+        }
+        if local && req.root_volume.is_some() {
+            return Err(ApiError::from(ValidationError::new(
+                "local_disk",
+                "a VM has either a local disk or a root volume, not both",
+            )));
+        }
+        if local && req.ha == Some(HaPolicy::Restart) {
+            return Err(ApiError::from(ValidationError::new(
+                "ha",
+                "ha restart needs a replicated root disk: a local disk cannot follow its VM to another host; leave out local_disk (the root disk then has 2 replicas)",
+            )));
+        }
+        // Opt-in for now: volume-backed VMs cannot live-migrate yet, and
+        // drain and rebalance move VMs by live migration.
+        let Some(replicas) = req.disk_replicas else {
+            return Ok(None);
+        };
+        if req.from_snapshot.is_some() {
+            return Err(ApiError::from(ValidationError::new(
+                "disk_replicas",
+                "a clone starts from its snapshot's local disk; leave disk_replicas out",
+            )));
+        }
+        let name = InstanceName::new(req.name.clone())?;
+        if self.inventory.instance(&name).await.is_some() {
+            return Err(ApiError::already_exists(format!(
+                "instance \"{name}\" already exists"
+            )));
+        }
+        let image = self.image(&ImageName::new(req.image.clone())?).await?;
+        if image.kind != skyvisor_core::ImageKind::KernelInitrd {
+            // It boots its own disk with firmware: that stays a local copy.
+            return Ok(None);
+        }
+        let (_, resources) = resolve_size(
+            req.instance_type.as_deref(),
+            req.vcpus,
+            req.memory_mib,
+            req.disk_gib,
+        )?;
+        let volume = VolumeName::new(format!("{name}-disk")).map_err(|_| {
+            ApiError::from(ValidationError::new(
+                "name",
+                format!("the name is too long to name its root volume {name}-disk; give a shorter name, or a root volume"),
+            ))
+        })?;
+        self.create_volume_owned(
+            skyvisor_core::volume::CreateVolumeRequest {
+                name: volume.to_string(),
+                size_bytes: resources.disk_gib << 30,
+                replicas: Some(replicas),
+                min_in_sync: Some(1),
+            },
+            Some(name),
+        )
+        .await?;
+        req.root_volume = Some(volume.to_string());
+        req.disk_gib = None;
+        Ok(Some(volume))
+    }
+
+    async fn create_instance_with(&self, req: CreateInstanceRequest) -> ApiResult<Instance> {
         let name = InstanceName::new(req.name.clone())?;
         if let Some(s) = &req.checkpoint_schedule {
             s.validate()?;

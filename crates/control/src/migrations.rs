@@ -437,7 +437,8 @@ fn check_migratable(spec: &InstanceSpec, status: &InstanceStatus) -> ApiResult<(
 }
 
 /// The leader's maintenance loop: settles image builds whose server died,
-/// drains hosts and runs rebalance plans.
+/// deletes root volumes of deleted VMs, drains hosts and runs rebalance
+/// plans.
 pub(crate) async fn run(cp: ControlPlane) {
     let mut failed: HashMap<InstanceName, Instant> = HashMap::new();
     loop {
@@ -451,6 +452,9 @@ pub(crate) async fn run(cp: ControlPlane) {
         failed.retain(|_, at| at.elapsed() < DRAIN_RETRY_AFTER);
         if let Err(e) = cp.recover_interrupted_builds(false).await {
             warn!(error = %e.message, "cannot check for interrupted image builds");
+        }
+        if let Err(e) = cp.delete_orphaned_root_volumes().await {
+            warn!(error = %e.message, "cannot check for root volumes of deleted VMs");
         }
         drain_step(&cp, &mut failed).await;
         if let Err(e) = rebalance_step(&cp).await {

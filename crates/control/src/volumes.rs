@@ -27,7 +27,7 @@ use skyvisor_core::{
     VolumeSnapshot, VolumeSpec, VolumeStatus, keys,
 };
 use skyvisor_store::{Compare, Op, StoreExt, put_json};
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::error::{ApiError, ApiResult};
 use crate::inventory::HostEntry;
@@ -415,6 +415,43 @@ impl ControlPlane {
     /// and waits (up to a minute) for its controller to create them. A
     /// failed creation removes the records again.
     pub async fn create_volume(&self, req: CreateVolumeRequest) -> ApiResult<Volume> {
+        self.create_volume_owned(req, None).await
+    }
+
+    /// Deletes the root volumes made for VMs that no longer exist (a VM's
+    /// deletion finishes on its agent; its volume goes after). Returns how
+    /// many deletions it requested.
+    pub async fn delete_orphaned_root_volumes(&self) -> ApiResult<usize> {
+        let (specs, _) = self
+            .store
+            .list_json::<VolumeSpec>(keys::VOLUME_SPECS)
+            .await?;
+        let mut deleted = 0;
+        for (spec, _) in specs {
+            let Some(owner) = &spec.owner else { continue };
+            if spec.deleting || self.store.get(&keys::instance_spec(owner)).await?.is_some() {
+                continue;
+            }
+            match self.delete_volume(spec.name.as_str()).await {
+                Ok(_) => {
+                    info!(volume = %spec.name, vm = %owner, "deleting the root volume of a deleted VM");
+                    deleted += 1;
+                }
+                Err(e) => {
+                    debug!(volume = %spec.name, error = %e.message, "cannot delete an orphaned root volume yet")
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Creates a volume, owned by instance `owner` if given (deleted with
+    /// it), and waits until it is available.
+    pub(crate) async fn create_volume_owned(
+        &self,
+        req: CreateVolumeRequest,
+        owner: Option<InstanceName>,
+    ) -> ApiResult<Volume> {
         let name = VolumeName::new(req.name.clone())?;
         let size = validate_size("size_bytes", req.size_bytes)?;
         let replicas = req.replicas.unwrap_or(DEFAULT_REPLICAS);
@@ -439,6 +476,7 @@ impl ControlPlane {
                 deleting: false,
                 generation: 1,
                 created_at: Utc::now(),
+                owner,
             };
             let out = self
                 .store

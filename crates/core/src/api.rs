@@ -68,6 +68,17 @@ pub struct CreateInstanceRequest {
     #[serde(default)]
     #[schema(maximum = 1000)]
     pub ha_priority: Option<u32>,
+    /// In a cluster, keep the root disk on the VM's host (a local qcow2)
+    /// instead of a replicated volume: the VM cannot then be restarted
+    /// elsewhere if its host dies.
+    #[serde(default)]
+    pub local_disk: Option<bool>,
+    /// In a cluster, make the VM's root disk a replicated volume with this
+    /// many replicas (1 to 3, each on its own host); with 2 or more the VM
+    /// is HA-protected by default.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 3)]
+    pub disk_replicas: Option<u32>,
 }
 
 /// Body of `POST /v1/instances/{name}/snapshots`.

@@ -142,6 +142,11 @@ pub struct VolumeSpec {
     pub generation: u64,
     /// When it was created.
     pub created_at: DateTime<Utc>,
+    /// The VM whose root disk this volume was made as (in a cluster, by
+    /// `vm create` without a root volume): it is deleted with that VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub owner: Option<crate::InstanceName>,
 }
 
 impl VolumeSpec {
@@ -481,6 +486,7 @@ mod tests {
             deleting: false,
             generation: 1,
             created_at: Utc::now(),
+            owner: None,
         };
         assert_eq!(spec.controller(|_| true), Some(&h("a")));
         assert_eq!(spec.controller(|x| x.as_str() == "b"), Some(&h("b")));

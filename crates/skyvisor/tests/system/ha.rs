@@ -93,8 +93,19 @@ fn qemu_cmdline_has(pid: u32, id: &str) -> bool {
 #[test]
 fn a_killed_hosts_protected_vm_runs_elsewhere_with_every_acknowledged_write() {
     let bed = TestBed::start(3, 1);
-    let (v, acked) = protected_vm(&bed, "a", 5);
+    // The root disk made for the VM: a 2-replica volume; protected.
+    let v = bed.create_vm("a", &["--type", "nano", "--disk-replicas", "2"]);
+    assert_eq!(v["spec"]["ha"], "restart", "{v}");
+    let disk = bed.sv_json(&["volume", "show", "a-disk"]);
+    assert_eq!(disk["spec"]["replicas"], 2, "{disk}");
+    assert_eq!(disk["spec"]["owner"], "a", "{disk}");
     let ip = vm_ip(&v);
+    let mut acked = 0;
+    for _ in 0..5 {
+        acked = guest_call(ip, "POST", "/counter/increment", None)["value"]
+            .as_u64()
+            .expect("counter");
+    }
     let h = bed.host_of(&v);
     let boot = boot_id(ip);
     // An unprotected VM (local disk) on the same host: refused, with why.
@@ -140,6 +151,31 @@ fn a_killed_hosts_protected_vm_runs_elsewhere_with_every_acknowledged_write() {
         "{local}"
     );
     assert_eq!(bed.instance("local")["spec"]["host"], format!("h{h}"));
+
+    // Deleting the VM deletes the root volume made for it.
+    bed.sv_ok(&["vm", "delete", "a", "--force"]);
+    wait_until("a-disk deleted with a", Duration::from_secs(120), || {
+        (!bed
+            .sv_at(&bed.urls(), &["volume", "show", "a-disk"])
+            .status
+            .success())
+        .then_some(())
+    });
+    // Refusals: a local disk cannot be protected; replicas need a cluster's
+    // sizes.
+    let err = bed.sv_err(&["vm", "create", "x", "--local-disk", "--ha", "restart"]);
+    assert!(err.contains("replicated root disk"), "{err}");
+    let err = bed.sv_err(&["vm", "create", "x", "--disk-replicas", "4"]);
+    assert!(err.contains("allowed: 1 to 3"), "{err}");
+    let err = bed.sv_err(&["vm", "create", "x", "--ha", "restart"]);
+    assert!(err.contains("replicated root disk"), "{err}");
+    assert!(
+        bed.sv_json(&["vm", "list"])
+            .as_array()
+            .expect("list")
+            .iter()
+            .all(|v| v["spec"]["name"] != "x")
+    );
 }
 
 #[test]

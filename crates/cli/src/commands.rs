@@ -57,7 +57,7 @@ pub enum ClientCommand {
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// Create a VM (and start it unless --no-start).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List VMs.
     #[command(alias = "ls")]
     List,

@@ -193,7 +193,7 @@ if [ "$failed" = 0 ] && [ "$run_tests" = 1 ]; then
 fi
 
 if [ "$failed" = 0 ] && [ "$run_package" = 1 ]; then
-  step package "deb=\$(./scripts/package.sh) && apt-get install -y -q \"\$PWD/\$deb\" >/dev/null && skyvisor --version" || failed=1
+  step package "deb=\$(./scripts/package.sh) && apt-get install -y -q \"\$deb\" >/dev/null && skyvisor --version" || failed=1
   if [ "$failed" = 0 ]; then
     step units "apt-get install -y -q --no-install-recommends systemd >/dev/null && \
       systemd-analyze verify --man=no /lib/systemd/system/skyvisor-up.service /lib/systemd/system/skyvisor-server.service /lib/systemd/system/skyvisor-agent.service" || failed=1

@@ -17,4 +17,4 @@ if [ ! -f "$out" ]; then
   echo "package: cargo deb did not make a package: $out" >&2
   exit 1
 fi
-echo "$out"
+realpath "$out"

@@ -9,8 +9,9 @@
 //!
 //! - The host keeps running its protected VMs while it renewed its lease
 //!   within `ttl - margin`, or while it reaches a strict majority of the
-//!   voters (itself plus the peers whose agents answered its probes within
-//!   the TTL). Otherwise it is *isolated*: it kills their QEMUs and starts
+//!   voters (itself plus the peers whose agents answered its probes sent
+//!   within that same `ttl - margin`; the peers report hearing it for a
+//!   whole TTL, so the leader never sees it unheard before it fenced). Otherwise it is *isolated*: it kills their QEMUs and starts
 //!   none until it holds its lease again.
 //! - The leader declares a host dead only once its lease is gone for a
 //!   safety margin, no live host reports hearing it, and the hosts that
@@ -138,9 +139,11 @@ impl Fence {
     /// registered hosts and the store as a witness) without the store.
     fn has_quorum(&self) -> bool {
         let peers = lock(&self.peers).len();
+        // Shorter than the TTL for which the peers report hearing this
+        // host: the leader cannot see it unheard before it fenced.
         let reached = lock(&self.reached)
             .values()
-            .filter(|at| at.elapsed() < self.ttl)
+            .filter(|at| at.elapsed() < self.deadline())
             .count();
         let voters = peers + 2;
         (1 + reached) * 2 > voters
@@ -281,7 +284,7 @@ pub async fn run(
     }
 }
 
-/// Probes the peers every third of the TTL and writes the hearing report
+/// Probes the peers every quarter of the TTL and writes the hearing report
 /// when it changed, or every half TTL.
 async fn probe_and_report(
     fence: std::sync::Arc<Fence>,
@@ -324,7 +327,7 @@ async fn probe_and_report(
                 Err(e) => debug!(error = %e, "cannot write the hearing report"),
             }
         }
-        tokio::time::sleep(fence.ttl / 3).await;
+        tokio::time::sleep(fence.ttl / 4).await;
     }
 }
 
@@ -342,12 +345,13 @@ async fn probe_peers(fence: &Fence, http: &reqwest::Client, me: &HostName) {
             (name, ok)
         }
     });
+    // Counted from when the probes were sent: the peer heard it no earlier.
+    let sent = Instant::now();
     let results = futures::future::join_all(probes).await;
     let mut reached = lock(&fence.reached);
-    let now = Instant::now();
     for (name, ok) in results {
         if ok {
-            reached.insert(name, now);
+            reached.insert(name, sent);
         }
     }
 }

@@ -776,6 +776,36 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
         VmCommand::Show { name } => {
             let inst: Instance = client.get(&format!("/v1/instances/{name}")).await?;
             output::print(format, &inst, vm_detail);
+            if format == OutputFormat::Table {
+                // Its last failover, if it had one (a detail for people).
+                let all: Vec<skyvisor_core::FailoverRecord> =
+                    client.get("/v1/failovers").await.unwrap_or_default();
+                if let Some(f) = all.iter().rev().find(|f| f.instance.as_str() == name) {
+                    let took = f
+                        .rebound_at
+                        .and_then(|r| (r - f.lease_lost_at).to_std().ok())
+                        .map(|d| {
+                            format!(
+                                ", rebound {:.1}s after its host's lease was lost",
+                                d.as_secs_f64()
+                            )
+                        })
+                        .unwrap_or_default();
+                    println!(
+                        "last failover: {} from {} to {} at {}{took}: {}",
+                        match f.outcome {
+                            skyvisor_core::FailoverOutcome::Restarted => "restarted",
+                            skyvisor_core::FailoverOutcome::Refused => "refused",
+                        },
+                        f.from_host,
+                        f.to_host
+                            .as_ref()
+                            .map_or("-".to_string(), |h| h.to_string()),
+                        f.declared_dead_at.format("%Y-%m-%d %H:%M:%S"),
+                        f.reason
+                    );
+                }
+            }
         }
         VmCommand::Start {
             name,

@@ -59,6 +59,25 @@ fn running_elsewhere(bed: &TestBed, name: &str, not_on: u32) -> Value {
     )
 }
 
+/// Watches, from the moment a fault hit host `h`, when the VM's old QEMU
+/// dies and when the VM is rebound elsewhere; asserts the first comes
+/// first (the QEMU was fenced before anyone could start the VM).
+fn fenced_before_rebound(bed: &TestBed, name: &str, h: u32, old_qemu: u32) {
+    let hit = Instant::now();
+    let mut died_at = None;
+    let rebound_at = wait_until(&format!("{name} rebound"), Duration::from_secs(120), || {
+        if died_at.is_none() && !alive(old_qemu) {
+            died_at = Some(hit.elapsed());
+        }
+        (bed.host_of(&bed.instance(name)) != h).then(|| hit.elapsed())
+    });
+    let died_at = died_at.unwrap_or_else(|| {
+        panic!("h{h}'s QEMU of {name} still ran when {name} was rebound after {rebound_at:?}")
+    });
+    eprintln!("{name}: old QEMU fenced after {died_at:?}, rebound after {rebound_at:?}");
+    assert!(died_at < rebound_at);
+}
+
 fn boot_id(ip: Ipv4Addr) -> Value {
     guest_json(ip, "/uptime")["boot_id"].clone()
 }
@@ -195,20 +214,7 @@ fn a_hung_agent_is_fenced_by_its_watchdog_before_the_vm_starts_elsewhere() {
         .expect("pid");
     let stop = |sig| nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent), sig);
     stop(nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
-    let stopped = Instant::now();
-    // Watch when the old QEMU dies and when the VM is rebound.
-    let mut died_at = None;
-    let rebound_at = wait_until("b rebound", Duration::from_secs(120), || {
-        if died_at.is_none() && !alive(old_qemu) {
-            died_at = Some(stopped.elapsed());
-        }
-        (bed.host_of(&bed.instance("b")) != h).then(|| stopped.elapsed())
-    });
-    let died_at = died_at.unwrap_or_else(|| {
-        panic!("the hung host's QEMU still ran when b was rebound after {rebound_at:?}")
-    });
-    eprintln!("old QEMU fenced after {died_at:?}, rebound after {rebound_at:?}");
-    assert!(died_at < rebound_at);
+    fenced_before_rebound(&bed, "b", h, old_qemu);
     let moved = running_elsewhere(&bed, "b", h);
     assert_eq!(guest_json(ip, "/counter")["value"].as_u64(), Some(acked));
     let epoch_after = bed.sv_json(&["volume", "show", "b-root"])["epoch"]
@@ -235,19 +241,7 @@ fn a_cut_off_host_fences_before_the_restart_and_rejoins() {
     let old_qemu = v["status"]["pid"].as_u64().expect("pid") as u32;
     route_around(&bed, h);
     bed.script_ok(&["host-cut", &h.to_string()]);
-    let cut = Instant::now();
-    let mut died_at = None;
-    let rebound_at = wait_until("c rebound", Duration::from_secs(120), || {
-        if died_at.is_none() && !alive(old_qemu) {
-            died_at = Some(cut.elapsed());
-        }
-        (bed.host_of(&bed.instance("c")) != h).then(|| cut.elapsed())
-    });
-    let died_at = died_at.unwrap_or_else(|| {
-        panic!("the isolated host's QEMU still ran when c was rebound after {rebound_at:?}")
-    });
-    eprintln!("isolated QEMU fenced after {died_at:?}, rebound after {rebound_at:?}");
-    assert!(died_at < rebound_at);
+    fenced_before_rebound(&bed, "c", h, old_qemu);
     let moved = running_elsewhere(&bed, "c", h);
     assert_eq!(guest_json(ip, "/counter")["value"].as_u64(), Some(acked));
 
@@ -288,4 +282,31 @@ fn an_etcd_outage_with_every_host_connected_stops_nothing() {
     assert_eq!(now["status"]["pid"].as_u64(), Some(pid as u64));
     assert_eq!(boot_id(ip), boot);
     assert!(failovers(&bed).is_empty(), "{:?}", failovers(&bed));
+}
+
+#[test]
+fn a_failover_finishes_when_the_leader_dies_with_the_host() {
+    let bed = TestBed::start(3, 2);
+    let (_, info) = bed.api_on(1, "GET", "/v1/info", None);
+    assert_eq!(info["leader"], "s1", "{info}");
+    let (v, acked) = protected_vm(&bed, "e", 2);
+    let ip = vm_ip(&v);
+    let h = bed.host_of(&v);
+    route_around(&bed, h);
+    // The host and the leading server die together: the new leader must
+    // see the host dead and fail its VM over.
+    bed.script_ok(&["host-kill", &h.to_string()]);
+    bed.script_ok(&["server-kill", "1"]);
+    let moved = running_elsewhere(&bed, "e", h);
+    assert_eq!(guest_json(ip, "/counter")["value"].as_u64(), Some(acked));
+    assert_eq!(qemus_of(&bed, &moved).len(), 1, "one QEMU runs e");
+    let (_, info) = bed.api_on(2, "GET", "/v1/info", None);
+    assert_eq!(info["leader"], "s2", "{info}");
+    let records = failovers(&bed);
+    assert!(
+        records
+            .iter()
+            .any(|r| r["instance"] == "e" && r["outcome"] == "restarted"),
+        "{records:?}"
+    );
 }

@@ -18,7 +18,7 @@ Raw QEMU: the very same kernel, initrd and base disk, booted by hand
 (bench/migration's raw QEMU command line) on a bridge in the root
 namespace; from exec to the first answer of /health.
 
-Usage: bench/ha/run.py [--kills 20] [--raw 5] [--lease-ttl 10] [--release] [--no-build]
+Usage: bench/ha/run.py [--kills 20] [--raw 5] [--lease-ttl 8] [--release] [--no-build]
 Needs root; builds skyvisor first. Writes bench/ha/results.md and prints it.
 """
 
@@ -193,7 +193,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--raw", type=int, default=5, help="raw QEMU cold boots")
-    ap.add_argument("--lease-ttl", type=int, default=10, help="agents' lease TTL (default: the product's)")
+    ap.add_argument("--lease-ttl", type=int, default=8, help="agents' lease TTL (default: the product's)")
     ap.add_argument("--release", action="store_true")
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()

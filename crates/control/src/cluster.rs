@@ -70,7 +70,7 @@ impl ClusterSettings {
 }
 
 /// The default [`ClusterSettings::ha_margin`].
-pub const DEFAULT_HA_MARGIN: Duration = Duration::from_secs(2);
+pub const DEFAULT_HA_MARGIN: Duration = Duration::from_secs(1);
 
 /// Why a server cannot join the cluster.
 #[derive(Debug, Error)]

@@ -62,6 +62,9 @@ pub struct DeviceOptions {
     /// Take the volume over even if the record names another primary
     /// (the caller knows that primary is dead or fenced).
     pub takeover: bool,
+    /// Replicas the caller knows are down (their host's lease is gone):
+    /// not waited for at open; they resync when they return.
+    pub known_down: Vec<NodeId>,
 }
 
 impl Default for DeviceOptions {
@@ -73,6 +76,7 @@ impl Default for DeviceOptions {
             checkpoint_interval: Duration::from_secs(2),
             membership_check_interval: Duration::from_secs(2),
             takeover: false,
+            known_down: Vec::new(),
         }
     }
 }
@@ -374,9 +378,13 @@ impl ReplicatedDevice {
                 primary: p.clone(),
             });
         }
-        // Reach the in-sync members and check their data is really there.
-        let in_sync_members: Vec<&ReplicaMember> =
-            m.replicas.iter().filter(|r| r.in_sync).collect();
+        // Reach the in-sync members and check their data is really there
+        // (those known to be down are not waited for).
+        let in_sync_members: Vec<&ReplicaMember> = m
+            .replicas
+            .iter()
+            .filter(|r| r.in_sync && !options.known_down.contains(&r.node))
+            .collect();
         let attempts = join_all(in_sync_members.iter().map(|mem| {
             let (volume, local) = (&volume, local.as_ref());
             async move {
@@ -484,7 +492,12 @@ impl ReplicatedDevice {
         // Out-of-sync members learn the epoch too, so an old primary cannot
         // keep writing to them.
         let topo = self.topo();
-        for mem in topo.membership.replicas.iter().filter(|r| !r.in_sync) {
+        for mem in topo
+            .membership
+            .replicas
+            .iter()
+            .filter(|r| !r.in_sync && !self.options.known_down.contains(&r.node))
+        {
             let (volume, local, o) = (&self.volume, self.local.as_ref(), &self.options);
             if let Ok(link) = connect_member(volume, mem, local, o.connect_timeout).await {
                 let _ = link

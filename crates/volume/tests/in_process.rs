@@ -69,6 +69,7 @@ fn opts() -> DeviceOptions {
         checkpoint_interval: Duration::from_millis(200),
         membership_check_interval: Duration::from_millis(200),
         takeover: false,
+        known_down: Vec::new(),
     }
 }
 
@@ -424,4 +425,62 @@ async fn grow_keeps_data_and_refuses_while_served() {
     for n in &nodes {
         assert!(!n.dir.path().join("volumes").join("vol").exists());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_does_not_contact_replicas_known_down() {
+    let (mut nodes, store, v) = setup(2, 1).await;
+    let dev = ReplicatedDevice::open(
+        v.clone(),
+        nodes[0].id.clone(),
+        store.clone(),
+        Some(nodes[0].store.clone()),
+        opts(),
+    )
+    .await
+    .expect("open");
+    dev.write(0, Bytes::from(vec![9u8; 4096]), false)
+        .await
+        .expect("write");
+    // n1's host dies: in its place, something that accepts connections and
+    // never answers (what a hung host looks like).
+    drop(dev);
+    nodes[0].stop().await;
+    let silent = tokio::net::TcpListener::bind(nodes[0].addr)
+        .await
+        .expect("bind");
+    let holder = tokio::spawn(async move {
+        let mut held = vec![];
+        while let Ok((sock, _)) = silent.accept().await {
+            held.push(sock);
+        }
+    });
+    // Timeouts so long that waiting for n1 would never end within the
+    // test's deadline: the open must not wait for it at all.
+    let patient = DeviceOptions {
+        request_timeout: Duration::from_secs(600),
+        connect_timeout: Duration::from_secs(600),
+        ..opts()
+    };
+    let open = ReplicatedDevice::open(
+        v.clone(),
+        nodes[1].id.clone(),
+        store.clone(),
+        Some(nodes[1].store.clone()),
+        DeviceOptions {
+            takeover: true,
+            known_down: vec![nodes[0].id.clone()],
+            ..patient
+        },
+    );
+    let dev = tokio::time::timeout(Duration::from_secs(60), open)
+        .await
+        .expect("the takeover waited for a replica known to be down")
+        .expect("takeover");
+    assert_eq!(dev.membership().in_sync(), vec![nodes[1].id.clone()]);
+    assert_eq!(
+        dev.read(0, 4096).await.expect("read").as_ref(),
+        &[9u8; 4096][..]
+    );
+    holder.abort();
 }

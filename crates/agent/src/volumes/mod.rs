@@ -348,8 +348,16 @@ impl VolumeService {
                     }
                 }
             };
+            // Replicas on hosts whose lease is gone are not waited for.
+            let mut known_down = Vec::new();
+            for r in &record.value.replicas {
+                if may_take_over(self.store.as_ref(), &r.node).await? {
+                    known_down.push(r.node.clone());
+                }
+            }
             let options = DeviceOptions {
                 takeover,
+                known_down,
                 ..self.device.clone()
             };
             match ReplicatedDevice::open(

@@ -68,6 +68,7 @@ impl Host {
             checkpoint_interval: Duration::from_secs(1),
             membership_check_interval: Duration::from_millis(500),
             takeover,
+            known_down: Vec::new(),
         }
     }
 

@@ -76,6 +76,7 @@ def answers(ip, path="/health", timeout=0.5):
 
 class Bed:
     def __init__(self, binary, lease_ttl, work):
+        self.lease_ttl = lease_ttl
         self.env = dict(os.environ, TESTBED_ID=str(TESTBED_ID), SKYVISOR=binary,
                         TESTBED_CACHE=os.environ.get(
                             "TESTBED_CACHE", os.path.join(ROOT, "target", "test-cache")),

@@ -117,6 +117,11 @@ def trial(bed, rng, ip, client):
                  lambda: (lambda c: c is not None and c["value"] >= before)(
                      habench.answers(ip, "/counter", 1.0)), gap=0.1)
     back = time.time() - t0
+    # Hold the fault past twice the lease TTL, so the faulty host's lease
+    # expires whether or not the VM was on it.
+    held = 2 * bed.lease_ttl + 1
+    while time.time() - t0 < held:
+        time.sleep(0.2)
     moved_to = int(bed.instance("t")["spec"]["host"][1:])
     if fault == "kill":
         bed.testbed("agent-start", str(target))

@@ -649,9 +649,18 @@ async fn dispatch(ctx: Arc<AgentContext>) {
                 },
                 Ok(WatchEvent::Delete { key, .. }) => {
                     if let Ok(name) = InstanceName::new(keys::name_of(&key))
-                        && running.get(&name).is_some_and(|s| s.task.is_finished())
+                        && let Some(s) = running.remove(&name)
+                        && !s.task.is_finished()
                     {
-                        running.remove(&name);
+                        // Bound elsewhere now (a failover while this host
+                        // was away): its supervisor must neither start it
+                        // nor report for it any more. Dropping the spec
+                        // sender ends it; volumes it held are let go.
+                        info!(instance = %name, "no longer bound here; dropping its supervisor");
+                        drop(s);
+                        if let Some(v) = ctx.volumes.clone() {
+                            tokio::spawn(async move { v.release_instance(&name).await });
+                        }
                     }
                 }
                 Err(e) => {

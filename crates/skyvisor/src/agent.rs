@@ -23,7 +23,6 @@ use crate::config::{self, FileConfig};
 use crate::daemon::{self, HostAgentSettings};
 use crate::server::{DEFAULT_NAMESPACE, connect_etcd};
 
-
 /// The agent's lease TTL when none is configured: short enough that a dead
 /// host's protected VMs run again elsewhere within 15 s (lease expiry, the
 /// 1 s margin and a boot), long enough that a slow store does not matter

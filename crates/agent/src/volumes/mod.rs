@@ -398,14 +398,22 @@ impl VolumeService {
             socket: self.nbd_socket.clone(),
             export: v.id.data_id(),
         };
-        if let Some((_, user)) = self.served_device(&v.id) {
-            return match user {
-                Some(u) if &u == instance => Ok(target),
-                other => Err(VolumeServiceError::InUse {
-                    name: v.name.clone(),
-                    instance: other.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
-                }),
-            };
+        if let Some((device, user)) = self.served_device(&v.id) {
+            if let Some(why) = device.status().fenced {
+                // Another host took the volume over since (this host was
+                // fenced or cut off): this device can serve nothing more.
+                // Drop it and open the volume again.
+                info!(volume = %v.name, reason = %why, "discarding a fenced device before serving again");
+                self.release_locked(&v.id).await;
+            } else {
+                return match user {
+                    Some(u) if &u == instance => Ok(target),
+                    other => Err(VolumeServiceError::InUse {
+                        name: v.name.clone(),
+                        instance: other.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+                    }),
+                };
+            }
         }
         let device = self.open_device(&v.name, &v.id).await?;
         let export = Export::new(target.export.clone(), device.clone())
@@ -445,6 +453,11 @@ impl VolumeService {
     pub async fn release(&self, id: &VolumeId) {
         let lock = self.lock_for(id);
         let _g = lock.lock().await;
+        self.release_locked(id).await;
+    }
+
+    /// [`VolumeService::release`], with the volume's lock held.
+    async fn release_locked(&self, id: &VolumeId) {
         let Some(served) = self
             .served
             .lock()

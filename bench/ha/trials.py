@@ -135,7 +135,8 @@ def trial(bed, rng, ip, client):
                  lambda: bed.api("GET", "/v1/volumes/t-disk").get("health") == "healthy")
     # Every increment acknowledged before this read must be in it.
     acked = client.acked
-    final = habench.http("GET", f"http://{ip}/counter", timeout=5)["value"]
+    final = habench.wait("the counter", 120,
+                         lambda: habench.answers(ip, "/counter", 2.0))["value"]
     return {"fault": fault, "target": target, "vm_host": vm_host, "moved_to": moved_to,
             "answers_after_s": back, "acked_before": before, "acked_now": acked,
             "counter": final, "lost": max(0, acked - final)}
@@ -184,7 +185,14 @@ def main():
         try:
             r = trial(bed, rng, ip, client)
         except Exception as e:
-            r = {"error": f"{type(e).__name__}: {e}"}
+            import traceback
+            r = {"error": f"{type(e).__name__}: {e} at "
+                          f"{traceback.extract_tb(e.__traceback__)[-1].lineno}"}
+            keep = "/var/tmp/svhatrials-logs"
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.copytree(bed.dir, keep, ignore=shutil.ignore_patterns("*.sock", "etcd", "*.img", "*.qcow2", "images", "image-cache", "data*"),
+                            ignore_dangling_symlinks=True, dirs_exist_ok=True)
+            r["error"] += f" (test bed logs kept in {keep})"
         results.append(r)
         if "error" in r:
             line = f"trial {i + 1:2}: ERROR {r['error']}"

@@ -777,6 +777,26 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
             let inst: Instance = client.get(&format!("/v1/instances/{name}")).await?;
             output::print(format, &inst, vm_detail);
             if format == OutputFormat::Table {
+                // Whether the protection holds right now: its root disk's
+                // replicas.
+                if inst.spec.ha == HaPolicy::Restart
+                    && let Some(root) = inst.spec.root_volume()
+                    && let Ok(v) = client
+                        .get::<skyvisor_core::Volume>(&format!("/v1/volumes/{}", root.name))
+                        .await
+                    && v.health != skyvisor_core::VolumeHealth::Healthy
+                {
+                    println!(
+                        "protection: weakened: root disk {} is {} ({})",
+                        root.name,
+                        v.health,
+                        v.replicas
+                            .iter()
+                            .map(|r| format!("{} {}", r.host, r.state))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
                 // Its last failover, if it had one (a detail for people).
                 let all: Vec<skyvisor_core::FailoverRecord> =
                     client.get("/v1/failovers").await.unwrap_or_default();

@@ -190,26 +190,21 @@ def pct(values, p):
     return s[k]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kills", type=int, default=20)
-    ap.add_argument("--raw", type=int, default=5, help="raw QEMU cold boots")
-    ap.add_argument("--lease-ttl", type=int, default=8, help="agents' lease TTL (default: the product's)")
-    ap.add_argument("--release", action="store_true")
-    ap.add_argument("--no-build", action="store_true")
-    args = ap.parse_args()
+def start_bed(lease_ttl, release=False, build=True, prefix="svha-"):
+    """Checks for root, builds skyvisor (unless told not to), starts the
+    3-host test bed and arranges for it and the work directory to go at
+    exit or on a signal. Returns (bed, work directory)."""
     if os.geteuid() != 0:
         sys.exit("needs root")
-    profile = "release" if args.release else "debug"
     env = dict(os.environ)
     env.pop("CARGO_TARGET_DIR", None)
-    if not args.no_build:
-        build = ["cargo", "build", "-q", "-p", "skyvisor", "-p", "skyvisor-guest"]
-        if args.release:
-            build.append("--release")
-        subprocess.run(build, cwd=ROOT, check=True, env=env)
-    binary = os.path.join(ROOT, "target", profile, "skyvisor")
-    work = tempfile.mkdtemp(prefix="svhabench-", dir="/var/tmp")
+    if build:
+        cmd = ["cargo", "build", "-q", "-p", "skyvisor", "-p", "skyvisor-guest"]
+        if release:
+            cmd.append("--release")
+        subprocess.run(cmd, cwd=ROOT, check=True, env=env)
+    binary = os.path.join(ROOT, "target", "release" if release else "debug", "skyvisor")
+    work = tempfile.mkdtemp(prefix=prefix, dir="/var/tmp")
     state = {"bed": None}
 
     def cleanup():
@@ -220,8 +215,20 @@ def main():
     atexit.register(cleanup)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda s, _f: sys.exit(128 + s))
+    state["bed"] = Bed(binary, lease_ttl, work)
+    return state["bed"], work
 
-    bed = state["bed"] = Bed(binary, args.lease_ttl, work)
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--raw", type=int, default=5, help="raw QEMU cold boots")
+    ap.add_argument("--lease-ttl", type=int, default=8, help="agents' lease TTL (default: the product's)")
+    ap.add_argument("--release", action="store_true")
+    ap.add_argument("--no-build", action="store_true")
+    args = ap.parse_args()
+    bed, work = start_bed(args.lease_ttl, release=args.release, build=not args.no_build,
+                          prefix="svhabench-")
     raws = raw_boots(bed, work, args.raw)
     bed.api("POST", "/v1/instances", {"name": "ha", "image": "debian-busybox",
                                       "instance_type": "nano", "disk_replicas": 2})
@@ -242,7 +249,7 @@ def main():
         "# HA benchmark results",
         "",
         f"`sudo python3 bench/ha/run.py --kills {args.kills} --raw {args.raw} --lease-ttl "
-        f"{args.lease_ttl}{' --release' if args.release else ''}` ({profile} build), "
+        f"{args.lease_ttl}{' --release' if args.release else ''}` ({'release' if args.release else 'debug'} build), "
         f"{time.strftime('%Y-%m-%d')}, TCG on this 2-core machine.",
         "",
         "| what | n | p50 | p99 | min | max |",

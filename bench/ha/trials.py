@@ -16,14 +16,11 @@ Needs root. Prints the trial log and writes bench/ha/trials.md.
 """
 
 import argparse
-import atexit
 import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -149,27 +146,8 @@ def main():
     ap.add_argument("--lease-ttl", type=int, default=3)
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("needs root")
-    env = dict(os.environ)
-    env.pop("CARGO_TARGET_DIR", None)
-    if not args.no_build:
-        subprocess.run(["cargo", "build", "-q", "-p", "skyvisor", "-p", "skyvisor-guest"],
-                       cwd=ROOT, check=True, env=env)
-    binary = os.path.join(ROOT, "target", "debug", "skyvisor")
-    work = tempfile.mkdtemp(prefix="svhatrials-", dir="/var/tmp")
-    state = {"bed": None}
-
-    def cleanup():
-        if state["bed"]:
-            state["bed"].close()
-        shutil.rmtree(work, ignore_errors=True)
-
-    atexit.register(cleanup)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda s, _f: sys.exit(128 + s))
     rng = random.Random(args.seed)
-    bed = state["bed"] = habench.Bed(binary, args.lease_ttl, work)
+    bed, _ = habench.start_bed(args.lease_ttl, build=not args.no_build, prefix="svhatrials-")
     bed.api("POST", "/v1/instances", {"name": "t", "image": "debian-busybox",
                                       "instance_type": "nano", "disk_replicas": 2})
     inst = habench.wait("the VM", 300, lambda: (lambda v: v if v["status"].get("guest_ready") else None)(

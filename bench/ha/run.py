@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,6 +73,14 @@ def answers(ip, path="/health", timeout=0.5):
         return None
 
 
+def post_quietly(url):
+    """POST, or None if it failed (for polling)."""
+    try:
+        return http("POST", url, timeout=2.0)
+    except Exception:
+        return None
+
+
 class Bed:
     def __init__(self, binary, lease_ttl, work):
         self.lease_ttl = lease_ttl
@@ -87,25 +94,8 @@ class Bed:
         self.up = True
         log(f"test bed {TESTBED_ID}: 3 hosts, etcd, a server; lease TTL {lease_ttl} s")
         self.testbed("up", "3", "1")
-        deadline = time.time() + 1800
-        while True:
-            try:
-                img = self.api("GET", "/v1/images/debian-busybox")
-                if img["state"] == "ready":
-                    break
-            except urllib.error.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("image not ready in 1800 s")
-            time.sleep(1)
-        d = os.path.join(self.dir, "s1", "images", "debian-busybox")
-        mine = os.path.join(work, "image")
-        os.makedirs(mine)
-        self.files = {}
-        for f in img["files"]:
-            shutil.copy(os.path.join(d, f["file_name"]), mine)
-            self.files[f["role"]] = os.path.join(mine, f["file_name"])
-        self.cmdline = img.get("cmdline") or ""
+        self.files, self.cmdline = mig.default_image_files(
+            lambda: self.api("GET", "/v1/images/debian-busybox"), self.dir, work)
 
     def testbed(self, *args, check=True):
         r = subprocess.run([TESTBED, *args], env=self.env, capture_output=True, text=True)
@@ -147,8 +137,9 @@ def kill_round(bed, name, ip):
     h = int(inst["spec"]["host"][1:])
     via = next(o for o in (1, 2, 3) if o != h)
     bed.testbed("vmnet-via", str(via))
-    boot = answers(ip, "/uptime")["boot_id"]
-    counter = http("POST", f"http://{ip}/counter/increment")["value"]
+    boot = wait("the guest's boot id", 60, lambda: answers(ip, "/uptime", 2.0))["boot_id"]
+    counter = wait("an acknowledged increment", 60, lambda: post_quietly(
+        f"http://{ip}/counter/increment"))["value"]
     t0 = time.time()
     bed.testbed("host-kill", str(h))
     wait("the guest on another host", 300,
@@ -165,7 +156,7 @@ def kill_round(bed, name, ip):
          lambda: bed.api("GET", f"/v1/volumes/{name}-disk").get("health") == "healthy")
     resync = time.time() - t1
     return {"host": h, "recovery_s": recovery, "rebooted": new_boot != boot,
-            "counter_kept": kept == counter, "resync_s": resync}
+            "counter_kept": kept >= counter, "resync_s": resync}
 
 
 def raw_boots(bed, work, n):

@@ -351,6 +351,33 @@ def measure(ip, action):
 
 # --- Skyvisor on the test bed -----------------------------------------------
 
+def default_image_files(get_image, testbed_dir, work):
+    """Waits until the test bed's default image is built, copies its files
+    (the raw QEMUs boot the very same kernel, initrd and base disk) into
+    `work`; returns ({role: path}, kernel command line)."""
+    deadline = time.time() + 1800
+    while True:
+        try:
+            img = get_image()
+            if img["state"] == "ready":
+                break
+            if img["state"] == "failed":
+                raise RuntimeError(f"image build failed: {img.get('message')}")
+        except urllib.error.HTTPError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError("image debian-busybox not ready in 1800 s")
+        time.sleep(1)
+    d = os.path.join(testbed_dir, "s1", "images", "debian-busybox")
+    mine = os.path.join(work, "image")
+    os.makedirs(mine)
+    files = {}
+    for f in img["files"]:
+        shutil.copy(os.path.join(d, f["file_name"]), mine)
+        files[f["role"]] = os.path.join(mine, f["file_name"])
+    return files, img.get("cmdline") or ""
+
+
 class Skyvisor:
     def __init__(self, binary, work):
         self.binary = binary
@@ -367,28 +394,8 @@ class Skyvisor:
         self.up = True
         log(f"test bed {TESTBED_ID}: starting 2 hosts, etcd and a server")
         self.testbed("up", "2", "1")
-        deadline = time.time() + 1800
-        while True:
-            try:
-                img = self.api("GET", "/v1/images/debian-busybox")
-                if img["state"] == "ready":
-                    break
-                if img["state"] == "failed":
-                    raise RuntimeError(f"image build failed: {img.get('message')}")
-            except urllib.error.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("image debian-busybox not ready in 1800 s")
-            time.sleep(1)
-        # The raw QEMUs boot the very same kernel, initrd and base disk.
-        d = os.path.join(self.dir, "s1", "images", "debian-busybox")
-        mine = os.path.join(work, "image")
-        os.makedirs(mine)
-        self.files = {}
-        for f in img["files"]:
-            shutil.copy(os.path.join(d, f["file_name"]), mine)
-            self.files[f["role"]] = os.path.join(mine, f["file_name"])
-        self.cmdline = img.get("cmdline") or ""
+        self.files, self.cmdline = default_image_files(
+            lambda: self.api("GET", "/v1/images/debian-busybox"), self.dir, work)
 
     def testbed(self, *args, check=True):
         r = subprocess.run([TESTBED, *args], env=self.env, capture_output=True, text=True)

@@ -20,7 +20,7 @@ use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
 /// How long a fetch keeps trying before the VM's start fails.
-pub const DEFAULT_FETCH_DEADLINE: Duration = Duration::from_secs(120);
+const FETCH_DEADLINE: Duration = Duration::from_secs(120);
 /// The longest pause between two rounds of attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -37,8 +37,6 @@ pub struct ImageCache {
     servers: Mutex<Vec<String>>,
     /// Other hosts' agent URLs by host name (kept current from the store).
     peers: Mutex<BTreeMap<String, String>>,
-    /// How long a fetch keeps trying.
-    deadline: Duration,
     http: reqwest::Client,
     /// Paths whose content was verified in this process, with its checksum.
     verified: Mutex<HashMap<PathBuf, String>>,
@@ -89,7 +87,6 @@ impl ImageCache {
             server_url,
             servers: Mutex::new(Vec::new()),
             peers: Mutex::new(BTreeMap::new()),
-            deadline: DEFAULT_FETCH_DEADLINE,
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(2))
                 .no_proxy()
@@ -97,12 +94,6 @@ impl ImageCache {
                 .unwrap_or_default(),
             verified: Mutex::new(HashMap::new()),
         }
-    }
-
-    /// The same cache, giving up on a fetch after `deadline`.
-    pub fn with_fetch_deadline(mut self, deadline: Duration) -> Self {
-        self.deadline = deadline;
-        self
     }
 
     /// The local path of `file` of `image`, fetching it if needed.
@@ -183,7 +174,7 @@ impl ImageCache {
                     }
                 }
             }
-            if started.elapsed() + backoff > self.deadline {
+            if started.elapsed() + backoff > FETCH_DEADLINE {
                 let reasons: Vec<String> = last_error
                     .iter()
                     .map(|(source, e)| format!("{source}: {e}"))
@@ -326,7 +317,7 @@ impl ImageCache {
 }
 
 /// The SHA-256 of a file's content, hex.
-pub async fn hash_file(p: &Path) -> std::io::Result<String> {
+async fn hash_file(p: &Path) -> std::io::Result<String> {
     use tokio::io::AsyncReadExt;
     let mut f = tokio::fs::File::open(p).await?;
     let mut h = Sha256::new();

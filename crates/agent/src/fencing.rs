@@ -482,9 +482,11 @@ mod tests {
         std::fs::write(vm.join(PROTECTED_MARKER), b"").expect("marker");
         assert!(kill_protected(dir.path()).is_empty());
         // A real child whose command line names the directory: killed.
+        // It blocks on its own stdin: no grandchild outlives it.
         let mut child = std::process::Command::new("sh")
-            .args(["-c", "sleep 30; true"])
+            .args(["-c", "read x; true"])
             .arg(&vm)
+            .stdin(std::process::Stdio::piped())
             .spawn()
             .expect("spawn");
         std::fs::write(
@@ -492,6 +494,17 @@ mod tests {
             child.id().to_string(),
         )
         .expect("pidfile");
+        // Until its exec is done, /proc shows the forking test's command
+        // line (a QEMU writes its pidfile only after that).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !String::from_utf8_lossy(
+            &std::fs::read(format!("/proc/{}/cmdline", child.id())).unwrap_or_default(),
+        )
+        .contains(vm.to_string_lossy().as_ref())
+        {
+            assert!(Instant::now() < deadline, "the child never exec'd");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let killed = kill_protected(dir.path());
         let status = child.wait().expect("wait");
         assert_eq!(killed, vec![child.id() as i32]);

@@ -16,6 +16,20 @@ use crate::disks::create_root_disk;
 use crate::hypervisor::{LaunchBoot, LaunchVolume, VmLaunch};
 use crate::supervisor::{LAUNCH_FILE, ROOT_DISK, Running, launch_volume};
 
+/// Why a VM's volumes are being served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ServeMode {
+    /// The VM starts here: become each volume's primary (and give a blank
+    /// root volume a file system).
+    Start,
+    /// A migration's destination VM: export each volume, waiting for the
+    /// handover (the source is still the primary).
+    Incoming,
+    /// The handover to this host is committed: become the primary behind
+    /// the exports made with [`ServeMode::Incoming`].
+    HandedOver,
+}
+
 /// Launches VMs for the agent.
 pub(crate) struct Launcher {
     pub(crate) ctx: Arc<AgentContext>,
@@ -52,7 +66,11 @@ impl Launcher {
                 image.name
             ));
         }
-        let volumes = self.serve_volumes(spec).await?;
+        let volumes = if migration_target {
+            self.serve_volumes_as(spec, ServeMode::Incoming).await?
+        } else {
+            self.serve_volumes(spec).await?
+        };
         let root = dir.join(ROOT_DISK);
         let mut created_disk = false;
         if spec.root_volume().is_none() && !tokio::fs::try_exists(&root).await.unwrap_or(false) {
@@ -157,6 +175,16 @@ impl Launcher {
         &self,
         spec: &InstanceSpec,
     ) -> Result<Vec<LaunchVolume>, String> {
+        self.serve_volumes_as(spec, ServeMode::Start).await
+    }
+
+    /// [`Launcher::serve_volumes`] for a VM that is about to start, that
+    /// waits for a migration's handover, or that has just been handed over.
+    pub(crate) async fn serve_volumes_as(
+        &self,
+        spec: &InstanceSpec,
+        mode: ServeMode,
+    ) -> Result<Vec<LaunchVolume>, String> {
         if spec.volumes.is_empty() {
             return Ok(vec![]);
         }
@@ -170,14 +198,23 @@ impl Launcher {
         ordered.extend(spec.volumes.iter().filter(|v| !v.root));
         let mut out = vec![];
         for v in ordered {
-            match svc.serve(v, &spec.name).await {
+            let served = match mode {
+                ServeMode::Incoming => svc.serve_incoming(v, &spec.name).await,
+                ServeMode::Start | ServeMode::HandedOver => svc.serve(v, &spec.name).await,
+            };
+            match served {
                 Ok(t) => out.push(launch_volume(v, t)),
                 Err(e) => {
-                    svc.release_instance(&spec.name).await;
+                    // A handed-over VM keeps its exports: its requests wait
+                    // until a later attempt (its supervisor's) succeeds.
+                    if mode != ServeMode::HandedOver {
+                        svc.release_instance(&spec.name).await;
+                    }
                     return Err(format!("volume {}: {e}", v.name));
                 }
             }
             if v.root
+                && mode == ServeMode::Start
                 && let Err(e) = svc.format_if_blank(&v.id).await
             {
                 svc.release_instance(&spec.name).await;

@@ -168,6 +168,9 @@ pub struct AgentContext {
     pub overlay_device: Option<String>,
     /// VMs prepared here as live migrations' destinations.
     pub incoming: migration::IncomingVms,
+    /// VMs leaving this host by live migration right now (their source
+    /// copy is not gone yet).
+    pub outgoing: migration::OutgoingVms,
     /// Self-fencing, in a cluster.
     pub fence: Option<Arc<fencing::Fence>>,
 }
@@ -343,6 +346,7 @@ async fn bring_up(
         address: cfg.address.clone(),
         overlay_device: cfg.overlay.as_ref().map(|o| o.device.clone()),
         incoming: tokio::sync::Mutex::new(HashMap::new()),
+        outgoing: migration::OutgoingVms::default(),
         fence: cfg
             .fencing
             .as_ref()
@@ -658,7 +662,11 @@ async fn dispatch(ctx: Arc<AgentContext>) {
                         // sender ends it; volumes it held are let go.
                         info!(instance = %name, "no longer bound here; dropping its supervisor");
                         drop(s);
-                        if let Some(v) = ctx.volumes.clone() {
+                        // A VM migrating out lets go of its volumes itself,
+                        // once its QEMU has quit.
+                        if let Some(v) = ctx.volumes.clone()
+                            && !ctx.outgoing.is_leaving(&name)
+                        {
                             tokio::spawn(async move { v.release_instance(&name).await });
                         }
                     }

@@ -35,7 +35,7 @@ use crate::AgentContext;
 use crate::hypervisor::{
     HvError, IncomingPlan, MIGRATION_EXPORT, NbdTarget, OutgoingControl, OutgoingPlan, Vm,
 };
-use crate::launch::Launcher;
+use crate::launch::{Launcher, ServeMode};
 
 /// The source switches over (network first, then the pause) once the
 /// memory left would take this long to send. It must leave room for the
@@ -73,10 +73,76 @@ pub struct IncomingVm {
     pub guest_service: bool,
     /// It was resumed after the handover.
     pub resumed: bool,
+    /// Its volumes, exported here waiting for the handover.
+    pub volumes: Vec<crate::hypervisor::LaunchVolume>,
 }
 
 /// The destination VMs of this host, by instance.
 pub type IncomingVms = tokio::sync::Mutex<HashMap<InstanceName, IncomingVm>>;
+
+/// The VMs whose source side runs here, so that a migration straight back
+/// waits until the old copy (its QEMU, tap and files) is gone.
+#[derive(Default)]
+pub struct OutgoingVms {
+    leaving: std::sync::Mutex<std::collections::HashSet<InstanceName>>,
+    changed: tokio::sync::Notify,
+}
+
+impl OutgoingVms {
+    fn enter(&self, name: &InstanceName) -> LeavingGuard<'_> {
+        self.leaving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone());
+        LeavingGuard {
+            set: self,
+            name: name.clone(),
+        }
+    }
+
+    /// Whether `name` is migrating out of this host right now.
+    pub(crate) fn is_leaving(&self, name: &InstanceName) -> bool {
+        self.leaving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+    }
+
+    /// Waits up to `timeout` until `name`'s source side here has ended;
+    /// false if it has not.
+    async fn wait_gone(&self, name: &InstanceName, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.changed.notified();
+            if !self.is_leaving(name) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return !self.is_leaving(name);
+            }
+        }
+    }
+}
+
+struct LeavingGuard<'a> {
+    set: &'a OutgoingVms,
+    name: InstanceName,
+}
+
+impl Drop for LeavingGuard<'_> {
+    fn drop(&mut self) {
+        self.set
+            .leaving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.name);
+        self.set.changed.notify_waiters();
+    }
+}
+
+/// How long a destination waits for the VM's previous copy here to go (a
+/// migration straight back to where it just left).
+const PREVIOUS_COPY_WAIT: Duration = Duration::from_secs(30);
 
 /// What the source asks the destination to prepare.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -202,6 +268,17 @@ async fn prepare(
             format!("instance {} already runs on this host", spec.name),
         );
     }
+    // Straight back to where it just left: that copy must go first (it
+    // holds the tap, the directory and the volumes' exports).
+    if !ctx.outgoing.wait_gone(&spec.name, PREVIOUS_COPY_WAIT).await {
+        return peer_error(
+            StatusCode::CONFLICT,
+            format!(
+                "instance {}'s previous copy on this host is still shutting down; retry",
+                spec.name
+            ),
+        );
+    }
     let mut incoming = ctx.incoming.lock().await;
     if let Some(old) = incoming.remove(&spec.name) {
         warn!(instance = %spec.name, migration = %old.migration, "replacing an earlier destination VM");
@@ -272,6 +349,7 @@ async fn prepare(
             resources: spec.resources,
             guest_service,
             resumed: false,
+            volumes: running.volumes,
         },
     );
     drop(incoming);
@@ -343,6 +421,15 @@ async fn resume(
     match incoming.get_mut(&spec.name) {
         Some(v) if v.migration == id => {
             if !v.resumed {
+                // The source let go of the volumes before asking: become
+                // their primary, then run.
+                let launcher = Launcher { ctx: ctx.clone() };
+                if let Err(e) = launcher
+                    .serve_volumes_as(&spec, ServeMode::HandedOver)
+                    .await
+                {
+                    return peer_error(StatusCode::INTERNAL_SERVER_ERROR, e);
+                }
                 if let Err(e) = v.vm.finish_incoming(Duration::from_secs(30)).await {
                     return peer_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
                 }
@@ -396,7 +483,12 @@ async fn discard(ctx: &AgentContext, spec: &InstanceSpec, v: IncomingVm) {
     cleanup_files(ctx, spec).await;
 }
 
+/// Removes a VM's tap, files and volume exports here (a destination VM
+/// that will not run, or the source's copy after the handover).
 async fn cleanup_files(ctx: &AgentContext, spec: &InstanceSpec) {
+    if let Some(v) = &ctx.volumes {
+        v.release_instance(&spec.name).await;
+    }
     let tap = skyvisor_net::tap_name(&spec.id);
     if let Err(e) = ctx.network.delete_tap(&tap).await {
         warn!(instance = %spec.name, error = %e, "could not delete a tap");
@@ -696,6 +788,7 @@ pub(crate) async fn migrate_out(
     vm: &dyn Vm,
 ) -> SourceOutcome {
     let started = Instant::now();
+    let _leaving = ctx.outgoing.enter(&spec.name);
     let record = match ctx
         .store
         .get_json::<Migration>(&keys::migration(&req.id))
@@ -854,6 +947,12 @@ pub(crate) async fn migrate_out(
         return SourceOutcome::Stayed;
     }
     let committed_at = outcome.stopped_at.elapsed();
+    // The paused guest's volumes are flushed (QEMU inactivated them when
+    // the migration completed): let go of them, so that the destination
+    // becomes their primary without waiting for this host's lease.
+    if let Some(v) = &ctx.volumes {
+        v.hand_off(&spec.name).await;
+    }
     // Committed: the destination may run it now. If this call fails its
     // supervisor resumes it when it sees the binding.
     if let Err(e) = peer.call::<()>("resume").await {
@@ -887,6 +986,14 @@ pub(crate) async fn migrate_out(
     if vm.quit().await.is_err() {
         vm.kill();
     }
+    // Its tap, files and exports go only with the process.
+    if let Some(pid) = vm.pid()
+        && !process_gone(pid, QUIT_TIMEOUT).await
+    {
+        warn!(instance = %spec.name, pid, "the source QEMU did not quit; killing it");
+        vm.kill();
+        process_gone(pid, QUIT_TIMEOUT).await;
+    }
     {
         // The VM may be on its way back here already: its new destination
         // VM owns the tap and the directory then.
@@ -904,6 +1011,31 @@ pub(crate) async fn migrate_out(
         });
     }
     SourceOutcome::Moved
+}
+
+/// How long the source's QEMU gets to quit after the handover.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits until process `pid` has ended (gone, or a zombie: its files are
+/// closed); false if it still runs after `timeout`.
+async fn process_gone(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+        // The state is the field after the parenthesised command name.
+        let running = state
+            .as_deref()
+            .and_then(|s| s.rsplit_once(')'))
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|st| st != "Z" && st != "X");
+        if !running {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Commits the handover: the VM bound to the destination, its request

@@ -197,12 +197,25 @@ impl Supervisor {
         let Some(v) = incoming.remove(&spec.name) else {
             return false;
         };
-        if !v.resumed
-            && let Err(e) = v.vm.finish_incoming(Duration::from_secs(30)).await
-        {
-            warn!(instance = %spec.name, error = %e, "a migrated VM could not be resumed; discarding it");
-            v.vm.kill();
-            return false;
+        if !v.resumed {
+            let resumed = match self
+                .launcher()
+                .serve_volumes_as(spec, crate::launch::ServeMode::HandedOver)
+                .await
+            {
+                Ok(_) => {
+                    v.vm.finish_incoming(Duration::from_secs(30))
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = resumed {
+                warn!(instance = %spec.name, error = %e, "a migrated VM could not be resumed; discarding it");
+                v.vm.kill();
+                self.launcher().release_volumes(spec).await;
+                return false;
+            }
         }
         info!(instance = %spec.name, pid = ?v.vm.pid(), "took over a migrated VM");
         self.status.pid = v.vm.pid();
@@ -211,11 +224,12 @@ impl Supervisor {
         self.status.accel = Some(self.ctx.accel);
         self.status.guest_service = v.guest_service;
         self.status.message = None;
+        self.status.attached_volumes = v.volumes.iter().map(|v| v.name.clone()).collect();
         self.running = Some(Running {
             vm: v.vm,
             resources: v.resources,
             since: Instant::now(),
-            volumes: vec![],
+            volumes: v.volumes,
         });
         true
     }
@@ -234,21 +248,10 @@ impl Supervisor {
             Err(_) => None,
         };
         let resources = launched.as_ref().map_or(spec.resources, |l| l.resources);
-        if launched.as_ref().is_some_and(|l| l.migration_target)
-            && let Err(e) = vm.finish_incoming(Duration::from_secs(30)).await
-        {
-            // A destination VM an earlier agent prepared: it runs only if
-            // its migration completed (the binding says it did).
-            warn!(instance = %spec.name, error = %e, "a migrated VM left by an earlier agent cannot run; discarding it");
-            vm.kill();
-            return;
-        }
+        let migration_target = launched.as_ref().is_some_and(|l| l.migration_target);
         let volumes = launched.map(|l| l.volumes).unwrap_or_default();
-        info!(instance = %spec.name, pid = ?vm.pid(), "re-attached to running VM");
-        if let Err(e) = vm.recover_checkpoint().await {
-            warn!(instance = %spec.name, error = %e, "cannot check for an interrupted checkpoint");
-        }
-        // Serve its volumes again: QEMU reconnects to the NBD socket.
+        // Serve its volumes again: QEMU reconnects to the NBD socket. (A
+        // migration's destination VM needs them before it may run.)
         for v in &volumes {
             let iv = InstanceVolume {
                 name: v.name.clone(),
@@ -263,6 +266,18 @@ impl Supervisor {
                 warn!(instance = %spec.name, volume = %v.name, error = %e, "cannot serve a volume of a re-attached VM");
                 self.status.message = Some(format!("volume {}: {e}", v.name));
             }
+        }
+        if migration_target && let Err(e) = vm.finish_incoming(Duration::from_secs(30)).await {
+            // A destination VM an earlier agent prepared: it runs only if
+            // its migration completed (the binding says it did).
+            warn!(instance = %spec.name, error = %e, "a migrated VM left by an earlier agent cannot run; discarding it");
+            vm.kill();
+            self.launcher().release_volumes(spec).await;
+            return;
+        }
+        info!(instance = %spec.name, pid = ?vm.pid(), "re-attached to running VM");
+        if let Err(e) = vm.recover_checkpoint().await {
+            warn!(instance = %spec.name, error = %e, "cannot check for an interrupted checkpoint");
         }
         self.status.attached_volumes = volumes.iter().map(|v| v.name.clone()).collect();
         self.status.pid = vm.pid();

@@ -18,7 +18,7 @@ use skyvisor_core::api::{MigrateInstanceRequest, PlannedMove, RebalancePlan, Reb
 use skyvisor_core::{
     HostName, HostState, InstanceName, InstancePhase, InstanceSpec, InstanceStatus, Migration,
     MigrationId, MigrationPhase, MigrationProgress, MigrationReason, MigrationRequest, PowerState,
-    keys,
+    VolumeSpec, keys,
 };
 use skyvisor_store::{Compare, StoreExt, decode, encode, put_json};
 use tracing::{info, warn};
@@ -109,19 +109,27 @@ impl ControlPlane {
                 }
                 None => None,
             };
-            let placed = scheduler::place(
-                &candidates,
-                &PlacementRequest {
-                    resources: spec.resources,
-                    only: to.clone(),
-                    // Memory and CPU state only move between hosts with the
-                    // same accelerator.
-                    accel: Some(source.host.accel),
-                    spread,
-                    ..Default::default()
-                },
-                self.config.weigher,
-            );
+            let request = PlacementRequest {
+                resources: spec.resources,
+                only: to.clone(),
+                // Memory and CPU state only move between hosts with the
+                // same accelerator.
+                accel: Some(source.host.accel),
+                spread,
+                ..Default::default()
+            };
+            // A volume-backed VM goes where a replica of its root disk is
+            // when it can: its reads stay on the host.
+            let replica_hosts = self.root_replica_hosts(&spec).await;
+            let near: Vec<_> = candidates
+                .iter()
+                .filter(|h| replica_hosts.contains(&h.host.name))
+                .cloned()
+                .collect();
+            let placed = match scheduler::place(&near, &request, self.config.weigher) {
+                Ok(h) if to.is_none() => Ok(h),
+                _ => scheduler::place(&candidates, &request, self.config.weigher),
+            };
             let dest = match placed {
                 Ok(h) => h,
                 Err(scheduler::PlacementError::NoHosts) => {
@@ -399,6 +407,116 @@ impl ControlPlane {
     }
 }
 
+impl ControlPlane {
+    /// The hosts holding a replica of `spec`'s root volume (none for a
+    /// local disk).
+    pub(crate) async fn root_replica_hosts(&self, spec: &InstanceSpec) -> Vec<HostName> {
+        let Some(v) = spec.root_volume() else {
+            return Vec::new();
+        };
+        match self
+            .store
+            .get_json::<VolumeSpec>(&keys::volume_spec(&v.name))
+            .await
+        {
+            Ok(Some((s, _))) => s.hosts,
+            _ => Vec::new(),
+        }
+    }
+
+    /// Moves a stopped VM whose disks are all replicated volumes off a
+    /// draining host: nothing is copied, its spec is bound to another host
+    /// (one holding a replica of its root disk first), where it starts
+    /// when asked to. Returns the new host.
+    async fn relocate_stopped(&self, name: &InstanceName, from: &HostName) -> ApiResult<HostName> {
+        let key = keys::instance_spec(name);
+        let _placing = self.placement.lock().await;
+        let Some((spec, rev)) = self.store.get_json::<InstanceSpec>(&key).await? else {
+            return Err(ApiError::not_found(format!(
+                "instance \"{name}\" not found"
+            )));
+        };
+        let status = self.instance_status(name).await?;
+        if !is_relocatable(&spec, &status) || &spec.host != from {
+            return Err(ApiError::conflict(format!(
+                "instance \"{name}\" is no longer a stopped volume-backed VM on host {from}"
+            )));
+        }
+        let hosts = self.inventory.hosts().await;
+        let candidates: Vec<_> = hosts
+            .iter()
+            .filter(|h| &h.host.name != from && h.alive)
+            .cloned()
+            .collect();
+        let spread = match &spec.spread_group {
+            Some(group) => {
+                let mut members = self.inventory.spread_members(group).await;
+                members.retain(|_, m| m != name);
+                Some(SpreadConstraint {
+                    group: group.clone(),
+                    members,
+                })
+            }
+            None => None,
+        };
+        let request = PlacementRequest {
+            resources: spec.resources,
+            accel: spec.accel,
+            spread,
+            ..Default::default()
+        };
+        let replica_hosts = self.root_replica_hosts(&spec).await;
+        let near: Vec<_> = candidates
+            .iter()
+            .filter(|h| replica_hosts.contains(&h.host.name))
+            .cloned()
+            .collect();
+        let dest = scheduler::place(&near, &request, self.config.weigher)
+            .or_else(|_| scheduler::place(&candidates, &request, self.config.weigher))
+            .map_err(|e| {
+                ApiError::insufficient_capacity(format!(
+                    "no host can take stopped instance \"{name}\": {e}"
+                ))
+            })?;
+        let Some(entry) = hosts.iter().find(|h| h.host.name == dest) else {
+            return Err(ApiError::internal(format!(
+                "placement chose host {dest}, which is not in the inventory"
+            )));
+        };
+        let mut next = spec.clone();
+        next.host = dest.clone();
+        next.generation += 1;
+        let mut compares = vec![Compare::ModRevision(key, rev)];
+        compares.extend(self.host_guard(entry));
+        let mut ops = spec_ops(&next);
+        ops.push(skyvisor_store::Op::Delete(keys::binding(from, name)));
+        ops.push(self.alloc_mark(&dest, name));
+        let out = self.store.txn(compares, ops.clone()).await?;
+        if !out.succeeded {
+            return Err(ApiError::unavailable(format!(
+                "instance \"{name}\" or the hosts changed meanwhile; retrying"
+            )));
+        }
+        self.inventory.apply_committed(&ops, out.revision).await;
+        Ok(dest)
+    }
+}
+
+/// Whether a VM can leave its host without a live migration: stopped (and
+/// seen stopped by its agent, which has let go of its volumes), every disk
+/// a replicated volume, nothing in flight.
+fn is_relocatable(spec: &InstanceSpec, status: &InstanceStatus) -> bool {
+    spec.power == PowerState::Stopped
+        && status.phase == InstancePhase::Stopped
+        && spec.root_volume().is_some()
+        && spec.migration.is_none()
+        && !spec.deleting
+        && spec
+            .restore
+            .as_ref()
+            .is_none_or(|r| r.generation <= status.observed_restore_generation)
+}
+
 /// Refuses instances that cannot migrate live now, saying why.
 fn check_migratable(spec: &InstanceSpec, status: &InstanceStatus) -> ApiResult<()> {
     let name = &spec.name;
@@ -417,11 +535,6 @@ fn check_migratable(spec: &InstanceSpec, status: &InstanceStatus) -> ApiResult<(
         return Err(ApiError::conflict(format!(
             "instance \"{name}\" is {}; only a running VM migrates live",
             status.phase
-        )));
-    }
-    if !spec.volumes.is_empty() {
-        return Err(ApiError::conflict(format!(
-            "instance \"{name}\" uses replicated volumes, which do not migrate live yet; its volumes already have replicas elsewhere: stop it and start it there instead"
         )));
     }
     if spec
@@ -472,6 +585,22 @@ async fn drain_step(cp: &ControlPlane, failed: &mut HashMap<InstanceName, Instan
             .iter()
             .filter(|i| i.spec.host == h.host.name)
             .collect();
+        // Stopped volume-backed VMs just change hosts: nothing to copy.
+        let stopped: Vec<_> = on_host
+            .iter()
+            .filter(|i| is_relocatable(&i.spec, &i.status) && !failed.contains_key(&i.spec.name))
+            .collect();
+        for i in stopped {
+            match cp.relocate_stopped(&i.spec.name, &h.host.name).await {
+                Ok(to) => {
+                    info!(host = %h.host.name, instance = %i.spec.name, %to, "draining: stopped VM moved")
+                }
+                Err(e) => {
+                    warn!(host = %h.host.name, instance = %i.spec.name, error = %e.message, "draining: cannot move a stopped VM; retrying later");
+                    failed.insert(i.spec.name.clone(), Instant::now());
+                }
+            }
+        }
         if on_host.iter().any(|i| i.spec.migration.is_some()) {
             continue;
         }

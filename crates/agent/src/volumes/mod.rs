@@ -21,6 +21,7 @@ pub mod controller;
 pub mod format;
 pub mod http;
 pub mod membership;
+pub mod pending;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -45,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use membership::StoreMembership;
+use pending::PendingDevice;
 
 /// How long [`VolumeService::serve`] waits for another live host to stop
 /// serving a volume (e.g. to finish a snapshot) before giving up.
@@ -142,6 +144,13 @@ pub struct NbdTarget {
     pub export: String,
 }
 
+/// A volume exported to a migration's destination VM, waiting for the
+/// handover (see [`pending`]).
+struct Pending {
+    export: Arc<PendingDevice>,
+    instance: InstanceName,
+}
+
 struct Served {
     device: Arc<ReplicatedDevice>,
     instance: Option<InstanceName>,
@@ -196,6 +205,10 @@ pub struct VolumeService {
     nbd_socket: PathBuf,
     device: DeviceOptions,
     served: Mutex<HashMap<VolumeId, Served>>,
+    pending: Mutex<HashMap<VolumeId, Pending>>,
+    /// Exports whose device was closed at a migration's handover; they go
+    /// when the old QEMU has exited (see [`VolumeService::hand_off`]).
+    handed_off: Mutex<HashMap<VolumeId, InstanceName>>,
     locks: Mutex<HashMap<VolumeId, Arc<tokio::sync::Mutex<()>>>>,
     /// Scratch space for formatting blank root volumes.
     scratch_dir: PathBuf,
@@ -234,6 +247,8 @@ impl VolumeService {
             nbd_socket,
             device: cfg.device,
             served: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            handed_off: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             scratch_dir: cfg.data_dir.join("tmp"),
         }))
@@ -291,15 +306,165 @@ impl VolumeService {
             .map(|s| (s.device.clone(), s.instance.clone()))
     }
 
-    /// The volumes served for `instance`.
+    /// The volumes served (or exported, waiting for a migration's
+    /// handover) for `instance`.
     pub fn served_for(&self, instance: &InstanceName) -> Vec<VolumeId> {
-        self.served
+        let mut ids: Vec<VolumeId> = self
+            .served
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .filter(|(_, s)| s.instance.as_ref() == Some(instance))
             .map(|(id, _)| *id)
-            .collect()
+            .collect();
+        ids.extend(
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|(_, p)| &p.instance == instance)
+                .map(|(id, _)| *id),
+        );
+        ids.extend(
+            self.handed_off
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|(_, i)| *i == instance)
+                .map(|(id, _)| *id),
+        );
+        ids
+    }
+
+    /// At a live migration's handover: closes the devices of `instance`'s
+    /// volumes (flushing every replica and clearing the primary, so that
+    /// the destination takes them at once) but keeps their exports until
+    /// [`VolumeService::release_instance`]: the paused source QEMU stays
+    /// connected and quits at once, instead of trying to reconnect to a
+    /// vanished export first.
+    pub async fn hand_off(&self, instance: &InstanceName) {
+        let ids: Vec<VolumeId> = self
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, s)| s.instance.as_ref() == Some(instance))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let lock = self.lock_for(&id);
+            let _g = lock.lock().await;
+            let Some(served) = self
+                .served
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id)
+            else {
+                continue;
+            };
+            self.handed_off
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, instance.clone());
+            served.stop_report.cancel();
+            let _ = served.reporter.await;
+            if let Err(e) = served.device.close().await {
+                warn!(volume = %id, error = %e, "closing the volume at the handover failed");
+            }
+            info!(volume = %id, "handed the volume over");
+        }
+    }
+
+    /// Removes the export an earlier copy of the VM left at its handover
+    /// (normally gone already: the source removes it once its QEMU quit).
+    async fn drop_handed_off(&self, id: &VolumeId) {
+        let was = self
+            .handed_off
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if was.is_some() {
+            self.nbd.remove_export(&id.data_id()).await;
+        }
+    }
+
+    fn pending_export(&self, id: &VolumeId) -> Option<(Arc<PendingDevice>, InstanceName)> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|p| (p.export.clone(), p.instance.clone()))
+    }
+
+    /// Exports volume `v` for a migration's destination VM of `instance`
+    /// without becoming its primary: the source still is. QEMU can connect
+    /// at once; its requests wait until [`VolumeService::serve`] is called
+    /// for the same VM after the handover. Idempotent.
+    pub async fn serve_incoming(
+        self: &Arc<Self>,
+        v: &InstanceVolume,
+        instance: &InstanceName,
+    ) -> Result<NbdTarget, VolumeServiceError> {
+        let lock = self.lock_for(&v.id);
+        let _g = lock.lock().await;
+        let target = NbdTarget {
+            socket: self.nbd_socket.clone(),
+            export: v.id.data_id(),
+        };
+        self.drop_handed_off(&v.id).await;
+        if let Some((_, user)) = self.served_device(&v.id) {
+            return Err(VolumeServiceError::InUse {
+                name: v.name.clone(),
+                instance: user.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+            });
+        }
+        if let Some((_, user)) = self.pending_export(&v.id) {
+            return if &user == instance {
+                Ok(target)
+            } else {
+                Err(VolumeServiceError::InUse {
+                    name: v.name.clone(),
+                    instance: user.to_string(),
+                })
+            };
+        }
+        let data_id = data_id(&v.name, &v.id)?;
+        let record = self
+            .membership
+            .load(&data_id)
+            .await
+            .map_err(|e| VolumeServiceError::Volume {
+                name: v.name.clone(),
+                source: e.into(),
+            })?
+            .ok_or_else(|| VolumeServiceError::NoRecord {
+                name: v.name.clone(),
+            })?;
+        let export = PendingDevice::new(
+            record.value.size,
+            pending::EarlyReads {
+                volume: data_id,
+                membership: self.membership.clone() as Arc<dyn MembershipStore>,
+                local: self.replicas.clone(),
+                node: self.node.clone(),
+            },
+        );
+        self.nbd.add_export(
+            Export::new(target.export.clone(), export.clone())
+                .with_description(format!("volume {} (waiting for its handover)", v.name)),
+        )?;
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                v.id,
+                Pending {
+                    export,
+                    instance: instance.clone(),
+                },
+            );
+        info!(volume = %v.name, %instance, "volume exported for an incoming migration");
+        Ok(target)
     }
 
     /// Whether this host serves volume `id`.
@@ -398,6 +563,7 @@ impl VolumeService {
             socket: self.nbd_socket.clone(),
             export: v.id.data_id(),
         };
+        self.drop_handed_off(&v.id).await;
         if let Some((device, user)) = self.served_device(&v.id) {
             if let Some(why) = device.status().fenced {
                 // Another host took the volume over since (this host was
@@ -415,12 +581,33 @@ impl VolumeService {
                 };
             }
         }
+        let pending = self.pending_export(&v.id);
+        if let Some((_, user)) = &pending
+            && user != instance
+        {
+            return Err(VolumeServiceError::InUse {
+                name: v.name.clone(),
+                instance: user.to_string(),
+            });
+        }
         let device = self.open_device(&v.name, &v.id).await?;
-        let export = Export::new(target.export.clone(), device.clone())
-            .with_description(format!("volume {}", v.name));
-        if let Err(e) = self.nbd.add_export(export) {
-            let _ = device.close().await;
-            return Err(e.into());
+        match pending {
+            // A migrated VM's export: its requests go to the device now.
+            Some((export, _)) => {
+                export.activate(device.clone());
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&v.id);
+            }
+            None => {
+                let export = Export::new(target.export.clone(), device.clone())
+                    .with_description(format!("volume {}", v.name));
+                if let Err(e) = self.nbd.add_export(export) {
+                    let _ = device.close().await;
+                    return Err(e.into());
+                }
+            }
         }
         let stop_report = CancellationToken::new();
         let reporter = tokio::spawn(report_runtime(
@@ -458,6 +645,24 @@ impl VolumeService {
 
     /// [`VolumeService::release`], with the volume's lock held.
     async fn release_locked(&self, id: &VolumeId) {
+        let handed_off = self
+            .handed_off
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if handed_off.is_some() {
+            self.nbd.remove_export(&id.data_id()).await;
+        }
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if let Some(p) = pending {
+            p.export.close();
+            self.nbd.remove_export(&id.data_id()).await;
+            info!(volume = %id, "dropped the export of an incoming migration");
+        }
         let Some(served) = self
             .served
             .lock()

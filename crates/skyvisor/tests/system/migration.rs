@@ -525,3 +525,133 @@ fn a_restarted_source_agent_takes_the_migration_up_again_and_the_vm_runs_once() 
     assert_eq!(guest_json(ip, "/ram")["value"], "survives-the-agent");
     assert_eq!(guest_json(ip, "/memtest")["mismatches"], 0);
 }
+
+#[test]
+fn volume_backed_vms_migrate_live_and_stopped_ones_leave_a_draining_host() {
+    let bed = TestBed::start(3, 1);
+    let vm = bed.create_vm("vb", &["--type", "micro", "--disk-replicas", "2"]);
+    let ip = vm_ip(&vm);
+    let first = host_name(&vm);
+    let disk = bed.sv_json(&["volume", "show", "vb-disk"]);
+    let replica_hosts: Vec<String> = disk["spec"]["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .map(|h| h.as_str().expect("host").to_string())
+        .collect();
+    assert_eq!(replica_hosts.len(), 2, "{disk}");
+    // First to the host without a replica (the disk is then all remote),
+    // then back to the first.
+    let bare = ["h1", "h2", "h3"]
+        .into_iter()
+        .find(|h| !replica_hosts.iter().any(|r| r == h))
+        .expect("a host without a replica")
+        .to_string();
+    let order = if bare == first {
+        let other = replica_hosts.iter().find(|h| **h != first).expect("other");
+        vec![other.clone(), first.clone()]
+    } else {
+        vec![bare.clone(), first.clone()]
+    };
+    let before = guest_json(ip, "/uptime");
+    guest_call(ip, "PUT", "/ram", Some("kept-in-ram"));
+    guest_call(ip, "POST", "/counter/increment", None);
+
+    let client = Client::start(ip);
+    let writer = std::thread::spawn(move || {
+        let mut acked = 0;
+        for _ in 0..30 {
+            let v = guest_call(ip, "POST", "/counter/increment", None);
+            assert!(v["value"].as_u64().is_some(), "{v}");
+            acked += 1;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        acked
+    });
+    let mut pauses = vec![];
+    for to in &order {
+        let m = migrate(&bed, "vb", to);
+        pauses.push(m["result"]["pause_ms"].as_u64());
+        assert_eq!(m["result"]["disk_copied"].as_u64().unwrap_or(0), 0, "{m}");
+        let now = bed.instance("vb");
+        assert_eq!(&host_name(&now), to, "{now}");
+        assert_eq!(now["status"]["phase"], "running", "{now}");
+        wait_until(
+            &format!("vb-disk served by {to}"),
+            Duration::from_secs(30),
+            || {
+                let disk = bed.sv_json(&["volume", "show", "vb-disk"]);
+                (disk["primary"] == to.as_str()).then_some(())
+            },
+        );
+    }
+    let acked = writer.join().expect("writer");
+    let report = client.finish();
+    eprintln!(
+        "{} requests, slowest {:?}; pauses {pauses:?}",
+        report.requests, report.slowest
+    );
+    assert!(
+        report.requests > 30,
+        "the client barely ran: {}",
+        report.requests
+    );
+    assert!(
+        report.failures.is_empty(),
+        "{} of {} requests failed while a volume-backed VM migrated: {:?}",
+        report.failures.len(),
+        report.requests,
+        report.failures
+    );
+    let after = guest_json(ip, "/uptime");
+    assert_eq!(after["boot_id"], before["boot_id"], "the guest rebooted");
+    assert_eq!(guest_json(ip, "/ram")["value"], "kept-in-ram");
+    assert_eq!(
+        guest_json(ip, "/counter")["value"].as_u64(),
+        Some(1 + acked),
+        "acknowledged disk writes were lost"
+    );
+    for h in 1..=3u32 {
+        let here = format!("h{h}") == first;
+        assert_eq!(bed.qemu_pids(h).len(), usize::from(here), "host h{h}");
+    }
+
+    // Drain: a stopped volume-backed VM changes hosts too, disk intact.
+    let s = bed.create_vm("sleeper", &["--type", "nano", "--disk-replicas", "2"]);
+    let sip = vm_ip(&s);
+    for _ in 0..3 {
+        guest_call(sip, "POST", "/counter/increment", None);
+    }
+    bed.sv_ok(&["vm", "stop", "sleeper"]);
+    let from = host_name(&bed.instance("sleeper"));
+    let out = bed.sv_json(&["host", "drain", &from]);
+    assert_eq!(out["state"], "draining", "{out}");
+    let moved = wait_until(
+        "the stopped VM to leave the draining host",
+        Duration::from_secs(60),
+        || {
+            let v = bed.instance("sleeper");
+            (host_name(&v) != from && v["status"]["phase"] == "stopped").then_some(v)
+        },
+    );
+    assert_eq!(moved["spec"]["power"], "stopped", "{moved}");
+    assert_ne!(
+        host_name(&bed.instance("vb")),
+        from,
+        "the running VM left too"
+    );
+    bed.sv_ok(&["vm", "start", "sleeper", "--wait"]);
+    let started = bed.instance("sleeper");
+    assert_eq!(host_name(&started), host_name(&moved), "{started}");
+    assert_eq!(
+        wait_until("the moved VM's service", Duration::from_secs(120), || {
+            crate::harness::http_json("GET", &format!("http://{sip}/counter"), None)
+                .ok()
+                .and_then(|(status, v)| (status == 200).then_some(v))
+        })["value"]
+            .as_u64(),
+        Some(3),
+        "the stopped VM's disk did not follow it"
+    );
+    bed.sv_ok(&["host", "undrain", &from]);
+}

@@ -270,8 +270,8 @@ pub struct CreateArgs {
     #[arg(long)]
     pub accel: Option<Accel>,
     /// When its host dies: restart it on another host (needs a replicated
-    /// root disk: --disk-replicas 2 or a --root-volume; the default then),
-    /// or off.
+    /// root disk, which a clustered VM has unless --local-disk; the default
+    /// then), or off.
     #[arg(long)]
     pub ha: Option<HaPolicy>,
     /// Restart order after a host's death, higher first (0-1000).
@@ -281,8 +281,9 @@ pub struct CreateArgs {
     /// replicated volume (the VM then cannot be restarted elsewhere).
     #[arg(long, conflicts_with_all = ["root_volume", "disk_replicas"])]
     pub local_disk: bool,
-    /// In a cluster: make the root disk a replicated volume with this many
-    /// replicas (1-3); with 2+ the VM is restarted elsewhere if its host dies.
+    /// In a cluster: the replicas of the VM's root disk, a replicated
+    /// volume (1-3; default 2 when two hosts are ready); with 2+ the VM is
+    /// restarted elsewhere if its host dies.
     #[arg(long)]
     pub disk_replicas: Option<u32>,
 }

@@ -106,6 +106,9 @@ fn validate_stop_timeout(v: u32) -> Result<u32, ValidationError> {
     Ok(v)
 }
 
+/// Replicas of a VM's root disk in a cluster unless the request says.
+pub const DEFAULT_DISK_REPLICAS: u32 = 2;
+
 impl ControlPlane {
     /// Loads image `name`, or a 404 that lists the images there are.
     pub async fn image(&self, name: &ImageName) -> ApiResult<Image> {
@@ -185,10 +188,26 @@ impl ControlPlane {
                 "ha restart needs a replicated root disk: a local disk cannot follow its VM to another host; leave out local_disk (the root disk then has 2 replicas)",
             )));
         }
-        // Opt-in for now: volume-backed VMs cannot live-migrate yet, and
-        // drain and rebalance move VMs by live migration.
-        let Some(replicas) = req.disk_replicas else {
+        if !clustered || local || req.root_volume.is_some() {
             return Ok(None);
+        }
+        // In a cluster the root disk is a replicated volume by default: 2
+        // replicas when two hosts can hold them. A clone starts from its
+        // snapshot's local disk.
+        let replicas = match req.disk_replicas {
+            Some(n) => n,
+            None if req.from_snapshot.is_some() => return Ok(None),
+            None => {
+                let hosts = self.inventory.hosts().await;
+                let ready = hosts
+                    .iter()
+                    .filter(|h| h.alive && h.state() == skyvisor_core::HostState::Ready)
+                    .count();
+                if ready < DEFAULT_DISK_REPLICAS as usize {
+                    return Ok(None);
+                }
+                DEFAULT_DISK_REPLICAS
+            }
         };
         if req.from_snapshot.is_some() {
             return Err(ApiError::from(ValidationError::new(
@@ -204,7 +223,17 @@ impl ControlPlane {
         }
         let image = self.image(&ImageName::new(req.image.clone())?).await?;
         if image.kind != skyvisor_core::ImageKind::KernelInitrd {
-            // It boots its own disk with firmware: that stays a local copy.
+            // It boots its own disk with firmware: that stays a local copy
+            // (a root volume is not made from a disk image yet).
+            if req.disk_replicas.is_some() {
+                return Err(ApiError::from(ValidationError::new(
+                    "disk_replicas",
+                    format!(
+                        "image {} boots its own disk, which stays local to the VM's host; leave disk_replicas out",
+                        image.name
+                    ),
+                )));
+            }
             return Ok(None);
         }
         let (_, resources) = resolve_size(

@@ -73,9 +73,10 @@ pub struct CreateInstanceRequest {
     /// elsewhere if its host dies.
     #[serde(default)]
     pub local_disk: Option<bool>,
-    /// In a cluster, make the VM's root disk a replicated volume with this
-    /// many replicas (1 to 3, each on its own host); with 2 or more the VM
-    /// is HA-protected by default.
+    /// In a cluster, the replicas of the VM's root disk, a replicated
+    /// volume (1 to 3, each on its own host; default 2 when two or more
+    /// hosts are ready, unless `local_disk`); with 2 or more the VM is
+    /// HA-protected by default.
     #[serde(default)]
     #[schema(minimum = 1, maximum = 3)]
     pub disk_replicas: Option<u32>,

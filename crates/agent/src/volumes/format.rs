@@ -10,7 +10,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 use skyvisor_nbd::device::BlockDevice;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tracing::info;
 
 /// The label the default guest mounts at `/data`.
@@ -65,25 +65,33 @@ pub async fn format_if_blank(
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
+    // Only the file system's data extents: reading the whole (sparse)
+    // scratch file would cost seconds per GiB.
+    let ranges = data_ranges(scratch.as_file(), size);
     let mut file = tokio::fs::File::open(scratch.path())
         .await
         .map_err(|e| format!("reading the scratch file: {e}"))?;
     let mut buf = vec![0u8; CHUNK];
-    let mut offset = 0u64;
     let mut written = 0u64;
-    while offset < size {
-        let want = CHUNK.min((size - offset) as usize);
-        file.read_exact(&mut buf[..want])
+    for (start, end) in ranges {
+        file.seek(std::io::SeekFrom::Start(start))
             .await
             .map_err(|e| format!("reading the scratch file: {e}"))?;
-        if buf[..want].iter().any(|b| *b != 0) {
-            device
-                .write(offset, Bytes::copy_from_slice(&buf[..want]), false)
+        let mut offset = start;
+        while offset < end {
+            let want = CHUNK.min((end - offset) as usize);
+            file.read_exact(&mut buf[..want])
                 .await
-                .map_err(|e| format!("writing the file system at {offset}: {e}"))?;
-            written += want as u64;
+                .map_err(|e| format!("reading the scratch file: {e}"))?;
+            if buf[..want].iter().any(|b| *b != 0) {
+                device
+                    .write(offset, Bytes::copy_from_slice(&buf[..want]), false)
+                    .await
+                    .map_err(|e| format!("writing the file system at {offset}: {e}"))?;
+                written += want as u64;
+            }
+            offset += want as u64;
         }
-        offset += want as u64;
     }
     device
         .flush()
@@ -91,4 +99,66 @@ pub async fn format_if_blank(
         .map_err(|e| format!("flushing the new file system: {e}"))?;
     info!(written, "formatted a blank root volume with ext4");
     Ok(true)
+}
+
+/// The `[start, end)` ranges of `f` (of `size` bytes) that hold data, from
+/// SEEK_DATA/SEEK_HOLE; on any error the rest counts as data (correct,
+/// only slower).
+fn data_ranges(f: &std::fs::File, size: u64) -> Vec<(u64, u64)> {
+    use nix::unistd::{Whence, lseek};
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let Ok(p) = i64::try_from(pos) else { break };
+        let data = match lseek(f, p, Whence::SeekData) {
+            Ok(d) => d as u64,
+            // No data after `pos`.
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(_) => {
+                out.push((pos, size));
+                break;
+            }
+        };
+        let Ok(d) = i64::try_from(data) else { break };
+        let hole = match lseek(f, d, Whence::SeekHole) {
+            Ok(h) => (h as u64).min(size),
+            Err(_) => size,
+        };
+        if hole <= data {
+            out.push((data, size));
+            break;
+        }
+        out.push((data, hole));
+        pos = hole;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Seek, SeekFrom, Write};
+
+    use super::*;
+
+    #[test]
+    fn data_ranges_skip_holes_and_cover_every_written_byte() {
+        let mut f = tempfile::tempfile().expect("tempfile");
+        let size = 64u64 << 20;
+        f.set_len(size).expect("size");
+        for at in [3u64 << 20, 40 << 20] {
+            f.seek(SeekFrom::Start(at)).expect("seek");
+            f.write_all(&[7u8; 5000]).expect("write");
+        }
+        f.sync_all().expect("sync");
+        let ranges = data_ranges(&f, size);
+        assert!(!ranges.is_empty());
+        for at in [3u64 << 20, 40 << 20] {
+            assert!(
+                ranges.iter().any(|(s, e)| *s <= at && at + 5000 <= *e),
+                "{ranges:?} misses {at}"
+            );
+        }
+        let covered: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+        assert!(covered < size / 4, "holes were not skipped: {ranges:?}");
+    }
 }

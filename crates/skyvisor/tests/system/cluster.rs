@@ -165,6 +165,10 @@ fn pack_weigher_fills_one_host_first() {
             "--type",
             "nano",
             "--no-start",
+            // Replicated root disks spread their replicas over the pool
+            // and the VM goes to one of them; the weigher decides alone
+            // only for local disks.
+            "--local-disk",
         ]);
         hosts.insert(bed.host_of(&v));
     }
@@ -335,7 +339,11 @@ fn hosts_killed_cut_off_and_restored() {
     let bed = TestBed::start(3, 1);
     let mut vms = Vec::new();
     for i in 1..=3 {
-        vms.push(bed.create_vm(&format!("v{i}"), &["--type", "nano", "--spread-group", "v"]));
+        // Unprotected (local disks): a cut-off host keeps running them.
+        vms.push(bed.create_vm(
+            &format!("v{i}"),
+            &["--type", "nano", "--spread-group", "v", "--local-disk"],
+        ));
     }
     let on = |h: u32| -> Value {
         vms.iter()

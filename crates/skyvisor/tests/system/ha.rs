@@ -131,7 +131,7 @@ fn a_killed_hosts_protected_vm_runs_elsewhere_with_every_acknowledged_write() {
     for other in (1..=3).filter(|o| *o != h) {
         bed.sv_ok(&["host", "cordon", &format!("h{other}")]);
     }
-    bed.create_vm("local", &["--type", "nano"]);
+    bed.create_vm("local", &["--type", "nano", "--local-disk"]);
     for other in (1..=3).filter(|o| *o != h) {
         bed.sv_ok(&["host", "uncordon", &format!("h{other}")]);
     }
@@ -186,8 +186,6 @@ fn a_killed_hosts_protected_vm_runs_elsewhere_with_every_acknowledged_write() {
     assert!(err.contains("replicated root disk"), "{err}");
     let err = bed.sv_err(&["vm", "create", "x", "--disk-replicas", "4"]);
     assert!(err.contains("allowed: 1 to 3"), "{err}");
-    let err = bed.sv_err(&["vm", "create", "x", "--ha", "restart"]);
-    assert!(err.contains("replicated root disk"), "{err}");
     assert!(
         bed.sv_json(&["vm", "list"])
             .as_array()
@@ -195,6 +193,13 @@ fn a_killed_hosts_protected_vm_runs_elsewhere_with_every_acknowledged_write() {
             .iter()
             .all(|v| v["spec"]["name"] != "x")
     );
+    // By default a clustered VM's root disk is a 2-replica volume, and
+    // the VM is protected.
+    let d = bed.sv_json(&["vm", "create", "dflt", "--type", "nano", "--no-start"]);
+    assert_eq!(d["spec"]["ha"], "restart", "{d}");
+    let disk = bed.sv_json(&["volume", "show", "dflt-disk"]);
+    assert_eq!(disk["spec"]["replicas"], 2, "{disk}");
+    assert_eq!(disk["spec"]["owner"], "dflt", "{disk}");
 }
 
 #[test]

@@ -109,7 +109,8 @@ fn wait_phase(bed: &TestBed, id: &str, phases: &[&str], timeout: Duration) -> Va
 #[test]
 fn running_vm_moves_between_hosts_without_failed_requests_and_keeps_its_state() {
     let bed = TestBed::start(3, 1);
-    let vm = bed.create_vm("mover", &["--type", "micro"]);
+    // A local disk: it is mirrored to each destination.
+    let vm = bed.create_vm("mover", &["--type", "micro", "--local-disk"]);
     let ip = vm_ip(&vm);
     let first = host_name(&vm);
     let before = guest_json(ip, "/uptime");
@@ -149,6 +150,12 @@ fn running_vm_moves_between_hosts_without_failed_requests_and_keeps_its_state() 
     }
     let acked = writer.join().expect("writer");
     let report = client.finish();
+    assert!(
+        records
+            .iter()
+            .all(|m| m["result"]["disk_copied"].as_u64() > Some(0)),
+        "a local disk is mirrored: {records:?}"
+    );
 
     assert!(
         report.requests > 50,

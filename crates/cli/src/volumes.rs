@@ -7,7 +7,8 @@ use anyhow::{Result, bail};
 use clap::Subcommand;
 use reqwest::Method;
 use skyvisor_core::volume::{
-    AttachVolumeRequest, CreateVolumeRequest, CreateVolumeSnapshotRequest, GrowVolumeRequest,
+    AttachVolumeRequest, ChangeReplicasRequest, CreateVolumeRequest, CreateVolumeSnapshotRequest,
+    GrowVolumeRequest,
 };
 use skyvisor_core::{
     Instance, InstancePhase, ReplicaState, ReplicaView, Volume, VolumePhase, VolumeSnapshot,
@@ -65,6 +66,51 @@ pub enum VolumeCommand {
     /// Crash-consistent snapshots of a volume.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Where a volume's replicas live: add, remove or move one.
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
+}
+
+/// `skyvisor volume replica ...`: the copy runs in the background; these
+/// wait for it (with progress) unless `--no-wait`.
+#[derive(Debug, Subcommand)]
+pub enum ReplicaCommand {
+    /// Add a replica (copied in full, then in sync).
+    Add {
+        /// The volume.
+        volume: String,
+        /// The host; default: the one with the most free disk.
+        #[arg(long)]
+        host: Option<String>,
+        /// Return at once.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Remove a replica (refused if it is the last one).
+    #[command(alias = "rm")]
+    Remove {
+        /// The volume.
+        volume: String,
+        /// The host whose replica goes.
+        host: String,
+        /// Return at once.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Move a replica: a new one is made and in sync before the old one
+    /// goes.
+    Move {
+        /// The volume.
+        volume: String,
+        /// The host whose replica moves.
+        from: String,
+        /// The host it moves to; default: the one with the most free disk.
+        #[arg(long)]
+        to: Option<String>,
+        /// Return at once.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 /// `skyvisor volume snapshot ...`
@@ -117,6 +163,24 @@ fn replica_state(r: &ReplicaView) -> String {
             _ => s.to_string(),
         },
     }
+}
+
+fn redundancy_text(v: &Volume) -> String {
+    let r = &v.redundancy;
+    let hosts = |l: &[skyvisor_core::HostName]| {
+        l.iter()
+            .map(|h| h.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = format!("{} of {} wanted replicas in sync", r.in_sync, r.wanted);
+    if !r.pending.is_empty() {
+        out.push_str(&format!("; not yet: {}", hosts(&r.pending)));
+    }
+    if !r.surplus.is_empty() {
+        out.push_str(&format!("; to drop: {}", hosts(&r.surplus)));
+    }
+    out
 }
 
 fn attached_text(v: &Volume) -> String {
@@ -194,6 +258,7 @@ fn volume_detail(v: &Volume) {
         ),
         ("attached to", attached_text(v)),
         ("resynced", format!("{} MiB", v.resynced_bytes >> 20)),
+        ("redundancy", redundancy_text(v)),
     ];
     if let Some(m) = &v.status.message {
         rows.push(("message", m.clone()));
@@ -265,8 +330,22 @@ async fn wait_volume(
             );
         }
         progress.set(&format!(
-            "volume {name}: {}{}",
+            "volume {name}: {}{}{}",
             v.status.phase,
+            if v.redundancy.pending.is_empty() && v.redundancy.surplus.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", {}/{} replicas in sync: {}",
+                    v.redundancy.in_sync,
+                    v.redundancy.wanted,
+                    v.replicas
+                        .iter()
+                        .map(|r| format!("{} {}", r.host, replica_state(r)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            },
             v.status
                 .message
                 .as_ref()
@@ -325,6 +404,64 @@ pub async fn volume(client: &Client, format: OutputFormat, cmd: VolumeCommand) -
         }
         VolumeCommand::Show { name } => {
             let v: Volume = client.get(&format!("/v1/volumes/{name}")).await?;
+            output::print(format, &v, volume_detail);
+        }
+        VolumeCommand::Replica(cmd) => {
+            let (name, req, no_wait) = match cmd {
+                ReplicaCommand::Add {
+                    volume,
+                    host,
+                    no_wait,
+                } => (
+                    volume,
+                    ChangeReplicasRequest {
+                        to: Some(host.unwrap_or_else(|| "auto".into())),
+                        from: None,
+                    },
+                    no_wait,
+                ),
+                ReplicaCommand::Remove {
+                    volume,
+                    host,
+                    no_wait,
+                } => (
+                    volume,
+                    ChangeReplicasRequest {
+                        to: None,
+                        from: Some(host),
+                    },
+                    no_wait,
+                ),
+                ReplicaCommand::Move {
+                    volume,
+                    from,
+                    to,
+                    no_wait,
+                } => (
+                    volume,
+                    ChangeReplicasRequest {
+                        to: Some(to.unwrap_or_else(|| "auto".into())),
+                        from: Some(from),
+                    },
+                    no_wait,
+                ),
+            };
+            let mut v: Volume = client
+                .post(&format!("/v1/volumes/{name}/replicas"), &req)
+                .await?;
+            if !no_wait
+                && let Some(done) = wait_volume(
+                    client,
+                    &name,
+                    quiet,
+                    Duration::from_secs(3600),
+                    false,
+                    |v| v.redundancy.pending.is_empty() && v.redundancy.surplus.is_empty(),
+                )
+                .await?
+            {
+                v = done;
+            }
             output::print(format, &v, volume_detail);
         }
         VolumeCommand::Grow { name, size } => {

@@ -51,6 +51,9 @@ pub struct ClusterSettings {
     /// are restarted elsewhere (its agent fenced itself a quarter of its
     /// TTL before the lease could expire; this is the extra safety).
     pub ha_margin: Duration,
+    /// How long a host holding volume replicas may be gone before the
+    /// leader has its replicas made again on other hosts.
+    pub replica_grace: Duration,
 }
 
 impl ClusterSettings {
@@ -65,9 +68,14 @@ impl ClusterSettings {
             compact_every: Duration::from_secs(300),
             keep_revisions: 100_000,
             ha_margin: DEFAULT_HA_MARGIN,
+            replica_grace: DEFAULT_REPLICA_GRACE,
         }
     }
 }
+
+/// The default [`ClusterSettings::replica_grace`] (Ceph marks an OSD out
+/// after 10 minutes).
+pub const DEFAULT_REPLICA_GRACE: Duration = Duration::from_secs(600);
 
 /// The default [`ClusterSettings::ha_margin`].
 pub const DEFAULT_HA_MARGIN: Duration = Duration::from_secs(1);

@@ -242,6 +242,17 @@ impl ControlPlane {
             req.memory_mib,
             req.disk_gib,
         )?;
+        // A VM that fits on no host is refused before its disk is made.
+        let hosts = self.inventory.hosts().await;
+        crate::scheduler::place(
+            &hosts,
+            &crate::scheduler::PlacementRequest {
+                resources,
+                accel: req.accel,
+                ..Default::default()
+            },
+            self.config.weigher,
+        )?;
         let volume = VolumeName::new(format!("{name}-disk")).map_err(|_| {
             ApiError::from(ValidationError::new(
                 "name",

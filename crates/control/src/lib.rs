@@ -18,6 +18,7 @@ pub mod inventory;
 pub mod ipam;
 pub mod metrics;
 pub mod migrations;
+pub mod replicas;
 pub mod scheduler;
 pub mod snapshots;
 pub mod volumes;
@@ -139,6 +140,10 @@ impl ControlPlane {
         tokio::spawn(image_sync::run(self.clone()));
         tokio::spawn(migrations::run(self.clone()));
         tokio::spawn(ha::run(self.clone()));
+        tokio::spawn(replicas::run(
+            self.clone(),
+            self.config.cluster.replica_grace,
+        ));
         Ok(membership)
     }
 

@@ -23,8 +23,8 @@ use skyvisor_core::volume::{
 use skyvisor_core::{
     HostName, Image, Instance, InstanceName, InstancePhase, InstanceSpec, InstanceStatus,
     InstanceVolume, MembershipView, PowerState, ReplicaState, ReplicaView, Resources, Volume,
-    VolumeAttachment, VolumeHealth, VolumeId, VolumeName, VolumePhase, VolumeRuntime,
-    VolumeSnapshot, VolumeSpec, VolumeStatus, keys,
+    VolumeAttachment, VolumeHealth, VolumeId, VolumeName, VolumePhase, VolumeRedundancy,
+    VolumeRuntime, VolumeSnapshot, VolumeSpec, VolumeStatus, keys,
 };
 use skyvisor_store::{Compare, Op, StoreExt, put_json};
 use tracing::{debug, info};
@@ -36,6 +36,10 @@ use crate::{ControlPlane, READ_YOUR_WRITES};
 
 /// How long a create or grow request waits for the controller agent.
 const AGENT_WAIT: Duration = Duration::from_secs(60);
+/// How old an owned root volume must be before it counts as orphaned
+/// when its VM does not exist: longer than a create waits for it
+/// ([`AGENT_WAIT`]) before the VM's record is written.
+const ORPHAN_GRACE: Duration = Duration::from_secs(120);
 const GIB: u64 = 1 << 30;
 
 /// A volume an instance create or attach resolved: its spec and the
@@ -82,6 +86,17 @@ fn size_text(bytes: u64) -> String {
     } else {
         format!("{} MiB", bytes >> 20)
     }
+}
+
+/// Why `host` cannot hold one more replica of `spec`, or `None`;
+/// `promised` is disk (GiB) promised to other volumes' replicas per host.
+pub(crate) fn replica_filter_for(
+    host: &HostEntry,
+    spec: &VolumeSpec,
+    promised: &HashMap<HostName, u64>,
+) -> Option<String> {
+    let extra = promised.get(&host.host.name).copied().unwrap_or(0);
+    replica_filter(host, spec.size_bytes, extra)
 }
 
 /// Why `host` cannot hold a replica of `size` bytes, or `None`. `extra`
@@ -224,6 +239,26 @@ fn view(
         ),
         (None, None) => (vec![], 0, 0),
     };
+    let in_sync_on = |h: &HostName| {
+        replicas
+            .iter()
+            .any(|r| &r.host == h && r.state == ReplicaState::InSync)
+    };
+    let redundancy = VolumeRedundancy {
+        wanted: spec.hosts.len() as u32,
+        in_sync: spec.hosts.iter().filter(|h| in_sync_on(h)).count() as u32,
+        pending: spec
+            .hosts
+            .iter()
+            .filter(|h| !in_sync_on(h))
+            .cloned()
+            .collect(),
+        surplus: replicas
+            .iter()
+            .filter(|r| !spec.hosts.contains(&r.host))
+            .map(|r| r.host.clone())
+            .collect(),
+    };
     let health = match &membership {
         None => VolumeHealth::None,
         Some(m) => {
@@ -233,7 +268,9 @@ fn view(
                 .count() as u32;
             if in_sync < m.min_in_sync.max(1) {
                 VolumeHealth::Unavailable
-            } else if replicas.iter().all(|r| r.state == ReplicaState::InSync) {
+            } else if replicas.iter().all(|r| r.state == ReplicaState::InSync)
+                && redundancy.pending.is_empty()
+            {
                 VolumeHealth::Healthy
             } else {
                 VolumeHealth::Degraded
@@ -249,6 +286,7 @@ fn view(
         primary,
         replicas,
         resynced_bytes: resynced,
+        redundancy,
     }
 }
 
@@ -306,7 +344,7 @@ impl ControlPlane {
     }
 
     /// The spec of volume `name` with its revision, or 404.
-    async fn volume_spec(&self, name: &VolumeName) -> ApiResult<(VolumeSpec, i64)> {
+    pub(crate) async fn volume_spec(&self, name: &VolumeName) -> ApiResult<(VolumeSpec, i64)> {
         match self
             .store
             .get_json::<VolumeSpec>(&keys::volume_spec(name))
@@ -365,7 +403,7 @@ impl ControlPlane {
     }
 
     /// Disk promised to volume replicas, per host, in GiB; without `except`.
-    async fn promised_replica_disk(
+    pub(crate) async fn promised_replica_disk(
         &self,
         except: Option<&VolumeName>,
     ) -> ApiResult<HashMap<HostName, u64>> {
@@ -421,6 +459,8 @@ impl ControlPlane {
     /// Deletes the root volumes made for VMs that no longer exist (a VM's
     /// deletion finishes on its agent; its volume goes after). Returns how
     /// many deletions it requested.
+    /// (Root volumes younger than [`ORPHAN_GRACE`] are left alone: their
+    /// VM may still be being created.)
     pub async fn delete_orphaned_root_volumes(&self) -> ApiResult<usize> {
         let (specs, _) = self
             .store
@@ -429,7 +469,15 @@ impl ControlPlane {
         let mut deleted = 0;
         for (spec, _) in specs {
             let Some(owner) = &spec.owner else { continue };
-            if spec.deleting || self.store.get(&keys::instance_spec(owner)).await?.is_some() {
+            // A VM being created makes its root volume first and waits for
+            // it: that is not an orphan yet.
+            let young = (chrono::Utc::now() - spec.created_at)
+                .to_std()
+                .map_or(true, |age| age < ORPHAN_GRACE);
+            if spec.deleting
+                || young
+                || self.store.get(&keys::instance_spec(owner)).await?.is_some()
+            {
                 continue;
             }
             match self.delete_volume(spec.name.as_str()).await {

@@ -42,7 +42,8 @@ pub use snapshot::{
 };
 pub use volume::{
     InstanceVolume, MembershipView, ReplicaState, ReplicaView, Volume, VolumeAttachment,
-    VolumeHealth, VolumeId, VolumePhase, VolumeRuntime, VolumeSnapshot, VolumeSpec, VolumeStatus,
+    VolumeHealth, VolumeId, VolumePhase, VolumeRedundancy, VolumeRuntime, VolumeSnapshot,
+    VolumeSpec, VolumeStatus,
 };
 
 /// The version of Skyvisor this crate was built as; agents of another

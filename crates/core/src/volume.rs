@@ -378,6 +378,8 @@ pub struct Volume {
     pub replicas: Vec<ReplicaView>,
     /// Bytes copied by resyncs since the current primary started serving.
     pub resynced_bytes: u64,
+    /// How many of the wanted replicas are in sync.
+    pub redundancy: VolumeRedundancy,
 }
 
 /// A crash-consistent snapshot of a volume: every in-sync replica copied
@@ -422,6 +424,37 @@ pub struct CreateVolumeRequest {
 pub struct GrowVolumeRequest {
     /// The new size in bytes (larger than the current one, whole MiB).
     pub size_bytes: u64,
+}
+
+/// Body of `POST /v1/volumes/{name}/replicas`: add a replica (`to`),
+/// remove one (`from`), or move one (both). The volume's agents make it
+/// so: a new replica is copied in full and joins the in-sync set; a
+/// replica leaves only once every wanted one is in sync.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeReplicasRequest {
+    /// The host to hold a new replica; with neither field set nothing is
+    /// done. Leave it out with `from` to remove a replica; give
+    /// `"auto"` to let placement choose (most free disk first).
+    #[serde(default)]
+    pub to: Option<String>,
+    /// The host whose replica goes.
+    #[serde(default)]
+    pub from: Option<String>,
+}
+
+/// How redundant a volume is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VolumeRedundancy {
+    /// Replicas wanted (the spec's hosts).
+    pub wanted: u32,
+    /// Of those, in sync now.
+    pub in_sync: u32,
+    /// Wanted hosts whose replica is not in sync yet (being copied, behind
+    /// or unreachable).
+    pub pending: Vec<HostName>,
+    /// Replicas no longer wanted, dropped once every wanted one is in sync.
+    pub surplus: Vec<HostName>,
 }
 
 /// Body of `POST /v1/instances/{name}/volumes`.

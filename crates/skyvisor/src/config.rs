@@ -82,6 +82,8 @@ pub struct ServerFileConfig {
     pub advertise_url: Option<String>,
     /// Placement weigher: spread or pack.
     pub weigher: Option<Weigher>,
+    /// Seconds a replica's host may be gone before re-replication.
+    pub replica_grace_secs: Option<u64>,
     /// Lease TTL of its registration and leadership, seconds.
     pub lease_ttl_secs: Option<u64>,
 }

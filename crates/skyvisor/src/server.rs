@@ -68,6 +68,11 @@ pub struct ServerArgs {
     /// Seconds a crashed leader keeps leadership before another takes over.
     #[arg(long)]
     lease_ttl: Option<u64>,
+    /// Seconds a host holding volume replicas may be gone before its
+    /// replicas are made again on other hosts (default 600; set the same
+    /// on every server).
+    #[arg(long)]
+    replica_grace: Option<u64>,
     /// Don't build the default image at start.
     #[arg(long)]
     no_default_image: bool,
@@ -176,6 +181,9 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     };
     let mut cluster = ClusterSettings::single(name.clone(), url.clone());
     cluster.lease_ttl = lease_ttl;
+    if let Some(secs) = args.replica_grace.or(file.server.replica_grace_secs) {
+        cluster.replica_grace = Duration::from_secs(secs.clamp(1, 86_400));
+    }
     cluster.etcd_endpoints = etcd.clone();
     cluster.etcd_namespace = namespace.clone();
     let cp = ControlPlane::start(

@@ -39,6 +39,7 @@ pub async fn run(svc: Arc<VolumeService>) {
             watch = svc.store.watch(keys::VOLUME_SPECS, 0).await.ok();
         }
         svc.reconcile_all().await;
+        svc.converge_replicas().await;
         let woke = async {
             match watch.as_mut() {
                 Some(w) => w.next().await.map(|e| e.is_ok()),
@@ -99,9 +100,59 @@ impl VolumeService {
         for v in local {
             if !existing.contains(v.as_str()) {
                 self.remove_orphan(&v).await;
+            } else if let Ok(Some((_, m))) = self.load(&v).await
+                && m.member(&self.node).is_none()
+            {
+                // Removed from the volume while this host was away (its
+                // replica was moved elsewhere).
+                info!(volume = %v, "this host's replica is no longer a member: removing it");
+                self.remove_orphan(&v).await;
             }
         }
         self.clear_stale_primaries().await;
+    }
+
+    /// Converges the replicas of every volume this host serves, or
+    /// controls while no one serves it, to the hosts its spec wants (see
+    /// [`super::replicas`]).
+    pub async fn converge_replicas(self: &Arc<Self>) {
+        let Ok((specs, _)) = self.store.list_json::<VolumeSpec>(keys::VOLUME_SPECS).await else {
+            return;
+        };
+        let alive: HashSet<String> = match self.store.list(keys::HOSTS_ALIVE).await {
+            Ok(l) => l
+                .items
+                .iter()
+                .map(|kv| keys::name_of(&kv.key).to_owned())
+                .collect(),
+            Err(_) => return,
+        };
+        for (spec, _) in specs.into_iter().filter(|(s, _)| !s.deleting) {
+            if let Some((device, _)) = self.served_device(&spec.id) {
+                if let Err(e) = self.converge_device(&spec, &device).await {
+                    warn!(volume = %spec.name, error = %e, "moving replicas failed; retrying");
+                }
+                continue;
+            }
+            if spec.controller(|h| alive.contains(h.as_str())) != Some(&self.host) {
+                continue;
+            }
+            let fresh = self
+                .converging
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(spec.id);
+            if fresh {
+                let svc = self.clone();
+                tokio::spawn(async move {
+                    svc.converge_unserved(&spec).await;
+                    svc.converging
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&spec.id);
+                });
+            }
+        }
     }
 
     async fn write_status(&self, spec: &VolumeSpec, status: VolumeStatus) -> Result<(), String> {
@@ -246,7 +297,7 @@ impl VolumeService {
         }
     }
 
-    async fn replica_addr_of(&self, host: &HostName) -> Result<String, String> {
+    pub(crate) async fn replica_addr_of(&self, host: &HostName) -> Result<String, String> {
         match self.store.get_json::<Host>(&keys::host(host)).await {
             Ok(Some((h, _))) => h
                 .replica_addr

@@ -22,6 +22,7 @@ pub mod format;
 pub mod http;
 pub mod membership;
 pub mod pending;
+pub mod replicas;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -209,6 +210,8 @@ pub struct VolumeService {
     /// Exports whose device was closed at a migration's handover; they go
     /// when the old QEMU has exited (see [`VolumeService::hand_off`]).
     handed_off: Mutex<HashMap<VolumeId, InstanceName>>,
+    /// Unserved volumes being converged to their wanted replicas here.
+    converging: Mutex<std::collections::HashSet<VolumeId>>,
     locks: Mutex<HashMap<VolumeId, Arc<tokio::sync::Mutex<()>>>>,
     /// Scratch space for formatting blank root volumes.
     scratch_dir: PathBuf,
@@ -249,6 +252,7 @@ impl VolumeService {
             served: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             handed_off: Mutex::new(HashMap::new()),
+            converging: Mutex::new(std::collections::HashSet::new()),
             locks: Mutex::new(HashMap::new()),
             scratch_dir: cfg.data_dir.join("tmp"),
         }))

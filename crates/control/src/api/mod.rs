@@ -97,6 +97,7 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(volumes::list, volumes::create))
         .routes(routes!(volumes::show, volumes::delete))
         .routes(routes!(volumes::grow))
+        .routes(routes!(volumes::change_replicas))
         .routes(routes!(volumes::list_snapshots, volumes::create_snapshot))
         .routes(routes!(volumes::delete_snapshot))
         .routes(routes!(volumes::attach))

@@ -1,4 +1,4 @@
-//! `/v1/volumes`: create, list, show, grow, delete, snapshots; and
+//! `/v1/volumes`: create, list, show, grow, delete, replicas, snapshots; and
 //! `/v1/instances/{name}/volumes`: attach and detach.
 
 use axum::Json;
@@ -6,7 +6,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use skyvisor_core::api::ErrorBody;
 use skyvisor_core::volume::{
-    AttachVolumeRequest, CreateVolumeRequest, CreateVolumeSnapshotRequest, GrowVolumeRequest,
+    AttachVolumeRequest, ChangeReplicasRequest, CreateVolumeRequest, CreateVolumeSnapshotRequest,
+    GrowVolumeRequest,
 };
 use skyvisor_core::{Instance, Volume, VolumeSnapshot};
 
@@ -82,6 +83,30 @@ pub(super) async fn grow(
     Ok((
         StatusCode::ACCEPTED,
         Json(cp.grow_volume(&name, req).await?),
+    ))
+}
+
+/// Adds (`to`), removes (`from`) or moves (both) a replica of a volume.
+/// The copy runs in the background: `GET /v1/volumes/{name}` shows its
+/// redundancy.
+#[utoipa::path(post, path = "/v1/volumes/{name}/replicas", tag = "volumes",
+    params(("name" = String, Path, description = "volume name")),
+    request_body = ChangeReplicasRequest,
+    responses(
+        (status = 202, body = Volume),
+        (status = 400, body = ErrorBody, description = "nothing to change, or a bad host name"),
+        (status = 404, body = ErrorBody, description = "no such volume or host"),
+        (status = 409, body = ErrorBody, description = "no replica there, already one there, host not ready, no room, too many or too few replicas"),
+        (status = 503, body = ErrorBody, description = "the volume changed meanwhile"),
+    ))]
+pub(super) async fn change_replicas(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<ChangeReplicasRequest>,
+) -> ApiResult<(StatusCode, Json<Volume>)> {
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(cp.change_replicas(&name, req).await?),
     ))
 }
 

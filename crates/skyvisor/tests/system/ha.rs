@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::harness::{alive, guest_call, guest_json, wait_until};
-use crate::testbed::{LEASE_TTL, TestBed, vm_ip};
+use crate::testbed::{LEASE_TTL, TestBed, TestBedOptions, vm_ip};
 
 /// A protected VM `name` on a 2-replica root volume of its own; returns it
 /// with `n` acknowledged counter increments written.
@@ -43,18 +43,27 @@ fn route_around(bed: &TestBed, h: u32) {
     bed.script_ok(&["vmnet-via", &via.to_string()]);
 }
 
-/// Waits until `name` runs with its service answering on a host other than
-/// `not_on`; returns it.
+/// Waits until `name` runs on a host other than `not_on` with its service
+/// answering from this machine; returns it.
 fn running_elsewhere(bed: &TestBed, name: &str, not_on: u32) -> Value {
     wait_until(
         &format!("{name} running on a host other than h{not_on}"),
         Duration::from_secs(180),
         || {
             let v = bed.instance(name);
+            // Its service answers here too (the network learned where the
+            // VM is now), not only to its agent.
             (bed.host_of(&v) != not_on
                 && v["status"]["phase"] == "running"
-                && v["status"]["guest_ready"] == true)
-                .then_some(v)
+                && v["status"]["guest_ready"] == true
+                && crate::harness::http(
+                    "GET",
+                    &format!("http://{}/health", vm_ip(&v)),
+                    None,
+                    Duration::from_secs(5),
+                )
+                .is_ok_and(|(status, _)| status == 200))
+            .then_some(v)
         },
     )
 }
@@ -314,4 +323,95 @@ fn a_failover_finishes_when_the_leader_dies_with_the_host() {
             .any(|r| r["instance"] == "e" && r["outcome"] == "restarted"),
         "{records:?}"
     );
+}
+
+/// The wanted replica set of a volume and how many are in sync.
+fn redundancy(bed: &TestBed, volume: &str) -> (Vec<String>, Value) {
+    let v = bed.sv_json(&["volume", "show", volume]);
+    let hosts = v["spec"]["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .map(|h| h.as_str().expect("host").to_string())
+        .collect();
+    (hosts, v["redundancy"].clone())
+}
+
+#[test]
+fn replicas_move_on_request_and_are_made_again_after_their_host_is_gone() {
+    let bed = TestBed::start_with(
+        3,
+        1,
+        TestBedOptions {
+            server_args: vec!["--replica-grace".into(), "2".into()],
+        },
+    );
+    let v = bed.create_vm("r", &["--type", "nano"]);
+    let ip = vm_ip(&v);
+    let vm_host = bed.host_of(&v);
+    for _ in 0..3 {
+        guest_call(ip, "POST", "/counter/increment", None);
+    }
+    let (hosts, _) = redundancy(&bed, "r-disk");
+    assert_eq!(hosts.len(), 2, "{hosts:?}");
+    let all: Vec<String> = (1..=3).map(|h| format!("h{h}")).collect();
+    let free = all
+        .iter()
+        .find(|h| !hosts.contains(h))
+        .expect("a host without a replica")
+        .clone();
+    let other = hosts
+        .iter()
+        .find(|h| **h != format!("h{vm_host}"))
+        .expect("a replica away from the VM")
+        .clone();
+
+    // By hand, while the VM writes: the replica on `other` moves to `free`
+    // (the CLI waits for the copy).
+    let moved = bed.sv_json(&["volume", "replica", "move", "r-disk", &other, "--to", &free]);
+    assert_eq!(moved["redundancy"]["in_sync"], 2, "{moved}");
+    assert_eq!(
+        moved["redundancy"]["surplus"],
+        serde_json::json!([]),
+        "{moved}"
+    );
+    let (hosts, _) = redundancy(&bed, "r-disk");
+    assert!(
+        hosts.contains(&free) && !hosts.contains(&other),
+        "{hosts:?}"
+    );
+    let acked = guest_call(ip, "POST", "/counter/increment", None)["value"]
+        .as_u64()
+        .expect("counter");
+    assert_eq!(acked, 4);
+    let err = bed.sv_err(&["volume", "replica", "remove", "r-disk", &other]);
+    assert!(err.contains("no replica on host"), "{err}");
+
+    // Automatically: the host of the new replica dies; after the grace
+    // period its replica is made again on the host left.
+    let dead: u32 = free[1..].parse().expect("host number");
+    assert_ne!(dead, vm_host);
+    bed.script_ok(&["host-kill", &dead.to_string()]);
+    let healed = wait_until(
+        "the lost replica made again elsewhere and in sync",
+        Duration::from_secs(180),
+        || {
+            let (hosts, r) = redundancy(&bed, "r-disk");
+            (!hosts.contains(&free) && r["in_sync"] == 2).then_some(hosts)
+        },
+    );
+    assert!(healed.contains(&other), "{healed:?}");
+    assert_eq!(
+        guest_json(ip, "/counter")["value"].as_u64(),
+        Some(acked),
+        "an acknowledged write was lost"
+    );
+    assert_eq!(bed.instance("r")["status"]["phase"], "running");
+
+    // A detached volume (no one serves it) gets a replica added too.
+    bed.sv_ok(&["volume", "create", "d", "--size", "64M"]);
+    let added = bed.sv_json(&["volume", "replica", "add", "d"]);
+    assert_eq!(added["redundancy"]["wanted"], 2, "{added}");
+    assert_eq!(added["redundancy"]["in_sync"], 2, "{added}");
+    assert_eq!(added["health"], "healthy", "{added}");
 }

@@ -778,25 +778,12 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
             let inst: Instance = client.get(&format!("/v1/instances/{name}")).await?;
             output::print(format, &inst, vm_detail);
             if format == OutputFormat::Table {
-                // Whether the protection holds right now: its root disk's
-                // replicas.
-                if inst.spec.ha == HaPolicy::Restart
-                    && let Some(root) = inst.spec.root_volume()
-                    && let Ok(v) = client
-                        .get::<skyvisor_core::Volume>(&format!("/v1/volumes/{}", root.name))
-                        .await
-                    && v.health != skyvisor_core::VolumeHealth::Healthy
-                {
-                    println!(
-                        "protection: weakened: root disk {} is {} ({})",
-                        root.name,
-                        v.health,
-                        v.replicas
-                            .iter()
-                            .map(|r| format!("{} {}", r.host, r.state))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    );
+                // Whether the protection holds right now, and why not.
+                if let Some(p) = &inst.protection {
+                    println!("protection: {}", p.state);
+                    for r in &p.reasons {
+                        println!("  - {r}");
+                    }
                 }
                 // Its last failover, if it had one (a detail for people).
                 let all: Vec<skyvisor_core::FailoverRecord> =

@@ -54,6 +54,9 @@ pub struct ClusterSettings {
     /// How long a host holding volume replicas may be gone before the
     /// leader has its replicas made again on other hosts.
     pub replica_grace: Duration,
+    /// Admission control: new HA-protected VMs are refused unless the
+    /// protected VMs could all restart after this many hosts fail (0: off).
+    pub ha_reserve_hosts: u32,
 }
 
 impl ClusterSettings {
@@ -69,6 +72,7 @@ impl ClusterSettings {
             keep_revisions: 100_000,
             ha_margin: DEFAULT_HA_MARGIN,
             replica_grace: DEFAULT_REPLICA_GRACE,
+            ha_reserve_hosts: 0,
         }
     }
 }

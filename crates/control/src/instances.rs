@@ -242,7 +242,11 @@ impl ControlPlane {
             req.memory_mib,
             req.disk_gib,
         )?;
-        // A VM that fits on no host is refused before its disk is made.
+        // A VM that fits on no host, or that admission control would
+        // refuse, is refused before its disk is made.
+        if replicas >= 2 && req.ha != Some(HaPolicy::Off) && req.start.unwrap_or(true) {
+            self.admit_protected(resources).await?;
+        }
         let hosts = self.inventory.hosts().await;
         crate::scheduler::place(
             &hosts,
@@ -370,6 +374,9 @@ impl ControlPlane {
             resources.disk_gib = root.spec.size_bytes.div_ceil(1 << 30).max(1);
         }
         let (ha, ha_priority) = self.ha_settings(&req, &volumes)?;
+        if ha == HaPolicy::Restart && req.start.unwrap_or(true) {
+            self.admit_protected(resources).await?;
+        }
         let network = self.default_network().await?;
         let spread_group = req
             .spread_group
@@ -533,6 +540,7 @@ impl ControlPlane {
                 return Ok(Instance {
                     spec,
                     status: InstanceStatus::pending(),
+                    protection: None,
                 });
             }
             reservation.failed(out.revision);
@@ -622,10 +630,13 @@ impl ControlPlane {
     /// One instance, or 404.
     pub async fn instance(&self, name: &str) -> ApiResult<Instance> {
         let name = InstanceName::new(name)?;
-        self.inventory
+        let mut inst = self
+            .inventory
             .instance_full(&name)
             .await
-            .ok_or_else(|| ApiError::not_found(format!("instance \"{name}\" not found")))
+            .ok_or_else(|| ApiError::not_found(format!("instance \"{name}\" not found")))?;
+        inst.protection = Some(self.protection(&inst.spec).await);
+        Ok(inst)
     }
 
     /// All instances.
@@ -668,7 +679,11 @@ impl ControlPlane {
                 self.inventory
                     .wait_for(out.revision, READ_YOUR_WRITES)
                     .await;
-                return Ok(Instance { spec, status });
+                return Ok(Instance {
+                    spec,
+                    status,
+                    protection: None,
+                });
             }
         }
         Err(ApiError::unavailable(format!(
@@ -799,7 +814,11 @@ impl ControlPlane {
                     .await
                     .map(|i| i.status)
                     .unwrap_or_else(InstanceStatus::pending);
-                return Ok(Instance { spec, status });
+                return Ok(Instance {
+                    spec,
+                    status,
+                    protection: None,
+                });
             }
             self.inventory
                 .wait_for(out.revision, READ_YOUR_WRITES)
@@ -831,7 +850,11 @@ impl ControlPlane {
                 if with_snapshots {
                     self.delete_snapshots_of(&spec).await?;
                 }
-                return Ok(Instance { spec, status });
+                return Ok(Instance {
+                    spec,
+                    status,
+                    protection: None,
+                });
             }
             let running = matches!(
                 status.phase,
@@ -863,7 +886,11 @@ impl ControlPlane {
                     self.delete_snapshots_of(&spec).await?;
                 }
                 info!(instance = %name, with_snapshots, "instance deletion requested");
-                return Ok(Instance { spec, status });
+                return Ok(Instance {
+                    spec,
+                    status,
+                    protection: None,
+                });
             }
         }
         Err(ApiError::unavailable(format!(

@@ -462,6 +462,7 @@ fn full(st: &State, spec: &InstanceSpec) -> Instance {
     Instance {
         spec: spec.clone(),
         status,
+        protection: None,
     }
 }
 

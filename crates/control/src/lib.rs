@@ -18,6 +18,7 @@ pub mod inventory;
 pub mod ipam;
 pub mod metrics;
 pub mod migrations;
+pub mod protection;
 pub mod replicas;
 pub mod scheduler;
 pub mod snapshots;

@@ -39,7 +39,7 @@ const AGENT_WAIT: Duration = Duration::from_secs(60);
 /// How old an owned root volume must be before it counts as orphaned
 /// when its VM does not exist: longer than a create waits for it
 /// ([`AGENT_WAIT`]) before the VM's record is written.
-const ORPHAN_GRACE: Duration = Duration::from_secs(120);
+const ORPHAN_GRACE: Duration = Duration::from_secs(90);
 const GIB: u64 = 1 << 30;
 
 /// A volume an instance create or attach resolved: its spec and the
@@ -967,7 +967,11 @@ impl ControlPlane {
                     .await;
                 info!(instance = %iname, volume = %vname, "volume attached");
                 let status = self.instance_status(&iname).await?;
-                return Ok(Instance { spec, status });
+                return Ok(Instance {
+                    spec,
+                    status,
+                    protection: None,
+                });
             }
         }
         Err(ApiError::unavailable(format!(
@@ -1014,7 +1018,11 @@ impl ControlPlane {
                     .await;
                 info!(instance = %iname, volume = %vname, "volume detach requested");
                 let status = self.instance_status(&iname).await?;
-                return Ok(Instance { spec, status });
+                return Ok(Instance {
+                    spec,
+                    status,
+                    protection: None,
+                });
             }
         }
         Err(ApiError::unavailable(format!(

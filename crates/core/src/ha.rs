@@ -97,3 +97,36 @@ pub struct FailoverRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebound_at: Option<DateTime<Utc>>,
 }
+
+/// Whether an instance would be restarted elsewhere if its host died now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ProtectionState {
+    /// It would be restarted on another host with all its data.
+    Protected,
+    /// It is protected, but something stands in the way now (see the
+    /// reasons): a replica of its root disk is not in sync, or no other
+    /// host has room for it.
+    Weakened,
+    /// It would stay down until its host returns.
+    Unprotected,
+}
+
+impl fmt::Display for ProtectionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Protected => "protected",
+            Self::Weakened => "weakened",
+            Self::Unprotected => "unprotected",
+        })
+    }
+}
+
+/// An instance's HA protection as it stands, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Protection {
+    /// The state.
+    pub state: ProtectionState,
+    /// Why it is unprotected or weakened (empty when protected).
+    pub reasons: Vec<String>,
+}

@@ -309,4 +309,7 @@ pub struct Instance {
     pub spec: InstanceSpec,
     /// What the agent reports.
     pub status: InstanceStatus,
+    /// Its HA protection right now (shown for one instance, not in lists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protection: Option<crate::Protection>,
 }

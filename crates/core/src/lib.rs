@@ -22,7 +22,9 @@ pub mod volume;
 
 pub use accel::{Accel, AccelMode};
 pub use error::ValidationError;
-pub use ha::{FailoverOutcome, FailoverRecord, HaPolicy, HearingReport};
+pub use ha::{
+    FailoverOutcome, FailoverRecord, HaPolicy, HearingReport, Protection, ProtectionState,
+};
 pub use host::{Capacity, Host, HostState, HostView, Overcommit};
 pub use image::{Image, ImageFile, ImageKind, ImageSource, ImageState};
 pub use instance::{

@@ -84,6 +84,8 @@ pub struct ServerFileConfig {
     pub weigher: Option<Weigher>,
     /// Seconds a replica's host may be gone before re-replication.
     pub replica_grace_secs: Option<u64>,
+    /// Admission control: host failures to keep room for.
+    pub ha_reserve_hosts: Option<u32>,
     /// Lease TTL of its registration and leadership, seconds.
     pub lease_ttl_secs: Option<u64>,
 }

@@ -73,6 +73,11 @@ pub struct ServerArgs {
     /// on every server).
     #[arg(long)]
     replica_grace: Option<u64>,
+    /// Admission control: refuse a new HA-protected VM unless every
+    /// protected VM could restart after this many hosts fail (default 0:
+    /// off; set the same on every server).
+    #[arg(long)]
+    ha_reserve_hosts: Option<u32>,
     /// Don't build the default image at start.
     #[arg(long)]
     no_default_image: bool,
@@ -181,6 +186,10 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     };
     let mut cluster = ClusterSettings::single(name.clone(), url.clone());
     cluster.lease_ttl = lease_ttl;
+    cluster.ha_reserve_hosts = args
+        .ha_reserve_hosts
+        .or(file.server.ha_reserve_hosts)
+        .unwrap_or(0);
     if let Some(secs) = args.replica_grace.or(file.server.replica_grace_secs) {
         cluster.replica_grace = Duration::from_secs(secs.clamp(1, 86_400));
     }

@@ -141,9 +141,29 @@ fn a_killed_hosts_protected_vm_runs_elsewhere_with_every_acknowledged_write() {
         bed.sv_ok(&["host", "cordon", &format!("h{other}")]);
     }
     bed.create_vm("local", &["--type", "nano", "--local-disk"]);
+    let p = &bed.instance("a")["protection"];
+    assert_eq!(p["state"], "weakened", "the others are cordoned: {p}");
+    assert!(
+        p["reasons"][0]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no other host"),
+        "{p}"
+    );
     for other in (1..=3).filter(|o| *o != h) {
         bed.sv_ok(&["host", "uncordon", &format!("h{other}")]);
     }
+    let p = &bed.instance("local")["protection"];
+    assert_eq!(p["state"], "unprotected", "{p}");
+    assert!(
+        p["reasons"][0]
+            .as_str()
+            .unwrap_or_default()
+            .contains("local"),
+        "{p}"
+    );
+    let p = &bed.instance("a")["protection"];
+    assert_eq!(p["state"], "protected", "{p}");
 
     route_around(&bed, h);
     let killed = Instant::now();
@@ -392,6 +412,18 @@ fn replicas_move_on_request_and_are_made_again_after_their_host_is_gone() {
     let dead: u32 = free[1..].parse().expect("host number");
     assert_ne!(dead, vm_host);
     bed.script_ok(&["host-kill", &dead.to_string()]);
+    // Until the copy is made, its protection is weakened, and says why.
+    let weak = wait_until("r's protection weakened", Duration::from_secs(60), || {
+        let p = bed.instance("r")["protection"].clone();
+        (p["state"] == "weakened").then_some(p)
+    });
+    assert!(
+        weak["reasons"][0]
+            .as_str()
+            .unwrap_or_default()
+            .contains("r-disk"),
+        "{weak}"
+    );
     let healed = wait_until(
         "the lost replica made again elsewhere and in sync",
         Duration::from_secs(180),
@@ -407,6 +439,7 @@ fn replicas_move_on_request_and_are_made_again_after_their_host_is_gone() {
         "an acknowledged write was lost"
     );
     assert_eq!(bed.instance("r")["status"]["phase"], "running");
+    assert_eq!(bed.instance("r")["protection"]["state"], "protected");
 
     // A detached volume (no one serves it) gets a replica added too.
     bed.sv_ok(&["volume", "create", "d", "--size", "64M"]);

@@ -423,6 +423,7 @@ async fn resume(
             if !v.resumed {
                 // The source let go of the volumes before asking: become
                 // their primary, then run.
+                let activating = Instant::now();
                 let launcher = Launcher { ctx: ctx.clone() };
                 if let Err(e) = launcher
                     .serve_volumes_as(&spec, ServeMode::HandedOver)
@@ -430,9 +431,12 @@ async fn resume(
                 {
                     return peer_error(StatusCode::INTERNAL_SERVER_ERROR, e);
                 }
+                let activated = activating.elapsed();
                 if let Err(e) = v.vm.finish_incoming(Duration::from_secs(30)).await {
                     return peer_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
                 }
+                debug!(instance = %spec.name, volumes_ms = activated.as_millis() as u64,
+                    resumed_ms = activating.elapsed().as_millis() as u64, "resume steps");
                 v.resumed = true;
                 info!(instance = %spec.name, migration = %id, "migrated VM resumed here");
             }

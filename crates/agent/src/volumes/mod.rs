@@ -488,7 +488,18 @@ impl VolumeService {
         id: &VolumeId,
     ) -> Result<Arc<ReplicatedDevice>, VolumeServiceError> {
         let data_id = data_id(name, id)?;
-        let deadline = tokio::time::Instant::now() + SERVE_WAIT;
+        let started = tokio::time::Instant::now();
+        let deadline = started + SERVE_WAIT;
+        // A live migration's source lets go within milliseconds of the
+        // handover (which the destination may see first): look again soon
+        // at first, then less often.
+        let pause = || {
+            if started.elapsed() < Duration::from_secs(2) {
+                Duration::from_millis(10)
+            } else {
+                Duration::from_millis(300)
+            }
+        };
         loop {
             let record = self
                 .membership
@@ -507,7 +518,7 @@ impl VolumeService {
                         info!(volume = %name, old_primary = %p, "taking the volume over: its primary's lease expired");
                         true
                     } else if tokio::time::Instant::now() < deadline {
-                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        tokio::time::sleep(pause()).await;
                         continue;
                     } else {
                         return Err(VolumeServiceError::ServedElsewhere {
@@ -542,7 +553,7 @@ impl VolumeService {
                 Err(
                     VolumeError::PrimaryElsewhere { .. } | VolumeError::ConcurrentChange { .. },
                 ) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::time::sleep(pause()).await;
                 }
                 Err(source) => {
                     return Err(VolumeServiceError::Volume {
@@ -594,7 +605,9 @@ impl VolumeService {
                 instance: user.to_string(),
             });
         }
+        let opening = std::time::Instant::now();
         let device = self.open_device(&v.name, &v.id).await?;
+        tracing::debug!(volume = %v.name, elapsed_ms = opening.elapsed().as_millis() as u64, "volume opened for serving");
         match pending {
             // A migrated VM's export: its requests go to the device now.
             Some((export, _)) => {

@@ -340,14 +340,14 @@ impl Drop for TestBed {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("--- test bed {} logs ---\n{}", self.id, self.logs_tail());
-            // Whole logs for a closer look, when asked.
-            if let Some(keep) = std::env::var_os("TESTBED_KEEP_LOGS") {
-                let _ = std::process::Command::new("cp")
-                    .arg("-r")
-                    .arg(&self.dir)
-                    .arg(keep)
-                    .status();
-            }
+        }
+        // Whole logs for a closer look, when asked (passed or not).
+        if let Some(keep) = std::env::var_os("TESTBED_KEEP_LOGS") {
+            let _ = std::process::Command::new("cp")
+                .arg("-r")
+                .arg(&self.dir)
+                .arg(keep)
+                .status();
         }
         self.script_quiet(&["down"]);
     }

@@ -32,6 +32,7 @@ repeats); figures from the completed migration record (`result`).
 
 Usage: bench/migration/run.py [--release] [--repeat N] [--sizes 256,1024]
                               [--cases idle,busy] [--rate MIB_S] [--no-build]
+                              [--disk replicated|local] [--out FILE]
 Needs root, qemu-system-x86_64, qemu-img, etcd; builds skyvisor first (in
 the repository's own target directory). Writes bench/migration/results.md
 and prints it.
@@ -379,9 +380,10 @@ def default_image_files(get_image, testbed_dir, work):
 
 
 class Skyvisor:
-    def __init__(self, binary, work):
+    def __init__(self, binary, work, disk="replicated"):
         self.binary = binary
         self.work = work
+        self.disk = disk
         self.env = dict(os.environ, TESTBED_ID=str(TESTBED_ID), SKYVISOR=binary,
                         TESTBED_CACHE=os.environ.get(
                             "TESTBED_CACHE", os.path.join(ROOT, "target", "test-cache")),
@@ -408,8 +410,11 @@ class Skyvisor:
 
     def create(self, name, mem):
         try:
-            inst = self.api("POST", "/v1/instances", {"name": name, "image": "debian-busybox",
-                                                       "vcpus": 1, "memory_mib": mem, "disk_gib": 2})
+            body = {"name": name, "image": "debian-busybox",
+                    "vcpus": 1, "memory_mib": mem, "disk_gib": 2}
+            if self.disk == "local":
+                body["local_disk"] = True
+            inst = self.api("POST", "/v1/instances", body)
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"creating {name}: {http_error_text(e)}") from None
         deadline = time.time() + 600
@@ -765,7 +770,9 @@ def ratio(a, b):
 def report(rows, args, profile):
     qv = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
                         text=True).stdout.splitlines()[0]
-    out = [f"Medians of {args.repeat} run(s) per case; TCG guests, 1 vCPU, 2 GiB disk; "
+    out = [f"Skyvisor's root disk: {args.disk} "
+           f"({'a 2-replica volume, not copied' if args.disk == 'replicated' else 'a local qcow2, mirrored'}). "
+           f"Medians of {args.repeat} run(s) per case; TCG guests, 1 vCPU, 2 GiB disk; "
            f"`{profile}` build; {qv}; raw QEMU and Skyvisor in the same run. "
            f"Busy: memtest rewriting half the guest's RAM at {args.rate} MiB/s. "
            f"Client: a new TCP connection to /health every 10–20 ms, from 1 s before to 1.5 s "
@@ -833,6 +840,11 @@ def main():
     ap.add_argument("--cases", default="idle,busy", help="idle, busy or both")
     ap.add_argument("--rate", type=float, default=50, help="busy guests' memtest rate, MiB/s")
     ap.add_argument("--no-build", action="store_true", help="use the binary already built")
+    ap.add_argument("--disk", choices=["replicated", "local"], default="replicated",
+                    help="Skyvisor VM's root disk: a 2-replica volume (the cluster default; "
+                         "not copied) or a local qcow2 (mirrored)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results.md"),
+                    help="where to write the report")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root (network namespaces, bridges, taps)")
@@ -875,7 +887,7 @@ def main():
 
     rows = []
     try:
-        state["sv"] = sv = Skyvisor(binary, work)
+        state["sv"] = sv = Skyvisor(binary, work, args.disk)
         state["raw"] = raw = Raw(sv, work)
         for mem in sizes:
             for case in cases:
@@ -902,7 +914,7 @@ def main():
         cleanup()
 
     text = report(rows, args, profile)
-    with open(os.path.join(HERE, "results.md"), "w") as f:
+    with open(args.out, "w") as f:
         f.write(text)
     print(text)
 

@@ -35,7 +35,7 @@ use crate::ControlPlane;
 use crate::error::ApiResult;
 use crate::instances::spec_ops;
 use crate::inventory::HostEntry;
-use crate::scheduler::{self, PlacementRequest, SpreadConstraint};
+use crate::scheduler::{self, PlacementRequest};
 
 /// How often the controller looks.
 const TICK: Duration = Duration::from_millis(250);
@@ -58,6 +58,7 @@ struct State {
 /// The controller's loop; acts only while this server leads.
 pub(crate) async fn run(cp: ControlPlane) {
     let mut state = State::default();
+    let mut pruned_at = Instant::now();
     loop {
         tokio::time::sleep(TICK).await;
         let leads = cp
@@ -70,7 +71,35 @@ pub(crate) async fn run(cp: ControlPlane) {
         if let Err(e) = step(&cp, &mut state).await {
             warn!(error = %e.message, "failover step failed");
         }
+        if pruned_at.elapsed() > PRUNE_EVERY {
+            pruned_at = Instant::now();
+            if let Err(e) = prune_records(&cp).await {
+                warn!(error = %e.message, "cannot prune old failover records");
+            }
+        }
     }
+}
+
+/// How often the leader prunes failover records.
+const PRUNE_EVERY: Duration = Duration::from_secs(300);
+/// Failover records kept at most (the newest).
+const KEEP_RECORDS: usize = 1000;
+
+/// Keeps the newest [`KEEP_RECORDS`] failover records (their ids are
+/// time-ordered); older ones are deleted.
+async fn prune_records(cp: &ControlPlane) -> ApiResult<usize> {
+    let mut all = cp.failovers().await?;
+    if all.len() <= KEEP_RECORDS {
+        return Ok(0);
+    }
+    let old = all.len() - KEEP_RECORDS;
+    let mut deleted = 0;
+    for r in all.drain(..old) {
+        cp.store.delete(&keys::failover(&r.id)).await?;
+        deleted += 1;
+    }
+    info!(deleted, "pruned old failover records");
+    Ok(deleted)
 }
 
 async fn step(cp: &ControlPlane, state: &mut State) -> ApiResult<()> {
@@ -257,30 +286,14 @@ async fn fail_over(
         .filter(|h| h.alive && &h.host.name != dead && h.state() == HostState::Ready)
         .cloned()
         .collect();
-    let spread = match &spec.spread_group {
-        Some(group) => {
-            let mut members = cp.inventory.spread_members(group).await;
-            members.retain(|_, m| m != name);
-            Some(SpreadConstraint {
-                group: group.clone(),
-                members,
-            })
-        }
-        None => None,
-    };
     let request = PlacementRequest {
         resources: spec.resources,
         accel: spec.accel,
-        spread,
+        spread: cp.spread_for(&spec).await,
         ..Default::default()
     };
-    let preferred: Vec<HostEntry> = usable
-        .iter()
-        .filter(|h| replica_hosts.contains(&h.host.name))
-        .cloned()
-        .collect();
-    let target = scheduler::place(&preferred, &request, cp.config.weigher)
-        .or_else(|_| scheduler::place(&usable, &request, cp.config.weigher))
+    let target = cp
+        .place_near(&usable, &replica_hosts, &request)
         .map_err(|e| match e {
             scheduler::PlacementError::NoHosts => "no other host is ready to take it".to_string(),
             e => e.to_string(),

@@ -693,6 +693,13 @@ impl ControlPlane {
 
     /// Asks for the instance to run.
     pub async fn start_instance(&self, name: &str) -> ApiResult<Instance> {
+        // A stopped protected VM counts against admission control again.
+        if let Some(i) = self.inventory.instance(&InstanceName::new(name)?).await
+            && i.ha == HaPolicy::Restart
+            && i.power == PowerState::Stopped
+        {
+            self.admit_protected(i.resources).await?;
+        }
         self.update_spec(name, |spec, _| {
             spec.power = PowerState::Running;
             spec.force_stop = false;

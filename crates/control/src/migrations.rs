@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 use crate::error::{ApiError, ApiResult};
 use crate::instances::spec_ops;
+use crate::inventory::HostEntry;
 use crate::scheduler::{self, PlacementRequest, SpreadConstraint};
 use crate::{ControlPlane, READ_YOUR_WRITES};
 
@@ -98,17 +99,7 @@ impl ControlPlane {
                 .filter(|h| h.host.name != spec.host)
                 .cloned()
                 .collect();
-            let spread = match &spec.spread_group {
-                Some(group) => {
-                    let mut members = self.inventory.spread_members(group).await;
-                    members.retain(|_, m| *m != name);
-                    Some(SpreadConstraint {
-                        group: group.clone(),
-                        members,
-                    })
-                }
-                None => None,
-            };
+            let spread = self.spread_for(&spec).await;
             let request = PlacementRequest {
                 resources: spec.resources,
                 only: to.clone(),
@@ -120,15 +111,11 @@ impl ControlPlane {
             };
             // A volume-backed VM goes where a replica of its root disk is
             // when it can: its reads stay on the host.
-            let replica_hosts = self.root_replica_hosts(&spec).await;
-            let near: Vec<_> = candidates
-                .iter()
-                .filter(|h| replica_hosts.contains(&h.host.name))
-                .cloned()
-                .collect();
-            let placed = match scheduler::place(&near, &request, self.config.weigher) {
-                Ok(h) if to.is_none() => Ok(h),
-                _ => scheduler::place(&candidates, &request, self.config.weigher),
+            let placed = if to.is_none() {
+                let replica_hosts = self.root_replica_hosts(&spec).await;
+                self.place_near(&candidates, &replica_hosts, &request)
+            } else {
+                scheduler::place(&candidates, &request, self.config.weigher)
             };
             let dest = match placed {
                 Ok(h) => h,
@@ -408,6 +395,35 @@ impl ControlPlane {
 }
 
 impl ControlPlane {
+    /// The spread constraint of `spec`'s group, the instance itself left
+    /// out (it is the one being placed).
+    pub(crate) async fn spread_for(&self, spec: &InstanceSpec) -> Option<SpreadConstraint> {
+        let group = spec.spread_group.as_ref()?;
+        let mut members = self.inventory.spread_members(group).await;
+        members.retain(|_, m| *m != spec.name);
+        Some(SpreadConstraint {
+            group: group.clone(),
+            members,
+        })
+    }
+
+    /// Places `request` on one of `candidates`, a host in `near` (holding
+    /// a replica of the VM's root disk) first.
+    pub(crate) fn place_near(
+        &self,
+        candidates: &[HostEntry],
+        near: &[HostName],
+        request: &PlacementRequest,
+    ) -> Result<HostName, scheduler::PlacementError> {
+        let preferred: Vec<HostEntry> = candidates
+            .iter()
+            .filter(|h| near.contains(&h.host.name))
+            .cloned()
+            .collect();
+        scheduler::place(&preferred, request, self.config.weigher)
+            .or_else(|_| scheduler::place(candidates, request, self.config.weigher))
+    }
+
     /// The hosts holding a replica of `spec`'s root volume (none for a
     /// local disk).
     pub(crate) async fn root_replica_hosts(&self, spec: &InstanceSpec) -> Vec<HostName> {
@@ -448,31 +464,15 @@ impl ControlPlane {
             .filter(|h| &h.host.name != from && h.alive)
             .cloned()
             .collect();
-        let spread = match &spec.spread_group {
-            Some(group) => {
-                let mut members = self.inventory.spread_members(group).await;
-                members.retain(|_, m| m != name);
-                Some(SpreadConstraint {
-                    group: group.clone(),
-                    members,
-                })
-            }
-            None => None,
-        };
         let request = PlacementRequest {
             resources: spec.resources,
             accel: spec.accel,
-            spread,
+            spread: self.spread_for(&spec).await,
             ..Default::default()
         };
         let replica_hosts = self.root_replica_hosts(&spec).await;
-        let near: Vec<_> = candidates
-            .iter()
-            .filter(|h| replica_hosts.contains(&h.host.name))
-            .cloned()
-            .collect();
-        let dest = scheduler::place(&near, &request, self.config.weigher)
-            .or_else(|_| scheduler::place(&candidates, &request, self.config.weigher))
+        let dest = self
+            .place_near(&candidates, &replica_hosts, &request)
             .map_err(|e| {
                 ApiError::insufficient_capacity(format!(
                     "no host can take stopped instance \"{name}\": {e}"

@@ -78,16 +78,8 @@ impl VolumeService {
                 return;
             }
         };
-        let alive: HashSet<String> = match self.store.list(keys::HOSTS_ALIVE).await {
-            Ok(l) => l
-                .items
-                .iter()
-                .map(|kv| keys::name_of(&kv.key).to_owned())
-                .collect(),
-            Err(e) => {
-                debug!(error = %e, "cannot list live hosts");
-                return;
-            }
+        let Some(alive) = self.alive_hosts().await else {
+            return;
         };
         for (spec, rev) in &specs {
             if spec.controller(|h| alive.contains(h.as_str())) == Some(&self.host)
@@ -119,13 +111,8 @@ impl VolumeService {
         let Ok((specs, _)) = self.store.list_json::<VolumeSpec>(keys::VOLUME_SPECS).await else {
             return;
         };
-        let alive: HashSet<String> = match self.store.list(keys::HOSTS_ALIVE).await {
-            Ok(l) => l
-                .items
-                .iter()
-                .map(|kv| keys::name_of(&kv.key).to_owned())
-                .collect(),
-            Err(_) => return,
+        let Some(alive) = self.alive_hosts().await else {
+            return;
         };
         for (spec, _) in specs.into_iter().filter(|(s, _)| !s.deleting) {
             if let Some((device, _)) = self.served_device(&spec.id) {
@@ -151,6 +138,23 @@ impl VolumeService {
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(&spec.id);
                 });
+            }
+        }
+    }
+
+    /// The names of the hosts whose lease is alive; none if the store
+    /// cannot say.
+    async fn alive_hosts(&self) -> Option<HashSet<String>> {
+        match self.store.list(keys::HOSTS_ALIVE).await {
+            Ok(l) => Some(
+                l.items
+                    .iter()
+                    .map(|kv| keys::name_of(&kv.key).to_owned())
+                    .collect(),
+            ),
+            Err(e) => {
+                debug!(error = %e, "cannot list live hosts");
+                None
             }
         }
     }

@@ -362,6 +362,23 @@ fn file_extents(f: &File, offset: u64, len: u64, size: u64) -> Vec<Extent> {
     out
 }
 
+/// Hands the lead of a [`SyncBatcher`] back if its leader is dropped
+/// before its sync finished: the next caller leads a new sync.
+struct LeadGuard<'a> {
+    batcher: &'a SyncBatcher,
+    done: bool,
+}
+
+impl Drop for LeadGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.batcher.lock().running = false;
+            // Wakes the waiters: they look again and one of them leads.
+            self.batcher.done.send_modify(|_| {});
+        }
+    }
+}
+
 /// Group commit for `fdatasync`: a caller waits for a sync that *started*
 /// after it called, and concurrent callers share one.
 #[derive(Debug)]
@@ -420,10 +437,19 @@ impl SyncBatcher {
             };
             match lead {
                 Some(generation) => {
+                    // If this caller gives up while it leads (its future is
+                    // dropped, e.g. by a timeout), the guard hands the lead
+                    // back; without it every later sync would wait forever
+                    // for a sync marked running that nobody finishes.
+                    let mut lead = LeadGuard {
+                        batcher: self,
+                        done: false,
+                    };
                     let file = self.file.clone();
                     let r = tokio::task::spawn_blocking(move || file.sync_data())
                         .await
                         .unwrap_or_else(|_| Err(std::io::Error::other("sync task failed")));
+                    lead.done = true;
                     {
                         let mut s = self.lock();
                         s.running = false;
@@ -448,7 +474,17 @@ impl SyncBatcher {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::Poll;
+    use std::time::Duration;
+
     use super::*;
+
+    /// Polls `fut` once.
+    async fn poll_once<F: Future>(mut fut: Pin<&mut F>) -> Poll<F::Output> {
+        std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await
+    }
 
     #[tokio::test]
     async fn write_read_trim_zero() {
@@ -502,5 +538,55 @@ mod tests {
         }
         let syncs = dev.inner.syncer.lock().completed;
         assert!((1..=32).contains(&syncs), "syncs: {syncs}");
+    }
+
+    /// A caller that gives up while it leads a sync (its future dropped by
+    /// a timeout, as a replica call's is) must not leave every later sync
+    /// waiting for it: seen as a volume whose replica stopped answering.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_sync_leader_does_not_block_later_syncs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = Arc::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(dir.path().join("f"))
+                .expect("open"),
+        );
+        let batcher = SyncBatcher::new(file.clone());
+        // A leader polled once (it takes the lead and starts the sync) and
+        // dropped, with a waiter parked behind it. (Retried in the unlikely
+        // case the sync finished before the first poll returned.)
+        let mut exercised = false;
+        for _ in 0..20 {
+            std::io::Write::write_all(&mut &*file, &[1u8; 65536]).expect("write");
+            let mut leader = Box::pin(batcher.sync());
+            let mut waiter = Box::pin(batcher.sync());
+            if poll_once(leader.as_mut()).await.is_ready() {
+                continue;
+            }
+            assert!(poll_once(waiter.as_mut()).await.is_pending());
+            drop(leader);
+            assert!(
+                !batcher.lock().running,
+                "the dropped leader left the sync marked running"
+            );
+            tokio::time::timeout(Duration::from_secs(10), waiter)
+                .await
+                .expect("the waiter hung after its leader was dropped")
+                .expect("sync");
+            exercised = true;
+            break;
+        }
+        assert!(
+            exercised,
+            "every sync finished before its first poll returned"
+        );
+        tokio::time::timeout(Duration::from_secs(10), batcher.sync())
+            .await
+            .expect("a later sync hung behind the dropped leader")
+            .expect("sync");
     }
 }

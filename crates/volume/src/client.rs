@@ -272,11 +272,21 @@ impl Link {
                     volume: volume.clone(),
                     request,
                 };
-                match tokio::time::timeout(timeout, store.handle(frame)).await {
-                    Ok(Ok(r)) => Ok(r),
-                    Ok(Err(error)) => Err(LinkError::Replica {
+                // A task of its own, as a remote replica server runs each
+                // request: a caller that times out must not cancel the
+                // replica's work half-way (a half-done sync or metadata
+                // update would wedge the replica for every later request).
+                let store = store.clone();
+                let work = tokio::spawn(async move { store.handle(frame).await });
+                match tokio::time::timeout(timeout, work).await {
+                    Ok(Ok(Ok(r))) => Ok(r),
+                    Ok(Ok(Err(error))) => Err(LinkError::Replica {
                         node: node.clone(),
                         error,
+                    }),
+                    Ok(Err(e)) => Err(LinkError::Transport {
+                        node: node.clone(),
+                        message: format!("local replica task failed: {e}"),
                     }),
                     Err(_) => Err(LinkError::Transport {
                         node: node.clone(),

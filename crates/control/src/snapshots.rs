@@ -111,7 +111,7 @@ impl ControlPlane {
         if !spec.volumes.is_empty() {
             let names: Vec<String> = spec.volumes.iter().map(|v| v.name.to_string()).collect();
             return Err(ApiError::conflict(format!(
-                "instance \"{instance}\" uses replicated volumes ({}); checkpoints of such VMs are not supported yet: snapshot its volumes with `skyvisor volume snapshot create`",
+                "instance \"{instance}\" uses replicated volumes ({}); checkpoints of such VMs are not supported yet: snapshot its volumes with `skyvisor volume snapshot create`, or create the VM with --local-disk (in a cluster a VM's root disk is a replicated volume unless --local-disk)",
                 names.join(", ")
             )));
         }

@@ -667,5 +667,11 @@ fn volume_backed_vms_migrate_live_and_stopped_ones_leave_a_draining_host() {
         Some(3),
         "the stopped VM's disk did not follow it"
     );
+    // A resize restarts it with the new size on the same host, volume and
+    // data included.
+    let resized = bed.sv_json(&["vm", "resize", "sleeper", "--type", "micro", "--wait"]);
+    assert_eq!(resized["spec"]["resources"]["memory_mib"], 256, "{resized}");
+    assert_eq!(host_name(&resized), host_name(&moved), "{resized}");
+    assert_eq!(guest_json(sip, "/counter")["value"].as_u64(), Some(3));
     bed.sv_ok(&["host", "undrain", &from]);
 }

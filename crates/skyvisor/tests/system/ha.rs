@@ -363,10 +363,63 @@ fn replicas_move_on_request_and_are_made_again_after_their_host_is_gone() {
         3,
         1,
         TestBedOptions {
-            server_args: vec!["--replica-grace".into(), "2".into()],
+            server_args: vec![
+                "--replica-grace".into(),
+                "2".into(),
+                "--ha-reserve-hosts".into(),
+                "2".into(),
+            ],
         },
     );
     let v = bed.create_vm("r", &["--type", "nano"]);
+    // Admission control keeps room for 2 of the 3 hosts failing: a second
+    // protected VM as large as a whole host no longer fits in what one
+    // host offers, although a host could run it; unprotected, it may.
+    let cpus = bed
+        .sv_json(&["host", "list"])
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .map(|h| {
+            h["host"]["capacity"]["allocatable"]["vcpus"]
+                .as_u64()
+                .expect("vcpus")
+        })
+        .min()
+        .expect("a host");
+    let err = bed.sv_err(&[
+        "vm",
+        "create",
+        "big",
+        "--vcpus",
+        &cpus.to_string(),
+        "--memory",
+        "128M",
+    ]);
+    assert!(
+        err.contains("admission control") && err.contains("--ha-reserve-hosts 2"),
+        "{err}"
+    );
+    assert!(
+        !bed.sv_at(&bed.urls(), &["volume", "show", "big-disk"])
+            .status
+            .success(),
+        "a refused VM left its root volume"
+    );
+    let unprotected = bed.sv_json(&[
+        "vm",
+        "create",
+        "big",
+        "--vcpus",
+        &cpus.to_string(),
+        "--memory",
+        "128M",
+        "--ha",
+        "off",
+        "--no-start",
+    ]);
+    assert_eq!(unprotected["spec"]["ha"], "off", "{unprotected}");
+    bed.sv_ok(&["vm", "delete", "big", "--force"]);
     let ip = vm_ip(&v);
     let vm_host = bed.host_of(&v);
     for _ in 0..3 {

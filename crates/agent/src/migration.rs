@@ -867,6 +867,13 @@ pub(crate) async fn migrate_out(
         redirected: false,
         cancelled: false,
     };
+    // The disk follows: a replica moved to the destination is in sync
+    // before the destination VM is even prepared.
+    if let Err(e) = wait_for_destination_replica(ctx, spec, &req.destination, &mut control).await {
+        let cancelled = control.cancelled;
+        fail(ctx, spec, control.record, e, cancelled).await;
+        return SourceOutcome::Stayed;
+    }
     control.record.set_phase(MigrationPhase::Preparing);
     control.save().await;
     let answer = match peer.call::<PrepareAnswer>("prepare").await {
@@ -1015,6 +1022,87 @@ pub(crate) async fn migrate_out(
         });
     }
     SourceOutcome::Moved
+}
+
+/// How long a migration waits for its destination's new replica.
+const REPLICA_COPY_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// Waits until the destination's replica of the VM's root volume is in
+/// sync, when the volume wants one there (see the control plane's
+/// `follow_with_replica`), reporting the copy as the `copying-disk` phase.
+/// Nothing to wait for without a root volume or a replica wanted there.
+async fn wait_for_destination_replica(
+    ctx: &AgentContext,
+    spec: &InstanceSpec,
+    dest: &skyvisor_core::HostName,
+    control: &mut SourceControl<'_>,
+) -> Result<(), String> {
+    let Some(root) = spec.root_volume() else {
+        return Ok(());
+    };
+    let deadline = Instant::now() + REPLICA_COPY_TIMEOUT;
+    loop {
+        let wanted = match ctx
+            .store
+            .get_json::<skyvisor_core::VolumeSpec>(&keys::volume_spec(&root.name))
+            .await
+        {
+            Ok(Some((v, _))) => v.hosts.contains(dest),
+            Ok(None) => false,
+            Err(e) => {
+                warn!(volume = %root.name, error = %e, "cannot read the volume; not waiting for its copy");
+                false
+            }
+        };
+        if !wanted {
+            return Ok(());
+        }
+        let in_sync = matches!(
+            ctx.store
+                .get_json::<skyvisor_core::MembershipView>(&keys::volume_membership(&root.id.data_id()))
+                .await,
+            Ok(Some((m, _))) if m.replicas.iter().any(|r| r.node == dest.as_str() && r.in_sync)
+        );
+        if in_sync {
+            return Ok(());
+        }
+        let (done, total) = match ctx
+            .store
+            .get_json::<skyvisor_core::VolumeRuntime>(&keys::volume_runtime(&root.name))
+            .await
+        {
+            Ok(Some((r, _))) => r
+                .replicas
+                .iter()
+                .find(|x| &x.host == dest)
+                .map(|x| {
+                    (
+                        x.resync_done_bytes.unwrap_or(0),
+                        x.resync_total_bytes.unwrap_or(0),
+                    )
+                })
+                .unwrap_or((0, 0)),
+            _ => (0, 0),
+        };
+        let progress = MigrationProgress {
+            disk_copied: done,
+            disk_total: total,
+            ..Default::default()
+        };
+        if !control
+            .progress(MigrationPhase::CopyingDisk, &progress)
+            .await
+        {
+            return Err("cancelled while the disk was copied to the destination".into());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the destination's replica of {} was not in sync within {REPLICA_COPY_TIMEOUT:?}",
+                root.name
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// How long the source's QEMU gets to quit after the handover.

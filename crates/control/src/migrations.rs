@@ -62,7 +62,8 @@ impl ControlPlane {
             )));
         }
         let key = keys::instance_spec(&name);
-        let _placing = self.placement.lock().await;
+        let placing = self.placement.lock().await;
+        let mut committed = None;
         for _ in 0..8 {
             let Some((spec, rev)) = self.store.get_json::<InstanceSpec>(&key).await? else {
                 return Err(ApiError::not_found(format!(
@@ -176,11 +177,17 @@ impl ControlPlane {
             if out.succeeded {
                 self.inventory.apply_committed(&ops, out.revision).await;
                 info!(instance = %name, from = %spec.host, to = %dest, migration = %record.id, %reason, "migration requested");
-                return Ok(record);
+                committed = Some((record, spec));
+                break;
             }
             self.inventory
                 .wait_for(out.revision, READ_YOUR_WRITES)
                 .await;
+        }
+        drop(placing);
+        if let Some((record, spec)) = committed {
+            self.follow_with_replica(&spec, &record.destination).await;
+            return Ok(record);
         }
         Err(ApiError::unavailable(format!(
             "instance \"{name}\" or the hosts are changing too fast; retry"
@@ -422,6 +429,39 @@ impl ControlPlane {
             .collect();
         scheduler::place(&preferred, request, self.config.weigher)
             .or_else(|_| scheduler::place(candidates, request, self.config.weigher))
+    }
+
+    /// The disk follows its VM: when a volume-backed VM migrates to a host
+    /// without a replica of its root disk, one of its replicas moves there
+    /// (the source's if it holds one). The source's agent waits for the new
+    /// replica to be in sync before the switchover; the old one is dropped
+    /// once it is. Best effort: without it the VM reads its disk from the
+    /// other hosts.
+    async fn follow_with_replica(&self, spec: &InstanceSpec, dest: &HostName) {
+        let Some(root) = spec.root_volume() else {
+            return;
+        };
+        let hosts = self.root_replica_hosts(spec).await;
+        if hosts.is_empty() || hosts.contains(dest) {
+            return;
+        }
+        let from = if hosts.contains(&spec.host) {
+            spec.host.clone()
+        } else {
+            hosts[hosts.len() - 1].clone()
+        };
+        let req = skyvisor_core::volume::ChangeReplicasRequest {
+            to: Some(dest.to_string()),
+            from: Some(from.to_string()),
+        };
+        match self.change_replicas(root.name.as_str(), req).await {
+            Ok(_) => {
+                info!(instance = %spec.name, volume = %root.name, %from, to = %dest, "the disk follows its VM: a replica moves to the destination")
+            }
+            Err(e) => {
+                warn!(instance = %spec.name, volume = %root.name, error = %e.message, "cannot move a replica to the destination; the VM will read its disk remotely")
+            }
+        }
     }
 
     /// The hosts holding a replica of `spec`'s root volume (none for a

@@ -583,14 +583,23 @@ fn volume_backed_vms_migrate_live_and_stopped_ones_leave_a_draining_host() {
         let now = bed.instance("vb");
         assert_eq!(&host_name(&now), to, "{now}");
         assert_eq!(now["status"]["phase"], "running", "{now}");
-        wait_until(
+        // The disk follows: served where the VM runs, from a replica there
+        // (moved before the switchover), still two replicas in sync.
+        let disk = wait_until(
             &format!("vb-disk served by {to}"),
             Duration::from_secs(30),
             || {
                 let disk = bed.sv_json(&["volume", "show", "vb-disk"]);
-                (disk["primary"] == to.as_str()).then_some(())
+                (disk["primary"] == to.as_str()).then_some(disk)
             },
         );
+        assert!(
+            disk["spec"]["hosts"]
+                .as_array()
+                .is_some_and(|h| h.iter().any(|h| h == to.as_str())),
+            "no replica followed the VM to {to}: {disk}"
+        );
+        assert_eq!(disk["spec"]["replicas"], 2, "{disk}");
     }
     let acked = writer.join().expect("writer");
     let report = client.finish();

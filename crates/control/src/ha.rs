@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use skyvisor_core::{
     FailoverOutcome, FailoverRecord, HaPolicy, HearingReport, HostName, HostState, Instance,
-    InstanceName, PowerState, VolumeSpec, keys,
+    InstanceName, PowerState, keys,
 };
 use skyvisor_store::{Compare, Op, StoreExt, put_json};
 use tracing::{info, warn};
@@ -270,17 +270,7 @@ async fn fail_over(
         return Ok(());
     }
     // Hosts holding a replica of its root volume first: no data to fetch.
-    let replica_hosts: Vec<HostName> = match spec.root_volume() {
-        Some(v) => cp
-            .store
-            .get_json::<VolumeSpec>(&keys::volume_spec(&v.name))
-            .await
-            .ok()
-            .flatten()
-            .map(|(s, _)| s.hosts)
-            .unwrap_or_default(),
-        None => Vec::new(),
-    };
+    let replica_hosts = cp.root_replica_hosts(&spec).await;
     let usable: Vec<HostEntry> = hosts
         .iter()
         .filter(|h| h.alive && &h.host.name != dead && h.state() == HostState::Ready)

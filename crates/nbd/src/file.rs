@@ -314,9 +314,11 @@ impl BlockDevice for FileDevice {
     }
 }
 
-/// Extents of `[offset, offset+len)` from SEEK_DATA/SEEK_HOLE; on any error
-/// the range is reported as data, which is always correct.
-fn file_extents(f: &File, offset: u64, len: u64, size: u64) -> Vec<Extent> {
+/// Extents of `[offset, offset+len)` of `f` (of `size` bytes) from
+/// SEEK_DATA/SEEK_HOLE, at most 1024 of them (call again from where they
+/// end for the rest); on any error the range is reported as data, which is
+/// always correct.
+pub fn file_extents(f: &File, offset: u64, len: u64, size: u64) -> Vec<Extent> {
     use nix::unistd::{Whence, lseek};
     let end = offset.saturating_add(len).min(size);
     let mut out = Vec::new();

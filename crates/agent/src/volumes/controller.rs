@@ -39,7 +39,6 @@ pub async fn run(svc: Arc<VolumeService>) {
             watch = svc.store.watch(keys::VOLUME_SPECS, 0).await.ok();
         }
         svc.reconcile_all().await;
-        svc.converge_replicas().await;
         let woke = async {
             match watch.as_mut() {
                 Some(w) => w.next().await.map(|e| e.is_ok()),
@@ -66,8 +65,9 @@ fn same_status(a: &VolumeStatus, b: &VolumeStatus) -> bool {
 }
 
 impl VolumeService {
-    /// One pass over every volume.
-    pub async fn reconcile_all(&self) {
+    /// One pass over every volume, its replicas converged to the wanted
+    /// hosts too (see [`super::replicas`]).
+    pub async fn reconcile_all(self: &Arc<Self>) {
         // Local replicas first, then the specs: a replica made after this
         // listing belongs to a spec written before it.
         let local = self.replicas.volumes();
@@ -102,18 +102,18 @@ impl VolumeService {
             }
         }
         self.clear_stale_primaries().await;
+        self.converge_replicas(specs, &alive).await;
     }
 
     /// Converges the replicas of every volume this host serves, or
     /// controls while no one serves it, to the hosts its spec wants (see
     /// [`super::replicas`]).
-    pub async fn converge_replicas(self: &Arc<Self>) {
-        let Ok((specs, _)) = self.store.list_json::<VolumeSpec>(keys::VOLUME_SPECS).await else {
-            return;
-        };
-        let Some(alive) = self.alive_hosts().await else {
-            return;
-        };
+    /// `specs` and `alive` are the pass's listing of volumes and live hosts.
+    async fn converge_replicas(
+        self: &Arc<Self>,
+        specs: Vec<(VolumeSpec, i64)>,
+        alive: &HashSet<String>,
+    ) {
         for (spec, _) in specs.into_iter().filter(|(s, _)| !s.deleting) {
             if let Some((device, _)) = self.served_device(&spec.id) {
                 if let Err(e) = self.converge_device(&spec, &device).await {

@@ -101,35 +101,23 @@ pub async fn format_if_blank(
     Ok(true)
 }
 
-/// The `[start, end)` ranges of `f` (of `size` bytes) that hold data, from
-/// SEEK_DATA/SEEK_HOLE; on any error the rest counts as data (correct,
-/// only slower).
+/// The `[start, end)` ranges of `f` (of `size` bytes) that hold data (see
+/// [`skyvisor_nbd::file::file_extents`]; on any error the rest counts as
+/// data: correct, only slower).
 fn data_ranges(f: &std::fs::File, size: u64) -> Vec<(u64, u64)> {
-    use nix::unistd::{Whence, lseek};
-    let mut out = Vec::new();
+    let mut out: Vec<(u64, u64)> = Vec::new();
     let mut pos = 0u64;
     while pos < size {
-        let Ok(p) = i64::try_from(pos) else { break };
-        let data = match lseek(f, p, Whence::SeekData) {
-            Ok(d) => d as u64,
-            // No data after `pos`.
-            Err(nix::errno::Errno::ENXIO) => break,
-            Err(_) => {
-                out.push((pos, size));
-                break;
+        let extents = skyvisor_nbd::file::file_extents(f, pos, size - pos, size);
+        for e in extents {
+            if !e.hole {
+                match out.last_mut() {
+                    Some(last) if last.1 == pos => last.1 = pos + e.length,
+                    _ => out.push((pos, pos + e.length)),
+                }
             }
-        };
-        let Ok(d) = i64::try_from(data) else { break };
-        let hole = match lseek(f, d, Whence::SeekHole) {
-            Ok(h) => (h as u64).min(size),
-            Err(_) => size,
-        };
-        if hole <= data {
-            out.push((data, size));
-            break;
+            pos += e.length;
         }
-        out.push((data, hole));
-        pos = hole;
     }
     out
 }

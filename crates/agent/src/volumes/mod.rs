@@ -176,6 +176,15 @@ pub async fn may_take_over(store: &dyn Store, primary: &NodeId) -> Result<bool, 
     Ok(store.get(&keys::host_alive(&host)).await?.is_none())
 }
 
+/// The error for volume `v` being used by `user` (a VM, or `-` for none:
+/// a snapshot or a replica copy).
+fn in_use(v: &InstanceVolume, user: Option<&InstanceName>) -> VolumeServiceError {
+    VolumeServiceError::InUse {
+        name: v.name.clone(),
+        instance: user.map_or_else(|| "-".into(), |i| i.to_string()),
+    }
+}
+
 /// The disk id (QEMU block node and device id) of a volume in a VM.
 pub fn disk_id(v: &InstanceVolume) -> String {
     if v.root {
@@ -417,19 +426,13 @@ impl VolumeService {
         };
         self.drop_handed_off(&v.id).await;
         if let Some((_, user)) = self.served_device(&v.id) {
-            return Err(VolumeServiceError::InUse {
-                name: v.name.clone(),
-                instance: user.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
-            });
+            return Err(in_use(v, user.as_ref()));
         }
         if let Some((_, user)) = self.pending_export(&v.id) {
             return if &user == instance {
                 Ok(target)
             } else {
-                Err(VolumeServiceError::InUse {
-                    name: v.name.clone(),
-                    instance: user.to_string(),
-                })
+                Err(in_use(v, Some(&user)))
             };
         }
         let data_id = data_id(&v.name, &v.id)?;
@@ -589,10 +592,7 @@ impl VolumeService {
             } else {
                 return match user {
                     Some(u) if &u == instance => Ok(target),
-                    other => Err(VolumeServiceError::InUse {
-                        name: v.name.clone(),
-                        instance: other.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
-                    }),
+                    other => Err(in_use(v, other.as_ref())),
                 };
             }
         }
@@ -600,14 +600,9 @@ impl VolumeService {
         if let Some((_, user)) = &pending
             && user != instance
         {
-            return Err(VolumeServiceError::InUse {
-                name: v.name.clone(),
-                instance: user.to_string(),
-            });
+            return Err(in_use(v, Some(user)));
         }
-        let opening = std::time::Instant::now();
         let device = self.open_device(&v.name, &v.id).await?;
-        tracing::debug!(volume = %v.name, elapsed_ms = opening.elapsed().as_millis() as u64, "volume opened for serving");
         match pending {
             // A migrated VM's export: its requests go to the device now.
             Some((export, _)) => {

@@ -36,6 +36,13 @@ fn protected_vm(bed: &TestBed, name: &str, n: u64) -> (Value, u64) {
     (v, acked)
 }
 
+/// A VM's protection state and its first reason (empty if none).
+fn protection(bed: &TestBed, vm: &str) -> (String, String) {
+    let p = &bed.instance(vm)["protection"];
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    (text(&p["state"]), text(&p["reasons"][0]))
+}
+
 /// Routes this machine's traffic to the VM network through a host other
 /// than `h` (the one about to fail).
 fn route_around(bed: &TestBed, h: u32) {
@@ -141,29 +148,17 @@ fn a_killed_hosts_protected_vm_runs_elsewhere_with_every_acknowledged_write() {
         bed.sv_ok(&["host", "cordon", &format!("h{other}")]);
     }
     bed.create_vm("local", &["--type", "nano", "--local-disk"]);
-    let p = &bed.instance("a")["protection"];
-    assert_eq!(p["state"], "weakened", "the others are cordoned: {p}");
-    assert!(
-        p["reasons"][0]
-            .as_str()
-            .unwrap_or_default()
-            .contains("no other host"),
-        "{p}"
-    );
+    let (state, why) = protection(&bed, "a");
+    assert_eq!(state, "weakened", "the others are cordoned: {why}");
+    assert!(why.contains("no other host"), "{why}");
     for other in (1..=3).filter(|o| *o != h) {
         bed.sv_ok(&["host", "uncordon", &format!("h{other}")]);
     }
-    let p = &bed.instance("local")["protection"];
-    assert_eq!(p["state"], "unprotected", "{p}");
-    assert!(
-        p["reasons"][0]
-            .as_str()
-            .unwrap_or_default()
-            .contains("local"),
-        "{p}"
-    );
-    let p = &bed.instance("a")["protection"];
-    assert_eq!(p["state"], "protected", "{p}");
+    let (state, why) = protection(&bed, "local");
+    assert_eq!(state, "unprotected", "{why}");
+    assert!(why.contains("local"), "{why}");
+    let (state, why) = protection(&bed, "a");
+    assert_eq!(state, "protected", "{why}");
 
     route_around(&bed, h);
     let killed = Instant::now();
@@ -466,17 +461,11 @@ fn replicas_move_on_request_and_are_made_again_after_their_host_is_gone() {
     assert_ne!(dead, vm_host);
     bed.script_ok(&["host-kill", &dead.to_string()]);
     // Until the copy is made, its protection is weakened, and says why.
-    let weak = wait_until("r's protection weakened", Duration::from_secs(60), || {
-        let p = bed.instance("r")["protection"].clone();
-        (p["state"] == "weakened").then_some(p)
+    let why = wait_until("r's protection weakened", Duration::from_secs(60), || {
+        let (state, why) = protection(&bed, "r");
+        (state == "weakened").then_some(why)
     });
-    assert!(
-        weak["reasons"][0]
-            .as_str()
-            .unwrap_or_default()
-            .contains("r-disk"),
-        "{weak}"
-    );
+    assert!(why.contains("r-disk"), "{why}");
     let healed = wait_until(
         "the lost replica made again elsewhere and in sync",
         Duration::from_secs(180),
@@ -492,7 +481,7 @@ fn replicas_move_on_request_and_are_made_again_after_their_host_is_gone() {
         "an acknowledged write was lost"
     );
     assert_eq!(bed.instance("r")["status"]["phase"], "running");
-    assert_eq!(bed.instance("r")["protection"]["state"], "protected");
+    assert_eq!(protection(&bed, "r").0, "protected");
 
     // A detached volume (no one serves it) gets a replica added too.
     bed.sv_ok(&["volume", "create", "d", "--size", "64M"]);

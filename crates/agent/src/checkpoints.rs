@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use skyvisor_core::{
-    InstanceId, InstanceName, InstanceSpec, Snapshot, SnapshotKind, SnapshotName, SnapshotOrigin,
-    SnapshotProgress, SnapshotState, keys,
+    InstanceId, InstanceName, InstanceSpec, InstanceVolume, Snapshot, SnapshotKind, SnapshotName,
+    SnapshotOrigin, SnapshotProgress, SnapshotState, keys,
 };
 use skyvisor_store::{Compare, Store, StoreError, StoreExt, WatchEvent, decode, put_json};
 use tokio::process::Command;
@@ -31,6 +31,8 @@ use tracing::{debug, info, warn};
 
 use crate::AgentContext;
 use crate::hypervisor::{CheckpointPlan, Vm};
+use crate::volumes::VolumeService;
+use skyvisor_core::VolumeId;
 
 /// The memory file of a snapshot.
 pub const MEMORY_FILE: &str = "memory";
@@ -53,6 +55,43 @@ pub fn snapshot_dir(data_dir: &Path, snap: &Snapshot) -> PathBuf {
 
 fn tmp_dir(data_dir: &Path, snap: &Snapshot) -> PathBuf {
     instance_dir(data_dir, &snap.instance_id).join(format!(".tmp-{}", snap.name))
+}
+
+/// Where a VM's root disk is, for taking, restoring and cloning
+/// checkpoints.
+pub enum RootDisk {
+    /// A local qcow2 file (with the image's base as backing file).
+    Local(PathBuf),
+    /// A root volume, served on this host for the VM while it is used.
+    Volume {
+        /// This host's volume service.
+        service: Arc<VolumeService>,
+        /// The volume.
+        volume: InstanceVolume,
+        /// The VM it is served for.
+        instance: InstanceName,
+    },
+}
+
+impl RootDisk {
+    /// Serves a root volume here for its VM (a no-op if it already is);
+    /// returns its service and id.
+    async fn served(&self) -> Result<Option<(&Arc<VolumeService>, &VolumeId)>, String> {
+        match self {
+            Self::Local(_) => Ok(None),
+            Self::Volume {
+                service,
+                volume,
+                instance,
+            } => {
+                service
+                    .serve(volume, instance)
+                    .await
+                    .map_err(|e| format!("volume {}: {e}", volume.name))?;
+                Ok(Some((service, &volume.id)))
+            }
+        }
+    }
 }
 
 /// Applies `change` to a snapshot record with compare-and-swap, retrying
@@ -190,7 +229,7 @@ pub async fn take(
     ctx: &Arc<AgentContext>,
     spec: &InstanceSpec,
     vm: Option<&dyn Vm>,
-    root_disk: &Path,
+    root_disk: &RootDisk,
     snap: Snapshot,
 ) -> Option<Snapshot> {
     let kind = if vm.is_some() {
@@ -291,7 +330,7 @@ async fn save(
     ctx: &Arc<AgentContext>,
     snap: &Snapshot,
     vm: Option<&dyn Vm>,
-    root_disk: &Path,
+    root_disk: &RootDisk,
     tmp: &Path,
     kind: SnapshotKind,
 ) -> Result<Saved, String> {
@@ -303,7 +342,25 @@ async fn save(
     let disk = tmp.join(DISK_FILE);
     let (taken_at, paused_ms) = match (kind, vm) {
         (SnapshotKind::Full, Some(vm)) => {
-            create_disk_target(root_disk, &disk).await?;
+            let whole_disk = match (root_disk, root_disk.served().await?) {
+                (RootDisk::Local(root), _) => {
+                    create_disk_target(root, &disk).await?;
+                    false
+                }
+                (_, None) => return Err("the root volume is not served here".into()),
+                (RootDisk::Volume { .. }, Some((service, id))) => {
+                    let size = service.served_size(id)?;
+                    run(
+                        Command::new("qemu-img")
+                            .args(["create", "-q", "-f", "qcow2"])
+                            .arg(&disk)
+                            .arg(size.to_string()),
+                        "creating the snapshot's disk",
+                    )
+                    .await?;
+                    true
+                }
+            };
             let (tx, rx) = watch::channel(None::<SnapshotProgress>);
             let reporter = tokio::spawn(report_progress(
                 ctx.store.clone(),
@@ -319,6 +376,7 @@ async fn save(
                     &CheckpointPlan {
                         memory_file: memory.clone(),
                         disk_target: disk.clone(),
+                        whole_disk,
                     },
                     &mut progress,
                 )
@@ -330,14 +388,32 @@ async fn save(
                 done.paused.as_millis() as u64,
             )
         }
-        _ => {
-            if !tokio::fs::try_exists(root_disk).await.unwrap_or(false) {
-                return Err("the VM has no disk yet (it never started)".into());
+        _ => match (root_disk, root_disk.served().await?) {
+            (RootDisk::Local(root), _) => {
+                if !tokio::fs::try_exists(root).await.unwrap_or(false) {
+                    return Err("the VM has no disk yet (it never started)".into());
+                }
+                let at = Utc::now();
+                copy_file(root, &disk, "copying the disk").await?;
+                (at, 0)
             }
-            let at = Utc::now();
-            copy_file(root_disk, &disk, "copying the disk").await?;
-            (at, 0)
-        }
+            (_, None) => return Err("the root volume is not served here".into()),
+            (RootDisk::Volume { .. }, Some((service, id))) => {
+                let at = Utc::now();
+                let raw = tmp.join("disk.raw");
+                service.copy_to_file(id, &raw).await?;
+                run(
+                    Command::new("qemu-img")
+                        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+                        .arg(&raw)
+                        .arg(&disk),
+                    "converting the volume's copy",
+                )
+                .await?;
+                let _ = tokio::fs::remove_file(&raw).await;
+                (at, 0)
+            }
+        },
     };
     // Verify before publishing: the disk must be a sound qcow2, the memory
     // file must exist and hold something.
@@ -426,10 +502,46 @@ async fn report_progress(
     }
 }
 
-/// Copies a snapshot's disk over a VM's root disk (through a temporary
-/// name, so a failure leaves the old disk).
-pub async fn restore_disk(ctx: &AgentContext, snap: &Snapshot, root: &Path) -> Result<(), String> {
+/// Copies a snapshot's disk over a VM's root disk. A local disk is
+/// replaced through a temporary name, so a failure leaves the old disk; a
+/// volume is written in place, its first chunk last (see
+/// [`crate::volumes::copy`]), so a failure leaves it partly restored: the
+/// caller says so, and restoring again finishes the job.
+pub async fn restore_disk(
+    ctx: &AgentContext,
+    snap: &Snapshot,
+    root: &RootDisk,
+) -> Result<(), String> {
     let from = snapshot_dir(&ctx.data_dir, snap).join(DISK_FILE);
+    let root = match (root, root.served().await?) {
+        (RootDisk::Local(root), _) => root,
+        (_, None) => return Err("the root volume is not served here".into()),
+        (RootDisk::Volume { .. }, Some((service, id))) => {
+            let dir = service.scratch_dir();
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            let scratch = tempfile::Builder::new()
+                .prefix(".restore-")
+                .tempfile_in(dir)
+                .map_err(|e| format!("creating a scratch file in {}: {e}", dir.display()))?;
+            run(
+                Command::new("qemu-img")
+                    .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
+                    .arg(&from)
+                    .arg(scratch.path()),
+                "reading the snapshot's disk",
+            )
+            .await?;
+            return service
+                .copy_from_file(id, scratch.path())
+                .await
+                .map(drop)
+                .map_err(|e| {
+                    format!("{e} (the volume is partly restored: restore again to finish)")
+                });
+        }
+    };
     let tmp = root.with_extension("qcow2.restore");
     if let Err(e) = copy_file(&from, &tmp, "copying the snapshot's disk").await {
         let _ = tokio::fs::remove_file(&tmp).await;

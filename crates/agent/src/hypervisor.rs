@@ -101,9 +101,12 @@ pub struct LaunchVolume {
 pub struct CheckpointPlan {
     /// The memory file to create.
     pub memory_file: PathBuf,
-    /// An empty qcow2 (with the root disk's backing file) to copy the root
-    /// disk into, as it is at the instant the guest is paused.
+    /// An empty qcow2 to copy the root disk into, as it is at the instant
+    /// the guest is paused: for a local disk with the disk's backing file
+    /// (only the top layer is copied), for a root volume standalone.
     pub disk_target: PathBuf,
+    /// The root disk is a volume: copy all of it, not only a top layer.
+    pub whole_disk: bool,
 }
 
 /// What a live checkpoint did.

@@ -261,6 +261,7 @@ impl Vm for QemuVmHandle {
             target_file: plan.disk_target.clone(),
             target_node: "svckpt".into(),
             job_id: "svckpt".into(),
+            full: plan.whole_disk,
         });
         let report = checkpoint::save(self.vm.qmp(), &save, |info| {
             if let Some(ram) = &info.ram {

@@ -415,11 +415,13 @@ impl Supervisor {
         let root = self.vm_dir(spec).join(ROOT_DISK);
         let mut incoming = None;
         if let Some(src) = &spec.clone_of
-            && !tokio::fs::try_exists(&root).await.unwrap_or(false)
+            && (spec.root_volume().is_some()
+                || !tokio::fs::try_exists(&root).await.unwrap_or(false))
         {
-            match self.prepare_clone(spec, src, &root).await {
+            match self.prepare_clone(spec, src).await {
                 Ok(memory) => incoming = memory,
                 Err(message) => {
+                    self.release_if_stopped(spec).await;
                     self.start_failed(
                         spec,
                         format!("cloning from {}/{}: {message}", src.instance, src.snapshot),
@@ -463,8 +465,9 @@ impl Supervisor {
                 self.publish(spec).await;
             }
             Err(message) => {
-                if cloned {
-                    // The next start clones again rather than boot the copy.
+                if cloned && spec.root_volume().is_none() {
+                    // The next start clones again rather than boot the copy
+                    // (a root volume keeps the copy: the next start boots it).
                     let _ = tokio::fs::remove_file(&root).await;
                 }
                 self.start_failed(spec, message).await;
@@ -590,12 +593,33 @@ impl Supervisor {
         }
     }
 
+    /// The VM's root disk: its root volume, or its local file.
+    fn root_disk(&self, spec: &InstanceSpec) -> checkpoints::RootDisk {
+        match (spec.root_volume(), &self.ctx.volumes) {
+            (Some(v), Some(service)) => checkpoints::RootDisk::Volume {
+                service: service.clone(),
+                volume: v.clone(),
+                instance: spec.name.clone(),
+            },
+            _ => checkpoints::RootDisk::Local(self.vm_dir(spec).join(ROOT_DISK)),
+        }
+    }
+
+    /// Stops serving the volumes of a VM that does not run (served for a
+    /// checkpoint, restore or clone).
+    async fn release_if_stopped(&self, spec: &InstanceSpec) {
+        if self.running.is_none() && !spec.volumes.is_empty() {
+            self.launcher().release_volumes(spec).await;
+        }
+    }
+
     /// Takes a requested snapshot: live if the VM runs, of the disk if not.
     async fn snapshot(&mut self, spec: &InstanceSpec, snap: Snapshot) {
-        let root = self.vm_dir(spec).join(ROOT_DISK);
+        let root = self.root_disk(spec);
         let origin = snap.origin;
         let vm = self.running.as_ref().map(|r| r.vm.as_ref());
         checkpoints::take(&self.ctx, spec, vm, &root, snap).await;
+        self.release_if_stopped(spec).await;
         if origin == SnapshotOrigin::Scheduled {
             checkpoints::prune(&self.ctx, spec).await;
         }
@@ -633,8 +657,9 @@ impl Supervisor {
         self.status.guest_ready = false;
         self.restart_at = None;
         self.hold = None;
-        let root = self.vm_dir(spec).join(ROOT_DISK);
+        let root = self.root_disk(spec);
         if let Err(m) = checkpoints::restore_disk(&self.ctx, &snap, &root).await {
+            self.release_if_stopped(spec).await;
             self.start_failed(spec, format!("restore from {} failed: {m}", snap.name))
                 .await;
             return;
@@ -663,6 +688,7 @@ impl Supervisor {
         } else {
             // Disk only (or the VM is to stay stopped): the next turn boots
             // it from the restored disk if it should run.
+            self.release_if_stopped(spec).await;
             self.status.phase = InstancePhase::Stopped;
             self.status.restored_from = from;
             self.status.message = None;
@@ -671,13 +697,29 @@ impl Supervisor {
     }
 
     /// Copies a clone's first disk from its snapshot; returns the memory
-    /// file to continue from, for a full snapshot.
+    /// file to continue from, for a full snapshot. A root volume that is no
+    /// longer blank was copied by an earlier start: the clone then boots
+    /// from it.
     async fn prepare_clone(
         &self,
         spec: &InstanceSpec,
         src: &CloneSource,
-        root: &std::path::Path,
     ) -> Result<Option<PathBuf>, String> {
+        let disk = self.root_disk(spec);
+        if let checkpoints::RootDisk::Volume {
+            service,
+            volume,
+            instance,
+        } = &disk
+        {
+            service
+                .serve(volume, instance)
+                .await
+                .map_err(|e| format!("volume {}: {e}", volume.name))?;
+            if !service.is_blank(&volume.id).await? {
+                return Ok(None);
+            }
+        }
         let snap = checkpoints::get(self.ctx.store.as_ref(), &src.instance, &src.snapshot)
             .await
             .map_err(|e| format!("reading the snapshot: {e}"))?
@@ -687,7 +729,7 @@ impl Supervisor {
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        checkpoints::restore_disk(&self.ctx, &snap, root).await?;
+        checkpoints::restore_disk(&self.ctx, &snap, &disk).await?;
         Ok((snap.kind == Some(SnapshotKind::Full))
             .then(|| checkpoints::memory_file(&self.ctx, &snap)))
     }

@@ -191,12 +191,22 @@ impl ControlPlane {
         if !clustered || local || req.root_volume.is_some() {
             return Ok(None);
         }
+        // A clone's disk is its snapshot's, on the snapshot's host.
+        let clone = match &req.from_snapshot {
+            Some(r) => {
+                let src = skyvisor_core::snapshot::parse_snapshot_ref(r)?;
+                let snap = self
+                    .snapshot(src.instance.as_str(), src.snapshot.as_str())
+                    .await?;
+                crate::snapshots::check_ready(&snap)?;
+                Some(snap)
+            }
+            None => None,
+        };
         // In a cluster the root disk is a replicated volume by default: 2
-        // replicas when two hosts can hold them. A clone starts from its
-        // snapshot's local disk.
+        // replicas when two hosts can hold them.
         let replicas = match req.disk_replicas {
             Some(n) => n,
-            None if req.from_snapshot.is_some() => return Ok(None),
             None => {
                 let hosts = self.inventory.hosts().await;
                 let ready = hosts
@@ -209,19 +219,17 @@ impl ControlPlane {
                 DEFAULT_DISK_REPLICAS
             }
         };
-        if req.from_snapshot.is_some() {
-            return Err(ApiError::from(ValidationError::new(
-                "disk_replicas",
-                "a clone starts from its snapshot's local disk; leave disk_replicas out",
-            )));
-        }
         let name = InstanceName::new(req.name.clone())?;
         if self.inventory.instance(&name).await.is_some() {
             return Err(ApiError::already_exists(format!(
                 "instance \"{name}\" already exists"
             )));
         }
-        let image = self.image(&ImageName::new(req.image.clone())?).await?;
+        let image_name = match &clone {
+            Some(snap) => snap.image.clone(),
+            None => ImageName::new(req.image.clone())?,
+        };
+        let image = self.image(&image_name).await?;
         if image.kind != skyvisor_core::ImageKind::KernelInitrd {
             // It boots its own disk with firmware: that stays a local copy
             // (a root volume is not made from a disk image yet).
@@ -236,12 +244,33 @@ impl ControlPlane {
             }
             return Ok(None);
         }
-        let (_, resources) = resolve_size(
-            req.instance_type.as_deref(),
-            req.vcpus,
-            req.memory_mib,
-            req.disk_gib,
-        )?;
+        let resources = match &clone {
+            Some(snap) => {
+                let mut r = snap.resources;
+                if let Some(d) = req.disk_gib {
+                    if d < r.disk_gib {
+                        return Err(ApiError::from(ValidationError::new(
+                            "disk_gib",
+                            format!(
+                                "{d} GiB cannot hold snapshot {}'s {} GiB disk; allowed: at least {} GiB",
+                                snap.name, r.disk_gib, r.disk_gib
+                            ),
+                        )));
+                    }
+                    r.disk_gib = d;
+                }
+                r
+            }
+            None => {
+                resolve_size(
+                    req.instance_type.as_deref(),
+                    req.vcpus,
+                    req.memory_mib,
+                    req.disk_gib,
+                )?
+                .1
+            }
+        };
         // A VM that fits on no host, or that admission control would
         // refuse, is refused before its disk is made.
         if replicas >= 2 && req.ha != Some(HaPolicy::Off) && req.start.unwrap_or(true) {
@@ -253,6 +282,7 @@ impl ControlPlane {
             &crate::scheduler::PlacementRequest {
                 resources,
                 accel: req.accel,
+                only: clone.as_ref().map(|s| s.host.clone()),
                 ..Default::default()
             },
             self.config.weigher,

@@ -108,11 +108,18 @@ impl ControlPlane {
             )));
         }
         crate::instances::refuse_while_migrating(&spec)?;
-        if !spec.volumes.is_empty() {
-            let names: Vec<String> = spec.volumes.iter().map(|v| v.name.to_string()).collect();
+        // The root disk (local or a root volume) is part of a checkpoint;
+        // data volumes are not yet.
+        let data: Vec<String> = spec
+            .volumes
+            .iter()
+            .filter(|v| !v.root)
+            .map(|v| v.name.to_string())
+            .collect();
+        if !data.is_empty() {
             return Err(ApiError::conflict(format!(
-                "instance \"{instance}\" uses replicated volumes ({}); checkpoints of such VMs are not supported yet: snapshot its volumes with `skyvisor volume snapshot create`, or create the VM with --local-disk (in a cluster a VM's root disk is a replicated volume unless --local-disk)",
-                names.join(", ")
+                "instance \"{instance}\" has data volumes attached ({}); a checkpoint holds the root disk and memory only: detach them first (`skyvisor vm detach-volume VM VOLUME`), or snapshot them with `skyvisor volume snapshot create`",
+                data.join(", ")
             )));
         }
         let snap = Snapshot {

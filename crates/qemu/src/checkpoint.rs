@@ -56,13 +56,17 @@ pub fn file_capabilities() -> Vec<(MigrationCapability, bool)> {
 pub struct DiskCapture {
     /// The block node to copy (the disk's format node, e.g. `root`).
     pub node: String,
-    /// An existing, empty qcow2 file to copy into. For `sync=top` it must
-    /// have the same backing file as the node's image.
+    /// An existing, empty qcow2 file to copy into, of the node's size. For
+    /// `sync=top` it must have the same backing file as the node's image.
     pub target_file: PathBuf,
     /// The node name to give the target while copying.
     pub target_node: String,
     /// The block job's id.
     pub job_id: String,
+    /// Copy the whole disk (`sync=full`: a disk with no backing image,
+    /// such as a volume over NBD) instead of only its top layer
+    /// (`sync=top`).
+    pub full: bool,
 }
 
 /// What to save and how hard to try to keep the pause short.
@@ -455,7 +459,11 @@ async fn start_disk_copy(qmp: &Qmp, d: &DiskCapture) -> Result<(), CheckpointErr
         job_id: d.job_id.clone(),
         device: d.node.clone(),
         target: d.target_node.clone(),
-        sync: MirrorSync::Top,
+        sync: if d.full {
+            MirrorSync::Full
+        } else {
+            MirrorSync::Top
+        },
         auto_dismiss: false,
     })
     .await

@@ -85,6 +85,7 @@ async fn save_while_running_then_load_into_a_new_qemu() {
         target_file: target.clone(),
         target_node: "ckpt".into(),
         job_id: "ckpt".into(),
+        full: false,
     });
     let mut reports = 0;
     let report = checkpoint::save(a.qmp(), &plan, |_| reports += 1)

@@ -67,7 +67,7 @@ pub async fn format_if_blank(
     }
     // Only the file system's data extents: reading the whole (sparse)
     // scratch file would cost seconds per GiB.
-    let ranges = data_ranges(scratch.as_file(), size);
+    let ranges = super::copy::data_ranges(scratch.as_file(), size);
     let mut file = tokio::fs::File::open(scratch.path())
         .await
         .map_err(|e| format!("reading the scratch file: {e}"))?;
@@ -99,54 +99,4 @@ pub async fn format_if_blank(
         .map_err(|e| format!("flushing the new file system: {e}"))?;
     info!(written, "formatted a blank root volume with ext4");
     Ok(true)
-}
-
-/// The `[start, end)` ranges of `f` (of `size` bytes) that hold data (see
-/// [`skyvisor_nbd::file::file_extents`]; on any error the rest counts as
-/// data: correct, only slower).
-fn data_ranges(f: &std::fs::File, size: u64) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    let mut pos = 0u64;
-    while pos < size {
-        let extents = skyvisor_nbd::file::file_extents(f, pos, size - pos, size);
-        for e in extents {
-            if !e.hole {
-                match out.last_mut() {
-                    Some(last) if last.1 == pos => last.1 = pos + e.length,
-                    _ => out.push((pos, pos + e.length)),
-                }
-            }
-            pos += e.length;
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use std::io::{Seek, SeekFrom, Write};
-
-    use super::*;
-
-    #[test]
-    fn data_ranges_skip_holes_and_cover_every_written_byte() {
-        let mut f = tempfile::tempfile().expect("tempfile");
-        let size = 64u64 << 20;
-        f.set_len(size).expect("size");
-        for at in [3u64 << 20, 40 << 20] {
-            f.seek(SeekFrom::Start(at)).expect("seek");
-            f.write_all(&[7u8; 5000]).expect("write");
-        }
-        f.sync_all().expect("sync");
-        let ranges = data_ranges(&f, size);
-        assert!(!ranges.is_empty());
-        for at in [3u64 << 20, 40 << 20] {
-            assert!(
-                ranges.iter().any(|(s, e)| *s <= at && at + 5000 <= *e),
-                "{ranges:?} misses {at}"
-            );
-        }
-        let covered: u64 = ranges.iter().map(|(s, e)| e - s).sum();
-        assert!(covered < size / 4, "holes were not skipped: {ranges:?}");
-    }
 }

@@ -14,10 +14,11 @@
 //!
 //! Submodules: [`membership`] (records in the store), [`controller`]
 //! (create, grow, delete, status, clean-up), [`http`] (snapshots on
-//! request of the API). This module must never decide placement or touch
+//! request of the API), [`copy`] (whole-volume copies for checkpoints). This module must never decide placement or touch
 //! instance specs: the API owns those.
 
 pub mod controller;
+pub mod copy;
 pub mod format;
 pub mod http;
 pub mod membership;
@@ -700,6 +701,50 @@ impl VolumeService {
         };
         let size = device.membership().size;
         format::format_if_blank(device.as_ref(), size, &self.scratch_dir).await
+    }
+
+    /// The device of a volume served here, or an error saying it is not.
+    fn served_or_err(&self, id: &VolumeId) -> Result<Arc<ReplicatedDevice>, String> {
+        self.served_device(id)
+            .map(|(d, _)| d)
+            .ok_or_else(|| format!("volume {id} is not served here"))
+    }
+
+    /// The size of a volume served here.
+    pub fn served_size(&self, id: &VolumeId) -> Result<u64, String> {
+        Ok(self.served_or_err(id)?.membership().size)
+    }
+
+    /// Copies a volume served here into `file`, a new sparse raw file (see
+    /// [`copy::read_to_file`]).
+    pub async fn copy_to_file(&self, id: &VolumeId, file: &std::path::Path) -> Result<u64, String> {
+        let device = self.served_or_err(id)?;
+        let size = device.membership().size;
+        copy::read_to_file(device.as_ref(), size, file).await
+    }
+
+    /// Makes a volume served here read as raw `file` (see
+    /// [`copy::write_from_file`]).
+    pub async fn copy_from_file(
+        &self,
+        id: &VolumeId,
+        file: &std::path::Path,
+    ) -> Result<u64, String> {
+        let device = self.served_or_err(id)?;
+        let size = device.membership().size;
+        copy::write_from_file(device.as_ref(), size, file).await
+    }
+
+    /// Whether the start of a volume served here reads as zeroes.
+    pub async fn is_blank(&self, id: &VolumeId) -> Result<bool, String> {
+        let device = self.served_or_err(id)?;
+        let size = device.membership().size;
+        copy::is_blank(device.as_ref(), size).await
+    }
+
+    /// Scratch space on the volumes' file system (for whole-disk copies).
+    pub fn scratch_dir(&self) -> &std::path::Path {
+        &self.scratch_dir
     }
 
     /// Stops serving every volume served for `instance`.

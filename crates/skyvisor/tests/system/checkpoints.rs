@@ -3,6 +3,8 @@
 //! answers on its own address with its parent's RAM; bad requests and
 //! faults (full disk, QEMU or the daemon dying mid-save) leave the VM
 //! running and the earlier snapshots intact, and never list a partial one.
+//! In a cluster the same holds for a VM whose root disk is a replicated
+//! volume, and its clone gets a replicated root volume of its own.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -14,6 +16,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use crate::harness::{Cloud, CloudOptions, alive, guest_call, guest_json, http, ip_of, wait_until};
+use crate::testbed::{TestBed, vm_ip};
 
 fn pid_of(cloud: &Cloud, name: &str) -> u32 {
     cloud.instance(name)["status"]["pid"]
@@ -526,4 +529,97 @@ fn a_schedule_takes_checkpoints_and_prunes_only_its_own() {
         let (_, v) = cloud.api("GET", "/v1/instances/cron/snapshots", None);
         (v.as_array().is_some_and(Vec::is_empty) && !files.exists()).then_some(())
     });
+}
+
+/// Counter kept on a VM's disk.
+fn disk_counter(ip: Ipv4Addr) -> u64 {
+    guest_json(ip, "/counter")["value"]
+        .as_u64()
+        .expect("counter")
+}
+
+#[test]
+fn volume_backed_vm_checkpoints_restore_and_clone() {
+    let bed = TestBed::start(2, 1);
+    // In a cluster the root disk is a 2-replica volume by default.
+    let created = bed.create_vm("ck", &["--type", "nano"]);
+    let ip = vm_ip(&created);
+    let root = &created["spec"]["volumes"][0];
+    assert_eq!(root["name"], "ck-disk", "{created}");
+    assert_eq!(root["root"], true, "{created}");
+    for _ in 0..3 {
+        guest_call(ip, "POST", "/counter/increment", None);
+    }
+    guest_call(ip, "PUT", "/ram", Some("ram-at-s1"));
+    let boot = guest_json(ip, "/identity")["boot_id"].clone();
+
+    // A live checkpoint: memory plus the root volume as it was at the pause.
+    let s1 = bed.sv_json(&["vm", "snapshot", "create", "ck", "s1"]);
+    assert_eq!(s1["state"], "ready", "{s1}");
+    assert_eq!(s1["kind"], "full", "{s1}");
+    assert!(s1["paused_ms"].as_u64().expect("paused_ms") < 1000, "{s1}");
+    assert!(s1["disk_bytes"].as_u64().expect("disk_bytes") > 0, "{s1}");
+
+    // Later writes, to disk and RAM, then back to s1.
+    for _ in 0..2 {
+        guest_call(ip, "POST", "/counter/increment", None);
+    }
+    guest_call(ip, "PUT", "/ram", Some("ram-later"));
+    assert_eq!(disk_counter(ip), 5);
+    let restored = bed.sv_json(&["vm", "restore", "ck", "s1", "--wait"]);
+    assert_eq!(restored["status"]["restored_from"], "s1", "{restored}");
+    assert_eq!(guest_json(ip, "/identity")["boot_id"], boot, "it rebooted");
+    assert_eq!(guest_json(ip, "/ram")["value"], "ram-at-s1");
+    assert_eq!(disk_counter(ip), 3, "the volume was not put back");
+    // Both replicas hold the restored volume: writes go on and reach both.
+    assert_eq!(
+        guest_call(ip, "POST", "/counter/increment", None)["value"],
+        4
+    );
+    let vol = bed.sv_json(&["volume", "show", "ck-disk"]);
+    assert_eq!(vol["health"], "healthy", "{vol}");
+
+    // A clone gets a root volume of its own, filled from the snapshot, and
+    // continues the parent's RAM on its own address.
+    let clone = bed.create_vm("ck2", &["--from-snapshot", "ck/s1"]);
+    let clone_ip = vm_ip(&clone);
+    assert_ne!(clone_ip, ip);
+    assert_eq!(clone["spec"]["volumes"][0]["name"], "ck2-disk", "{clone}");
+    assert_eq!(clone["spec"]["ha"], "restart", "{clone}");
+    let cv = bed.sv_json(&["volume", "show", "ck2-disk"]);
+    assert_eq!(cv["spec"]["replicas"], 2, "{cv}");
+    assert_eq!(guest_json(clone_ip, "/identity")["name"], "ck2");
+    assert_eq!(guest_json(clone_ip, "/ram")["value"], "ram-at-s1");
+    assert_eq!(disk_counter(clone_ip), 3);
+    // Each writes its own disk.
+    guest_call(clone_ip, "POST", "/counter/increment", None);
+    guest_call(clone_ip, "POST", "/counter/increment", None);
+    assert_eq!(disk_counter(clone_ip), 5);
+    assert_eq!(disk_counter(ip), 4);
+
+    // A stopped VM gets a disk-only snapshot of its volume; restoring it
+    // brings the volume back and the VM boots from it.
+    bed.sv_ok(&["vm", "stop", "ck"]);
+    let cold = bed.sv_json(&["vm", "snapshot", "create", "ck", "cold"]);
+    assert_eq!(cold["kind"], "disk-only", "{cold}");
+    assert_eq!(cold["state"], "ready", "{cold}");
+    wait_until(
+        "the stopped VM's volume released",
+        Duration::from_secs(30),
+        || {
+            bed.sv_json(&["volume", "show", "ck-disk"])["primary"]
+                .is_null()
+                .then_some(())
+        },
+    );
+    bed.sv_ok(&["vm", "start", "ck", "--wait", "--timeout", "300"]);
+    assert_eq!(
+        guest_call(ip, "POST", "/counter/increment", None)["value"],
+        5
+    );
+    bed.sv_ok(&["vm", "stop", "ck"]);
+    let r = bed.sv_json(&["vm", "restore", "ck", "cold", "--wait"]);
+    assert_eq!(r["status"]["phase"], "stopped", "{r}");
+    bed.sv_ok(&["vm", "start", "ck", "--wait", "--timeout", "300"]);
+    assert_eq!(disk_counter(ip), 4, "the disk-only restore did not take");
 }

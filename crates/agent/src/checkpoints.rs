@@ -517,24 +517,8 @@ pub async fn restore_disk(
         (RootDisk::Local(root), _) => root,
         (_, None) => return Err("the root volume is not served here".into()),
         (RootDisk::Volume { .. }, Some((service, id))) => {
-            let dir = service.scratch_dir();
-            tokio::fs::create_dir_all(dir)
-                .await
-                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-            let scratch = tempfile::Builder::new()
-                .prefix(".restore-")
-                .tempfile_in(dir)
-                .map_err(|e| format!("creating a scratch file in {}: {e}", dir.display()))?;
-            run(
-                Command::new("qemu-img")
-                    .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
-                    .arg(&from)
-                    .arg(scratch.path()),
-                "reading the snapshot's disk",
-            )
-            .await?;
             return service
-                .copy_from_file(id, scratch.path())
+                .fill_from_image(id, &from, "qcow2")
                 .await
                 .map(drop)
                 .map_err(|e| {

@@ -9,18 +9,19 @@ use skyvisor_core::image::{FileRole, ImageKind, ImageState};
 use skyvisor_core::{Image, ImageFile, InstanceSpec, InstanceVolume, keys};
 use skyvisor_store::{StoreExt, encode};
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::AgentContext;
 use crate::disks::create_root_disk;
 use crate::hypervisor::{LaunchBoot, LaunchVolume, VmLaunch};
 use crate::supervisor::{LAUNCH_FILE, ROOT_DISK, Running, launch_volume};
+use crate::volumes::VolumeService;
 
 /// Why a VM's volumes are being served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ServeMode {
-    /// The VM starts here: become each volume's primary (and give a blank
-    /// root volume a file system).
+    /// The VM starts here: become each volume's primary (a blank root
+    /// volume then gets its first contents: see [`Launcher::serve_volumes`]).
     Start,
     /// A migration's destination VM: export each volume, waiting for the
     /// handover (the source is still the primary).
@@ -60,16 +61,10 @@ impl Launcher {
             .await
             .map_err(|e| format!("marking {} as HA-protected: {e}", dir.display()))?;
         let image = self.image(spec).await?;
-        if spec.root_volume().is_some() && image.kind != ImageKind::KernelInitrd {
-            return Err(format!(
-                "image {} boots its own disk; a root volume needs a kernel image",
-                image.name
-            ));
-        }
         let volumes = if migration_target {
             self.serve_volumes_as(spec, ServeMode::Incoming).await?
         } else {
-            self.serve_volumes(spec).await?
+            self.serve_volumes(spec, &image).await?
         };
         let root = dir.join(ROOT_DISK);
         let mut created_disk = false;
@@ -169,13 +164,45 @@ impl Launcher {
         ))
     }
 
-    /// Serves every volume of the VM on this host (root first); on failure
+    /// Serves every volume of the VM on this host (root first) to start
+    /// it, giving a blank root volume its first contents: the disk of
+    /// `image` if it boots its own disk, else a file system. On failure
     /// stops serving those already served.
     pub(crate) async fn serve_volumes(
         &self,
         spec: &InstanceSpec,
+        image: &Image,
     ) -> Result<Vec<LaunchVolume>, String> {
-        self.serve_volumes_as(spec, ServeMode::Start).await
+        let served = self.serve_volumes_as(spec, ServeMode::Start).await?;
+        if let (Some(v), Some(svc)) = (spec.root_volume(), &self.ctx.volumes)
+            && let Err(e) = self.fill_blank_root(svc, v, image).await
+        {
+            svc.release_instance(&spec.name).await;
+            return Err(format!("volume {}: {e}", v.name));
+        }
+        Ok(served)
+    }
+
+    /// Gives a blank root volume served here its first contents.
+    async fn fill_blank_root(
+        &self,
+        svc: &VolumeService,
+        v: &InstanceVolume,
+        image: &Image,
+    ) -> Result<(), String> {
+        match image.file(FileRole::Disk) {
+            Some(f) if image.kind == ImageKind::Disk => {
+                if !svc.is_blank(&v.id).await? {
+                    return Ok(());
+                }
+                let path = self.ctx.images.file(image, f).await?;
+                let format = f.format.unwrap_or(skyvisor_core::image::DiskFormat::Qcow2);
+                let written = svc.fill_from_image(&v.id, &path, format.as_str()).await?;
+                info!(volume = %v.name, image = %image.name, written, "root volume filled from its image");
+                Ok(())
+            }
+            _ => svc.format_if_blank(&v.id).await.map(drop),
+        }
     }
 
     /// [`Launcher::serve_volumes`] for a VM that is about to start, that
@@ -213,13 +240,6 @@ impl Launcher {
                     return Err(format!("volume {}: {e}", v.name));
                 }
             }
-            if v.root
-                && mode == ServeMode::Start
-                && let Err(e) = svc.format_if_blank(&v.id).await
-            {
-                svc.release_instance(&spec.name).await;
-                return Err(format!("volume {}: {e}", v.name));
-            }
         }
         Ok(out)
     }
@@ -252,8 +272,11 @@ impl Launcher {
     ) -> Result<(Image, Vec<ImageFile>), String> {
         let image = self.image(spec).await?;
         let root = self.vm_dir(spec).join(ROOT_DISK);
-        let needs_base =
-            spec.root_volume().is_none() && !tokio::fs::try_exists(&root).await.unwrap_or(false);
+        // A root volume may be blank, to be filled from an image's disk.
+        let needs_base = match spec.root_volume() {
+            Some(_) => image.kind == ImageKind::Disk,
+            None => !tokio::fs::try_exists(&root).await.unwrap_or(false),
+        };
         let mut missing = Vec::new();
         for f in &image.files {
             let needed = match f.role {

@@ -230,21 +230,7 @@ impl ControlPlane {
             None => ImageName::new(req.image.clone())?,
         };
         let image = self.image(&image_name).await?;
-        if image.kind != skyvisor_core::ImageKind::KernelInitrd {
-            // It boots its own disk with firmware: that stays a local copy
-            // (a root volume is not made from a disk image yet).
-            if req.disk_replicas.is_some() {
-                return Err(ApiError::from(ValidationError::new(
-                    "disk_replicas",
-                    format!(
-                        "image {} boots its own disk, which stays local to the VM's host; leave disk_replicas out",
-                        image.name
-                    ),
-                )));
-            }
-            return Ok(None);
-        }
-        let resources = match &clone {
+        let mut resources = match &clone {
             Some(snap) => {
                 let mut r = snap.resources;
                 if let Some(d) = req.disk_gib {
@@ -271,6 +257,23 @@ impl ControlPlane {
                 .1
             }
         };
+        // An image that boots its own disk fills the volume, which must
+        // hold it.
+        if let Some(disk) = image.file(skyvisor_core::image::FileRole::Disk)
+            && image.kind == skyvisor_core::ImageKind::Disk
+        {
+            let need = disk.virtual_size_bytes.unwrap_or(0).div_ceil(1 << 30);
+            if req.disk_gib.is_some_and(|d| d < need) {
+                return Err(ApiError::from(ValidationError::new(
+                    "disk_gib",
+                    format!(
+                        "{} GiB is smaller than image {}'s disk; allowed: at least {need} GiB",
+                        resources.disk_gib, image.name
+                    ),
+                )));
+            }
+            resources.disk_gib = resources.disk_gib.max(need);
+        }
         // A VM that fits on no host, or that admission control would
         // refuse, is refused before its disk is made.
         if replicas >= 2 && req.ha != Some(HaPolicy::Off) && req.start.unwrap_or(true) {
@@ -385,7 +388,9 @@ impl ControlPlane {
                 )));
             }
         }
-        if let Some(disk) = image.file(skyvisor_core::image::FileRole::Disk) {
+        if let Some(disk) = image.file(skyvisor_core::image::FileRole::Disk)
+            && req.root_volume.is_none()
+        {
             let need = disk.virtual_size_bytes.unwrap_or(0).div_ceil(1 << 30);
             if resources.disk_gib < need {
                 return Err(ApiError::from(ValidationError::new(

@@ -742,15 +742,6 @@ impl ControlPlane {
                     "a VM booting from a root volume has no local disk; omit disk_gib",
                 )));
             }
-            if image.kind != ImageKind::KernelInitrd {
-                return Err(ApiError::from(skyvisor_core::ValidationError::new(
-                    "root_volume",
-                    format!(
-                        "image {} boots its own disk with firmware; a root volume needs an image that boots a kernel (e.g. debian-busybox)",
-                        image.name
-                    ),
-                )));
-            }
             wanted.push((r.clone(), true));
         }
         wanted.extend(req.volumes.iter().map(|v| (v.clone(), false)));
@@ -770,6 +761,22 @@ impl ControlPlane {
                 )));
             }
             let (spec, rev) = self.usable_volume(&name).await?;
+            // A blank root volume is filled with an image's disk on the
+            // first start: it must hold it.
+            if root
+                && image.kind == ImageKind::Disk
+                && let Some(disk) = image.file(skyvisor_core::image::FileRole::Disk)
+                && let Some(need) = disk.virtual_size_bytes
+                && spec.size_bytes < need
+            {
+                return Err(ApiError::from(skyvisor_core::ValidationError::new(
+                    "root_volume",
+                    format!(
+                        "volume {name} holds {} bytes; image {}'s disk needs {need}: grow it (`skyvisor volume grow`) or use a bigger one",
+                        spec.size_bytes, image.name
+                    ),
+                )));
+            }
             out.push(ResolvedVolume {
                 volume: InstanceVolume {
                     name,

@@ -735,16 +735,46 @@ impl VolumeService {
         copy::write_from_file(device.as_ref(), size, file).await
     }
 
+    /// Makes a volume served here read as disk image `image` (of QEMU
+    /// format `format`, e.g. `qcow2`, following its backing files): the
+    /// image is converted to a sparse raw scratch file, which is then
+    /// written over the volume (see [`copy::write_from_file`]).
+    pub async fn fill_from_image(
+        &self,
+        id: &VolumeId,
+        image: &std::path::Path,
+        format: &str,
+    ) -> Result<u64, String> {
+        let dir = &self.scratch_dir;
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let scratch = tempfile::Builder::new()
+            .prefix(".fill-")
+            .tempfile_in(dir)
+            .map_err(|e| format!("creating a scratch file in {}: {e}", dir.display()))?;
+        let out = tokio::process::Command::new("qemu-img")
+            .args(["convert", "-q", "-f", format, "-O", "raw"])
+            .arg(image)
+            .arg(scratch.path())
+            .output()
+            .await
+            .map_err(|e| format!("running qemu-img: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "reading {}: {}",
+                image.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        self.copy_from_file(id, scratch.path()).await
+    }
+
     /// Whether the start of a volume served here reads as zeroes.
     pub async fn is_blank(&self, id: &VolumeId) -> Result<bool, String> {
         let device = self.served_or_err(id)?;
         let size = device.membership().size;
         copy::is_blank(device.as_ref(), size).await
-    }
-
-    /// Scratch space on the volumes' file system (for whole-disk copies).
-    pub fn scratch_dir(&self) -> &std::path::Path {
-        &self.scratch_dir
     }
 
     /// Stops serving every volume served for `instance`.

@@ -490,3 +490,107 @@ fn replicas_move_on_request_and_are_made_again_after_their_host_is_gone() {
     assert_eq!(added["redundancy"]["in_sync"], 2, "{added}");
     assert_eq!(added["health"], "healthy", "{added}");
 }
+
+/// The replica data files of volume `id` (dashes removed) under host `h`'s
+/// data directory.
+fn replica_files(bed: &TestBed, h: u32, id: &str) -> Vec<std::path::PathBuf> {
+    fn walk(dir: &std::path::Path, id: &str, out: &mut Vec<std::path::PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, id, out);
+            } else if p.file_name().is_some_and(|n| n == "data.img")
+                && p.to_string_lossy().contains(id)
+            {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = vec![];
+    walk(&bed.dir.join(format!("h{h}")), id, &mut out);
+    out
+}
+
+#[test]
+fn a_disk_image_vm_boots_from_a_replicated_volume_filled_with_its_image() {
+    let bed = TestBed::start(2, 1);
+    // A disk image with marks at known places (it boots nothing: firmware
+    // runs, which is all a disk image VM needs to count as running).
+    let tmp = tempfile::tempdir().expect("tmp");
+    let raw = tmp.path().join("img.raw");
+    let marks: [(u64, &[u8]); 2] = [(0, b"SKYVISOR-FIRST-MIB"), (40 << 20, b"SKYVISOR-AT-40MIB")];
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::File::create(&raw).expect("raw");
+        f.set_len(64 << 20).expect("size");
+        for (at, mark) in marks {
+            f.seek(SeekFrom::Start(at)).expect("seek");
+            f.write_all(mark).expect("write");
+        }
+    }
+    let qcow = tmp.path().join("img.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow)
+        .status()
+        .expect("qemu-img");
+    assert!(st.success());
+    let img = bed.sv_json(&[
+        "image",
+        "import",
+        "marked",
+        "--disk",
+        qcow.to_str().expect("path"),
+    ]);
+    assert_eq!(img["kind"], "disk", "{img}");
+
+    // In a cluster its root disk is a 2-replica volume, so it is protected.
+    let v = bed.create_vm("fw", &["--image", "marked", "--type", "nano"]);
+    assert_eq!(v["spec"]["volumes"][0]["name"], "fw-disk", "{v}");
+    assert_eq!(v["spec"]["ha"], "restart", "{v}");
+    let (state, why) = protection(&bed, "fw");
+    assert_eq!(state, "protected", "{why}");
+    let disk = bed.sv_json(&["volume", "show", "fw-disk"]);
+    assert_eq!(disk["spec"]["replicas"], 2, "{disk}");
+    let id = disk["spec"]["id"].as_str().expect("id").replace('-', "");
+
+    // Both replicas hold the image's bytes where the image has them.
+    bed.sv_ok(&["vm", "stop", "fw"]);
+    wait_until("fw-disk released", Duration::from_secs(60), || {
+        bed.sv_json(&["volume", "show", "fw-disk"])["primary"]
+            .is_null()
+            .then_some(())
+    });
+    for h in 1..=2 {
+        let files = replica_files(&bed, h, &id);
+        assert_eq!(files.len(), 1, "h{h}: {files:?}");
+        let data = std::fs::read(&files[0]).expect("replica");
+        for (at, mark) in marks {
+            let at = at as usize;
+            assert_eq!(
+                &data[at..at + mark.len()],
+                mark,
+                "h{h}'s replica lacks the image's bytes at {at}"
+            );
+        }
+    }
+
+    // Its host dies: it runs again on the other, from its volume.
+    bed.sv_ok(&["vm", "start", "fw", "--wait", "--timeout", "240"]);
+    let h = bed.host_of(&bed.instance("fw"));
+    route_around(&bed, h);
+    bed.script_ok(&["host-kill", &h.to_string()]);
+    let moved = wait_until(
+        "fw running on the other host",
+        Duration::from_secs(180),
+        || {
+            let v = bed.instance("fw");
+            (bed.host_of(&v) != h && v["status"]["phase"] == "running").then_some(v)
+        },
+    );
+    assert_eq!(qemus_of(&bed, &moved).len(), 1, "one QEMU runs fw");
+}

@@ -74,6 +74,10 @@ PY
 # fio JOB_NAME URI RW BS IODEPTH -> json file
 run_fio() {
   local name=$1 uri=$2 rw=$3 bs=$4 qd=$5
+  # Every test starts with no dirty pages: otherwise the previous target's
+  # writes, still being written back, throttle the next target's (the
+  # kernel's dirty limits), and the order of the targets decides the result.
+  sync
   fio --name="$name" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
       --size=$SIZE --time_based --runtime="$RUNTIME" --ramp_time=1 --randrepeat=0 \
       --output-format=json --output="$WORK/$name.json" >/dev/null

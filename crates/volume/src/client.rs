@@ -13,14 +13,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::io::BufReader;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::oneshot;
 
 use crate::ids::{NodeId, VolumeId};
 use crate::replica::{Replica, ReplicaStore};
-use crate::server::{read_frame, write_frames};
+use crate::server::{FrameWriter, read_frame};
 use crate::wire::{self, Request, RequestFrame, Response, WireError};
 
 /// Why a call to a replica failed.
@@ -58,18 +58,16 @@ type Pending =
 #[derive(Debug)]
 pub struct RemoteReplica {
     node: NodeId,
-    tx: mpsc::Sender<(Bytes, Option<Bytes>)>,
+    writer: FrameWriter<OwnedWriteHalf>,
     pending: Pending,
     next_id: AtomicU64,
     broken: Arc<AtomicBool>,
     reader: tokio::task::JoinHandle<()>,
-    writer: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for RemoteReplica {
     fn drop(&mut self) {
         self.reader.abort();
-        self.writer.abort();
     }
 }
 
@@ -91,16 +89,8 @@ impl RemoteReplica {
         let _ = stream.set_nodelay(true);
         let addr_shown: SocketAddr = stream.peer_addr().map_err(|e| err(e.to_string()))?;
         let (r, w) = stream.into_split();
-        let (tx, rx) = mpsc::channel(512);
         let pending: Pending = Arc::new(std::sync::Mutex::new(Some(HashMap::new())));
         let broken = Arc::new(AtomicBool::new(false));
-        let writer = {
-            let broken = broken.clone();
-            tokio::spawn(async move {
-                let _ = write_frames(w, rx).await;
-                broken.store(true, Ordering::Release);
-            })
-        };
         let reader = {
             let (pending, broken) = (pending.clone(), broken.clone());
             tokio::spawn(async move {
@@ -130,12 +120,11 @@ impl RemoteReplica {
         tracing::debug!(node = %node, addr = %addr_shown, "connected to replica");
         Ok(Arc::new(Self {
             node: node.clone(),
-            tx,
+            writer: FrameWriter::new(w),
             pending,
             next_id: AtomicU64::new(1),
             broken,
             reader,
-            writer,
         }))
     }
 
@@ -148,7 +137,6 @@ impl RemoteReplica {
     pub fn close(&self) {
         self.broken.store(true, Ordering::Release);
         self.reader.abort();
-        self.writer.abort();
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -187,10 +175,11 @@ impl RemoteReplica {
             request,
         };
         let r = tokio::time::timeout(timeout, async {
-            self.tx
-                .send(frame.encode())
-                .await
-                .map_err(|_| err("connection closed"))?;
+            if let Err(e) = self.writer.send(frame.encode()).await {
+                // Part of a frame may be out: the stream is unusable.
+                self.close();
+                return Err(err(&format!("sending: {e}")));
+            }
             rx.await.map_err(|_| err("connection closed"))
         })
         .await;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -127,27 +127,72 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Resu
     Ok(Some(buf.freeze()))
 }
 
-/// Writes queued (header, payload) frames, batching them into vectored writes.
-pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
-    mut w: W,
-    mut rx: mpsc::Receiver<(Bytes, Option<Bytes>)>,
-) -> std::io::Result<()> {
-    let mut segs: Vec<Bytes> = Vec::with_capacity(64);
-    while let Some((h, p)) = rx.recv().await {
-        segs.push(h);
-        segs.extend(p);
-        while segs.len() < 64 {
-            match rx.try_recv() {
-                Ok((h, p)) => {
-                    segs.push(h);
-                    segs.extend(p);
-                }
-                Err(_) => break,
+/// Writes (header, payload) frames to a stream from the tasks that have
+/// them, without a writer task: a sender that finds the stream free writes
+/// its frame and every frame queued meanwhile in one vectored write; a
+/// sender that finds it busy leaves its frame to the writer of the moment,
+/// which looks at the queue again after each write. So a lone request
+/// costs no hop to another task, and a busy connection still batches.
+pub(crate) struct FrameWriter<W> {
+    queue: std::sync::Mutex<Vec<Bytes>>,
+    stream: tokio::sync::Mutex<W>,
+}
+
+impl<W> std::fmt::Debug for FrameWriter<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameWriter").finish_non_exhaustive()
+    }
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    /// A writer on `stream`.
+    pub(crate) fn new(stream: W) -> Self {
+        Self {
+            queue: std::sync::Mutex::new(Vec::with_capacity(64)),
+            stream: tokio::sync::Mutex::new(stream),
+        }
+    }
+
+    /// Queues a frame and writes the queue unless another sender is
+    /// writing (which then writes this frame too). A frame is written
+    /// whole or, after an error, the stream must not be used again.
+    pub(crate) async fn send(&self, (h, p): (Bytes, Option<Bytes>)) -> std::io::Result<()> {
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            q.push(h);
+            q.extend(p);
+        }
+        loop {
+            let Ok(mut w) = self.stream.try_lock() else {
+                return Ok(());
+            };
+            let mut segs =
+                std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
+            if segs.is_empty() {
+                return Ok(());
+            }
+            write_all_vectored(&mut *w, &mut segs).await?;
+            drop(w);
+            // A sender that queued while this one wrote found the stream
+            // busy and left: its frame is written here.
+            if self
+                .queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+            {
+                return Ok(());
             }
         }
-        write_all_vectored(&mut w, &mut segs).await?;
     }
-    w.shutdown().await
+
+    /// Shuts the stream's write side down once the frames queued are out.
+    pub(crate) async fn shutdown(&self) -> std::io::Result<()> {
+        let mut w = self.stream.lock().await;
+        let mut segs = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
+        write_all_vectored(&mut *w, &mut segs).await?;
+        w.shutdown().await
+    }
 }
 
 async fn write_all_vectored<W: AsyncWrite + Unpin>(
@@ -195,8 +240,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut r = BufReader::with_capacity(256 * 1024, r);
-    let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
-    let writer = tokio::spawn(write_frames(w, rx));
+    let writer = Arc::new(FrameWriter::new(w));
     let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let in_flight = TaskTracker::new();
     let result = loop {
@@ -216,17 +260,67 @@ where
         let Ok(permit) = limit.clone().acquire_owned().await else {
             break Ok(());
         };
-        let (store, tx) = (store.clone(), tx.clone());
+        let (store, writer) = (store.clone(), writer.clone());
         in_flight.spawn(async move {
             let id = frame.id;
             let result = store.handle(frame).await;
-            let _ = tx.send(wire::encode_response(id, &result)).await;
+            // A failed write ends the connection: the reader sees it closed.
+            let _ = writer.send(wire::encode_response(id, &result)).await;
             drop(permit);
         });
     };
     in_flight.close();
     in_flight.wait().await;
-    drop(tx);
-    let _ = writer.await;
+    let _ = writer.shutdown().await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_senders_frames_arrive_whole_and_none_is_lost() {
+        let (a, mut b) = tokio::io::duplex(4096);
+        let writer = Arc::new(FrameWriter::new(a));
+        let senders = 16u32;
+        let per = 50u32;
+        let mut tasks = vec![];
+        for t in 0..senders {
+            let w = writer.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..per {
+                    // A frame: length, then (sender, index) and a payload
+                    // whose bytes all say who sent it.
+                    let payload = Bytes::from(vec![t as u8; 100 + (i as usize % 7) * 300]);
+                    let mut h = BytesMut::new();
+                    h.extend_from_slice(&((8 + payload.len()) as u32).to_be_bytes());
+                    h.extend_from_slice(&t.to_be_bytes());
+                    h.extend_from_slice(&i.to_be_bytes());
+                    w.send((h.freeze(), Some(payload))).await.expect("send");
+                }
+            }));
+        }
+        let reader = tokio::spawn(async move {
+            let mut next = vec![0u32; senders as usize];
+            for _ in 0..senders * per {
+                let body = read_frame(&mut b).await.expect("read").expect("frame");
+                let t = u32::from_be_bytes(body[0..4].try_into().expect("t"));
+                let i = u32::from_be_bytes(body[4..8].try_into().expect("i"));
+                assert!(body[8..].iter().all(|x| *x == t as u8), "mixed frame");
+                assert_eq!(i, next[t as usize], "sender {t}'s frames out of order");
+                next[t as usize] += 1;
+            }
+            next
+        });
+        for t in tasks {
+            t.await.expect("sender");
+        }
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+            .await
+            .expect("every frame arrives")
+            .expect("reader");
+        assert!(next.iter().all(|n| *n == per), "{next:?}");
+        writer.shutdown().await.expect("shutdown");
+    }
 }

@@ -932,9 +932,15 @@ async fn plug(vm: &QemuVm, disk: &LaunchVolume) -> Result<(), HvError> {
 impl Hypervisor for QemuHypervisor {
     async fn launch(&self, launch: &VmLaunch) -> Result<Box<dyn Vm>, HvError> {
         let cfg = self.config(launch);
+        let began = std::time::Instant::now();
         let vm = skyvisor_qemu::launch(&cfg)
             .await
             .map_err(|e| HvError::StartFailed(e.to_string()))?;
+        debug!(
+            pid = vm.pid(),
+            ms = began.elapsed().as_millis() as u64,
+            "QEMU started, QMP connected"
+        );
         // Subscribe before the guest runs so no event is missed.
         let handle = QemuVmHandle::new(vm);
         if launch.migration_target {

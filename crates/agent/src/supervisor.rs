@@ -19,7 +19,7 @@ use skyvisor_core::{
 use skyvisor_store::{Compare, Op, StoreExt, decode, encode};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::AgentContext;
 use crate::checkpoints;
@@ -650,15 +650,24 @@ impl Supervisor {
         info!(instance = %spec.name, snapshot = %snap.name, kind = ?snap.kind, "restoring");
         self.cancel_probe();
         self.set_phase(spec, InstancePhase::Starting).await;
+        let began = Instant::now();
         if self.running.is_some() {
             self.terminate().await;
         }
+        let stopped = began.elapsed();
         self.status.pid = None;
         self.status.guest_ready = false;
         self.restart_at = None;
         self.hold = None;
         let root = self.root_disk(spec);
-        if let Err(m) = checkpoints::restore_disk(&self.ctx, &snap, &root).await {
+        let disk = checkpoints::restore_disk(&self.ctx, &snap, &root).await;
+        debug!(
+            instance = %spec.name,
+            stop_ms = stopped.as_millis() as u64,
+            disk_ms = (began.elapsed() - stopped).as_millis() as u64,
+            "restore: old QEMU stopped, disk restored"
+        );
+        if let Err(m) = disk {
             self.release_if_stopped(spec).await;
             self.start_failed(spec, format!("restore from {} failed: {m}", snap.name))
                 .await;

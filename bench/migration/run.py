@@ -840,6 +840,7 @@ def main():
     ap.add_argument("--cases", default="idle,busy", help="idle, busy or both")
     ap.add_argument("--rate", type=float, default=50, help="busy guests' memtest rate, MiB/s")
     ap.add_argument("--no-build", action="store_true", help="use the binary already built")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     ap.add_argument("--disk", choices=["replicated", "local"], default="replicated",
                     help="Skyvisor VM's root disk: a 2-replica volume (the cluster default; "
                          "not copied) or a local qcow2 (mirrored)")
@@ -874,9 +875,9 @@ def main():
             state["raw"].close()
             state["raw"] = None
         if state["sv"]:
-            state["sv"].close(keep_logs_in=None if state["ok"] else work)
+            state["sv"].close(keep_logs_in=None if state["ok"] and not args.keep else work)
             state["sv"] = None
-        if state["ok"]:
+        if state["ok"] and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:
             log(f"kept {work} for a look")

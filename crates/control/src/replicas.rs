@@ -17,7 +17,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use skyvisor_core::volume::ChangeReplicasRequest;
-use skyvisor_core::{HostName, HostState, Volume, VolumeName, VolumeSpec, keys};
+use skyvisor_core::{
+    HostName, HostState, InstanceSpec, Volume, VolumeAttachment, VolumeName, VolumeSpec, keys,
+};
 use skyvisor_store::{Compare, StoreExt, put_json};
 use tracing::{info, warn};
 
@@ -209,11 +211,19 @@ async fn step(
             if now.duration_since(*since) < grace {
                 continue;
             }
-            let req = ChangeReplicasRequest {
-                to: Some("auto".into()),
-                from: Some(h.to_string()),
-            };
-            match cp.change_replicas(spec.name.as_str(), req).await {
+            let user = user_of(cp, spec).await;
+            let mut changed = Err(ApiError::conflict("no target tried"));
+            for to in replacement_targets(spec, user.as_ref(), &hosts) {
+                let req = ChangeReplicasRequest {
+                    to: Some(to),
+                    from: Some(h.to_string()),
+                };
+                changed = cp.change_replicas(spec.name.as_str(), req).await;
+                if changed.is_ok() {
+                    break;
+                }
+            }
+            match changed {
                 Ok(v) => {
                     info!(volume = %spec.name, gone = %h, hosts = ?v.spec.hosts,
                         "re-replicating: a replica's host has been gone longer than the grace period");
@@ -228,4 +238,128 @@ async fn step(
         }
     }
     Ok(())
+}
+
+/// The VM using volume `spec` (the one its attachment names), if any.
+async fn user_of(cp: &ControlPlane, spec: &VolumeSpec) -> Option<InstanceSpec> {
+    let (claim, _) = cp
+        .store
+        .get_json::<VolumeAttachment>(&keys::volume_attachment(&spec.name))
+        .await
+        .ok()??;
+    let (vm, _) = cp
+        .store
+        .get_json::<InstanceSpec>(&keys::instance_spec(&claim.instance))
+        .await
+        .ok()??;
+    (vm.id == claim.instance_id).then_some(vm)
+}
+
+/// Where to put a replica that replaces one on a gone host, in the order
+/// to try: first the host running the VM that uses the volume, when it is
+/// live and ready and holds no replica (a failover that found no room on
+/// the replica hosts put the VM there: its reads become local again);
+/// then any host with room (`auto`).
+fn replacement_targets(
+    spec: &VolumeSpec,
+    user: Option<&InstanceSpec>,
+    hosts: &[HostEntry],
+) -> Vec<String> {
+    let near = user
+        .map(|vm| &vm.host)
+        .filter(|h| !spec.hosts.contains(h))
+        .filter(|h| {
+            hosts
+                .iter()
+                .any(|e| &e.host.name == *h && e.state() == HostState::Ready)
+        });
+    near.map(|h| h.to_string())
+        .into_iter()
+        .chain(["auto".to_string()])
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use skyvisor_core::VolumeId;
+
+    use super::*;
+    use crate::scheduler::tests::host;
+
+    fn volume(hosts: &[&str]) -> VolumeSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": "web-disk",
+            "id": VolumeId::random(),
+            "size_bytes": 1u64 << 30,
+            "replicas": 2,
+            "min_in_sync": 1,
+            "hosts": hosts,
+            "deleting": false,
+            "generation": 1,
+            "created_at": chrono::Utc::now(),
+        }))
+        .expect("volume spec")
+    }
+
+    fn vm_on(h: &str) -> InstanceSpec {
+        let mut vm: InstanceSpec = serde_json::from_value(serde_json::json!({
+            "name": "web",
+            "id": skyvisor_core::InstanceId::random(),
+            "image": "debian-busybox",
+            "resources": {"vcpus": 1, "memory_mib": 128, "disk_gib": 1},
+            "power": "running",
+            "restart_policy": "on-failure",
+            "host": h,
+            "network": {"network": "default", "ip": "10.0.0.2", "prefix_len": 24,
+                        "gateway": "10.0.0.1", "mac": "52:54:00:00:00:01"},
+            "reboot_generation": 0,
+            "stop_timeout_secs": 30,
+            "force_stop": false,
+            "deleting": false,
+            "generation": 1,
+            "created_at": chrono::Utc::now(),
+        }))
+        .expect("instance spec");
+        vm.host = HostName::new(h).expect("host");
+        vm
+    }
+
+    #[test]
+    fn a_replica_goes_to_its_vms_host_first_when_that_host_holds_none() {
+        let hosts = vec![
+            host("h1", 4, 4096),
+            host("h3", 4, 4096),
+            host("h4", 4, 4096),
+        ];
+        // The VM failed over to h1, which holds no replica: h1 first.
+        let spec = volume(&["h2", "h3"]);
+        assert_eq!(
+            replacement_targets(&spec, Some(&vm_on("h1")), &hosts),
+            vec!["h1".to_string(), "auto".into()]
+        );
+        // Its host holds one already, or there is no VM: anywhere.
+        let spec = volume(&["h1", "h2"]);
+        assert_eq!(
+            replacement_targets(&spec, Some(&vm_on("h1")), &hosts),
+            vec!["auto".to_string()]
+        );
+        assert_eq!(
+            replacement_targets(&spec, None, &hosts),
+            vec!["auto".to_string()]
+        );
+        // Its host is cordoned (or gone): anywhere.
+        let mut cordoned = hosts.clone();
+        cordoned[0].admin_state = Some(HostState::Cordoned);
+        let spec = volume(&["h2", "h3"]);
+        assert_eq!(
+            replacement_targets(&spec, Some(&vm_on("h1")), &cordoned),
+            vec!["auto".to_string()]
+        );
+        let mut dead = hosts.clone();
+        dead[0].alive = false;
+        assert_eq!(
+            replacement_targets(&spec, Some(&vm_on("h1")), &dead),
+            vec!["auto".to_string()]
+        );
+    }
 }

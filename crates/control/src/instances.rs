@@ -192,17 +192,7 @@ impl ControlPlane {
             return Ok(None);
         }
         // A clone's disk is its snapshot's, on the snapshot's host.
-        let clone = match &req.from_snapshot {
-            Some(r) => {
-                let src = skyvisor_core::snapshot::parse_snapshot_ref(r)?;
-                let snap = self
-                    .snapshot(src.instance.as_str(), src.snapshot.as_str())
-                    .await?;
-                crate::snapshots::check_ready(&snap)?;
-                Some(snap)
-            }
-            None => None,
-        };
+        let clone = self.clone_source(req).await?.map(|(_, snap)| snap);
         // In a cluster the root disk is a replicated volume by default: 2
         // replicas when two hosts can hold them.
         let replicas = match req.disk_replicas {
@@ -311,23 +301,29 @@ impl ControlPlane {
         Ok(Some(volume))
     }
 
+    /// The snapshot a create clones (`from_snapshot`), if any, ready to use.
+    async fn clone_source(
+        &self,
+        req: &CreateInstanceRequest,
+    ) -> ApiResult<Option<(skyvisor_core::CloneSource, skyvisor_core::Snapshot)>> {
+        let Some(r) = &req.from_snapshot else {
+            return Ok(None);
+        };
+        let src = skyvisor_core::snapshot::parse_snapshot_ref(r)?;
+        let snap = self
+            .snapshot(src.instance.as_str(), src.snapshot.as_str())
+            .await?;
+        crate::snapshots::check_ready(&snap)?;
+        Ok(Some((src, snap)))
+    }
+
     async fn create_instance_with(&self, req: CreateInstanceRequest) -> ApiResult<Instance> {
         let name = InstanceName::new(req.name.clone())?;
         if let Some(s) = &req.checkpoint_schedule {
             s.validate()?;
         }
         // A clone takes its image, size and host from its snapshot.
-        let clone = match &req.from_snapshot {
-            Some(r) => {
-                let src = skyvisor_core::snapshot::parse_snapshot_ref(r)?;
-                let snap = self
-                    .snapshot(src.instance.as_str(), src.snapshot.as_str())
-                    .await?;
-                crate::snapshots::check_ready(&snap)?;
-                Some((src, snap))
-            }
-            None => None,
-        };
+        let clone = self.clone_source(&req).await?;
         let (image_name, (itype, resources)) = match &clone {
             Some((_, snap)) => {
                 if !req.image.is_empty() && req.image != snap.image.as_str() {

@@ -154,6 +154,18 @@ fn classify(ranges: &[(u64, u64)], pos: u64, end: u64) -> (bool, u64) {
     (false, end)
 }
 
+/// A new scratch file in `dir` (made if missing), named `prefix`...,
+/// removed when dropped.
+pub async fn scratch_file(dir: &Path, prefix: &str) -> Result<tempfile::NamedTempFile, String> {
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempfile_in(dir)
+        .map_err(|e| format!("creating a scratch file in {}: {e}", dir.display()))
+}
+
 /// Whether the start of `device` reads as zeroes.
 pub async fn is_blank(device: &dyn BlockDevice, size: u64) -> Result<bool, String> {
     let probe = device

@@ -35,13 +35,7 @@ pub async fn format_if_blank(
     if probe.iter().any(|b| *b != 0) {
         return Ok(false);
     }
-    tokio::fs::create_dir_all(scratch_dir)
-        .await
-        .map_err(|e| format!("creating {}: {e}", scratch_dir.display()))?;
-    let scratch = tempfile::Builder::new()
-        .prefix(".format-")
-        .tempfile_in(scratch_dir)
-        .map_err(|e| format!("creating a scratch file in {}: {e}", scratch_dir.display()))?;
+    let scratch = super::copy::scratch_file(scratch_dir, ".format-").await?;
     scratch
         .as_file()
         .set_len(size)

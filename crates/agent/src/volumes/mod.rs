@@ -745,14 +745,7 @@ impl VolumeService {
         image: &std::path::Path,
         format: &str,
     ) -> Result<u64, String> {
-        let dir = &self.scratch_dir;
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let scratch = tempfile::Builder::new()
-            .prefix(".fill-")
-            .tempfile_in(dir)
-            .map_err(|e| format!("creating a scratch file in {}: {e}", dir.display()))?;
+        let scratch = copy::scratch_file(&self.scratch_dir, ".fill-").await?;
         let out = tokio::process::Command::new("qemu-img")
             .args(["convert", "-q", "-f", format, "-O", "raw"])
             .arg(image)

@@ -326,10 +326,16 @@ class Prober:
         ok = [d for _, d, e in res if e is None]
         errs = [e for _, _, e in res if e is not None]
         slowest = max(ok) * 1000 if ok else None
+        # The longest time in which no request got its answer: between two
+        # successive answers (a lost SYN costs its own request ~1 s, but
+        # the others sent meanwhile may still be answered).
+        done = sorted(t + d for t, d, e in res if e is None)
+        silence = max((b - a for a, b in zip(done, done[1:])), default=0) * 1000 if done else None
         # When the slow ones started, seconds after the migration was asked for.
         t0 = self.action_at or 0
         slow = sorted((t - t0, d * 1000) for t, d, e in res if e is None and d * 1000 > SLOW_MS)
         return {"requests": len(res), "failed": len(errs), "slowest_ms": slowest,
+                "silence_ms": silence,
                 "slow": len(slow), "slow_at": [f"+{t:.2f}s:{d:.0f}ms" for t, d in slow][:8],
                 "errors": sorted(set(errs))[:5]}
 
@@ -721,8 +727,10 @@ def fmt_run(r):
                 f"pause {r['pause_ms']:.0f} ms, RAM sent {r['ram_mib']:.0f} MiB, "
                 f"disk copied {r['disk_mib']:.1f} MiB")
     slowest = "-" if r.get("slowest_ms") is None else f"{r['slowest_ms']:.0f}"
+    silence = "-" if r.get("silence_ms") is None else f"{r['silence_ms']:.0f}"
     tail = (f"; client: {r.get('requests', 0)} requests, {r.get('failed', 0)} failed, "
-            f"slowest {slowest} ms, {r.get('slow', 0)} over {SLOW_MS} ms")
+            f"slowest {slowest} ms, longest silence {silence} ms, "
+            f"{r.get('slow', 0)} over {SLOW_MS} ms")
     if r.get("slow_at"):
         tail += f" (at {', '.join(r['slow_at'])} after the request"
         if r.get("stop_at"):
@@ -757,10 +765,14 @@ def row(label, side, runs):
     s = num(statistics.median(slowest)) if slowest else "–"
     if len(slowest) > 1:
         s += f" (max {max(slowest):.0f})"
+    silent = [r["silence_ms"] for r in runs if r.get("silence_ms") is not None]
+    q = num(statistics.median(silent)) if silent else "–"
+    if len(silent) > 1:
+        q += f" ({min(silent):.0f}–{max(silent):.0f})"
     failed = f"{sum(r.get('failed', 0) for r in runs)} / {sum(r.get('requests', 0) for r in runs)}"
     mm = [r["mismatches"] for r in runs if "mismatches" in r]
     mism = "–" if not mm else (str(sum(mm)) if all(isinstance(m, int) for m in mm) else str(mm))
-    return f"| {label} | {side} | " + " | ".join(cells + [s, failed, mism]) + " |"
+    return f"| {label} | {side} | " + " | ".join(cells + [s, q, failed, mism]) + " |"
 
 
 def ratio(a, b):
@@ -778,8 +790,8 @@ def report(rows, args, profile):
            f"Client: a new TCP connection to /health every 10–20 ms, from 1 s before to 1.5 s "
            f"after the migration.", "",
            "| guest | side | total ms | QEMU downtime ms | pause ms (STOP → RESUME) | "
-           "slowest request ms | failed / requests | memtest mismatches |",
-           "|---|---|---|---|---|---|---|---|"]
+           "slowest request ms | longest silence ms (range) | failed / requests | memtest mismatches |",
+           "|---|---|---|---|---|---|---|---|---|"]
     checks = {"failed": [], "slow": [], "pause": [], "converge": [], "memtest": []}
     for label, raw_runs, sv_runs in rows:
         out.append(row(label, "raw QEMU", raw_runs))
@@ -791,7 +803,7 @@ def report(rows, args, profile):
         out.append(f"| {label} | Skyvisor / raw | – | – | "
                    f"{ratio(med(sv_runs, 'pause_ms'), med(raw_runs, 'pause_ms'))} | "
                    f"{ratio(statistics.median(ss_ok) if ss_ok else None, statistics.median(rs) if rs else None)}"
-                   f" | | |")
+                   f" | {ratio(med(sv_runs, 'silence_ms'), med(raw_runs, 'silence_ms'))} | | |")
         checks["failed"].append((label, sum(r.get("failed", 0) for r in sv_runs)))
         checks["slow"].append((label, max(ss) if ss else None))
         if "256 MiB idle" == label:

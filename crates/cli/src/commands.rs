@@ -241,7 +241,8 @@ pub struct CreateArgs {
     /// Root disk size, e.g. 4G (overrides the type's).
     #[arg(long, value_parser = parse_gib, conflicts_with = "root_volume")]
     pub disk: Option<u64>,
-    /// Boot from this volume: it is the VM's vda instead of a local disk.
+    /// Boot from this volume: it is the VM's vda instead of a local disk (a
+    /// blank one is filled from a disk image, or formatted, on first start).
     #[arg(long)]
     pub root_volume: Option<String>,
     /// Attach this volume too (vdb, vdc...); repeatable.

@@ -40,7 +40,9 @@ pub struct CreateInstanceRequest {
     #[serde(default)]
     pub stop_timeout_secs: Option<u32>,
     /// A volume to boot from: it becomes the VM's `vda` instead of a local
-    /// disk (the image must boot a kernel, e.g. `debian-busybox`).
+    /// disk. A blank one gets its first contents on the first start: the
+    /// image's disk if the image boots its own disk (the volume must hold
+    /// it), else an ext4 file system.
     #[serde(default)]
     pub root_volume: Option<String>,
     /// Volumes to attach as further disks (`vdb`, `vdc`...).

@@ -328,6 +328,7 @@ async fn start_server(
                     mtu: 1450,
                     weigher: Weigher::Spread,
                     cluster: ClusterSettings::single(ServerName::new("bench")?, url.clone()),
+                    max_upload_bytes: skyvisor_control::DEFAULT_MAX_UPLOAD_BYTES,
                 },
             )
             .await?;

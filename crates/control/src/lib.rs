@@ -60,7 +60,12 @@ pub struct ServerConfig {
     pub weigher: Weigher,
     /// This server's identity and part in a cluster.
     pub cluster: ClusterSettings,
+    /// The most bytes an image import may upload (all its parts).
+    pub max_upload_bytes: u64,
 }
+
+/// Default of [`ServerConfig::max_upload_bytes`]: 64 GiB.
+pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 64 << 30;
 
 /// The control plane's shared state; cheap to clone.
 #[derive(Clone)]

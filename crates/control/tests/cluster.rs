@@ -96,6 +96,7 @@ fn config(dir: &std::path::Path, name: &str, weigher: Weigher) -> ServerConfig {
             ServerName::new(name).expect("name"),
             format!("http://{name}.invalid"),
         ),
+        max_upload_bytes: skyvisor_control::DEFAULT_MAX_UPLOAD_BYTES,
     }
 }
 

@@ -86,6 +86,8 @@ pub struct ServerFileConfig {
     pub replica_grace_secs: Option<u64>,
     /// Admission control: host failures to keep room for.
     pub ha_reserve_hosts: Option<u32>,
+    /// The most bytes an image import may upload (`--max-upload`).
+    pub max_upload_bytes: Option<u64>,
     /// Lease TTL of its registration and leadership, seconds.
     pub lease_ttl_secs: Option<u64>,
 }

@@ -78,6 +78,9 @@ pub struct ServerArgs {
     /// off; set the same on every server).
     #[arg(long)]
     ha_reserve_hosts: Option<u32>,
+    /// The most an image import may upload, e.g. 20G (default 64G).
+    #[arg(long, value_parser = skyvisor_cli::parse_bytes)]
+    max_upload: Option<u64>,
     /// Don't build the default image at start.
     #[arg(long)]
     no_default_image: bool,
@@ -209,6 +212,10 @@ pub async fn run(args: ServerArgs) -> Result<()> {
                 .or(file.server.weigher)
                 .unwrap_or(Weigher::Spread),
             cluster,
+            max_upload_bytes: args
+                .max_upload
+                .or(file.server.max_upload_bytes)
+                .unwrap_or(skyvisor_control::DEFAULT_MAX_UPLOAD_BYTES),
         },
     )
     .await

@@ -113,6 +113,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
             mtu: 1500,
             weigher: Weigher::Spread,
             cluster: ClusterSettings::single(server_name, api_url.clone()),
+            max_upload_bytes: skyvisor_control::DEFAULT_MAX_UPLOAD_BYTES,
         },
     )
     .await

@@ -125,7 +125,7 @@ pub(super) struct ImportQuery {
         (status = 201, body = Image),
         (status = 400, body = ErrorBody),
         (status = 409, body = ErrorBody, description = "name taken"),
-        (status = 413, body = ErrorBody, description = "no room in the image store"),
+        (status = 413, body = ErrorBody, description = "no room in the image store, or larger than the server accepts (`skyvisor server --max-upload`)"),
     ))]
 pub(super) async fn import(
     State(cp): State<ControlPlane>,
@@ -197,7 +197,8 @@ async fn receive(
     tokio::fs::create_dir_all(tmp)
         .await
         .map_err(|e| storage_error("creating the upload directory", &e))?;
-    let _ = cp;
+    let max = cp.config.max_upload_bytes;
+    let mut received = 0u64;
     let mut roles = Vec::new();
     while let Some(mut field) = multipart
         .next_field()
@@ -231,6 +232,12 @@ async fn receive(
             .await
             .map_err(|e| ApiError::invalid(format!("upload interrupted: {}", e.body_text())))?
         {
+            received += chunk.len() as u64;
+            if received > max {
+                return Err(ApiError::too_large(format!(
+                    "the upload is larger than this server accepts: at most {max} bytes (all parts together; set with `skyvisor server --max-upload`)"
+                )));
+            }
             f.write_all(&chunk)
                 .await
                 .map_err(|e| storage_error("storing the upload", &e))?;

@@ -87,6 +87,7 @@ impl MultiHost {
                         skyvisor_core::ServerName::new("server-1").expect("name"),
                         url.clone(),
                     ),
+                    max_upload_bytes: skyvisor_control::DEFAULT_MAX_UPLOAD_BYTES,
                 },
             )
             .await

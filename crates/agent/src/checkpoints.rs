@@ -62,35 +62,29 @@ fn tmp_dir(data_dir: &Path, snap: &Snapshot) -> PathBuf {
 pub enum RootDisk {
     /// A local qcow2 file (with the image's base as backing file).
     Local(PathBuf),
-    /// A root volume, served on this host for the VM while it is used.
-    Volume {
-        /// This host's volume service.
-        service: Arc<VolumeService>,
-        /// The volume.
-        volume: InstanceVolume,
-        /// The VM it is served for.
-        instance: InstanceName,
-    },
+    /// A root volume.
+    Volume(VolumeRoot),
 }
 
-impl RootDisk {
-    /// Serves a root volume here for its VM (a no-op if it already is);
-    /// returns its service and id.
-    async fn served(&self) -> Result<Option<(&Arc<VolumeService>, &VolumeId)>, String> {
-        match self {
-            Self::Local(_) => Ok(None),
-            Self::Volume {
-                service,
-                volume,
-                instance,
-            } => {
-                service
-                    .serve(volume, instance)
-                    .await
-                    .map_err(|e| format!("volume {}: {e}", volume.name))?;
-                Ok(Some((service, &volume.id)))
-            }
-        }
+/// A VM's root volume, served on this host for the VM while it is used.
+pub struct VolumeRoot {
+    /// This host's volume service.
+    pub service: Arc<VolumeService>,
+    /// The volume.
+    pub volume: InstanceVolume,
+    /// The VM it is served for.
+    pub instance: InstanceName,
+}
+
+impl VolumeRoot {
+    /// Serves the volume here for its VM (a no-op if it already is);
+    /// returns its id.
+    pub async fn serve(&self) -> Result<&VolumeId, String> {
+        self.service
+            .serve(&self.volume, &self.instance)
+            .await
+            .map_err(|e| format!("volume {}: {e}", self.volume.name))?;
+        Ok(&self.volume.id)
     }
 }
 
@@ -342,14 +336,13 @@ async fn save(
     let disk = tmp.join(DISK_FILE);
     let (taken_at, paused_ms) = match (kind, vm) {
         (SnapshotKind::Full, Some(vm)) => {
-            let whole_disk = match (root_disk, root_disk.served().await?) {
-                (RootDisk::Local(root), _) => {
+            let whole_disk = match root_disk {
+                RootDisk::Local(root) => {
                     create_disk_target(root, &disk).await?;
                     false
                 }
-                (_, None) => return Err("the root volume is not served here".into()),
-                (RootDisk::Volume { .. }, Some((service, id))) => {
-                    let size = service.served_size(id)?;
+                RootDisk::Volume(v) => {
+                    let size = v.service.served_size(v.serve().await?)?;
                     run(
                         Command::new("qemu-img")
                             .args(["create", "-q", "-f", "qcow2"])
@@ -388,8 +381,8 @@ async fn save(
                 done.paused.as_millis() as u64,
             )
         }
-        _ => match (root_disk, root_disk.served().await?) {
-            (RootDisk::Local(root), _) => {
+        _ => match root_disk {
+            RootDisk::Local(root) => {
                 if !tokio::fs::try_exists(root).await.unwrap_or(false) {
                     return Err("the VM has no disk yet (it never started)".into());
                 }
@@ -397,19 +390,12 @@ async fn save(
                 copy_file(root, &disk, "copying the disk").await?;
                 (at, 0)
             }
-            (_, None) => return Err("the root volume is not served here".into()),
-            (RootDisk::Volume { .. }, Some((service, id))) => {
+            RootDisk::Volume(v) => {
+                let id = v.serve().await?;
                 let at = Utc::now();
                 let raw = tmp.join("disk.raw");
-                service.copy_to_file(id, &raw).await?;
-                run(
-                    Command::new("qemu-img")
-                        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-                        .arg(&raw)
-                        .arg(&disk),
-                    "converting the volume's copy",
-                )
-                .await?;
+                v.service.copy_to_file(id, &raw).await?;
+                crate::disks::convert(&raw, "raw", &disk, "qcow2").await?;
                 let _ = tokio::fs::remove_file(&raw).await;
                 (at, 0)
             }
@@ -513,12 +499,12 @@ pub async fn restore_disk(
     root: &RootDisk,
 ) -> Result<(), String> {
     let from = snapshot_dir(&ctx.data_dir, snap).join(DISK_FILE);
-    let root = match (root, root.served().await?) {
-        (RootDisk::Local(root), _) => root,
-        (_, None) => return Err("the root volume is not served here".into()),
-        (RootDisk::Volume { .. }, Some((service, id))) => {
-            return service
-                .fill_from_image(id, &from, "qcow2")
+    let root = match root {
+        RootDisk::Local(root) => root,
+        RootDisk::Volume(v) => {
+            return v
+                .service
+                .fill_from_image(v.serve().await?, &from, "qcow2")
                 .await
                 .map(drop)
                 .map_err(|e| {

@@ -43,6 +43,32 @@ pub async fn create_root_disk(
     Ok(())
 }
 
+/// Converts disk image `from` (QEMU format `from_format`, read through its
+/// backing files) into a new image `to` of format `to_format`; zero
+/// regions stay holes.
+pub async fn convert(
+    from: &Path,
+    from_format: &str,
+    to: &Path,
+    to_format: &str,
+) -> Result<(), String> {
+    let out = Command::new("qemu-img")
+        .args(["convert", "-q", "-f", from_format, "-O", to_format])
+        .arg(from)
+        .arg(to)
+        .output()
+        .await
+        .map_err(|e| format!("cannot run qemu-img (install qemu-utils): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "converting {}: {}",
+            from.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

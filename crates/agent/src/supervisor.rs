@@ -596,11 +596,11 @@ impl Supervisor {
     /// The VM's root disk: its root volume, or its local file.
     fn root_disk(&self, spec: &InstanceSpec) -> checkpoints::RootDisk {
         match (spec.root_volume(), &self.ctx.volumes) {
-            (Some(v), Some(service)) => checkpoints::RootDisk::Volume {
+            (Some(v), Some(service)) => checkpoints::RootDisk::Volume(checkpoints::VolumeRoot {
                 service: service.clone(),
                 volume: v.clone(),
                 instance: spec.name.clone(),
-            },
+            }),
             _ => checkpoints::RootDisk::Local(self.vm_dir(spec).join(ROOT_DISK)),
         }
     }
@@ -715,19 +715,10 @@ impl Supervisor {
         src: &CloneSource,
     ) -> Result<Option<PathBuf>, String> {
         let disk = self.root_disk(spec);
-        if let checkpoints::RootDisk::Volume {
-            service,
-            volume,
-            instance,
-        } = &disk
+        if let checkpoints::RootDisk::Volume(v) = &disk
+            && !v.service.is_blank(v.serve().await?).await?
         {
-            service
-                .serve(volume, instance)
-                .await
-                .map_err(|e| format!("volume {}: {e}", volume.name))?;
-            if !service.is_blank(&volume.id).await? {
-                return Ok(None);
-            }
+            return Ok(None);
         }
         let snap = checkpoints::get(self.ctx.store.as_ref(), &src.instance, &src.snapshot)
             .await

@@ -19,10 +19,11 @@ const CHUNK: u64 = 1 << 20;
 /// Largest single write-zeroes request.
 const ZERO_RUN: u64 = 64 << 20;
 
-/// Reads all of `device` (of `size` bytes) into `file`, a new sparse file
-/// of the same size: ranges the device reports as holes or zeroes, and
-/// chunks that read as zeroes, stay holes. Returns the bytes of data.
-pub async fn read_to_file(device: &dyn BlockDevice, size: u64, file: &Path) -> Result<u64, String> {
+/// Reads all of `device` into `file`, a new sparse file of the same size:
+/// ranges the device reports as holes or zeroes, and chunks that read as
+/// zeroes, stay holes. Returns the bytes of data.
+pub async fn read_to_file(device: &dyn BlockDevice, file: &Path) -> Result<u64, String> {
+    let size = device.size();
     let mut out = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -72,15 +73,11 @@ pub async fn read_to_file(device: &dyn BlockDevice, size: u64, file: &Path) -> R
     Ok(data)
 }
 
-/// Makes `device` (of `size` bytes) read exactly as raw `file`: its data
-/// is written, everything else zeroed (beyond the file's end too). The
-/// first chunk goes last (see the module's rule). Returns the bytes of
-/// data written.
-pub async fn write_from_file(
-    device: &dyn BlockDevice,
-    size: u64,
-    file: &Path,
-) -> Result<u64, String> {
+/// Makes `device` read exactly as raw `file`: its data is written,
+/// everything else zeroed (beyond the file's end too). The first chunk
+/// goes last (see the module's rule). Returns the bytes of data written.
+pub async fn write_from_file(device: &dyn BlockDevice, file: &Path) -> Result<u64, String> {
+    let size = device.size();
     let mut src =
         std::fs::File::open(file).map_err(|e| format!("opening {}: {e}", file.display()))?;
     let len = src
@@ -166,10 +163,13 @@ pub async fn scratch_file(dir: &Path, prefix: &str) -> Result<tempfile::NamedTem
         .map_err(|e| format!("creating a scratch file in {}: {e}", dir.display()))
 }
 
+/// How much of a device's start is read to tell whether it is blank.
+const PROBE: u64 = 64 * 1024;
+
 /// Whether the start of `device` reads as zeroes.
-pub async fn is_blank(device: &dyn BlockDevice, size: u64) -> Result<bool, String> {
+pub async fn is_blank(device: &dyn BlockDevice) -> Result<bool, String> {
     let probe = device
-        .read(0, (64 * 1024).min(size) as usize)
+        .read(0, PROBE.min(device.size()) as usize)
         .await
         .map_err(|e| format!("reading the volume's start: {e}"))?;
     Ok(probe.iter().all(|b| *b == 0))
@@ -243,7 +243,7 @@ mod tests {
     async fn a_volume_round_trips_through_a_file_and_old_data_is_overwritten() {
         let size = 8u64 << 20;
         let dev = MemoryDevice::new(size as usize);
-        assert!(is_blank(&dev, size).await.expect("probe"));
+        assert!(is_blank(&dev).await.expect("probe"));
         // The volume's contents to keep: data at the start, in the middle
         // and at the very end.
         for (at, byte) in [(0u64, 1u8), (3 << 20, 2), (size - 4096, 3)] {
@@ -253,7 +253,7 @@ mod tests {
         }
         let dir = tempfile::tempdir().expect("dir");
         let saved = dir.path().join("saved.raw");
-        let n = read_to_file(&dev, size, &saved).await.expect("read");
+        let n = read_to_file(&dev, &saved).await.expect("read");
         assert_eq!(n, 3 << 20, "three chunks hold data");
 
         // Later writes, also where the saved copy has holes.
@@ -262,21 +262,19 @@ mod tests {
                 .await
                 .expect("write");
         }
-        write_from_file(&dev, size, &saved).await.expect("restore");
+        write_from_file(&dev, &saved).await.expect("restore");
         for (at, byte) in [(0u64, 1u8), (3 << 20, 2), (5 << 20, 0), (size - 4096, 3)] {
             let got = dev.read(at, 4096).await.expect("read");
             assert!(got.iter().all(|b| *b == byte), "at {at}: want {byte}");
         }
-        assert!(!is_blank(&dev, size).await.expect("probe"));
+        assert!(!is_blank(&dev).await.expect("probe"));
 
         // An image bigger than the volume is refused before any write.
         let big = dir.path().join("big.raw");
         std::fs::File::create(&big)
             .and_then(|f| f.set_len(size + 1))
             .expect("big");
-        let e = write_from_file(&dev, size, &big)
-            .await
-            .expect_err("too big");
+        let e = write_from_file(&dev, &big).await.expect_err("too big");
         assert!(e.contains("only"), "{e}");
     }
 }

@@ -15,26 +15,17 @@ use tracing::info;
 
 /// The label the default guest mounts at `/data`.
 const LABEL: &str = "skyvisor-data";
-/// How much of the start of a volume is read to tell whether it is blank.
-const PROBE: usize = 64 * 1024;
 /// Copy granularity: only chunks with data are written.
 const CHUNK: usize = 1 << 20;
 
-/// Formats `device` (of `size` bytes) if its start is all zeroes, building
-/// the file system in a sparse scratch file under `scratch_dir`. Returns
-/// whether it formatted.
-pub async fn format_if_blank(
-    device: &dyn BlockDevice,
-    size: u64,
-    scratch_dir: &Path,
-) -> Result<bool, String> {
-    let probe = device
-        .read(0, PROBE.min(size as usize))
-        .await
-        .map_err(|e| format!("reading the volume's start: {e}"))?;
-    if probe.iter().any(|b| *b != 0) {
+/// Formats `device` if its start is all zeroes, building the file system
+/// in a sparse scratch file under `scratch_dir`. Returns whether it
+/// formatted.
+pub async fn format_if_blank(device: &dyn BlockDevice, scratch_dir: &Path) -> Result<bool, String> {
+    if !super::copy::is_blank(device).await? {
         return Ok(false);
     }
+    let size = device.size();
     let scratch = super::copy::scratch_file(scratch_dir, ".format-").await?;
     scratch
         .as_file()

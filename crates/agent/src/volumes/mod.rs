@@ -696,11 +696,8 @@ impl VolumeService {
     /// Gives a blank volume this host serves an ext4 file system (see
     /// [`format`]); returns whether it did.
     pub async fn format_if_blank(&self, id: &VolumeId) -> Result<bool, String> {
-        let Some((device, _)) = self.served_device(id) else {
-            return Err(format!("volume {id} is not served here"));
-        };
-        let size = device.membership().size;
-        format::format_if_blank(device.as_ref(), size, &self.scratch_dir).await
+        let device = self.served_or_err(id)?;
+        format::format_if_blank(device.as_ref(), &self.scratch_dir).await
     }
 
     /// The device of a volume served here, or an error saying it is not.
@@ -712,15 +709,15 @@ impl VolumeService {
 
     /// The size of a volume served here.
     pub fn served_size(&self, id: &VolumeId) -> Result<u64, String> {
-        Ok(self.served_or_err(id)?.membership().size)
+        Ok(skyvisor_nbd::device::BlockDevice::size(
+            self.served_or_err(id)?.as_ref(),
+        ))
     }
 
     /// Copies a volume served here into `file`, a new sparse raw file (see
     /// [`copy::read_to_file`]).
     pub async fn copy_to_file(&self, id: &VolumeId, file: &std::path::Path) -> Result<u64, String> {
-        let device = self.served_or_err(id)?;
-        let size = device.membership().size;
-        copy::read_to_file(device.as_ref(), size, file).await
+        copy::read_to_file(self.served_or_err(id)?.as_ref(), file).await
     }
 
     /// Makes a volume served here read as raw `file` (see
@@ -730,9 +727,7 @@ impl VolumeService {
         id: &VolumeId,
         file: &std::path::Path,
     ) -> Result<u64, String> {
-        let device = self.served_or_err(id)?;
-        let size = device.membership().size;
-        copy::write_from_file(device.as_ref(), size, file).await
+        copy::write_from_file(self.served_or_err(id)?.as_ref(), file).await
     }
 
     /// Makes a volume served here read as disk image `image` (of QEMU
@@ -746,28 +741,13 @@ impl VolumeService {
         format: &str,
     ) -> Result<u64, String> {
         let scratch = copy::scratch_file(&self.scratch_dir, ".fill-").await?;
-        let out = tokio::process::Command::new("qemu-img")
-            .args(["convert", "-q", "-f", format, "-O", "raw"])
-            .arg(image)
-            .arg(scratch.path())
-            .output()
-            .await
-            .map_err(|e| format!("running qemu-img: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "reading {}: {}",
-                image.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
+        crate::disks::convert(image, format, scratch.path(), "raw").await?;
         self.copy_from_file(id, scratch.path()).await
     }
 
     /// Whether the start of a volume served here reads as zeroes.
     pub async fn is_blank(&self, id: &VolumeId) -> Result<bool, String> {
-        let device = self.served_or_err(id)?;
-        let size = device.membership().size;
-        copy::is_blank(device.as_ref(), size).await
+        copy::is_blank(self.served_or_err(id)?.as_ref()).await
     }
 
     /// Stops serving every volume served for `instance`.

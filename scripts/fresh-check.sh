@@ -43,7 +43,7 @@ if [ "$(id -u)" -ne 0 ]; then
   say "run as root (debootstrap, chroot, mounts)"
   exit 1
 fi
-if curl -fs --max-time 2 http://127.0.0.1:7780/v1/info >/dev/null 2>&1; then
+if curl -fs --max-time 2 http://127.0.0.1:7780/healthz >/dev/null 2>&1; then
   say "a Skyvisor API already answers on 127.0.0.1:7780; stop it first (the clean root's quick start uses that port)"
   exit 1
 fi

@@ -20,6 +20,8 @@ cargo build --release --workspace --bins -q
 
 sv=./target/release/skyvisor
 data_dir=${SKYVISOR_DATA_DIR:-/var/lib/skyvisor}
+# The CLI finds the bootstrap admin token `skyvisor up` writes there.
+export SKYVISOR_DATA_DIR=$data_dir
 log=/var/log/skyvisor-up.log
 export SKYVISOR_URL=${SKYVISOR_URL:-http://127.0.0.1:7780}
 

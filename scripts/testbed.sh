@@ -164,9 +164,9 @@ server_start() {
   read -ra extra <<<"${SERVER_ARGS:-}"
   spawn "server$i" "$(skyvisor_bin)" server --etcd "$ETCD_URL" --name "s$i" \
     --listen "$ROOT_IP:$((7779 + i))" --data-dir "$DIR/s$i" --cache-dir "$CACHE" \
-    --subnet "$VMNET" --lease-ttl "$LEASE_TTL" "${extra[@]}"
+    --subnet "$VMNET" --lease-ttl "$LEASE_TTL" --bootstrap-token-file "$(token_file)" "${extra[@]}"
   (( i > $(servers) )) && echo "$i" >"$DIR/servers"
-  wait_for "server s$i" 60 curl -fsS "$(server_url "$i")/v1/info"
+  wait_for "server s$i" 60 curl -fsS "$(server_url "$i")/healthz"
 }
 
 agent_start() {
@@ -174,13 +174,20 @@ agent_start() {
   running "agent$h" && return 0
   local extra=()
   read -ra extra <<<"${AGENT_ARGS:-}"
-  spawn "agent$h" ip netns exec "$(ns "$h")" "$(skyvisor_bin)" agent \
+  SKYVISOR_JOIN_TOKEN=$(cat "$(token_file)") spawn "agent$h" ip netns exec "$(ns "$h")" "$(skyvisor_bin)" agent \
     --server "$(server_urls)" --host-name "h$h" --address "$(host_ip "$h")" \
     --data-dir "$DIR/h$h" --accel "$ACCEL" --lease-ttl "$LEASE_TTL" "${extra[@]}"
 }
 
 host_ready() {
-  curl -fsS "$(server_url 1)/v1/hosts/h$1" | grep -q '"state":"ready"'
+  curl -fsS -H "Authorization: Bearer $(cat "$(token_file)")" "$(server_url 1)/v1/hosts/h$1" |
+    grep -q '"state":"ready"'
+}
+
+# The bootstrap admin token every server of the bed shares (written by the
+# first server to start); the tests, benches and agents use it.
+token_file() {
+  echo "$DIR/admin.token"
 }
 
 host_kill() {

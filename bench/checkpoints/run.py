@@ -54,14 +54,25 @@ def log(*a):
 
 # --- small HTTP and QMP clients ------------------------------------------
 
-def http(method, url, body=None, timeout=5.0):
+def http(method, url, body=None, timeout=5.0, token=None):
     data = body.encode() if isinstance(body, str) else body
     req = urllib.request.Request(url, data=data, method=method)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
     if data is not None:
         req.add_header("Content-Type", "application/json")
     with urllib.request.urlopen(req, timeout=timeout) as r:
         text = r.read().decode()
         return json.loads(text) if text.strip() else None
+
+
+def read_token(path):
+    """The bootstrap admin token a server wrote (None until it has)."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 class Qmp:
@@ -228,7 +239,7 @@ class Skyvisor:
         deadline = time.time() + 900
         while time.time() < deadline:
             try:
-                if http("GET", f"{self.url}/v1/info")["hosts"] == 1:
+                if http("GET", f"{self.url}/v1/info", token=self.token())["hosts"] == 1:
                     with open(os.path.join(work, "up.log")) as f:
                         if "Skyvisor is up" in f.read():
                             break
@@ -237,15 +248,19 @@ class Skyvisor:
             if self.proc.poll() is not None:
                 raise RuntimeError("skyvisor up exited; see up.log")
             time.sleep(0.2)
-        img = http("GET", f"{self.url}/v1/images/debian-busybox")
+        img = self.api("GET", "/v1/images/debian-busybox")
         d = os.path.join(self.data, "images", "debian-busybox")
         self.kernel = os.path.join(d, next(f["file_name"] for f in img["files"] if f["role"] == "kernel"))
         self.initrd = os.path.join(d, next(f["file_name"] for f in img["files"] if f["role"] == "initrd"))
         self.cmdline = img.get("cmdline") or ""
         self.base = next((os.path.join(d, f["file_name"]) for f in img["files"] if f["role"] == "disk"), None)
 
+    def token(self):
+        return read_token(os.path.join(self.data, "admin.token"))
+
     def api(self, method, path, body=None):
-        return http(method, f"{self.url}{path}", json.dumps(body) if body is not None else None, timeout=60)
+        return http(method, f"{self.url}{path}", json.dumps(body) if body is not None else None,
+                    timeout=60, token=self.token())
 
     def case(self, name, mem, busy):
         inst = self.api("POST", "/v1/instances", {"name": name, "image": "debian-busybox",
@@ -455,7 +470,7 @@ def main():
         if sv:
             sv.stop()
             subprocess.run([binary, "--url", sv.url, "vm", "list"], stderr=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL, env={**os.environ, "SKYVISOR_DATA_DIR": sv.data})
             for pidf in subprocess.run(["sh", "-c", f"ls {sv.data}/agent/vms/*/qemu.pid 2>/dev/null"],
                                        capture_output=True, text=True).stdout.split():
                 try:

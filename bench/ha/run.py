@@ -54,16 +54,27 @@ def log(*a):
     print(time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
 
 
-def http(method, url, body=None, timeout=10.0):
+def http(method, url, body=None, timeout=10.0, token=None):
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     with urllib.request.urlopen(req, timeout=timeout) as r:
         text = r.read().decode()
         try:
             return json.loads(text)
         except ValueError:
             return text
+
+
+def read_token(path):
+    """The bootstrap admin token a server wrote (None until it has)."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def answers(ip, path="/health", timeout=0.5):
@@ -104,7 +115,7 @@ class Bed:
         return r
 
     def api(self, method, path, body=None, timeout=30):
-        return http(method, f"{API}{path}", body, timeout)
+        return http(method, f"{API}{path}", body, timeout, token=read_token(f"{self.dir}/admin.token"))
 
     def instance(self, name):
         return self.api("GET", f"/v1/instances/{name}")

@@ -91,14 +91,25 @@ def log(*a):
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def http(method, url, body=None, timeout=10.0):
+def http(method, url, body=None, timeout=10.0, token=None):
     data = body.encode() if isinstance(body, str) else body
     req = urllib.request.Request(url, data=data, method=method)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
     if data is not None:
         req.add_header("Content-Type", "application/json")
     with _opener.open(req, timeout=timeout) as r:
         text = r.read().decode()
         return json.loads(text) if text.strip() else None
+
+
+def read_token(path):
+    """The bootstrap admin token a server wrote (None until it has)."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def http_error_text(e):
@@ -412,7 +423,8 @@ class Skyvisor:
         return r
 
     def api(self, method, path, body=None, timeout=60):
-        return http(method, f"{API}{path}", json.dumps(body) if body is not None else None, timeout)
+        return http(method, f"{API}{path}", json.dumps(body) if body is not None else None, timeout,
+                    token=read_token(f"{self.dir}/admin.token"))
 
     def create(self, name, mem):
         try:

@@ -170,7 +170,7 @@ async fn wait_for_api(
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut child = child;
     loop {
-        if let Ok(r) = http.get(format!("{url}/v1/info")).send().await
+        if let Ok(r) = http.get(format!("{url}/healthz")).send().await
             && r.status().is_success()
         {
             return Ok(());
@@ -189,6 +189,8 @@ async fn wait_for_api(
 
 async fn ready_image(store: &dyn Store) -> Result<()> {
     let image = Image {
+        project: skyvisor_core::auth::default_project(),
+        public: true,
         name: ImageName::new("sim")?,
         kind: ImageKind::KernelInitrd,
         description: "simulated".into(),
@@ -329,6 +331,7 @@ async fn start_server(
                     weigher: Weigher::Spread,
                     cluster: ClusterSettings::single(ServerName::new("bench")?, url.clone()),
                     max_upload_bytes: skyvisor_control::DEFAULT_MAX_UPLOAD_BYTES,
+                    bootstrap_token_file: None,
                 },
             )
             .await?;
@@ -375,6 +378,24 @@ async fn main() -> Result<()> {
         .build()?;
 
     let (server, store, _etcd) = start_server(&args, dir.path(), &http).await?;
+    // Every API call carries a token, as a real client's does.
+    let token = skyvisor_auth::bootstrap::service_token(
+        &skyvisor_auth::Directory::new(store.clone()),
+        "bench",
+        "cluster-scale",
+    )
+    .await?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse()?,
+    );
+    let http = reqwest::Client::builder()
+        .default_headers(headers)
+        .no_proxy()
+        .pool_max_idle_per_host(args.concurrency)
+        .timeout(Duration::from_secs(120))
+        .build()?;
     ready_image(store.as_ref()).await?;
     let agents_rt = agent_runtime()?;
     let agents = agents_rt

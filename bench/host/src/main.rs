@@ -99,7 +99,13 @@ impl Bench {
     }
 
     fn api(&self, method: &str, path: &str, body: Option<&str>) -> Result<(u16, Value)> {
-        let (status, text) = http(method, &format!("{}{path}", self.url), body)?;
+        let token = std::fs::read_to_string(self.data.join("admin.token")).ok();
+        let (status, text) = http(
+            method,
+            &format!("{}{path}", self.url),
+            body,
+            token.as_deref().map(str::trim),
+        )?;
         let v = if text.trim().is_empty() {
             Value::Null
         } else {
@@ -386,13 +392,13 @@ fn wait(mut f: impl FnMut() -> bool) -> Result<()> {
 /// Polls the guest's /health every 20 ms (the same for both paths).
 fn wait_health(ip: Ipv4Addr) -> Result<()> {
     wait(|| {
-        http("GET", &format!("http://{ip}/health"), None)
+        http("GET", &format!("http://{ip}/health"), None, None)
             .map(|(s, _)| s == 200)
             .unwrap_or(false)
     })
 }
 
-fn http(method: &str, url: &str, body: Option<&str>) -> Result<(u16, String)> {
+fn http(method: &str, url: &str, body: Option<&str>, token: Option<&str>) -> Result<(u16, String)> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| anyhow!("http only"))?;
@@ -405,9 +411,12 @@ fn http(method: &str, url: &str, body: Option<&str>) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let body = body.unwrap_or("");
+    let bearer = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {auth}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {auth}\r\nConnection: close\r\n{bearer}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
     let mut resp = String::new();

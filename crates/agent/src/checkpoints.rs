@@ -635,6 +635,7 @@ pub async fn request_scheduled(ctx: &AgentContext, spec: &InstanceSpec) -> Resul
     let name = SnapshotName::at("auto", now).map_err(|e| e.to_string())?;
     let snap = Snapshot {
         name: name.clone(),
+        project: spec.project.clone(),
         instance: spec.name.clone(),
         instance_id: spec.id,
         host: ctx.host.clone(),

@@ -38,6 +38,8 @@ pub struct ImageCache {
     /// Other hosts' agent URLs by host name (kept current from the store).
     peers: Mutex<BTreeMap<String, String>>,
     http: reqwest::Client,
+    /// The API token for downloads from servers.
+    token: Mutex<Option<String>>,
     /// Paths whose content was verified in this process, with its checksum.
     verified: Mutex<HashMap<PathBuf, String>>,
 }
@@ -93,6 +95,14 @@ impl ImageCache {
                 .build()
                 .unwrap_or_default(),
             verified: Mutex::new(HashMap::new()),
+            token: Mutex::new(None),
+        }
+    }
+
+    /// Sets the API token sent to servers with each download.
+    pub fn set_token(&self, token: String) {
+        if let Ok(mut t) = self.token.lock() {
+            *t = Some(token);
         }
     }
 
@@ -159,7 +169,11 @@ impl ImageCache {
                     file.file_name,
                     uuid::Uuid::new_v4().simple()
                 ));
-                match download(&self.http, &url, &tmp, &file.sha256).await {
+                let token = match source {
+                    Source::Server(_) => self.token.lock().ok().and_then(|t| t.clone()),
+                    Source::Peer(..) => None,
+                };
+                match download(&self.http, token.as_deref(), &url, &tmp, &file.sha256).await {
                     Ok(()) => {
                         tokio::fs::rename(&tmp, &p)
                             .await
@@ -333,12 +347,16 @@ async fn hash_file(p: &Path) -> std::io::Result<String> {
 
 async fn download(
     http: &reqwest::Client,
+    token: Option<&str>,
     url: &str,
     to: &Path,
     sha256: &str,
 ) -> Result<(), String> {
-    let resp = http
-        .get(url)
+    let mut req = http.get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req
         .send()
         .await
         .map_err(|e| format!("downloading {url}: {e}"))?;

@@ -37,6 +37,8 @@ async fn world() -> World {
         .await
         .expect("network");
     let image = Image {
+        project: skyvisor_core::auth::default_project(),
+        public: true,
         name: ImageName::new("blank").expect("name"),
         kind: ImageKind::Disk,
         description: String::new(),
@@ -100,6 +102,7 @@ fn spec_ops(s: &InstanceSpec) -> Vec<skyvisor_store::Op> {
 fn spec(name: &str, policy: RestartPolicy) -> InstanceSpec {
     let id = InstanceId::random();
     InstanceSpec {
+        project: skyvisor_core::auth::default_project(),
         name: InstanceName::new(name).expect("name"),
         id,
         image: ImageName::new("blank").expect("image"),

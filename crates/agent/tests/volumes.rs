@@ -87,6 +87,8 @@ async fn world() -> Arc<dyn Store> {
         .await
         .expect("network");
     let image = Image {
+        project: skyvisor_core::auth::default_project(),
+        public: true,
         name: ImageName::new("blank").expect("name"),
         kind: ImageKind::Disk,
         description: String::new(),
@@ -123,6 +125,7 @@ async fn wait<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
 /// Writes a volume spec as the API does.
 async fn create_volume(store: &Arc<dyn Store>, name: &str, hosts: &[&HostName]) -> VolumeSpec {
     let spec = VolumeSpec {
+        project: skyvisor_core::auth::default_project(),
         name: VolumeName::new(name).expect("name"),
         id: VolumeId::random(),
         size_bytes: 16 << 20,
@@ -159,6 +162,7 @@ async fn create_volume(store: &Arc<dyn Store>, name: &str, hosts: &[&HostName]) 
 fn vm_spec(host: &HostName, volumes: Vec<InstanceVolume>) -> InstanceSpec {
     let id = InstanceId::random();
     InstanceSpec {
+        project: skyvisor_core::auth::default_project(),
         name: InstanceName::new("vm").expect("name"),
         id,
         image: ImageName::new("blank").expect("image"),

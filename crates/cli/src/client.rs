@@ -8,6 +8,7 @@ use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use skyvisor_core::api::ErrorBody;
+use skyvisor_core::auth::PROJECT_HEADER;
 use thiserror::Error;
 
 /// An error talking to the API, ready to show to people.
@@ -23,8 +24,9 @@ pub enum ClientError {
         /// Why.
         message: String,
     },
-    /// The API answered with an error.
-    #[error("{message}")]
+    /// The API answered with an error (a 401's message comes with a hint
+    /// on how to log in).
+    #[error("{message}{}", auth_hint(.status))]
     Api {
         /// HTTP status.
         status: StatusCode,
@@ -43,17 +45,38 @@ impl ClientError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, Self::Api { status, .. } if *status == StatusCode::NOT_FOUND)
     }
+
+    /// Whether the API refused the request's credentials (401).
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(self, Self::Api { status, .. } if *status == StatusCode::UNAUTHORIZED)
+    }
+}
+
+/// What to do about a refused token, after the API's message.
+fn auth_hint(status: &StatusCode) -> &'static str {
+    if *status == StatusCode::UNAUTHORIZED {
+        " (log in with `skyvisor login`, or set SKYVISOR_TOKEN)"
+    } else {
+        ""
+    }
 }
 
 /// A client of one Skyvisor API, served by one server or several (a
 /// cluster): a request no server accepted the connection for goes to the
-/// next one.
+/// next one. Every request carries the client's token and project, when
+/// it has them.
 #[derive(Clone)]
 pub struct Client {
     bases: Vec<String>,
     /// The server that answered last; requests start there.
     current: Arc<AtomicUsize>,
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer ...`.
+    token: Option<String>,
+    /// Without a token: a file to read one from once it exists.
+    token_file: Option<std::path::PathBuf>,
+    /// Sent as the project header.
+    project: Option<String>,
 }
 
 impl Client {
@@ -76,7 +99,65 @@ impl Client {
                 .no_proxy()
                 .build()
                 .unwrap_or_default(),
+            token: None,
+            token_file: None,
+            project: None,
         }
+    }
+
+    /// The same client, reading its token from `file` at each request while
+    /// it has none (the file a starting server has yet to write).
+    pub fn with_token_file(mut self, file: Option<std::path::PathBuf>) -> Self {
+        self.token_file = file;
+        self
+    }
+
+    /// The same client, sending `token` as its bearer token (none if
+    /// `None`).
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// The same client, acting in `project` (the identity's home project
+    /// if `None`).
+    pub fn with_project(mut self, project: Option<String>) -> Self {
+        self.project = project;
+        self
+    }
+
+    /// The project requests act in, if one is chosen.
+    pub fn project(&self) -> Option<&str> {
+        self.project.as_deref()
+    }
+
+    /// Adds the token and the project header to a request.
+    fn authorize(&self, mut req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        } else if let Some(t) = self
+            .token_file
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .map(|t| t.trim().to_string())
+            .filter(|t| crate::config::is_token_text(t))
+        {
+            req = req.bearer_auth(t);
+        }
+        if let Some(p) = &self.project {
+            req = req.header(PROJECT_HEADER, p);
+        }
+        req
+    }
+
+    /// Whether the token file fallback has a token to send now.
+    fn file_token_ready(&self) -> bool {
+        self.token.is_none()
+            && self
+                .token_file
+                .as_ref()
+                .and_then(|f| std::fs::read_to_string(f).ok())
+                .is_some_and(|t| crate::config::is_token_text(t.trim()))
     }
 
     /// The API's base URL (the server in use).
@@ -97,11 +178,14 @@ impl Client {
         let n = self.bases.len();
         let first = self.current.load(Ordering::Relaxed) % n;
         let mut refused = Vec::new();
+        let tokenless = self.token.is_none() && !self.file_token_ready();
         for k in 0..n {
             let i = (first + k) % n;
             let mut req = self
-                .http
-                .request(method.clone(), format!("{}{}", self.bases[i], path))
+                .authorize(
+                    self.http
+                        .request(method.clone(), format!("{}{}", self.bases[i], path)),
+                )
                 .timeout(Duration::from_secs(120));
             if let Some(b) = body {
                 req = req.json(b);
@@ -119,6 +203,14 @@ impl Client {
                 }
                 Ok(resp) => {
                     self.current.store(i, Ordering::Relaxed);
+                    // Sent before a starting server wrote its token file,
+                    // which is there now: send again, with it.
+                    if resp.status() == StatusCode::UNAUTHORIZED
+                        && tokenless
+                        && self.file_token_ready()
+                    {
+                        return Box::pin(self.call(method, path, body)).await;
+                    }
                     return self.decode(resp).await;
                 }
             }
@@ -181,10 +273,12 @@ impl Client {
     }
 
     /// A request builder for `path` on the server in use, for callers with
-    /// special bodies.
+    /// special bodies; it carries the token and project.
     pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, format!("{}{}", self.base(), path))
+        self.authorize(
+            self.http
+                .request(method, format!("{}{}", self.base(), path)),
+        )
     }
 }
 
@@ -194,4 +288,78 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     cur.to_string()
+}
+
+/// `s` as one URL path segment: anything but unreserved characters is
+/// percent-encoded.
+pub fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unauthorized_errors_say_how_to_log_in() {
+        let err = ClientError::Api {
+            status: StatusCode::UNAUTHORIZED,
+            code: "unauthenticated".into(),
+            message: "the token is unknown".into(),
+        };
+        assert!(err.is_unauthorized());
+        assert_eq!(
+            err.to_string(),
+            "the token is unknown (log in with `skyvisor login`, or set SKYVISOR_TOKEN)"
+        );
+        let err = ClientError::Api {
+            status: StatusCode::FORBIDDEN,
+            code: "forbidden".into(),
+            message: "needs role member in project web".into(),
+        };
+        assert_eq!(err.to_string(), "needs role member in project web");
+    }
+
+    #[test]
+    fn requests_carry_token_and_project() {
+        let client = Client::new("http://127.0.0.1:1/")
+            .with_token(Some("tok".into()))
+            .with_project(Some("web".into()));
+        let req = client
+            .request(Method::GET, "/v1/whoami")
+            .build()
+            .expect("request");
+        assert_eq!(req.url().as_str(), "http://127.0.0.1:1/v1/whoami");
+        assert_eq!(
+            req.headers()
+                .get(reqwest::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok()),
+            Some("Bearer tok")
+        );
+        assert_eq!(
+            req.headers()
+                .get(PROJECT_HEADER)
+                .and_then(|v| v.to_str().ok()),
+            Some("web")
+        );
+        let bare = Client::new("http://127.0.0.1:1")
+            .request(Method::GET, "/v1/info")
+            .build()
+            .expect("request");
+        assert!(bare.headers().is_empty());
+    }
+
+    #[test]
+    fn path_segments_are_escaped() {
+        assert_eq!(path_segment("tok_AB-1.x"), "tok_AB-1.x");
+        assert_eq!(path_segment("a/b c"), "a%2Fb%20c");
+    }
 }

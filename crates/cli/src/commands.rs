@@ -1,4 +1,6 @@
-//! The client commands: `vm`, `image`, `host`, `type`, `info`.
+//! The client commands: `vm`, `image`, `host`, `type`, `info`, and where
+//! the others (`volume`, `project`, `identity`, `token`, `remote`,
+//! `login`, `whoami`...) are run.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,6 +20,7 @@ use skyvisor_core::{
 };
 
 use crate::client::Client;
+use crate::config::ConnectionArgs;
 use crate::output::{self, OutputFormat, ago, kv, mib, table};
 use crate::progress::Progress;
 use crate::readiness::{self, Needs};
@@ -51,6 +54,28 @@ pub enum ClientCommand {
     Type(TypeCommand),
     /// What the server is.
     Info,
+    /// Projects: quotas, usage and members.
+    #[command(subcommand)]
+    Project(crate::projects::ProjectCommand),
+    /// Users and service accounts.
+    #[command(subcommand)]
+    Identity(crate::identities::IdentityCommand),
+    /// API tokens.
+    #[command(subcommand)]
+    Token(crate::tokens::TokenCommand),
+    /// Named APIs to talk to, kept in the config file.
+    #[command(subcommand)]
+    Remote(crate::remotes::RemoteCommand),
+    /// Log in: check an API token and save it in the config file.
+    ///
+    /// The token is --token (or SKYVISOR_TOKEN), else one line of standard
+    /// input. It is checked with the API at --url (else the remote's); if
+    /// the API accepts it, the URL and token (and --project, if given) are
+    /// saved in the remote named by --remote, else the current one, else a
+    /// new remote "default".
+    Login,
+    /// Who the API takes you for, and your roles.
+    Whoami,
 }
 
 /// `skyvisor vm ...`
@@ -394,10 +419,22 @@ pub enum TypeCommand {
     List,
 }
 
-/// Runs a client command against the API at `url`.
-pub async fn run(url: &str, format: OutputFormat, cmd: ClientCommand) -> Result<()> {
-    let client = Client::new(url);
+/// Runs a client command: `remote` and `login` work on the config file;
+/// the others resolve the connection `args` describe and call the API.
+pub async fn run(args: ConnectionArgs, format: OutputFormat, cmd: ClientCommand) -> Result<()> {
+    let cmd = match cmd {
+        ClientCommand::Remote(c) => return crate::remotes::remote(&args, format, c),
+        ClientCommand::Login => return crate::auth::login(&args, format).await,
+        other => other,
+    };
+    let conn = args.connect()?;
+    let client = conn.client();
     match cmd {
+        ClientCommand::Remote(_) | ClientCommand::Login => Ok(()),
+        ClientCommand::Whoami => crate::auth::whoami(&client, &conn, format).await,
+        ClientCommand::Project(c) => crate::projects::project(&client, format, c).await,
+        ClientCommand::Identity(c) => crate::identities::identity(&client, format, c).await,
+        ClientCommand::Token(c) => crate::tokens::token(&client, format, c).await,
         ClientCommand::Vm(c) => vm(&client, format, c).await,
         ClientCommand::Image(c) => image(&client, format, c).await,
         ClientCommand::Host(c) => host(&client, format, c).await,

@@ -1,18 +1,25 @@
 //! The `skyvisor` command-line client: every command is a call to the REST
 //! API. Tables for people, `-o json` for scripts, progress while waiting.
 
+pub mod auth;
 pub mod client;
 pub mod commands;
+pub mod config;
 pub mod failovers;
+pub mod identities;
 pub mod migrations;
 pub mod output;
 pub mod progress;
+pub mod projects;
 pub mod readiness;
+pub mod remotes;
 pub mod snapshots;
+pub mod tokens;
 pub mod volumes;
 
 pub use client::{Client, ClientError};
 pub use commands::{ClientCommand, run};
+pub use config::{Connection, ConnectionArgs};
 pub use output::OutputFormat;
 
 /// Parses a memory size: `512`, `512M`, `512MiB`, `1G`, `1GiB` → MiB.

@@ -44,6 +44,21 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    /// 401: the caller is not authenticated; the message says why.
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthenticated", message)
+    }
+
+    /// 403: the caller may not do this; the message names what is needed.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    /// 403: a project's quota would be exceeded.
+    pub fn quota_exceeded(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "quota_exceeded", message)
+    }
+
     /// 409: the request conflicts with the object's state.
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", message)
@@ -97,6 +112,19 @@ impl From<StoreError> for ApiError {
                 ApiError::unavailable(format!("the state store is unavailable: {m}; retry later"))
             }
             other => ApiError::internal(format!("state store error: {other}")),
+        }
+    }
+}
+
+impl From<skyvisor_auth::AuthError> for ApiError {
+    fn from(e: skyvisor_auth::AuthError) -> Self {
+        use skyvisor_auth::AuthError;
+        match e {
+            e if e.is_unauthenticated() => ApiError::unauthenticated(e.to_string()),
+            AuthError::NotFound { .. } => ApiError::not_found(e.to_string()),
+            AuthError::Exists { .. } => ApiError::already_exists(e.to_string()),
+            AuthError::Store(s) => s.into(),
+            other => ApiError::internal(other.to_string()),
         }
     }
 }

@@ -124,7 +124,7 @@ async fn fetch_from_peers(
             file.file_name,
             uuid::Uuid::new_v4().simple()
         ));
-        match download(&cp.http, &url, &tmp, &file.sha256).await {
+        match download(&cp.http, &cp.service_token, &url, &tmp, &file.sha256).await {
             Ok(()) => {
                 let path = dir.join(&file.file_name);
                 tokio::fs::rename(&tmp, &path)
@@ -149,6 +149,7 @@ async fn fetch_from_peers(
 
 async fn download(
     http: &reqwest::Client,
+    token: &str,
     url: &str,
     to: &Path,
     sha256: &str,
@@ -156,6 +157,7 @@ async fn download(
     let resp = http
         .get(url)
         .header(NO_PEER_FETCH_HEADER, "1")
+        .bearer_auth(token)
         .timeout(Duration::from_secs(3600))
         .send()
         .await

@@ -4,6 +4,8 @@
 //! An image becomes visible as `ready` only after all its files are in
 //! place and verified; a failed build or upload leaves no files behind.
 
+use skyvisor_core::ProjectName;
+use skyvisor_core::auth::default_project;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -121,9 +123,16 @@ impl ControlPlane {
         Ok(all.into_iter().map(|(i, _)| i).collect())
     }
 
-    /// Starts building image `name` from `recipe` in the background; the
-    /// record shows `building` with progress, then `ready` or `failed`.
-    pub async fn build_image(&self, name: &str, recipe: &str) -> ApiResult<Image> {
+    /// Starts building image `name` of `project` from `recipe` in the
+    /// background; the record shows `building` with progress, then `ready`
+    /// or `failed`. A public image is shared with every project.
+    pub async fn build_image(
+        &self,
+        name: &str,
+        recipe: &str,
+        project: &ProjectName,
+        public: bool,
+    ) -> ApiResult<Image> {
         let name = ImageName::new(name)?;
         let recipes = skyvisor_image::recipes();
         if !recipes.iter().any(|r| r.name == recipe) {
@@ -136,6 +145,8 @@ impl ControlPlane {
         }
         let image = Image {
             name: name.clone(),
+            project: project.clone(),
+            public,
             kind: ImageKind::KernelInitrd,
             description: format!("built from recipe {recipe}"),
             files: vec![],
@@ -347,8 +358,8 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Ensures image `name` exists, building it from `recipe` if not; waits
-    /// until it is ready, calling `progress` with build messages.
+    /// Ensures public image `name` exists, building it from `recipe` if
+    /// not; waits until it is ready, calling `progress` with build messages.
     pub async fn ensure_image(
         &self,
         name: &str,
@@ -363,11 +374,13 @@ impl ControlPlane {
         {
             Some((img, _)) if img.state == ImageState::Failed => {
                 self.store.delete(&keys::image(&image_name)).await?;
-                self.build_image(name, recipe).await?;
+                self.build_image(name, recipe, &default_project(), true)
+                    .await?;
             }
             Some(_) => {}
             None => {
-                self.build_image(name, recipe).await?;
+                self.build_image(name, recipe, &default_project(), true)
+                    .await?;
             }
         }
         let mut last = String::new();

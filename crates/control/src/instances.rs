@@ -1,5 +1,7 @@
 //! Instance operations: validate a request, place it, write desired state.
 
+use skyvisor_core::ProjectName;
+use skyvisor_core::auth::Usage;
 use std::collections::HashSet;
 use std::time::Instant;
 
@@ -96,7 +98,7 @@ fn resolve_size(
     Ok((base, resources))
 }
 
-fn validate_stop_timeout(v: u32) -> Result<u32, ValidationError> {
+pub(crate) fn validate_stop_timeout(v: u32) -> Result<u32, ValidationError> {
     if v == 0 || v > MAX_STOP_TIMEOUT_SECS {
         return Err(ValidationError::new(
             "stop_timeout_secs",
@@ -131,11 +133,15 @@ impl ControlPlane {
 
     /// Creates an instance: validates, places, allocates an address and
     /// writes spec, status and address claim in one transaction.
-    pub async fn create_instance(&self, mut req: CreateInstanceRequest) -> ApiResult<Instance> {
+    pub async fn create_instance(
+        &self,
+        project: &ProjectName,
+        mut req: CreateInstanceRequest,
+    ) -> ApiResult<Instance> {
         // In a cluster the root disk can be a replicated volume made for the
         // VM, so that it can run elsewhere when its host dies.
-        let made = self.make_root_volume(&mut req).await?;
-        let created = self.create_instance_with(req).await;
+        let made = self.make_root_volume(project, &mut req).await?;
+        let created = self.create_instance_with(project, req).await;
         if created.is_err()
             && let Some(volume) = made
         {
@@ -152,6 +158,7 @@ impl ControlPlane {
     /// `req` at it. Returns its name.
     async fn make_root_volume(
         &self,
+        project: &ProjectName,
         req: &mut CreateInstanceRequest,
     ) -> ApiResult<Option<VolumeName>> {
         let clustered = !self.config.cluster.etcd_endpoints.is_empty();
@@ -287,6 +294,7 @@ impl ControlPlane {
             ))
         })?;
         self.create_volume_owned(
+            project,
             skyvisor_core::volume::CreateVolumeRequest {
                 name: volume.to_string(),
                 size_bytes: resources.disk_gib << 30,
@@ -317,7 +325,11 @@ impl ControlPlane {
         Ok(Some((src, snap)))
     }
 
-    async fn create_instance_with(&self, req: CreateInstanceRequest) -> ApiResult<Instance> {
+    async fn create_instance_with(
+        &self,
+        project: &ProjectName,
+        req: CreateInstanceRequest,
+    ) -> ApiResult<Instance> {
         let name = InstanceName::new(req.name.clone())?;
         if let Some(s) = &req.checkpoint_schedule {
             s.validate()?;
@@ -505,6 +517,7 @@ impl ControlPlane {
             attempts += 1;
             let spec = InstanceSpec {
                 name: name.clone(),
+                project: project.clone(),
                 id,
                 image: image_name.clone(),
                 instance_type: itype.as_ref().map(|t| t.name.clone()),
@@ -559,6 +572,17 @@ impl ControlPlane {
                 compares.extend(c);
                 ops.extend(o);
             }
+            self.quota_guard(
+                project,
+                &Usage {
+                    instances: 1,
+                    vcpus: resources.vcpus,
+                    memory_mib: resources.memory_mib,
+                    ..Usage::default()
+                },
+            )
+            .await?
+            .add_to(&mut compares, &mut ops);
             let committing = Instant::now();
             let out = self.store.txn(compares, ops.clone()).await?;
             self.metrics

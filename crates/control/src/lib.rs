@@ -5,6 +5,7 @@
 //! never drives a hypervisor. Host agents converge reality and report
 //! status back.
 
+pub mod access;
 pub mod api;
 pub mod cluster;
 pub mod election;
@@ -22,6 +23,7 @@ pub mod protection;
 pub mod replicas;
 pub mod scheduler;
 pub mod snapshots;
+pub mod tenancy;
 pub mod volumes;
 
 use std::path::PathBuf;
@@ -62,6 +64,10 @@ pub struct ServerConfig {
     pub cluster: ClusterSettings,
     /// The most bytes an image import may upload (all its parts).
     pub max_upload_bytes: u64,
+    /// Where the bootstrap admin's token is (written at first start when
+    /// missing); none: no bootstrap token, only the built-in project and
+    /// identity.
+    pub bootstrap_token_file: Option<PathBuf>,
 }
 
 /// Default of [`ServerConfig::max_upload_bytes`]: 64 GiB.
@@ -88,6 +94,10 @@ pub struct ControlPlane {
     pub(crate) cluster: Arc<OnceLock<ClusterView>>,
     /// One image copy from a peer at a time.
     pub(crate) image_sync_lock: Arc<Mutex<()>>,
+    /// Projects, identities and tokens.
+    pub directory: Arc<skyvisor_auth::Directory>,
+    /// This server's own API token, for calling its peers.
+    pub(crate) service_token: Arc<String>,
 }
 
 /// How long a writer waits for the inventory to show its own write.
@@ -107,6 +117,23 @@ impl ControlPlane {
         store
             .create(&keys::network(DEFAULT_NETWORK), encode(&network))
             .await?;
+        let directory = Arc::new(skyvisor_auth::Directory::new(store.clone()));
+        skyvisor_auth::bootstrap::ensure(&directory, config.bootstrap_token_file.as_deref())
+            .await
+            .map_err(|e| match e {
+                skyvisor_auth::AuthError::Store(s) => s,
+                other => StoreError::Rejected(other.to_string()),
+            })?;
+        let service_token = skyvisor_auth::bootstrap::service_token(
+            &directory,
+            "skyvisor-servers",
+            &format!("server {}", config.cluster.name),
+        )
+        .await
+        .map_err(|e| match e {
+            skyvisor_auth::AuthError::Store(s) => s,
+            other => StoreError::Rejected(other.to_string()),
+        })?;
         let inventory = Inventory::start(store.clone()).await?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
@@ -123,6 +150,8 @@ impl ControlPlane {
             http,
             cluster: Arc::new(OnceLock::new()),
             image_sync_lock: Arc::new(Mutex::new(())),
+            directory,
+            service_token: Arc::new(service_token),
         })
     }
 

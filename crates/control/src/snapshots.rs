@@ -6,11 +6,12 @@
 
 use chrono::Utc;
 use skyvisor_core::api::{CreateSnapshotRequest, RestoreInstanceRequest};
+use skyvisor_core::auth::Usage;
 use skyvisor_core::{
     CheckpointSchedule, Instance, InstanceName, InstanceSpec, PowerState, RestoreRequest, Snapshot,
     SnapshotKind, SnapshotName, SnapshotOrigin, SnapshotState, keys,
 };
-use skyvisor_store::{Compare, StoreExt, encode, put_json};
+use skyvisor_store::{Compare, StoreExt, put_json};
 use tracing::info;
 
 use crate::ControlPlane;
@@ -73,6 +74,10 @@ pub fn check_ready(snap: &Snapshot) -> ApiResult<()> {
     }
 }
 
+/// How many times a snapshot request retries when another create of its
+/// project committed between its quota count and its transaction.
+const QUOTA_ATTEMPTS: usize = 20;
+
 impl ControlPlane {
     async fn spec_of(&self, name: &InstanceName) -> ApiResult<InstanceSpec> {
         match self
@@ -124,6 +129,7 @@ impl ControlPlane {
         }
         let snap = Snapshot {
             name: name.clone(),
+            project: spec.project.clone(),
             instance: instance.clone(),
             instance_id: spec.id,
             host: spec.host.clone(),
@@ -144,14 +150,32 @@ impl ControlPlane {
             message: None,
             updated_at: now,
         };
-        if !self
-            .store
-            .create(&keys::snapshot(&instance, &name), encode(&snap))
-            .await?
-        {
-            return Err(ApiError::already_exists(format!(
-                "instance \"{instance}\" already has a snapshot named \"{name}\""
-            )));
+        let key = keys::snapshot(&instance, &name);
+        let more = Usage {
+            snapshots: 1,
+            ..Usage::default()
+        };
+        let mut created = false;
+        for _ in 0..QUOTA_ATTEMPTS {
+            let mut compares = vec![Compare::Absent(key.clone())];
+            let mut ops = vec![put_json(key.clone(), &snap)];
+            self.quota_guard(&spec.project, &more)
+                .await?
+                .add_to(&mut compares, &mut ops);
+            if self.store.txn(compares, ops).await?.succeeded {
+                created = true;
+                break;
+            }
+            if self.store.get(&key).await?.is_some() {
+                return Err(ApiError::already_exists(format!(
+                    "instance \"{instance}\" already has a snapshot named \"{name}\""
+                )));
+            }
+        }
+        if !created {
+            return Err(ApiError::unavailable(
+                "too many concurrent creates in this project; retry",
+            ));
         }
         info!(%instance, snapshot = %name, "snapshot requested");
         Ok(snap)
@@ -350,6 +374,7 @@ mod tests {
 
     fn spec() -> InstanceSpec {
         InstanceSpec {
+            project: skyvisor_core::auth::default_project(),
             name: InstanceName::new("web").expect("name"),
             id: InstanceId::random(),
             image: ImageName::new("debian").expect("image"),
@@ -389,6 +414,7 @@ mod tests {
 
     fn snap_of(spec: &InstanceSpec) -> Snapshot {
         Snapshot {
+            project: skyvisor_core::auth::default_project(),
             name: SnapshotName::new("s1").expect("name"),
             instance: spec.name.clone(),
             instance_id: spec.id,

@@ -9,6 +9,8 @@
 //! (see the agent's `volumes::controller`); this module only reads the
 //! data path's membership record, as `MembershipView`.
 
+use skyvisor_core::ProjectName;
+use skyvisor_core::auth::Usage;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -41,6 +43,9 @@ const AGENT_WAIT: Duration = Duration::from_secs(60);
 /// ([`AGENT_WAIT`]) before the VM's record is written.
 const ORPHAN_GRACE: Duration = Duration::from_secs(90);
 const GIB: u64 = 1 << 30;
+/// How many times a create retries when another create of its project
+/// committed between its quota count and its transaction.
+const QUOTA_ATTEMPTS: usize = 20;
 
 /// A volume an instance create or attach resolved: its spec and the
 /// revisions the write must still find.
@@ -452,8 +457,12 @@ impl ControlPlane {
     /// Creates a volume: validates, places its replicas, writes its spec
     /// and waits (up to a minute) for its controller to create them. A
     /// failed creation removes the records again.
-    pub async fn create_volume(&self, req: CreateVolumeRequest) -> ApiResult<Volume> {
-        self.create_volume_owned(req, None).await
+    pub async fn create_volume(
+        &self,
+        project: &ProjectName,
+        req: CreateVolumeRequest,
+    ) -> ApiResult<Volume> {
+        self.create_volume_owned(project, req, None).await
     }
 
     /// Deletes the root volumes made for VMs that no longer exist (a VM's
@@ -497,6 +506,7 @@ impl ControlPlane {
     /// it), and waits until it is available.
     pub(crate) async fn create_volume_owned(
         &self,
+        project: &ProjectName,
         req: CreateVolumeRequest,
         owner: Option<InstanceName>,
     ) -> ApiResult<Volume> {
@@ -516,6 +526,7 @@ impl ControlPlane {
             let hosts = place_replicas(&self.inventory.hosts().await, replicas, size, &promised)?;
             let spec = VolumeSpec {
                 name: name.clone(),
+                project: project.clone(),
                 id: VolumeId::random(),
                 size_bytes: size,
                 replicas,
@@ -526,20 +537,39 @@ impl ControlPlane {
                 created_at: Utc::now(),
                 owner,
             };
-            let out = self
-                .store
-                .txn(
-                    vec![Compare::Absent(keys::volume_spec(&name))],
-                    vec![
-                        put_json(keys::volume_spec(&name), &spec),
-                        put_json(keys::volume_status(&name), &VolumeStatus::creating()),
-                    ],
-                )
-                .await?;
-            if !out.succeeded {
-                return Err(ApiError::already_exists(format!(
-                    "volume \"{name}\" already exists"
-                )));
+            let compares = vec![Compare::Absent(keys::volume_spec(&name))];
+            let ops = vec![
+                put_json(keys::volume_spec(&name), &spec),
+                put_json(keys::volume_status(&name), &VolumeStatus::creating()),
+            ];
+            let more = Usage {
+                volumes: 1,
+                volume_gib: size.div_ceil(1 << 30),
+                ..Usage::default()
+            };
+            // Placement is serialized on this server; another server's
+            // create in the same project makes the guard fail: count again.
+            let mut committed = false;
+            for _ in 0..QUOTA_ATTEMPTS {
+                let mut c = compares.clone();
+                let mut o = ops.clone();
+                self.quota_guard(project, &more)
+                    .await?
+                    .add_to(&mut c, &mut o);
+                if self.store.txn(c, o).await?.succeeded {
+                    committed = true;
+                    break;
+                }
+                if self.store.get(&keys::volume_spec(&name)).await?.is_some() {
+                    return Err(ApiError::already_exists(format!(
+                        "volume \"{name}\" already exists"
+                    )));
+                }
+            }
+            if !committed {
+                return Err(ApiError::unavailable(
+                    "too many concurrent creates in this project; retry",
+                ));
             }
             spec
         };

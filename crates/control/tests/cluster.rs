@@ -65,6 +65,8 @@ async fn fake_host(store: &dyn Store, name: &str, vcpus: u32) {
 
 async fn ready_image(store: &dyn Store) {
     let image = Image {
+        project: skyvisor_core::auth::default_project(),
+        public: true,
         name: ImageName::new("img").expect("name"),
         kind: ImageKind::KernelInitrd,
         description: "test".into(),
@@ -97,6 +99,7 @@ fn config(dir: &std::path::Path, name: &str, weigher: Weigher) -> ServerConfig {
             format!("http://{name}.invalid"),
         ),
         max_upload_bytes: skyvisor_control::DEFAULT_MAX_UPLOAD_BYTES,
+        bootstrap_token_file: None,
     }
 }
 
@@ -136,7 +139,13 @@ async fn no_double_booking(store: Arc<dyn Store>) {
     let tasks: Vec<_> = (0..30)
         .map(|i| {
             let cp = if i % 2 == 0 { a.clone() } else { b.clone() };
-            tokio::spawn(async move { cp.create_instance(nano(&format!("vm-{i}"))).await })
+            tokio::spawn(async move {
+                cp.create_instance(
+                    &skyvisor_core::auth::default_project(),
+                    nano(&format!("vm-{i}")),
+                )
+                .await
+            })
         })
         .collect();
     let mut created = 0;
@@ -190,7 +199,10 @@ async fn per_host_spec_copies_follow_the_specs_and_are_repaired() {
     let cp = ControlPlane::start(store.clone(), config(dir.path(), "sa", Weigher::Spread))
         .await
         .expect("server");
-    let vm = cp.create_instance(nano("web")).await.expect("create");
+    let vm = cp
+        .create_instance(&skyvisor_core::auth::default_project(), nano("web"))
+        .await
+        .expect("create");
     let binding = keys::binding(&vm.spec.host, &vm.spec.name);
     let copy = |kv: Option<skyvisor_store::KeyValue>| decode::<InstanceSpec>(&kv.expect("copy"));
     // Every spec change is in the copy the agent watches.
@@ -382,7 +394,24 @@ async fn api_answers_503_at_once_while_etcd_is_down_and_recovers() {
         .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(axum::serve(listener, skyvisor_control::api::router(cp.clone())).into_future());
+    let token = cp
+        .directory
+        .create_token(
+            &skyvisor_core::IdentityName::new(skyvisor_core::auth::BOOTSTRAP_IDENTITY)
+                .expect("name"),
+            "test",
+            None,
+        )
+        .await
+        .expect("token")
+        .bearer;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().expect("header"),
+    );
     let http = reqwest::Client::builder()
+        .default_headers(headers)
         .no_proxy()
         .timeout(Duration::from_secs(30))
         .build()
@@ -471,6 +500,8 @@ async fn api_answers_503_at_once_while_etcd_is_down_and_recovers() {
 /// An image record left `building` by `builder`.
 async fn building_image(store: &dyn Store, name: &str, source: ImageSource, builder: &str) {
     let image = Image {
+        project: skyvisor_core::auth::default_project(),
+        public: true,
         name: ImageName::new(name).expect("name"),
         kind: ImageKind::KernelInitrd,
         description: "test".into(),

@@ -47,13 +47,31 @@ async fn an_upload_over_the_limit_is_refused_and_leaves_nothing() {
                 base.clone(),
             ),
             max_upload_bytes: limit,
+            bootstrap_token_file: None,
         },
     )
     .await
     .expect("control plane");
     let _membership = cp.join_cluster().await.expect("join");
     tokio::spawn(axum::serve(listener, skyvisor_control::api::router(cp.clone())).into_future());
+    let token = cp
+        .directory
+        .create_token(
+            &skyvisor_core::IdentityName::new(skyvisor_core::auth::BOOTSTRAP_IDENTITY)
+                .expect("name"),
+            "test",
+            None,
+        )
+        .await
+        .expect("token")
+        .bearer;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().expect("header"),
+    );
     let http = reqwest::Client::builder()
+        .default_headers(headers)
         .no_proxy()
         .timeout(Duration::from_secs(30))
         .build()

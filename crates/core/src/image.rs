@@ -109,6 +109,13 @@ pub enum ImageState {
 pub struct Image {
     /// Unique name.
     pub name: ImageName,
+    /// The project that owns it.
+    #[serde(default = "crate::auth::default_project")]
+    #[schema(value_type = String)]
+    pub project: crate::ProjectName,
+    /// Whether every project may use it (only a cluster admin may publish).
+    #[serde(default = "crate::auth::public_by_default")]
+    pub public: bool,
     /// How it boots.
     pub kind: ImageKind,
     /// One line for people.

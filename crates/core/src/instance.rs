@@ -96,6 +96,10 @@ impl fmt::Display for RestartPolicy {
 pub struct InstanceSpec {
     /// Unique name.
     pub name: InstanceName,
+    /// The project that owns it.
+    #[serde(default = "crate::auth::default_project")]
+    #[schema(value_type = String)]
+    pub project: crate::ProjectName,
     /// Unique id, never reused; distinguishes a re-created VM of the same name.
     pub id: InstanceId,
     /// The image the root disk was made from.

@@ -65,6 +65,37 @@ pub const HOST_HEARING: &str = "hosts/heard/";
 /// Prefix of failover records ([`crate::FailoverRecord`]).
 pub const FAILOVERS: &str = "failovers/";
 
+/// Prefix of all projects.
+pub const PROJECTS: &str = "auth/projects/";
+/// Prefix of all identities (users and service accounts).
+pub const IDENTITIES: &str = "auth/identities/";
+/// Prefix of all API tokens (by public id; only a hash of the secret).
+pub const TOKENS: &str = "auth/tokens/";
+/// Prefix of the per-project quota guards: a create that counts against a
+/// quota rewrites its project's guard in the same transaction, so two
+/// concurrent creates cannot both count the same room.
+pub const QUOTA_GUARDS: &str = "auth/quota-guard/";
+
+/// Project `name`.
+pub fn project(name: &crate::ProjectName) -> String {
+    format!("{PROJECTS}{name}")
+}
+
+/// Identity `name`.
+pub fn identity(name: &crate::IdentityName) -> String {
+    format!("{IDENTITIES}{name}")
+}
+
+/// The token with public id `id`.
+pub fn token(id: &str) -> String {
+    format!("{TOKENS}{id}")
+}
+
+/// The quota guard of `project`.
+pub fn quota_guard(project: &crate::ProjectName) -> String {
+    format!("{QUOTA_GUARDS}{project}")
+}
+
 /// A host's hearing report.
 pub fn host_hearing(name: &HostName) -> String {
     format!("{HOST_HEARING}{name}")

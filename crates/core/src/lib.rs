@@ -6,6 +6,7 @@
 
 pub mod accel;
 pub mod api;
+pub mod auth;
 pub mod cluster;
 pub mod error;
 pub mod ha;
@@ -35,7 +36,10 @@ pub use migration::{
     Migration, MigrationId, MigrationPhase, MigrationProgress, MigrationReason, MigrationRequest,
     MigrationResult,
 };
-pub use names::{GroupName, HostName, ImageName, InstanceName, ServerName, TypeName, VolumeName};
+pub use names::{
+    GroupName, HostName, IdentityName, ImageName, InstanceName, ProjectName, ServerName, TypeName,
+    VolumeName,
+};
 pub use network::{Ipv4Net, MacAddr, Network, NetworkAttachment};
 pub use resources::{InstanceType, Resources};
 pub use snapshot::{

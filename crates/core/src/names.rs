@@ -128,6 +128,16 @@ validated_name!(
     "spread group"
 );
 validated_name!(
+    /// The name of a project: the unit of ownership, isolation and quota.
+    ProjectName,
+    "project name"
+);
+validated_name!(
+    /// The name of an identity (a user or a service account).
+    IdentityName,
+    "identity name"
+);
+validated_name!(
     /// The unique name of a control-plane server in a cluster.
     ServerName,
     "server name"

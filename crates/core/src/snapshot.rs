@@ -123,6 +123,11 @@ pub struct SnapshotProgress {
 pub struct Snapshot {
     /// Its name, unique per instance.
     pub name: SnapshotName,
+    /// The project of the instance it was taken of (it outlives the
+    /// instance when kept).
+    #[serde(default = "crate::auth::default_project")]
+    #[schema(value_type = String)]
+    pub project: crate::ProjectName,
     /// The instance it was taken of.
     pub instance: InstanceName,
     /// That instance's id: a re-created instance of the same name is another.

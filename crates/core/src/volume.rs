@@ -125,6 +125,10 @@ pub fn validate_snapshot_name(name: &str) -> Result<(), ValidationError> {
 pub struct VolumeSpec {
     /// Unique name.
     pub name: VolumeName,
+    /// The project that owns it.
+    #[serde(default = "crate::auth::default_project")]
+    #[schema(value_type = String)]
+    pub project: crate::ProjectName,
     /// Unique id, never reused.
     pub id: VolumeId,
     /// Size in bytes (whole MiB); growing raises it.
@@ -510,6 +514,7 @@ mod tests {
     fn controller_is_first_live_host() {
         let h = |s: &str| HostName::new(s).expect("host");
         let spec = VolumeSpec {
+            project: crate::auth::default_project(),
             name: VolumeName::new("v").expect("name"),
             id: VolumeId::random(),
             size_bytes: 1 << 30,

@@ -45,6 +45,10 @@ pub struct AgentArgs {
     /// the store is); the first that answers is used.
     #[arg(long, value_delimiter = ',', conflicts_with = "etcd")]
     server: Vec<String>,
+    /// An API token of a cluster admin, to join through a server (the
+    /// bootstrap token in the first server's `admin.token`).
+    #[arg(long, env = "SKYVISOR_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
     /// etcd client URLs, comma-separated, to join without asking a server.
     #[arg(long, value_delimiter = ',', env = "SKYVISOR_ETCD")]
     etcd: Vec<String>,
@@ -90,10 +94,15 @@ pub struct AgentArgs {
 }
 
 /// Asks the servers how to join; the first that answers decides.
-async fn join_info(servers: &[String]) -> Result<JoinInfo> {
+async fn join_info(servers: &[String], token: Option<&str>) -> Result<JoinInfo> {
+    let Some(token) = token else {
+        bail!(
+            "joining through a server needs a cluster admin's API token: give --join-token or set SKYVISOR_JOIN_TOKEN (the first server wrote its bootstrap token to DATA_DIR/admin.token)"
+        );
+    };
     let mut errors = Vec::new();
     for url in servers {
-        let client = Client::new(url);
+        let client = Client::new(url).with_token(Some(token.to_string()));
         let path = format!("/v1/cluster/join?version={}", skyvisor_core::VERSION);
         match client.get::<JoinInfo>(&path).await {
             Ok(info) => return Ok(info),
@@ -149,7 +158,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         args.etcd.clone()
     };
     let (endpoints, namespace, server_urls) = if !servers.is_empty() && args.etcd.is_empty() {
-        let info = join_info(&servers).await?;
+        let token = args.join_token.clone().or(file.agent.join_token.clone());
+        let info = join_info(&servers, token.as_deref()).await?;
         (info.etcd_endpoints, info.etcd_namespace, info.servers)
     } else if !etcd_arg.is_empty() {
         let ns = args

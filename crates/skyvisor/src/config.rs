@@ -98,6 +98,8 @@ pub struct ServerFileConfig {
 pub struct AgentFileConfig {
     /// Servers to join through (the agent asks them for the store).
     pub servers: Option<Vec<String>>,
+    /// A cluster admin's API token to join through them.
+    pub join_token: Option<String>,
     /// This host's address other hosts reach it at.
     pub address: Option<std::net::Ipv4Addr>,
     /// The agent's HTTP listen address.
@@ -146,6 +148,11 @@ pub fn load_file(path: &Path) -> Result<FileConfig> {
 
 /// The default data directory: `$XDG_DATA_HOME/skyvisor` (root:
 /// `/var/lib/skyvisor`).
+/// The bootstrap admin's token file, in the data directory of `skyvisor
+/// up` and `skyvisor server`; the CLI reads it when no token is configured.
+pub const BOOTSTRAP_TOKEN_FILE: &str = "admin.token";
+
+/// Where state lives by default: `/var/lib/skyvisor` for root.
 pub fn default_data_dir() -> PathBuf {
     if nix_is_root() {
         PathBuf::from("/var/lib/skyvisor")

@@ -136,6 +136,16 @@ pub async fn start_host_agent(s: HostAgentSettings, store: Arc<dyn Store>) -> Re
         s.dir.join("image-cache"),
         s.server_url.clone(),
     );
+    // The agent fetches image files from the servers' API with a token of
+    // its own.
+    let token = skyvisor_auth::bootstrap::service_token(
+        &skyvisor_auth::Directory::new(store.clone()),
+        "skyvisor-hosts",
+        &format!("host {}", s.host_name),
+    )
+    .await
+    .context("cannot make the agent's API token")?;
+    images.set_token(token);
     let mut probe_files = s.probe_files.clone();
     if probe_files.is_none() && s.accel == AccelMode::Auto {
         probe_files = default_image_files(store.as_ref(), &images).await;

@@ -13,21 +13,42 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use skyvisor_cli::{ClientCommand, OutputFormat};
+use skyvisor_cli::{ClientCommand, ConnectionArgs, OutputFormat};
 use skyvisor_core::{AccelMode, Ipv4Net};
 
 /// Skyvisor: a private cloud of VMs on a pool of Linux hosts.
 #[derive(Debug, Parser)]
 #[command(name = "skyvisor", version, propagate_version = true)]
 struct Cli {
-    /// The API to talk to.
+    /// The API to talk to [default: the remote's, else http://127.0.0.1:7780].
+    #[arg(long, global = true, env = "SKYVISOR_URL", help_heading = "Connection")]
+    url: Option<String>,
+    /// The API token [default: the remote's, else this host's bootstrap
+    /// admin token when readable].
     #[arg(
         long,
         global = true,
-        env = "SKYVISOR_URL",
-        default_value = "http://127.0.0.1:7780"
+        env = "SKYVISOR_TOKEN",
+        hide_env_values = true,
+        help_heading = "Connection"
     )]
-    url: String,
+    token: Option<String>,
+    /// The project to act in [default: the remote's, else your home project].
+    #[arg(
+        long,
+        global = true,
+        env = "SKYVISOR_PROJECT",
+        help_heading = "Connection"
+    )]
+    project: Option<String>,
+    /// The remote (see `skyvisor remote`) to use instead of the current one.
+    #[arg(
+        long,
+        global = true,
+        env = "SKYVISOR_REMOTE",
+        help_heading = "Connection"
+    )]
+    remote: Option<String>,
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Table)]
     output: OutputFormat,
@@ -104,6 +125,16 @@ struct FenceWatchdogArgs {
     deadline_ms: u64,
 }
 
+/// Where `skyvisor up` / `skyvisor server` on this host keep the bootstrap
+/// admin's token: in `$SKYVISOR_DATA_DIR`, else the default data directory.
+fn bootstrap_token_file() -> PathBuf {
+    let data_dir = std::env::var_os("SKYVISOR_DATA_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(config::default_data_dir);
+    data_dir.join(config::BOOTSTRAP_TOKEN_FILE)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // A plain loop with no runtime: it must work when the agent's does not.
@@ -130,7 +161,17 @@ fn main() -> ExitCode {
             Command::Server(args) => server::run(args).await,
             Command::Agent(args) => agent::run(args).await,
             Command::FenceWatchdog(_) => Ok(()),
-            Command::Client(cmd) => skyvisor_cli::run(&cli.url, cli.output, cmd).await,
+            Command::Client(cmd) => {
+                let args = ConnectionArgs {
+                    url: cli.url,
+                    token: cli.token,
+                    project: cli.project,
+                    remote: cli.remote,
+                    config_file: None,
+                    bootstrap_token_file: Some(bootstrap_token_file()),
+                };
+                skyvisor_cli::run(args, cli.output, cmd).await
+            }
         }
     });
     match result {
@@ -139,5 +180,39 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn connection_flags_are_global() {
+        let cli = Cli::try_parse_from([
+            "skyvisor",
+            "vm",
+            "list",
+            "--url",
+            "http://a:1",
+            "--token",
+            "t",
+            "--project",
+            "web",
+            "--remote",
+            "lab",
+        ])
+        .expect("parse");
+        assert_eq!(cli.url.as_deref(), Some("http://a:1"));
+        assert_eq!(cli.token.as_deref(), Some("t"));
+        assert_eq!(cli.project.as_deref(), Some("web"));
+        assert_eq!(cli.remote.as_deref(), Some("lab"));
     }
 }

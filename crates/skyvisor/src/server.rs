@@ -52,6 +52,11 @@ pub struct ServerArgs {
     /// Where images live.
     #[arg(long, env = "SKYVISOR_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// The bootstrap admin's token file (default: DATA_DIR/admin.token),
+    /// written at first start if missing, readable by root only. Servers
+    /// of one cluster may share one file.
+    #[arg(long)]
+    bootstrap_token_file: Option<PathBuf>,
     /// Cache of downloaded packages and built images.
     #[arg(long, env = "SKYVISOR_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
@@ -216,6 +221,11 @@ pub async fn run(args: ServerArgs) -> Result<()> {
                 .max_upload
                 .or(file.server.max_upload_bytes)
                 .unwrap_or(skyvisor_control::DEFAULT_MAX_UPLOAD_BYTES),
+            bootstrap_token_file: Some(
+                args.bootstrap_token_file
+                    .clone()
+                    .unwrap_or_else(|| data_dir.join(config::BOOTSTRAP_TOKEN_FILE)),
+            ),
         },
     )
     .await

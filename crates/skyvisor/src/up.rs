@@ -114,6 +114,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
             weigher: Weigher::Spread,
             cluster: ClusterSettings::single(server_name, api_url.clone()),
             max_upload_bytes: skyvisor_control::DEFAULT_MAX_UPLOAD_BYTES,
+            bootstrap_token_file: Some(s.data_dir.join(config::BOOTSTRAP_TOKEN_FILE)),
         },
     )
     .await

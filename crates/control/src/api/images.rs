@@ -19,14 +19,18 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiJson, ApiQuery};
 use crate::ControlPlane;
+use crate::access::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::images::{TempDirGuard, describe_file, publish_import, storage_error};
 
 /// All images.
 #[utoipa::path(get, path = "/v1/images", tag = "images",
     responses((status = 200, body = Vec<Image>)))]
-pub(super) async fn list(State(cp): State<ControlPlane>) -> ApiResult<Json<Vec<Image>>> {
-    Ok(Json(cp.images().await?))
+pub(super) async fn list(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<Image>>> {
+    Ok(Json(cp.visible_images(&caller).await?))
 }
 
 /// One image.
@@ -35,9 +39,10 @@ pub(super) async fn list(State(cp): State<ControlPlane>) -> ApiResult<Json<Vec<I
     responses((status = 200, body = Image), (status = 404, body = ErrorBody)))]
 pub(super) async fn show(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Image>> {
-    Ok(Json(cp.image(&ImageName::new(name)?).await?))
+    Ok(Json(cp.visible_image(&caller, &name).await?))
 }
 
 /// Deletes an image no instance uses.
@@ -50,8 +55,10 @@ pub(super) async fn show(
     ))]
 pub(super) async fn delete(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
+    cp.writable_image(&caller, &name).await?;
     cp.delete_image(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -67,11 +74,15 @@ pub(super) async fn delete(
     ))]
 pub(super) async fn build(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     ApiJson(req): ApiJson<BuildImageRequest>,
 ) -> ApiResult<(StatusCode, Json<Image>)> {
     Ok((
         StatusCode::ACCEPTED,
-        Json(cp.build_image(&req.name, &req.recipe).await?),
+        Json(
+            cp.build_image(&req.name, &req.recipe, &caller.project, false)
+                .await?,
+        ),
     ))
 }
 
@@ -114,6 +125,9 @@ pub(super) struct ImportQuery {
     /// Whether the guest runs Skyvisor's guest service on port 80.
     #[serde(default)]
     guest_service: bool,
+    /// Share it with every project (cluster admins only).
+    #[serde(default)]
+    public: bool,
 }
 
 /// Imports an image from a multipart upload: a part `disk` (qcow2 or raw,
@@ -129,10 +143,16 @@ pub(super) struct ImportQuery {
     ))]
 pub(super) async fn import(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     ApiQuery(q): ApiQuery<ImportQuery>,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> ApiResult<(StatusCode, Json<Image>)> {
     let name = ImageName::new(q.name)?;
+    if q.public && !caller.is_cluster_admin() {
+        return Err(ApiError::forbidden(
+            "only a cluster admin may import a public image; import it into your project instead",
+        ));
+    }
     let mut multipart = multipart.map_err(|e| {
         ApiError::invalid(format!(
             "the body must be multipart/form-data with parts disk, or kernel and initrd: {}",
@@ -141,6 +161,8 @@ pub(super) async fn import(
     })?;
     let placeholder = Image {
         name: name.clone(),
+        project: caller.project.clone(),
+        public: q.public,
         kind: ImageKind::Disk,
         description: q.description.clone().unwrap_or_default(),
         files: vec![],
@@ -289,9 +311,11 @@ async fn receive(
     responses((status = 200, content_type = "application/octet-stream"), (status = 404, body = ErrorBody)))]
 pub(super) async fn file(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path((name, file)): Path<(String, String)>,
     headers: axum::http::HeaderMap,
 ) -> ApiResult<impl IntoResponse> {
+    cp.visible_image(&caller, &name).await?;
     let from_peers = !headers.contains_key(crate::image_sync::NO_PEER_FETCH_HEADER);
     let path = cp.image_file_path(&name, &file, from_peers).await?;
     let f = tokio::fs::File::open(&path)

@@ -13,13 +13,16 @@ use utoipa::IntoParams;
 
 use super::{ApiJson, ApiQuery};
 use crate::ControlPlane;
+use crate::access::Caller;
 use crate::error::{ApiError, ApiResult};
 
 /// All instances.
 #[utoipa::path(get, path = "/v1/instances", tag = "instances",
     responses((status = 200, body = Vec<Instance>)))]
-pub(super) async fn list(State(cp): State<ControlPlane>) -> Json<Vec<Instance>> {
-    Json(cp.instances().await)
+pub(super) async fn list(State(cp): State<ControlPlane>, caller: Caller) -> Json<Vec<Instance>> {
+    let mut all = cp.instances().await;
+    all.retain(|i| i.spec.project == caller.project);
+    Json(all)
 }
 
 /// Creates an instance and, unless `start` is false, starts it.
@@ -33,9 +36,24 @@ pub(super) async fn list(State(cp): State<ControlPlane>) -> Json<Vec<Instance>> 
     ))]
 pub(super) async fn create(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     ApiJson(req): ApiJson<CreateInstanceRequest>,
 ) -> ApiResult<(StatusCode, Json<Instance>)> {
-    Ok((StatusCode::CREATED, Json(cp.create_instance(req).await?)))
+    // Everything the new VM refers to must be the project's own (or a
+    // public image).
+    if !req.image.is_empty() {
+        cp.visible_image(&caller, &req.image).await?;
+    }
+    if let Some(r) = &req.from_snapshot {
+        cp.visible_snapshot_ref(&caller, r).await?;
+    }
+    for v in req.volumes.iter().chain(req.root_volume.iter()) {
+        cp.visible_volume(&caller, v).await?;
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(cp.create_instance(&caller.project, req).await?),
+    ))
 }
 
 /// One instance.
@@ -44,8 +62,10 @@ pub(super) async fn create(
     responses((status = 200, body = Instance), (status = 404, body = ErrorBody)))]
 pub(super) async fn show(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Instance>> {
+    cp.visible_instance(&caller, &name).await?;
     Ok(Json(cp.instance(&name).await?))
 }
 
@@ -73,9 +93,11 @@ pub(super) struct DeleteQuery {
     ))]
 pub(super) async fn delete(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
     ApiQuery(q): ApiQuery<DeleteQuery>,
 ) -> ApiResult<(StatusCode, Json<Instance>)> {
+    cp.visible_instance(&caller, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(cp.delete_instance(&name, q.force, q.with_snapshots).await?),
@@ -88,8 +110,10 @@ pub(super) async fn delete(
     responses((status = 202, body = Instance), (status = 404, body = ErrorBody)))]
 pub(super) async fn start(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Instance>)> {
+    cp.visible_instance(&caller, &name).await?;
     Ok((StatusCode::ACCEPTED, Json(cp.start_instance(&name).await?)))
 }
 
@@ -100,6 +124,7 @@ pub(super) async fn start(
     responses((status = 202, body = Instance), (status = 404, body = ErrorBody)))]
 pub(super) async fn stop(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> ApiResult<(StatusCode, Json<Instance>)> {
@@ -110,6 +135,11 @@ pub(super) async fn stop(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::invalid(format!("the request body is invalid: {e}")))?
     };
+    // Bad values are refused before the instance is looked up.
+    if let Some(t) = req.timeout_secs {
+        crate::instances::validate_stop_timeout(t)?;
+    }
+    cp.visible_instance(&caller, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(cp.stop_instance(&name, req).await?),
@@ -126,8 +156,10 @@ pub(super) async fn stop(
     ))]
 pub(super) async fn reboot(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Instance>)> {
+    cp.visible_instance(&caller, &name).await?;
     Ok((StatusCode::ACCEPTED, Json(cp.reboot_instance(&name).await?)))
 }
 
@@ -143,9 +175,11 @@ pub(super) async fn reboot(
     ))]
 pub(super) async fn resize(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
     ApiJson(req): ApiJson<ResizeInstanceRequest>,
 ) -> ApiResult<(StatusCode, Json<Instance>)> {
+    cp.visible_instance(&caller, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(cp.resize_instance(&name, req).await?),
@@ -170,9 +204,11 @@ pub(super) struct ConsoleQuery {
     responses((status = 200, body = ConsoleLog), (status = 404, body = ErrorBody)))]
 pub(super) async fn console(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
     ApiQuery(q): ApiQuery<ConsoleQuery>,
 ) -> ApiResult<Json<ConsoleLog>> {
+    cp.visible_instance(&caller, &name).await?;
     let inst = cp.instance(&name).await?;
     let max = q.max_bytes.unwrap_or(64 * 1024).min(1 << 20);
     let host = cp.inventory.host(&inst.spec.host).await.ok_or_else(|| {

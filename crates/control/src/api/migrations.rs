@@ -8,6 +8,7 @@ use skyvisor_core::api::{ErrorBody, MigrateInstanceRequest, RebalancePlan, Rebal
 use skyvisor_core::{HostView, Migration, MigrationReason};
 
 use crate::ControlPlane;
+use crate::access::Caller;
 use crate::error::{ApiError, ApiResult};
 
 /// An optional JSON body: empty means the defaults.
@@ -29,10 +30,12 @@ fn optional_body<T: Default + serde::de::DeserializeOwned>(body: &[u8]) -> ApiRe
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(super) async fn migrate(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> ApiResult<(StatusCode, Json<Migration>)> {
     let req: MigrateInstanceRequest = optional_body(&body)?;
+    cp.visible_instance(&caller, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(
@@ -49,8 +52,10 @@ pub(super) async fn migrate(
         (status = 409, body = ErrorBody)))]
 pub(super) async fn cancel(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Migration>)> {
+    cp.visible_instance(&caller, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(cp.cancel_migration(&name).await?),

@@ -4,6 +4,7 @@
 //! Handlers only translate HTTP to [`ControlPlane`] calls; they hold no
 //! logic of their own.
 
+mod access;
 mod cluster;
 mod extract;
 mod failovers;
@@ -40,9 +41,35 @@ pub use extract::{ApiJson, ApiQuery};
         description = "A private cloud: VMs on a pool of hosts.",
         license(name = "Apache-2.0")
     ),
-    components(schemas(ErrorBody))
+    components(schemas(ErrorBody)),
+    modifiers(&BearerAuth)
 )]
 struct ApiDoc;
+
+/// Declares the bearer token every operation needs.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "An API token (`skyvisor token create`); the project is chosen with the X-Skyvisor-Project header",
+                    ))
+                    .build(),
+            ),
+        );
+        doc.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
+            "token",
+            Vec::<String>::new(),
+        )]);
+    }
+}
 
 /// The OpenAPI document of the API.
 pub fn openapi() -> utoipa::openapi::OpenApi {
@@ -53,6 +80,18 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 fn api_router() -> OpenApiRouter<ControlPlane> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(info))
+        .routes(routes!(access::whoami))
+        .routes(routes!(access::list_projects, access::create_project))
+        .routes(routes!(
+            access::show_project,
+            access::update_project,
+            access::delete_project
+        ))
+        .routes(routes!(access::grant, access::revoke_role))
+        .routes(routes!(access::list_identities, access::create_identity))
+        .routes(routes!(access::show_identity, access::delete_identity))
+        .routes(routes!(access::list_tokens, access::create_token))
+        .routes(routes!(access::revoke_token))
         .routes(routes!(list_types))
         .routes(routes!(instances::list, instances::create))
         .routes(routes!(instances::show, instances::delete))
@@ -108,7 +147,13 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
 pub fn router(cp: ControlPlane) -> Router {
     let (api, doc) = api_router().split_for_parts();
     let doc_json = serde_json::to_string_pretty(&doc).unwrap_or_default();
-    api.route(
+    // Every route above is authorized; the document, metrics and health
+    // below are not.
+    api.route_layer(middleware::from_fn_with_state(
+        cp.clone(),
+        crate::access::authorize,
+    ))
+    .route(
         "/v1/openapi.json",
         axum::routing::get(move || {
             let body = doc_json.clone();

@@ -11,6 +11,7 @@ use skyvisor_core::{Instance, Snapshot};
 
 use super::ApiJson;
 use crate::ControlPlane;
+use crate::access::Caller;
 use crate::error::{ApiError, ApiResult};
 
 /// Asks for a snapshot: live (memory, devices and disk) of a running VM,
@@ -26,6 +27,7 @@ use crate::error::{ApiError, ApiResult};
     ))]
 pub(super) async fn create(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> ApiResult<(StatusCode, Json<Snapshot>)> {
@@ -36,6 +38,7 @@ pub(super) async fn create(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::invalid(format!("the request body is invalid: {e}")))?
     };
+    cp.visible_instance(&caller, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(cp.create_snapshot(&name, req).await?),
@@ -49,16 +52,24 @@ pub(super) async fn create(
     responses((status = 200, body = Vec<Snapshot>), (status = 400, body = ErrorBody)))]
 pub(super) async fn list(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Vec<Snapshot>>> {
-    Ok(Json(cp.snapshots(Some(&name)).await?))
+    let mut all = cp.snapshots(Some(&name)).await?;
+    all.retain(|s| s.project == caller.project);
+    Ok(Json(all))
 }
 
 /// Every snapshot.
 #[utoipa::path(get, path = "/v1/snapshots", tag = "snapshots",
     responses((status = 200, body = Vec<Snapshot>)))]
-pub(super) async fn list_all(State(cp): State<ControlPlane>) -> ApiResult<Json<Vec<Snapshot>>> {
-    Ok(Json(cp.snapshots(None).await?))
+pub(super) async fn list_all(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<Snapshot>>> {
+    let mut all = cp.snapshots(None).await?;
+    all.retain(|s| s.project == caller.project);
+    Ok(Json(all))
 }
 
 /// One snapshot.
@@ -68,9 +79,10 @@ pub(super) async fn list_all(State(cp): State<ControlPlane>) -> ApiResult<Json<V
     responses((status = 200, body = Snapshot), (status = 404, body = ErrorBody)))]
 pub(super) async fn show(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path((name, snapshot)): Path<(String, String)>,
 ) -> ApiResult<Json<Snapshot>> {
-    Ok(Json(cp.snapshot(&name, &snapshot).await?))
+    Ok(Json(cp.visible_snapshot(&caller, &name, &snapshot).await?))
 }
 
 /// Deletes a snapshot: its host's agent removes the files, then the
@@ -85,8 +97,10 @@ pub(super) async fn show(
     ))]
 pub(super) async fn delete(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path((name, snapshot)): Path<(String, String)>,
 ) -> ApiResult<(StatusCode, Json<Snapshot>)> {
+    cp.visible_snapshot(&caller, &name, &snapshot).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(cp.delete_snapshot(&name, &snapshot).await?),
@@ -106,9 +120,11 @@ pub(super) async fn delete(
     ))]
 pub(super) async fn restore(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
     ApiJson(req): ApiJson<RestoreInstanceRequest>,
 ) -> ApiResult<(StatusCode, Json<Instance>)> {
+    cp.visible_instance(&caller, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(cp.restore_instance(&name, req).await?),
@@ -127,8 +143,10 @@ pub(super) async fn restore(
     ))]
 pub(super) async fn schedule(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
     ApiJson(req): ApiJson<ScheduleRequest>,
 ) -> ApiResult<Json<Instance>> {
+    cp.visible_instance(&caller, &name).await?;
     Ok(Json(cp.set_checkpoint_schedule(&name, req.schedule).await?))
 }

@@ -13,13 +13,19 @@ use skyvisor_core::{Instance, Volume, VolumeSnapshot};
 
 use super::ApiJson;
 use crate::ControlPlane;
+use crate::access::Caller;
 use crate::error::ApiResult;
 
 /// All volumes.
 #[utoipa::path(get, path = "/v1/volumes", tag = "volumes",
     responses((status = 200, body = Vec<Volume>)))]
-pub(super) async fn list(State(cp): State<ControlPlane>) -> ApiResult<Json<Vec<Volume>>> {
-    Ok(Json(cp.volumes().await?))
+pub(super) async fn list(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<Volume>>> {
+    let mut all = cp.volumes().await?;
+    all.retain(|v| v.spec.project == caller.project);
+    Ok(Json(all))
 }
 
 /// Creates a replicated volume: one replica on each of `replicas` distinct
@@ -34,9 +40,13 @@ pub(super) async fn list(State(cp): State<ControlPlane>) -> ApiResult<Json<Vec<V
     ))]
 pub(super) async fn create(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     ApiJson(req): ApiJson<CreateVolumeRequest>,
 ) -> ApiResult<(StatusCode, Json<Volume>)> {
-    Ok((StatusCode::CREATED, Json(cp.create_volume(req).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(cp.create_volume(&caller.project, req).await?),
+    ))
 }
 
 /// One volume: replicas, their hosts and states, epoch, primary, VM.
@@ -45,8 +55,10 @@ pub(super) async fn create(
     responses((status = 200, body = Volume), (status = 404, body = ErrorBody)))]
 pub(super) async fn show(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Volume>> {
+    cp.visible_volume(&caller, &name).await?;
     Ok(Json(cp.volume(&name).await?))
 }
 
@@ -60,8 +72,10 @@ pub(super) async fn show(
     ))]
 pub(super) async fn delete(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Volume>)> {
+    cp.visible_volume(&caller, &name).await?;
     Ok((StatusCode::ACCEPTED, Json(cp.delete_volume(&name).await?)))
 }
 
@@ -77,9 +91,11 @@ pub(super) async fn delete(
     ))]
 pub(super) async fn grow(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
     ApiJson(req): ApiJson<GrowVolumeRequest>,
 ) -> ApiResult<(StatusCode, Json<Volume>)> {
+    cp.visible_volume(&caller, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(cp.grow_volume(&name, req).await?),
@@ -101,9 +117,11 @@ pub(super) async fn grow(
     ))]
 pub(super) async fn change_replicas(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
     ApiJson(req): ApiJson<ChangeReplicasRequest>,
 ) -> ApiResult<(StatusCode, Json<Volume>)> {
+    cp.visible_volume(&caller, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(cp.change_replicas(&name, req).await?),
@@ -116,8 +134,10 @@ pub(super) async fn change_replicas(
     responses((status = 200, body = Vec<VolumeSnapshot>), (status = 404, body = ErrorBody)))]
 pub(super) async fn list_snapshots(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Vec<VolumeSnapshot>>> {
+    cp.visible_volume(&caller, &name).await?;
     Ok(Json(cp.volume_snapshots(&name).await?))
 }
 
@@ -134,9 +154,11 @@ pub(super) async fn list_snapshots(
     ))]
 pub(super) async fn create_snapshot(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
     ApiJson(req): ApiJson<CreateVolumeSnapshotRequest>,
 ) -> ApiResult<(StatusCode, Json<VolumeSnapshot>)> {
+    cp.visible_volume(&caller, &name).await?;
     Ok((
         StatusCode::CREATED,
         Json(cp.create_volume_snapshot(&name, req).await?),
@@ -152,8 +174,10 @@ pub(super) async fn create_snapshot(
     responses((status = 204), (status = 404, body = ErrorBody)))]
 pub(super) async fn delete_snapshot(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path((name, snapshot)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
+    cp.visible_volume(&caller, &name).await?;
     cp.delete_volume_snapshot(&name, &snapshot).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -169,9 +193,12 @@ pub(super) async fn delete_snapshot(
     ))]
 pub(super) async fn attach(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path(name): Path<String>,
     ApiJson(req): ApiJson<AttachVolumeRequest>,
 ) -> ApiResult<(StatusCode, Json<Instance>)> {
+    cp.visible_instance(&caller, &name).await?;
+    cp.visible_volume(&caller, &req.volume).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(cp.attach_volume(&name, &req.volume).await?),
@@ -192,8 +219,11 @@ pub(super) async fn attach(
     ))]
 pub(super) async fn detach(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     Path((name, volume)): Path<(String, String)>,
 ) -> ApiResult<(StatusCode, Json<Instance>)> {
+    cp.visible_instance(&caller, &name).await?;
+    cp.visible_volume(&caller, &volume).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(cp.detach_volume(&name, &volume).await?),

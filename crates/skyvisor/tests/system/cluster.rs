@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::{alive, guest_json, http, http_json, wait_until};
+use crate::harness::{alive, guest_json, http, wait_until};
 use crate::testbed::{LEASE_TTL, TestBed, TestBedOptions, vm_ip, whoami_server};
 
 /// How long a host takes to be declared unreachable after it stops
@@ -212,12 +212,7 @@ fn killing_the_leading_server_lets_another_take_over_and_loses_nothing() {
     let before = bed.create_vm("before", &["--type", "nano"]);
     // A create acknowledged by the leader, which dies right after answering.
     let body = r#"{"name":"acked","image":"debian-busybox","instance_type":"nano"}"#;
-    let (status, acked) = http_json(
-        "POST",
-        &format!("{}/v1/instances", bed.server_url(1)),
-        Some(body),
-    )
-    .expect("create on s1");
+    let (status, acked) = bed.api_on(1, "POST", "/v1/instances", Some(body));
     assert_eq!(status, 201, "{acked}");
     bed.script_ok(&["server-kill", "1"]);
     let killed = Instant::now();

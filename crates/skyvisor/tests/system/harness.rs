@@ -200,7 +200,7 @@ impl Cloud {
             {
                 panic!("skyvisor up exited ({status}):\n{}", self.log_tail());
             }
-            if let Ok(v) = http_json("GET", &url, None)
+            if let Ok(v) = http_json_as("GET", &url, None, self.token().as_deref())
                 && v.1["hosts"].as_u64() == Some(1)
                 && self.log().contains("Skyvisor is up")
             {
@@ -234,11 +234,21 @@ impl Cloud {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
-    /// Runs the CLI against this cloud.
+    /// The bootstrap admin token `skyvisor up` wrote, once it has.
+    pub fn token(&self) -> Option<String> {
+        std::fs::read_to_string(self.data_dir.join("admin.token"))
+            .ok()
+            .map(|t| t.trim().to_string())
+    }
+
+    /// Runs the CLI against this cloud; it finds the bootstrap token in
+    /// the data directory by itself, as on a fresh machine.
     pub fn sv(&self, args: &[&str]) -> Output {
         Command::new(skyvisor_bin())
             .args(args)
             .env("SKYVISOR_URL", &self.url)
+            .env("SKYVISOR_DATA_DIR", &self.data_dir)
+            .env("SKYVISOR_CONFIG", self.data_dir.join("cli-config.toml"))
             .output()
             .expect("run skyvisor")
     }
@@ -277,7 +287,13 @@ impl Cloud {
 
     /// An API call: (status, JSON body).
     pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-        http_json(method, &format!("{}{path}", self.url), body).expect("API reachable")
+        http_json_as(
+            method,
+            &format!("{}{path}", self.url),
+            body,
+            self.token().as_deref(),
+        )
+        .expect("API reachable")
     }
 
     /// An instance as the API shows it.
@@ -384,6 +400,17 @@ pub fn http(
     body: Option<&str>,
     timeout: Duration,
 ) -> std::io::Result<(u16, String)> {
+    http_as(method, url, body, timeout, None)
+}
+
+/// [`http`] with an API token.
+pub fn http_as(
+    method: &str,
+    url: &str,
+    body: Option<&str>,
+    timeout: Duration,
+    token: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let rest = url
         .strip_prefix("http://")
@@ -404,9 +431,12 @@ pub fn http(
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     let body = body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
     let mut resp = Vec::new();
@@ -450,7 +480,17 @@ fn dechunk(mut s: &str) -> String {
 
 /// An HTTP call whose answer is JSON.
 pub fn http_json(method: &str, url: &str, body: Option<&str>) -> std::io::Result<(u16, Value)> {
-    let (status, text) = http(method, url, body, Duration::from_secs(30))?;
+    http_json_as(method, url, body, None)
+}
+
+/// [`http_json`] with an API token.
+pub fn http_json_as(
+    method: &str,
+    url: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> std::io::Result<(u16, Value)> {
+    let (status, text) = http_as(method, url, body, Duration::from_secs(30), token)?;
     let v = if text.trim().is_empty() {
         Value::Null
     } else {

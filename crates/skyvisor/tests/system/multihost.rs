@@ -88,6 +88,7 @@ impl MultiHost {
                         url.clone(),
                     ),
                     max_upload_bytes: skyvisor_control::DEFAULT_MAX_UPLOAD_BYTES,
+                    bootstrap_token_file: None,
                 },
             )
             .await

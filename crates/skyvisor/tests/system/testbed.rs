@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::{cache_dir, http, http_json, ip_of, skyvisor_bin, wait_until};
+use crate::harness::{cache_dir, http, http_json, http_json_as, ip_of, skyvisor_bin, wait_until};
 
 /// The lease TTL of agents and servers in the test bed, seconds: short, so
 /// that failures are noticed quickly.
@@ -183,8 +183,13 @@ impl TestBed {
 
     /// An API call to server `i`: (status, JSON body).
     pub fn api_on(&self, i: u32, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-        http_json(method, &format!("{}{path}", self.server_url(i)), body)
-            .unwrap_or_else(|e| panic!("server s{i} {method} {path}: {e}"))
+        http_json_as(
+            method,
+            &format!("{}{path}", self.server_url(i)),
+            body,
+            self.token().as_deref(),
+        )
+        .unwrap_or_else(|e| panic!("server s{i} {method} {path}: {e}"))
     }
 
     /// An API call to the first server.
@@ -192,11 +197,22 @@ impl TestBed {
         self.api_on(1, method, path, body)
     }
 
+    /// The bootstrap admin token the bed's servers share.
+    pub fn token(&self) -> Option<String> {
+        std::fs::read_to_string(self.dir.join("admin.token"))
+            .ok()
+            .map(|t| t.trim().to_string())
+    }
+
     /// Runs the CLI against the given servers (comma-separated URLs).
     pub fn sv_at(&self, urls: &str, args: &[&str]) -> Output {
-        Command::new(skyvisor_bin())
-            .args(args)
+        let mut c = Command::new(skyvisor_bin());
+        if let Some(t) = self.token() {
+            c.env("SKYVISOR_TOKEN", t);
+        }
+        c.args(args)
             .env("SKYVISOR_URL", urls)
+            .env("SKYVISOR_CONFIG", self.dir.join("cli-config.toml"))
             .output()
             .expect("run skyvisor")
     }

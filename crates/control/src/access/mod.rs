@@ -1,0 +1,186 @@
+//! Authorization of every API request, in one place: the layer that
+//! authenticates the caller (401), finds the rule of the matched route
+//! ([`policy`]), resolves the project the request acts in and checks the
+//! caller's role there (403, or 404 for a project it may not see), and
+//! hands handlers a [`Caller`]. Handlers scope every object they touch to
+//! `Caller::project` through [`crate::tenancy`]; an object of another
+//! project is 404, exactly as if it did not exist.
+
+pub mod policy;
+
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use skyvisor_auth::Principal;
+use skyvisor_core::ProjectName;
+use skyvisor_core::auth::{Action, PROJECT_HEADER, Role};
+
+use crate::ControlPlane;
+use crate::error::ApiError;
+use policy::Rule;
+
+/// The authenticated caller of a request and the project it acts in.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Who, with which token.
+    pub principal: Principal,
+    /// The project the request acts in: its objects are the only ones it
+    /// sees, and new objects belong to it.
+    pub project: ProjectName,
+    /// The caller's role in that project (a cluster admin is admin).
+    pub role: Option<Role>,
+}
+
+impl Caller {
+    /// Whether the caller administers the cluster.
+    pub fn is_cluster_admin(&self) -> bool {
+        self.principal.identity.cluster_admin
+    }
+
+    /// Whether the caller may perform `action` in `project`.
+    pub fn may(&self, action: Action, project: &ProjectName) -> bool {
+        self.principal
+            .identity
+            .role_in(project)
+            .is_some_and(|r| r.allows(action))
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        // Set by `authorize`, which every routed request passes through.
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| ApiError::unauthenticated("this request was not authenticated"))
+    }
+}
+
+/// The layer: authenticates and authorizes a routed request, or answers
+/// 401/403/404 without calling the handler.
+pub async fn authorize(State(cp): State<ControlPlane>, req: Request, next: Next) -> Response {
+    let (mut parts, body) = req.into_parts();
+    match caller_of(&cp, &parts).await {
+        Ok(caller) => {
+            parts.extensions.insert(caller);
+            next.run(Request::from_parts(parts, body)).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn caller_of(cp: &ControlPlane, req: &Parts) -> Result<Caller, ApiError> {
+    let header = match req.headers.get(axum::http::header::AUTHORIZATION) {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| {
+            ApiError::unauthenticated(
+                "malformed API token: the Authorization header is not text".to_string(),
+            )
+        })?),
+    };
+    let principal = cp.directory.authenticate(header).await?;
+    let path = req
+        .extensions
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let Some(rule) = policy::rule(&req.method, &path) else {
+        // A route nobody wrote a rule for is closed, not open.
+        return Err(ApiError::forbidden(format!(
+            "{} {path} has no authorization rule; refused",
+            req.method
+        )));
+    };
+    let identity = &principal.identity;
+    let project = match rule {
+        Rule::ProjectInPath(_) => path_project(req)?,
+        _ => match req.headers.get(PROJECT_HEADER) {
+            None => identity.home_project(),
+            Some(v) => {
+                let text = v.to_str().map_err(|_| {
+                    ApiError::invalid(format!("the {PROJECT_HEADER} header is not text"))
+                })?;
+                ProjectName::new(text).map_err(|e| {
+                    let mut err = ApiError::from(e);
+                    err.field = Some(PROJECT_HEADER.into());
+                    err
+                })?
+            }
+        },
+    };
+    let role = identity.role_in(&project);
+    let caller = Caller {
+        principal: principal.clone(),
+        project: project.clone(),
+        role,
+    };
+    let action = match rule {
+        Rule::Authenticated => return Ok(caller),
+        Rule::ClusterAdmin => {
+            if identity.cluster_admin {
+                return Ok(caller);
+            }
+            return Err(ApiError::forbidden(format!(
+                "{} {path} needs a cluster admin; {} is not one",
+                req.method, identity.name
+            )));
+        }
+        Rule::Project(a) | Rule::ProjectInPath(a) => a,
+    };
+    // A project the caller has no role in is one it cannot see: 404, as
+    // for one that does not exist.
+    let hidden = || ApiError::not_found(format!("project {project} not found"));
+    let Some(role) = role else {
+        return Err(hidden());
+    };
+    if cp.directory.project(&project).await?.is_none() {
+        return Err(hidden());
+    }
+    if !role.allows(action) {
+        return Err(ApiError::forbidden(format!(
+            "{} {path} needs the {} role in project {project}; {} is {role}",
+            req.method,
+            Role::needed_for(action),
+            identity.name
+        )));
+    }
+    Ok(caller)
+}
+
+/// The `{name}` of a `/v1/projects/{name}...` path.
+fn path_project(req: &Parts) -> Result<ProjectName, ApiError> {
+    let name = req
+        .uri
+        .path()
+        .strip_prefix("/v1/projects/")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_default();
+    let name = percent_decode(name);
+    ProjectName::new(name)
+        .map_err(|_| ApiError::not_found("project not found: not a valid project name"))
+}
+
+/// Decodes `%XX` escapes (a path segment as a client may send it).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(hex) = std::str::from_utf8(&bytes[i + 1..i + 3])
+            && let Ok(v) = u8::from_str_radix(hex, 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -1,0 +1,677 @@
+//! Authorization over real HTTP: every route of the OpenAPI document
+//! (enumerated from it, so a new route is covered without editing this
+//! file) called with no token, a token of another project, a viewer, a
+//! member, a project admin and a cluster admin; each gets what its role
+//! allows, an object of another project is 404 as if it did not exist, and
+//! nothing answers 500. Also: a revoked token stops working on every server
+//! at once, and twenty concurrent creates never exceed a quota.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::{Value, json};
+use skyvisor_control::access::policy::{self, Rule};
+use skyvisor_control::{ClusterSettings, ControlPlane, ServerConfig, Weigher};
+use skyvisor_core::auth::Action;
+use skyvisor_core::image::{ImageKind, ImageSource, ImageState};
+use skyvisor_core::volume::{VolumeSpec, VolumeStatus};
+use skyvisor_core::{
+    Accel, Capacity, Host, HostName, Image, ImageName, Overcommit, ProjectName, Resources,
+    ServerName, VolumeId, VolumeName, keys,
+};
+use skyvisor_store::{EmbeddedStore, Store, StoreExt, encode, put_json};
+
+/// A live host with room, registered as an agent would.
+async fn fake_host(store: &dyn Store, name: &str) {
+    let host = Host {
+        name: HostName::new(name).expect("name"),
+        address: "127.0.0.1".into(),
+        capacity: Capacity::new(
+            Resources {
+                vcpus: 64,
+                memory_mib: 256 * 1024,
+                disk_gib: 10_000,
+            },
+            Overcommit {
+                cpu: 1.0,
+                memory: 1.0,
+                disk: 1.0,
+            },
+        ),
+        accel: Accel::Tcg,
+        accel_reason: "test".into(),
+        qemu_version: "test".into(),
+        agent_version: skyvisor_core::VERSION.into(),
+        subnet: "10.97.0.0/16".parse().expect("subnet"),
+        bridge_address: None,
+        replica_addr: None,
+        agent_url: None,
+        disk_free_bytes: u64::MAX,
+        started_at: Utc::now(),
+    };
+    store
+        .txn(
+            vec![],
+            vec![
+                put_json(keys::host(&host.name), &host),
+                put_json(keys::host_alive(&host.name), &Utc::now()),
+            ],
+        )
+        .await
+        .expect("register host");
+}
+
+/// A ready image owned by `project`.
+async fn image(store: &dyn Store, name: &str, project: &str, public: bool) {
+    let image = Image {
+        name: ImageName::new(name).expect("name"),
+        project: ProjectName::new(project).expect("project"),
+        public,
+        kind: ImageKind::KernelInitrd,
+        description: "test".into(),
+        files: vec![],
+        cmdline: None,
+        guest_service: false,
+        source: ImageSource::Import,
+        state: ImageState::Ready,
+        message: None,
+        builder: None,
+        created_at: Utc::now(),
+    };
+    store
+        .put(&keys::image(&image.name), encode(&image))
+        .await
+        .expect("image");
+}
+
+/// A volume record of `project` (no agent serves it; reads still work).
+async fn volume(store: &dyn Store, name: &str, project: &str) {
+    let spec = VolumeSpec {
+        name: VolumeName::new(name).expect("name"),
+        project: ProjectName::new(project).expect("project"),
+        id: VolumeId::random(),
+        size_bytes: 1 << 30,
+        replicas: 1,
+        min_in_sync: 1,
+        hosts: vec![HostName::new("h1").expect("host")],
+        deleting: false,
+        generation: 1,
+        created_at: Utc::now(),
+        owner: None,
+    };
+    store
+        .txn(
+            vec![],
+            vec![
+                put_json(keys::volume_spec(&spec.name), &spec),
+                put_json(keys::volume_status(&spec.name), &VolumeStatus::creating()),
+            ],
+        )
+        .await
+        .expect("volume");
+}
+
+struct Server {
+    _cp: ControlPlane,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn server(store: Arc<dyn Store>, name: &str) -> Server {
+    let dir = tempfile::tempdir().expect("tmp");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let cp = ControlPlane::start(
+        store,
+        ServerConfig {
+            data_dir: dir.path().join("server"),
+            cache_dir: dir.path().join("cache"),
+            guest_binary: None,
+            subnet: "10.97.0.0/16".parse().expect("subnet"),
+            vni: 4213,
+            mtu: 1450,
+            weigher: Weigher::Spread,
+            cluster: ClusterSettings::single(ServerName::new(name).expect("name"), base.clone()),
+            max_upload_bytes: 1 << 20,
+            bootstrap_token_file: Some(dir.path().join("admin.token")),
+        },
+    )
+    .await
+    .expect("control plane");
+    std::mem::forget(cp.join_cluster().await.expect("join"));
+    tokio::spawn(axum::serve(listener, skyvisor_control::api::router(cp.clone())).into_future());
+    Server {
+        _cp: cp,
+        base,
+        _dir: dir,
+    }
+}
+
+/// One HTTP call: (status, JSON body or null).
+async fn call(
+    base: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    project: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let mut req = http.request(
+        reqwest::Method::from_bytes(method.as_bytes()).expect("method"),
+        format!("{base}{path}"),
+    );
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(p) = project {
+        req = req.header("x-skyvisor-project", p);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.expect("request");
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// The bootstrap admin's token from the file the server wrote.
+fn admin_token(s: &Server) -> String {
+    std::fs::read_to_string(s._dir.path().join("admin.token"))
+        .expect("bootstrap token file")
+        .trim()
+        .to_string()
+}
+
+/// Makes an identity with `roles` and returns a token of it.
+async fn identity(
+    s: &Server,
+    admin: &str,
+    name: &str,
+    roles: Value,
+    cluster_admin: bool,
+) -> String {
+    let kind = if cluster_admin {
+        "user"
+    } else {
+        "service_account"
+    };
+    let (st, body) = call(
+        &s.base,
+        "POST",
+        "/v1/identities",
+        Some(admin),
+        None,
+        Some(json!({"name": name, "kind": kind, "roles": roles, "cluster_admin": cluster_admin})),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    let (st, body) = call(
+        &s.base,
+        "POST",
+        "/v1/tokens",
+        Some(admin),
+        None,
+        Some(json!({"identity": name, "description": "test"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    body["token"].as_str().expect("token").to_string()
+}
+
+/// The concrete path of a route template, naming project alpha's objects.
+fn concrete(path: &str, token_id: &str) -> String {
+    concrete_with(path, token_id, ["vm-a", "vol-a", "img-a"])
+}
+
+/// The same path naming objects that do not exist anywhere.
+fn missing(path: &str, token_id: &str) -> String {
+    concrete_with(path, token_id, ["vm-zz", "vol-zz", "img-zz"])
+}
+
+fn concrete_with(path: &str, token_id: &str, [vm, vol, img]: [&str; 3]) -> String {
+    let object = if path.starts_with("/v1/instances/") {
+        vm
+    } else if path.starts_with("/v1/volumes/") {
+        vol
+    } else if path.starts_with("/v1/images/") {
+        img
+    } else if path.starts_with("/v1/hosts/") {
+        "h1"
+    } else if path.starts_with("/v1/projects/") {
+        "alpha"
+    } else if path.starts_with("/v1/identities/") {
+        "viewer"
+    } else {
+        "nothing"
+    };
+    path.replace("{name}", object)
+        .replace("{snapshot}", "s1")
+        .replace("{volume}", vol)
+        .replace("{identity}", "viewer")
+        .replace("{file}", "vmlinuz")
+        .replace("{id}", token_id)
+}
+
+/// Whether a route names one of project alpha's objects in its path.
+fn names_an_object(path: &str) -> bool {
+    ["/v1/instances/{", "/v1/volumes/{", "/v1/images/{"]
+        .iter()
+        .any(|p| path.starts_with(p))
+}
+
+/// A body with the missing objects' names put back, to compare answers.
+fn unmissing(v: &Value) -> Value {
+    let text = v
+        .to_string()
+        .replace("vm-zz", "vm-a")
+        .replace("vol-zz", "vol-a")
+        .replace("img-zz", "img-a");
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_answers_each_role_as_its_rule_says() {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));
+    let s = server(store.clone(), "authz").await;
+    let admin = admin_token(&s);
+    fake_host(store.as_ref(), "h1").await;
+    image(store.as_ref(), "img", "default", true).await;
+    image(store.as_ref(), "img-a", "alpha", false).await;
+    for p in ["alpha", "beta"] {
+        let (st, body) = call(
+            &s.base,
+            "POST",
+            "/v1/projects",
+            Some(&admin),
+            None,
+            Some(json!({"name": p})),
+        )
+        .await;
+        assert_eq!(st, 201, "{body}");
+    }
+    volume(store.as_ref(), "vol-a", "alpha").await;
+    let mut tokens: BTreeMap<&str, String> = BTreeMap::new();
+    tokens.insert(
+        "viewer",
+        identity(&s, &admin, "viewer", json!({"alpha": "viewer"}), false).await,
+    );
+    tokens.insert(
+        "member",
+        identity(&s, &admin, "member", json!({"alpha": "member"}), false).await,
+    );
+    tokens.insert(
+        "padmin",
+        identity(&s, &admin, "padmin", json!({"alpha": "admin"}), false).await,
+    );
+    tokens.insert(
+        "outsider",
+        identity(&s, &admin, "outsider", json!({"beta": "admin"}), false).await,
+    );
+    // Alpha's instance and snapshot, made through the API by a member.
+    let member = tokens["member"].clone();
+    let (st, body) = call(
+        &s.base,
+        "POST",
+        "/v1/instances",
+        Some(&member),
+        Some("alpha"),
+        Some(json!({"name": "vm-a", "image": "img-a", "instance_type": "nano", "start": false})),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    assert_eq!(body["spec"]["project"], "alpha", "{body}");
+    let (st, body) = call(
+        &s.base,
+        "POST",
+        "/v1/instances/vm-a/snapshots",
+        Some(&member),
+        Some("alpha"),
+        Some(json!({"name": "s1"})),
+    )
+    .await;
+    assert_eq!(st, 202, "{body}");
+    // A token to revoke on the token route.
+    let (_, spare) = call(
+        &s.base,
+        "POST",
+        "/v1/tokens",
+        Some(&admin),
+        None,
+        Some(json!({"description": "spare"})),
+    )
+    .await;
+    let spare_id = spare["id"].as_str().expect("id").to_string();
+
+    let doc = skyvisor_control::api::openapi();
+    let mut routes = Vec::new();
+    for (path, item) in &doc.paths.paths {
+        for (method, op) in [
+            ("GET", &item.get),
+            ("POST", &item.post),
+            ("PUT", &item.put),
+            ("PATCH", &item.patch),
+            ("DELETE", &item.delete),
+        ] {
+            if op.is_some() {
+                let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+                let rule = policy::rule(&m, path)
+                    .unwrap_or_else(|| panic!("{method} {path} has no authorization rule"));
+                routes.push((method, path.clone(), rule));
+            }
+        }
+    }
+    assert!(routes.len() > 60, "only {} routes", routes.len());
+    let body_for = |m: &str| (m == "POST" || m == "PUT" || m == "PATCH").then(|| json!({}));
+    let mut failures = Vec::new();
+    let mut check = |who: &str, method: &str, path: &str, status: u16, ok: bool, body: &Value| {
+        if !ok || status >= 500 && status != 503 {
+            failures.push(format!("{who}: {method} {path} -> {status} {body}"));
+        }
+    };
+
+    // Callers that must change nothing go first.
+    for (method, template, rule) in &routes {
+        let path = concrete(template, &spare_id);
+        let body = body_for(method);
+        // No token: 401 everywhere.
+        let (st, b) = call(&s.base, method, &path, None, None, body.clone()).await;
+        check("anonymous", method, &path, st, st == 401, &b);
+        // A garbled and a revoked-looking token: 401 too.
+        let (st, b) = call(&s.base, method, &path, Some("svt_nope"), None, body.clone()).await;
+        check("garbled", method, &path, st, st == 401, &b);
+
+        // Another project's member, in its own project and asking for alpha.
+        let outsider = tokens["outsider"].as_str();
+        let (st, b) = call(&s.base, method, &path, Some(outsider), None, body.clone()).await;
+        let expected = match rule {
+            Rule::ClusterAdmin => st == 403,
+            Rule::ProjectInPath(_) => st == 404,
+            // Exactly what an object that does not exist gets.
+            Rule::Project(_) if names_an_object(template) => {
+                let (mst, mb) = call(
+                    &s.base,
+                    method,
+                    &missing(template, &spare_id),
+                    Some(outsider),
+                    None,
+                    body.clone(),
+                )
+                .await;
+                st == mst && unmissing(&mb) == b
+            }
+            _ => st != 401 && st != 403,
+        };
+        check("outsider", method, &path, st, expected, &b);
+        if let Some(list) = b.as_array() {
+            let text = Value::Array(list.clone()).to_string();
+            let leaked = ["vm-a", "vol-a", "img-a", "\"alpha\""]
+                .iter()
+                .any(|n| text.contains(n));
+            check("outsider list", method, &path, st, !leaked, &b);
+        }
+        let (st, b) = call(
+            &s.base,
+            method,
+            &path,
+            Some(outsider),
+            Some("alpha"),
+            body.clone(),
+        )
+        .await;
+        let expected = match rule {
+            Rule::ClusterAdmin => st == 403,
+            Rule::Project(_) | Rule::ProjectInPath(_) => st == 404,
+            Rule::Authenticated => st != 401 && st != 403,
+        };
+        check("outsider in alpha", method, &path, st, expected, &b);
+
+        // Alpha's viewer: reads, never writes.
+        let viewer = tokens["viewer"].as_str();
+        let (st, b) = call(
+            &s.base,
+            method,
+            &path,
+            Some(viewer),
+            Some("alpha"),
+            body.clone(),
+        )
+        .await;
+        let expected = match rule {
+            Rule::ClusterAdmin => st == 403,
+            Rule::Project(Action::Read) | Rule::ProjectInPath(Action::Read) => {
+                // The test image has no files: that 404 is about the file.
+                let about_file = b["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("has no file"));
+                ![401, 403].contains(&st) && (st != 404 || about_file)
+            }
+            Rule::Project(_) | Rule::ProjectInPath(_) => st == 403,
+            Rule::Authenticated => st != 401 && st != 403,
+        };
+        check("viewer", method, &path, st, expected, &b);
+        if st == 403 {
+            let msg = b["error"]["message"].as_str().unwrap_or_default();
+            check(
+                "viewer 403 names the role",
+                method,
+                &path,
+                st,
+                msg.contains("role") || msg.contains("cluster admin"),
+                &b,
+            );
+        }
+    }
+    // Then those that may change things: member, project admin, cluster
+    // admin. Their calls may fail for the request's own reasons (an empty
+    // body, a state), never for authorization.
+    for who in ["member", "padmin", "admin"] {
+        let token = if who == "admin" {
+            admin.clone()
+        } else {
+            tokens[who].clone()
+        };
+        for (method, template, rule) in &routes {
+            let path = concrete(template, &spare_id);
+            let (st, b) = call(
+                &s.base,
+                method,
+                &path,
+                Some(&token),
+                Some("alpha"),
+                body_for(method),
+            )
+            .await;
+            let expected = match (who, rule) {
+                (_, Rule::Authenticated) => st != 401,
+                ("admin", _) => st != 401 && st != 403,
+                (_, Rule::ClusterAdmin) => st == 403,
+                ("member", Rule::ProjectInPath(Action::Manage)) => st == 403,
+                _ => st != 401 && st != 403,
+            };
+            check(who, method, &path, st, expected, &b);
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_stops_working_on_every_server_at_once() {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));
+    let a = server(store.clone(), "sa").await;
+    let b = server(store.clone(), "sb").await;
+    let admin = admin_token(&a);
+    let (st, made) = call(
+        &a.base,
+        "POST",
+        "/v1/tokens",
+        Some(&admin),
+        None,
+        Some(json!({"description": "short-lived"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{made}");
+    let token = made["token"].as_str().expect("token").to_string();
+    let id = made["id"].as_str().expect("id").to_string();
+    for s in [&a, &b] {
+        let (st, me) = call(&s.base, "GET", "/v1/whoami", Some(&token), None, None).await;
+        assert_eq!(st, 200, "{me}");
+        assert_eq!(me["token_id"], id.as_str());
+    }
+    // The list shows it without secret or hash.
+    let (_, list) = call(&a.base, "GET", "/v1/tokens", Some(&admin), None, None).await;
+    let text = list.to_string();
+    assert!(text.contains(&id) && !text.contains(&token[21..]), "{list}");
+    assert!(!text.contains("sha256"), "{list}");
+
+    let (st, _) = call(
+        &a.base,
+        "DELETE",
+        &format!("/v1/tokens/{id}"),
+        Some(&admin),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(st, 204);
+    for s in [&b, &a] {
+        let (st, body) = call(&s.base, "GET", "/v1/whoami", Some(&token), None, None).await;
+        assert_eq!(st, 401, "{body}");
+        let msg = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("revoked"), "{body}");
+    }
+    // Expired tokens say so.
+    let (_, short) = call(
+        &a.base,
+        "POST",
+        "/v1/tokens",
+        Some(&admin),
+        None,
+        Some(json!({"expires_in_secs": 1})),
+    )
+    .await;
+    let short = short["token"].as_str().expect("token").to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (st, body) = call(&b.base, "GET", "/v1/whoami", Some(&short), None, None).await;
+        if st == 401 {
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("expired"),
+                "{body}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Bad lifetimes are refused naming the field.
+    let (st, body) = call(
+        &a.base,
+        "POST",
+        "/v1/tokens",
+        Some(&admin),
+        None,
+        Some(json!({"expires_in_secs": 0})),
+    )
+    .await;
+    assert_eq!(st, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .to_string()
+            .contains("expires_in_secs")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_creates_on_two_servers_never_exceed_a_quota() {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));
+    let a = server(store.clone(), "qa").await;
+    let b = server(store.clone(), "qb").await;
+    let admin = admin_token(&a);
+    fake_host(store.as_ref(), "h1").await;
+    fake_host(store.as_ref(), "h2").await;
+    image(store.as_ref(), "img", "default", true).await;
+    let (st, body) = call(
+        &a.base,
+        "POST",
+        "/v1/projects",
+        Some(&admin),
+        None,
+        Some(json!({"name": "q", "quota": {"instances": 3, "vcpus": 64}})),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    let member = identity(&a, &admin, "dev", json!({"q": "member"}), false).await;
+    let creates = (0..20).map(|i| {
+        let base = if i % 2 == 0 {
+            a.base.clone()
+        } else {
+            b.base.clone()
+        };
+        let member = member.clone();
+        tokio::spawn(async move {
+            call(
+                &base,
+                "POST",
+                "/v1/instances",
+                Some(&member),
+                Some("q"),
+                Some(json!({"name": format!("vm-{i}"), "image": "img", "instance_type": "nano", "start": false})),
+            )
+            .await
+        })
+    });
+    let results = futures::future::join_all(creates).await;
+    let mut created = 0;
+    for r in results {
+        let (st, body) = r.expect("task");
+        match st {
+            201 => created += 1,
+            403 => {
+                let msg = body["error"]["message"].as_str().unwrap_or_default();
+                assert!(
+                    msg.contains("quota exceeded for instances") && msg.contains("limit 3"),
+                    "{body}"
+                );
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(created, 3, "the quota is 3 instances");
+    let (st, view) = call(&a.base, "GET", "/v1/projects/q", Some(&member), None, None).await;
+    assert_eq!(st, 200, "{view}");
+    assert_eq!(view["usage"]["instances"], 3, "{view}");
+    assert_eq!(view["quota"]["instances"], 3, "{view}");
+    // A project that holds objects cannot be deleted; the refusal lists them.
+    let (st, body) = call(
+        &a.base,
+        "DELETE",
+        "/v1/projects/q",
+        Some(&admin),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(st, 409, "{body}");
+    assert!(body.to_string().contains("instance vm-"), "{body}");
+    // Another project does not see q's instances, even by listing.
+    let (_, list) = call(&a.base, "GET", "/v1/instances", Some(&admin), None, None).await;
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+}

@@ -176,7 +176,7 @@ agent_start() {
   read -ra extra <<<"${AGENT_ARGS:-}"
   SKYVISOR_JOIN_TOKEN=$(cat "$(token_file)") spawn "agent$h" ip netns exec "$(ns "$h")" "$(skyvisor_bin)" agent \
     --server "$(server_urls)" --host-name "h$h" --address "$(host_ip "$h")" \
-    --data-dir "$DIR/h$h" --accel "$ACCEL" --lease-ttl "$LEASE_TTL" "${extra[@]}"
+    --data-dir "$DIR/h$h" --accel "$ACCEL" --lease-ttl "$LEASE_TTL" --guest-test-hooks "${extra[@]}"
 }
 
 host_ready() {

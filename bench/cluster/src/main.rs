@@ -253,6 +253,7 @@ async fn start_agents(n: usize, store: Arc<dyn Store>, dir: PathBuf) -> Result<V
                         overlay: None,
                         replica_listen: None,
                         fencing: None,
+                        guest_test_hooks: false,
                     },
                     store,
                     Arc::new(FakeHypervisor::new()),

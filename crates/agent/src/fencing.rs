@@ -292,7 +292,15 @@ async fn probe_and_report(
     me: HostName,
     lease: std::sync::Arc<std::sync::Mutex<LeaseId>>,
 ) {
+    // Peers admit only callers with the cluster's key.
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Ok(key) = skyvisor_auth::cluster_key(store.as_ref()).await
+        && let Ok(v) = reqwest::header::HeaderValue::from_str(&key.header())
+    {
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
     let http = reqwest::Client::builder()
+        .default_headers(headers)
         .no_proxy()
         .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_millis(800))

@@ -34,6 +34,31 @@ pub fn router(ctx: Arc<AgentContext>) -> Router {
         .with_state(ctx)
 }
 
+/// Admits only callers that present the cluster's key (servers and other
+/// agents); `/agent/v1/health` stays open for liveness checks.
+pub fn members_only(router: Router, key: skyvisor_auth::ClusterKey) -> Router {
+    router.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let key = key.clone();
+            async move {
+                let presented = req
+                    .headers()
+                    .get(axum::http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok());
+                if req.uri().path() == "/agent/v1/health" || key.admits(presented) {
+                    next.run(req).await
+                } else {
+                    (
+                        StatusCode::UNAUTHORIZED,
+                        "this agent API admits only the cluster's servers and agents",
+                    )
+                        .into_response()
+                }
+            }
+        },
+    ))
+}
+
 #[derive(Deserialize)]
 struct ConsoleQuery {
     offset: Option<i64>,

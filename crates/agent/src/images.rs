@@ -40,6 +40,8 @@ pub struct ImageCache {
     http: reqwest::Client,
     /// The API token for downloads from servers.
     token: Mutex<Option<String>>,
+    /// The `Authorization` value peer agents admit (the cluster's key).
+    peer_auth: Mutex<Option<String>>,
     /// Paths whose content was verified in this process, with its checksum.
     verified: Mutex<HashMap<PathBuf, String>>,
 }
@@ -96,6 +98,14 @@ impl ImageCache {
                 .unwrap_or_default(),
             verified: Mutex::new(HashMap::new()),
             token: Mutex::new(None),
+            peer_auth: Mutex::new(None),
+        }
+    }
+
+    /// Sets the `Authorization` value sent to peer agents.
+    pub fn set_peer_auth(&self, header: String) {
+        if let Ok(mut a) = self.peer_auth.lock() {
+            *a = Some(header);
         }
     }
 
@@ -169,11 +179,16 @@ impl ImageCache {
                     file.file_name,
                     uuid::Uuid::new_v4().simple()
                 ));
-                let token = match source {
-                    Source::Server(_) => self.token.lock().ok().and_then(|t| t.clone()),
-                    Source::Peer(..) => None,
+                let auth = match source {
+                    Source::Server(_) => self
+                        .token
+                        .lock()
+                        .ok()
+                        .and_then(|t| t.clone())
+                        .map(|t| format!("Bearer {t}")),
+                    Source::Peer(..) => self.peer_auth.lock().ok().and_then(|a| a.clone()),
                 };
-                match download(&self.http, token.as_deref(), &url, &tmp, &file.sha256).await {
+                match download(&self.http, auth.as_deref(), &url, &tmp, &file.sha256).await {
                     Ok(()) => {
                         tokio::fs::rename(&tmp, &p)
                             .await
@@ -347,14 +362,14 @@ async fn hash_file(p: &Path) -> std::io::Result<String> {
 
 async fn download(
     http: &reqwest::Client,
-    token: Option<&str>,
+    authorization: Option<&str>,
     url: &str,
     to: &Path,
     sha256: &str,
 ) -> Result<(), String> {
     let mut req = http.get(url);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
+    if let Some(a) = authorization {
+        req = req.header(reqwest::header::AUTHORIZATION, a);
     }
     let resp = req
         .send()

@@ -300,6 +300,9 @@ impl Launcher {
                 " sv.name={} sv.id={} sv.ip={}/{} sv.gw={} sv.mtu={}",
                 spec.name, spec.id, n.ip, n.prefix_len, n.gateway, self.ctx.mtu
             ));
+            if self.ctx.guest_test_hooks {
+                c.push_str(" sv.hooks=1");
+            }
         }
         c.trim().to_string()
     }

@@ -81,6 +81,24 @@ pub struct AgentConfig {
     /// Self-fencing of HA-protected VMs (hosts of a cluster); none for a
     /// single host, where nothing fails over.
     pub fencing: Option<FencingConfig>,
+    /// Turn on the default guest's test hooks (power, `/fetch`, raw `/blk`
+    /// on its public port) in the VMs this host starts: for test beds and
+    /// benchmarks, never for tenants.
+    pub guest_test_hooks: bool,
+}
+
+/// An HTTP client for calls to other parts of the cluster: each request
+/// carries the cluster's key.
+pub fn internal_client(key: &skyvisor_auth::ClusterKey) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Ok(v) = reqwest::header::HeaderValue::from_str(&key.header()) {
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .no_proxy()
+        .build()
+        .unwrap_or_default()
 }
 
 /// What went wrong starting an agent.
@@ -136,6 +154,11 @@ pub struct FencingConfig {
 pub struct AgentContext {
     /// The store.
     pub store: Arc<dyn Store>,
+    /// The cluster's internal key (its agent API admits only callers that
+    /// present it; its own calls to peers carry it).
+    pub cluster_key: skyvisor_auth::ClusterKey,
+    /// Whether VMs get the default guest's test hooks.
+    pub guest_test_hooks: bool,
     /// The hypervisor.
     pub hypervisor: Arc<dyn Hypervisor>,
     /// The host network.
@@ -309,6 +332,18 @@ async fn bring_up(
     tokio::fs::create_dir_all(cfg.data_dir.join("vms"))
         .await
         .map_err(|e| AgentError::Network(format!("creating {}: {e}", cfg.data_dir.display())))?;
+    // Everything this agent serves to, or asks of, other parts of the
+    // cluster carries the cluster's key.
+    let cluster_key = skyvisor_auth::cluster_key(store.as_ref())
+        .await
+        .map_err(|e| match e {
+            skyvisor_auth::AuthError::Store(s) => AgentError::Store(s),
+            other => AgentError::Store(StoreError::Rejected(other.to_string())),
+        })?;
+    skyvisor_volume::link_key::set_process_key(skyvisor_volume::link_key::LinkKey::new(
+        cluster_key.bytes(),
+    ));
+    images.set_peer_auth(cluster_key.header());
     let volumes = match cfg.replica_listen {
         Some(listen) => Some(
             VolumeService::start(
@@ -336,10 +371,9 @@ async fn bring_up(
         bridge: cfg.bridge.clone(),
         mtu: net.mtu,
         probe_guests: cfg.probe_guests,
-        http: reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .unwrap_or_default(),
+        http: internal_client(&cluster_key),
+        cluster_key: cluster_key.clone(),
+        guest_test_hooks: cfg.guest_test_hooks,
         data_dir: cfg.data_dir.clone(),
         checkpoint_inboxes: std::sync::Mutex::new(HashMap::new()),
         volumes: volumes.clone(),
@@ -369,6 +403,7 @@ async fn bring_up(
     if let Some(v) = &volumes {
         router = router.merge(volumes::http::router(v.clone()));
     }
+    let router = http::members_only(router, cluster_key.clone());
     guard.0.push(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router).await {
             error!(error = %e, "agent HTTP service failed");

@@ -74,6 +74,7 @@ async fn world() -> World {
             overlay: None,
             replica_listen: None,
             fencing: None,
+            guest_test_hooks: true,
         },
         store.clone(),
         Arc::new(hv.clone()),

@@ -50,6 +50,7 @@ async fn start_host(store: &Arc<dyn Store>, name: &str) -> Host {
             overlay: None,
             replica_listen: Some(([127, 0, 0, 1], 0).into()),
             fencing: None,
+            guest_test_hooks: true,
         },
         store.clone(),
         Arc::new(hv.clone()),

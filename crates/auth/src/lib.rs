@@ -9,6 +9,7 @@
 
 pub mod bootstrap;
 mod directory;
+pub mod internal;
 pub mod token;
 
 use chrono::{DateTime, Utc};
@@ -17,6 +18,7 @@ use skyvisor_store::StoreError;
 use thiserror::Error;
 
 pub use directory::Directory;
+pub use internal::{ClusterKey, cluster_key};
 pub use token::{IssuedToken, ParsedToken};
 
 /// Why a request is not authenticated, or an identity operation failed.

@@ -7,7 +7,7 @@
 use std::io::{BufRead, IsTerminal, Write};
 
 use anyhow::{Context, Result, bail};
-use skyvisor_core::auth::WhoAmI;
+use skyvisor_core::auth::{AuditRecord, WhoAmI};
 
 use crate::client::{Client, ClientError};
 use crate::config::{
@@ -135,4 +135,32 @@ fn role_text(me: &WhoAmI) -> String {
     me.role
         .map(|r| r.to_string())
         .unwrap_or_else(|| "none".into())
+}
+
+/// `skyvisor audit`: the newest entries of the audit trail.
+pub async fn audit(
+    client: &Client,
+    format: OutputFormat,
+    limit: usize,
+    cluster: bool,
+) -> Result<()> {
+    let path = format!("/v1/audit?limit={limit}&cluster={cluster}");
+    let records: Vec<AuditRecord> = client.get(&path).await?;
+    output::print(format, &records, |records| {
+        let mut t = table(&["TIME", "IDENTITY", "PROJECT", "METHOD", "PATH", "STATUS"]);
+        for r in records {
+            t.add_row(vec![
+                r.at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                r.identity.to_string(),
+                r.project
+                    .as_ref()
+                    .map_or_else(|| "-".to_string(), |p| p.to_string()),
+                r.method.clone(),
+                r.path.clone(),
+                r.status.to_string(),
+            ]);
+        }
+        println!("{t}");
+    });
+    Ok(())
 }

@@ -76,6 +76,16 @@ pub enum ClientCommand {
     Login,
     /// Who the API takes you for, and your roles.
     Whoami,
+    /// The audit trail: who did what to which object, and how it ended
+    /// (the project's, for its admins; --cluster: the cluster-wide one).
+    Audit {
+        /// Most entries, newest first.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// The cluster-wide trail (hosts, projects, identities, refusals).
+        #[arg(long)]
+        cluster: bool,
+    },
 }
 
 /// `skyvisor vm ...`
@@ -432,6 +442,9 @@ pub async fn run(args: ConnectionArgs, format: OutputFormat, cmd: ClientCommand)
     match cmd {
         ClientCommand::Remote(_) | ClientCommand::Login => Ok(()),
         ClientCommand::Whoami => crate::auth::whoami(&client, &conn, format).await,
+        ClientCommand::Audit { limit, cluster } => {
+            crate::auth::audit(&client, format, limit, cluster).await
+        }
         ClientCommand::Project(c) => crate::projects::project(&client, format, c).await,
         ClientCommand::Identity(c) => crate::identities::identity(&client, format, c).await,
         ClientCommand::Token(c) => crate::tokens::token(&client, format, c).await,

@@ -109,7 +109,11 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable(m) => {
-                ApiError::unavailable(format!("the state store is unavailable: {m}; retry later"))
+                // Worded as the store guard's answer, which may not have
+                // noticed the outage yet when a request meets it.
+                ApiError::unavailable(format!(
+                    "the state store is unreachable: {m}; the API answers again as soon as it is back"
+                ))
             }
             other => ApiError::internal(format!("state store error: {other}")),
         }

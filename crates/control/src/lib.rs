@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod api;
+pub mod audit;
 pub mod cluster;
 pub mod election;
 pub mod error;
@@ -135,7 +136,20 @@ impl ControlPlane {
             other => StoreError::Rejected(other.to_string()),
         })?;
         let inventory = Inventory::start(store.clone()).await?;
+        // Agents admit only callers with the cluster's key.
+        let cluster_key =
+            skyvisor_auth::cluster_key(store.as_ref())
+                .await
+                .map_err(|e| match e {
+                    skyvisor_auth::AuthError::Store(s) => s,
+                    other => StoreError::Rejected(other.to_string()),
+                })?;
+        let mut internal = reqwest::header::HeaderMap::new();
+        if let Ok(v) = reqwest::header::HeaderValue::from_str(&cluster_key.header()) {
+            internal.insert(reqwest::header::AUTHORIZATION, v);
+        }
         let http = reqwest::Client::builder()
+            .default_headers(internal)
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(30))
             .build()

@@ -495,7 +495,9 @@ async fn every_route_answers_each_role_as_its_rule_says() {
                 (_, Rule::Authenticated) => st != 401,
                 ("admin", _) => st != 401 && st != 403,
                 (_, Rule::ClusterAdmin) => st == 403,
-                ("member", Rule::ProjectInPath(Action::Manage)) => st == 403,
+                ("member", Rule::ProjectInPath(Action::Manage) | Rule::Project(Action::Manage)) => {
+                    st == 403
+                }
                 _ => st != 401 && st != 403,
             };
             check(who, method, &path, st, expected, &b);
@@ -506,6 +508,63 @@ async fn every_route_answers_each_role_as_its_rule_says() {
         "{} failures:\n{}",
         failures.len(),
         failures.join("\n")
+    );
+
+    // The trail names who created alpha's VM, and its project admin (not
+    // a member) may read it; refusals go to the cluster-wide trail.
+    let padmin = tokens["padmin"].clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (st, trail) = call(
+            &s.base,
+            "GET",
+            "/v1/audit?limit=1000",
+            Some(&padmin),
+            Some("alpha"),
+            None,
+        )
+        .await;
+        assert_eq!(st, 200, "{trail}");
+        let found = trail.as_array().into_iter().flatten().any(|r| {
+            r["identity"] == "member"
+                && r["method"] == "POST"
+                && r["path"] == "/v1/instances"
+                && r["status"] == 201
+                && r["project"] == "alpha"
+        });
+        if found {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not audited: {trail}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (st, _) = call(
+        &s.base,
+        "GET",
+        "/v1/audit",
+        Some(&tokens["member"]),
+        Some("alpha"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 403);
+    let (st, trail) = call(
+        &s.base,
+        "GET",
+        "/v1/audit?cluster=true&limit=1000",
+        Some(&admin),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{trail}");
+    assert!(
+        trail
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["identity"] == "viewer" && r["status"] == 403),
+        "refusals are audited: {trail}"
     );
 }
 
@@ -674,4 +733,91 @@ async fn twenty_concurrent_creates_on_two_servers_never_exceed_a_quota() {
     // Another project does not see q's instances, even by listing.
     let (_, list) = call(&a.base, "GET", "/v1/instances", Some(&admin), None, None).await;
     assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_page_and_filter_without_skipping_or_repeating() {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));
+    let s = server(store.clone(), "pages").await;
+    let admin = admin_token(&s);
+    fake_host(store.as_ref(), "h1").await;
+    image(store.as_ref(), "img", "default", true).await;
+    for i in 0..25 {
+        let (st, body) = call(
+            &s.base,
+            "POST",
+            "/v1/instances",
+            Some(&admin),
+            None,
+            Some(json!({"name": format!("vm-{i:02}"), "image": "img", "instance_type": "nano", "start": false})),
+        )
+        .await;
+        assert_eq!(st, 201, "{body}");
+    }
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut url = format!("{}/v1/instances?limit=10", s.base);
+        if let Some(a) = &after {
+            url.push_str(&format!("&continue={a}"));
+        }
+        let r = http.get(url).bearer_auth(&admin).send().await.expect("get");
+        assert_eq!(r.status().as_u16(), 200);
+        let next = r
+            .headers()
+            .get("x-skyvisor-continue")
+            .map(|v| v.to_str().expect("text").to_string());
+        let items: Vec<Value> = r.json().await.expect("json");
+        assert!(items.len() <= 10);
+        seen.extend(
+            items
+                .iter()
+                .map(|i| i["spec"]["name"].as_str().expect("name").to_string()),
+        );
+        pages += 1;
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    let all: Vec<String> = (0..25).map(|i| format!("vm-{i:02}")).collect();
+    assert_eq!(seen, all);
+    assert_eq!(pages, 3);
+    let (st, list) = call(
+        &s.base,
+        "GET",
+        "/v1/instances?host=h1&state=pending",
+        Some(&admin),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(list.as_array().map(Vec::len), Some(25), "{list}");
+    let (_, none) = call(
+        &s.base,
+        "GET",
+        "/v1/instances?host=h9",
+        Some(&admin),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(none.as_array().map(Vec::len), Some(0), "{none}");
+    let (st, body) = call(
+        &s.base,
+        "GET",
+        "/v1/instances?limit=0",
+        Some(&admin),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.to_string().contains("limit"), "{body}");
 }

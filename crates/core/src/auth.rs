@@ -426,6 +426,26 @@ pub struct CreatedToken {
     pub view: TokenView,
 }
 
+/// One action taken through the API: who did what, in which project, and
+/// how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AuditRecord {
+    /// When it was answered.
+    pub at: DateTime<Utc>,
+    /// Who.
+    pub identity: IdentityName,
+    /// With which token.
+    pub token_id: String,
+    /// The project it acted in; none for cluster-wide actions.
+    pub project: Option<ProjectName>,
+    /// HTTP method.
+    pub method: String,
+    /// The path it acted on (the object is named in it).
+    pub path: String,
+    /// The answer's HTTP status.
+    pub status: u16,
+}
+
 /// `GET /v1/whoami`: who the caller is and what it may do here.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct WhoAmI {

@@ -65,6 +65,11 @@ pub const HOST_HEARING: &str = "hosts/heard/";
 /// Prefix of failover records ([`crate::FailoverRecord`]).
 pub const FAILOVERS: &str = "failovers/";
 
+/// The cluster's internal key: agents and servers prove with it that they
+/// belong to the cluster (agent API, replica links). Readable by whoever
+/// can read the store, which is trusted with everything anyway.
+pub const CLUSTER_KEY: &str = "cluster/internal-key";
+
 /// Prefix of all projects.
 pub const PROJECTS: &str = "auth/projects/";
 /// Prefix of all identities (users and service accounts).
@@ -75,6 +80,18 @@ pub const TOKENS: &str = "auth/tokens/";
 /// quota rewrites its project's guard in the same transaction, so two
 /// concurrent creates cannot both count the same room.
 pub const QUOTA_GUARDS: &str = "auth/quota-guard/";
+
+/// Prefix of the audit trail: `audit/<project>/<time>-<n>`, or
+/// `audit/_cluster/...` for cluster-wide actions.
+pub const AUDIT: &str = "audit/";
+
+/// Prefix of the audit trail of `project` (none: cluster-wide actions).
+pub fn audit_prefix(project: Option<&crate::ProjectName>) -> String {
+    match project {
+        Some(p) => format!("{AUDIT}{p}/"),
+        None => format!("{AUDIT}_cluster/"),
+    }
+}
 
 /// Project `name`.
 pub fn project(name: &crate::ProjectName) -> String {

@@ -61,6 +61,8 @@ pub struct BootParams {
     pub identity: Identity,
     /// `sv.probe=1`: print the probe marker and power off.
     pub probe: bool,
+    /// `sv.hooks=1`: serve the test hooks (power, `/fetch`, raw `/blk`).
+    pub test_hooks: bool,
     /// Values that were present but malformed (key, value, reason).
     pub rejected: Vec<(String, String, String)>,
 }
@@ -103,6 +105,7 @@ pub fn parse(cmdline: &str) -> BootParams {
                 Err(_) => reject("not an IPv4 address".to_string()),
             },
             "sv.probe" => p.probe = value == "1",
+            "sv.hooks" => p.test_hooks = value == "1",
             _ => {}
         }
     }

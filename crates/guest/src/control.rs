@@ -430,6 +430,7 @@ mod tests {
                 port: 0,
                 data_dir: std::env::temp_dir(),
                 in_guest: false,
+                test_hooks: false,
             },
             cmdline::parse("sv.name=a sv.ip=10.0.0.2/24").identity,
         );

@@ -51,7 +51,8 @@ fn serve() {
     for (key, value, why) in &boot.rejected {
         eprintln!("skyvisor-guest: ignoring {key}={value}: {why}");
     }
-    let config = Config::from_env();
+    let mut config = Config::from_env();
+    config.test_hooks |= boot.test_hooks;
     let guest = Arc::new(Guest::new(config.clone(), boot.identity));
 
     let ticker = Arc::clone(&guest);

@@ -57,6 +57,11 @@ pub struct Config {
     /// True inside a VM: require `/data` to be mounted, reconfigure eth0 and the
     /// hostname on set-identity, and act on power requests.
     pub in_guest: bool,
+    /// Serve the test hooks on the public port: power off and reboot,
+    /// `/fetch` (which makes the guest a proxy) and raw `/blk` writes. Off
+    /// unless the host asks (`sv.hooks=1`), so a tenant's VM is not an open
+    /// proxy nor powered off by whoever reaches it.
+    pub test_hooks: bool,
 }
 
 impl Config {
@@ -76,6 +81,7 @@ impl Config {
             port,
             data_dir,
             in_guest,
+            test_hooks: std::env::var("SKYVISOR_GUEST_TEST_HOOKS").as_deref() == Ok("1"),
         }
     }
 }
@@ -302,6 +308,20 @@ impl Guest {
             return r.into();
         }
         let is_get = matches!(method, "GET" | "HEAD");
+        let hook = matches!(
+            route,
+            Route::PowerOff | Route::Reboot | Route::Fetch | Route::Blk | Route::BlkDev(_)
+        );
+        if hook && !self.config.test_hooks {
+            return Response::text(
+                404,
+                &format!(
+                    "{} is a test hook, off on this VM (its host runs without --guest-test-hooks)",
+                    req.head.path
+                ),
+            )
+            .into();
+        }
         match route {
             Route::Index => {
                 let id = self.identity();
@@ -523,6 +543,7 @@ mod tests {
             port: 8080,
             data_dir: dir.clone(),
             in_guest: false,
+            test_hooks: true,
         };
         let identity =
             cmdline::parse("sv.name=t1 sv.id=abc sv.ip=10.0.2.15/24 sv.gw=10.0.2.2").identity;
@@ -675,6 +696,41 @@ mod tests {
         assert_eq!(o.after, Some(PowerAction::Reboot));
         let o = g.handle(&Request::new("POST", "/poweroff", b""));
         assert_eq!(o.after, Some(PowerAction::PowerOff));
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn test_hooks_are_off_unless_the_host_asks() {
+        let (g, dir) = guest("hooks");
+        let g = Guest::new(
+            Config {
+                test_hooks: false,
+                ..g.config().clone()
+            },
+            Identity::default(),
+        );
+        for (method, path) in [
+            ("POST", "/poweroff"),
+            ("POST", "/reboot"),
+            ("GET", "/fetch?url=http://10.0.0.1/"),
+            ("GET", "/blk"),
+            ("PUT", "/blk/vdb"),
+        ] {
+            let o = g.handle(&Request::new(method, path, b""));
+            assert_eq!(o.response.status, 404, "{method} {path}");
+            assert_eq!(o.after, None);
+        }
+        // The page and the state endpoints stay.
+        assert_eq!(
+            g.handle(&Request::new("GET", "/", b"")).response.status,
+            200
+        );
+        assert_eq!(
+            g.handle(&Request::new("GET", "/health", b""))
+                .response
+                .status,
+            200
+        );
         let _ = fs::remove_dir_all(dir);
     }
 }

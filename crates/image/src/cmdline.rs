@@ -28,6 +28,8 @@ pub struct GuestKernelArgs {
     pub dns: Option<Ipv4Addr>,
     /// Accelerator probe mode (`sv.probe=1`): print `SKYVISOR-PROBE-OK`, power off.
     pub probe: bool,
+    /// Serve the guest's test hooks (`sv.hooks=1`): power, `/fetch`, raw `/blk`.
+    pub test_hooks: bool,
 }
 
 fn check_token(key: &str, value: &str) -> Result<(), ImageError> {
@@ -78,6 +80,9 @@ impl GuestKernelArgs {
         if self.probe {
             args.push("sv.probe=1".to_string());
         }
+        if self.test_hooks {
+            args.push("sv.hooks=1".to_string());
+        }
         Ok(args.join(" "))
     }
 }
@@ -105,6 +110,7 @@ mod tests {
             gw: Some(Ipv4Addr::new(10, 0, 2, 2)),
             dns: Some(Ipv4Addr::new(10, 0, 2, 3)),
             probe: false,
+            test_hooks: false,
         };
         assert_eq!(
             guest_cmdline(BASE_CMDLINE, &args).expect("valid"),

@@ -317,6 +317,7 @@ fn args(name: &str, ip: [u8; 4]) -> GuestKernelArgs {
         gw: Some([10, 0, 2, 2].into()),
         dns: Some([10, 0, 2, 3].into()),
         probe: false,
+        test_hooks: true,
     }
 }
 

@@ -88,6 +88,11 @@ pub struct AgentArgs {
     /// Where the volume replica server listens (default: this host's address, port 7781).
     #[arg(long)]
     replica_listen: Option<SocketAddr>,
+    /// Turn on the default guest's test hooks (power off, reboot, /fetch,
+    /// raw /blk on its public port) in the VMs of this host. For test beds
+    /// and benchmarks only: a VM with them is an open proxy.
+    #[arg(long)]
+    guest_test_hooks: bool,
     /// Log format.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
@@ -241,6 +246,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             image_dirs: Vec::new(),
             server_url: server_urls.first().cloned().or(servers.first().cloned()),
             probe_files: None,
+            guest_test_hooks: args.guest_test_hooks,
             fencing: Some(skyvisor_agent::FencingConfig {
                 watchdog: Some((
                     std::env::current_exe().context("cannot find the skyvisor executable")?,

@@ -137,6 +137,8 @@ pub struct UpSettings {
     pub default_image: bool,
     /// Where the volume replica server listens.
     pub replica_listen: SocketAddr,
+    /// The default guest's test hooks in this host's VMs.
+    pub guest_test_hooks: bool,
 }
 
 /// Reads a TOML config file, naming the file in errors.

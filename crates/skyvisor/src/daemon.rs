@@ -126,6 +126,8 @@ pub struct HostAgentSettings {
     pub replica_listen: Option<SocketAddr>,
     /// Self-fencing of HA-protected VMs (cluster agents).
     pub fencing: Option<skyvisor_agent::FencingConfig>,
+    /// The default guest's test hooks in this host's VMs.
+    pub guest_test_hooks: bool,
 }
 
 /// Chooses the accelerator and starts the host agent with QEMU and the
@@ -179,6 +181,7 @@ pub async fn start_host_agent(s: HostAgentSettings, store: Arc<dyn Store>) -> Re
             overlay: s.overlay.clone(),
             replica_listen: s.replica_listen,
             fencing: s.fencing.clone(),
+            guest_test_hooks: s.guest_test_hooks,
         },
         store,
         Arc::new(QemuHypervisor {

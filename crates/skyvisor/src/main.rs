@@ -105,6 +105,11 @@ pub struct UpArgs {
     /// Don't build the default image at start.
     #[arg(long)]
     no_default_image: bool,
+    /// Turn on the default guest's test hooks (power off, reboot, /fetch,
+    /// raw /blk on its public port) in the VMs of this host. For test beds
+    /// and benchmarks only: a VM with them is an open proxy.
+    #[arg(long)]
+    guest_test_hooks: bool,
     /// Where the volume replica server listens (other hosts' primaries
     /// write replicas here).
     #[arg(long)]

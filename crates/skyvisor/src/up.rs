@@ -69,6 +69,7 @@ fn settings(args: &UpArgs) -> Result<UpSettings> {
             .replica_listen
             .or(file.replica_listen)
             .unwrap_or_else(|| ([127, 0, 0, 1], 7781).into()),
+        guest_test_hooks: args.guest_test_hooks,
     })
 }
 
@@ -161,6 +162,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
             replica_listen: Some(s.replica_listen),
             // One host: nothing fails over, so nothing needs fencing.
             fencing: None,
+            guest_test_hooks: s.guest_test_hooks,
         },
         store.clone(),
     )

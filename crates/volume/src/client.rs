@@ -82,11 +82,16 @@ impl RemoteReplica {
             node: node.clone(),
             message: m,
         };
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        let mut stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| err("connect timed out".into()))?
             .map_err(|e| err(format!("connect {addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
+        if let Some(key) = crate::link_key::process_key() {
+            crate::link_key::connect(key, &mut stream)
+                .await
+                .map_err(|e| err(format!("{addr}: {e}")))?;
+        }
         let addr_shown: SocketAddr = stream.peer_addr().map_err(|e| err(e.to_string()))?;
         let (r, w) = stream.into_split();
         let pending: Pending = Arc::new(std::sync::Mutex::new(Some(HashMap::new())));

@@ -24,6 +24,7 @@ pub mod client;
 pub mod device;
 mod fsutil;
 pub mod ids;
+pub mod link_key;
 mod locks;
 pub mod membership;
 pub mod replica;

@@ -66,11 +66,17 @@ impl ReplicaServer {
                 tokio::select! {
                     _ = c.cancelled() => break,
                     r = listener.accept() => match r {
-                        Ok((stream, peer)) => {
+                        Ok((mut stream, peer)) => {
                             let _ = stream.set_nodelay(true);
-                            let (r, w) = stream.into_split();
                             let (s, c2) = (s.clone(), c.clone());
                             t.spawn(async move {
+                                if let Some(key) = crate::link_key::process_key()
+                                    && let Err(e) = crate::link_key::accept(key, &mut stream).await
+                                {
+                                    warn!(%peer, "replica connection refused: {e}");
+                                    return;
+                                }
+                                let (r, w) = stream.into_split();
                                 if let Err(e) = serve(s, r, w, c2).await {
                                     debug!(%peer, "replica connection ended: {e}");
                                 }

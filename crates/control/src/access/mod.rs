@@ -9,6 +9,7 @@
 pub mod policy;
 
 use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::http::Method;
 use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -62,18 +63,72 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 
 /// The layer: authenticates and authorizes a routed request, or answers
 /// 401/403/404 without calling the handler.
+/// Requests that may change something (and their refusals) are written
+/// to the audit trail with who sent them.
 pub async fn authorize(State(cp): State<ControlPlane>, req: Request, next: Next) -> Response {
     let (mut parts, body) = req.into_parts();
-    match caller_of(&cp, &parts).await {
-        Ok(caller) => {
-            parts.extensions.insert(caller);
-            next.run(Request::from_parts(parts, body)).await
+    let method = parts.method.clone();
+    let path = parts.uri.path().to_string();
+    let changes = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let (caller, project_scoped) = match caller_of(&cp, &parts).await {
+        Ok(found) => found,
+        Err(e) => {
+            if changes && let Some(caller) = e.1 {
+                crate::audit::record(
+                    cp.store.clone(),
+                    &caller,
+                    false,
+                    method.as_str(),
+                    &path,
+                    e.0.status.as_u16(),
+                );
+            }
+            return e.0.into_response();
         }
-        Err(e) => e.into_response(),
+    };
+    parts.extensions.insert(caller.clone());
+    let resp = next.run(Request::from_parts(parts, body)).await;
+    if changes {
+        crate::audit::record(
+            cp.store.clone(),
+            &caller,
+            project_scoped,
+            method.as_str(),
+            &path,
+            resp.status().as_u16(),
+        );
+    }
+    resp
+}
+
+/// A refusal, with the caller when it was authenticated (to audit it).
+type Refusal = (ApiError, Option<Caller>);
+
+/// The caller and whether the request acts in a project, or why not.
+async fn caller_of(cp: &ControlPlane, req: &Parts) -> Result<(Caller, bool), Refusal> {
+    let refused = |e: ApiError| (e, None);
+    let (principal, path, rule) = authenticate(cp, req).await.map_err(refused)?;
+    let project = match rule {
+        Rule::ProjectInPath(_) => path_project(req).map_err(refused)?,
+        _ => header_project(req, &principal).map_err(refused)?,
+    };
+    let role = principal.identity.role_in(&project);
+    let caller = Caller {
+        principal,
+        project,
+        role,
+    };
+    match check(cp, req, &caller, &path, rule).await {
+        Ok(scoped) => Ok((caller, scoped)),
+        Err(e) => Err((e, Some(caller))),
     }
 }
 
-async fn caller_of(cp: &ControlPlane, req: &Parts) -> Result<Caller, ApiError> {
+/// Who the caller is, the matched route and its rule.
+async fn authenticate(
+    cp: &ControlPlane,
+    req: &Parts,
+) -> Result<(Principal, String, Rule), ApiError> {
     let header = match req.headers.get(axum::http::header::AUTHORIZATION) {
         None => None,
         Some(v) => Some(v.to_str().map_err(|_| {
@@ -95,34 +150,42 @@ async fn caller_of(cp: &ControlPlane, req: &Parts) -> Result<Caller, ApiError> {
             req.method
         )));
     };
-    let identity = &principal.identity;
-    let project = match rule {
-        Rule::ProjectInPath(_) => path_project(req)?,
-        _ => match req.headers.get(PROJECT_HEADER) {
-            None => identity.home_project(),
-            Some(v) => {
-                let text = v.to_str().map_err(|_| {
-                    ApiError::invalid(format!("the {PROJECT_HEADER} header is not text"))
-                })?;
-                ProjectName::new(text).map_err(|e| {
-                    let mut err = ApiError::from(e);
-                    err.field = Some(PROJECT_HEADER.into());
-                    err
-                })?
-            }
-        },
-    };
-    let role = identity.role_in(&project);
-    let caller = Caller {
-        principal: principal.clone(),
-        project: project.clone(),
-        role,
-    };
+    Ok((principal, path, rule))
+}
+
+/// The project the header names, or the caller's home project.
+fn header_project(req: &Parts, principal: &Principal) -> Result<ProjectName, ApiError> {
+    match req.headers.get(PROJECT_HEADER) {
+        None => Ok(principal.identity.home_project()),
+        Some(v) => {
+            let text = v.to_str().map_err(|_| {
+                ApiError::invalid(format!("the {PROJECT_HEADER} header is not text"))
+            })?;
+            ProjectName::new(text).map_err(|e| {
+                let mut err = ApiError::from(e);
+                err.field = Some(PROJECT_HEADER.into());
+                err
+            })
+        }
+    }
+}
+
+/// Whether `caller` may call the route; `Ok(true)` when the request acts
+/// in the caller's project.
+async fn check(
+    cp: &ControlPlane,
+    req: &Parts,
+    caller: &Caller,
+    path: &str,
+    rule: Rule,
+) -> Result<bool, ApiError> {
+    let identity = &caller.principal.identity;
+    let project = &caller.project;
     let action = match rule {
-        Rule::Authenticated => return Ok(caller),
+        Rule::Authenticated => return Ok(false),
         Rule::ClusterAdmin => {
             if identity.cluster_admin {
-                return Ok(caller);
+                return Ok(false);
             }
             return Err(ApiError::forbidden(format!(
                 "{} {path} needs a cluster admin; {} is not one",
@@ -134,10 +197,10 @@ async fn caller_of(cp: &ControlPlane, req: &Parts) -> Result<Caller, ApiError> {
     // A project the caller has no role in is one it cannot see: 404, as
     // for one that does not exist.
     let hidden = || ApiError::not_found(format!("project {project} not found"));
-    let Some(role) = role else {
+    let Some(role) = caller.role else {
         return Err(hidden());
     };
-    if cp.directory.project(&project).await?.is_none() {
+    if cp.directory.project(project).await?.is_none() {
         return Err(hidden());
     }
     if !role.allows(action) {
@@ -148,7 +211,7 @@ async fn caller_of(cp: &ControlPlane, req: &Parts) -> Result<Caller, ApiError> {
             identity.name
         )));
     }
-    Ok(caller)
+    Ok(true)
 }
 
 /// The `{name}` of a `/v1/projects/{name}...` path.

@@ -50,6 +50,7 @@ const RULES: &[(&str, &str, Rule)] = &[
     ("GET", "/v1/tokens", Authenticated),
     ("POST", "/v1/tokens", Authenticated),
     ("DELETE", "/v1/tokens/{id}", Authenticated),
+    ("GET", "/v1/audit", Project(Manage)),
     // Instances.
     ("GET", "/v1/instances", Project(Read)),
     ("POST", "/v1/instances", Project(Write)),

@@ -8,9 +8,9 @@ use chrono::Utc;
 use serde::Deserialize;
 use skyvisor_core::api::ErrorBody;
 use skyvisor_core::auth::{
-    Action, CreateIdentityRequest, CreateProjectRequest, CreateTokenRequest, CreatedToken,
-    DEFAULT_PROJECT, GrantRequest, Identity, IdentityKind, Project, ProjectView, TokenView,
-    UpdateProjectRequest, WhoAmI,
+    Action, AuditRecord, CreateIdentityRequest, CreateProjectRequest, CreateTokenRequest,
+    CreatedToken, DEFAULT_PROJECT, GrantRequest, Identity, IdentityKind, Project, ProjectView,
+    TokenView, UpdateProjectRequest, WhoAmI,
 };
 use skyvisor_core::{IdentityName, ProjectName, ValidationError};
 use utoipa::IntoParams;
@@ -388,4 +388,57 @@ pub(super) async fn revoke_token(
     }
     cp.directory.revoke_token(&id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Which audit records to list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AuditQuery {
+    /// Most records, newest first (default 100, at most 1000).
+    #[serde(default)]
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<usize>,
+    /// The cluster-wide trail (hosts, projects, identities, refusals)
+    /// instead of the project's; cluster admins only.
+    #[serde(default)]
+    cluster: bool,
+}
+
+/// The audit trail of the request's project (project admins), or the
+/// cluster-wide one: who did what to which object, and the answer.
+#[utoipa::path(get, path = "/v1/audit", tag = "access",
+    params(AuditQuery),
+    responses(
+        (status = 200, body = Vec<AuditRecord>),
+        (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+    ))]
+pub(super) async fn audit(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<AuditQuery>,
+) -> ApiResult<Json<Vec<AuditRecord>>> {
+    let limit = match q.limit {
+        None => 100,
+        Some(n) if (1..=crate::audit::MAX_LIST).contains(&n) => n,
+        Some(n) => {
+            return Err(ValidationError::new(
+                "limit",
+                format!(
+                    "{n} is out of range; allowed: 1 to {}",
+                    crate::audit::MAX_LIST
+                ),
+            )
+            .into());
+        }
+    };
+    if q.cluster && !caller.is_cluster_admin() {
+        return Err(ApiError::forbidden(
+            "the cluster-wide audit trail needs a cluster admin",
+        ));
+    }
+    let project = (!q.cluster).then_some(&caller.project);
+    Ok(Json(
+        crate::audit::list(cp.store.as_ref(), project, limit).await?,
+    ))
 }

@@ -5,10 +5,10 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
-use skyvisor_core::Instance;
 use skyvisor_core::api::{
     ConsoleLog, CreateInstanceRequest, ErrorBody, ResizeInstanceRequest, StopInstanceRequest,
 };
+use skyvisor_core::{Instance, InstancePhase};
 use utoipa::IntoParams;
 
 use super::{ApiJson, ApiQuery};
@@ -16,13 +16,48 @@ use crate::ControlPlane;
 use crate::access::Caller;
 use crate::error::{ApiError, ApiResult};
 
-/// All instances.
+/// Filters and a page of the instance list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListQuery {
+    /// Only instances in this phase.
+    #[serde(default)]
+    state: Option<InstancePhase>,
+    /// Only instances bound to this host.
+    #[serde(default)]
+    host: Option<String>,
+    /// At most this many, in name order; the `x-skyvisor-continue` answer
+    /// header then holds the token of the next page.
+    #[serde(default)]
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<usize>,
+    /// The token from the previous page's `x-skyvisor-continue` header.
+    #[serde(default, rename = "continue")]
+    after: Option<String>,
+}
+
+/// The project's instances, in name order; filtered and paged on request.
 #[utoipa::path(get, path = "/v1/instances", tag = "instances",
-    responses((status = 200, body = Vec<Instance>)))]
-pub(super) async fn list(State(cp): State<ControlPlane>, caller: Caller) -> Json<Vec<Instance>> {
+    params(ListQuery),
+    responses(
+        (status = 200, body = Vec<Instance>, headers(
+            ("x-skyvisor-continue" = String, description = "present when more remain: the next page's token"))),
+        (status = 400, body = ErrorBody),
+    ))]
+pub(super) async fn list(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> ApiResult<(axum::http::HeaderMap, Json<Vec<Instance>>)> {
     let mut all = cp.instances().await;
-    all.retain(|i| i.spec.project == caller.project);
-    Json(all)
+    all.retain(|i| {
+        i.spec.project == caller.project
+            && q.state.is_none_or(|s| i.status.phase == s)
+            && q.host.as_deref().is_none_or(|h| i.spec.host.as_str() == h)
+    });
+    let (items, headers) =
+        super::page::page(all, |i| i.spec.name.as_str(), q.limit, q.after.as_deref())?;
+    Ok((headers, Json(items)))
 }
 
 /// Creates an instance and, unless `start` is false, starts it.

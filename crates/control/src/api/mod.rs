@@ -12,6 +12,7 @@ mod hosts;
 mod images;
 mod instances;
 mod migrations;
+mod page;
 mod snapshots;
 mod volumes;
 
@@ -92,6 +93,7 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(access::show_identity, access::delete_identity))
         .routes(routes!(access::list_tokens, access::create_token))
         .routes(routes!(access::revoke_token))
+        .routes(routes!(access::audit))
         .routes(routes!(list_types))
         .routes(routes!(instances::list, instances::create))
         .routes(routes!(instances::show, instances::delete))

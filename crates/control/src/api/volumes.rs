@@ -16,16 +16,38 @@ use crate::ControlPlane;
 use crate::access::Caller;
 use crate::error::ApiResult;
 
-/// All volumes.
+/// A page of the volume list.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListQuery {
+    /// At most this many, in name order; the `x-skyvisor-continue` answer
+    /// header then holds the token of the next page.
+    #[serde(default)]
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<usize>,
+    /// The token from the previous page's `x-skyvisor-continue` header.
+    #[serde(default, rename = "continue")]
+    after: Option<String>,
+}
+
+/// The project's volumes, in name order; paged on request.
 #[utoipa::path(get, path = "/v1/volumes", tag = "volumes",
-    responses((status = 200, body = Vec<Volume>)))]
+    params(ListQuery),
+    responses(
+        (status = 200, body = Vec<Volume>, headers(
+            ("x-skyvisor-continue" = String, description = "present when more remain: the next page's token"))),
+        (status = 400, body = ErrorBody),
+    ))]
 pub(super) async fn list(
     State(cp): State<ControlPlane>,
     caller: Caller,
-) -> ApiResult<Json<Vec<Volume>>> {
+    super::ApiQuery(q): super::ApiQuery<ListQuery>,
+) -> ApiResult<(axum::http::HeaderMap, Json<Vec<Volume>>)> {
     let mut all = cp.volumes().await?;
     all.retain(|v| v.spec.project == caller.project);
-    Ok(Json(all))
+    let (items, headers) =
+        super::page::page(all, |v| v.spec.name.as_str(), q.limit, q.after.as_deref())?;
+    Ok((headers, Json(items)))
 }
 
 /// Creates a replicated volume: one replica on each of `replicas` distinct
@@ -222,8 +244,9 @@ pub(super) async fn detach(
     caller: Caller,
     Path((name, volume)): Path<(String, String)>,
 ) -> ApiResult<(StatusCode, Json<Instance>)> {
+    // Only a volume attached to this VM can be detached, and attaching
+    // took one of its own project.
     cp.visible_instance(&caller, &name).await?;
-    cp.visible_volume(&caller, &volume).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(cp.detach_volume(&name, &volume).await?),

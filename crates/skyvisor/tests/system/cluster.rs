@@ -439,9 +439,13 @@ fn hosts_killed_cut_off_and_restored() {
 fn duplicate_host_names_and_other_versions_are_refused() {
     let bed = TestBed::start(2, 1);
     let skyvisor = crate::harness::skyvisor_bin();
-    let agent = |ns: &str, name: &str, data: &str| {
-        std::process::Command::new("ip")
-            .args(["netns", "exec", ns])
+    let token = bed.token().expect("the bed's token");
+    let agent_as = |token: Option<&str>, ns: &str, name: &str, data: &str| {
+        let mut c = std::process::Command::new("ip");
+        if let Some(t) = token {
+            c.env("SKYVISOR_JOIN_TOKEN", t);
+        }
+        c.args(["netns", "exec", ns])
             .arg(&skyvisor)
             .args(["agent", "--server", &bed.server_url(1), "--host-name", name])
             .args(["--address", &bed.host_ip(2).to_string(), "--accel", "tcg"])
@@ -450,8 +454,64 @@ fn duplicate_host_names_and_other_versions_are_refused() {
             .output()
             .expect("run agent")
     };
+    let agent = |ns: &str, name: &str, data: &str| agent_as(Some(&token), ns, name, data);
+
+    // Another host's agent API and replica server admit only members of
+    // the cluster: no key, no answer but a refusal; health stays open.
+    let h1 = bed.host_ip(1);
+    let agent_api = |method: &str, path: &str, auth: Option<&str>| {
+        crate::harness::http_as(
+            method,
+            &format!("http://{h1}:7781{path}"),
+            Some("{}"),
+            Duration::from_secs(10),
+            auth,
+        )
+        .expect("agent reachable")
+        .0
+    };
+    assert_eq!(agent_api("GET", "/agent/v1/health", None), 200);
+    assert_eq!(agent_api("GET", "/agent/v1/peer-probe?from=h2", None), 401);
+    assert_eq!(agent_api("POST", "/agent/v1/overlay/steer", None), 401);
+    // An API token is not the cluster's key.
+    assert_eq!(
+        agent_api("POST", "/agent/v1/overlay/steer", Some(&token)),
+        401
+    );
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect((h1, 7782)).expect("replica port");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut hello = [0u8; 40];
+        s.read_exact(&mut hello).expect("the server's challenge");
+        assert_eq!(&hello[..8], b"SVREPL01");
+        // A wrong proof: the server hangs up without a word.
+        s.write_all(&[0u8; 64]).expect("send");
+        let mut rest = Vec::new();
+        let n = s.read_to_end(&mut rest).unwrap_or(0);
+        assert_eq!(n, 0, "the replica server answered a client without the key");
+    }
     let data = bed.dir.join("dup");
     let data = data.to_string_lossy();
+
+    // Joining through a server needs a cluster admin's token; a wrong one
+    // is refused by the server, naming why.
+    let out = agent_as(None, &bed.netns(2), "h9", &data);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--join-token"), "{stderr}");
+    let out = agent_as(
+        Some(
+            "svt_0123456789abcdef_0000000000000000000000000000000000000000000000000000000000000000",
+        ),
+        &bed.netns(2),
+        "h9",
+        &data,
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown API token"), "{stderr}");
 
     // A second live agent named h1 is refused, and touches nothing.
     let out = agent(&bed.netns(2), "h1", &data);
@@ -640,6 +700,7 @@ fn creates_and_deletes_go_on_while_each_server_in_turn_dies() {
     // CLI with every server's URL; each operation's start and outcome.
     let worker = {
         let urls = bed.urls();
+        let token = bed.token().expect("the bed's token");
         let stop = stop.clone();
         std::thread::spawn(move || {
             let mut ops: Vec<(Instant, bool, String)> = Vec::new();
@@ -662,6 +723,7 @@ fn creates_and_deletes_go_on_while_each_server_in_turn_dies() {
                     let out = std::process::Command::new(crate::harness::skyvisor_bin())
                         .args(&args)
                         .env("SKYVISOR_URL", &urls)
+                        .env("SKYVISOR_TOKEN", &token)
                         .output()
                         .expect("run skyvisor");
                     ops.push((

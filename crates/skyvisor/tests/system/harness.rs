@@ -165,6 +165,8 @@ impl Cloud {
             self.host.clone(),
             "--replica-listen".into(),
             format!("127.0.0.1:{}", self.replica_port),
+            // The tests drive the guests through their test hooks.
+            "--guest-test-hooks".into(),
         ];
         a.extend(self.options.extra_args.iter().cloned());
         a

@@ -48,6 +48,8 @@ pub struct MultiHost {
     data_dir: PathBuf,
     bridge: String,
     api_url: String,
+    /// A cluster admin's API token.
+    token: String,
     _cp: ControlPlane,
     _slot: Slot,
 }
@@ -100,6 +102,17 @@ impl MultiHost {
                 .expect("default image");
             (cp, url)
         });
+        let token = rt
+            .block_on(
+                cp.directory.create_token(
+                    &skyvisor_core::IdentityName::new(skyvisor_core::auth::BOOTSTRAP_IDENTITY)
+                        .expect("name"),
+                    "multihost test",
+                    None,
+                ),
+            )
+            .expect("token")
+            .bearer;
         let mut mh = MultiHost {
             url: api_url.clone(),
             store,
@@ -108,6 +121,7 @@ impl MultiHost {
             data_dir: data_dir.clone(),
             bridge,
             api_url,
+            token,
             _cp: cp,
             _slot: slot,
         };
@@ -151,12 +165,14 @@ impl MultiHost {
             probe_guests: true,
             replica_listen: Some(h.replica_listen),
             fencing: None,
+            guest_test_hooks: true,
         };
         let images = ImageCache::new(
             vec![self.data_dir.join("images")],
             h.data_dir.join("image-cache"),
             Some(self.api_url.clone()),
         );
+        images.set_token(self.token.clone());
         let store = self.store.clone();
         let agent = self.rt.block_on(async move {
             skyvisor_agent::start(
@@ -226,6 +242,7 @@ impl MultiHost {
         let out = Command::new(crate::harness::skyvisor_bin())
             .args(args)
             .env("SKYVISOR_URL", &self.url)
+            .env("SKYVISOR_TOKEN", &self.token)
             .output()
             .expect("run skyvisor");
         assert!(

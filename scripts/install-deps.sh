@@ -39,8 +39,9 @@ packages=(
   protobuf-compiler pkg-config gcc
   # Volumes and benchmarks: NBD clients, fio.
   libnbd-bin fio
-  # Tests and scripts (shellcheck checks the scripts themselves).
-  curl jq procps psmisc util-linux shellcheck
+  # Tests and scripts (shellcheck checks the scripts themselves; the API
+  # fuzzer lives in a Python venv).
+  curl jq procps psmisc util-linux shellcheck python3-venv
 )
 
 missing=()

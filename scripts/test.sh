@@ -9,4 +9,11 @@ cd "$(dirname "$0")/.."
 echo "==> shellcheck (warnings) of the scripts" >&2
 shellcheck -S warning scripts/*.sh .ci/run bench/*/*.sh
 cargo build --workspace --bins -q
+# The OpenAPI fuzzer the contract test runs (schemathesis, from PyPI).
+venv=${SCHEMATHESIS_VENV:-/opt/skyvisor-schemathesis}
+if [[ ! -x $venv/bin/st ]]; then
+  echo "==> installing schemathesis 4.32.5 into $venv" >&2
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q schemathesis==4.32.5
+fi
 exec cargo nextest run --workspace --profile ci "$@"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """API latency with authentication, against the same calls without it.
 
-    sudo python3 bench/api/run.py --base BIN --new BIN [--n 200] [--rounds 3]
+    sudo python3 bench/api/run.py --base BIN --new BIN [--n 100] [--rounds 3]
 
 Starts `skyvisor up` from each binary in turn (the baseline, e.g. one built
 from the commit before authentication, and the current one), on its own
@@ -48,8 +48,12 @@ class Up:
         self.data = os.path.join(work, f"up{slot}")
         os.makedirs(self.data, exist_ok=True)
         self.log = open(os.path.join(self.data, "up.log"), "w")
+        # Room for every VM the round creates (they are never started).
+        config = os.path.join(self.data, "config.toml")
+        with open(config, "w") as f:
+            f.write("[overcommit]\ncpu = 64.0\nmemory = 1.0\ndisk = 4.0\n")
         self.proc = subprocess.Popen(
-            [binary, "up", "--data-dir", self.data, "--cache-dir", cache,
+            [binary, "up", "--config", config, "--data-dir", self.data, "--cache-dir", cache,
              "--listen", f"127.0.0.1:{self.port}", "--accel", "tcg",
              "--bridge", f"svapib{slot}", "--subnet", f"10.221.{slot}.0/24",
              "--host-name", f"api{slot}",
@@ -120,7 +124,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", required=True, help="skyvisor binary without authentication")
     ap.add_argument("--new", required=True, help="skyvisor binary with authentication")
-    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results.md"))
     args = ap.parse_args()

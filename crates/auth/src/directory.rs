@@ -34,6 +34,8 @@ pub struct Directory {
     last_used: Mutex<HashMap<String, Instant>>,
     /// Tokens verified lately: (hash of the secret, principal, when).
     verified: Mutex<HashMap<String, (String, Principal, Instant)>>,
+    /// Identities and projects, followed from the store.
+    view: crate::view::AuthView,
 }
 
 impl Directory {
@@ -43,7 +45,15 @@ impl Directory {
             store,
             last_used: Mutex::new(HashMap::new()),
             verified: Mutex::new(HashMap::new()),
+            view: crate::view::AuthView::default(),
         }
+    }
+
+    /// Keeps an in-memory copy of identities and projects current, so that
+    /// authorizing a request reads only its token from the store. Runs
+    /// until the store goes away; spawn it once per process.
+    pub fn follow(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.view.clone().follow(self.store.clone())
     }
 
     /// Verifies an `Authorization` header value. Reads the token and its
@@ -154,11 +164,12 @@ impl Directory {
 
     /// One project.
     pub async fn project(&self, name: &ProjectName) -> Result<Option<Project>, AuthError> {
-        Ok(self
-            .store
-            .get_json::<Project>(&keys::project(name))
-            .await?
-            .map(|(p, _)| p))
+        let key = keys::project(name);
+        // A miss may be a project made a moment ago on another server.
+        if let Some(Some(p)) = self.view.project(&key) {
+            return Ok(Some(p));
+        }
+        Ok(self.store.get_json::<Project>(&key).await?.map(|(p, _)| p))
     }
 
     /// Every project.
@@ -185,6 +196,8 @@ impl Directory {
                 name: project.name.to_string(),
             });
         }
+        self.view
+            .put_project(keys::project(&project.name), Some(project.clone()));
         Ok(project)
     }
 
@@ -195,15 +208,18 @@ impl Directory {
         req: UpdateProjectRequest,
     ) -> Result<Project, AuthError> {
         let key = keys::project(name);
-        self.modify(&key, "project", name.as_str(), |p: &mut Project| {
-            if let Some(d) = &req.description {
-                p.description = d.clone();
-            }
-            if let Some(q) = &req.quota {
-                p.quota = q.clone();
-            }
-        })
-        .await
+        let p = self
+            .modify(&key, "project", name.as_str(), |p: &mut Project| {
+                if let Some(d) = &req.description {
+                    p.description = d.clone();
+                }
+                if let Some(q) = &req.quota {
+                    p.quota = q.clone();
+                }
+            })
+            .await?;
+        self.view.put_project(key, Some(p.clone()));
+        Ok(p)
     }
 
     /// Deletes a project's record and every role in it. The caller has
@@ -219,21 +235,24 @@ impl Directory {
             if identity.roles.contains_key(name) || identity.default_project.as_ref() == Some(name)
             {
                 let key = keys::identity(&identity.name);
-                self.modify(
-                    &key,
-                    "identity",
-                    identity.name.as_str(),
-                    |i: &mut Identity| {
-                        i.roles.remove(name);
-                        if i.default_project.as_ref() == Some(name) {
-                            i.default_project = None;
-                        }
-                    },
-                )
-                .await?;
+                let i = self
+                    .modify(
+                        &key,
+                        "identity",
+                        identity.name.as_str(),
+                        |i: &mut Identity| {
+                            i.roles.remove(name);
+                            if i.default_project.as_ref() == Some(name) {
+                                i.default_project = None;
+                            }
+                        },
+                    )
+                    .await?;
+                self.view.put_identity(key, Some(i));
             }
         }
         self.store.delete(&keys::project(name)).await?;
+        self.view.put_project(keys::project(name), None);
         Ok(())
     }
 
@@ -241,11 +260,11 @@ impl Directory {
 
     /// One identity.
     pub async fn identity(&self, name: &IdentityName) -> Result<Option<Identity>, AuthError> {
-        Ok(self
-            .store
-            .get_json::<Identity>(&keys::identity(name))
-            .await?
-            .map(|(i, _)| i))
+        let key = keys::identity(name);
+        if let Some(Some(i)) = self.view.identity(&key) {
+            return Ok(Some(i));
+        }
+        Ok(self.store.get_json::<Identity>(&key).await?.map(|(i, _)| i))
     }
 
     /// Every identity.
@@ -277,6 +296,8 @@ impl Directory {
                 name: identity.name.to_string(),
             });
         }
+        self.view
+            .put_identity(keys::identity(&identity.name), Some(identity.clone()));
         Ok(identity)
     }
 
@@ -289,20 +310,23 @@ impl Directory {
     ) -> Result<Identity, AuthError> {
         self.require_project(project).await?;
         let key = keys::identity(identity);
-        self.modify(
-            &key,
-            "identity",
-            identity.as_str(),
-            |i: &mut Identity| match role {
-                Some(r) => {
-                    i.roles.insert(project.clone(), r);
-                }
-                None => {
-                    i.roles.remove(project);
-                }
-            },
-        )
-        .await
+        let i = self
+            .modify(
+                &key,
+                "identity",
+                identity.as_str(),
+                |i: &mut Identity| match role {
+                    Some(r) => {
+                        i.roles.insert(project.clone(), r);
+                    }
+                    None => {
+                        i.roles.remove(project);
+                    }
+                },
+            )
+            .await?;
+        self.view.put_identity(key, Some(i.clone()));
+        Ok(i)
     }
 
     /// Deletes an identity and revokes its tokens.
@@ -319,6 +343,7 @@ impl Directory {
             }
         }
         self.store.delete(&keys::identity(name)).await?;
+        self.view.put_identity(keys::identity(name), None);
         Ok(())
     }
 

@@ -11,6 +11,7 @@ pub mod bootstrap;
 mod directory;
 pub mod internal;
 pub mod token;
+mod view;
 
 use chrono::{DateTime, Utc};
 use skyvisor_core::auth::Identity;

@@ -165,10 +165,13 @@ impl ControlPlane {
         let local = req.local_disk.unwrap_or(false);
         if let Some(n) = req.disk_replicas {
             if !clustered {
-                return Err(ApiError::from(ValidationError::new(
-                    "disk_replicas",
+                // Valid input this server cannot serve: a conflict with
+                // what it is, not a malformed request.
+                let mut e = ApiError::conflict(
                     "a single host keeps VM disks local; disk_replicas needs a cluster",
-                )));
+                );
+                e.field = Some("disk_replicas".into());
+                return Err(e);
             }
             if local || req.root_volume.is_some() {
                 return Err(ApiError::from(ValidationError::new(
@@ -338,12 +341,12 @@ impl ControlPlane {
         let clone = self.clone_source(&req).await?;
         let (image_name, (itype, resources)) = match &clone {
             Some((_, snap)) => {
-                if !req.image.is_empty() && req.image != snap.image.as_str() {
+                if !req.image.is_empty() {
                     return Err(ApiError::from(ValidationError::new(
                         "image",
                         format!(
-                            "a clone runs its snapshot's image {}, not {}; leave the image out",
-                            snap.image, req.image
+                            "a clone runs its snapshot's image ({}); leave the image out",
+                            snap.image
                         ),
                     )));
                 }
@@ -632,21 +635,23 @@ impl ControlPlane {
         let root = volumes.iter().find(|v| v.volume.root);
         let clustered = !self.config.cluster.etcd_endpoints.is_empty();
         let ha = match (req.ha, root) {
+            // Whether the VM can be protected depends on the pool and its
+            // volumes, not on the request's form: a conflict, not a 400.
             (Some(HaPolicy::Restart), None) => {
-                return Err(ApiError::from(ValidationError::new(
-                    "ha",
+                let mut e = ApiError::conflict(
                     "ha restart needs a replicated root disk: a local disk cannot follow its VM to another host; \
                      give a root volume with 2 or more replicas (`skyvisor volume create NAME --size 4G --replicas 2`, then --root-volume NAME), or use --ha off",
-                )));
+                );
+                e.field = Some("ha".into());
+                return Err(e);
             }
             (Some(HaPolicy::Restart), Some(r)) if r.spec.replicas < 2 => {
-                return Err(ApiError::from(ValidationError::new(
-                    "ha",
-                    format!(
-                        "ha restart needs a root volume with 2 or more replicas (on different hosts); volume {} has {}",
-                        r.volume.name, r.spec.replicas
-                    ),
-                )));
+                let mut e = ApiError::conflict(format!(
+                    "ha restart needs a root volume with 2 or more replicas (on different hosts); volume {} has {}",
+                    r.volume.name, r.spec.replicas
+                ));
+                e.field = Some("ha".into());
+                return Err(e);
             }
             (Some(p), _) => p,
             (None, Some(r)) if clustered && r.spec.replicas >= 2 => HaPolicy::Restart,

@@ -99,6 +99,8 @@ pub struct ControlPlane {
     pub directory: Arc<skyvisor_auth::Directory>,
     /// This server's own API token, for calling its peers.
     pub(crate) service_token: Arc<String>,
+    /// The audit trail's writer.
+    pub(crate) audit: audit::AuditLog,
 }
 
 /// How long a writer waits for the inventory to show its own write.
@@ -135,6 +137,8 @@ impl ControlPlane {
             skyvisor_auth::AuthError::Store(s) => s,
             other => StoreError::Rejected(other.to_string()),
         })?;
+        tokio::spawn(directory.follow());
+        let store_for_audit = store.clone();
         let inventory = Inventory::start(store.clone()).await?;
         // Agents admit only callers with the cluster's key.
         let cluster_key =
@@ -166,6 +170,7 @@ impl ControlPlane {
             image_sync_lock: Arc::new(Mutex::new(())),
             directory,
             service_token: Arc::new(service_token),
+            audit: audit::AuditLog::start(store_for_audit),
         })
     }
 

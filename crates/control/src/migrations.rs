@@ -31,7 +31,7 @@ use crate::{ControlPlane, READ_YOUR_WRITES};
 
 /// Default and largest number of moves of one rebalance.
 const DEFAULT_MOVES: u32 = 3;
-const MAX_MOVES: u32 = 50;
+pub(crate) const MAX_REBALANCE_MOVES: u32 = 50;
 /// How often the leader looks at draining hosts and the rebalance plan.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(1);
 /// A VM whose drain migration failed is not tried again for this long.
@@ -283,9 +283,9 @@ impl ControlPlane {
     /// queues them for the leader, which runs them one at a time.
     pub async fn rebalance(&self, req: RebalanceRequest) -> ApiResult<RebalancePlan> {
         let max = req.max_moves.unwrap_or(DEFAULT_MOVES);
-        if max == 0 || max > MAX_MOVES {
+        if max == 0 || max > MAX_REBALANCE_MOVES {
             return Err(ApiError::invalid(format!(
-                "max_moves {max} is out of range; allowed: 1 to {MAX_MOVES}"
+                "max_moves {max} is out of range; allowed: 1 to {MAX_REBALANCE_MOVES}"
             )));
         }
         if let Some((q, _)) = self

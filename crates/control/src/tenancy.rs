@@ -40,12 +40,18 @@ impl ControlPlane {
     /// The spec of instance `name` if it belongs to the caller's project.
     pub async fn visible_instance(&self, caller: &Caller, name: &str) -> ApiResult<InstanceSpec> {
         let n = InstanceName::new(name)?;
-        match self
-            .store
-            .get_json::<InstanceSpec>(&keys::instance_spec(&n))
-            .await?
-        {
-            Some((spec, _)) if spec.project == caller.project => Ok(spec),
+        // The inventory first (memory); the store when it does not know
+        // the name yet (made a moment ago through another server).
+        let spec = match self.inventory.instance(&n).await {
+            Some(spec) => Some(spec),
+            None => self
+                .store
+                .get_json::<InstanceSpec>(&keys::instance_spec(&n))
+                .await?
+                .map(|(s, _)| s),
+        };
+        match spec {
+            Some(spec) if spec.project == caller.project => Ok(spec),
             _ => Err(not_found("instance", name)),
         }
     }

@@ -616,14 +616,15 @@ impl ControlPlane {
             )));
         }
         if size <= spec.size_bytes {
-            return Err(ApiError::from(skyvisor_core::ValidationError::new(
-                "size_bytes",
-                format!(
-                    "{} is not larger than the volume's {}; volumes only grow",
-                    size_text(size),
-                    size_text(spec.size_bytes)
-                ),
-            )));
+            // A valid size that the volume's present size rules out: a
+            // conflict with its state, not a malformed request.
+            let mut e = ApiError::conflict(format!(
+                "size_bytes {} is not larger than the volume's {}; volumes only grow",
+                size_text(size),
+                size_text(spec.size_bytes)
+            ));
+            e.field = Some("size_bytes".into());
+            return Err(e);
         }
         let status = self
             .store

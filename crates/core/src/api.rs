@@ -16,7 +16,7 @@ pub struct CreateInstanceRequest {
     /// Unique name (a DNS label).
     pub name: String,
     /// Image to boot (required, unless cloning).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub image: String,
     /// Instance type; omit it and give `vcpus` and `memory_mib` for a custom size.
     #[serde(default)]

@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ValidationError;
 
+/// The rules of [`validate_name`] as a regular expression, for the API's
+/// document.
+pub const NAME_PATTERN: &str = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$";
+
 /// Longest name accepted for any object.
 pub const MAX_NAME_LEN: usize = 63;
 
@@ -51,7 +55,7 @@ macro_rules! validated_name {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
         #[serde(transparent)]
-        #[schema(value_type = String)]
+        #[schema(value_type = String, pattern = "^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")]
         pub struct $ty(String);
 
         impl $ty {

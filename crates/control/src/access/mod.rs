@@ -74,14 +74,8 @@ pub async fn authorize(State(cp): State<ControlPlane>, req: Request, next: Next)
         Ok(found) => found,
         Err(e) => {
             if changes && let Some(caller) = e.1 {
-                crate::audit::record(
-                    cp.store.clone(),
-                    &caller,
-                    false,
-                    method.as_str(),
-                    &path,
-                    e.0.status.as_u16(),
-                );
+                cp.audit
+                    .record(&caller, false, method.as_str(), &path, e.0.status.as_u16());
             }
             return e.0.into_response();
         }
@@ -89,8 +83,7 @@ pub async fn authorize(State(cp): State<ControlPlane>, req: Request, next: Next)
     parts.extensions.insert(caller.clone());
     let resp = next.run(Request::from_parts(parts, body)).await;
     if changes {
-        crate::audit::record(
-            cp.store.clone(),
+        cp.audit.record(
             &caller,
             project_scoped,
             method.as_str(),

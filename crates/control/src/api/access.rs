@@ -24,7 +24,7 @@ use crate::error::{ApiError, ApiResult};
 const MAX_DESCRIPTION: usize = 1024;
 
 /// Longest lifetime a token may be given: ten years.
-const MAX_TOKEN_SECS: u64 = 10 * 365 * 24 * 3600;
+pub(super) const MAX_TOKEN_SECS: u64 = 10 * 365 * 24 * 3600;
 
 fn check_description(field: &str, d: &str) -> ApiResult<()> {
     if d.len() > MAX_DESCRIPTION {
@@ -282,6 +282,7 @@ pub(super) async fn delete_identity(
 
 /// Which tokens to list.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct TokensQuery {
     /// Only this identity's (cluster admins may name any; others only
@@ -392,6 +393,7 @@ pub(super) async fn revoke_token(
 
 /// Which audit records to list.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AuditQuery {
     /// Most records, newest first (default 100, at most 1000).

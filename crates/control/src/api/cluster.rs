@@ -32,6 +32,7 @@ pub(super) async fn live_servers(cp: &ControlPlane) -> ApiResult<Vec<ServerRecor
 
 /// Who asks to join.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct JoinQuery {
     /// The joining agent's Skyvisor version.

@@ -19,10 +19,62 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Self(v)),
+        match axum::Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Self(from_json(v)?)),
             Err(rejection) => Err(json_rejection(rejection)),
         }
+    }
+}
+
+/// Decodes a JSON value into `T`, taking whole numbers written with a
+/// fraction (`9.0`) as the integers they are, as JSON Schema does.
+pub fn from_json<T: DeserializeOwned>(mut v: serde_json::Value) -> Result<T, ApiError> {
+    integral_floats_to_integers(&mut v);
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let mut err = if path == "." {
+            ApiError::invalid(format!("the request body is invalid: {}", e.inner()))
+        } else {
+            ApiError::invalid(format!(
+                "the request body is invalid: {path}: {}",
+                e.inner()
+            ))
+        };
+        if path != "." {
+            err.field = Some(path);
+        }
+        err
+    })
+}
+
+/// An optional JSON body: empty means `T::default()`.
+pub fn optional_body<T: Default + DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}")))?;
+    from_json(v)
+}
+
+/// Turns whole numbers written with a fraction (`9.0`) into integers.
+pub fn integral_floats_to_integers(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Number(n) if !n.is_i64() && !n.is_u64() => {
+            if let Some(f) = n.as_f64()
+                && f.fract() == 0.0
+            {
+                // `u64::MAX as f64` is 2^64, one past the range: strictly below.
+                if f >= 0.0 && f < u64::MAX as f64 {
+                    *v = serde_json::Value::from(f as u64);
+                } else if f < 0.0 && f > i64::MIN as f64 {
+                    *v = serde_json::Value::from(f as i64);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(integral_floats_to_integers),
+        serde_json::Value::Object(map) => map.values_mut().for_each(integral_floats_to_integers),
+        _ => {}
     }
 }
 

@@ -112,6 +112,7 @@ pub(super) async fn list_recipes() -> Json<Vec<Recipe>> {
 
 /// Options of an import.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ImportQuery {
     /// Name of the new image.

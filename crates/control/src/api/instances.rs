@@ -18,6 +18,7 @@ use crate::error::{ApiError, ApiResult};
 
 /// Filters and a page of the instance list.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ListQuery {
     /// Only instances in this phase.
@@ -49,6 +50,13 @@ pub(super) async fn list(
     caller: Caller,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<(axum::http::HeaderMap, Json<Vec<Instance>>)> {
+    if let Some(h) = &q.host {
+        skyvisor_core::HostName::new(h.as_str()).map_err(|e| {
+            let mut err = ApiError::from(e);
+            err.field = Some("host".into());
+            err
+        })?;
+    }
     let mut all = cp.instances().await;
     all.retain(|i| {
         i.spec.project == caller.project
@@ -106,6 +114,7 @@ pub(super) async fn show(
 
 /// Options of a delete.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct DeleteQuery {
     /// Delete even if it is running (it is powered off first).
@@ -164,12 +173,7 @@ pub(super) async fn stop(
     body: axum::body::Bytes,
 ) -> ApiResult<(StatusCode, Json<Instance>)> {
     // The body is optional: an empty one means the defaults.
-    let req: StopInstanceRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        StopInstanceRequest::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::invalid(format!("the request body is invalid: {e}")))?
-    };
+    let req: StopInstanceRequest = super::extract::optional_body(&body)?;
     // Bad values are refused before the instance is looked up.
     if let Some(t) = req.timeout_secs {
         crate::instances::validate_stop_timeout(t)?;
@@ -221,8 +225,12 @@ pub(super) async fn resize(
     ))
 }
 
+/// Most console bytes one call returns.
+const MAX_CONSOLE_BYTES: u64 = 1 << 20;
+
 /// Which part of the console log to read.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ConsoleQuery {
     /// Byte offset to start at; negative counts from the end.
@@ -230,6 +238,7 @@ pub(super) struct ConsoleQuery {
     offset: Option<i64>,
     /// Most bytes to return (default 64 KiB, at most 1 MiB).
     #[serde(default)]
+    #[param(minimum = 1, maximum = 1048576)]
     max_bytes: Option<u64>,
 }
 
@@ -245,7 +254,14 @@ pub(super) async fn console(
 ) -> ApiResult<Json<ConsoleLog>> {
     cp.visible_instance(&caller, &name).await?;
     let inst = cp.instance(&name).await?;
-    let max = q.max_bytes.unwrap_or(64 * 1024).min(1 << 20);
+    let max = q.max_bytes.unwrap_or(64 * 1024);
+    if !(1..=MAX_CONSOLE_BYTES).contains(&max) {
+        let mut e = ApiError::invalid(format!(
+            "max_bytes {max} is out of range; allowed: 1 to {MAX_CONSOLE_BYTES}"
+        ));
+        e.field = Some("max_bytes".into());
+        return Err(e);
+    }
     let host = cp.inventory.host(&inst.spec.host).await.ok_or_else(|| {
         ApiError::unavailable(format!("host {} is not registered", inst.spec.host))
     })?;

@@ -9,16 +9,11 @@ use skyvisor_core::{HostView, Migration, MigrationReason};
 
 use crate::ControlPlane;
 use crate::access::Caller;
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 
 /// An optional JSON body: empty means the defaults.
 fn optional_body<T: Default + serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        Ok(T::default())
-    } else {
-        serde_json::from_slice(body)
-            .map_err(|e| ApiError::invalid(format!("the request body is invalid: {e}")))
-    }
+    super::extract::optional_body(body)
 }
 
 /// Live-migrates a running instance to another host (the scheduler picks

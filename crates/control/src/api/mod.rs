@@ -6,6 +6,7 @@
 
 mod access;
 mod cluster;
+mod contract;
 mod extract;
 mod failovers;
 mod hosts;
@@ -14,6 +15,7 @@ mod instances;
 mod migrations;
 mod page;
 mod snapshots;
+mod validate;
 mod volumes;
 
 use axum::Json;
@@ -72,9 +74,20 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// The OpenAPI document of the API.
+/// The OpenAPI document as it is served and committed: [`openapi`] with
+/// the rules the types cannot carry (patterns, ranges, which fields go
+/// together).
+pub fn openapi_json() -> serde_json::Value {
+    let mut doc = serde_json::to_value(openapi()).unwrap_or_default();
+    contract::constrain(&mut doc);
+    doc
+}
+
+/// The OpenAPI document of the API, as types: every route and operation
+/// with its answers (see [`openapi_json`] for the document clients get).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    let (_, api) = api_router().split_for_parts();
+    let (_, mut api) = api_router().split_for_parts();
+    contract::complete(&mut api);
     api
 }
 
@@ -147,39 +160,43 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
 
 /// The whole HTTP service: `/v1/...`, `/v1/openapi.json`, `/metrics`, `/healthz`.
 pub fn router(cp: ControlPlane) -> Router {
-    let (api, doc) = api_router().split_for_parts();
+    let (api, _) = api_router().split_for_parts();
+    let doc = openapi_json();
+    let bodies = std::sync::Arc::new(validate::BodySchemas::from_doc(&doc));
     let doc_json = serde_json::to_string_pretty(&doc).unwrap_or_default();
     // Every route above is authorized; the document, metrics and health
     // below are not.
-    api.route_layer(middleware::from_fn_with_state(
-        cp.clone(),
-        crate::access::authorize,
-    ))
-    .route(
-        "/v1/openapi.json",
-        axum::routing::get(move || {
-            let body = doc_json.clone();
-            async move { ([("content-type", "application/json")], body) }
-        }),
-    )
-    .route("/metrics", axum::routing::get(metrics))
-    .route("/healthz", axum::routing::get(cluster::healthz))
-    .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
-    .method_not_allowed_fallback(|| async {
-        ApiError {
-            status: StatusCode::METHOD_NOT_ALLOWED,
-            code: "method_not_allowed",
-            message: "method not allowed on this endpoint; see /v1/openapi.json".into(),
-            field: None,
-        }
-    })
-    .layer(middleware::from_fn_with_state(
-        cp.clone(),
-        cluster::require_store,
-    ))
-    .layer(middleware::from_fn_with_state(cp.clone(), count_requests))
-    .layer(tower_http::trace::TraceLayer::new_for_http())
-    .with_state(cp)
+    // Layers added later run first: authorization, then the body check.
+    api.route_layer(middleware::from_fn_with_state(bodies, validate::check_body))
+        .route_layer(middleware::from_fn_with_state(
+            cp.clone(),
+            crate::access::authorize,
+        ))
+        .route(
+            "/v1/openapi.json",
+            axum::routing::get(move || {
+                let body = doc_json.clone();
+                async move { ([("content-type", "application/json")], body) }
+            }),
+        )
+        .route("/metrics", axum::routing::get(metrics))
+        .route("/healthz", axum::routing::get(cluster::healthz))
+        .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
+        .method_not_allowed_fallback(|| async {
+            ApiError {
+                status: StatusCode::METHOD_NOT_ALLOWED,
+                code: "method_not_allowed",
+                message: "method not allowed on this endpoint; see /v1/openapi.json".into(),
+                field: None,
+            }
+        })
+        .layer(middleware::from_fn_with_state(
+            cp.clone(),
+            cluster::require_store,
+        ))
+        .layer(middleware::from_fn_with_state(cp.clone(), count_requests))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(cp)
 }
 
 async fn count_requests(State(cp): State<ControlPlane>, req: Request, next: Next) -> Response {

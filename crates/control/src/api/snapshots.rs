@@ -12,7 +12,7 @@ use skyvisor_core::{Instance, Snapshot};
 use super::ApiJson;
 use crate::ControlPlane;
 use crate::access::Caller;
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 
 /// Asks for a snapshot: live (memory, devices and disk) of a running VM,
 /// of the disk of a stopped one. Poll the snapshot until it is ready.
@@ -32,12 +32,7 @@ pub(super) async fn create(
     body: axum::body::Bytes,
 ) -> ApiResult<(StatusCode, Json<Snapshot>)> {
     // The body is optional: an empty one means the defaults.
-    let req: CreateSnapshotRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        CreateSnapshotRequest::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::invalid(format!("the request body is invalid: {e}")))?
-    };
+    let req: CreateSnapshotRequest = super::extract::optional_body(&body)?;
     cp.visible_instance(&caller, &name).await?;
     Ok((
         StatusCode::ACCEPTED,

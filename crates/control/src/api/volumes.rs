@@ -18,6 +18,7 @@ use crate::error::ApiResult;
 
 /// A page of the volume list.
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ListQuery {
     /// At most this many, in name order; the `x-skyvisor-continue` answer

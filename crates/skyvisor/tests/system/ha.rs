@@ -589,7 +589,12 @@ fn a_disk_image_vm_boots_from_a_replicated_volume_filled_with_its_image() {
         Duration::from_secs(180),
         || {
             let v = bed.instance("fw");
-            (bed.host_of(&v) != h && v["status"]["phase"] == "running").then_some(v)
+            // Running as reported by the new host's agent, not the old
+            // status left from before the failover.
+            (bed.host_of(&v) != h
+                && v["status"]["phase"] == "running"
+                && v["status"]["host"] == v["spec"]["host"])
+                .then_some(v)
         },
     );
     assert_eq!(qemus_of(&bed, &moved).len(), 1, "one QEMU runs fw");

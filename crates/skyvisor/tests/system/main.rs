@@ -5,6 +5,7 @@
 mod bad_input;
 mod checkpoints;
 mod cluster;
+mod contract;
 mod ha;
 mod harness;
 mod images;

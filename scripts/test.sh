@@ -16,4 +16,8 @@ if [[ ! -x $venv/bin/st ]]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q schemathesis==4.32.5
 fi
+if [[ ! -x $venv/bin/openapi-python-client ]]; then
+  echo "==> installing openapi-python-client into $venv" >&2
+  "$venv/bin/pip" install -q openapi-python-client==0.29.1
+fi
 exec cargo nextest run --workspace --profile ci "$@"

@@ -91,8 +91,12 @@ impl ControlPlane {
                         "instance \"{name}\" already runs on host {to}; name another host"
                     )));
                 }
+                // The path's instance exists; a destination that does not
+                // is a conflict with the pool, not a missing resource.
                 if !hosts.iter().any(|h| &h.host.name == to) {
-                    return Err(ApiError::not_found(format!("host \"{to}\" not found")));
+                    return Err(ApiError::conflict(format!(
+                        "no host \"{to}\" in the pool; see `skyvisor host list`"
+                    )));
                 }
             }
             let candidates: Vec<_> = hosts

@@ -72,7 +72,9 @@ impl ControlPlane {
             } else {
                 let to = HostName::new(to.as_str())?;
                 let Some(entry) = hosts.iter().find(|h| h.host.name == to) else {
-                    return Err(ApiError::not_found(format!("host \"{to}\" not found")));
+                    return Err(ApiError::conflict(format!(
+                        "no host \"{to}\" in the pool; see `skyvisor host list`"
+                    )));
                 };
                 if spec.hosts.contains(&to) {
                     return Err(ApiError::conflict(format!(

@@ -289,6 +289,9 @@ pub fn constrain(doc: &mut serde_json::Value) {
         let mut rule = rule.clone();
         if nullable && let Some(t) = rule.get("type").cloned() {
             rule["type"] = json!([t, "null"]);
+            if let Some(options) = rule.get_mut("enum").and_then(|e| e.as_array_mut()) {
+                options.push(serde_json::Value::Null);
+            }
         }
         if let Some(d) = description {
             rule["description"] = d;
@@ -397,6 +400,14 @@ pub fn constrain(doc: &mut serde_json::Value) {
     });
     rename_link_ids(doc);
     unsigned_bounds(doc);
+    for name in [
+        "CreateInstanceRequest",
+        "ResizeInstanceRequest",
+        "ChangeReplicasRequest",
+        "CreateVolumeRequest",
+    ] {
+        expand_branches(&mut doc["components"]["schemas"][name]);
+    }
     // Path parameters that name objects are names.
     if let Some(paths) = doc["paths"].as_object_mut() {
         for (path, item) in paths.iter_mut() {
@@ -428,6 +439,61 @@ pub fn constrain(doc: &mut serde_json::Value) {
             }
         }
     }
+}
+
+/// An object schema with `anyOf` branches that only add rules becomes an
+/// `anyOf` of whole objects, each the base with its branch's rules, so
+/// that client generators see every field in every variant (the same
+/// values are valid either way).
+fn expand_branches(schema: &mut serde_json::Value) {
+    let Some(obj) = schema.as_object_mut() else {
+        return;
+    };
+    let Some(serde_json::Value::Array(branches)) = obj.remove("anyOf") else {
+        return;
+    };
+    let description = obj.get("description").cloned();
+    let all_of = obj.remove("allOf");
+    let base = serde_json::Value::Object(obj.clone());
+    let mut whole = Vec::new();
+    for branch in branches {
+        let mut full = base.clone();
+        if let Some(required) = branch["required"].as_array() {
+            let mut all: Vec<serde_json::Value> =
+                full["required"].as_array().cloned().unwrap_or_default();
+            for r in required {
+                if !all.contains(r) {
+                    all.push(r.clone());
+                }
+            }
+            full["required"] = serde_json::Value::Array(all);
+        }
+        for (prop, rule) in branch["properties"].as_object().into_iter().flatten() {
+            let slot = &mut full["properties"][prop.as_str()];
+            if rule["type"] == "null" {
+                // Absent or null only: the base's other rules go.
+                *slot = serde_json::json!({"type": "null"});
+            } else if let (Some(s), Some(r)) = (slot.as_object_mut(), rule.as_object()) {
+                // Narrower: the branch's keys replace the base's.
+                for (k, v) in r {
+                    s.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        if let Some(not) = branch.get("not") {
+            full["not"] = not.clone();
+        }
+        whole.push(full);
+    }
+    let mut out = serde_json::Map::new();
+    if let Some(d) = description {
+        out.insert("description".into(), d);
+    }
+    out.insert("anyOf".into(), serde_json::Value::Array(whole));
+    if let Some(a) = all_of {
+        out.insert("allOf".into(), a);
+    }
+    *schema = serde_json::Value::Object(out);
 }
 
 /// utoipa writes links' `operationId` as `operation_id`; clients and

@@ -86,7 +86,8 @@ pub async fn check_body(
     else {
         return next.run(req).await;
     };
-    let Some((validator, required)) = schemas.by_route.get(&(req.method().clone(), path)) else {
+    let Some((validator, required)) = schemas.by_route.get(&(req.method().clone(), path.clone()))
+    else {
         return next.run(req).await;
     };
     let (parts, body) = req.into_parts();
@@ -113,23 +114,139 @@ pub async fn check_body(
         };
         super::extract::integral_floats_to_integers(&mut value);
         if let Err(e) = validator.validate(&value) {
-            let at = e.instance_path.to_string();
-            let mut err = ApiError::invalid(format!(
-                "the request body is invalid{}: {e}",
-                if at.is_empty() {
-                    String::new()
-                } else {
-                    format!(" at {at}")
-                }
-            ));
-            if !at.is_empty() {
-                err.field = Some(at.trim_start_matches('/').replace('/', "."));
+            // A value out of its rules gets a message naming the field and
+            // what is allowed. A body of the wrong shape (a missing or
+            // unknown field, a wrong type, fields that do not go together)
+            // goes on to the handler, whose typed decoding and checks say
+            // it in their own words; the fuzzer keeps the two in step.
+            if let Some(err) = explain(&e, &value, &path) {
+                return err.into_response();
             }
-            return err.into_response();
         }
     }
     next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
         .await
+}
+
+/// A message for a value that breaks its field's rules, or `None` for an
+/// error of shape that the handler reports itself.
+fn explain(e: &jsonschema::ValidationError<'_>, body: &Value, route: &str) -> Option<ApiError> {
+    use jsonschema::error::ValidationErrorKind as Kind;
+    let at = e.instance_path.to_string();
+    let field = at.trim_start_matches('/').replace('/', ".");
+    let value = body.pointer(&at).cloned().unwrap_or(Value::Null);
+    let label = label_of(&field, route);
+    let message = match &e.kind {
+        // Several variants: explain the one the body came closest to.
+        // Several variants: explain the one the body came closest to that
+        // has something to explain (a null variant of an optional field
+        // explains nothing).
+        Kind::AnyOf { context } | Kind::OneOfNotValid { context } => {
+            let mut branches: Vec<&Vec<jsonschema::ValidationError<'static>>> =
+                context.iter().collect();
+            let closest = branches.iter().map(|errs| errs.len()).min().unwrap_or(0);
+            branches.retain(|errs| errs.len() == closest);
+            // A value of the right type with a wrong value says more than
+            // "not null" from an optional field's null variant.
+            let of_value = branches.iter().find_map(|errs| {
+                errs.iter()
+                    .filter(|inner| !matches!(inner.kind, Kind::Type { .. }))
+                    .find_map(|inner| explain(inner, body, route))
+            });
+            return of_value.or_else(|| {
+                branches
+                    .into_iter()
+                    .find_map(|errs| errs.iter().find_map(|inner| explain(inner, body, route)))
+            });
+        }
+        Kind::Pattern { .. } | Kind::MinLength { .. } | Kind::MaxLength { .. } => {
+            let text = value.as_str().unwrap_or_default();
+            match skyvisor_core::names::validate_name(&label, text) {
+                Err(v) => v.to_string(),
+                Ok(()) => format!("invalid {label}: {value} does not match {}", pattern_of(e)),
+            }
+        }
+        Kind::Enum { options } => format!(
+            "unknown {label} {value}; allowed: {}",
+            options
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|o| !o.is_null())
+                .map(|o| o.as_str().map_or_else(|| o.to_string(), str::to_string))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Kind::Minimum { limit } => {
+            format!("{label} {value} is out of range; allowed: {limit} or more")
+        }
+        Kind::Maximum { limit } => {
+            format!("{label} {value} is out of range; allowed: at most {limit}")
+        }
+        Kind::MultipleOf { multiple_of } => {
+            format!("{label} {value} is not a whole multiple of {multiple_of}")
+        }
+        Kind::MaxItems { limit } => format!("{label} has too many items; allowed: at most {limit}"),
+        Kind::UniqueItems => format!("{label} names an item twice"),
+        Kind::Format { format } => format!("invalid {label}: {value} is not a {format}"),
+        // A JSON array where an object goes would otherwise be taken field
+        // by field by the typed decoding.
+        Kind::Type { .. } => format!("invalid type: {label}: {e}"),
+        Kind::Constant { expected_value } => {
+            format!("invalid {label}: {value}; allowed: {expected_value}")
+        }
+        _ => return None,
+    };
+    let mut err = ApiError::invalid(message);
+    if !field.is_empty() {
+        err.field = Some(field);
+    }
+    Some(err)
+}
+
+fn pattern_of(e: &jsonschema::ValidationError<'_>) -> String {
+    match &e.kind {
+        jsonschema::error::ValidationErrorKind::Pattern { pattern } => pattern.clone(),
+        _ => String::new(),
+    }
+}
+
+/// What a field names, for messages: `image` → `image name`; a `name` is
+/// the name of what the route makes.
+fn label_of(field: &str, route: &str) -> String {
+    let last = field.rsplit('.').next().unwrap_or(field);
+    // Array items (`volumes.0`) are named by their array.
+    let last = if last.chars().all(|c| c.is_ascii_digit()) {
+        field.rsplit('.').nth(1).unwrap_or(last)
+    } else {
+        last
+    };
+    match last {
+        "image" => "image name".into(),
+        "root_volume" | "volumes" | "volume" => "volume name".into(),
+        "spread_group" => "spread group".into(),
+        "snapshot" => "snapshot name".into(),
+        "to" | "from" => "host name".into(),
+        "instance_type" => "type".into(),
+        "name" => {
+            let made = route
+                .rsplit('/')
+                .find(|s| !s.starts_with('{'))
+                .unwrap_or_default();
+            match made {
+                "instances" => "instance name",
+                "snapshots" => "snapshot name",
+                "volumes" => "volume name",
+                "build" | "images" => "image name",
+                "projects" => "project name",
+                "identities" => "identity name",
+                _ => "name",
+            }
+            .into()
+        }
+        "" => "request body".into(),
+        other => other.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -167,5 +284,56 @@ mod tests {
         );
         assert!(create.is_valid(&json!({"name": "web", "from_snapshot": "a/b"})));
         assert!(!create.is_valid(&json!({"name": "web", "from_snapshot": "a/b", "image": "img"})));
+    }
+}
+
+#[cfg(test)]
+mod messages {
+    use super::*;
+
+    fn message(route: &str, body: Value) -> Option<String> {
+        let doc = crate::api::openapi_json();
+        let schemas = BodySchemas::from_doc(&doc);
+        let (v, _) = &schemas.by_route[&(Method::POST, route.to_string())];
+        let e = v.validate(&body).err()?;
+        explain(&e, &body, route).map(|e| e.message)
+    }
+
+    #[test]
+    fn broken_rules_are_named_with_what_is_allowed_and_shapes_go_to_the_handler() {
+        let m = |b: Value| message("/v1/instances", b).unwrap_or_default();
+        assert!(
+            m(json!({"name": "Bad_Name", "image": "i", "instance_type": "nano"}))
+                .contains("invalid instance name"),
+        );
+        assert!(
+            m(json!({"name": "a", "image": "i", "instance_type": "huge"}))
+                .contains("unknown type \"huge\"; allowed: nano, micro")
+        );
+        assert!(
+            m(json!({"name": "a", "image": "i", "vcpus": 1, "memory_mib": 10}))
+                .contains("allowed: 96")
+        );
+        assert!(
+            m(json!({"name": "a", "image": "i", "instance_type": "nano", "restart_policy": "sometimes"}))
+                .contains("allowed: never, on-failure, always")
+        );
+        assert!(
+            message(
+                "/v1/instances/{name}/snapshots",
+                json!({"name": "Bad_Name"})
+            )
+            .unwrap_or_default()
+            .contains("invalid snapshot name")
+        );
+        // Shape errors are left to the handler's own decoding.
+        assert_eq!(message("/v1/instances", json!({"name": "a"})), None);
+        assert_eq!(
+            message(
+                "/v1/instances",
+                json!({"name": "a", "image": "x", "instance_type": "nano", "colour": 1})
+            ),
+            None
+        );
     }
 }

@@ -7,7 +7,13 @@
 
 use std::process::Command;
 
-use crate::harness::skyvisor_bin;
+use crate::harness::{Cloud, skyvisor_bin};
+
+/// The Python venv with schemathesis and openapi-python-client
+/// (`scripts/test.sh` makes it).
+fn venv() -> String {
+    std::env::var("SCHEMATHESIS_VENV").unwrap_or_else(|_| "/opt/skyvisor-schemathesis".into())
+}
 
 #[test]
 fn the_api_passes_an_openapi_fuzzer_with_zero_failures() {
@@ -39,4 +45,27 @@ fn the_api_passes_an_openapi_fuzzer_with_zero_failures() {
         assert!(text.contains(" generated"), "{who}: {text}");
         assert!(!text.contains("failures"), "{who}: {text}");
     }
+}
+
+#[test]
+fn a_client_generated_from_the_document_creates_lists_and_deletes_a_vm() {
+    let cloud = Cloud::start();
+    let work = tempfile::tempdir().expect("tmp");
+    let out = Command::new(format!("{}/bin/python3", venv()))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../scripts/client-check.py"
+        ))
+        .arg(&cloud.url)
+        .arg(cloud.token().expect("the bootstrap token"))
+        .arg(work.path())
+        .output()
+        .expect("run client-check.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("\"deleted\": true"), "{stdout}");
 }

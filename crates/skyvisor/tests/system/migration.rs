@@ -301,7 +301,7 @@ fn bad_migrations_are_refused_before_anything_starts() {
     let err = bed.sv_err(&["vm", "migrate", "stay", "--to", &here]);
     assert!(err.contains("already runs on host"), "{err}");
     let err = bed.sv_err(&["vm", "migrate", "stay", "--to", "h9"]);
-    assert!(err.contains("host \"h9\" not found"), "{err}");
+    assert!(err.contains("no host \"h9\" in the pool"), "{err}");
     let err = bed.sv_err(&["vm", "migrate", "stay", "--to", "Not_A_Host"]);
     assert!(err.contains("host"), "{err}");
     let err = bed.sv_err(&["vm", "migrate", "nope"]);

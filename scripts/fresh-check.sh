@@ -21,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 
-filter='package(skyvisor-qemu) | package(skyvisor-image) | (binary(system) & test(/^(lifecycle|images)::/))'
+filter='package(skyvisor-qemu) | package(skyvisor-image) | (binary(system) & test(/^(lifecycle|images|contract)::/))'
 run_tests=1
 run_package=1
 keep=0

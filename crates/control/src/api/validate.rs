@@ -22,7 +22,8 @@ const MAX_JSON_BODY: usize = 2 << 20;
 
 /// The compiled schema of each operation's JSON body.
 pub struct BodySchemas {
-    by_route: HashMap<(Method, String), (jsonschema::Validator, bool)>,
+    /// (validator, whether the body is required, the schema it was built from).
+    by_route: HashMap<(Method, String), (jsonschema::Validator, bool, Value)>,
 }
 
 impl BodySchemas {
@@ -49,7 +50,7 @@ impl BodySchemas {
                 match jsonschema::validator_for(&root) {
                     Ok(v) => {
                         let required = body["required"] == true;
-                        by_route.insert((method, path.clone()), (v, required));
+                        by_route.insert((method, path.clone()), (v, required, root));
                     }
                     Err(e) => {
                         tracing::error!(%path, error = %e, "cannot compile a request body schema")
@@ -86,7 +87,8 @@ pub async fn check_body(
     else {
         return next.run(req).await;
     };
-    let Some((validator, required)) = schemas.by_route.get(&(req.method().clone(), path.clone()))
+    let Some((validator, required, root)) =
+        schemas.by_route.get(&(req.method().clone(), path.clone()))
     else {
         return next.run(req).await;
     };
@@ -119,7 +121,7 @@ pub async fn check_body(
             // unknown field, a wrong type, fields that do not go together)
             // goes on to the handler, whose typed decoding and checks say
             // it in their own words; the fuzzer keeps the two in step.
-            if let Some(err) = explain(&e, &value, &path) {
+            if let Some(err) = explain(&e, &value, &path, root) {
                 return err.into_response();
             }
         }
@@ -130,7 +132,12 @@ pub async fn check_body(
 
 /// A message for a value that breaks its field's rules, or `None` for an
 /// error of shape that the handler reports itself.
-fn explain(e: &jsonschema::ValidationError<'_>, body: &Value, route: &str) -> Option<ApiError> {
+fn explain(
+    e: &jsonschema::ValidationError<'_>,
+    body: &Value,
+    route: &str,
+    root: &Value,
+) -> Option<ApiError> {
     use jsonschema::error::ValidationErrorKind as Kind;
     let at = e.instance_path.to_string();
     let field = at.trim_start_matches('/').replace('/', ".");
@@ -151,12 +158,13 @@ fn explain(e: &jsonschema::ValidationError<'_>, body: &Value, route: &str) -> Op
             let of_value = branches.iter().find_map(|errs| {
                 errs.iter()
                     .filter(|inner| !matches!(inner.kind, Kind::Type { .. }))
-                    .find_map(|inner| explain(inner, body, route))
+                    .find_map(|inner| explain(inner, body, route, root))
             });
             return of_value.or_else(|| {
-                branches
-                    .into_iter()
-                    .find_map(|errs| errs.iter().find_map(|inner| explain(inner, body, route)))
+                branches.into_iter().find_map(|errs| {
+                    errs.iter()
+                        .find_map(|inner| explain(inner, body, route, root))
+                })
             });
         }
         Kind::Pattern { .. } | Kind::MinLength { .. } | Kind::MaxLength { .. } => {
@@ -177,17 +185,37 @@ fn explain(e: &jsonschema::ValidationError<'_>, body: &Value, route: &str) -> Op
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
-        Kind::Minimum { limit } => {
-            format!("{label} {value} is out of range; allowed: {limit} or more")
-        }
-        Kind::Maximum { limit } => {
-            format!("{label} {value} is out of range; allowed: at most {limit}")
+        Kind::Minimum { .. } | Kind::Maximum { .. } => {
+            let rule = rule_of(root, &e.schema_path.to_string());
+            match (&rule["minimum"], &rule["maximum"]) {
+                (Value::Number(lo), Value::Number(hi)) => {
+                    format!("{label} {value} is out of range; allowed: {lo} to {hi}")
+                }
+                (Value::Number(lo), _) => {
+                    format!("{label} {value} is out of range; allowed: {lo} or more")
+                }
+                (_, Value::Number(hi)) => {
+                    format!("{label} {value} is out of range; allowed: at most {hi}")
+                }
+                _ => format!("{label} {value} is out of range"),
+            }
         }
         Kind::MultipleOf { multiple_of } => {
-            format!("{label} {value} is not a whole multiple of {multiple_of}")
+            format!(
+                "{label} {value} is out of range: it must be a whole number of MiB (a multiple of {multiple_of})"
+            )
         }
         Kind::MaxItems { limit } => format!("{label} has too many items; allowed: at most {limit}"),
-        Kind::UniqueItems => format!("{label} names an item twice"),
+        Kind::UniqueItems => {
+            let items = value.as_array().cloned().unwrap_or_default();
+            let twice = items
+                .iter()
+                .enumerate()
+                .find(|(i, v)| items[..*i].contains(v))
+                .map(|(_, v)| v.to_string())
+                .unwrap_or_default();
+            format!("{field}: {twice} given twice; each may be given once")
+        }
         Kind::Format { format } => format!("invalid {label}: {value} is not a {format}"),
         // A JSON array where an object goes would otherwise be taken field
         // by field by the typed decoding.
@@ -202,6 +230,33 @@ fn explain(e: &jsonschema::ValidationError<'_>, body: &Value, route: &str) -> Op
         err.field = Some(field);
     }
     Some(err)
+}
+
+/// The schema holding the keyword at `schema_path` (its parent), following
+/// `$ref`s through the components.
+fn rule_of(root: &Value, schema_path: &str) -> Value {
+    let mut segments: Vec<&str> = schema_path.split('/').filter(|s| !s.is_empty()).collect();
+    segments.pop();
+    let mut node = root;
+    for seg in segments {
+        let next = if seg == "$ref" {
+            node["$ref"]
+                .as_str()
+                .and_then(|r| r.strip_prefix('#'))
+                .and_then(|p| root.pointer(p))
+        } else if let Ok(i) = seg.parse::<usize>()
+            && node.is_array()
+        {
+            node.get(i)
+        } else {
+            node.get(seg)
+        };
+        match next {
+            Some(n) => node = n,
+            None => return Value::Null,
+        }
+    }
+    node.clone()
 }
 
 fn pattern_of(e: &jsonschema::ValidationError<'_>) -> String {
@@ -294,9 +349,9 @@ mod messages {
     fn message(route: &str, body: Value) -> Option<String> {
         let doc = crate::api::openapi_json();
         let schemas = BodySchemas::from_doc(&doc);
-        let (v, _) = &schemas.by_route[&(Method::POST, route.to_string())];
+        let (v, _, root) = &schemas.by_route[&(Method::POST, route.to_string())];
         let e = v.validate(&body).err()?;
-        explain(&e, &body, route).map(|e| e.message)
+        explain(&e, &body, route, root).map(|e| e.message)
     }
 
     #[test]
@@ -312,7 +367,11 @@ mod messages {
         );
         assert!(
             m(json!({"name": "a", "image": "i", "vcpus": 1, "memory_mib": 10}))
-                .contains("allowed: 96")
+                .contains("allowed: 96 to 1048576")
+        );
+        assert!(
+            m(json!({"name": "a", "image": "i", "instance_type": "nano", "disk_replicas": 4}))
+                .contains("allowed: 1 to 3")
         );
         assert!(
             m(json!({"name": "a", "image": "i", "instance_type": "nano", "restart_policy": "sometimes"}))
@@ -325,6 +384,17 @@ mod messages {
             )
             .unwrap_or_default()
             .contains("invalid snapshot name")
+        );
+        let v = |b: Value| message("/v1/volumes", b).unwrap_or_default();
+        assert!(
+            v(json!({"name": "v", "size_bytes": 1073741824u64, "replicas": 4}))
+                .contains("allowed: 1 to 3")
+        );
+        assert!(v(json!({"name": "v", "size_bytes": 1000})).contains("out of range"));
+        assert!(v(json!({"name": "v", "size_bytes": 1536000})).contains("whole number of MiB"));
+        assert!(
+            v(json!({"name": "Bad_Name", "size_bytes": 1073741824u64}))
+                .contains("invalid volume name")
         );
         // Shape errors are left to the handler's own decoding.
         assert_eq!(message("/v1/instances", json!({"name": "a"})), None);

@@ -195,8 +195,8 @@ impl ControlPlane {
     /// create's transaction must carry; refused (403) naming the resource,
     /// the usage, the request and the limit.
     pub async fn quota_guard(&self, project: &ProjectName, more: &Usage) -> ApiResult<QuotaGuard> {
-        let key = keys::quota_guard(project);
-        let rev = self.store.get(&key).await?.map_or(0, |kv| kv.mod_revision);
+        // The quota from memory first: a project without limits costs no
+        // store read, so creates in it race no longer than before.
         let quota = self
             .directory
             .project(project)
@@ -206,6 +206,8 @@ impl ControlPlane {
         if quota == Default::default() {
             return Ok(QuotaGuard(None));
         }
+        let key = keys::quota_guard(project);
+        let rev = self.store.get(&key).await?.map_or(0, |kv| kv.mod_revision);
         let now = self.usage(project).await?;
         if let Some((what, used, asked, limit)) = now.exceeds(more, &quota) {
             return Err(ApiError::quota_exceeded(format!(

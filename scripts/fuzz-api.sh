@@ -94,7 +94,8 @@ for who in member admin; do
     token=$member headers=(-H "X-Skyvisor-Project: fuzz")
   fi
   say "fuzzing as $who for ${secs}s"
-  if ! "$venv/bin/st" run "$url/v1/openapi.json" \
+  # From the run's directory: schemathesis keeps a cache where it runs.
+  if ! (cd "$dir" && "$venv/bin/st" run "$url/v1/openapi.json" \
     -H "Authorization: Bearer $token" "${headers[@]}" \
     --checks all --workers 1 --max-time "$secs" --seed "$seed" \
     --exclude-operation-id post_images_import \
@@ -102,7 +103,7 @@ for who in member admin; do
     --exclude-operation-id delete_identities_by_name \
     --request-timeout 30 --max-examples 20 \
     --report junit --report-dir "$dir/report/$who" --no-color \
-    >"$dir/report/$who.txt" 2>&1; then
+    >"$dir/report/$who.txt" 2>&1); then
     failed=1
   fi
   tail -n 25 "$dir/report/$who.txt" >&2

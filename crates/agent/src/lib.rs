@@ -336,10 +336,7 @@ async fn bring_up(
     // cluster carries the cluster's key.
     let cluster_key = skyvisor_auth::cluster_key(store.as_ref())
         .await
-        .map_err(|e| match e {
-            skyvisor_auth::AuthError::Store(s) => AgentError::Store(s),
-            other => AgentError::Store(StoreError::Rejected(other.to_string())),
-        })?;
+        .map_err(|e| AgentError::Store(e.into_store_error()))?;
     skyvisor_volume::link_key::set_process_key(skyvisor_volume::link_key::LinkKey::new(
         cluster_key.bytes(),
     ));

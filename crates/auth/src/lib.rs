@@ -94,6 +94,16 @@ pub enum AuthError {
 }
 
 impl AuthError {
+    /// The error as a store error, for a part that starts on the store and
+    /// reports nothing finer: a store failure as itself, anything else as
+    /// a rejection with its message.
+    pub fn into_store_error(self) -> StoreError {
+        match self {
+            Self::Store(s) => s,
+            other => StoreError::Rejected(other.to_string()),
+        }
+    }
+
     /// Whether the caller is not authenticated (HTTP 401), as opposed to an
     /// operation that failed.
     pub fn is_unauthenticated(&self) -> bool {

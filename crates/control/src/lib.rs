@@ -123,31 +123,21 @@ impl ControlPlane {
         let directory = Arc::new(skyvisor_auth::Directory::new(store.clone()));
         skyvisor_auth::bootstrap::ensure(&directory, config.bootstrap_token_file.as_deref())
             .await
-            .map_err(|e| match e {
-                skyvisor_auth::AuthError::Store(s) => s,
-                other => StoreError::Rejected(other.to_string()),
-            })?;
+            .map_err(skyvisor_auth::AuthError::into_store_error)?;
         let service_token = skyvisor_auth::bootstrap::service_token(
             &directory,
             "skyvisor-servers",
             &format!("server {}", config.cluster.name),
         )
         .await
-        .map_err(|e| match e {
-            skyvisor_auth::AuthError::Store(s) => s,
-            other => StoreError::Rejected(other.to_string()),
-        })?;
+        .map_err(skyvisor_auth::AuthError::into_store_error)?;
         tokio::spawn(directory.follow());
         let store_for_audit = store.clone();
         let inventory = Inventory::start(store.clone()).await?;
         // Agents admit only callers with the cluster's key.
-        let cluster_key =
-            skyvisor_auth::cluster_key(store.as_ref())
-                .await
-                .map_err(|e| match e {
-                    skyvisor_auth::AuthError::Store(s) => s,
-                    other => StoreError::Rejected(other.to_string()),
-                })?;
+        let cluster_key = skyvisor_auth::cluster_key(store.as_ref())
+            .await
+            .map_err(skyvisor_auth::AuthError::into_store_error)?;
         let mut internal = reqwest::header::HeaderMap::new();
         if let Ok(v) = reqwest::header::HeaderValue::from_str(&cluster_key.header()) {
             internal.insert(reqwest::header::AUTHORIZATION, v);

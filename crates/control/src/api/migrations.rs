@@ -11,11 +11,6 @@ use crate::ControlPlane;
 use crate::access::Caller;
 use crate::error::ApiResult;
 
-/// An optional JSON body: empty means the defaults.
-fn optional_body<T: Default + serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
-    super::extract::optional_body(body)
-}
-
 /// Live-migrates a running instance to another host (the scheduler picks
 /// one unless `to` names it). Poll the returned migration for progress.
 #[utoipa::path(post, path = "/v1/instances/{name}/migrate", tag = "migrations",
@@ -29,7 +24,7 @@ pub(super) async fn migrate(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> ApiResult<(StatusCode, Json<Migration>)> {
-    let req: MigrateInstanceRequest = optional_body(&body)?;
+    let req: MigrateInstanceRequest = super::extract::optional_body(&body)?;
     cp.visible_instance(&caller, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -114,6 +109,6 @@ pub(super) async fn rebalance(
     State(cp): State<ControlPlane>,
     body: axum::body::Bytes,
 ) -> ApiResult<(StatusCode, Json<RebalancePlan>)> {
-    let req: RebalanceRequest = optional_body(&body)?;
+    let req: RebalanceRequest = super::extract::optional_body(&body)?;
     Ok((StatusCode::ACCEPTED, Json(cp.rebalance(req).await?)))
 }

@@ -112,6 +112,7 @@ pub async fn follow_peers(
     me: HostName,
     settings: OverlaySettings,
     vm_network: Network,
+    private_nets: Arc<crate::private_nets::PrivateNets>,
 ) {
     let mut applied: Option<Vec<Ipv4Addr>> = None;
     loop {
@@ -138,6 +139,7 @@ pub async fn follow_peers(
             &mut applied,
         )
         .await;
+        private_nets.set_peers(peers_of(&hosts)).await;
         let mut stream = match store.watch(keys::HOSTS, listing.revision + 1).await {
             Ok(s) => s,
             Err(e) => {
@@ -170,6 +172,7 @@ pub async fn follow_peers(
                 &mut applied,
             )
             .await;
+            private_nets.set_peers(peers_of(&hosts)).await;
         }
     }
 }
@@ -189,6 +192,14 @@ fn peer_of(kv: &skyvisor_store::KeyValue, me: &HostName) -> Option<(String, Ipv4
     }
 }
 
+/// The other hosts' underlay addresses, sorted, each once.
+fn peers_of(hosts: &BTreeMap<String, Ipv4Addr>) -> Vec<Ipv4Addr> {
+    let mut peers: Vec<Ipv4Addr> = hosts.values().copied().collect();
+    peers.sort();
+    peers.dedup();
+    peers
+}
+
 async fn apply(
     network: &Arc<dyn HostNetwork>,
     bridge: &str,
@@ -197,9 +208,7 @@ async fn apply(
     hosts: &BTreeMap<String, Ipv4Addr>,
     applied: &mut Option<Vec<Ipv4Addr>>,
 ) {
-    let mut peers: Vec<Ipv4Addr> = hosts.values().copied().collect();
-    peers.sort();
-    peers.dedup();
+    let peers = peers_of(hosts);
     if applied.as_ref() == Some(&peers) {
         return;
     }

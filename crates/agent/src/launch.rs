@@ -123,9 +123,26 @@ impl Launcher {
                 }
             }
         };
-        if let Err(e) = self.ctx.network.ensure_tap(&tap, &self.ctx.bridge).await {
+        let bridge = match self.ctx.private_nets.bridge_for(&spec.network).await {
+            Ok(b) => b,
+            Err(e) => {
+                undo(created_disk).await;
+                return Err(format!("setting up network {}: {e}", spec.network.network));
+            }
+        };
+        if let Err(e) = self.ctx.network.ensure_tap(&tap, &bridge).await {
             undo(created_disk).await;
             return Err(format!("creating tap {tap}: {e}"));
+        }
+        // Guarded (and filtered) before the VM sends its first frame.
+        if let Err(e) = self
+            .ctx
+            .firewall
+            .add_tap(&tap, spec, &self.ctx.private_nets)
+            .await
+        {
+            undo(created_disk).await;
+            return Err(format!("guarding tap {tap}: {e}"));
         }
         let launch = VmLaunch {
             instance: spec.id,

@@ -10,12 +10,14 @@ pub mod cluster;
 pub mod disks;
 pub mod fake_hv;
 pub mod fencing;
+pub mod firewall;
 pub mod host;
 pub mod http;
 pub mod hypervisor;
 pub mod images;
 mod launch;
 pub mod migration;
+pub mod private_nets;
 pub mod qemu_hv;
 pub mod supervisor;
 pub mod volumes;
@@ -169,8 +171,12 @@ pub struct AgentContext {
     pub host: HostName,
     /// The accelerator VMs run with.
     pub accel: Accel,
-    /// The bridge.
+    /// The cluster network's bridge.
     pub bridge: String,
+    /// The private networks this host carries.
+    pub private_nets: Arc<private_nets::PrivateNets>,
+    /// The instance firewall.
+    pub firewall: firewall::Firewall,
     /// MTU for guests.
     pub mtu: u32,
     /// Probe guest services after boot.
@@ -187,8 +193,6 @@ pub struct AgentContext {
     pub volumes: Option<Arc<VolumeService>>,
     /// The address other hosts reach this one at (migration streams).
     pub address: String,
-    /// The overlay's VXLAN device, in a cluster.
-    pub overlay_device: Option<String>,
     /// VMs prepared here as live migrations' destinations.
     pub incoming: migration::IncomingVms,
     /// VMs leaving this host by live migration right now (their source
@@ -358,6 +362,12 @@ async fn bring_up(
         None => None,
     };
 
+    let private_nets = Arc::new(private_nets::PrivateNets::new(
+        network.clone(),
+        cfg.overlay.clone(),
+        cfg.bridge.clone(),
+    ));
+    let firewall = firewall::Firewall::new(network.clone());
     let ctx = Arc::new(AgentContext {
         store: store.clone(),
         hypervisor,
@@ -366,6 +376,8 @@ async fn bring_up(
         host: cfg.host.clone(),
         accel: accel.0,
         bridge: cfg.bridge.clone(),
+        private_nets: private_nets.clone(),
+        firewall,
         mtu: net.mtu,
         probe_guests: cfg.probe_guests,
         http: internal_client(&cluster_key),
@@ -375,7 +387,6 @@ async fn bring_up(
         checkpoint_inboxes: std::sync::Mutex::new(HashMap::new()),
         volumes: volumes.clone(),
         address: cfg.address.clone(),
-        overlay_device: cfg.overlay.as_ref().map(|o| o.device.clone()),
         incoming: tokio::sync::Mutex::new(HashMap::new()),
         outgoing: migration::OutgoingVms::default(),
         fence: cfg
@@ -464,6 +475,7 @@ async fn bring_up(
             cfg.host.clone(),
             overlay.clone(),
             net.clone(),
+            private_nets.clone(),
         )));
     }
     guard
@@ -478,6 +490,7 @@ async fn bring_up(
         .0
         .push(tokio::spawn(migration::sweep_orphans(ctx.clone())));
     guard.0.push(tokio::spawn(dispatch(ctx.clone())));
+    guard.0.push(tokio::spawn(firewall::follow(ctx.clone())));
     guard.0.push(tokio::spawn(checkpoints::follow(ctx.clone())));
     if let Some(v) = volumes {
         guard.0.push(tokio::spawn(volumes::controller::run(v)));
@@ -492,9 +505,16 @@ async fn bring_up(
 }
 
 async fn wait_for_network(store: &dyn Store) -> Result<Network, AgentError> {
-    let key = keys::network(skyvisor_core::keys::DEFAULT_NETWORK);
+    let key = keys::cluster_network();
     for _ in 0..100 {
         if let Some((n, _)) = store.get_json::<Network>(&key).await? {
+            return Ok(n);
+        }
+        // Servers of the previous release keep it at its old key.
+        if let Some((n, _)) = store
+            .get_json::<Network>(keys::LEGACY_CLUSTER_NETWORK)
+            .await?
+        {
             return Ok(n);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -159,6 +159,9 @@ pub struct SteerRequest {
     pub mac: MacAddr,
     /// The destination host's overlay address.
     pub to: Ipv4Addr,
+    /// The VM's private network (none: the cluster network).
+    #[serde(default)]
+    pub vni: Option<u32>,
 }
 
 /// Where the prepared destination listens.
@@ -296,8 +299,8 @@ async fn prepare(
     }
     // A redirect or steering left from when the VM last left this host
     // (or passed by) would send its frames away again.
-    if let Some(overlay) = &ctx.overlay_device
-        && let Err(e) = ctx.network.clear_redirect(spec.network.mac, overlay).await
+    if let Some(overlay) = ctx.private_nets.overlay_device(spec.network.vni)
+        && let Err(e) = ctx.network.clear_redirect(spec.network.mac, &overlay).await
     {
         return peer_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     }
@@ -381,9 +384,18 @@ async fn pin(
 }
 
 async fn steer(State(ctx): State<Arc<AgentContext>>, Json(req): Json<SteerRequest>) -> Response {
-    let Some(overlay) = ctx.overlay_device.clone() else {
+    let Some(overlay) = ctx.private_nets.overlay_device(req.vni) else {
         return StatusCode::NO_CONTENT.into_response();
     };
+    // A host that carries none of a private network's instances has no
+    // device for it, and nothing to steer.
+    if req.vni.is_some()
+        && !std::path::Path::new("/sys/class/net")
+            .join(&overlay)
+            .exists()
+    {
+        return StatusCode::NO_CONTENT.into_response();
+    }
     if let Err(e) = ctx.network.steer_mac(req.mac, &overlay, req.to).await {
         return peer_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     }
@@ -731,12 +743,22 @@ impl OutgoingControl for SourceControl<'_> {
         self.peer.call::<()>("pin").await?;
         // Every other host sends the VM's frames straight there too.
         if let Some(to) = self.dest_address {
-            steer_others(self.ctx, &self.others, self.spec.network.mac, to).await;
+            steer_others(
+                self.ctx,
+                &self.others,
+                self.spec.network.mac,
+                self.spec.network.vni,
+                to,
+            )
+            .await;
         }
-        if let (Some(overlay), Some(dest)) = (&self.ctx.overlay_device, self.dest_address) {
+        if let (Some(overlay), Some(dest)) = (
+            self.ctx.private_nets.overlay_device(self.spec.network.vni),
+            self.dest_address,
+        ) {
             self.ctx
                 .network
-                .redirect_mac(self.spec.network.mac, overlay, dest)
+                .redirect_mac(self.spec.network.mac, &overlay, dest)
                 .await
                 .map_err(|e| e.to_string())?;
             self.redirected = true;
@@ -761,13 +783,19 @@ async fn other_agents(ctx: &AgentContext, dest: &skyvisor_core::HostName) -> Vec
 
 /// Asks every other host to send `mac`'s frames to `to`, all at once; a
 /// host that does not answer in time learns it from the VM's announcements.
-async fn steer_others(ctx: &AgentContext, agents: &[String], mac: MacAddr, to: Ipv4Addr) {
+async fn steer_others(
+    ctx: &AgentContext,
+    agents: &[String],
+    mac: MacAddr,
+    vni: Option<u32>,
+    to: Ipv4Addr,
+) {
     let calls = agents.iter().map(|url| {
         let req = ctx
             .http
             .post(format!("{url}/agent/v1/overlay/steer"))
             .timeout(STEER_TIMEOUT)
-            .json(&SteerRequest { mac, to });
+            .json(&SteerRequest { mac, to, vni });
         async move {
             if let Err(e) = req.send().await.and_then(|r| r.error_for_status()) {
                 warn!(agent = %url, error = %e, "could not steer a migrating VM's traffic on a host");
@@ -1191,8 +1219,10 @@ async fn hand_over(
 }
 
 async fn undo_redirect(ctx: &AgentContext, spec: &InstanceSpec, redirected: bool) {
-    if let (true, Some(overlay)) = (redirected, &ctx.overlay_device)
-        && let Err(e) = ctx.network.clear_redirect(spec.network.mac, overlay).await
+    if let (true, Some(overlay)) = (
+        redirected,
+        ctx.private_nets.overlay_device(spec.network.vni),
+    ) && let Err(e) = ctx.network.clear_redirect(spec.network.mac, &overlay).await
     {
         warn!(instance = %spec.name, error = %e, "could not remove a migration's traffic redirect");
     }

@@ -961,15 +961,24 @@ impl Supervisor {
         }
         let (tx, rx) = oneshot::channel();
         let url = format!("http://{}/health", spec.network.ip);
+        // A private network's instances are reachable from its router only.
+        let router = spec
+            .network
+            .vni
+            .map(|v| skyvisor_net::private_devices(v).namespace);
+        let ip = spec.network.ip;
         let http = self.ctx.http.clone();
         let handle = tokio::spawn(async move {
             loop {
-                let ok = http
-                    .get(&url)
-                    .timeout(Duration::from_secs(2))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success());
+                let ok = match &router {
+                    None => http
+                        .get(&url)
+                        .timeout(Duration::from_secs(2))
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success()),
+                    Some(ns) => healthy_in_namespace(ns, ip).await,
+                };
                 if ok {
                     let _ = tx.send(());
                     return;
@@ -1192,7 +1201,10 @@ impl Supervisor {
             Op::Delete(keys::instance_spec(&spec.name)),
             Op::Delete(keys::binding(&spec.host, &spec.name)),
             Op::Delete(keys::instance_status(&spec.name)),
-            Op::Delete(keys::ipam_claim(&spec.network.network, spec.network.ip)),
+            Op::Delete(keys::ipam_claim(
+                &spec.network.ipam_scope(),
+                spec.network.ip,
+            )),
         ];
         // Its volumes stay; its claims on them go with it.
         if let Ok(listing) = self.ctx.store.list(keys::VOLUME_ATTACHMENTS).await {
@@ -1254,4 +1266,28 @@ async fn sleep_until(at: Option<Instant>) {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
     }
+}
+
+/// Whether the guest service at `ip` answers `/health` with 200, asked from
+/// inside network namespace `ns` (a private network's router).
+async fn healthy_in_namespace(ns: &str, ip: std::net::Ipv4Addr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = std::net::SocketAddr::from((ip, 80));
+    let attempt = async {
+        let mut stream = skyvisor_net::connect_in_namespace(ns, addr, Duration::from_secs(2))
+            .await
+            .ok()?;
+        stream
+            .write_all(format!("GET /health HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut head = [0u8; 16];
+        let n = stream.read(&mut head).await.ok()?;
+        Some(head[..n].starts_with(b"HTTP/1.1 200") || head[..n].starts_with(b"HTTP/1.0 200"))
+    };
+    tokio::time::timeout(Duration::from_secs(3), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }

@@ -28,12 +28,13 @@ async fn world() -> World {
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));
     let net = Network {
         name: "default".into(),
+        project: skyvisor_core::auth::default_project(),
         subnet: "10.9.0.0/24".parse().expect("subnet"),
         vni: 1,
         mtu: 1500,
     };
     store
-        .put(&keys::network("default"), encode(&net))
+        .put(&keys::cluster_network(), encode(&net))
         .await
         .expect("network");
     let image = Image {
@@ -103,6 +104,7 @@ fn spec_ops(s: &InstanceSpec) -> Vec<skyvisor_store::Op> {
 fn spec(name: &str, policy: RestartPolicy) -> InstanceSpec {
     let id = InstanceId::random();
     InstanceSpec {
+        security_groups: Vec::new(),
         project: skyvisor_core::auth::default_project(),
         name: InstanceName::new(name).expect("name"),
         id,
@@ -117,6 +119,7 @@ fn spec(name: &str, policy: RestartPolicy) -> InstanceSpec {
         restart_policy: policy,
         host: HostName::new("h1").expect("host"),
         network: NetworkAttachment {
+            vni: None,
             network: "default".into(),
             ip: "10.9.0.2".parse().expect("ip"),
             prefix_len: 24,

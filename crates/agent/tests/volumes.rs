@@ -79,12 +79,13 @@ async fn world() -> Arc<dyn Store> {
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));
     let net = Network {
         name: "default".into(),
+        project: skyvisor_core::auth::default_project(),
         subnet: "10.9.0.0/24".parse().expect("subnet"),
         vni: 1,
         mtu: 1500,
     };
     store
-        .put(&keys::network("default"), encode(&net))
+        .put(&keys::cluster_network(), encode(&net))
         .await
         .expect("network");
     let image = Image {
@@ -163,6 +164,7 @@ async fn create_volume(store: &Arc<dyn Store>, name: &str, hosts: &[&HostName]) 
 fn vm_spec(host: &HostName, volumes: Vec<InstanceVolume>) -> InstanceSpec {
     let id = InstanceId::random();
     InstanceSpec {
+        security_groups: Vec::new(),
         project: skyvisor_core::auth::default_project(),
         name: InstanceName::new("vm").expect("name"),
         id,
@@ -177,6 +179,7 @@ fn vm_spec(host: &HostName, volumes: Vec<InstanceVolume>) -> InstanceSpec {
         restart_policy: RestartPolicy::Never,
         host: host.clone(),
         network: NetworkAttachment {
+            vni: None,
             network: "default".into(),
             ip: "10.9.0.2".parse().expect("ip"),
             prefix_len: 24,

@@ -43,6 +43,12 @@ pub enum ClientCommand {
     /// Replicated block volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// The project's private networks.
+    #[command(subcommand)]
+    Network(crate::networks::NetworkCommand),
+    /// Security groups: what may reach the project's instances.
+    #[command(subcommand, name = "security-group", alias = "sg")]
+    SecurityGroup(crate::networks::SecurityGroupCommand),
     /// Live migrations: what moved where, and how it went.
     #[command(subcommand)]
     Migration(crate::migrations::MigrationCommand),
@@ -322,6 +328,13 @@ pub struct CreateArgs {
     /// restarted elsewhere if its host dies.
     #[arg(long)]
     pub disk_replicas: Option<u32>,
+    /// The project's network to join (default: its `default` network).
+    #[arg(long)]
+    pub network: Option<String>,
+    /// A security group to put it in (repeatable); only what its groups
+    /// allow reaches it. Default: none, not filtered.
+    #[arg(long = "security-group")]
+    pub security_groups: Vec<String>,
 }
 
 /// `skyvisor image ...`
@@ -452,6 +465,10 @@ pub async fn run(args: ConnectionArgs, format: OutputFormat, cmd: ClientCommand)
         ClientCommand::Image(c) => image(&client, format, c).await,
         ClientCommand::Host(c) => host(&client, format, c).await,
         ClientCommand::Volume(c) => crate::volumes::volume(&client, format, c).await,
+        ClientCommand::Network(c) => crate::networks::network(&client, format, c).await,
+        ClientCommand::SecurityGroup(c) => {
+            crate::networks::security_group(&client, format, c).await
+        }
         ClientCommand::Migration(c) => crate::migrations::migration(&client, format, c).await,
         ClientCommand::Failover(c) => crate::failovers::failover(&client, format, c).await,
         ClientCommand::Type(TypeCommand::List) => {
@@ -784,6 +801,8 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                 ha_priority: a.ha_priority,
                 local_disk: a.local_disk.then_some(true),
                 disk_replicas: a.disk_replicas,
+                network: a.network.clone(),
+                security_groups: a.security_groups.clone(),
             };
             if a.wait {
                 // Right after `skyvisor up` the host may not have registered

@@ -8,6 +8,7 @@ pub mod config;
 pub mod failovers;
 pub mod identities;
 pub mod migrations;
+pub mod networks;
 pub mod output;
 pub mod progress;
 pub mod projects;

@@ -424,7 +424,12 @@ impl ControlPlane {
         if ha == HaPolicy::Restart && req.start.unwrap_or(true) {
             self.admit_protected(resources).await?;
         }
-        let network = self.default_network().await?;
+        self.check_security_groups(project, &req.security_groups)
+            .await?;
+        let network = self
+            .network_for_instance(project, req.network.as_deref())
+            .await?;
+        let ipam_scope = skyvisor_core::network::ipam_scope(network.private_vni());
         let spread_group = req
             .spread_group
             .as_deref()
@@ -487,7 +492,7 @@ impl ControlPlane {
             skip.extend(raced.iter().copied());
             let ip = self
                 .inventory
-                .next_free_ip(&network.name, &network.subnet, &skip)
+                .next_free_ip(&ipam_scope, &network.subnet, &skip)
                 .await
                 .ok_or_else(|| {
                     ApiError::insufficient_capacity(format!(
@@ -535,6 +540,7 @@ impl ControlPlane {
                 host: host.clone(),
                 network: NetworkAttachment {
                     network: network.name.clone(),
+                    vni: network.private_vni(),
                     ip,
                     prefix_len: network.subnet.prefix_len,
                     gateway: network.subnet.gateway(),
@@ -552,12 +558,13 @@ impl ControlPlane {
                 checkpoint_schedule: req.checkpoint_schedule,
                 spread_group: spread_group.clone(),
                 accel: req.accel,
+                security_groups: req.security_groups.clone(),
                 volumes: volumes.iter().map(|v| v.volume.clone()).collect(),
                 ha,
                 ha_priority,
             };
             let spec_key = keys::instance_spec(&name);
-            let claim_key = keys::ipam_claim(&network.name, ip);
+            let claim_key = keys::ipam_claim(&ipam_scope, ip);
             let mut compares = vec![
                 Compare::Absent(spec_key.clone()),
                 Compare::Absent(claim_key.clone()),

@@ -81,7 +81,7 @@ impl State {
     fn add_instance(&mut self, spec: InstanceSpec) {
         self.remove_instance(&spec.name);
         self.used_ips
-            .entry(spec.network.network.clone())
+            .entry(spec.network.ipam_scope())
             .or_default()
             .insert(spec.network.ip);
         let entry = self.allocated.entry(spec.host.clone()).or_default();
@@ -103,7 +103,7 @@ impl State {
 
     fn remove_instance(&mut self, name: &InstanceName) {
         if let Some(old) = self.instances.remove(name) {
-            if let Some(ips) = self.used_ips.get_mut(&old.network.network) {
+            if let Some(ips) = self.used_ips.get_mut(&old.network.ipam_scope()) {
                 ips.remove(&old.network.ip);
             }
             if let Some(entry) = self.allocated.get_mut(&old.host) {

@@ -11,6 +11,7 @@ pub mod audit;
 pub mod cluster;
 pub mod election;
 pub mod error;
+pub mod firewall;
 pub mod ha;
 pub mod image_sync;
 pub mod images;
@@ -20,6 +21,7 @@ pub mod inventory;
 pub mod ipam;
 pub mod metrics;
 pub mod migrations;
+pub mod networks;
 pub mod protection;
 pub mod replicas;
 pub mod scheduler;
@@ -32,7 +34,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use skyvisor_core::{Ipv4Net, Network, keys};
-use skyvisor_store::{Store, StoreError, StoreExt, encode};
+use skyvisor_store::{Store, StoreError, StoreExt};
 use tokio::sync::Mutex;
 
 pub use cluster::{ClusterError, ClusterSettings, ClusterView, Membership};
@@ -112,14 +114,11 @@ impl ControlPlane {
     pub async fn start(store: Arc<dyn Store>, config: ServerConfig) -> Result<Self, StoreError> {
         let network = Network {
             name: DEFAULT_NETWORK.to_string(),
+            project: skyvisor_core::auth::default_project(),
             subnet: config.subnet,
             vni: config.vni,
             mtu: config.mtu,
         };
-        // First writer wins; later servers adopt what is there.
-        store
-            .create(&keys::network(DEFAULT_NETWORK), encode(&network))
-            .await?;
         let directory = Arc::new(skyvisor_auth::Directory::new(store.clone()));
         skyvisor_auth::bootstrap::ensure(&directory, config.bootstrap_token_file.as_deref())
             .await
@@ -148,7 +147,7 @@ impl ControlPlane {
             .timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| StoreError::Unavailable(format!("http client: {e}")))?;
-        Ok(Self {
+        let cp = Self {
             store,
             inventory,
             config: Arc::new(config),
@@ -161,7 +160,11 @@ impl ControlPlane {
             directory,
             service_token: Arc::new(service_token),
             audit: audit::AuditLog::start(store_for_audit),
-        })
+        };
+        cp.ensure_cluster_network(&network)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.message))?;
+        Ok(cp)
     }
 
     /// Joins the cluster (version check, registration, election, leader-only
@@ -184,6 +187,7 @@ impl ControlPlane {
         tokio::spawn(image_sync::run(self.clone()));
         tokio::spawn(migrations::run(self.clone()));
         tokio::spawn(ha::run(self.clone()));
+        tokio::spawn(firewall::run(self.clone()));
         tokio::spawn(replicas::run(
             self.clone(),
             self.config.cluster.replica_grace,
@@ -224,7 +228,7 @@ impl ControlPlane {
     pub async fn default_network(&self) -> ApiResult<Network> {
         match self
             .store
-            .get_json::<Network>(&keys::network(DEFAULT_NETWORK))
+            .get_json::<Network>(&keys::cluster_network())
             .await?
         {
             Some((n, _)) => Ok(n),

@@ -374,6 +374,7 @@ mod tests {
 
     fn spec() -> InstanceSpec {
         InstanceSpec {
+            security_groups: Vec::new(),
             project: skyvisor_core::auth::default_project(),
             name: InstanceName::new("web").expect("name"),
             id: InstanceId::random(),
@@ -388,6 +389,7 @@ mod tests {
             restart_policy: RestartPolicy::OnFailure,
             host: HostName::new("h1").expect("host"),
             network: NetworkAttachment {
+                vni: None,
                 network: "default".into(),
                 ip: "10.0.0.2".parse().expect("ip"),
                 prefix_len: 24,

@@ -230,21 +230,29 @@ async fn identity(
 
 /// The concrete path of a route template, naming project alpha's objects.
 fn concrete(path: &str, token_id: &str) -> String {
-    concrete_with(path, token_id, ["vm-a", "vol-a", "img-a"])
+    concrete_with(path, token_id, ["vm-a", "vol-a", "img-a", "net-a", "sg-a"])
 }
 
 /// The same path naming objects that do not exist anywhere.
 fn missing(path: &str, token_id: &str) -> String {
-    concrete_with(path, token_id, ["vm-zz", "vol-zz", "img-zz"])
+    concrete_with(
+        path,
+        token_id,
+        ["vm-zz", "vol-zz", "img-zz", "net-zz", "sg-zz"],
+    )
 }
 
-fn concrete_with(path: &str, token_id: &str, [vm, vol, img]: [&str; 3]) -> String {
+fn concrete_with(path: &str, token_id: &str, [vm, vol, img, net, sg]: [&str; 5]) -> String {
     let object = if path.starts_with("/v1/instances/") {
         vm
     } else if path.starts_with("/v1/volumes/") {
         vol
     } else if path.starts_with("/v1/images/") {
         img
+    } else if path.starts_with("/v1/networks/") {
+        net
+    } else if path.starts_with("/v1/security-groups/") {
+        sg
     } else if path.starts_with("/v1/hosts/") {
         "h1"
     } else if path.starts_with("/v1/projects/") {
@@ -264,9 +272,15 @@ fn concrete_with(path: &str, token_id: &str, [vm, vol, img]: [&str; 3]) -> Strin
 
 /// Whether a route names one of project alpha's objects in its path.
 fn names_an_object(path: &str) -> bool {
-    ["/v1/instances/{", "/v1/volumes/{", "/v1/images/{"]
-        .iter()
-        .any(|p| path.starts_with(p))
+    [
+        "/v1/instances/{",
+        "/v1/volumes/{",
+        "/v1/images/{",
+        "/v1/networks/{",
+        "/v1/security-groups/{",
+    ]
+    .iter()
+    .any(|p| path.starts_with(p))
 }
 
 /// A body with the missing objects' names put back, to compare answers.
@@ -275,7 +289,9 @@ fn unmissing(v: &Value) -> Value {
         .to_string()
         .replace("vm-zz", "vm-a")
         .replace("vol-zz", "vol-a")
-        .replace("img-zz", "img-a");
+        .replace("img-zz", "img-a")
+        .replace("net-zz", "net-a")
+        .replace("sg-zz", "sg-a");
     serde_json::from_str(&text).unwrap_or(Value::Null)
 }
 
@@ -340,6 +356,19 @@ async fn every_route_answers_each_role_as_its_rule_says() {
     )
     .await;
     assert_eq!(st, 202, "{body}");
+    // Alpha's network and security group.
+    for (path, name) in [("/v1/networks", "net-a"), ("/v1/security-groups", "sg-a")] {
+        let (st, body) = call(
+            &s.base,
+            "POST",
+            path,
+            Some(&member),
+            Some("alpha"),
+            Some(json!({ "name": name })),
+        )
+        .await;
+        assert_eq!(st, 201, "{body}");
+    }
     // A token to revoke on the token route.
     let (_, spare) = call(
         &s.base,
@@ -414,7 +443,7 @@ async fn every_route_answers_each_role_as_its_rule_says() {
         check("outsider", method, &path, st, expected, &b);
         if let Some(list) = b.as_array() {
             let text = Value::Array(list.clone()).to_string();
-            let leaked = ["vm-a", "vol-a", "img-a", "\"alpha\""]
+            let leaked = ["vm-a", "vol-a", "img-a", "net-a", "sg-a", "\"alpha\""]
                 .iter()
                 .any(|n| text.contains(n));
             check("outsider list", method, &path, st, !leaked, &b);

@@ -82,6 +82,48 @@ pub struct CreateInstanceRequest {
     #[serde(default)]
     #[schema(minimum = 1, maximum = 3)]
     pub disk_replicas: Option<u32>,
+    /// The project's network to join (default `default`; a project's
+    /// `default` network is made on its first use).
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Security groups of the project to put it in: only what they allow
+    /// reaches it. None: not filtered.
+    #[serde(default)]
+    pub security_groups: Vec<String>,
+}
+
+/// Body of `POST /v1/networks`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateNetworkRequest {
+    /// Name, unique in the project (a DNS label).
+    pub name: String,
+    /// Its IPv4 subnet (default 10.0.0.0/24; projects may overlap).
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "10.0.0.0/24")]
+    pub subnet: Option<String>,
+}
+
+/// Body of `POST /v1/security-groups`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSecurityGroupRequest {
+    /// Name, unique in the project (a DNS label).
+    pub name: String,
+    /// What it is for.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Its ingress rules; default: everything from its own members.
+    #[serde(default)]
+    pub rules: Option<Vec<crate::SecurityRule>>,
+}
+
+/// Body of `PUT /v1/security-groups/{name}/rules`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityRulesRequest {
+    /// The whole new list of ingress rules (empty: nothing gets in).
+    pub rules: Vec<crate::SecurityRule>,
 }
 
 /// Body of `POST /v1/instances/{name}/snapshots`.

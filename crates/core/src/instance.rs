@@ -146,6 +146,10 @@ pub struct InstanceSpec {
     /// The accelerator it must run with; any host's when none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<Accel>,
+    /// Its security groups (of its project): inbound traffic they do not
+    /// allow is dropped. None: not filtered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_groups: Vec<String>,
     /// Replicated volumes it uses, in the order they were attached: the
     /// root volume (its `vda`, instead of a local disk) first if it has one.
     #[serde(default)]

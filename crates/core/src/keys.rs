@@ -153,9 +153,55 @@ pub fn image(name: &ImageName) -> String {
     format!("{IMAGES}{name}")
 }
 
-/// Network `name`.
-pub fn network(name: &str) -> String {
-    format!("{NETWORKS}{name}")
+/// Network `name` of `project`.
+pub fn network(project: &crate::ProjectName, name: &str) -> String {
+    format!("{NETWORKS}{project}/{name}")
+}
+
+/// Where the cluster network was kept before networks belonged to projects.
+pub const LEGACY_CLUSTER_NETWORK: &str = "networks/default";
+
+/// The cluster network: the `default` project's `default` network.
+pub fn cluster_network() -> String {
+    format!(
+        "{NETWORKS}{}/{DEFAULT_NETWORK}",
+        crate::auth::DEFAULT_PROJECT
+    )
+}
+
+/// Prefix of the networks of `project`.
+pub fn networks_of(project: &crate::ProjectName) -> String {
+    format!("{NETWORKS}{project}/")
+}
+
+/// Prefix of the VXLAN id claims of private networks.
+pub const VNIS: &str = "network-vnis/";
+
+/// The claim of VXLAN id `vni` by a private network.
+pub fn vni_claim(vni: u32) -> String {
+    format!("{VNIS}{vni}")
+}
+
+/// Prefix of all security groups: `security-groups/<project>/<name>`.
+pub const SECURITY_GROUPS: &str = "security-groups/";
+
+/// Security group `name` of `project`.
+pub fn security_group(project: &crate::ProjectName, name: &str) -> String {
+    format!("{SECURITY_GROUPS}{project}/{name}")
+}
+
+/// Prefix of the security groups of `project`.
+pub fn security_groups_of(project: &crate::ProjectName) -> String {
+    format!("{SECURITY_GROUPS}{project}/")
+}
+
+/// Prefix of the per-host firewall documents.
+pub const FIREWALLS: &str = "firewalls/";
+
+/// The firewall document of `host`: the resolved ingress rules of the
+/// instances bound to it.
+pub fn firewall(host: &HostName) -> String {
+    format!("{FIREWALLS}{host}")
 }
 
 /// Prefix of the address claims of `network`.

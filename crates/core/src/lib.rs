@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod cluster;
 pub mod error;
+pub mod firewall;
 pub mod ha;
 pub mod host;
 pub mod image;
@@ -23,6 +24,7 @@ pub mod volume;
 
 pub use accel::{Accel, AccelMode};
 pub use error::ValidationError;
+pub use firewall::{HostFirewall, Protocol, SecurityGroup, SecurityRule};
 pub use ha::{
     FailoverOutcome, FailoverRecord, HaPolicy, HearingReport, Protection, ProtectionState,
 };

@@ -182,8 +182,13 @@ string_schema!(Ipv4Net, "10.213.0.0/24");
 /// How a VM is attached to its network: the address it keeps for life.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct NetworkAttachment {
-    /// The network the VM is on.
+    /// The network the VM is on (a name in the VM's project).
     pub network: String,
+    /// The VXLAN id of a project's private network; none for the cluster
+    /// network (the `default` project's `default` network), which hosts
+    /// route to directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
     /// The VM's IPv4 address.
     #[schema(value_type = String)]
     pub ip: Ipv4Addr,
@@ -194,6 +199,41 @@ pub struct NetworkAttachment {
     pub gateway: Ipv4Addr,
     /// The VM's MAC, stable for life.
     pub mac: MacAddr,
+}
+
+impl NetworkAttachment {
+    /// The scope its address is unique in: the cluster network's
+    /// (`default`), or its private network's (`vni-<id>`), so that
+    /// projects may use the same addresses.
+    pub fn ipam_scope(&self) -> String {
+        ipam_scope(self.vni)
+    }
+}
+
+/// The address scope of the network with VXLAN id `vni` (none: the
+/// cluster network).
+pub fn ipam_scope(vni: Option<u32>) -> String {
+    match vni {
+        None => crate::keys::DEFAULT_NETWORK.to_string(),
+        Some(v) => format!("vni-{v}"),
+    }
+}
+
+/// The first VXLAN id of private networks; below it is the cluster
+/// network's, chosen by the operator.
+pub const PRIVATE_VNI_BASE: u32 = 0x1_0000;
+/// How many private networks a cluster can hold (each needs its own
+/// connection-tracking zone on a host, a 16-bit number).
+pub const PRIVATE_VNI_COUNT: u32 = 0xfff0;
+
+/// The subnet a project's network gets when none is asked for. Projects'
+/// networks are isolated, so every project may use the same range.
+pub const DEFAULT_PRIVATE_SUBNET: &str = "10.0.0.0/24";
+
+/// Whether a network is the one hosts route to (the cluster network) or a
+/// project's private one.
+pub fn is_cluster_network(project: &crate::ProjectName, name: &str) -> bool {
+    project.as_str() == crate::auth::DEFAULT_PROJECT && name == crate::keys::DEFAULT_NETWORK
 }
 
 #[cfg(test)]
@@ -231,12 +271,29 @@ mod tests {
 /// every host through the overlay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Network {
-    /// Unique name; the first is `default`.
+    /// Name, unique in its project; every project's first is `default`.
     pub name: String,
+    /// The project that owns it.
+    #[serde(default = "crate::auth::default_project")]
+    #[schema(value_type = String)]
+    pub project: crate::ProjectName,
     /// Its subnet; the gateway is its first address.
     pub subnet: Ipv4Net,
     /// VXLAN network identifier of its overlay.
     pub vni: u32,
     /// MTU VMs should use (lower than the underlay's to fit VXLAN headers).
     pub mtu: u32,
+}
+
+impl Network {
+    /// Whether this is the cluster network (hosts route to it) rather than
+    /// a project's private network.
+    pub fn is_cluster_network(&self) -> bool {
+        is_cluster_network(&self.project, &self.name)
+    }
+
+    /// The VXLAN id VMs' attachments carry: none for the cluster network.
+    pub fn private_vni(&self) -> Option<u32> {
+        (!self.is_cluster_network()).then_some(self.vni)
+    }
 }

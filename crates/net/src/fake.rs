@@ -7,7 +7,10 @@ use async_trait::async_trait;
 
 use skyvisor_core::MacAddr;
 
-use crate::{BridgeConfig, HostNetwork, NetError, OverlayConfig, validate_ifname};
+use crate::{
+    BridgeConfig, FirewallConfig, HostNetwork, NetError, OverlayConfig, PrivateNetworkConfig,
+    private_devices, validate_ifname,
+};
 
 /// Records bridges, taps and overlays instead of creating them.
 #[derive(Debug, Default)]
@@ -20,6 +23,8 @@ struct FakeState {
     bridges: BTreeMap<String, BridgeConfig>,
     taps: BTreeSet<String>,
     overlays: BTreeMap<String, OverlayConfig>,
+    private: BTreeMap<u32, PrivateNetworkConfig>,
+    firewall: FirewallConfig,
 }
 
 impl FakeNetwork {
@@ -38,6 +43,16 @@ impl FakeNetwork {
         self.lock().overlays.values().cloned().collect()
     }
 
+    /// The private networks set up so far, by id.
+    pub fn private_networks(&self) -> Vec<PrivateNetworkConfig> {
+        self.lock().private.values().cloned().collect()
+    }
+
+    /// The firewall as last applied.
+    pub fn firewall(&self) -> FirewallConfig {
+        self.lock().firewall.clone()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
         // A panic while holding the lock leaves plain data behind; keep going.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -51,6 +66,35 @@ impl HostNetwork for FakeNetwork {
         self.lock()
             .bridges
             .insert(bridge.name.clone(), bridge.clone());
+        Ok(())
+    }
+
+    async fn ensure_private_network(&self, network: &PrivateNetworkConfig) -> Result<(), NetError> {
+        let d = private_devices(network.vni);
+        let mut s = self.lock();
+        s.bridges.insert(
+            d.bridge.clone(),
+            BridgeConfig {
+                name: d.bridge,
+                subnet: network.subnet,
+                nat: true,
+                host_address: None,
+            },
+        );
+        s.private.insert(network.vni, network.clone());
+        Ok(())
+    }
+
+    async fn remove_private_network(&self, vni: u32) -> Result<(), NetError> {
+        let d = private_devices(vni);
+        let mut s = self.lock();
+        s.bridges.remove(&d.bridge);
+        s.private.remove(&vni);
+        Ok(())
+    }
+
+    async fn apply_firewall(&self, config: &FirewallConfig) -> Result<(), NetError> {
+        self.lock().firewall = config.clone();
         Ok(())
     }
 

@@ -18,7 +18,9 @@
 //! plane's job.
 
 mod fake;
+mod firewall;
 mod linux;
+mod private;
 
 use std::net::Ipv4Addr;
 
@@ -27,7 +29,11 @@ use skyvisor_core::{InstanceId, Ipv4Net, MacAddr};
 use thiserror::Error;
 
 pub use fake::FakeNetwork;
+pub use firewall::{FirewallConfig, InboundFilter, TapGuard};
 pub use linux::LinuxNetwork;
+pub use private::{
+    PrivateDevices, PrivateNetworkConfig, PrivateOverlay, connect_in_namespace, private_devices,
+};
 
 /// Longest Linux interface name.
 pub const IFNAME_MAX: usize = 15;
@@ -143,6 +149,21 @@ pub trait HostNetwork: Send + Sync {
     /// migration's streams to a destination that stopped answering: a
     /// blocked send would otherwise hold QEMU for many minutes).
     async fn kill_connections(&self, remote: Ipv4Addr, port: u16) -> Result<(), NetError>;
+
+    /// Creates (or checks) a project's private network on this host: its
+    /// bridge, its router (a network namespace holding the gateway, with
+    /// NAT to the outside) and, in a cluster, its VXLAN segment. Nothing
+    /// passes between it and any other network of the host. Idempotent.
+    async fn ensure_private_network(&self, network: &PrivateNetworkConfig) -> Result<(), NetError>;
+
+    /// Removes a private network's devices and router from this host (no
+    /// instance of it runs here any more). No error if it is not here.
+    async fn remove_private_network(&self, vni: u32) -> Result<(), NetError>;
+
+    /// Replaces the host's instance firewall with `config`: the guards
+    /// that stop each tap from sending as another address, and the
+    /// inbound filters of instances in security groups. One atomic change.
+    async fn apply_firewall(&self, config: &FirewallConfig) -> Result<(), NetError>;
 
     /// Removes what [`HostNetwork::redirect_mac`] or
     /// [`HostNetwork::steer_mac`] set up (the bridge and the overlay then

@@ -13,7 +13,10 @@ use std::net::Ipv4Addr;
 
 use skyvisor_core::MacAddr;
 
-use crate::{BridgeConfig, HostNetwork, NetError, OverlayConfig, validate_ifname};
+use crate::{
+    BridgeConfig, FirewallConfig, HostNetwork, NetError, OverlayConfig, PrivateNetworkConfig,
+    private_devices, validate_ifname,
+};
 
 /// The host's real network.
 #[derive(Debug, Clone, Default)]
@@ -321,6 +324,235 @@ impl HostNetwork for LinuxNetwork {
         )
         .await
         .map(drop)
+    }
+
+    async fn ensure_private_network(&self, network: &PrivateNetworkConfig) -> Result<(), NetError> {
+        let d = private_devices(network.vni);
+        let ns = d.namespace.as_str();
+        let gw = network.subnet.gateway();
+        // The bridge: a plain switch, no address of the host's on it.
+        if !link_exists(&d.bridge)
+            && let Err(e) = run("ip", &["link", "add", &d.bridge, "type", "bridge"], None).await
+            && !link_exists(&d.bridge)
+        {
+            return Err(e);
+        }
+        run("ip", &["link", "set", &d.bridge, "up"], None).await?;
+        // The router's namespace.
+        if !Path::new("/run/netns").join(ns).exists()
+            && let Err(e) = run("ip", &["netns", "add", ns], None).await
+            && !Path::new("/run/netns").join(ns).exists()
+        {
+            return Err(e);
+        }
+        // Its gateway port on the bridge.
+        if !link_exists(&d.gateway_port) {
+            run(
+                "ip",
+                &[
+                    "link",
+                    "add",
+                    &d.gateway_port,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "gw0",
+                    "netns",
+                    ns,
+                ],
+                None,
+            )
+            .await?;
+        }
+        run(
+            "ip",
+            &["link", "set", &d.gateway_port, "master", &d.bridge],
+            None,
+        )
+        .await?;
+        run("ip", &["link", "set", &d.gateway_port, "up"], None).await?;
+        let gw_cidr = format!("{gw}/{}", network.subnet.prefix_len);
+        run(
+            "ip",
+            &["-n", ns, "addr", "replace", &gw_cidr, "dev", "gw0"],
+            None,
+        )
+        .await?;
+        run("ip", &["-n", ns, "link", "set", "gw0", "up"], None).await?;
+        run("ip", &["-n", ns, "link", "set", "lo", "up"], None).await?;
+        // Its uplink to the host.
+        let host_end = std::net::Ipv4Addr::from(u32::from(d.uplink_address) - 1);
+        if !link_exists(&d.uplink) {
+            run(
+                "ip",
+                &[
+                    "link", "add", &d.uplink, "type", "veth", "peer", "name", "up0", "netns", ns,
+                ],
+                None,
+            )
+            .await?;
+        }
+        run(
+            "ip",
+            &[
+                "addr",
+                "replace",
+                &format!("{host_end}/30"),
+                "dev",
+                &d.uplink,
+            ],
+            None,
+        )
+        .await?;
+        run("ip", &["link", "set", &d.uplink, "up"], None).await?;
+        run(
+            "ip",
+            &[
+                "-n",
+                ns,
+                "addr",
+                "replace",
+                &format!("{}/30", d.uplink_address),
+                "dev",
+                "up0",
+            ],
+            None,
+        )
+        .await?;
+        run("ip", &["-n", ns, "link", "set", "up0", "up"], None).await?;
+        run(
+            "ip",
+            &[
+                "-n",
+                ns,
+                "route",
+                "replace",
+                "default",
+                "via",
+                &host_end.to_string(),
+            ],
+            None,
+        )
+        .await?;
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "sh",
+                "-c",
+                "echo 1 > /proc/sys/net/ipv4/ip_forward",
+            ],
+            None,
+        )
+        .await?;
+        // The router: instances out through NAT, answers back, nothing in.
+        let router = "table ip skyvisor-router {}\n\
+             delete table ip skyvisor-router\n\
+             table ip skyvisor-router {\n\
+               chain postrouting {\n\
+                 type nat hook postrouting priority srcnat; policy accept;\n\
+                 oifname \"up0\" masquerade\n\
+               }\n\
+               chain forward {\n\
+                 type filter hook forward priority filter; policy drop;\n\
+                 iifname \"gw0\" oifname \"up0\" accept\n\
+                 iifname \"up0\" oifname \"gw0\" ct state established,related accept\n\
+               }\n\
+               chain input {\n\
+                 type filter hook input priority filter; policy accept;\n\
+                 iifname \"up0\" ct state established,related accept\n\
+                 iifname \"up0\" drop\n\
+               }\n\
+             }\n";
+        run("ip", &["netns", "exec", ns, "nft", "-f", "-"], Some(router)).await?;
+        // The host: routers reach the outside only; bridged traffic of the
+        // network is tracked in its own zone.
+        write_sysctl("/proc/sys/net/ipv4/ip_forward", "1").await?;
+        let bridge = &d.bridge;
+        let zone = d.zone;
+        let table = format!("skyvisor-net-{:06x}", network.vni);
+        let host_rules = format!(
+            "table ip skyvisor-private {{}}\n\
+             delete table ip skyvisor-private\n\
+             table ip skyvisor-private {{\n\
+               chain postrouting {{\n\
+                 type nat hook postrouting priority srcnat; policy accept;\n\
+                 ip saddr 100.64.0.0/10 oifname != \"svu*\" masquerade\n\
+               }}\n\
+               chain forward {{\n\
+                 type filter hook forward priority filter - 5; policy accept;\n\
+                 iifname \"svu*\" oifname \"sv*\" drop\n\
+                 oifname \"svu*\" iifname \"sv*\" drop\n\
+                 oifname \"svu*\" ct state established,related accept\n\
+                 oifname \"svu*\" drop\n\
+               }}\n\
+               chain input {{\n\
+                 type filter hook input priority filter - 5; policy accept;\n\
+                 iifname \"svu*\" ct state established,related accept\n\
+                 iifname \"svu*\" drop\n\
+               }}\n\
+             }}\n\
+             table ip {table} {{}}\n\
+             delete table ip {table}\n\
+             table ip {table} {{\n\
+               chain prerouting {{\n\
+                 type filter hook prerouting priority raw; policy accept;\n\
+                 iifname \"{bridge}\" ct zone set {zone}\n\
+               }}\n\
+             }}\n"
+        );
+        run("nft", &["-f", "-"], Some(&host_rules)).await?;
+        if let Some(o) = &network.overlay {
+            self.ensure_overlay(
+                &d.bridge,
+                &OverlayConfig {
+                    name: d.vxlan.clone(),
+                    vni: network.vni,
+                    local: o.local,
+                    port: o.port,
+                    peers: o.peers.clone(),
+                    gateway: gw,
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn remove_private_network(&self, vni: u32) -> Result<(), NetError> {
+        let d = private_devices(vni);
+        for dev in [&d.vxlan, &d.gateway_port, &d.uplink, &d.bridge] {
+            if link_exists(dev)
+                && let Err(e) = run("ip", &["link", "del", dev], None).await
+                && link_exists(dev)
+            {
+                return Err(e);
+            }
+        }
+        if Path::new("/run/netns").join(&d.namespace).exists() {
+            run("ip", &["netns", "del", &d.namespace], None).await?;
+        }
+        let table = format!("skyvisor-net-{vni:06x}");
+        let script = format!("table ip {table} {{}}\ndelete table ip {table}\n");
+        run("nft", &["-f", "-"], Some(&script)).await?;
+        let ovl = format!("skyvisor-ovl-{}", d.vxlan);
+        let script = format!("table bridge {ovl} {{}}\ndelete table bridge {ovl}\n");
+        run("nft", &["-f", "-"], Some(&script)).await.map(drop)
+    }
+
+    async fn apply_firewall(&self, config: &FirewallConfig) -> Result<(), NetError> {
+        for g in &config.guards {
+            validate_ifname(&g.tap)?;
+        }
+        for f in &config.filters {
+            validate_ifname(&f.bridge)?;
+        }
+        run("nft", &["-f", "-"], Some(&config.script()))
+            .await
+            .map(drop)
     }
 
     async fn clear_redirect(&self, mac: MacAddr, overlay: &str) -> Result<(), NetError> {

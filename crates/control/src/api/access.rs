@@ -154,13 +154,15 @@ pub(super) async fn delete_project(
     if cp.directory.project(&name).await?.is_none() {
         return Err(ApiError::not_found(format!("project {name} not found")));
     }
-    let contents = cp.project_contents(&name).await?;
+    let mut contents = cp.project_contents(&name).await?;
+    contents.extend(cp.project_network_contents(&name).await?);
     if !contents.is_empty() {
         return Err(ApiError::conflict(format!(
             "project {name} still holds {}; delete them first",
             contents.join(", ")
         )));
     }
+    cp.delete_project_networks(&name).await?;
     cp.directory.delete_project(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }

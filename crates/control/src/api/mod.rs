@@ -13,6 +13,7 @@ mod hosts;
 mod images;
 mod instances;
 mod migrations;
+mod networks;
 mod page;
 mod snapshots;
 mod validate;
@@ -148,6 +149,11 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(failovers::list))
         .routes(routes!(cluster::servers))
         .routes(routes!(cluster::join))
+        .routes(routes!(networks::list, networks::create))
+        .routes(routes!(networks::show, networks::delete))
+        .routes(routes!(networks::list_groups, networks::create_group))
+        .routes(routes!(networks::show_group, networks::delete_group))
+        .routes(routes!(networks::set_rules))
         .routes(routes!(volumes::list, volumes::create))
         .routes(routes!(volumes::show, volumes::delete))
         .routes(routes!(volumes::grow))

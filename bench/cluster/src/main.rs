@@ -328,6 +328,7 @@ async fn start_server(
                     guest_binary: None,
                     subnet: "10.0.0.0/16".parse()?,
                     vni: 4213,
+                    private_vni_base: skyvisor_core::network::PRIVATE_VNI_BASE,
                     mtu: 1450,
                     weigher: Weigher::Spread,
                     cluster: ClusterSettings::single(ServerName::new("bench")?, url.clone()),

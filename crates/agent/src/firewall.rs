@@ -30,6 +30,7 @@ struct LocalTap {
     mac: MacAddr,
     ip: Ipv4Addr,
     vni: Option<u32>,
+    gateway: Ipv4Addr,
     filtered: bool,
 }
 
@@ -72,6 +73,7 @@ impl Firewall {
                 mac: spec.network.mac,
                 ip: spec.network.ip,
                 vni: spec.network.vni,
+                gateway: spec.network.gateway,
                 filtered: !spec.security_groups.is_empty(),
             },
         );
@@ -101,6 +103,9 @@ impl Firewall {
         if let Err(e) = self.apply(&mut st, nets).await {
             warn!(error = %e, "cannot apply the firewall");
         }
+        let in_use = st.taps.values().filter_map(|t| t.vni).collect();
+        drop(st);
+        nets.collect(&in_use).await;
     }
 
     async fn apply(&self, st: &mut State, nets: &PrivateNets) -> Result<(), NetError> {
@@ -142,6 +147,7 @@ fn render(st: &State, nets: &PrivateNets) -> FirewallConfig {
                     bridge: nets.bridge_name(f.vni),
                     ip: f.ip,
                     allow: f.allow.clone(),
+                    platform: f.vni.map(|_| f.gateway),
                 },
             )
         })
@@ -154,9 +160,11 @@ fn render(st: &State, nets: &PrivateNets) -> FirewallConfig {
                 bridge: nets.bridge_name(t.vni),
                 ip: t.ip,
                 allow: Vec::new(),
+                platform: t.vni.map(|_| t.gateway),
             });
     }
     FirewallConfig {
+        scope: nets.bridge_name(None),
         guards,
         filters: filters.into_values().collect(),
     }

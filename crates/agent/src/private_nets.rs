@@ -2,16 +2,22 @@
 //! of their instances here, and kept joined to every other host through
 //! the overlay as hosts come and go.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use skyvisor_core::{Ipv4Net, NetworkAttachment};
 use skyvisor_net::{HostNetwork, NetError, PrivateNetworkConfig, PrivateOverlay, private_devices};
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::cluster::OverlaySettings;
+
+/// How long a network no local instance is on stays, after it was last
+/// asked for.
+const KEEP_IDLE: Duration = Duration::from_secs(60);
 
 /// The host's private networks.
 pub struct PrivateNets {
@@ -25,8 +31,9 @@ pub struct PrivateNets {
 struct State {
     /// The overlay's peers, as last heard (none yet: not known).
     peers: Vec<Ipv4Addr>,
-    /// Networks set up here, by id, with their subnets.
-    ready: BTreeMap<u32, Ipv4Net>,
+    /// Networks set up here, by id, with their subnets and when an
+    /// instance last asked for them.
+    ready: BTreeMap<u32, (Ipv4Net, Instant)>,
 }
 
 impl PrivateNets {
@@ -58,12 +65,12 @@ impl PrivateNets {
             }
         })?;
         let mut st = self.state.lock().await;
-        if st.ready.get(&vni) != Some(&subnet) {
+        if st.ready.get(&vni).map(|r| r.0) != Some(subnet) {
             let config = self.config(vni, subnet, &st.peers);
             self.network.ensure_private_network(&config).await?;
             info!(vni, %subnet, "private network ready on this host");
-            st.ready.insert(vni, subnet);
         }
+        st.ready.insert(vni, (subnet, Instant::now()));
         Ok(private_devices(vni).bridge)
     }
 
@@ -92,11 +99,36 @@ impl PrivateNets {
             return;
         }
         st.peers = peers;
-        for (vni, subnet) in st.ready.clone() {
+        for (vni, (subnet, _)) in st.ready.clone() {
             let config = self.config(vni, subnet, &st.peers);
             if let Err(e) = self.network.ensure_private_network(&config).await {
                 warn!(vni, error = %e, "cannot update a private network's overlay peers");
                 st.ready.remove(&vni);
+            }
+        }
+    }
+
+    /// Removes the networks none of `in_use` (the networks of this host's
+    /// taps) is on, unless one was asked for lately (its instance may be
+    /// starting).
+    pub async fn collect(&self, in_use: &BTreeSet<u32>) {
+        let mut st = self.state.lock().await;
+        let idle: Vec<u32> = st
+            .ready
+            .iter()
+            .filter(|(vni, (_, asked))| !in_use.contains(vni) && asked.elapsed() > KEEP_IDLE)
+            .map(|(vni, _)| *vni)
+            .collect();
+        for vni in idle {
+            match self.network.remove_private_network(vni).await {
+                Ok(()) => {
+                    info!(
+                        vni,
+                        "private network removed from this host: no instance of it here"
+                    );
+                    st.ready.remove(&vni);
+                }
+                Err(e) => warn!(vni, error = %e, "cannot remove an idle private network"),
             }
         }
     }

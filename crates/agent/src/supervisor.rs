@@ -276,6 +276,20 @@ impl Supervisor {
             return;
         }
         info!(instance = %spec.name, pid = ?vm.pid(), "re-attached to running VM");
+        // Its network and guard, as this agent's launch would have made them.
+        let tap = skyvisor_net::tap_name(&spec.id);
+        let guarded = match self.ctx.private_nets.bridge_for(&spec.network).await {
+            Ok(_) => self
+                .ctx
+                .firewall
+                .add_tap(&tap, spec, &self.ctx.private_nets)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = guarded {
+            warn!(instance = %spec.name, error = %e, "cannot set up a re-attached VM's network guard");
+        }
         if let Err(e) = vm.recover_checkpoint().await {
             warn!(instance = %spec.name, error = %e, "cannot check for an interrupted checkpoint");
         }

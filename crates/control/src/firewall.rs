@@ -139,6 +139,7 @@ pub fn resolve(
             ip: spec.network.ip,
             mac: spec.network.mac,
             vni: spec.network.vni,
+            gateway: spec.network.gateway,
             allow,
         };
         let mut places = vec![&spec.host];

@@ -61,6 +61,9 @@ pub struct ServerConfig {
     pub vni: u32,
     /// MTU of the default network.
     pub mtu: u32,
+    /// The first VXLAN id of projects' private networks (a cluster's ids
+    /// must not meet another cluster's on a shared underlay).
+    pub private_vni_base: u32,
     /// How placement orders hosts.
     pub weigher: Weigher,
     /// This server's identity and part in a cluster.

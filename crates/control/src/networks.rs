@@ -12,7 +12,7 @@
 use chrono::Utc;
 use skyvisor_core::api::{CreateNetworkRequest, CreateSecurityGroupRequest};
 use skyvisor_core::firewall::{MAX_RULES, RuleSource, SecurityGroup, SecurityRule};
-use skyvisor_core::network::{DEFAULT_PRIVATE_SUBNET, PRIVATE_VNI_BASE, PRIVATE_VNI_COUNT};
+use skyvisor_core::network::{DEFAULT_PRIVATE_SUBNET, PRIVATE_VNI_COUNT};
 use skyvisor_core::{InstanceSpec, Ipv4Net, Network, ProjectName, ValidationError, keys};
 use skyvisor_store::{Compare, Op, StoreExt, encode, put_json};
 use tracing::info;
@@ -152,8 +152,9 @@ impl ControlPlane {
                 .iter()
                 .filter_map(|kv| keys::name_of(&kv.key).parse().ok())
                 .collect();
-            let Some(vni) = (PRIVATE_VNI_BASE..PRIVATE_VNI_BASE + PRIVATE_VNI_COUNT)
-                .find(|v| !taken.contains(v))
+            let base = self.config.private_vni_base;
+            let Some(vni) =
+                (base..base.saturating_add(PRIVATE_VNI_COUNT)).find(|v| !taken.contains(v))
             else {
                 return Err(ApiError::insufficient_capacity(format!(
                     "the cluster holds {PRIVATE_VNI_COUNT} private networks, its most; delete one first"

@@ -133,6 +133,7 @@ async fn server(store: Arc<dyn Store>, name: &str) -> Server {
             guest_binary: None,
             subnet: "10.97.0.0/16".parse().expect("subnet"),
             vni: 4213,
+            private_vni_base: skyvisor_core::network::PRIVATE_VNI_BASE,
             mtu: 1450,
             weigher: Weigher::Spread,
             cluster: ClusterSettings::single(ServerName::new(name).expect("name"), base.clone()),

@@ -92,6 +92,7 @@ fn config(dir: &std::path::Path, name: &str, weigher: Weigher) -> ServerConfig {
         guest_binary: None,
         subnet: "10.99.0.0/16".parse().expect("subnet"),
         vni: 4213,
+        private_vni_base: skyvisor_core::network::PRIVATE_VNI_BASE,
         mtu: 1450,
         weigher,
         cluster: ClusterSettings::single(

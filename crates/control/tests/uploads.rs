@@ -40,6 +40,7 @@ async fn an_upload_over_the_limit_is_refused_and_leaves_nothing() {
             guest_binary: None,
             subnet: "10.98.0.0/16".parse().expect("subnet"),
             vni: 4213,
+            private_vni_base: skyvisor_core::network::PRIVATE_VNI_BASE,
             mtu: 1450,
             weigher: Weigher::Spread,
             cluster: ClusterSettings::single(

@@ -203,6 +203,8 @@ pub struct InstanceFirewall {
     pub mac: MacAddr,
     /// The VXLAN id of its private network (none: the cluster network).
     pub vni: Option<u32>,
+    /// Its network's gateway.
+    pub gateway: Ipv4Addr,
     /// What may reach it, besides the answers to what it sent.
     pub allow: Vec<AllowRule>,
 }

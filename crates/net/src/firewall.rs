@@ -1,10 +1,10 @@
 //! The host's instance firewall, rendered as one nftables script.
 //!
 //! Two tables, replaced together in one transaction:
-//! - `bridge skyvisor-guard`: every tap may send only from its instance's
+//! - `bridge skyvisor-guard-<scope>`: every tap may send only from its instance's
 //!   MAC and address, and only IPv4 and ARP, so no instance can forge
 //!   another's address (or ARP its way into its traffic);
-//! - `ip skyvisor-sg`: inbound filters of instances in security groups:
+//! - `ip skyvisor-sg-<scope>`: inbound filters of instances in security groups:
 //!   answers to what the instance sent pass, then what a rule allows, and
 //!   nothing else. The host's `br_netfilter` shows bridged traffic to
 //!   these hooks, with connection tracking, whichever host it came from.
@@ -37,21 +37,23 @@ pub struct InboundFilter {
     pub ip: Ipv4Addr,
     /// What may reach it besides answers.
     pub allow: Vec<AllowRule>,
+    /// An address always let in: a private network's router (the host's
+    /// health checks come from it; no instance can send from it, its tap's
+    /// guard sees to that).
+    pub platform: Option<Ipv4Addr>,
 }
 
 /// The host's whole instance firewall.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FirewallConfig {
+    /// What names its tables: the agent's cluster bridge, so that agents
+    /// sharing one network namespace (test beds) keep apart.
+    pub scope: String,
     /// One guard per local tap.
     pub guards: Vec<TapGuard>,
     /// One filter per local instance in security groups.
     pub filters: Vec<InboundFilter>,
 }
-
-/// The nftables table of the taps' guards.
-pub const GUARD_TABLE: &str = "skyvisor-guard";
-/// The nftables table of the security-group filters.
-pub const FILTER_TABLE: &str = "skyvisor-sg";
 
 /// Quotes an interface name for nft (names are checked to be
 /// plain before they get here; quotes keep nft from reading keywords).
@@ -93,12 +95,19 @@ fn rule_match(rule: &AllowRule) -> String {
 impl FirewallConfig {
     /// The nft script that replaces both tables with this configuration.
     pub fn script(&self) -> String {
+        let scope: String = self
+            .scope
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+            .collect();
+        let guard_table = format!("skyvisor-guard-{scope}");
+        let filter_table = format!("skyvisor-sg-{scope}");
         let mut s = String::new();
         // Add-then-delete-then-define is one atomic transaction that works
         // whether or not the tables existed.
-        let _ = writeln!(s, "table bridge {GUARD_TABLE} {{}}");
-        let _ = writeln!(s, "delete table bridge {GUARD_TABLE}");
-        let _ = writeln!(s, "table bridge {GUARD_TABLE} {{");
+        let _ = writeln!(s, "table bridge {guard_table} {{}}");
+        let _ = writeln!(s, "delete table bridge {guard_table}");
+        let _ = writeln!(s, "table bridge {guard_table} {{");
         let _ = writeln!(
             s,
             "  chain prerouting {{\n    type filter hook prerouting priority -300; policy accept;"
@@ -123,13 +132,15 @@ impl FirewallConfig {
         }
         let _ = writeln!(s, "}}");
 
-        let _ = writeln!(s, "table ip {FILTER_TABLE} {{}}");
-        let _ = writeln!(s, "delete table ip {FILTER_TABLE}");
-        let _ = writeln!(s, "table ip {FILTER_TABLE} {{");
-        for (chain, hook) in [("forward", "forward"), ("output", "output")] {
+        let _ = writeln!(s, "table ip {filter_table} {{}}");
+        let _ = writeln!(s, "delete table ip {filter_table}");
+        let _ = writeln!(s, "table ip {filter_table} {{");
+        // The forward hook only: what the host itself sends (its health
+        // checks of the cluster network's instances) is the platform's.
+        {
             let _ = writeln!(
                 s,
-                "  chain {chain} {{\n    type filter hook {hook} priority filter - 10; policy accept;"
+                "  chain forward {{\n    type filter hook forward priority filter - 10; policy accept;"
             );
             for f in &self.filters {
                 let _ = writeln!(
@@ -145,6 +156,9 @@ impl FirewallConfig {
         for f in &self.filters {
             let _ = writeln!(s, "  chain {} {{", chain_of(&f.instance));
             let _ = writeln!(s, "    ct state established,related accept");
+            if let Some(p) = f.platform {
+                let _ = writeln!(s, "    ip saddr {p} accept");
+            }
             for rule in &f.allow {
                 let _ = writeln!(s, "    {}accept", rule_match(rule));
             }
@@ -164,6 +178,7 @@ mod tests {
     #[test]
     fn the_script_guards_taps_and_filters_members() {
         let config = FirewallConfig {
+            scope: "svbr0".into(),
             guards: vec![TapGuard {
                 tap: "svt0123abcd".into(),
                 mac: MacAddr([0x52, 0x54, 0, 1, 2, 3]),
@@ -173,6 +188,7 @@ mod tests {
                 instance: "web-1".into(),
                 bridge: "svb010000".into(),
                 ip: Ipv4Addr::new(10, 0, 0, 2),
+                platform: Some(Ipv4Addr::new(10, 0, 0, 1)),
                 allow: vec![
                     AllowRule {
                         protocol: Protocol::Tcp,
@@ -199,6 +215,8 @@ mod tests {
         assert!(script.contains("ip saddr != 10.0.0.2 drop"));
         assert!(script.contains("oifname \"svb010000\" ip daddr 10.0.0.2 jump in-web-1"));
         assert!(script.contains("tcp dport 80 accept"));
+        assert!(script.contains("ip saddr 10.0.0.1 accept"));
+        assert!(!script.contains("hook output"));
         assert!(script.contains("ip saddr { 10.0.0.3/32 } accept"));
         assert!(script.trim_end().ends_with('}'));
     }

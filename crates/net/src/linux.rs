@@ -338,10 +338,16 @@ impl HostNetwork for LinuxNetwork {
             return Err(e);
         }
         run("ip", &["link", "set", &d.bridge, "up"], None).await?;
-        // The router's namespace.
-        if !Path::new("/run/netns").join(ns).exists()
+        // The router's namespace. A file left without its namespace (its
+        // mount went with the mount namespace of an agent that ran under
+        // `ip netns exec`) is cleared first.
+        let ns_path = Path::new("/run/netns").join(ns);
+        if ns_path.exists() && !is_namespace(&ns_path) {
+            let _ = tokio::fs::remove_file(&ns_path).await;
+        }
+        if !is_namespace(&ns_path)
             && let Err(e) = run("ip", &["netns", "add", ns], None).await
-            && !Path::new("/run/netns").join(ns).exists()
+            && !is_namespace(&ns_path)
         {
             return Err(e);
         }
@@ -550,6 +556,9 @@ impl HostNetwork for LinuxNetwork {
         for f in &config.filters {
             validate_ifname(&f.bridge)?;
         }
+        if !config.filters.is_empty() {
+            ensure_bridge_netfilter().await?;
+        }
         run("nft", &["-f", "-"], Some(&config.script()))
             .await
             .map(drop)
@@ -696,6 +705,31 @@ async fn bridge_addresses(dev: &str) -> Result<Vec<String>, NetError> {
             words.next().map(str::to_string)
         })
         .collect())
+}
+
+/// Whether `path` is a namespace (a mount of the namespace file system).
+fn is_namespace(path: &Path) -> bool {
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    // `f_type`'s integer type differs between targets.
+    #[allow(clippy::unnecessary_cast)]
+    rustix::fs::statfs(path).is_ok_and(|s| s.f_type as i64 == NSFS_MAGIC)
+}
+
+/// Makes the host show bridged IPv4 traffic to its IP hooks, with
+/// connection tracking: security groups filter there.
+async fn ensure_bridge_netfilter() -> Result<(), NetError> {
+    let knob = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+    if !Path::new(knob).exists() {
+        // Built as a module on Debian's kernels.
+        let _ = run("modprobe", &["br_netfilter"], None).await;
+    }
+    if !Path::new(knob).exists() {
+        return Err(NetError::Command {
+            command: "enable br_netfilter".into(),
+            stderr: "security groups need the kernel's br_netfilter (modprobe br_netfilter)".into(),
+        });
+    }
+    write_sysctl(knob, "1").await
 }
 
 async fn write_sysctl(path: &str, value: &str) -> Result<(), NetError> {

@@ -20,7 +20,6 @@
 use std::net::{Ipv4Addr, SocketAddr};
 
 use skyvisor_core::Ipv4Net;
-use skyvisor_core::network::PRIVATE_VNI_BASE;
 
 use crate::NetError;
 
@@ -67,9 +66,9 @@ pub struct PrivateDevices {
 
 /// The devices of the private network with id `vni`.
 pub fn private_devices(vni: u32) -> PrivateDevices {
-    let index = vni.saturating_sub(PRIVATE_VNI_BASE);
-    // 100.64.0.0/10 holds 2^20 /30s; ids are fewer than 2^16.
-    let base = u32::from(Ipv4Addr::new(100, 64, 0, 0)) + (index & 0xf_ffff) * 4;
+    // 100.64.0.0/10 holds 2^20 /30s: the id's low 20 bits choose one (a
+    // cluster's ids are a range of 65520, so they never share one).
+    let base = u32::from(Ipv4Addr::new(100, 64, 0, 0)) + (vni & 0xf_ffff) * 4;
     PrivateDevices {
         bridge: format!("svb{vni:06x}"),
         vxlan: format!("svx{vni:06x}"),
@@ -77,8 +76,9 @@ pub fn private_devices(vni: u32) -> PrivateDevices {
         gateway_port: format!("svg{vni:06x}"),
         uplink: format!("svu{vni:06x}"),
         uplink_address: Ipv4Addr::from(base + 2),
-        // Zone 0 is the host's own; ids map onto 1..=0xffff.
-        zone: u16::try_from((index % 0xffff) + 1).unwrap_or(u16::MAX),
+        // Zone 0 is the host's own; ids map onto 1..=0xffff, distinct
+        // within any range of 65520 ids.
+        zone: u16::try_from((vni % 0xffff) + 1).unwrap_or(u16::MAX),
     }
 }
 
@@ -135,6 +135,7 @@ pub async fn connect_in_namespace(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use skyvisor_core::network::PRIVATE_VNI_BASE;
 
     #[test]
     fn device_names_fit_and_differ() {
@@ -148,7 +149,7 @@ mod tests {
         assert_ne!(a.bridge, b.bridge);
         assert_ne!(a.zone, b.zone);
         assert_ne!(a.zone, 0);
-        assert_eq!(a.uplink_address, Ipv4Addr::new(100, 64, 0, 2));
-        assert_eq!(b.uplink_address, Ipv4Addr::new(100, 64, 0, 6));
+        assert_eq!(a.uplink_address, Ipv4Addr::new(100, 68, 0, 2));
+        assert_eq!(b.uplink_address, Ipv4Addr::new(100, 68, 0, 6));
     }
 }

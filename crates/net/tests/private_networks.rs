@@ -263,6 +263,7 @@ async fn scenario() {
         ip: i.ip,
     };
     let mut config = FirewallConfig {
+        scope: "test".into(),
         guards: vec![guard(&a1), guard(&a2), guard(&b1)],
         filters: vec![],
     };
@@ -299,6 +300,7 @@ async fn scenario() {
         instance: "a2".into(),
         bridge: da.bridge.clone(),
         ip: a2.ip,
+        platform: Some(gw),
         allow: vec![AllowRule {
             protocol: Protocol::Tcp,
             ports: Some((80, 80)),
@@ -314,6 +316,13 @@ async fn scenario() {
         a1.fetch(web(a2.ip, 81), None),
         None,
         "a port without a rule is open"
+    );
+    // The router (the host's health checks) is always let in.
+    assert!(
+        skyvisor_net::connect_in_namespace(&da.namespace, web(a2.ip, 81), Duration::from_secs(2))
+            .await
+            .is_ok(),
+        "the router was filtered"
     );
     // a2 still reaches out (answers pass), while nothing new comes in.
     assert!(

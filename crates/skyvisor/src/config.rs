@@ -58,6 +58,8 @@ pub struct NetworkConfig {
     pub mtu: Option<u32>,
     /// VXLAN network identifier of the overlay.
     pub vni: Option<u32>,
+    /// The first VXLAN id of projects' private networks.
+    pub private_vni_base: Option<u32>,
     /// VXLAN UDP port.
     pub vxlan_port: Option<u16>,
 }
@@ -127,6 +129,8 @@ pub struct UpSettings {
     pub bridge: String,
     /// VM subnet.
     pub subnet: Ipv4Net,
+    /// The first VXLAN id of projects' private networks.
+    pub private_vni_base: u32,
     /// NAT on.
     pub nat: bool,
     /// Overcommit ratios.

@@ -99,6 +99,10 @@ pub struct UpArgs {
     /// The VM subnet.
     #[arg(long)]
     subnet: Option<Ipv4Net>,
+    /// The first VXLAN id of projects' private networks (default 65536;
+    /// 65520 ids from there).
+    #[arg(long)]
+    private_vni_base: Option<u32>,
     /// The QEMU binary.
     #[arg(long)]
     qemu: Option<PathBuf>,

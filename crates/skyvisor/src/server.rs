@@ -63,6 +63,10 @@ pub struct ServerArgs {
     /// The VM subnet (used when the cluster is first created).
     #[arg(long)]
     subnet: Option<Ipv4Net>,
+    /// The first VXLAN id of projects' private networks (default 65536;
+    /// 65520 ids from there).
+    #[arg(long)]
+    private_vni_base: Option<u32>,
     /// MTU of VMs (the default leaves room for the overlay's VXLAN headers
     /// on a 1500-byte underlay).
     #[arg(long)]
@@ -211,6 +215,10 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             guest_binary: None,
             subnet,
             vni: file.network.vni.unwrap_or(4213),
+            private_vni_base: args
+                .private_vni_base
+                .or(file.network.private_vni_base)
+                .unwrap_or(skyvisor_core::network::PRIVATE_VNI_BASE),
             mtu: args.mtu.or(file.network.mtu).unwrap_or(1450),
             weigher: args
                 .weigher

@@ -61,6 +61,10 @@ fn settings(args: &UpArgs) -> Result<UpSettings> {
             Some(s) => s,
             None => "10.213.0.0/24".parse().context("default subnet")?,
         },
+        private_vni_base: args
+            .private_vni_base
+            .or(file.network.private_vni_base)
+            .unwrap_or(skyvisor_core::network::PRIVATE_VNI_BASE),
         nat: file.network.nat.unwrap_or(true),
         overcommit,
         reserved_memory_mib: file.reserved_memory_mib.unwrap_or(1024),
@@ -112,6 +116,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
             subnet: s.subnet,
             vni: 4213,
             mtu: 1500,
+            private_vni_base: s.private_vni_base,
             weigher: Weigher::Spread,
             cluster: ClusterSettings::single(server_name, api_url.clone()),
             max_upload_bytes: skyvisor_control::DEFAULT_MAX_UPLOAD_BYTES,

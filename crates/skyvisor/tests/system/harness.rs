@@ -167,9 +167,19 @@ impl Cloud {
             format!("127.0.0.1:{}", self.replica_port),
             // The tests drive the guests through their test hooks.
             "--guest-test-hooks".into(),
+            // Clouds of one machine share its namespace: their private
+            // networks' ids (which name devices) must differ.
+            "--private-vni-base".into(),
+            self.private_vni_base().to_string(),
         ];
         a.extend(self.options.extra_args.iter().cloned());
         a
+    }
+
+    /// The first id of this cloud's private networks: clouds of one
+    /// machine share its namespace, and ids name devices.
+    fn private_vni_base(&self) -> u32 {
+        0x2_0000 + self.slot.n * 0x1000
     }
 
     /// Starts (or restarts) the daemon process.
@@ -364,6 +374,33 @@ impl Cloud {
                 &format!("skyvisor-{}", self.bridge),
             ])
             .output();
+        // Private networks of this slot's projects, their firewall tables.
+        let base = self.private_vni_base();
+        for vni in base..base + 32 {
+            let d = skyvisor_net::private_devices(vni);
+            if std::path::Path::new("/sys/class/net")
+                .join(&d.bridge)
+                .exists()
+            {
+                for dev in [&d.vxlan, &d.gateway_port, &d.uplink, &d.bridge] {
+                    let _ = Command::new("ip").args(["link", "del", dev]).output();
+                }
+            }
+            let _ = Command::new("ip")
+                .args(["netns", "del", &d.namespace])
+                .output();
+            let _ = Command::new("nft")
+                .args(["delete", "table", "ip", &format!("skyvisor-net-{vni:06x}")])
+                .output();
+        }
+        for table in [
+            format!("bridge skyvisor-guard-{}", self.bridge),
+            format!("ip skyvisor-sg-{}", self.bridge),
+        ] {
+            let mut args = vec!["delete", "table"];
+            args.extend(table.split(' '));
+            let _ = Command::new("nft").args(&args).output();
+        }
         // A tmpfs from an earlier run or this one.
         let _ = Command::new("umount")
             .arg("-l")

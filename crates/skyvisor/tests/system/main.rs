@@ -12,6 +12,7 @@ mod images;
 mod lifecycle;
 mod migration;
 mod multihost;
+mod networks;
 mod resilience;
 mod testbed;
 mod volumes;

@@ -83,6 +83,7 @@ impl MultiHost {
                     guest_binary: None,
                     subnet: subnet.parse().expect("subnet"),
                     vni: 4213,
+                    private_vni_base: skyvisor_core::network::PRIVATE_VNI_BASE,
                     mtu: 1500,
                     weigher: Weigher::Spread,
                     cluster: skyvisor_control::cluster::ClusterSettings::single(

@@ -313,6 +313,38 @@ impl TestBed {
         .unwrap_or_else(|_| Err(std::io::Error::other("thread panicked")))
     }
 
+    /// HTTP from inside the router of private network `vni` on host `h`
+    /// (where that network's instances are reachable from on the host).
+    pub fn http_from_router(&self, h: u32, vni: u32, url: &str) -> std::io::Result<(u16, String)> {
+        use std::os::unix::fs::MetadataExt;
+        let host_ns = std::fs::metadata(format!("/var/run/netns/{}", self.netns(h)))?.ino();
+        // The agent made the router's namespace file in its own mount
+        // namespace (`ip netns exec` gives it one): look through its eyes.
+        let agent = std::fs::read_dir("/proc")?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .find(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+                args.iter().any(|a| *a == b"agent")
+                    && std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                        .is_ok_and(|m| m.ino() == host_ns)
+            })
+            .ok_or_else(|| {
+                std::io::Error::other(format!("no agent runs in host {h}'s namespace"))
+            })?;
+        let ns = format!("/proc/{agent}/root/run/netns/svn-{vni:06x}-{host_ns:x}");
+        let url = url.to_string();
+        std::thread::spawn(move || {
+            let f = File::open(&ns)?;
+            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::other)?;
+            http("GET", &url, None, Duration::from_secs(20))
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("thread panicked")))
+    }
+
     /// The pids of the QEMUs of host `h` that are alive.
     pub fn qemu_pids(&self, h: u32) -> Vec<u32> {
         let mut pids = Vec::new();
@@ -365,7 +397,22 @@ impl Drop for TestBed {
                 .arg(keep)
                 .status();
         }
+        // The hosts' private-network routers lived in their agents' mount
+        // namespaces, which go with them: their files stay behind, empty.
+        use std::os::unix::fs::MetadataExt;
+        let inodes: Vec<String> = (1..=self.hosts)
+            .filter_map(|h| std::fs::metadata(format!("/var/run/netns/{}", self.netns(h))).ok())
+            .map(|m| format!("-{:x}", m.ino()))
+            .collect();
         self.script_quiet(&["down"]);
+        if let Ok(dir) = std::fs::read_dir("/var/run/netns") {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("svn-") && inodes.iter().any(|i| name.ends_with(i.as_str())) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! Two tables, replaced together in one transaction:
 //! - `bridge skyvisor-guard-<scope>`: every tap may send only from its instance's
-//!   MAC and address, and only IPv4 and ARP, so no instance can forge
+//!   MAC and address, and only IPv4, ARP and RARP, so no instance can forge
 //!   another's address (or ARP its way into its traffic);
 //! - `ip skyvisor-sg-<scope>`: inbound filters of instances in security groups:
 //!   answers to what the instance sent pass, then what a rule allows, and
@@ -119,7 +119,9 @@ impl FirewallConfig {
         for g in &self.guards {
             let _ = writeln!(s, "  chain tap-{} {{", g.tap);
             let _ = writeln!(s, "    ether saddr != {} drop", g.mac);
-            let _ = writeln!(s, "    ether type != {{ ip, arp }} drop");
+            // RARP (0x8035) is how QEMU announces a VM after a live
+            // migration; its source MAC is checked above.
+            let _ = writeln!(s, "    ether type != {{ ip, arp, 0x8035 }} drop");
             let _ = writeln!(s, "    ether type arp arp saddr ether != {} drop", g.mac);
             // 0.0.0.0 is an address probe's (RFC 5227), harmless.
             let _ = writeln!(

@@ -114,6 +114,9 @@ impl Directory {
             });
         }
         if let Some(at) = record.revoked_at {
+            if record.single_use {
+                return Err(AuthError::Used { id: record.id, at });
+            }
             return Err(AuthError::Revoked { id: record.id, at });
         }
         let now = Utc::now();
@@ -365,6 +368,74 @@ impl Directory {
         let issued = token::issue(identity, description, expires_at);
         self.store_token(&issued.record).await?;
         Ok(issued)
+    }
+
+    /// Makes a join token: good for one join of a host within `ttl`. It
+    /// belongs to the built-in identity [`crate::JOINER`], which has no
+    /// role anywhere.
+    pub async fn create_join_token(
+        &self,
+        ttl: chrono::Duration,
+        made_by: &IdentityName,
+    ) -> Result<IssuedToken, AuthError> {
+        let joiner = IdentityName::new(crate::JOINER).map_err(|e| AuthError::NotFound {
+            kind: "identity",
+            name: e.to_string(),
+        })?;
+        match self
+            .create_identity(skyvisor_core::auth::CreateIdentityRequest {
+                name: joiner.clone(),
+                kind: skyvisor_core::auth::IdentityKind::ServiceAccount,
+                cluster_admin: false,
+                roles: Default::default(),
+                default_project: None,
+            })
+            .await
+        {
+            Ok(_) | Err(AuthError::Exists { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let mut issued = token::issue(
+            &joiner,
+            &format!("join token made by {made_by}"),
+            Some(Utc::now() + ttl),
+        );
+        issued.record.single_use = true;
+        self.store_token(&issued.record).await?;
+        Ok(issued)
+    }
+
+    /// Spends the join token `principal` came with: the first caller wins,
+    /// a second use of the same token is refused.
+    pub async fn spend_join_token(&self, principal: &Principal) -> Result<(), AuthError> {
+        let key = keys::token(&principal.token_id);
+        let Some((mut record, rev)) = self.store.get_json::<TokenRecord>(&key).await? else {
+            return Err(AuthError::Unknown {
+                id: principal.token_id.clone(),
+            });
+        };
+        if !record.single_use {
+            return Ok(());
+        }
+        if let Some(at) = record.revoked_at {
+            return Err(AuthError::Used { id: record.id, at });
+        }
+        let now = Utc::now();
+        record.revoked_at = Some(now);
+        if !self
+            .store
+            .compare_and_swap(&key, rev, encode(&record))
+            .await?
+        {
+            return Err(AuthError::Used {
+                id: record.id,
+                at: now,
+            });
+        }
+        if let Ok(mut v) = self.verified.lock() {
+            v.remove(&record.id);
+        }
+        Ok(())
     }
 
     /// Stores a token record that must be new.

@@ -22,6 +22,10 @@ pub use directory::Directory;
 pub use internal::{ClusterKey, cluster_key};
 pub use token::{IssuedToken, ParsedToken};
 
+/// The built-in identity join tokens belong to: it has no role anywhere,
+/// and its tokens serve only to join a host.
+pub const JOINER: &str = "skyvisor-joiner";
+
 /// Why a request is not authenticated, or an identity operation failed.
 #[derive(Debug, Error)]
 pub enum AuthError {
@@ -56,6 +60,19 @@ pub enum AuthError {
         /// When.
         at: DateTime<Utc>,
     },
+    /// A join token that already served its one join.
+    #[error(
+        "join token {id} was used at {at}; a join token serves one join (make another with `skyvisor host join-token`)"
+    )]
+    Used {
+        /// The token's public id.
+        id: String,
+        /// When.
+        at: DateTime<Utc>,
+    },
+    /// A join token used for anything but joining.
+    #[error("a join token serves only to join a host (GET /v1/cluster/join)")]
+    JoinOnly,
     /// The token's identity was deleted.
     #[error("API token {id} belongs to identity {identity}, which no longer exists")]
     IdentityGone {
@@ -114,6 +131,7 @@ impl AuthError {
                 | Self::Unknown { .. }
                 | Self::Expired { .. }
                 | Self::Revoked { .. }
+                | Self::Used { .. }
                 | Self::IdentityGone { .. }
         )
     }

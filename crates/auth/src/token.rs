@@ -42,6 +42,7 @@ pub fn issue(
             expires_at,
             revoked_at: None,
             last_used_at: None,
+            single_use: false,
         },
     }
 }

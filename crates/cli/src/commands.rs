@@ -432,6 +432,13 @@ pub enum HostCommand {
         #[arg(long)]
         max_moves: Option<u32>,
     },
+    /// Make a join token: one new host may join with it (`skyvisor agent
+    /// --server URL --join-token TOKEN`) before it expires. Shown once.
+    JoinToken {
+        /// How long it may be used, like 30m or 2h (at most 7d).
+        #[arg(long, default_value = "1h", value_parser = crate::tokens::parse_expiry)]
+        ttl: u64,
+    },
 }
 
 /// `skyvisor type ...`
@@ -1428,6 +1435,25 @@ async fn host(client: &Client, format: OutputFormat, cmd: HostCommand) -> Result
         HostCommand::Undrain { name } => crate::migrations::undrain(client, format, &name).await?,
         HostCommand::Rebalance { max_moves } => {
             crate::migrations::rebalance(client, format, max_moves).await?
+        }
+        HostCommand::JoinToken { ttl } => {
+            let t: skyvisor_core::cluster::JoinToken = client
+                .post(
+                    "/v1/cluster/join-tokens",
+                    &skyvisor_core::cluster::CreateJoinTokenRequest {
+                        ttl_secs: Some(ttl),
+                    },
+                )
+                .await?;
+            output::print(format, &t, |t| {
+                println!("{}", t.token);
+                eprintln!(
+                    "good for one host until {}; on the new host run:\n  skyvisor agent --server {} --join-token {}",
+                    t.expires_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                    client.base(),
+                    t.token
+                );
+            });
         }
         HostCommand::Cordon { name } => {
             let h: HostView = client

@@ -62,11 +62,10 @@ impl ControlPlane {
             return Ok(n);
         }
         if name != keys::DEFAULT_NETWORK {
-            return Err(ValidationError::new(
-                "network",
-                format!("network \"{name}\" does not exist in project {project}; allowed: the project's networks"),
-            )
-            .into());
+            return Err(ApiError::not_found(format!(
+                "network \"{name}\" not found in project {project}"
+            ))
+            .with_field("network"));
         }
         match self
             .create_network(
@@ -288,11 +287,12 @@ impl ControlPlane {
                 && g != itself
                 && self.find_security_group(project, &g).await?.is_none()
             {
-                return Err(ValidationError::new(
-                    format!("rules[{i}].group"),
-                    format!("security group \"{g}\" does not exist in project {project}; allowed: a group of the project"),
-                )
-                .into());
+                // The rule is well formed; what it names is missing: a
+                // conflict with the project's state, not a missing target.
+                return Err(ApiError::conflict(format!(
+                    "rules[{i}].group names security group \"{g}\", which project {project} does not have; make it first"
+                ))
+                .with_field(format!("rules[{i}].group")));
             }
         }
         Ok(())
@@ -316,10 +316,22 @@ impl ControlPlane {
             }]
         });
         self.check_rules(project, &req.name, &rules).await?;
+        let description = req.description.unwrap_or_default();
+        if description.chars().count() > skyvisor_core::firewall::MAX_DESCRIPTION {
+            return Err(ValidationError::new(
+                "description",
+                format!(
+                    "{} characters; allowed: at most {}",
+                    description.chars().count(),
+                    skyvisor_core::firewall::MAX_DESCRIPTION
+                ),
+            )
+            .into());
+        }
         let group = SecurityGroup {
             name: req.name.clone(),
             project: project.clone(),
-            description: req.description.unwrap_or_default(),
+            description,
             rules,
             generation: 1,
             created_at: Utc::now(),
@@ -408,6 +420,17 @@ impl ControlPlane {
         project: &ProjectName,
         names: &[String],
     ) -> ApiResult<()> {
+        if names.len() > skyvisor_core::firewall::MAX_GROUPS_PER_INSTANCE {
+            return Err(ValidationError::new(
+                "security_groups",
+                format!(
+                    "{} groups; allowed: at most {}",
+                    names.len(),
+                    skyvisor_core::firewall::MAX_GROUPS_PER_INSTANCE
+                ),
+            )
+            .into());
+        }
         for (i, name) in names.iter().enumerate() {
             if names[..i].contains(name) {
                 return Err(ValidationError::new(
@@ -417,11 +440,10 @@ impl ControlPlane {
                 .into());
             }
             if self.find_security_group(project, name).await?.is_none() {
-                return Err(ValidationError::new(
-                    "security_groups",
-                    format!("security group \"{name}\" does not exist in project {project}; allowed: the project's groups"),
-                )
-                .into());
+                return Err(ApiError::not_found(format!(
+                    "security group \"{name}\" not found in project {project}"
+                ))
+                .with_field("security_groups"));
             }
         }
         Ok(())

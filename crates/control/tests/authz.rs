@@ -120,6 +120,12 @@ struct Server {
 }
 
 async fn server(store: Arc<dyn Store>, name: &str) -> Server {
+    server_with(store, name, Vec::new()).await
+}
+
+/// A server that tells joining agents about `etcd_endpoints` (its own store
+/// stays embedded).
+async fn server_with(store: Arc<dyn Store>, name: &str, etcd_endpoints: Vec<String>) -> Server {
     let dir = tempfile::tempdir().expect("tmp");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -136,7 +142,10 @@ async fn server(store: Arc<dyn Store>, name: &str) -> Server {
             private_vni_base: skyvisor_core::network::PRIVATE_VNI_BASE,
             mtu: 1450,
             weigher: Weigher::Spread,
-            cluster: ClusterSettings::single(ServerName::new(name).expect("name"), base.clone()),
+            cluster: ClusterSettings {
+                etcd_endpoints,
+                ..ClusterSettings::single(ServerName::new(name).expect("name"), base.clone())
+            },
             max_upload_bytes: 1 << 20,
             bootstrap_token_file: Some(dir.path().join("admin.token")),
         },
@@ -424,7 +433,7 @@ async fn every_route_answers_each_role_as_its_rule_says() {
         let outsider = tokens["outsider"].as_str();
         let (st, b) = call(&s.base, method, &path, Some(outsider), None, body.clone()).await;
         let expected = match rule {
-            Rule::ClusterAdmin => st == 403,
+            Rule::ClusterAdmin | Rule::Join => st == 403,
             Rule::ProjectInPath(_) => st == 404,
             // Exactly what an object that does not exist gets.
             Rule::Project(_) if names_an_object(template) => {
@@ -459,7 +468,7 @@ async fn every_route_answers_each_role_as_its_rule_says() {
         )
         .await;
         let expected = match rule {
-            Rule::ClusterAdmin => st == 403,
+            Rule::ClusterAdmin | Rule::Join => st == 403,
             Rule::Project(_) | Rule::ProjectInPath(_) => st == 404,
             Rule::Authenticated => st != 401 && st != 403,
         };
@@ -477,7 +486,7 @@ async fn every_route_answers_each_role_as_its_rule_says() {
         )
         .await;
         let expected = match rule {
-            Rule::ClusterAdmin => st == 403,
+            Rule::ClusterAdmin | Rule::Join => st == 403,
             Rule::Project(Action::Read) | Rule::ProjectInPath(Action::Read) => {
                 // The test image has no files: that 404 is about the file.
                 let about_file = b["error"]["message"]
@@ -524,7 +533,7 @@ async fn every_route_answers_each_role_as_its_rule_says() {
             let expected = match (who, rule) {
                 (_, Rule::Authenticated) => st != 401,
                 ("admin", _) => st != 401 && st != 403,
-                (_, Rule::ClusterAdmin) => st == 403,
+                (_, Rule::ClusterAdmin | Rule::Join) => st == 403,
                 ("member", Rule::ProjectInPath(Action::Manage) | Rule::Project(Action::Manage)) => {
                     st == 403
                 }
@@ -850,4 +859,76 @@ async fn lists_page_and_filter_without_skipping_or_repeating() {
     .await;
     assert_eq!(st, 400, "{body}");
     assert!(body.to_string().contains("limit"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_serves_one_join_only_and_nothing_else() {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));
+    let s = server_with(store, "joins", vec!["http://192.0.2.1:2379".into()]).await;
+    let admin = admin_token(&s);
+    let join = format!("/v1/cluster/join?version={}", skyvisor_core::VERSION);
+    // A join token and when it expires.
+    let make = |ttl: u64| {
+        let (base, admin) = (s.base.clone(), admin.clone());
+        async move {
+            let (st, body) = call(
+                &base,
+                "POST",
+                "/v1/cluster/join-tokens",
+                Some(&admin),
+                None,
+                Some(json!({ "ttl_secs": ttl })),
+            )
+            .await;
+            assert_eq!(st, 201, "{body}");
+            let expires: chrono::DateTime<chrono::Utc> =
+                serde_json::from_value(body["expires_at"].clone()).expect("expires_at");
+            (body["token"].as_str().expect("token").to_string(), expires)
+        }
+    };
+    let message = |body: &Value| {
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    // Used for anything but joining: refused, and not spent.
+    let (token, _) = make(3600).await;
+    let (st, body) = call(&s.base, "GET", "/v1/instances", Some(&token), None, None).await;
+    assert_eq!(st, 403, "{body}");
+    assert!(message(&body).contains("only to join"), "{body}");
+    // Two joins race with one token: exactly one gets in.
+    let (a, b) = tokio::join!(
+        call(&s.base, "GET", &join, Some(&token), None, None),
+        call(&s.base, "GET", &join, Some(&token), None, None)
+    );
+    let mut statuses = [a.0, b.0];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 401], "{a:?} {b:?}");
+    let ok = if a.0 == 200 { &a.1 } else { &b.1 };
+    assert_eq!(ok["etcd_endpoints"][0], "http://192.0.2.1:2379", "{ok}");
+    let (st, body) = call(&s.base, "GET", &join, Some(&token), None, None).await;
+    assert_eq!(st, 401, "{body}");
+    assert!(message(&body).contains("was used"), "{body}");
+    // An expired one is refused as expired.
+    let (short, expires) = make(1).await;
+    while chrono::Utc::now() <= expires {
+        // Waits for the clock to pass the expiry, a second at most.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (st, body) = call(&s.base, "GET", &join, Some(&short), None, None).await;
+    assert_eq!(st, 401, "{body}");
+    assert!(message(&body).contains("expired"), "{body}");
+    // Out-of-range lifetimes are refused naming the field.
+    let (st, body) = call(
+        &s.base,
+        "POST",
+        "/v1/cluster/join-tokens",
+        Some(&admin),
+        None,
+        Some(json!({ "ttl_secs": 0 })),
+    )
+    .await;
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(body["error"]["field"], "ttl_secs", "{body}");
 }

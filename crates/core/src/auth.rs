@@ -362,6 +362,10 @@ pub struct TokenRecord {
     /// When it was last used (updated at most once a minute).
     #[serde(default)]
     pub last_used_at: Option<DateTime<Utc>>,
+    /// A join token: good for one join, then spent (its `revoked_at` says
+    /// when).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub single_use: bool,
 }
 
 /// A token as the API shows it: never its secret or hash.

@@ -54,6 +54,30 @@ pub struct JoinInfo {
     pub servers: Vec<String>,
 }
 
+/// Body of `POST /v1/cluster/join-tokens`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJoinTokenRequest {
+    /// How long it may be used, in seconds (default 3600, at most 7 days).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 604800)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// A join token, shown once: good for one host's join before it expires.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JoinToken {
+    /// What the agent sends (`skyvisor agent --join-token`).
+    pub token: String,
+    /// Its public id.
+    pub id: String,
+    /// When it stops working, if unused.
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The longest a join token may live.
+pub const MAX_JOIN_TOKEN_SECS: u64 = 7 * 24 * 3600;
+
 /// The value of a host's allocation marker: rewritten by every change of
 /// what is allocated on the host, so that a placement decided on a stale
 /// view fails its transaction instead of double-booking the host.

@@ -43,11 +43,12 @@ impl Protocol {
 pub struct SecurityRule {
     /// The protocol allowed.
     pub protocol: Protocol,
-    /// The first port allowed (TCP and UDP only; none: every port).
+    /// One end of the ports allowed (TCP and UDP only; none: every port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 65535)]
     pub port_from: Option<u16>,
-    /// The last port allowed (defaults to `port_from`).
+    /// The other end (defaults to `port_from`; the two may come in either
+    /// order).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 65535)]
     pub port_to: Option<u16>,
@@ -77,27 +78,15 @@ impl SecurityRule {
     pub fn check(&self) -> Result<(RuleSource, Option<(u16, u16)>), ValidationError> {
         let ports = match (self.port_from, self.port_to) {
             (None, None) => None,
-            (None, Some(_)) => {
-                return Err(ValidationError::new(
-                    "port_to",
-                    "needs port_from; allowed: port_from alone, or port_from and port_to",
-                ));
-            }
-            (Some(from), to) => {
-                let to = to.unwrap_or(from);
-                if from == 0 || to == 0 {
+            (a, b) => {
+                let (a, b) = (a.or(b).unwrap_or(0), b.or(a).unwrap_or(0));
+                if a == 0 || b == 0 {
                     return Err(ValidationError::new(
-                        "port_from",
+                        if a == 0 { "port_from" } else { "port_to" },
                         "port 0 is not a port; allowed: 1 to 65535",
                     ));
                 }
-                if to < from {
-                    return Err(ValidationError::new(
-                        "port_to",
-                        format!("{to} is below port_from {from}; allowed: port_from to 65535"),
-                    ));
-                }
-                Some((from, to))
+                Some((a.min(b), a.max(b)))
             }
         };
         if ports.is_some() && !self.protocol.has_ports() {
@@ -132,8 +121,8 @@ impl SecurityRule {
     }
 }
 
-/// Parses a rule's source range; unlike a network's subnet any prefix from
-/// /0 to /32 is allowed, and host bits must be clear.
+/// Parses a rule's source range: any prefix from /0 to /32 (unlike a
+/// network's subnet); host bits are cleared, as for a subnet.
 pub fn parse_cidr(s: &str) -> Result<Ipv4Net, ValidationError> {
     let err = |why: &str| ValidationError::new("cidr", format!("{s:?} {why}"));
     let (addr, len) = s.split_once('/').ok_or_else(|| {
@@ -148,14 +137,8 @@ pub fn parse_cidr(s: &str) -> Result<Ipv4Net, ValidationError> {
         .filter(|l| *l <= 32)
         .ok_or_else(|| err("has a prefix length out of range; allowed: 0 to 32"))?;
     let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-    if u32::from(addr) & !mask != 0 {
-        return Err(err(&format!(
-            "has host bits set; allowed: {}/{len}",
-            Ipv4Addr::from(u32::from(addr) & mask)
-        )));
-    }
     Ok(Ipv4Net {
-        network: addr,
+        network: Ipv4Addr::from(u32::from(addr) & mask),
         prefix_len: len,
     })
 }
@@ -178,6 +161,12 @@ pub struct SecurityGroup {
     /// When it was created.
     pub created_at: DateTime<Utc>,
 }
+
+/// Security groups an instance may be in, at most.
+pub const MAX_GROUPS_PER_INSTANCE: usize = 16;
+
+/// The longest description of a group.
+pub const MAX_DESCRIPTION: usize = 256;
 
 /// Rules as many as a group may hold (each becomes a firewall rule on
 /// every host running a member).
@@ -245,16 +234,26 @@ mod tests {
             Some((80, 80)),
             "a single port is a range of one"
         );
+        let reversed = rule(Protocol::Udp, Some(90), Some(80), Some("10.0.0.1/8"), None);
+        let (source, ports) = reversed.check().expect("valid");
+        assert_eq!(ports, Some((80, 90)), "the ends come in either order");
+        assert_eq!(
+            source,
+            RuleSource::Cidr(parse_cidr("10.0.0.0/8").expect("cidr"))
+        );
+        assert_eq!(
+            rule(Protocol::Tcp, None, Some(22), Some("0.0.0.0/0"), None)
+                .check()
+                .expect("valid")
+                .1,
+            Some((22, 22))
+        );
         let by_group = rule(Protocol::Any, None, None, None, Some("web"));
         assert_eq!(
             by_group.check().expect("valid").0,
             RuleSource::Group("web".into())
         );
         let cases = [
-            (
-                rule(Protocol::Tcp, Some(90), Some(80), Some("0.0.0.0/0"), None),
-                "port_to",
-            ),
             (
                 rule(Protocol::Tcp, Some(0), None, Some("0.0.0.0/0"), None),
                 "port_from",
@@ -264,12 +263,8 @@ mod tests {
                 "port_from",
             ),
             (
-                rule(Protocol::Tcp, None, Some(80), Some("0.0.0.0/0"), None),
+                rule(Protocol::Tcp, Some(80), Some(0), Some("0.0.0.0/0"), None),
                 "port_to",
-            ),
-            (
-                rule(Protocol::Tcp, Some(80), None, Some("10.0.0.1/8"), None),
-                "cidr",
             ),
             (
                 rule(Protocol::Tcp, Some(80), None, Some("10.0.0.0/33"), None),

@@ -45,8 +45,8 @@ pub struct AgentArgs {
     /// the store is); the first that answers is used.
     #[arg(long, value_delimiter = ',', conflicts_with = "etcd")]
     server: Vec<String>,
-    /// An API token of a cluster admin, to join through a server (the
-    /// bootstrap token in the first server's `admin.token`).
+    /// A join token (`skyvisor host join-token`), to join through a server;
+    /// spent by the join. A cluster admin's API token works too.
     #[arg(long, env = "SKYVISOR_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
     /// etcd client URLs, comma-separated, to join without asking a server.
@@ -98,11 +98,15 @@ pub struct AgentArgs {
     log_format: String,
 }
 
+/// Where an agent that joined through a server keeps what it learned, so
+/// that it restarts without a new join token (delete it to join anew).
+const JOINED_FILE: &str = "joined.json";
+
 /// Asks the servers how to join; the first that answers decides.
 async fn join_info(servers: &[String], token: Option<&str>) -> Result<JoinInfo> {
     let Some(token) = token else {
         bail!(
-            "joining through a server needs a cluster admin's API token: give --join-token or set SKYVISOR_JOIN_TOKEN (the first server wrote its bootstrap token to DATA_DIR/admin.token)"
+            "joining through a server needs a join token: make one with `skyvisor host join-token` and give it with --join-token or SKYVISOR_JOIN_TOKEN (a cluster admin's API token works too)"
         );
     };
     let mut errors = Vec::new();
@@ -162,9 +166,29 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     } else {
         args.etcd.clone()
     };
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or(file.data_dir.clone())
+        .unwrap_or_else(config::default_data_dir);
+    let agent_dir = data_dir.join("agent");
     let (endpoints, namespace, server_urls) = if !servers.is_empty() && args.etcd.is_empty() {
-        let token = args.join_token.clone().or(file.agent.join_token.clone());
-        let info = join_info(&servers, token.as_deref()).await?;
+        // A join token serves one join: what it got is kept for restarts.
+        let joined = agent_dir.join(JOINED_FILE);
+        let info = match std::fs::read(&joined)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<JoinInfo>(&b).ok())
+        {
+            Some(info) => info,
+            None => {
+                let token = args.join_token.clone().or(file.agent.join_token.clone());
+                let info = join_info(&servers, token.as_deref()).await?;
+                std::fs::create_dir_all(&agent_dir)
+                    .and_then(|()| std::fs::write(&joined, serde_json::to_vec(&info)?))
+                    .with_context(|| format!("cannot keep the join in {}", joined.display()))?;
+                info
+            }
+        };
         (info.etcd_endpoints, info.etcd_namespace, info.servers)
     } else if !etcd_arg.is_empty() {
         let ns = args
@@ -187,12 +211,6 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             .find_map(|e| local_address_towards(e))
             .context("cannot tell this host's address; give --address")?,
     };
-    let data_dir = args
-        .data_dir
-        .clone()
-        .or(file.data_dir.clone())
-        .unwrap_or_else(config::default_data_dir);
-    let agent_dir = data_dir.join("agent");
     daemon::check_socket_paths(&agent_dir)?;
     let qemu = args
         .qemu

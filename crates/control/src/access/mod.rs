@@ -174,8 +174,21 @@ async fn check(
 ) -> Result<bool, ApiError> {
     let identity = &caller.principal.identity;
     let project = &caller.project;
+    let joiner = identity.name.as_str() == skyvisor_auth::JOINER;
+    if joiner && rule != Rule::Join {
+        return Err(ApiError::forbidden(
+            skyvisor_auth::AuthError::JoinOnly.to_string(),
+        ));
+    }
     let action = match rule {
         Rule::Authenticated => return Ok(false),
+        Rule::Join if joiner || identity.cluster_admin => return Ok(false),
+        Rule::Join => {
+            return Err(ApiError::forbidden(format!(
+                "{} {path} needs a join token or a cluster admin; {} is neither",
+                req.method, identity.name
+            )));
+        }
         Rule::ClusterAdmin => {
             if identity.cluster_admin {
                 return Ok(false);

@@ -17,6 +17,8 @@ pub enum Rule {
     ProjectInPath(Action),
     /// A cluster admin.
     ClusterAdmin,
+    /// A cluster admin, or a join token (spent by the handler).
+    Join,
 }
 
 use Action::{Manage, Read, Write};
@@ -133,7 +135,8 @@ const RULES: &[(&str, &str, Rule)] = &[
     ("POST", "/v1/hosts/rebalance", ClusterAdmin),
     ("GET", "/v1/failovers", ClusterAdmin),
     ("GET", "/v1/servers", ClusterAdmin),
-    ("GET", "/v1/cluster/join", ClusterAdmin),
+    ("GET", "/v1/cluster/join", Rule::Join),
+    ("POST", "/v1/cluster/join-tokens", ClusterAdmin),
 ];
 
 /// The rule of `method path` (a route template as axum matched it).

@@ -1,5 +1,6 @@
-//! `/v1/servers` and `/v1/cluster/join`: the cluster's servers and what an
-//! agent needs to join; and the guard that answers 503 at once while the
+//! `/v1/servers`, `/v1/cluster/join` and `/v1/cluster/join-tokens`: the
+//! cluster's servers, what an agent needs to join and the one-time tokens
+//! it joins with; and the guard that answers 503 at once while the
 //! store is unreachable.
 
 use axum::Json;
@@ -8,13 +9,17 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use skyvisor_core::api::ErrorBody;
-use skyvisor_core::cluster::{JoinInfo, ServerRecord, versions_compatible};
+use skyvisor_core::cluster::{
+    CreateJoinTokenRequest, JoinInfo, JoinToken, MAX_JOIN_TOKEN_SECS, ServerRecord,
+    versions_compatible,
+};
 use skyvisor_core::keys;
 use skyvisor_store::StoreExt;
 use utoipa::IntoParams;
 
 use super::ApiQuery;
 use crate::ControlPlane;
+use crate::access::Caller;
 use crate::error::{ApiError, ApiResult};
 
 /// The live servers of the cluster.
@@ -40,16 +45,19 @@ pub(super) struct JoinQuery {
 }
 
 /// What an agent on another host needs to join the cluster: the store's
-/// endpoints and the servers. Refused for an agent of another version, and
-/// by a server with an embedded store (`skyvisor up`).
+/// endpoints and the servers. Needs a join token (spent by this call) or a
+/// cluster admin. Refused for an agent of another version, and by a server
+/// with an embedded store (`skyvisor up`).
 #[utoipa::path(get, path = "/v1/cluster/join", tag = "system",
     params(JoinQuery),
     responses(
         (status = 200, body = JoinInfo),
+        (status = 401, body = ErrorBody, description = "a join token that was used or expired"),
         (status = 409, body = ErrorBody, description = "another version, or no cluster store"),
     ))]
 pub(super) async fn join(
     State(cp): State<ControlPlane>,
+    caller: Caller,
     ApiQuery(q): ApiQuery<JoinQuery>,
 ) -> ApiResult<Json<JoinInfo>> {
     let cluster = &cp.config.cluster;
@@ -72,6 +80,8 @@ pub(super) async fn join(
         .into_iter()
         .map(|s| s.url)
         .collect();
+    // A join token serves this one join.
+    cp.directory.spend_join_token(&caller.principal).await?;
     Ok(Json(JoinInfo {
         version: version.to_string(),
         etcd_endpoints: cluster.etcd_endpoints.clone(),
@@ -117,4 +127,43 @@ pub(super) async fn healthz(State(cp): State<ControlPlane>) -> Response {
             ApiError::unavailable(format!("the state store is unreachable: {why}")).into_response()
         }
     }
+}
+
+/// Makes a join token: one host may join with it, within its lifetime
+/// (`skyvisor agent --server URL --join-token TOKEN`). Shown once.
+#[utoipa::path(post, path = "/v1/cluster/join-tokens", tag = "system",
+    request_body = CreateJoinTokenRequest,
+    responses(
+        (status = 201, body = JoinToken),
+        (status = 400, body = ErrorBody, description = "a lifetime out of range"),
+    ))]
+pub(super) async fn create_join_token(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    body: axum::body::Bytes,
+) -> ApiResult<(axum::http::StatusCode, Json<JoinToken>)> {
+    let req: CreateJoinTokenRequest = super::extract::optional_body(&body)?;
+    let ttl = req.ttl_secs.unwrap_or(3600);
+    if !(1..=MAX_JOIN_TOKEN_SECS).contains(&ttl) {
+        return Err(skyvisor_core::ValidationError::new(
+            "ttl_secs",
+            format!("{ttl} is out of range; allowed: 1 to {MAX_JOIN_TOKEN_SECS} seconds"),
+        )
+        .into());
+    }
+    let issued = cp
+        .directory
+        .create_join_token(
+            chrono::Duration::seconds(i64::try_from(ttl).unwrap_or(3600)),
+            &caller.principal.identity.name,
+        )
+        .await?;
+    Ok((
+        axum::http::StatusCode::CREATED,
+        Json(JoinToken {
+            token: issued.bearer,
+            id: issued.record.id,
+            expires_at: issued.record.expires_at.unwrap_or_else(chrono::Utc::now),
+        }),
+    ))
 }

@@ -173,7 +173,10 @@ fn link_creates(doc: &mut OpenApi, paths: &[String]) {
 /// patterns, ranges, closed sets, and which fields go together.
 pub fn constrain(doc: &mut serde_json::Value) {
     use serde_json::json;
+    use skyvisor_core::firewall::{MAX_DESCRIPTION, MAX_GROUPS_PER_INSTANCE, MAX_RULES};
     use skyvisor_core::names::{MAX_NAME_LEN, NAME_PATTERN};
+    // Four dotted decimal octets, without leading zeros.
+    const OCTETS: &str = r"((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])";
     use skyvisor_core::resources::{MAX_DISK_GIB, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
     use skyvisor_core::snapshot::{MAX_CHECKPOINT_KEEP, MIN_CHECKPOINT_INTERVAL_SECS};
     use skyvisor_core::volume::{
@@ -194,6 +197,7 @@ pub fn constrain(doc: &mut serde_json::Value) {
     let vcpus = json!({"type": "integer", "minimum": 1, "maximum": MAX_VCPUS});
     let memory = json!({"type": "integer", "minimum": MIN_MEMORY_MIB, "maximum": MAX_MEMORY_MIB});
     let size = json!({"type": "integer", "minimum": MIN_VOLUME_BYTES, "maximum": MAX_VOLUME_BYTES, "multipleOf": VOLUME_SIZE_UNIT});
+    let rules = json!({"type": "array", "items": {"$ref": "#/components/schemas/SecurityRule"}, "maxItems": MAX_RULES});
     let stop_timeout = json!({"type": "integer", "minimum": 1, "maximum": crate::instances::MAX_STOP_TIMEOUT_SECS});
     let props: &[(&str, &str, serde_json::Value)] = &[
         ("CreateInstanceRequest", "name", name.clone()),
@@ -223,6 +227,32 @@ pub fn constrain(doc: &mut serde_json::Value) {
         ),
         ("CreateInstanceRequest", "spread_group", name.clone()),
         ("CreateInstanceRequest", "from_snapshot", snapshot_ref),
+        ("CreateInstanceRequest", "network", name.clone()),
+        (
+            "CreateInstanceRequest",
+            "security_groups",
+            json!({"type": "array", "items": name, "maxItems": MAX_GROUPS_PER_INSTANCE, "uniqueItems": true}),
+        ),
+        ("CreateNetworkRequest", "name", name.clone()),
+        (
+            "CreateNetworkRequest",
+            "subnet",
+            json!({"type": "string", "pattern": format!("^{OCTETS}/([89]|1[0-9]|2[0-9])$")}),
+        ),
+        ("CreateSecurityGroupRequest", "name", name.clone()),
+        (
+            "CreateSecurityGroupRequest",
+            "description",
+            json!({"type": "string", "maxLength": MAX_DESCRIPTION}),
+        ),
+        ("CreateSecurityGroupRequest", "rules", rules.clone()),
+        ("SecurityRulesRequest", "rules", rules),
+        (
+            "SecurityRule",
+            "cidr",
+            json!({"type": "string", "pattern": format!("^{OCTETS}/([0-9]|[12][0-9]|3[0-2])$")}),
+        ),
+        ("SecurityRule", "group", name.clone()),
         ("CreateSnapshotRequest", "name", name.clone()),
         ("RestoreInstanceRequest", "snapshot", name.clone()),
         ("StopInstanceRequest", "timeout_secs", stop_timeout),
@@ -332,6 +362,17 @@ pub fn constrain(doc: &mut serde_json::Value) {
         {"not": {"required": ["local_disk", "ha"],
                  "properties": {"local_disk": {"const": true}, "ha": {"const": "restart"}}}}
     ]);
+    // Ports go with TCP and UDP only; a rule has one source.
+    schemas["SecurityRule"]["allOf"] = json!([
+        {"if": {"required": ["protocol"], "properties": {"protocol": {"enum": ["icmp", "any"]}}},
+         "then": {"properties": {"port_from": {"type": "null"}, "port_to": {"type": "null"}}}},
+        {"oneOf": [
+            {"required": ["cidr"], "properties": {"cidr": {"type": "string"}},
+             "not": {"required": ["group"], "properties": {"group": {"type": "string"}}}},
+            {"required": ["group"], "properties": {"group": {"type": "string"}},
+             "not": {"required": ["cidr"], "properties": {"cidr": {"type": "string"}}}}
+        ]}
+    ]);
     // A resize changes something.
     schemas["ResizeInstanceRequest"]["anyOf"] = json!([
         {"required": ["instance_type"], "properties": {"instance_type": {"type": "string"}}},
@@ -360,7 +401,10 @@ pub fn constrain(doc: &mut serde_json::Value) {
     if let Some(all) = schemas.as_object_mut() {
         for (name, schema) in all.iter_mut() {
             let closed = name.ends_with("Request")
-                || matches!(name.as_str(), "Quota" | "CheckpointSchedule");
+                || matches!(
+                    name.as_str(),
+                    "Quota" | "CheckpointSchedule" | "SecurityRule"
+                );
             if closed && schema.get("properties").is_some() {
                 schema["additionalProperties"] = json!(false);
             }
@@ -379,6 +423,7 @@ pub fn constrain(doc: &mut serde_json::Value) {
         ("/v1/instances/{name}/snapshots", "post"),
         ("/v1/instances/{name}/migrate", "post"),
         ("/v1/hosts/rebalance", "post"),
+        ("/v1/cluster/join-tokens", "post"),
     ] {
         if doc["paths"][path][method]["requestBody"].is_object() {
             doc["paths"][path][method]["requestBody"]["required"] = json!(false);

@@ -149,6 +149,7 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(failovers::list))
         .routes(routes!(cluster::servers))
         .routes(routes!(cluster::join))
+        .routes(routes!(cluster::create_join_token))
         .routes(routes!(networks::list, networks::create))
         .routes(routes!(networks::show, networks::delete))
         .routes(routes!(networks::list_groups, networks::create_group))

@@ -95,7 +95,7 @@ pub(super) async fn list_groups(
     responses(
         (status = 201, body = SecurityGroup),
         (status = 400, body = ErrorBody, description = "invalid name or rule (the field is named)"),
-        (status = 409, body = ErrorBody, description = "duplicate name"),
+        (status = 409, body = ErrorBody, description = "duplicate name; a rule names a group the project does not have"),
     ))]
 pub(super) async fn create_group(
     State(cp): State<ControlPlane>,
@@ -129,6 +129,7 @@ pub(super) async fn show_group(
         (status = 200, body = SecurityGroup),
         (status = 400, body = ErrorBody, description = "an invalid rule (the field is named)"),
         (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "a rule names a group the project does not have"),
     ))]
 pub(super) async fn set_rules(
     State(cp): State<ControlPlane>,

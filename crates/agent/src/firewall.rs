@@ -139,6 +139,7 @@ fn render(st: &State, nets: &PrivateNets) -> FirewallConfig {
         .doc
         .instances
         .iter()
+        .filter(|(_, f)| f.filtered)
         .map(|(name, f)| {
             (
                 name.clone(),
@@ -152,7 +153,13 @@ fn render(st: &State, nets: &PrivateNets) -> FirewallConfig {
             )
         })
         .collect();
-    for t in st.taps.values().filter(|t| t.filtered) {
+    // The document is the word on instances it lists; until it lists one,
+    // what the instance's spec said at its start.
+    for t in st
+        .taps
+        .values()
+        .filter(|t| t.filtered && !st.doc.instances.contains_key(&t.instance))
+    {
         filters
             .entry(t.instance.clone())
             .or_insert_with(|| InboundFilter {

@@ -158,6 +158,15 @@ pub enum VmCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Put a VM in exactly these security groups (none: not filtered); a
+    /// running VM gets them within a second.
+    SetSecurityGroups {
+        /// The VM.
+        name: String,
+        /// A group (repeatable); give none to stop filtering.
+        #[arg(long = "security-group")]
+        security_groups: Vec<String>,
+    },
     /// Change a VM's type or size (a running VM restarts).
     Resize {
         /// The VM.
@@ -980,6 +989,22 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                     inst = i;
                 }
             }
+            output::print(format, &inst, |i| vm_table(std::slice::from_ref(i)));
+        }
+        VmCommand::SetSecurityGroups {
+            name,
+            security_groups,
+        } => {
+            let inst: Instance = client
+                .call(
+                    Method::PUT,
+                    &format!(
+                        "/v1/instances/{}/security-groups",
+                        crate::client::path_segment(&name)
+                    ),
+                    Some(&skyvisor_core::api::SetSecurityGroupsRequest { security_groups }),
+                )
+                .await?;
             output::print(format, &inst, |i| vm_table(std::slice::from_ref(i)));
         }
         VmCommand::Resize {

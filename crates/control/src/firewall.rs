@@ -1,6 +1,7 @@
 //! The firewall controller: resolves security groups into one document per
-//! host (`firewalls/<host>`) listing, for each filtered instance bound to
-//! the host (or arriving there by live migration), what may reach it, with
+//! host (`firewalls/<host>`) listing, for each instance bound to the host
+//! (or arriving there by live migration), whether it is filtered and what
+//! may reach it, with
 //! group sources turned into their members' addresses. The host's agent
 //! applies its document; this controller never touches a host.
 //!
@@ -107,7 +108,7 @@ pub fn resolve(
         .iter()
         .map(|h| (h.clone(), HostFirewall::default()))
         .collect();
-    for spec in instances.iter().filter(|s| crate::networks::is_filtered(s)) {
+    for spec in instances {
         let mut allow = Vec::new();
         for g in &spec.security_groups {
             // A group deleted under a member allows nothing.
@@ -136,6 +137,7 @@ pub fn resolve(
             }
         }
         let entry = InstanceFirewall {
+            filtered: crate::networks::is_filtered(spec),
             ip: spec.network.ip,
             mac: spec.network.mac,
             vni: spec.network.vni,

@@ -449,6 +449,25 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Puts instance `name` of `project` in exactly `groups` (none: not
+    /// filtered); its host applies the change while it runs.
+    pub async fn set_instance_security_groups(
+        &self,
+        project: &ProjectName,
+        name: &str,
+        groups: Vec<String>,
+    ) -> ApiResult<skyvisor_core::Instance> {
+        self.check_security_groups(project, &groups).await?;
+        let inst = self
+            .update_spec(name, |spec, _| {
+                spec.security_groups = groups.clone();
+                Ok(())
+            })
+            .await?;
+        info!(%project, instance = %name, groups = ?groups, "security groups changed");
+        Ok(inst)
+    }
+
     /// What a project holds of networks and groups, for refusing its
     /// deletion (its unused `default` network goes with it).
     pub(crate) async fn project_network_contents(

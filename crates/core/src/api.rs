@@ -118,6 +118,14 @@ pub struct CreateSecurityGroupRequest {
     pub rules: Option<Vec<crate::SecurityRule>>,
 }
 
+/// Body of `PUT /v1/instances/{name}/security-groups`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetSecurityGroupsRequest {
+    /// The instance's groups from now on (empty: not filtered).
+    pub security_groups: Vec<String>,
+}
+
 /// Body of `PUT /v1/security-groups/{name}/rules`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

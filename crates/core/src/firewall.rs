@@ -186,6 +186,9 @@ pub struct AllowRule {
 /// What a host filters in front of one instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceFirewall {
+    /// Whether it is in security groups at all (an instance in none is not
+    /// filtered; `allow` is then empty and means nothing).
+    pub filtered: bool,
     /// The instance's address.
     pub ip: Ipv4Addr,
     /// The instance's MAC.
@@ -198,11 +201,11 @@ pub struct InstanceFirewall {
     pub allow: Vec<AllowRule>,
 }
 
-/// A host's firewall: the resolved rules of every filtered instance bound
-/// to it, written by the control plane and applied by the host's agent.
+/// A host's firewall: every instance bound to it with its resolved rules,
+/// written by the control plane and applied by the host's agent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostFirewall {
-    /// Filtered instances by name.
+    /// Instances by name.
     pub instances: std::collections::BTreeMap<String, InstanceFirewall>,
 }
 

@@ -102,6 +102,11 @@ const RULES: &[(&str, &str, Rule)] = &[
     ("GET", "/v1/images/{name}/files/{file}", Project(Read)),
     ("GET", "/v1/recipes", Authenticated),
     // Volumes.
+    (
+        "PUT",
+        "/v1/instances/{name}/security-groups",
+        Project(Write),
+    ),
     ("GET", "/v1/networks", Project(Read)),
     ("POST", "/v1/networks", Project(Write)),
     ("GET", "/v1/networks/{name}", Project(Read)),

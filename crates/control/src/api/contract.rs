@@ -233,6 +233,11 @@ pub fn constrain(doc: &mut serde_json::Value) {
             "security_groups",
             json!({"type": "array", "items": name, "maxItems": MAX_GROUPS_PER_INSTANCE, "uniqueItems": true}),
         ),
+        (
+            "SetSecurityGroupsRequest",
+            "security_groups",
+            json!({"type": "array", "items": name, "maxItems": MAX_GROUPS_PER_INSTANCE, "uniqueItems": true}),
+        ),
         ("CreateNetworkRequest", "name", name.clone()),
         (
             "CreateNetworkRequest",

@@ -225,6 +225,30 @@ pub(super) async fn resize(
     ))
 }
 
+/// Puts an instance in exactly the given security groups (none: not
+/// filtered); its host applies them within a second, while it runs.
+#[utoipa::path(put, path = "/v1/instances/{name}/security-groups", tag = "instances",
+    params(("name" = String, Path, description = "instance name")),
+    request_body = skyvisor_core::api::SetSecurityGroupsRequest,
+    responses(
+        (status = 200, body = Instance),
+        (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody, description = "no such instance or group"),
+        (status = 409, body = ErrorBody, description = "being deleted or migrated"),
+    ))]
+pub(super) async fn set_security_groups(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<skyvisor_core::api::SetSecurityGroupsRequest>,
+) -> ApiResult<Json<Instance>> {
+    cp.visible_instance(&caller, &name).await?;
+    Ok(Json(
+        cp.set_instance_security_groups(&caller.project, &name, req.security_groups)
+            .await?,
+    ))
+}
+
 /// Most console bytes one call returns.
 const MAX_CONSOLE_BYTES: u64 = 1 << 20;
 

@@ -116,6 +116,7 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(instances::reboot))
         .routes(routes!(instances::resize))
         .routes(routes!(instances::console))
+        .routes(routes!(instances::set_security_groups))
         .routes(routes!(snapshots::list, snapshots::create))
         .routes(routes!(snapshots::show, snapshots::delete))
         .routes(routes!(snapshots::list_all))

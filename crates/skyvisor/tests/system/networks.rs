@@ -159,6 +159,27 @@ fn projects_with_the_same_subnet_never_meet_and_security_groups_open_and_close_p
     );
     // a3 still reaches out: answers to its own connections pass.
     assert_eq!(name_seen(va, a3, a1).as_deref(), Some("a1"));
+    // Out of every group, a running a3 is not filtered; back in, it is.
+    cloud.sv_ok(&["--project", "alpha", "vm", "set-security-groups", "a3"]);
+    wait_until(
+        "a3 to be open out of its group",
+        Duration::from_secs(30),
+        || name_seen(va, a1, a3).filter(|n| n == "a3"),
+    );
+    cloud.sv_ok(&[
+        "--project",
+        "alpha",
+        "vm",
+        "set-security-groups",
+        "a3",
+        "--security-group",
+        "web",
+    ]);
+    wait_until(
+        "a3 to be closed in its group again",
+        Duration::from_secs(30),
+        || name_seen(va, a1, a3).is_none().then_some(()),
+    );
 
     // Bad rules are refused naming the field.
     let err = cloud.sv_err(&[

@@ -329,6 +329,7 @@ async fn start_server(
                     subnet: "10.0.0.0/16".parse()?,
                     vni: 4213,
                     private_vni_base: skyvisor_core::network::PRIVATE_VNI_BASE,
+                    audit_retention: skyvisor_control::audit::DEFAULT_RETENTION,
                     mtu: 1450,
                     weigher: Weigher::Spread,
                     cluster: ClusterSettings::single(ServerName::new("bench")?, url.clone()),

@@ -631,6 +631,11 @@ pub async fn abandon(ctx: &AgentContext, spec: &InstanceSpec) {
 /// Writes a scheduled snapshot request for the VM (its supervisor then
 /// takes it like any other).
 pub async fn request_scheduled(ctx: &AgentContext, spec: &InstanceSpec) -> Result<(), String> {
+    // The oldest goes first, so the VM never holds more than `keep`: the
+    // schedule was admitted against the project's quota for that many.
+    if let Some(schedule) = spec.checkpoint_schedule {
+        prune_to(ctx, spec, schedule.keep.saturating_sub(1)).await;
+    }
     let now = Utc::now();
     let name = SnapshotName::at("auto", now).map_err(|e| e.to_string())?;
     let snap = Snapshot {
@@ -670,9 +675,14 @@ pub async fn request_scheduled(ctx: &AgentContext, spec: &InstanceSpec) -> Resul
 /// (ready ones), and all but the newest failed scheduled one. Manual
 /// snapshots are never pruned.
 pub async fn prune(ctx: &AgentContext, spec: &InstanceSpec) {
-    let Some(schedule) = spec.checkpoint_schedule else {
-        return;
-    };
+    if let Some(schedule) = spec.checkpoint_schedule {
+        prune_to(ctx, spec, schedule.keep).await;
+    }
+}
+
+/// Deletes the oldest ready scheduled snapshots beyond `keep`, and all but
+/// the newest failed one.
+async fn prune_to(ctx: &AgentContext, spec: &InstanceSpec, keep: u32) {
     let Ok(all) = list_of(ctx.store.as_ref(), &spec.name).await else {
         return;
     };
@@ -692,7 +702,7 @@ pub async fn prune(ctx: &AgentContext, spec: &InstanceSpec) {
     failed.sort_by_key(|s| std::cmp::Reverse(s.created_at));
     let doomed = ready
         .iter()
-        .skip(schedule.keep as usize)
+        .skip(keep as usize)
         .chain(failed.iter().skip(1));
     for s in doomed {
         debug!(instance = %spec.name, snapshot = %s.name, "pruning a scheduled snapshot");

@@ -1,7 +1,9 @@
 //! The audit trail: every request that may change something, with who sent
 //! it, in which project, and its answer — refusals included. Written after
 //! the answer, off the request's path, so it adds no latency; a write that
-//! fails is logged, never fails the request.
+//! fails is logged, never fails the request. The leader prunes records
+//! older than the retention (`--audit-retention-days`, default 90) and
+//! beyond the newest [`MAX_KEPT`] of each project.
 
 use chrono::Utc;
 use skyvisor_core::auth::AuditRecord;
@@ -111,4 +113,159 @@ pub async fn list(
         .take(limit.min(MAX_LIST))
         .map(|(r, _)| r)
         .collect())
+}
+
+/// How long the trail keeps a record by default.
+pub const DEFAULT_RETENTION: std::time::Duration = std::time::Duration::from_secs(90 * 24 * 3600);
+
+/// Most records the trail keeps per project (and cluster-wide), newest.
+pub const MAX_KEPT: usize = 100_000;
+
+/// How often the leader prunes the trail.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Prunes the trail on the leader, forever.
+pub(crate) async fn run_retention(cp: crate::ControlPlane) {
+    loop {
+        tokio::time::sleep(PRUNE_EVERY).await;
+        let leads = cp
+            .cluster_view()
+            .is_some_and(|v| v.leadership.borrow().is_leader);
+        if !leads || cp.store_unavailable().is_some() {
+            continue;
+        }
+        match prune(
+            cp.store.as_ref(),
+            cp.config.audit_retention,
+            MAX_KEPT,
+            Utc::now(),
+        )
+        .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "pruned the audit trail"),
+            Err(e) => tracing::warn!(error = %e.message, "cannot prune the audit trail"),
+        }
+    }
+}
+
+/// Deletes the records older than `retention` before `now`, and beyond the
+/// newest `keep` of each project (and of the cluster-wide trail). Returns
+/// how many it deleted.
+pub async fn prune(
+    store: &dyn Store,
+    retention: std::time::Duration,
+    keep: usize,
+    now: chrono::DateTime<Utc>,
+) -> ApiResult<usize> {
+    let listing = store.list(keys::AUDIT).await?;
+    let oldest = now
+        - chrono::Duration::from_std(retention).unwrap_or_else(|_| chrono::Duration::days(36500));
+    let oldest_nanos = oldest.timestamp_nanos_opt().unwrap_or(i64::MIN);
+    // Keys are `audit/<scope>/<nanos>-<random>`, in time order per scope.
+    let mut by_scope: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for kv in &listing.items {
+        let rest = kv.key.strip_prefix(keys::AUDIT).unwrap_or(&kv.key);
+        let scope = rest.split('/').next().unwrap_or_default();
+        by_scope.entry(scope).or_default().push(&kv.key);
+    }
+    let mut doomed = Vec::new();
+    for keys_of_scope in by_scope.values() {
+        let over = keys_of_scope.len().saturating_sub(keep);
+        for (i, key) in keys_of_scope.iter().enumerate() {
+            let nanos = key
+                .rsplit('/')
+                .next()
+                .and_then(|tail| tail.split('-').next())
+                .and_then(|n| n.parse::<i64>().ok());
+            let expired = nanos.is_some_and(|n| n < oldest_nanos);
+            if i < over || expired {
+                doomed.push(skyvisor_store::Op::Delete((*key).to_string()));
+            }
+        }
+    }
+    let deleted = doomed.len();
+    for chunk in doomed.chunks(BATCH) {
+        store.txn(vec![], chunk.to_vec()).await?;
+    }
+    Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skyvisor_store::EmbeddedStore;
+
+    async fn put(store: &dyn Store, scope: &str, at: chrono::DateTime<Utc>, n: u32) {
+        let key = format!(
+            "{}{scope}/{:020}-{n:08x}",
+            keys::AUDIT,
+            at.timestamp_nanos_opt().unwrap_or_default()
+        );
+        store.put(&key, b"{}".to_vec()).await.expect("put");
+    }
+
+    #[tokio::test]
+    async fn pruning_drops_what_is_too_old_and_beyond_the_newest_kept() {
+        let store = EmbeddedStore::in_memory().expect("store");
+        let now = Utc::now();
+        // Project web: 3 old records and 5 recent; the cluster: 2 recent.
+        for i in 0..3 {
+            put(
+                &store,
+                "web",
+                now - chrono::Duration::days(100) + chrono::Duration::seconds(i),
+                i as u32,
+            )
+            .await;
+        }
+        for i in 0..5 {
+            put(
+                &store,
+                "web",
+                now - chrono::Duration::minutes(10 - i),
+                10 + i as u32,
+            )
+            .await;
+        }
+        for i in 0..2 {
+            put(
+                &store,
+                "_cluster",
+                now - chrono::Duration::minutes(i),
+                i as u32,
+            )
+            .await;
+        }
+        let retention = std::time::Duration::from_secs(90 * 24 * 3600);
+        let deleted = prune(&store, retention, 4, now).await.expect("prune");
+        // The 3 old ones, and the oldest recent one beyond 4 kept.
+        assert_eq!(deleted, 4);
+        let left = store
+            .list(&format!("{}web/", keys::AUDIT))
+            .await
+            .expect("list");
+        assert_eq!(left.items.len(), 4);
+        // What is left is the newest four of web's recent records.
+        let first_kept = format!(
+            "{:020}",
+            (now - chrono::Duration::minutes(9))
+                .timestamp_nanos_opt()
+                .unwrap_or_default()
+        );
+        assert!(
+            left.items
+                .iter()
+                .all(|kv| kv.key.rsplit('/').next().unwrap_or_default() >= first_kept.as_str()),
+            "an older record was kept: {:?}",
+            left.items.iter().map(|kv| &kv.key).collect::<Vec<_>>()
+        );
+        let cluster = store
+            .list(&format!("{}_cluster/", keys::AUDIT))
+            .await
+            .expect("list");
+        assert_eq!(cluster.items.len(), 2, "the cluster trail is kept apart");
+        // Nothing more to do the second time.
+        assert_eq!(prune(&store, retention, 4, now).await.expect("prune"), 0);
+    }
 }

@@ -64,6 +64,8 @@ pub struct ServerConfig {
     /// The first VXLAN id of projects' private networks (a cluster's ids
     /// must not meet another cluster's on a shared underlay).
     pub private_vni_base: u32,
+    /// How long the audit trail keeps a record.
+    pub audit_retention: Duration,
     /// How placement orders hosts.
     pub weigher: Weigher,
     /// This server's identity and part in a cluster.
@@ -191,6 +193,7 @@ impl ControlPlane {
         tokio::spawn(migrations::run(self.clone()));
         tokio::spawn(ha::run(self.clone()));
         tokio::spawn(firewall::run(self.clone()));
+        tokio::spawn(audit::run_retention(self.clone()));
         tokio::spawn(replicas::run(
             self.clone(),
             self.config.cluster.replica_grace,

@@ -354,6 +354,29 @@ impl ControlPlane {
     ) -> ApiResult<Instance> {
         if let Some(s) = &schedule {
             s.validate()?;
+            // The schedule keeps `keep` snapshots: they must fit the
+            // project's snapshot quota beside what it holds already (this
+            // VM's own scheduled ones make room for their successors).
+            let n = InstanceName::new(instance)?;
+            if let Some(spec) = self.inventory.instance(&n).await {
+                let (mine, _) = self
+                    .store
+                    .list_json::<Snapshot>(&keys::snapshots_of(&n))
+                    .await?;
+                let scheduled = mine
+                    .iter()
+                    .filter(|(s, _)| {
+                        s.origin == SnapshotOrigin::Scheduled && s.instance_id == spec.id
+                    })
+                    .count();
+                let more = Usage {
+                    snapshots: s
+                        .keep
+                        .saturating_sub(u32::try_from(scheduled).unwrap_or(u32::MAX)),
+                    ..Usage::default()
+                };
+                self.quota_guard(&spec.project, &more).await?;
+            }
         }
         self.update_spec(instance, |spec, _| {
             spec.checkpoint_schedule = schedule;

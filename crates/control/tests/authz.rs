@@ -140,6 +140,7 @@ async fn server_with(store: Arc<dyn Store>, name: &str, etcd_endpoints: Vec<Stri
             subnet: "10.97.0.0/16".parse().expect("subnet"),
             vni: 4213,
             private_vni_base: skyvisor_core::network::PRIVATE_VNI_BASE,
+            audit_retention: skyvisor_control::audit::DEFAULT_RETENTION,
             mtu: 1450,
             weigher: Weigher::Spread,
             cluster: ClusterSettings {
@@ -931,4 +932,61 @@ async fn a_join_token_serves_one_join_only_and_nothing_else() {
     .await;
     assert_eq!(st, 400, "{body}");
     assert_eq!(body["error"]["field"], "ttl_secs", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_schedule_must_fit_the_snapshot_quota() {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));
+    let s = server(store.clone(), "sched").await;
+    let admin = admin_token(&s);
+    fake_host(store.as_ref(), "h1").await;
+    image(store.as_ref(), "img", "default", true).await;
+    let (st, body) = call(
+        &s.base,
+        "POST",
+        "/v1/projects",
+        Some(&admin),
+        None,
+        Some(json!({"name": "sq", "quota": {"snapshots": 3}})),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    let (st, body) = call(
+        &s.base,
+        "POST",
+        "/v1/instances",
+        Some(&admin),
+        Some("sq"),
+        Some(json!({"name": "vm-s", "image": "img", "instance_type": "nano", "start": false})),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    let schedule = |keep: u32| json!({"schedule": {"every_secs": 60, "keep": keep}});
+    let path = "/v1/instances/vm-s/checkpoint-schedule";
+    let (st, body) = call(
+        &s.base,
+        "PUT",
+        path,
+        Some(&admin),
+        Some("sq"),
+        Some(schedule(4)),
+    )
+    .await;
+    assert_eq!(st, 403, "{body}");
+    let msg = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("snapshots") && msg.contains("limit 3"),
+        "{body}"
+    );
+    let (st, body) = call(
+        &s.base,
+        "PUT",
+        path,
+        Some(&admin),
+        Some("sq"),
+        Some(schedule(3)),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["spec"]["checkpoint_schedule"]["keep"], 3, "{body}");
 }

@@ -93,6 +93,7 @@ fn config(dir: &std::path::Path, name: &str, weigher: Weigher) -> ServerConfig {
         subnet: "10.99.0.0/16".parse().expect("subnet"),
         vni: 4213,
         private_vni_base: skyvisor_core::network::PRIVATE_VNI_BASE,
+        audit_retention: skyvisor_control::audit::DEFAULT_RETENTION,
         mtu: 1450,
         weigher,
         cluster: ClusterSettings::single(

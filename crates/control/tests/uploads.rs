@@ -41,6 +41,7 @@ async fn an_upload_over_the_limit_is_refused_and_leaves_nothing() {
             subnet: "10.98.0.0/16".parse().expect("subnet"),
             vni: 4213,
             private_vni_base: skyvisor_core::network::PRIVATE_VNI_BASE,
+            audit_retention: skyvisor_control::audit::DEFAULT_RETENTION,
             mtu: 1450,
             weigher: Weigher::Spread,
             cluster: ClusterSettings::single(

@@ -67,6 +67,9 @@ pub struct ServerArgs {
     /// 65520 ids from there).
     #[arg(long)]
     private_vni_base: Option<u32>,
+    /// How many days the audit trail keeps a record (default 90).
+    #[arg(long)]
+    audit_retention_days: Option<u32>,
     /// MTU of VMs (the default leaves room for the overlay's VXLAN headers
     /// on a 1500-byte underlay).
     #[arg(long)]
@@ -215,6 +218,11 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             guest_binary: None,
             subnet,
             vni: file.network.vni.unwrap_or(4213),
+            audit_retention: args
+                .audit_retention_days
+                .map_or(skyvisor_control::audit::DEFAULT_RETENTION, |d| {
+                    Duration::from_secs(u64::from(d.max(1)) * 24 * 3600)
+                }),
             private_vni_base: args
                 .private_vni_base
                 .or(file.network.private_vni_base)

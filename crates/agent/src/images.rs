@@ -37,7 +37,7 @@ pub struct ImageCache {
     servers: Mutex<Vec<String>>,
     /// Other hosts' agent URLs by host name (kept current from the store).
     peers: Mutex<BTreeMap<String, String>>,
-    http: reqwest::Client,
+    http: Mutex<reqwest::Client>,
     /// The API token for downloads from servers.
     token: Mutex<Option<String>>,
     /// The `Authorization` value peer agents admit (the cluster's key).
@@ -82,6 +82,18 @@ impl Source {
     }
 }
 
+/// The download client, trusting `ca_pem` (the cluster's CA) as well as
+/// the system's roots.
+fn client_trusting(ca_pem: Option<&str>) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .no_proxy();
+    if let Some(cert) = ca_pem.and_then(|p| reqwest::Certificate::from_pem(p.as_bytes()).ok()) {
+        b = b.add_root_certificate(cert);
+    }
+    b.build().unwrap_or_default()
+}
+
 impl ImageCache {
     /// A cache over `shared_dirs`, downloading into `cache_dir` from `server_url`.
     pub fn new(shared_dirs: Vec<PathBuf>, cache_dir: PathBuf, server_url: Option<String>) -> Self {
@@ -91,14 +103,17 @@ impl ImageCache {
             server_url,
             servers: Mutex::new(Vec::new()),
             peers: Mutex::new(BTreeMap::new()),
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(2))
-                .no_proxy()
-                .build()
-                .unwrap_or_default(),
+            http: Mutex::new(client_trusting(None)),
             verified: Mutex::new(HashMap::new()),
             token: Mutex::new(None),
             peer_auth: Mutex::new(None),
+        }
+    }
+
+    /// Trusts the cluster's CA too (servers that serve TLS).
+    pub fn trust_ca(&self, ca_pem: &str) {
+        if let Ok(mut h) = self.http.lock() {
+            *h = client_trusting(Some(ca_pem));
         }
     }
 
@@ -188,7 +203,8 @@ impl ImageCache {
                         .map(|t| format!("Bearer {t}")),
                     Source::Peer(..) => self.peer_auth.lock().ok().and_then(|a| a.clone()),
                 };
-                match download(&self.http, auth.as_deref(), &url, &tmp, &file.sha256).await {
+                let http = self.http.lock().map(|h| h.clone()).unwrap_or_default();
+                match download(&http, auth.as_deref(), &url, &tmp, &file.sha256).await {
                     Ok(()) => {
                         tokio::fs::rename(&tmp, &p)
                             .await

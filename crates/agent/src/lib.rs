@@ -345,6 +345,13 @@ async fn bring_up(
         cluster_key.bytes(),
     ));
     images.set_peer_auth(cluster_key.header());
+    // Servers that serve TLS carry certificates of the cluster's CA.
+    if let Ok(Some((ca, _))) = store
+        .get_json::<skyvisor_auth::pki::ClusterCa>(skyvisor_auth::pki::CA_KEY)
+        .await
+    {
+        images.trust_ca(&ca.cert_pem);
+    }
     let volumes = match cfg.replica_listen {
         Some(listen) => Some(
             VolumeService::start(

@@ -10,6 +10,7 @@
 pub mod bootstrap;
 mod directory;
 pub mod internal;
+pub mod pki;
 pub mod token;
 mod view;
 

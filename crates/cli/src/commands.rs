@@ -462,7 +462,7 @@ pub enum TypeCommand {
 /// the others resolve the connection `args` describe and call the API.
 pub async fn run(args: ConnectionArgs, format: OutputFormat, cmd: ClientCommand) -> Result<()> {
     let cmd = match cmd {
-        ClientCommand::Remote(c) => return crate::remotes::remote(&args, format, c),
+        ClientCommand::Remote(c) => return crate::remotes::remote(&args, format, c).await,
         ClientCommand::Login => return crate::auth::login(&args, format).await,
         other => other,
     };

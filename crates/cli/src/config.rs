@@ -126,6 +126,10 @@ pub struct Remote {
     /// The project to act in (default: the identity's home project).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project: Option<String>,
+    /// The cluster CA's certificate (PEM), pinned at `remote add`: the only
+    /// one an `https` URL of this remote is trusted with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<String>,
 }
 
 impl fmt::Debug for Remote {
@@ -298,6 +302,7 @@ impl ConfigFile {
             .remotes
             .entry(name.to_owned())
             .or_insert_with(|| Remote {
+                ca_cert: None,
                 url: url.to_owned(),
                 token: None,
                 project: None,
@@ -368,6 +373,9 @@ pub fn read_token_file(path: &Path) -> Option<String> {
     let token = text.trim();
     (!token.is_empty()).then(|| token.to_owned())
 }
+
+/// The CA certificate a local server writes beside its bootstrap token.
+pub const LOCAL_CA_FILE: &str = "cluster-ca.pem";
 
 /// What the command line says about the connection: the global flags (or
 /// their environment variables) and where the files are. Resolved by
@@ -452,6 +460,10 @@ pub struct Connection {
     /// With no token: the bootstrap token file to read when it appears (a
     /// command run right after `skyvisor up` starts, before it wrote it).
     pub token_file: Option<PathBuf>,
+    /// The CA an `https` API is trusted with: the remote's pinned one, else
+    /// `SKYVISOR_CA_FILE`'s, else the local server's (beside its bootstrap
+    /// token).
+    pub ca_cert: Option<String>,
 }
 
 impl fmt::Debug for Connection {
@@ -473,6 +485,7 @@ impl Connection {
             .with_token(self.token.clone())
             .with_token_file(self.token_file.clone())
             .with_project(self.project.as_ref().map(|p| p.to_string()))
+            .with_ca(self.ca_cert.as_deref())
     }
 }
 
@@ -565,11 +578,27 @@ impl ConnectionArgs {
             TokenSource::None => self.bootstrap_token_file.clone(),
             _ => None,
         };
+        let ca_cert = remote
+            .as_ref()
+            .filter(|_| remote_applies)
+            .and_then(|(_, r)| given(&r.ca_cert))
+            .or_else(|| {
+                let file = std::env::var_os("SKYVISOR_CA_FILE")
+                    .filter(|f| !f.is_empty())
+                    .map(PathBuf::from)
+                    .or_else(|| {
+                        self.bootstrap_token_file
+                            .as_ref()
+                            .and_then(|t| t.parent().map(|d| d.join(LOCAL_CA_FILE)))
+                    })?;
+                std::fs::read_to_string(file).ok()
+            });
         Ok(Connection {
             url,
             token,
             token_source,
             project,
+            ca_cert,
             token_file: token_file_fallback,
             remote: remote.filter(|_| remote_applies).map(|(name, _)| name),
         })
@@ -619,6 +648,7 @@ mod tests {
             url: url.into(),
             token: token.map(Into::into),
             project: project.map(Into::into),
+            ca_cert: None,
         }
     }
 

@@ -10,6 +10,7 @@ pub mod identities;
 pub mod migrations;
 pub mod networks;
 pub mod output;
+pub mod pinning;
 pub mod progress;
 pub mod projects;
 pub mod readiness;

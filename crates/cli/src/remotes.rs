@@ -22,6 +22,14 @@ pub enum RemoteCommand {
         /// The API's URL, e.g. http://10.0.0.5:7780 (servers of one cluster
         /// comma-separated).
         url: String,
+        /// For an https URL: trust the CA the server presents without
+        /// asking (after checking its fingerprint some other way).
+        #[arg(long)]
+        accept_certificate: bool,
+        /// For an https URL: the CA fingerprint to expect (what `skyvisor
+        /// server --tls` printed); anything else is refused.
+        #[arg(long)]
+        fingerprint: Option<String>,
     },
     /// List remotes (tokens are shown as set or unset, never their value).
     #[command(alias = "ls")]
@@ -92,7 +100,7 @@ fn remote_table(list: &[RemoteView]) {
 }
 
 /// Runs `skyvisor remote ...` on the config file `args` names.
-pub fn remote(args: &ConnectionArgs, format: OutputFormat, cmd: RemoteCommand) -> Result<()> {
+pub async fn remote(args: &ConnectionArgs, format: OutputFormat, cmd: RemoteCommand) -> Result<()> {
     let path = args.config_path()?;
     let mut config = ConfigFile::load(&path)?;
     let quiet = format == OutputFormat::Json;
@@ -111,14 +119,21 @@ pub fn remote(args: &ConnectionArgs, format: OutputFormat, cmd: RemoteCommand) -
             });
             return Ok(());
         }
-        RemoteCommand::Add { name, url } => {
+        RemoteCommand::Add {
+            name,
+            url,
+            accept_certificate,
+            fingerprint,
+        } => {
             let url = url.trim().to_owned();
             validate_url(&url)?;
+            let ca_cert = pin(&url, accept_certificate, fingerprint.as_deref()).await?;
             let project = given(&args.project);
             if let Some(p) = &project {
                 skyvisor_core::ProjectName::new(p.as_str())?;
             }
             let remote = Remote {
+                ca_cert,
                 url,
                 token: given(&args.token),
                 project,
@@ -167,12 +182,52 @@ pub fn remote(args: &ConnectionArgs, format: OutputFormat, cmd: RemoteCommand) -
     Ok(())
 }
 
+/// For an `https` URL: the CA to pin, once the user accepted its
+/// fingerprint (or it matched `expected`). Plain `http`: none.
+async fn pin(url: &str, accept: bool, expected: Option<&str>) -> Result<Option<String>> {
+    let Some(first) = url
+        .split(',')
+        .map(str::trim)
+        .find(|u| u.starts_with("https://"))
+    else {
+        return Ok(None);
+    };
+    let (pem, fp) = crate::pinning::server_ca(first).await?;
+    if let Some(want) = expected {
+        if crate::pinning::normalized(want) != crate::pinning::normalized(&fp) {
+            anyhow::bail!(
+                "{first} presents a CA with fingerprint {fp}, not {want}: refusing it (is something between you and the server?)"
+            );
+        }
+        return Ok(Some(pem));
+    }
+    if accept {
+        eprintln!("trusting the CA of {first}: {fp}");
+        return Ok(Some(pem));
+    }
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "{first} presents a CA with fingerprint {fp}; check it against the server's (`skyvisor server --tls` prints it), then add the remote with --fingerprint {fp} or --accept-certificate"
+        );
+    }
+    eprint!("{first} presents a CA with fingerprint\n  {fp}\nTrust it for this remote? [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if matches!(answer.trim(), "y" | "Y" | "yes") {
+        Ok(Some(pem))
+    } else {
+        anyhow::bail!("not trusted: the remote was not added")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn remote_commands_edit_the_file() {
+    #[tokio::test]
+    async fn remote_commands_edit_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("config.toml");
         let args = ConnectionArgs {
@@ -188,8 +243,11 @@ mod tests {
             RemoteCommand::Add {
                 name: "lab".into(),
                 url: "http://10.0.0.5:7780".into(),
+                accept_certificate: false,
+                fingerprint: None,
             },
         )
+        .await
         .expect("add");
         remote(
             &ConnectionArgs {
@@ -199,9 +257,12 @@ mod tests {
             json,
             RemoteCommand::Add {
                 name: "prod".into(),
-                url: "https://prod:7780".into(),
+                url: "http://prod:7780".into(),
+                accept_certificate: false,
+                fingerprint: None,
             },
         )
+        .await
         .expect("add");
         let config = ConfigFile::load(&path).expect("load");
         assert_eq!(
@@ -216,7 +277,7 @@ mod tests {
                 },
                 RemoteView {
                     name: "prod".into(),
-                    url: "https://prod:7780".into(),
+                    url: "http://prod:7780".into(),
                     project: None,
                     current: false,
                     token_set: false,
@@ -233,6 +294,7 @@ mod tests {
                 name: "nope".into(),
             },
         )
+        .await
         .expect_err("unknown");
         assert!(
             err.to_string().contains("known remotes: lab, prod"),
@@ -244,8 +306,11 @@ mod tests {
             RemoteCommand::Add {
                 name: "lab".into(),
                 url: "http://x:1".into(),
+                accept_certificate: false,
+                fingerprint: None,
             },
         )
+        .await
         .expect_err("taken");
         assert!(err.to_string().contains("already exists"), "{err}");
 
@@ -256,6 +321,7 @@ mod tests {
                 name: "prod".into(),
             },
         )
+        .await
         .expect("switch");
         assert_eq!(
             ConfigFile::load(&path).expect("load").current(),
@@ -268,6 +334,7 @@ mod tests {
                 name: "prod".into(),
             },
         )
+        .await
         .expect("remove");
         let config = ConfigFile::load(&path).expect("load");
         assert_eq!(config.current(), None);
@@ -279,6 +346,7 @@ mod tests {
                 name: "prod".into(),
             },
         )
+        .await
         .expect_err("gone");
         assert!(err.to_string().contains("known remotes: lab"), "{err}");
     }

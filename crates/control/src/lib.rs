@@ -27,6 +27,7 @@ pub mod replicas;
 pub mod scheduler;
 pub mod snapshots;
 pub mod tenancy;
+pub mod tls;
 pub mod volumes;
 
 use std::path::PathBuf;
@@ -146,7 +147,16 @@ impl ControlPlane {
         if let Ok(v) = reqwest::header::HeaderValue::from_str(&cluster_key.header()) {
             internal.insert(reqwest::header::AUTHORIZATION, v);
         }
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder();
+        // Peer servers that serve TLS carry certificates of the cluster's CA.
+        if let Some((ca, _)) = store
+            .get_json::<skyvisor_auth::pki::ClusterCa>(skyvisor_auth::pki::CA_KEY)
+            .await?
+            && let Ok(cert) = reqwest::Certificate::from_pem(ca.cert_pem.as_bytes())
+        {
+            http = http.add_root_certificate(cert);
+        }
+        let http = http
             .default_headers(internal)
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(30))

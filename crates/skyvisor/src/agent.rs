@@ -111,7 +111,11 @@ async fn join_info(servers: &[String], token: Option<&str>) -> Result<JoinInfo> 
     };
     let mut errors = Vec::new();
     for url in servers {
-        let client = Client::new(url).with_token(Some(token.to_string()));
+        // An https server's CA: SKYVISOR_CA_FILE (its `cluster-ca.pem`).
+        let ca = std::env::var_os("SKYVISOR_CA_FILE").and_then(|f| std::fs::read_to_string(f).ok());
+        let client = Client::new(url)
+            .with_token(Some(token.to_string()))
+            .with_ca(ca.as_deref());
         let path = format!("/v1/cluster/join?version={}", skyvisor_core::VERSION);
         match client.get::<JoinInfo>(&path).await {
             Ok(info) => return Ok(info),

@@ -6,6 +6,7 @@ mod agent;
 mod config;
 mod daemon;
 mod server;
+mod tls;
 mod up;
 
 use std::net::SocketAddr;
@@ -103,6 +104,10 @@ pub struct UpArgs {
     /// 65520 ids from there).
     #[arg(long)]
     private_vni_base: Option<u32>,
+    /// Serve the API over TLS, with a certificate from the cluster's CA;
+    /// the local CLI trusts the CA by itself, others pin it.
+    #[arg(long)]
+    tls: bool,
     /// The QEMU binary.
     #[arg(long)]
     qemu: Option<PathBuf>,

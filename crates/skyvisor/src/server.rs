@@ -67,6 +67,10 @@ pub struct ServerArgs {
     /// 65520 ids from there).
     #[arg(long)]
     private_vni_base: Option<u32>,
+    /// Serve the API over TLS, with a certificate from the cluster's CA
+    /// (made by the first server that serves TLS); clients pin the CA.
+    #[arg(long)]
+    tls: bool,
     /// How many days the audit trail keeps a record (default 90).
     #[arg(long)]
     audit_retention_days: Option<u32>,
@@ -197,7 +201,20 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         None if bound.ip().is_unspecified() => bail!(
             "listening on {bound}: give --advertise-url with the address agents and other servers reach this server at"
         ),
+        None if args.tls => format!("https://{bound}"),
         None => format!("http://{bound}"),
+    };
+    // The CA first: the control plane's own client trusts it.
+    let tls = match args.tls {
+        true => Some(
+            crate::tls::server_config(
+                store.as_ref(),
+                &data_dir,
+                &crate::tls::names_for(bound, &url),
+            )
+            .await?,
+        ),
+        false => None,
     };
     let mut cluster = ClusterSettings::single(name.clone(), url.clone());
     cluster.lease_ttl = lease_ttl;
@@ -248,7 +265,12 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     .context("cannot start the control plane")?;
     let membership = cp.join_cluster().await?;
     let router = skyvisor_control::api::router(cp.clone());
-    let mut api = tokio::spawn(async move { axum::serve(listener, router).await });
+    let mut api = if let Some(config) = tls {
+        let listener = skyvisor_control::tls::TlsListener::new(listener, config)?;
+        tokio::spawn(async move { axum::serve(listener, router).await })
+    } else {
+        tokio::spawn(async move { axum::serve(listener, router).await })
+    };
     info!(server = %name, %url, etcd = %etcd.join(","), "server running");
     eprintln!(
         "Server {name} serving the API at {url} (etcd {})",

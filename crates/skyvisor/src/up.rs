@@ -105,7 +105,21 @@ pub async fn run(args: UpArgs) -> Result<()> {
                 s.listen
             )
         })?;
-    let api_url = format!("http://{}", listener.local_addr()?);
+    let bound = listener.local_addr()?;
+    let scheme = if args.tls { "https" } else { "http" };
+    let api_url = format!("{scheme}://{bound}");
+    // The CA first: the control plane's and the agent's clients trust it.
+    let tls = match args.tls {
+        true => Some(
+            crate::tls::server_config(
+                store.as_ref(),
+                &s.data_dir,
+                &crate::tls::names_for(bound, &api_url),
+            )
+            .await?,
+        ),
+        false => None,
+    };
     let server_name = ServerName::new(s.host_name.as_str()).context("server name")?;
     let cp = ControlPlane::start(
         store.clone(),
@@ -132,7 +146,12 @@ pub async fn run(args: UpArgs) -> Result<()> {
         .context("cannot start the control plane")?;
 
     let router = skyvisor_control::api::router(cp.clone());
-    let mut server = tokio::spawn(async move { axum::serve(listener, router).await });
+    let mut server = if let Some(config) = tls {
+        let listener = skyvisor_control::tls::TlsListener::new(listener, config)?;
+        tokio::spawn(async move { axum::serve(listener, router).await })
+    } else {
+        tokio::spawn(async move { axum::serve(listener, router).await })
+    };
     eprintln!("API listening on {api_url}");
 
     let mut probe_files = None;

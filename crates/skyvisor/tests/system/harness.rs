@@ -123,7 +123,12 @@ impl Cloud {
         };
         // A killed earlier run may have left this slot's leftovers.
         cloud.cleanup();
-        cloud.url = format!("http://127.0.0.1:{}", cloud.port);
+        let scheme = if cloud.options.extra_args.iter().any(|a| a == "--tls") {
+            "https"
+        } else {
+            "http"
+        };
+        cloud.url = format!("{scheme}://127.0.0.1:{}", cloud.port);
         if let Some(mib) = cloud.options.tmpfs_mib {
             std::fs::create_dir_all(&cloud.data_dir).expect("data dir");
             let out = Command::new("mount")
@@ -212,10 +217,15 @@ impl Cloud {
             {
                 panic!("skyvisor up exited ({status}):\n{}", self.log_tail());
             }
-            if let Ok(v) = http_json_as("GET", &url, None, self.token().as_deref())
-                && v.1["hosts"].as_u64() == Some(1)
-                && self.log().contains("Skyvisor is up")
-            {
+            let answered = if self.url.starts_with("https://") {
+                // This harness speaks plain HTTP; the CLI speaks TLS.
+                self.log().contains("Skyvisor is up") && self.sv(&["info"]).status.success()
+            } else {
+                http_json_as("GET", &url, None, self.token().as_deref())
+                    .is_ok_and(|v| v.1["hosts"].as_u64() == Some(1))
+                    && self.log().contains("Skyvisor is up")
+            };
+            if answered {
                 return;
             }
             assert!(

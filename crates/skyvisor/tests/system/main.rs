@@ -15,5 +15,6 @@ mod multihost;
 mod networks;
 mod resilience;
 mod testbed;
+mod tls;
 mod volumes;
 mod volumes_multihost;

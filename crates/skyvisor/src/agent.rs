@@ -55,6 +55,9 @@ pub struct AgentArgs {
     /// Key prefix of the cluster in etcd (with --etcd).
     #[arg(long)]
     etcd_namespace: Option<String>,
+    /// TLS to etcd (`https://` endpoints).
+    #[command(flatten)]
+    etcd_tls: crate::server::EtcdTlsArgs,
     /// This host's name in the pool (default: the machine's host name).
     #[arg(long)]
     host_name: Option<String>,
@@ -231,7 +234,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             .unwrap_or(DEFAULT_LEASE_TTL_SECS)
             .clamp(2, 600),
     );
-    let store: Arc<dyn Store> = Arc::new(connect_etcd(&endpoints, &namespace).await?);
+    let etcd_tls = args.etcd_tls.load()?;
+    let store: Arc<dyn Store> =
+        Arc::new(connect_etcd(&endpoints, &namespace, etcd_tls.as_ref()).await?);
     let agent = daemon::start_host_agent(
         HostAgentSettings {
             host_name: host_name.clone(),

@@ -39,6 +39,9 @@ pub struct ServerArgs {
     /// Key prefix of this cluster in etcd.
     #[arg(long)]
     etcd_namespace: Option<String>,
+    /// TLS to etcd (`https://` endpoints).
+    #[command(flatten)]
+    etcd_tls: EtcdTlsArgs,
     /// This server's unique name (default: the machine's host name).
     #[arg(long)]
     name: Option<String>,
@@ -105,8 +108,48 @@ pub struct ServerArgs {
     log_format: String,
 }
 
+/// How to reach an etcd that serves TLS (and asks for client certificates).
+#[derive(Debug, Clone, Default, Args)]
+pub struct EtcdTlsArgs {
+    /// The CA etcd's certificate chains to (PEM).
+    #[arg(long, env = "SKYVISOR_ETCD_CACERT")]
+    etcd_cacert: Option<PathBuf>,
+    /// This process's client certificate for etcd (PEM).
+    #[arg(long, env = "SKYVISOR_ETCD_CERT", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// Its key (PEM).
+    #[arg(long, env = "SKYVISOR_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+}
+
+impl EtcdTlsArgs {
+    /// The TLS settings, read from the files; none without a CA.
+    pub fn load(&self) -> Result<Option<skyvisor_store::EtcdTls>> {
+        let Some(ca) = &self.etcd_cacert else {
+            if self.etcd_cert.is_some() {
+                bail!("--etcd-cert needs --etcd-cacert (the CA etcd's certificate chains to)");
+            }
+            return Ok(None);
+        };
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        let identity = match (&self.etcd_cert, &self.etcd_key) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            _ => None,
+        };
+        Ok(Some(skyvisor_store::EtcdTls {
+            ca_pem: read(ca)?,
+            identity,
+        }))
+    }
+}
+
 /// Connects to etcd, waiting up to [`ETCD_WAIT`] for it to answer.
-pub async fn connect_etcd(endpoints: &[String], namespace: &str) -> Result<EtcdStore> {
+pub async fn connect_etcd(
+    endpoints: &[String],
+    namespace: &str,
+    tls: Option<&skyvisor_store::EtcdTls>,
+) -> Result<EtcdStore> {
     if endpoints.is_empty() {
         bail!("no etcd endpoints: give --etcd http://HOST:2379 (or [cluster] etcd in the config)");
     }
@@ -116,7 +159,7 @@ pub async fn connect_etcd(endpoints: &[String], namespace: &str) -> Result<EtcdS
     let started = Instant::now();
     let mut told = false;
     loop {
-        match EtcdStore::connect(endpoints, namespace, EtcdOptions::default()).await {
+        match EtcdStore::connect_with_tls(endpoints, namespace, EtcdOptions::default(), tls).await {
             Ok(s) => return Ok(s),
             Err(e) if started.elapsed() < ETCD_WAIT => {
                 if !told {
@@ -187,7 +230,8 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     std::fs::create_dir_all(&cache_dir)
         .with_context(|| format!("cannot create cache directory {}", cache_dir.display()))?;
 
-    let store: Arc<dyn Store> = Arc::new(connect_etcd(&etcd, &namespace).await?);
+    let etcd_tls = args.etcd_tls.load()?;
+    let store: Arc<dyn Store> = Arc::new(connect_etcd(&etcd, &namespace, etcd_tls.as_ref()).await?);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

@@ -77,6 +77,25 @@ impl std::fmt::Debug for EtcdStore {
     }
 }
 
+/// How to reach etcd over TLS (`https://` endpoints): the CA its
+/// certificate chains to and, for etcd's `--client-cert-auth`, this
+/// client's certificate and key. All PEM.
+#[derive(Clone, Default)]
+pub struct EtcdTls {
+    /// The CA etcd's certificate chains to.
+    pub ca_pem: Vec<u8>,
+    /// This client's certificate and key, if etcd asks for one.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("client_certificate", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl EtcdStore {
     /// Connects to etcd at `endpoints` (e.g. `http://10.0.0.1:2379`) and
     /// checks that it answers. Every key is stored under `namespace`.
@@ -85,14 +104,32 @@ impl EtcdStore {
         namespace: &str,
         options: EtcdOptions,
     ) -> Result<Self, StoreError> {
+        Self::connect_with_tls(endpoints, namespace, options, None).await
+    }
+
+    /// [`EtcdStore::connect`], over TLS when `tls` is given.
+    pub async fn connect_with_tls(
+        endpoints: &[String],
+        namespace: &str,
+        options: EtcdOptions,
+        tls: Option<&EtcdTls>,
+    ) -> Result<Self, StoreError> {
         let joined = endpoints.join(",");
         if endpoints.is_empty() {
             return Err(StoreError::Unavailable("no etcd endpoints given".into()));
         }
-        let connect = ConnectOptions::new()
+        let mut connect = ConnectOptions::new()
             .with_connect_timeout(options.connect_timeout)
             .with_keep_alive(options.keep_alive_interval, options.request_timeout)
             .with_keep_alive_while_idle(true);
+        if let Some(tls) = tls {
+            let mut t = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity {
+                t = t.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            connect = connect.with_tls(t);
+        }
         let client = tokio::time::timeout(
             options.request_timeout,
             Client::connect(endpoints, Some(connect)),

@@ -32,7 +32,7 @@ pub mod etcd;
 pub mod testing;
 
 pub use embedded::{EmbeddedOptions, EmbeddedStore};
-pub use etcd::{EtcdOptions, EtcdStore};
+pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
 
 /// A point in the store's history. Every successful write bumps it by one.
 pub type Revision = i64;

@@ -60,13 +60,38 @@ pub struct EtcdProcess {
     binary: String,
     client_port: u16,
     peer_port: u16,
+    /// Where `/health` answers in plain HTTP when clients need TLS.
+    metrics_port: u16,
+    tls: Option<ServerTlsFiles>,
     child: Option<Child>,
+}
+
+/// The files of a TLS etcd: its certificate and key, and the CA whose
+/// client certificates it requires.
+#[derive(Debug, Clone)]
+pub struct ServerTlsFiles {
+    /// The CA that signs clients' certificates (`--trusted-ca-file`).
+    pub ca: PathBuf,
+    /// etcd's certificate (`--cert-file`).
+    pub cert: PathBuf,
+    /// Its key (`--key-file`).
+    pub key: PathBuf,
 }
 
 impl EtcdProcess {
     /// Starts etcd on free ports in a new temporary directory and waits until
     /// it is healthy.
     pub async fn start() -> Result<Self, EtcdProcessError> {
+        Self::start_with(None).await
+    }
+
+    /// Starts an etcd that serves clients over TLS only and requires their
+    /// certificates (`--client-cert-auth`).
+    pub async fn start_tls(files: ServerTlsFiles) -> Result<Self, EtcdProcessError> {
+        Self::start_with(Some(files)).await
+    }
+
+    async fn start_with(tls: Option<ServerTlsFiles>) -> Result<Self, EtcdProcessError> {
         let binary =
             std::env::var(ETCD_BINARY_ENV).unwrap_or_else(|_| DEFAULT_ETCD_BINARY.to_owned());
         let dir = tempfile::Builder::new()
@@ -74,7 +99,7 @@ impl EtcdProcess {
             .tempdir()
             .map_err(|e| EtcdProcessError::Setup(format!("temporary directory: {e}")))?;
         // Both listeners stay open while choosing, so the two ports differ.
-        let (client_port, peer_port) = {
+        let (client_port, peer_port, metrics_port) = {
             let bind = || {
                 TcpListener::bind("127.0.0.1:0")
                     .and_then(|l| Ok((l.local_addr()?.port(), l)))
@@ -82,13 +107,16 @@ impl EtcdProcess {
             };
             let (client, _c) = bind()?;
             let (peer, _p) = bind()?;
-            (client, peer)
+            let (metrics, _m) = bind()?;
+            (client, peer, metrics)
         };
         let mut etcd = EtcdProcess {
             dir,
             binary,
             client_port,
             peer_port,
+            metrics_port,
+            tls,
             child: None,
         };
         etcd.launch().await?;
@@ -97,7 +125,8 @@ impl EtcdProcess {
 
     /// The client URL, e.g. `http://127.0.0.1:40123`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// The client URLs, as [`crate::EtcdStore::connect`] takes them.
@@ -182,8 +211,19 @@ impl EtcdProcess {
             .map_err(|e| EtcdProcessError::Setup(format!("log file: {e}")))?;
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(&self.binary)
+        let mut cmd = Command::new(&self.binary);
+        if let Some(t) = &self.tls {
+            cmd.arg(format!("--cert-file={}", t.cert.display()))
+                .arg(format!("--key-file={}", t.key.display()))
+                .arg(format!("--trusted-ca-file={}", t.ca.display()))
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .arg("--name=skyvisor-test")
+            .arg(format!(
+                "--listen-metrics-urls=http://127.0.0.1:{}",
+                self.metrics_port
+            ))
             .arg(format!("--data-dir={}", self.data_dir().display()))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
@@ -238,8 +278,9 @@ impl EtcdProcess {
     /// `GET /health`, in plain HTTP/1.0 over TCP.
     async fn health(&self) -> std::io::Result<String> {
         let request = async {
+            // The metrics listener answers in plain HTTP, TLS or not.
             let mut stream =
-                tokio::net::TcpStream::connect(("127.0.0.1", self.client_port)).await?;
+                tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await?;
             stream
                 .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
                 .await?;

@@ -204,3 +204,104 @@ async fn hung_etcd_times_out_and_recovers() {
     let value = kv.expect("k exists").value;
     assert!(value == b"v" || value == b"w", "{value:?}");
 }
+
+/// A CA, and certificates it signed for etcd (127.0.0.1) and for a client.
+struct TestPki {
+    ca_pem: String,
+    server: (String, String),
+    client: (String, String),
+}
+
+fn test_pki() -> TestPki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose, SanType,
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_key = KeyPair::generate().expect("key");
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |purpose: ExtendedKeyUsagePurpose| {
+        let mut p = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        p.subject_alt_names
+            .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+        p.extended_key_usages = vec![purpose];
+        let key = KeyPair::generate().expect("key");
+        let cert = p.signed_by(&key, &issuer).expect("sign");
+        (cert.pem(), key.serialize_pem())
+    };
+    TestPki {
+        ca_pem: ca_cert.pem(),
+        server: leaf(ExtendedKeyUsagePurpose::ServerAuth),
+        client: leaf(ExtendedKeyUsagePurpose::ClientAuth),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_needs_the_ca_and_a_client_certificate() {
+    init_tracing();
+    let pki = test_pki();
+    let dir = tempfile::tempdir().expect("tmp");
+    let write = |name: &str, body: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body).expect("write");
+        p
+    };
+    let files = skyvisor_store::testing::ServerTlsFiles {
+        ca: write("ca.pem", &pki.ca_pem),
+        cert: write("etcd.pem", &pki.server.0),
+        key: write("etcd-key.pem", &pki.server.1),
+    };
+    let etcd = EtcdProcess::start_tls(files)
+        .await
+        .expect("start etcd with TLS");
+    let endpoints = etcd.endpoints();
+    assert!(endpoints[0].starts_with("https://"), "{endpoints:?}");
+    let tls = skyvisor_store::EtcdTls {
+        ca_pem: pki.ca_pem.clone().into_bytes(),
+        identity: Some((
+            pki.client.0.clone().into_bytes(),
+            pki.client.1.clone().into_bytes(),
+        )),
+    };
+    let store =
+        EtcdStore::connect_with_tls(&endpoints, "/tls/", EtcdOptions::default(), Some(&tls))
+            .await
+            .expect("connect over TLS with a client certificate");
+    store.put("k", b"v".to_vec()).await.expect("put");
+    assert_eq!(
+        store.get("k").await.expect("get").map(|kv| kv.value),
+        Some(b"v".to_vec())
+    );
+    // Without a client certificate, or without TLS, etcd lets nothing through.
+    let anonymous = skyvisor_store::EtcdTls {
+        ca_pem: pki.ca_pem.clone().into_bytes(),
+        identity: None,
+    };
+    let refused = match EtcdStore::connect_with_tls(
+        &endpoints,
+        "/tls/",
+        EtcdOptions::default(),
+        Some(&anonymous),
+    )
+    .await
+    {
+        Err(_) => true,
+        Ok(s) => s.get("k").await.is_err(),
+    };
+    assert!(refused, "etcd answered a client without a certificate");
+    let plain: Vec<String> = endpoints
+        .iter()
+        .map(|e| e.replace("https://", "http://"))
+        .collect();
+    let refused = match EtcdStore::connect(&plain, "/tls/", EtcdOptions::default()).await {
+        Err(_) => true,
+        Ok(s) => s.get("k").await.is_err(),
+    };
+    assert!(refused, "etcd answered plain HTTP");
+}

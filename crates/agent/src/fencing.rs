@@ -299,13 +299,18 @@ async fn probe_and_report(
     {
         headers.insert(reqwest::header::AUTHORIZATION, v);
     }
-    let http = reqwest::Client::builder()
+    let mut http = reqwest::Client::builder()
         .default_headers(headers)
         .no_proxy()
         .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_millis(800))
-        .build()
-        .unwrap_or_default();
+        .timeout(Duration::from_millis(800));
+    // Peers that serve TLS carry certificates of the cluster's CA.
+    if let Some(ca) = skyvisor_auth::pki::stored_ca(store.as_ref()).await
+        && let Ok(cert) = reqwest::Certificate::from_pem(ca.cert_pem.as_bytes())
+    {
+        http = http.add_root_certificate(cert);
+    }
+    let http = http.build().unwrap_or_default();
     let mut last_report: Option<(Instant, Vec<HostName>)> = None;
     loop {
         probe_peers(&fence, &http, &me).await;

@@ -91,16 +91,19 @@ pub struct AgentConfig {
 
 /// An HTTP client for calls to other parts of the cluster: each request
 /// carries the cluster's key.
-pub fn internal_client(key: &skyvisor_auth::ClusterKey) -> reqwest::Client {
+pub fn internal_client(key: &skyvisor_auth::ClusterKey, ca_pem: Option<&str>) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Ok(v) = reqwest::header::HeaderValue::from_str(&key.header()) {
         headers.insert(reqwest::header::AUTHORIZATION, v);
     }
-    reqwest::Client::builder()
+    let mut b = reqwest::Client::builder()
         .default_headers(headers)
-        .no_proxy()
-        .build()
-        .unwrap_or_default()
+        .no_proxy();
+    // Parts that serve TLS carry certificates of the cluster's CA.
+    if let Some(cert) = ca_pem.and_then(|p| reqwest::Certificate::from_pem(p.as_bytes()).ok()) {
+        b = b.add_root_certificate(cert);
+    }
+    b.build().unwrap_or_default()
 }
 
 /// What went wrong starting an agent.
@@ -345,11 +348,10 @@ async fn bring_up(
         cluster_key.bytes(),
     ));
     images.set_peer_auth(cluster_key.header());
-    // Servers that serve TLS carry certificates of the cluster's CA.
-    if let Ok(Some((ca, _))) = store
-        .get_json::<skyvisor_auth::pki::ClusterCa>(skyvisor_auth::pki::CA_KEY)
-        .await
-    {
+    // In a cluster whose servers serve TLS, the agent does too, and trusts
+    // the cluster's CA in its calls to servers and other agents.
+    let ca = skyvisor_auth::pki::stored_ca(store.as_ref()).await;
+    if let Some(ca) = &ca {
         images.trust_ca(&ca.cert_pem);
     }
     let volumes = match cfg.replica_listen {
@@ -387,7 +389,7 @@ async fn bring_up(
         firewall,
         mtu: net.mtu,
         probe_guests: cfg.probe_guests,
-        http: internal_client(&cluster_key),
+        http: internal_client(&cluster_key, ca.as_ref().map(|c| c.cert_pem.as_str())),
         cluster_key: cluster_key.clone(),
         guest_test_hooks: cfg.guest_test_hooks,
         data_dir: cfg.data_dir.clone(),
@@ -412,18 +414,51 @@ async fn bring_up(
         addr: cfg.listen,
         message: e.to_string(),
     })?;
-    let url = format!("http://{local}");
+    let tls = match &ca {
+        Some(ca) => {
+            let mut names = vec![cfg.address.clone()];
+            if !local.ip().is_unspecified() {
+                names.push(local.ip().to_string());
+            }
+            names.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
+            let issued = ca.issue_server(&names).map_err(|e| {
+                AgentError::Network(format!("cannot make the agent's certificate: {e}"))
+            })?;
+            Some(
+                skyvisor_auth::tls::server_config(&issued.chain_pem, &issued.key_pem)
+                    .map_err(|e| AgentError::Network(format!("cannot serve TLS: {e}")))?,
+            )
+        }
+        None => None,
+    };
+    let url = format!("{}://{local}", if tls.is_some() { "https" } else { "http" });
     let mut guard = TaskGuard(Vec::new());
     let mut router = http::router(ctx.clone()).merge(migration::router(ctx.clone()));
     if let Some(v) = &volumes {
         router = router.merge(volumes::http::router(v.clone()));
     }
     let router = http::members_only(router, cluster_key.clone());
-    guard.0.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            error!(error = %e, "agent HTTP service failed");
+    let serving = match tls {
+        Some(config) => {
+            let listener = skyvisor_auth::tls::TlsListener::new(listener, config).map_err(|e| {
+                AgentError::Listen {
+                    addr: cfg.listen,
+                    message: e.to_string(),
+                }
+            })?;
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, router).await {
+                    error!(error = %e, "agent HTTP service failed");
+                }
+            })
         }
-    }));
+        None => tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                error!(error = %e, "agent HTTP service failed");
+            }
+        }),
+    };
+    guard.0.push(serving);
 
     let physical = host::physical_resources(&cfg.data_dir, cfg.reserved_memory_mib);
     let registration = Host {

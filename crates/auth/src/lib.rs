@@ -11,6 +11,7 @@ pub mod bootstrap;
 mod directory;
 pub mod internal;
 pub mod pki;
+pub mod tls;
 pub mod token;
 mod view;
 

@@ -125,6 +125,17 @@ impl ClusterCa {
     }
 }
 
+/// The cluster's CA, if a server made one (clusters whose servers serve
+/// TLS); `None` also when the store cannot say.
+pub async fn stored_ca(store: &dyn Store) -> Option<ClusterCa> {
+    store
+        .get_json::<ClusterCa>(CA_KEY)
+        .await
+        .ok()
+        .flatten()
+        .map(|(ca, _)| ca)
+}
+
 /// The SHA-256 fingerprint of the first certificate in `pem`, as
 /// `sha256:AB:CD:...` (empty if there is none).
 pub fn fingerprint(pem: &str) -> String {

@@ -27,7 +27,6 @@ pub mod replicas;
 pub mod scheduler;
 pub mod snapshots;
 pub mod tenancy;
-pub mod tls;
 pub mod volumes;
 
 use std::path::PathBuf;

@@ -66,6 +66,6 @@ pub async fn server_config(
         fingerprint(&ca.cert_pem),
         ca_file.display()
     );
-    skyvisor_control::tls::server_config(&issued.chain_pem, &issued.key_pem)
+    skyvisor_auth::tls::server_config(&issued.chain_pem, &issued.key_pem)
         .map_err(|e| anyhow::anyhow!("cannot serve TLS: {e}"))
 }

@@ -147,7 +147,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
 
     let router = skyvisor_control::api::router(cp.clone());
     let mut server = if let Some(config) = tls {
-        let listener = skyvisor_control::tls::TlsListener::new(listener, config)?;
+        let listener = skyvisor_auth::tls::TlsListener::new(listener, config)?;
         tokio::spawn(async move { axum::serve(listener, router).await })
     } else {
         tokio::spawn(async move { axum::serve(listener, router).await })

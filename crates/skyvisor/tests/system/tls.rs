@@ -42,6 +42,17 @@ fn the_api_over_tls_is_trusted_locally_pinned_by_remotes_and_serves_vms() {
     // The local CLI trusts the CA beside the bootstrap token by itself.
     let ip = cloud.create_vm("tls-vm", &["--type", "nano"]);
     assert_eq!(guest_json(ip, "/identity")["name"], "tls-vm");
+    // The agent serves TLS too (the cluster has a CA), and the server
+    // reaches it: the console comes from the agent through the server.
+    let host = cloud.sv_json(&["host", "show"]);
+    assert!(
+        host["host"]["agent_url"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("https://")),
+        "{host}"
+    );
+    let console = cloud.sv_ok(&["vm", "console", "tls-vm"]);
+    assert!(console.contains("SKYVISOR-GUEST-READY"), "{console}");
 
     // Plain HTTP gets no API.
     let port = cloud.url.rsplit(':').next().expect("port");

@@ -1,4 +1,4 @@
-//! The API over TLS: a listener that completes each client's handshake on
+//! Serving HTTP over TLS (the API of servers, the agents' own): a listener that completes each client's handshake on
 //! a task of its own (a slow client never holds up the others) and hands
 //! axum only finished TLS streams.
 

@@ -128,10 +128,7 @@ const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 pub(crate) async fn run_retention(cp: crate::ControlPlane) {
     loop {
         tokio::time::sleep(PRUNE_EVERY).await;
-        let leads = cp
-            .cluster_view()
-            .is_some_and(|v| v.leadership.borrow().is_leader);
-        if !leads || cp.store_unavailable().is_some() {
+        if !cp.leads_now() {
             continue;
         }
         match prune(

@@ -32,10 +32,7 @@ pub(crate) async fn run(cp: ControlPlane) {
     let mut written: HashMap<HostName, HostFirewall> = HashMap::new();
     loop {
         tokio::time::sleep(TICK).await;
-        let leads = cp
-            .cluster_view()
-            .is_some_and(|v| v.leadership.borrow().is_leader);
-        if !leads || cp.store_unavailable().is_some() {
+        if !cp.leads_now() {
             written.clear();
             continue;
         }

@@ -61,10 +61,7 @@ pub(crate) async fn run(cp: ControlPlane) {
     let mut pruned_at = Instant::now();
     loop {
         tokio::time::sleep(TICK).await;
-        let leads = cp
-            .cluster_view()
-            .is_some_and(|v| v.leadership.borrow().is_leader);
-        if !leads || cp.store_unavailable().is_some() {
+        if !cp.leads_now() {
             state = State::default();
             continue;
         }

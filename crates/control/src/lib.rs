@@ -215,6 +215,14 @@ impl ControlPlane {
         self.cluster.get()
     }
 
+    /// Whether leader-only controllers may act now: this server leads and
+    /// the store answers.
+    pub(crate) fn leads_now(&self) -> bool {
+        self.cluster_view()
+            .is_some_and(|v| v.leadership.borrow().is_leader)
+            && self.store_unavailable().is_none()
+    }
+
     /// Why the store cannot be relied on now, if it cannot: its last probe
     /// failed, or the inventory lost its watch and has not relisted yet.
     pub fn store_unavailable(&self) -> Option<String> {

@@ -600,10 +600,7 @@ pub(crate) async fn run(cp: ControlPlane) {
     let mut failed: HashMap<InstanceName, Instant> = HashMap::new();
     loop {
         tokio::time::sleep(MAINTENANCE_EVERY).await;
-        let leads = cp
-            .cluster_view()
-            .is_some_and(|v| v.leadership.borrow().is_leader);
-        if !leads || cp.store_unavailable().is_some() {
+        if !cp.leads_now() {
             continue;
         }
         failed.retain(|_, at| at.elapsed() < DRAIN_RETRY_AFTER);

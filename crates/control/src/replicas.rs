@@ -164,10 +164,7 @@ pub(crate) async fn run(cp: ControlPlane, grace: Duration) {
     let mut gone_since: HashMap<HostName, Instant> = HashMap::new();
     loop {
         tokio::time::sleep(CHECK_EVERY).await;
-        let leads = cp
-            .cluster_view()
-            .is_some_and(|v| v.leadership.borrow().is_leader);
-        if !leads || cp.store_unavailable().is_some() {
+        if !cp.leads_now() {
             gone_since.clear();
             continue;
         }

@@ -438,27 +438,11 @@ async fn bring_up(
         router = router.merge(volumes::http::router(v.clone()));
     }
     let router = http::members_only(router, cluster_key.clone());
-    let serving = match tls {
-        Some(config) => {
-            let listener = skyvisor_auth::tls::TlsListener::new(listener, config).map_err(|e| {
-                AgentError::Listen {
-                    addr: cfg.listen,
-                    message: e.to_string(),
-                }
-            })?;
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, router).await {
-                    error!(error = %e, "agent HTTP service failed");
-                }
-            })
+    guard.0.push(tokio::spawn(async move {
+        if let Err(e) = skyvisor_auth::tls::serve(listener, tls, router).await {
+            error!(error = %e, "agent HTTP service failed");
         }
-        None => tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router).await {
-                error!(error = %e, "agent HTTP service failed");
-            }
-        }),
-    };
-    guard.0.push(serving);
+    }));
 
     let physical = host::physical_resources(&cfg.data_dir, cfg.reserved_memory_mib);
     let registration = Host {

@@ -93,3 +93,16 @@ impl axum::serve::Listener for TlsListener {
         Ok(self.local)
     }
 }
+
+/// Serves `router` on `listener`, over TLS when `tls` is given, until the
+/// service fails.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<rustls::ServerConfig>,
+    router: axum::Router,
+) -> std::io::Result<()> {
+    match tls {
+        Some(config) => axum::serve(TlsListener::new(listener, config)?, router).await,
+        None => axum::serve(listener, router).await,
+    }
+}

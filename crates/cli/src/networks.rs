@@ -314,14 +314,7 @@ pub async fn security_group(
             if !rules.contains(&rule) {
                 rules.push(rule);
             }
-            let g: SecurityGroup = client
-                .call(
-                    Method::PUT,
-                    &format!("{}/rules", path(&name)),
-                    Some(&SecurityRulesRequest { rules }),
-                )
-                .await?;
-            print_group(format, &g);
+            print_group(format, &put_rules(client, &path(&name), rules).await?);
         }
         SecurityGroupCommand::Revoke { name, rule } => {
             let rule = rule.rule()?;
@@ -336,15 +329,23 @@ pub async fn security_group(
                     source_of(&rule)
                 );
             }
-            let g: SecurityGroup = client
-                .call(
-                    Method::PUT,
-                    &format!("{}/rules", path(&name)),
-                    Some(&SecurityRulesRequest { rules }),
-                )
-                .await?;
-            print_group(format, &g);
+            print_group(format, &put_rules(client, &path(&name), rules).await?);
         }
     }
     Ok(())
+}
+
+/// Replaces the rules of the group at `group_path`.
+async fn put_rules(
+    client: &Client,
+    group_path: &str,
+    rules: Vec<SecurityRule>,
+) -> Result<SecurityGroup> {
+    Ok(client
+        .call(
+            Method::PUT,
+            &format!("{group_path}/rules"),
+            Some(&SecurityRulesRequest { rules }),
+        )
+        .await?)
 }

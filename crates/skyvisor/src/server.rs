@@ -309,12 +309,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     .context("cannot start the control plane")?;
     let membership = cp.join_cluster().await?;
     let router = skyvisor_control::api::router(cp.clone());
-    let mut api = if let Some(config) = tls {
-        let listener = skyvisor_auth::tls::TlsListener::new(listener, config)?;
-        tokio::spawn(async move { axum::serve(listener, router).await })
-    } else {
-        tokio::spawn(async move { axum::serve(listener, router).await })
-    };
+    let mut api = tokio::spawn(skyvisor_auth::tls::serve(listener, tls, router));
     info!(server = %name, %url, etcd = %etcd.join(","), "server running");
     eprintln!(
         "Server {name} serving the API at {url} (etcd {})",

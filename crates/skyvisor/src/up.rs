@@ -146,12 +146,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         .context("cannot start the control plane")?;
 
     let router = skyvisor_control::api::router(cp.clone());
-    let mut server = if let Some(config) = tls {
-        let listener = skyvisor_auth::tls::TlsListener::new(listener, config)?;
-        tokio::spawn(async move { axum::serve(listener, router).await })
-    } else {
-        tokio::spawn(async move { axum::serve(listener, router).await })
-    };
+    let mut server = tokio::spawn(skyvisor_auth::tls::serve(listener, tls, router));
     eprintln!("API listening on {api_url}");
 
     let mut probe_files = None;

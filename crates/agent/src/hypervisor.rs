@@ -137,6 +137,20 @@ pub struct OutgoingPlan {
     pub max_duration: Duration,
     /// Bandwidth cap, bytes per second; `None`: as fast as it goes.
     pub max_bandwidth: Option<u64>,
+    /// Mutual TLS for the memory stream and the disk mirror, when the
+    /// destination asks for it.
+    pub tls: Option<StreamTls>,
+}
+
+/// TLS of a migration's streams (QEMU's own, with the cluster's
+/// certificates).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamTls {
+    /// The directory of QEMU's credentials files.
+    pub dir: std::path::PathBuf,
+    /// The name the other end's certificate must carry (the source checks
+    /// the destination's address).
+    pub hostname: String,
 }
 
 /// An NBD export on another host.
@@ -159,6 +173,9 @@ pub struct IncomingPlan {
     pub migration_port: u16,
     /// The NBD server's port (for the root disk's mirror), if it has one.
     pub nbd_port: Option<u16>,
+    /// Mutual TLS on both listeners: only a peer with a certificate of the
+    /// cluster's CA may send the VM's state.
+    pub tls: Option<StreamTls>,
 }
 
 /// The export name of a migrating VM's root disk on the destination.

@@ -7,6 +7,7 @@
 
 pub mod checkpoints;
 pub mod cluster;
+pub mod credentials;
 pub mod disks;
 pub mod fake_hv;
 pub mod fencing;
@@ -196,6 +197,9 @@ pub struct AgentContext {
     pub volumes: Option<Arc<VolumeService>>,
     /// The address other hosts reach this one at (migration streams).
     pub address: String,
+    /// QEMU's TLS credentials for migration streams (mutual TLS with the
+    /// cluster's certificates); `None` sends them in the clear.
+    pub stream_tls: Option<PathBuf>,
     /// VMs prepared here as live migrations' destinations.
     pub incoming: migration::IncomingVms,
     /// VMs leaving this host by live migration right now (their source
@@ -348,12 +352,17 @@ async fn bring_up(
         cluster_key.bytes(),
     ));
     images.set_peer_auth(cluster_key.header());
-    // In a cluster whose servers serve TLS, the agent does too, and trusts
-    // the cluster's CA in its calls to servers and other agents.
-    let ca = skyvisor_auth::pki::stored_ca(store.as_ref()).await;
-    if let Some(ca) = &ca {
-        images.trust_ca(&ca.cert_pem);
+    // The agent's certificate of the cluster's CA: its API is served over
+    // TLS, replica links and migration streams are mutual TLS, and it
+    // trusts the CA in its calls to servers and other agents.
+    let mut names = vec![cfg.address.clone()];
+    if !cfg.listen.ip().is_unspecified() {
+        names.push(cfg.listen.ip().to_string());
     }
+    names.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
+    let credentials =
+        credentials::Credentials::establish(store.as_ref(), &names, &cfg.data_dir).await?;
+    images.trust_ca(&credentials.ca.cert_pem);
     let volumes = match cfg.replica_listen {
         Some(listen) => Some(
             VolumeService::start(
@@ -389,7 +398,8 @@ async fn bring_up(
         firewall,
         mtu: net.mtu,
         probe_guests: cfg.probe_guests,
-        http: internal_client(&cluster_key, ca.as_ref().map(|c| c.cert_pem.as_str())),
+        http: internal_client(&cluster_key, Some(&credentials.ca.cert_pem)),
+        stream_tls: Some(credentials.qemu_dir.clone()),
         cluster_key: cluster_key.clone(),
         guest_test_hooks: cfg.guest_test_hooks,
         data_dir: cfg.data_dir.clone(),
@@ -414,23 +424,7 @@ async fn bring_up(
         addr: cfg.listen,
         message: e.to_string(),
     })?;
-    let tls = match &ca {
-        Some(ca) => {
-            let mut names = vec![cfg.address.clone()];
-            if !local.ip().is_unspecified() {
-                names.push(local.ip().to_string());
-            }
-            names.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
-            let issued = ca.issue_server(&names).map_err(|e| {
-                AgentError::Network(format!("cannot make the agent's certificate: {e}"))
-            })?;
-            Some(
-                skyvisor_auth::tls::server_config(&issued.chain_pem, &issued.key_pem)
-                    .map_err(|e| AgentError::Network(format!("cannot serve TLS: {e}")))?,
-            )
-        }
-        None => None,
-    };
+    let tls = Some(credentials.api_tls()?);
     let url = format!("{}://{local}", if tls.is_some() { "https" } else { "http" });
     let mut guard = TaskGuard(Vec::new());
     let mut router = http::router(ctx.clone()).merge(migration::router(ctx.clone()));

@@ -33,7 +33,8 @@ use tracing::{debug, info, warn};
 
 use crate::AgentContext;
 use crate::hypervisor::{
-    HvError, IncomingPlan, MIGRATION_EXPORT, NbdTarget, OutgoingControl, OutgoingPlan, Vm,
+    HvError, IncomingPlan, MIGRATION_EXPORT, NbdTarget, OutgoingControl, OutgoingPlan, StreamTls,
+    Vm,
 };
 use crate::launch::{Launcher, ServeMode};
 
@@ -173,6 +174,10 @@ pub struct PrepareAnswer {
     pub migration_port: u16,
     /// The root disk's NBD export port, if the VM has a local root disk.
     pub nbd_port: Option<u16>,
+    /// Whether its listeners take only mutual TLS with a certificate of the
+    /// cluster's CA (the source must then present one).
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// An error answer of the migration endpoints.
@@ -328,6 +333,10 @@ async fn prepare(
             host: host.clone(),
             migration_port,
             nbd_port,
+            tls: ctx.stream_tls.as_ref().map(|dir| StreamTls {
+                dir: dir.clone(),
+                hostname: host.clone(),
+            }),
         },
         Err(e) => {
             running.vm.kill();
@@ -361,6 +370,7 @@ async fn prepare(
         host: plan.host,
         migration_port: plan.migration_port,
         nbd_port: plan.nbd_port,
+        tls: plan.tls.is_some(),
     })
     .into_response()
 }
@@ -929,7 +939,22 @@ pub(crate) async fn migrate_out(
             control.streams.push((ip, p));
         }
     }
+    let tls = match (answer.tls, &ctx.stream_tls) {
+        (false, _) => None,
+        (true, Some(dir)) => Some(StreamTls {
+            dir: dir.clone(),
+            hostname: answer.host.clone(),
+        }),
+        (true, None) => {
+            let _ = peer.call::<()>("abort").await;
+            let e = "the destination takes the VM's state only over TLS, and this host has no certificate of the cluster's CA".to_string();
+            fail(ctx, spec, control.record, e, false).await;
+            return SourceOutcome::Stayed;
+        }
+    };
+    let encrypted = tls.is_some();
     let plan = OutgoingPlan {
+        tls,
         disk: answer.nbd_port.map(|port| NbdTarget {
             host: answer.host.clone(),
             port,
@@ -964,6 +989,7 @@ pub(crate) async fn migrate_out(
         pause_ms: outcome.stopped_at.elapsed().as_millis() as u64,
         ram_transferred: outcome.ram_transferred,
         disk_copied: outcome.disk_copied,
+        encrypted,
     });
     let completed_after = outcome.stopped_at.elapsed();
     if !hand_over(ctx, spec, req, &record).await {

@@ -12,7 +12,7 @@ use skyvisor_qemu::checkpoint::{self, DiskCapture, SavePlan};
 use skyvisor_qemu::qmp::{
     AnnounceParameters, BlockJobInfo, BlockdevMirror, EventKind, EventStreamError,
     MigrationCapability, MigrationInfo, MigrationParameters, MigrationStatus, MirrorSync,
-    NbdListen, RamStats, RunState, ShutdownCause,
+    NbdListen, RamStats, RunState, ShutdownCause, TlsCreds, TlsEndpoint,
 };
 use skyvisor_qemu::{
     Boot, CacheMode, DiskConfig, DiskSource, ExitInfo, Incoming, NbdServer, NicConfig, ProcessExit,
@@ -25,8 +25,8 @@ use tracing::{debug, info, warn};
 
 use crate::hypervisor::{
     CheckpointOutcome, CheckpointPlan, HvError, Hypervisor, IncomingPlan, LaunchBoot, LaunchVolume,
-    MIGRATION_EXPORT, OutgoingControl, OutgoingOutcome, OutgoingPlan, Vm, VmEvent, VmExit,
-    VmLaunch,
+    MIGRATION_EXPORT, OutgoingControl, OutgoingOutcome, OutgoingPlan, StreamTls, Vm, VmEvent,
+    VmExit, VmLaunch,
 };
 
 /// The block node of the root disk (its disk id in [`QemuHypervisor::config`]).
@@ -390,11 +390,24 @@ impl Vm for QemuVmHandle {
         ])
         .await
         .map_err(control)?;
+        let tls = match &plan.tls {
+            Some(t) => Some(add_stream_tls(qmp, t, TlsEndpoint::Server).await?),
+            None => None,
+        };
+        qmp.migrate_set_parameters(&MigrationParameters {
+            tls_creds: Some(tls.clone().unwrap_or_default()),
+            ..Default::default()
+        })
+        .await
+        .map_err(control)?;
         if let Some(port) = plan.nbd_port {
-            qmp.nbd_server_start(&NbdListen::Inet {
-                host: plan.host.clone(),
-                port,
-            })
+            qmp.nbd_server_start(
+                &NbdListen::Inet {
+                    host: plan.host.clone(),
+                    port,
+                },
+                tls.as_deref(),
+            )
             .await
             .map_err(control)?;
             qmp.nbd_server_add(ROOT_NODE, MIGRATION_EXPORT, true)
@@ -587,6 +600,30 @@ async fn mirror_job(qmp: &Qmp) -> Result<Option<BlockJobInfo>, HvError> {
 }
 
 /// The source's steps; the caller undoes them on failure.
+/// The ids of the TLS credentials objects of migrations.
+const TLS_SERVER_CREDS: &str = "sv-tls-server";
+const TLS_CLIENT_CREDS: &str = "sv-tls-client";
+
+/// Adds the credentials of one end of a migration's TLS; their id.
+async fn add_stream_tls(
+    qmp: &Qmp,
+    tls: &StreamTls,
+    endpoint: TlsEndpoint,
+) -> Result<String, HvError> {
+    let id = match endpoint {
+        TlsEndpoint::Server => TLS_SERVER_CREDS,
+        TlsEndpoint::Client => TLS_CLIENT_CREDS,
+    };
+    qmp.add_tls_creds(&TlsCreds {
+        id: id.into(),
+        dir: tls.dir.clone(),
+        endpoint,
+    })
+    .await
+    .map_err(control)?;
+    Ok(id.into())
+}
+
 async fn migrate_out(
     qmp: &Qmp,
     plan: &OutgoingPlan,
@@ -600,17 +637,25 @@ async fn migrate_out(
             plan.max_duration.as_secs()
         ))
     };
+    let tls = match &plan.tls {
+        Some(t) => Some(add_stream_tls(qmp, t, TlsEndpoint::Client).await?),
+        None => None,
+    };
     // 1. The disk: mirror it into the destination's export; from `ready` on,
     // every guest write reaches both (write-blocking), so it stays in sync.
     if let Some(disk) = &plan.disk {
-        qmp.blockdev_add(serde_json::json!({
+        let mut target = serde_json::json!({
             "driver": "nbd",
             "node-name": MIRROR_JOB,
             "server": {"type": "inet", "host": disk.host, "port": disk.port.to_string()},
             "export": disk.export,
-        }))
-        .await
-        .map_err(control)?;
+        });
+        if let Some(id) = &tls {
+            // The client checks the server's certificate against the host
+            // it connects to.
+            target["tls-creds"] = serde_json::json!(id);
+        }
+        qmp.blockdev_add(target).await.map_err(control)?;
         qmp.blockdev_mirror(&BlockdevMirror {
             job_id: MIRROR_JOB.into(),
             device: ROOT_NODE.into(),
@@ -669,6 +714,8 @@ async fn migrate_out(
     qmp.migrate_set_parameters(&MigrationParameters {
         downtime_limit: Some(0),
         max_bandwidth: Some(plan.max_bandwidth.unwrap_or(u64::MAX >> 8)),
+        tls_creds: Some(tls.unwrap_or_default()),
+        tls_hostname: plan.tls.as_ref().map(|t| t.hostname.clone()),
         ..Default::default()
     })
     .await

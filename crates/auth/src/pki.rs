@@ -42,6 +42,8 @@ impl std::fmt::Debug for ClusterCa {
 pub struct Issued {
     /// The certificate followed by the CA's (the chain a server sends).
     pub chain_pem: String,
+    /// The certificate alone.
+    pub cert_pem: String,
     /// Its private key.
     pub key_pem: String,
 }
@@ -94,6 +96,27 @@ impl ClusterCa {
 
     /// Signs a server certificate for `names` (DNS names or IP addresses).
     pub fn issue_server(&self, names: &[String]) -> Result<Issued, AuthError> {
+        self.issue(names, &[rcgen::ExtendedKeyUsagePurpose::ServerAuth])
+    }
+
+    /// Signs a cluster member's certificate for `names`: it serves TLS and
+    /// authenticates its member as a client (replica links, migration
+    /// streams), so it carries both purposes.
+    pub fn issue_member(&self, names: &[String]) -> Result<Issued, AuthError> {
+        self.issue(
+            names,
+            &[
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    fn issue(
+        &self,
+        names: &[String],
+        purposes: &[rcgen::ExtendedKeyUsagePurpose],
+    ) -> Result<Issued, AuthError> {
         let ca_key =
             KeyPair::from_pem(&self.key_pem).map_err(|e| pki_error("reading the CA key", e))?;
         let issuer = Issuer::new(ca_params(), ca_key);
@@ -111,7 +134,12 @@ impl ClusterCa {
                 Err(_) => n.clone().try_into().ok().map(SanType::DnsName),
             })
             .collect();
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        params.extended_key_usages = purposes.to_vec();
+        // What QEMU's GnuTLS checks insist on for a leaf it serves with.
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.not_before = rcgen::date_time_ymd(2025, 1, 1);
         params.not_after = rcgen::date_time_ymd(2045, 1, 1);
         let key = KeyPair::generate().map_err(|e| pki_error("generating a server key", e))?;
@@ -120,6 +148,7 @@ impl ClusterCa {
             .map_err(|e| pki_error("signing a server certificate", e))?;
         Ok(Issued {
             chain_pem: format!("{}{}", cert.pem(), self.cert_pem),
+            cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
     }

@@ -77,6 +77,12 @@ fn show_table(m: &Migration) {
         rows.push(("QEMU downtime", format!("{} ms", r.qemu_downtime_ms)));
         rows.push(("memory sent", mib_of(r.ram_transferred)));
         rows.push(("disk copied", mib_of(r.disk_copied)));
+        let streams = if r.encrypted {
+            "mutual TLS"
+        } else {
+            "plain TCP"
+        };
+        rows.push(("streams", streams.to_string()));
     } else if !m.phase.is_finished() {
         rows.push(("progress", progress_line(m)));
     }

@@ -147,12 +147,12 @@ impl ControlPlane {
             internal.insert(reqwest::header::AUTHORIZATION, v);
         }
         let mut http = reqwest::Client::builder();
-        // Peer servers that serve TLS carry certificates of the cluster's CA.
-        if let Some((ca, _)) = store
-            .get_json::<skyvisor_auth::pki::ClusterCa>(skyvisor_auth::pki::CA_KEY)
-            .await?
-            && let Ok(cert) = reqwest::Certificate::from_pem(ca.cert_pem.as_bytes())
-        {
+        // Every cluster has a CA, made by its first server (or agent):
+        // agents, and servers that serve TLS, carry certificates of it.
+        let ca = skyvisor_auth::pki::ClusterCa::load_or_create(store.as_ref())
+            .await
+            .map_err(skyvisor_auth::AuthError::into_store_error)?;
+        if let Ok(cert) = reqwest::Certificate::from_pem(ca.cert_pem.as_bytes()) {
             http = http.add_root_certificate(cert);
         }
         let http = http

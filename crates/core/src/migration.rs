@@ -152,6 +152,10 @@ pub struct MigrationResult {
     pub ram_transferred: u64,
     /// Disk bytes copied.
     pub disk_copied: u64,
+    /// Whether the memory stream and the disk mirror went over mutual TLS
+    /// with the cluster's certificates.
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 /// One migration, as the store keeps it (`migrations/record/<id>`).

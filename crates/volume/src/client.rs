@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::BufReader;
+use tokio::io::{BufReader, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
+use tokio_util::either::Either;
 
 use crate::ids::{NodeId, VolumeId};
 use crate::replica::{Replica, ReplicaStore};
@@ -54,11 +55,16 @@ impl LinkError {
 type Pending =
     Arc<std::sync::Mutex<Option<HashMap<u64, oneshot::Sender<Result<Response, WireError>>>>>>;
 
+type TlsLink = tokio_rustls::client::TlsStream<TcpStream>;
+/// The sending side of a link: plain TCP, or TLS in a cluster with a CA.
+type LinkWriter = Either<OwnedWriteHalf, WriteHalf<TlsLink>>;
+type LinkReader = Either<OwnedReadHalf, ReadHalf<TlsLink>>;
+
 /// A pipelined connection to a remote replica server.
 #[derive(Debug)]
 pub struct RemoteReplica {
     node: NodeId,
-    writer: FrameWriter<OwnedWriteHalf>,
+    writer: FrameWriter<LinkWriter>,
     pending: Pending,
     next_id: AtomicU64,
     broken: Arc<AtomicBool>,
@@ -87,13 +93,31 @@ impl RemoteReplica {
             .map_err(|_| err("connect timed out".into()))?
             .map_err(|e| err(format!("connect {addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
-        if let Some(key) = crate::link_key::process_key() {
-            crate::link_key::connect(key, &mut stream)
-                .await
-                .map_err(|e| err(format!("{addr}: {e}")))?;
-        }
         let addr_shown: SocketAddr = stream.peer_addr().map_err(|e| err(e.to_string()))?;
-        let (r, w) = stream.into_split();
+        let (r, w): (LinkReader, LinkWriter) = match crate::link_tls::process_tls() {
+            Some(tls) => {
+                let mut tls = tokio::time::timeout(timeout, tls.connect(addr, stream))
+                    .await
+                    .map_err(|_| err("TLS handshake timed out".into()))?
+                    .map_err(|e| err(format!("TLS with {addr}: {e}")))?;
+                if let Some(key) = crate::link_key::process_key() {
+                    crate::link_key::connect(key, &mut tls)
+                        .await
+                        .map_err(|e| err(format!("{addr}: {e}")))?;
+                }
+                let (r, w) = tokio::io::split(tls);
+                (Either::Right(r), Either::Right(w))
+            }
+            None => {
+                if let Some(key) = crate::link_key::process_key() {
+                    crate::link_key::connect(key, &mut stream)
+                        .await
+                        .map_err(|e| err(format!("{addr}: {e}")))?;
+                }
+                let (r, w) = stream.into_split();
+                (Either::Left(r), Either::Left(w))
+            }
+        };
         let pending: Pending = Arc::new(std::sync::Mutex::new(Some(HashMap::new())));
         let broken = Arc::new(AtomicBool::new(false));
         let reader = {

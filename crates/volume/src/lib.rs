@@ -25,6 +25,7 @@ pub mod device;
 mod fsutil;
 pub mod ids;
 pub mod link_key;
+pub mod link_tls;
 mod locks;
 pub mod membership;
 pub mod replica;

@@ -66,18 +66,43 @@ impl ReplicaServer {
                 tokio::select! {
                     _ = c.cancelled() => break,
                     r = listener.accept() => match r {
-                        Ok((mut stream, peer)) => {
+                        Ok((stream, peer)) => {
                             let _ = stream.set_nodelay(true);
                             let (s, c2) = (s.clone(), c.clone());
                             t.spawn(async move {
-                                if let Some(key) = crate::link_key::process_key()
-                                    && let Err(e) = crate::link_key::accept(key, &mut stream).await
-                                {
-                                    warn!(%peer, "replica connection refused: {e}");
-                                    return;
-                                }
-                                let (r, w) = stream.into_split();
-                                if let Err(e) = serve(s, r, w, c2).await {
+                                let r = match crate::link_tls::process_tls() {
+                                    Some(tls) => {
+                                        let handshake = tokio::time::timeout(
+                                            crate::link_key::HANDSHAKE_TIMEOUT,
+                                            tls.accept(stream),
+                                        );
+                                        let mut stream = match handshake.await {
+                                            Ok(Ok(stream)) => stream,
+                                            Ok(Err(e)) => {
+                                                warn!(%peer, "replica connection refused: TLS: {e}");
+                                                return;
+                                            }
+                                            Err(_) => {
+                                                warn!(%peer, "replica connection refused: TLS handshake timed out");
+                                                return;
+                                            }
+                                        };
+                                        if !link_key_accepted(&mut stream, peer).await {
+                                            return;
+                                        }
+                                        let (r, w) = tokio::io::split(stream);
+                                        serve(s, r, w, c2).await
+                                    }
+                                    None => {
+                                        let mut stream = stream;
+                                        if !link_key_accepted(&mut stream, peer).await {
+                                            return;
+                                        }
+                                        let (r, w) = stream.into_split();
+                                        serve(s, r, w, c2).await
+                                    }
+                                };
+                                if let Err(e) = r {
                                     debug!(%peer, "replica connection ended: {e}");
                                 }
                             });
@@ -113,6 +138,24 @@ impl ReplicaServer {
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+    }
+}
+
+/// Runs the link-key handshake when this process has a key; false (and
+/// logged) when the peer failed it.
+async fn link_key_accepted<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    peer: SocketAddr,
+) -> bool {
+    match crate::link_key::process_key() {
+        Some(key) => match crate::link_key::accept(key, stream).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(%peer, "replica connection refused: {e}");
+                false
+            }
+        },
+        None => true,
     }
 }
 
@@ -178,6 +221,8 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
                 return Ok(());
             }
             write_all_vectored(&mut *w, &mut segs).await?;
+            // TLS keeps records it could not send yet; TCP has none.
+            w.flush().await?;
             drop(w);
             // A sender that queued while this one wrote found the stream
             // busy and left: its frame is written here.

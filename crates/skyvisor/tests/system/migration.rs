@@ -88,6 +88,10 @@ fn migrate(bed: &TestBed, name: &str, to: &str) -> Value {
     let r = &m["result"];
     assert!(r["pause_ms"].as_u64().is_some(), "{m}");
     assert!(r["ram_transferred"].as_u64() > Some(0), "{m}");
+    assert_eq!(
+        r["encrypted"], true,
+        "the streams are mutual TLS with the cluster's certificates: {m}"
+    );
     m
 }
 

@@ -150,6 +150,9 @@ const PREVIOUS_COPY_WAIT: Duration = Duration::from_secs(30);
 pub struct PrepareRequest {
     /// The VM.
     pub instance: InstanceName,
+    /// The streams go without TLS (the migration asked for it).
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// Where the overlay must send a MAC for a while (every host but a
@@ -333,7 +336,7 @@ async fn prepare(
             host: host.clone(),
             migration_port,
             nbd_port,
-            tls: ctx.stream_tls.as_ref().map(|dir| StreamTls {
+            tls: ctx.stream_tls.as_ref().filter(|_| !req.insecure).map(|dir| StreamTls {
                 dir: dir.clone(),
                 hostname: host.clone(),
             }),
@@ -633,6 +636,7 @@ struct Peer {
     url: String,
     id: MigrationId,
     instance: InstanceName,
+    insecure: bool,
 }
 
 impl Peer {
@@ -641,6 +645,7 @@ impl Peer {
             step,
             &PrepareRequest {
                 instance: self.instance.clone(),
+                insecure: self.insecure,
             },
         )
         .await
@@ -893,6 +898,7 @@ pub(crate) async fn migrate_out(
         url,
         id: req.id,
         instance: spec.name.clone(),
+        insecure: req.insecure,
     };
     let mut control = SourceControl {
         ctx,
@@ -939,7 +945,7 @@ pub(crate) async fn migrate_out(
             control.streams.push((ip, p));
         }
     }
-    let tls = match (answer.tls, &ctx.stream_tls) {
+    let tls = match (answer.tls && !req.insecure, &ctx.stream_tls) {
         (false, _) => None,
         (true, Some(dir)) => Some(StreamTls {
             dir: dir.clone(),

@@ -118,6 +118,10 @@ pub enum VmCommand {
         /// Cap the copy's bandwidth, MiB per second (default: no cap).
         #[arg(long, value_name = "MIB_S", conflicts_with = "cancel")]
         bandwidth: Option<u64>,
+        /// Send memory and disk without TLS (a network you trust; less CPU
+        /// per byte). Default: mutual TLS with the cluster's certificates.
+        #[arg(long, conflicts_with = "cancel")]
+        insecure: bool,
         /// Cancel the VM's migration in flight; it stays where it runs.
         #[arg(long)]
         cancel: bool,
@@ -1128,11 +1132,16 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
             name,
             to,
             bandwidth,
+            insecure,
             cancel,
             no_wait,
         } => {
-            crate::migrations::migrate(client, format, &name, to, bandwidth, cancel, !no_wait)
-                .await?
+            let request = skyvisor_core::api::MigrateInstanceRequest {
+                to,
+                max_bandwidth_mib_s: bandwidth,
+                insecure,
+            };
+            crate::migrations::migrate(client, format, &name, request, cancel, !no_wait).await?
         }
         VmCommand::Console { name, follow, tail } => {
             let mut offset: i64 = match tail {

@@ -132,8 +132,7 @@ pub async fn migrate(
     client: &Client,
     format: OutputFormat,
     name: &str,
-    to: Option<String>,
-    max_bandwidth_mib_s: Option<u64>,
+    request: MigrateInstanceRequest,
     cancel: bool,
     wait: bool,
 ) -> Result<()> {
@@ -153,13 +152,7 @@ pub async fn migrate(
         return Ok(());
     }
     let m: Migration = client
-        .post(
-            &format!("/v1/instances/{name}/migrate"),
-            &MigrateInstanceRequest {
-                to,
-                max_bandwidth_mib_s,
-            },
-        )
+        .post(&format!("/v1/instances/{name}/migrate"), &request)
         .await?;
     if !wait {
         output::print(format, &m, show_table);

@@ -170,6 +170,7 @@ impl ControlPlane {
                 id: record.id,
                 destination: dest.clone(),
                 max_bandwidth_mib_s: req.max_bandwidth_mib_s,
+                insecure: req.insecure,
             });
             next.generation += 1;
             let mut compares = vec![Compare::ModRevision(key.clone(), rev)];
@@ -695,6 +696,7 @@ async fn rebalance_step(cp: &ControlPlane) -> ApiResult<()> {
             MigrateInstanceRequest {
                 to: Some(mv.to.clone()),
                 max_bandwidth_mib_s: None,
+                insecure: false,
             },
             MigrationReason::Rebalance,
         )

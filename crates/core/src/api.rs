@@ -263,6 +263,11 @@ pub struct MigrateInstanceRequest {
     /// spare the network; unlimited when absent.
     #[serde(default)]
     pub max_bandwidth_mib_s: Option<u64>,
+    /// Send memory and disk without TLS, for a network the operator
+    /// trusts (like Proxmox's `migration_type insecure`): less CPU per
+    /// byte. Default: mutual TLS with the cluster's certificates.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// Body of `POST /v1/hosts/rebalance`.

@@ -215,6 +215,9 @@ pub struct MigrationRequest {
     /// Bandwidth cap, MiB per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_bandwidth_mib_s: Option<u64>,
+    /// Streams without TLS (asked for explicitly).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
 }
 
 #[cfg(test)]

@@ -467,10 +467,11 @@ class Skyvisor:
                 return [a.decode() for a in args if a]
         return None
 
-    def migrate(self, name, to):
+    def migrate(self, name, to, insecure=False):
         t0 = time.time()
+        body = {"to": to, "insecure": True} if insecure else {"to": to}
         try:
-            m = self.api("POST", f"/v1/instances/{name}/migrate", {"to": to})
+            m = self.api("POST", f"/v1/instances/{name}/migrate", body)
         except urllib.error.HTTPError as e:
             return {"error": f"migrate request: {http_error_text(e)}"}
         deadline = t0 + SV_TIMEOUT
@@ -491,9 +492,12 @@ class Skyvisor:
         r = m["result"]
         return {"total_ms": r["total_ms"], "downtime_ms": r["qemu_downtime_ms"],
                 "pause_ms": r["pause_ms"], "wall_ms": wall, "ram_mib": r["ram_transferred"] / 2**20,
-                "disk_mib": r["disk_copied"] / 2**20}
+                "disk_mib": r["disk_copied"] / 2**20, "encrypted": r.get("encrypted", False)}
 
-    def case(self, mem, busy, repeat, rate):
+    def case(self, mem, busy, repeat, rate, tls_compare=False):
+        """`repeat` migrations; with `tls_compare`, every other one sends
+        its streams in the clear (`insecure`), so TLS and plain alternate
+        on the same guest."""
         name = f"mig{mem}-{'busy' if busy else 'idle'}"
         ip, host = self.create(name, mem)
         args = self.qemu_args(name)
@@ -505,8 +509,11 @@ class Skyvisor:
         try:
             for i in range(repeat):
                 to = "h2" if host == "h1" else "h1"
-                log(f"  Skyvisor run {i + 1}/{repeat}: {name} {host} -> {to}")
-                res, client = measure(ip, lambda: self.migrate(name, to))
+                insecure = tls_compare and i % 2 == 1
+                log(f"  Skyvisor run {i + 1}/{repeat}: {name} {host} -> {to}"
+                    f"{' (plain streams)' if insecure else ''}")
+                res, client = measure(ip, lambda: self.migrate(name, to, insecure))
+                res["insecure"] = insecure
                 res.update(client)
                 res["dir"] = f"{host}->{to}"
                 if busy:
@@ -805,9 +812,15 @@ def report(rows, args, profile):
            "slowest request ms | longest silence ms (range) | failed / requests | memtest mismatches |",
            "|---|---|---|---|---|---|---|---|---|"]
     checks = {"failed": [], "slow": [], "pause": [], "converge": [], "memtest": []}
-    for label, raw_runs, sv_runs in rows:
+    plain_rows = []
+    for label, raw_runs, all_sv_runs in rows:
+        sv_runs = [r for r in all_sv_runs if not r.get("insecure")]
+        plain = [r for r in all_sv_runs if r.get("insecure")]
         out.append(row(label, "raw QEMU", raw_runs))
         out.append(row(label, "Skyvisor", sv_runs))
+        if plain:
+            out.append(row(label, "Skyvisor, plain streams", plain))
+            plain_rows.append((label, sv_runs, plain))
         # Ratios over completed migrations only.
         rs = [r["slowest_ms"] for r in raw_runs if r.get("slowest_ms") is not None and "error" not in r]
         ss_ok = [r["slowest_ms"] for r in sv_runs if r.get("slowest_ms") is not None and "error" not in r]
@@ -825,6 +838,16 @@ def report(rows, args, profile):
             checks["converge"].append((label, all("error" not in r for r in sv_runs) and bool(sv_runs),
                                        all("error" not in r for r in raw_runs) and bool(raw_runs)))
             checks["memtest"].append((label, [r.get("mismatches") for r in sv_runs]))
+    if plain_rows:
+        out += ["", "What TLS on the streams costs (Skyvisor's default, mutual TLS with the "
+                "cluster's certificates, against `insecure` migrations of the same guest, "
+                "alternating in the same run):", "",
+                "| guest | total ms TLS / plain | pause TLS / plain | longest silence TLS / plain |",
+                "|---|---|---|---|"]
+        for label, tls_runs, plain in plain_rows:
+            out.append(f"| {label} | {ratio(med(tls_runs, 'total_ms'), med(plain, 'total_ms'))} | "
+                       f"{ratio(med(tls_runs, 'pause_ms'), med(plain, 'pause_ms'))} | "
+                       f"{ratio(med(tls_runs, 'silence_ms'), med(plain, 'silence_ms'))} |")
     out += ["", "Targets (Skyvisor):", ""]
     f = checks["failed"]
     out.append(f"- zero failed requests: {'yes' if all(n == 0 for _, n in f) else 'NO'} "
@@ -850,7 +873,8 @@ def report(rows, args, profile):
     for label, raw_runs, sv_runs in rows:
         for side, runs in (("raw QEMU", raw_runs), ("Skyvisor", sv_runs)):
             for i, r in enumerate(runs):
-                out.append(f"- {label}, {side} #{i + 1}: {fmt_run(r)}")
+                plain = " (plain streams)" if r.get("insecure") else ""
+                out.append(f"- {label}, {side} #{i + 1}{plain}: {fmt_run(r)}")
     return "\n".join(out) + "\n"
 
 
@@ -868,6 +892,9 @@ def main():
     ap.add_argument("--disk", choices=["replicated", "local"], default="replicated",
                     help="Skyvisor VM's root disk: a 2-replica volume (the cluster default; "
                          "not copied) or a local qcow2 (mirrored)")
+    ap.add_argument("--tls-compare", action="store_true",
+                    help="also migrate with plain streams (insecure), alternating with TLS, "
+                         "and report what TLS costs")
     ap.add_argument("--out", default=os.path.join(HERE, "results.md"),
                     help="where to write the report")
     args = ap.parse_args()
@@ -929,7 +956,8 @@ def main():
                     log(f"    {fmt_run(r)}")
                     raw_runs.append(r)
                 try:
-                    sv_runs = sv.case(mem, busy, args.repeat, args.rate)
+                    sv_runs = sv.case(mem, busy, args.repeat * (2 if args.tls_compare else 1),
+                                      args.rate, args.tls_compare)
                 except Exception as e:
                     sv_runs = [{"error": f"{type(e).__name__}: {e}"}]
                     log(f"    {fmt_run(sv_runs[0])}")

@@ -110,9 +110,29 @@ if [ "$NETNS" = 1 ]; then
   make_host_ns 3
 fi
 
-# --- skyvisor with 1, 2, 3 replicas -----------------------------------------
-for N in 1 2 3; do
-  D=$WORK/sky$N; mkdir -p "$D"
+# --- certificates of a CA, for replica links over mutual TLS ---------------
+TLS=$WORK/tls; mkdir -p "$TLS"
+(
+  cd "$TLS"
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out ca.key 2>/dev/null
+  openssl req -x509 -new -key ca.key -subj /CN=bench-ca -days 2 -out ca.pem \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out key.pem 2>/dev/null
+  openssl req -new -key key.pem -subj /CN=node -out node.csr 2>/dev/null
+  printf '%s\n' 'subjectAltName=IP:127.0.0.1,IP:10.254.2.2,IP:10.254.3.2' \
+    'extendedKeyUsage=serverAuth,clientAuth' 'basicConstraints=CA:FALSE' \
+    'keyUsage=digitalSignature' > ext
+  openssl x509 -req -in node.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+    -extfile ext -out node.pem 2>/dev/null
+  cat node.pem ca.pem > chain.pem
+)
+
+# --- skyvisor with 1, 2, 3 replicas; 2 replicas over TLS ---------------------
+for CFG in 1 2 3 2tls; do
+  N=${CFG%tls}
+  TLS_ARGS=()
+  [ "$CFG" != "$N" ] && TLS_ARGS=(--tls-dir "$TLS")
+  D=$WORK/sky$CFG; mkdir -p "$D"
   REPLICAS=()
   for i in $(seq 1 "$N"); do
     if [ "$NETNS" = 1 ] && [ "$i" -gt 1 ]; then
@@ -123,7 +143,7 @@ for N in 1 2 3; do
       RUN=()
     fi
     RUST_LOG=warn "${RUN[@]}" "$NODE" --node "n$i" --data-dir "$D/n$i" --listen "$ADDR" \
-      --membership-dir "$D/membership" --control "$D/n$i.sock" 2>"$D/n$i.log" &
+      --membership-dir "$D/membership" --control "$D/n$i.sock" "${TLS_ARGS[@]}" 2>"$D/n$i.log" &
     PIDS+=($!); disown
     wait_tcp "$ADDR"
     REPLICAS+=("n$i=$ADDR")
@@ -131,12 +151,12 @@ for N in 1 2 3; do
   control "$D/n1.sock" create vol $SIZE 1 "${REPLICAS[@]}" >/dev/null
   NBD_PORT=$(free_port)
   control "$D/n1.sock" open vol "127.0.0.1:$NBD_PORT" 0 >/dev/null
-  URI[sky$N]="nbd://127.0.0.1:$NBD_PORT/vol"
+  URI[sky$CFG]="nbd://127.0.0.1:$NBD_PORT/vol"
 done
 
 # --- the tests, interleaved ----------------------------------------------------
 for round in $(seq 1 "$ROUNDS"); do
-  for target in qemu-nbd sky1 sky2 sky3; do
+  for target in qemu-nbd sky1 sky2 sky2tls sky3; do
     run_fio "$target-seq-$round" "${URI[$target]}" write 1M 8
     run_fio "$target-qd1-$round" "${URI[$target]}" randwrite 4k 1
     run_fio "$target-qd32-$round" "${URI[$target]}" randwrite 4k 32
@@ -151,8 +171,10 @@ def runs(n):
 med = statistics.median
 rows = []
 base = {}
+by_name = {}
 for label, name in [("qemu-nbd (raw file)", "qemu-nbd"), ("skyvisor, 1 replica", "sky1"),
-                    ("skyvisor, 2 replicas", "sky2"), ("skyvisor, 3 replicas", "sky3")]:
+                    ("skyvisor, 2 replicas", "sky2"), ("skyvisor, 2 replicas, mutual TLS links", "sky2tls"),
+                    ("skyvisor, 3 replicas", "sky3")]:
     qd1 = [j["clat_ns"]["percentile"] for j in runs(name + "-qd1")]
     r = dict(p50=med([p["50.000000"] for p in qd1]) / 1000, p99=med([p["99.000000"] for p in qd1]) / 1000,
              iops=med([j["iops"] for j in runs(name + "-qd32")]),
@@ -160,6 +182,7 @@ for label, name in [("qemu-nbd (raw file)", "qemu-nbd"), ("skyvisor, 1 replica",
     if name == "qemu-nbd":
         base = r
     rows.append((label, r))
+    by_name[name] = r
 where = ("the primary's own replica in its process, every other replica in its own network namespace over a veth pair"
          if netns else "replicas are separate processes on loopback")
 print(f"fio nbd engine, {runtime}s per test after 1s ramp, median of {rounds} interleaved rounds, 1 GiB volume; {where}; same disk.\n")
@@ -167,5 +190,8 @@ print("| target | 4k randwrite QD1 p50 (µs) | p99 (µs) | p50 vs qemu-nbd | 4k 
 print("|---|---|---|---|---|---|---|---|")
 for label, r in rows:
     print(f"| {label} | {r['p50']:.0f} | {r['p99']:.0f} | {r['p50']/base['p50']:.2f}x | {r['iops']:.0f} | {r['iops']/base['iops']:.0%} | {r['mbs']:.0f} | {r['mbs']/base['mbs']:.0%} |")
+t, p = by_name["sky2tls"], by_name["sky2"]
+print(f"\nWhat TLS costs on 2-replica links (TLS / plain, same run): QD1 p50 {t['p50']/p['p50']:.2f}x, "
+      f"QD32 IOPS {t['iops']/p['iops']:.0%}, 1M sequential {t['mbs']/p['mbs']:.0%}.")
 PY
 cat "$HERE/results.md"

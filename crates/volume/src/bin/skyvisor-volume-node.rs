@@ -48,6 +48,10 @@ struct Args {
     /// Retry interval for out-of-sync replicas, milliseconds.
     #[arg(long, default_value_t = 500)]
     reconnect_ms: u64,
+    /// Mutual TLS on replica links, from `ca.pem`, `chain.pem` (this
+    /// node's certificate, then the CA's) and `key.pem` in this directory.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
 }
 
 struct Host {
@@ -184,6 +188,18 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(dir) = &args.tls_dir {
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .with_context(|| format!("reading {}", dir.join(f).display()))
+        };
+        let tls = skyvisor_volume::link_tls::LinkTls::from_pem(
+            &read("chain.pem")?,
+            &read("key.pem")?,
+            &read("ca.pem")?,
+        )?;
+        skyvisor_volume::link_tls::set_process_tls(tls);
+    }
     let store = ReplicaStore::open(
         &args.data_dir,
         NodeId::new(&args.node)?,

@@ -126,8 +126,8 @@ pub struct OutgoingPlan {
     /// The destination's NBD export of the root disk, if the VM has a local
     /// root disk (mirrored while memory is copied).
     pub disk: Option<NbdTarget>,
-    /// The destination's migration address, e.g. `tcp:10.0.0.3:49152`.
-    pub uri: String,
+    /// Where QEMU sends the memory stream.
+    pub memory: StreamAddr,
     /// Switch over once the memory left to send takes at most this long at
     /// the measured throughput: the pause the guest will see, roughly.
     pub switchover_budget: Duration,
@@ -137,29 +137,50 @@ pub struct OutgoingPlan {
     pub max_duration: Duration,
     /// Bandwidth cap, bytes per second; `None`: as fast as it goes.
     pub max_bandwidth: Option<u64>,
-    /// Mutual TLS for the memory stream and the disk mirror, when the
-    /// destination asks for it.
-    pub tls: Option<StreamTls>,
 }
 
-/// TLS of a migration's streams (QEMU's own, with the cluster's
-/// certificates).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StreamTls {
-    /// The directory of QEMU's credentials files.
-    pub dir: std::path::PathBuf,
-    /// The name the other end's certificate must carry (the source checks
-    /// the destination's address).
-    pub hostname: String,
+/// Where a migration stream goes, or where QEMU listens for one: TCP
+/// straight to the other host, or a unix socket of the agent's, which
+/// carries the stream to the other host's agent over mutual TLS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamAddr {
+    /// TCP.
+    Tcp {
+        /// The address.
+        host: String,
+        /// The port.
+        port: u16,
+    },
+    /// A unix socket.
+    Unix(std::path::PathBuf),
+}
+
+impl StreamAddr {
+    /// QEMU's migration URI for it (`tcp:H:P`, `unix:PATH`).
+    pub fn migration_uri(&self) -> String {
+        match self {
+            Self::Tcp { host, port } => format!("tcp:{host}:{port}"),
+            Self::Unix(path) => format!("unix:{}", path.display()),
+        }
+    }
+
+    /// QMP's `SocketAddress` for it (what `blockdev-add` of an NBD client
+    /// takes).
+    pub fn socket_json(&self) -> serde_json::Value {
+        match self {
+            Self::Tcp { host, port } => {
+                serde_json::json!({"type": "inet", "host": host, "port": port.to_string()})
+            }
+            Self::Unix(path) => serde_json::json!({"type": "unix", "path": path}),
+        }
+    }
 }
 
 /// An NBD export on another host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NbdTarget {
-    /// Its address.
-    pub host: String,
-    /// Its port.
-    pub port: u16,
+    /// Where it is served.
+    pub server: StreamAddr,
     /// The export's name.
     pub export: String,
 }
@@ -167,15 +188,11 @@ pub struct NbdTarget {
 /// Where the destination of a live migration listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IncomingPlan {
-    /// The address to listen on.
-    pub host: String,
-    /// The migration stream's port.
-    pub migration_port: u16,
-    /// The NBD server's port (for the root disk's mirror), if it has one.
-    pub nbd_port: Option<u16>,
-    /// Mutual TLS on both listeners: only a peer with a certificate of the
-    /// cluster's CA may send the VM's state.
-    pub tls: Option<StreamTls>,
+    /// Where QEMU listens for the memory stream.
+    pub memory: StreamAddr,
+    /// Where its NBD server listens (for the root disk's mirror), if it
+    /// has one.
+    pub nbd: Option<StreamAddr>,
 }
 
 /// The export name of a migrating VM's root disk on the destination.

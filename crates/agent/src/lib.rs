@@ -21,6 +21,7 @@ pub mod migration;
 pub mod private_nets;
 pub mod qemu_hv;
 pub mod supervisor;
+pub mod tunnel;
 pub mod volumes;
 
 use std::collections::HashMap;
@@ -197,9 +198,9 @@ pub struct AgentContext {
     pub volumes: Option<Arc<VolumeService>>,
     /// The address other hosts reach this one at (migration streams).
     pub address: String,
-    /// QEMU's TLS credentials for migration streams (mutual TLS with the
-    /// cluster's certificates); `None` sends them in the clear.
-    pub stream_tls: Option<PathBuf>,
+    /// Mutual TLS with other members, for the tunnels of migration
+    /// streams; `None` sends them in the clear.
+    pub member_tls: Option<skyvisor_volume::link_tls::LinkTls>,
     /// VMs prepared here as live migrations' destinations.
     pub incoming: migration::IncomingVms,
     /// VMs leaving this host by live migration right now (their source
@@ -361,7 +362,7 @@ async fn bring_up(
     }
     names.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
     let credentials =
-        credentials::Credentials::establish(store.as_ref(), &names, &cfg.data_dir).await?;
+        credentials::Credentials::establish(store.as_ref(), &names).await?;
     images.trust_ca(&credentials.ca.cert_pem);
     let volumes = match cfg.replica_listen {
         Some(listen) => Some(
@@ -399,7 +400,7 @@ async fn bring_up(
         mtu: net.mtu,
         probe_guests: cfg.probe_guests,
         http: internal_client(&cluster_key, Some(&credentials.ca.cert_pem)),
-        stream_tls: Some(credentials.qemu_dir.clone()),
+        member_tls: Some(credentials.links.clone()),
         cluster_key: cluster_key.clone(),
         guest_test_hooks: cfg.guest_test_hooks,
         data_dir: cfg.data_dir.clone(),

@@ -33,9 +33,10 @@ use tracing::{debug, info, warn};
 
 use crate::AgentContext;
 use crate::hypervisor::{
-    HvError, IncomingPlan, MIGRATION_EXPORT, NbdTarget, OutgoingControl, OutgoingPlan, StreamTls,
+    HvError, IncomingPlan, MIGRATION_EXPORT, NbdTarget, OutgoingControl, OutgoingPlan, StreamAddr,
     Vm,
 };
+use crate::tunnel::{self, Tunnel};
 use crate::launch::{Launcher, ServeMode};
 
 /// The source switches over (network first, then the pause) once the
@@ -76,6 +77,24 @@ pub struct IncomingVm {
     pub resumed: bool,
     /// Its volumes, exported here waiting for the handover.
     pub volumes: Vec<crate::hypervisor::LaunchVolume>,
+    /// The TLS ends of its streams' tunnels (closed when it is dropped).
+    pub tunnels: Vec<Tunnel>,
+}
+
+/// QEMU's sockets for a migration's tunnelled streams, in the VM's
+/// directory: the destination's listeners, the source's targets.
+const MEMORY_IN_SOCKET: &str = "migration-in.sock";
+const NBD_IN_SOCKET: &str = "migration-nbd-in.sock";
+const MEMORY_OUT_SOCKET: &str = "migration-out.sock";
+const NBD_OUT_SOCKET: &str = "migration-nbd-out.sock";
+
+/// `host:port`, with brackets around an IPv6 host.
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
 }
 
 /// The destination VMs of this host, by instance.
@@ -323,24 +342,35 @@ async fn prepare(
         }
     };
     let host = ctx.address.clone();
-    let ports = free_port(&host).and_then(|m| {
-        let n = if spec.root_volume().is_none() {
-            Some(free_port(&host)?)
-        } else {
-            None
-        };
-        Ok((m, n))
-    });
-    let plan = match ports {
-        Ok((migration_port, nbd_port)) => IncomingPlan {
-            host: host.clone(),
-            migration_port,
-            nbd_port,
-            tls: ctx.stream_tls.as_ref().filter(|_| !req.insecure).map(|dir| StreamTls {
-                dir: dir.clone(),
-                hostname: host.clone(),
-            }),
-        },
+    let copies_disk = spec.root_volume().is_none();
+    // With the cluster's certificates, QEMU listens on unix sockets and
+    // the streams arrive through this agent's TLS tunnels; otherwise on
+    // TCP ports of its own.
+    let tls = ctx.member_tls.clone().filter(|_| !req.insecure);
+    let plan = match &tls {
+        Some(_) => Ok(IncomingPlan {
+            memory: StreamAddr::Unix(dir.join(MEMORY_IN_SOCKET)),
+            nbd: copies_disk.then(|| StreamAddr::Unix(dir.join(NBD_IN_SOCKET))),
+        }),
+        None => free_port(&host).and_then(|m| {
+            let nbd = match copies_disk {
+                true => Some(StreamAddr::Tcp {
+                    host: host.clone(),
+                    port: free_port(&host)?,
+                }),
+                false => None,
+            };
+            Ok(IncomingPlan {
+                memory: StreamAddr::Tcp {
+                    host: host.clone(),
+                    port: m,
+                },
+                nbd,
+            })
+        }),
+    };
+    let plan = match plan {
+        Ok(p) => p,
         Err(e) => {
             running.vm.kill();
             cleanup_files(&ctx, &spec).await;
@@ -355,7 +385,22 @@ async fn prepare(
             format!("preparing the destination VM: {e}"),
         );
     }
-    info!(instance = %spec.name, migration = %id, port = plan.migration_port, "destination VM waits for its state");
+    let listening = match &tls {
+        Some(tls) => listen_tunnels(tls, &host, &plan).await,
+        None => Ok((Vec::new(), tcp_port(&plan.memory), plan.nbd.as_ref().map(tcp_port))),
+    };
+    let (tunnels, migration_port, nbd_port) = match listening {
+        Ok(l) => l,
+        Err(e) => {
+            running.vm.kill();
+            cleanup_files(&ctx, &spec).await;
+            return peer_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the migration's TLS tunnel cannot listen: {e}"),
+            );
+        }
+    };
+    info!(instance = %spec.name, migration = %id, port = migration_port, tls = tls.is_some(), "destination VM waits for its state");
     incoming.insert(
         spec.name.clone(),
         IncomingVm {
@@ -365,17 +410,52 @@ async fn prepare(
             guest_service,
             resumed: false,
             volumes: running.volumes,
+            tunnels,
         },
     );
     drop(incoming);
     tokio::spawn(watch_incoming(ctx.clone(), spec.clone(), id));
     Json(PrepareAnswer {
-        host: plan.host,
-        migration_port: plan.migration_port,
-        nbd_port: plan.nbd_port,
-        tls: plan.tls.is_some(),
+        host,
+        migration_port,
+        nbd_port,
+        tls: tls.is_some(),
     })
     .into_response()
+}
+
+/// The port of a TCP stream address (0 for a unix socket, never asked).
+fn tcp_port(addr: &StreamAddr) -> u16 {
+    match addr {
+        StreamAddr::Tcp { port, .. } => *port,
+        StreamAddr::Unix(_) => 0,
+    }
+}
+
+/// Opens the TLS ends of a destination's tunnels to QEMU's sockets: the
+/// tunnels and their ports (memory, NBD).
+async fn listen_tunnels(
+    tls: &skyvisor_volume::link_tls::LinkTls,
+    host: &str,
+    plan: &IncomingPlan,
+) -> std::io::Result<(Vec<Tunnel>, u16, Option<u16>)> {
+    let mut tunnels = Vec::new();
+    let mut port_of = async |addr: &StreamAddr| -> std::io::Result<u16> {
+        match addr {
+            StreamAddr::Unix(path) => {
+                let (port, t) = tunnel::listen(tls.clone(), host, path.clone()).await?;
+                tunnels.push(t);
+                Ok(port)
+            }
+            StreamAddr::Tcp { port, .. } => Ok(*port),
+        }
+    };
+    let memory = port_of(&plan.memory).await?;
+    let nbd = match &plan.nbd {
+        Some(a) => Some(port_of(a).await?),
+        None => None,
+    };
+    Ok((tunnels, memory, nbd))
 }
 
 async fn pin(
@@ -620,6 +700,35 @@ pub(crate) async fn sweep_orphans(ctx: Arc<AgentContext>) {
         let _ = ctx.network.delete_tap(&tap).await;
         let _ = tokio::fs::remove_dir_all(entry.path()).await;
     }
+}
+
+/// Opens the source's ends of the tunnels to the destination's: QEMU's
+/// addresses (memory, NBD) and the tunnels.
+async fn forward_tunnels(
+    ctx: &AgentContext,
+    spec: &InstanceSpec,
+    tls: &skyvisor_volume::link_tls::LinkTls,
+    answer: &PrepareAnswer,
+) -> std::io::Result<(StreamAddr, Option<StreamAddr>, Vec<Tunnel>)> {
+    let dir = ctx.vm_dir(&spec.id);
+    let memory = dir.join(MEMORY_OUT_SOCKET);
+    let mut tunnels = vec![
+        tunnel::forward(
+            tls.clone(),
+            &memory,
+            host_port(&answer.host, answer.migration_port),
+        )
+        .await?,
+    ];
+    let nbd = match answer.nbd_port {
+        Some(port) => {
+            let path = dir.join(NBD_OUT_SOCKET);
+            tunnels.push(tunnel::forward(tls.clone(), &path, host_port(&answer.host, port)).await?);
+            Some(StreamAddr::Unix(path))
+        }
+        None => None,
+    };
+    Ok((StreamAddr::Unix(memory), nbd, tunnels))
 }
 
 /// How the source's side of a migration ended.
@@ -945,12 +1054,30 @@ pub(crate) async fn migrate_out(
             control.streams.push((ip, p));
         }
     }
-    let tls = match (answer.tls && !req.insecure, &ctx.stream_tls) {
-        (false, _) => None,
-        (true, Some(dir)) => Some(StreamTls {
-            dir: dir.clone(),
-            hostname: answer.host.clone(),
-        }),
+    // Through this agent's TLS tunnels when the destination listens so;
+    // they live until this function ends, after the handover, since the
+    // stream's tail may still be on its way when QEMU reports completion.
+    let (memory, nbd, _tunnels) = match (answer.tls, &ctx.member_tls) {
+        (false, _) => (
+            StreamAddr::Tcp {
+                host: answer.host.clone(),
+                port: answer.migration_port,
+            },
+            answer.nbd_port.map(|port| StreamAddr::Tcp {
+                host: answer.host.clone(),
+                port,
+            }),
+            Vec::new(),
+        ),
+        (true, Some(tls)) => match forward_tunnels(ctx, spec, tls, &answer).await {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = peer.call::<()>("abort").await;
+                let e = format!("the migration's TLS tunnel: {e}");
+                fail(ctx, spec, control.record, e, false).await;
+                return SourceOutcome::Stayed;
+            }
+        },
         (true, None) => {
             let _ = peer.call::<()>("abort").await;
             let e = "the destination takes the VM's state only over TLS, and this host has no certificate of the cluster's CA".to_string();
@@ -958,15 +1085,13 @@ pub(crate) async fn migrate_out(
             return SourceOutcome::Stayed;
         }
     };
-    let encrypted = tls.is_some();
+    let encrypted = answer.tls;
     let plan = OutgoingPlan {
-        tls,
-        disk: answer.nbd_port.map(|port| NbdTarget {
-            host: answer.host.clone(),
-            port,
+        disk: nbd.map(|server| NbdTarget {
+            server,
             export: MIGRATION_EXPORT.into(),
         }),
-        uri: format!("tcp:{}:{}", answer.host, answer.migration_port),
+        memory,
         switchover_budget: SWITCHOVER_BUDGET,
         stall_timeout: STALL_TIMEOUT,
         max_duration: max_duration(),

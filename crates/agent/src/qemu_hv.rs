@@ -12,7 +12,7 @@ use skyvisor_qemu::checkpoint::{self, DiskCapture, SavePlan};
 use skyvisor_qemu::qmp::{
     AnnounceParameters, BlockJobInfo, BlockdevMirror, EventKind, EventStreamError,
     MigrationCapability, MigrationInfo, MigrationParameters, MigrationStatus, MirrorSync,
-    NbdListen, RamStats, RunState, ShutdownCause, TlsCreds, TlsEndpoint,
+    NbdListen, RamStats, RunState, ShutdownCause,
 };
 use skyvisor_qemu::{
     Boot, CacheMode, DiskConfig, DiskSource, ExitInfo, Incoming, NbdServer, NicConfig, ProcessExit,
@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::hypervisor::{
     CheckpointOutcome, CheckpointPlan, HvError, Hypervisor, IncomingPlan, LaunchBoot, LaunchVolume,
-    MIGRATION_EXPORT, OutgoingControl, OutgoingOutcome, OutgoingPlan, StreamTls, Vm, VmEvent,
+    MIGRATION_EXPORT, OutgoingControl, OutgoingOutcome, OutgoingPlan, StreamAddr, Vm, VmEvent,
     VmExit, VmLaunch,
 };
 
@@ -390,31 +390,20 @@ impl Vm for QemuVmHandle {
         ])
         .await
         .map_err(control)?;
-        let tls = match &plan.tls {
-            Some(t) => Some(add_stream_tls(qmp, t, TlsEndpoint::Server).await?),
-            None => None,
-        };
-        qmp.migrate_set_parameters(&MigrationParameters {
-            tls_creds: Some(tls.clone().unwrap_or_default()),
-            ..Default::default()
-        })
-        .await
-        .map_err(control)?;
-        if let Some(port) = plan.nbd_port {
-            qmp.nbd_server_start(
-                &NbdListen::Inet {
-                    host: plan.host.clone(),
-                    port,
+        if let Some(nbd) = &plan.nbd {
+            let listen = match nbd {
+                StreamAddr::Tcp { host, port } => NbdListen::Inet {
+                    host: host.clone(),
+                    port: *port,
                 },
-                tls.as_deref(),
-            )
-            .await
-            .map_err(control)?;
+                StreamAddr::Unix(path) => NbdListen::Unix { path: path.clone() },
+            };
+            qmp.nbd_server_start(&listen).await.map_err(control)?;
             qmp.nbd_server_add(ROOT_NODE, MIGRATION_EXPORT, true)
                 .await
                 .map_err(control)?;
         }
-        qmp.migrate_incoming(&format!("tcp:{}:{}", plan.host, plan.migration_port))
+        qmp.migrate_incoming(&plan.memory.migration_uri())
             .await
             .map_err(control)
     }
@@ -600,30 +589,6 @@ async fn mirror_job(qmp: &Qmp) -> Result<Option<BlockJobInfo>, HvError> {
 }
 
 /// The source's steps; the caller undoes them on failure.
-/// The ids of the TLS credentials objects of migrations.
-const TLS_SERVER_CREDS: &str = "sv-tls-server";
-const TLS_CLIENT_CREDS: &str = "sv-tls-client";
-
-/// Adds the credentials of one end of a migration's TLS; their id.
-async fn add_stream_tls(
-    qmp: &Qmp,
-    tls: &StreamTls,
-    endpoint: TlsEndpoint,
-) -> Result<String, HvError> {
-    let id = match endpoint {
-        TlsEndpoint::Server => TLS_SERVER_CREDS,
-        TlsEndpoint::Client => TLS_CLIENT_CREDS,
-    };
-    qmp.add_tls_creds(&TlsCreds {
-        id: id.into(),
-        dir: tls.dir.clone(),
-        endpoint,
-    })
-    .await
-    .map_err(control)?;
-    Ok(id.into())
-}
-
 async fn migrate_out(
     qmp: &Qmp,
     plan: &OutgoingPlan,
@@ -637,25 +602,17 @@ async fn migrate_out(
             plan.max_duration.as_secs()
         ))
     };
-    let tls = match &plan.tls {
-        Some(t) => Some(add_stream_tls(qmp, t, TlsEndpoint::Client).await?),
-        None => None,
-    };
     // 1. The disk: mirror it into the destination's export; from `ready` on,
     // every guest write reaches both (write-blocking), so it stays in sync.
     if let Some(disk) = &plan.disk {
-        let mut target = serde_json::json!({
+        qmp.blockdev_add(serde_json::json!({
             "driver": "nbd",
             "node-name": MIRROR_JOB,
-            "server": {"type": "inet", "host": disk.host, "port": disk.port.to_string()},
+            "server": disk.server.socket_json(),
             "export": disk.export,
-        });
-        if let Some(id) = &tls {
-            // The client checks the server's certificate against the host
-            // it connects to.
-            target["tls-creds"] = serde_json::json!(id);
-        }
-        qmp.blockdev_add(target).await.map_err(control)?;
+        }))
+        .await
+        .map_err(control)?;
         qmp.blockdev_mirror(&BlockdevMirror {
             job_id: MIRROR_JOB.into(),
             device: ROOT_NODE.into(),
@@ -714,13 +671,13 @@ async fn migrate_out(
     qmp.migrate_set_parameters(&MigrationParameters {
         downtime_limit: Some(0),
         max_bandwidth: Some(plan.max_bandwidth.unwrap_or(u64::MAX >> 8)),
-        tls_creds: Some(tls.unwrap_or_default()),
-        tls_hostname: plan.tls.as_ref().map(|t| t.hostname.clone()),
         ..Default::default()
     })
     .await
     .map_err(control)?;
-    qmp.migrate(&plan.uri).await.map_err(control)?;
+    qmp.migrate(&plan.memory.migration_uri())
+        .await
+        .map_err(control)?;
     let mut stall = StallWatch::new(plan.stall_timeout);
     let mut reported = Instant::now() - PROGRESS_EVERY;
     let mut disk = (0, 0);

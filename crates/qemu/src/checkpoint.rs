@@ -288,8 +288,6 @@ async fn save_to(
     qmp.migrate_set_parameters(&MigrationParameters {
         max_bandwidth: Some(plan.max_bandwidth.unwrap_or(UNLIMITED_BANDWIDTH)),
         downtime_limit: Some(millis(limit)),
-        // A file takes no TLS; a live migration may have left it set.
-        tls_creds: Some(String::new()),
         ..Default::default()
     })
     .await?;

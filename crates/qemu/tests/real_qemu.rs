@@ -688,12 +688,9 @@ fn devices_are_accepted_by_qemu() {
         // QEMU serves a disk over NBD (block-export-add) and a real client reads it.
         let export_sock = dir.path().join("export.sock");
         vm.qmp()
-            .nbd_server_start(
-                &skyvisor_qemu::qmp::NbdListen::Unix {
-                    path: export_sock.clone(),
-                },
-                None,
-            )
+            .nbd_server_start(&skyvisor_qemu::qmp::NbdListen::Unix {
+                path: export_sock.clone(),
+            })
             .await
             .expect("nbd-server-start");
         vm.qmp()

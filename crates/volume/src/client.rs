@@ -55,7 +55,7 @@ impl LinkError {
 type Pending =
     Arc<std::sync::Mutex<Option<HashMap<u64, oneshot::Sender<Result<Response, WireError>>>>>>;
 
-type TlsLink = tokio_rustls::client::TlsStream<TcpStream>;
+type TlsLink = crate::link_tls::ClientLink;
 /// The sending side of a link: plain TCP, or TLS in a cluster with a CA.
 type LinkWriter = Either<OwnedWriteHalf, WriteHalf<TlsLink>>;
 type LinkReader = Either<OwnedReadHalf, ReadHalf<TlsLink>>;

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use super::Qmp;
 use super::types::{
     AnnounceParameters, BlockJobInfo, BlockdevBackup, BlockdevMirror, JobInfo, MigrationCapability,
-    MigrationInfo, MigrationParameters, NbdListen, StatusInfo, TlsCreds, VersionInfo,
+    MigrationInfo, MigrationParameters, NbdListen, StatusInfo, VersionInfo,
 };
 use crate::error::QmpError;
 
@@ -247,28 +247,10 @@ impl Qmp {
         self.unit("announce-self", args).await
     }
 
-    /// Starts QEMU's built-in NBD server (`nbd-server-start`), over TLS
-    /// with the credentials object `tls_creds` when given.
-    pub async fn nbd_server_start(
-        &self,
-        listen: &NbdListen,
-        tls_creds: Option<&str>,
-    ) -> Result<(), QmpError> {
-        let mut args = json!({"addr": listen.to_legacy_json()});
-        if let Some(id) = tls_creds {
-            args["tls-creds"] = json!(id);
-        }
-        self.unit("nbd-server-start", args).await
-    }
-
-    /// Adds TLS credentials (`object-add` of a `tls-creds-x509`). An object
-    /// of that id already there (added before an agent restart) is kept:
-    /// it holds certificates of the same CA.
-    pub async fn add_tls_creds(&self, creds: &TlsCreds) -> Result<(), QmpError> {
-        match self.unit("object-add", creds.to_json()).await {
-            Err(QmpError::Command { ref desc, .. }) if desc.contains("duplicate") => Ok(()),
-            r => r,
-        }
+    /// Starts QEMU's built-in NBD server (`nbd-server-start`).
+    pub async fn nbd_server_start(&self, listen: &NbdListen) -> Result<(), QmpError> {
+        self.unit("nbd-server-start", json!({"addr": listen.to_legacy_json()}))
+            .await
     }
 
     /// Exports block node `node_name` as NBD export `name` (the modern

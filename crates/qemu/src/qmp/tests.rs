@@ -413,13 +413,10 @@ async fn typed_helpers_send_qemu_10_arguments() {
         .await
         .expect("announce");
     s.qmp
-        .nbd_server_start(
-            &NbdListen::Inet {
-                host: "127.0.0.1".into(),
-                port: 10809,
-            },
-            None,
-        )
+        .nbd_server_start(&NbdListen::Inet {
+            host: "127.0.0.1".into(),
+            port: 10809,
+        })
         .await
         .expect("nbd start");
     s.qmp

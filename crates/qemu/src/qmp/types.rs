@@ -371,58 +371,6 @@ pub struct MigrationParameters {
     /// QEMU's downtime estimate).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub avail_switchover_bandwidth: Option<u64>,
-    /// The id of the `tls-creds-x509` object the stream is encrypted and
-    /// authenticated with; empty turns TLS off.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls_creds: Option<String>,
-    /// The name the destination's certificate must carry (the source's
-    /// side; the host of the URI when unset).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls_hostname: Option<String>,
-}
-
-/// Which end of a TLS connection a `tls-creds-x509` object is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsEndpoint {
-    /// It listens (a migration's destination, an NBD server).
-    Server,
-    /// It connects.
-    Client,
-}
-
-impl TlsEndpoint {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Server => "server",
-            Self::Client => "client",
-        }
-    }
-}
-
-/// A `tls-creds-x509` object: the certificates in `dir` (`ca-cert.pem`,
-/// `server-cert.pem`/`server-key.pem`, `client-cert.pem`/`client-key.pem`),
-/// always verifying the peer's certificate against the CA.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsCreds {
-    /// The object's id.
-    pub id: String,
-    /// The directory of PEM files.
-    pub dir: PathBuf,
-    /// Which end.
-    pub endpoint: TlsEndpoint,
-}
-
-impl TlsCreds {
-    /// `object-add`'s arguments.
-    pub(crate) fn to_json(&self) -> Value {
-        json!({
-            "qom-type": "tls-creds-x509",
-            "id": self.id,
-            "dir": self.dir.to_string_lossy(),
-            "endpoint": self.endpoint.as_str(),
-            "verify-peer": true,
-        })
-    }
 }
 
 /// Which part of a disk `blockdev-mirror` copies.

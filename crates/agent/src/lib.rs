@@ -361,8 +361,7 @@ async fn bring_up(
         names.push(cfg.listen.ip().to_string());
     }
     names.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
-    let credentials =
-        credentials::Credentials::establish(store.as_ref(), &names).await?;
+    let credentials = credentials::Credentials::establish(store.as_ref(), &names).await?;
     images.trust_ca(&credentials.ca.cert_pem);
     let volumes = match cfg.replica_listen {
         Some(listen) => Some(

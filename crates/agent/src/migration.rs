@@ -36,8 +36,8 @@ use crate::hypervisor::{
     HvError, IncomingPlan, MIGRATION_EXPORT, NbdTarget, OutgoingControl, OutgoingPlan, StreamAddr,
     Vm,
 };
-use crate::tunnel::{self, Tunnel};
 use crate::launch::{Launcher, ServeMode};
+use crate::tunnel::{self, Tunnel};
 
 /// The source switches over (network first, then the pause) once the
 /// memory left would take this long to send. It must leave room for the
@@ -387,7 +387,11 @@ async fn prepare(
     }
     let listening = match &tls {
         Some(tls) => listen_tunnels(tls, &host, &plan).await,
-        None => Ok((Vec::new(), tcp_port(&plan.memory), plan.nbd.as_ref().map(tcp_port))),
+        None => Ok((
+            Vec::new(),
+            tcp_port(&plan.memory),
+            plan.nbd.as_ref().map(tcp_port),
+        )),
     };
     let (tunnels, migration_port, nbd_port) = match listening {
         Ok(l) => l,

@@ -199,13 +199,9 @@ mod tests {
             .expect("member");
         let stranger_tls =
             LinkTls::from_pem(&theirs.chain_pem, &theirs.key_pem, &ca.cert_pem).expect("tls");
-        let _stranger = forward(
-            stranger_tls,
-            &stranger_sock,
-            format!("127.0.0.1:{port}"),
-        )
-        .await
-        .expect("forward");
+        let _stranger = forward(stranger_tls, &stranger_sock, format!("127.0.0.1:{port}"))
+            .await
+            .expect("forward");
         let mut s = UnixStream::connect(&stranger_sock).await.expect("connect");
         let _ = s.write_all(b"not for you").await;
         let _ = s.shutdown().await;

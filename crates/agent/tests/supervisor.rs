@@ -105,6 +105,7 @@ fn spec(name: &str, policy: RestartPolicy) -> InstanceSpec {
     let id = InstanceId::random();
     InstanceSpec {
         security_groups: Vec::new(),
+        labels: Default::default(),
         project: skyvisor_core::auth::default_project(),
         name: InstanceName::new(name).expect("name"),
         id,

@@ -165,6 +165,7 @@ fn vm_spec(host: &HostName, volumes: Vec<InstanceVolume>) -> InstanceSpec {
     let id = InstanceId::random();
     InstanceSpec {
         security_groups: Vec::new(),
+        labels: Default::default(),
         project: skyvisor_core::auth::default_project(),
         name: InstanceName::new("vm").expect("name"),
         id,

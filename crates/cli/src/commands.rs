@@ -101,7 +101,12 @@ pub enum VmCommand {
     Create(Box<CreateArgs>),
     /// List VMs.
     #[command(alias = "ls")]
-    List,
+    List {
+        /// Only VMs whose labels match: comma-separated KEY=VALUE (the
+        /// label has that value) or KEY (it has the label) terms.
+        #[arg(long, value_name = "SELECTOR")]
+        label: Option<String>,
+    },
     /// Show one VM.
     Show {
         /// The VM.
@@ -170,6 +175,14 @@ pub enum VmCommand {
         /// A group (repeatable); give none to stop filtering.
         #[arg(long = "security-group")]
         security_groups: Vec<String>,
+    },
+    /// Set or remove a VM's labels: KEY=VALUE sets one, KEY- removes one.
+    Label {
+        /// The VM.
+        name: String,
+        /// KEY=VALUE or KEY- (one or more).
+        #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
+        changes: Vec<String>,
     },
     /// Change a VM's type or size (a running VM restarts).
     Resize {
@@ -348,6 +361,35 @@ pub struct CreateArgs {
     /// allow reaches it. Default: none, not filtered.
     #[arg(long = "security-group")]
     pub security_groups: Vec<String>,
+    /// A label, KEY=VALUE (repeatable), to find it by (`vm list --label`).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+}
+
+/// A `KEY=VALUE` label argument (the server checks their shape).
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) => Ok((k.to_string(), v.to_string())),
+        None => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+/// Applies `vm label` changes (`KEY=VALUE` sets, `KEY-` removes) to
+/// `labels`.
+fn apply_label_changes(
+    labels: &mut skyvisor_core::labels::Labels,
+    changes: &[String],
+) -> Result<()> {
+    for c in changes {
+        if let Some((k, v)) = c.split_once('=') {
+            labels.insert(k.to_string(), v.to_string());
+        } else if let Some(k) = c.strip_suffix('-') {
+            labels.remove(k);
+        } else {
+            anyhow::bail!("{c:?} is neither KEY=VALUE (set a label) nor KEY- (remove one)");
+        }
+    }
+    Ok(())
 }
 
 /// `skyvisor image ...`
@@ -616,6 +658,19 @@ fn vm_detail(i: &Instance) {
         ("mac", i.spec.network.mac.to_string()),
         ("host", i.spec.host.to_string()),
         (
+            "labels",
+            if i.spec.labels.is_empty() {
+                "-".into()
+            } else {
+                i.spec
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        ),
+        (
             "volumes",
             if i.spec.volumes.is_empty() {
                 "-".into()
@@ -823,6 +878,7 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                 disk_replicas: a.disk_replicas,
                 network: a.network.clone(),
                 security_groups: a.security_groups.clone(),
+                labels: a.labels.iter().cloned().collect(),
             };
             if a.wait {
                 // Right after `skyvisor up` the host may not have registered
@@ -860,8 +916,12 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
             }
             output::print(format, &inst, |i| vm_table(std::slice::from_ref(i)));
         }
-        VmCommand::List => {
-            let list: Vec<Instance> = client.get("/v1/instances").await?;
+        VmCommand::List { label } => {
+            let path = match label {
+                Some(l) => format!("/v1/instances?label={}", crate::client::path_segment(&l)),
+                None => "/v1/instances".to_string(),
+            };
+            let list: Vec<Instance> = client.get(&path).await?;
             output::print(format, &list, |l| vm_table(l));
         }
         VmCommand::Show { name } => {
@@ -994,6 +1054,20 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                 }
             }
             output::print(format, &inst, |i| vm_table(std::slice::from_ref(i)));
+        }
+        VmCommand::Label { name, changes } => {
+            let path = format!("/v1/instances/{}", crate::client::path_segment(&name));
+            let current: Instance = client.get(&path).await?;
+            let mut labels = current.spec.labels.clone();
+            apply_label_changes(&mut labels, &changes)?;
+            let inst: Instance = client
+                .call(
+                    Method::PUT,
+                    &format!("{path}/labels"),
+                    Some(&skyvisor_core::api::SetLabelsRequest { labels }),
+                )
+                .await?;
+            output::print(format, &inst, vm_detail);
         }
         VmCommand::SetSecurityGroups {
             name,

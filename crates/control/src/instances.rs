@@ -139,6 +139,7 @@ impl ControlPlane {
         project: &ProjectName,
         mut req: CreateInstanceRequest,
     ) -> ApiResult<Instance> {
+        skyvisor_core::labels::validate_labels("labels", &req.labels)?;
         // In a cluster the root disk can be a replicated volume made for the
         // VM, so that it can run elsewhere when its host dies.
         let made = self.make_root_volume(project, &mut req).await?;
@@ -559,6 +560,7 @@ impl ControlPlane {
                 spread_group: spread_group.clone(),
                 accel: req.accel,
                 security_groups: req.security_groups.clone(),
+                labels: req.labels.clone(),
                 volumes: volumes.iter().map(|v| v.volume.clone()).collect(),
                 ha,
                 ha_priority,

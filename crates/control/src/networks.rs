@@ -468,6 +468,20 @@ impl ControlPlane {
         Ok(inst)
     }
 
+    /// Replaces an instance's labels.
+    pub async fn set_instance_labels(
+        &self,
+        name: &str,
+        labels: skyvisor_core::labels::Labels,
+    ) -> ApiResult<skyvisor_core::Instance> {
+        skyvisor_core::labels::validate_labels("labels", &labels)?;
+        self.update_spec(name, |spec, _| {
+            spec.labels = labels.clone();
+            Ok(())
+        })
+        .await
+    }
+
     /// What a project holds of networks and groups, for refusing its
     /// deletion (its unused `default` network goes with it).
     pub(crate) async fn project_network_contents(

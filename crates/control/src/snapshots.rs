@@ -398,6 +398,7 @@ mod tests {
     fn spec() -> InstanceSpec {
         InstanceSpec {
             security_groups: Vec::new(),
+            labels: Default::default(),
             project: skyvisor_core::auth::default_project(),
             name: InstanceName::new("web").expect("name"),
             id: InstanceId::random(),

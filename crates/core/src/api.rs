@@ -90,6 +90,17 @@ pub struct CreateInstanceRequest {
     /// reaches it. None: not filtered.
     #[serde(default)]
     pub security_groups: Vec<String>,
+    /// Labels (`key: value`), to find it by.
+    #[serde(default)]
+    pub labels: crate::labels::Labels,
+}
+
+/// Body of `PUT /v1/instances/{name}/labels`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetLabelsRequest {
+    /// The instance's labels from now on (they replace all it had).
+    pub labels: crate::labels::Labels,
 }
 
 /// Body of `POST /v1/networks`.

@@ -150,6 +150,9 @@ pub struct InstanceSpec {
     /// allow is dropped. None: not filtered.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub security_groups: Vec<String>,
+    /// Its labels.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: crate::labels::Labels,
     /// Replicated volumes it uses, in the order they were attached: the
     /// root volume (its `vda`, instead of a local disk) first if it has one.
     #[serde(default)]

@@ -15,6 +15,7 @@ pub mod host;
 pub mod image;
 pub mod instance;
 pub mod keys;
+pub mod labels;
 pub mod migration;
 pub mod names;
 pub mod network;

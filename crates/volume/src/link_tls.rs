@@ -43,8 +43,13 @@ impl std::fmt::Debug for LinkTls {
     }
 }
 
+/// TLS 1.3 with AES-128-GCM only: both ends are ours, and it is the
+/// cheapest strong suite with AES instructions (a third less CPU per byte
+/// than AES-256 on the data paths).
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites = vec![rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256];
+    Arc::new(p)
 }
 
 impl LinkTls {
@@ -75,13 +80,13 @@ impl LinkTls {
                 .build()
                 .map_err(|err| e("cannot verify peers", &err))?;
         let server = rustls::ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|err| e("protocol versions", &err))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(|err| e("the certificate and key do not go together", &err))?;
         let client = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|err| e("protocol versions", &err))?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)

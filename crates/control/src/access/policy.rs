@@ -107,6 +107,7 @@ const RULES: &[(&str, &str, Rule)] = &[
         "/v1/instances/{name}/security-groups",
         Project(Write),
     ),
+    ("PUT", "/v1/instances/{name}/labels", Project(Write)),
     ("GET", "/v1/networks", Project(Read)),
     ("POST", "/v1/networks", Project(Write)),
     ("GET", "/v1/networks/{name}", Project(Read)),

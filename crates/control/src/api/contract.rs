@@ -198,6 +198,8 @@ pub fn constrain(doc: &mut serde_json::Value) {
     let memory = json!({"type": "integer", "minimum": MIN_MEMORY_MIB, "maximum": MAX_MEMORY_MIB});
     let size = json!({"type": "integer", "minimum": MIN_VOLUME_BYTES, "maximum": MAX_VOLUME_BYTES, "multipleOf": VOLUME_SIZE_UNIT});
     let rules = json!({"type": "array", "items": {"$ref": "#/components/schemas/SecurityRule"}, "maxItems": MAX_RULES});
+    // One named schema, so that generated clients make one model of it.
+    let labels = json!({"$ref": "#/components/schemas/Labels"});
     let stop_timeout = json!({"type": "integer", "minimum": 1, "maximum": crate::instances::MAX_STOP_TIMEOUT_SECS});
     let props: &[(&str, &str, serde_json::Value)] = &[
         ("CreateInstanceRequest", "name", name.clone()),
@@ -233,6 +235,8 @@ pub fn constrain(doc: &mut serde_json::Value) {
             "security_groups",
             json!({"type": "array", "items": name, "maxItems": MAX_GROUPS_PER_INSTANCE, "uniqueItems": true}),
         ),
+        ("CreateInstanceRequest", "labels", labels.clone()),
+        ("SetLabelsRequest", "labels", labels),
         (
             "SetSecurityGroupsRequest",
             "security_groups",
@@ -312,6 +316,16 @@ pub fn constrain(doc: &mut serde_json::Value) {
         ),
     ];
     let schemas = &mut doc["components"]["schemas"];
+    {
+        use skyvisor_core::labels::{LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, MAX_LABELS};
+        schemas["Labels"] = json!({
+            "type": "object",
+            "description": "Labels: at most 32 KEY: VALUE pairs.",
+            "maxProperties": MAX_LABELS,
+            "propertyNames": {"pattern": LABEL_KEY_PATTERN},
+            "additionalProperties": {"type": "string", "pattern": LABEL_VALUE_PATTERN},
+        });
+    }
     for (schema, prop, rule) in props {
         let slot = &mut schemas[*schema]["properties"][*prop];
         // Keep the description; an optional field stays nullable.
@@ -470,11 +484,22 @@ pub fn constrain(doc: &mut serde_json::Value) {
                     continue;
                 };
                 for p in params {
-                    let pname = p["name"].as_str().unwrap_or_default();
+                    let pname = p["name"].as_str().unwrap_or_default().to_owned();
+                    let pname = pname.as_str();
                     let named = (p["in"] == "path"
                         && ["name", "volume", "snapshot", "identity"].contains(&pname))
                         || (p["in"] == "query" && ["name", "host", "identity"].contains(&pname));
                     let required = p["required"] == true;
+                    if p["in"] == "query" && pname == "label" {
+                        use skyvisor_core::labels::{LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN};
+                        let strip = |p: &'static str| &p[1..p.len() - 1];
+                        let term = format!(
+                            "{}(={})?",
+                            strip(LABEL_KEY_PATTERN),
+                            strip(LABEL_VALUE_PATTERN)
+                        );
+                        p["schema"] = json!({"type": ["string", "null"], "pattern": format!("^{term}(,{term})*$")});
+                    }
                     if migration && p["in"] == "path" && pname == "id" {
                         p["schema"] = json!({"type": "string", "format": "uuid"});
                     }

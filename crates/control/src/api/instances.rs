@@ -27,6 +27,11 @@ pub(super) struct ListQuery {
     /// Only instances bound to this host.
     #[serde(default)]
     host: Option<String>,
+    /// Only instances whose labels match: comma-separated `KEY=VALUE`
+    /// (the label has that value) or `KEY` (it has the label) terms, all of
+    /// which must hold.
+    #[serde(default)]
+    label: Option<String>,
     /// At most this many, in name order; the `x-skyvisor-continue` answer
     /// header then holds the token of the next page.
     #[serde(default)]
@@ -57,11 +62,17 @@ pub(super) async fn list(
             err
         })?;
     }
+    let selector = q
+        .label
+        .as_deref()
+        .map(|l| skyvisor_core::labels::LabelSelector::parse("label", l))
+        .transpose()?;
     let mut all = cp.instances().await;
     all.retain(|i| {
         i.spec.project == caller.project
             && q.state.is_none_or(|s| i.status.phase == s)
             && q.host.as_deref().is_none_or(|h| i.spec.host.as_str() == h)
+            && selector.as_ref().is_none_or(|s| s.matches(&i.spec.labels))
     });
     let (items, headers) =
         super::page::page(all, |i| i.spec.name.as_str(), q.limit, q.after.as_deref())?;
@@ -247,6 +258,26 @@ pub(super) async fn set_security_groups(
         cp.set_instance_security_groups(&caller.project, &name, req.security_groups)
             .await?,
     ))
+}
+
+/// Replaces an instance's labels.
+#[utoipa::path(put, path = "/v1/instances/{name}/labels", tag = "instances",
+    params(("name" = String, Path, description = "instance name")),
+    request_body = skyvisor_core::api::SetLabelsRequest,
+    responses(
+        (status = 200, body = Instance),
+        (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody, description = "no such instance"),
+        (status = 409, body = ErrorBody, description = "being deleted"),
+    ))]
+pub(super) async fn set_labels(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<skyvisor_core::api::SetLabelsRequest>,
+) -> ApiResult<Json<Instance>> {
+    cp.visible_instance(&caller, &name).await?;
+    Ok(Json(cp.set_instance_labels(&name, req.labels).await?))
 }
 
 /// Most console bytes one call returns.

@@ -117,6 +117,7 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(instances::resize))
         .routes(routes!(instances::console))
         .routes(routes!(instances::set_security_groups))
+        .routes(routes!(instances::set_labels))
         .routes(routes!(snapshots::list, snapshots::create))
         .routes(routes!(snapshots::show, snapshots::delete))
         .routes(routes!(snapshots::list_all))

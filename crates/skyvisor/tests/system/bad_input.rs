@@ -39,6 +39,14 @@ fn bad_requests_get_clear_errors_and_create_nothing() {
             &["vm", "create", "x6", "--restart", "sometimes"],
             "allowed: never, on-failure, always",
         ),
+        (
+            &["vm", "create", "x7", "--label", "Tier=web"],
+            "key \"Tier\" is not a label key",
+        ),
+        (
+            &["vm", "create", "x8", "--label", "tier"],
+            "is not KEY=VALUE",
+        ),
     ];
     for (args, want) in cases {
         let err = cloud.sv_err(args);
@@ -124,6 +132,63 @@ fn bad_requests_get_clear_errors_and_create_nothing() {
     assert_eq!(still["spec"]["id"], first["spec"]["id"]);
     let (_, list) = cloud.api("GET", "/v1/instances", None);
     assert_eq!(list.as_array().map(Vec::len), Some(1));
+
+    // Labels find instances: every term of a selector must hold.
+    for (name, labels) in [
+        ("web1", vec!["tier=web", "canary=yes"]),
+        ("web2", vec!["tier=web"]),
+        ("db1", vec!["tier=db"]),
+    ] {
+        let mut args = vec!["vm", "create", name, "--type", "nano", "--no-start"];
+        for l in &labels {
+            args.extend(["--label", l]);
+        }
+        cloud.sv_ok(&args);
+    }
+    let names = |selector: &str| -> Vec<String> {
+        let v = cloud.sv_json(&["vm", "list", "--label", selector]);
+        let mut n: Vec<String> = v
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|i| i["spec"]["name"].as_str().unwrap_or_default().to_string())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names("tier=web"), ["web1", "web2"]);
+    assert_eq!(names("tier=web,canary"), ["web1"]);
+    assert_eq!(names("canary=yes"), ["web1"]);
+    assert!(names("tier=cache").is_empty());
+    // `vm label` sets and removes; the list follows.
+    let v = cloud.sv_json(&["vm", "label", "web2", "canary=now", "tier-"]);
+    assert_eq!(
+        v["spec"]["labels"],
+        serde_json::json!({"canary": "now"}),
+        "{v}"
+    );
+    assert_eq!(names("tier=web"), ["web1"]);
+    assert_eq!(names("canary"), ["web1", "web2"]);
+    let (status, v) = cloud.api("GET", "/v1/instances?label=Bad", None);
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not a label key"),
+        "{v}"
+    );
+    let (status, v) = cloud.api(
+        "PUT",
+        "/v1/instances/web1/labels",
+        Some("{\"labels\": {\"ok\": \"-bad\"}}"),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(
+        cloud.instance("web1")["spec"]["labels"]["tier"],
+        "web",
+        "a refused change changes nothing"
+    );
 
     // The OpenAPI document is served.
     let (status, doc) = cloud.api("GET", "/v1/openapi.json", None);

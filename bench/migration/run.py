@@ -341,12 +341,15 @@ class Prober:
         # successive answers (a lost SYN costs its own request ~1 s, but
         # the others sent meanwhile may still be answered).
         done = sorted(t + d for t, d, e in res if e is None)
-        silence = max((b - a for a, b in zip(done, done[1:])), default=0) * 1000 if done else None
+        gaps = [(b - a, a, b) for a, b in zip(done, done[1:])]
+        silence = max(gaps)[0] * 1000 if gaps else None
         # When the slow ones started, seconds after the migration was asked for.
         t0 = self.action_at or 0
+        # Where the longest silence was: between which two answers.
+        silence_at = f"+{max(gaps)[1] - t0:.2f}s..+{max(gaps)[2] - t0:.2f}s" if gaps else None
         slow = sorted((t - t0, d * 1000) for t, d, e in res if e is None and d * 1000 > SLOW_MS)
         return {"requests": len(res), "failed": len(errs), "slowest_ms": slowest,
-                "silence_ms": silence,
+                "silence_ms": silence, "silence_at": silence_at,
                 "slow": len(slow), "slow_at": [f"+{t:.2f}s:{d:.0f}ms" for t, d in slow][:8],
                 "errors": sorted(set(errs))[:5]}
 
@@ -748,7 +751,8 @@ def fmt_run(r):
     slowest = "-" if r.get("slowest_ms") is None else f"{r['slowest_ms']:.0f}"
     silence = "-" if r.get("silence_ms") is None else f"{r['silence_ms']:.0f}"
     tail = (f"; client: {r.get('requests', 0)} requests, {r.get('failed', 0)} failed, "
-            f"slowest {slowest} ms, longest silence {silence} ms, "
+            f"slowest {slowest} ms, longest silence {silence} ms"
+            f"{' (' + r['silence_at'] + ')' if r.get('silence_at') else ''}, "
             f"{r.get('slow', 0)} over {SLOW_MS} ms")
     if r.get("slow_at"):
         tail += f" (at {', '.join(r['slow_at'])} after the request"

@@ -456,19 +456,38 @@ fn duplicate_host_names_and_other_versions_are_refused() {
     };
     let agent = |ns: &str, name: &str, data: &str| agent_as(Some(&token), ns, name, data);
 
-    // Another host's agent API and replica server admit only members of
-    // the cluster: no key, no answer but a refusal; health stays open.
+    // Another host's agent API (TLS) and replica server (mutual TLS) admit
+    // only members of the cluster: no key, no answer but a refusal; health
+    // stays open.
     let h1 = bed.host_ip(1);
-    let agent_api = |method: &str, path: &str, auth: Option<&str>| {
-        crate::harness::http_as(
-            method,
-            &format!("http://{h1}:7781{path}"),
-            Some("{}"),
-            Duration::from_secs(10),
-            auth,
-        )
-        .expect("agent reachable")
-        .0
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // The test does not hold the cluster's CA; what it checks is the
+    // agent's refusal, not its certificate.
+    let https = reqwest::Client::builder()
+        .tls_danger_accept_invalid_certs(true)
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let agent_api = |method: &str, path: &str, auth: Option<&str>| -> u16 {
+        rt.block_on(async {
+            let mut req = https.request(
+                method.parse().expect("method"),
+                format!("https://{h1}:7781{path}"),
+            );
+            if let Some(t) = auth {
+                req = req.bearer_auth(t);
+            }
+            req.body("{}")
+                .send()
+                .await
+                .expect("agent reachable over TLS")
+                .status()
+                .as_u16()
+        })
     };
     assert_eq!(agent_api("GET", "/agent/v1/health", None), 200);
     assert_eq!(agent_api("GET", "/agent/v1/peer-probe?from=h2", None), 401);
@@ -483,14 +502,19 @@ fn duplicate_host_names_and_other_versions_are_refused() {
         let mut s = std::net::TcpStream::connect((h1, 7782)).expect("replica port");
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
-        let mut hello = [0u8; 40];
-        s.read_exact(&mut hello).expect("the server's challenge");
-        assert_eq!(&hello[..8], b"SVREPL01");
-        // A wrong proof: the server hangs up without a word.
+        // Not TLS: the server hangs up, at most with a TLS alert, and never
+        // gets as far as its link-key challenge.
         s.write_all(&[0u8; 64]).expect("send");
         let mut rest = Vec::new();
-        let n = s.read_to_end(&mut rest).unwrap_or(0);
-        assert_eq!(n, 0, "the replica server answered a client without the key");
+        let _ = s.read_to_end(&mut rest);
+        assert!(
+            !rest.windows(8).any(|w| w == b"SVREPL01"),
+            "the replica server spoke to a client without TLS"
+        );
+        assert!(
+            rest.is_empty() || rest[0] == 0x15,
+            "the replica server answered a client without TLS with more than an alert: {rest:?}"
+        );
     }
     let data = bed.dir.join("dup");
     let data = data.to_string_lossy();

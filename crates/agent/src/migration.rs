@@ -815,6 +815,10 @@ struct SourceControl<'a> {
     streams: Vec<(Ipv4Addr, u16)>,
     redirected: bool,
     cancelled: bool,
+    /// The spec as read just before the switchover began, so that the
+    /// handover's commit needs no read of its own while the guest's
+    /// traffic waits (a stale one only costs a retry).
+    prefetched: Option<(InstanceSpec, skyvisor_store::Revision)>,
 }
 
 impl SourceControl<'_> {
@@ -867,6 +871,15 @@ impl OutgoingControl for SourceControl<'_> {
 
     async fn before_stop(&mut self) -> Result<(), String> {
         self.record.set_phase(MigrationPhase::SwitchingOver);
+        // Read before the guest's traffic starts to wait: from the pin on,
+        // every millisecond here is one its clients see.
+        self.prefetched = self
+            .ctx
+            .store
+            .get_json::<InstanceSpec>(&keys::instance_spec(&self.spec.name))
+            .await
+            .ok()
+            .flatten();
         // Frames for the VM queue at the destination's tap from now on.
         self.peer.call::<()>("pin").await?;
         // Every other host sends the VM's frames straight there too.
@@ -1023,6 +1036,7 @@ pub(crate) async fn migrate_out(
         streams: vec![],
         redirected: false,
         cancelled: false,
+        prefetched: None,
     };
     // The disk follows: a replica moved to the destination is in sync
     // before the destination VM is even prepared.
@@ -1103,6 +1117,7 @@ pub(crate) async fn migrate_out(
     };
     let outcome = vm.migrate_out(&plan, &mut control).await;
     let (redirected, cancelled) = (control.redirected, control.cancelled);
+    let prefetched = control.prefetched.take();
     let mut record = control.record;
     let outcome = match outcome {
         Ok(o) => o,
@@ -1127,7 +1142,7 @@ pub(crate) async fn migrate_out(
         encrypted,
     });
     let completed_after = outcome.stopped_at.elapsed();
-    if !hand_over(ctx, spec, req, &record).await {
+    if !hand_over(ctx, spec, req, &record, prefetched).await {
         warn!(instance = %spec.name, migration = %req.id, "handover not committed; the VM resumes here");
         let resumed = vm.resume_after_migration().await;
         undo_redirect(ctx, spec, redirected).await;
@@ -1328,13 +1343,19 @@ async fn hand_over(
     spec: &InstanceSpec,
     req: &MigrationRequest,
     record: &Migration,
+    mut prefetched: Option<(InstanceSpec, skyvisor_store::Revision)>,
 ) -> bool {
     let key = keys::instance_spec(&spec.name);
     let mut delay = Duration::from_millis(20);
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let current = ctx.store.get_json::<InstanceSpec>(&key).await;
+        // The first attempt commits against the spec read before the
+        // pause; a change since then fails the compare and reads again.
+        let current = match prefetched.take() {
+            Some(p) => Ok(Some(p)),
+            None => ctx.store.get_json::<InstanceSpec>(&key).await,
+        };
         let (mut next, rev) = match current {
             Ok(Some((s, rev))) => (s, rev),
             Ok(None) => return false,

@@ -429,15 +429,16 @@ impl Vm for QemuVmHandle {
                 _ => tokio::time::sleep(Duration::from_millis(1)).await,
             }
         }
-        // Gone already after an earlier attempt: fine.
-        let _ = qmp.nbd_server_stop().await;
-        let status = qmp.query_status().await.map_err(control)?;
-        if !status.running {
-            qmp.cont().await.map_err(control)?;
-        }
-        qmp.announce_self(&AnnounceParameters::default())
+        // The guest's clients wait from here: run it and announce it first
+        // (`cont` of a running VM does nothing), tidy up after.
+        qmp.cont().await.map_err(control)?;
+        let announced = qmp
+            .announce_self(&AnnounceParameters::default())
             .await
-            .map_err(control)
+            .map_err(control);
+        // Gone already after an earlier attempt, or never started: fine.
+        let _ = qmp.nbd_server_stop().await;
+        announced
     }
 
     async fn detach_disk(&self, disk_id: &str, timeout: Duration) -> Result<(), HvError> {

@@ -260,26 +260,21 @@ impl HostNetwork for LinuxNetwork {
         overlay: &str,
         remote: Ipv4Addr,
     ) -> Result<(), NetError> {
-        self.steer_mac(mac, overlay, remote).await?;
+        validate_ifname(overlay)?;
+        // The overlay's own entry (where to send) and the bridge's (send
+        // it to the overlay) are separate tables: set both at once, since
+        // the guest's clients wait from here on.
+        let mac_text = mac.to_string();
         // Sticky: frames the VM still sends from its tap until it is paused
         // must not move the entry back (learning moves static entries that
         // are not sticky).
-        run(
-            "bridge",
-            &[
-                "fdb",
-                "replace",
-                &mac.to_string(),
-                "dev",
-                overlay,
-                "master",
-                "static",
-                "sticky",
-            ],
-            None,
-        )
-        .await
-        .map(drop)
+        let args = [
+            "fdb", "replace", &mac_text, "dev", overlay, "master", "static", "sticky",
+        ];
+        let bridge_entry = run("bridge", &args, None);
+        let (steered, bridged) = tokio::join!(self.steer_mac(mac, overlay, remote), bridge_entry);
+        steered?;
+        bridged.map(drop)
     }
 
     async fn steer_mac(

@@ -478,7 +478,9 @@ class Skyvisor:
         except urllib.error.HTTPError as e:
             return {"error": f"migrate request: {http_error_text(e)}"}
         deadline = t0 + SV_TIMEOUT
-        while m["phase"] not in ("completed", "failed", "cancelled"):
+        # Completed, and its figures in (they follow the commit by a moment).
+        while m["phase"] not in ("failed", "cancelled") and not (
+                m["phase"] == "completed" and m.get("result")):
             if time.time() > deadline:
                 try:
                     self.api("POST", f"/v1/instances/{name}/migrate/cancel")

@@ -1132,15 +1132,10 @@ pub(crate) async fn migrate_out(
         }
     };
     // The guest is paused here and whole at the destination: hand over.
+    // Committed as completed without figures: the pause is only known once
+    // the destination runs the guest (the record gets them then).
     record.set_phase(MigrationPhase::Completed);
-    record.result = Some(MigrationResult {
-        total_ms: started.elapsed().as_millis() as u64,
-        qemu_downtime_ms: outcome.qemu_downtime_ms,
-        pause_ms: outcome.stopped_at.elapsed().as_millis() as u64,
-        ram_transferred: outcome.ram_transferred,
-        disk_copied: outcome.disk_copied,
-        encrypted,
-    });
+    record.result = None;
     let completed_after = outcome.stopped_at.elapsed();
     if !hand_over(ctx, spec, req, &record, prefetched).await {
         warn!(instance = %spec.name, migration = %req.id, "handover not committed; the VM resumes here");
@@ -1150,7 +1145,6 @@ pub(crate) async fn migrate_out(
         if let Err(e) = resumed {
             warn!(instance = %spec.name, error = %e, "could not resume the VM after a failed handover");
         }
-        record.result = None;
         fail(
             ctx,
             spec,
@@ -1179,10 +1173,14 @@ pub(crate) async fn migrate_out(
         committed_ms = committed_at.as_millis() as u64,
         resumed_ms = pause.as_millis() as u64,
         "switchover steps (from the pause)");
-    if let Some(r) = record.result.as_mut() {
-        r.pause_ms = pause.as_millis() as u64;
-        r.total_ms = started.elapsed().as_millis() as u64;
-    }
+    record.result = Some(MigrationResult {
+        total_ms: started.elapsed().as_millis() as u64,
+        qemu_downtime_ms: outcome.qemu_downtime_ms,
+        pause_ms: pause.as_millis() as u64,
+        ram_transferred: outcome.ram_transferred,
+        disk_copied: outcome.disk_copied,
+        encrypted,
+    });
     info!(instance = %spec.name, migration = %req.id, to = %req.destination,
         pause_ms = pause.as_millis() as u64, total_ms = started.elapsed().as_millis() as u64,
         "migration completed");

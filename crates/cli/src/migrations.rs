@@ -123,6 +123,15 @@ async fn follow(client: &Client, format: OutputFormat, mut m: Migration) -> Resu
         tokio::time::sleep(Duration::from_millis(250)).await;
         m = client.get(&format!("/v1/migrations/{}", m.id)).await?;
     }
+    // The figures follow the commit by a moment (the guest's resume).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while m.phase == MigrationPhase::Completed
+        && m.result.is_none()
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        m = client.get(&format!("/v1/migrations/{}", m.id)).await?;
+    }
     progress.finish();
     Ok(m)
 }

@@ -178,7 +178,8 @@ pub struct Migration {
     /// The latest progress figures.
     #[serde(default)]
     pub progress: MigrationProgress,
-    /// The final figures, once completed.
+    /// The final figures, once completed and the guest runs at the
+    /// destination (a moment after the phase says `completed`).
     #[serde(default)]
     pub result: Option<MigrationResult>,
     /// Why it failed or was cancelled.

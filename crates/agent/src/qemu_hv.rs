@@ -722,7 +722,17 @@ async fn migrate_out(
         if started.elapsed() > plan.max_duration {
             return Err(timed_out());
         }
-        let rate = drain.rate(&ram);
+        let drained = drain.rate(&ram);
+        // In the first pass the memory left is the untouched rest, mostly
+        // zero pages skipped at gigabytes a second: a few milliseconds of
+        // that said "it fits" with 100+ MiB of real pages still to send,
+        // which then went inside the pause. Until a pass is complete, judge
+        // by what crosses the wire.
+        let rate = if ram.dirty_sync_count <= 1 {
+            ram.mbps * 1e6 / 8.0
+        } else {
+            drained
+        };
         let fits = rate > 0.0
             && ram.transferred > 0
             && (ram.remaining as f64) <= rate * plan.switchover_budget.as_secs_f64();

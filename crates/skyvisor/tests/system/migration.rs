@@ -25,6 +25,7 @@ struct ClientReport {
 /// every 10 ms until stopped.
 struct Client {
     stop: Arc<AtomicBool>,
+    sent: Arc<std::sync::atomic::AtomicUsize>,
     thread: JoinHandle<ClientReport>,
 }
 
@@ -32,6 +33,8 @@ impl Client {
     fn start(ip: Ipv4Addr) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = sent.clone();
         let thread = std::thread::spawn(move || {
             let mut report = ClientReport {
                 requests: 0,
@@ -47,12 +50,20 @@ impl Client {
                         .push(format!("{:?}: {e}", started.elapsed())),
                 }
                 report.requests += 1;
+                counter.store(report.requests, Ordering::SeqCst);
                 report.slowest = report.slowest.max(started.elapsed());
                 std::thread::sleep(Duration::from_millis(10));
             }
             report
         });
-        Self { stop, thread }
+        Self { stop, sent, thread }
+    }
+
+    /// Waits until the client has sent `n` requests.
+    fn wait_for_requests(&self, n: usize) {
+        wait_until("the client's requests", Duration::from_secs(60), || {
+            (self.sent.load(Ordering::SeqCst) >= n).then_some(())
+        });
     }
 
     fn finish(self) -> ClientReport {
@@ -163,6 +174,8 @@ fn running_vm_moves_between_hosts_without_failed_requests_and_keeps_its_state() 
         assert_eq!(now["status"]["phase"], "running", "{now}");
     }
     let acked = writer.join().expect("writer");
+    // Migrations may take less time than a meaningful sample of requests.
+    client.wait_for_requests(60);
     let report = client.finish();
     assert!(
         records
@@ -616,6 +629,7 @@ fn volume_backed_vms_migrate_live_and_stopped_ones_leave_a_draining_host() {
         assert_eq!(disk["spec"]["replicas"], 2, "{disk}");
     }
     let acked = writer.join().expect("writer");
+    client.wait_for_requests(40);
     let report = client.finish();
     eprintln!(
         "{} requests, slowest {:?}; pauses {pauses:?}",

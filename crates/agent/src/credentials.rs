@@ -46,10 +46,20 @@ impl Credentials {
         Ok(Self { ca, member, links })
     }
 
-    /// The TLS configuration of the agent's API.
+    /// The TLS configuration of the agent's API: clients that are members
+    /// present their certificate.
     pub fn api_tls(&self) -> Result<rustls::ServerConfig, AgentError> {
-        skyvisor_auth::tls::server_config(&self.member.chain_pem, &self.member.key_pem)
-            .map_err(|e| fail("cannot serve TLS", e))
+        skyvisor_auth::tls::member_server_config(
+            &self.member.chain_pem,
+            &self.member.key_pem,
+            &self.ca.cert_pem,
+        )
+        .map_err(|e| fail("cannot serve TLS", e))
+    }
+
+    /// This agent's certificate and key as one PEM (a client identity).
+    pub fn identity_pem(&self) -> String {
+        format!("{}{}", self.member.key_pem, self.member.chain_pem)
     }
 }
 
@@ -68,5 +78,59 @@ mod tests {
         assert!(c.member.chain_pem.ends_with(&ca.cert_pem));
         assert!(c.api_tls().is_ok());
         assert!(skyvisor_volume::link_tls::process_tls().is_some());
+    }
+
+    #[tokio::test]
+    async fn the_agent_api_admits_only_callers_with_a_member_certificate_and_the_key() {
+        let store = skyvisor_store::EmbeddedStore::in_memory().expect("store");
+        let c = Credentials::establish(&store, &["127.0.0.1".into()])
+            .await
+            .expect("credentials");
+        let key = skyvisor_auth::cluster_key(&store).await.expect("key");
+        let ok = || async { "ok" };
+        let router = crate::http::members_only(
+            axum::Router::new()
+                .route("/agent/v1/thing", axum::routing::get(ok))
+                .route("/agent/v1/health", axum::routing::get(ok)),
+            key.clone(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let tls = c.api_tls().expect("tls");
+        tokio::spawn(skyvisor_auth::tls::serve_members(listener, tls, router));
+        let ca = c.ca.cert_pem.clone();
+        let status = |client: reqwest::Client, path: &'static str| async move {
+            client
+                .get(format!("https://127.0.0.1:{port}{path}"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        };
+        let member = crate::internal_client(&key, Some(&ca), Some(&c.identity_pem()));
+        assert_eq!(status(member, "/agent/v1/thing").await, 200);
+        // The key without a certificate: refused.
+        let keyed = crate::internal_client(&key, Some(&ca), None);
+        assert_eq!(status(keyed.clone(), "/agent/v1/thing").await, 401);
+        assert_eq!(
+            status(keyed, "/agent/v1/health").await,
+            200,
+            "health stays open"
+        );
+        // A certificate of another CA does not get through the handshake.
+        let other = skyvisor_store::EmbeddedStore::in_memory().expect("store");
+        let theirs = ClusterCa::load_or_create(&other)
+            .await
+            .expect("ca")
+            .issue_member(&["127.0.0.1".into()])
+            .expect("member");
+        let stranger = crate::internal_client(
+            &key,
+            Some(&ca),
+            Some(&format!("{}{}", theirs.key_pem, theirs.chain_pem)),
+        );
+        assert_ne!(status(stranger, "/agent/v1/thing").await, 200);
     }
 }

@@ -252,8 +252,9 @@ pub async fn run(
     me: HostName,
     data_dir: PathBuf,
     lease: std::sync::Arc<std::sync::Mutex<LeaseId>>,
+    http: reqwest::Client,
 ) {
-    let probing = tokio::spawn(probe_and_report(fence.clone(), store, me, lease));
+    let probing = tokio::spawn(probe_and_report(fence.clone(), store, me, lease, http));
     // Ends the prober with this task (an aborted agent stops both).
     struct AbortOnDrop(tokio::task::JoinHandle<()>);
     impl Drop for AbortOnDrop {
@@ -291,26 +292,10 @@ async fn probe_and_report(
     store: std::sync::Arc<dyn Store>,
     me: HostName,
     lease: std::sync::Arc<std::sync::Mutex<LeaseId>>,
+    // The agent's client to its peers: the cluster's key, its CA and
+    // this member's certificate.
+    http: reqwest::Client,
 ) {
-    // Peers admit only callers with the cluster's key.
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Ok(key) = skyvisor_auth::cluster_key(store.as_ref()).await
-        && let Ok(v) = reqwest::header::HeaderValue::from_str(&key.header())
-    {
-        headers.insert(reqwest::header::AUTHORIZATION, v);
-    }
-    let mut http = reqwest::Client::builder()
-        .default_headers(headers)
-        .no_proxy()
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_millis(800));
-    // Peers that serve TLS carry certificates of the cluster's CA.
-    if let Some(ca) = skyvisor_auth::pki::stored_ca(store.as_ref()).await
-        && let Ok(cert) = reqwest::Certificate::from_pem(ca.cert_pem.as_bytes())
-    {
-        http = http.add_root_certificate(cert);
-    }
-    let http = http.build().unwrap_or_default();
     let mut last_report: Option<(Instant, Vec<HostName>)> = None;
     loop {
         probe_peers(&fence, &http, &me).await;
@@ -345,6 +330,9 @@ async fn probe_and_report(
 }
 
 /// Probes every peer's agent at once; records those that answered.
+/// How long one probe of a peer may take (connecting included).
+const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+
 async fn probe_peers(fence: &Fence, http: &reqwest::Client, me: &HostName) {
     let peers = lock(&fence.peers).clone();
     let probes = peers.into_iter().map(|(name, url)| {
@@ -354,7 +342,10 @@ async fn probe_peers(fence: &Fence, http: &reqwest::Client, me: &HostName) {
             url.trim_end_matches('/')
         );
         async move {
-            let ok = matches!(http.get(&url).send().await, Ok(r) if r.status().is_success());
+            let ok = matches!(
+                http.get(&url).timeout(PROBE_TIMEOUT).send().await,
+                Ok(r) if r.status().is_success()
+            );
             (name, ok)
         }
     });

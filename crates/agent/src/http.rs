@@ -45,7 +45,13 @@ pub fn members_only(router: Router, key: skyvisor_auth::ClusterKey) -> Router {
                     .headers()
                     .get(axum::http::header::AUTHORIZATION)
                     .and_then(|v| v.to_str().ok());
-                if req.uri().path() == "/agent/v1/health" || key.admits(presented) {
+                // A member shows its certificate of the cluster's CA (the
+                // TLS handshake checked it) and the cluster's key.
+                let member = req
+                    .extensions()
+                    .get::<axum::extract::ConnectInfo<skyvisor_auth::tls::PeerCertificate>>()
+                    .is_some_and(|c| c.0.0);
+                if req.uri().path() == "/agent/v1/health" || (member && key.admits(presented)) {
                     next.run(req).await
                 } else {
                     (

@@ -84,12 +84,16 @@ impl Source {
 
 /// The download client, trusting `ca_pem` (the cluster's CA) as well as
 /// the system's roots.
-fn client_trusting(ca_pem: Option<&str>) -> reqwest::Client {
+fn client_trusting(ca_pem: Option<&str>, identity_pem: Option<&str>) -> reqwest::Client {
     let mut b = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(2))
         .no_proxy();
     if let Some(cert) = ca_pem.and_then(|p| reqwest::Certificate::from_pem(p.as_bytes()).ok()) {
         b = b.add_root_certificate(cert);
+    }
+    // Peer agents admit only members presenting their certificate.
+    if let Some(id) = identity_pem.and_then(|p| reqwest::Identity::from_pem(p.as_bytes()).ok()) {
+        b = b.identity(id);
     }
     b.build().unwrap_or_default()
 }
@@ -103,17 +107,19 @@ impl ImageCache {
             server_url,
             servers: Mutex::new(Vec::new()),
             peers: Mutex::new(BTreeMap::new()),
-            http: Mutex::new(client_trusting(None)),
+            http: Mutex::new(client_trusting(None, None)),
             verified: Mutex::new(HashMap::new()),
             token: Mutex::new(None),
             peer_auth: Mutex::new(None),
         }
     }
 
-    /// Trusts the cluster's CA too (servers that serve TLS).
-    pub fn trust_ca(&self, ca_pem: &str) {
+    /// Trusts the cluster's CA too (servers that serve TLS, peer agents)
+    /// and presents this member's certificate (`identity_pem`: key and
+    /// chain) to peers.
+    pub fn trust_cluster(&self, ca_pem: &str, identity_pem: &str) {
         if let Ok(mut h) = self.http.lock() {
-            *h = client_trusting(Some(ca_pem));
+            *h = client_trusting(Some(ca_pem), Some(identity_pem));
         }
     }
 

@@ -93,7 +93,11 @@ pub struct AgentConfig {
 
 /// An HTTP client for calls to other parts of the cluster: each request
 /// carries the cluster's key.
-pub fn internal_client(key: &skyvisor_auth::ClusterKey, ca_pem: Option<&str>) -> reqwest::Client {
+pub fn internal_client(
+    key: &skyvisor_auth::ClusterKey,
+    ca_pem: Option<&str>,
+    identity_pem: Option<&str>,
+) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Ok(v) = reqwest::header::HeaderValue::from_str(&key.header()) {
         headers.insert(reqwest::header::AUTHORIZATION, v);
@@ -104,6 +108,10 @@ pub fn internal_client(key: &skyvisor_auth::ClusterKey, ca_pem: Option<&str>) ->
     // Parts that serve TLS carry certificates of the cluster's CA.
     if let Some(cert) = ca_pem.and_then(|p| reqwest::Certificate::from_pem(p.as_bytes()).ok()) {
         b = b.add_root_certificate(cert);
+    }
+    // Agents admit only callers with a member's certificate.
+    if let Some(id) = identity_pem.and_then(|p| reqwest::Identity::from_pem(p.as_bytes()).ok()) {
+        b = b.identity(id);
     }
     b.build().unwrap_or_default()
 }
@@ -362,7 +370,7 @@ async fn bring_up(
     }
     names.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
     let credentials = credentials::Credentials::establish(store.as_ref(), &names).await?;
-    images.trust_ca(&credentials.ca.cert_pem);
+    images.trust_cluster(&credentials.ca.cert_pem, &credentials.identity_pem());
     let volumes = match cfg.replica_listen {
         Some(listen) => Some(
             VolumeService::start(
@@ -398,7 +406,11 @@ async fn bring_up(
         firewall,
         mtu: net.mtu,
         probe_guests: cfg.probe_guests,
-        http: internal_client(&cluster_key, Some(&credentials.ca.cert_pem)),
+        http: internal_client(
+            &cluster_key,
+            Some(&credentials.ca.cert_pem),
+            Some(&credentials.identity_pem()),
+        ),
         member_tls: Some(credentials.links.clone()),
         cluster_key: cluster_key.clone(),
         guest_test_hooks: cfg.guest_test_hooks,
@@ -424,8 +436,8 @@ async fn bring_up(
         addr: cfg.listen,
         message: e.to_string(),
     })?;
-    let tls = Some(credentials.api_tls()?);
-    let url = format!("{}://{local}", if tls.is_some() { "https" } else { "http" });
+    let tls = credentials.api_tls()?;
+    let url = format!("https://{local}");
     let mut guard = TaskGuard(Vec::new());
     let mut router = http::router(ctx.clone()).merge(migration::router(ctx.clone()));
     if let Some(v) = &volumes {
@@ -433,7 +445,7 @@ async fn bring_up(
     }
     let router = http::members_only(router, cluster_key.clone());
     guard.0.push(tokio::spawn(async move {
-        if let Err(e) = skyvisor_auth::tls::serve(listener, tls, router).await {
+        if let Err(e) = skyvisor_auth::tls::serve_members(listener, tls, router).await {
             error!(error = %e, "agent HTTP service failed");
         }
     }));
@@ -485,6 +497,7 @@ async fn bring_up(
             cfg.host.clone(),
             cfg.data_dir.clone(),
             lease.clone(),
+            ctx.http.clone(),
         )));
     }
     if let Some(overlay) = &cfg.overlay {

@@ -40,6 +40,78 @@ pub fn server_config(chain_pem: &str, key_pem: &str) -> Result<rustls::ServerCon
     .map_err(|e| format!("the certificate and key do not go together: {e}"))
 }
 
+/// The TLS configuration of a cluster member's API: its certificate
+/// (`chain_pem`, `key_pem`); a client may present a certificate, which must
+/// then be one of the CA `ca_pem` ([`PeerCertificate`] tells handlers), or
+/// none (health checks).
+pub fn member_server_config(
+    chain_pem: &str,
+    key_pem: &str,
+    ca_pem: &str,
+) -> Result<rustls::ServerConfig, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("reading the certificate chain: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| format!("reading the private key: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let cert = cert.map_err(|e| format!("reading the CA certificate: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("the CA certificate is not usable: {e}"))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| format!("cannot verify clients: {e}"))?;
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("the certificate and key do not go together: {e}"))
+}
+
+/// Whether the connection's client presented a certificate of the
+/// cluster's CA (verified in the handshake), for handlers behind
+/// [`serve_members`] (`ConnectInfo<PeerCertificate>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCertificate(pub bool);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
+    for PeerCertificate
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        PeerCertificate(
+            stream
+                .io()
+                .get_ref()
+                .1
+                .peer_certificates()
+                .is_some_and(|c| !c.is_empty()),
+        )
+    }
+}
+
+/// Serves a member's `router` over TLS with `config` (see
+/// [`member_server_config`]), telling it whether each client is a member.
+pub async fn serve_members(
+    listener: TcpListener,
+    config: rustls::ServerConfig,
+    router: axum::Router,
+) -> std::io::Result<()> {
+    axum::serve(
+        TlsListener::new(listener, config)?,
+        router.into_make_service_with_connect_info::<PeerCertificate>(),
+    )
+    .await
+}
+
 impl TlsListener {
     /// Serves TLS with `config` on `listener`.
     pub fn new(listener: TcpListener, config: rustls::ServerConfig) -> std::io::Result<Self> {

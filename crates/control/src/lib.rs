@@ -155,6 +155,15 @@ impl ControlPlane {
         if let Ok(cert) = reqwest::Certificate::from_pem(ca.cert_pem.as_bytes()) {
             http = http.add_root_certificate(cert);
         }
+        // Agents admit only members presenting a certificate of the CA.
+        let member = ca
+            .issue_member(&["skyvisor-server".to_string()])
+            .map_err(skyvisor_auth::AuthError::into_store_error)?;
+        if let Ok(id) = reqwest::Identity::from_pem(
+            format!("{}{}", member.key_pem, member.chain_pem).as_bytes(),
+        ) {
+            http = http.identity(id);
+        }
         let http = http
             .default_headers(internal)
             .connect_timeout(Duration::from_secs(3))

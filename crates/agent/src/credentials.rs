@@ -11,6 +11,23 @@ use skyvisor_volume::link_tls::LinkTls;
 
 use crate::AgentError;
 
+/// Sets `builder` up for calls to other parts of the cluster: it trusts the
+/// cluster's CA (`ca_pem`) and presents this member's certificate
+/// (`identity_pem`: key, then chain), which agents require.
+pub fn cluster_client(
+    mut builder: reqwest::ClientBuilder,
+    ca_pem: Option<&str>,
+    identity_pem: Option<&str>,
+) -> reqwest::ClientBuilder {
+    if let Some(cert) = ca_pem.and_then(|p| reqwest::Certificate::from_pem(p.as_bytes()).ok()) {
+        builder = builder.add_root_certificate(cert);
+    }
+    if let Some(id) = identity_pem.and_then(|p| reqwest::Identity::from_pem(p.as_bytes()).ok()) {
+        builder = builder.identity(id);
+    }
+    builder
+}
+
 /// What the agent presents to the rest of the cluster.
 #[derive(Debug)]
 pub struct Credentials {

@@ -85,17 +85,12 @@ impl Source {
 /// The download client, trusting `ca_pem` (the cluster's CA) as well as
 /// the system's roots.
 fn client_trusting(ca_pem: Option<&str>, identity_pem: Option<&str>) -> reqwest::Client {
-    let mut b = reqwest::Client::builder()
+    let b = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(2))
         .no_proxy();
-    if let Some(cert) = ca_pem.and_then(|p| reqwest::Certificate::from_pem(p.as_bytes()).ok()) {
-        b = b.add_root_certificate(cert);
-    }
-    // Peer agents admit only members presenting their certificate.
-    if let Some(id) = identity_pem.and_then(|p| reqwest::Identity::from_pem(p.as_bytes()).ok()) {
-        b = b.identity(id);
-    }
-    b.build().unwrap_or_default()
+    crate::credentials::cluster_client(b, ca_pem, identity_pem)
+        .build()
+        .unwrap_or_default()
 }
 
 impl ImageCache {

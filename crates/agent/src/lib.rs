@@ -102,18 +102,12 @@ pub fn internal_client(
     if let Ok(v) = reqwest::header::HeaderValue::from_str(&key.header()) {
         headers.insert(reqwest::header::AUTHORIZATION, v);
     }
-    let mut b = reqwest::Client::builder()
+    let b = reqwest::Client::builder()
         .default_headers(headers)
         .no_proxy();
-    // Parts that serve TLS carry certificates of the cluster's CA.
-    if let Some(cert) = ca_pem.and_then(|p| reqwest::Certificate::from_pem(p.as_bytes()).ok()) {
-        b = b.add_root_certificate(cert);
-    }
-    // Agents admit only callers with a member's certificate.
-    if let Some(id) = identity_pem.and_then(|p| reqwest::Identity::from_pem(p.as_bytes()).ok()) {
-        b = b.identity(id);
-    }
-    b.build().unwrap_or_default()
+    credentials::cluster_client(b, ca_pem, identity_pem)
+        .build()
+        .unwrap_or_default()
 }
 
 /// What went wrong starting an agent.

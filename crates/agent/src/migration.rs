@@ -385,15 +385,7 @@ async fn prepare(
             format!("preparing the destination VM: {e}"),
         );
     }
-    let listening = match &tls {
-        Some(tls) => listen_tunnels(tls, &host, &plan).await,
-        None => Ok((
-            Vec::new(),
-            tcp_port(&plan.memory),
-            plan.nbd.as_ref().map(tcp_port),
-        )),
-    };
-    let (tunnels, migration_port, nbd_port) = match listening {
+    let (tunnels, migration_port, nbd_port) = match listen_ports(tls.as_ref(), &host, &plan).await {
         Ok(l) => l,
         Err(e) => {
             running.vm.kill();
@@ -428,30 +420,27 @@ async fn prepare(
     .into_response()
 }
 
-/// The port of a TCP stream address (0 for a unix socket, never asked).
-fn tcp_port(addr: &StreamAddr) -> u16 {
-    match addr {
-        StreamAddr::Tcp { port, .. } => *port,
-        StreamAddr::Unix(_) => 0,
-    }
-}
-
-/// Opens the TLS ends of a destination's tunnels to QEMU's sockets: the
-/// tunnels and their ports (memory, NBD).
-async fn listen_tunnels(
-    tls: &skyvisor_volume::link_tls::LinkTls,
+/// The ports the source sends a destination's streams to (memory, NBD):
+/// QEMU's own TCP ports, or those of TLS tunnels opened here to QEMU's
+/// unix sockets (returned too: they close when dropped).
+async fn listen_ports(
+    tls: Option<&skyvisor_volume::link_tls::LinkTls>,
     host: &str,
     plan: &IncomingPlan,
 ) -> std::io::Result<(Vec<Tunnel>, u16, Option<u16>)> {
     let mut tunnels = Vec::new();
     let mut port_of = async |addr: &StreamAddr| -> std::io::Result<u16> {
-        match addr {
-            StreamAddr::Unix(path) => {
+        match (addr, tls) {
+            (StreamAddr::Tcp { port, .. }, _) => Ok(*port),
+            (StreamAddr::Unix(path), Some(tls)) => {
                 let (port, t) = tunnel::listen(tls.clone(), host, path.clone()).await?;
                 tunnels.push(t);
                 Ok(port)
             }
-            StreamAddr::Tcp { port, .. } => Ok(*port),
+            (StreamAddr::Unix(path), None) => Err(std::io::Error::other(format!(
+                "{} is a unix socket and there is no TLS to carry it",
+                path.display()
+            ))),
         }
     };
     let memory = port_of(&plan.memory).await?;

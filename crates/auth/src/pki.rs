@@ -154,17 +154,6 @@ impl ClusterCa {
     }
 }
 
-/// The cluster's CA, if a server made one (clusters whose servers serve
-/// TLS); `None` also when the store cannot say.
-pub async fn stored_ca(store: &dyn Store) -> Option<ClusterCa> {
-    store
-        .get_json::<ClusterCa>(CA_KEY)
-        .await
-        .ok()
-        .flatten()
-        .map(|(ca, _)| ca)
-}
-
 /// The SHA-256 fingerprint of the first certificate in `pem`, as
 /// `sha256:AB:CD:...` (empty if there is none).
 pub fn fingerprint(pem: &str) -> String {
@@ -175,14 +164,14 @@ pub fn fingerprint(pem: &str) -> String {
 }
 
 /// The fingerprint of a DER certificate.
-pub fn fingerprint_der(der: &[u8]) -> String {
+fn fingerprint_der(der: &[u8]) -> String {
     let digest = Sha256::digest(der);
     let hexes: Vec<String> = digest.iter().map(|b| format!("{b:02X}")).collect();
     format!("sha256:{}", hexes.join(":"))
 }
 
 /// The DER bytes of the first certificate in `pem`.
-pub fn first_der(pem: &str) -> Option<Vec<u8>> {
+fn first_der(pem: &str) -> Option<Vec<u8>> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     CertificateDer::pem_slice_iter(pem.as_bytes())

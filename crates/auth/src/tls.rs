@@ -22,14 +22,23 @@ pub struct TlsListener {
     local: SocketAddr,
 }
 
-/// The TLS configuration of a server with `chain_pem` (its certificate,
-/// then the CA's) and `key_pem`.
-pub fn server_config(chain_pem: &str, key_pem: &str) -> Result<rustls::ServerConfig, String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+/// The certificates of `chain_pem` and the private key of `key_pem`.
+fn chain_and_key(
+    chain_pem: &str,
+    key_pem: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|e| format!("reading the certificate chain: {e}"))?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
         .map_err(|e| format!("reading the private key: {e}"))?;
+    Ok((chain, key))
+}
+
+/// The TLS configuration of a server with `chain_pem` (its certificate,
+/// then the CA's) and `key_pem`.
+pub fn server_config(chain_pem: &str, key_pem: &str) -> Result<rustls::ServerConfig, String> {
+    let (chain, key) = chain_and_key(chain_pem, key_pem)?;
     rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
@@ -49,11 +58,7 @@ pub fn member_server_config(
     key_pem: &str,
     ca_pem: &str,
 ) -> Result<rustls::ServerConfig, String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("reading the certificate chain: {e}"))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| format!("reading the private key: {e}"))?;
+    let (chain, key) = chain_and_key(chain_pem, key_pem)?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         let cert = cert.map_err(|e| format!("reading the CA certificate: {e}"))?;

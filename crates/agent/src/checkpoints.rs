@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use skyvisor_core::{
-    InstanceId, InstanceName, InstanceSpec, InstanceVolume, Snapshot, SnapshotKind, SnapshotName,
+    InstanceId, InstanceRef, InstanceSpec, InstanceVolume, Snapshot, SnapshotKind, SnapshotName,
     SnapshotOrigin, SnapshotProgress, SnapshotState, keys,
 };
 use skyvisor_store::{Compare, Store, StoreError, StoreExt, WatchEvent, decode, put_json};
@@ -73,7 +73,7 @@ pub struct VolumeRoot {
     /// The volume.
     pub volume: InstanceVolume,
     /// The VM it is served for.
-    pub instance: InstanceName,
+    pub instance: InstanceRef,
 }
 
 impl VolumeRoot {
@@ -94,7 +94,7 @@ impl VolumeRoot {
 /// it does not exist.
 pub async fn update(
     store: &dyn Store,
-    instance: &InstanceName,
+    instance: &InstanceRef,
     name: &SnapshotName,
     mut change: impl FnMut(&mut Snapshot) -> bool,
 ) -> Result<Option<Snapshot>, StoreError> {
@@ -123,7 +123,7 @@ pub async fn update(
 /// A snapshot record, if it exists.
 pub async fn get(
     store: &dyn Store,
-    instance: &InstanceName,
+    instance: &InstanceRef,
     name: &SnapshotName,
 ) -> Result<Option<Snapshot>, StoreError> {
     Ok(store
@@ -133,7 +133,7 @@ pub async fn get(
 }
 
 /// All snapshot records of instance `name` (of any id).
-pub async fn list_of(store: &dyn Store, name: &InstanceName) -> Result<Vec<Snapshot>, StoreError> {
+pub async fn list_of(store: &dyn Store, name: &InstanceRef) -> Result<Vec<Snapshot>, StoreError> {
     Ok(store
         .list_json::<Snapshot>(&keys::snapshots_of(name))
         .await?
@@ -231,7 +231,7 @@ pub async fn take(
     } else {
         SnapshotKind::DiskOnly
     };
-    let claimed = update(ctx.store.as_ref(), &snap.instance, &snap.name, |s| {
+    let claimed = update(ctx.store.as_ref(), &snap.instance_ref(), &snap.name, |s| {
         if s.state != SnapshotState::Pending || s.deleting || s.instance_id != spec.id {
             return false;
         }
@@ -266,7 +266,7 @@ pub async fn take(
     if outcome.is_err() {
         let _ = tokio::fs::remove_dir_all(&tmp).await;
     }
-    let written = update(ctx.store.as_ref(), &snap.instance, &snap.name, |s| {
+    let written = update(ctx.store.as_ref(), &snap.instance_ref(), &snap.name, |s| {
         if s.state != SnapshotState::Saving {
             return false;
         }
@@ -357,7 +357,7 @@ async fn save(
             let (tx, rx) = watch::channel(None::<SnapshotProgress>);
             let reporter = tokio::spawn(report_progress(
                 ctx.store.clone(),
-                snap.instance.clone(),
+                snap.instance_ref(),
                 snap.name.clone(),
                 rx,
             ));
@@ -468,7 +468,7 @@ async fn publish(
 
 async fn report_progress(
     store: Arc<dyn Store>,
-    instance: InstanceName,
+    instance: InstanceRef,
     name: SnapshotName,
     mut rx: watch::Receiver<Option<SnapshotProgress>>,
 ) {
@@ -570,7 +570,7 @@ pub fn check_usable(
 /// is marked failed and its temporary files removed; pending requests are
 /// returned to be carried out.
 pub async fn recover(ctx: &AgentContext, spec: &InstanceSpec) -> Vec<Snapshot> {
-    let all = match list_of(ctx.store.as_ref(), &spec.name).await {
+    let all = match list_of(ctx.store.as_ref(), &spec.instance_ref()).await {
         Ok(l) => l,
         Err(e) => {
             warn!(instance = %spec.name, error = %e, "cannot list snapshots");
@@ -585,7 +585,7 @@ pub async fn recover(ctx: &AgentContext, spec: &InstanceSpec) -> Vec<Snapshot> {
         match snap.state {
             SnapshotState::Saving => {
                 let _ = tokio::fs::remove_dir_all(tmp_dir(&ctx.data_dir, &snap)).await;
-                let _ = update(ctx.store.as_ref(), &snap.instance, &snap.name, |s| {
+                let _ = update(ctx.store.as_ref(), &snap.instance_ref(), &snap.name, |s| {
                     if s.state != SnapshotState::Saving {
                         return false;
                     }
@@ -606,7 +606,7 @@ pub async fn recover(ctx: &AgentContext, spec: &InstanceSpec) -> Vec<Snapshot> {
 
 /// Marks the pending and saving snapshots of a VM being deleted failed.
 pub async fn abandon(ctx: &AgentContext, spec: &InstanceSpec) {
-    let Ok(all) = list_of(ctx.store.as_ref(), &spec.name).await else {
+    let Ok(all) = list_of(ctx.store.as_ref(), &spec.instance_ref()).await else {
         return;
     };
     for snap in all {
@@ -616,7 +616,7 @@ pub async fn abandon(ctx: &AgentContext, spec: &InstanceSpec) {
             continue;
         }
         let _ = tokio::fs::remove_dir_all(tmp_dir(&ctx.data_dir, &snap)).await;
-        let _ = update(ctx.store.as_ref(), &snap.instance, &snap.name, |s| {
+        let _ = update(ctx.store.as_ref(), &snap.instance_ref(), &snap.name, |s| {
             if !matches!(s.state, SnapshotState::Pending | SnapshotState::Saving) {
                 return false;
             }
@@ -663,7 +663,7 @@ pub async fn request_scheduled(ctx: &AgentContext, spec: &InstanceSpec) -> Resul
     };
     ctx.store
         .create(
-            &keys::snapshot(&spec.name, &name),
+            &keys::snapshot(&spec.instance_ref(), &name),
             skyvisor_store::encode(&snap),
         )
         .await
@@ -683,7 +683,7 @@ pub async fn prune(ctx: &AgentContext, spec: &InstanceSpec) {
 /// Deletes the oldest ready scheduled snapshots beyond `keep`, and all but
 /// the newest failed one.
 async fn prune_to(ctx: &AgentContext, spec: &InstanceSpec, keep: u32) {
-    let Ok(all) = list_of(ctx.store.as_ref(), &spec.name).await else {
+    let Ok(all) = list_of(ctx.store.as_ref(), &spec.instance_ref()).await else {
         return;
     };
     let mut ready: Vec<&Snapshot> = Vec::new();
@@ -706,7 +706,7 @@ async fn prune_to(ctx: &AgentContext, spec: &InstanceSpec, keep: u32) {
         .chain(failed.iter().skip(1));
     for s in doomed {
         debug!(instance = %spec.name, snapshot = %s.name, "pruning a scheduled snapshot");
-        let _ = update(ctx.store.as_ref(), &s.instance, &s.name, |r| {
+        let _ = update(ctx.store.as_ref(), &s.instance_ref(), &s.name, |r| {
             if r.deleting || matches!(r.state, SnapshotState::Pending | SnapshotState::Saving) {
                 return false;
             }
@@ -724,7 +724,7 @@ async fn delete(ctx: &AgentContext, snap: &Snapshot) {
         && e.kind() != std::io::ErrorKind::NotFound
     {
         warn!(snapshot = %snap.name, error = %e, "cannot remove the snapshot's files");
-        let _ = update(ctx.store.as_ref(), &snap.instance, &snap.name, |s| {
+        let _ = update(ctx.store.as_ref(), &snap.instance_ref(), &snap.name, |s| {
             s.message = Some(format!("cannot remove its files: {e}"));
             true
         })
@@ -736,7 +736,7 @@ async fn delete(ctx: &AgentContext, snap: &Snapshot) {
     let _ = tokio::fs::remove_dir(instance_dir(&ctx.data_dir, &snap.instance_id)).await;
     match ctx
         .store
-        .delete(&keys::snapshot(&snap.instance, &snap.name))
+        .delete(&keys::snapshot(&snap.instance_ref(), &snap.name))
         .await
     {
         Ok(_) => info!(instance = %snap.instance, snapshot = %snap.name, "snapshot deleted"),
@@ -812,14 +812,14 @@ async fn handle(ctx: &Arc<AgentContext>, snap: Snapshot) {
     // supervisor will pick the request up when it starts).
     let spec = ctx
         .store
-        .get_json::<InstanceSpec>(&keys::instance_spec(&snap.instance))
+        .get_json::<InstanceSpec>(&keys::instance_spec(&snap.instance_ref()))
         .await;
     if let Ok(spec) = spec
         && spec
             .as_ref()
             .is_none_or(|(s, _)| s.id != snap.instance_id || s.deleting)
     {
-        let _ = update(ctx.store.as_ref(), &snap.instance, &snap.name, |s| {
+        let _ = update(ctx.store.as_ref(), &snap.instance_ref(), &snap.name, |s| {
             if s.state != SnapshotState::Pending {
                 return false;
             }

@@ -69,7 +69,7 @@ impl Firewall {
         st.taps.insert(
             tap.to_string(),
             LocalTap {
-                instance: spec.name.to_string(),
+                instance: spec.instance_ref().to_string(),
                 mac: spec.network.mac,
                 ip: spec.network.ip,
                 vni: spec.network.vni,

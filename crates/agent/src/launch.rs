@@ -112,7 +112,7 @@ impl Launcher {
             let tap = tap.clone();
             let net = self.ctx.network.clone();
             let volumes = self.ctx.volumes.clone();
-            let name = spec.name.clone();
+            let name = spec.instance_ref();
             async move {
                 let _ = net.delete_tap(&tap).await;
                 if created_disk {
@@ -194,7 +194,7 @@ impl Launcher {
         if let (Some(v), Some(svc)) = (spec.root_volume(), &self.ctx.volumes)
             && let Err(e) = self.fill_blank_root(svc, v, image).await
         {
-            svc.release_instance(&spec.name).await;
+            svc.release_instance(&spec.instance_ref()).await;
             return Err(format!("volume {}: {e}", v.name));
         }
         Ok(served)
@@ -243,8 +243,10 @@ impl Launcher {
         let mut out = vec![];
         for v in ordered {
             let served = match mode {
-                ServeMode::Incoming => svc.serve_incoming(v, &spec.name).await,
-                ServeMode::Start | ServeMode::HandedOver => svc.serve(v, &spec.name).await,
+                ServeMode::Incoming => svc.serve_incoming(v, &spec.instance_ref()).await,
+                ServeMode::Start | ServeMode::HandedOver => {
+                    svc.serve(v, &spec.instance_ref()).await
+                }
             };
             match served {
                 Ok(t) => out.push(launch_volume(v, t)),
@@ -252,7 +254,7 @@ impl Launcher {
                     // A handed-over VM keeps its exports: its requests wait
                     // until a later attempt (its supervisor's) succeeds.
                     if mode != ServeMode::HandedOver {
-                        svc.release_instance(&spec.name).await;
+                        svc.release_instance(&spec.instance_ref()).await;
                     }
                     return Err(format!("volume {}: {e}", v.name));
                 }
@@ -263,7 +265,7 @@ impl Launcher {
 
     pub(crate) async fn release_volumes(&self, spec: &InstanceSpec) {
         if let Some(svc) = &self.ctx.volumes {
-            svc.release_instance(&spec.name).await;
+            svc.release_instance(&spec.instance_ref()).await;
         }
     }
 

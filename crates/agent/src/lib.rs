@@ -33,7 +33,7 @@ use std::time::Duration;
 use chrono::Utc;
 use futures::StreamExt;
 use skyvisor_core::{
-    Accel, Capacity, Host, HostName, InstanceId, InstanceName, InstanceSpec, Network, Overcommit,
+    Accel, Capacity, Host, HostName, InstanceId, InstanceRef, InstanceSpec, Network, Overcommit,
     keys,
 };
 use skyvisor_net::{BridgeConfig, HostNetwork};
@@ -687,15 +687,15 @@ struct Supervised {
 /// The writes that store `spec`: the spec and its copy under its host.
 pub(crate) fn spec_ops(spec: &InstanceSpec) -> Vec<Op> {
     vec![
-        skyvisor_store::put_json(keys::instance_spec(&spec.name), spec),
-        skyvisor_store::put_json(keys::binding(&spec.host, &spec.name), spec),
+        skyvisor_store::put_json(keys::instance_spec(&spec.instance_ref()), spec),
+        skyvisor_store::put_json(keys::binding(&spec.host, &spec.instance_ref()), spec),
     ]
 }
 
 /// Follows the instance specs bound to this host and keeps one supervisor
 /// per instance fed with its latest spec.
 async fn dispatch(ctx: Arc<AgentContext>) {
-    let mut running: HashMap<InstanceName, Supervised> = HashMap::new();
+    let mut running: HashMap<InstanceRef, Supervised> = HashMap::new();
     loop {
         // Only this host's copies of the specs: an agent follows its own
         // instances, not the whole cluster's.
@@ -711,7 +711,7 @@ async fn dispatch(ctx: Arc<AgentContext>) {
         let mut seen = Vec::new();
         for kv in &listing.items {
             if let Ok(spec) = decode::<InstanceSpec>(kv) {
-                seen.push(spec.name.clone());
+                seen.push(spec.instance_ref());
                 offer(&ctx, &mut running, spec);
             }
         }
@@ -731,7 +731,7 @@ async fn dispatch(ctx: Arc<AgentContext>) {
                     Err(e) => warn!(error = %e, "skipping undecodable instance spec"),
                 },
                 Ok(WatchEvent::Delete { key, .. }) => {
-                    if let Ok(name) = InstanceName::new(keys::name_of(&key))
+                    if let Some(name) = keys::instance_of(&keys::bindings_of(&ctx.host), &key)
                         && let Some(s) = running.remove(&name)
                         && !s.task.is_finished()
                     {
@@ -763,13 +763,13 @@ async fn dispatch(ctx: Arc<AgentContext>) {
 /// Hands `spec` to its supervisor, starting one if needed.
 fn offer(
     ctx: &Arc<AgentContext>,
-    running: &mut HashMap<InstanceName, Supervised>,
+    running: &mut HashMap<InstanceRef, Supervised>,
     spec: InstanceSpec,
 ) {
     if spec.host != ctx.host {
         return;
     }
-    if let Some(s) = running.get(&spec.name)
+    if let Some(s) = running.get(&spec.instance_ref())
         && s.id == spec.id
         && !s.task.is_finished()
     {
@@ -782,7 +782,7 @@ fn offer(
         Supervisor::new(ctx, rx).await.run().await;
     });
     running.insert(
-        spec.name.clone(),
+        spec.instance_ref(),
         Supervised {
             id: spec.id,
             spec: tx,

@@ -25,10 +25,10 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use skyvisor_core::{
-    Host, InstanceName, InstanceSpec, MacAddr, Migration, MigrationId, MigrationPhase,
+    Host, InstanceRef, InstanceSpec, MacAddr, Migration, MigrationId, MigrationPhase,
     MigrationProgress, MigrationRequest, MigrationResult, Resources, keys,
 };
-use skyvisor_store::{Compare, Op, StoreExt, put_json};
+use skyvisor_store::{Compare, Op, StoreExt, decode, put_json};
 use tracing::{debug, info, warn};
 
 use crate::AgentContext;
@@ -98,18 +98,18 @@ fn host_port(host: &str, port: u16) -> String {
 }
 
 /// The destination VMs of this host, by instance.
-pub type IncomingVms = tokio::sync::Mutex<HashMap<InstanceName, IncomingVm>>;
+pub type IncomingVms = tokio::sync::Mutex<HashMap<InstanceRef, IncomingVm>>;
 
 /// The VMs whose source side runs here, so that a migration straight back
 /// waits until the old copy (its QEMU, tap and files) is gone.
 #[derive(Default)]
 pub struct OutgoingVms {
-    leaving: std::sync::Mutex<std::collections::HashSet<InstanceName>>,
+    leaving: std::sync::Mutex<std::collections::HashSet<InstanceRef>>,
     changed: tokio::sync::Notify,
 }
 
 impl OutgoingVms {
-    fn enter(&self, name: &InstanceName) -> LeavingGuard<'_> {
+    fn enter(&self, name: &InstanceRef) -> LeavingGuard<'_> {
         self.leaving
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -121,7 +121,7 @@ impl OutgoingVms {
     }
 
     /// Whether `name` is migrating out of this host right now.
-    pub(crate) fn is_leaving(&self, name: &InstanceName) -> bool {
+    pub(crate) fn is_leaving(&self, name: &InstanceRef) -> bool {
         self.leaving
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -130,7 +130,7 @@ impl OutgoingVms {
 
     /// Waits up to `timeout` until `name`'s source side here has ended;
     /// false if it has not.
-    async fn wait_gone(&self, name: &InstanceName, timeout: Duration) -> bool {
+    async fn wait_gone(&self, name: &InstanceRef, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let changed = self.changed.notified();
@@ -146,7 +146,7 @@ impl OutgoingVms {
 
 struct LeavingGuard<'a> {
     set: &'a OutgoingVms,
-    name: InstanceName,
+    name: InstanceRef,
 }
 
 impl Drop for LeavingGuard<'_> {
@@ -168,7 +168,7 @@ const PREVIOUS_COPY_WAIT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PrepareRequest {
     /// The VM.
-    pub instance: InstanceName,
+    pub instance: InstanceRef,
     /// The streams go without TLS (the migration asked for it).
     #[serde(default)]
     pub insecure: bool,
@@ -242,7 +242,7 @@ pub fn router(ctx: Arc<AgentContext>) -> Router {
 async fn incoming_spec(
     ctx: &AgentContext,
     id: MigrationId,
-    instance: &InstanceName,
+    instance: &InstanceRef,
 ) -> Result<InstanceSpec, Response> {
     let spec = match ctx
         .store
@@ -300,7 +300,11 @@ async fn prepare(
     }
     // Straight back to where it just left: that copy must go first (it
     // holds the tap, the directory and the volumes' exports).
-    if !ctx.outgoing.wait_gone(&spec.name, PREVIOUS_COPY_WAIT).await {
+    if !ctx
+        .outgoing
+        .wait_gone(&spec.instance_ref(), PREVIOUS_COPY_WAIT)
+        .await
+    {
         return peer_error(
             StatusCode::CONFLICT,
             format!(
@@ -310,7 +314,7 @@ async fn prepare(
         );
     }
     let mut incoming = ctx.incoming.lock().await;
-    if let Some(old) = incoming.remove(&spec.name) {
+    if let Some(old) = incoming.remove(&spec.instance_ref()) {
         warn!(instance = %spec.name, migration = %old.migration, "replacing an earlier destination VM");
         discard(&ctx, &spec, old).await;
     }
@@ -398,7 +402,7 @@ async fn prepare(
     };
     info!(instance = %spec.name, migration = %id, port = migration_port, tls = tls.is_some(), "destination VM waits for its state");
     incoming.insert(
-        spec.name.clone(),
+        spec.instance_ref(),
         IncomingVm {
             migration: id,
             vm: running.vm,
@@ -516,7 +520,7 @@ async fn resume(
         );
     }
     let mut incoming = ctx.incoming.lock().await;
-    match incoming.get_mut(&spec.name) {
+    match incoming.get_mut(&spec.instance_ref()) {
         Some(v) if v.migration == id => {
             if !v.resumed {
                 // The source let go of the volumes before asking: become
@@ -569,8 +573,10 @@ async fn abort(
         );
     }
     let mut incoming = ctx.incoming.lock().await;
-    if incoming.get(&spec.name).is_some_and(|v| v.migration == id)
-        && let Some(v) = incoming.remove(&spec.name)
+    if incoming
+        .get(&spec.instance_ref())
+        .is_some_and(|v| v.migration == id)
+        && let Some(v) = incoming.remove(&spec.instance_ref())
     {
         discard(&ctx, &spec, v).await;
         info!(instance = %spec.name, migration = %id, "destination VM discarded");
@@ -589,7 +595,7 @@ async fn discard(ctx: &AgentContext, spec: &InstanceSpec, v: IncomingVm) {
 /// that will not run, or the source's copy after the handover).
 async fn cleanup_files(ctx: &AgentContext, spec: &InstanceSpec) {
     if let Some(v) = &ctx.volumes {
-        v.release_instance(&spec.name).await;
+        v.release_instance(&spec.instance_ref()).await;
     }
     let tap = skyvisor_net::tap_name(&spec.id);
     if let Err(e) = ctx.network.delete_tap(&tap).await {
@@ -611,7 +617,7 @@ async fn watch_incoming(ctx: Arc<AgentContext>, spec: InstanceSpec, id: Migratio
         tokio::time::sleep(Duration::from_secs(1)).await;
         {
             let incoming = ctx.incoming.lock().await;
-            match incoming.get(&spec.name) {
+            match incoming.get(&spec.instance_ref()) {
                 Some(v) if v.migration == id => {}
                 // Taken over by its supervisor, or discarded.
                 _ => return,
@@ -628,15 +634,17 @@ async fn watch_incoming(ctx: Arc<AgentContext>, spec: InstanceSpec, id: Migratio
         if ended || started.elapsed() > INCOMING_TIMEOUT {
             // Only if the VM did not become ours meanwhile.
             let bound_here = matches!(
-                ctx.store.get_json::<InstanceSpec>(&keys::instance_spec(&spec.name)).await,
+                ctx.store.get_json::<InstanceSpec>(&keys::instance_spec(&spec.instance_ref())).await,
                 Ok(Some((s, _))) if s.host == ctx.host
             );
             if bound_here {
                 continue;
             }
             let mut incoming = ctx.incoming.lock().await;
-            if incoming.get(&spec.name).is_some_and(|v| v.migration == id)
-                && let Some(v) = incoming.remove(&spec.name)
+            if incoming
+                .get(&spec.instance_ref())
+                .is_some_and(|v| v.migration == id)
+                && let Some(v) = incoming.remove(&spec.instance_ref())
             {
                 warn!(instance = %spec.name, migration = %id, "discarding a destination VM whose migration ended without a handover");
                 discard(&ctx, &spec, v).await;
@@ -655,6 +663,19 @@ pub(crate) async fn sweep_orphans(ctx: Arc<AgentContext>) {
     let Ok(mut dir) = tokio::fs::read_dir(ctx.data_dir.join("vms")).await else {
         return;
     };
+    // What is bound here, by id: a launch file names its VM by id, which
+    // no other VM of any project shares.
+    let bound: std::collections::HashSet<skyvisor_core::InstanceId> =
+        match ctx.store.list(&keys::bindings_of(&ctx.host)).await {
+            Ok(l) => l
+                .items
+                .iter()
+                .filter_map(|kv| decode::<InstanceSpec>(kv).ok())
+                .map(|s| s.id)
+                .collect(),
+            // Unknown: leave everything for the next start.
+            Err(_) => return,
+        };
     while let Ok(Some(entry)) = dir.next_entry().await {
         let launch = match tokio::fs::read(entry.path().join(crate::supervisor::LAUNCH_FILE)).await
         {
@@ -664,28 +685,22 @@ pub(crate) async fn sweep_orphans(ctx: Arc<AgentContext>) {
         let Some(launch) = launch else {
             continue;
         };
-        let Ok(name) = InstanceName::new(&launch.name) else {
+        if bound.contains(&launch.instance) {
             continue;
-        };
-        let spec = match ctx
-            .store
-            .get_json::<InstanceSpec>(&keys::instance_spec(&name))
+        }
+        let name = launch.name.as_str();
+        // A migration's destination VM being prepared now is not bound
+        // here yet (names only: conservative across projects).
+        if ctx
+            .incoming
+            .lock()
             .await
-        {
-            Ok(s) => s.map(|(s, _)| s),
-            // Unknown: leave it for the next start.
-            Err(_) => continue,
-        };
-        if spec
-            .as_ref()
-            .is_some_and(|s| s.host == ctx.host && s.id == launch.instance)
+            .keys()
+            .any(|k| k.name.as_str() == name)
         {
             continue;
         }
-        if ctx.incoming.lock().await.contains_key(&name) {
-            continue;
-        }
-        warn!(instance = %name, "discarding a VM that is not bound to this host");
+        warn!(instance = %name, id = %launch.instance, "discarding a VM that is not bound to this host");
         if let Some(vm) = ctx.hypervisor.attach(&launch.run_dir).await {
             vm.kill();
         }
@@ -737,7 +752,7 @@ struct Peer {
     http: reqwest::Client,
     url: String,
     id: MigrationId,
-    instance: InstanceName,
+    instance: InstanceRef,
     insecure: bool,
 }
 
@@ -865,7 +880,7 @@ impl OutgoingControl for SourceControl<'_> {
         self.prefetched = self
             .ctx
             .store
-            .get_json::<InstanceSpec>(&keys::instance_spec(&self.spec.name))
+            .get_json::<InstanceSpec>(&keys::instance_spec(&self.spec.instance_ref()))
             .await
             .ok()
             .flatten();
@@ -950,7 +965,7 @@ pub(crate) async fn migrate_out(
     vm: &dyn Vm,
 ) -> SourceOutcome {
     let started = Instant::now();
-    let _leaving = ctx.outgoing.enter(&spec.name);
+    let _leaving = ctx.outgoing.enter(&spec.instance_ref());
     let record = match ctx
         .store
         .get_json::<Migration>(&keys::migration(&req.id))
@@ -1012,7 +1027,7 @@ pub(crate) async fn migrate_out(
         http: ctx.http.clone(),
         url,
         id: req.id,
-        instance: spec.name.clone(),
+        instance: spec.instance_ref(),
         insecure: req.insecure,
     };
     let mut control = SourceControl {
@@ -1149,7 +1164,7 @@ pub(crate) async fn migrate_out(
     // the migration completed): let go of them, so that the destination
     // becomes their primary without waiting for this host's lease.
     if let Some(v) = &ctx.volumes {
-        v.hand_off(&spec.name).await;
+        v.hand_off(&spec.instance_ref()).await;
     }
     // Committed: the destination may run it now. If this call fails its
     // supervisor resumes it when it sees the binding.
@@ -1200,7 +1215,7 @@ pub(crate) async fn migrate_out(
         // The VM may be on its way back here already: its new destination
         // VM owns the tap and the directory then.
         let incoming = ctx.incoming.lock().await;
-        if !incoming.contains_key(&spec.name) {
+        if !incoming.contains_key(&spec.instance_ref()) {
             cleanup_files(ctx, spec).await;
         }
     }
@@ -1235,7 +1250,7 @@ async fn wait_for_destination_replica(
     loop {
         let wanted = match ctx
             .store
-            .get_json::<skyvisor_core::VolumeSpec>(&keys::volume_spec(&root.name))
+            .get_json::<skyvisor_core::VolumeSpec>(&keys::volume_spec(&spec.volume_ref(&root.name)))
             .await
         {
             Ok(Some((v, _))) => v.hosts.contains(dest),
@@ -1259,7 +1274,9 @@ async fn wait_for_destination_replica(
         }
         let (done, total) = match ctx
             .store
-            .get_json::<skyvisor_core::VolumeRuntime>(&keys::volume_runtime(&root.name))
+            .get_json::<skyvisor_core::VolumeRuntime>(&keys::volume_runtime(
+                &spec.volume_ref(&root.name),
+            ))
             .await
         {
             Ok(Some((r, _))) => r
@@ -1332,7 +1349,7 @@ async fn hand_over(
     record: &Migration,
     mut prefetched: Option<(InstanceSpec, skyvisor_store::Revision)>,
 ) -> bool {
-    let key = keys::instance_spec(&spec.name);
+    let key = keys::instance_spec(&spec.instance_ref());
     let mut delay = Duration::from_millis(20);
     let mut attempts = 0;
     loop {
@@ -1368,7 +1385,7 @@ async fn hand_over(
         next.migration = None;
         next.generation += 1;
         let mut ops = crate::spec_ops(&next);
-        ops.push(Op::Delete(keys::binding(&old_host, &next.name)));
+        ops.push(Op::Delete(keys::binding(&old_host, &next.instance_ref())));
         ops.push(put_json(keys::migration(&record.id), record));
         match ctx
             .store
@@ -1436,7 +1453,7 @@ async fn fail(
 
 /// Removes migration `id`'s request from the instance's spec.
 async fn clear_request(ctx: &AgentContext, spec: &InstanceSpec, id: MigrationId) {
-    let key = keys::instance_spec(&spec.name);
+    let key = keys::instance_spec(&spec.instance_ref());
     for _ in 0..20 {
         let Ok(Some((mut s, rev))) = ctx.store.get_json::<InstanceSpec>(&key).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;

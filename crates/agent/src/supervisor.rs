@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use chrono::Utc;
 use skyvisor_core::{
-    CheckpointSchedule, CloneSource, ExitReason, ExitRecord, HaPolicy, InstancePhase, InstanceSpec,
-    InstanceStatus, InstanceVolume, PowerState, Resources, RestartPolicy, RestoreRequest, Snapshot,
-    SnapshotKind, SnapshotOrigin, VolumeAttachment, VolumeName, keys,
+    CheckpointSchedule, CloneSource, ExitReason, ExitRecord, HaPolicy, InstancePhase, InstanceRef,
+    InstanceSpec, InstanceStatus, InstanceVolume, PowerState, Resources, RestartPolicy,
+    RestoreRequest, Snapshot, SnapshotKind, SnapshotOrigin, VolumeAttachment, VolumeName, keys,
 };
 use skyvisor_store::{Compare, Op, StoreExt, decode, encode};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -98,7 +98,7 @@ impl Drop for Supervisor {
 impl Supervisor {
     /// A supervisor for the instance whose spec `spec_rx` follows.
     pub async fn new(ctx: Arc<AgentContext>, spec_rx: watch::Receiver<InstanceSpec>) -> Self {
-        let name = spec_rx.borrow().name.clone();
+        let name = spec_rx.borrow().instance_ref();
         let status = match ctx
             .store
             .get_json::<InstanceStatus>(&keys::instance_status(&name))
@@ -194,7 +194,7 @@ impl Supervisor {
     /// destination endpoint); resumes it if the source could not ask.
     async fn adopt_incoming(&mut self, spec: &InstanceSpec) -> bool {
         let mut incoming = self.ctx.incoming.lock().await;
-        let Some(v) = incoming.remove(&spec.name) else {
+        let Some(v) = incoming.remove(&spec.instance_ref()) else {
             return false;
         };
         if !v.resumed {
@@ -259,7 +259,10 @@ impl Supervisor {
                 root: v.root,
             };
             let served = match &self.ctx.volumes {
-                Some(svc) => svc.serve(&iv, &spec.name).await.map_err(|e| e.to_string()),
+                Some(svc) => svc
+                    .serve(&iv, &spec.instance_ref())
+                    .await
+                    .map_err(|e| e.to_string()),
                 None => Err("this host serves no volumes".to_string()),
             };
             if let Err(e) = served {
@@ -354,7 +357,7 @@ impl Supervisor {
                 // Not running and not about to: its volumes are free for
                 // any host to serve.
                 if let Some(svc) = &self.ctx.volumes {
-                    svc.release_instance(&spec.name).await;
+                    svc.release_instance(&spec.instance_ref()).await;
                 }
                 self.status.attached_volumes.clear();
                 self.release_claims(spec).await;
@@ -411,7 +414,10 @@ impl Supervisor {
         match self
             .ctx
             .store
-            .put(&keys::instance_status(&spec.name), encode(&self.status))
+            .put(
+                &keys::instance_status(&spec.instance_ref()),
+                encode(&self.status),
+            )
             .await
         {
             Ok(_) => self.written = Some(self.status.clone()),
@@ -507,7 +513,7 @@ impl Supervisor {
         match self
             .ctx
             .store
-            .get_json::<InstanceSpec>(&keys::binding(&self.ctx.host, &spec.name))
+            .get_json::<InstanceSpec>(&keys::binding(&self.ctx.host, &spec.instance_ref()))
             .await
         {
             Ok(Some((bound, _))) if bound.id == spec.id => None,
@@ -613,7 +619,7 @@ impl Supervisor {
             (Some(v), Some(service)) => checkpoints::RootDisk::Volume(checkpoints::VolumeRoot {
                 service: service.clone(),
                 volume: v.clone(),
-                instance: spec.name.clone(),
+                instance: spec.instance_ref(),
             }),
             _ => checkpoints::RootDisk::Local(self.vm_dir(spec).join(ROOT_DISK)),
         }
@@ -644,7 +650,13 @@ impl Supervisor {
     /// snapshot that does not fit leaves the VM as it is.
     async fn restore(&mut self, spec: &InstanceSpec, r: &RestoreRequest) {
         self.status.observed_restore_generation = r.generation;
-        let snap = match checkpoints::get(self.ctx.store.as_ref(), &spec.name, &r.snapshot).await {
+        let snap = match checkpoints::get(
+            self.ctx.store.as_ref(),
+            &spec.instance_ref(),
+            &r.snapshot,
+        )
+        .await
+        {
             Ok(Some(s)) if s.instance_id == spec.id => Ok(s),
             Ok(Some(_)) => Err("it belongs to an earlier VM of this name".to_string()),
             Ok(None) => Err("it no longer exists".to_string()),
@@ -734,10 +746,14 @@ impl Supervisor {
         {
             return Ok(None);
         }
-        let snap = checkpoints::get(self.ctx.store.as_ref(), &src.instance, &src.snapshot)
-            .await
-            .map_err(|e| format!("reading the snapshot: {e}"))?
-            .ok_or("the snapshot no longer exists")?;
+        let snap = checkpoints::get(
+            self.ctx.store.as_ref(),
+            &InstanceRef::new(spec.project.clone(), src.instance.clone()),
+            &src.snapshot,
+        )
+        .await
+        .map_err(|e| format!("reading the snapshot: {e}"))?
+        .ok_or("the snapshot no longer exists")?;
         checkpoints::check_usable(&self.ctx, &snap, spec)?;
         let dir = self.vm_dir(spec);
         tokio::fs::create_dir_all(&dir)
@@ -850,7 +866,7 @@ impl Supervisor {
                 ));
                 continue;
             };
-            let target = match svc.serve(&a, &spec.name).await {
+            let target = match svc.serve(&a, &spec.instance_ref()).await {
                 Ok(t) => t,
                 Err(e) => {
                     errors.push(format!("attaching volume {}: {e}", a.name));
@@ -935,7 +951,7 @@ impl Supervisor {
                 continue;
             }
             // Only if the spec still does not list it (no re-attach raced).
-            let spec_key = keys::instance_spec(&spec.name);
+            let spec_key = keys::instance_spec(&spec.instance_ref());
             let Ok(Some((fresh, rev))) = self.ctx.store.get_json::<InstanceSpec>(&spec_key).await
             else {
                 done = false;
@@ -1212,9 +1228,9 @@ impl Supervisor {
         }
         self.launcher().release_volumes(spec).await;
         let mut ops = vec![
-            Op::Delete(keys::instance_spec(&spec.name)),
-            Op::Delete(keys::binding(&spec.host, &spec.name)),
-            Op::Delete(keys::instance_status(&spec.name)),
+            Op::Delete(keys::instance_spec(&spec.instance_ref())),
+            Op::Delete(keys::binding(&spec.host, &spec.instance_ref())),
+            Op::Delete(keys::instance_status(&spec.instance_ref())),
             Op::Delete(keys::ipam_claim(
                 &spec.network.ipam_scope(),
                 spec.network.ip,

@@ -96,8 +96,8 @@ async fn world() -> World {
 
 fn spec_ops(s: &InstanceSpec) -> Vec<skyvisor_store::Op> {
     vec![
-        skyvisor_store::put_json(keys::instance_spec(&s.name), s),
-        skyvisor_store::put_json(keys::binding(&s.host, &s.name), s),
+        skyvisor_store::put_json(keys::instance_spec(&s.instance_ref()), s),
+        skyvisor_store::put_json(keys::binding(&s.host, &s.instance_ref()), s),
     ]
 }
 
@@ -154,7 +154,10 @@ impl World {
     async fn status(&self, name: &str) -> Option<InstanceStatus> {
         let n = InstanceName::new(name).expect("name");
         self.store
-            .get_json::<InstanceStatus>(&keys::instance_status(&n))
+            .get_json::<InstanceStatus>(&keys::instance_status(&skyvisor_core::InstanceRef::new(
+                skyvisor_core::auth::default_project(),
+                n,
+            )))
             .await
             .expect("get")
             .map(|(s, _)| s)
@@ -301,7 +304,7 @@ async fn delete_removes_records_files_and_tap() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while w
         .store
-        .get(&keys::instance_spec(&s.name))
+        .get(&keys::instance_spec(&s.instance_ref()))
         .await
         .expect("get")
         .is_some()
@@ -312,7 +315,7 @@ async fn delete_removes_records_files_and_tap() {
     assert!(w.status("gone").await.is_none());
     assert!(
         w.store
-            .get(&keys::binding(&s.host, &s.name))
+            .get(&keys::binding(&s.host, &s.instance_ref()))
             .await
             .expect("get")
             .is_none(),

@@ -140,19 +140,19 @@ async fn create_volume(store: &Arc<dyn Store>, name: &str, hosts: &[&HostName]) 
         owner: None,
     };
     store
-        .put(&keys::volume_spec(&spec.name), encode(&spec))
+        .put(&keys::volume_spec(&spec.volume_ref()), encode(&spec))
         .await
         .expect("spec");
     store
         .put(
-            &keys::volume_status(&spec.name),
+            &keys::volume_status(&spec.volume_ref()),
             encode(&VolumeStatus::creating()),
         )
         .await
         .expect("status");
     wait("volume available", async || {
         store
-            .get_json::<VolumeStatus>(&keys::volume_status(&spec.name))
+            .get_json::<VolumeStatus>(&keys::volume_status(&spec.volume_ref()))
             .await
             .expect("get")
             .filter(|(s, _)| s.phase == VolumePhase::Available)
@@ -220,8 +220,8 @@ async fn put_vm(store: &Arc<dyn Store>, spec: &InstanceSpec) {
         .txn(
             vec![],
             vec![
-                skyvisor_store::put_json(keys::instance_spec(&spec.name), spec),
-                skyvisor_store::put_json(keys::binding(&spec.host, &spec.name), spec),
+                skyvisor_store::put_json(keys::instance_spec(&spec.instance_ref()), spec),
+                skyvisor_store::put_json(keys::binding(&spec.host, &spec.instance_ref()), spec),
             ],
         )
         .await
@@ -230,7 +230,10 @@ async fn put_vm(store: &Arc<dyn Store>, spec: &InstanceSpec) {
 
 async fn status(store: &Arc<dyn Store>, name: &InstanceName) -> Option<InstanceStatus> {
     store
-        .get_json::<InstanceStatus>(&keys::instance_status(name))
+        .get_json::<InstanceStatus>(&keys::instance_status(&skyvisor_core::InstanceRef::new(
+            skyvisor_core::auth::default_project(),
+            name.clone(),
+        )))
         .await
         .expect("get")
         .map(|(s, _)| s)
@@ -277,7 +280,10 @@ async fn serve_fail_over_hot_plug_stop_and_delete() {
     };
     let mut spec = vm_spec(&h1.name, vec![iv.clone()]);
     store
-        .put(&keys::volume_attachment(&v.name), encode(&claim(&spec)))
+        .put(
+            &keys::volume_attachment(&spec.volume_ref(&v.name)),
+            encode(&claim(&spec)),
+        )
         .await
         .expect("claim");
     put_vm(&store, &spec).await;
@@ -301,7 +307,7 @@ async fn serve_fail_over_hot_plug_stop_and_delete() {
     nbd.flush().await.expect("flush");
     let rt = wait("runtime of the served volume", async || {
         store
-            .get_json::<VolumeRuntime>(&keys::volume_runtime(&v.name))
+            .get_json::<VolumeRuntime>(&keys::volume_runtime(&spec.volume_ref(&v.name)))
             .await
             .expect("get")
             .map(|(r, _)| r)
@@ -368,7 +374,10 @@ async fn serve_fail_over_hot_plug_stop_and_delete() {
         root: false,
     };
     store
-        .put(&keys::volume_attachment(&w.name), encode(&claim(&spec)))
+        .put(
+            &keys::volume_attachment(&spec.volume_ref(&w.name)),
+            encode(&claim(&spec)),
+        )
         .await
         .expect("claim");
     spec.volumes.push(wv.clone());
@@ -384,7 +393,7 @@ async fn serve_fail_over_hot_plug_stop_and_delete() {
     put_vm(&store, &spec).await;
     wait("extra unplugged and released", async || {
         let gone = store
-            .get(&keys::volume_attachment(&w.name))
+            .get(&keys::volume_attachment(&spec.volume_ref(&w.name)))
             .await
             .expect("get")
             .is_none();
@@ -393,7 +402,7 @@ async fn serve_fail_over_hot_plug_stop_and_delete() {
     .await;
     assert!(
         store
-            .get(&keys::volume_attachment(&v.name))
+            .get(&keys::volume_attachment(&spec.volume_ref(&v.name)))
             .await
             .expect("get")
             .is_some(),
@@ -407,7 +416,7 @@ async fn serve_fail_over_hot_plug_stop_and_delete() {
     wait("volume released on stop", async || {
         let m = membership(&store, &v).await;
         let rt = store
-            .get(&keys::volume_runtime(&v.name))
+            .get(&keys::volume_runtime(&spec.volume_ref(&v.name)))
             .await
             .expect("get");
         (m.primary.is_none() && rt.is_none()).then_some(())
@@ -419,12 +428,15 @@ async fn serve_fail_over_hot_plug_stop_and_delete() {
     doomed.deleting = true;
     doomed.generation += 1;
     store
-        .put(&keys::volume_spec(&w.name), encode(&doomed))
+        .put(
+            &keys::volume_spec(&spec.volume_ref(&w.name)),
+            encode(&doomed),
+        )
         .await
         .expect("delete");
     wait("volume deleted", async || {
         let spec_gone = store
-            .get(&keys::volume_spec(&w.name))
+            .get(&keys::volume_spec(&spec.volume_ref(&w.name)))
             .await
             .expect("get")
             .is_none();

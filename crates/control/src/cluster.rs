@@ -446,6 +446,8 @@ pub async fn repair_bindings(store: &dyn Store) -> Result<usize, StoreError> {
     #[derive(serde::Deserialize)]
     struct Placement {
         name: skyvisor_core::InstanceName,
+        #[serde(default = "skyvisor_core::auth::default_project")]
+        project: skyvisor_core::ProjectName,
         host: skyvisor_core::HostName,
     }
     for kv in &specs.items {
@@ -456,7 +458,10 @@ pub async fn repair_bindings(store: &dyn Store) -> Result<usize, StoreError> {
                 continue;
             }
         };
-        let key = keys::binding(&at.host, &at.name);
+        let key = keys::binding(
+            &at.host,
+            &skyvisor_core::InstanceRef::new(at.project, at.name),
+        );
         // Copies are written with the spec's own bytes; only when they
         // differ is a full comparison needed.
         let stale = have.get(key.as_str()).is_none_or(|v| {
@@ -484,8 +489,13 @@ pub async fn repair_bindings(store: &dyn Store) -> Result<usize, StoreError> {
             continue;
         }
         // Delete only if the spec it copies is still absent or elsewhere.
-        let name = keys::name_of(&kv.key);
-        let Ok(name) = skyvisor_core::InstanceName::new(name) else {
+        // `bindings/<host>/<project>/<name>`
+        let Some(name) = kv
+            .key
+            .strip_prefix(keys::BINDINGS)
+            .and_then(|rest| rest.split_once('/'))
+            .and_then(|(_, instance)| instance.parse::<skyvisor_core::InstanceRef>().ok())
+        else {
             continue;
         };
         let spec_key = keys::instance_spec(&name);
@@ -493,7 +503,7 @@ pub async fn repair_bindings(store: &dyn Store) -> Result<usize, StoreError> {
             None => Compare::Absent(spec_key),
             Some(s) => {
                 let spec: Result<InstanceSpec, _> = decode(&s);
-                if spec.is_ok_and(|sp| keys::binding(&sp.host, &sp.name) == kv.key) {
+                if spec.is_ok_and(|sp| keys::binding(&sp.host, &sp.instance_ref()) == kv.key) {
                     continue;
                 }
                 Compare::ModRevision(spec_key, s.mod_revision)

@@ -149,7 +149,7 @@ pub fn resolve(
             docs.entry(host.clone())
                 .or_default()
                 .instances
-                .insert(spec.name.to_string(), entry.clone());
+                .insert(spec.instance_ref().to_string(), entry.clone());
         }
     }
     docs

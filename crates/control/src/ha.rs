@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use skyvisor_core::{
     FailoverOutcome, FailoverRecord, HaPolicy, HearingReport, HostName, HostState, Instance,
-    InstanceName, PowerState, keys,
+    InstanceRef, PowerState, keys,
 };
 use skyvisor_store::{Compare, Op, StoreExt, put_json};
 use tracing::{info, warn};
@@ -50,7 +50,7 @@ struct State {
     /// Dead hosts: when this leader first saw each one's lease gone.
     lost: HashMap<HostName, (Instant, DateTime<Utc>)>,
     /// Refusals already recorded, by (instance, dead host, reason).
-    refused: HashSet<(InstanceName, HostName, String)>,
+    refused: HashSet<(InstanceRef, HostName, String)>,
     /// Hosts held back (still heard, or no quorum), with the reason logged.
     held: HashMap<HostName, String>,
 }
@@ -215,14 +215,15 @@ async fn refuse(
     lost_at: DateTime<Utc>,
     declared: DateTime<Utc>,
 ) {
-    let key = (vm.spec.name.clone(), dead.clone(), reason.clone());
+    let key = (vm.spec.instance_ref(), dead.clone(), reason.clone());
     if state.refused.contains(&key) {
         return;
     }
     warn!(instance = %vm.spec.name, host = %dead, %reason, "not failing over");
     let record = FailoverRecord {
-        id: record_id(&vm.spec.name),
+        id: record_id(&vm.spec.instance_ref()),
         instance: vm.spec.name.clone(),
+        project: vm.spec.project.clone(),
         from_host: dead.clone(),
         to_host: None,
         outcome: FailoverOutcome::Refused,
@@ -253,8 +254,9 @@ async fn fail_over(
     lost_at: DateTime<Utc>,
     declared: DateTime<Utc>,
 ) -> Result<(), String> {
+    let iref = vm.spec.instance_ref();
     let name = &vm.spec.name;
-    let key = keys::instance_spec(name);
+    let key = keys::instance_spec(&iref);
     let Some((spec, rev)) = cp
         .store
         .get_json::<skyvisor_core::InstanceSpec>(&key)
@@ -297,8 +299,9 @@ async fn fail_over(
     next.migration = None;
     let rebound = Utc::now();
     let record = FailoverRecord {
-        id: record_id(name),
+        id: record_id(&iref),
         instance: name.clone(),
+        project: vm.spec.project.clone(),
         from_host: dead.clone(),
         to_host: Some(target.clone()),
         outcome: FailoverOutcome::Restarted,
@@ -319,8 +322,8 @@ async fn fail_over(
     ];
     compares.extend(cp.host_guard(entry));
     let mut ops = spec_ops(&next);
-    ops.push(Op::Delete(keys::binding(dead, name)));
-    ops.push(cp.alloc_mark(&target, name));
+    ops.push(Op::Delete(keys::binding(dead, &iref)));
+    ops.push(cp.alloc_mark(&target, &iref));
     ops.push(put_json(keys::failover(&record.id), &record));
     let out = cp
         .store
@@ -339,8 +342,13 @@ async fn fail_over(
 }
 
 /// A failover record id: time-ordered, unique per instance.
-fn record_id(name: &InstanceName) -> String {
-    format!("{}-{name}", Utc::now().format("%Y%m%dT%H%M%S%.3fZ"))
+fn record_id(name: &InstanceRef) -> String {
+    format!(
+        "{}-{}-{}",
+        Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
+        name.project,
+        name.name
+    )
 }
 
 impl ControlPlane {

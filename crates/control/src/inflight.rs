@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use skyvisor_core::{GroupName, HostName, InstanceName, Resources};
+use skyvisor_core::{GroupName, HostName, InstanceName, InstanceRef, Resources, Scoped};
 use skyvisor_store::Revision;
 use tokio::sync::watch;
 
@@ -96,7 +96,7 @@ impl Predecessor {
 /// One reservation in flight on a host.
 struct Entry {
     id: u64,
-    member: Option<(GroupName, InstanceName)>,
+    member: Option<(Scoped<GroupName>, InstanceName)>,
     resources: Resources,
     outcome: watch::Receiver<Outcome>,
 }
@@ -116,7 +116,7 @@ struct State {
     next_id: u64,
     hosts: HashMap<HostName, HostFlight>,
     ips: HashSet<Ipv4Addr>,
-    names: HashSet<InstanceName>,
+    names: HashSet<InstanceRef>,
 }
 
 /// The placements in flight on one server.
@@ -148,7 +148,7 @@ impl InFlight {
     /// Adds in-flight members of `group` to `members` (one per host).
     pub(crate) fn add_members(
         &self,
-        group: &GroupName,
+        group: &Scoped<GroupName>,
         members: &mut HashMap<HostName, InstanceName>,
     ) {
         let st = self.lock();
@@ -183,7 +183,7 @@ impl InFlight {
     }
 
     /// Whether an instance of this name is being committed.
-    pub(crate) fn has_name(&self, name: &InstanceName) -> bool {
+    pub(crate) fn has_name(&self, name: &InstanceRef) -> bool {
         self.lock().names.contains(name)
     }
 
@@ -192,7 +192,7 @@ impl InFlight {
     pub(crate) fn reserve(
         &self,
         host: &HostName,
-        name: &InstanceName,
+        name: &InstanceRef,
         ip: Ipv4Addr,
         resources: Resources,
         member: Option<GroupName>,
@@ -211,7 +211,7 @@ impl InFlight {
         });
         flight.entries.push(Entry {
             id,
-            member: member.map(|g| (g, name.clone())),
+            member: member.map(|g| (Scoped::new(name.project.clone(), g), name.name.clone())),
             resources,
             outcome: rx,
         });
@@ -229,7 +229,7 @@ impl InFlight {
         )
     }
 
-    fn release(&self, id: u64, host: &HostName, name: &InstanceName, ip: Ipv4Addr) {
+    fn release(&self, id: u64, host: &HostName, name: &InstanceRef, ip: Ipv4Addr) {
         let mut st = self.lock();
         st.ips.remove(&ip);
         st.names.remove(name);
@@ -256,7 +256,7 @@ pub(crate) struct Reservation {
     flight: InFlight,
     id: u64,
     host: HostName,
-    name: InstanceName,
+    name: InstanceRef,
     ip: Ipv4Addr,
     outcome: watch::Sender<Outcome>,
 }
@@ -303,6 +303,7 @@ impl Drop for Reservation {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use skyvisor_core::ProjectName;
 
     fn r(vcpus: u32) -> Resources {
         Resources {
@@ -316,7 +317,12 @@ mod tests {
     async fn chains_pass_the_commit_revision_and_break_on_failure() {
         let f = InFlight::default();
         let h = HostName::new("h").expect("h");
-        let name = |n: &str| InstanceName::new(n).expect("n");
+        let name = |n: &str| {
+            InstanceRef::new(
+                skyvisor_core::auth::default_project(),
+                InstanceName::new(n).expect("n"),
+            )
+        };
         let (a, none) = f.reserve(&h, &name("a"), Ipv4Addr::new(10, 0, 0, 2), r(1), None);
         assert!(none.is_none());
         let (b, after_a) = f.reserve(&h, &name("b"), Ipv4Addr::new(10, 0, 0, 3), r(2), None);
@@ -353,14 +359,20 @@ mod tests {
         let h = HostName::new("h").expect("h");
         let (a, _) = f.reserve(
             &h,
-            &InstanceName::new("a").expect("n"),
+            &InstanceRef::new(
+                skyvisor_core::auth::default_project(),
+                InstanceName::new("a").expect("n"),
+            ),
             Ipv4Addr::new(10, 0, 0, 2),
             r(1),
             None,
         );
         let (_b, prev) = f.reserve(
             &h,
-            &InstanceName::new("b").expect("n"),
+            &InstanceRef::new(
+                skyvisor_core::auth::default_project(),
+                InstanceName::new("b").expect("n"),
+            ),
             Ipv4Addr::new(10, 0, 0, 3),
             r(1),
             None,
@@ -380,7 +392,10 @@ mod tests {
         let g = GroupName::new("web").expect("g");
         let (_r, _) = f.reserve(
             &hosts[0].host.name.clone(),
-            &InstanceName::new("web-1").expect("n"),
+            &InstanceRef::new(
+                skyvisor_core::auth::default_project(),
+                InstanceName::new("web-1").expect("n"),
+            ),
             Ipv4Addr::new(10, 0, 0, 2),
             r(3),
             Some(g.clone()),
@@ -390,7 +405,17 @@ mod tests {
         assert_eq!(hosts[0].instances, 1);
         assert_eq!(hosts[1].allocated.vcpus, 0);
         let mut members = HashMap::new();
-        f.add_members(&g, &mut members);
+        f.add_members(
+            &Scoped::new(skyvisor_core::auth::default_project(), g.clone()),
+            &mut members,
+        );
+        // A group of the same name in another project is another group.
+        let mut theirs = HashMap::new();
+        f.add_members(
+            &Scoped::new(ProjectName::new("other").expect("p"), g),
+            &mut theirs,
+        );
+        assert!(theirs.is_empty());
         assert_eq!(
             members.get(&hosts[0].host.name).map(|n| n.as_str()),
             Some("web-1")

@@ -12,8 +12,8 @@ use skyvisor_core::image::ImageState;
 use skyvisor_core::resources::{builtin_types, find_type};
 use skyvisor_core::{
     GroupName, HaPolicy, HostName, Image, ImageName, Instance, InstanceId, InstanceName,
-    InstancePhase, InstanceSpec, InstanceStatus, InstanceType, MacAddr, NetworkAttachment,
-    PowerState, Resources, ValidationError, VolumeName, keys,
+    InstancePhase, InstanceRef, InstanceSpec, InstanceStatus, InstanceType, MacAddr,
+    NetworkAttachment, PowerState, Resources, Scoped, ValidationError, VolumeName, keys,
 };
 use skyvisor_store::{Compare, Op, StoreExt, put_json};
 use tracing::{debug, info};
@@ -35,8 +35,8 @@ const MAX_CHAIN_BREAKS: usize = 64;
 /// The writes that store `spec`: the spec and its copy under its host.
 pub fn spec_ops(spec: &InstanceSpec) -> Vec<Op> {
     vec![
-        put_json(keys::instance_spec(&spec.name), spec),
-        put_json(keys::binding(&spec.host, &spec.name), spec),
+        put_json(keys::instance_spec(&spec.instance_ref()), spec),
+        put_json(keys::binding(&spec.host, &spec.instance_ref()), spec),
     ]
 }
 
@@ -148,7 +148,7 @@ impl ControlPlane {
             && let Some(volume) = made
         {
             // Nothing half-created: the volume made for it goes too.
-            if let Err(e) = self.delete_volume(volume.as_str()).await {
+            if let Err(e) = self.delete_volume(project, volume.as_str()).await {
                 tracing::warn!(volume = %volume, error = %e.message, "cannot remove the root volume of a refused create");
             }
         }
@@ -204,7 +204,7 @@ impl ControlPlane {
             return Ok(None);
         }
         // A clone's disk is its snapshot's, on the snapshot's host.
-        let clone = self.clone_source(req).await?.map(|(_, snap)| snap);
+        let clone = self.clone_source(project, req).await?.map(|(_, snap)| snap);
         // In a cluster the root disk is a replicated volume by default: 2
         // replicas when two hosts can hold them.
         let replicas = match req.disk_replicas {
@@ -222,7 +222,12 @@ impl ControlPlane {
             }
         };
         let name = InstanceName::new(req.name.clone())?;
-        if self.inventory.instance(&name).await.is_some() {
+        if self
+            .inventory
+            .instance(&InstanceRef::new(project.clone(), name.clone()))
+            .await
+            .is_some()
+        {
             return Err(ApiError::already_exists(format!(
                 "instance \"{name}\" already exists"
             )));
@@ -317,6 +322,7 @@ impl ControlPlane {
     /// The snapshot a create clones (`from_snapshot`), if any, ready to use.
     async fn clone_source(
         &self,
+        project: &ProjectName,
         req: &CreateInstanceRequest,
     ) -> ApiResult<Option<(skyvisor_core::CloneSource, skyvisor_core::Snapshot)>> {
         let Some(r) = &req.from_snapshot else {
@@ -324,7 +330,7 @@ impl ControlPlane {
         };
         let src = skyvisor_core::snapshot::parse_snapshot_ref(r)?;
         let snap = self
-            .snapshot(src.instance.as_str(), src.snapshot.as_str())
+            .snapshot(project, src.instance.as_str(), src.snapshot.as_str())
             .await?;
         crate::snapshots::check_ready(&snap)?;
         Ok(Some((src, snap)))
@@ -336,11 +342,12 @@ impl ControlPlane {
         req: CreateInstanceRequest,
     ) -> ApiResult<Instance> {
         let name = InstanceName::new(req.name.clone())?;
+        let iref = InstanceRef::new(project.clone(), name.clone());
         if let Some(s) = &req.checkpoint_schedule {
             s.validate()?;
         }
         // A clone takes its image, size and host from its snapshot.
-        let clone = self.clone_source(&req).await?;
+        let clone = self.clone_source(project, &req).await?;
         let (image_name, (itype, resources)) = match &clone {
             Some((_, snap)) => {
                 if !req.image.is_empty() {
@@ -415,7 +422,7 @@ impl ControlPlane {
                 )));
             }
         }
-        let volumes = self.instance_volumes(&req, &image).await?;
+        let volumes = self.instance_volumes(project, &req, &image).await?;
         let mut resources = resources;
         if let Some(root) = volumes.iter().find(|v| v.volume.root) {
             // No local disk: the VM's disk is its root volume.
@@ -449,7 +456,7 @@ impl ControlPlane {
             // Decisions are taken one at a time, on the view plus what this
             // server is still committing; the commits themselves overlap.
             let placing = self.placement.lock().await;
-            if self.inventory.instance(&name).await.is_some() || self.inflight.has_name(&name) {
+            if self.inventory.instance(&iref).await.is_some() || self.inflight.has_name(&iref) {
                 return Err(ApiError::already_exists(format!(
                     "instance \"{name}\" already exists"
                 )));
@@ -459,8 +466,9 @@ impl ControlPlane {
             self.inflight.adjust(&mut hosts);
             let spread = match &spread_group {
                 Some(group) => {
-                    let mut members = self.inventory.spread_members(group).await;
-                    self.inflight.add_members(group, &mut members);
+                    let scoped = Scoped::new(project.clone(), group.clone());
+                    let mut members = self.inventory.spread_members(&scoped).await;
+                    self.inflight.add_members(&scoped, &mut members);
                     Some(SpreadConstraint {
                         group: group.clone(),
                         members,
@@ -503,7 +511,7 @@ impl ControlPlane {
                 })?;
             let (reservation, predecessor) =
                 self.inflight
-                    .reserve(&host, &name, ip, resources, spread_group.clone());
+                    .reserve(&host, &iref, ip, resources, spread_group.clone());
             drop(placing);
 
             // The marker revision to compare with: the view's, or the one an
@@ -565,7 +573,7 @@ impl ControlPlane {
                 ha,
                 ha_priority,
             };
-            let spec_key = keys::instance_spec(&name);
+            let spec_key = keys::instance_spec(&iref);
             let claim_key = keys::ipam_claim(&ipam_scope, ip);
             let mut compares = vec![
                 Compare::Absent(spec_key.clone()),
@@ -575,11 +583,11 @@ impl ControlPlane {
             ];
             let mut ops = spec_ops(&spec);
             ops.push(put_json(
-                keys::instance_status(&name),
+                keys::instance_status(&iref),
                 &InstanceStatus::pending(),
             ));
-            ops.push(put_json(claim_key.clone(), &name));
-            ops.push(self.alloc_mark(&host, &name));
+            ops.push(put_json(claim_key.clone(), &iref));
+            ops.push(self.alloc_mark(&host, &iref));
             for v in &volumes {
                 let (c, o) = v.claim(&spec);
                 compares.extend(c);
@@ -687,7 +695,7 @@ impl ControlPlane {
     }
 
     /// Rewrites `host`'s allocation marker (see [`keys::host_alloc`]).
-    pub(crate) fn alloc_mark(&self, host: &HostName, instance: &InstanceName) -> Op {
+    pub(crate) fn alloc_mark(&self, host: &HostName, instance: &InstanceRef) -> Op {
         put_json(
             keys::host_alloc(host),
             &AllocMark {
@@ -697,12 +705,12 @@ impl ControlPlane {
         )
     }
 
-    /// One instance, or 404.
-    pub async fn instance(&self, name: &str) -> ApiResult<Instance> {
+    /// One instance of `project`, or 404.
+    pub async fn instance(&self, project: &ProjectName, name: &str) -> ApiResult<Instance> {
         let name = InstanceName::new(name)?;
         let mut inst = self
             .inventory
-            .instance_full(&name)
+            .instance_full(&InstanceRef::new(project.clone(), name.clone()))
             .await
             .ok_or_else(|| ApiError::not_found(format!("instance \"{name}\" not found")))?;
         inst.protection = Some(self.protection(&inst.spec).await);
@@ -718,11 +726,13 @@ impl ControlPlane {
     /// when an agent or another request wrote in between.
     pub(crate) async fn update_spec(
         &self,
+        project: &ProjectName,
         name: &str,
         change: impl Fn(&mut InstanceSpec, &InstanceStatus) -> ApiResult<()>,
     ) -> ApiResult<Instance> {
         let name = InstanceName::new(name)?;
-        let key = keys::instance_spec(&name);
+        let iref = InstanceRef::new(project.clone(), name.clone());
+        let key = keys::instance_spec(&iref);
         for _ in 0..16 {
             let Some((mut spec, rev)) = self.store.get_json::<InstanceSpec>(&key).await? else {
                 return Err(ApiError::not_found(format!(
@@ -735,7 +745,7 @@ impl ControlPlane {
                 )));
             }
             refuse_while_migrating(&spec)?;
-            let status = self.instance_status(&name).await?;
+            let status = self.instance_status(&iref).await?;
             change(&mut spec, &status)?;
             spec.generation += 1;
             let out = self
@@ -762,15 +772,18 @@ impl ControlPlane {
     }
 
     /// Asks for the instance to run.
-    pub async fn start_instance(&self, name: &str) -> ApiResult<Instance> {
+    pub async fn start_instance(&self, project: &ProjectName, name: &str) -> ApiResult<Instance> {
         // A stopped protected VM counts against admission control again.
-        if let Some(i) = self.inventory.instance(&InstanceName::new(name)?).await
+        if let Some(i) = self
+            .inventory
+            .instance(&InstanceRef::new(project.clone(), InstanceName::new(name)?))
+            .await
             && i.ha == HaPolicy::Restart
             && i.power == PowerState::Stopped
         {
             self.admit_protected(i.resources).await?;
         }
-        self.update_spec(name, |spec, _| {
+        self.update_spec(project, name, |spec, _| {
             spec.power = PowerState::Running;
             spec.force_stop = false;
             Ok(())
@@ -779,9 +792,14 @@ impl ControlPlane {
     }
 
     /// Asks for the instance to stop, gracefully unless forced.
-    pub async fn stop_instance(&self, name: &str, req: StopInstanceRequest) -> ApiResult<Instance> {
+    pub async fn stop_instance(
+        &self,
+        project: &ProjectName,
+        name: &str,
+        req: StopInstanceRequest,
+    ) -> ApiResult<Instance> {
         let timeout = req.timeout_secs.map(validate_stop_timeout).transpose()?;
-        self.update_spec(name, |spec, _| {
+        self.update_spec(project, name, |spec, _| {
             spec.power = PowerState::Stopped;
             spec.force_stop = req.force;
             if let Some(t) = timeout {
@@ -793,8 +811,8 @@ impl ControlPlane {
     }
 
     /// Asks for a graceful reboot of a running instance.
-    pub async fn reboot_instance(&self, name: &str) -> ApiResult<Instance> {
-        self.update_spec(name, |spec, status| {
+    pub async fn reboot_instance(&self, project: &ProjectName, name: &str) -> ApiResult<Instance> {
+        self.update_spec(project, name, |spec, status| {
             if spec.power != PowerState::Running || status.phase != InstancePhase::Running {
                 return Err(ApiError::conflict(format!(
                     "instance \"{}\" is {}, not running; start it instead",
@@ -811,10 +829,11 @@ impl ControlPlane {
     /// (stop, reconfigure, start). Refused when its host cannot fit the new size.
     pub async fn resize_instance(
         &self,
+        project: &ProjectName,
         name: &str,
         req: ResizeInstanceRequest,
     ) -> ApiResult<Instance> {
-        let current = self.instance(name).await?;
+        let current = self.instance(project, name).await?;
         let (itype, mut resources) = match (&req.instance_type, req.vcpus, req.memory_mib) {
             (None, None, None) => {
                 return Err(ApiError::invalid(
@@ -834,7 +853,7 @@ impl ControlPlane {
         };
         // Disks keep their size: a resize never shrinks or copies a disk.
         resources.disk_gib = current.spec.resources.disk_gib;
-        let name_v = InstanceName::new(name)?;
+        let name_v = InstanceRef::new(project.clone(), InstanceName::new(name)?);
         let key = keys::instance_spec(&name_v);
         let _placing = self.placement.lock().await;
         for _ in 0..MAX_ATTEMPTS {
@@ -910,11 +929,12 @@ impl ControlPlane {
     /// records. A running instance needs `force`.
     pub async fn delete_instance(
         &self,
+        project: &ProjectName,
         name: &str,
         force: bool,
         with_snapshots: bool,
     ) -> ApiResult<Instance> {
-        let name_v = InstanceName::new(name)?;
+        let name_v = InstanceRef::new(project.clone(), InstanceName::new(name)?);
         let key = keys::instance_spec(&name_v);
         for _ in 0..16 {
             let Some((mut spec, rev)) = self.store.get_json::<InstanceSpec>(&key).await? else {

@@ -18,8 +18,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use skyvisor_core::keys;
 use skyvisor_core::{
-    GroupName, Host, HostName, HostState, Instance, InstanceName, InstanceSpec, InstanceStatus,
-    Resources,
+    GroupName, Host, HostName, HostState, Instance, InstanceName, InstanceRef, InstanceSpec,
+    InstanceStatus, Resources, Scoped,
 };
 use skyvisor_store::{KeyValue, Op, Revision, Store, StoreError, WatchEvent, decode};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -65,21 +65,21 @@ struct State {
     hosts: BTreeMap<HostName, Arc<Host>>,
     alive: BTreeSet<HostName>,
     admin: BTreeMap<HostName, HostState>,
-    instances: BTreeMap<InstanceName, InstanceSpec>,
-    statuses: BTreeMap<InstanceName, InstanceStatus>,
+    instances: BTreeMap<InstanceRef, InstanceSpec>,
+    statuses: BTreeMap<InstanceRef, InstanceStatus>,
     used_ips: HashMap<String, HashSet<Ipv4Addr>>,
     /// Address claims (`ipam/<network>/<ip>`), held by instances or hosts.
     claims: HashMap<String, HashSet<Ipv4Addr>>,
     allocated: HashMap<HostName, (Resources, u32)>,
     alloc_revs: HashMap<HostName, Revision>,
     state_revs: HashMap<HostName, Revision>,
-    /// Spread group -> member -> its host.
-    groups: HashMap<GroupName, BTreeMap<InstanceName, HostName>>,
+    /// Spread group (of a project) -> member -> its host.
+    groups: HashMap<Scoped<GroupName>, BTreeMap<InstanceName, HostName>>,
 }
 
 impl State {
     fn add_instance(&mut self, spec: InstanceSpec) {
-        self.remove_instance(&spec.name);
+        self.remove_instance(&spec.instance_ref());
         self.used_ips
             .entry(spec.network.ipam_scope())
             .or_default()
@@ -94,14 +94,14 @@ impl State {
         }
         if let Some(g) = &spec.spread_group {
             self.groups
-                .entry(g.clone())
+                .entry(Scoped::new(spec.project.clone(), g.clone()))
                 .or_default()
                 .insert(spec.name.clone(), spec.host.clone());
         }
-        self.instances.insert(spec.name.clone(), spec);
+        self.instances.insert(spec.instance_ref(), spec);
     }
 
-    fn remove_instance(&mut self, name: &InstanceName) {
+    fn remove_instance(&mut self, name: &InstanceRef) {
         if let Some(old) = self.instances.remove(name) {
             if let Some(ips) = self.used_ips.get_mut(&old.network.ipam_scope()) {
                 ips.remove(&old.network.ip);
@@ -115,12 +115,13 @@ impl State {
             {
                 dest.0 = dest.0.minus(old.resources);
             }
-            if let Some(g) = &old.spread_group
-                && let Some(members) = self.groups.get_mut(g)
-            {
-                members.remove(name);
-                if members.is_empty() {
-                    self.groups.remove(g);
+            if let Some(g) = &old.spread_group {
+                let g = Scoped::new(old.project.clone(), g.clone());
+                if let Some(members) = self.groups.get_mut(&g) {
+                    members.remove(&name.name);
+                    if members.is_empty() {
+                        self.groups.remove(&g);
+                    }
                 }
             }
         }
@@ -179,8 +180,11 @@ impl State {
                         Err(e) => warn!(error = %e, "skipping undecodable instance spec"),
                     }
                 } else if key.starts_with(keys::INSTANCE_STATUSES) {
-                    match (InstanceName::new(name), decode::<InstanceStatus>(kv)) {
-                        (Ok(n), Ok(status)) => {
+                    match (
+                        keys::instance_of(keys::INSTANCE_STATUSES, key),
+                        decode::<InstanceStatus>(kv),
+                    ) {
+                        (Some(n), Ok(status)) => {
                             self.statuses.insert(n, status);
                         }
                         _ => warn!(key, "skipping undecodable instance status"),
@@ -206,14 +210,11 @@ impl State {
                 }
             }
             WatchEvent::Delete { .. } => {
-                let Ok(n) = InstanceName::new(name) else {
-                    return;
-                };
-                if key.starts_with(keys::INSTANCE_SPECS) {
+                if let Some(n) = keys::instance_of(keys::INSTANCE_SPECS, key) {
                     self.remove_instance(&n);
                     return;
                 }
-                if key.starts_with(keys::INSTANCE_STATUSES) {
+                if let Some(n) = keys::instance_of(keys::INSTANCE_STATUSES, key) {
                     self.statuses.remove(&n);
                     return;
                 }
@@ -374,7 +375,10 @@ impl Inventory {
     }
 
     /// Where the members of spread group `group` run: one member per host.
-    pub async fn spread_members(&self, group: &GroupName) -> HashMap<HostName, InstanceName> {
+    pub async fn spread_members(
+        &self,
+        group: &Scoped<GroupName>,
+    ) -> HashMap<HostName, InstanceName> {
         let st = self.read();
         let mut out = HashMap::new();
         if let Some(members) = st.groups.get(group) {
@@ -398,23 +402,23 @@ impl Inventory {
     }
 
     /// One instance spec.
-    pub async fn instance(&self, name: &InstanceName) -> Option<InstanceSpec> {
+    pub async fn instance(&self, name: &InstanceRef) -> Option<InstanceSpec> {
         self.read().instances.get(name).cloned()
     }
 
     /// One instance: spec and status (pending if no agent reported yet).
-    pub async fn instance_full(&self, name: &InstanceName) -> Option<Instance> {
+    pub async fn instance_full(&self, name: &InstanceRef) -> Option<Instance> {
         let st = self.read();
         st.instances.get(name).map(|spec| full(&st, spec))
     }
 
-    /// All instances, by name.
+    /// All instances, by project and name.
     pub async fn instances_full(&self) -> Vec<Instance> {
         let st = self.read();
         st.instances.values().map(|spec| full(&st, spec)).collect()
     }
 
-    /// All instance specs, by name.
+    /// All instance specs, by project and name.
     pub async fn instances(&self) -> Vec<InstanceSpec> {
         self.read().instances.values().cloned().collect()
     }
@@ -444,7 +448,7 @@ impl Inventory {
 fn full(st: &State, spec: &InstanceSpec) -> Instance {
     let mut status = st
         .statuses
-        .get(&spec.name)
+        .get(&spec.instance_ref())
         .cloned()
         .unwrap_or_else(InstanceStatus::pending);
     if !st.alive.contains(&spec.host) {

@@ -19,6 +19,7 @@ mod inflight;
 pub mod instances;
 pub mod inventory;
 pub mod ipam;
+pub mod layout;
 pub mod metrics;
 pub mod migrations;
 pub mod networks;
@@ -137,6 +138,8 @@ impl ControlPlane {
         .map_err(skyvisor_auth::AuthError::into_store_error)?;
         tokio::spawn(directory.follow());
         let store_for_audit = store.clone();
+        // Records of an older key layout move first: everything below reads today's.
+        layout::upgrade(store.as_ref()).await?;
         let inventory = Inventory::start(store.clone()).await?;
         // Agents admit only callers with the cluster's key.
         let cluster_key = skyvisor_auth::cluster_key(store.as_ref())

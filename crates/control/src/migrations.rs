@@ -16,9 +16,9 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use skyvisor_core::api::{MigrateInstanceRequest, PlannedMove, RebalancePlan, RebalanceRequest};
 use skyvisor_core::{
-    HostName, HostState, InstanceName, InstancePhase, InstanceSpec, InstanceStatus, Migration,
-    MigrationId, MigrationPhase, MigrationProgress, MigrationReason, MigrationRequest, PowerState,
-    VolumeSpec, keys,
+    HostName, HostState, InstanceName, InstancePhase, InstanceRef, InstanceSpec, InstanceStatus,
+    Migration, MigrationId, MigrationPhase, MigrationProgress, MigrationReason, MigrationRequest,
+    PowerState, ProjectName, VolumeSpec, keys,
 };
 use skyvisor_store::{Compare, StoreExt, decode, encode, put_json};
 use tracing::{info, warn};
@@ -48,11 +48,13 @@ impl ControlPlane {
     /// Starts a live migration of a running instance.
     pub async fn migrate_instance(
         &self,
+        project: &ProjectName,
         name: &str,
         req: MigrateInstanceRequest,
         reason: MigrationReason,
     ) -> ApiResult<Migration> {
         let name = InstanceName::new(name)?;
+        let iref = InstanceRef::new(project.clone(), name.clone());
         let to = req.to.as_deref().map(HostName::new).transpose()?;
         if req.max_bandwidth_mib_s == Some(0) || req.max_bandwidth_mib_s > Some(1 << 20) {
             return Err(ApiError::invalid(format!(
@@ -61,7 +63,7 @@ impl ControlPlane {
                 1u64 << 20
             )));
         }
-        let key = keys::instance_spec(&name);
+        let key = keys::instance_spec(&iref);
         let placing = self.placement.lock().await;
         let mut committed = None;
         for _ in 0..8 {
@@ -70,7 +72,7 @@ impl ControlPlane {
                     "instance \"{name}\" not found"
                 )));
             };
-            let status = self.instance_status(&name).await?;
+            let status = self.instance_status(&iref).await?;
             check_migratable(&spec, &status)?;
             let hosts = self.inventory.hosts().await;
             let Some(source) = hosts.iter().find(|h| h.host.name == spec.host) else {
@@ -153,6 +155,7 @@ impl ControlPlane {
             let record = Migration {
                 id: MigrationId::random(),
                 instance: name.clone(),
+                project: project.clone(),
                 instance_id: spec.id,
                 source: spec.host.clone(),
                 destination: dest.clone(),
@@ -177,7 +180,7 @@ impl ControlPlane {
             compares.extend(self.host_guard(entry));
             let mut ops = spec_ops(&next);
             ops.push(put_json(keys::migration(&record.id), &record));
-            ops.push(self.alloc_mark(&dest, &name));
+            ops.push(self.alloc_mark(&dest, &iref));
             let out = self.store.txn(compares, ops.clone()).await?;
             if out.succeeded {
                 self.inventory.apply_committed(&ops, out.revision).await;
@@ -200,11 +203,18 @@ impl ControlPlane {
     }
 
     /// Asks the source to cancel the instance's migration in flight.
-    pub async fn cancel_migration(&self, name: &str) -> ApiResult<Migration> {
+    pub async fn cancel_migration(
+        &self,
+        project: &ProjectName,
+        name: &str,
+    ) -> ApiResult<Migration> {
         let name = InstanceName::new(name)?;
         let Some((spec, _)) = self
             .store
-            .get_json::<InstanceSpec>(&keys::instance_spec(&name))
+            .get_json::<InstanceSpec>(&keys::instance_spec(&InstanceRef::new(
+                project.clone(),
+                name.clone(),
+            )))
             .await?
         else {
             return Err(ApiError::not_found(format!(
@@ -330,9 +340,9 @@ impl ControlPlane {
             }
         };
         let before = spread(&load);
-        let mut placed: HashMap<InstanceName, HostName> = instances
+        let mut placed: HashMap<InstanceRef, HostName> = instances
             .iter()
-            .map(|i| (i.spec.name.clone(), i.spec.host.clone()))
+            .map(|i| (i.spec.instance_ref(), i.spec.host.clone()))
             .collect();
         let mut moves = vec![];
         while moves.len() < max as usize && load.len() >= 2 {
@@ -344,13 +354,13 @@ impl ControlPlane {
             names.sort_by(|a, b| ratio(a, &load).total_cmp(&ratio(b, &load)));
             let (least, most) = (names[0].clone(), names[names.len() - 1].clone());
             let current = spread(&load);
-            let mut best: Option<(f64, &InstanceName, u64)> = None;
+            let mut best: Option<(f64, InstanceRef, u64)> = None;
             for i in &instances {
-                if placed.get(&i.spec.name) != Some(&most)
+                if placed.get(&i.spec.instance_ref()) != Some(&most)
                     || check_migratable(&i.spec, &i.status).is_err()
-                    || moves
-                        .iter()
-                        .any(|m: &PlannedMove| m.instance == i.spec.name.as_str())
+                    || moves.iter().any(|m: &PlannedMove| {
+                        m.instance == i.spec.name.as_str() && m.project == i.spec.project
+                    })
                 {
                     continue;
                 }
@@ -367,8 +377,8 @@ impl ControlPlane {
                     e.0 += mem;
                 }
                 let after = spread(&trial);
-                if after + 0.5 < current && best.is_none_or(|(b, _, _)| after < b) {
-                    best = Some((after, &i.spec.name, mem));
+                if after + 0.5 < current && best.as_ref().is_none_or(|(b, _, _)| after < *b) {
+                    best = Some((after, i.spec.instance_ref(), mem));
                 }
             }
             let Some((_, name, mem)) = best else { break };
@@ -378,12 +388,13 @@ impl ControlPlane {
             if let Some(e) = load.get_mut(&least) {
                 e.0 += mem;
             }
-            placed.insert(name.clone(), least.clone());
             moves.push(PlannedMove {
-                instance: name.to_string(),
+                instance: name.name.to_string(),
+                project: name.project.clone(),
                 from: most.to_string(),
                 to: least.to_string(),
             });
+            placed.insert(name, least.clone());
         }
         let plan = RebalancePlan {
             spread_after_percent: spread(&load),
@@ -411,7 +422,13 @@ impl ControlPlane {
     /// out (it is the one being placed).
     pub(crate) async fn spread_for(&self, spec: &InstanceSpec) -> Option<SpreadConstraint> {
         let group = spec.spread_group.as_ref()?;
-        let mut members = self.inventory.spread_members(group).await;
+        let mut members = self
+            .inventory
+            .spread_members(&skyvisor_core::Scoped::new(
+                spec.project.clone(),
+                group.clone(),
+            ))
+            .await;
         members.retain(|_, m| *m != spec.name);
         Some(SpreadConstraint {
             group: group.clone(),
@@ -459,7 +476,10 @@ impl ControlPlane {
             to: Some(dest.to_string()),
             from: Some(from.to_string()),
         };
-        match self.change_replicas(root.name.as_str(), req).await {
+        match self
+            .change_replicas(&spec.project, root.name.as_str(), req)
+            .await
+        {
             Ok(_) => {
                 info!(instance = %spec.name, volume = %root.name, %from, to = %dest, "the disk follows its VM: a replica moves to the destination")
             }
@@ -477,7 +497,7 @@ impl ControlPlane {
         };
         match self
             .store
-            .get_json::<VolumeSpec>(&keys::volume_spec(&v.name))
+            .get_json::<VolumeSpec>(&keys::volume_spec(&spec.volume_ref(&v.name)))
             .await
         {
             Ok(Some((s, _))) => s.hosts,
@@ -489,15 +509,16 @@ impl ControlPlane {
     /// draining host: nothing is copied, its spec is bound to another host
     /// (one holding a replica of its root disk first), where it starts
     /// when asked to. Returns the new host.
-    async fn relocate_stopped(&self, name: &InstanceName, from: &HostName) -> ApiResult<HostName> {
-        let key = keys::instance_spec(name);
+    async fn relocate_stopped(&self, iref: &InstanceRef, from: &HostName) -> ApiResult<HostName> {
+        let name = &iref.name;
+        let key = keys::instance_spec(iref);
         let _placing = self.placement.lock().await;
         let Some((spec, rev)) = self.store.get_json::<InstanceSpec>(&key).await? else {
             return Err(ApiError::not_found(format!(
                 "instance \"{name}\" not found"
             )));
         };
-        let status = self.instance_status(name).await?;
+        let status = self.instance_status(iref).await?;
         if !is_relocatable(&spec, &status) || &spec.host != from {
             return Err(ApiError::conflict(format!(
                 "instance \"{name}\" is no longer a stopped volume-backed VM on host {from}"
@@ -534,8 +555,8 @@ impl ControlPlane {
         let mut compares = vec![Compare::ModRevision(key, rev)];
         compares.extend(self.host_guard(entry));
         let mut ops = spec_ops(&next);
-        ops.push(skyvisor_store::Op::Delete(keys::binding(from, name)));
-        ops.push(self.alloc_mark(&dest, name));
+        ops.push(skyvisor_store::Op::Delete(keys::binding(from, iref)));
+        ops.push(self.alloc_mark(&dest, iref));
         let out = self.store.txn(compares, ops.clone()).await?;
         if !out.succeeded {
             return Err(ApiError::unavailable(format!(
@@ -598,7 +619,7 @@ fn check_migratable(spec: &InstanceSpec, status: &InstanceStatus) -> ApiResult<(
 /// deletes root volumes of deleted VMs, drains hosts and runs rebalance
 /// plans.
 pub(crate) async fn run(cp: ControlPlane) {
-    let mut failed: HashMap<InstanceName, Instant> = HashMap::new();
+    let mut failed: HashMap<InstanceRef, Instant> = HashMap::new();
     loop {
         tokio::time::sleep(MAINTENANCE_EVERY).await;
         if !cp.leads_now() {
@@ -619,7 +640,7 @@ pub(crate) async fn run(cp: ControlPlane) {
 }
 
 /// Starts the next migration off each draining host that has none running.
-async fn drain_step(cp: &ControlPlane, failed: &mut HashMap<InstanceName, Instant>) {
+async fn drain_step(cp: &ControlPlane, failed: &mut HashMap<InstanceRef, Instant>) {
     let hosts = cp.inventory.hosts().await;
     let instances = cp.inventory.instances_full().await;
     for h in hosts.iter().filter(|h| h.state() == HostState::Draining) {
@@ -630,16 +651,21 @@ async fn drain_step(cp: &ControlPlane, failed: &mut HashMap<InstanceName, Instan
         // Stopped volume-backed VMs just change hosts: nothing to copy.
         let stopped: Vec<_> = on_host
             .iter()
-            .filter(|i| is_relocatable(&i.spec, &i.status) && !failed.contains_key(&i.spec.name))
+            .filter(|i| {
+                is_relocatable(&i.spec, &i.status) && !failed.contains_key(&i.spec.instance_ref())
+            })
             .collect();
         for i in stopped {
-            match cp.relocate_stopped(&i.spec.name, &h.host.name).await {
+            match cp
+                .relocate_stopped(&i.spec.instance_ref(), &h.host.name)
+                .await
+            {
                 Ok(to) => {
                     info!(host = %h.host.name, instance = %i.spec.name, %to, "draining: stopped VM moved")
                 }
                 Err(e) => {
                     warn!(host = %h.host.name, instance = %i.spec.name, error = %e.message, "draining: cannot move a stopped VM; retrying later");
-                    failed.insert(i.spec.name.clone(), Instant::now());
+                    failed.insert(i.spec.instance_ref(), Instant::now());
                 }
             }
         }
@@ -647,11 +673,13 @@ async fn drain_step(cp: &ControlPlane, failed: &mut HashMap<InstanceName, Instan
             continue;
         }
         let next = on_host.iter().find(|i| {
-            !failed.contains_key(&i.spec.name) && check_migratable(&i.spec, &i.status).is_ok()
+            !failed.contains_key(&i.spec.instance_ref())
+                && check_migratable(&i.spec, &i.status).is_ok()
         });
         let Some(next) = next else { continue };
         match cp
             .migrate_instance(
+                &next.spec.project,
                 next.spec.name.as_str(),
                 MigrateInstanceRequest::default(),
                 MigrationReason::Drain,
@@ -663,7 +691,7 @@ async fn drain_step(cp: &ControlPlane, failed: &mut HashMap<InstanceName, Instan
             }
             Err(e) => {
                 warn!(host = %h.host.name, instance = %next.spec.name, error = %e.message, "draining: cannot migrate; retrying later");
-                failed.insert(next.spec.name.clone(), Instant::now());
+                failed.insert(next.spec.instance_ref(), Instant::now());
             }
         }
     }
@@ -692,6 +720,7 @@ async fn rebalance_step(cp: &ControlPlane) -> ApiResult<()> {
     let mv = q.moves.remove(0);
     match cp
         .migrate_instance(
+            &mv.project,
             &mv.instance,
             MigrateInstanceRequest {
                 to: Some(mv.to.clone()),

@@ -459,7 +459,7 @@ impl ControlPlane {
     ) -> ApiResult<skyvisor_core::Instance> {
         self.check_security_groups(project, &groups).await?;
         let inst = self
-            .update_spec(name, |spec, _| {
+            .update_spec(project, name, |spec, _| {
                 spec.security_groups = groups.clone();
                 Ok(())
             })
@@ -471,11 +471,12 @@ impl ControlPlane {
     /// Replaces an instance's labels.
     pub async fn set_instance_labels(
         &self,
+        project: &ProjectName,
         name: &str,
         labels: skyvisor_core::labels::Labels,
     ) -> ApiResult<skyvisor_core::Instance> {
         skyvisor_core::labels::validate_labels("labels", &labels)?;
-        self.update_spec(name, |spec, _| {
+        self.update_spec(project, name, |spec, _| {
             spec.labels = labels.clone();
             Ok(())
         })

@@ -36,7 +36,7 @@ impl ControlPlane {
             };
         }
         if let Some(root) = spec.root_volume() {
-            match self.volume(root.name.as_str()).await {
+            match self.volume(&spec.project, root.name.as_str()).await {
                 Ok(v) if v.redundancy.in_sync < 2 => reasons.push(format!(
                     "its root disk {} has {} of {} replicas in sync{}: losing one more host could lose it",
                     root.name,

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use skyvisor_core::volume::ChangeReplicasRequest;
 use skyvisor_core::{
-    HostName, HostState, InstanceSpec, Volume, VolumeAttachment, VolumeName, VolumeSpec, keys,
+    HostName, HostState, InstanceRef, InstanceSpec, ProjectName, Volume, VolumeAttachment,
+    VolumeName, VolumeRef, VolumeSpec, keys,
 };
 use skyvisor_store::{Compare, StoreExt, put_json};
 use tracing::{info, warn};
@@ -38,17 +39,19 @@ impl ControlPlane {
     /// copy goes on in the background).
     pub async fn change_replicas(
         &self,
+        project: &ProjectName,
         name: &str,
         req: ChangeReplicasRequest,
     ) -> ApiResult<Volume> {
         let name = VolumeName::new(name)?;
+        let vref = VolumeRef::new(project.clone(), name.clone());
         if req.to.is_none() && req.from.is_none() {
             return Err(ApiError::invalid(
                 "say what to change: \"to\" (a host, or \"auto\") adds a replica, \"from\" removes one, both move one",
             ));
         }
         let _placing = self.placement.lock().await;
-        let (spec, rev) = self.volume_spec(&name).await?;
+        let (spec, rev) = self.volume_spec(&vref).await?;
         if spec.deleting {
             return Err(ApiError::conflict(format!(
                 "volume \"{name}\" is being deleted"
@@ -87,7 +90,7 @@ impl ControlPlane {
                         entry.state()
                     )));
                 }
-                let promised = self.promised_replica_disk(Some(&name)).await?;
+                let promised = self.promised_replica_disk(Some(&vref)).await?;
                 if let Some(why) = replica_filter_for(entry, &spec, &promised) {
                     return Err(ApiError::insufficient_capacity(format!(
                         "host {to} cannot hold a replica of volume \"{name}\": {why}"
@@ -114,8 +117,8 @@ impl ControlPlane {
         let out = self
             .store
             .txn(
-                vec![Compare::ModRevision(keys::volume_spec(&name), rev)],
-                vec![put_json(keys::volume_spec(&name), &next)],
+                vec![Compare::ModRevision(keys::volume_spec(&vref), rev)],
+                vec![put_json(keys::volume_spec(&vref), &next)],
             )
             .await?;
         if !out.succeeded {
@@ -124,7 +127,7 @@ impl ControlPlane {
             )));
         }
         info!(volume = %name, from = ?spec.hosts, to = ?next.hosts, "replica set changed");
-        self.volume(name.as_str()).await
+        self.volume(project, name.as_str()).await
     }
 
     /// A ready, live host with room for another replica of `spec`, not
@@ -139,7 +142,7 @@ impl ControlPlane {
             .filter(|h| h.alive && !spec.hosts.contains(&h.host.name))
             .cloned()
             .collect();
-        let promised = self.promised_replica_disk(Some(&spec.name)).await?;
+        let promised = self.promised_replica_disk(Some(&spec.volume_ref())).await?;
         let mut picked = place_replicas(&candidates, 1, spec.size_bytes, &promised)?;
         picked.pop().ok_or_else(|| {
             ApiError::insufficient_capacity(format!(
@@ -217,7 +220,9 @@ async fn step(
                     to: Some(to),
                     from: Some(h.to_string()),
                 };
-                changed = cp.change_replicas(spec.name.as_str(), req).await;
+                changed = cp
+                    .change_replicas(&spec.project, spec.name.as_str(), req)
+                    .await;
                 if changed.is_ok() {
                     break;
                 }
@@ -243,12 +248,15 @@ async fn step(
 async fn user_of(cp: &ControlPlane, spec: &VolumeSpec) -> Option<InstanceSpec> {
     let (claim, _) = cp
         .store
-        .get_json::<VolumeAttachment>(&keys::volume_attachment(&spec.name))
+        .get_json::<VolumeAttachment>(&keys::volume_attachment(&spec.volume_ref()))
         .await
         .ok()??;
     let (vm, _) = cp
         .store
-        .get_json::<InstanceSpec>(&keys::instance_spec(&claim.instance))
+        .get_json::<InstanceSpec>(&keys::instance_spec(&InstanceRef::new(
+            spec.project.clone(),
+            claim.instance.clone(),
+        )))
         .await
         .ok()??;
     (vm.id == claim.instance_id).then_some(vm)

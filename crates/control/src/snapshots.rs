@@ -8,8 +8,8 @@ use chrono::Utc;
 use skyvisor_core::api::{CreateSnapshotRequest, RestoreInstanceRequest};
 use skyvisor_core::auth::Usage;
 use skyvisor_core::{
-    CheckpointSchedule, Instance, InstanceName, InstanceSpec, PowerState, RestoreRequest, Snapshot,
-    SnapshotKind, SnapshotName, SnapshotOrigin, SnapshotState, keys,
+    CheckpointSchedule, Instance, InstanceName, InstanceRef, InstanceSpec, PowerState, ProjectName,
+    RestoreRequest, Snapshot, SnapshotKind, SnapshotName, SnapshotOrigin, SnapshotState, keys,
 };
 use skyvisor_store::{Compare, StoreExt, put_json};
 use tracing::info;
@@ -79,10 +79,11 @@ pub fn check_ready(snap: &Snapshot) -> ApiResult<()> {
 const QUOTA_ATTEMPTS: usize = 20;
 
 impl ControlPlane {
-    async fn spec_of(&self, name: &InstanceName) -> ApiResult<InstanceSpec> {
+    async fn spec_of(&self, iref: &InstanceRef) -> ApiResult<InstanceSpec> {
+        let name = &iref.name;
         match self
             .store
-            .get_json::<InstanceSpec>(&keys::instance_spec(name))
+            .get_json::<InstanceSpec>(&keys::instance_spec(iref))
             .await?
         {
             Some((spec, _)) => Ok(spec),
@@ -97,16 +98,18 @@ impl ControlPlane {
     /// if it is stopped.
     pub async fn create_snapshot(
         &self,
+        project: &ProjectName,
         instance: &str,
         req: CreateSnapshotRequest,
     ) -> ApiResult<Snapshot> {
         let instance = InstanceName::new(instance)?;
+        let iref = InstanceRef::new(project.clone(), instance.clone());
         let now = Utc::now();
         let name = match req.name {
             Some(n) => SnapshotName::new(n)?,
             None => SnapshotName::at("snap", now)?,
         };
-        let spec = self.spec_of(&instance).await?;
+        let spec = self.spec_of(&iref).await?;
         if spec.deleting {
             return Err(ApiError::conflict(format!(
                 "instance \"{instance}\" is being deleted"
@@ -150,7 +153,7 @@ impl ControlPlane {
             message: None,
             updated_at: now,
         };
-        let key = keys::snapshot(&instance, &name);
+        let key = keys::snapshot(&iref, &name);
         let more = Usage {
             snapshots: 1,
             ..Usage::default()
@@ -181,12 +184,18 @@ impl ControlPlane {
         Ok(snap)
     }
 
-    /// The snapshots of `instance` (also after it was deleted), oldest
-    /// first; of every instance when `None`.
-    pub async fn snapshots(&self, instance: Option<&str>) -> ApiResult<Vec<Snapshot>> {
+    /// The snapshots of `project`'s `instance` (also after it was
+    /// deleted), oldest first; of every instance of the project when `None`.
+    pub async fn snapshots(
+        &self,
+        project: &ProjectName,
+        instance: Option<&str>,
+    ) -> ApiResult<Vec<Snapshot>> {
         let prefix = match instance {
-            Some(i) => keys::snapshots_of(&InstanceName::new(i)?),
-            None => keys::SNAPSHOTS.to_string(),
+            Some(i) => {
+                keys::snapshots_of(&InstanceRef::new(project.clone(), InstanceName::new(i)?))
+            }
+            None => keys::snapshots_of_project(project),
         };
         let (all, _) = self.store.list_json::<Snapshot>(&prefix).await?;
         let mut list: Vec<Snapshot> = all.into_iter().map(|(s, _)| s).collect();
@@ -197,12 +206,18 @@ impl ControlPlane {
     }
 
     /// One snapshot, or 404.
-    pub async fn snapshot(&self, instance: &str, name: &str) -> ApiResult<Snapshot> {
+    pub async fn snapshot(
+        &self,
+        project: &ProjectName,
+        instance: &str,
+        name: &str,
+    ) -> ApiResult<Snapshot> {
         let instance = InstanceName::new(instance)?;
+        let iref = InstanceRef::new(project.clone(), instance.clone());
         let name = SnapshotName::new(name)?;
         match self
             .store
-            .get_json::<Snapshot>(&keys::snapshot(&instance, &name))
+            .get_json::<Snapshot>(&keys::snapshot(&iref, &name))
             .await?
         {
             Some((s, _)) => Ok(s),
@@ -214,10 +229,15 @@ impl ControlPlane {
 
     /// Marks a snapshot for deletion; its host's agent removes the files,
     /// then the record.
-    pub async fn delete_snapshot(&self, instance: &str, name: &str) -> ApiResult<Snapshot> {
+    pub async fn delete_snapshot(
+        &self,
+        project: &ProjectName,
+        instance: &str,
+        name: &str,
+    ) -> ApiResult<Snapshot> {
         let instance = InstanceName::new(instance)?;
         let name = SnapshotName::new(name)?;
-        let key = keys::snapshot(&instance, &name);
+        let key = keys::snapshot(&InstanceRef::new(project.clone(), instance.clone()), &name);
         for _ in 0..16 {
             let Some((mut snap, rev)) = self.store.get_json::<Snapshot>(&key).await? else {
                 return Err(ApiError::not_found(format!(
@@ -256,13 +276,13 @@ impl ControlPlane {
     pub(crate) async fn delete_snapshots_of(&self, spec: &InstanceSpec) -> ApiResult<()> {
         let (all, _) = self
             .store
-            .list_json::<Snapshot>(&keys::snapshots_of(&spec.name))
+            .list_json::<Snapshot>(&keys::snapshots_of(&spec.instance_ref()))
             .await?;
         for (snap, _) in all {
             if snap.instance_id != spec.id {
                 continue;
             }
-            let key = keys::snapshot(&snap.instance, &snap.name);
+            let key = keys::snapshot(&snap.instance_ref(), &snap.name);
             // The agent may be writing the record (progress, outcome):
             // retry until the mark lands.
             for _ in 0..32 {
@@ -294,15 +314,17 @@ impl ControlPlane {
     /// another VM, or needs another size, image or host.
     pub async fn restore_instance(
         &self,
+        project: &ProjectName,
         instance: &str,
         req: RestoreInstanceRequest,
     ) -> ApiResult<Instance> {
         let name = InstanceName::new(instance)?;
+        let iref = InstanceRef::new(project.clone(), name.clone());
         let snap_name = SnapshotName::new(req.snapshot.clone())?;
-        let spec = self.spec_of(&name).await?;
+        let spec = self.spec_of(&iref).await?;
         let snap = match self
             .store
-            .get_json::<Snapshot>(&keys::snapshot(&name, &snap_name))
+            .get_json::<Snapshot>(&keys::snapshot(&iref, &snap_name))
             .await?
         {
             Some((s, _)) => s,
@@ -328,7 +350,7 @@ impl ControlPlane {
         }
         let full = snap.kind == Some(SnapshotKind::Full);
         let inst = self
-            .update_spec(name.as_str(), |spec, _| {
+            .update_spec(project, name.as_str(), |spec, _| {
                 let generation = spec.restore.as_ref().map_or(0, |r| r.generation) + 1;
                 spec.restore = Some(RestoreRequest {
                     snapshot: snap_name.clone(),
@@ -349,6 +371,7 @@ impl ControlPlane {
     /// Sets or clears the instance's checkpoint schedule.
     pub async fn set_checkpoint_schedule(
         &self,
+        project: &ProjectName,
         instance: &str,
         schedule: Option<CheckpointSchedule>,
     ) -> ApiResult<Instance> {
@@ -357,7 +380,7 @@ impl ControlPlane {
             // The schedule keeps `keep` snapshots: they must fit the
             // project's snapshot quota beside what it holds already (this
             // VM's own scheduled ones make room for their successors).
-            let n = InstanceName::new(instance)?;
+            let n = InstanceRef::new(project.clone(), InstanceName::new(instance)?);
             if let Some(spec) = self.inventory.instance(&n).await {
                 let (mine, _) = self
                     .store
@@ -378,7 +401,7 @@ impl ControlPlane {
                 self.quota_guard(&spec.project, &more).await?;
             }
         }
-        self.update_spec(instance, |spec, _| {
+        self.update_spec(project, instance, |spec, _| {
             spec.checkpoint_schedule = schedule;
             Ok(())
         })
@@ -387,7 +410,7 @@ impl ControlPlane {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use skyvisor_core::{
         HostName, ImageName, InstanceId, MacAddr, NetworkAttachment, Resources, RestartPolicy,
         TypeName,
@@ -395,7 +418,8 @@ mod tests {
 
     use super::*;
 
-    fn spec() -> InstanceSpec {
+    /// An instance spec for tests.
+    pub(crate) fn spec() -> InstanceSpec {
         InstanceSpec {
             security_groups: Vec::new(),
             labels: Default::default(),

@@ -5,8 +5,8 @@
 use skyvisor_core::auth::Usage;
 use skyvisor_core::snapshot::parse_snapshot_ref;
 use skyvisor_core::{
-    Image, ImageName, InstanceName, InstanceSpec, ProjectName, Snapshot, VolumeName,
-    VolumeSnapshot, VolumeSpec, keys,
+    Image, ImageName, InstanceName, InstanceRef, InstanceSpec, ProjectName, Snapshot, VolumeName,
+    VolumeRef, VolumeSpec, keys,
 };
 use skyvisor_store::{Compare, Op, StoreExt};
 
@@ -39,7 +39,7 @@ fn not_found(kind: &str, name: &str) -> ApiError {
 impl ControlPlane {
     /// The spec of instance `name` if it belongs to the caller's project.
     pub async fn visible_instance(&self, caller: &Caller, name: &str) -> ApiResult<InstanceSpec> {
-        let n = InstanceName::new(name)?;
+        let n = InstanceRef::new(caller.project.clone(), InstanceName::new(name)?);
         // The inventory first (memory); the store when it does not know
         // the name yet (made a moment ago through another server).
         let spec = match self.inventory.instance(&n).await {
@@ -58,7 +58,7 @@ impl ControlPlane {
 
     /// The spec of volume `name` if it belongs to the caller's project.
     pub async fn visible_volume(&self, caller: &Caller, name: &str) -> ApiResult<VolumeSpec> {
-        let n = VolumeName::new(name)?;
+        let n = VolumeRef::new(caller.project.clone(), VolumeName::new(name)?);
         match self
             .store
             .get_json::<VolumeSpec>(&keys::volume_spec(&n))
@@ -121,7 +121,10 @@ impl ControlPlane {
         let src = parse_snapshot_ref(r)?;
         match self
             .store
-            .get_json::<Snapshot>(&keys::snapshot(&src.instance, &src.snapshot))
+            .get_json::<Snapshot>(&keys::snapshot(
+                &InstanceRef::new(caller.project.clone(), src.instance.clone()),
+                &src.snapshot,
+            ))
             .await?
         {
             Some((snap, _)) if snap.project == caller.project => Ok(()),
@@ -140,7 +143,7 @@ impl ControlPlane {
         instance: &str,
         snapshot: &str,
     ) -> ApiResult<Snapshot> {
-        match self.snapshot(instance, snapshot).await {
+        match self.snapshot(&caller.project, instance, snapshot).await {
             Ok(s) if s.project == caller.project => Ok(s),
             Ok(_) => Err(ApiError::not_found(format!(
                 "instance \"{instance}\" has no snapshot \"{snapshot}\""
@@ -155,7 +158,7 @@ impl ControlPlane {
         let mut u = Usage::default();
         let (instances, _) = self
             .store
-            .list_json::<InstanceSpec>(keys::INSTANCE_SPECS)
+            .list_json::<InstanceSpec>(&keys::instance_specs_of(project))
             .await?;
         for (spec, _) in instances.iter().filter(|(s, _)| &s.project == project) {
             u.instances += 1;
@@ -164,30 +167,26 @@ impl ControlPlane {
         }
         let (volumes, _) = self
             .store
-            .list_json::<VolumeSpec>(keys::VOLUME_SPECS)
+            .list_json::<VolumeSpec>(&keys::volume_specs_of(project))
             .await?;
-        let mine: std::collections::HashSet<&VolumeName> = volumes
-            .iter()
-            .filter(|(s, _)| &s.project == project)
-            .map(|(s, _)| &s.name)
-            .collect();
-        for (spec, _) in volumes.iter().filter(|(s, _)| &s.project == project) {
+        for (spec, _) in &volumes {
             u.volumes += 1;
             u.volume_gib += spec.size_bytes.div_ceil(1 << 30);
         }
-        let (snapshots, _) = self.store.list_json::<Snapshot>(keys::SNAPSHOTS).await?;
-        u.snapshots += snapshots
-            .iter()
-            .filter(|(s, _)| &s.project == project)
-            .count() as u32;
-        let (vsnaps, _) = self
+        // The store's layout puts a project's records under its name:
+        // counting them needs no decoding.
+        u.snapshots += self
             .store
-            .list_json::<VolumeSnapshot>(keys::VOLUME_SNAPSHOTS)
-            .await?;
-        u.snapshots += vsnaps
-            .iter()
-            .filter(|(s, _)| mine.contains(&s.volume))
-            .count() as u32;
+            .list(&keys::snapshots_of_project(project))
+            .await?
+            .items
+            .len() as u32;
+        u.snapshots += self
+            .store
+            .list(&keys::volume_snapshots_of_project(project))
+            .await?
+            .items
+            .len() as u32;
         Ok(u)
     }
 
@@ -229,7 +228,7 @@ impl ControlPlane {
         let mut out = Vec::new();
         let (instances, _) = self
             .store
-            .list_json::<InstanceSpec>(keys::INSTANCE_SPECS)
+            .list_json::<InstanceSpec>(&keys::instance_specs_of(project))
             .await?;
         out.extend(
             instances
@@ -239,7 +238,7 @@ impl ControlPlane {
         );
         let (volumes, _) = self
             .store
-            .list_json::<VolumeSpec>(keys::VOLUME_SPECS)
+            .list_json::<VolumeSpec>(&keys::volume_specs_of(project))
             .await?;
         out.extend(
             volumes
@@ -247,7 +246,10 @@ impl ControlPlane {
                 .filter(|(s, _)| &s.project == project)
                 .map(|(s, _)| format!("volume {}", s.name)),
         );
-        let (snapshots, _) = self.store.list_json::<Snapshot>(keys::SNAPSHOTS).await?;
+        let (snapshots, _) = self
+            .store
+            .list_json::<Snapshot>(&keys::snapshots_of_project(project))
+            .await?;
         out.extend(
             snapshots
                 .iter()

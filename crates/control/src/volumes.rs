@@ -23,10 +23,10 @@ use skyvisor_core::volume::{
     MAX_VOLUMES_PER_INSTANCE, MemberView, validate_replicas, validate_size, validate_snapshot_name,
 };
 use skyvisor_core::{
-    HostName, Image, Instance, InstanceName, InstancePhase, InstanceSpec, InstanceStatus,
-    InstanceVolume, MembershipView, PowerState, ReplicaState, ReplicaView, Resources, Volume,
-    VolumeAttachment, VolumeHealth, VolumeId, VolumeName, VolumePhase, VolumeRedundancy,
-    VolumeRuntime, VolumeSnapshot, VolumeSpec, VolumeStatus, keys,
+    HostName, Image, Instance, InstanceName, InstancePhase, InstanceRef, InstanceSpec,
+    InstanceStatus, InstanceVolume, MembershipView, PowerState, ReplicaState, ReplicaView,
+    Resources, Volume, VolumeAttachment, VolumeHealth, VolumeId, VolumeName, VolumePhase,
+    VolumeRedundancy, VolumeRef, VolumeRuntime, VolumeSnapshot, VolumeSpec, VolumeStatus, keys,
 };
 use skyvisor_store::{Compare, Op, StoreExt, put_json};
 use tracing::{debug, info};
@@ -62,10 +62,11 @@ pub struct ResolvedVolume {
 impl ResolvedVolume {
     /// The compare-and-write that claims the volume for `spec`'s VM.
     pub fn claim(&self, instance: &InstanceSpec) -> (Vec<Compare>, Vec<Op>) {
-        let claim_key = keys::volume_attachment(&self.volume.name);
+        let vref = instance.volume_ref(&self.volume.name);
+        let claim_key = keys::volume_attachment(&vref);
         (
             vec![
-                Compare::ModRevision(keys::volume_spec(&self.volume.name), self.rev),
+                Compare::ModRevision(keys::volume_spec(&vref), self.rev),
                 Compare::Absent(claim_key.clone()),
             ],
             vec![put_json(
@@ -185,14 +186,16 @@ struct VolumeRecords {
     memberships: HashMap<String, MembershipView>,
 }
 
-/// Decodes values by the last segment of their keys, skipping bad ones.
+/// Decodes values by what their keys hold after `prefix` (a volume's
+/// `project/name`, or a data id), skipping bad ones.
 fn decode_named<T: serde::de::DeserializeOwned>(
+    prefix: &str,
     items: Vec<skyvisor_store::KeyValue>,
 ) -> HashMap<String, T> {
     items
         .into_iter()
         .filter_map(|kv| {
-            let name = keys::name_of(&kv.key).to_owned();
+            let name = kv.key.strip_prefix(prefix)?.to_owned();
             Some((name, skyvisor_store::decode(&kv).ok()?))
         })
         .collect()
@@ -310,10 +313,22 @@ impl ControlPlane {
             .await?;
         Ok(VolumeRecords {
             specs,
-            statuses: decode_named(self.store.list(keys::VOLUME_STATUSES).await?.items),
-            claims: decode_named(self.store.list(keys::VOLUME_ATTACHMENTS).await?.items),
-            runtimes: decode_named(self.store.list(keys::VOLUME_RUNTIMES).await?.items),
-            memberships: decode_named(self.store.list(keys::VOLUME_MEMBERSHIP).await?.items),
+            statuses: decode_named(
+                keys::VOLUME_STATUSES,
+                self.store.list(keys::VOLUME_STATUSES).await?.items,
+            ),
+            claims: decode_named(
+                keys::VOLUME_ATTACHMENTS,
+                self.store.list(keys::VOLUME_ATTACHMENTS).await?.items,
+            ),
+            runtimes: decode_named(
+                keys::VOLUME_RUNTIMES,
+                self.store.list(keys::VOLUME_RUNTIMES).await?.items,
+            ),
+            memberships: decode_named(
+                keys::VOLUME_MEMBERSHIP,
+                self.store.list(keys::VOLUME_MEMBERSHIP).await?.items,
+            ),
         })
     }
 
@@ -334,7 +349,7 @@ impl ControlPlane {
         Ok(r.specs
             .into_iter()
             .map(|(spec, _)| {
-                let name = spec.name.to_string();
+                let name = spec.volume_ref().to_string();
                 let data_id = spec.id.data_id();
                 view(
                     spec,
@@ -348,18 +363,20 @@ impl ControlPlane {
             .collect())
     }
 
-    /// The spec of volume `name` with its revision, or 404.
-    pub(crate) async fn volume_spec(&self, name: &VolumeName) -> ApiResult<(VolumeSpec, i64)> {
+    /// The spec of volume `name` with its revision, or 404 (naming the
+    /// project's volumes, and no other project's).
+    pub(crate) async fn volume_spec(&self, vref: &VolumeRef) -> ApiResult<(VolumeSpec, i64)> {
+        let name = &vref.name;
         match self
             .store
-            .get_json::<VolumeSpec>(&keys::volume_spec(name))
+            .get_json::<VolumeSpec>(&keys::volume_spec(vref))
             .await?
         {
             Some(s) => Ok(s),
             None => {
                 let (all, _) = self
                     .store
-                    .list_json::<VolumeSpec>(keys::VOLUME_SPECS)
+                    .list_json::<VolumeSpec>(&keys::volume_specs_of(&vref.project))
                     .await?;
                 let names: Vec<String> = all.iter().map(|(s, _)| s.name.to_string()).collect();
                 Err(ApiError::not_found(format!(
@@ -375,7 +392,7 @@ impl ControlPlane {
     }
 
     async fn volume_view(&self, spec: VolumeSpec) -> ApiResult<Volume> {
-        let name = spec.name.clone();
+        let name = spec.volume_ref();
         let status = self
             .store
             .get_json::<VolumeStatus>(&keys::volume_status(&name))
@@ -400,17 +417,17 @@ impl ControlPlane {
         Ok(view(spec, status, claim, membership, runtime, &alive))
     }
 
-    /// One volume, or 404.
-    pub async fn volume(&self, name: &str) -> ApiResult<Volume> {
-        let name = VolumeName::new(name)?;
-        let (spec, _) = self.volume_spec(&name).await?;
+    /// One volume of `project`, or 404.
+    pub async fn volume(&self, project: &ProjectName, name: &str) -> ApiResult<Volume> {
+        let vref = VolumeRef::new(project.clone(), VolumeName::new(name)?);
+        let (spec, _) = self.volume_spec(&vref).await?;
         self.volume_view(spec).await
     }
 
     /// Disk promised to volume replicas, per host, in GiB; without `except`.
     pub(crate) async fn promised_replica_disk(
         &self,
-        except: Option<&VolumeName>,
+        except: Option<&VolumeRef>,
     ) -> ApiResult<HashMap<HostName, u64>> {
         let (specs, _) = self
             .store
@@ -418,7 +435,7 @@ impl ControlPlane {
             .await?;
         let mut out: HashMap<HostName, u64> = HashMap::new();
         for (s, _) in specs {
-            if Some(&s.name) == except {
+            if except.is_some_and(|e| *e == s.volume_ref()) {
                 continue;
             }
             for h in &s.hosts {
@@ -431,7 +448,7 @@ impl ControlPlane {
     /// Waits until the volume's controller reports `done` (or a failure).
     async fn wait_for_status(
         &self,
-        name: &VolumeName,
+        name: &VolumeRef,
         done: impl Fn(&VolumeStatus) -> bool,
     ) -> ApiResult<Option<VolumeStatus>> {
         let deadline = tokio::time::Instant::now() + AGENT_WAIT;
@@ -485,11 +502,18 @@ impl ControlPlane {
                 .map_or(true, |age| age < ORPHAN_GRACE);
             if spec.deleting
                 || young
-                || self.store.get(&keys::instance_spec(owner)).await?.is_some()
+                || self
+                    .store
+                    .get(&keys::instance_spec(&InstanceRef::new(
+                        spec.project.clone(),
+                        owner.clone(),
+                    )))
+                    .await?
+                    .is_some()
             {
                 continue;
             }
-            match self.delete_volume(spec.name.as_str()).await {
+            match self.delete_volume(&spec.project, spec.name.as_str()).await {
                 Ok(_) => {
                     info!(volume = %spec.name, vm = %owner, "deleting the root volume of a deleted VM");
                     deleted += 1;
@@ -511,13 +535,14 @@ impl ControlPlane {
         owner: Option<InstanceName>,
     ) -> ApiResult<Volume> {
         let name = VolumeName::new(req.name.clone())?;
+        let vref = VolumeRef::new(project.clone(), name.clone());
         let size = validate_size("size_bytes", req.size_bytes)?;
         let replicas = req.replicas.unwrap_or(DEFAULT_REPLICAS);
         let min_in_sync = req.min_in_sync.unwrap_or(1);
         validate_replicas(replicas, min_in_sync)?;
         let spec = {
             let _placing = self.placement.lock().await;
-            if self.store.get(&keys::volume_spec(&name)).await?.is_some() {
+            if self.store.get(&keys::volume_spec(&vref)).await?.is_some() {
                 return Err(ApiError::already_exists(format!(
                     "volume \"{name}\" already exists"
                 )));
@@ -537,10 +562,10 @@ impl ControlPlane {
                 created_at: Utc::now(),
                 owner,
             };
-            let compares = vec![Compare::Absent(keys::volume_spec(&name))];
+            let compares = vec![Compare::Absent(keys::volume_spec(&vref))];
             let ops = vec![
-                put_json(keys::volume_spec(&name), &spec),
-                put_json(keys::volume_status(&name), &VolumeStatus::creating()),
+                put_json(keys::volume_spec(&vref), &spec),
+                put_json(keys::volume_status(&vref), &VolumeStatus::creating()),
             ];
             let more = Usage {
                 volumes: 1,
@@ -560,7 +585,7 @@ impl ControlPlane {
                     committed = true;
                     break;
                 }
-                if self.store.get(&keys::volume_spec(&name)).await?.is_some() {
+                if self.store.get(&keys::volume_spec(&vref)).await?.is_some() {
                     return Err(ApiError::already_exists(format!(
                         "volume \"{name}\" already exists"
                     )));
@@ -575,7 +600,7 @@ impl ControlPlane {
         };
         info!(volume = %name, size, replicas, hosts = ?spec.hosts, "volume requested");
         let status = self
-            .wait_for_status(&name, |s| s.phase == VolumePhase::Available)
+            .wait_for_status(&vref, |s| s.phase == VolumePhase::Available)
             .await?;
         if let Some(s) = status
             && s.phase == VolumePhase::Failed
@@ -583,15 +608,15 @@ impl ControlPlane {
             // Nothing half-created: the controller removed the replicas it made.
             if let Some((_, rev)) = self
                 .store
-                .get_json::<VolumeSpec>(&keys::volume_spec(&name))
+                .get_json::<VolumeSpec>(&keys::volume_spec(&vref))
                 .await?
             {
                 self.store
                     .txn(
-                        vec![Compare::ModRevision(keys::volume_spec(&name), rev)],
+                        vec![Compare::ModRevision(keys::volume_spec(&vref), rev)],
                         vec![
-                            Op::Delete(keys::volume_spec(&name)),
-                            Op::Delete(keys::volume_status(&name)),
+                            Op::Delete(keys::volume_spec(&vref)),
+                            Op::Delete(keys::volume_status(&vref)),
                         ],
                     )
                     .await?;
@@ -605,11 +630,17 @@ impl ControlPlane {
     }
 
     /// Grows a volume that no running VM uses.
-    pub async fn grow_volume(&self, name: &str, req: GrowVolumeRequest) -> ApiResult<Volume> {
+    pub async fn grow_volume(
+        &self,
+        project: &ProjectName,
+        name: &str,
+        req: GrowVolumeRequest,
+    ) -> ApiResult<Volume> {
         let name = VolumeName::new(name)?;
+        let vref = VolumeRef::new(project.clone(), name.clone());
         let size = validate_size("size_bytes", req.size_bytes)?;
         let _placing = self.placement.lock().await;
-        let (spec, rev) = self.volume_spec(&name).await?;
+        let (spec, rev) = self.volume_spec(&vref).await?;
         if spec.deleting {
             return Err(ApiError::conflict(format!(
                 "volume \"{name}\" is being deleted"
@@ -628,7 +659,7 @@ impl ControlPlane {
         }
         let status = self
             .store
-            .get_json::<VolumeStatus>(&keys::volume_status(&name))
+            .get_json::<VolumeStatus>(&keys::volume_status(&vref))
             .await?
             .map(|(s, _)| s);
         if !status
@@ -642,9 +673,12 @@ impl ControlPlane {
         }
         if let Some((claim, _)) = self
             .store
-            .get_json::<VolumeAttachment>(&keys::volume_attachment(&name))
+            .get_json::<VolumeAttachment>(&keys::volume_attachment(&vref))
             .await?
-            && let Some(inst) = self.inventory.instance_full(&claim.instance).await
+            && let Some(inst) = self
+                .inventory
+                .instance_full(&InstanceRef::new(project.clone(), claim.instance.clone()))
+                .await
             && running_or_starting(&inst.status, &inst.spec)
         {
             return Err(ApiError::conflict(format!(
@@ -652,7 +686,7 @@ impl ControlPlane {
                 claim.instance, inst.status.phase
             )));
         }
-        let promised = self.promised_replica_disk(Some(&name)).await?;
+        let promised = self.promised_replica_disk(Some(&vref)).await?;
         let hosts = self.inventory.hosts().await;
         for h in &spec.hosts {
             let Some(entry) = hosts.iter().find(|e| &e.host.name == h) else {
@@ -682,8 +716,8 @@ impl ControlPlane {
         let out = self
             .store
             .txn(
-                vec![Compare::ModRevision(keys::volume_spec(&name), rev)],
-                vec![put_json(keys::volume_spec(&name), &grown)],
+                vec![Compare::ModRevision(keys::volume_spec(&vref), rev)],
+                vec![put_json(keys::volume_spec(&vref), &grown)],
             )
             .await?;
         if !out.succeeded {
@@ -692,7 +726,7 @@ impl ControlPlane {
             )));
         }
         drop(_placing);
-        self.wait_for_status(&name, |s| {
+        self.wait_for_status(&vref, |s| {
             s.phase == VolumePhase::Available && s.size_bytes >= size
         })
         .await?;
@@ -701,11 +735,12 @@ impl ControlPlane {
 
     /// Marks a volume for deletion (its controller removes the replicas,
     /// its snapshots and the records). Refused while a VM uses it.
-    pub async fn delete_volume(&self, name: &str) -> ApiResult<Volume> {
+    pub async fn delete_volume(&self, project: &ProjectName, name: &str) -> ApiResult<Volume> {
         let name = VolumeName::new(name)?;
+        let vref = VolumeRef::new(project.clone(), name.clone());
         for _ in 0..16 {
-            let (mut spec, rev) = self.volume_spec(&name).await?;
-            let claim_key = keys::volume_attachment(&name);
+            let (mut spec, rev) = self.volume_spec(&vref).await?;
+            let claim_key = keys::volume_attachment(&vref);
             if let Some((claim, _)) = self.store.get_json::<VolumeAttachment>(&claim_key).await? {
                 return Err(ApiError::conflict(format!(
                     "volume \"{name}\" is attached to VM \"{}\"; detach it (or delete the VM) first",
@@ -722,26 +757,26 @@ impl ControlPlane {
                 .is_some();
             let status = self
                 .store
-                .get_json::<VolumeStatus>(&keys::volume_status(&name))
+                .get_json::<VolumeStatus>(&keys::volume_status(&vref))
                 .await?
                 .map(|(s, _)| s);
             let view_before = spec.clone();
             let ops = if !has_replicas && status.is_some_and(|s| s.phase == VolumePhase::Failed) {
                 // Never created: nothing on any host to remove.
                 vec![
-                    Op::Delete(keys::volume_spec(&name)),
-                    Op::Delete(keys::volume_status(&name)),
+                    Op::Delete(keys::volume_spec(&vref)),
+                    Op::Delete(keys::volume_status(&vref)),
                 ]
             } else {
                 spec.deleting = true;
                 spec.generation += 1;
-                vec![put_json(keys::volume_spec(&name), &spec)]
+                vec![put_json(keys::volume_spec(&vref), &spec)]
             };
             let out = self
                 .store
                 .txn(
                     vec![
-                        Compare::ModRevision(keys::volume_spec(&name), rev),
+                        Compare::ModRevision(keys::volume_spec(&vref), rev),
                         Compare::Absent(claim_key),
                     ],
                     ops,
@@ -762,6 +797,7 @@ impl ControlPlane {
     /// Resolves and checks the volumes of an instance create request.
     pub(crate) async fn instance_volumes(
         &self,
+        project: &ProjectName,
         req: &CreateInstanceRequest,
         image: &Image,
     ) -> ApiResult<Vec<ResolvedVolume>> {
@@ -791,7 +827,9 @@ impl ControlPlane {
                     format!("volume {name} is given twice"),
                 )));
             }
-            let (spec, rev) = self.usable_volume(&name).await?;
+            let (spec, rev) = self
+                .usable_volume(&VolumeRef::new(project.clone(), name.clone()))
+                .await?;
             // A blank root volume is filled with an image's disk on the
             // first start: it must hold it.
             if root
@@ -823,7 +861,7 @@ impl ControlPlane {
 
     /// Fails if `v` was claimed or changed since it was resolved.
     pub(crate) async fn instance_volumes_still_free(&self, v: &ResolvedVolume) -> ApiResult<()> {
-        let (_, rev) = self.usable_volume(&v.volume.name).await?;
+        let (_, rev) = self.usable_volume(&v.spec.volume_ref()).await?;
         if rev != v.rev {
             return Err(ApiError::unavailable(format!(
                 "volume \"{}\" changed meanwhile; retry",
@@ -834,8 +872,9 @@ impl ControlPlane {
     }
 
     /// A volume that exists, is available and no VM uses.
-    async fn usable_volume(&self, name: &VolumeName) -> ApiResult<(VolumeSpec, i64)> {
-        let (spec, rev) = self.volume_spec(name).await?;
+    async fn usable_volume(&self, vref: &VolumeRef) -> ApiResult<(VolumeSpec, i64)> {
+        let (spec, rev) = self.volume_spec(vref).await?;
+        let name = &vref.name;
         if spec.deleting {
             return Err(ApiError::conflict(format!(
                 "volume \"{name}\" is being deleted"
@@ -843,7 +882,7 @@ impl ControlPlane {
         }
         let phase = self
             .store
-            .get_json::<VolumeStatus>(&keys::volume_status(name))
+            .get_json::<VolumeStatus>(&keys::volume_status(vref))
             .await?
             .map(|(s, _)| s.phase);
         if phase != Some(VolumePhase::Available) {
@@ -854,7 +893,7 @@ impl ControlPlane {
         }
         if let Some((claim, _)) = self
             .store
-            .get_json::<VolumeAttachment>(&keys::volume_attachment(name))
+            .get_json::<VolumeAttachment>(&keys::volume_attachment(vref))
             .await?
         {
             return Err(ApiError::conflict(format!(
@@ -905,10 +944,11 @@ impl ControlPlane {
         scheduler::place(&serving, &req, self.config.weigher)
     }
 
-    async fn instance_spec_rev(&self, name: &InstanceName) -> ApiResult<(InstanceSpec, i64)> {
+    async fn instance_spec_rev(&self, iref: &InstanceRef) -> ApiResult<(InstanceSpec, i64)> {
+        let name = &iref.name;
         let Some((spec, rev)) = self
             .store
-            .get_json::<InstanceSpec>(&keys::instance_spec(name))
+            .get_json::<InstanceSpec>(&keys::instance_spec(iref))
             .await?
         else {
             return Err(ApiError::not_found(format!(
@@ -924,7 +964,7 @@ impl ControlPlane {
     }
 
     /// The instance's stored status (pending if it has none yet).
-    pub(crate) async fn instance_status(&self, name: &InstanceName) -> ApiResult<InstanceStatus> {
+    pub(crate) async fn instance_status(&self, name: &InstanceRef) -> ApiResult<InstanceStatus> {
         Ok(self
             .store
             .get_json::<InstanceStatus>(&keys::instance_status(name))
@@ -934,11 +974,18 @@ impl ControlPlane {
     }
 
     /// Attaches a volume to a VM; a running VM gets it hot-plugged.
-    pub async fn attach_volume(&self, instance: &str, volume: &str) -> ApiResult<Instance> {
+    pub async fn attach_volume(
+        &self,
+        project: &ProjectName,
+        instance: &str,
+        volume: &str,
+    ) -> ApiResult<Instance> {
         let iname = InstanceName::new(instance)?;
+        let iref = InstanceRef::new(project.clone(), iname.clone());
         let vname = VolumeName::new(volume)?;
+        let vref = VolumeRef::new(project.clone(), vname.clone());
         for _ in 0..16 {
-            let (mut spec, rev) = self.instance_spec_rev(&iname).await?;
+            let (mut spec, rev) = self.instance_spec_rev(&iref).await?;
             if spec.volumes.iter().any(|v| v.name == vname) {
                 return Err(ApiError::conflict(format!(
                     "volume \"{vname}\" is already attached to VM \"{iname}\""
@@ -965,14 +1012,14 @@ impl ControlPlane {
             }
             // A claim of this same VM still being released (a detach just
             // before) may be taken over; any other claim refuses.
-            let claim_key = keys::volume_attachment(&vname);
+            let claim_key = keys::volume_attachment(&vref);
             let own_claim = match self.store.get_json::<VolumeAttachment>(&claim_key).await? {
                 Some((c, crev)) if c.instance_id == spec.id => Some(crev),
                 _ => None,
             };
             let (vspec, vrev) = match own_claim {
-                Some(_) => self.volume_spec(&vname).await?,
-                None => self.usable_volume(&vname).await?,
+                Some(_) => self.volume_spec(&vref).await?,
+                None => self.usable_volume(&vref).await?,
             };
             let resolved = ResolvedVolume {
                 volume: InstanceVolume {
@@ -988,14 +1035,14 @@ impl ControlPlane {
             let (mut compares, ops) = match own_claim {
                 Some(crev) => (
                     vec![
-                        Compare::ModRevision(keys::volume_spec(&vname), vrev),
+                        Compare::ModRevision(keys::volume_spec(&vref), vrev),
                         Compare::ModRevision(claim_key.clone(), crev),
                     ],
                     vec![],
                 ),
                 None => resolved.claim(&spec),
             };
-            compares.push(Compare::ModRevision(keys::instance_spec(&iname), rev));
+            compares.push(Compare::ModRevision(keys::instance_spec(&iref), rev));
             let mut ops = ops;
             ops.extend(crate::instances::spec_ops(&spec));
             let out = self.store.txn(compares, ops).await?;
@@ -1004,7 +1051,7 @@ impl ControlPlane {
                     .wait_for(out.revision, READ_YOUR_WRITES)
                     .await;
                 info!(instance = %iname, volume = %vname, "volume attached");
-                let status = self.instance_status(&iname).await?;
+                let status = self.instance_status(&iref).await?;
                 return Ok(Instance {
                     spec,
                     status,
@@ -1020,18 +1067,24 @@ impl ControlPlane {
     /// Detaches a data volume from a VM. A running VM's agent unplugs it
     /// (the guest must release it) and then frees the volume; a stopped
     /// VM's agent frees it at once.
-    pub async fn detach_volume(&self, instance: &str, volume: &str) -> ApiResult<Instance> {
+    pub async fn detach_volume(
+        &self,
+        project: &ProjectName,
+        instance: &str,
+        volume: &str,
+    ) -> ApiResult<Instance> {
         let iname = InstanceName::new(instance)?;
+        let iref = InstanceRef::new(project.clone(), iname.clone());
         let vname = VolumeName::new(volume)?;
         for _ in 0..16 {
-            let (mut spec, rev) = self.instance_spec_rev(&iname).await?;
+            let (mut spec, rev) = self.instance_spec_rev(&iref).await?;
             let Some(v) = spec.volumes.iter().find(|v| v.name == vname).cloned() else {
                 return Err(ApiError::not_found(format!(
                     "volume \"{vname}\" is not attached to VM \"{iname}\""
                 )));
             };
             if v.root {
-                let status = self.instance_status(&iname).await?;
+                let status = self.instance_status(&iref).await?;
                 let state = if running_or_starting(&status, &spec) {
                     format!(", which is {}", status.phase)
                 } else {
@@ -1046,7 +1099,7 @@ impl ControlPlane {
             let out = self
                 .store
                 .txn(
-                    vec![Compare::ModRevision(keys::instance_spec(&iname), rev)],
+                    vec![Compare::ModRevision(keys::instance_spec(&iref), rev)],
                     crate::instances::spec_ops(&spec),
                 )
                 .await?;
@@ -1055,7 +1108,7 @@ impl ControlPlane {
                     .wait_for(out.revision, READ_YOUR_WRITES)
                     .await;
                 info!(instance = %iname, volume = %vname, "volume detach requested");
-                let status = self.instance_status(&iname).await?;
+                let status = self.instance_status(&iref).await?;
                 return Ok(Instance {
                     spec,
                     status,
@@ -1069,12 +1122,16 @@ impl ControlPlane {
     }
 
     /// The snapshots of a volume.
-    pub async fn volume_snapshots(&self, name: &str) -> ApiResult<Vec<VolumeSnapshot>> {
-        let name = VolumeName::new(name)?;
-        self.volume_spec(&name).await?;
+    pub async fn volume_snapshots(
+        &self,
+        project: &ProjectName,
+        name: &str,
+    ) -> ApiResult<Vec<VolumeSnapshot>> {
+        let vref = VolumeRef::new(project.clone(), VolumeName::new(name)?);
+        self.volume_spec(&vref).await?;
         let (list, _) = self
             .store
-            .list_json::<VolumeSnapshot>(&keys::volume_snapshots(&name))
+            .list_json::<VolumeSnapshot>(&keys::volume_snapshots(&vref))
             .await?;
         Ok(list.into_iter().map(|(s, _)| s).collect())
     }
@@ -1125,12 +1182,14 @@ impl ControlPlane {
     /// Takes a crash-consistent snapshot of a volume.
     pub async fn create_volume_snapshot(
         &self,
+        project: &ProjectName,
         name: &str,
         req: CreateVolumeSnapshotRequest,
     ) -> ApiResult<VolumeSnapshot> {
         let name = VolumeName::new(name)?;
+        let vref = VolumeRef::new(project.clone(), name.clone());
         validate_snapshot_name(&req.name)?;
-        let (spec, _) = self.volume_spec(&name).await?;
+        let (spec, _) = self.volume_spec(&vref).await?;
         if spec.deleting {
             return Err(ApiError::conflict(format!(
                 "volume \"{name}\" is being deleted"
@@ -1138,7 +1197,7 @@ impl ControlPlane {
         }
         if self
             .store
-            .get(&keys::volume_snapshot(&name, &req.name))
+            .get(&keys::volume_snapshot(&vref, &req.name))
             .await?
             .is_some()
         {
@@ -1150,7 +1209,7 @@ impl ControlPlane {
         let (host, url) = self.acting_agent(&spec).await?;
         let resp = self
             .http
-            .post(format!("{url}/agent/v1/volumes/{name}/snapshots"))
+            .post(format!("{url}/agent/v1/volumes/{project}/{name}/snapshots"))
             .json(&serde_json::json!({"id": spec.id, "snapshot": req.name}))
             .timeout(Duration::from_secs(600))
             .send()
@@ -1165,13 +1224,19 @@ impl ControlPlane {
     }
 
     /// Deletes a snapshot of a volume.
-    pub async fn delete_volume_snapshot(&self, name: &str, snapshot: &str) -> ApiResult<()> {
+    pub async fn delete_volume_snapshot(
+        &self,
+        project: &ProjectName,
+        name: &str,
+        snapshot: &str,
+    ) -> ApiResult<()> {
         let name = VolumeName::new(name)?;
+        let vref = VolumeRef::new(project.clone(), name.clone());
         validate_snapshot_name(snapshot)?;
-        let (spec, _) = self.volume_spec(&name).await?;
+        let (spec, _) = self.volume_spec(&vref).await?;
         if self
             .store
-            .get(&keys::volume_snapshot(&name, snapshot))
+            .get(&keys::volume_snapshot(&vref, snapshot))
             .await?
             .is_none()
         {
@@ -1183,7 +1248,7 @@ impl ControlPlane {
         let resp = self
             .http
             .delete(format!(
-                "{url}/agent/v1/volumes/{name}/snapshots/{snapshot}"
+                "{url}/agent/v1/volumes/{project}/{name}/snapshots/{snapshot}"
             ))
             .send()
             .await

@@ -105,8 +105,11 @@ async fn volume(store: &dyn Store, name: &str, project: &str) {
         .txn(
             vec![],
             vec![
-                put_json(keys::volume_spec(&spec.name), &spec),
-                put_json(keys::volume_status(&spec.name), &VolumeStatus::creating()),
+                put_json(keys::volume_spec(&spec.volume_ref()), &spec),
+                put_json(
+                    keys::volume_status(&spec.volume_ref()),
+                    &VolumeStatus::creating(),
+                ),
             ],
         )
         .await
@@ -989,4 +992,127 @@ async fn a_checkpoint_schedule_must_fit_the_snapshot_quota() {
     .await;
     assert_eq!(st, 200, "{body}");
     assert_eq!(body["spec"]["checkpoint_schedule"]["keep"], 3, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_are_unique_within_a_project_and_never_collide_across_projects() {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));
+    let s = server(store.clone(), "names").await;
+    let admin = admin_token(&s);
+    fake_host(store.as_ref(), "h1").await;
+    image(store.as_ref(), "img", "default", true).await;
+    for p in ["alpha", "beta"] {
+        let (st, body) = call(
+            &s.base,
+            "POST",
+            "/v1/projects",
+            Some(&admin),
+            None,
+            Some(json!({"name": p})),
+        )
+        .await;
+        assert_eq!(st, 201, "{body}");
+    }
+    let dev = identity(
+        &s,
+        &admin,
+        "dev",
+        json!({"alpha": "member", "beta": "member"}),
+        false,
+    )
+    .await;
+    let create = |project: &'static str, vcpus: u32| {
+        let (base, dev) = (s.base.clone(), dev.clone());
+        async move {
+            call(
+                &base,
+                "POST",
+                "/v1/instances",
+                Some(&dev),
+                Some(project),
+                Some(json!({"name": "web", "image": "img", "vcpus": vcpus, "memory_mib": 256, "start": false})),
+            )
+            .await
+        }
+    };
+    // The same name in two projects: two instances.
+    let (st, a) = create("alpha", 1).await;
+    assert_eq!(st, 201, "{a}");
+    let (st, b) = create("beta", 2).await;
+    assert_eq!(st, 201, "{b}");
+    assert_ne!(a["spec"]["id"], b["spec"]["id"]);
+    // Within one project the name is taken.
+    let (st, again) = create("alpha", 1).await;
+    assert_eq!(st, 409, "{again}");
+    // Each project sees its own.
+    for (p, vcpus) in [("alpha", 1), ("beta", 2)] {
+        let (st, one) = call(
+            &s.base,
+            "GET",
+            "/v1/instances/web",
+            Some(&dev),
+            Some(p),
+            None,
+        )
+        .await;
+        assert_eq!(st, 200, "{one}");
+        assert_eq!(one["spec"]["project"], p, "{one}");
+        assert_eq!(one["spec"]["resources"]["vcpus"], vcpus, "{one}");
+        let (_, list) = call(&s.base, "GET", "/v1/instances", Some(&dev), Some(p), None).await;
+        assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    }
+    // Deleting one leaves the other.
+    let (st, body) = call(
+        &s.base,
+        "DELETE",
+        "/v1/instances/web",
+        Some(&dev),
+        Some("alpha"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 202, "{body}");
+    let (_, left) = call(
+        &s.base,
+        "GET",
+        "/v1/instances/web",
+        Some(&dev),
+        Some("beta"),
+        None,
+    )
+    .await;
+    assert_eq!(left["spec"]["deleting"], false, "{left}");
+
+    // Volumes too: one name, two volumes, each project sees its own, and
+    // a 404 names only the caller's project's volumes.
+    volume(store.as_ref(), "data", "alpha").await;
+    volume(store.as_ref(), "data", "beta").await;
+    volume(store.as_ref(), "secret-name", "beta").await;
+    let mut ids = Vec::new();
+    for p in ["alpha", "beta"] {
+        let (st, v) = call(
+            &s.base,
+            "GET",
+            "/v1/volumes/data",
+            Some(&dev),
+            Some(p),
+            None,
+        )
+        .await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["spec"]["project"], p, "{v}");
+        ids.push(v["spec"]["id"].clone());
+    }
+    assert_ne!(ids[0], ids[1]);
+    let (st, missing) = call(
+        &s.base,
+        "POST",
+        "/v1/volumes/nope/grow",
+        Some(&dev),
+        Some("alpha"),
+        Some(json!({"size_bytes": 2u64 << 30})),
+    )
+    .await;
+    assert_eq!(st, 404, "{missing}");
+    assert!(!missing.to_string().contains("secret-name"), "{missing}");
 }

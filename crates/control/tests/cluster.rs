@@ -169,7 +169,7 @@ async fn no_double_booking(store: Arc<dyn Store>) {
         assert!(ips.insert(s.network.ip), "address {} twice", s.network.ip);
         // Each spec has its copy under its host.
         let kv = store
-            .get(&keys::binding(&s.host, &s.name))
+            .get(&keys::binding(&s.host, &s.instance_ref()))
             .await
             .expect("get")
             .expect("binding");
@@ -205,12 +205,14 @@ async fn per_host_spec_copies_follow_the_specs_and_are_repaired() {
         .create_instance(&skyvisor_core::auth::default_project(), nano("web"))
         .await
         .expect("create");
-    let binding = keys::binding(&vm.spec.host, &vm.spec.name);
+    let binding = keys::binding(&vm.spec.host, &vm.spec.instance_ref());
     let copy = |kv: Option<skyvisor_store::KeyValue>| decode::<InstanceSpec>(&kv.expect("copy"));
     // Every spec change is in the copy the agent watches.
-    cp.start_instance("web").await.expect("start");
+    cp.start_instance(&skyvisor_core::auth::default_project(), "web")
+        .await
+        .expect("start");
     let spec: InstanceSpec = store
-        .get_json(&keys::instance_spec(&vm.spec.name))
+        .get_json(&keys::instance_spec(&vm.spec.instance_ref()))
         .await
         .expect("get")
         .expect("spec")
@@ -224,7 +226,7 @@ async fn per_host_spec_copies_follow_the_specs_and_are_repaired() {
     // Lost or stale copies (a writer that forgot them, data from before
     // copies existed) and orphans are repaired by the leader.
     store.delete(&binding).await.expect("delete");
-    let orphan = keys::binding(&HostName::new("hb").expect("h"), &vm.spec.name);
+    let orphan = keys::binding(&HostName::new("hb").expect("h"), &vm.spec.instance_ref());
     store.put(&orphan, encode(&spec)).await.expect("orphan");
     let repaired = skyvisor_control::cluster::repair_bindings(store.as_ref())
         .await

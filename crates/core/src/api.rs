@@ -308,6 +308,10 @@ pub struct RebalancePlan {
 pub struct PlannedMove {
     /// The VM.
     pub instance: String,
+    /// The VM's project.
+    #[serde(default = "crate::auth::default_project")]
+    #[schema(value_type = String)]
+    pub project: crate::ProjectName,
     /// Where it runs.
     pub from: String,
     /// Where it goes.

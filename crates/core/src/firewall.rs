@@ -205,7 +205,7 @@ pub struct InstanceFirewall {
 /// written by the control plane and applied by the host's agent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostFirewall {
-    /// Instances by name.
+    /// Instances by `project/name`.
     pub instances: std::collections::BTreeMap<String, InstanceFirewall>,
 }
 

@@ -78,6 +78,10 @@ pub struct FailoverRecord {
     pub id: String,
     /// The instance.
     pub instance: InstanceName,
+    /// The instance's project.
+    #[serde(default = "crate::auth::default_project")]
+    #[schema(value_type = String)]
+    pub project: crate::ProjectName,
     /// The host that died.
     pub from_host: HostName,
     /// Where it was restarted, if it was.

@@ -94,7 +94,7 @@ impl fmt::Display for RestartPolicy {
 /// The desired state of an instance, owned by the API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct InstanceSpec {
-    /// Unique name.
+    /// Its name, unique within its project.
     pub name: InstanceName,
     /// The project that owns it.
     #[serde(default = "crate::auth::default_project")]
@@ -170,6 +170,17 @@ pub struct InstanceSpec {
 }
 
 impl InstanceSpec {
+    /// The instance as its project's name for it: what names it in the
+    /// store and on hosts.
+    pub fn instance_ref(&self) -> crate::InstanceRef {
+        crate::InstanceRef::new(self.project.clone(), self.name.clone())
+    }
+
+    /// Volume `name` of this instance's project.
+    pub fn volume_ref(&self, name: &crate::VolumeName) -> crate::VolumeRef {
+        crate::VolumeRef::new(self.project.clone(), name.clone())
+    }
+
     /// The volume it boots from, if any.
     pub fn root_volume(&self) -> Option<&InstanceVolume> {
         self.volumes.iter().find(|v| v.root)

@@ -6,9 +6,9 @@
 
 use std::net::Ipv4Addr;
 
-use crate::names::{HostName, ImageName, InstanceName, VolumeName};
+use crate::names::{HostName, ImageName, InstanceRef, VolumeRef};
 
-/// Prefix of all instance specs.
+/// Prefix of all instance specs: `instances/spec/<project>/<name>`.
 pub const INSTANCE_SPECS: &str = "instances/spec/";
 /// Prefix of all instance statuses.
 pub const INSTANCE_STATUSES: &str = "instances/status/";
@@ -26,7 +26,8 @@ pub const NETWORKS: &str = "networks/";
 pub const DEFAULT_NETWORK: &str = "default";
 /// Prefix of all IP address claims.
 pub const IPAM: &str = "ipam/";
-/// Prefix of all snapshot records: `snapshots/<instance>/<snapshot>`.
+/// Prefix of all snapshot records:
+/// `snapshots/<project>/<instance>/<snapshot>`.
 pub const SNAPSHOTS: &str = "snapshots/";
 /// Prefix of the per-host allocation markers (see [`host_alloc`]).
 pub const HOST_ALLOCS: &str = "hosts/alloc/";
@@ -124,13 +125,24 @@ pub fn failover(id: &str) -> String {
 }
 
 /// The spec of instance `name`.
-pub fn instance_spec(name: &InstanceName) -> String {
+pub fn instance_spec(name: &InstanceRef) -> String {
     format!("{INSTANCE_SPECS}{name}")
 }
 
 /// The status of instance `name`.
-pub fn instance_status(name: &InstanceName) -> String {
+pub fn instance_status(name: &InstanceRef) -> String {
     format!("{INSTANCE_STATUSES}{name}")
+}
+
+/// The instance a key of the form `<prefix><project>/<name>` names (an
+/// instance's spec, status or binding), if it has that form.
+pub fn instance_of(prefix: &str, key: &str) -> Option<InstanceRef> {
+    key.strip_prefix(prefix)?.parse().ok()
+}
+
+/// The volume a key of the form `<prefix><project>/<name>` names.
+pub fn volume_of(prefix: &str, key: &str) -> Option<VolumeRef> {
+    key.strip_prefix(prefix)?.parse().ok()
 }
 
 /// The registration of host `name`.
@@ -214,13 +226,18 @@ pub fn ipam_claim(network: &str, ip: Ipv4Addr) -> String {
     format!("{IPAM}{network}/{ip}")
 }
 
+/// Prefix of the snapshots of every instance of `project`.
+pub fn snapshots_of_project(project: &crate::ProjectName) -> String {
+    format!("{SNAPSHOTS}{project}/")
+}
+
 /// Prefix of the snapshots of instance `name`.
-pub fn snapshots_of(name: &InstanceName) -> String {
+pub fn snapshots_of(name: &InstanceRef) -> String {
     format!("{SNAPSHOTS}{name}/")
 }
 
 /// Snapshot `snapshot` of instance `name`.
-pub fn snapshot(name: &InstanceName, snapshot: &crate::snapshot::SnapshotName) -> String {
+pub fn snapshot(name: &InstanceRef, snapshot: &crate::snapshot::SnapshotName) -> String {
     format!("{SNAPSHOTS}{name}/{snapshot}")
 }
 
@@ -241,7 +258,7 @@ pub fn bindings_of(host: &HostName) -> String {
 /// agent watches (so an agent follows its own instances, not the whole
 /// cluster's). Every write of a spec writes this copy in the same
 /// transaction; every delete of a spec deletes it.
-pub fn binding(host: &HostName, name: &InstanceName) -> String {
+pub fn binding(host: &HostName, name: &InstanceRef) -> String {
     format!("{BINDINGS}{host}/{name}")
 }
 
@@ -255,23 +272,33 @@ pub fn host_claim_value(name: &HostName) -> String {
     format!("{HOST_CLAIM_PREFIX}{name}")
 }
 
+/// Prefix of the volume specs of `project`.
+pub fn volume_specs_of(project: &crate::ProjectName) -> String {
+    format!("{VOLUME_SPECS}{project}/")
+}
+
+/// Prefix of the instance specs of `project`.
+pub fn instance_specs_of(project: &crate::ProjectName) -> String {
+    format!("{INSTANCE_SPECS}{project}/")
+}
+
 /// The spec of volume `name`.
-pub fn volume_spec(name: &VolumeName) -> String {
+pub fn volume_spec(name: &VolumeRef) -> String {
     format!("{VOLUME_SPECS}{name}")
 }
 
 /// The status of volume `name`.
-pub fn volume_status(name: &VolumeName) -> String {
+pub fn volume_status(name: &VolumeRef) -> String {
     format!("{VOLUME_STATUSES}{name}")
 }
 
 /// The claim of volume `name` by the VM using it.
-pub fn volume_attachment(name: &VolumeName) -> String {
+pub fn volume_attachment(name: &VolumeRef) -> String {
     format!("{VOLUME_ATTACHMENTS}{name}")
 }
 
 /// What the agent serving volume `name` reports.
-pub fn volume_runtime(name: &VolumeName) -> String {
+pub fn volume_runtime(name: &VolumeRef) -> String {
     format!("{VOLUME_RUNTIMES}{name}")
 }
 
@@ -281,13 +308,18 @@ pub fn volume_membership(data_id: &str) -> String {
     format!("{VOLUME_MEMBERSHIP}{data_id}")
 }
 
+/// Prefix of the snapshots of every volume of `project`.
+pub fn volume_snapshots_of_project(project: &crate::ProjectName) -> String {
+    format!("{VOLUME_SNAPSHOTS}{project}/")
+}
+
 /// Prefix of the snapshots of volume `name`.
-pub fn volume_snapshots(name: &VolumeName) -> String {
+pub fn volume_snapshots(name: &VolumeRef) -> String {
     format!("{VOLUME_SNAPSHOTS}{name}/")
 }
 
 /// Snapshot `snapshot` of volume `name`.
-pub fn volume_snapshot(name: &VolumeName, snapshot: &str) -> String {
+pub fn volume_snapshot(name: &VolumeRef, snapshot: &str) -> String {
     format!("{VOLUME_SNAPSHOTS}{name}/{snapshot}")
 }
 
@@ -312,7 +344,11 @@ mod tests {
 
     #[test]
     fn keys_nest_under_their_prefixes() {
-        let n = InstanceName::new("web").expect("name");
+        let project = crate::ProjectName::new("shop").expect("project");
+        let n = InstanceRef::new(
+            project.clone(),
+            crate::InstanceName::new("web").expect("name"),
+        );
         assert!(instance_spec(&n).starts_with(INSTANCE_SPECS));
         assert_eq!(name_of(&instance_status(&n)), "web");
         assert_eq!(
@@ -322,6 +358,23 @@ mod tests {
         let h = HostName::new("h1").expect("host");
         assert!(binding(&h, &n).starts_with(&bindings_of(&h)));
         assert_eq!(name_of(&binding(&h, &n)), "web");
+        assert_eq!(
+            instance_of(&bindings_of(&h), &binding(&h, &n)),
+            Some(n.clone())
+        );
+        assert_eq!(
+            instance_of(INSTANCE_SPECS, &instance_spec(&n)),
+            Some(n.clone())
+        );
+        // The same name in another project is another key.
+        let other = InstanceRef::new(
+            crate::ProjectName::new("blog").expect("project"),
+            n.name.clone(),
+        );
+        assert_ne!(instance_spec(&n), instance_spec(&other));
+        // A key of the layout before projects had names of their own
+        // names no instance.
+        assert_eq!(instance_of(INSTANCE_SPECS, "instances/spec/web"), None);
         // Host-level prefixes never swallow each other's keys.
         for (a, b) in [
             (HOSTS, HOST_ALLOCS),
@@ -330,7 +383,7 @@ mod tests {
         ] {
             assert!(!a.starts_with(b) && !b.starts_with(a), "{a} {b}");
         }
-        let v = VolumeName::new("data").expect("volume");
+        let v = VolumeRef::new(project, crate::VolumeName::new("data").expect("volume"));
         let all = [
             VOLUME_SPECS,
             VOLUME_STATUSES,

@@ -165,6 +165,10 @@ pub struct Migration {
     pub id: MigrationId,
     /// The VM.
     pub instance: InstanceName,
+    /// The VM's project.
+    #[serde(default = "crate::auth::default_project")]
+    #[schema(value_type = String)]
+    pub project: crate::ProjectName,
     /// The VM's id.
     pub instance_id: InstanceId,
     /// Where it runs now (or ran).
@@ -195,6 +199,11 @@ pub struct Migration {
 }
 
 impl Migration {
+    /// The VM that moves.
+    pub fn instance_ref(&self) -> crate::InstanceRef {
+        crate::InstanceRef::new(self.project.clone(), self.instance.clone())
+    }
+
     /// Moves to `phase`, stamping the times.
     pub fn set_phase(&mut self, phase: MigrationPhase) {
         self.phase = phase;

@@ -101,7 +101,8 @@ macro_rules! validated_name {
 }
 
 validated_name!(
-    /// The unique name of an instance (a VM), chosen by its user.
+    /// The name of an instance (a VM), chosen by its user; unique within
+    /// its project.
     InstanceName,
     "instance name"
 );
@@ -116,7 +117,7 @@ validated_name!(
     "image name"
 );
 validated_name!(
-    /// The unique name of a replicated block volume.
+    /// The name of a replicated block volume, unique within its project.
     VolumeName,
     "volume name"
 );
@@ -146,6 +147,49 @@ validated_name!(
     ServerName,
     "server name"
 );
+
+/// An object's name together with the project that owns it: what names an
+/// object whose name is unique only within its project (instances,
+/// volumes). Shown as `project/name`, the form it takes in store keys.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Scoped<N> {
+    /// The owning project.
+    pub project: ProjectName,
+    /// The name within the project.
+    pub name: N,
+}
+
+impl<N> Scoped<N> {
+    /// `name` of `project`.
+    pub fn new(project: ProjectName, name: N) -> Self {
+        Self { project, name }
+    }
+}
+
+impl<N: fmt::Display> fmt::Display for Scoped<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.project, self.name)
+    }
+}
+
+impl<N: FromStr<Err = ValidationError>> FromStr for Scoped<N> {
+    type Err = ValidationError;
+    /// Parses `project/name`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (project, name) = s.split_once('/').ok_or_else(|| {
+            ValidationError::new("scoped name", format!("expected PROJECT/NAME (got {s:?})"))
+        })?;
+        Ok(Self {
+            project: ProjectName::new(project)?,
+            name: name.parse()?,
+        })
+    }
+}
+
+/// An instance of a project.
+pub type InstanceRef = Scoped<InstanceName>;
+/// A volume of a project.
+pub type VolumeRef = Scoped<VolumeName>;
 
 #[cfg(test)]
 mod tests {
@@ -183,6 +227,18 @@ mod tests {
         assert!(err.to_string().contains("invalid instance name"));
         let ok: InstanceName = serde_json::from_str("\"good\"").expect("valid");
         assert_eq!(ok.as_str(), "good");
+    }
+
+    #[test]
+    fn scoped_names_print_and_parse_as_project_slash_name() {
+        let r = InstanceRef::new(
+            ProjectName::new("web").expect("project"),
+            InstanceName::new("api").expect("name"),
+        );
+        assert_eq!(r.to_string(), "web/api");
+        assert_eq!("web/api".parse::<InstanceRef>().expect("parse"), r);
+        assert!("api".parse::<InstanceRef>().is_err());
+        assert!("web/a/b".parse::<InstanceRef>().is_err());
     }
 
     proptest! {

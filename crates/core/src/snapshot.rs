@@ -172,6 +172,11 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The instance it was taken of.
+    pub fn instance_ref(&self) -> crate::InstanceRef {
+        crate::InstanceRef::new(self.project.clone(), self.instance.clone())
+    }
+
     /// Total bytes on disk.
     pub fn size_bytes(&self) -> u64 {
         self.memory_bytes.saturating_add(self.disk_bytes)

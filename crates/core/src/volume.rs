@@ -154,6 +154,11 @@ pub struct VolumeSpec {
 }
 
 impl VolumeSpec {
+    /// The volume as its project's name for it: what names it in the store.
+    pub fn volume_ref(&self) -> crate::VolumeRef {
+        crate::VolumeRef::new(self.project.clone(), self.name.clone())
+    }
+
     /// The host whose agent controls the volume (creates, grows, deletes it
     /// and reports its status): the first of [`VolumeSpec::hosts`] that is
     /// alive. `None` while none is.

@@ -64,9 +64,15 @@ fn quoted(name: &str) -> String {
 /// A chain name for an instance (nft takes chain names unquoted; an
 /// instance's name is a DNS label, so plain).
 fn chain_of(instance: &str) -> String {
+    // `project/name`: names never hold a '.', so `project.name` names one
+    // instance only.
     let clean: String = instance
         .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .filter_map(|c| match c {
+            '/' => Some('.'),
+            c if c.is_ascii_alphanumeric() || c == '-' => Some(c),
+            _ => None,
+        })
         .collect();
     format!("in-{clean}")
 }

@@ -160,7 +160,7 @@ impl VolumeService {
     }
 
     async fn write_status(&self, spec: &VolumeSpec, status: VolumeStatus) -> Result<(), String> {
-        let key = keys::volume_status(&spec.name);
+        let key = keys::volume_status(&spec.volume_ref());
         let current = self
             .store
             .get_json::<VolumeStatus>(&key)
@@ -175,7 +175,7 @@ impl VolumeService {
         let out = self
             .store
             .txn(
-                vec![Compare::Exists(keys::volume_spec(&spec.name))],
+                vec![Compare::Exists(keys::volume_spec(&spec.volume_ref()))],
                 vec![Op::Put {
                     key,
                     value: encode(&status),
@@ -236,7 +236,7 @@ impl VolumeService {
     async fn create(&self, spec: &VolumeSpec, data_id: &DataId) -> Result<(), String> {
         let current = self
             .store
-            .get_json::<VolumeStatus>(&keys::volume_status(&spec.name))
+            .get_json::<VolumeStatus>(&keys::volume_status(&spec.volume_ref()))
             .await
             .map_err(|e| e.to_string())?;
         if let Some((s, _)) = &current
@@ -396,21 +396,24 @@ impl VolumeService {
             }
         }
         let mut ops = vec![
-            Op::Delete(keys::volume_spec(&spec.name)),
-            Op::Delete(keys::volume_status(&spec.name)),
-            Op::Delete(keys::volume_runtime(&spec.name)),
+            Op::Delete(keys::volume_spec(&spec.volume_ref())),
+            Op::Delete(keys::volume_status(&spec.volume_ref())),
+            Op::Delete(keys::volume_runtime(&spec.volume_ref())),
             Op::Delete(keys::volume_membership(data_id.as_str())),
         ];
         let snaps = self
             .store
-            .list(&keys::volume_snapshots(&spec.name))
+            .list(&keys::volume_snapshots(&spec.volume_ref()))
             .await
             .map_err(|e| e.to_string())?;
         ops.extend(snaps.items.into_iter().map(|kv| Op::Delete(kv.key)));
         let out = self
             .store
             .txn(
-                vec![Compare::ModRevision(keys::volume_spec(&spec.name), rev)],
+                vec![Compare::ModRevision(
+                    keys::volume_spec(&spec.volume_ref()),
+                    rev,
+                )],
                 ops,
             )
             .await

@@ -13,11 +13,11 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use skyvisor_core::api::{ErrorBody, ErrorDetail};
-use skyvisor_core::{VolumeId, VolumeName};
+use skyvisor_core::{ProjectName, VolumeId, VolumeName, VolumeRef};
 
 use super::{VolumeService, VolumeServiceError};
 
-/// Body of `POST /agent/v1/volumes/{name}/snapshots`.
+/// Body of `POST /agent/v1/volumes/{project}/{name}/snapshots`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentSnapshotRequest {
     /// The volume's id.
@@ -30,11 +30,11 @@ pub struct AgentSnapshotRequest {
 pub fn router(svc: Arc<VolumeService>) -> Router {
     Router::new()
         .route(
-            "/agent/v1/volumes/{name}/snapshots",
+            "/agent/v1/volumes/{project}/{name}/snapshots",
             axum::routing::post(create_snapshot),
         )
         .route(
-            "/agent/v1/volumes/{name}/snapshots/{snapshot}",
+            "/agent/v1/volumes/{project}/{name}/snapshots/{snapshot}",
             axum::routing::delete(delete_snapshot),
         )
         .with_state(svc)
@@ -65,12 +65,19 @@ fn map_error(e: VolumeServiceError) -> Response {
     }
 }
 
+fn volume_ref(project: &str, name: &str) -> Option<VolumeRef> {
+    Some(VolumeRef::new(
+        ProjectName::new(project).ok()?,
+        VolumeName::new(name).ok()?,
+    ))
+}
+
 async fn create_snapshot(
     State(svc): State<Arc<VolumeService>>,
-    Path(name): Path<String>,
+    Path((project, name)): Path<(String, String)>,
     Json(req): Json<AgentSnapshotRequest>,
 ) -> Response {
-    let Ok(name) = VolumeName::new(name) else {
+    let Some(name) = volume_ref(&project, &name) else {
         return error(StatusCode::BAD_REQUEST, "invalid", "bad volume name".into());
     };
     match svc.snapshot(&name, &req.id, &req.snapshot).await {
@@ -81,9 +88,9 @@ async fn create_snapshot(
 
 async fn delete_snapshot(
     State(svc): State<Arc<VolumeService>>,
-    Path((name, snapshot)): Path<(String, String)>,
+    Path((project, name, snapshot)): Path<(String, String, String)>,
 ) -> Response {
-    let Ok(name) = VolumeName::new(name) else {
+    let Some(name) = volume_ref(&project, &name) else {
         return error(StatusCode::BAD_REQUEST, "invalid", "bad volume name".into());
     };
     match svc.delete_snapshot(&name, &snapshot).await {

@@ -33,8 +33,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use skyvisor_core::{
-    HostName, InstanceName, InstanceVolume, ReplicaState, ReplicaView, VolumeId, VolumeName,
-    VolumeRuntime, VolumeSnapshot, keys,
+    HostName, InstanceRef, InstanceVolume, ReplicaState, ReplicaView, VolumeId, VolumeName,
+    VolumeRef, VolumeRuntime, VolumeSnapshot, keys,
 };
 use skyvisor_nbd::{Export, NbdServer, ServerConfig, ServerError};
 use skyvisor_store::{Compare, Op, Store, StoreError, StoreExt, encode};
@@ -150,12 +150,12 @@ pub struct NbdTarget {
 /// handover (see [`pending`]).
 struct Pending {
     export: Arc<PendingDevice>,
-    instance: InstanceName,
+    instance: InstanceRef,
 }
 
 struct Served {
     device: Arc<ReplicatedDevice>,
-    instance: Option<InstanceName>,
+    instance: Option<InstanceRef>,
     stop_report: CancellationToken,
     reporter: JoinHandle<()>,
 }
@@ -179,7 +179,7 @@ pub async fn may_take_over(store: &dyn Store, primary: &NodeId) -> Result<bool, 
 
 /// The error for volume `v` being used by `user` (a VM, or `-` for none:
 /// a snapshot or a replica copy).
-fn in_use(v: &InstanceVolume, user: Option<&InstanceName>) -> VolumeServiceError {
+fn in_use(v: &InstanceVolume, user: Option<&InstanceRef>) -> VolumeServiceError {
     VolumeServiceError::InUse {
         name: v.name.clone(),
         instance: user.map_or_else(|| "-".into(), |i| i.to_string()),
@@ -219,7 +219,7 @@ pub struct VolumeService {
     pending: Mutex<HashMap<VolumeId, Pending>>,
     /// Exports whose device was closed at a migration's handover; they go
     /// when the old QEMU has exited (see [`VolumeService::hand_off`]).
-    handed_off: Mutex<HashMap<VolumeId, InstanceName>>,
+    handed_off: Mutex<HashMap<VolumeId, InstanceRef>>,
     /// Unserved volumes being converged to their wanted replicas here.
     converging: Mutex<std::collections::HashSet<VolumeId>>,
     locks: Mutex<HashMap<VolumeId, Arc<tokio::sync::Mutex<()>>>>,
@@ -309,10 +309,7 @@ impl VolumeService {
             .clone()
     }
 
-    fn served_device(
-        &self,
-        id: &VolumeId,
-    ) -> Option<(Arc<ReplicatedDevice>, Option<InstanceName>)> {
+    fn served_device(&self, id: &VolumeId) -> Option<(Arc<ReplicatedDevice>, Option<InstanceRef>)> {
         self.served
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -322,7 +319,7 @@ impl VolumeService {
 
     /// The volumes served (or exported, waiting for a migration's
     /// handover) for `instance`.
-    pub fn served_for(&self, instance: &InstanceName) -> Vec<VolumeId> {
+    pub fn served_for(&self, instance: &InstanceRef) -> Vec<VolumeId> {
         let mut ids: Vec<VolumeId> = self
             .served
             .lock()
@@ -356,7 +353,7 @@ impl VolumeService {
     /// [`VolumeService::release_instance`]: the paused source QEMU stays
     /// connected and quits at once, instead of trying to reconnect to a
     /// vanished export first.
-    pub async fn hand_off(&self, instance: &InstanceName) {
+    pub async fn hand_off(&self, instance: &InstanceRef) {
         let ids: Vec<VolumeId> = self
             .served
             .lock()
@@ -402,7 +399,7 @@ impl VolumeService {
         }
     }
 
-    fn pending_export(&self, id: &VolumeId) -> Option<(Arc<PendingDevice>, InstanceName)> {
+    fn pending_export(&self, id: &VolumeId) -> Option<(Arc<PendingDevice>, InstanceRef)> {
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -417,7 +414,7 @@ impl VolumeService {
     pub async fn serve_incoming(
         self: &Arc<Self>,
         v: &InstanceVolume,
-        instance: &InstanceName,
+        instance: &InstanceRef,
     ) -> Result<NbdTarget, VolumeServiceError> {
         let lock = self.lock_for(&v.id);
         let _g = lock.lock().await;
@@ -574,7 +571,7 @@ impl VolumeService {
     pub async fn serve(
         self: &Arc<Self>,
         v: &InstanceVolume,
-        instance: &InstanceName,
+        instance: &InstanceRef,
     ) -> Result<NbdTarget, VolumeServiceError> {
         let lock = self.lock_for(&v.id);
         let _g = lock.lock().await;
@@ -626,7 +623,7 @@ impl VolumeService {
         let reporter = tokio::spawn(report_runtime(
             self.store.clone(),
             self.host.clone(),
-            v.name.clone(),
+            VolumeRef::new(instance.project.clone(), v.name.clone()),
             Some(instance.clone()),
             device.clone(),
             stop_report.clone(),
@@ -751,7 +748,7 @@ impl VolumeService {
     }
 
     /// Stops serving every volume served for `instance`.
-    pub async fn release_instance(&self, instance: &InstanceName) {
+    pub async fn release_instance(&self, instance: &InstanceRef) {
         for id in self.served_for(instance) {
             self.release(&id).await;
         }
@@ -763,17 +760,19 @@ impl VolumeService {
     /// rule) and closed again.
     pub async fn snapshot(
         &self,
-        name: &VolumeName,
+        name: &VolumeRef,
         id: &VolumeId,
         snapshot: &str,
     ) -> Result<VolumeSnapshot, VolumeServiceError> {
+        let vref = name;
+        let name = &vref.name;
         let snap_err = |m: String| VolumeServiceError::Snapshot {
             name: name.clone(),
             message: m,
         };
         skyvisor_core::volume::validate_snapshot_name(snapshot)
             .map_err(|e| snap_err(e.to_string()))?;
-        let key = keys::volume_snapshot(name, snapshot);
+        let key = keys::volume_snapshot(vref, snapshot);
         if self.store.get(&key).await?.is_some() {
             return Err(snap_err(format!("snapshot {snapshot} exists")));
         }
@@ -839,14 +838,16 @@ impl VolumeService {
     /// Fails, keeping the record, if a holder cannot be reached.
     pub async fn delete_snapshot(
         &self,
-        name: &VolumeName,
+        name: &VolumeRef,
         snapshot: &str,
     ) -> Result<(), VolumeServiceError> {
+        let vref = name;
+        let name = &vref.name;
         let snap_err = |m: String| VolumeServiceError::Snapshot {
             name: name.clone(),
             message: m,
         };
-        let key = keys::volume_snapshot(name, snapshot);
+        let key = keys::volume_snapshot(vref, snapshot);
         let Some((record, rev)) = self.store.get_json::<VolumeSnapshot>(&key).await? else {
             return Err(snap_err(format!("snapshot {snapshot} not found")));
         };
@@ -917,7 +918,7 @@ fn data_id(
 /// The runtime record of a served volume, from its device's status.
 fn runtime_of(
     host: &HostName,
-    instance: Option<&InstanceName>,
+    instance: Option<&InstanceRef>,
     dev: &ReplicatedDevice,
 ) -> VolumeRuntime {
     let st = dev.status();
@@ -951,7 +952,7 @@ fn runtime_of(
         .collect();
     VolumeRuntime {
         host: host.clone(),
-        instance: instance.cloned(),
+        instance: instance.map(|i| i.name.clone()),
         epoch: st.epoch,
         writable: st.writable && st.fenced.is_none(),
         replicas,
@@ -965,8 +966,8 @@ fn runtime_of(
 async fn report_runtime(
     store: Arc<dyn Store>,
     host: HostName,
-    name: VolumeName,
-    instance: Option<InstanceName>,
+    name: VolumeRef,
+    instance: Option<InstanceRef>,
     dev: Arc<ReplicatedDevice>,
     stop: CancellationToken,
 ) {

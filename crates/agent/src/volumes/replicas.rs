@@ -130,7 +130,7 @@ impl VolumeService {
         loop {
             // The spec may change meanwhile (another move): follow it.
             let spec = match self
-                .store_spec(&spec.name)
+                .store_spec(&spec.volume_ref())
                 .await
                 .filter(|s| !s.deleting && s.id == spec.id)
             {
@@ -158,7 +158,7 @@ impl VolumeService {
         }
     }
 
-    async fn store_spec(&self, name: &skyvisor_core::VolumeName) -> Option<VolumeSpec> {
+    async fn store_spec(&self, name: &skyvisor_core::VolumeRef) -> Option<VolumeSpec> {
         use skyvisor_store::StoreExt;
         self.store
             .get_json::<VolumeSpec>(&skyvisor_core::keys::volume_spec(name))

@@ -120,7 +120,7 @@ pub(super) async fn show(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Instance>> {
     cp.visible_instance(&caller, &name).await?;
-    Ok(Json(cp.instance(&name).await?))
+    Ok(Json(cp.instance(&caller.project, &name).await?))
 }
 
 /// Options of a delete.
@@ -155,7 +155,10 @@ pub(super) async fn delete(
     cp.visible_instance(&caller, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(cp.delete_instance(&name, q.force, q.with_snapshots).await?),
+        Json(
+            cp.delete_instance(&caller.project, &name, q.force, q.with_snapshots)
+                .await?,
+        ),
     ))
 }
 
@@ -169,7 +172,10 @@ pub(super) async fn start(
     Path(name): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Instance>)> {
     cp.visible_instance(&caller, &name).await?;
-    Ok((StatusCode::ACCEPTED, Json(cp.start_instance(&name).await?)))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(cp.start_instance(&caller.project, &name).await?),
+    ))
 }
 
 /// Stops an instance: ACPI shutdown, then power off after the timeout.
@@ -192,7 +198,7 @@ pub(super) async fn stop(
     cp.visible_instance(&caller, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(cp.stop_instance(&name, req).await?),
+        Json(cp.stop_instance(&caller.project, &name, req).await?),
     ))
 }
 
@@ -210,7 +216,10 @@ pub(super) async fn reboot(
     Path(name): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Instance>)> {
     cp.visible_instance(&caller, &name).await?;
-    Ok((StatusCode::ACCEPTED, Json(cp.reboot_instance(&name).await?)))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(cp.reboot_instance(&caller.project, &name).await?),
+    ))
 }
 
 /// Changes an instance's vCPUs and memory (a running one is restarted).
@@ -232,7 +241,7 @@ pub(super) async fn resize(
     cp.visible_instance(&caller, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(cp.resize_instance(&name, req).await?),
+        Json(cp.resize_instance(&caller.project, &name, req).await?),
     ))
 }
 
@@ -277,7 +286,10 @@ pub(super) async fn set_labels(
     ApiJson(req): ApiJson<skyvisor_core::api::SetLabelsRequest>,
 ) -> ApiResult<Json<Instance>> {
     cp.visible_instance(&caller, &name).await?;
-    Ok(Json(cp.set_instance_labels(&name, req.labels).await?))
+    Ok(Json(
+        cp.set_instance_labels(&caller.project, &name, req.labels)
+            .await?,
+    ))
 }
 
 /// Most console bytes one call returns.
@@ -308,7 +320,7 @@ pub(super) async fn console(
     ApiQuery(q): ApiQuery<ConsoleQuery>,
 ) -> ApiResult<Json<ConsoleLog>> {
     cp.visible_instance(&caller, &name).await?;
-    let inst = cp.instance(&name).await?;
+    let inst = cp.instance(&caller.project, &name).await?;
     let max = q.max_bytes.unwrap_or(64 * 1024);
     if !(1..=MAX_CONSOLE_BYTES).contains(&max) {
         let mut e = ApiError::invalid(format!(

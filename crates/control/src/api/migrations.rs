@@ -29,7 +29,7 @@ pub(super) async fn migrate(
     Ok((
         StatusCode::ACCEPTED,
         Json(
-            cp.migrate_instance(&name, req, MigrationReason::Manual)
+            cp.migrate_instance(&caller.project, &name, req, MigrationReason::Manual)
                 .await?,
         ),
     ))
@@ -48,7 +48,7 @@ pub(super) async fn cancel(
     cp.visible_instance(&caller, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(cp.cancel_migration(&name).await?),
+        Json(cp.cancel_migration(&caller.project, &name).await?),
     ))
 }
 

@@ -36,7 +36,7 @@ pub(super) async fn create(
     cp.visible_instance(&caller, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(cp.create_snapshot(&name, req).await?),
+        Json(cp.create_snapshot(&caller.project, &name, req).await?),
     ))
 }
 
@@ -50,7 +50,7 @@ pub(super) async fn list(
     caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Vec<Snapshot>>> {
-    let mut all = cp.snapshots(Some(&name)).await?;
+    let mut all = cp.snapshots(&caller.project, Some(&name)).await?;
     all.retain(|s| s.project == caller.project);
     Ok(Json(all))
 }
@@ -62,7 +62,7 @@ pub(super) async fn list_all(
     State(cp): State<ControlPlane>,
     caller: Caller,
 ) -> ApiResult<Json<Vec<Snapshot>>> {
-    let mut all = cp.snapshots(None).await?;
+    let mut all = cp.snapshots(&caller.project, None).await?;
     all.retain(|s| s.project == caller.project);
     Ok(Json(all))
 }
@@ -98,7 +98,10 @@ pub(super) async fn delete(
     cp.visible_snapshot(&caller, &name, &snapshot).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(cp.delete_snapshot(&name, &snapshot).await?),
+        Json(
+            cp.delete_snapshot(&caller.project, &name, &snapshot)
+                .await?,
+        ),
     ))
 }
 
@@ -122,7 +125,7 @@ pub(super) async fn restore(
     cp.visible_instance(&caller, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(cp.restore_instance(&name, req).await?),
+        Json(cp.restore_instance(&caller.project, &name, req).await?),
     ))
 }
 
@@ -143,5 +146,8 @@ pub(super) async fn schedule(
     ApiJson(req): ApiJson<ScheduleRequest>,
 ) -> ApiResult<Json<Instance>> {
     cp.visible_instance(&caller, &name).await?;
-    Ok(Json(cp.set_checkpoint_schedule(&name, req.schedule).await?))
+    Ok(Json(
+        cp.set_checkpoint_schedule(&caller.project, &name, req.schedule)
+            .await?,
+    ))
 }

@@ -82,7 +82,7 @@ pub(super) async fn show(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Volume>> {
     cp.visible_volume(&caller, &name).await?;
-    Ok(Json(cp.volume(&name).await?))
+    Ok(Json(cp.volume(&caller.project, &name).await?))
 }
 
 /// Deletes a volume no VM uses, with its snapshots. Poll until 404.
@@ -99,7 +99,10 @@ pub(super) async fn delete(
     Path(name): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Volume>)> {
     cp.visible_volume(&caller, &name).await?;
-    Ok((StatusCode::ACCEPTED, Json(cp.delete_volume(&name).await?)))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(cp.delete_volume(&caller.project, &name).await?),
+    ))
 }
 
 /// Grows a volume no running VM uses.
@@ -121,7 +124,7 @@ pub(super) async fn grow(
     cp.visible_volume(&caller, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(cp.grow_volume(&name, req).await?),
+        Json(cp.grow_volume(&caller.project, &name, req).await?),
     ))
 }
 
@@ -147,7 +150,7 @@ pub(super) async fn change_replicas(
     cp.visible_volume(&caller, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(cp.change_replicas(&name, req).await?),
+        Json(cp.change_replicas(&caller.project, &name, req).await?),
     ))
 }
 
@@ -161,7 +164,7 @@ pub(super) async fn list_snapshots(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Vec<VolumeSnapshot>>> {
     cp.visible_volume(&caller, &name).await?;
-    Ok(Json(cp.volume_snapshots(&name).await?))
+    Ok(Json(cp.volume_snapshots(&caller.project, &name).await?))
 }
 
 /// Takes a crash-consistent snapshot of a volume (I/O paused, every in-sync
@@ -184,7 +187,10 @@ pub(super) async fn create_snapshot(
     cp.visible_volume(&caller, &name).await?;
     Ok((
         StatusCode::CREATED,
-        Json(cp.create_volume_snapshot(&name, req).await?),
+        Json(
+            cp.create_volume_snapshot(&caller.project, &name, req)
+                .await?,
+        ),
     ))
 }
 
@@ -201,7 +207,8 @@ pub(super) async fn delete_snapshot(
     Path((name, snapshot)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     cp.visible_volume(&caller, &name).await?;
-    cp.delete_volume_snapshot(&name, &snapshot).await?;
+    cp.delete_volume_snapshot(&caller.project, &name, &snapshot)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -224,7 +231,10 @@ pub(super) async fn attach(
     cp.visible_volume(&caller, &req.volume).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(cp.attach_volume(&name, &req.volume).await?),
+        Json(
+            cp.attach_volume(&caller.project, &name, &req.volume)
+                .await?,
+        ),
     ))
 }
 
@@ -250,6 +260,6 @@ pub(super) async fn detach(
     cp.visible_instance(&caller, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(cp.detach_volume(&name, &volume).await?),
+        Json(cp.detach_volume(&caller.project, &name, &volume).await?),
     ))
 }

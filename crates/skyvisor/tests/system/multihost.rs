@@ -217,7 +217,10 @@ impl MultiHost {
 
     /// Binds VM `name` to host `i` (as failover will), keeping its power state.
     pub fn rebind(&self, name: &str, i: usize) {
-        let key = keys::instance_spec(&InstanceName::new(name).expect("name"));
+        let key = keys::instance_spec(&skyvisor_core::InstanceRef::new(
+            skyvisor_core::auth::default_project(),
+            InstanceName::new(name).expect("name"),
+        ));
         let host = self.hosts[i - 1].name.clone();
         let store = self.store.clone();
         self.rt.block_on(async move {
@@ -230,7 +233,7 @@ impl MultiHost {
             spec.generation += 1;
             // Agents watch their bindings: the copy moves with the spec.
             let mut ops = skyvisor_control::instances::spec_ops(&spec);
-            ops.push(Op::Delete(keys::binding(&old_host, &spec.name)));
+            ops.push(Op::Delete(keys::binding(&old_host, &spec.instance_ref())));
             let out = store
                 .txn(vec![Compare::ModRevision(key, rev)], ops)
                 .await

@@ -1,0 +1,201 @@
+//! Upgrades of the store's key layout.
+//!
+//! Instance and volume names became unique per project: their records
+//! (specs, statuses, host bindings, snapshots, attachments) moved from
+//! `<prefix><name>` to `<prefix><project>/<name>`. A store written before
+//! is moved over once, when a server starts and before it reads anything.
+//!
+//! Every move is one transaction guarded by the old key's revision and the
+//! new key's absence, so servers starting together move each record once
+//! and a record changed meanwhile is moved on the next start. This module
+//! must never rewrite a record's value: it only renames keys.
+
+use std::collections::HashMap;
+
+use skyvisor_core::{InstanceSpec, ProjectName, Snapshot, VolumeName, VolumeRef, VolumeSpec, keys};
+use skyvisor_store::{Compare, KeyValue, Op, Store, StoreError, decode};
+use tracing::{info, warn};
+
+/// How many `/` separate the parts of a key after `prefix`: a record of
+/// the layout before projects named their objects has one fewer than one
+/// of today's.
+fn depth(prefix: &str, key: &str) -> Option<usize> {
+    Some(key.strip_prefix(prefix)?.matches('/').count())
+}
+
+/// Renames `kv` to `to`, keeping its value and lease; false if the key
+/// changed meanwhile or `to` exists.
+async fn rename(store: &dyn Store, kv: &KeyValue, to: String) -> Result<bool, StoreError> {
+    let out = store
+        .txn(
+            vec![
+                Compare::ModRevision(kv.key.clone(), kv.mod_revision),
+                Compare::Absent(to.clone()),
+            ],
+            vec![
+                Op::Put {
+                    key: to,
+                    value: kv.value.clone(),
+                    lease: kv.lease,
+                },
+                Op::Delete(kv.key.clone()),
+            ],
+        )
+        .await?;
+    Ok(out.succeeded)
+}
+
+/// The records under `prefix` written with the old layout (`old_depth`
+/// slashes after the prefix).
+async fn legacy(
+    store: &dyn Store,
+    prefix: &str,
+    old_depth: usize,
+) -> Result<Vec<KeyValue>, StoreError> {
+    Ok(store
+        .list(prefix)
+        .await?
+        .items
+        .into_iter()
+        .filter(|kv| depth(prefix, &kv.key) == Some(old_depth))
+        .collect())
+}
+
+/// Moves every record of the layout before per-project names to its
+/// project's place; returns how many it moved. Idempotent.
+pub async fn upgrade(store: &dyn Store) -> Result<usize, StoreError> {
+    let mut moved = 0;
+    let mut count = |ok: bool| moved += usize::from(ok);
+    let default = skyvisor_core::auth::default_project();
+
+    // Instances: the spec says the project; the rest follows the name.
+    let mut instance_projects: HashMap<String, ProjectName> = HashMap::new();
+    for kv in legacy(store, keys::INSTANCE_SPECS, 0).await? {
+        let Ok(spec) = decode::<InstanceSpec>(&kv) else {
+            warn!(key = %kv.key, "cannot move an undecodable instance spec");
+            continue;
+        };
+        instance_projects.insert(spec.name.to_string(), spec.project.clone());
+        count(rename(store, &kv, keys::instance_spec(&spec.instance_ref())).await?);
+    }
+    for kv in legacy(store, keys::INSTANCE_STATUSES, 0).await? {
+        let name = keys::name_of(&kv.key);
+        let project = instance_projects.get(name).unwrap_or(&default).clone();
+        let to = format!("{}{project}/{name}", keys::INSTANCE_STATUSES);
+        count(rename(store, &kv, to).await?);
+    }
+    for kv in legacy(store, keys::BINDINGS, 1).await? {
+        let (Ok(spec), Some(host)) = (
+            decode::<InstanceSpec>(&kv),
+            kv.key
+                .strip_prefix(keys::BINDINGS)
+                .and_then(|rest| rest.split_once('/'))
+                .and_then(|(host, _)| skyvisor_core::HostName::new(host).ok()),
+        ) else {
+            continue;
+        };
+        count(rename(store, &kv, keys::binding(&host, &spec.instance_ref())).await?);
+    }
+    for kv in legacy(store, keys::SNAPSHOTS, 1).await? {
+        let Ok(snap) = decode::<Snapshot>(&kv) else {
+            continue;
+        };
+        count(rename(store, &kv, keys::snapshot(&snap.instance_ref(), &snap.name)).await?);
+    }
+
+    // Volumes: the spec says the project.
+    let mut volume_projects: HashMap<String, ProjectName> = HashMap::new();
+    for kv in legacy(store, keys::VOLUME_SPECS, 0).await? {
+        let Ok(spec) = decode::<VolumeSpec>(&kv) else {
+            warn!(key = %kv.key, "cannot move an undecodable volume spec");
+            continue;
+        };
+        volume_projects.insert(spec.name.to_string(), spec.project.clone());
+        count(rename(store, &kv, keys::volume_spec(&spec.volume_ref())).await?);
+    }
+    let volume_of = |name: &str| -> Option<VolumeRef> {
+        let project = volume_projects.get(name).unwrap_or(&default).clone();
+        Some(VolumeRef::new(project, VolumeName::new(name).ok()?))
+    };
+    for prefix in [
+        keys::VOLUME_STATUSES,
+        keys::VOLUME_ATTACHMENTS,
+        keys::VOLUME_RUNTIMES,
+    ] {
+        for kv in legacy(store, prefix, 0).await? {
+            let Some(v) = volume_of(keys::name_of(&kv.key)) else {
+                continue;
+            };
+            count(rename(store, &kv, format!("{prefix}{v}")).await?);
+        }
+    }
+    for kv in legacy(store, keys::VOLUME_SNAPSHOTS, 1).await? {
+        let Some((volume, snapshot)) = kv
+            .key
+            .strip_prefix(keys::VOLUME_SNAPSHOTS)
+            .and_then(|rest| rest.split_once('/'))
+        else {
+            continue;
+        };
+        let Some(v) = volume_of(volume) else { continue };
+        count(rename(store, &kv, keys::volume_snapshot(&v, snapshot)).await?);
+    }
+    if moved > 0 {
+        info!(
+            moved,
+            "store layout upgraded: instances and volumes are named within their projects"
+        );
+    }
+    Ok(moved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skyvisor_store::{StoreExt, encode};
+
+    #[tokio::test]
+    async fn moves_old_records_under_their_projects_once() {
+        let store = skyvisor_store::embedded::EmbeddedStore::in_memory().expect("store");
+        let web = ProjectName::new("web").expect("project");
+        let mut spec = crate::snapshots::tests::spec();
+        spec.project = web.clone();
+        let name = spec.name.to_string();
+        let host = spec.host.clone();
+        for (k, v) in [
+            (format!("{}{name}", keys::INSTANCE_SPECS), encode(&spec)),
+            (format!("{}{name}", keys::INSTANCE_STATUSES), b"{}".to_vec()),
+            (format!("{}{host}/{name}", keys::BINDINGS), encode(&spec)),
+            // An unrelated volume record of the default project.
+            (format!("{}data", keys::VOLUME_ATTACHMENTS), b"{}".to_vec()),
+            (format!("{}data/s1", keys::VOLUME_SNAPSHOTS), b"{}".to_vec()),
+        ] {
+            store.put(&k, v).await.expect("put");
+        }
+        assert_eq!(upgrade(&store).await.expect("upgrade"), 5);
+        let r = spec.instance_ref();
+        let moved: InstanceSpec = store
+            .get_json(&keys::instance_spec(&r))
+            .await
+            .expect("get")
+            .expect("moved")
+            .0;
+        assert_eq!(moved, spec);
+        for k in [
+            keys::instance_status(&r),
+            keys::binding(&host, &r),
+            "volumes/attachment/default/data".to_string(),
+            "volumes/snapshot/default/data/s1".to_string(),
+        ] {
+            assert!(store.get(&k).await.expect("get").is_some(), "{k}");
+        }
+        for old in [
+            format!("{}{name}", keys::INSTANCE_SPECS),
+            format!("{}{host}/{name}", keys::BINDINGS),
+        ] {
+            assert!(store.get(&old).await.expect("get").is_none(), "{old}");
+        }
+        // Run again: nothing left to move, nothing moved twice.
+        assert_eq!(upgrade(&store).await.expect("again"), 0);
+    }
+}

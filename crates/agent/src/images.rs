@@ -140,7 +140,10 @@ impl ImageCache {
     /// The local path of `file` of `image` if this host has a verified copy.
     pub async fn local(&self, image: &Image, file: &ImageFile) -> Option<PathBuf> {
         for dir in &self.shared_dirs {
-            let p = dir.join(image.name.as_str()).join(&file.file_name);
+            let p = dir
+                .join(image.project.as_str())
+                .join(image.name.as_str())
+                .join(&file.file_name);
             if self.is_verified(&p, file).await {
                 return Some(p);
             }
@@ -205,7 +208,8 @@ impl ImageCache {
                     Source::Peer(..) => self.peer_auth.lock().ok().and_then(|a| a.clone()),
                 };
                 let http = self.http.lock().map(|h| h.clone()).unwrap_or_default();
-                match download(&http, auth.as_deref(), &url, &tmp, &file.sha256).await {
+                let project = matches!(source, Source::Server(_)).then_some(&image.project);
+                match download(&http, auth.as_deref(), project, &url, &tmp, &file.sha256).await {
                     Ok(()) => {
                         tokio::fs::rename(&tmp, &p)
                             .await
@@ -297,7 +301,8 @@ impl ImageCache {
     fn cache_path(&self, image: &Image, file: &ImageFile) -> PathBuf {
         self.cache_dir
             .join(format!(
-                "{}-{}",
+                "{}-{}-{}",
+                image.project,
                 image.name,
                 &file.sha256[..file.sha256.len().min(12)]
             ))
@@ -380,6 +385,7 @@ async fn hash_file(p: &Path) -> std::io::Result<String> {
 async fn download(
     http: &reqwest::Client,
     authorization: Option<&str>,
+    project: Option<&skyvisor_core::ProjectName>,
     url: &str,
     to: &Path,
     sha256: &str,
@@ -387,6 +393,10 @@ async fn download(
     let mut req = http.get(url);
     if let Some(a) = authorization {
         req = req.header(reqwest::header::AUTHORIZATION, a);
+    }
+    // A server finds an image by the name its project knows it by.
+    if let Some(p) = project {
+        req = req.header(skyvisor_core::auth::PROJECT_HEADER, p.as_str());
     }
     let resp = req
         .send()

@@ -269,17 +269,17 @@ impl Launcher {
         }
     }
 
+    /// The image `spec` boots, found as the API found it at the create:
+    /// its project's own of that name, else the public one.
     pub(crate) async fn image(&self, spec: &InstanceSpec) -> Result<Image, String> {
-        match self
-            .ctx
-            .store
-            .get_json::<Image>(&keys::image(&spec.image))
-            .await
-        {
-            Ok(Some((img, _))) if img.state == ImageState::Ready => Ok(img),
-            Ok(Some(_)) => Err(format!("image {} is not ready", spec.image)),
-            Ok(None) => Err(format!("image {} no longer exists", spec.image)),
-            Err(e) => Err(format!("reading image {}: {e}", spec.image)),
+        let all: Vec<Image> = match self.ctx.store.list_json::<Image>(keys::IMAGES).await {
+            Ok((all, _)) => all.into_iter().map(|(i, _)| i).collect(),
+            Err(e) => return Err(format!("reading image {}: {e}", spec.image)),
+        };
+        match skyvisor_core::image::resolve(&all, &spec.project, &spec.image) {
+            Some(img) if img.state == ImageState::Ready => Ok(img.clone()),
+            Some(_) => Err(format!("image {} is not ready", spec.image)),
+            None => Err(format!("image {} no longer exists", spec.image)),
         }
     }
 

@@ -53,7 +53,7 @@ async fn world() -> World {
         created_at: Utc::now(),
     };
     store
-        .put(&keys::image(&image.name), encode(&image))
+        .put(&keys::image(&image.image_ref()), encode(&image))
         .await
         .expect("image");
     let dir = tempfile::tempdir().expect("tmp");

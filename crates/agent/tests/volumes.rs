@@ -104,7 +104,7 @@ async fn world() -> Arc<dyn Store> {
         created_at: Utc::now(),
     };
     store
-        .put(&keys::image(&image.name), encode(&image))
+        .put(&keys::image(&image.image_ref()), encode(&image))
         .await
         .expect("image");
     store

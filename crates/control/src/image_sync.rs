@@ -60,7 +60,7 @@ pub async fn sync_once(cp: &ControlPlane) -> Result<(), String> {
         cp,
         &images
             .iter()
-            .map(|(i, _)| i.name.to_string())
+            .map(|(i, _)| i.image_ref().to_string())
             .collect::<Vec<_>>(),
     )
     .await;
@@ -71,7 +71,7 @@ pub async fn sync_once(cp: &ControlPlane) -> Result<(), String> {
 /// copying missing ones from another server.
 pub async fn ensure_local(cp: &ControlPlane, image: &Image) -> Result<(), String> {
     let _one_at_a_time = cp.image_sync_lock.lock().await;
-    let dir = cp.image_dir(image.name.as_str());
+    let dir = cp.image_dir(&image.image_ref());
     for file in &image.files {
         let path = dir.join(&file.file_name);
         if tokio::fs::metadata(&path)
@@ -124,7 +124,16 @@ async fn fetch_from_peers(
             file.file_name,
             uuid::Uuid::new_v4().simple()
         ));
-        match download(&cp.http, &cp.service_token, &url, &tmp, &file.sha256).await {
+        match download(
+            &cp.http,
+            &cp.service_token,
+            &image.project,
+            &url,
+            &tmp,
+            &file.sha256,
+        )
+        .await
+        {
             Ok(()) => {
                 let path = dir.join(&file.file_name);
                 tokio::fs::rename(&tmp, &path)
@@ -150,6 +159,7 @@ async fn fetch_from_peers(
 async fn download(
     http: &reqwest::Client,
     token: &str,
+    project: &skyvisor_core::ProjectName,
     url: &str,
     to: &Path,
     sha256: &str,
@@ -157,6 +167,7 @@ async fn download(
     let resp = http
         .get(url)
         .header(NO_PEER_FETCH_HEADER, "1")
+        .header(skyvisor_core::auth::PROJECT_HEADER, project.as_str())
         .bearer_auth(token)
         .timeout(Duration::from_secs(3600))
         .send()
@@ -187,21 +198,46 @@ async fn download(
     Ok(())
 }
 
+/// The image directories of this server's store (`<project>/<name>`),
+/// with their `project/name`.
+async fn image_dirs(root: &Path) -> Vec<(String, std::fs::DirEntry)> {
+    let root = root.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let Ok(projects) = std::fs::read_dir(&root) else {
+            return out;
+        };
+        for p in projects.flatten() {
+            let project = p.file_name().to_string_lossy().into_owned();
+            if project.starts_with('.') || !p.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let Ok(images) = std::fs::read_dir(p.path()) else {
+                continue;
+            };
+            for i in images.flatten() {
+                let name = i.file_name().to_string_lossy().into_owned();
+                if !name.starts_with('.') && i.file_type().is_ok_and(|t| t.is_dir()) {
+                    out.push((format!("{project}/{name}"), i));
+                }
+            }
+        }
+        out
+    })
+    .await
+    .unwrap_or_default()
+}
+
 /// Removes copies of images that no longer exist (deleted through another
 /// server), once they are old enough not to be an import in progress.
 async fn remove_orphans(cp: &ControlPlane, names: &[String]) {
     let root = cp.config.data_dir.join("images");
-    let Ok(mut dir) = tokio::fs::read_dir(&root).await else {
-        return;
-    };
-    while let Ok(Some(entry)) = dir.next_entry().await {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || names.contains(&name) {
+    for (name, entry) in image_dirs(&root).await {
+        if names.contains(&name) {
             continue;
         }
         let old = entry
             .metadata()
-            .await
             .ok()
             .and_then(|m| m.modified().ok())
             .and_then(|t| SystemTime::now().duration_since(t).ok())
@@ -210,7 +246,7 @@ async fn remove_orphans(cp: &ControlPlane, names: &[String]) {
             continue;
         }
         // Re-check: the record may have been created since the listing.
-        let Ok(image_name) = skyvisor_core::ImageName::new(name.clone()) else {
+        let Ok(image_name) = name.parse::<skyvisor_core::ImageRef>() else {
             continue;
         };
         if matches!(cp.store.get(&keys::image(&image_name)).await, Ok(None)) {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use sha2::{Digest, Sha256};
 use skyvisor_core::image::{DiskFormat, FileRole, ImageKind, ImageSource, ImageState};
-use skyvisor_core::{Image, ImageFile, ImageName, ValidationError, keys};
+use skyvisor_core::{Image, ImageFile, ImageName, ImageRef, ValidationError, keys};
 use skyvisor_store::{StoreExt, encode};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
@@ -161,9 +161,10 @@ impl ControlPlane {
             builder: Some(self.config.cluster.name.clone()),
             created_at: Utc::now(),
         };
+        self.refuse_public_name_taken(&image).await?;
         if !self
             .store
-            .create(&keys::image(&name), encode(&image))
+            .create(&keys::image(&image.image_ref()), encode(&image))
             .await?
         {
             return Err(ApiError::already_exists(format!(
@@ -177,6 +178,27 @@ impl ControlPlane {
             cp.run_build(task_image, &recipe).await;
         });
         Ok(image)
+    }
+
+    /// Refuses a public image whose name another public image has: every
+    /// project finds public images by name alone. (Public images are
+    /// visible to all, so the refusal tells nothing new.)
+    pub(crate) async fn refuse_public_name_taken(&self, image: &Image) -> ApiResult<()> {
+        if !image.public {
+            return Ok(());
+        }
+        if let Some(other) = self
+            .images()
+            .await?
+            .into_iter()
+            .find(|i| i.public && i.name == image.name && i.project != image.project)
+        {
+            return Err(ApiError::already_exists(format!(
+                "a public image \"{}\" already exists (project {}); public images need names of their own",
+                other.name, other.project
+            )));
+        }
+        Ok(())
     }
 
     /// Finds images left `building` by a server that no longer works on
@@ -225,7 +247,7 @@ impl ControlPlane {
                     None
                 }
             };
-            let key = keys::image(&image.name);
+            let key = keys::image(&image.image_ref());
             let out = self
                 .store
                 .txn(
@@ -253,7 +275,7 @@ impl ControlPlane {
 
     async fn run_build(&self, mut image: Image, recipe: &str) {
         let name = image.name.clone();
-        let final_dir = self.image_dir(name.as_str());
+        let final_dir = self.image_dir(&image.image_ref());
         let tmp_dir = self
             .config
             .data_dir
@@ -277,7 +299,11 @@ impl ControlPlane {
                 image.files.clear();
             }
         }
-        if let Err(e) = self.store.put(&keys::image(&name), encode(&image)).await {
+        if let Err(e) = self
+            .store
+            .put(&keys::image(&image.image_ref()), encode(&image))
+            .await
+        {
             warn!(image = %name, error = %e, "could not record image build result");
         }
     }
@@ -314,7 +340,9 @@ impl ControlPlane {
                 let msg = rx.borrow_and_update().clone();
                 if last.elapsed() >= Duration::from_millis(500) {
                     img.message = Some(msg);
-                    let _ = store.put(&keys::image(&img.name), encode(&img)).await;
+                    let _ = store
+                        .put(&keys::image(&img.image_ref()), encode(&img))
+                        .await;
                     last = Instant::now();
                 }
             }
@@ -346,6 +374,11 @@ impl ControlPlane {
             files.push(describe_file(tmp_dir, role, &file_name).await?);
         }
         let _ = tokio::fs::remove_dir_all(final_dir).await;
+        if let Some(parent) = final_dir.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        }
         tokio::fs::rename(tmp_dir, final_dir)
             .await
             .map_err(|e| format!("publishing image: {e}"))?;
@@ -366,7 +399,7 @@ impl ControlPlane {
         recipe: &str,
         progress: impl Fn(&str),
     ) -> ApiResult<Image> {
-        let image_name = ImageName::new(name)?;
+        let image_name = ImageRef::new(default_project(), ImageName::new(name)?);
         match self
             .store
             .get_json::<Image>(&keys::image(&image_name))
@@ -415,9 +448,8 @@ impl ControlPlane {
     }
 
     /// Deletes an image no instance uses.
-    pub async fn delete_image(&self, name: &str) -> ApiResult<()> {
-        let name = ImageName::new(name)?;
-        let image = self.image(&name).await?;
+    pub async fn delete_image(&self, image: &Image) -> ApiResult<()> {
+        let name = &image.name;
         if image.state == ImageState::Building {
             return Err(ApiError::conflict(format!(
                 "image \"{name}\" is still being built"
@@ -428,7 +460,10 @@ impl ControlPlane {
             .instances()
             .await
             .into_iter()
-            .filter(|s| s.image == name)
+            // Its own project's VMs, and for a public one any VM of that
+            // image name (conservative where a project's own image of the
+            // name shadows it).
+            .filter(|s| &s.image == name && (s.project == image.project || image.public))
             .map(|s| s.name.to_string())
             .collect();
         if !users.is_empty() {
@@ -437,8 +472,8 @@ impl ControlPlane {
                 users.join(", ")
             )));
         }
-        self.store.delete(&keys::image(&name)).await?;
-        let dir = self.image_dir(name.as_str());
+        self.store.delete(&keys::image(&image.image_ref())).await?;
+        let dir = self.image_dir(&image.image_ref());
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -453,12 +488,11 @@ impl ControlPlane {
     /// false (the request comes from a peer).
     pub async fn image_file_path(
         &self,
-        name: &str,
+        image: &Image,
         file_name: &str,
         from_peers: bool,
     ) -> ApiResult<PathBuf> {
-        let name = ImageName::new(name)?;
-        let image = self.image(&name).await?;
+        let name = &image.name;
         if image.state != ImageState::Ready {
             return Err(ApiError::conflict(format!("image \"{name}\" is not ready")));
         }
@@ -467,7 +501,7 @@ impl ControlPlane {
                 "image \"{name}\" has no file {file_name:?}"
             )));
         };
-        let path = self.image_dir(name.as_str()).join(file_name);
+        let path = self.image_dir(&image.image_ref()).join(file_name);
         let here = tokio::fs::metadata(&path)
             .await
             .is_ok_and(|m| m.len() == file.size_bytes);
@@ -477,7 +511,7 @@ impl ControlPlane {
                     "this server has no copy of file {file_name:?} of image \"{name}\" yet"
                 )));
             }
-            crate::image_sync::ensure_local(self, &image)
+            crate::image_sync::ensure_local(self, image)
                 .await
                 .map_err(ApiError::unavailable)?;
         }
@@ -491,13 +525,18 @@ pub(crate) async fn publish_import(
     image: &Image,
     tmp_dir: &Path,
 ) -> ApiResult<()> {
-    let final_dir = cp.image_dir(image.name.as_str());
+    let final_dir = cp.image_dir(&image.image_ref());
     let _ = tokio::fs::remove_dir_all(&final_dir).await;
+    if let Some(parent) = final_dir.parent() {
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(|e| storage_error("publishing the image", &e))?;
+    }
     tokio::fs::rename(tmp_dir, &final_dir)
         .await
         .map_err(|e| storage_error("publishing the image", &e))?;
     cp.store
-        .put(&keys::image(&image.name), encode(image))
+        .put(&keys::image(&image.image_ref()), encode(image))
         .await?;
     Ok(())
 }

@@ -113,13 +113,19 @@ pub(crate) fn validate_stop_timeout(v: u32) -> Result<u32, ValidationError> {
 pub const DEFAULT_DISK_REPLICAS: u32 = 2;
 
 impl ControlPlane {
-    /// Loads image `name`, or a 404 that lists the images there are.
-    pub async fn image(&self, name: &ImageName) -> ApiResult<Image> {
-        match self.store.get_json::<Image>(&keys::image(name)).await? {
-            Some((image, _)) => Ok(image),
+    /// Image `name` as `project` finds it (its own, else a public one; see
+    /// [`skyvisor_core::image::resolve`]), or a 404 that lists the images
+    /// the project may use.
+    pub async fn image(&self, project: &ProjectName, name: &ImageName) -> ApiResult<Image> {
+        let all = self.images().await?;
+        match skyvisor_core::image::resolve(&all, project, name) {
+            Some(image) => Ok(image.clone()),
             None => {
-                let (all, _) = self.store.list_json::<Image>(keys::IMAGES).await?;
-                let names: Vec<String> = all.iter().map(|(i, _)| i.name.to_string()).collect();
+                let names: Vec<String> = all
+                    .iter()
+                    .filter(|i| i.public || &i.project == project)
+                    .map(|i| i.name.to_string())
+                    .collect();
                 Err(ApiError::not_found(format!(
                     "image \"{name}\" not found; images: {}",
                     if names.is_empty() {
@@ -236,7 +242,7 @@ impl ControlPlane {
             Some(snap) => snap.image.clone(),
             None => ImageName::new(req.image.clone())?,
         };
-        let image = self.image(&image_name).await?;
+        let image = self.image(project, &image_name).await?;
         let mut resources = match &clone {
             Some(snap) => {
                 let mut r = snap.resources;
@@ -393,7 +399,7 @@ impl ControlPlane {
         };
         let stop_timeout_secs =
             validate_stop_timeout(req.stop_timeout_secs.unwrap_or(DEFAULT_STOP_TIMEOUT_SECS))?;
-        let image = self.image(&image_name).await?;
+        let image = self.image(project, &image_name).await?;
         match image.state {
             ImageState::Ready => {}
             ImageState::Building => {

@@ -1,9 +1,11 @@
 //! Upgrades of the store's key layout.
 //!
-//! Instance and volume names became unique per project: their records
-//! (specs, statuses, host bindings, snapshots, attachments) moved from
-//! `<prefix><name>` to `<prefix><project>/<name>`. A store written before
-//! is moved over once, when a server starts and before it reads anything.
+//! Instance, volume and image names became unique per project: their
+//! records (specs, statuses, host bindings, snapshots, attachments, image
+//! records) moved from `<prefix><name>` to `<prefix><project>/<name>`, and
+//! a server's image files from `<data>/images/<name>` to
+//! `<data>/images/<project>/<name>`. A store written before is moved over
+//! once, when a server starts and before it reads anything.
 //!
 //! Every move is one transaction guarded by the old key's revision and the
 //! new key's absence, so servers starting together move each record once
@@ -11,8 +13,11 @@
 //! must never rewrite a record's value: it only renames keys.
 
 use std::collections::HashMap;
+use std::path::Path;
 
-use skyvisor_core::{InstanceSpec, ProjectName, Snapshot, VolumeName, VolumeRef, VolumeSpec, keys};
+use skyvisor_core::{
+    Image, InstanceSpec, ProjectName, Snapshot, VolumeName, VolumeRef, VolumeSpec, keys,
+};
 use skyvisor_store::{Compare, KeyValue, Op, Store, StoreError, decode};
 use tracing::{info, warn};
 
@@ -140,11 +145,72 @@ pub async fn upgrade(store: &dyn Store) -> Result<usize, StoreError> {
         let Some(v) = volume_of(volume) else { continue };
         count(rename(store, &kv, keys::volume_snapshot(&v, snapshot)).await?);
     }
+
+    // Images: the record says the project.
+    for kv in legacy(store, keys::IMAGES, 0).await? {
+        let Ok(image) = decode::<Image>(&kv) else {
+            warn!(key = %kv.key, "cannot move an undecodable image record");
+            continue;
+        };
+        count(rename(store, &kv, keys::image(&image.image_ref())).await?);
+    }
     if moved > 0 {
         info!(
             moved,
-            "store layout upgraded: instances and volumes are named within their projects"
+            "store layout upgraded: instances, volumes and images are named within their projects"
         );
+    }
+    Ok(moved)
+}
+
+/// Moves this server's image files of the old layout
+/// (`<root>/<name>/<file>`) to `<root>/<project>/<name>/`; returns how
+/// many images it moved. Call after [`upgrade`]. Old directories go aside
+/// (`.legacy-<name>`) before any moves in, since a project may be named
+/// like an old image; a start interrupted in between finishes the moves.
+pub async fn move_image_dirs(store: &dyn Store, root: &Path) -> Result<usize, StoreError> {
+    let images: Vec<Image> = store
+        .list(keys::IMAGES)
+        .await?
+        .items
+        .iter()
+        .filter_map(|kv| decode::<Image>(kv).ok())
+        .collect();
+    let aside = |image: &Image| root.join(format!(".legacy-{}", image.name));
+    for image in &images {
+        let old = root.join(image.name.as_str());
+        let mut is_old_layout = false;
+        for f in &image.files {
+            is_old_layout |= tokio::fs::metadata(old.join(&f.file_name))
+                .await
+                .is_ok_and(|m| m.is_file());
+        }
+        if is_old_layout && let Err(e) = tokio::fs::rename(&old, aside(image)).await {
+            warn!(image = %image.name, error = %e, "cannot move an image's files aside");
+        }
+    }
+    let mut moved = 0;
+    for image in &images {
+        let from = aside(image);
+        if !tokio::fs::try_exists(&from).await.unwrap_or(false) {
+            continue;
+        }
+        let to = root.join(image.project.as_str()).join(image.name.as_str());
+        if tokio::fs::try_exists(&to).await.unwrap_or(true) {
+            continue;
+        }
+        let parent = root.join(image.project.as_str());
+        let done = match tokio::fs::create_dir_all(&parent).await {
+            Ok(()) => tokio::fs::rename(&from, &to).await,
+            Err(e) => Err(e),
+        };
+        match done {
+            Ok(()) => moved += 1,
+            Err(e) => warn!(image = %image.name, error = %e, "cannot move an image's files"),
+        }
+    }
+    if moved > 0 {
+        info!(moved, "image files moved under their projects");
     }
     Ok(moved)
 }
@@ -197,5 +263,69 @@ mod tests {
         }
         // Run again: nothing left to move, nothing moved twice.
         assert_eq!(upgrade(&store).await.expect("again"), 0);
+    }
+
+    #[tokio::test]
+    async fn moves_old_image_records_and_files_under_their_projects() {
+        use skyvisor_core::image::{FileRole, ImageKind, ImageSource, ImageState};
+        let store = skyvisor_store::embedded::EmbeddedStore::in_memory().expect("store");
+        let root = tempfile::tempdir().expect("tmp");
+        // A project named like an image must not catch the image's files.
+        let image = |name: &str, project: &str| Image {
+            name: skyvisor_core::ImageName::new(name).expect("name"),
+            project: ProjectName::new(project).expect("project"),
+            public: false,
+            kind: ImageKind::KernelInitrd,
+            description: String::new(),
+            files: vec![skyvisor_core::ImageFile {
+                role: FileRole::Kernel,
+                file_name: "vmlinuz".into(),
+                size_bytes: 4,
+                sha256: String::new(),
+                format: None,
+                virtual_size_bytes: None,
+            }],
+            cmdline: None,
+            guest_service: false,
+            source: ImageSource::Import,
+            state: ImageState::Ready,
+            message: None,
+            builder: None,
+            created_at: chrono::Utc::now(),
+        };
+        let images = [image("web", "default"), image("tool", "web")];
+        for i in &images {
+            store
+                .put(&format!("{}{}", keys::IMAGES, i.name), encode(i))
+                .await
+                .expect("put");
+            let dir = root.path().join(i.name.as_str());
+            std::fs::create_dir_all(&dir).expect("dir");
+            std::fs::write(dir.join("vmlinuz"), i.name.as_str()).expect("file");
+        }
+        assert_eq!(upgrade(&store).await.expect("upgrade"), 2);
+        assert_eq!(move_image_dirs(&store, root.path()).await.expect("move"), 2);
+        for i in &images {
+            assert!(
+                store
+                    .get(&keys::image(&i.image_ref()))
+                    .await
+                    .expect("get")
+                    .is_some()
+            );
+            let file = root
+                .path()
+                .join(i.project.as_str())
+                .join(i.name.as_str())
+                .join("vmlinuz");
+            assert_eq!(
+                std::fs::read_to_string(&file).expect("moved file"),
+                i.name.as_str()
+            );
+        }
+        assert_eq!(
+            move_image_dirs(&store, root.path()).await.expect("again"),
+            0
+        );
     }
 }

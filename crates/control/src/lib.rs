@@ -140,6 +140,7 @@ impl ControlPlane {
         let store_for_audit = store.clone();
         // Records of an older key layout move first: everything below reads today's.
         layout::upgrade(store.as_ref()).await?;
+        layout::move_image_dirs(store.as_ref(), &config.data_dir.join("images")).await?;
         let inventory = Inventory::start(store.clone()).await?;
         // Agents admit only callers with the cluster's key.
         let cluster_key = skyvisor_auth::cluster_key(store.as_ref())
@@ -273,8 +274,13 @@ impl ControlPlane {
         }
     }
 
-    /// The directory holding image `name`'s files.
-    pub fn image_dir(&self, name: &str) -> PathBuf {
-        self.config.data_dir.join("images").join(name)
+    /// The directory holding image `image`'s files:
+    /// `<data>/images/<project>/<name>`.
+    pub fn image_dir(&self, image: &skyvisor_core::ImageRef) -> PathBuf {
+        self.config
+            .data_dir
+            .join("images")
+            .join(image.project.as_str())
+            .join(image.name.as_str())
     }
 }

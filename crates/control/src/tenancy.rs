@@ -71,26 +71,7 @@ impl ControlPlane {
 
     /// Image `name` if the caller's project owns it or it is public.
     pub async fn visible_image(&self, caller: &Caller, name: &str) -> ApiResult<Image> {
-        let n = ImageName::new(name)?;
-        match self.store.get_json::<Image>(&keys::image(&n)).await? {
-            Some((image, _)) if image.public || image.project == caller.project => Ok(image),
-            _ => {
-                let names: Vec<String> = self
-                    .visible_images(caller)
-                    .await?
-                    .into_iter()
-                    .map(|i| i.name.to_string())
-                    .collect();
-                Err(ApiError::not_found(format!(
-                    "image \"{name}\" not found; images: {}",
-                    if names.is_empty() {
-                        "none".to_string()
-                    } else {
-                        names.join(", ")
-                    }
-                )))
-            }
-        }
+        self.image(&caller.project, &ImageName::new(name)?).await
     }
 
     /// Image `name` if the caller may change or delete it: its project's

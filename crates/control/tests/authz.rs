@@ -81,7 +81,7 @@ async fn image(store: &dyn Store, name: &str, project: &str, public: bool) {
         created_at: Utc::now(),
     };
     store
-        .put(&keys::image(&image.name), encode(&image))
+        .put(&keys::image(&image.image_ref()), encode(&image))
         .await
         .expect("image");
 }
@@ -1115,4 +1115,80 @@ async fn names_are_unique_within_a_project_and_never_collide_across_projects() {
     .await;
     assert_eq!(st, 404, "{missing}");
     assert!(!missing.to_string().contains("secret-name"), "{missing}");
+
+    // Images: each project imports its own `tool`; each sees and serves
+    // its own, by the same name.
+    const BOUNDARY: &str = "skyvisor-names-boundary";
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    for p in ["alpha", "beta"] {
+        let mut body = format!(
+            "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"kernel\"; filename=\"k\"\r\n\r\n"
+        )
+        .into_bytes();
+        body.extend_from_slice(format!("kernel of {p}").as_bytes());
+        body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
+        let r = http
+            .post(format!("{}/v1/images/import?name=tool", s.base))
+            .bearer_auth(&dev)
+            .header("x-skyvisor-project", p)
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={BOUNDARY}"),
+            )
+            .body(body)
+            .send()
+            .await
+            .expect("import");
+        assert_eq!(
+            r.status().as_u16(),
+            201,
+            "{p}: {}",
+            r.text().await.unwrap_or_default()
+        );
+    }
+    for p in ["alpha", "beta"] {
+        let (st, img) = call(&s.base, "GET", "/v1/images/tool", Some(&dev), Some(p), None).await;
+        assert_eq!(st, 200, "{img}");
+        assert_eq!(img["project"], p, "{img}");
+        let file = img["files"][0]["file_name"]
+            .as_str()
+            .expect("file")
+            .to_string();
+        let got = http
+            .get(format!("{}/v1/images/tool/files/{file}", s.base))
+            .bearer_auth(&dev)
+            .header("x-skyvisor-project", p)
+            .send()
+            .await
+            .expect("download")
+            .text()
+            .await
+            .expect("body");
+        assert_eq!(got, format!("kernel of {p}"));
+    }
+    // A project's own image comes before a public one of its name.
+    image(store.as_ref(), "img", "alpha", false).await;
+    let (_, own) = call(
+        &s.base,
+        "GET",
+        "/v1/images/img",
+        Some(&dev),
+        Some("alpha"),
+        None,
+    )
+    .await;
+    assert_eq!(own["project"], "alpha", "{own}");
+    let (_, public) = call(
+        &s.base,
+        "GET",
+        "/v1/images/img",
+        Some(&dev),
+        Some("beta"),
+        None,
+    )
+    .await;
+    assert_eq!(public["project"], "default", "{public}");
 }

@@ -80,7 +80,7 @@ async fn ready_image(store: &dyn Store) {
         created_at: Utc::now(),
     };
     store
-        .put(&keys::image(&image.name), encode(&image))
+        .put(&keys::image(&image.image_ref()), encode(&image))
         .await
         .expect("image");
 }
@@ -519,14 +519,17 @@ async fn building_image(store: &dyn Store, name: &str, source: ImageSource, buil
         created_at: Utc::now(),
     };
     store
-        .put(&keys::image(&image.name), encode(&image))
+        .put(&keys::image(&image.image_ref()), encode(&image))
         .await
         .expect("image");
 }
 
 async fn image(store: &dyn Store, name: &str) -> Image {
     store
-        .get_json::<Image>(&keys::image(&ImageName::new(name).expect("name")))
+        .get_json::<Image>(&keys::image(&skyvisor_core::ImageRef::new(
+            skyvisor_core::auth::default_project(),
+            ImageName::new(name).expect("name"),
+        )))
         .await
         .expect("get")
         .expect("image")

@@ -107,7 +107,7 @@ pub enum ImageState {
 /// A guest image.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Image {
-    /// Unique name.
+    /// Its name, unique within its project (and among public images).
     pub name: ImageName,
     /// The project that owns it.
     #[serde(default = "crate::auth::default_project")]
@@ -145,6 +145,11 @@ pub struct Image {
 }
 
 impl Image {
+    /// The image as its project's name for it: what names it in the store.
+    pub fn image_ref(&self) -> crate::ImageRef {
+        crate::ImageRef::new(self.project.clone(), self.name.clone())
+    }
+
     /// The file with `role`, if the image has one.
     pub fn file(&self, role: FileRole) -> Option<&ImageFile> {
         self.files.iter().find(|f| f.role == role)
@@ -153,5 +158,71 @@ impl Image {
     /// Total size of the image's files.
     pub fn size_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.size_bytes).sum()
+    }
+}
+
+/// The image named `name` for `project`, among `images`: the project's
+/// own, else the public one of that name (public names are unique, so at
+/// most one). The one rule by which the API and the agents find an
+/// instance's image.
+pub fn resolve<'a>(
+    images: impl IntoIterator<Item = &'a Image>,
+    project: &crate::ProjectName,
+    name: &ImageName,
+) -> Option<&'a Image> {
+    let mut public = None;
+    for image in images {
+        if &image.name != name {
+            continue;
+        }
+        if &image.project == project {
+            return Some(image);
+        }
+        if image.public {
+            public = Some(image);
+        }
+    }
+    public
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(project: &str, name: &str, public: bool) -> Image {
+        Image {
+            name: ImageName::new(name).expect("name"),
+            project: crate::ProjectName::new(project).expect("project"),
+            public,
+            kind: ImageKind::KernelInitrd,
+            description: String::new(),
+            files: vec![],
+            cmdline: None,
+            guest_service: false,
+            source: ImageSource::Import,
+            state: ImageState::Ready,
+            message: None,
+            builder: None,
+            created_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn a_projects_own_image_comes_before_a_public_one_of_its_name() {
+        let all = [
+            image("default", "debian", true),
+            image("web", "debian", false),
+            image("blog", "tool", false),
+        ];
+        let p = |s: &str| crate::ProjectName::new(s).expect("project");
+        let n = |s: &str| ImageName::new(s).expect("name");
+        let found = |project: &str, name: &str| {
+            resolve(&all, &p(project), &n(name)).map(|i| i.project.to_string())
+        };
+        assert_eq!(found("web", "debian").as_deref(), Some("web"));
+        assert_eq!(found("blog", "debian").as_deref(), Some("default"));
+        // Another project's private image is not there for anyone else.
+        assert_eq!(found("web", "tool"), None);
+        assert_eq!(found("blog", "tool").as_deref(), Some("blog"));
     }
 }

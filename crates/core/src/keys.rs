@@ -6,7 +6,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::names::{HostName, ImageName, InstanceRef, VolumeRef};
+use crate::names::{HostName, ImageRef, InstanceRef, VolumeRef};
 
 /// Prefix of all instance specs: `instances/spec/<project>/<name>`.
 pub const INSTANCE_SPECS: &str = "instances/spec/";
@@ -160,8 +160,8 @@ pub fn host_state(name: &HostName) -> String {
     format!("{HOST_STATES}{name}")
 }
 
-/// Image `name`.
-pub fn image(name: &ImageName) -> String {
+/// Image `name`: `images/<project>/<name>`.
+pub fn image(name: &ImageRef) -> String {
     format!("{IMAGES}{name}")
 }
 

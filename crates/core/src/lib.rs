@@ -40,8 +40,8 @@ pub use migration::{
     MigrationResult,
 };
 pub use names::{
-    GroupName, HostName, IdentityName, ImageName, InstanceName, InstanceRef, ProjectName, Scoped,
-    ServerName, TypeName, VolumeName, VolumeRef,
+    GroupName, HostName, IdentityName, ImageName, ImageRef, InstanceName, InstanceRef, ProjectName,
+    Scoped, ServerName, TypeName, VolumeName, VolumeRef,
 };
 pub use network::{Ipv4Net, MacAddr, Network, NetworkAttachment};
 pub use resources::{InstanceType, Resources};

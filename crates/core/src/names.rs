@@ -190,6 +190,8 @@ impl<N: FromStr<Err = ValidationError>> FromStr for Scoped<N> {
 pub type InstanceRef = Scoped<InstanceName>;
 /// A volume of a project.
 pub type VolumeRef = Scoped<VolumeName>;
+/// An image of a project.
+pub type ImageRef = Scoped<ImageName>;
 
 #[cfg(test)]
 mod tests {

@@ -203,7 +203,10 @@ async fn default_image_files(
     store: &dyn Store,
     images: &ImageCache,
 ) -> Option<(PathBuf, Option<PathBuf>)> {
-    let name = ImageName::new(skyvisor_control::images::DEFAULT_IMAGE).ok()?;
+    let name = skyvisor_core::ImageRef::new(
+        skyvisor_core::auth::default_project(),
+        ImageName::new(skyvisor_control::images::DEFAULT_IMAGE).ok()?,
+    );
     let (image, _) = store.get_json::<Image>(&keys::image(&name)).await.ok()??;
     if image.state != ImageState::Ready {
         return None;

@@ -156,7 +156,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
             .ensure_image(DEFAULT_IMAGE, DEFAULT_RECIPE, |m| eprintln!("  image: {m}"))
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-        let dir = cp.image_dir(DEFAULT_IMAGE);
+        let dir = cp.image_dir(&image.image_ref());
         let kernel = image.file(FileRole::Kernel).map(|f| dir.join(&f.file_name));
         let initrd = image.file(FileRole::Initrd).map(|f| dir.join(&f.file_name));
         probe_files = kernel.map(|k| (k, initrd));

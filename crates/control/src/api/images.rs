@@ -58,8 +58,8 @@ pub(super) async fn delete(
     caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    cp.writable_image(&caller, &name).await?;
-    cp.delete_image(&name).await?;
+    let image = cp.writable_image(&caller, &name).await?;
+    cp.delete_image(&image).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -175,11 +175,9 @@ pub(super) async fn import(
         builder: Some(cp.config.cluster.name.clone()),
         created_at: Utc::now(),
     };
-    if !cp
-        .store
-        .create(&keys::image(&name), encode(&placeholder))
-        .await?
-    {
+    cp.refuse_public_name_taken(&placeholder).await?;
+    let key = keys::image(&placeholder.image_ref());
+    if !cp.store.create(&key, encode(&placeholder)).await? {
         return Err(ApiError::already_exists(format!(
             "image \"{name}\" already exists"
         )));
@@ -195,7 +193,7 @@ pub(super) async fn import(
         Ok(image) => {
             publish_import(&cp, &image, &tmp).await.inspect_err(|_| {
                 let store = cp.store.clone();
-                let key = keys::image(&name);
+                let key = key.clone();
                 tokio::spawn(async move {
                     let _ = store.delete(&key).await;
                 });
@@ -205,7 +203,7 @@ pub(super) async fn import(
         }
         Err(e) => {
             // Nothing half-created: no record, no files.
-            cp.store.delete(&keys::image(&name)).await?;
+            cp.store.delete(&key).await?;
             Err(e)
         }
     }
@@ -316,9 +314,9 @@ pub(super) async fn file(
     Path((name, file)): Path<(String, String)>,
     headers: axum::http::HeaderMap,
 ) -> ApiResult<impl IntoResponse> {
-    cp.visible_image(&caller, &name).await?;
+    let image = cp.visible_image(&caller, &name).await?;
     let from_peers = !headers.contains_key(crate::image_sync::NO_PEER_FETCH_HEADER);
-    let path = cp.image_file_path(&name, &file, from_peers).await?;
+    let path = cp.image_file_path(&image, &file, from_peers).await?;
     let f = tokio::fs::File::open(&path)
         .await
         .map_err(|e| ApiError::internal(format!("opening {}: {e}", path.display())))?;

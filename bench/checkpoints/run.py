@@ -249,7 +249,7 @@ class Skyvisor:
                 raise RuntimeError("skyvisor up exited; see up.log")
             time.sleep(0.2)
         img = self.api("GET", "/v1/images/debian-busybox")
-        d = os.path.join(self.data, "images", "debian-busybox")
+        d = os.path.join(self.data, "images", "default", "debian-busybox")
         self.kernel = os.path.join(d, next(f["file_name"] for f in img["files"] if f["role"] == "kernel"))
         self.initrd = os.path.join(d, next(f["file_name"] for f in img["files"] if f["role"] == "initrd"))
         self.cmdline = img.get("cmdline") or ""

@@ -389,7 +389,7 @@ def default_image_files(get_image, testbed_dir, work):
         if time.time() > deadline:
             raise RuntimeError("image debian-busybox not ready in 1800 s")
         time.sleep(1)
-    d = os.path.join(testbed_dir, "s1", "images", "debian-busybox")
+    d = os.path.join(testbed_dir, "s1", "images", "default", "debian-busybox")
     mine = os.path.join(work, "image")
     os.makedirs(mine)
     files = {}

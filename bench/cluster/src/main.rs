@@ -203,7 +203,9 @@ async fn ready_image(store: &dyn Store) -> Result<()> {
         builder: None,
         created_at: Utc::now(),
     };
-    store.put(&keys::image(&image.image_ref()), encode(&image)).await?;
+    store
+        .put(&keys::image(&image.image_ref()), encode(&image))
+        .await?;
     Ok(())
 }
 

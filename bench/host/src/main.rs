@@ -117,7 +117,7 @@ impl Bench {
     fn run(&self, runs: usize) -> Result<()> {
         println!("# Skyvisor single-host benchmark ({runs} runs each, TCG)\n");
         // Boot: alternate raw and Skyvisor so drift hits both alike.
-        let image = self.data.join("images/debian-busybox");
+        let image = self.data.join("images/default/debian-busybox");
         let kernel = find(&image, "vmlinuz")?;
         let initrd = find(&image, "initrd")?;
         let base = find(&image, "base-")?;

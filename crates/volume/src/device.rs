@@ -1399,6 +1399,13 @@ impl ReplicatedDevice {
     }
 
     async fn check_membership(&self) {
+        // A membership change of this device writes the record first and
+        // its own view a moment later: read between the two, the record
+        // would look like another primary's. Skip the check while one is
+        // under way (a takeover by another host makes its CAS fail).
+        let Ok(_t) = self.transition.try_lock() else {
+            return;
+        };
         let topo = self.topo();
         if topo.fenced.is_some() {
             return;

@@ -128,6 +128,12 @@ impl VolumeService {
         };
         let deadline = tokio::time::Instant::now() + UNSERVED_COPY_LIMIT;
         loop {
+            // A fenced device copies nothing more: let go, and the next
+            // pass opens the volume afresh.
+            if let Some(why) = device.status().fenced {
+                warn!(volume = %spec.name, reason = %why, "the volume was fenced while its replicas moved; opening it again");
+                break;
+            }
             // The spec may change meanwhile (another move): follow it.
             let spec = match self
                 .store_spec(&spec.volume_ref())

@@ -205,7 +205,7 @@ fn killing_the_leading_server_lets_another_take_over_and_loses_nothing() {
     assert_eq!(info["servers"].as_array().map(Vec::len), Some(2), "{info}");
     // The second server copied the image the first one built.
     wait_until("s2 has the image files", Duration::from_secs(60), || {
-        let dir = bed.dir.join("s2/images/debian-busybox");
+        let dir = bed.dir.join("s2/images/default/debian-busybox");
         (std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0) >= 2).then_some(())
     });
 
@@ -612,7 +612,7 @@ fn only_host_takes_vms(bed: &TestBed, only: u32) {
 fn vms_start_on_hosts_without_the_image_after_its_server_dies_or_with_no_server_reachable() {
     let bed = TestBed::start(3, 2);
     wait_until("s2 has the image files", Duration::from_secs(60), || {
-        let dir = bed.dir.join("s2/images/debian-busybox");
+        let dir = bed.dir.join("s2/images/default/debian-busybox");
         (std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0) >= 3).then_some(())
     });
     // h1 fetches the image from s1, which built it.

@@ -10,7 +10,7 @@ fn imported_kernel_and_disk_images_boot_and_console_shows_output() {
     let cloud = Cloud::start();
     // Import the built image's kernel and initrd as a new image.
     let built = cloud.sv_json(&["image", "show", "debian-busybox"]);
-    let dir = cloud.data_dir.join("images/debian-busybox");
+    let dir = cloud.data_dir.join("images/default/debian-busybox");
     let file = |role: &str| {
         let f = built["files"]
             .as_array()

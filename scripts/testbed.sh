@@ -32,6 +32,9 @@
 #   ETCD_BIN       the etcd binary (default: etcd)
 #   SERVER_ARGS    extra arguments of every `skyvisor server` (e.g. --weigher pack)
 #   AGENT_ARGS     extra arguments of every `skyvisor agent`
+#   TLS            1: servers serve their API over TLS (skyvisor's default;
+#                  agents and curl trust s1's cluster-ca.pem); else (the
+#                  default here) --plain-http, for simple test clients
 #
 # Layout for TESTBED_ID=n: hosts h1..hN in namespaces svtbnh1.., underlay
 # 10.216.n.0/24 on bridge svtbnbr (root: .1, host H: .10+H), VM subnet
@@ -54,6 +57,7 @@ NET=10.216.$ID
 VMNET=10.217.$ID.0/24
 ROOT_IP=$NET.1
 ETCD_URL=http://$ROOT_IP:2379
+TLS=${TLS:-0}
 
 skyvisor_bin() {
   if [[ -n ${SKYVISOR:-} ]]; then echo "$SKYVISOR"; return; fi
@@ -68,7 +72,15 @@ skyvisor_bin() {
 ns() { echo "svtb${ID}h$1"; }
 veth() { echo "svtb${ID}v$1"; }
 host_ip() { echo "$NET.$((10 + $1))"; }
-server_url() { echo "http://$ROOT_IP:$((7779 + $1))"; }
+server_url() {
+  if [[ $TLS == 1 ]]; then echo "https://$ROOT_IP:$((7779 + $1))"; else echo "http://$ROOT_IP:$((7779 + $1))"; fi
+}
+# The cluster CA (every server writes it to its data directory).
+ca_file() { echo "$DIR/s1/cluster-ca.pem"; }
+# curl, trusting the cluster CA when the servers serve TLS.
+api_curl() {
+  if [[ $TLS == 1 ]]; then curl --cacert "$(ca_file)" "$@"; else curl "$@"; fi
+}
 hosts() { cat "$DIR/hosts" 2>/dev/null || echo 0; }
 servers() { cat "$DIR/servers" 2>/dev/null || echo 0; }
 server_urls() {
@@ -162,11 +174,16 @@ server_start() {
   mkdir -p "$CACHE"
   local extra=()
   read -ra extra <<<"${SERVER_ARGS:-}"
+  [[ $TLS == 1 ]] || extra+=(--plain-http)
   spawn "server$i" "$(skyvisor_bin)" server --etcd "$ETCD_URL" --name "s$i" \
     --listen "$ROOT_IP:$((7779 + i))" --data-dir "$DIR/s$i" --cache-dir "$CACHE" \
     --subnet "$VMNET" --lease-ttl "$LEASE_TTL" --bootstrap-token-file "$(token_file)" "${extra[@]}"
   (( i > $(servers) )) && echo "$i" >"$DIR/servers"
-  wait_for "server s$i" 60 curl -fsS "$(server_url "$i")/healthz"
+  if [[ $TLS == 1 ]]; then
+    wait_for "server s$i" 60 curl -fsS --cacert "$DIR/s$i/cluster-ca.pem" "$(server_url "$i")/healthz"
+  else
+    wait_for "server s$i" 60 curl -fsS "$(server_url "$i")/healthz"
+  fi
 }
 
 agent_start() {
@@ -174,13 +191,15 @@ agent_start() {
   running "agent$h" && return 0
   local extra=()
   read -ra extra <<<"${AGENT_ARGS:-}"
-  SKYVISOR_JOIN_TOKEN=$(cat "$(token_file)") spawn "agent$h" ip netns exec "$(ns "$h")" "$(skyvisor_bin)" agent \
+  local ca=()
+  [[ $TLS == 1 ]] && ca=(env "SKYVISOR_CA_FILE=$(ca_file)")
+  SKYVISOR_JOIN_TOKEN=$(cat "$(token_file)") spawn "agent$h" "${ca[@]}" ip netns exec "$(ns "$h")" "$(skyvisor_bin)" agent \
     --server "$(server_urls)" --host-name "h$h" --address "$(host_ip "$h")" \
     --data-dir "$DIR/h$h" --accel "$ACCEL" --lease-ttl "$LEASE_TTL" --guest-test-hooks "${extra[@]}"
 }
 
 host_ready() {
-  curl -fsS -H "Authorization: Bearer $(cat "$(token_file)")" "$(server_url 1)/v1/hosts/h$1" |
+  api_curl -fsS -H "Authorization: Bearer $(cat "$(token_file)")" "$(server_url 1)/v1/hosts/h$1" |
     grep -q '"state":"ready"'
 }
 

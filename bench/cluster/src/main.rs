@@ -304,6 +304,8 @@ async fn start_server(
                 .arg("--cache-dir")
                 .arg(dir.join("cache"))
                 .args(["--subnet", "10.0.0.0/16", "--no-default-image"])
+                // Control-plane scale, not TLS, is measured here.
+                .arg("--plain-http")
                 .env("RUST_LOG", "warn")
                 .stdout(log.try_clone()?)
                 .stderr(log)

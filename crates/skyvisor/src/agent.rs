@@ -49,6 +49,10 @@ pub struct AgentArgs {
     /// spent by the join. A cluster admin's API token works too.
     #[arg(long, env = "SKYVISOR_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+    /// The cluster CA's certificate (a server's `DATA_DIR/cluster-ca.pem`),
+    /// to trust the servers' TLS with when joining through them.
+    #[arg(long, env = "SKYVISOR_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// etcd client URLs, comma-separated, to join without asking a server.
     #[arg(long, value_delimiter = ',', env = "SKYVISOR_ETCD")]
     etcd: Vec<String>,
@@ -105,8 +109,9 @@ pub struct AgentArgs {
 /// that it restarts without a new join token (delete it to join anew).
 const JOINED_FILE: &str = "joined.json";
 
-/// Asks the servers how to join; the first that answers decides.
-async fn join_info(servers: &[String], token: Option<&str>) -> Result<JoinInfo> {
+/// Asks the servers how to join, trusting `ca` (PEM) for `https` ones; the
+/// first that answers decides.
+async fn join_info(servers: &[String], token: Option<&str>, ca: Option<&str>) -> Result<JoinInfo> {
     let Some(token) = token else {
         bail!(
             "joining through a server needs a join token: make one with `skyvisor host join-token` and give it with --join-token or SKYVISOR_JOIN_TOKEN (a cluster admin's API token works too)"
@@ -114,11 +119,9 @@ async fn join_info(servers: &[String], token: Option<&str>) -> Result<JoinInfo> 
     };
     let mut errors = Vec::new();
     for url in servers {
-        // An https server's CA: SKYVISOR_CA_FILE (its `cluster-ca.pem`).
-        let ca = std::env::var_os("SKYVISOR_CA_FILE").and_then(|f| std::fs::read_to_string(f).ok());
         let client = Client::new(url)
             .with_token(Some(token.to_string()))
-            .with_ca(ca.as_deref());
+            .with_ca(ca);
         let path = format!("/v1/cluster/join?version={}", skyvisor_core::VERSION);
         match client.get::<JoinInfo>(&path).await {
             Ok(info) => return Ok(info),
@@ -189,7 +192,13 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             Some(info) => info,
             None => {
                 let token = args.join_token.clone().or(file.agent.join_token.clone());
-                let info = join_info(&servers, token.as_deref()).await?;
+                let ca = match args.ca_file.clone().or(file.agent.ca_file.clone()) {
+                    Some(f) => Some(std::fs::read_to_string(&f).with_context(|| {
+                        format!("cannot read the cluster CA's certificate {}", f.display())
+                    })?),
+                    None => None,
+                };
+                let info = join_info(&servers, token.as_deref(), ca.as_deref()).await?;
                 std::fs::create_dir_all(&agent_dir)
                     .and_then(|()| std::fs::write(&joined, serde_json::to_vec(&info)?))
                     .with_context(|| format!("cannot keep the join in {}", joined.display()))?;

@@ -102,6 +102,9 @@ pub struct AgentFileConfig {
     pub servers: Option<Vec<String>>,
     /// A cluster admin's API token to join through them.
     pub join_token: Option<String>,
+    /// The cluster CA's certificate (a server's `cluster-ca.pem`), to trust
+    /// `https` servers with.
+    pub ca_file: Option<PathBuf>,
     /// This host's address other hosts reach it at.
     pub address: Option<std::net::Ipv4Addr>,
     /// The agent's HTTP listen address.

@@ -70,9 +70,15 @@ pub struct ServerArgs {
     /// 65520 ids from there).
     #[arg(long)]
     private_vni_base: Option<u32>,
-    /// Serve the API over TLS, with a certificate from the cluster's CA
-    /// (made by the first server that serves TLS); clients pin the CA.
-    #[arg(long)]
+    /// Serve the API over plain HTTP instead of TLS: API tokens and
+    /// everything else then cross the network in the clear. Only for a
+    /// test bed, or behind a proxy that terminates TLS. (By default the
+    /// API is served over TLS with a certificate of the cluster's CA, which
+    /// clients pin at `skyvisor remote add`.)
+    #[arg(long, conflicts_with = "tls")]
+    plain_http: bool,
+    /// Serve the API over TLS: the default, kept for scripts that say it.
+    #[arg(long, hide = true)]
     tls: bool,
     /// How many days the audit trail keeps a record (default 90).
     #[arg(long)]
@@ -245,11 +251,23 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         None if bound.ip().is_unspecified() => bail!(
             "listening on {bound}: give --advertise-url with the address agents and other servers reach this server at"
         ),
-        None if args.tls => format!("https://{bound}"),
+        None if !args.plain_http => format!("https://{bound}"),
         None => format!("http://{bound}"),
     };
+    match (args.plain_http, url.starts_with("https://")) {
+        (false, false) => bail!(
+            "--advertise-url {url} is plain HTTP, but the API is served over TLS: give an https:// URL (or serve plain HTTP with --plain-http)"
+        ),
+        (true, true) => bail!(
+            "--advertise-url {url} is https, but --plain-http serves plain HTTP: give an http:// URL"
+        ),
+        (true, false) => eprintln!(
+            "warning: the API is served over plain HTTP (--plain-http): API tokens cross the network in the clear"
+        ),
+        (false, true) => {}
+    }
     // The CA first: the control plane's own client trusts it.
-    let tls = match args.tls {
+    let tls = match !args.plain_http {
         true => Some(
             crate::tls::server_config(
                 store.as_ref(),

@@ -154,6 +154,7 @@ fn pack_weigher_fills_one_host_first() {
         1,
         TestBedOptions {
             server_args: vec!["--weigher".into(), "pack".into()],
+            ..Default::default()
         },
     );
     let mut hosts = BTreeSet::new();
@@ -807,4 +808,44 @@ fn creates_and_deletes_go_on_while_each_server_in_turn_dies() {
         longest < Duration::from_secs(LEASE_TTL),
         "operations failed for {longest:?} (lease TTL {LEASE_TTL}s): {failures:?}"
     );
+}
+
+#[test]
+fn a_cluster_serves_its_api_over_tls_and_agents_join_through_it() {
+    // `skyvisor server` serves TLS unless told --plain-http.
+    let bed = TestBed::start_with(
+        2,
+        2,
+        TestBedOptions {
+            tls: true,
+            ..Default::default()
+        },
+    );
+    assert!(bed.server_url(2).starts_with("https://"));
+    // Both agents joined through the servers over TLS (pinning the CA).
+    let hosts = bed.sv_json(&["host", "list"]);
+    assert_eq!(hosts.as_array().map(Vec::len), Some(2), "{hosts}");
+    // The second server's certificate is of the same CA.
+    let out = bed.sv_at(&bed.server_url(2), &["vm", "list", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = bed.create_vm("tls-vm", &["--type", "nano"]);
+    assert_eq!(guest_json(vm_ip(&v), "/identity")["name"], "tls-vm");
+    // Plain HTTP gets no API from any server.
+    for i in 1..=2 {
+        let plain = bed.server_url(i).replacen("https://", "http://", 1);
+        let answer = http(
+            "GET",
+            &format!("{plain}/healthz"),
+            None,
+            Duration::from_secs(5),
+        );
+        assert!(
+            answer.as_ref().map_or(true, |(status, _)| *status != 200),
+            "server s{i} answered plain HTTP: {answer:?}"
+        );
+    }
 }

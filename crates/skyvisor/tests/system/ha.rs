@@ -364,6 +364,7 @@ fn replicas_move_on_request_and_are_made_again_after_their_host_is_gone() {
                 "--ha-reserve-hosts".into(),
                 "2".into(),
             ],
+            ..Default::default()
         },
     );
     let v = bed.create_vm("r", &["--type", "nano"]);

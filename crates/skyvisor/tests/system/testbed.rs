@@ -47,6 +47,11 @@ fn acquire_slot() -> Slot {
 pub struct TestBedOptions {
     /// Extra arguments of every server.
     pub server_args: Vec<String>,
+    /// Serve the servers' API over TLS, as `skyvisor server` does by
+    /// default (talk to them through the CLI then). Without it the bed's
+    /// servers serve plain HTTP (`--plain-http`), which the harness's own
+    /// small HTTP client speaks.
+    pub tls: bool,
 }
 
 /// A running multi-host cluster on this machine.
@@ -100,8 +105,20 @@ impl TestBed {
         );
         // Servers build the default image in the background; wait for it.
         wait_until("the default image", Duration::from_secs(300), || {
-            let (status, v) = bed.api("GET", "/v1/images/debian-busybox", None);
-            (status == 200 && v["state"] == "ready").then_some(())
+            let v = if bed.options.tls {
+                let out = bed.sv_at(
+                    &bed.urls(),
+                    &["image", "show", "debian-busybox", "-o", "json"],
+                );
+                serde_json::from_slice::<Value>(&out.stdout).unwrap_or_default()
+            } else {
+                let (status, v) = bed.api("GET", "/v1/images/debian-busybox", None);
+                if status != 200 {
+                    return None;
+                }
+                v
+            };
+            (v["state"] == "ready").then_some(())
         });
         bed
     }
@@ -117,6 +134,7 @@ impl TestBed {
             .env("LEASE_TTL", LEASE_TTL.to_string())
             .env("ACCEL", "tcg")
             .env("SERVER_ARGS", self.options.server_args.join(" "))
+            .env("TLS", if self.options.tls { "1" } else { "0" })
             .env(
                 "RUST_LOG",
                 std::env::var("TESTBED_RUST_LOG")
@@ -165,7 +183,13 @@ impl TestBed {
 
     /// Server `i`'s API URL.
     pub fn server_url(&self, i: u32) -> String {
-        format!("http://{}:{}", self.root_ip(), 7779 + i)
+        let scheme = if self.options.tls { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.root_ip(), 7779 + i)
+    }
+
+    /// The cluster CA's certificate, as the first server wrote it.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("s1").join("cluster-ca.pem")
     }
 
     /// Every server's URL, comma-separated (the CLI fails over among them).
@@ -209,6 +233,9 @@ impl TestBed {
         let mut c = Command::new(skyvisor_bin());
         if let Some(t) = self.token() {
             c.env("SKYVISOR_TOKEN", t);
+        }
+        if self.options.tls {
+            c.env("SKYVISOR_CA_FILE", self.ca_file());
         }
         c.args(args)
             .env("SKYVISOR_URL", urls)

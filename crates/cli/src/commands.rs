@@ -49,6 +49,9 @@ pub enum ClientCommand {
     /// Security groups: what may reach the project's instances.
     #[command(subcommand, name = "security-group", alias = "sg")]
     SecurityGroup(crate::networks::SecurityGroupCommand),
+    /// SSH key pairs of the project.
+    #[command(subcommand)]
+    Keypair(crate::keypairs::KeyPairCommand),
     /// Live migrations: what moved where, and how it went.
     #[command(subcommand)]
     Migration(crate::migrations::MigrationCommand),
@@ -531,6 +534,7 @@ pub async fn run(args: ConnectionArgs, format: OutputFormat, cmd: ClientCommand)
         ClientCommand::SecurityGroup(c) => {
             crate::networks::security_group(&client, format, c).await
         }
+        ClientCommand::Keypair(c) => crate::keypairs::keypair(&client, format, c).await,
         ClientCommand::Migration(c) => crate::migrations::migration(&client, format, c).await,
         ClientCommand::Failover(c) => crate::failovers::failover(&client, format, c).await,
         ClientCommand::Type(TypeCommand::List) => {

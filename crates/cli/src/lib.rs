@@ -7,6 +7,7 @@ pub mod commands;
 pub mod config;
 pub mod failovers;
 pub mod identities;
+pub mod keypairs;
 pub mod migrations;
 pub mod networks;
 pub mod output;

@@ -19,6 +19,7 @@ mod inflight;
 pub mod instances;
 pub mod inventory;
 pub mod ipam;
+pub mod keypairs;
 pub mod layout;
 pub mod metrics;
 pub mod migrations;

@@ -244,6 +244,12 @@ impl ControlPlane {
                 .filter(|i| &i.project == project)
                 .map(|i| format!("image {}", i.name)),
         );
+        out.extend(
+            self.key_pairs(project)
+                .await?
+                .iter()
+                .map(|k| format!("key pair {}", k.name)),
+        );
         Ok(out)
     }
 }

@@ -244,7 +244,11 @@ async fn identity(
 
 /// The concrete path of a route template, naming project alpha's objects.
 fn concrete(path: &str, token_id: &str) -> String {
-    concrete_with(path, token_id, ["vm-a", "vol-a", "img-a", "net-a", "sg-a"])
+    concrete_with(
+        path,
+        token_id,
+        ["vm-a", "vol-a", "img-a", "net-a", "sg-a", "kp-a"],
+    )
 }
 
 /// The same path naming objects that do not exist anywhere.
@@ -252,11 +256,11 @@ fn missing(path: &str, token_id: &str) -> String {
     concrete_with(
         path,
         token_id,
-        ["vm-zz", "vol-zz", "img-zz", "net-zz", "sg-zz"],
+        ["vm-zz", "vol-zz", "img-zz", "net-zz", "sg-zz", "kp-zz"],
     )
 }
 
-fn concrete_with(path: &str, token_id: &str, [vm, vol, img, net, sg]: [&str; 5]) -> String {
+fn concrete_with(path: &str, token_id: &str, [vm, vol, img, net, sg, kp]: [&str; 6]) -> String {
     let object = if path.starts_with("/v1/instances/") {
         vm
     } else if path.starts_with("/v1/volumes/") {
@@ -267,6 +271,8 @@ fn concrete_with(path: &str, token_id: &str, [vm, vol, img, net, sg]: [&str; 5])
         net
     } else if path.starts_with("/v1/security-groups/") {
         sg
+    } else if path.starts_with("/v1/keypairs/") {
+        kp
     } else if path.starts_with("/v1/hosts/") {
         "h1"
     } else if path.starts_with("/v1/projects/") {
@@ -292,6 +298,7 @@ fn names_an_object(path: &str) -> bool {
         "/v1/images/{",
         "/v1/networks/{",
         "/v1/security-groups/{",
+        "/v1/keypairs/{",
     ]
     .iter()
     .any(|p| path.starts_with(p))
@@ -305,7 +312,8 @@ fn unmissing(v: &Value) -> Value {
         .replace("vol-zz", "vol-a")
         .replace("img-zz", "img-a")
         .replace("net-zz", "net-a")
-        .replace("sg-zz", "sg-a");
+        .replace("sg-zz", "sg-a")
+        .replace("kp-zz", "kp-a");
     serde_json::from_str(&text).unwrap_or(Value::Null)
 }
 
@@ -371,7 +379,11 @@ async fn every_route_answers_each_role_as_its_rule_says() {
     .await;
     assert_eq!(st, 202, "{body}");
     // Alpha's network and security group.
-    for (path, name) in [("/v1/networks", "net-a"), ("/v1/security-groups", "sg-a")] {
+    for (path, name) in [
+        ("/v1/networks", "net-a"),
+        ("/v1/security-groups", "sg-a"),
+        ("/v1/keypairs", "kp-a"),
+    ] {
         let (st, body) = call(
             &s.base,
             "POST",
@@ -457,9 +469,17 @@ async fn every_route_answers_each_role_as_its_rule_says() {
         check("outsider", method, &path, st, expected, &b);
         if let Some(list) = b.as_array() {
             let text = Value::Array(list.clone()).to_string();
-            let leaked = ["vm-a", "vol-a", "img-a", "net-a", "sg-a", "\"alpha\""]
-                .iter()
-                .any(|n| text.contains(n));
+            let leaked = [
+                "vm-a",
+                "vol-a",
+                "img-a",
+                "net-a",
+                "sg-a",
+                "kp-a",
+                "\"alpha\"",
+            ]
+            .iter()
+            .any(|n| text.contains(n));
             check("outsider list", method, &path, st, !leaked, &b);
         }
         let (st, b) = call(

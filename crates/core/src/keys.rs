@@ -207,6 +207,19 @@ pub fn security_groups_of(project: &crate::ProjectName) -> String {
     format!("{SECURITY_GROUPS}{project}/")
 }
 
+/// Prefix of all SSH key pairs: `keypairs/<project>/<name>`.
+pub const KEYPAIRS: &str = "keypairs/";
+
+/// Key pair `name` of `project`.
+pub fn keypair(project: &crate::ProjectName, name: &str) -> String {
+    format!("{KEYPAIRS}{project}/{name}")
+}
+
+/// Prefix of the key pairs of `project`.
+pub fn keypairs_of(project: &crate::ProjectName) -> String {
+    format!("{KEYPAIRS}{project}/")
+}
+
 /// Prefix of the per-host firewall documents.
 pub const FIREWALLS: &str = "firewalls/";
 

@@ -14,6 +14,7 @@ pub mod ha;
 pub mod host;
 pub mod image;
 pub mod instance;
+pub mod keypair;
 pub mod keys;
 pub mod labels;
 pub mod migration;

@@ -12,6 +12,7 @@ mod failovers;
 mod hosts;
 mod images;
 mod instances;
+mod keypairs;
 mod migrations;
 mod networks;
 mod page;
@@ -157,6 +158,8 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(networks::list_groups, networks::create_group))
         .routes(routes!(networks::show_group, networks::delete_group))
         .routes(routes!(networks::set_rules))
+        .routes(routes!(keypairs::list, keypairs::create))
+        .routes(routes!(keypairs::show, keypairs::delete))
         .routes(routes!(volumes::list, volumes::create))
         .routes(routes!(volumes::show, volumes::delete))
         .routes(routes!(volumes::grow))

@@ -9,6 +9,7 @@ mod contract;
 mod ha;
 mod harness;
 mod images;
+mod keypairs;
 mod lifecycle;
 mod migration;
 mod multihost;

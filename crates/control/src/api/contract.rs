@@ -249,6 +249,12 @@ pub fn constrain(doc: &mut serde_json::Value) {
             json!({"type": "string", "pattern": format!("^{OCTETS}/([89]|1[0-9]|2[0-9])$")}),
         ),
         ("CreateSecurityGroupRequest", "name", name.clone()),
+        ("CreateKeyPairRequest", "name", name.clone()),
+        (
+            "CreateKeyPairRequest",
+            "public_key",
+            json!({"type": "string", "minLength": 1, "maxLength": skyvisor_core::keypair::MAX_PUBLIC_KEY_BYTES}),
+        ),
         (
             "CreateSecurityGroupRequest",
             "description",

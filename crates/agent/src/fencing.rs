@@ -329,10 +329,10 @@ async fn probe_and_report(
     }
 }
 
-/// Probes every peer's agent at once; records those that answered.
 /// How long one probe of a peer may take (connecting included).
 const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 
+/// Probes every peer's agent at once; records those that answered.
 async fn probe_peers(fence: &Fence, http: &reqwest::Client, me: &HostName) {
     let peers = lock(&fence.peers).clone();
     let probes = peers.into_iter().map(|(name, url)| {

@@ -117,6 +117,12 @@ impl ControlPlane {
     /// [`skyvisor_core::image::resolve`]), or a 404 that lists the images
     /// the project may use.
     pub async fn image(&self, project: &ProjectName, name: &ImageName) -> ApiResult<Image> {
+        // The project's own image is one read; only a public one (or a
+        // 404) needs the listing.
+        let own = skyvisor_core::ImageRef::new(project.clone(), name.clone());
+        if let Some((image, _)) = self.store.get_json::<Image>(&keys::image(&own)).await? {
+            return Ok(image);
+        }
         let all = self.images().await?;
         match skyvisor_core::image::resolve(&all, project, name) {
             Some(image) => Ok(image.clone()),

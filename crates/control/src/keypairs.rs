@@ -93,7 +93,7 @@ impl ControlPlane {
     pub async fn key_pairs(&self, project: &ProjectName) -> ApiResult<Vec<KeyPair>> {
         let (list, _) = self
             .store
-            .list_json::<KeyPair>(&keys::keypairs_of(project))
+            .list_json::<KeyPair>(&keys::in_project(keys::KEYPAIRS, project))
             .await?;
         let mut out: Vec<KeyPair> = list.into_iter().map(|(k, _)| k).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));

@@ -18,7 +18,7 @@ use std::path::Path;
 use skyvisor_core::{
     Image, InstanceSpec, ProjectName, Snapshot, VolumeName, VolumeRef, VolumeSpec, keys,
 };
-use skyvisor_store::{Compare, KeyValue, Op, Store, StoreError, decode};
+use skyvisor_store::{Compare, KeyValue, Op, Store, StoreError, StoreExt, decode};
 use tracing::{info, warn};
 
 /// How many `/` separate the parts of a key after `prefix`: a record of
@@ -28,68 +28,99 @@ fn depth(prefix: &str, key: &str) -> Option<usize> {
     Some(key.strip_prefix(prefix)?.matches('/').count())
 }
 
-/// Renames `kv` to `to`, keeping its value and lease; false if the key
-/// changed meanwhile or `to` exists.
-async fn rename(store: &dyn Store, kv: &KeyValue, to: String) -> Result<bool, StoreError> {
-    let out = store
-        .txn(
-            vec![
-                Compare::ModRevision(kv.key.clone(), kv.mod_revision),
-                Compare::Absent(to.clone()),
-            ],
-            vec![
-                Op::Put {
-                    key: to,
-                    value: kv.value.clone(),
-                    lease: kv.lease,
-                },
-                Op::Delete(kv.key.clone()),
-            ],
-        )
-        .await?;
-    Ok(out.succeeded)
+/// Where the store's layout is recorded once every old record has moved,
+/// so that later starts skip the scan.
+const LAYOUT_KEY: &str = "cluster/store-layout";
+/// The layout with per-project names.
+const PROJECT_NAMES_LAYOUT: &str = "project-names";
+
+/// One pass of moves: what it found of the old layout and what it moved.
+struct Mover<'a> {
+    store: &'a dyn Store,
+    found: usize,
+    moved: usize,
 }
 
-/// The records under `prefix` written with the old layout (`old_depth`
-/// slashes after the prefix).
-async fn legacy(
-    store: &dyn Store,
-    prefix: &str,
-    old_depth: usize,
-) -> Result<Vec<KeyValue>, StoreError> {
-    Ok(store
-        .list(prefix)
-        .await?
-        .items
-        .into_iter()
-        .filter(|kv| depth(prefix, &kv.key) == Some(old_depth))
-        .collect())
+impl Mover<'_> {
+    /// The records under `prefix` written with the old layout (`old_depth`
+    /// slashes after the prefix).
+    async fn legacy(
+        &mut self,
+        prefix: &str,
+        old_depth: usize,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let old: Vec<KeyValue> = self
+            .store
+            .list(prefix)
+            .await?
+            .items
+            .into_iter()
+            .filter(|kv| depth(prefix, &kv.key) == Some(old_depth))
+            .collect();
+        self.found += old.len();
+        Ok(old)
+    }
+
+    /// Renames `kv` to `to`, keeping its value and lease; not if the key
+    /// changed meanwhile or `to` exists (the next start tries again).
+    async fn rename(&mut self, kv: &KeyValue, to: String) -> Result<(), StoreError> {
+        let out = self
+            .store
+            .txn(
+                vec![
+                    Compare::ModRevision(kv.key.clone(), kv.mod_revision),
+                    Compare::Absent(to.clone()),
+                ],
+                vec![
+                    Op::Put {
+                        key: to,
+                        value: kv.value.clone(),
+                        lease: kv.lease,
+                    },
+                    Op::Delete(kv.key.clone()),
+                ],
+            )
+            .await?;
+        self.moved += usize::from(out.succeeded);
+        Ok(())
+    }
 }
 
 /// Moves every record of the layout before per-project names to its
 /// project's place; returns how many it moved. Idempotent.
 pub async fn upgrade(store: &dyn Store) -> Result<usize, StoreError> {
-    let mut moved = 0;
-    let mut count = |ok: bool| moved += usize::from(ok);
+    if store
+        .get(LAYOUT_KEY)
+        .await?
+        .is_some_and(|kv| kv.value == PROJECT_NAMES_LAYOUT.as_bytes())
+    {
+        return Ok(0);
+    }
+    let mut m = Mover {
+        store,
+        found: 0,
+        moved: 0,
+    };
     let default = skyvisor_core::auth::default_project();
 
     // Instances: the spec says the project; the rest follows the name.
     let mut instance_projects: HashMap<String, ProjectName> = HashMap::new();
-    for kv in legacy(store, keys::INSTANCE_SPECS, 0).await? {
+    for kv in m.legacy(keys::INSTANCE_SPECS, 0).await? {
         let Ok(spec) = decode::<InstanceSpec>(&kv) else {
             warn!(key = %kv.key, "cannot move an undecodable instance spec");
             continue;
         };
         instance_projects.insert(spec.name.to_string(), spec.project.clone());
-        count(rename(store, &kv, keys::instance_spec(&spec.instance_ref())).await?);
+        m.rename(&kv, keys::instance_spec(&spec.instance_ref()))
+            .await?;
     }
-    for kv in legacy(store, keys::INSTANCE_STATUSES, 0).await? {
+    for kv in m.legacy(keys::INSTANCE_STATUSES, 0).await? {
         let name = keys::name_of(&kv.key);
         let project = instance_projects.get(name).unwrap_or(&default).clone();
         let to = format!("{}{project}/{name}", keys::INSTANCE_STATUSES);
-        count(rename(store, &kv, to).await?);
+        m.rename(&kv, to).await?;
     }
-    for kv in legacy(store, keys::BINDINGS, 1).await? {
+    for kv in m.legacy(keys::BINDINGS, 1).await? {
         let (Ok(spec), Some(host)) = (
             decode::<InstanceSpec>(&kv),
             kv.key
@@ -99,24 +130,26 @@ pub async fn upgrade(store: &dyn Store) -> Result<usize, StoreError> {
         ) else {
             continue;
         };
-        count(rename(store, &kv, keys::binding(&host, &spec.instance_ref())).await?);
+        m.rename(&kv, keys::binding(&host, &spec.instance_ref()))
+            .await?;
     }
-    for kv in legacy(store, keys::SNAPSHOTS, 1).await? {
+    for kv in m.legacy(keys::SNAPSHOTS, 1).await? {
         let Ok(snap) = decode::<Snapshot>(&kv) else {
             continue;
         };
-        count(rename(store, &kv, keys::snapshot(&snap.instance_ref(), &snap.name)).await?);
+        m.rename(&kv, keys::snapshot(&snap.instance_ref(), &snap.name))
+            .await?;
     }
 
     // Volumes: the spec says the project.
     let mut volume_projects: HashMap<String, ProjectName> = HashMap::new();
-    for kv in legacy(store, keys::VOLUME_SPECS, 0).await? {
+    for kv in m.legacy(keys::VOLUME_SPECS, 0).await? {
         let Ok(spec) = decode::<VolumeSpec>(&kv) else {
             warn!(key = %kv.key, "cannot move an undecodable volume spec");
             continue;
         };
         volume_projects.insert(spec.name.to_string(), spec.project.clone());
-        count(rename(store, &kv, keys::volume_spec(&spec.volume_ref())).await?);
+        m.rename(&kv, keys::volume_spec(&spec.volume_ref())).await?;
     }
     let volume_of = |name: &str| -> Option<VolumeRef> {
         let project = volume_projects.get(name).unwrap_or(&default).clone();
@@ -127,14 +160,14 @@ pub async fn upgrade(store: &dyn Store) -> Result<usize, StoreError> {
         keys::VOLUME_ATTACHMENTS,
         keys::VOLUME_RUNTIMES,
     ] {
-        for kv in legacy(store, prefix, 0).await? {
+        for kv in m.legacy(prefix, 0).await? {
             let Some(v) = volume_of(keys::name_of(&kv.key)) else {
                 continue;
             };
-            count(rename(store, &kv, format!("{prefix}{v}")).await?);
+            m.rename(&kv, format!("{prefix}{v}")).await?;
         }
     }
-    for kv in legacy(store, keys::VOLUME_SNAPSHOTS, 1).await? {
+    for kv in m.legacy(keys::VOLUME_SNAPSHOTS, 1).await? {
         let Some((volume, snapshot)) = kv
             .key
             .strip_prefix(keys::VOLUME_SNAPSHOTS)
@@ -143,24 +176,30 @@ pub async fn upgrade(store: &dyn Store) -> Result<usize, StoreError> {
             continue;
         };
         let Some(v) = volume_of(volume) else { continue };
-        count(rename(store, &kv, keys::volume_snapshot(&v, snapshot)).await?);
+        m.rename(&kv, keys::volume_snapshot(&v, snapshot)).await?;
     }
 
     // Images: the record says the project.
-    for kv in legacy(store, keys::IMAGES, 0).await? {
+    for kv in m.legacy(keys::IMAGES, 0).await? {
         let Ok(image) = decode::<Image>(&kv) else {
             warn!(key = %kv.key, "cannot move an undecodable image record");
             continue;
         };
-        count(rename(store, &kv, keys::image(&image.image_ref())).await?);
+        m.rename(&kv, keys::image(&image.image_ref())).await?;
     }
-    if moved > 0 {
+    if m.moved > 0 {
         info!(
-            moved,
+            moved = m.moved,
             "store layout upgraded: instances, volumes and images are named within their projects"
         );
     }
-    Ok(moved)
+    // Everything moved (or nothing was old): later starts need not look.
+    if m.moved == m.found {
+        store
+            .put(LAYOUT_KEY, PROJECT_NAMES_LAYOUT.as_bytes().to_vec())
+            .await?;
+    }
+    Ok(m.moved)
 }
 
 /// Moves this server's image files of the old layout
@@ -218,7 +257,7 @@ pub async fn move_image_dirs(store: &dyn Store, root: &Path) -> Result<usize, St
 #[cfg(test)]
 mod tests {
     use super::*;
-    use skyvisor_store::{StoreExt, encode};
+    use skyvisor_store::encode;
 
     #[tokio::test]
     async fn moves_old_records_under_their_projects_once() {

@@ -195,7 +195,7 @@ impl ControlPlane {
             Some(i) => {
                 keys::snapshots_of(&InstanceRef::new(project.clone(), InstanceName::new(i)?))
             }
-            None => keys::snapshots_of_project(project),
+            None => keys::in_project(keys::SNAPSHOTS, project),
         };
         let (all, _) = self.store.list_json::<Snapshot>(&prefix).await?;
         let mut list: Vec<Snapshot> = all.into_iter().map(|(s, _)| s).collect();

@@ -64,8 +64,8 @@ impl ControlPlane {
             .get_json::<VolumeSpec>(&keys::volume_spec(&n))
             .await?
         {
-            Some((spec, _)) if spec.project == caller.project => Ok(spec),
-            _ => Err(not_found("volume", name)),
+            Some((spec, _)) => Ok(spec),
+            None => Err(not_found("volume", name)),
         }
     }
 
@@ -139,7 +139,7 @@ impl ControlPlane {
         let mut u = Usage::default();
         let (instances, _) = self
             .store
-            .list_json::<InstanceSpec>(&keys::instance_specs_of(project))
+            .list_json::<InstanceSpec>(&keys::in_project(keys::INSTANCE_SPECS, project))
             .await?;
         for (spec, _) in instances.iter().filter(|(s, _)| &s.project == project) {
             u.instances += 1;
@@ -148,7 +148,7 @@ impl ControlPlane {
         }
         let (volumes, _) = self
             .store
-            .list_json::<VolumeSpec>(&keys::volume_specs_of(project))
+            .list_json::<VolumeSpec>(&keys::in_project(keys::VOLUME_SPECS, project))
             .await?;
         for (spec, _) in &volumes {
             u.volumes += 1;
@@ -158,13 +158,13 @@ impl ControlPlane {
         // counting them needs no decoding.
         u.snapshots += self
             .store
-            .list(&keys::snapshots_of_project(project))
+            .list(&keys::in_project(keys::SNAPSHOTS, project))
             .await?
             .items
             .len() as u32;
         u.snapshots += self
             .store
-            .list(&keys::volume_snapshots_of_project(project))
+            .list(&keys::in_project(keys::VOLUME_SNAPSHOTS, project))
             .await?
             .items
             .len() as u32;
@@ -209,7 +209,7 @@ impl ControlPlane {
         let mut out = Vec::new();
         let (instances, _) = self
             .store
-            .list_json::<InstanceSpec>(&keys::instance_specs_of(project))
+            .list_json::<InstanceSpec>(&keys::in_project(keys::INSTANCE_SPECS, project))
             .await?;
         out.extend(
             instances
@@ -219,7 +219,7 @@ impl ControlPlane {
         );
         let (volumes, _) = self
             .store
-            .list_json::<VolumeSpec>(&keys::volume_specs_of(project))
+            .list_json::<VolumeSpec>(&keys::in_project(keys::VOLUME_SPECS, project))
             .await?;
         out.extend(
             volumes
@@ -229,7 +229,7 @@ impl ControlPlane {
         );
         let (snapshots, _) = self
             .store
-            .list_json::<Snapshot>(&keys::snapshots_of_project(project))
+            .list_json::<Snapshot>(&keys::in_project(keys::SNAPSHOTS, project))
             .await?;
         out.extend(
             snapshots

@@ -306,25 +306,34 @@ fn running_or_starting(status: &InstanceStatus, spec: &InstanceSpec) -> bool {
 }
 
 impl ControlPlane {
-    async fn volume_records(&self) -> ApiResult<VolumeRecords> {
+    /// The records under `prefix` of `project`, by `project/name`.
+    async fn project_records<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: &str,
+        project: &ProjectName,
+    ) -> ApiResult<HashMap<String, T>> {
+        let items = self
+            .store
+            .list(&keys::in_project(prefix, project))
+            .await?
+            .items;
+        Ok(decode_named(prefix, items))
+    }
+
+    /// The records of `project`'s volumes (and the memberships, keyed by
+    /// data id, of every volume).
+    async fn volume_records(&self, project: &ProjectName) -> ApiResult<VolumeRecords> {
         let (specs, _) = self
             .store
-            .list_json::<VolumeSpec>(keys::VOLUME_SPECS)
+            .list_json::<VolumeSpec>(&keys::in_project(keys::VOLUME_SPECS, project))
             .await?;
         Ok(VolumeRecords {
             specs,
-            statuses: decode_named(
-                keys::VOLUME_STATUSES,
-                self.store.list(keys::VOLUME_STATUSES).await?.items,
-            ),
-            claims: decode_named(
-                keys::VOLUME_ATTACHMENTS,
-                self.store.list(keys::VOLUME_ATTACHMENTS).await?.items,
-            ),
-            runtimes: decode_named(
-                keys::VOLUME_RUNTIMES,
-                self.store.list(keys::VOLUME_RUNTIMES).await?.items,
-            ),
+            statuses: self.project_records(keys::VOLUME_STATUSES, project).await?,
+            claims: self
+                .project_records(keys::VOLUME_ATTACHMENTS, project)
+                .await?,
+            runtimes: self.project_records(keys::VOLUME_RUNTIMES, project).await?,
             memberships: decode_named(
                 keys::VOLUME_MEMBERSHIP,
                 self.store.list(keys::VOLUME_MEMBERSHIP).await?.items,
@@ -342,9 +351,9 @@ impl ControlPlane {
             .collect()
     }
 
-    /// Every volume.
-    pub async fn volumes(&self) -> ApiResult<Vec<Volume>> {
-        let mut r = self.volume_records().await?;
+    /// The volumes of `project`.
+    pub async fn volumes(&self, project: &ProjectName) -> ApiResult<Vec<Volume>> {
+        let mut r = self.volume_records(project).await?;
         let alive = self.alive_hosts().await;
         Ok(r.specs
             .into_iter()
@@ -376,7 +385,7 @@ impl ControlPlane {
             None => {
                 let (all, _) = self
                     .store
-                    .list_json::<VolumeSpec>(&keys::volume_specs_of(&vref.project))
+                    .list_json::<VolumeSpec>(&keys::in_project(keys::VOLUME_SPECS, &vref.project))
                     .await?;
                 let names: Vec<String> = all.iter().map(|(s, _)| s.name.to_string()).collect();
                 Err(ApiError::not_found(format!(

@@ -134,14 +134,16 @@ pub fn instance_status(name: &InstanceRef) -> String {
     format!("{INSTANCE_STATUSES}{name}")
 }
 
+/// Prefix of the records under `prefix` that belong to `project`: every
+/// kind of object named within its project is keyed
+/// `<prefix><project>/...`.
+pub fn in_project(prefix: &str, project: &crate::ProjectName) -> String {
+    format!("{prefix}{project}/")
+}
+
 /// The instance a key of the form `<prefix><project>/<name>` names (an
 /// instance's spec, status or binding), if it has that form.
 pub fn instance_of(prefix: &str, key: &str) -> Option<InstanceRef> {
-    key.strip_prefix(prefix)?.parse().ok()
-}
-
-/// The volume a key of the form `<prefix><project>/<name>` names.
-pub fn volume_of(prefix: &str, key: &str) -> Option<VolumeRef> {
     key.strip_prefix(prefix)?.parse().ok()
 }
 
@@ -215,11 +217,6 @@ pub fn keypair(project: &crate::ProjectName, name: &str) -> String {
     format!("{KEYPAIRS}{project}/{name}")
 }
 
-/// Prefix of the key pairs of `project`.
-pub fn keypairs_of(project: &crate::ProjectName) -> String {
-    format!("{KEYPAIRS}{project}/")
-}
-
 /// Prefix of the per-host firewall documents.
 pub const FIREWALLS: &str = "firewalls/";
 
@@ -237,11 +234,6 @@ pub fn ipam_prefix(network: &str) -> String {
 /// The claim of `ip` in `network`.
 pub fn ipam_claim(network: &str, ip: Ipv4Addr) -> String {
     format!("{IPAM}{network}/{ip}")
-}
-
-/// Prefix of the snapshots of every instance of `project`.
-pub fn snapshots_of_project(project: &crate::ProjectName) -> String {
-    format!("{SNAPSHOTS}{project}/")
 }
 
 /// Prefix of the snapshots of instance `name`.
@@ -285,16 +277,6 @@ pub fn host_claim_value(name: &HostName) -> String {
     format!("{HOST_CLAIM_PREFIX}{name}")
 }
 
-/// Prefix of the volume specs of `project`.
-pub fn volume_specs_of(project: &crate::ProjectName) -> String {
-    format!("{VOLUME_SPECS}{project}/")
-}
-
-/// Prefix of the instance specs of `project`.
-pub fn instance_specs_of(project: &crate::ProjectName) -> String {
-    format!("{INSTANCE_SPECS}{project}/")
-}
-
 /// The spec of volume `name`.
 pub fn volume_spec(name: &VolumeRef) -> String {
     format!("{VOLUME_SPECS}{name}")
@@ -319,11 +301,6 @@ pub fn volume_runtime(name: &VolumeRef) -> String {
 /// (see `VolumeId::data_id`).
 pub fn volume_membership(data_id: &str) -> String {
     format!("{VOLUME_MEMBERSHIP}{data_id}")
-}
-
-/// Prefix of the snapshots of every volume of `project`.
-pub fn volume_snapshots_of_project(project: &crate::ProjectName) -> String {
-    format!("{VOLUME_SNAPSHOTS}{project}/")
 }
 
 /// Prefix of the snapshots of volume `name`.

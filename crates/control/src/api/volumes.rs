@@ -44,8 +44,7 @@ pub(super) async fn list(
     caller: Caller,
     super::ApiQuery(q): super::ApiQuery<ListQuery>,
 ) -> ApiResult<(axum::http::HeaderMap, Json<Vec<Volume>>)> {
-    let mut all = cp.volumes().await?;
-    all.retain(|v| v.spec.project == caller.project);
+    let all = cp.volumes(&caller.project).await?;
     let (items, headers) =
         super::page::page(all, |v| v.spec.name.as_str(), q.limit, q.after.as_deref())?;
     Ok((headers, Json(items)))

@@ -31,8 +31,9 @@ packages=(
   qemu-system-x86 qemu-utils
   # Host networking: bridges, taps, VXLAN, NAT.
   iproute2 nftables iptables
-  # Guest image recipe: unpacking Debian packages, making the data disk.
-  dpkg e2fsprogs cpio kmod
+  # Guest image recipes: unpacking Debian packages, making the data disk;
+  # mmdebstrap bootstraps the full-OS image (debian-12).
+  dpkg e2fsprogs cpio kmod mmdebstrap
   # Cluster store.
   etcd-server etcd-client
   # Building: etcd-client needs protoc.

@@ -197,6 +197,8 @@ async fn ready_image(store: &dyn Store) -> Result<()> {
         files: vec![],
         cmdline: None,
         guest_service: false,
+        ssh_user: None,
+        cloud_init: false,
         source: ImageSource::Import,
         state: ImageState::Ready,
         message: None,

@@ -53,6 +53,12 @@ pub struct VmLaunch {
     pub mac: MacAddr,
     /// Whether to add the guest channel.
     pub guest_channel: bool,
+    /// Whether to add the QEMU guest agent's channel.
+    #[serde(default)]
+    pub guest_agent: bool,
+    /// The cloud-init seed drive to attach (read-only).
+    #[serde(default)]
+    pub seed: Option<PathBuf>,
     /// Continue from this saved memory file instead of booting.
     #[serde(default)]
     pub incoming: Option<PathBuf>,

@@ -31,6 +31,26 @@ pub(crate) enum ServeMode {
     HandedOver,
 }
 
+/// What a launched VM's image says about its guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GuestFacts {
+    /// It runs Skyvisor's guest service (readiness: it answers).
+    pub(crate) service: bool,
+    /// It runs cloud-init (readiness: cloud-init reports).
+    pub(crate) cloud_init: bool,
+}
+
+impl GuestFacts {
+    /// Records them in a VM's status.
+    pub(crate) fn apply(self, status: &mut skyvisor_core::InstanceStatus) {
+        status.guest_service = self.service;
+        // Every guest without the guest service gets a seed and a guest
+        // agent channel (see `Launcher::launch`).
+        status.guest_agent_channel = !self.service;
+        status.cloud_init_expected = self.cloud_init && !self.service;
+    }
+}
+
 /// Launches VMs for the agent.
 pub(crate) struct Launcher {
     pub(crate) ctx: Arc<AgentContext>,
@@ -50,7 +70,7 @@ impl Launcher {
         incoming: Option<PathBuf>,
         link_down: bool,
         migration_target: bool,
-    ) -> Result<(Running, bool), String> {
+    ) -> Result<(Running, GuestFacts), String> {
         let dir = self.vm_dir(spec);
         tokio::fs::create_dir_all(&dir)
             .await
@@ -106,6 +126,22 @@ impl Launcher {
             }
             ImageKind::Disk => LaunchBoot::Firmware,
         };
+        // A guest without Skyvisor's guest service is configured by
+        // cloud-init (if it has it) from a seed made from the spec alone.
+        let seed = if image.guest_service {
+            None
+        } else {
+            match self.write_seed(spec, &dir).await {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    self.release_volumes(spec).await;
+                    if created_disk {
+                        let _ = tokio::fs::remove_file(&root).await;
+                    }
+                    return Err(e);
+                }
+            }
+        };
         let tap = skyvisor_net::tap_name(&spec.id);
         let undo = |created_disk: bool| {
             let root = root.clone();
@@ -155,6 +191,8 @@ impl Launcher {
             tap: tap.clone(),
             mac: spec.network.mac,
             guest_channel: image.guest_service,
+            guest_agent: !image.guest_service,
+            seed,
             incoming,
             link_down,
             volumes: volumes.clone(),
@@ -177,7 +215,10 @@ impl Launcher {
                 since: Instant::now(),
                 volumes,
             },
-            image.guest_service,
+            GuestFacts {
+                service: image.guest_service,
+                cloud_init: image.cloud_init,
+            },
         ))
     }
 
@@ -309,6 +350,47 @@ impl Launcher {
         Ok((image, missing))
     }
 
+    /// Writes the VM's cloud-init seed drive into its directory: its id as
+    /// the instance id (so first-boot steps run once in its life, wherever
+    /// it runs), hostname, keys, user data and static network settings.
+    async fn write_seed(
+        &self,
+        spec: &InstanceSpec,
+        dir: &std::path::Path,
+    ) -> Result<PathBuf, String> {
+        let n = &spec.network;
+        let seed = skyvisor_cloudinit::Seed {
+            instance_id: spec.id.to_string(),
+            hostname: spec
+                .guest
+                .hostname
+                .clone()
+                .unwrap_or_else(|| spec.name.to_string()),
+            ssh_keys: spec
+                .guest
+                .ssh_keys
+                .iter()
+                .map(|k| k.public_key.clone())
+                .collect(),
+            user_data: spec.guest.user_data.clone(),
+            network: Some(skyvisor_cloudinit::NetworkSettings {
+                mac: n.mac.to_string(),
+                address: n.ip,
+                prefix_len: n.prefix_len,
+                gateway: n.gateway,
+                mtu: self.ctx.mtu,
+                nameservers: host_nameservers().await,
+            }),
+        };
+        let path = dir.join(SEED_FILE);
+        let target = path.clone();
+        tokio::task::spawn_blocking(move || seed.write(&target))
+            .await
+            .map_err(|e| format!("writing the cloud-init seed: {e}"))?
+            .map_err(|e| format!("writing the cloud-init seed: {e}"))?;
+        Ok(path)
+    }
+
     /// The kernel command line: the image's, plus the VM's identity and
     /// network settings for the guest's init.
     pub(crate) fn cmdline(&self, spec: &InstanceSpec, image: &Image) -> String {
@@ -325,4 +407,21 @@ impl Launcher {
         }
         c.trim().to_string()
     }
+}
+
+/// The VM's cloud-init seed drive, in its directory.
+pub(crate) const SEED_FILE: &str = "seed.img";
+
+/// The host's DNS resolvers that a guest can reach (not the host's own
+/// loopback stub), for the guest's network settings.
+async fn host_nameservers() -> Vec<std::net::Ipv4Addr> {
+    let text = tokio::fs::read_to_string("/etc/resolv.conf")
+        .await
+        .unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<std::net::Ipv4Addr>().ok())
+        .filter(|a| !a.is_loopback())
+        .take(3)
+        .collect()
 }

@@ -12,6 +12,7 @@ pub mod disks;
 pub mod fake_hv;
 pub mod fencing;
 pub mod firewall;
+mod guest_report;
 pub mod host;
 pub mod http;
 pub mod hypervisor;

@@ -71,8 +71,8 @@ pub struct IncomingVm {
     pub vm: Box<dyn Vm>,
     /// Its size.
     pub resources: Resources,
-    /// Whether its guest runs the Skyvisor guest service.
-    pub guest_service: bool,
+    /// What its image says about its guest.
+    pub(crate) guest: crate::launch::GuestFacts,
     /// It was resumed after the handover.
     pub resumed: bool,
     /// Its volumes, exported here waiting for the handover.
@@ -336,7 +336,7 @@ async fn prepare(
         return peer_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     }
     let launcher = Launcher { ctx: ctx.clone() };
-    let (running, guest_service) = match launcher.launch(&spec, None, false, true).await {
+    let (running, guest) = match launcher.launch(&spec, None, false, true).await {
         Ok(r) => r,
         Err(e) => {
             return peer_error(
@@ -407,7 +407,7 @@ async fn prepare(
             migration: id,
             vm: running.vm,
             resources: spec.resources,
-            guest_service,
+            guest,
             resumed: false,
             volumes: running.volumes,
             tunnels,

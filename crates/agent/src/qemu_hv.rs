@@ -111,6 +111,8 @@ impl QemuHypervisor {
             vhost: l.accel == skyvisor_core::Accel::Kvm && Path::new("/dev/vhost-net").exists(),
         }];
         cfg.guest_channel = l.guest_channel;
+        cfg.guest_agent = l.guest_agent;
+        cfg.seed = l.seed.clone();
         if l.incoming.is_some() || l.migration_target {
             cfg.incoming = Some(Incoming::Defer);
         }

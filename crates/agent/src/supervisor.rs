@@ -60,7 +60,7 @@ pub struct Supervisor {
     hold: Option<u64>,
     restart_at: Option<Instant>,
     backoff: Duration,
-    probe: Option<(oneshot::Receiver<()>, tokio::task::JoinHandle<()>)>,
+    probe: Option<(oneshot::Receiver<GuestReady>, tokio::task::JoinHandle<()>)>,
     /// Snapshot requests for this VM (see [`crate::checkpoints::follow`]).
     snap_tx: mpsc::UnboundedSender<Snapshot>,
     snap_rx: mpsc::UnboundedReceiver<Snapshot>,
@@ -172,11 +172,18 @@ impl Supervisor {
                     }
                 }
                 event = next_event(&mut self.running) => self.on_event(&spec, event).await,
-                () = probe_done(&mut self.probe) => {
+                ready = probe_done(&mut self.probe) => {
                     self.probe = None;
                     self.status.guest_ready = true;
                     self.status.ready_at = Some(Utc::now());
-                    info!(instance = %spec.name, "guest service answers");
+                    match ready {
+                        GuestReady::Service => info!(instance = %spec.name, "guest service answers"),
+                        GuestReady::CloudInit { report, addresses } => {
+                            info!(instance = %spec.name, datasource = %report.datasource, errors = report.errors.len(), "cloud-init finished");
+                            self.status.cloud_init = Some(report);
+                            self.status.guest_addresses = addresses;
+                        }
+                    }
                 }
                 () = sleep_until(restart_at) => { self.restart_at = None; }
                 Some(snap) = self.snap_rx.recv() => self.snapshot(&spec, snap).await,
@@ -222,7 +229,7 @@ impl Supervisor {
         self.status.phase = InstancePhase::Running;
         self.status.host = Some(self.ctx.host.clone());
         self.status.accel = Some(self.ctx.accel);
-        self.status.guest_service = v.guest_service;
+        v.guest.apply(&mut self.status);
         self.status.message = None;
         self.status.attached_volumes = v.volumes.iter().map(|v| v.name.clone()).collect();
         self.running = Some(Running {
@@ -810,11 +817,11 @@ impl Supervisor {
         incoming: Option<PathBuf>,
         link_down: bool,
     ) -> Result<Running, String> {
-        let (running, guest_service) = self
+        let (running, guest) = self
             .launcher()
             .launch(spec, incoming, link_down, false)
             .await?;
-        self.status.guest_service = guest_service;
+        guest.apply(&mut self.status);
         Ok(running)
     }
 
@@ -986,7 +993,25 @@ impl Supervisor {
 
     fn start_probe(&mut self, spec: &InstanceSpec) {
         self.cancel_probe();
-        if !self.ctx.probe_guests || !self.status.guest_service {
+        // A new boot: what the guest reported belongs to the last one.
+        self.status.cloud_init = None;
+        self.status.guest_addresses.clear();
+        if !self.ctx.probe_guests {
+            return;
+        }
+        if !self.status.guest_service {
+            if self.status.guest_agent_channel {
+                let (tx, rx) = oneshot::channel();
+                let socket = self
+                    .ctx
+                    .vm_dir(&spec.id)
+                    .join(skyvisor_qemu::files::GUEST_AGENT_SOCKET);
+                let handle = tokio::spawn(async move {
+                    let ready = crate::guest_report::await_cloud_init(&socket).await;
+                    let _ = tx.send(ready);
+                });
+                self.probe = Some((rx, handle));
+            }
             return;
         }
         let (tx, rx) = oneshot::channel();
@@ -1010,7 +1035,7 @@ impl Supervisor {
                     Some(ns) => healthy_in_namespace(ns, ip).await,
                 };
                 if ok {
-                    let _ = tx.send(());
+                    let _ = tx.send(GuestReady::Service);
                     return;
                 }
                 // Poll interval of the readiness check, not a readiness wait.
@@ -1280,13 +1305,27 @@ async fn next_event(running: &mut Option<Running>) -> VmEvent {
     }
 }
 
-async fn probe_done(probe: &mut Option<(oneshot::Receiver<()>, tokio::task::JoinHandle<()>)>) {
+/// What a readiness probe found.
+pub(crate) enum GuestReady {
+    /// Skyvisor's guest service answers.
+    Service,
+    /// cloud-init has finished (reported through the guest agent).
+    CloudInit {
+        /// Its report.
+        report: skyvisor_core::CloudInitReport,
+        /// The guest's addresses as it sees them.
+        addresses: Vec<String>,
+    },
+}
+
+async fn probe_done(
+    probe: &mut Option<(oneshot::Receiver<GuestReady>, tokio::task::JoinHandle<()>)>,
+) -> GuestReady {
     match probe {
-        Some((rx, _)) => {
-            if rx.await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
+        Some((rx, _)) => match rx.await {
+            Ok(r) => r,
+            Err(_) => std::future::pending().await,
+        },
         None => std::future::pending().await,
     }
 }

@@ -46,6 +46,8 @@ async fn world() -> World {
         files: vec![],
         cmdline: None,
         guest_service: false,
+        ssh_user: None,
+        cloud_init: false,
         source: ImageSource::Import,
         state: ImageState::Ready,
         message: None,
@@ -142,6 +144,7 @@ fn spec(name: &str, policy: RestartPolicy) -> InstanceSpec {
         volumes: vec![],
         ha: Default::default(),
         ha_priority: 0,
+        guest: Default::default(),
     }
 }
 

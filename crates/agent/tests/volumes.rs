@@ -97,6 +97,8 @@ async fn world() -> Arc<dyn Store> {
         files: vec![],
         cmdline: None,
         guest_service: false,
+        ssh_user: None,
+        cloud_init: false,
         source: ImageSource::Import,
         state: ImageState::Ready,
         message: None,
@@ -202,6 +204,7 @@ fn vm_spec(host: &HostName, volumes: Vec<InstanceVolume>) -> InstanceSpec {
         volumes,
         ha: Default::default(),
         ha_priority: 0,
+        guest: Default::default(),
     }
 }
 

@@ -279,6 +279,21 @@ pub enum VmCommand {
         #[arg(long)]
         tail: Option<u64>,
     },
+    /// Log in to the VM with SSH as its image's default user (images with
+    /// cloud-init), or run COMMAND there.
+    Ssh {
+        /// The VM.
+        name: String,
+        /// The private key to use (default: ssh's own choice).
+        #[arg(short = 'i', long, value_name = "FILE")]
+        identity: Option<PathBuf>,
+        /// The user (default: the image's, e.g. debian).
+        #[arg(short = 'l', long)]
+        user: Option<String>,
+        /// A command to run instead of a login shell.
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
 }
 
 /// Arguments of `vm create`.
@@ -367,6 +382,17 @@ pub struct CreateArgs {
     /// A label, KEY=VALUE (repeatable), to find it by (`vm list --label`).
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// A key pair of the project whose public key the guest's default user
+    /// accepts (repeatable; images with cloud-init).
+    #[arg(long = "key", value_name = "KEYPAIR")]
+    pub keys: Vec<String>,
+    /// User data for cloud-init at first boot, from FILE: #cloud-config,
+    /// a #! script or MIME multipart, at most 16 KiB.
+    #[arg(long, value_name = "FILE")]
+    pub user_data: Option<PathBuf>,
+    /// The guest's hostname (default: the VM's name).
+    #[arg(long)]
+    pub hostname: Option<String>,
 }
 
 /// A `KEY=VALUE` label argument (the server checks their shape).
@@ -410,9 +436,10 @@ pub enum ImageCommand {
     Build {
         /// Name of the new image.
         name: String,
-        /// The recipe.
-        #[arg(long, default_value = "debian-busybox")]
-        recipe: String,
+        /// The recipe (default: the one named like the image, e.g.
+        /// debian-12, else debian-busybox).
+        #[arg(long)]
+        recipe: Option<String>,
         /// Return without waiting for the build.
         #[arg(long)]
         no_wait: bool,
@@ -439,6 +466,14 @@ pub enum ImageCommand {
         /// The guest runs Skyvisor's guest service on port 80 (readiness is checked).
         #[arg(long)]
         guest_service: bool,
+        /// The user cloud-init gives the VM's SSH keys (`debian`, `ubuntu`...),
+        /// for `vm ssh`.
+        #[arg(long)]
+        ssh_user: Option<String>,
+        /// The image runs cloud-init and the QEMU guest agent: `vm create
+        /// --wait` waits until cloud-init reports it has finished.
+        #[arg(long)]
+        cloud_init: bool,
     },
     /// Delete an image no VM uses.
     #[command(alias = "rm")]
@@ -592,7 +627,7 @@ pub async fn run(args: ConnectionArgs, format: OutputFormat, cmd: ClientCommand)
 fn phase_text(i: &Instance) -> String {
     let s = &i.status;
     match s.phase {
-        InstancePhase::Running if s.guest_ready || !s.guest_service => "running".into(),
+        InstancePhase::Running if s.guest_ready || !s.readiness_checked() => "running".into(),
         InstancePhase::Running => "running (booting)".into(),
         p => p.to_string(),
     }
@@ -624,6 +659,80 @@ fn vm_table(list: &[Instance]) {
         ]);
     }
     println!("{t}");
+}
+
+/// The `ssh` command line that reaches a VM's default user from a host of
+/// its network, when its image names that user.
+pub fn ssh_command(i: &Instance) -> Option<String> {
+    let user = i.spec.guest.ssh_user.as_deref()?;
+    Some(format!("ssh {user}@{}", i.spec.network.ip))
+}
+
+/// The arguments of `ssh` that reach `i`: its image's user unless `user`,
+/// the host key remembered under the VM's id (an address a deleted VM had
+/// may come back with another VM, whose key must not be taken for a
+/// forgery), and accepted the first time.
+fn ssh_args(
+    i: &Instance,
+    identity: Option<&std::path::Path>,
+    user: Option<&str>,
+    command: &[String],
+) -> Result<Vec<String>> {
+    if i.spec.network.vni.is_some() {
+        bail!(
+            "VM {} is on the private network {}, which only its own members reach; \
+             SSH from another VM of that network",
+            i.spec.name,
+            i.spec.network.network
+        );
+    }
+    let Some(user) = user.or(i.spec.guest.ssh_user.as_deref()) else {
+        bail!(
+            "image {} names no SSH user (it was imported without --ssh-user); give --user",
+            i.spec.image
+        );
+    };
+    let mut args = vec![
+        "-o".to_string(),
+        format!("HostKeyAlias=skyvisor-{}", i.spec.id),
+        "-o".into(),
+        "StrictHostKeyChecking=accept-new".into(),
+    ];
+    if let Some(key) = identity {
+        args.push("-i".into());
+        args.push(key.to_string_lossy().into_owned());
+    }
+    args.push(format!("{user}@{}", i.spec.network.ip));
+    if !command.is_empty() {
+        args.push("--".into());
+        args.extend(command.iter().cloned());
+    }
+    Ok(args)
+}
+
+/// User data read from `path`: text, since cloud-init's forms are text.
+fn read_user_data(path: &std::path::Path) -> Result<String> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read user data {}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        anyhow::anyhow!(
+            "user data {} is not UTF-8 text; allowed: {}",
+            path.display(),
+            skyvisor_cloudinit::KNOWN_FORMS
+        )
+    })?;
+    // The server refuses what cloud-init cannot read; data of no form it
+    // knows is allowed (as on EC2) but most likely a mistake.
+    if skyvisor_cloudinit::check_user_data(&text)
+        == Ok(skyvisor_cloudinit::UserDataFormat::Unrecognized)
+    {
+        eprintln!(
+            "warning: cloud-init will ignore user data {}: it starts with none of {}",
+            path.display(),
+            skyvisor_cloudinit::KNOWN_FORMS
+        );
+    }
+    Ok(text)
 }
 
 fn vm_detail(i: &Instance) {
@@ -659,6 +768,26 @@ fn vm_detail(i: &Instance) {
         ),
         ("ip", i.spec.network.ip.to_string()),
         ("url", format!("http://{}/", i.spec.network.ip)),
+        ("ssh", ssh_command(i).unwrap_or_else(|| "-".into())),
+        (
+            "cloud-init",
+            match (&s.cloud_init, s.guest_agent_channel) {
+                (Some(r), _) if r.errors.is_empty() => format!("finished ({})", r.datasource),
+                (Some(r), _) => format!("finished with errors: {}", r.errors.join("; ")),
+                (None, true) if s.phase == InstancePhase::Running => {
+                    "not reported yet (the image may have no cloud-init or guest agent)".into()
+                }
+                _ => "-".into(),
+            },
+        ),
+        (
+            "guest addresses",
+            if s.guest_addresses.is_empty() {
+                "-".into()
+            } else {
+                s.guest_addresses.join(", ")
+            },
+        ),
         ("mac", i.spec.network.mac.to_string()),
         ("host", i.spec.host.to_string()),
         (
@@ -802,7 +931,7 @@ async fn wait_for(
         let done = match goal {
             Goal::Ready => {
                 s.phase == InstancePhase::Running
-                    && (s.guest_ready || !s.guest_service)
+                    && (s.guest_ready || !s.readiness_checked())
                     && s.boot_count >= min_boots
             }
             Goal::Stopped => matches!(s.phase, InstancePhase::Stopped),
@@ -883,6 +1012,12 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                 network: a.network.clone(),
                 security_groups: a.security_groups.clone(),
                 labels: a.labels.iter().cloned().collect(),
+                keys: a.keys.clone(),
+                user_data: match &a.user_data {
+                    Some(path) => Some(read_user_data(path)?),
+                    None => None,
+                },
+                hostname: a.hostname.clone(),
             };
             if a.wait {
                 // Right after `skyvisor up` the host may not have registered
@@ -910,12 +1045,17 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                     inst = i;
                 }
                 if !quiet {
-                    eprintln!(
-                        "VM {} is ready after {:.1}s: http://{}/",
-                        a.name,
-                        started.elapsed().as_secs_f64(),
-                        inst.spec.network.ip
-                    );
+                    let took = started.elapsed().as_secs_f64();
+                    match ssh_command(&inst) {
+                        Some(ssh) if inst.status.cloud_init_expected => eprintln!(
+                            "VM {} is ready after {took:.1}s (cloud-init finished): {ssh}",
+                            a.name
+                        ),
+                        _ => eprintln!(
+                            "VM {} is ready after {took:.1}s: http://{}/",
+                            a.name, inst.spec.network.ip
+                        ),
+                    }
                 }
             }
             output::print(format, &inst, |i| vm_table(std::slice::from_ref(i)));
@@ -1221,6 +1361,23 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
             };
             crate::migrations::migrate(client, format, &name, request, cancel, !no_wait).await?
         }
+        VmCommand::Ssh {
+            name,
+            identity,
+            user,
+            command,
+        } => {
+            let inst: Instance = client.get(&format!("/v1/instances/{name}")).await?;
+            let args = ssh_args(&inst, identity.as_deref(), user.as_deref(), &command)?;
+            // ssh takes over the terminal; its exit status is ours.
+            let status = std::process::Command::new("ssh")
+                .args(&args)
+                .status()
+                .context("cannot run ssh (install openssh-client)")?;
+            if !status.success() {
+                std::process::exit(status.code().unwrap_or(255));
+            }
+        }
         VmCommand::Console { name, follow, tail } => {
             let mut offset: i64 = match tail {
                 Some(n) => -(i64::try_from(n).unwrap_or(i64::MAX)),
@@ -1316,7 +1473,13 @@ async fn image(client: &Client, format: OutputFormat, cmd: ImageCommand) -> Resu
                     "/v1/images/build",
                     &BuildImageRequest {
                         name: name.clone(),
-                        recipe,
+                        recipe: recipe.unwrap_or_else(|| {
+                            if name == "debian-12" {
+                                name.clone()
+                            } else {
+                                "debian-busybox".into()
+                            }
+                        }),
                     },
                 )
                 .await?;
@@ -1354,6 +1517,8 @@ async fn image(client: &Client, format: OutputFormat, cmd: ImageCommand) -> Resu
             cmdline,
             description,
             guest_service,
+            ssh_user,
+            cloud_init,
         } => {
             let mut form = reqwest::multipart::Form::new();
             let mut parts = Vec::new();
@@ -1402,6 +1567,12 @@ async fn image(client: &Client, format: OutputFormat, cmd: ImageCommand) -> Resu
             }
             if let Some(d) = description {
                 query.push(("description", d));
+            }
+            if let Some(u) = ssh_user {
+                query.push(("ssh_user", u));
+            }
+            if cloud_init {
+                query.push(("cloud_init", "true".into()));
             }
             let req = client
                 .request(Method::POST, "/v1/images/import")

@@ -135,23 +135,30 @@ impl ControlPlane {
     ) -> ApiResult<Image> {
         let name = ImageName::new(name)?;
         let recipes = skyvisor_image::recipes();
-        if !recipes.iter().any(|r| r.name == recipe) {
+        let Some(info) = recipes.iter().find(|r| r.name == recipe) else {
             let known: Vec<&str> = recipes.iter().map(|r| r.name).collect();
             return Err(ValidationError::new(
                 "recipe",
                 format!("unknown recipe {recipe:?}; known: {}", known.join(", ")),
             )
             .into());
-        }
+        };
+        let full_os = info.kind == skyvisor_image::RecipeKind::Disk;
         let image = Image {
             name: name.clone(),
             project: project.clone(),
             public,
-            kind: ImageKind::KernelInitrd,
+            kind: if full_os {
+                ImageKind::Disk
+            } else {
+                ImageKind::KernelInitrd
+            },
             description: format!("built from recipe {recipe}"),
             files: vec![],
             cmdline: None,
-            guest_service: true,
+            guest_service: !full_os,
+            ssh_user: full_os.then(|| skyvisor_image::CLOUD_USER.to_string()),
+            cloud_init: full_os,
             source: ImageSource::Recipe {
                 recipe: recipe.to_string(),
                 packages: vec![],
@@ -350,16 +357,29 @@ impl ControlPlane {
         let progress = move |p: skyvisor_image::BuildProgress| {
             let _ = tx.send(p.to_string());
         };
-        let built = skyvisor_image::build(recipe, tmp_dir, &opts, &progress).await;
+        let built = if recipe == skyvisor_image::CLOUD_RECIPE {
+            let built = skyvisor_image::build_cloud_disk(tmp_dir, &opts, &progress).await;
+            built.map(|b| (vec![(FileRole::Disk, b.disk)], b.packages, None))
+        } else {
+            let built = skyvisor_image::build(recipe, tmp_dir, &opts, &progress).await;
+            built.map(|b| {
+                (
+                    vec![
+                        (FileRole::Kernel, b.kernel),
+                        (FileRole::Initrd, b.initrd),
+                        (FileRole::Disk, b.disk),
+                    ],
+                    b.packages,
+                    Some(b.cmdline),
+                )
+            })
+        };
         drop(progress);
         let _ = reporter.await;
-        let built = built.map_err(|e| format!("build failed: {e}"))?;
+        let (built, packages, cmdline) = built.map_err(|e| format!("build failed: {e}"))?;
         let mut files = Vec::new();
-        for (role, path) in [
-            (FileRole::Kernel, &built.kernel),
-            (FileRole::Initrd, &built.initrd),
-            (FileRole::Disk, &built.disk),
-        ] {
+        for (role, path) in &built {
+            let role = *role;
             let file_name = path
                 .file_name()
                 .map(|f| f.to_string_lossy().into_owned())
@@ -383,10 +403,10 @@ impl ControlPlane {
             .await
             .map_err(|e| format!("publishing image: {e}"))?;
         image.files = files;
-        image.cmdline = Some(built.cmdline);
+        image.cmdline = cmdline;
         image.source = ImageSource::Recipe {
             recipe: recipe.to_string(),
-            packages: built.packages,
+            packages,
         };
         Ok(())
     }

@@ -152,6 +152,8 @@ impl ControlPlane {
         mut req: CreateInstanceRequest,
     ) -> ApiResult<Instance> {
         skyvisor_core::labels::validate_labels("labels", &req.labels)?;
+        // Refused before anything is made (the create checks it again).
+        self.guest_config(project, &req).await?;
         // In a cluster the root disk can be a replicated volume made for the
         // VM, so that it can run elsewhere when its host dies.
         let made = self.make_root_volume(project, &mut req).await?;
@@ -446,6 +448,8 @@ impl ControlPlane {
         }
         self.check_security_groups(project, &req.security_groups)
             .await?;
+        let mut guest = self.guest_config(project, &req).await?;
+        guest.ssh_user = image.ssh_user.clone();
         let network = self
             .network_for_instance(project, req.network.as_deref())
             .await?;
@@ -584,6 +588,7 @@ impl ControlPlane {
                 volumes: volumes.iter().map(|v| v.volume.clone()).collect(),
                 ha,
                 ha_priority,
+                guest: guest.clone(),
             };
             let spec_key = keys::instance_spec(&iref);
             let claim_key = keys::ipam_claim(&ipam_scope, ip);

@@ -326,6 +326,8 @@ mod tests {
             }],
             cmdline: None,
             guest_service: false,
+            ssh_user: None,
+            cloud_init: false,
             source: ImageSource::Import,
             state: ImageState::Ready,
             message: None,

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod election;
 pub mod error;
 pub mod firewall;
+pub mod guest_config;
 pub mod ha;
 pub mod image_sync;
 pub mod images;

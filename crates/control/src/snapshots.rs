@@ -459,6 +459,7 @@ pub(crate) mod tests {
             volumes: vec![],
             ha: Default::default(),
             ha_priority: 0,
+            guest: Default::default(),
         }
     }
 

@@ -74,6 +74,8 @@ async fn image(store: &dyn Store, name: &str, project: &str, public: bool) {
         files: vec![],
         cmdline: None,
         guest_service: false,
+        ssh_user: None,
+        cloud_init: false,
         source: ImageSource::Import,
         state: ImageState::Ready,
         message: None,

@@ -93,6 +93,18 @@ pub struct CreateInstanceRequest {
     /// Labels (`key: value`), to find it by.
     #[serde(default)]
     pub labels: crate::labels::Labels,
+    /// Key pairs of the project whose public keys the guest's default user
+    /// accepts (through cloud-init; images that run Skyvisor's guest
+    /// service ignore them).
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// User data for cloud-init at first boot: `#cloud-config` YAML, a
+    /// `#!` script or MIME multipart; at most 16 KiB.
+    #[serde(default)]
+    pub user_data: Option<String>,
+    /// The guest's hostname (a DNS label; default: the instance's name).
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 /// Body of `PUT /v1/instances/{name}/labels`.

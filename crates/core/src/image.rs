@@ -128,6 +128,14 @@ pub struct Image {
     /// Whether the guest runs Skyvisor's guest service (port 80), so that
     /// readiness can be checked.
     pub guest_service: bool,
+    /// The user that cloud-init gives the VM's SSH keys (`debian` for the
+    /// `debian-12` recipe), for the `ssh` command `vm show` prints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_user: Option<String>,
+    /// Whether the image runs cloud-init (with the QEMU guest agent), so
+    /// that a VM is ready once cloud-init reports it has finished.
+    #[serde(default)]
+    pub cloud_init: bool,
     /// Where it came from.
     pub source: ImageSource,
     /// Whether it can be used.
@@ -199,6 +207,8 @@ mod tests {
             files: vec![],
             cmdline: None,
             guest_service: false,
+            ssh_user: None,
+            cloud_init: false,
             source: ImageSource::Import,
             state: ImageState::Ready,
             message: None,

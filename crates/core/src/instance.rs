@@ -167,6 +167,9 @@ pub struct InstanceSpec {
     /// Among instances restarted after one host's death, higher first.
     #[serde(default)]
     pub ha_priority: u32,
+    /// What cloud-init gives the guest at first boot.
+    #[serde(default, skip_serializing_if = "GuestConfig::is_empty")]
+    pub guest: GuestConfig,
 }
 
 impl InstanceSpec {
@@ -253,6 +256,56 @@ pub struct ExitRecord {
     pub detail: String,
 }
 
+/// What a VM's guest is told at first boot through cloud-init (its NoCloud
+/// seed). Fixed at create: a key pair deleted later stays in the VMs made
+/// with it, as on EC2.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GuestConfig {
+    /// The guest's hostname (default: the instance's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The key pairs whose public keys the default user accepts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<GuestKey>,
+    /// The user's user data, as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+    /// The user that gets the keys, from the image (`debian`...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_user: Option<String>,
+}
+
+impl GuestConfig {
+    /// Whether nothing is set (the record then omits it).
+    pub fn is_empty(&self) -> bool {
+        self.hostname.is_none()
+            && self.ssh_keys.is_empty()
+            && self.user_data.is_none()
+            && self.ssh_user.is_none()
+    }
+}
+
+/// A key pair's public key, as copied into a VM at create.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GuestKey {
+    /// The key pair's name.
+    pub name: String,
+    /// Its public key (OpenSSH one-line form).
+    pub public_key: String,
+    /// Its SHA-256 fingerprint.
+    pub fingerprint: String,
+}
+
+/// What cloud-init in the guest reported, read through the QEMU guest
+/// agent from `/run/cloud-init/result.json` (written when it has finished).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CloudInitReport {
+    /// The data source it used, in its words.
+    pub datasource: String,
+    /// The errors it reported (empty: it succeeded).
+    pub errors: Vec<String>,
+}
+
 /// The observed state of an instance, owned by its host agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct InstanceStatus {
@@ -294,11 +347,33 @@ pub struct InstanceStatus {
     /// The volumes plugged into the running VM, as its agent last saw.
     #[serde(default)]
     pub attached_volumes: Vec<crate::names::VolumeName>,
+    /// Whether the VM has the QEMU guest agent's channel (images that do
+    /// not run Skyvisor's guest service); whether a guest agent answers
+    /// on it shows in `cloud_init` and `guest_addresses`.
+    #[serde(default)]
+    pub guest_agent_channel: bool,
+    /// Whether its image says it runs cloud-init: the VM is ready once
+    /// cloud-init has reported.
+    #[serde(default)]
+    pub cloud_init_expected: bool,
+    /// cloud-init's report for the current boot, once it has finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInitReport>,
+    /// The guest's IPv4 addresses as its guest agent reports them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guest_addresses: Vec<String>,
     /// When this status was written.
     pub updated_at: DateTime<Utc>,
 }
 
 impl InstanceStatus {
+    /// Whether the guest tells when it is ready (Skyvisor's guest service
+    /// answers, or cloud-init reports through the guest agent), so that
+    /// waiting for it makes sense.
+    pub fn readiness_checked(&self) -> bool {
+        self.guest_service || self.cloud_init_expected
+    }
+
     /// The status of a VM no agent has acted on yet.
     pub fn pending() -> Self {
         Self {
@@ -319,6 +394,10 @@ impl InstanceStatus {
             observed_restore_generation: 0,
             restored_from: None,
             attached_volumes: Vec::new(),
+            guest_agent_channel: false,
+            cloud_init_expected: false,
+            cloud_init: None,
+            guest_addresses: Vec::new(),
             updated_at: Utc::now(),
         }
     }

@@ -33,8 +33,8 @@ pub use ha::{
 pub use host::{Capacity, Host, HostState, HostView, Overcommit};
 pub use image::{Image, ImageFile, ImageKind, ImageSource, ImageState};
 pub use instance::{
-    ExitReason, ExitRecord, Instance, InstanceId, InstancePhase, InstanceSpec, InstanceStatus,
-    PowerState, RestartPolicy,
+    CloudInitReport, ExitReason, ExitRecord, GuestConfig, GuestKey, Instance, InstanceId,
+    InstancePhase, InstanceSpec, InstanceStatus, PowerState, RestartPolicy,
 };
 pub use migration::{
     Migration, MigrationId, MigrationPhase, MigrationProgress, MigrationReason, MigrationRequest,

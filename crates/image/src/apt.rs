@@ -238,7 +238,7 @@ fn uid_of(user: &str) -> Option<u32> {
     })
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // /proc/self/status "Uid:" line: real, effective, saved, fs.
     std::fs::read_to_string("/proc/self/status")
         .ok()

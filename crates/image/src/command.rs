@@ -36,6 +36,7 @@ fn package_hint(program: &str) -> &'static str {
         "ldd" => "libc-bin",
         "mkfs.ext4" | "dumpe2fs" => "e2fsprogs",
         "qemu-img" => "qemu-utils",
+        "mmdebstrap" => "mmdebstrap",
         _ => "see the setup script",
     }
 }
@@ -86,6 +87,59 @@ pub(crate) async fn run<S: AsRef<OsStr>>(
         });
     }
     Ok(Output { stdout, stderr })
+}
+
+/// Like [`run`], but calls `on_line` with each line of standard error as
+/// it comes (long steps report progress that way).
+pub(crate) async fn run_streaming<S: AsRef<OsStr>>(
+    program: &str,
+    args: &[S],
+    on_line: &(dyn Fn(&str) + Send + Sync),
+) -> Result<(), ImageError> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let command = display(program, args);
+    tracing::debug!(%command, "running");
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| ImageError::CommandSpawn {
+            command: command.clone(),
+            hint: format!("it is in the Debian package {}", package_hint(program)),
+            source,
+        })?;
+    let mut stderr = String::new();
+    if let Some(err) = child.stderr.take() {
+        let mut lines = BufReader::new(err).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            on_line(&line);
+            stderr.push_str(&line);
+            stderr.push('\n');
+            // Only the tail is ever shown.
+            if stderr.len() > 64 * 1024 {
+                stderr = tail(&stderr, 4000);
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .await
+        .map_err(|source| ImageError::CommandSpawn {
+            command: command.clone(),
+            hint: "waiting for it failed".to_string(),
+            source,
+        })?;
+    if !status.success() {
+        return Err(ImageError::CommandFailed {
+            command,
+            status: status.to_string(),
+            stderr: tail(&stderr, 2000),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

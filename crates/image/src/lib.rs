@@ -23,6 +23,7 @@
 
 mod apt;
 mod cache;
+mod cloud;
 mod cmdline;
 mod command;
 mod cpio;
@@ -36,6 +37,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+pub use cloud::{BuiltDisk, CLOUD_DISK_SIZE, CLOUD_RECIPE, CLOUD_USER, build_cloud_disk};
 pub use cmdline::{BASE_CMDLINE, GuestKernelArgs, guest_cmdline};
 pub use disk::DATA_LABEL;
 pub use error::ImageError;
@@ -52,28 +54,48 @@ const BUSYBOX_PACKAGE: &str = "busybox-static";
 /// Default virtual size of the base data disk: 1 GiB.
 pub const DEFAULT_DISK_SIZE: u64 = 1 << 30;
 /// Builds kept in the cache (most recently used first).
-const KEEP_BUILDS: usize = 4;
+pub(crate) const KEEP_BUILDS: usize = 4;
 /// A finished build's description, in its cache directory.
 pub(crate) const MANIFEST: &str = "manifest.json";
 const KERNEL_FILE: &str = "vmlinuz";
 const INITRD_FILE: &str = "initrd.img";
 
+/// What a recipe makes, and so which function builds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecipeKind {
+    /// A kernel, an initramfs and a data disk: [`build`].
+    KernelInitrd,
+    /// One bootable disk with its own OS: [`build_cloud_disk`].
+    Disk,
+}
+
 /// A recipe the builder knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecipeInfo {
-    /// Name to pass to [`build`].
+    /// Its name.
     pub name: &'static str,
     /// What it builds.
     pub description: &'static str,
+    /// What it makes.
+    pub kind: RecipeKind,
 }
 
-/// The recipes [`build`] accepts.
+/// The recipes the builder knows.
 pub fn recipes() -> Vec<RecipeInfo> {
-    vec![RecipeInfo {
-        name: DEFAULT_RECIPE,
-        description: "Debian cloud kernel + busybox initramfs running skyvisor-guest, \
-                      with an empty ext4 data disk",
-    }]
+    vec![
+        RecipeInfo {
+            name: DEFAULT_RECIPE,
+            description: "Debian cloud kernel + busybox initramfs running skyvisor-guest, \
+                          with an empty ext4 data disk",
+            kind: RecipeKind::KernelInitrd,
+        },
+        RecipeInfo {
+            name: CLOUD_RECIPE,
+            description: "Debian 12 with systemd, OpenSSH, cloud-init and the QEMU guest agent, \
+                          a bootable 2 GiB disk (user debian gets the VM's SSH keys)",
+            kind: RecipeKind::Disk,
+        },
+    ]
 }
 
 /// How to build.
@@ -167,6 +189,11 @@ pub enum BuildProgress {
         /// `name=version`.
         package: String,
     },
+    /// A step of bootstrapping a Debian system (`mmdebstrap`'s own words).
+    Bootstrapping {
+        /// What it does.
+        step: String,
+    },
     /// Writing the initramfs.
     BuildingInitramfs,
     /// Creating the base data disk.
@@ -190,6 +217,7 @@ impl fmt::Display for BuildProgress {
             BuildProgress::Downloading { package } => write!(f, "downloading {package}"),
             BuildProgress::CachedPackage { package } => write!(f, "using cached {package}"),
             BuildProgress::Extracting { package } => write!(f, "extracting {package}"),
+            BuildProgress::Bootstrapping { step } => write!(f, "bootstrapping: {step}"),
             BuildProgress::BuildingInitramfs => f.write_str("building initramfs"),
             BuildProgress::MakingDisk => f.write_str("making base disk"),
             BuildProgress::Done { cached, elapsed } => write!(
@@ -271,7 +299,10 @@ pub async fn build(
     opts: &BuildOptions,
     progress: &(dyn Fn(BuildProgress) + Send + Sync),
 ) -> Result<BuiltImage, ImageError> {
-    if !recipes().iter().any(|r| r.name == recipe) {
+    if !recipes()
+        .iter()
+        .any(|r| r.name == recipe && r.kind == RecipeKind::KernelInitrd)
+    {
         return Err(ImageError::UnknownRecipe {
             name: recipe.to_string(),
             known: recipes()

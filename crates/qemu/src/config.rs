@@ -28,6 +28,9 @@ pub mod files {
     pub const SERIAL_LOG: &str = "serial.log";
     /// The guest channel socket (virtio-serial port `org.skyvisor.guest.0`).
     pub const GUEST_SOCKET: &str = "guest.sock";
+    /// The QEMU guest agent's socket (virtio-serial port
+    /// `org.qemu.guest_agent.0`).
+    pub const GUEST_AGENT_SOCKET: &str = "qga.sock";
     /// QEMU's own stdout and stderr, appended across runs.
     pub const QEMU_LOG: &str = "qemu.log";
 }
@@ -77,6 +80,11 @@ pub struct VmConfig {
     pub nics: Vec<NicConfig>,
     /// Add the virtio-serial guest channel on `<run_dir>/guest.sock`.
     pub guest_channel: bool,
+    /// Add the QEMU guest agent's virtio-serial port on `<run_dir>/qga.sock`.
+    pub guest_agent: bool,
+    /// A cloud-init seed (a raw file system image), attached read-only as
+    /// an IDE CD-ROM so that the guest's virtio disks keep their names.
+    pub seed: Option<PathBuf>,
     /// Add a `virtio-rng-pci` device so the guest has entropy early.
     pub rng: bool,
     /// Where QEMU's sockets, pidfile and logs live (see [`files`]). Must be
@@ -131,6 +139,8 @@ impl VmConfig {
             disks: Vec::new(),
             nics: Vec::new(),
             guest_channel: false,
+            guest_agent: false,
+            seed: None,
             rng: true,
             run_dir: run_dir.into(),
             incoming: None,
@@ -230,6 +240,17 @@ impl VmConfig {
             a.push2("-device", nic.device_arg());
         }
 
+        if let Some(seed) = &self.seed {
+            let node = serde_json::json!({
+                "driver": "raw",
+                "node-name": "seed",
+                "read-only": true,
+                "file": {"driver": "file", "filename": path_str("seed", seed)?, "read-only": true},
+            });
+            a.push2("-blockdev", node.to_string());
+            a.push2("-device", "ide-cd,drive=seed,id=seed0,bus=ide.1,unit=0");
+        }
+
         if self.guest_channel {
             a.push2(
                 "-chardev",
@@ -238,12 +259,29 @@ impl VmConfig {
                     esc(&run(files::GUEST_SOCKET)?)
                 ),
             );
+        }
+        if self.guest_channel || self.guest_agent {
             a.push2("-device", "virtio-serial-pci,id=vserial0");
+        }
+        if self.guest_channel {
             a.push2(
                 "-device",
                 format!(
                     "virtserialport,bus=vserial0.0,chardev=guestchan,name={GUEST_CHANNEL_NAME}"
                 ),
+            );
+        }
+        if self.guest_agent {
+            a.push2(
+                "-chardev",
+                format!(
+                    "socket,id=qga0,path={},server=on,wait=off",
+                    esc(&run(files::GUEST_AGENT_SOCKET)?)
+                ),
+            );
+            a.push2(
+                "-device",
+                "virtserialport,bus=vserial0.0,chardev=qga0,name=org.qemu.guest_agent.0",
             );
         }
 

@@ -7,6 +7,7 @@
 //! - [`qmp`] is a small QMP client with typed helpers and an event stream.
 //! - [`checkpoint`] saves a running VM's memory and a point-in-time disk
 //!   copy, and loads saved memory into a new QEMU.
+//! - [`guest_agent`] talks to the QEMU guest agent inside a guest.
 //! - [`host`] tells QEMU's version and whether an accelerator really boots.
 //! - `fake` (feature `fake`) is a fake QMP server for tests.
 //!
@@ -19,6 +20,7 @@ pub mod config;
 pub mod error;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
+pub mod guest_agent;
 pub mod host;
 pub mod process;
 pub mod qmp;
@@ -28,6 +30,7 @@ pub use config::{
     VmConfig, default_cpu_model, files,
 };
 pub use error::{ConfigError, QemuError, QmpError};
+pub use guest_agent::{GuestAgent, GuestAgentError, GuestInterface};
 pub use host::{PROBE_MARKER, ProbeOutcome, kvm_device_usable, probe_accel_boot, qemu_version};
 pub use process::{ExitInfo, ProcessExit, QemuVm, attach, attach_with, launch};
 pub use qmp::{EventKind, EventStream, Qmp, QmpEvent, QmpOptions};

@@ -236,6 +236,21 @@ pub fn constrain(doc: &mut serde_json::Value) {
             json!({"type": "array", "items": name, "maxItems": MAX_GROUPS_PER_INSTANCE, "uniqueItems": true}),
         ),
         ("CreateInstanceRequest", "labels", labels.clone()),
+        (
+            "CreateInstanceRequest",
+            "keys",
+            json!({"type": "array", "items": name, "maxItems": crate::guest_config::MAX_KEYS, "uniqueItems": true}),
+        ),
+        (
+            "CreateInstanceRequest",
+            "user_data",
+            json!({"type": "string", "maxLength": skyvisor_cloudinit::USER_DATA_MAX_CHARS}),
+        ),
+        (
+            "CreateInstanceRequest",
+            "hostname",
+            json!({"type": "string", "maxLength": 253, "pattern": crate::guest_config::HOSTNAME_PATTERN}),
+        ),
         ("SetLabelsRequest", "labels", labels),
         (
             "SetSecurityGroupsRequest",

@@ -126,6 +126,14 @@ pub(super) struct ImportQuery {
     /// Whether the guest runs Skyvisor's guest service on port 80.
     #[serde(default)]
     guest_service: bool,
+    /// The user cloud-init gives the VM's SSH keys (for the `ssh` command
+    /// `vm show` prints; e.g. `debian`, `ubuntu`, `fedora`).
+    #[serde(default)]
+    ssh_user: Option<String>,
+    /// The image runs cloud-init and the QEMU guest agent: a VM is ready
+    /// once cloud-init reports it has finished.
+    #[serde(default)]
+    cloud_init: bool,
     /// Share it with every project (cluster admins only).
     #[serde(default)]
     public: bool,
@@ -169,6 +177,8 @@ pub(super) async fn import(
         files: vec![],
         cmdline: q.cmdline.clone(),
         guest_service: q.guest_service,
+        ssh_user: q.ssh_user.clone(),
+        cloud_init: q.cloud_init,
         source: ImageSource::Import,
         state: ImageState::Building,
         message: Some("uploading".into()),

@@ -169,9 +169,32 @@ fn explain(
         }
         Kind::Pattern { .. } | Kind::MinLength { .. } | Kind::MaxLength { .. } => {
             let text = value.as_str().unwrap_or_default();
-            match skyvisor_core::names::validate_name(&label, text) {
-                Err(v) => v.to_string(),
-                Ok(()) => format!("invalid {label}: {value} does not match {}", pattern_of(e)),
+            let rule = rule_of(root, &e.schema_path.to_string());
+            let name_rule = rule["pattern"].as_str() == Some(skyvisor_core::names::NAME_PATTERN);
+            let chars = text.chars().count();
+            match (&e.kind, name_rule) {
+                (_, true) => match skyvisor_core::names::validate_name(&label, text) {
+                    Err(v) => v.to_string(),
+                    Ok(()) => format!("invalid {label}: {value} does not match {}", pattern_of(e)),
+                },
+                (_, false) if field == "hostname" => {
+                    match crate::guest_config::check_hostname(text) {
+                        Err(v) => v.message,
+                        Ok(()) => format!("invalid hostname {value}"),
+                    }
+                }
+                // Not the value itself: it may be long.
+                (Kind::MaxLength { limit }, false) => {
+                    format!("{label} is {chars} characters; allowed: at most {limit} characters")
+                }
+                (Kind::MinLength { limit }, false) => {
+                    format!("{label} is {chars} characters; allowed: at least {limit} characters")
+                }
+                _ => format!(
+                    "invalid {label}: {:?} does not match {}",
+                    text.chars().take(80).collect::<String>(),
+                    pattern_of(e)
+                ),
             }
         }
         Kind::Enum { options } => format!(

@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod checkpoints;
+mod cloud_guests;
 mod cluster;
 mod contract;
 mod ha;

@@ -1,0 +1,283 @@
+//! Full-OS guests: the `debian-12` image built from Debian packages, booted
+//! with a project key pair, user data and a hostname through cloud-init's
+//! NoCloud seed; readiness is cloud-init's own report through the guest
+//! agent; SSH in with the key; a stop and start keeps the guest's files
+//! and does not run first boot again; a user's imported qcow2 boots the
+//! same way.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::harness::{Cloud, skyvisor_bin};
+
+/// Builds `debian-12` (a cache hit after the first run on a machine).
+fn build_image(cloud: &Cloud) -> Value {
+    cloud.sv_json(&["image", "build", "debian-12"]);
+    let img = cloud.sv_json(&["image", "show", "debian-12"]);
+    assert_eq!(img["kind"], "disk", "{img}");
+    assert_eq!(img["ssh_user"], "debian", "{img}");
+    assert_eq!(img["cloud_init"], true, "{img}");
+    img
+}
+
+/// `skyvisor vm ssh NAME -i KEY -- COMMAND`, with ssh's known hosts in
+/// `home`.
+fn vm_ssh(cloud: &Cloud, home: &Path, name: &str, key: &Path, command: &str) -> Output {
+    Command::new(skyvisor_bin())
+        .args(["vm", "ssh", name, "-i"])
+        .arg(key)
+        .args(["--", command])
+        .env("HOME", home)
+        .env("SKYVISOR_URL", &cloud.url)
+        .env("SKYVISOR_DATA_DIR", &cloud.data_dir)
+        .env("SKYVISOR_CONFIG", cloud.data_dir.join("cli-config.toml"))
+        .output()
+        .expect("run skyvisor vm ssh")
+}
+
+fn ssh_ok(cloud: &Cloud, home: &Path, name: &str, key: &Path, command: &str) -> String {
+    let out = vm_ssh(cloud, home, name, key, command);
+    assert!(
+        out.status.success(),
+        "vm ssh {name} {command:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn assert_cloud_init_finished(vm: &Value) {
+    let ci = &vm["status"]["cloud_init"];
+    assert!(
+        ci["datasource"]
+            .as_str()
+            .is_some_and(|d| d.contains("NoCloud")),
+        "cloud-init must report its NoCloud seed: {vm}"
+    );
+    assert_eq!(ci["errors"], serde_json::json!([]), "{vm}");
+}
+
+const USER_DATA: &str = "#cloud-config
+write_files:
+  - path: /var/tmp/from-user-data
+    content: written by user data
+runcmd:
+  - [sh, -c, 'echo ran >> /var/tmp/first-boot-runs']
+";
+
+#[test]
+fn a_debian_guest_gets_its_key_user_data_and_hostname_and_first_boot_runs_once() {
+    let cloud = Cloud::start();
+    build_image(&cloud);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let key = tmp.path().join("mine");
+    cloud.sv_ok(&[
+        "keypair",
+        "create",
+        "mine",
+        "--out",
+        key.to_str().expect("path"),
+    ]);
+    let user_data = tmp.path().join("user-data");
+    std::fs::write(&user_data, USER_DATA).expect("user data");
+
+    let vm = cloud.sv_json(&[
+        "vm",
+        "create",
+        "deb",
+        "--image",
+        "debian-12",
+        "--type",
+        "small",
+        "--key",
+        "mine",
+        "--user-data",
+        user_data.to_str().expect("path"),
+        "--hostname",
+        "deb-host",
+        "--wait",
+        "--timeout",
+        "900",
+    ]);
+    // --wait returned once cloud-init reported, not before.
+    assert_eq!(vm["status"]["guest_ready"], true, "{vm}");
+    assert_cloud_init_finished(&vm);
+    let ip = vm["spec"]["network"]["ip"]
+        .as_str()
+        .expect("ip")
+        .to_string();
+    let addrs = vm["status"]["guest_addresses"]
+        .as_array()
+        .expect("addresses");
+    assert!(
+        addrs
+            .iter()
+            .any(|a| a.as_str().is_some_and(|a| a.starts_with(&format!("{ip}/")))),
+        "the guest agent reports the address the network gave: {vm}"
+    );
+    let show = cloud.sv_ok(&["vm", "show", "deb"]);
+    assert!(show.contains(&format!("ssh debian@{ip}")), "{show}");
+
+    // SSH in with the key: user data ran, the hostname is set, and
+    // password login is off.
+    let home = tmp.path().join("home");
+    std::fs::create_dir_all(&home).expect("home");
+    let out = ssh_ok(
+        &cloud,
+        &home,
+        "deb",
+        &key,
+        "cat /var/tmp/from-user-data; echo; hostname; cat /var/tmp/first-boot-runs; sudo sshd -T | grep -i '^passwordauthentication'",
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "written by user data",
+            "deb-host",
+            "ran",
+            "passwordauthentication no"
+        ],
+        "{out}"
+    );
+
+    // Another key is refused.
+    let other = tmp.path().join("other");
+    cloud.sv_ok(&[
+        "keypair",
+        "create",
+        "other",
+        "--out",
+        other.to_str().expect("path"),
+    ]);
+    let refused = vm_ssh(&cloud, &home, "deb", &other, "true");
+    assert!(
+        !refused.status.success(),
+        "a key the VM was not given got in"
+    );
+
+    // Stop and start: the guest's own changes stay, and cloud-init does not
+    // run first boot again (the instance id is the VM's id).
+    ssh_ok(
+        &cloud,
+        &home,
+        "deb",
+        &key,
+        "echo mine > /var/tmp/guest-change; sync",
+    );
+    cloud.sv_ok(&["vm", "stop", "deb"]);
+    let vm = cloud.sv_json(&["vm", "start", "deb", "--wait", "--timeout", "900"]);
+    assert_eq!(vm["status"]["boot_count"], 2, "{vm}");
+    let vm = cloud.instance("deb");
+    assert_cloud_init_finished(&vm);
+    let out = ssh_ok(
+        &cloud,
+        &home,
+        "deb",
+        &key,
+        "cat /var/tmp/guest-change /var/tmp/first-boot-runs",
+    );
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["mine", "ran"], "{out}");
+}
+
+#[test]
+fn an_imported_cloud_image_boots_the_same_way_and_bad_guest_input_is_refused() {
+    let cloud = Cloud::start();
+    let img = build_image(&cloud);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let key = tmp.path().join("mine");
+    cloud.sv_ok(&[
+        "keypair",
+        "create",
+        "mine",
+        "--out",
+        key.to_str().expect("path"),
+    ]);
+
+    // Bad input: refused with the field named, nothing created.
+    let big = tmp.path().join("big");
+    std::fs::write(&big, format!("#!/bin/sh\n{}", "x".repeat(17 * 1024))).expect("write");
+    let bad_yaml = tmp.path().join("bad-yaml");
+    std::fs::write(&bad_yaml, "#cloud-config\nruncmd: [ls\n").expect("write");
+    let binary = tmp.path().join("binary");
+    std::fs::write(&binary, [0x1f, 0x8b, 0xff, 0x00]).expect("write");
+    for (args, expect) in [
+        (vec!["--key", "nope"], "no key pair \"nope\""),
+        (
+            vec!["--user-data", big.to_str().expect("path")],
+            "at most 16384 characters",
+        ),
+        (
+            vec!["--user-data", bad_yaml.to_str().expect("path")],
+            "not a valid YAML mapping",
+        ),
+        (
+            vec!["--user-data", binary.to_str().expect("path")],
+            "not UTF-8",
+        ),
+        (vec!["--hostname", "bad_name"], "hostname"),
+    ] {
+        let mut a = vec!["vm", "create", "bad", "--image", "debian-12"];
+        a.extend(args);
+        let err = cloud.sv_err(&a);
+        assert!(err.contains(expect), "{a:?}: {err}");
+    }
+    let (status, body) = cloud.api(
+        "POST",
+        "/v1/instances",
+        Some(r##"{"name":"bad","image":"debian-12","user_data":"#cloud-config\n- a list\n"}"##),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("user_data"), "{body}");
+    let (status, _) = cloud.api("GET", "/v1/instances/bad", None);
+    assert_eq!(status, 404, "a refused create leaves nothing");
+
+    // The built disk, imported as a user's own cloud image.
+    let file = img["files"][0]["file_name"].as_str().expect("file name");
+    let disk = cloud.data_dir.join("images/default/debian-12").join(file);
+    let imported = cloud.sv_json(&[
+        "image",
+        "import",
+        "my-cloud",
+        "--disk",
+        disk.to_str().expect("path"),
+        "--cloud-init",
+        "--ssh-user",
+        "debian",
+    ]);
+    assert_eq!(imported["kind"], "disk", "{imported}");
+    let vm = cloud.sv_json(&[
+        "vm",
+        "create",
+        "mine",
+        "--image",
+        "my-cloud",
+        "--type",
+        "small",
+        "--key",
+        "mine",
+        "--wait",
+        "--timeout",
+        "900",
+    ]);
+    assert_cloud_init_finished(&vm);
+    let home = tmp.path().join("home");
+    std::fs::create_dir_all(&home).expect("home");
+    let out = ssh_ok(
+        &cloud,
+        &home,
+        "mine",
+        &key,
+        "hostname; df -BG --output=size / | tail -1",
+    );
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    assert_eq!(lines.first(), Some(&"mine"), "{out}");
+    // cloud-init grew the root file system to the type's 4 GiB disk.
+    let size: u64 = lines
+        .get(1)
+        .and_then(|s| s.trim_end_matches('G').parse().ok())
+        .unwrap_or(0);
+    assert!(size >= 3, "root file system {size} GiB: {out}");
+}

@@ -281,3 +281,156 @@ fn an_imported_cloud_image_boots_the_same_way_and_bad_guest_input_is_refused() {
         .unwrap_or(0);
     assert!(size >= 3, "root file system {size} GiB: {out}");
 }
+
+/// An SSH session that prints a line every 200 ms; records when each
+/// line arrived.
+struct TickingSession {
+    child: std::process::Child,
+    ticks: std::sync::Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
+}
+
+impl TickingSession {
+    fn open(key: &Path, ip: &str) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new("ssh")
+            .args([
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-i",
+            ])
+            .arg(key)
+            .arg(format!("debian@{ip}"))
+            .arg("while true; do echo tick; sleep 0.2; done")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ssh");
+        let out = child.stdout.take().expect("stdout");
+        let ticks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = ticks.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                if line.is_err() {
+                    break;
+                }
+                if let Ok(mut t) = seen.lock() {
+                    t.push(std::time::Instant::now());
+                }
+            }
+        });
+        Self { child, ticks }
+    }
+
+    fn count(&self) -> usize {
+        self.ticks.lock().map(|t| t.len()).unwrap_or(0)
+    }
+
+    fn longest_gap(&self) -> std::time::Duration {
+        let t = self.ticks.lock().map(|t| t.clone()).unwrap_or_default();
+        t.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
+    }
+}
+
+impl Drop for TickingSession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_debian_guest_keeps_an_open_ssh_session_across_a_live_migration() {
+    use std::time::Duration;
+
+    use crate::harness::wait_until;
+    use crate::testbed::TestBed;
+
+    let bed = TestBed::start(2, 1);
+    bed.sv_json(&["image", "build", "debian-12"]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let key = tmp.path().join("mine");
+    bed.sv_ok(&[
+        "keypair",
+        "create",
+        "mine",
+        "--out",
+        key.to_str().expect("path"),
+    ]);
+    let vm = bed.sv_json(&[
+        "vm",
+        "create",
+        "deb",
+        "--image",
+        "debian-12",
+        "--type",
+        "small",
+        "--key",
+        "mine",
+        "--local-disk",
+        "--wait",
+        "--timeout",
+        "900",
+    ]);
+    assert_cloud_init_finished(&vm);
+    let ip = vm["spec"]["network"]["ip"]
+        .as_str()
+        .expect("ip")
+        .to_string();
+    let from = vm["spec"]["host"].as_str().expect("host").to_string();
+    let to = if from == "h1" { "h2" } else { "h1" };
+
+    let mut session = TickingSession::open(&key, &ip);
+    wait_until("the SSH session ticks", Duration::from_secs(120), || {
+        (session.count() >= 5).then_some(())
+    });
+    let m = bed.sv_json(&["vm", "migrate", "deb", "--to", to]);
+    assert_eq!(m["phase"], "completed", "{m}");
+    let at_move = session.count();
+    wait_until(
+        "the SSH session ticks after the move",
+        Duration::from_secs(120),
+        || (session.count() >= at_move + 10).then_some(()),
+    );
+    assert!(
+        session.child.try_wait().expect("ssh status").is_none(),
+        "the SSH session ended"
+    );
+    let gap = session.longest_gap();
+    eprintln!(
+        "migration pause {} ms; the session's longest silence {gap:?}",
+        m["result"]["pause_ms"]
+    );
+    assert!(gap < Duration::from_secs(30), "the session stalled {gap:?}");
+
+    // The same boot on the new host: cloud-init did not run again.
+    let now = bed.instance("deb");
+    assert_eq!(now["spec"]["host"], to, "{now}");
+    assert_eq!(now["status"]["boot_count"], 1, "{now}");
+    let out = Command::new("ssh")
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-i",
+        ])
+        .arg(&key)
+        .arg(format!("debian@{ip}"))
+        .arg("cloud-init status; ls /var/lib/cloud/instances | wc -l")
+        .output()
+        .expect("ssh");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("status: done"), "{text}");
+    assert_eq!(
+        text.lines().last().map(str::trim),
+        Some("1"),
+        "one instance, one first boot: {text}"
+    );
+}

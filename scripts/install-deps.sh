@@ -40,6 +40,8 @@ packages=(
   protobuf-compiler pkg-config gcc
   # Volumes and benchmarks: NBD clients, fio.
   libnbd-bin fio
+  # `skyvisor vm ssh` and the full-OS guest tests log in with ssh.
+  openssh-client
   # Tests and scripts (shellcheck checks the scripts themselves; the API
   # fuzzer lives in a Python venv).
   curl jq procps psmisc util-linux shellcheck python3-venv

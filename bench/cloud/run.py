@@ -70,6 +70,21 @@ def wait_ssh(key, ip, t0):
     raise RuntimeError(f"no SSH to {ip} after {SSH_DEADLINE}s")
 
 
+def guest_uptimes(serial_log):
+    """When (guest uptime, s) cloud-init's init-local stage started and when
+    it finished, from the serial console: where the time went inside the
+    guest."""
+    import re
+    try:
+        text = open(serial_log, errors="replace").read()
+    except OSError:
+        return (float("nan"), float("nan"))
+    def up(pattern):
+        m = re.search(pattern + r".*?Up ([0-9.]+) seconds", text)
+        return float(m.group(1)) if m else float("nan")
+    return (up(r"running 'init-local'"), up(r"finished at"))
+
+
 def rss_mib(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -133,10 +148,12 @@ def skyvisor_boot(sv, key, i):
     ip = vm["spec"]["network"]["ip"]
     took = wait_ssh(key, ip, t0)
     time.sleep(IDLE_SECS)
-    pid = json.loads(sv.sv("vm", "show", name).stdout)["status"]["pid"]
-    mem = rss_mib(pid)
+    shown = json.loads(sv.sv("vm", "show", name).stdout)
+    mem = rss_mib(shown["status"]["pid"])
+    vm_dir = os.path.join(sv.data, "agent", "vms", shown["spec"]["id"].replace("-", ""))
+    ups = guest_uptimes(os.path.join(vm_dir, "serial.log"))
     sv.sv("vm", "delete", name, "--force")
-    return took, mem
+    return took, mem, ups
 
 
 def raw_boot(disk, pubkey, key, work, i):
@@ -173,7 +190,7 @@ def raw_boot(disk, pubkey, key, work, i):
     finally:
         qemu.kill()
         qemu.wait()
-    return took, mem
+    return took, mem, guest_uptimes(os.path.join(d, "serial.log"))
 
 
 def main():
@@ -212,9 +229,9 @@ def main():
         raw, sky = [], []
         for i in range(args.repeat):
             raw.append(raw_boot(disk, pubkey, key, work, i))
-            print(f"raw {i}: ssh after {raw[-1][0]:.1f}s, RSS {raw[-1][1]:.0f} MiB", file=sys.stderr)
+            print(f"raw {i}: ssh after {raw[-1][0]:.1f}s, RSS {raw[-1][1]:.0f} MiB, guest uptime at init-local/finished {raw[-1][2]}", file=sys.stderr)
             sky.append(skyvisor_boot(sv, key, i))
-            print(f"skyvisor {i}: ssh after {sky[-1][0]:.1f}s, RSS {sky[-1][1]:.0f} MiB", file=sys.stderr)
+            print(f"skyvisor {i}: ssh after {sky[-1][0]:.1f}s, RSS {sky[-1][1]:.0f} MiB, guest uptime at init-local/finished {sky[-1][2]}", file=sys.stderr)
     finally:
         sv.stop()
         subprocess.run(["ip", "link", "del", RAW_TAP], capture_output=True)
@@ -233,6 +250,8 @@ def main():
         f"| create -> SSH answers, median (s) | {raw_t:.1f} | {sky_t:.1f} | {sky_t / raw_t:.2f}x |",
         f"| each run (s) | {', '.join(f'{r[0]:.1f}' for r in raw)} | {', '.join(f'{s[0]:.1f}' for s in sky)} | |",
         f"| QEMU RSS when idle, median (MiB) | {raw_m:.0f} | {sky_m:.0f} | {sky_m / raw_m:.2f}x |",
+        f"| guest uptime when cloud-init's init-local started, median (s) | {med([r[2][0] for r in raw]):.1f} | {med([s[2][0] for s in sky]):.1f} | |",
+        f"| guest uptime when cloud-init finished, median (s) | {med([r[2][1] for r in raw]):.1f} | {med([s[2][1] for s in sky]):.1f} | |",
         "",
         f"Image build: cold (empty cache, every package downloaded) {cold:.1f} s; cached {cached:.1f} s.",
         "",

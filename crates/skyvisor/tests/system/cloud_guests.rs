@@ -22,6 +22,37 @@ fn build_image(cloud: &Cloud) -> Value {
     img
 }
 
+/// Makes key pair `name` of the project with the CLI (`run`); returns the
+/// private key's file, in `dir`.
+fn new_key_pair(run: impl Fn(&[&str]) -> String, dir: &Path, name: &str) -> std::path::PathBuf {
+    let key = dir.join(name);
+    run(&[
+        "keypair",
+        "create",
+        name,
+        "--out",
+        key.to_str().expect("path"),
+    ]);
+    key
+}
+
+/// `ssh -i KEY debian@IP` with no prompts and no known-hosts file.
+fn ssh_to(key: &Path, ip: &str) -> Command {
+    let mut c = Command::new("ssh");
+    c.args([
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-i",
+    ])
+    .arg(key)
+    .arg(format!("debian@{ip}"));
+    c
+}
+
 /// `skyvisor vm ssh NAME -i KEY -- COMMAND`, with ssh's known hosts in
 /// `home`.
 fn vm_ssh(cloud: &Cloud, home: &Path, name: &str, key: &Path, command: &str) -> Output {
@@ -72,14 +103,7 @@ fn a_debian_guest_gets_its_key_user_data_and_hostname_and_first_boot_runs_once()
     let cloud = Cloud::start();
     build_image(&cloud);
     let tmp = tempfile::tempdir().expect("tmp");
-    let key = tmp.path().join("mine");
-    cloud.sv_ok(&[
-        "keypair",
-        "create",
-        "mine",
-        "--out",
-        key.to_str().expect("path"),
-    ]);
+    let key = new_key_pair(|a| cloud.sv_ok(a), tmp.path(), "mine");
     let user_data = tmp.path().join("user-data");
     std::fs::write(&user_data, USER_DATA).expect("user data");
 
@@ -144,14 +168,7 @@ fn a_debian_guest_gets_its_key_user_data_and_hostname_and_first_boot_runs_once()
     );
 
     // Another key is refused.
-    let other = tmp.path().join("other");
-    cloud.sv_ok(&[
-        "keypair",
-        "create",
-        "other",
-        "--out",
-        other.to_str().expect("path"),
-    ]);
+    let other = new_key_pair(|a| cloud.sv_ok(a), tmp.path(), "other");
     let refused = vm_ssh(&cloud, &home, "deb", &other, "true");
     assert!(
         !refused.status.success(),
@@ -187,14 +204,7 @@ fn an_imported_cloud_image_boots_the_same_way_and_bad_guest_input_is_refused() {
     let cloud = Cloud::start();
     let img = build_image(&cloud);
     let tmp = tempfile::tempdir().expect("tmp");
-    let key = tmp.path().join("mine");
-    cloud.sv_ok(&[
-        "keypair",
-        "create",
-        "mine",
-        "--out",
-        key.to_str().expect("path"),
-    ]);
+    let key = new_key_pair(|a| cloud.sv_ok(a), tmp.path(), "mine");
 
     // Bad input: refused with the field named, nothing created.
     let big = tmp.path().join("big");
@@ -292,18 +302,7 @@ struct TickingSession {
 impl TickingSession {
     fn open(key: &Path, ip: &str) -> Self {
         use std::io::BufRead;
-        let mut child = Command::new("ssh")
-            .args([
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-i",
-            ])
-            .arg(key)
-            .arg(format!("debian@{ip}"))
+        let mut child = ssh_to(key, ip)
             .arg("while true; do echo tick; sleep 0.2; done")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -353,14 +352,7 @@ fn a_debian_guest_keeps_an_open_ssh_session_across_a_live_migration() {
     let bed = TestBed::start(2, 1);
     bed.sv_json(&["image", "build", "debian-12"]);
     let tmp = tempfile::tempdir().expect("tmp");
-    let key = tmp.path().join("mine");
-    bed.sv_ok(&[
-        "keypair",
-        "create",
-        "mine",
-        "--out",
-        key.to_str().expect("path"),
-    ]);
+    let key = new_key_pair(|a| bed.sv_ok(a), tmp.path(), "mine");
     let vm = bed.sv_json(&[
         "vm",
         "create",
@@ -411,18 +403,7 @@ fn a_debian_guest_keeps_an_open_ssh_session_across_a_live_migration() {
     let now = bed.instance("deb");
     assert_eq!(now["spec"]["host"], to, "{now}");
     assert_eq!(now["status"]["boot_count"], 1, "{now}");
-    let out = Command::new("ssh")
-        .args([
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-i",
-        ])
-        .arg(&key)
-        .arg(format!("debian@{ip}"))
+    let out = ssh_to(&key, &ip)
         .arg("cloud-init status; ls /var/lib/cloud/instances | wc -l")
         .output()
         .expect("ssh");

@@ -128,11 +128,16 @@ pub async fn build_cloud_disk(
         fs::create_dir_all(d).map_err(ImageError::io("creating", d))?;
     }
     let build_dir = builds_dir.join(&key);
-    let cached = build_dir.join(DISK_FILE).is_file();
+    let cached = build_dir.join(DISK_FILE).is_file() && build_dir.join(crate::MANIFEST).is_file();
     if cached {
         progress(BuildProgress::CacheHit { key: key.clone() });
         cache::touch(&build_dir.join(DISK_FILE));
     } else {
+        if build_dir.exists() {
+            // Incomplete (no manifest): rebuilt rather than trusted.
+            tracing::warn!(build = %build_dir.display(), "discarding incomplete cached build");
+            let _ = fs::remove_dir_all(&build_dir);
+        }
         let stage = tmp_dir.join(format!("{key}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&stage);
         fs::create_dir_all(&stage).map_err(ImageError::io("creating", &stage))?;
@@ -141,6 +146,8 @@ pub async fn build_cloud_disk(
             let _ = fs::remove_dir_all(&stage);
             return Err(e);
         }
+        // Another server sharing the cache may have published the same
+        // build meanwhile; `publish_dir` then keeps theirs.
         cache::make_read_only(&stage)?;
         cache::publish_dir(&stage, &build_dir)?;
         cache::prune(&builds_dir, &tmp_dir, crate::KEEP_BUILDS, &build_dir);
@@ -257,6 +264,11 @@ async fn build_fresh(
     )
     .await?;
     fs::remove_file(&raw).map_err(ImageError::io("removing", &raw))?;
+    // Written last: a build directory with a manifest is complete (the
+    // cache's rule, which concurrent builders rely on).
+    let manifest = stage.join(crate::MANIFEST);
+    let text = serde_json::json!({"recipe": CLOUD_RECIPE, "key": key, "file": DISK_FILE});
+    fs::write(&manifest, format!("{text:#}\n")).map_err(ImageError::io("writing", &manifest))?;
     Ok(())
 }
 

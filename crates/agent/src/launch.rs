@@ -126,22 +126,6 @@ impl Launcher {
             }
             ImageKind::Disk => LaunchBoot::Firmware,
         };
-        // A guest without Skyvisor's guest service is configured by
-        // cloud-init (if it has it) from a seed made from the spec alone.
-        let seed = if image.guest_service {
-            None
-        } else {
-            match self.write_seed(spec, &dir).await {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    self.release_volumes(spec).await;
-                    if created_disk {
-                        let _ = tokio::fs::remove_file(&root).await;
-                    }
-                    return Err(e);
-                }
-            }
-        };
         let tap = skyvisor_net::tap_name(&spec.id);
         let undo = |created_disk: bool| {
             let root = root.clone();
@@ -156,6 +140,19 @@ impl Launcher {
                 }
                 if let Some(v) = volumes {
                     v.release_instance(&name).await;
+                }
+            }
+        };
+        // A guest without Skyvisor's guest service is configured by
+        // cloud-init (if it has it) from a seed made from the spec alone.
+        let seed = if image.guest_service {
+            None
+        } else {
+            match self.write_seed(spec, &dir).await {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    undo(created_disk).await;
+                    return Err(e);
                 }
             }
         };

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use skyvisor_core::firewall::HostFirewall;
@@ -32,6 +32,8 @@ struct LocalTap {
     vni: Option<u32>,
     gateway: Ipv4Addr,
     filtered: bool,
+    /// When it was added: a listing of taps older than that may miss it.
+    since: Instant,
 }
 
 /// The firewall's inputs and what was last applied.
@@ -75,6 +77,7 @@ impl Firewall {
                 vni: spec.network.vni,
                 gateway: spec.network.gateway,
                 filtered: !spec.security_groups.is_empty(),
+                since: Instant::now(),
             },
         );
         self.apply(&mut st, nets).await
@@ -89,23 +92,28 @@ impl Firewall {
         }
     }
 
-    /// Drops the taps that are gone and applies what changed.
-    async fn prune(&self, nets: &PrivateNets) {
+    /// Drops the taps that are gone and applies what changed; gives the
+    /// taps that exist and when they were listed.
+    async fn prune(&self, nets: &PrivateNets) -> Option<(Vec<String>, Instant)> {
+        let listed_at = Instant::now();
         let existing = match self.network.list_taps("svt").await {
             Ok(t) => t,
             Err(e) => {
                 debug!(error = %e, "cannot list taps");
-                return;
+                return None;
             }
         };
         let mut st = self.state.lock().await;
-        st.taps.retain(|tap, _| existing.contains(tap));
+        // A tap added since the listing began is not missing, only new.
+        st.taps
+            .retain(|tap, t| t.since > listed_at || existing.contains(tap));
         if let Err(e) = self.apply(&mut st, nets).await {
             warn!(error = %e, "cannot apply the firewall");
         }
         let in_use = st.taps.values().filter_map(|t| t.vni).collect();
         drop(st);
         nets.collect(&in_use).await;
+        Some((existing, listed_at))
     }
 
     async fn apply(&self, st: &mut State, nets: &PrivateNets) -> Result<(), NetError> {
@@ -231,7 +239,11 @@ pub async fn follow(ctx: Arc<AgentContext>) {
                     }
                     None => break,
                 },
-                _ = prune.tick() => ctx.firewall.prune(&ctx.private_nets).await,
+                _ = prune.tick() => {
+                    if let Some((taps, listed_at)) = ctx.firewall.prune(&ctx.private_nets).await {
+                        ctx.metadata.retain(&taps, listed_at);
+                    }
+                }
             }
         }
     }

@@ -177,6 +177,7 @@ impl Launcher {
             undo(created_disk).await;
             return Err(format!("guarding tap {tap}: {e}"));
         }
+        self.ctx.metadata.attach(&tap, spec, &bridge).await;
         let launch = VmLaunch {
             instance: spec.id,
             name: spec.name.to_string(),

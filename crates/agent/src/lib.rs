@@ -18,6 +18,7 @@ pub mod http;
 pub mod hypervisor;
 pub mod images;
 mod launch;
+pub mod metadata;
 pub mod migration;
 pub mod private_nets;
 pub mod qemu_hv;
@@ -185,6 +186,8 @@ pub struct AgentContext {
     pub private_nets: Arc<private_nets::PrivateNets>,
     /// The instance firewall.
     pub firewall: firewall::Firewall,
+    /// The instance metadata service.
+    pub metadata: Arc<metadata::MetadataService>,
     /// MTU for guests.
     pub mtu: u32,
     /// Probe guest services after boot.
@@ -389,6 +392,7 @@ async fn bring_up(
         cfg.bridge.clone(),
     ));
     let firewall = firewall::Firewall::new(network.clone());
+    let metadata = metadata::MetadataService::new(network.clone());
     let ctx = Arc::new(AgentContext {
         store: store.clone(),
         hypervisor,
@@ -399,6 +403,7 @@ async fn bring_up(
         bridge: cfg.bridge.clone(),
         private_nets: private_nets.clone(),
         firewall,
+        metadata,
         mtu: net.mtu,
         probe_guests: cfg.probe_guests,
         http: internal_client(

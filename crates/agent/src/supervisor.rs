@@ -32,6 +32,8 @@ pub(crate) const LAUNCH_FILE: &str = "launch.json";
 pub const ROOT_DISK: &str = "root.qcow2";
 /// How long QEMU gets to exit after `quit` before it is killed.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long each exchange with a guest agent may take.
+const GUEST_AGENT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Restart delays after unrequested exits grow up to this.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A VM that ran this long before failing restarts without delay.
@@ -289,12 +291,16 @@ impl Supervisor {
         // Its network and guard, as this agent's launch would have made them.
         let tap = skyvisor_net::tap_name(&spec.id);
         let guarded = match self.ctx.private_nets.bridge_for(&spec.network).await {
-            Ok(_) => self
-                .ctx
-                .firewall
-                .add_tap(&tap, spec, &self.ctx.private_nets)
-                .await
-                .map_err(|e| e.to_string()),
+            Ok(bridge) => {
+                let guarded = self
+                    .ctx
+                    .firewall
+                    .add_tap(&tap, spec, &self.ctx.private_nets)
+                    .await
+                    .map_err(|e| e.to_string());
+                self.ctx.metadata.attach(&tap, spec, &bridge).await;
+                guarded
+            }
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = guarded {
@@ -1095,14 +1101,47 @@ impl Supervisor {
         }
     }
 
+    /// Asks the guest to shut itself down: through its guest agent where
+    /// it has one (the guest's own shutdown, whatever it makes of the
+    /// power button), else, or if the agent does not take it, by pressing
+    /// the ACPI power button. Gives how it was asked, or None if it could
+    /// not be.
+    async fn request_shutdown(&self, spec: &InstanceSpec) -> Option<&'static str> {
+        let running = self.running.as_ref()?;
+        if self.status.guest_agent_channel {
+            let socket = self
+                .ctx
+                .vm_dir(&spec.id)
+                .join(skyvisor_qemu::files::GUEST_AGENT_SOCKET);
+            let asked = async {
+                let mut agent =
+                    skyvisor_qemu::GuestAgent::connect(&socket, GUEST_AGENT_TIMEOUT).await?;
+                agent.shutdown(GUEST_AGENT_TIMEOUT).await
+            };
+            match asked.await {
+                Ok(()) => return Some("guest agent"),
+                Err(e) => {
+                    debug!(instance = %spec.name, error = %e, "the guest agent did not take the shutdown; pressing the power button");
+                }
+            }
+        }
+        running
+            .vm
+            .powerdown()
+            .await
+            .is_ok()
+            .then_some("ACPI power button")
+    }
+
     async fn stop(&mut self, spec: &InstanceSpec, force: bool) {
         self.set_phase(spec, InstancePhase::Stopping).await;
         self.cancel_probe();
-        let graceful = !force
-            && match &self.running {
-                Some(r) => r.vm.powerdown().await.is_ok(),
-                None => false,
-            }
+        let asked = if force {
+            None
+        } else {
+            self.request_shutdown(spec).await
+        };
+        let graceful = asked.is_some()
             && self
                 .await_guest_shutdown(Duration::from_secs(u64::from(spec.stop_timeout_secs)))
                 .await;
@@ -1114,8 +1153,8 @@ impl Supervisor {
         self.status.last_exit = Some(ExitRecord {
             at: Utc::now(),
             reason: ExitReason::Requested,
-            detail: if graceful {
-                "shut down gracefully".into()
+            detail: if let (true, Some(how)) = (graceful, asked) {
+                format!("shut down gracefully (asked through the {how})")
             } else if force {
                 "powered off (forced)".into()
             } else {
@@ -1132,12 +1171,10 @@ impl Supervisor {
         self.cancel_probe();
         self.status.guest_ready = false;
         self.publish(spec).await;
-        let graceful = match &self.running {
-            Some(r) => r.vm.powerdown().await.is_ok(),
-            None => false,
-        } && self
-            .await_guest_shutdown(Duration::from_secs(u64::from(spec.stop_timeout_secs)))
-            .await;
+        let graceful = self.request_shutdown(spec).await.is_some()
+            && self
+                .await_guest_shutdown(Duration::from_secs(u64::from(spec.stop_timeout_secs)))
+                .await;
         self.status.observed_reboot_generation = spec.reboot_generation;
         let Some(running) = &self.running else {
             // It exited instead; the main loop restarts it if wanted.

@@ -217,7 +217,10 @@ async fn start_stop_start_keeps_the_disk() {
             s.phase == skyvisor_core::InstancePhase::Stopped
         })
         .await;
-    assert_eq!(st.last_exit.expect("exit").detail, "shut down gracefully");
+    assert_eq!(
+        st.last_exit.expect("exit").detail,
+        "shut down gracefully (asked through the ACPI power button)"
+    );
     assert_eq!(w.hv.running(), 0);
 
     s.power = PowerState::Running;

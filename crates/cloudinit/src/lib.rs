@@ -205,6 +205,9 @@ impl Seed {
             "addresses": [format!("{}/{}", n.address, n.prefix_len)],
             "gateway4": n.gateway.to_string(),
             "mtu": n.mtu,
+            // The metadata service through the gateway, even in a guest
+            // that puts all of 169.254.0.0/16 on the link.
+            "routes": [{ "to": "169.254.169.254/32", "via": n.gateway.to_string() }],
         });
         if !n.nameservers.is_empty() {
             let ns: Vec<String> = n.nameservers.iter().map(Ipv4Addr::to_string).collect();

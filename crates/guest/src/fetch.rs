@@ -4,6 +4,8 @@
 //!
 //! Only plain HTTP to a literal IPv4 address, with a short timeout and a
 //! bounded answer; this must never hang a connection thread for long.
+//! `&from=IP` sends from that source address, owned or not (tests of the
+//! host's address guards).
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
@@ -49,11 +51,62 @@ pub fn parse_url(url: &str) -> Result<(SocketAddrV4, String), String> {
     Ok((SocketAddrV4::new(ip, port), target.to_string()))
 }
 
-/// GETs `url` with HTTP/1.0.
-pub fn fetch(url: &str) -> Result<Fetched, String> {
+/// Connects to `addr` from source address `from`, even one this guest
+/// does not own (`IP_FREEBIND`): how a test plays a guest that forges
+/// another's address, which its host must stop.
+fn connect_from(from: Ipv4Addr, addr: SocketAddrV4) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let check = |rc: libc::c_int| {
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    };
+    let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a new socket; the stream takes sole ownership of it at once.
+    let fd =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `fd` is open and owned by nothing else.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // Linux bounds a blocking connect by the send timeout.
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    // SAFETY: valid fd, option value and lengths.
+    check(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_FREEBIND,
+            std::ptr::addr_of!(one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    let local = sockaddr(SocketAddrV4::new(from, 0));
+    // SAFETY: valid fd and address of the stated length.
+    check(unsafe { libc::bind(fd, std::ptr::addr_of!(local).cast(), len) })?;
+    let remote = sockaddr(addr);
+    // SAFETY: valid fd and address of the stated length.
+    check(unsafe { libc::connect(fd, std::ptr::addr_of!(remote).cast(), len) })?;
+    Ok(stream)
+}
+
+/// GETs `url` with HTTP/1.0, from source address `from` if given.
+pub fn fetch(url: &str, from: Option<Ipv4Addr>) -> Result<Fetched, String> {
     let (addr, target) = parse_url(url)?;
-    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(addr), TIMEOUT)
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let connected = match from {
+        Some(from) => connect_from(from, addr),
+        None => TcpStream::connect_timeout(&SocketAddr::V4(addr), TIMEOUT),
+    };
+    let mut s = connected.map_err(|e| format!("connecting to {addr}: {e}"))?;
     s.set_read_timeout(Some(TIMEOUT))
         .and_then(|()| s.set_write_timeout(Some(TIMEOUT)))
         .map_err(|e| format!("{addr}: {e}"))?;
@@ -108,7 +161,7 @@ mod tests {
             c.write_all(b"HTTP/1.0 201 Created\r\nContent-Length: 2\r\n\r\nhi")
                 .expect("write");
         });
-        let got = fetch(&format!("http://127.0.0.1:{port}/x")).expect("fetch");
+        let got = fetch(&format!("http://127.0.0.1:{port}/x"), None).expect("fetch");
         assert_eq!(
             got,
             Fetched {
@@ -118,7 +171,25 @@ mod tests {
         );
         server.join().expect("server");
         // Nothing listens there any more.
-        let err = fetch(&format!("http://127.0.0.1:{port}/x")).expect_err("refused");
+        let err = fetch(&format!("http://127.0.0.1:{port}/x"), None).expect_err("refused");
         assert!(err.contains("connecting to"), "{err}");
+    }
+
+    #[test]
+    fn fetches_from_a_given_source_address() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let server = std::thread::spawn(move || {
+            let (mut c, peer) = l.accept().expect("accept");
+            let mut buf = [0u8; 1024];
+            let _ = c.read(&mut buf).expect("read");
+            let body = peer.ip().to_string();
+            let answer = format!("HTTP/1.0 200 OK\r\n\r\n{body}");
+            c.write_all(answer.as_bytes()).expect("write");
+        });
+        let from = Ipv4Addr::new(127, 0, 0, 77);
+        let got = fetch(&format!("http://127.0.0.1:{port}/"), Some(from)).expect("fetch");
+        assert_eq!(got.body, "127.0.0.77");
+        server.join().expect("server");
     }
 }

@@ -345,7 +345,15 @@ impl Guest {
             Route::Health => Response::text(200, "ok").into(),
             Route::Fetch => match req.query("url") {
                 None => Response::text(400, "give ?url=http://IP[:PORT]/PATH").into(),
-                Some(url) => match crate::fetch::fetch(url) {
+                Some(url) => match req
+                    .query("from")
+                    .map(|f| {
+                        f.parse::<std::net::Ipv4Addr>()
+                            .map_err(|_| format!("from={f:?} is not an IPv4 address"))
+                    })
+                    .transpose()
+                    .and_then(|from| crate::fetch::fetch(url, from))
+                {
                     Ok(got) => Response::json(
                         200,
                         format!(

@@ -167,6 +167,16 @@ impl HostNetwork for FakeNetwork {
     async fn clear_redirect(&self, _mac: MacAddr, overlay: &str) -> Result<(), NetError> {
         validate_ifname(overlay)
     }
+
+    async fn listen_metadata(
+        &self,
+        _vni: Option<u32>,
+        bridge: &str,
+        _gateway: std::net::Ipv4Addr,
+    ) -> Result<Option<std::net::TcpListener>, NetError> {
+        // No VM sends a packet here: nothing to listen for.
+        validate_ifname(bridge).map(|()| None)
+    }
 }
 
 #[cfg(test)]

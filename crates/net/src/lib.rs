@@ -32,8 +32,21 @@ pub use fake::FakeNetwork;
 pub use firewall::{FirewallConfig, InboundFilter, TapGuard};
 pub use linux::LinuxNetwork;
 pub use private::{
-    PrivateDevices, PrivateNetworkConfig, PrivateOverlay, connect_in_namespace, private_devices,
+    PrivateDevices, PrivateNetworkConfig, PrivateOverlay, ROUTER_GATEWAY_PORT,
+    connect_in_namespace, listen_on_device, namespace_id, private_devices,
 };
+
+/// The link-local address guests reach the instance metadata service at
+/// (EC2's and OpenStack's).
+pub const METADATA_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+
+/// Where the metadata service really listens: port 80 of
+/// [`METADATA_ADDRESS`], arriving from a VM network, is redirected to this
+/// port of that network's gateway address (the host's own address, or the
+/// private network's router's), on a socket bound to that network's device
+/// so that only the network's instances reach it. The host keeps
+/// [`METADATA_ADDRESS`] itself free for a cloud it may run in.
+pub const METADATA_PORT: u16 = 8775;
 
 /// Longest Linux interface name.
 pub const IFNAME_MAX: usize = 15;
@@ -164,6 +177,18 @@ pub trait HostNetwork: Send + Sync {
     /// that stop each tap from sending as another address, and the
     /// inbound filters of instances in security groups. One atomic change.
     async fn apply_firewall(&self, config: &FirewallConfig) -> Result<(), NetError>;
+
+    /// Opens the metadata service's listener for a VM network: the
+    /// cluster network on `bridge` (`vni` none) or private network `vni`
+    /// (in its router), at [`METADATA_PORT`] of the network's `gateway`,
+    /// taking connections from that network's segment only. None where
+    /// there is no real network to listen on.
+    async fn listen_metadata(
+        &self,
+        vni: Option<u32>,
+        bridge: &str,
+        gateway: Ipv4Addr,
+    ) -> Result<Option<std::net::TcpListener>, NetError>;
 
     /// Removes what [`HostNetwork::redirect_mac`] or
     /// [`HostNetwork::steer_mac`] set up (the bridge and the overlay then

@@ -14,8 +14,8 @@ use std::net::Ipv4Addr;
 use skyvisor_core::MacAddr;
 
 use crate::{
-    BridgeConfig, FirewallConfig, HostNetwork, NetError, OverlayConfig, PrivateNetworkConfig,
-    private_devices, validate_ifname,
+    BridgeConfig, FirewallConfig, HostNetwork, METADATA_ADDRESS, METADATA_PORT, NetError,
+    OverlayConfig, PrivateNetworkConfig, ROUTER_GATEWAY_PORT, private_devices, validate_ifname,
 };
 
 /// The host's real network.
@@ -156,10 +156,13 @@ impl HostNetwork for LinuxNetwork {
             }
         }
         run("ip", &["link", "set", &bridge.name, "up"], None).await?;
-        if bridge.nat || bridge.host_address.is_some() {
-            write_sysctl("/proc/sys/net/ipv4/ip_forward", "1").await?;
+        {
+            if bridge.nat || bridge.host_address.is_some() {
+                write_sysctl("/proc/sys/net/ipv4/ip_forward", "1").await?;
+            }
             let table = nat_table(&bridge.name);
             let name = &bridge.name;
+            let metadata = metadata_redirect(name, gw);
             let masquerade = if bridge.nat {
                 format!("ip saddr {subnet} ip daddr != {subnet} masquerade\n")
             } else {
@@ -179,6 +182,10 @@ impl HostNetwork for LinuxNetwork {
                 "table ip {table} {{}}\n\
                  delete table ip {table}\n\
                  table ip {table} {{\n\
+                   chain prerouting {{\n\
+                     type nat hook prerouting priority dstnat; policy accept;\n\
+                     {metadata}\n\
+                   }}\n\
                    chain postrouting {{\n\
                      type nat hook postrouting priority srcnat; policy accept;\n\
                      {masquerade}\
@@ -449,26 +456,39 @@ impl HostNetwork for LinuxNetwork {
             None,
         )
         .await?;
-        // The router: instances out through NAT, answers back, nothing in.
-        let router = "table ip skyvisor-router {}\n\
+        // The router: instances out through NAT, answers back, nothing in;
+        // the metadata service's address leads to the router's own listener.
+        let metadata = metadata_redirect(ROUTER_GATEWAY_PORT, gw);
+        let router = format!(
+            "table ip skyvisor-router {{}}\n\
              delete table ip skyvisor-router\n\
-             table ip skyvisor-router {\n\
-               chain postrouting {\n\
+             table ip skyvisor-router {{\n\
+               chain prerouting {{\n\
+                 type nat hook prerouting priority dstnat; policy accept;\n\
+                 {metadata}\n\
+               }}\n\
+               chain postrouting {{\n\
                  type nat hook postrouting priority srcnat; policy accept;\n\
                  oifname \"up0\" masquerade\n\
-               }\n\
-               chain forward {\n\
+               }}\n\
+               chain forward {{\n\
                  type filter hook forward priority filter; policy drop;\n\
                  iifname \"gw0\" oifname \"up0\" accept\n\
                  iifname \"up0\" oifname \"gw0\" ct state established,related accept\n\
-               }\n\
-               chain input {\n\
+               }}\n\
+               chain input {{\n\
                  type filter hook input priority filter; policy accept;\n\
                  iifname \"up0\" ct state established,related accept\n\
                  iifname \"up0\" drop\n\
-               }\n\
-             }\n";
-        run("ip", &["netns", "exec", ns, "nft", "-f", "-"], Some(router)).await?;
+               }}\n\
+             }}\n"
+        );
+        run(
+            "ip",
+            &["netns", "exec", ns, "nft", "-f", "-"],
+            Some(&router),
+        )
+        .await?;
         // The host: routers reach the outside only; bridged traffic of the
         // network is tracked in its own zone.
         write_sysctl("/proc/sys/net/ipv4/ip_forward", "1").await?;
@@ -557,6 +577,32 @@ impl HostNetwork for LinuxNetwork {
         run("nft", &["-f", "-"], Some(&config.script()))
             .await
             .map(drop)
+    }
+
+    async fn listen_metadata(
+        &self,
+        vni: Option<u32>,
+        bridge: &str,
+        gateway: Ipv4Addr,
+    ) -> Result<Option<std::net::TcpListener>, NetError> {
+        let (namespace, device) = match vni {
+            Some(v) => (
+                Some(private_devices(v).namespace),
+                ROUTER_GATEWAY_PORT.to_string(),
+            ),
+            None => (None, bridge.to_string()),
+        };
+        validate_ifname(&device)?;
+        let addr = std::net::SocketAddr::from((gateway, METADATA_PORT));
+        tokio::task::spawn_blocking(move || {
+            crate::listen_on_device(namespace.as_deref(), addr, &device)
+        })
+        .await
+        .map_err(|e| NetError::Command {
+            command: format!("listen on {addr}"),
+            stderr: e.to_string(),
+        })?
+        .map(Some)
     }
 
     async fn clear_redirect(&self, mac: MacAddr, overlay: &str) -> Result<(), NetError> {
@@ -670,6 +716,14 @@ impl HostNetwork for LinuxNetwork {
         run("nft", &["-f", "-"], Some(&script)).await?;
         Ok(())
     }
+}
+
+/// The nft rule that sends what arrives on `device` for the metadata
+/// service's address (TCP port 80) to its listener at `gateway`.
+fn metadata_redirect(device: &str, gateway: Ipv4Addr) -> String {
+    format!(
+        "iifname \"{device}\" ip daddr {METADATA_ADDRESS} tcp dport 80 dnat to {gateway}:{METADATA_PORT}"
+    )
 }
 
 /// The nftables (bridge family) table of an overlay's ARP filter.

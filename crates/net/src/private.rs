@@ -23,6 +23,10 @@ use skyvisor_core::Ipv4Net;
 
 use crate::NetError;
 
+/// The router's port on its network's bridge, inside its namespace: it holds
+/// the network's gateway address.
+pub const ROUTER_GATEWAY_PORT: &str = "gw0";
+
 /// A private network as a host sets it up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrivateNetworkConfig {
@@ -130,6 +134,67 @@ pub async fn connect_in_namespace(
         .set_nonblocking(true)
         .map_err(|e| fail(e.to_string()))?;
     tokio::net::TcpStream::from_std(stream).map_err(|e| fail(e.to_string()))
+}
+
+/// Opens a TCP listener on `addr` that takes connections arriving through
+/// interface `device` only (`SO_BINDTODEVICE`), in network namespace
+/// `namespace` (by its name under `/run/netns`) or, with none, in this
+/// process's own. Whoever connects is then known to be on that device's
+/// network; the listener keeps working from any thread.
+pub fn listen_on_device(
+    namespace: Option<&str>,
+    addr: SocketAddr,
+    device: &str,
+) -> Result<std::net::TcpListener, NetError> {
+    let fail = |stderr: String| NetError::Command {
+        command: format!(
+            "listen on {addr} through {device}{}",
+            namespace
+                .map(|n| format!(" in namespace {n}"))
+                .unwrap_or_default()
+        ),
+        stderr,
+    };
+    let open = || -> std::io::Result<std::net::TcpListener> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.bind_device(Some(device.as_bytes()))?;
+        socket.bind(&addr.into())?;
+        socket.listen(128)?;
+        socket.set_nonblocking(true)?;
+        Ok(socket.into())
+    };
+    let Some(namespace) = namespace else {
+        return open().map_err(|e| fail(e.to_string()));
+    };
+    let ns = std::fs::File::open(format!("/run/netns/{namespace}"))
+        .map_err(|e| fail(format!("cannot open the namespace: {e}")))?;
+    // A throwaway thread enters the namespace and makes the socket there;
+    // the caller's threads never move.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                rustix::thread::move_into_link_name_space(
+                    std::os::fd::AsFd::as_fd(&ns),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )
+                .map_err(std::io::Error::from)?;
+                open()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("listener thread panicked")))
+    })
+    .map_err(|e| fail(e.to_string()))
+}
+
+/// The identity of network namespace `namespace` (its inode), to tell a
+/// namespace from a later one of the same name.
+pub fn namespace_id(namespace: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/run/netns/{namespace}"))
+        .map(|m| m.ino())
+        .ok()
 }
 
 #[cfg(test)]

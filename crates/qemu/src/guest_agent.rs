@@ -191,6 +191,49 @@ impl GuestAgent {
         result
     }
 
+    /// Asks the guest to power itself off (`guest-shutdown`, mode
+    /// `powerdown`): the guest's own clean shutdown, which does not depend
+    /// on it handling the ACPI power button. The agent sends no answer
+    /// when it complies, so silence for `grace` means accepted; an error
+    /// answer is a refusal.
+    pub async fn shutdown(&mut self, grace: Duration) -> Result<(), GuestAgentError> {
+        self.send(&json!({"execute": "guest-shutdown", "arguments": {"mode": "powerdown"}}))
+            .await?;
+        match self.read_line(tokio::time::Instant::now() + grace).await {
+            Ok(v) => match v.get("error") {
+                Some(err) => Err(GuestAgentError::Refused {
+                    command: "guest-shutdown".into(),
+                    desc: err
+                        .get("desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no description")
+                        .to_string(),
+                }),
+                None => Ok(()),
+            },
+            // Silence, or the channel closing as the guest goes down.
+            Err(GuestAgentError::Timeout(_) | GuestAgentError::Protocol(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Freezes the guest's file systems (`guest-fsfreeze-freeze`): their
+    /// pending writes reach the disks and new ones wait, so that a disk
+    /// snapshot taken now is what a clean unmount would leave. Returns how
+    /// many file systems froze. Always follow with [`GuestAgent::thaw`].
+    pub async fn freeze(&mut self) -> Result<u64, GuestAgentError> {
+        let v = self.execute("guest-fsfreeze-freeze", Value::Null).await?;
+        v.as_u64()
+            .ok_or_else(|| GuestAgentError::Protocol(format!("freeze returned {v}")))
+    }
+
+    /// Thaws what [`GuestAgent::freeze`] froze; returns how many thawed.
+    pub async fn thaw(&mut self) -> Result<u64, GuestAgentError> {
+        let v = self.execute("guest-fsfreeze-thaw", Value::Null).await?;
+        v.as_u64()
+            .ok_or_else(|| GuestAgentError::Protocol(format!("thaw returned {v}")))
+    }
+
     /// The guest's network interfaces and their addresses.
     pub async fn interfaces(&mut self) -> Result<Vec<GuestInterface>, GuestAgentError> {
         let v = self

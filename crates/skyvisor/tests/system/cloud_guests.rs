@@ -98,6 +98,10 @@ runcmd:
   - [sh, -c, 'echo ran >> /var/tmp/first-boot-runs']
 ";
 
+/// A guest's shell command that reads its instance id from the metadata
+/// service the IMDSv2 way (a session token first).
+const IMDS_V2_INSTANCE_ID: &str = "python3 -c \"import urllib.request as u; m='http://169.254.169.254/latest/'; t=u.urlopen(u.Request(m+'api/token', method='PUT', headers={'X-aws-ec2-metadata-token-ttl-seconds': '60'}), timeout=20).read().decode(); print(u.urlopen(u.Request(m+'meta-data/instance-id', headers={'X-aws-ec2-metadata-token': t}), timeout=20).read().decode())\"";
+
 #[test]
 fn a_debian_guest_gets_its_key_user_data_and_hostname_and_first_boot_runs_once() {
     let cloud = Cloud::start();
@@ -153,16 +157,20 @@ fn a_debian_guest_gets_its_key_user_data_and_hostname_and_first_boot_runs_once()
         &home,
         "deb",
         &key,
-        "cat /var/tmp/from-user-data; echo; hostname; cat /var/tmp/first-boot-runs; sudo sshd -T | grep -i '^passwordauthentication'",
+        &format!(
+            "cat /var/tmp/from-user-data; echo; hostname; cat /var/tmp/first-boot-runs; sudo sshd -T | grep -i '^passwordauthentication'; {IMDS_V2_INSTANCE_ID}"
+        ),
     );
     let lines: Vec<&str> = out.lines().collect();
+    let id = vm["spec"]["id"].as_str().expect("id");
     assert_eq!(
         lines,
         [
             "written by user data",
             "deb-host",
             "ran",
-            "passwordauthentication no"
+            "passwordauthentication no",
+            id,
         ],
         "{out}"
     );
@@ -185,6 +193,12 @@ fn a_debian_guest_gets_its_key_user_data_and_hostname_and_first_boot_runs_once()
         "echo mine > /var/tmp/guest-change; sync",
     );
     cloud.sv_ok(&["vm", "stop", "deb"]);
+    let stopped = cloud.instance("deb");
+    assert_eq!(
+        stopped["status"]["last_exit"]["detail"],
+        "shut down gracefully (asked through the guest agent)",
+        "{stopped}"
+    );
     let vm = cloud.sv_json(&["vm", "start", "deb", "--wait", "--timeout", "900"]);
     assert_eq!(vm["status"]["boot_count"], 2, "{vm}");
     let vm = cloud.instance("deb");

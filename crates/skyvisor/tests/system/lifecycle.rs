@@ -44,7 +44,8 @@ fn create_serves_page_and_keeps_disk_across_stop_start() {
     let stopped = cloud.sv_json(&["vm", "stop", "web"]);
     assert_eq!(stopped["status"]["phase"], "stopped");
     assert_eq!(
-        stopped["status"]["last_exit"]["detail"], "shut down gracefully",
+        stopped["status"]["last_exit"]["detail"],
+        "shut down gracefully (asked through the ACPI power button)",
         "{stopped}"
     );
     assert!(cloud.qemu_pids().is_empty(), "QEMU still runs after stop");

@@ -12,6 +12,7 @@ mod harness;
 mod images;
 mod keypairs;
 mod lifecycle;
+mod metadata;
 mod migration;
 mod multihost;
 mod networks;

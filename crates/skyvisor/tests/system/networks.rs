@@ -15,7 +15,7 @@ use crate::testbed::{TestBed, vm_ip};
 /// A guest's endpoint as its network's router sees it (the only place on a
 /// host a private network is reachable from): (HTTP status, body), or
 /// None when nothing answers.
-fn via_router(vni: u32, ip: Ipv4Addr, path: &str) -> Option<(u16, String)> {
+pub(crate) fn via_router(vni: u32, ip: Ipv4Addr, path: &str) -> Option<(u16, String)> {
     let ns = skyvisor_net::private_devices(vni).namespace;
     let script = format!(
         "import urllib.request, urllib.error, sys\n\

@@ -441,7 +441,11 @@ async fn bring_up(
     let mut guard = TaskGuard(Vec::new());
     let mut router = http::router(ctx.clone()).merge(migration::router(ctx.clone()));
     if let Some(v) = &volumes {
-        router = router.merge(volumes::http::router(v.clone()));
+        let vms = ctx.clone();
+        router = router.merge(volumes::http::router(
+            v.clone(),
+            Arc::new(move |id| vms.vm_dir(id)),
+        ));
     }
     let router = http::members_only(router, cluster_key.clone());
     guard.0.push(tokio::spawn(async move {

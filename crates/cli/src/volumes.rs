@@ -63,7 +63,8 @@ pub enum VolumeCommand {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Crash-consistent snapshots of a volume.
+    /// Snapshots of a volume (file-system consistent when its VM has a
+    /// guest agent, else crash-consistent).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
     /// Where a volume's replicas live: add, remove or move one.
@@ -277,12 +278,25 @@ fn volume_detail(v: &Volume) {
 }
 
 fn snapshot_table(list: &[VolumeSnapshot]) {
-    let mut t = table(&["VOLUME", "SNAPSHOT", "SIZE", "EPOCH", "HOSTS", "CREATED"]);
+    let mut t = table(&[
+        "VOLUME",
+        "SNAPSHOT",
+        "SIZE",
+        "CONSISTENCY",
+        "EPOCH",
+        "HOSTS",
+        "CREATED",
+    ]);
     for s in list {
         t.add_row(vec![
             s.volume.to_string(),
             s.name.clone(),
             size_text(s.size_bytes),
+            match s.consistency {
+                skyvisor_core::volume::SnapshotConsistency::Crash => "crash",
+                skyvisor_core::volume::SnapshotConsistency::FileSystem => "file system",
+            }
+            .to_string(),
             s.epoch.to_string(),
             s.hosts
                 .iter()

@@ -1188,7 +1188,8 @@ impl ControlPlane {
         }
     }
 
-    /// Takes a crash-consistent snapshot of a volume.
+    /// Takes a snapshot of a volume: file-system consistent when the VM
+    /// using it runs with a guest agent, else crash-consistent.
     pub async fn create_volume_snapshot(
         &self,
         project: &ProjectName,
@@ -1216,10 +1217,16 @@ impl ControlPlane {
             )));
         }
         let (host, url) = self.acting_agent(&spec).await?;
+        // The VM using it, whose file systems its host freezes if it can.
+        let instance = self
+            .store
+            .get_json::<VolumeAttachment>(&keys::volume_attachment(&vref))
+            .await?
+            .map(|(claim, _)| claim.instance_id);
         let resp = self
             .http
             .post(format!("{url}/agent/v1/volumes/{project}/{name}/snapshots"))
-            .json(&serde_json::json!({"id": spec.id, "snapshot": req.name}))
+            .json(&serde_json::json!({"id": spec.id, "snapshot": req.name, "instance": instance}))
             .timeout(Duration::from_secs(600))
             .send()
             .await

@@ -391,8 +391,22 @@ pub struct Volume {
     pub redundancy: VolumeRedundancy,
 }
 
-/// A crash-consistent snapshot of a volume: every in-sync replica copied
-/// at one instant with I/O paused.
+/// How consistent a volume snapshot is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotConsistency {
+    /// What the disk held at one instant, as after a power cut: the guest's
+    /// file systems recover it with their journals.
+    #[default]
+    Crash,
+    /// Taken while the guest's file systems were frozen through its guest
+    /// agent: what a clean unmount would leave.
+    FileSystem,
+}
+
+/// A snapshot of a volume: every in-sync replica copied at one instant
+/// with I/O paused; with the guest's file systems frozen first when the
+/// VM using it has a guest agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VolumeSnapshot {
     /// The volume.
@@ -409,6 +423,10 @@ pub struct VolumeSnapshot {
     pub hosts: Vec<HostName>,
     /// When it was taken.
     pub created_at: DateTime<Utc>,
+    /// Whether the guest's file systems were frozen for it (records from
+    /// before this field: crash-consistent).
+    #[serde(default)]
+    pub consistency: SnapshotConsistency,
 }
 
 /// Body of `POST /v1/volumes`.

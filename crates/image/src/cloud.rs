@@ -28,7 +28,7 @@ pub const CLOUD_RECIPE: &str = "debian-12";
 pub const CLOUD_USER: &str = "debian";
 /// Bump when the recipe's logic changes in a way the hashed inputs do not
 /// capture.
-const CLOUD_RECIPE_VERSION: u32 = 1;
+const CLOUD_RECIPE_VERSION: u32 = 2;
 /// Virtual size of the disk; cloud-init grows the partition and file system
 /// to a VM's disk at first boot.
 pub const CLOUD_DISK_SIZE: u64 = 2 << 30;
@@ -39,6 +39,9 @@ const SECTOR: u64 = 512;
 /// The packages asked for; apt adds what they depend on.
 const PACKAGES: &[&str] = &[
     "systemd-sysv",
+    // logind needs it: without it neither the ACPI power button nor the
+    // guest agent's `shutdown` (which asks logind) powers the guest off.
+    "dbus",
     "udev",
     "linux-image-cloud-amd64",
     "openssh-server",

@@ -75,6 +75,12 @@ impl GuestAgent {
         Ok(agent)
     }
 
+    /// Changes how long each later call may take (a freeze may take
+    /// longer than a query).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     async fn sync(&mut self) -> Result<(), GuestAgentError> {
         let id = u64::from(std::process::id()) << 20 | u64::from(rand_u16());
         self.send(&json!({"execute": "guest-sync", "arguments": {"id": id}}))

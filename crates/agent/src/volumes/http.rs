@@ -13,9 +13,12 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use skyvisor_core::api::{ErrorBody, ErrorDetail};
-use skyvisor_core::{ProjectName, VolumeId, VolumeName, VolumeRef};
+use std::path::PathBuf;
 
-use super::{VolumeService, VolumeServiceError};
+use skyvisor_core::volume::SnapshotConsistency;
+use skyvisor_core::{InstanceId, ProjectName, VolumeId, VolumeName, VolumeRef};
+
+use super::{VolumeService, VolumeServiceError, freeze};
 
 /// Body of `POST /agent/v1/volumes/{project}/{name}/snapshots`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -24,10 +27,27 @@ pub struct AgentSnapshotRequest {
     pub id: VolumeId,
     /// The snapshot's name.
     pub snapshot: String,
+    /// The VM using the volume, if one does: its file systems are frozen
+    /// for the snapshot if it runs here with a guest agent.
+    #[serde(default)]
+    pub instance: Option<InstanceId>,
 }
 
-/// The volume routes.
-pub fn router(svc: Arc<VolumeService>) -> Router {
+/// What the volume routes need.
+#[derive(Clone)]
+struct Routes {
+    svc: Arc<VolumeService>,
+    /// Where each local VM's run directory is (its guest agent's socket
+    /// is in it), by instance id.
+    vm_dir: Arc<dyn Fn(&InstanceId) -> PathBuf + Send + Sync>,
+}
+
+/// The volume routes; `vm_dir` gives a local VM's run directory.
+pub fn router(
+    svc: Arc<VolumeService>,
+    vm_dir: Arc<dyn Fn(&InstanceId) -> PathBuf + Send + Sync>,
+) -> Router {
+    let routes = Routes { svc, vm_dir };
     Router::new()
         .route(
             "/agent/v1/volumes/{project}/{name}/snapshots",
@@ -37,7 +57,7 @@ pub fn router(svc: Arc<VolumeService>) -> Router {
             "/agent/v1/volumes/{project}/{name}/snapshots/{snapshot}",
             axum::routing::delete(delete_snapshot),
         )
-        .with_state(svc)
+        .with_state(routes)
 }
 
 fn error(status: StatusCode, code: &str, message: String) -> Response {
@@ -73,21 +93,37 @@ fn volume_ref(project: &str, name: &str) -> Option<VolumeRef> {
 }
 
 async fn create_snapshot(
-    State(svc): State<Arc<VolumeService>>,
+    State(routes): State<Routes>,
     Path((project, name)): Path<(String, String)>,
     Json(req): Json<AgentSnapshotRequest>,
 ) -> Response {
     let Some(name) = volume_ref(&project, &name) else {
         return error(StatusCode::BAD_REQUEST, "invalid", "bad volume name".into());
     };
-    match svc.snapshot(&name, &req.id, &req.snapshot).await {
+    let frozen = match req.instance {
+        Some(id) => freeze::FrozenGuest::freeze(&(routes.vm_dir)(&id), &name).await,
+        None => None,
+    };
+    let consistency = if frozen.is_some() {
+        SnapshotConsistency::FileSystem
+    } else {
+        SnapshotConsistency::Crash
+    };
+    let taken = routes
+        .svc
+        .snapshot(&name, &req.id, &req.snapshot, consistency)
+        .await;
+    if let Some(f) = frozen {
+        f.thaw().await;
+    }
+    match taken {
         Ok(s) => (StatusCode::CREATED, Json(s)).into_response(),
         Err(e) => map_error(e),
     }
 }
 
 async fn delete_snapshot(
-    State(svc): State<Arc<VolumeService>>,
+    State(Routes { svc, .. }): State<Routes>,
     Path((project, name, snapshot)): Path<(String, String, String)>,
 ) -> Response {
     let Some(name) = volume_ref(&project, &name) else {

@@ -20,6 +20,7 @@
 pub mod controller;
 pub mod copy;
 pub mod format;
+mod freeze;
 pub mod http;
 pub mod membership;
 pub mod pending;
@@ -754,8 +755,8 @@ impl VolumeService {
         }
     }
 
-    /// Takes a crash-consistent snapshot named `snapshot` of a volume and
-    /// records it. If this host serves the volume, through its device;
+    /// Takes a snapshot named `snapshot` of a volume and records it with
+    /// its `consistency` (the caller froze the guest, or not). If this host serves the volume, through its device;
     /// else the volume is opened here for the snapshot (under the takeover
     /// rule) and closed again.
     pub async fn snapshot(
@@ -763,6 +764,7 @@ impl VolumeService {
         name: &VolumeRef,
         id: &VolumeId,
         snapshot: &str,
+        consistency: skyvisor_core::volume::SnapshotConsistency,
     ) -> Result<VolumeSnapshot, VolumeServiceError> {
         let vref = name;
         let name = &vref.name;
@@ -815,6 +817,7 @@ impl VolumeService {
                 .filter_map(|n| HostName::new(n.as_str()).ok())
                 .collect(),
             created_at: Utc::now(),
+            consistency,
         };
         let out = self
             .store

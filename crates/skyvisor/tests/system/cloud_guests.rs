@@ -111,6 +111,7 @@ fn a_debian_guest_gets_its_key_user_data_and_hostname_and_first_boot_runs_once()
     let user_data = tmp.path().join("user-data");
     std::fs::write(&user_data, USER_DATA).expect("user data");
 
+    cloud.sv_json(&["volume", "create", "data", "--size", "64M"]);
     let vm = cloud.sv_json(&[
         "vm",
         "create",
@@ -119,6 +120,8 @@ fn a_debian_guest_gets_its_key_user_data_and_hostname_and_first_boot_runs_once()
         "debian-12",
         "--type",
         "small",
+        "--volume",
+        "data",
         "--key",
         "mine",
         "--user-data",
@@ -174,6 +177,19 @@ fn a_debian_guest_gets_its_key_user_data_and_hostname_and_first_boot_runs_once()
         ],
         "{out}"
     );
+
+    // A snapshot of its volume freezes the guest's file systems through
+    // its guest agent, and thaws them: the guest writes again at once.
+    let snap = cloud.sv_json(&["volume", "snapshot", "create", "data", "s1"]);
+    assert_eq!(snap["consistency"], "file_system", "{snap}");
+    let out = ssh_ok(
+        &cloud,
+        &home,
+        "deb",
+        &key,
+        "timeout 20 sh -c 'echo after > /var/tmp/after-snapshot && sync' && cat /var/tmp/after-snapshot",
+    );
+    assert_eq!(out.trim(), "after", "the guest is still frozen: {out}");
 
     // Another key is refused.
     let other = new_key_pair(|a| cloud.sv_ok(a), tmp.path(), "other");

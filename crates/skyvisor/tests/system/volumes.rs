@@ -116,6 +116,8 @@ fn root_volume_keeps_data_and_a_volume_moves_between_vms() {
     let snap = cloud.sv_json(&["volume", "snapshot", "create", "data", "s1"]);
     assert_eq!(snap["name"], "s1");
     assert_eq!(snap["hosts"][0], cloud.host.as_str());
+    // The guest service's VM has no guest agent to freeze it.
+    assert_eq!(snap["consistency"], "crash", "{snap}");
     let list = cloud.sv_json(&["volume", "snapshot", "list", "data"]);
     assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
     let err = cloud.sv_err(&["volume", "snapshot", "create", "data", "s1"]);

@@ -45,6 +45,9 @@ packages=(
   # Tests and scripts (shellcheck checks the scripts themselves; the API
   # fuzzer lives in a Python venv).
   curl jq procps psmisc util-linux shellcheck python3-venv
+  # Metrics: the real Prometheus (and promtool) the metrics are tested
+  # with and documented for. Without its recommends: no node exporter.
+  prometheus
 )
 
 missing=()
@@ -76,7 +79,23 @@ if [ "${#missing[@]}" -gt 0 ] || [ "$(qemu_major)" -lt 10 ]; then
     exit 1
   fi
   say "step: the other packages"
-  if ! apt-get install -y -q "${packages[@]}" >/dev/null; then
+  # Packages must not start their daemons (a system etcd or Prometheus):
+  # Skyvisor and its tests start their own. Only while installing.
+  started_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    started_policy=yes
+  fi
+  installed=0
+  apt-get install -y -q --no-install-recommends prometheus >/dev/null || installed=1
+  if [ "$installed" -eq 0 ]; then
+    apt-get install -y -q "${packages[@]}" >/dev/null || installed=1
+  fi
+  if [ -n "$started_policy" ]; then
+    rm -f /usr/sbin/policy-rc.d
+  fi
+  if [ "$installed" -ne 0 ]; then
     say "installing packages failed (see apt's message above)"
     exit 1
   fi
@@ -86,11 +105,13 @@ if [ "$(qemu_major)" -lt 10 ]; then
   exit 1
 fi
 
-# The etcd package may start a system etcd on the default ports; Skyvisor
-# starts its own etcd where it needs one.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled --quiet etcd 2>/dev/null; then
-  systemctl disable --now etcd >/dev/null 2>&1 || true
-fi
+# The etcd and prometheus packages may start system daemons on their
+# default ports; Skyvisor starts its own where it needs them.
+for unit in etcd prometheus; do
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled --quiet "$unit" 2>/dev/null; then
+    systemctl disable --now "$unit" >/dev/null 2>&1 || true
+  fi
+done
 
 if ! command -v cargo >/dev/null 2>&1; then
   say "cargo is missing; install a Rust toolchain (rustup) first"

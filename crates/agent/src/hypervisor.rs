@@ -265,11 +265,47 @@ pub enum HvError {
     Control(String),
 }
 
+/// One disk's I/O counters, as the hypervisor counts them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskCounters {
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+    /// Read requests.
+    pub reads: u64,
+    /// Write requests.
+    pub writes: u64,
+    /// Flush requests.
+    pub flushes: u64,
+    /// Time spent on reads, nanoseconds.
+    pub read_ns: u64,
+    /// Time spent on writes, nanoseconds.
+    pub write_ns: u64,
+    /// Time spent on flushes, nanoseconds.
+    pub flush_ns: u64,
+}
+
+/// Counters of a running VM read on each metrics scrape, apart from its
+/// supervisor (which owns the VM's handle).
+#[async_trait]
+pub trait VmCounters: Send + Sync {
+    /// Each disk's counters, by the guest device's id.
+    async fn disks(&self) -> Result<Vec<(String, DiskCounters)>, HvError>;
+    /// The host threads that run the vCPUs.
+    async fn vcpu_threads(&self) -> Result<Vec<u32>, HvError>;
+}
+
 /// A running VM the agent owns.
 #[async_trait]
 pub trait Vm: Send + Sync {
     /// The hypervisor process id, if there is one.
     fn pid(&self) -> Option<u32>;
+
+    /// Where its counters are read, if the hypervisor keeps any.
+    fn counters(&self) -> Option<std::sync::Arc<dyn VmCounters>> {
+        None
+    }
 
     /// The next event. Cancel-safe: an event is never lost when the future
     /// is dropped. After `Exited`, it returns `Exited` again.

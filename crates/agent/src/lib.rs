@@ -19,6 +19,7 @@ pub mod hypervisor;
 pub mod images;
 mod launch;
 pub mod metadata;
+pub mod metrics;
 pub mod migration;
 pub mod private_nets;
 pub mod qemu_hv;
@@ -188,6 +189,8 @@ pub struct AgentContext {
     pub firewall: firewall::Firewall,
     /// The instance metadata service.
     pub metadata: Arc<metadata::MetadataService>,
+    /// The host's and its VMs' metrics.
+    pub metrics: Arc<metrics::AgentMetrics>,
     /// MTU for guests.
     pub mtu: u32,
     /// Probe guest services after boot.
@@ -393,6 +396,14 @@ async fn bring_up(
     ));
     let firewall = firewall::Firewall::new(network.clone());
     let metadata = metadata::MetadataService::new(network.clone());
+    let physical = host::physical_resources(&cfg.data_dir, cfg.reserved_memory_mib);
+    let capacity = Capacity::new(physical, cfg.overcommit);
+    let metrics = Arc::new(metrics::AgentMetrics::new(
+        cfg.host.as_str(),
+        cfg.data_dir.clone(),
+        capacity.allocatable.vcpus,
+        capacity.allocatable.memory_mib * 1024 * 1024,
+    ));
     let ctx = Arc::new(AgentContext {
         store: store.clone(),
         hypervisor,
@@ -404,6 +415,7 @@ async fn bring_up(
         private_nets: private_nets.clone(),
         firewall,
         metadata,
+        metrics: metrics.clone(),
         mtu: net.mtu,
         probe_guests: cfg.probe_guests,
         http: internal_client(
@@ -447,18 +459,22 @@ async fn bring_up(
             Arc::new(move |id| vms.vm_dir(id)),
         ));
     }
-    let router = http::members_only(router, cluster_key.clone());
+    // Metrics are for Prometheus, with an API token: outside the
+    // members-only layer.
+    let router = http::members_only(router, cluster_key.clone()).merge(metrics::router(
+        metrics,
+        Arc::new(skyvisor_auth::Directory::new(store.clone())),
+    ));
     guard.0.push(tokio::spawn(async move {
         if let Err(e) = skyvisor_auth::tls::serve_members(listener, tls, router).await {
             error!(error = %e, "agent HTTP service failed");
         }
     }));
 
-    let physical = host::physical_resources(&cfg.data_dir, cfg.reserved_memory_mib);
     let registration = Host {
         name: cfg.host.clone(),
         address: cfg.address.clone(),
-        capacity: Capacity::new(physical, cfg.overcommit),
+        capacity,
         accel: accel.0,
         accel_reason: accel.1.clone(),
         qemu_version: skyvisor_qemu::qemu_version(&cfg.qemu_binary)

@@ -137,6 +137,51 @@ fn classify(info: &ExitInfo) -> VmExit {
     }
 }
 
+/// A QEMU VM's counters, through QMP.
+struct QemuCounters {
+    qmp: Qmp,
+}
+
+/// The guest device id in a QOM path such as
+/// `/machine/peripheral/vd0/virtio-backend`.
+fn device_id(qdev: &str) -> &str {
+    let path = qdev.strip_prefix("/machine/peripheral/").unwrap_or(qdev);
+    path.split('/').next().unwrap_or(path)
+}
+
+#[async_trait]
+impl crate::hypervisor::VmCounters for QemuCounters {
+    async fn disks(&self) -> Result<Vec<(String, crate::hypervisor::DiskCounters)>, HvError> {
+        let list = self.qmp.query_blockstats().await.map_err(control)?;
+        Ok(list
+            .into_iter()
+            // Only what a guest device uses (not the nodes below it).
+            .filter_map(|b| {
+                let id = device_id(b.qdev.as_deref().filter(|q| !q.is_empty())?).to_string();
+                let s = b.stats;
+                Some((
+                    id,
+                    crate::hypervisor::DiskCounters {
+                        read_bytes: s.rd_bytes,
+                        write_bytes: s.wr_bytes,
+                        reads: s.rd_operations,
+                        writes: s.wr_operations,
+                        flushes: s.flush_operations,
+                        read_ns: s.rd_total_time_ns,
+                        write_ns: s.wr_total_time_ns,
+                        flush_ns: s.flush_total_time_ns,
+                    },
+                ))
+            })
+            .collect())
+    }
+
+    async fn vcpu_threads(&self) -> Result<Vec<u32>, HvError> {
+        let cpus = self.qmp.query_cpus_fast().await.map_err(control)?;
+        Ok(cpus.into_iter().map(|c| c.thread_id).collect())
+    }
+}
+
 struct QemuVmHandle {
     vm: QemuVm,
     rx: mpsc::UnboundedReceiver<VmEvent>,
@@ -210,6 +255,12 @@ fn control(e: impl std::fmt::Display) -> HvError {
 impl Vm for QemuVmHandle {
     fn pid(&self) -> Option<u32> {
         u32::try_from(self.vm.pid()).ok()
+    }
+
+    fn counters(&self) -> Option<std::sync::Arc<dyn crate::hypervisor::VmCounters>> {
+        Some(std::sync::Arc::new(QemuCounters {
+            qmp: self.vm.qmp().clone(),
+        }))
     }
 
     async fn next_event(&mut self) -> VmEvent {

@@ -151,11 +151,13 @@ impl Supervisor {
             let spec = self.spec_rx.borrow_and_update().clone();
             if spec.deleting {
                 self.teardown(&spec).await;
+                self.ctx.metrics.forget(&spec.id);
                 return;
             }
             if self.converge(&spec).await {
                 if self.moved {
                     self.cancel_probe();
+                    self.ctx.metrics.forget(&spec.id);
                     return;
                 }
                 continue;
@@ -420,6 +422,11 @@ impl Supervisor {
 
     /// Writes the status if it changed since the last write.
     async fn publish(&mut self, spec: &InstanceSpec) {
+        self.ctx.metrics.observe(
+            spec,
+            &self.status,
+            self.running.as_ref().and_then(|r| r.vm.counters()),
+        );
         if self.written.as_ref() == Some(&self.status) {
             return;
         }

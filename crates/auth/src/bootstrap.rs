@@ -49,6 +49,7 @@ pub async fn ensure(dir: &Directory, token_file: Option<&Path>) -> Result<Outcom
             name: admin.clone(),
             kind: IdentityKind::User,
             cluster_admin: true,
+            cluster_monitor: false,
             roles: Default::default(),
             default_project: None,
         })
@@ -141,6 +142,7 @@ pub async fn service_token(
             name: name.clone(),
             kind: IdentityKind::ServiceAccount,
             cluster_admin: true,
+            cluster_monitor: false,
             roles: Default::default(),
             default_project: None,
         })

@@ -285,6 +285,7 @@ impl Directory {
             name: req.name,
             kind: req.kind,
             cluster_admin: req.cluster_admin,
+            cluster_monitor: req.cluster_monitor,
             roles: req.roles,
             default_project: req.default_project,
             created_at: Utc::now(),
@@ -387,6 +388,7 @@ impl Directory {
                 name: joiner.clone(),
                 kind: skyvisor_core::auth::IdentityKind::ServiceAccount,
                 cluster_admin: false,
+                cluster_monitor: false,
                 roles: Default::default(),
                 default_project: None,
             })
@@ -556,6 +558,7 @@ mod tests {
             name: name.clone(),
             kind: IdentityKind::User,
             cluster_admin: false,
+            cluster_monitor: false,
             roles: Default::default(),
             default_project: None,
         })

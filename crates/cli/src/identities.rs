@@ -28,6 +28,10 @@ pub enum IdentityCommand {
         /// is admin in every project.
         #[arg(long)]
         cluster_admin: bool,
+        /// May read every server's and agent's metrics and the scrape
+        /// targets, nothing else (for a Prometheus).
+        #[arg(long)]
+        cluster_monitor: bool,
         /// A role in a project, e.g. web=member; repeatable.
         #[arg(long = "role", value_name = "PROJECT=ROLE", value_parser = parse_project_role)]
         roles: Vec<ProjectRole>,
@@ -100,14 +104,23 @@ pub fn roles_text(id: &Identity) -> String {
         .join(",")
 }
 
+/// What an identity may do cluster-wide.
+fn cluster_text(id: &Identity) -> &'static str {
+    match (id.cluster_admin, id.cluster_monitor) {
+        (true, _) => "admin",
+        (false, true) => "monitor (metrics)",
+        (false, false) => "-",
+    }
+}
+
 /// Prints identities as a table.
 pub fn identity_table(list: &[Identity]) {
-    let mut t = table(&["NAME", "KIND", "CLUSTER ADMIN", "ROLES"]);
+    let mut t = table(&["NAME", "KIND", "CLUSTER", "ROLES"]);
     for id in list {
         t.add_row(vec![
             id.name.to_string(),
             id.kind.to_string(),
-            if id.cluster_admin { "yes" } else { "no" }.into(),
+            cluster_text(id).into(),
             roles_text(id),
         ]);
     }
@@ -120,10 +133,7 @@ fn identity_detail(id: &Identity) {
         kv(&[
             ("name", id.name.to_string()),
             ("kind", id.kind.to_string()),
-            (
-                "cluster admin",
-                if id.cluster_admin { "yes" } else { "no" }.into()
-            ),
+            ("cluster", cluster_text(id).into()),
             (
                 "default project",
                 match &id.default_project {
@@ -150,6 +160,7 @@ pub async fn identity(client: &Client, format: OutputFormat, cmd: IdentityComman
             name,
             service_account,
             cluster_admin,
+            cluster_monitor,
             roles,
             default_project,
         } => {
@@ -161,6 +172,7 @@ pub async fn identity(client: &Client, format: OutputFormat, cmd: IdentityComman
                     IdentityKind::User
                 },
                 cluster_admin,
+                cluster_monitor,
                 roles: roles_by_project(roles)?,
                 default_project,
             };

@@ -451,7 +451,7 @@ async fn every_route_answers_each_role_as_its_rule_says() {
         let outsider = tokens["outsider"].as_str();
         let (st, b) = call(&s.base, method, &path, Some(outsider), None, body.clone()).await;
         let expected = match rule {
-            Rule::ClusterAdmin | Rule::Join => st == 403,
+            Rule::ClusterAdmin | Rule::Monitor | Rule::Join => st == 403,
             Rule::ProjectInPath(_) => st == 404,
             // Exactly what an object that does not exist gets.
             Rule::Project(_) if names_an_object(template) => {
@@ -494,7 +494,7 @@ async fn every_route_answers_each_role_as_its_rule_says() {
         )
         .await;
         let expected = match rule {
-            Rule::ClusterAdmin | Rule::Join => st == 403,
+            Rule::ClusterAdmin | Rule::Monitor | Rule::Join => st == 403,
             Rule::Project(_) | Rule::ProjectInPath(_) => st == 404,
             Rule::Authenticated => st != 401 && st != 403,
         };
@@ -512,7 +512,7 @@ async fn every_route_answers_each_role_as_its_rule_says() {
         )
         .await;
         let expected = match rule {
-            Rule::ClusterAdmin | Rule::Join => st == 403,
+            Rule::ClusterAdmin | Rule::Monitor | Rule::Join => st == 403,
             Rule::Project(Action::Read) | Rule::ProjectInPath(Action::Read) => {
                 // The test image has no files: that 404 is about the file.
                 let about_file = b["error"]["message"]
@@ -559,7 +559,7 @@ async fn every_route_answers_each_role_as_its_rule_says() {
             let expected = match (who, rule) {
                 (_, Rule::Authenticated) => st != 401,
                 ("admin", _) => st != 401 && st != 403,
-                (_, Rule::ClusterAdmin | Rule::Join) => st == 403,
+                (_, Rule::ClusterAdmin | Rule::Monitor | Rule::Join) => st == 403,
                 ("member", Rule::ProjectInPath(Action::Manage) | Rule::Project(Action::Manage)) => {
                     st == 403
                 }

@@ -329,3 +329,15 @@ pub struct PlannedMove {
     /// Where it goes.
     pub to: String,
 }
+
+/// One group of Prometheus scrape targets, in the format of Prometheus'
+/// HTTP service discovery (`http_sd_configs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ScrapeTargetGroup {
+    /// `host:port` of each endpoint.
+    pub targets: Vec<String>,
+    /// Labels of every target of the group: `skyvisor_role` (`server` or
+    /// `agent`), `skyvisor_server` or `skyvisor_host`, and `__scheme__`
+    /// (`http` or `https`) for Prometheus.
+    pub labels: std::collections::BTreeMap<String, String>,
+}

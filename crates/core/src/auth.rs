@@ -280,6 +280,10 @@ pub struct Identity {
     /// acts as admin in every project.
     #[serde(default)]
     pub cluster_admin: bool,
+    /// May read every server's and agent's metrics and the list of scrape
+    /// targets (a Prometheus), and nothing else of the cluster's.
+    #[serde(default)]
+    pub cluster_monitor: bool,
     /// Its role in each project it belongs to.
     #[serde(default)]
     pub roles: BTreeMap<ProjectName, Role>,
@@ -291,6 +295,12 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// Whether it may read the cluster's metrics (every project's VMs
+    /// appear in them): a cluster admin or a cluster monitor.
+    pub fn may_read_metrics(&self) -> bool {
+        self.cluster_admin || self.cluster_monitor
+    }
+
     /// Its role in `project`: a cluster admin is admin everywhere.
     pub fn role_in(&self, project: &ProjectName) -> Option<Role> {
         if self.cluster_admin {
@@ -323,6 +333,10 @@ pub struct CreateIdentityRequest {
     /// Whether it administers the cluster.
     #[serde(default)]
     pub cluster_admin: bool,
+    /// Whether it may read the cluster's metrics (see
+    /// [`Identity::cluster_monitor`]).
+    #[serde(default)]
+    pub cluster_monitor: bool,
     /// Its roles, by project.
     #[serde(default)]
     pub roles: BTreeMap<ProjectName, Role>,

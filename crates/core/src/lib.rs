@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod cluster;
 pub mod error;
+pub mod exposition;
 pub mod firewall;
 pub mod ha;
 pub mod host;

@@ -44,6 +44,19 @@ pub fn names_for(bound: SocketAddr, url: &str) -> Vec<String> {
     names
 }
 
+/// Writes the cluster CA's certificate to `data_dir` (making the CA if
+/// there is none yet): what clients of the agents' TLS endpoints (their
+/// metrics, for Prometheus) trust, even when the API itself is plain HTTP.
+pub async fn write_ca_file(store: &dyn Store, data_dir: &Path) -> Result<std::path::PathBuf> {
+    let ca = ClusterCa::load_or_create(store)
+        .await
+        .context("cannot load or make the cluster's CA")?;
+    let ca_file = data_dir.join(CA_FILE);
+    std::fs::write(&ca_file, &ca.cert_pem)
+        .with_context(|| format!("cannot write {}", ca_file.display()))?;
+    Ok(ca_file)
+}
+
 /// The server's TLS configuration for `names`; writes the CA's certificate
 /// to `data_dir`.
 pub async fn server_config(

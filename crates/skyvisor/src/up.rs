@@ -118,7 +118,10 @@ pub async fn run(args: UpArgs) -> Result<()> {
             )
             .await?,
         ),
-        false => None,
+        false => {
+            crate::tls::write_ca_file(store.as_ref(), &s.data_dir).await?;
+            None
+        }
     };
     let server_name = ServerName::new(s.host_name.as_str()).context("server name")?;
     let cp = ControlPlane::start(

@@ -198,6 +198,15 @@ async fn check(
                 req.method, identity.name
             )));
         }
+        Rule::Monitor => {
+            if identity.may_read_metrics() {
+                return Ok(false);
+            }
+            return Err(ApiError::forbidden(format!(
+                "{} {path} needs a cluster admin or a cluster monitor; {} is neither",
+                req.method, identity.name
+            )));
+        }
         Rule::Project(a) | Rule::ProjectInPath(a) => a,
     };
     // A project the caller has no role in is one it cannot see: 404, as

@@ -17,12 +17,14 @@ pub enum Rule {
     ProjectInPath(Action),
     /// A cluster admin.
     ClusterAdmin,
+    /// A cluster admin or a cluster monitor (metrics readers).
+    Monitor,
     /// A cluster admin, or a join token (spent by the handler).
     Join,
 }
 
 use Action::{Manage, Read, Write};
-use Rule::{Authenticated, ClusterAdmin, Project, ProjectInPath};
+use Rule::{Authenticated, ClusterAdmin, Monitor, Project, ProjectInPath};
 
 /// Every route under `/v1` and its rule, by method and path template.
 const RULES: &[(&str, &str, Rule)] = &[
@@ -53,6 +55,8 @@ const RULES: &[(&str, &str, Rule)] = &[
     ("POST", "/v1/tokens", Authenticated),
     ("DELETE", "/v1/tokens/{id}", Authenticated),
     ("GET", "/v1/audit", Project(Manage)),
+    // Metrics: where Prometheus scrapes.
+    ("GET", "/v1/metrics/targets", Monitor),
     // Instances.
     ("GET", "/v1/instances", Project(Read)),
     ("POST", "/v1/instances", Project(Write)),

@@ -13,6 +13,7 @@ mod hosts;
 mod images;
 mod instances;
 mod keypairs;
+mod metrics;
 mod migrations;
 mod networks;
 mod page;
@@ -25,7 +26,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use skyvisor_core::InstanceType;
 use skyvisor_core::api::{ErrorBody, ServerInfo};
 use skyvisor_core::resources::builtin_types;
@@ -35,7 +36,7 @@ use utoipa_axum::routes;
 
 use crate::ControlPlane;
 use crate::error::ApiError;
-use crate::metrics::RequestLabels;
+use crate::metrics::{RequestLabels, RouteLabels};
 
 pub use extract::{ApiJson, ApiQuery};
 
@@ -151,6 +152,7 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(migrations::show))
         .routes(routes!(failovers::list))
         .routes(routes!(cluster::servers))
+        .routes(routes!(metrics::targets))
         .routes(routes!(cluster::join))
         .routes(routes!(cluster::create_join_token))
         .routes(routes!(networks::list, networks::create))
@@ -184,6 +186,7 @@ pub fn router(cp: ControlPlane) -> Router {
             cp.clone(),
             crate::access::authorize,
         ))
+        .route_layer(middleware::from_fn_with_state(cp.clone(), count_requests))
         .route(
             "/v1/openapi.json",
             axum::routing::get(move || {
@@ -191,7 +194,7 @@ pub fn router(cp: ControlPlane) -> Router {
                 async move { ([("content-type", "application/json")], body) }
             }),
         )
-        .route("/metrics", axum::routing::get(metrics))
+        .route("/metrics", axum::routing::get(metrics::metrics))
         .route("/healthz", axum::routing::get(cluster::healthz))
         .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
         .method_not_allowed_fallback(|| async {
@@ -206,29 +209,35 @@ pub fn router(cp: ControlPlane) -> Router {
             cp.clone(),
             cluster::require_store,
         ))
-        .layer(middleware::from_fn_with_state(cp.clone(), count_requests))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(cp)
 }
 
+/// Counts and times each routed request by its route's template.
 async fn count_requests(State(cp): State<ControlPlane>, req: Request, next: Next) -> Response {
     let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let started = std::time::Instant::now();
     let resp = next.run(req).await;
+    cp.metrics
+        .request_seconds
+        .get_or_create(&RouteLabels {
+            method: method.clone(),
+            route: route.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
     cp.metrics
         .requests
         .get_or_create(&RequestLabels {
             method,
+            route,
             status: resp.status().as_u16(),
         })
         .inc();
     resp
-}
-
-async fn metrics(State(cp): State<ControlPlane>) -> impl IntoResponse {
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        cp.metrics.encode(),
-    )
 }
 
 /// What this server is.

@@ -5,8 +5,9 @@ use serde_json::{Value, json};
 
 use super::Qmp;
 use super::types::{
-    AnnounceParameters, BlockJobInfo, BlockdevBackup, BlockdevMirror, JobInfo, MigrationCapability,
-    MigrationInfo, MigrationParameters, NbdListen, StatusInfo, VersionInfo,
+    AnnounceParameters, BlockJobInfo, BlockStatsEntry, BlockdevBackup, BlockdevMirror, CpuInfoFast,
+    JobInfo, MigrationCapability, MigrationInfo, MigrationParameters, NbdListen, StatusInfo,
+    VersionInfo,
 };
 use crate::error::QmpError;
 
@@ -233,6 +234,16 @@ impl Qmp {
     /// Cancels a job (`job-cancel`).
     pub async fn job_cancel(&self, id: &str) -> Result<(), QmpError> {
         self.unit("job-cancel", json!({"id": id})).await
+    }
+
+    /// Every block device's I/O counters (`query-blockstats`).
+    pub async fn query_blockstats(&self) -> Result<Vec<BlockStatsEntry>, QmpError> {
+        self.execute_as("query-blockstats", Value::Null).await
+    }
+
+    /// The vCPUs and their host threads (`query-cpus-fast`).
+    pub async fn query_cpus_fast(&self) -> Result<Vec<CpuInfoFast>, QmpError> {
+        self.execute_as("query-cpus-fast", Value::Null).await
     }
 
     /// The running block jobs (`query-block-jobs`).

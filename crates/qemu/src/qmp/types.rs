@@ -539,3 +539,52 @@ mod tests {
         );
     }
 }
+
+/// One entry of `query-blockstats`: a block device's I/O counters.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockStatsEntry {
+    /// The legacy drive name (empty for `-blockdev` drives).
+    #[serde(default)]
+    pub device: String,
+    /// The guest device's QOM path, e.g.
+    /// `/machine/peripheral/vd0/virtio-backend`.
+    #[serde(default)]
+    pub qdev: Option<String>,
+    /// The block node's name.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// The counters.
+    pub stats: BlockDeviceStats,
+}
+
+/// The counters of `query-blockstats`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct BlockDeviceStats {
+    /// Bytes read.
+    pub rd_bytes: u64,
+    /// Bytes written.
+    pub wr_bytes: u64,
+    /// Read operations.
+    pub rd_operations: u64,
+    /// Write operations.
+    pub wr_operations: u64,
+    /// Flush operations.
+    pub flush_operations: u64,
+    /// Time spent reading, nanoseconds.
+    pub rd_total_time_ns: u64,
+    /// Time spent writing, nanoseconds.
+    pub wr_total_time_ns: u64,
+    /// Time spent flushing, nanoseconds.
+    pub flush_total_time_ns: u64,
+}
+
+/// One entry of `query-cpus-fast`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CpuInfoFast {
+    /// The vCPU's index.
+    pub cpu_index: u32,
+    /// The host thread that runs it.
+    pub thread_id: u32,
+}

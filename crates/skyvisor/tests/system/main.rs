@@ -16,6 +16,7 @@ mod metadata;
 mod migration;
 mod multihost;
 mod networks;
+mod observability;
 mod resilience;
 mod testbed;
 mod tls;

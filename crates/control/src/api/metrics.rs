@@ -1,0 +1,117 @@
+//! Where the cluster's metrics are: this server's own `/metrics`, and
+//! `GET /v1/metrics/targets`, every server's and agent's metrics endpoint
+//! for Prometheus' HTTP service discovery. Metrics name every project's
+//! VMs, so both need a cluster admin or a cluster monitor.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use skyvisor_core::api::{ErrorBody, ScrapeTargetGroup};
+use skyvisor_core::cluster::ServerRecord;
+use skyvisor_core::{Host, exposition, keys};
+use skyvisor_store::StoreExt;
+
+use crate::ControlPlane;
+use crate::error::{ApiError, ApiResult};
+
+/// `/metrics`: this server's metrics, for a cluster admin or monitor.
+pub(super) async fn metrics(State(cp): State<ControlPlane>, headers: HeaderMap) -> Response {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or("\u{0}"));
+    match cp.directory.authenticate(auth).await {
+        Err(e) => ApiError::from(e).into_response(),
+        Ok(p) if !p.identity.may_read_metrics() => ApiError::forbidden(format!(
+            "/metrics needs a cluster admin or a cluster monitor; {} is neither \
+             (make one with `skyvisor identity create NAME --service-account --cluster-monitor`)",
+            p.identity.name
+        ))
+        .into_response(),
+        Ok(_) => {
+            let text = cp.metrics.encode();
+            let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+            if exposition::wants_openmetrics(accept) {
+                ([(header::CONTENT_TYPE, exposition::OPENMETRICS)], text).into_response()
+            } else {
+                (
+                    [(header::CONTENT_TYPE, exposition::CLASSIC_TEXT)],
+                    exposition::to_classic(&text),
+                )
+                    .into_response()
+            }
+        }
+    }
+}
+
+/// `host:port` and scheme of an endpoint's URL.
+fn target_of(url: &str) -> Option<(String, String)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split('/').next()?;
+    (!authority.is_empty()).then(|| (authority.to_string(), scheme.to_string()))
+}
+
+/// Every server's and agent's metrics endpoint, in the format of
+/// Prometheus' HTTP service discovery.
+#[utoipa::path(get, path = "/v1/metrics/targets", tag = "system",
+    responses(
+        (status = 200, body = Vec<ScrapeTargetGroup>),
+        (status = 403, body = ErrorBody, description = "not a cluster admin or monitor"),
+    ))]
+pub(super) async fn targets(
+    State(cp): State<ControlPlane>,
+) -> ApiResult<Json<Vec<ScrapeTargetGroup>>> {
+    let group = |url: &str, role: &str, key: &str, name: String| {
+        let (target, scheme) = target_of(url)?;
+        let labels = BTreeMap::from([
+            ("__scheme__".to_string(), scheme),
+            ("skyvisor_role".to_string(), role.to_string()),
+            (key.to_string(), name),
+        ]);
+        Some(ScrapeTargetGroup {
+            targets: vec![target],
+            labels,
+        })
+    };
+    let (servers, _) = cp.store.list_json::<ServerRecord>(keys::SERVERS).await?;
+    let (hosts, _) = cp.store.list_json::<Host>(keys::HOSTS).await?;
+    let mut out: Vec<ScrapeTargetGroup> = servers
+        .iter()
+        .filter_map(|(s, _)| group(&s.url, "server", "skyvisor_server", s.name.to_string()))
+        .collect();
+    out.extend(hosts.iter().filter_map(|(h, _)| {
+        group(
+            h.agent_url.as_deref()?,
+            "agent",
+            "skyvisor_host",
+            h.name.to_string(),
+        )
+    }));
+    if out.is_empty() {
+        return Err(ApiError::unavailable(
+            "no server or agent has registered yet",
+        ));
+    }
+    Ok(Json(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_host_and_port_with_the_scheme_apart() {
+        assert_eq!(
+            target_of("https://10.0.0.5:7781"),
+            Some(("10.0.0.5:7781".into(), "https".into()))
+        );
+        assert_eq!(
+            target_of("http://127.0.0.1:7780/"),
+            Some(("127.0.0.1:7780".into(), "http".into()))
+        );
+        assert_eq!(target_of("10.0.0.5:7781"), None);
+        assert_eq!(target_of("https://"), None);
+    }
+}

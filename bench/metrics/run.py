@@ -62,8 +62,12 @@ def real_vms(args):
     work = tempfile.mkdtemp(prefix="svmetrics-")
     port = 18300
     log_file = open(os.path.join(work, "up.log"), "w")
+    # Room for every VM on two cores: idle busybox guests.
+    config = os.path.join(work, "config.toml")
+    with open(config, "w") as f:
+        f.write("[overcommit]\ncpu = 16.0\nmemory = 1.0\ndisk = 4.0\n")
     proc = subprocess.Popen(
-        [binary, "up", "--data-dir", work, "--cache-dir", os.path.join(ROOT, "target/test-cache"),
+        [binary, "up", "--config", config, "--data-dir", work, "--cache-dir", os.path.join(ROOT, "target/test-cache"),
          "--listen", f"127.0.0.1:{port}", "--accel", "tcg", "--bridge", "svmetb0",
          "--subnet", "10.223.0.0/24", "--host-name", "metrics",
          "--replica-listen", f"127.0.0.1:{port + 50}"],

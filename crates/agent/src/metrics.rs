@@ -793,18 +793,10 @@ pub fn router(
                 )
                     .into_response(),
                 Ok(_) => {
-                    use skyvisor_core::exposition;
-                    let text = metrics.scrape().await;
                     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
-                    if exposition::wants_openmetrics(accept) {
-                        ([(header::CONTENT_TYPE, exposition::OPENMETRICS)], text).into_response()
-                    } else {
-                        (
-                            [(header::CONTENT_TYPE, exposition::CLASSIC_TEXT)],
-                            exposition::to_classic(&text),
-                        )
-                            .into_response()
-                    }
+                    let (content_type, body) =
+                        skyvisor_core::exposition::negotiate(accept, metrics.scrape().await);
+                    ([(header::CONTENT_TYPE, content_type)], body).into_response()
                 }
             }
         }

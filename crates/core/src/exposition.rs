@@ -14,6 +14,16 @@ pub fn wants_openmetrics(accept: Option<&str>) -> bool {
     accept.is_some_and(|a| a.contains("application/openmetrics-text"))
 }
 
+/// The content type and body to answer a scrape with, by its `Accept`
+/// header, from metrics encoded as OpenMetrics.
+pub fn negotiate(accept: Option<&str>, openmetrics: String) -> (&'static str, String) {
+    if wants_openmetrics(accept) {
+        (OPENMETRICS, openmetrics)
+    } else {
+        (CLASSIC_TEXT, to_classic(&openmetrics))
+    }
+}
+
 /// The same metrics in the classic text format: counters' `HELP` and
 /// `TYPE` name the `_total` series their samples carry, and the
 /// OpenMetrics-only lines (`# UNIT`, `# EOF`) go.

@@ -109,22 +109,9 @@ pub async fn connect_in_namespace(
         command: format!("connect to {addr} in namespace {namespace}"),
         stderr,
     };
-    let stream = tokio::task::spawn_blocking(move || -> std::io::Result<std::net::TcpStream> {
-        let ns = std::fs::File::open(&path)?;
-        // A throwaway thread enters the namespace: the socket is made there
-        // and stays there, while the caller's threads never move.
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    rustix::thread::move_into_link_name_space(
-                        std::os::fd::AsFd::as_fd(&ns),
-                        Some(rustix::thread::LinkNameSpaceType::Network),
-                    )
-                    .map_err(std::io::Error::from)?;
-                    std::net::TcpStream::connect_timeout(&addr, timeout)
-                })
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("connector thread panicked")))
+    let stream = tokio::task::spawn_blocking(move || {
+        in_namespace(&path, || {
+            std::net::TcpStream::connect_timeout(&addr, timeout)
         })
     })
     .await
@@ -168,10 +155,17 @@ pub fn listen_on_device(
     let Some(namespace) = namespace else {
         return open().map_err(|e| fail(e.to_string()));
     };
-    let ns = std::fs::File::open(format!("/run/netns/{namespace}"))
-        .map_err(|e| fail(format!("cannot open the namespace: {e}")))?;
-    // A throwaway thread enters the namespace and makes the socket there;
-    // the caller's threads never move.
+    in_namespace(&format!("/run/netns/{namespace}"), open).map_err(|e| fail(e.to_string()))
+}
+
+/// Runs `make` on a throwaway thread inside the network namespace at
+/// `path`: a socket it makes is made there and stays there, while the
+/// caller's threads never move.
+fn in_namespace<T: Send>(
+    path: &str,
+    make: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
+    let ns = std::fs::File::open(path)?;
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -180,12 +174,11 @@ pub fn listen_on_device(
                     Some(rustix::thread::LinkNameSpaceType::Network),
                 )
                 .map_err(std::io::Error::from)?;
-                open()
+                make()
             })
             .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("listener thread panicked")))
+            .unwrap_or_else(|_| Err(std::io::Error::other("namespace thread panicked")))
     })
-    .map_err(|e| fail(e.to_string()))
 }
 
 /// The identity of network namespace `namespace` (its inode), to tell a

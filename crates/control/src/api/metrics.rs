@@ -31,17 +31,9 @@ pub(super) async fn metrics(State(cp): State<ControlPlane>, headers: HeaderMap) 
         ))
         .into_response(),
         Ok(_) => {
-            let text = cp.metrics.encode();
             let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
-            if exposition::wants_openmetrics(accept) {
-                ([(header::CONTENT_TYPE, exposition::OPENMETRICS)], text).into_response()
-            } else {
-                (
-                    [(header::CONTENT_TYPE, exposition::CLASSIC_TEXT)],
-                    exposition::to_classic(&text),
-                )
-                    .into_response()
-            }
+            let (content_type, body) = exposition::negotiate(accept, cp.metrics.encode());
+            ([(header::CONTENT_TYPE, content_type)], body).into_response()
         }
     }
 }

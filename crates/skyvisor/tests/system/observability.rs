@@ -294,6 +294,10 @@ fn a_real_prometheus_finds_and_scrapes_every_endpoint_and_tells_a_busy_guest_fro
         "the idle guest used {idle_rate:.2} cores (the busy one {busy_rate:.2})"
     );
     assert!(busy_rate <= 1.1, "one vCPU used {busy_rate:.2} cores");
+    assert!(
+        busy_rate > 10.0 * idle_rate,
+        "busy {busy_rate:.3} and idle {idle_rate:.3} are not told apart"
+    );
     eprintln!("vCPU rate: busy {busy_rate:.3} cores, idle {idle_rate:.3}");
     // The memtest's writes are its memory, not its disk: what the guest
     // sent on its network is counted too (the host's probes answered).

@@ -122,11 +122,17 @@ def real_vms(args):
                                                    if line and not line.startswith("#")),
         }
     finally:
+        # VMs outlive their agent by design: delete them first, then make
+        # sure no QEMU of this run is left.
+        for i in range(args.vms):
+            subprocess.run([binary, "vm", "delete", f"m{i}", "--force"], env=env,
+                           capture_output=True)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+        subprocess.run(["pkill", "-f", f"qemu-system.*{work}"], stderr=subprocess.DEVNULL)
         subprocess.run(["ip", "link", "del", "svmetb0"], stderr=subprocess.DEVNULL)
 
 

@@ -168,16 +168,10 @@ impl Launcher {
             return Err(format!("creating tap {tap}: {e}"));
         }
         // Guarded (and filtered) before the VM sends its first frame.
-        if let Err(e) = self
-            .ctx
-            .firewall
-            .add_tap(&tap, spec, &self.ctx.private_nets)
-            .await
-        {
+        if let Err(e) = self.ctx.attach_tap(&tap, spec, &bridge).await {
             undo(created_disk).await;
             return Err(format!("guarding tap {tap}: {e}"));
         }
-        self.ctx.metadata.attach(&tap, spec, &bridge).await;
         let launch = VmLaunch {
             instance: spec.id,
             name: spec.name.to_string(),
@@ -359,11 +353,7 @@ impl Launcher {
         let n = &spec.network;
         let seed = skyvisor_cloudinit::Seed {
             instance_id: spec.id.to_string(),
-            hostname: spec
-                .guest
-                .hostname
-                .clone()
-                .unwrap_or_else(|| spec.name.to_string()),
+            hostname: spec.guest_hostname(),
             ssh_keys: spec
                 .guest
                 .ssh_keys

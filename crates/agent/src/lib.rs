@@ -220,6 +220,20 @@ pub struct AgentContext {
 }
 
 impl AgentContext {
+    /// Guards instance `spec`'s tap `tap` (on `bridge`) before its VM
+    /// sends a frame, then serves it metadata: the service knows a caller
+    /// by its source address only because the guard pins it to the tap.
+    pub async fn attach_tap(
+        &self,
+        tap: &str,
+        spec: &InstanceSpec,
+        bridge: &str,
+    ) -> Result<(), skyvisor_net::NetError> {
+        self.firewall.add_tap(tap, spec, &self.private_nets).await?;
+        self.metadata.attach(tap, spec, bridge).await;
+        Ok(())
+    }
+
     /// The directory of a VM's disk, sockets and logs.
     pub fn vm_dir(&self, id: &InstanceId) -> PathBuf {
         self.data_dir.join("vms").join(id.0.simple().to_string())

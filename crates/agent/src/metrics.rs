@@ -92,6 +92,12 @@ impl AgentMetrics {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn threads(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, (u32, Vec<u32>)>> {
+        self.threads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Records what a supervisor knows of its VM: its spec, its status and,
     /// while it runs, where its counters are.
     pub fn observe(
@@ -104,12 +110,7 @@ impl AgentMetrics {
             ("project".to_string(), spec.project.to_string()),
             ("vm".to_string(), spec.name.to_string()),
             ("host".to_string(), self.host.clone()),
-            (
-                "type".to_string(),
-                spec.instance_type
-                    .as_ref()
-                    .map_or_else(|| "custom".to_string(), ToString::to_string),
-            ),
+            ("type".to_string(), spec.type_label()),
         ];
         let entry = VmEntry {
             labels,
@@ -128,30 +129,20 @@ impl AgentMetrics {
     /// Forgets a VM that is no longer this host's.
     pub fn forget(&self, id: &InstanceId) {
         self.vms().remove(id);
-        self.threads
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(id);
+        self.threads().remove(id);
     }
 
     /// The vCPU threads of VM `id` running as `pid`, asked once per
     /// process.
     async fn vcpu_threads(&self, id: InstanceId, pid: u32, counters: &dyn VmCounters) -> Vec<u32> {
-        if let Some((p, t)) = self
-            .threads
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&id)
+        if let Some((p, t)) = self.threads().get(&id)
             && *p == pid
         {
             return t.clone();
         }
         match tokio::time::timeout(QMP_DEADLINE, counters.vcpu_threads()).await {
             Ok(Ok(t)) => {
-                self.threads
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(id, (pid, t.clone()));
+                self.threads().insert(id, (pid, t.clone()));
                 t
             }
             _ => Vec::new(),

@@ -293,16 +293,11 @@ impl Supervisor {
         // Its network and guard, as this agent's launch would have made them.
         let tap = skyvisor_net::tap_name(&spec.id);
         let guarded = match self.ctx.private_nets.bridge_for(&spec.network).await {
-            Ok(bridge) => {
-                let guarded = self
-                    .ctx
-                    .firewall
-                    .add_tap(&tap, spec, &self.ctx.private_nets)
-                    .await
-                    .map_err(|e| e.to_string());
-                self.ctx.metadata.attach(&tap, spec, &bridge).await;
-                guarded
-            }
+            Ok(bridge) => self
+                .ctx
+                .attach_tap(&tap, spec, &bridge)
+                .await
+                .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = guarded {

@@ -646,11 +646,7 @@ fn vm_table(list: &[Instance]) {
         t.add_row(vec![
             i.spec.name.to_string(),
             phase_text(i),
-            i.spec
-                .instance_type
-                .as_ref()
-                .map(|t| t.to_string())
-                .unwrap_or_else(|| "custom".into()),
+            i.spec.type_label(),
             i.spec.resources.vcpus.to_string(),
             mib(i.spec.resources.memory_mib),
             i.spec.network.ip.to_string(),
@@ -749,14 +745,7 @@ fn vm_detail(i: &Instance) {
             },
         ),
         ("image", i.spec.image.to_string()),
-        (
-            "type",
-            i.spec
-                .instance_type
-                .as_ref()
-                .map(|t| t.to_string())
-                .unwrap_or_else(|| "custom".into()),
-        ),
+        ("type", i.spec.type_label()),
         (
             "size",
             format!(

@@ -173,6 +173,22 @@ pub struct InstanceSpec {
 }
 
 impl InstanceSpec {
+    /// The guest's hostname: the one asked for at create, else the
+    /// instance's name.
+    pub fn guest_hostname(&self) -> String {
+        self.guest
+            .hostname
+            .clone()
+            .unwrap_or_else(|| self.name.to_string())
+    }
+
+    /// Its instance type's name, `custom` for a custom size.
+    pub fn type_label(&self) -> String {
+        self.instance_type
+            .as_ref()
+            .map_or_else(|| "custom".to_string(), ToString::to_string)
+    }
+
     /// The instance as its project's name for it: what names it in the
     /// store and on hosts.
     pub fn instance_ref(&self) -> crate::InstanceRef {

@@ -141,14 +141,7 @@ impl GuestAgent {
             .read_line(tokio::time::Instant::now() + self.timeout)
             .await?;
         if let Some(err) = v.get("error") {
-            return Err(GuestAgentError::Refused {
-                command: command.to_string(),
-                desc: err
-                    .get("desc")
-                    .and_then(Value::as_str)
-                    .unwrap_or("no description")
-                    .to_string(),
-            });
+            return Err(refusal(command, err));
         }
         v.get("return")
             .cloned()
@@ -207,14 +200,7 @@ impl GuestAgent {
             .await?;
         match self.read_line(tokio::time::Instant::now() + grace).await {
             Ok(v) => match v.get("error") {
-                Some(err) => Err(GuestAgentError::Refused {
-                    command: "guest-shutdown".into(),
-                    desc: err
-                        .get("desc")
-                        .and_then(Value::as_str)
-                        .unwrap_or("no description")
-                        .to_string(),
-                }),
+                Some(err) => Err(refusal("guest-shutdown", err)),
                 None => Ok(()),
             },
             // Silence, or the channel closing as the guest goes down.
@@ -269,6 +255,18 @@ impl GuestAgent {
                     .unwrap_or_default(),
             })
             .collect())
+    }
+}
+
+/// The error for `command` answered with `err` (the agent's `error`).
+fn refusal(command: &str, err: &Value) -> GuestAgentError {
+    GuestAgentError::Refused {
+        command: command.to_string(),
+        desc: err
+            .get("desc")
+            .and_then(Value::as_str)
+            .unwrap_or("no description")
+            .to_string(),
     }
 }
 

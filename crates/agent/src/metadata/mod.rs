@@ -192,15 +192,8 @@ fn metadata_of(spec: &InstanceSpec) -> InstanceMetadata {
         id: spec.id.to_string(),
         name: spec.name.to_string(),
         project: spec.project.to_string(),
-        hostname: spec
-            .guest
-            .hostname
-            .clone()
-            .unwrap_or_else(|| spec.name.to_string()),
-        instance_type: spec
-            .instance_type
-            .as_ref()
-            .map_or_else(|| "custom".to_string(), ToString::to_string),
+        hostname: spec.guest_hostname(),
+        instance_type: spec.type_label(),
         image: spec.image.to_string(),
         ip: spec.network.ip,
         prefix_len: spec.network.prefix_len,

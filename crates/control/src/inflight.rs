@@ -10,6 +10,12 @@
 //!
 //! This module must never let a reservation outlive its request: dropping a
 //! [`Reservation`] releases it and fails its successors.
+//!
+//! A decision reads what is in flight *before* it reads the view, through
+//! [`InFlight::snapshot`]. A commit is applied to the view before its
+//! reservation is released, so a commit that ends between the two reads is
+//! in the snapshot, in the view, or in both (counted twice, which only makes
+//! placement cautious), never in neither (which would double-book a host).
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -131,35 +137,27 @@ impl InFlight {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds what is in flight to the hosts' allocation.
-    pub(crate) fn adjust(&self, hosts: &mut [HostEntry]) {
+    /// What is in flight now. Take it before reading the view (see the
+    /// module's documentation).
+    pub(crate) fn snapshot(&self) -> Snapshot {
         let st = self.lock();
-        if st.hosts.is_empty() {
-            return;
-        }
-        for h in hosts {
-            if let Some(f) = st.hosts.get(&h.host.name) {
-                h.allocated = h.allocated.plus(f.resources);
-                h.instances += f.count;
-            }
-        }
-    }
-
-    /// Adds in-flight members of `group` to `members` (one per host).
-    pub(crate) fn add_members(
-        &self,
-        group: &Scoped<GroupName>,
-        members: &mut HashMap<HostName, InstanceName>,
-    ) {
-        let st = self.lock();
-        for (host, f) in &st.hosts {
-            for e in &f.entries {
-                if let Some((g, name)) = &e.member
-                    && g == group
-                {
-                    members.entry(host.clone()).or_insert_with(|| name.clone());
-                }
-            }
+        Snapshot {
+            hosts: st
+                .hosts
+                .iter()
+                .map(|(host, f)| {
+                    let members = f.entries.iter().filter_map(|e| e.member.clone()).collect();
+                    (
+                        host.clone(),
+                        HostSnapshot {
+                            resources: f.resources,
+                            count: f.count,
+                            members,
+                        },
+                    )
+                })
+                .collect(),
+            ips: st.ips.clone(),
         }
     }
 
@@ -175,11 +173,6 @@ impl InFlight {
             // An error means the reservation is gone: ended.
             let _ = rx.wait_for(|o| *o != Outcome::Pending).await;
         }
-    }
-
-    /// Addresses being committed.
-    pub(crate) fn ips(&self) -> HashSet<Ipv4Addr> {
-        self.lock().ips.clone()
     }
 
     /// Whether an instance of this name is being committed.
@@ -247,6 +240,51 @@ impl InFlight {
         if empty {
             st.hosts.remove(host);
         }
+    }
+}
+
+struct HostSnapshot {
+    resources: Resources,
+    count: u32,
+    members: Vec<(Scoped<GroupName>, InstanceName)>,
+}
+
+/// The placements in flight at one moment (see [`InFlight::snapshot`]).
+pub(crate) struct Snapshot {
+    hosts: HashMap<HostName, HostSnapshot>,
+    ips: HashSet<Ipv4Addr>,
+}
+
+impl Snapshot {
+    /// Adds what was in flight to the hosts' allocation.
+    pub(crate) fn adjust(&self, hosts: &mut [HostEntry]) {
+        if self.hosts.is_empty() {
+            return;
+        }
+        for h in hosts {
+            if let Some(f) = self.hosts.get(&h.host.name) {
+                h.allocated = h.allocated.plus(f.resources);
+                h.instances += f.count;
+            }
+        }
+    }
+
+    /// Adds in-flight members of `group` to `members` (one per host).
+    pub(crate) fn add_members(
+        &self,
+        group: &Scoped<GroupName>,
+        members: &mut HashMap<HostName, InstanceName>,
+    ) {
+        for (host, f) in &self.hosts {
+            if let Some((_, name)) = f.members.iter().find(|(g, _)| g == group) {
+                members.entry(host.clone()).or_insert_with(|| name.clone());
+            }
+        }
+    }
+
+    /// Addresses being committed.
+    pub(crate) fn ips(&self) -> &HashSet<Ipv4Addr> {
+        &self.ips
     }
 }
 
@@ -328,7 +366,7 @@ mod tests {
         let (b, after_a) = f.reserve(&h, &name("b"), Ipv4Addr::new(10, 0, 0, 3), r(2), None);
         let after_a = after_a.expect("a is in flight");
         assert!(f.has_name(&name("b")));
-        assert_eq!(f.ips().len(), 2);
+        assert_eq!(f.snapshot().ips().len(), 2);
         a.committed(10, 5, None);
         // b decided on the same view as a, or on one with a's commit.
         let (rev, chain) = after_a.committed(5).await.expect("chain holds");
@@ -347,7 +385,7 @@ mod tests {
         assert_eq!(after_c.expect("c in flight").committed(12).await, Err(13));
         drop(c2);
         let _ = chain;
-        assert!(f.ips().is_empty() && !f.has_name(&name("a")));
+        assert!(f.snapshot().ips().is_empty() && !f.has_name(&name("a")));
         let (d, prev) = f.reserve(&h, &name("d"), Ipv4Addr::new(10, 0, 0, 5), r(1), None);
         assert!(prev.is_none(), "an emptied host starts a new chain");
         drop(d);
@@ -400,18 +438,19 @@ mod tests {
             r(3),
             Some(g.clone()),
         );
-        f.adjust(&mut hosts);
+        let snapshot = f.snapshot();
+        snapshot.adjust(&mut hosts);
         assert_eq!(hosts[0].allocated.vcpus, 3);
         assert_eq!(hosts[0].instances, 1);
         assert_eq!(hosts[1].allocated.vcpus, 0);
         let mut members = HashMap::new();
-        f.add_members(
+        snapshot.add_members(
             &Scoped::new(skyvisor_core::auth::default_project(), g.clone()),
             &mut members,
         );
         // A group of the same name in another project is another group.
         let mut theirs = HashMap::new();
-        f.add_members(
+        snapshot.add_members(
             &Scoped::new(ProjectName::new("other").expect("p"), g),
             &mut theirs,
         );

@@ -3,7 +3,7 @@
 use skyvisor_core::ProjectName;
 use skyvisor_core::auth::Usage;
 use std::collections::HashSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use skyvisor_core::api::{CreateInstanceRequest, ResizeInstanceRequest, StopInstanceRequest};
@@ -24,13 +24,17 @@ use crate::scheduler::{self, PlacementRequest, SpreadConstraint};
 use crate::volumes::ResolvedVolume;
 use crate::{ControlPlane, READ_YOUR_WRITES};
 
-/// How many times a write guarded by what the view showed is retried after
-/// another writer got in between. Generous: two servers placing thirty VMs
-/// at once on three hosts needed more than eight now and then.
+/// How many times a change to one instance (update, resize, delete) is
+/// retried after another writer changed it or its host in between.
 const MAX_ATTEMPTS: usize = 16;
-/// How many times a create may decide again because an earlier commit to
-/// the same host (from this server) failed.
-const MAX_CHAIN_BREAKS: usize = 64;
+/// How long a create keeps deciding again while other writers win the
+/// race for the hosts it chose. A time, not a count of tries: a server
+/// whose view lags another's can lose dozens of races in a few
+/// milliseconds, and each lost race means another create made progress.
+const PLACEMENT_PATIENCE: Duration = Duration::from_secs(15);
+/// The longest pause after a lost race (the pause is random up to a bound
+/// that doubles with each loss), so that two servers stop colliding.
+const MAX_PLACEMENT_BACKOFF: Duration = Duration::from_millis(64);
 
 /// The writes that store `spec`: the spec and its copy under its host.
 pub fn spec_ops(spec: &InstanceSpec) -> Vec<Op> {
@@ -97,6 +101,14 @@ fn resolve_size(
     };
     resources.validate_vm()?;
     Ok((base, resources))
+}
+
+/// A random pause after the `lost`-th lost placement race: up to 1 ms,
+/// doubling with each loss, at most [`MAX_PLACEMENT_BACKOFF`].
+fn placement_backoff(lost: u32) -> Duration {
+    let bound =
+        Duration::from_millis(1u64 << lost.saturating_sub(1).min(16)).min(MAX_PLACEMENT_BACKOFF);
+    bound.mul_f64(rand::random::<f64>())
 }
 
 pub(crate) fn validate_stop_timeout(v: u32) -> Result<u32, ValidationError> {
@@ -466,9 +478,9 @@ impl ControlPlane {
         // agent) changed what the decision was based on: the name, the
         // address, or the chosen host's allocation or state. Each retry
         // first lets the view catch up with that write.
-        let mut attempts = 0;
-        let mut chain_breaks = 0;
-        while attempts < MAX_ATTEMPTS && chain_breaks < MAX_CHAIN_BREAKS {
+        let deadline = Instant::now() + PLACEMENT_PATIENCE;
+        let mut lost: u32 = 0;
+        while Instant::now() < deadline {
             // Decisions are taken one at a time, on the view plus what this
             // server is still committing; the commits themselves overlap.
             let placing = self.placement.lock().await;
@@ -478,13 +490,15 @@ impl ControlPlane {
                 )));
             }
             let started = Instant::now();
+            // What is in flight first, then the view: see `inflight`.
+            let flight = self.inflight.snapshot();
             let mut hosts = self.inventory.hosts().await;
-            self.inflight.adjust(&mut hosts);
+            flight.adjust(&mut hosts);
             let spread = match &spread_group {
                 Some(group) => {
                     let scoped = Scoped::new(project.clone(), group.clone());
                     let mut members = self.inventory.spread_members(&scoped).await;
-                    self.inflight.add_members(&scoped, &mut members);
+                    flight.add_members(&scoped, &mut members);
                     Some(SpreadConstraint {
                         group: group.clone(),
                         members,
@@ -513,7 +527,7 @@ impl ControlPlane {
                 )));
             };
             let (based_on, state_revision) = (entry.alloc_revision, entry.state_revision);
-            let mut skip = self.inflight.ips();
+            let mut skip = flight.ips().clone();
             skip.extend(raced.iter().copied());
             let ip = self
                 .inventory
@@ -541,14 +555,12 @@ impl ControlPlane {
                         // than this decision did: decide again on a view
                         // that has caught up.
                         reservation.failed(seen);
-                        chain_breaks += 1;
                         self.inflight.drained(&host).await;
                         self.inventory.wait_for(seen, READ_YOUR_WRITES).await;
                         continue;
                     }
                 },
             };
-            attempts += 1;
             let spec = InstanceSpec {
                 name: name.clone(),
                 project: project.clone(),
@@ -653,6 +665,8 @@ impl ControlPlane {
             self.inventory
                 .wait_for(out.revision, READ_YOUR_WRITES)
                 .await;
+            lost += 1;
+            tokio::time::sleep(placement_backoff(lost)).await;
         }
         Err(ApiError::unavailable(
             "could not place the instance: the pool is changing too fast (too many concurrent creates); retry",
@@ -886,8 +900,9 @@ impl ControlPlane {
             }
             refuse_while_migrating(&spec)?;
             let host = spec.host.clone();
+            let flight = self.inflight.snapshot();
             let mut hosts = self.inventory.hosts().await;
-            self.inflight.adjust(&mut hosts);
+            flight.adjust(&mut hosts);
             let placed = scheduler::place(
                 &hosts,
                 &PlacementRequest {

@@ -92,6 +92,23 @@ impl EtcdProcess {
     }
 
     async fn start_with(tls: Option<ServerTlsFiles>) -> Result<Self, EtcdProcessError> {
+        // The ports are free when chosen, but another process (a parallel
+        // test's etcd) can take one before etcd binds it: choose again.
+        const ATTEMPTS: usize = 5;
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(tls.clone()).await {
+                Err(EtcdProcessError::NotHealthy { log, .. })
+                    if attempt < ATTEMPTS && log.contains("address already in use") =>
+                {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(tls: Option<ServerTlsFiles>) -> Result<Self, EtcdProcessError> {
         let binary =
             std::env::var(ETCD_BINARY_ENV).unwrap_or_else(|_| DEFAULT_ETCD_BINARY.to_owned());
         let dir = tempfile::Builder::new()

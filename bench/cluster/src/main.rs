@@ -336,6 +336,7 @@ async fn start_server(
                     vni: 4213,
                     private_vni_base: skyvisor_core::network::PRIVATE_VNI_BASE,
                     audit_retention: skyvisor_control::audit::DEFAULT_RETENTION,
+                    event_retention: skyvisor_control::events::DEFAULT_RETENTION,
                     mtu: 1450,
                     weigher: Weigher::Spread,
                     cluster: ClusterSettings::single(ServerName::new("bench")?, url.clone()),

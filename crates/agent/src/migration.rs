@@ -28,7 +28,7 @@ use skyvisor_core::{
     Host, InstanceRef, InstanceSpec, MacAddr, Migration, MigrationId, MigrationPhase,
     MigrationProgress, MigrationRequest, MigrationResult, Resources, keys,
 };
-use skyvisor_store::{Compare, Op, StoreExt, decode, put_json};
+use skyvisor_store::{Compare, Op, StoreExt, decode, encode, put_json};
 use tracing::{debug, info, warn};
 
 use crate::AgentContext;
@@ -1387,6 +1387,16 @@ async fn hand_over(
         let mut ops = crate::spec_ops(&next);
         ops.push(Op::Delete(keys::binding(&old_host, &next.instance_ref())));
         ops.push(put_json(keys::migration(&record.id), record));
+        let event = skyvisor_core::Event::instance(
+            skyvisor_core::EventKind::Migrated,
+            &next,
+            format!("moved from {old_host} to {} while running", next.host),
+        );
+        ops.push(Op::Put {
+            key: keys::event(&event),
+            value: encode(&event),
+            lease: None,
+        });
         match ctx
             .store
             .txn(vec![Compare::ModRevision(key.clone(), rev)], ops)

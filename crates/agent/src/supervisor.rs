@@ -426,15 +426,24 @@ impl Supervisor {
             return;
         }
         self.status.updated_at = Utc::now();
-        match self
-            .ctx
-            .store
-            .put(
-                &keys::instance_status(&spec.instance_ref()),
-                encode(&self.status),
-            )
-            .await
+        // What changed is recorded with the status that shows it: both are
+        // written, or neither (and the next write tries both again).
+        let mut ops = vec![Op::Put {
+            key: keys::instance_status(&spec.instance_ref()),
+            value: encode(&self.status),
+            lease: None,
+        }];
+        for event in
+            skyvisor_core::event::status_transitions(spec, self.written.as_ref(), &self.status)
         {
+            info!(instance = %spec.name, kind = %event.kind, "{}", event.message);
+            ops.push(Op::Put {
+                key: keys::event(&event),
+                value: encode(&event),
+                lease: None,
+            });
+        }
+        match self.ctx.store.txn(vec![], ops).await {
             Ok(_) => self.written = Some(self.status.clone()),
             Err(e) => warn!(instance = %spec.name, error = %e, "could not write status"),
         }

@@ -288,6 +288,36 @@ impl Client {
         }
     }
 
+    /// Opens a stream of server-sent events at `path` (resuming after
+    /// `last_event_id` when given); an error answer is decoded as usual.
+    pub async fn open_stream(
+        &self,
+        path: &str,
+        last_event_id: Option<u64>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut req = self
+            .request(Method::GET, path)
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            // A stream lasts as long as the user watches.
+            .timeout(Duration::from_secs(365 * 24 * 3600));
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id.to_string());
+        }
+        let resp = req.send().await.map_err(|e| ClientError::Unreachable {
+            url: self.base().to_string(),
+            message: root_cause(&e),
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        match self.decode::<serde_json::Value>(resp).await {
+            Err(e) => Err(e),
+            Ok(_) => Err(ClientError::Protocol(
+                "an error status with a readable body".into(),
+            )),
+        }
+    }
+
     /// A request builder for `path` on the server in use, for callers with
     /// special bodies; it carries the token and project.
     pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {

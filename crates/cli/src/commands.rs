@@ -85,6 +85,10 @@ pub enum ClientCommand {
     Login,
     /// Who the API takes you for, and your roles.
     Whoami,
+    /// Events: what was asked and what happened (created, started,
+    /// crashed, migrated, failed over, refused...), in order.
+    #[command(subcommand)]
+    Event(EventCommand),
     /// The audit trail: who did what to which object, and how it ended
     /// (the project's, for its admins; --cluster: the cluster-wide one).
     Audit {
@@ -94,6 +98,27 @@ pub enum ClientCommand {
         /// The cluster-wide trail (hosts, projects, identities, refusals).
         #[arg(long)]
         cluster: bool,
+    },
+}
+
+/// `skyvisor event ...`
+#[derive(Debug, Subcommand)]
+pub enum EventCommand {
+    /// The newest events of the project, oldest first; --follow keeps
+    /// printing new ones as they happen.
+    List {
+        /// Only this VM's events.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Keep printing events as they happen (Ctrl-C to stop).
+        #[arg(long, short)]
+        follow: bool,
+        /// Every project's events and the cluster's (cluster admins).
+        #[arg(long)]
+        cluster: bool,
+        /// Most past events to show.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
     },
 }
 
@@ -555,6 +580,24 @@ pub async fn run(args: ConnectionArgs, format: OutputFormat, cmd: ClientCommand)
     match cmd {
         ClientCommand::Remote(_) | ClientCommand::Login => Ok(()),
         ClientCommand::Whoami => crate::auth::whoami(&client, &conn, format).await,
+        ClientCommand::Event(EventCommand::List {
+            vm,
+            follow,
+            cluster,
+            limit,
+        }) => {
+            crate::events::list(
+                &client,
+                format,
+                crate::events::EventArgs {
+                    vm,
+                    follow,
+                    cluster,
+                    limit,
+                },
+            )
+            .await
+        }
         ClientCommand::Audit { limit, cluster } => {
             crate::auth::audit(&client, format, limit, cluster).await
         }

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod client;
 pub mod commands;
 pub mod config;
+pub mod events;
 pub mod failovers;
 pub mod identities;
 pub mod keypairs;

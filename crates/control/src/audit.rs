@@ -121,8 +121,8 @@ pub const DEFAULT_RETENTION: std::time::Duration = std::time::Duration::from_sec
 /// Most records the trail keeps per project (and cluster-wide), newest.
 pub const MAX_KEPT: usize = 100_000;
 
-/// How often the leader prunes the trail.
-const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+/// How often the leader prunes the trail (and the event record).
+pub(crate) const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Prunes the trail on the leader, forever.
 pub(crate) async fn run_retention(cp: crate::ControlPlane) {
@@ -155,14 +155,26 @@ pub async fn prune(
     keep: usize,
     now: chrono::DateTime<Utc>,
 ) -> ApiResult<usize> {
-    let listing = store.list(keys::AUDIT).await?;
+    prune_prefix(store, keys::AUDIT, retention, keep, now).await
+}
+
+/// [`prune`] for any record laid out as `<prefix><scope>/<nanos>-<random>`
+/// (the audit trail, the events).
+pub(crate) async fn prune_prefix(
+    store: &dyn Store,
+    prefix: &str,
+    retention: std::time::Duration,
+    keep: usize,
+    now: chrono::DateTime<Utc>,
+) -> ApiResult<usize> {
+    let listing = store.list(prefix).await?;
     let oldest = now
         - chrono::Duration::from_std(retention).unwrap_or_else(|_| chrono::Duration::days(36500));
     let oldest_nanos = oldest.timestamp_nanos_opt().unwrap_or(i64::MIN);
-    // Keys are `audit/<scope>/<nanos>-<random>`, in time order per scope.
+    // Keys are `<prefix><scope>/<nanos>-<random>`, in time order per scope.
     let mut by_scope: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
     for kv in &listing.items {
-        let rest = kv.key.strip_prefix(keys::AUDIT).unwrap_or(&kv.key);
+        let rest = kv.key.strip_prefix(prefix).unwrap_or(&kv.key);
         let scope = rest.split('/').next().unwrap_or_default();
         by_scope.entry(scope).or_default().push(&kv.key);
     }

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use skyvisor_core::{
-    FailoverOutcome, FailoverRecord, HaPolicy, HearingReport, HostName, HostState, Instance,
-    InstanceRef, PowerState, keys,
+    Event, EventKind, FailoverOutcome, FailoverRecord, HaPolicy, HearingReport, HostName,
+    HostState, Instance, InstanceRef, PowerState, keys,
 };
 use skyvisor_store::{Compare, Op, StoreExt, put_json};
 use tracing::{info, warn};
@@ -325,6 +325,16 @@ async fn fail_over(
     ops.push(Op::Delete(keys::binding(dead, &iref)));
     ops.push(cp.alloc_mark(&target, &iref));
     ops.push(put_json(keys::failover(&record.id), &record));
+    // Down since its agent fenced itself, a quarter TTL before its lease
+    // could expire: not billed from then until it runs again.
+    let mut event = Event::instance(
+        EventKind::FailedOver,
+        &next,
+        format!("{}; down since its host's lease was lost", record.reason),
+    );
+    event.at =
+        lost_at - chrono::Duration::from_std(cp.config.cluster.lease_ttl / 4).unwrap_or_default();
+    ops.push(crate::events::op(event));
     let out = cp
         .store
         .txn(compares, ops.clone())

@@ -2,6 +2,7 @@
 
 use skyvisor_core::ProjectName;
 use skyvisor_core::auth::Usage;
+use skyvisor_core::{Event, EventKind};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -617,6 +618,11 @@ impl ControlPlane {
             ));
             ops.push(put_json(claim_key.clone(), &iref));
             ops.push(self.alloc_mark(&host, &iref));
+            ops.push(crate::events::op(Event::instance(
+                EventKind::Created,
+                &spec,
+                format!("created on {host} with address {ip}"),
+            )));
             for v in &volumes {
                 let (c, o) = v.claim(&spec);
                 compares.extend(c);
@@ -759,6 +765,7 @@ impl ControlPlane {
         &self,
         project: &ProjectName,
         name: &str,
+        record: Option<EventKind>,
         change: impl Fn(&mut InstanceSpec, &InstanceStatus) -> ApiResult<()>,
     ) -> ApiResult<Instance> {
         let name = InstanceName::new(name)?;
@@ -779,12 +786,17 @@ impl ControlPlane {
             let status = self.instance_status(&iref).await?;
             change(&mut spec, &status)?;
             spec.generation += 1;
+            let mut ops = spec_ops(&spec);
+            if let Some(kind) = record {
+                ops.push(crate::events::op(Event::instance(
+                    kind,
+                    &spec,
+                    kind.to_string().replace('-', " "),
+                )));
+            }
             let out = self
                 .store
-                .txn(
-                    vec![Compare::ModRevision(key.clone(), rev)],
-                    spec_ops(&spec),
-                )
+                .txn(vec![Compare::ModRevision(key.clone(), rev)], ops)
                 .await?;
             if out.succeeded {
                 self.inventory
@@ -814,7 +826,7 @@ impl ControlPlane {
         {
             self.admit_protected(i.resources).await?;
         }
-        self.update_spec(project, name, |spec, _| {
+        self.update_spec(project, name, Some(EventKind::StartRequested), |spec, _| {
             spec.power = PowerState::Running;
             spec.force_stop = false;
             Ok(())
@@ -830,7 +842,7 @@ impl ControlPlane {
         req: StopInstanceRequest,
     ) -> ApiResult<Instance> {
         let timeout = req.timeout_secs.map(validate_stop_timeout).transpose()?;
-        self.update_spec(project, name, |spec, _| {
+        self.update_spec(project, name, Some(EventKind::StopRequested), |spec, _| {
             spec.power = PowerState::Stopped;
             spec.force_stop = req.force;
             if let Some(t) = timeout {
@@ -843,16 +855,21 @@ impl ControlPlane {
 
     /// Asks for a graceful reboot of a running instance.
     pub async fn reboot_instance(&self, project: &ProjectName, name: &str) -> ApiResult<Instance> {
-        self.update_spec(project, name, |spec, status| {
-            if spec.power != PowerState::Running || status.phase != InstancePhase::Running {
-                return Err(ApiError::conflict(format!(
-                    "instance \"{}\" is {}, not running; start it instead",
-                    spec.name, status.phase
-                )));
-            }
-            spec.reboot_generation += 1;
-            Ok(())
-        })
+        self.update_spec(
+            project,
+            name,
+            Some(EventKind::RebootRequested),
+            |spec, status| {
+                if spec.power != PowerState::Running || status.phase != InstancePhase::Running {
+                    return Err(ApiError::conflict(format!(
+                        "instance \"{}\" is {}, not running; start it instead",
+                        spec.name, status.phase
+                    )));
+                }
+                spec.reboot_generation += 1;
+                Ok(())
+            },
+        )
         .await
     }
 
@@ -926,6 +943,7 @@ impl ControlPlane {
                     "host {host} vanished from the inventory"
                 )));
             };
+            let before = spec.resources;
             spec.resources = resources;
             spec.instance_type = itype.as_ref().map(|t| t.name.clone());
             spec.generation += 1;
@@ -933,6 +951,14 @@ impl ControlPlane {
             compares.extend(self.host_guard(entry));
             let mut ops = spec_ops(&spec);
             ops.push(self.alloc_mark(&host, &name_v));
+            ops.push(crate::events::op(Event::instance(
+                EventKind::Resized,
+                &spec,
+                format!(
+                    "resized from {} vCPU / {} MiB to {} vCPU / {} MiB",
+                    before.vcpus, before.memory_mib, resources.vcpus, resources.memory_mib
+                ),
+            )));
             let out = self.store.txn(compares, ops.clone()).await?;
             if out.succeeded {
                 self.inventory.apply_committed(&ops, out.revision).await;
@@ -1000,12 +1026,19 @@ impl ControlPlane {
             spec.deleting = true;
             spec.force_stop = true;
             spec.generation += 1;
+            let mut ops = spec_ops(&spec);
+            ops.push(crate::events::op(Event::instance(
+                EventKind::Deleted,
+                &spec,
+                if running {
+                    "deleted while running (forced)"
+                } else {
+                    "deleted"
+                },
+            )));
             let out = self
                 .store
-                .txn(
-                    vec![Compare::ModRevision(key.clone(), rev)],
-                    spec_ops(&spec),
-                )
+                .txn(vec![Compare::ModRevision(key.clone(), rev)], ops)
                 .await?;
             if out.succeeded {
                 self.inventory

@@ -11,6 +11,7 @@ pub mod audit;
 pub mod cluster;
 pub mod election;
 pub mod error;
+pub mod events;
 pub mod firewall;
 pub mod guest_config;
 pub mod ha;
@@ -69,6 +70,8 @@ pub struct ServerConfig {
     pub private_vni_base: u32,
     /// How long the audit trail keeps a record.
     pub audit_retention: Duration,
+    /// How long the event record keeps an event.
+    pub event_retention: Duration,
     /// How placement orders hosts.
     pub weigher: Weigher,
     /// This server's identity and part in a cluster.
@@ -111,6 +114,8 @@ pub struct ControlPlane {
     pub(crate) service_token: Arc<String>,
     /// The audit trail's writer.
     pub(crate) audit: audit::AuditLog,
+    /// The writer of events that go with no transaction of their own.
+    pub(crate) events: events::EventLog,
 }
 
 /// How long a writer waits for the inventory to show its own write.
@@ -188,6 +193,7 @@ impl ControlPlane {
             image_sync_lock: Arc::new(Mutex::new(())),
             directory,
             service_token: Arc::new(service_token),
+            events: events::EventLog::start(store_for_audit.clone()),
             audit: audit::AuditLog::start(store_for_audit),
         };
         cp.ensure_cluster_network(&network)
@@ -218,6 +224,7 @@ impl ControlPlane {
         tokio::spawn(ha::run(self.clone()));
         tokio::spawn(firewall::run(self.clone()));
         tokio::spawn(audit::run_retention(self.clone()));
+        tokio::spawn(events::run_retention(self.clone()));
         tokio::spawn(replicas::run(
             self.clone(),
             self.config.cluster.replica_grace,

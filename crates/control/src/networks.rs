@@ -459,7 +459,7 @@ impl ControlPlane {
     ) -> ApiResult<skyvisor_core::Instance> {
         self.check_security_groups(project, &groups).await?;
         let inst = self
-            .update_spec(project, name, |spec, _| {
+            .update_spec(project, name, None, |spec, _| {
                 spec.security_groups = groups.clone();
                 Ok(())
             })
@@ -476,7 +476,7 @@ impl ControlPlane {
         labels: skyvisor_core::labels::Labels,
     ) -> ApiResult<skyvisor_core::Instance> {
         skyvisor_core::labels::validate_labels("labels", &labels)?;
-        self.update_spec(project, name, |spec, _| {
+        self.update_spec(project, name, None, |spec, _| {
             spec.labels = labels.clone();
             Ok(())
         })

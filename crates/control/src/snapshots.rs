@@ -350,7 +350,7 @@ impl ControlPlane {
         }
         let full = snap.kind == Some(SnapshotKind::Full);
         let inst = self
-            .update_spec(project, name.as_str(), |spec, _| {
+            .update_spec(project, name.as_str(), None, |spec, _| {
                 let generation = spec.restore.as_ref().map_or(0, |r| r.generation) + 1;
                 spec.restore = Some(RestoreRequest {
                     snapshot: snap_name.clone(),
@@ -401,7 +401,7 @@ impl ControlPlane {
                 self.quota_guard(&spec.project, &more).await?;
             }
         }
-        self.update_spec(project, instance, |spec, _| {
+        self.update_spec(project, instance, None, |spec, _| {
             spec.checkpoint_schedule = schedule;
             Ok(())
         })

@@ -190,9 +190,19 @@ impl ControlPlane {
         let rev = self.store.get(&key).await?.map_or(0, |kv| kv.mod_revision);
         let now = self.usage(project).await?;
         if let Some((what, used, asked, limit)) = now.exceeds(more, &quota) {
-            return Err(ApiError::quota_exceeded(format!(
+            let message = format!(
                 "project {project} quota exceeded for {what}: {used} used + {asked} requested > limit {limit}"
-            )));
+            );
+            let mut event = skyvisor_core::Event::new(
+                skyvisor_core::EventKind::QuotaRefused,
+                skyvisor_core::ObjectKind::Project,
+                Some(project.clone()),
+                project.to_string(),
+                message.clone(),
+            );
+            event.result = skyvisor_core::EventResult::Refused;
+            self.events.record(event);
+            return Err(ApiError::quota_exceeded(message));
         }
         Ok(QuotaGuard(Some((
             Compare::ModRevision(key.clone(), rev),

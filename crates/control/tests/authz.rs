@@ -146,6 +146,7 @@ async fn server_with(store: Arc<dyn Store>, name: &str, etcd_endpoints: Vec<Stri
             vni: 4213,
             private_vni_base: skyvisor_core::network::PRIVATE_VNI_BASE,
             audit_retention: skyvisor_control::audit::DEFAULT_RETENTION,
+            event_retention: skyvisor_control::events::DEFAULT_RETENTION,
             mtu: 1450,
             weigher: Weigher::Spread,
             cluster: ClusterSettings {
@@ -196,6 +197,14 @@ async fn call(
     }
     let r = req.send().await.expect("request");
     let status = r.status().as_u16();
+    let streaming = r
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if streaming {
+        // An event stream never ends: its status is the answer.
+        return (status, Value::Null);
+    }
     let text = r.text().await.unwrap_or_default();
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
@@ -1213,4 +1222,247 @@ async fn names_are_unique_within_a_project_and_never_collide_across_projects() {
     )
     .await;
     assert_eq!(public["project"], "default", "{public}");
+}
+
+/// Reads server-sent events from `resp` until `want` of them arrived or the
+/// deadline passed; returns the events' JSON.
+async fn read_sse(resp: reqwest::Response, want: usize, deadline: Duration) -> Vec<Value> {
+    use futures::StreamExt;
+    let mut body = resp.bytes_stream();
+    let mut buffer = String::new();
+    let mut out = Vec::new();
+    let until = tokio::time::Instant::now() + deadline;
+    while out.len() < want {
+        let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(until, body.next()).await else {
+            break;
+        };
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let message: String = buffer.drain(..end + 2).collect();
+            for line in message.lines() {
+                if let Some(data) = line.strip_prefix("data:") {
+                    out.push(serde_json::from_str(data.trim()).expect("event json"));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_record_who_did_what_in_order_per_project_and_stream_live() {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));
+    let s = server(store.clone(), "events").await;
+    let admin = admin_token(&s);
+    fake_host(store.as_ref(), "h1").await;
+    image(store.as_ref(), "img", "default", true).await;
+    for (name, quota) in [("alpha", json!({"instances": 1})), ("beta", json!({}))] {
+        let (st, body) = call(
+            &s.base,
+            "POST",
+            "/v1/projects",
+            Some(&admin),
+            None,
+            Some(json!({"name": name, "quota": quota})),
+        )
+        .await;
+        assert_eq!(st, 201, "{body}");
+    }
+    let alice = identity(&s, &admin, "alice", json!({"alpha": "member"}), false).await;
+    let bob = identity(&s, &admin, "bob", json!({"beta": "member"}), false).await;
+
+    // A stream opened before anything happens gets each event as it comes.
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let live = http
+        .get(format!("{}/v1/events/stream", s.base))
+        .bearer_auth(&alice)
+        .header("x-skyvisor-project", "alpha")
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(live.status(), 200);
+
+    let vm = json!({"name": "web", "image": "img", "instance_type": "nano", "start": false});
+    let (st, body) = call(
+        &s.base,
+        "POST",
+        "/v1/instances",
+        Some(&alice),
+        Some("alpha"),
+        Some(vm.clone()),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    let (st, body) = call(
+        &s.base,
+        "POST",
+        "/v1/instances/web/start",
+        Some(&alice),
+        Some("alpha"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 202, "{body}");
+    let (st, body) = call(
+        &s.base,
+        "POST",
+        "/v1/instances/web/stop",
+        Some(&alice),
+        Some("alpha"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(st, 202, "{body}");
+    // Over the quota of one instance: refused, and recorded as refused.
+    let (st, body) = call(
+        &s.base,
+        "POST",
+        "/v1/instances",
+        Some(&alice),
+        Some("alpha"),
+        Some(json!({"name": "two", "image": "img", "instance_type": "nano", "start": false})),
+    )
+    .await;
+    assert_eq!(st, 403, "{body}");
+    let (st, body) = call(
+        &s.base,
+        "POST",
+        "/v1/instances",
+        Some(&bob),
+        Some("beta"),
+        Some(vm),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+
+    let streamed = read_sse(live, 4, Duration::from_secs(20)).await;
+    let kinds: Vec<&str> = streamed.iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "created",
+            "start-requested",
+            "stop-requested",
+            "quota-refused"
+        ],
+        "{streamed:?}"
+    );
+
+    // The record: in order, naming who asked, with the VM's size.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let events = loop {
+        let (st, events) = call(
+            &s.base,
+            "GET",
+            "/v1/events",
+            Some(&alice),
+            Some("alpha"),
+            None,
+        )
+        .await;
+        assert_eq!(st, 200, "{events}");
+        let events = events.as_array().cloned().unwrap_or_default();
+        if events.len() >= 4 || tokio::time::Instant::now() > deadline {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(events.len(), 4, "{events:?}");
+    let seqs: Vec<u64> = events.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+    assert_eq!(events[0]["identity"], "alice");
+    assert_eq!(events[0]["name"], "web");
+    assert_eq!(events[0]["host"], "h1");
+    assert_eq!(events[0]["size"]["instance_type"], "nano");
+    assert_eq!(events[3]["result"], "refused");
+    assert!(
+        events[3]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("quota exceeded")
+    );
+    assert!(
+        events.iter().all(|e| e["project"] == "alpha"),
+        "only alpha's: {events:?}"
+    );
+
+    // Filters: one VM, after a seq; beta's member sees only beta's.
+    let (_, only) = call(
+        &s.base,
+        "GET",
+        &format!("/v1/events?instance=web&after={}", seqs[0]),
+        Some(&alice),
+        Some("alpha"),
+        None,
+    )
+    .await;
+    let only_kinds: Vec<&str> = only
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e["kind"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(only_kinds, ["start-requested", "stop-requested"], "{only}");
+    let (_, theirs) = call(&s.base, "GET", "/v1/events", Some(&bob), Some("beta"), None).await;
+    assert_eq!(theirs.as_array().map(Vec::len), Some(1), "{theirs}");
+    assert_eq!(theirs[0]["identity"], "bob");
+
+    // A reconnecting stream resumes after the last id it saw.
+    let resumed = http
+        .get(format!("{}/v1/events/stream", s.base))
+        .bearer_auth(&alice)
+        .header("x-skyvisor-project", "alpha")
+        .header("last-event-id", seqs[1].to_string())
+        .send()
+        .await
+        .expect("stream");
+    let rest = read_sse(resumed, 2, Duration::from_secs(10)).await;
+    let rest_seqs: Vec<u64> = rest.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert_eq!(rest_seqs, seqs[2..].to_vec());
+
+    // The cluster's record is for cluster admins; it holds every project's.
+    let (st, body) = call(
+        &s.base,
+        "GET",
+        "/v1/events?cluster=true",
+        Some(&alice),
+        Some("alpha"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 403, "{body}");
+    let (st, all) = call(
+        &s.base,
+        "GET",
+        "/v1/events?cluster=true&limit=1000",
+        Some(&admin),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{all}");
+    let all = all.as_array().cloned().unwrap_or_default();
+    assert!(all.iter().any(|e| e["project"] == "beta"), "{all:?}");
+    assert!(all.iter().any(|e| e["kind"] == "token-created"), "{all:?}");
+
+    // Bad input: a clear 400 naming the field.
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("limit=5000", "limit"),
+        ("instance=Not_A_Name", "name"),
+        ("bogus=1", "bogus"),
+    ] {
+        let (st, body) = call(
+            &s.base,
+            "GET",
+            &format!("/v1/events?{query}"),
+            Some(&alice),
+            Some("alpha"),
+            None,
+        )
+        .await;
+        assert_eq!(st, 400, "{query}: {body}");
+        assert!(body.to_string().contains(field), "{query}: {body}");
+    }
 }

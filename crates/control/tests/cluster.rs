@@ -96,6 +96,7 @@ fn config(dir: &std::path::Path, name: &str, weigher: Weigher) -> ServerConfig {
         vni: 4213,
         private_vni_base: skyvisor_core::network::PRIVATE_VNI_BASE,
         audit_retention: skyvisor_control::audit::DEFAULT_RETENTION,
+        event_retention: skyvisor_control::events::DEFAULT_RETENTION,
         mtu: 1450,
         weigher,
         cluster: ClusterSettings::single(

@@ -94,6 +94,40 @@ pub fn audit_prefix(project: Option<&crate::ProjectName>) -> String {
     }
 }
 
+/// Prefix of the events (see [`crate::event`]).
+pub const EVENTS: &str = "events/";
+
+/// Prefix of the events of `project` (none: cluster-wide objects).
+pub fn events_prefix(project: Option<&crate::ProjectName>) -> String {
+    match project {
+        Some(p) => format!("{EVENTS}{p}/"),
+        None => format!("{EVENTS}_cluster/"),
+    }
+}
+
+/// An event's key: under its project, in time order. The tail is a hash of
+/// what the event is about, so the same event written twice (a retried
+/// write whose first answer was lost) is one key, never two events.
+pub fn event(event: &crate::Event) -> String {
+    // FNV-1a: small, and stable across builds (std's hasher is not).
+    let mut hash: u32 = 0x811c_9dc5;
+    for part in [
+        event.object.to_string(),
+        event.name.clone(),
+        event.kind.to_string(),
+    ] {
+        for b in part.bytes().chain([0]) {
+            hash ^= u32::from(b);
+            hash = hash.wrapping_mul(0x0100_0193);
+        }
+    }
+    format!(
+        "{}{:020}-{hash:08x}",
+        events_prefix(event.project.as_ref()),
+        event.at.timestamp_nanos_opt().unwrap_or_default(),
+    )
+}
+
 /// Project `name`.
 pub fn project(name: &crate::ProjectName) -> String {
     format!("{PROJECTS}{name}")

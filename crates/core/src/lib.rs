@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod cluster;
 pub mod error;
+pub mod event;
 pub mod exposition;
 pub mod firewall;
 pub mod ha;
@@ -27,6 +28,7 @@ pub mod volume;
 
 pub use accel::{Accel, AccelMode};
 pub use error::ValidationError;
+pub use event::{Event, EventKind, EventResult, EventSize, ObjectKind};
 pub use firewall::{HostFirewall, Protocol, SecurityGroup, SecurityRule};
 pub use ha::{
     FailoverOutcome, FailoverRecord, HaPolicy, HearingReport, Protection, ProtectionState,

@@ -83,6 +83,10 @@ pub struct ServerArgs {
     /// How many days the audit trail keeps a record (default 90).
     #[arg(long)]
     audit_retention_days: Option<u32>,
+    /// How many days the event record keeps an event (default 90); usage
+    /// is metered from events, so keep them past your billing periods.
+    #[arg(long)]
+    event_retention_days: Option<u32>,
     /// MTU of VMs (the default leaves room for the overlay's VXLAN headers
     /// on a 1500-byte underlay).
     #[arg(long)]
@@ -300,6 +304,11 @@ pub async fn run(args: ServerArgs) -> Result<()> {
             audit_retention: args
                 .audit_retention_days
                 .map_or(skyvisor_control::audit::DEFAULT_RETENTION, |d| {
+                    Duration::from_secs(u64::from(d.max(1)) * 24 * 3600)
+                }),
+            event_retention: args
+                .event_retention_days
+                .map_or(skyvisor_control::events::DEFAULT_RETENTION, |d| {
                     Duration::from_secs(u64::from(d.max(1)) * 24 * 3600)
                 }),
             private_vni_base: args

@@ -135,6 +135,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
             mtu: 1500,
             private_vni_base: s.private_vni_base,
             audit_retention: skyvisor_control::audit::DEFAULT_RETENTION,
+            event_retention: skyvisor_control::events::DEFAULT_RETENTION,
             weigher: Weigher::Spread,
             cluster: ClusterSettings::single(server_name, api_url.clone()),
             max_upload_bytes: skyvisor_control::DEFAULT_MAX_UPLOAD_BYTES,

@@ -81,7 +81,12 @@ pub async fn authorize(State(cp): State<ControlPlane>, req: Request, next: Next)
         }
     };
     parts.extensions.insert(caller.clone());
-    let resp = next.run(Request::from_parts(parts, body)).await;
+    // The events the request records name its caller.
+    let resp = crate::events::as_actor(
+        caller.principal.identity.name.clone(),
+        next.run(Request::from_parts(parts, body)),
+    )
+    .await;
     if changes {
         cp.audit.record(
             &caller,

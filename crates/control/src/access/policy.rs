@@ -55,6 +55,10 @@ const RULES: &[(&str, &str, Rule)] = &[
     ("POST", "/v1/tokens", Authenticated),
     ("DELETE", "/v1/tokens/{id}", Authenticated),
     ("GET", "/v1/audit", Project(Manage)),
+    // Events: a project's readers see its events; cluster=true is checked
+    // by the handler (cluster admins only).
+    ("GET", "/v1/events", Project(Read)),
+    ("GET", "/v1/events/stream", Project(Read)),
     // Metrics: where Prometheus scrapes.
     ("GET", "/v1/metrics/targets", Monitor),
     // Instances.

@@ -365,6 +365,13 @@ pub(super) async fn create_token(
         .directory
         .create_token(&whose, &req.description, expires_at)
         .await?;
+    cp.events.record(skyvisor_core::Event::new(
+        skyvisor_core::EventKind::TokenCreated,
+        skyvisor_core::ObjectKind::Token,
+        None,
+        issued.record.id.clone(),
+        format!("token {} created for identity {whose}", issued.record.id),
+    ));
     Ok((
         StatusCode::CREATED,
         Json(CreatedToken {
@@ -390,6 +397,13 @@ pub(super) async fn revoke_token(
         return Err(hidden());
     }
     cp.directory.revoke_token(&id).await?;
+    cp.events.record(skyvisor_core::Event::new(
+        skyvisor_core::EventKind::TokenRevoked,
+        skyvisor_core::ObjectKind::Token,
+        None,
+        id.clone(),
+        format!("token {id} of identity {} revoked", record.identity),
+    ));
     Ok(StatusCode::NO_CONTENT)
 }
 

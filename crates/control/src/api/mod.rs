@@ -7,6 +7,7 @@
 mod access;
 mod cluster;
 mod contract;
+mod events;
 mod extract;
 mod failovers;
 mod hosts;
@@ -110,6 +111,8 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(access::list_tokens, access::create_token))
         .routes(routes!(access::revoke_token))
         .routes(routes!(access::audit))
+        .routes(routes!(events::list))
+        .routes(routes!(events::stream))
         .routes(routes!(list_types))
         .routes(routes!(instances::list, instances::create))
         .routes(routes!(instances::show, instances::delete))

@@ -180,6 +180,18 @@ fn a_killed_hosts_protected_vm_runs_elsewhere_with_every_acknowledged_write() {
         .unwrap_or_else(|| panic!("no failover of a: {records:?}"));
     assert_eq!(a["outcome"], "restarted", "{a}");
     assert_eq!(a["from_host"], format!("h{h}"));
+    // The event record has the failover, by the system, then the start on
+    // the new host (what usage is metered from).
+    let events = bed.sv_json(&["event", "list", "--vm", "a"]);
+    let kinds: Vec<&str> = events
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e["kind"].as_str()).collect())
+        .unwrap_or_default();
+    let over = kinds
+        .iter()
+        .position(|k| *k == "failed-over")
+        .unwrap_or_else(|| panic!("no failed-over event: {events}"));
+    assert!(kinds[over + 1..].contains(&"started"), "{events}");
     let local = wait_until("the refusal for local", Duration::from_secs(30), || {
         failovers(&bed)
             .into_iter()

@@ -59,6 +59,36 @@ fn create_serves_page_and_keeps_disk_across_stop_start() {
     );
     let shown = cloud.instance("web");
     assert_eq!(shown["status"]["boot_count"], 2);
+
+    // The event record tells the same story, in order: what was asked (by
+    // whom) and what the agent saw happen (by the system).
+    let events = cloud.sv_json(&["event", "list", "--vm", "web"]);
+    let events = events.as_array().cloned().unwrap_or_default();
+    let story: Vec<(String, bool)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap_or_default().to_string(),
+                e["identity"].is_string(),
+            )
+        })
+        .collect();
+    let want = [
+        ("created", true),
+        ("started", false),
+        ("stop-requested", true),
+        ("stopped", false),
+        ("start-requested", true),
+        ("started", false),
+    ];
+    assert_eq!(
+        story,
+        want.map(|(k, by)| (k.to_string(), by)).to_vec(),
+        "{events:?}"
+    );
+    let seqs: Vec<u64> = events.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert_eq!(events[1]["host"], inst["spec"]["host"]);
 }
 
 #[test]

@@ -242,6 +242,21 @@ fn running_vm_moves_between_hosts_without_failed_requests_and_keeps_its_state() 
         .collect();
     assert_eq!(done.len(), 3, "{list}");
     assert!(done.iter().all(|m| m["phase"] == "completed"), "{list}");
+    // Each move is an event; a live migration is no stop and no start.
+    let events = bed.sv_json(&["event", "list", "--vm", "mover"]);
+    let kinds: Vec<&str> = events
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e["kind"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "migrated").count(),
+        3,
+        "{events}"
+    );
+    assert!(
+        !kinds.contains(&"stopped") && kinds.iter().filter(|k| **k == "started").count() == 1,
+        "{events}"
+    );
     let show = bed.sv_json(&["migration", "show", records[0]["id"].as_str().expect("id")]);
     assert_eq!(show["source"], first.as_str(), "{show}");
     for h in 1..=3u32 {

@@ -85,6 +85,7 @@ impl MultiHost {
                     vni: 4213,
                     private_vni_base: skyvisor_core::network::PRIVATE_VNI_BASE,
                     audit_retention: skyvisor_control::audit::DEFAULT_RETENTION,
+                    event_retention: skyvisor_control::events::DEFAULT_RETENTION,
                     mtu: 1500,
                     weigher: Weigher::Spread,
                     cluster: skyvisor_control::cluster::ClusterSettings::single(

@@ -1,0 +1,301 @@
+//! The event record (see [`skyvisor_core::event`]): writing events, in the
+//! transaction of the change they record ([`op`]) or on their own
+//! ([`EventLog`]); reading them in order ([`list`]) and following them
+//! ([`follow`]); pruning them past their retention.
+//!
+//! Who asked is taken from the request being served ([`as_actor`]), so no
+//! handler has to pass it along; what runs outside a request (controllers,
+//! agents) records no identity: the system did it.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use skyvisor_core::{Event, IdentityName, ObjectKind, ProjectName, keys};
+use skyvisor_store::{KeyValue, Op, Revision, Store, StoreError, WatchEvent, decode, encode};
+
+use crate::error::ApiResult;
+
+/// Most events one listing returns.
+pub const MAX_LIST: usize = 1000;
+
+/// Most events kept per project (and cluster-wide), newest.
+pub const MAX_KEPT: usize = 100_000;
+
+/// How long events are kept by default.
+pub const DEFAULT_RETENTION: std::time::Duration = std::time::Duration::from_secs(90 * 24 * 3600);
+
+tokio::task_local! {
+    static ACTOR: IdentityName;
+}
+
+/// Runs `fut` as a request of `identity`: the events it records name them.
+pub async fn as_actor<F: std::future::Future>(identity: IdentityName, fut: F) -> F::Output {
+    ACTOR.scope(identity, fut).await
+}
+
+/// Who the request being served is from, if one is.
+fn actor() -> Option<IdentityName> {
+    ACTOR.try_with(Clone::clone).ok()
+}
+
+/// The write that records `event` (naming the current request's caller
+/// unless it names someone already), to put in the transaction of the
+/// change it records.
+pub fn op(mut event: Event) -> Op {
+    if event.identity.is_none() {
+        event.identity = actor();
+    }
+    Op::Put {
+        key: keys::event(&event),
+        value: encode(&event),
+        lease: None,
+    }
+}
+
+/// Records events that go with no transaction of their own (refusals,
+/// token changes): queued and written in batches off the request's path;
+/// a write that fails is logged and never fails the request.
+#[derive(Clone)]
+pub struct EventLog {
+    queue: tokio::sync::mpsc::UnboundedSender<Op>,
+}
+
+impl EventLog {
+    /// A log written to `store` by a task of its own, which ends when every
+    /// handle is gone.
+    pub fn start(store: Arc<dyn Store>) -> Self {
+        let (queue, mut rx) = tokio::sync::mpsc::unbounded_channel::<Op>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < 128 {
+                    match rx.try_recv() {
+                        Ok(op) => batch.push(op),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = store.txn(vec![], batch).await {
+                    tracing::warn!(error = %e, "cannot record events");
+                }
+            }
+        });
+        Self { queue }
+    }
+
+    /// Records `event` (see [`op`] for who it names).
+    pub fn record(&self, event: Event) {
+        tracing::info!(
+            kind = %event.kind,
+            object = %event.object,
+            name = %event.name,
+            project = ?event.project.as_ref().map(|p| p.to_string()),
+            "event"
+        );
+        let _ = self.queue.send(op(event));
+    }
+}
+
+/// Which events to read.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// One project's events; none: every project's and the cluster's.
+    pub project: Option<ProjectName>,
+    /// Only those about this instance.
+    pub instance: Option<String>,
+    /// Only those after this sequence number.
+    pub after: u64,
+}
+
+impl Filter {
+    /// The prefix these events live under.
+    fn prefix(&self) -> String {
+        match &self.project {
+            Some(p) => keys::events_prefix(Some(p)),
+            None => keys::EVENTS.to_string(),
+        }
+    }
+
+    fn matches(&self, e: &Event) -> bool {
+        e.seq > self.after
+            && self
+                .instance
+                .as_ref()
+                .is_none_or(|i| e.object == ObjectKind::Instance && &e.name == i)
+    }
+}
+
+/// The event stored in `kv`, numbered by the revision it was written at.
+fn event_of(kv: &KeyValue) -> Option<Event> {
+    match decode::<Event>(kv) {
+        Ok(mut e) => {
+            e.seq = u64::try_from(kv.create_revision).unwrap_or(0);
+            Some(e)
+        }
+        Err(e) => {
+            tracing::warn!(key = %kv.key, error = %e, "skipping an undecodable event");
+            None
+        }
+    }
+}
+
+/// The newest `limit` events that match, oldest first, and the store
+/// revision they were read at (follow from there to miss nothing).
+pub async fn list(
+    store: &dyn Store,
+    filter: &Filter,
+    limit: usize,
+) -> ApiResult<(Vec<Event>, Revision)> {
+    let listing = store.list(&filter.prefix()).await?;
+    let mut events: Vec<Event> = listing
+        .items
+        .iter()
+        .filter_map(event_of)
+        .filter(|e| filter.matches(e))
+        .collect();
+    events.sort_by_key(|e| e.seq);
+    let skip = events.len().saturating_sub(limit.min(MAX_LIST));
+    events.drain(..skip);
+    Ok((events, listing.revision))
+}
+
+/// The events that match, as they are written after store revision
+/// `from`, in order. The stream ends with an error item if the store's
+/// history no longer reaches back to `from` or the watch breaks; list again
+/// then.
+pub async fn follow(
+    store: &dyn Store,
+    filter: Filter,
+    from: Revision,
+) -> Result<impl futures::Stream<Item = Result<Event, StoreError>> + Send + use<>, StoreError> {
+    let watch = store.watch(&filter.prefix(), from + 1).await?;
+    Ok(watch.filter_map(move |item| {
+        let out = match item {
+            Ok(WatchEvent::Put(kv)) => event_of(&kv).filter(|e| filter.matches(e)).map(Ok),
+            // Deletions are retention at work: nothing happened.
+            Ok(WatchEvent::Delete { .. }) => None,
+            Err(e) => Some(Err(e)),
+        };
+        futures::future::ready(out)
+    }))
+}
+
+/// Prunes the record on the leader, forever.
+pub(crate) async fn run_retention(cp: crate::ControlPlane) {
+    loop {
+        tokio::time::sleep(crate::audit::PRUNE_EVERY).await;
+        if !cp.leads_now() {
+            continue;
+        }
+        match crate::audit::prune_prefix(
+            cp.store.as_ref(),
+            keys::EVENTS,
+            cp.config.event_retention,
+            MAX_KEPT,
+            chrono::Utc::now(),
+        )
+        .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "pruned the event record"),
+            Err(e) => tracing::warn!(error = %e.message, "cannot prune the event record"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{Duration, Utc};
+    use skyvisor_core::event::status_transitions;
+    use skyvisor_core::instance::{ExitReason, ExitRecord, InstancePhase, InstanceStatus};
+    use skyvisor_core::{EventKind, HostName};
+
+    fn status(phase: InstancePhase) -> InstanceStatus {
+        InstanceStatus {
+            phase,
+            ..InstanceStatus::pending()
+        }
+    }
+
+    fn kinds(events: &[skyvisor_core::Event]) -> Vec<EventKind> {
+        events.iter().map(|e| e.kind).collect()
+    }
+
+    #[test]
+    fn a_status_change_records_what_happened_to_the_guest_once() {
+        let spec = crate::snapshots::tests::spec();
+        let t0 = Utc::now();
+        let starting = status(InstancePhase::Starting);
+        let mut running = status(InstancePhase::Running);
+        running.started_at = Some(t0);
+        running.host = Some(HostName::new("h2").expect("h"));
+        // Started, timed by QEMU's start, on the host the status names.
+        let started = status_transitions(&spec, Some(&starting), &running);
+        assert_eq!(kinds(&started), [EventKind::Started]);
+        assert_eq!(started[0].at, t0);
+        assert_eq!(started[0].host.as_ref().map(|h| h.as_str()), Some("h2"));
+        assert_eq!(
+            started[0].size.as_ref().map(|s| s.resources),
+            Some(spec.resources)
+        );
+        // Writing the same status again records nothing more.
+        assert!(status_transitions(&spec, Some(&running), &running).is_empty());
+        // A crash, then the agent's restart.
+        let mut crashed = status(InstancePhase::Starting);
+        crashed.last_exit = Some(ExitRecord {
+            at: t0 + Duration::seconds(5),
+            reason: ExitReason::Killed,
+            detail: "killed by signal 9".into(),
+        });
+        let ended = status_transitions(&spec, Some(&running), &crashed);
+        assert_eq!(kinds(&ended), [EventKind::Crashed]);
+        assert_eq!(ended[0].at, t0 + Duration::seconds(5));
+        let mut again = crashed.clone();
+        again.phase = InstancePhase::Running;
+        again.restart_count = 1;
+        again.started_at = Some(t0 + Duration::seconds(6));
+        assert_eq!(
+            kinds(&status_transitions(&spec, Some(&crashed), &again)),
+            [EventKind::Restarted]
+        );
+        // A stop asked for, and a start that failed.
+        let mut stopped = status(InstancePhase::Stopped);
+        stopped.last_exit = Some(ExitRecord {
+            at: t0 + Duration::seconds(9),
+            reason: ExitReason::Requested,
+            detail: "stopped".into(),
+        });
+        assert_eq!(
+            kinds(&status_transitions(&spec, Some(&again), &stopped)),
+            [EventKind::Stopped]
+        );
+        let mut failed = status(InstancePhase::Failed);
+        failed.last_exit = Some(ExitRecord {
+            at: t0 + Duration::seconds(12),
+            reason: ExitReason::StartFailed,
+            detail: "no such image file".into(),
+        });
+        assert_eq!(
+            kinds(&status_transitions(&spec, Some(&stopped), &failed)),
+            [EventKind::Failed]
+        );
+        // An agent's first report of a VM it found running (after it
+        // restarted and re-attached) is no new start.
+        assert!(status_transitions(&spec, Some(&again), &again).is_empty());
+    }
+
+    #[test]
+    fn the_same_event_written_twice_is_one_key() {
+        let spec = crate::snapshots::tests::spec();
+        let e = skyvisor_core::Event::instance(EventKind::Started, &spec, "running");
+        assert_eq!(
+            skyvisor_core::keys::event(&e),
+            skyvisor_core::keys::event(&e.clone())
+        );
+        let mut other = e.clone();
+        other.kind = EventKind::Stopped;
+        assert_ne!(
+            skyvisor_core::keys::event(&e),
+            skyvisor_core::keys::event(&other)
+        );
+    }
+}

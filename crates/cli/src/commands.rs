@@ -89,6 +89,31 @@ pub enum ClientCommand {
     /// crashed, migrated, failed over, refused...), in order.
     #[command(subcommand)]
     Event(EventCommand),
+    /// The project's usage over a period, metered from its recorded state
+    /// transitions (by meter and instance type).
+    Usage {
+        /// From (RFC 3339 or a date like 2026-12-01); default: this month's start.
+        #[arg(long)]
+        from: Option<String>,
+        /// To (exclusive; default and at most: now).
+        #[arg(long)]
+        to: Option<String>,
+        /// CSV instead of a table.
+        #[arg(long)]
+        csv: bool,
+    },
+    /// The project's invoice for a month: final once the month is over.
+    Invoice {
+        /// The month, YYYY-MM (default: this month, an estimate so far).
+        #[arg(long)]
+        month: Option<String>,
+        /// CSV instead of a table.
+        #[arg(long)]
+        csv: bool,
+    },
+    /// The prices invoices are made with.
+    #[command(subcommand)]
+    PriceSheet(PriceSheetCommand),
     /// The audit trail: who did what to which object, and how it ended
     /// (the project's, for its admins; --cluster: the cluster-wide one).
     Audit {
@@ -98,6 +123,19 @@ pub enum ClientCommand {
         /// The cluster-wide trail (hosts, projects, identities, refusals).
         #[arg(long)]
         cluster: bool,
+    },
+}
+
+/// `skyvisor price-sheet ...`
+#[derive(Debug, Subcommand)]
+pub enum PriceSheetCommand {
+    /// Prints the price sheet in force (TOML).
+    Show,
+    /// Replaces the price sheet with a TOML file (cluster admins); closed
+    /// invoices keep the prices they were made with.
+    Set {
+        /// The TOML file (`price-sheet show` prints the shape).
+        file: String,
     },
 }
 
@@ -597,6 +635,19 @@ pub async fn run(args: ConnectionArgs, format: OutputFormat, cmd: ClientCommand)
                 },
             )
             .await
+        }
+        ClientCommand::Usage { from, to, csv } => {
+            crate::billing::usage(&client, format, from, to, csv).await
+        }
+        ClientCommand::Invoice { month, csv } => {
+            let month = month.unwrap_or_else(|| chrono::Utc::now().format("%Y-%m").to_string());
+            crate::billing::invoice(&client, format, &month, csv).await
+        }
+        ClientCommand::PriceSheet(PriceSheetCommand::Show) => {
+            crate::billing::show_price_sheet(&client, format).await
+        }
+        ClientCommand::PriceSheet(PriceSheetCommand::Set { file }) => {
+            crate::billing::set_price_sheet(&client, format, &file).await
         }
         ClientCommand::Audit { limit, cluster } => {
             crate::auth::audit(&client, format, limit, cluster).await

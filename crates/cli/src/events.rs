@@ -28,7 +28,8 @@ fn query(args: &EventArgs) -> String {
     q
 }
 
-fn urlencode(s: &str) -> String {
+/// Percent-encodes `s` for a query string or path segment.
+pub fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),

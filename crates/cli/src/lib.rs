@@ -2,6 +2,7 @@
 //! API. Tables for people, `-o json` for scripts, progress while waiting.
 
 pub mod auth;
+pub mod billing;
 pub mod client;
 pub mod commands;
 pub mod config;

@@ -158,6 +158,14 @@ pub async fn list(
     Ok((events, listing.revision))
 }
 
+/// Every event of `project`, oldest first (what usage is metered from).
+pub async fn all(store: &dyn Store, project: &ProjectName) -> ApiResult<Vec<Event>> {
+    let listing = store.list(&keys::events_prefix(Some(project))).await?;
+    let mut events: Vec<Event> = listing.items.iter().filter_map(event_of).collect();
+    events.sort_by_key(|e| e.seq);
+    Ok(events)
+}
+
 /// The events that match, as they are written after store revision
 /// `from`, in order. The stream ends with an error item if the store's
 /// history no longer reaches back to `from` or the watch breaks; list again

@@ -8,6 +8,7 @@
 pub mod access;
 pub mod api;
 pub mod audit;
+pub mod billing;
 pub mod cluster;
 pub mod election;
 pub mod error;

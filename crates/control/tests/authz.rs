@@ -1466,3 +1466,175 @@ async fn events_record_who_did_what_in_order_per_project_and_stream_live() {
         assert!(body.to_string().contains(field), "{query}: {body}");
     }
 }
+
+/// Writes an instance event as an agent or server would (this test has no
+/// agent: the lifecycle system test shows real ones being metered).
+async fn record(store: &dyn Store, project: &str, kind: skyvisor_core::EventKind, at: &str) {
+    let mut e = skyvisor_core::Event::new(
+        kind,
+        skyvisor_core::ObjectKind::Instance,
+        Some(ProjectName::new(project).expect("p")),
+        "old",
+        "test",
+    )
+    .sized(
+        Some("micro".into()),
+        Resources {
+            vcpus: 1,
+            memory_mib: 256,
+            disk_gib: 2,
+        },
+    );
+    e.at = at.parse().expect("time");
+    store
+        .put(&keys::event(&e), encode(&e))
+        .await
+        .expect("event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_and_invoices_come_from_the_record_and_a_closed_month_never_changes() {
+    use skyvisor_core::EventKind::{Created, Started, Stopped};
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));
+    let s = server(store.clone(), "billing").await;
+    let admin = admin_token(&s);
+    for name in ["alpha", "beta"] {
+        let (st, body) = call(
+            &s.base,
+            "POST",
+            "/v1/projects",
+            Some(&admin),
+            None,
+            Some(json!({"name": name})),
+        )
+        .await;
+        assert_eq!(st, 201, "{body}");
+    }
+    let alice = identity(&s, &admin, "alice", json!({"alpha": "member"}), false).await;
+    // November 2026: created and started at midnight, stopped at 10:00, and
+    // stopped for the rest of the month (720 hours in all).
+    record(store.as_ref(), "alpha", Created, "2026-11-01T00:00:00Z").await;
+    record(store.as_ref(), "alpha", Started, "2026-11-01T00:00:00Z").await;
+    record(store.as_ref(), "alpha", Stopped, "2026-11-01T10:00:00Z").await;
+
+    let (st, usage) = call(
+        &s.base,
+        "GET",
+        "/v1/usage?from=2026-11-01&to=2026-12-01",
+        Some(&alice),
+        Some("alpha"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{usage}");
+    let line = |meter: &str| {
+        usage["lines"]
+            .as_array()
+            .and_then(|l| {
+                l.iter()
+                    .find(|x| x["meter"] == meter && x["instance_type"] == "micro")
+            })
+            .map(|x| x["quantity"].clone())
+    };
+    assert_eq!(line("instance-running"), Some(json!("36000")), "{usage}");
+    assert_eq!(line("instance-stopped"), Some(json!("2556000")), "{usage}");
+
+    // The closed month's invoice: 10 h x 0.0100 + 710 h x 0.0010.
+    let (st, nov) = call(
+        &s.base,
+        "GET",
+        "/v1/invoices/2026-11",
+        Some(&alice),
+        Some("alpha"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{nov}");
+    assert_eq!(nov["closed"], true);
+    assert_eq!(nov["total"], "0.81", "{nov}");
+    assert_eq!(nov["currency"], "USD");
+
+    // New prices change open estimates, never a closed invoice.
+    let (_, sheet) = call(&s.base, "GET", "/v1/price-sheet", Some(&alice), None, None).await;
+    let doubled = sheet["toml"]
+        .as_str()
+        .expect("toml")
+        .replace("micro = \"0.0100\"", "micro = \"0.0200\"");
+    let (st, body) = call(
+        &s.base,
+        "PUT",
+        "/v1/price-sheet",
+        Some(&alice),
+        None,
+        Some(json!({"toml": doubled})),
+    )
+    .await;
+    assert_eq!(st, 403, "a member does not set prices: {body}");
+    let (st, body) = call(
+        &s.base,
+        "PUT",
+        "/v1/price-sheet",
+        Some(&admin),
+        None,
+        Some(json!({"toml": doubled})),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let (_, again) = call(
+        &s.base,
+        "GET",
+        "/v1/invoices/2026-11",
+        Some(&alice),
+        Some("alpha"),
+        None,
+    )
+    .await;
+    assert_eq!(again, nov, "a closed invoice changed");
+    let (st, dec) = call(
+        &s.base,
+        "GET",
+        "/v1/invoices/2026-12",
+        Some(&alice),
+        Some("alpha"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{dec}");
+    assert_eq!(dec["closed"], false, "{dec}");
+    // Another project has used nothing.
+    let (st, theirs) = call(
+        &s.base,
+        "GET",
+        "/v1/usage?from=2026-11-01",
+        Some(&admin),
+        Some("beta"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{theirs}");
+    assert_eq!(theirs["lines"], json!([]), "{theirs}");
+
+    // Bad input: 400s that name what is wrong.
+    for (path, says) in [
+        ("/v1/invoices/2026-13", "YYYY-MM"),
+        ("/v1/invoices/2099-01", "has not begun"),
+        ("/v1/usage?from=yesterday", "RFC 3339"),
+        ("/v1/usage?from=2026-12-02&to=2026-12-01", "empty"),
+    ] {
+        let (st, body) = call(&s.base, "GET", path, Some(&alice), Some("alpha"), None).await;
+        assert_eq!(st, 400, "{path}: {body}");
+        assert!(body.to_string().contains(says), "{path}: {body}");
+    }
+    let broken = doubled.replace("nano = \"0.0050\"", "nano = \"-2\"");
+    let (st, body) = call(
+        &s.base,
+        "PUT",
+        "/v1/price-sheet",
+        Some(&admin),
+        None,
+        Some(json!({"toml": broken})),
+    )
+    .await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.to_string().contains("negative"), "{body}");
+}

@@ -128,6 +128,14 @@ pub fn event(event: &crate::Event) -> String {
     )
 }
 
+/// The price sheet invoices are made with.
+pub const PRICE_SHEET: &str = "billing/price-sheet";
+
+/// A closed month's invoice of `project` (`month`: `YYYY-MM`).
+pub fn invoice(project: &crate::ProjectName, month: &str) -> String {
+    format!("billing/invoices/{project}/{month}")
+}
+
 /// Project `name`.
 pub fn project(name: &crate::ProjectName) -> String {
     format!("{PROJECTS}{name}")

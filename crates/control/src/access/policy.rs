@@ -59,6 +59,11 @@ const RULES: &[(&str, &str, Rule)] = &[
     // by the handler (cluster admins only).
     ("GET", "/v1/events", Project(Read)),
     ("GET", "/v1/events/stream", Project(Read)),
+    // Usage and invoices of the request's project; prices are public.
+    ("GET", "/v1/usage", Project(Read)),
+    ("GET", "/v1/invoices/{month}", Project(Read)),
+    ("GET", "/v1/price-sheet", Authenticated),
+    ("PUT", "/v1/price-sheet", ClusterAdmin),
     // Metrics: where Prometheus scrapes.
     ("GET", "/v1/metrics/targets", Monitor),
     // Instances.

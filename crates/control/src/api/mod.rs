@@ -5,6 +5,7 @@
 //! logic of their own.
 
 mod access;
+mod billing;
 mod cluster;
 mod contract;
 mod events;
@@ -113,6 +114,9 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(access::audit))
         .routes(routes!(events::list))
         .routes(routes!(events::stream))
+        .routes(routes!(billing::usage))
+        .routes(routes!(billing::invoice))
+        .routes(routes!(billing::price_sheet, billing::set_price_sheet))
         .routes(routes!(list_types))
         .routes(routes!(instances::list, instances::create))
         .routes(routes!(instances::show, instances::delete))

@@ -89,6 +89,32 @@ fn create_serves_page_and_keeps_disk_across_stop_start() {
     let seqs: Vec<u64> = events.iter().filter_map(|e| e["seq"].as_u64()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     assert_eq!(events[1]["host"], inst["spec"]["host"]);
+
+    // Usage is metered from that record: the time it ran, to the
+    // millisecond, and no more than the time since it was created.
+    let usage = cloud.sv_json(&["usage"]);
+    let ran = usage["lines"]
+        .as_array()
+        .and_then(|l| {
+            l.iter()
+                .find(|x| x["meter"] == "instance-running" && x["instance_type"] == "micro")
+        })
+        .and_then(|x| x["quantity"].as_str()?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no running micro in {usage}"));
+    let created: chrono::DateTime<chrono::Utc> =
+        events[0]["at"].as_str().expect("at").parse().expect("time");
+    let since = (chrono::Utc::now() - created).num_milliseconds() as f64 / 1000.0;
+    assert!(
+        ran > 0.0 && ran < since,
+        "ran {ran} s of {since} s: {usage}"
+    );
+    let csv = cloud.sv_ok(&["invoice", "--csv"]);
+    assert!(
+        csv.starts_with("description,quantity,unit,unit_price,amount,currency")
+            && csv.contains("micro instance running")
+            && csv.lines().last().is_some_and(|l| l.starts_with("total,")),
+        "{csv}"
+    );
 }
 
 #[test]

@@ -1,0 +1,278 @@
+//! Metering: a project's usage, computed from its recorded state
+//! transitions (the event record, not samples), priced by a price sheet
+//! into invoices. No other crate computes money; every amount is a
+//! decimal, never a float.
+//!
+//! Usage is exact because the events are: each start and each end of a
+//! guest's run is one event, written with the change it records (see
+//! `skyvisor_core::event`). A run begins when an instance starts (or is
+//! restarted by its agent) and ends when it stops, crashes, fails, is
+//! failed over (from the moment its dead host fenced it) or is deleted; a
+//! live migration does not interrupt it. An instance is "stopped" from its
+//! creation or the end of a run until the next start or its deletion.
+
+mod prices;
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
+use rust_decimal::Decimal;
+use skyvisor_core::usage::{Invoice, InvoiceLine, Meter, UsageLine};
+use skyvisor_core::{Event, EventKind, EventSize, ObjectKind, ProjectName};
+
+pub use prices::{PriceError, PriceSheet};
+
+/// The type name usage shows for instances of a custom size.
+pub const CUSTOM: &str = "custom";
+
+/// What an instance was doing since `since`.
+#[derive(Debug, Clone)]
+enum State {
+    Running {
+        since: DateTime<Utc>,
+        size: Option<EventSize>,
+    },
+    Stopped {
+        since: DateTime<Utc>,
+        size: Option<EventSize>,
+    },
+}
+
+/// Milliseconds per meter and type, as they add up.
+#[derive(Default)]
+struct Tally(BTreeMap<(Meter, String), i128>);
+
+impl Tally {
+    /// Adds the part of `[start, end)` inside `[from, to)`.
+    fn add(
+        &mut self,
+        running: bool,
+        size: &Option<EventSize>,
+        (start, end): (DateTime<Utc>, DateTime<Utc>),
+        (from, to): (DateTime<Utc>, DateTime<Utc>),
+    ) {
+        let (a, b) = (start.max(from), end.min(to));
+        if b <= a {
+            return;
+        }
+        let ms = i128::from((b - a).num_milliseconds());
+        let type_name = size
+            .as_ref()
+            .and_then(|s| s.instance_type.clone())
+            .unwrap_or_else(|| CUSTOM.to_string());
+        if !running {
+            *self
+                .0
+                .entry((Meter::InstanceStopped, type_name))
+                .or_default() += ms;
+            return;
+        }
+        match size {
+            Some(EventSize {
+                instance_type: None,
+                resources,
+            }) => {
+                *self
+                    .0
+                    .entry((Meter::CustomVcpu, type_name.clone()))
+                    .or_default() += ms * i128::from(resources.vcpus);
+                // GiB-milliseconds scaled by 1024 (memory is in MiB).
+                *self.0.entry((Meter::CustomMemory, type_name)).or_default() +=
+                    ms * i128::from(resources.memory_mib);
+            }
+            _ => {
+                *self
+                    .0
+                    .entry((Meter::InstanceRunning, type_name))
+                    .or_default() += ms;
+            }
+        }
+    }
+
+    fn lines(self) -> Vec<UsageLine> {
+        self.0
+            .into_iter()
+            .map(|((meter, instance_type), ms)| {
+                let quantity = match meter {
+                    // MiB-milliseconds to GiB-seconds.
+                    Meter::CustomMemory => {
+                        Decimal::from_i128_with_scale(ms, 3) / Decimal::from(1024)
+                    }
+                    _ => Decimal::from_i128_with_scale(ms, 3),
+                };
+                UsageLine {
+                    meter,
+                    instance_type,
+                    quantity: quantity.normalize(),
+                    unit: meter.unit().to_string(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// The usage recorded by `events` (one project's, in their order) within
+/// `[from, to)`; a run still going at `to` counts up to `to`. Events of
+/// other kinds and objects are ignored.
+pub fn usage(events: &[Event], from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<UsageLine> {
+    let mut states: BTreeMap<&str, State> = BTreeMap::new();
+    let mut tally = Tally::default();
+    let window = (from, to);
+    for e in events.iter().filter(|e| e.object == ObjectKind::Instance) {
+        let name = e.name.as_str();
+        let close = |tally: &mut Tally, state: &State| match state {
+            State::Running { since, size } => tally.add(true, size, (*since, e.at), window),
+            State::Stopped { since, size } => tally.add(false, size, (*since, e.at), window),
+        };
+        match e.kind {
+            EventKind::Created => {
+                if let Some(old) = states.get(name) {
+                    close(&mut tally, old);
+                }
+                states.insert(
+                    name,
+                    State::Stopped {
+                        since: e.at,
+                        size: e.size.clone(),
+                    },
+                );
+            }
+            EventKind::Started | EventKind::Restarted => {
+                if let Some(old) = states.get(name) {
+                    // A second start without an end between (an event lost
+                    // before this record existed) never bills twice.
+                    close(&mut tally, old);
+                }
+                states.insert(
+                    name,
+                    State::Running {
+                        since: e.at,
+                        size: e.size.clone(),
+                    },
+                );
+            }
+            EventKind::Stopped | EventKind::Crashed | EventKind::Failed | EventKind::FailedOver => {
+                if let Some(old) = states.get(name) {
+                    close(&mut tally, old);
+                }
+                let size = e
+                    .size
+                    .clone()
+                    .or_else(|| states.get(name).and_then(|s| size_of(s).clone()));
+                states.insert(name, State::Stopped { since: e.at, size });
+            }
+            EventKind::Resized => {
+                // A stopped instance's new size applies from now; a running
+                // one's from its next start (its agent restarts it).
+                if let Some(State::Stopped { since, size }) = states.get(name).cloned() {
+                    tally.add(false, &size, (since, e.at), window);
+                    states.insert(
+                        name,
+                        State::Stopped {
+                            since: e.at,
+                            size: e.size.clone(),
+                        },
+                    );
+                }
+            }
+            EventKind::Deleted => {
+                if let Some(old) = states.remove(name) {
+                    close(&mut tally, &old);
+                }
+            }
+            _ => {}
+        }
+    }
+    for state in states.values() {
+        match state {
+            State::Running { since, size } => tally.add(true, size, (*since, to), window),
+            State::Stopped { since, size } => tally.add(false, size, (*since, to), window),
+        }
+    }
+    tally.lines()
+}
+
+fn size_of(s: &State) -> &Option<EventSize> {
+    match s {
+        State::Running { size, .. } | State::Stopped { size, .. } => size,
+    }
+}
+
+/// The first instant of month `month` (`YYYY-MM`) and of the next.
+pub fn month_bounds(month: &str) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+    let (y, m) = month.split_once('-')?;
+    if y.len() != 4 || m.len() != 2 {
+        return None;
+    }
+    let (y, m): (i32, u32) = (y.parse().ok()?, m.parse().ok()?);
+    let start = NaiveDate::from_ymd_opt(y, m, 1)?;
+    let next = if m == 12 {
+        NaiveDate::from_ymd_opt(y + 1, 1, 1)?
+    } else {
+        NaiveDate::from_ymd_opt(y, m + 1, 1)?
+    };
+    Some((
+        Utc.from_utc_datetime(&start.and_hms_opt(0, 0, 0)?),
+        Utc.from_utc_datetime(&next.and_hms_opt(0, 0, 0)?),
+    ))
+}
+
+/// The month (`YYYY-MM`) `at` falls in.
+pub fn month_of(at: DateTime<Utc>) -> String {
+    format!("{:04}-{:02}", at.year(), at.month())
+}
+
+/// The invoice of `project` for `month` from its usage in that month.
+/// Each line is rounded to the cent (half away from zero); the total is the
+/// sum of the lines, so the lines always add up to it.
+pub fn invoice(
+    project: &ProjectName,
+    month: &str,
+    usage: &[UsageLine],
+    sheet: &PriceSheet,
+    closed: bool,
+    now: DateTime<Utc>,
+) -> Invoice {
+    let seconds_per_hour = Decimal::from(3600);
+    let lines: Vec<InvoiceLine> = usage
+        .iter()
+        .map(|u| {
+            let (unit, description) = match u.meter {
+                Meter::InstanceRunning => {
+                    ("hours", format!("{} instance running", u.instance_type))
+                }
+                Meter::InstanceStopped => {
+                    ("hours", format!("{} instance stopped", u.instance_type))
+                }
+                Meter::CustomVcpu => ("vCPU-hours", "custom-size vCPUs".to_string()),
+                Meter::CustomMemory => ("GiB-hours", "custom-size memory".to_string()),
+            };
+            let unit_price = sheet.price(u.meter, &u.instance_type);
+            let hours = u.quantity / seconds_per_hour;
+            let amount = (u.quantity * unit_price / seconds_per_hour)
+                .round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
+            InvoiceLine {
+                description,
+                meter: u.meter,
+                instance_type: u.instance_type.clone(),
+                quantity: hours.round_dp(6).normalize(),
+                unit: unit.to_string(),
+                unit_price,
+                amount,
+            }
+        })
+        .collect();
+    let total = lines.iter().map(|l| l.amount).sum();
+    Invoice {
+        project: project.clone(),
+        month: month.to_string(),
+        currency: sheet.currency.clone(),
+        lines,
+        total,
+        closed,
+        computed_at: now,
+    }
+}
+
+#[cfg(test)]
+mod tests;

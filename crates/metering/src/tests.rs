@@ -1,0 +1,187 @@
+use chrono::{Duration, TimeZone};
+use proptest::prelude::*;
+use rust_decimal::Decimal;
+use skyvisor_core::{Resources, usage::Meter};
+
+use super::*;
+
+fn t(secs: i64) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0)
+        .single()
+        .expect("time")
+        + Duration::seconds(secs)
+}
+
+fn ev(kind: EventKind, name: &str, at: i64, ty: Option<&str>, vcpus: u32, mib: u64) -> Event {
+    let mut e = Event::new(
+        kind,
+        ObjectKind::Instance,
+        Some(ProjectName::new("web").expect("p")),
+        name,
+        "",
+    )
+    .sized(
+        ty.map(str::to_string),
+        Resources {
+            vcpus,
+            memory_mib: mib,
+            disk_gib: 1,
+        },
+    );
+    e.at = t(at);
+    e
+}
+
+fn qty(lines: &[UsageLine], meter: Meter, ty: &str) -> Decimal {
+    lines
+        .iter()
+        .find(|l| l.meter == meter && l.instance_type == ty)
+        .map_or(Decimal::ZERO, |l| l.quantity)
+}
+
+#[test]
+fn runs_and_stops_are_counted_to_the_millisecond() {
+    let nano = Some("nano");
+    let events = vec![
+        ev(EventKind::Created, "a", 0, nano, 1, 128),
+        ev(EventKind::Started, "a", 10, nano, 1, 128),
+        // A live migration does not interrupt the run.
+        ev(EventKind::Migrated, "a", 50, nano, 1, 128),
+        ev(EventKind::Stopped, "a", 110, nano, 1, 128),
+        ev(EventKind::Started, "a", 200, nano, 1, 128),
+        // Down from the fence to the restart on another host: not billed.
+        ev(EventKind::FailedOver, "a", 300, nano, 1, 128),
+        ev(EventKind::Started, "a", 330, nano, 1, 128),
+        ev(EventKind::Deleted, "a", 400, nano, 1, 128),
+    ];
+    let u = usage(&events, t(0), t(1000));
+    assert_eq!(
+        qty(&u, Meter::InstanceRunning, "nano"),
+        Decimal::from(100 + 100 + 70)
+    );
+    assert_eq!(
+        qty(&u, Meter::InstanceStopped, "nano"),
+        Decimal::from(10 + 90 + 30)
+    );
+    // A window cuts runs at its edges.
+    let part = usage(&events, t(60), t(250));
+    assert_eq!(
+        qty(&part, Meter::InstanceRunning, "nano"),
+        Decimal::from(50 + 50)
+    );
+}
+
+#[test]
+fn custom_sizes_are_counted_in_vcpu_and_memory_seconds() {
+    let events = vec![
+        ev(EventKind::Created, "c", 0, None, 3, 1536),
+        ev(EventKind::Started, "c", 0, None, 3, 1536),
+    ];
+    let u = usage(&events, t(0), t(100));
+    assert_eq!(qty(&u, Meter::CustomVcpu, "custom"), Decimal::from(300));
+    assert_eq!(qty(&u, Meter::CustomMemory, "custom"), Decimal::from(150));
+    assert_eq!(qty(&u, Meter::InstanceRunning, "custom"), Decimal::ZERO);
+}
+
+#[test]
+fn a_second_start_without_an_end_never_bills_twice() {
+    let events = vec![
+        ev(EventKind::Started, "a", 0, Some("micro"), 1, 256),
+        ev(EventKind::Restarted, "a", 60, Some("micro"), 1, 256),
+    ];
+    let u = usage(&events, t(0), t(100));
+    assert_eq!(qty(&u, Meter::InstanceRunning, "micro"), Decimal::from(100));
+}
+
+#[test]
+fn the_built_in_sheet_is_valid_and_bad_sheets_say_what_is_wrong() {
+    let sheet = PriceSheet::default_sheet();
+    assert_eq!(
+        PriceSheet::parse(&sheet.to_toml()).expect("round trip"),
+        sheet
+    );
+    let text = sheet.to_toml();
+    for (bad, says) in [
+        (text.replace("nano = \"0.0050\"", "nano = 0.005"), "string"),
+        (
+            text.replace("nano = \"0.0050\"", "nano = \"-1\""),
+            "negative",
+        ),
+        (
+            text.replace("nano = \"0.0050\"\n", ""),
+            "no [running] price for instance type nano",
+        ),
+        (
+            text.replace("nano = \"0.0050\"", "nano = \"0.0050\"\ngiant = \"9\""),
+            "giant, which does not exist",
+        ),
+        (
+            text.replace("currency = \"USD\"", "currency = \"dollars\""),
+            "three-letter",
+        ),
+        (
+            text.replace("nano = \"0.0050\"", "nano = \"cheap\""),
+            "not a decimal",
+        ),
+        (format!("{text}\nsurprise = 1\n"), "surprise"),
+    ] {
+        let e = PriceSheet::parse(&bad).expect_err(says).to_string();
+        assert!(e.contains(says), "{says}: {e}");
+    }
+}
+
+#[test]
+fn an_invoice_prices_hours_and_rounds_each_line_to_the_cent() {
+    let sheet = PriceSheet::default_sheet();
+    let events = vec![
+        ev(EventKind::Started, "a", 0, Some("micro"), 1, 256),
+        ev(EventKind::Started, "c", 0, None, 2, 2048),
+    ];
+    let (from, to) = month_bounds("2026-12").expect("month");
+    assert_eq!(to - from, Duration::days(31));
+    let u = usage(&events, from, to);
+    let inv = invoice(
+        &ProjectName::new("web").expect("p"),
+        "2026-12",
+        &u,
+        &sheet,
+        true,
+        to,
+    );
+    let line = |m: Meter| inv.lines.iter().find(|l| l.meter == m).expect("line");
+    // 744 hours of micro at 0.0100.
+    assert_eq!(line(Meter::InstanceRunning).quantity, Decimal::from(744));
+    assert_eq!(line(Meter::InstanceRunning).amount, Decimal::new(744, 2));
+    // 2 vCPUs x 744 h at 0.0150; 2 GiB x 744 h at 0.0050.
+    assert_eq!(line(Meter::CustomVcpu).amount, Decimal::new(2232, 2));
+    assert_eq!(line(Meter::CustomMemory).amount, Decimal::new(744, 2));
+    assert_eq!(inv.total, Decimal::new(744 + 2232 + 744, 2));
+    assert_eq!(inv.currency, "USD");
+    assert!(month_bounds("2026-13").is_none() && month_bounds("26-1").is_none());
+    assert_eq!(month_of(t(0)), "2026-12");
+}
+
+proptest! {
+    /// Usage over a period is the sum of its parts, to the millisecond,
+    /// however the period is cut: nothing is counted twice or lost at a
+    /// boundary.
+    #[test]
+    fn usage_of_a_period_is_the_sum_of_its_parts(
+        steps in proptest::collection::vec((0u8..4, 1i64..500), 1..40),
+        cut in 0i64..20_000,
+    ) {
+        let mut events = Vec::new();
+        let mut at = 0;
+        for (k, dt) in steps {
+            at += dt;
+            let kind = [EventKind::Started, EventKind::Stopped, EventKind::Crashed, EventKind::FailedOver][k as usize];
+            events.push(ev(kind, "a", at, Some("nano"), 1, 128));
+        }
+        let (from, to) = (t(0), t(20_000));
+        let whole = usage(&events, from, to);
+        let (a, b) = (usage(&events, from, t(cut)), usage(&events, t(cut), to));
+        for meter in [Meter::InstanceRunning, Meter::InstanceStopped] {
+            prop_assert_eq!(qty(&whole, meter, "nano"), qty(&a, meter, "nano") + qty(&b, meter, "nano"));
+        }
+    }
+}

@@ -158,9 +158,8 @@ pub async fn prune(
     prune_prefix(store, keys::AUDIT, retention, keep, now).await
 }
 
-/// [`prune`] for any record laid out as `<prefix><scope>/<nanos>-<random>`
-/// (the audit trail, the events).
-pub(crate) async fn prune_prefix(
+/// [`prune`] for a record laid out as `<prefix><scope>/<nanos>-<random>`.
+async fn prune_prefix(
     store: &dyn Store,
     prefix: &str,
     retention: std::time::Duration,

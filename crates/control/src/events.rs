@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
-use skyvisor_core::{Event, IdentityName, ObjectKind, ProjectName, keys};
+use skyvisor_core::{Event, EventKind, IdentityName, ObjectKind, ProjectName, keys};
 use skyvisor_store::{KeyValue, Op, Revision, Store, StoreError, WatchEvent, decode, encode};
 
 use crate::error::ApiResult;
@@ -194,9 +194,8 @@ pub(crate) async fn run_retention(cp: crate::ControlPlane) {
         if !cp.leads_now() {
             continue;
         }
-        match crate::audit::prune_prefix(
+        match prune(
             cp.store.as_ref(),
-            keys::EVENTS,
             cp.config.event_retention,
             MAX_KEPT,
             chrono::Utc::now(),
@@ -208,6 +207,80 @@ pub(crate) async fn run_retention(cp: crate::ControlPlane) {
             Err(e) => tracing::warn!(error = %e.message, "cannot prune the event record"),
         }
     }
+}
+
+/// Whether `kind` sets what state an instance is in (what usage is
+/// metered from).
+fn sets_state(kind: EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Created
+            | EventKind::Started
+            | EventKind::Restarted
+            | EventKind::Stopped
+            | EventKind::Crashed
+            | EventKind::Failed
+            | EventKind::FailedOver
+            | EventKind::Resized
+            | EventKind::Deleted
+    )
+}
+
+/// Deletes the events older than `retention` before `now`, and beyond the
+/// newest `keep` of each project, except each existing instance's newest
+/// state-setting event: a VM that has run for longer than the retention
+/// is still metered from its start. Returns how many it deleted.
+pub async fn prune(
+    store: &dyn Store,
+    retention: std::time::Duration,
+    keep: usize,
+    now: chrono::DateTime<chrono::Utc>,
+) -> ApiResult<usize> {
+    let listing = store.list(keys::EVENTS).await?;
+    let oldest = now
+        - chrono::Duration::from_std(retention).unwrap_or_else(|_| chrono::Duration::days(36500));
+    // Per project (or the cluster's), in order.
+    let mut scopes: std::collections::BTreeMap<&str, Vec<(&str, Option<Event>)>> =
+        Default::default();
+    for kv in &listing.items {
+        let rest = kv.key.strip_prefix(keys::EVENTS).unwrap_or(&kv.key);
+        let scope = rest.split('/').next().unwrap_or_default();
+        scopes
+            .entry(scope)
+            .or_default()
+            .push((kv.key.as_str(), event_of(kv)));
+    }
+    let mut doomed = Vec::new();
+    for events in scopes.values_mut() {
+        events.sort_by_key(|(_, e)| e.as_ref().map_or(0, |e| e.seq));
+        let mut current: std::collections::HashMap<&str, usize> = Default::default();
+        for (i, (_, e)) in events.iter().enumerate() {
+            if let Some(e) = e
+                && e.object == ObjectKind::Instance
+                && sets_state(e.kind)
+            {
+                if e.kind == EventKind::Deleted {
+                    current.remove(e.name.as_str());
+                } else {
+                    current.insert(e.name.as_str(), i);
+                }
+            }
+        }
+        let protected: std::collections::HashSet<usize> = current.into_values().collect();
+        let over = events.len().saturating_sub(keep);
+        for (i, (key, e)) in events.iter().enumerate() {
+            // An undecodable event is kept only while it is young.
+            let expired = e.as_ref().is_none_or(|e| e.at < oldest);
+            if (i < over || expired) && !protected.contains(&i) {
+                doomed.push(Op::Delete((*key).to_string()));
+            }
+        }
+    }
+    let deleted = doomed.len();
+    for chunk in doomed.chunks(256) {
+        store.txn(vec![], chunk.to_vec()).await?;
+    }
+    Ok(deleted)
 }
 
 #[cfg(test)]
@@ -289,6 +362,78 @@ mod tests {
         // An agent's first report of a VM it found running (after it
         // restarted and re-attached) is no new start.
         assert!(status_transitions(&spec, Some(&again), &again).is_empty());
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_what_a_running_vm_is_metered_from() {
+        use skyvisor_store::{EmbeddedStore, StoreExt, encode};
+        let store = EmbeddedStore::in_memory().expect("store");
+        let spec = crate::snapshots::tests::spec();
+        let now = Utc::now();
+        let put = |kind: EventKind, name: &str, days_ago: i64| {
+            let mut e = skyvisor_core::Event::instance(kind, &spec, "test");
+            e.name = name.to_string();
+            e.at = now - Duration::days(days_ago);
+            e
+        };
+        // "long" has run for 200 days; "gone" was deleted 150 days ago;
+        // "fresh" started yesterday.
+        let events = [
+            put(EventKind::Created, "long", 201),
+            put(EventKind::Started, "long", 200),
+            put(EventKind::Created, "gone", 190),
+            put(EventKind::Started, "gone", 180),
+            put(EventKind::Deleted, "gone", 150),
+            put(EventKind::Created, "fresh", 1),
+            put(EventKind::Started, "fresh", 1),
+        ];
+        for e in &events {
+            store
+                .put(&skyvisor_core::keys::event(e), encode(e))
+                .await
+                .expect("put");
+        }
+        let retention = std::time::Duration::from_secs(90 * 24 * 3600);
+        let deleted = super::prune(&store, retention, 100, now)
+            .await
+            .expect("prune");
+        assert_eq!(deleted, 4, "long's creation and gone's three events");
+        let project = spec.project.clone();
+        let left: Vec<(String, EventKind)> = super::all(&store, &project)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|e| (e.name, e.kind))
+            .collect();
+        assert_eq!(
+            left,
+            [
+                ("long".to_string(), EventKind::Started),
+                ("fresh".to_string(), EventKind::Created),
+                ("fresh".to_string(), EventKind::Started),
+            ]
+        );
+        // long is still metered from its start, 200 days ago.
+        let usage = skyvisor_metering::usage(
+            &super::all(&store, &project).await.expect("list"),
+            now - Duration::days(300),
+            now,
+        );
+        let running: rust_decimal::Decimal = usage
+            .iter()
+            .filter(|l| l.meter == skyvisor_core::usage::Meter::InstanceRunning)
+            .map(|l| l.quantity)
+            .sum();
+        assert!(
+            running >= rust_decimal::Decimal::from(200 * 86_400),
+            "{usage:?}"
+        );
+        assert_eq!(
+            super::prune(&store, retention, 100, now)
+                .await
+                .expect("prune"),
+            0
+        );
     }
 
     #[test]

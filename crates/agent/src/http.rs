@@ -31,6 +31,7 @@ pub fn router(ctx: Arc<AgentContext>) -> Router {
             axum::routing::get(image_file),
         )
         .route("/agent/v1/peer-probe", axum::routing::get(peer_probe))
+        .route("/agent/v1/samples", axum::routing::get(samples))
         .with_state(ctx)
 }
 
@@ -175,6 +176,19 @@ pub async fn read_slice(
         offset: start,
         text: String::from_utf8_lossy(&buf).into_owned(),
     })
+}
+
+/// The host's and its VMs' counters now, for the servers' `vm top` and
+/// `host top` (members only, like every route here).
+async fn samples(State(ctx): State<Arc<AgentContext>>) -> impl IntoResponse {
+    match ctx.metrics.samples().await {
+        Some(s) => Json(s).into_response(),
+        None => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "this agent's host name is not a valid name",
+        )
+            .into_response(),
+    }
 }
 
 #[cfg(test)]

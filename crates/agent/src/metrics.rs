@@ -38,6 +38,9 @@ type Labels = Vec<(String, String)>;
 #[derive(Clone)]
 struct VmEntry {
     labels: Labels,
+    project: Option<skyvisor_core::ProjectName>,
+    name: String,
+    instance_type: String,
     vcpus: u32,
     memory_bytes: u64,
     phase: InstancePhase,
@@ -114,6 +117,9 @@ impl AgentMetrics {
         ];
         let entry = VmEntry {
             labels,
+            project: Some(spec.project.clone()),
+            name: spec.name.to_string(),
+            instance_type: spec.type_label(),
             vcpus: spec.resources.vcpus,
             memory_bytes: spec.resources.memory_mib * 1024 * 1024,
             phase: status.phase,
@@ -188,6 +194,76 @@ impl AgentMetrics {
         out
     }
 
+    /// Every number now, as cumulative counters for `vm top` and `host
+    /// top` (the same readings a scrape encodes); none if the host's name
+    /// is not one (the agent checks it at start).
+    pub async fn samples(&self) -> Option<skyvisor_core::top::AgentSamples> {
+        use skyvisor_core::top::{AgentSamples, HostSample as HostView, VmSample as VmView};
+        let at = chrono::Utc::now();
+        let vms: Vec<(InstanceId, VmEntry)> =
+            self.vms().iter().map(|(k, v)| (*k, v.clone())).collect();
+        let samples =
+            futures::future::join_all(vms.into_iter().map(|(id, vm)| self.sample_vm(id, vm))).await;
+        let host = tokio::task::spawn_blocking({
+            let data_dir = self.data_dir.clone();
+            move || HostSample::read(&data_dir)
+        })
+        .await
+        .unwrap_or_default();
+        let host_name = skyvisor_core::HostName::new(&self.host).ok()?;
+        let cpu = |modes: &[&str]| -> f64 {
+            host.cpu
+                .iter()
+                .filter(|(m, _)| modes.is_empty() || modes.contains(m))
+                .map(|(_, v)| v)
+                .sum()
+        };
+        let total = cpu(&[]);
+        let idle = cpu(&["idle", "iowait"]);
+        let host_view = HostView {
+            host: host_name.clone(),
+            cpus: host.cpus,
+            cpu_busy_seconds: total - idle,
+            cpu_total_seconds: total,
+            memory_total_bytes: host.memory_total.unwrap_or(0),
+            memory_available_bytes: host.memory_available.unwrap_or(0),
+            disk_total_bytes: host.disk_total,
+            disk_free_bytes: host.disk_free,
+            net_rx_bytes: host.net.iter().map(|(_, c)| c.rx_bytes).sum(),
+            net_tx_bytes: host.net.iter().map(|(_, c)| c.tx_bytes).sum(),
+            vms_running: samples.iter().filter(|s| s.entry.pid.is_some()).count() as u32,
+            capacity_vcpus: self.capacity_vcpus,
+            allocated_vcpus: samples.iter().map(|s| s.entry.vcpus).sum(),
+            at,
+        };
+        let vms = samples
+            .into_iter()
+            .filter_map(|s| {
+                Some(VmView {
+                    project: s.entry.project.clone()?,
+                    name: s.entry.name.clone(),
+                    host: host_name.clone(),
+                    instance_type: s.entry.instance_type.clone(),
+                    phase: s.entry.phase,
+                    vcpus: s.entry.vcpus,
+                    memory_bytes: s.entry.memory_bytes,
+                    vcpu_seconds: s.vcpu_seconds,
+                    rss_bytes: s.rss_bytes,
+                    disk_read_bytes: s.disks.iter().map(|(_, d)| d.read_bytes).sum(),
+                    disk_write_bytes: s.disks.iter().map(|(_, d)| d.write_bytes).sum(),
+                    // The tap's transmit side is what the guest receives.
+                    net_rx_bytes: s.net.map_or(0, |n| n.tx_bytes),
+                    net_tx_bytes: s.net.map_or(0, |n| n.rx_bytes),
+                    at,
+                })
+            })
+            .collect();
+        Some(AgentSamples {
+            host: host_view,
+            vms,
+        })
+    }
+
     async fn sample_vm(&self, id: InstanceId, vm: VmEntry) -> VmSample {
         let mut s = VmSample {
             entry: vm.clone(),
@@ -228,6 +304,9 @@ impl Default for VmEntry {
     fn default() -> Self {
         Self {
             labels: Vec::new(),
+            project: None,
+            name: String::new(),
+            instance_type: String::new(),
             vcpus: 0,
             memory_bytes: 0,
             phase: InstancePhase::Pending,

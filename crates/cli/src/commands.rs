@@ -165,6 +165,16 @@ pub enum EventCommand {
 pub enum VmCommand {
     /// Create a VM (and start it unless --no-start).
     Create(Box<CreateArgs>),
+    /// A live table of the project's VMs: CPU, memory, disk and network
+    /// rates, refreshed in place.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
+        /// Print one table (after one interval) and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// List VMs.
     #[command(alias = "ls")]
     List {
@@ -552,6 +562,16 @@ pub enum HostCommand {
     /// List hosts.
     #[command(alias = "ls")]
     List,
+    /// A live table of the hosts: CPU, memory, disk, network and VMs,
+    /// refreshed in place (cluster admins and monitors).
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
+        /// Print one table (after one interval) and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Show one host (the only one if omitted).
     Show {
         /// The host.
@@ -1142,6 +1162,9 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                 }
             }
             output::print(format, &inst, |i| vm_table(std::slice::from_ref(i)));
+        }
+        VmCommand::Top { interval, once } => {
+            crate::top::vm_top(client, format, crate::top::TopArgs { interval, once }).await?
         }
         VmCommand::List { label } => {
             let path = match label {
@@ -1777,6 +1800,9 @@ async fn host(client: &Client, format: OutputFormat, cmd: HostCommand) -> Result
         );
     };
     match cmd {
+        HostCommand::Top { interval, once } => {
+            crate::top::host_top(client, format, crate::top::TopArgs { interval, once }).await?
+        }
         HostCommand::List => {
             let list: Vec<HostView> = client.get("/v1/hosts").await?;
             output::print(format, &list, |l| host_table(l));

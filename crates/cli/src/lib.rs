@@ -20,6 +20,7 @@ pub mod readiness;
 pub mod remotes;
 pub mod snapshots;
 pub mod tokens;
+pub mod top;
 pub mod volumes;
 
 pub use client::{Client, ClientError};

@@ -32,6 +32,7 @@ pub mod replicas;
 pub mod scheduler;
 pub mod snapshots;
 pub mod tenancy;
+pub mod top;
 pub mod volumes;
 
 use std::path::PathBuf;

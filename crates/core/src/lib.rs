@@ -24,6 +24,7 @@ pub mod names;
 pub mod network;
 pub mod resources;
 pub mod snapshot;
+pub mod top;
 pub mod usage;
 pub mod volume;
 

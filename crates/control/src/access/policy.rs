@@ -66,6 +66,8 @@ const RULES: &[(&str, &str, Rule)] = &[
     ("PUT", "/v1/price-sheet", ClusterAdmin),
     // Metrics: where Prometheus scrapes.
     ("GET", "/v1/metrics/targets", Monitor),
+    ("GET", "/v1/top/instances", Project(Read)),
+    ("GET", "/v1/top/hosts", Monitor),
     // Instances.
     ("GET", "/v1/instances", Project(Read)),
     ("POST", "/v1/instances", Project(Write)),

@@ -107,3 +107,28 @@ mod tests {
         assert_eq!(target_of("https://"), None);
     }
 }
+
+/// Live counters of the request project's VMs (vCPU seconds, memory,
+/// disk and network bytes, each with the instant it was read), for
+/// `skyvisor vm top`: two samples make rates.
+#[utoipa::path(get, path = "/v1/top/instances", tag = "system",
+    responses((status = 200, body = skyvisor_core::top::TopSamples)))]
+pub(super) async fn top_instances(
+    State(cp): State<ControlPlane>,
+    caller: crate::access::Caller,
+) -> Json<skyvisor_core::top::TopSamples> {
+    Json(cp.top_instances(&caller.project).await)
+}
+
+/// Live counters of every host, for `skyvisor host top`; cluster admins
+/// and monitors (they sum every project's use).
+#[utoipa::path(get, path = "/v1/top/hosts", tag = "system",
+    responses(
+        (status = 200, body = skyvisor_core::top::TopSamples),
+        (status = 403, body = ErrorBody, description = "not a cluster admin or monitor"),
+    ))]
+pub(super) async fn top_hosts(
+    State(cp): State<ControlPlane>,
+) -> Json<skyvisor_core::top::TopSamples> {
+    Json(cp.top_hosts().await)
+}

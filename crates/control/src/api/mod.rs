@@ -114,6 +114,8 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(access::audit))
         .routes(routes!(events::list))
         .routes(routes!(events::stream))
+        .routes(routes!(metrics::top_instances))
+        .routes(routes!(metrics::top_hosts))
         .routes(routes!(billing::usage))
         .routes(routes!(billing::invoice))
         .routes(routes!(billing::price_sheet, billing::set_price_sheet))

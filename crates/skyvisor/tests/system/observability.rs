@@ -307,4 +307,24 @@ fn a_real_prometheus_finds_and_scrapes_every_endpoint_and_tells_a_busy_guest_fro
     )
     .expect("network counter");
     assert!(sent > 0.0, "the busy guest sent nothing: {sent}");
+
+    // vm top and host top compute the same from two samples of the agent.
+    let top = cloud.sv_json(&["vm", "top", "--once", "--interval", "3"]);
+    let cores = |vm: &str| {
+        top.as_array()
+            .and_then(|rows| rows.iter().find(|r| r["name"] == vm))
+            .and_then(|r| r["cpu_cores"].as_f64())
+            .unwrap_or_else(|| panic!("no {vm} in vm top: {top}"))
+    };
+    assert!(cores("busy") > 0.5, "vm top: {top}");
+    assert!(cores("idle") < 0.25, "vm top: {top}");
+    let hosts = cloud.sv_json(&["host", "top", "--once", "--interval", "3"]);
+    let host = &hosts[0];
+    assert_eq!(host["vms_running"], 2, "host top: {hosts}");
+    assert!(
+        host["cpu_percent"]
+            .as_f64()
+            .is_some_and(|p| p > 20.0 && p <= 100.0),
+        "host top: {hosts}"
+    );
 }

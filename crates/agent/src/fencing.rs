@@ -90,6 +90,11 @@ impl Fence {
         self.ttl - self.ttl / 4
     }
 
+    /// How long ago the last successful renewal was sent.
+    pub fn renewal_age(&self) -> Option<Duration> {
+        lock(&self.renewed).map(|at| at.elapsed())
+    }
+
     /// Records a renewal that succeeded, sent at `sent`.
     pub fn renewed(&self, sent: Instant) {
         *lock(&self.renewed) = Some(sent);

@@ -418,6 +418,11 @@ async fn bring_up(
         capacity.allocatable.vcpus,
         capacity.allocatable.memory_mib * 1024 * 1024,
     ));
+    // From here on every store call of the agent is timed for /metrics.
+    let store: Arc<dyn Store> = Arc::new(skyvisor_store::ObservedStore::new(
+        store,
+        metrics.store_observer(),
+    ));
     let ctx = Arc::new(AgentContext {
         store: store.clone(),
         hypervisor,
@@ -508,12 +513,16 @@ async fn bring_up(
     info!(host = %cfg.host, accel = %accel.0, reason = %accel.1, %url, "agent registered");
 
     let lease = Arc::new(std::sync::Mutex::new(lease));
+    if let Some(f) = &ctx.fence {
+        ctx.metrics.set_fence(f.clone());
+    }
     guard.0.push(tokio::spawn(keep_lease(
         store.clone(),
         lease.clone(),
         cfg.lease_ttl,
         cfg.host.clone(),
         ctx.fence.clone(),
+        ctx.metrics.clone(),
         cfg.fencing.is_some().then(|| cfg.data_dir.join(LEASE_FILE)),
     )));
     if let (Some(fence), Some(fencing)) = (&ctx.fence, &cfg.fencing) {
@@ -630,6 +639,7 @@ async fn keep_lease(
     ttl: Duration,
     host: HostName,
     fence: Option<Arc<fencing::Fence>>,
+    metrics: Arc<metrics::AgentMetrics>,
     lease_file: Option<PathBuf>,
 ) {
     if let Some(f) = &lease_file {
@@ -645,11 +655,13 @@ async fn keep_lease(
         let renewed = tokio::time::timeout(ttl / 3, store.keep_alive(current)).await;
         match renewed {
             Ok(Ok(())) => {
+                metrics.lease_renewal("ok");
                 if let Some(f) = &fence {
                     f.renewed(sent);
                 }
             }
             Ok(Err(StoreError::LeaseNotFound(_))) => {
+                metrics.lease_renewal("expired");
                 warn!(%host, "the host lease expired; taking a new one");
                 match take_liveness(store.as_ref(), &host, ttl).await {
                     Ok(new) => {
@@ -666,8 +678,14 @@ async fn keep_lease(
                 }
             }
             // The fencing module decides what this means for the VMs.
-            Ok(Err(e)) => error!(error = %e, "could not renew the host lease"),
-            Err(_) => error!("renewing the host lease timed out"),
+            Ok(Err(e)) => {
+                metrics.lease_renewal("failed");
+                error!(error = %e, "could not renew the host lease");
+            }
+            Err(_) => {
+                metrics.lease_renewal("failed");
+                error!("renewing the host lease timed out");
+            }
         }
     }
 }

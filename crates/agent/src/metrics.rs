@@ -25,6 +25,116 @@ use skyvisor_core::{InstanceId, InstancePhase, InstanceSpec, InstanceStatus};
 
 use crate::hypervisor::{DiskCounters, VmCounters};
 
+/// A label set of one `result` or `outcome` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ResultLabel {
+    result: String,
+}
+
+/// Labels of a store operation.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct StoreOpLabels {
+    op: String,
+    result: String,
+}
+
+type Hist = prometheus_client::metrics::histogram::Histogram;
+
+fn store_histogram() -> Hist {
+    Hist::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.000_05, 2.0, 19,
+    ))
+}
+
+/// What the agent counts as it goes (everything else is read at scrape).
+struct Running {
+    lease_renewals: prometheus_client::metrics::family::Family<
+        ResultLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    migrations: prometheus_client::metrics::family::Family<
+        ResultLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    migration_seconds: Hist,
+    migration_pause_seconds: Hist,
+    store_ops: prometheus_client::metrics::family::Family<StoreOpLabels, Hist, fn() -> Hist>,
+    fence: std::sync::OnceLock<Arc<crate::fencing::Fence>>,
+}
+
+impl Running {
+    fn new() -> Self {
+        use prometheus_client::metrics::histogram::exponential_buckets;
+        Self {
+            lease_renewals: Default::default(),
+            migrations: Default::default(),
+            // 0.1 s to about 55 min.
+            migration_seconds: Hist::new(exponential_buckets(0.1, 1.5, 26)),
+            // 1 ms to about 16 s.
+            migration_pause_seconds: Hist::new(exponential_buckets(0.001, 1.5, 24)),
+            store_ops: prometheus_client::metrics::family::Family::new_with_constructor(
+                store_histogram,
+            ),
+            fence: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Registers the counters and, read now, the lease's health.
+    fn register(&self, registry: &mut Registry) {
+        use prometheus_client::registry::Unit;
+        registry.register(
+            "host_lease_renewals",
+            "Renewals of the host's lease, by result (ok, failed, expired: a new lease was taken)",
+            self.lease_renewals.clone(),
+        );
+        registry.register(
+            "migrations",
+            "Live migrations this host sent, by outcome (completed, stayed: the VM kept running here)",
+            self.migrations.clone(),
+        );
+        registry.register_with_unit(
+            "migration_duration",
+            "Completed live migrations this host sent: from pick-up to running on the destination",
+            Unit::Seconds,
+            self.migration_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "migration_pause",
+            "Completed live migrations this host sent: the guest's pause, from the source's stop to the destination's resume",
+            Unit::Seconds,
+            self.migration_pause_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "store_operation_duration",
+            "Time of the store operations this agent makes",
+            Unit::Seconds,
+            self.store_ops.clone(),
+        );
+        if let Some(fence) = self.fence.get() {
+            let age = fence
+                .renewal_age()
+                .map_or(f64::INFINITY, |a| a.as_secs_f64());
+            registry.register_with_unit(
+                "host_lease_renewal_age",
+                "Time since the last successful renewal of the host's lease was sent; the host fences at host_fence_deadline_seconds",
+                Unit::Seconds,
+                ConstGauge::new(age),
+            );
+            registry.register_with_unit(
+                "host_fence_deadline",
+                "How long after its last renewal the host fences itself (a quarter TTL before its lease can expire)",
+                Unit::Seconds,
+                ConstGauge::new(fence.deadline().as_secs_f64()),
+            );
+            registry.register(
+                "host_fenced",
+                "1 while the host has fenced itself (killed its protected VMs and starts none)",
+                ConstGauge::new(i64::from(fence.is_fenced())),
+            );
+        }
+    }
+}
+
 /// How long one VM's QMP counters may take before a scrape goes on
 /// without them.
 const QMP_DEADLINE: Duration = Duration::from_millis(500);
@@ -64,6 +174,7 @@ pub struct AgentMetrics {
     scrapes: AtomicU64,
     /// Microseconds the previous scrape took.
     last_scrape_us: AtomicU64,
+    running: Running,
 }
 
 impl AgentMetrics {
@@ -85,7 +196,61 @@ impl AgentMetrics {
             threads: std::sync::Mutex::new(HashMap::new()),
             scrapes: AtomicU64::new(0),
             last_scrape_us: AtomicU64::new(0),
+            running: Running::new(),
         }
+    }
+
+    /// The host's fence, whose lease health `/metrics` shows.
+    pub fn set_fence(&self, fence: Arc<crate::fencing::Fence>) {
+        let _ = self.running.fence.set(fence);
+    }
+
+    /// Counts a renewal of the host's lease: `ok`, `failed` or `expired`.
+    pub fn lease_renewal(&self, result: &str) {
+        self.running
+            .lease_renewals
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a live migration this host sent, with its figures when it
+    /// completed.
+    pub fn migration(&self, result: Option<&skyvisor_core::MigrationResult>) {
+        let outcome = if result.is_some() {
+            "completed"
+        } else {
+            "stayed"
+        };
+        self.running
+            .migrations
+            .get_or_create(&ResultLabel {
+                result: outcome.to_string(),
+            })
+            .inc();
+        if let Some(r) = result {
+            self.running
+                .migration_seconds
+                .observe(r.total_ms as f64 / 1000.0);
+            self.running
+                .migration_pause_seconds
+                .observe(r.pause_ms as f64 / 1000.0);
+        }
+    }
+
+    /// An observer for [`skyvisor_store::ObservedStore`] that records the
+    /// agent's store operations.
+    pub fn store_observer(&self) -> skyvisor_store::Observer {
+        let family = self.running.store_ops.clone();
+        Arc::new(move |op, took, ok| {
+            family
+                .get_or_create(&StoreOpLabels {
+                    op: op.to_string(),
+                    result: if ok { "ok" } else { "error" }.to_string(),
+                })
+                .observe(took.as_secs_f64());
+        })
     }
 
     fn vms(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, VmEntry>> {
@@ -184,6 +349,7 @@ impl AgentMetrics {
         };
         let mut registry = Registry::with_prefix("skyvisor");
         registry.register_collector(Box::new(snapshot));
+        self.running.register(&mut registry);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);

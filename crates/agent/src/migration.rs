@@ -1188,6 +1188,7 @@ pub(crate) async fn migrate_out(
     info!(instance = %spec.name, migration = %req.id, to = %req.destination,
         pause_ms = pause.as_millis() as u64, total_ms = started.elapsed().as_millis() as u64,
         "migration completed");
+    ctx.metrics.migration(record.result.as_ref());
     if let Err(e) = ctx
         .store
         .put(

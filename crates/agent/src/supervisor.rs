@@ -401,6 +401,7 @@ impl Supervisor {
                             self.moved = true;
                         }
                         crate::migration::SourceOutcome::Stayed => {
+                            self.ctx.metrics.migration(None);
                             if !self.status.guest_ready {
                                 self.start_probe(spec);
                             }

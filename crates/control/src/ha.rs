@@ -239,6 +239,12 @@ async fn refuse(
     {
         Ok(_) => {
             state.refused.insert(key);
+            cp.metrics
+                .failovers
+                .get_or_create(&crate::metrics::OutcomeLabels {
+                    outcome: "refused".into(),
+                })
+                .inc();
         }
         Err(e) => warn!(error = %e, "cannot record a failover refusal"),
     }
@@ -342,6 +348,15 @@ async fn fail_over(
         .map_err(|e| e.to_string())?;
     if out.succeeded {
         cp.inventory.apply_committed(&ops, out.revision).await;
+        cp.metrics
+            .failovers
+            .get_or_create(&crate::metrics::OutcomeLabels {
+                outcome: "restarted".into(),
+            })
+            .inc();
+        cp.metrics
+            .failover_seconds
+            .observe((rebound - lost_at).num_milliseconds().max(0) as f64 / 1000.0);
         info!(instance = %name, from = %dead, to = %target, "failed over");
         Ok(())
     } else {

@@ -127,6 +127,12 @@ impl ControlPlane {
     /// Starts the control plane on `store`: creates the default network if
     /// missing and starts following the store.
     pub async fn start(store: Arc<dyn Store>, config: ServerConfig) -> Result<Self, StoreError> {
+        let metrics = Arc::new(metrics::Metrics::new());
+        // Every store call of the server is timed for /metrics.
+        let store: Arc<dyn Store> = Arc::new(skyvisor_store::ObservedStore::new(
+            store,
+            metrics::store_observer(metrics.store_op_seconds.clone()),
+        ));
         let network = Network {
             name: DEFAULT_NETWORK.to_string(),
             project: skyvisor_core::auth::default_project(),
@@ -189,7 +195,7 @@ impl ControlPlane {
             config: Arc::new(config),
             placement: Arc::new(Mutex::new(())),
             inflight: inflight::InFlight::default(),
-            metrics: Arc::new(metrics::Metrics::new()),
+            metrics,
             http,
             cluster: Arc::new(OnceLock::new()),
             image_sync_lock: Arc::new(Mutex::new(())),

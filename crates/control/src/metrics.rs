@@ -27,6 +27,27 @@ pub struct RouteLabels {
     pub route: String,
 }
 
+/// Labels of an outcome (failovers).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `restarted` or `refused`.
+    pub outcome: String,
+}
+
+/// Labels of a store operation.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreOpLabels {
+    /// `get`, `list`, `txn`, `watch`, `grant_lease`, `keep_alive`...
+    pub op: String,
+    /// `ok` or `error`.
+    pub result: String,
+}
+
+/// Buckets of store operations: 50 µs to about 13 s.
+pub fn store_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 19))
+}
+
 /// Buckets of API request durations: 0.5 ms to about 33 s.
 fn request_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_5, 2.0, 17))
@@ -43,6 +64,12 @@ pub struct Metrics {
     pub placement_seconds: Histogram,
     /// Latency of the store transaction that creates an instance, seconds.
     pub create_commit_seconds: Histogram,
+    /// Failovers this server decided as leader, by outcome.
+    pub failovers: Family<OutcomeLabels, Counter>,
+    /// From a host's lease lost to its VM rebound elsewhere, seconds.
+    pub failover_seconds: Histogram,
+    /// Store operations of this server, by operation and result.
+    pub store_op_seconds: Family<StoreOpLabels, Histogram, fn() -> Histogram>,
 }
 
 impl Metrics {
@@ -75,12 +102,38 @@ impl Metrics {
             "Time to commit a new instance to the store",
             create_commit_seconds.clone(),
         );
+        let failovers = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "failovers",
+            "VMs of dead hosts restarted elsewhere (restarted) or left down (refused), decided by this server as leader",
+            failovers.clone(),
+        );
+        let failover_seconds = Histogram::new(exponential_buckets(0.25, 1.5, 20));
+        registry.register_with_unit(
+            "failover_duration",
+            "From a dead host's lease lost to its VM rebound to another host",
+            prometheus_client::registry::Unit::Seconds,
+            failover_seconds.clone(),
+        );
+        let store_op_seconds =
+            Family::<StoreOpLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                store_histogram,
+            );
+        registry.register_with_unit(
+            "store_operation_duration",
+            "Time of the store operations this server makes",
+            prometheus_client::registry::Unit::Seconds,
+            store_op_seconds.clone(),
+        );
         Self {
             registry,
             requests,
             request_seconds,
             placement_seconds,
             create_commit_seconds,
+            failovers,
+            failover_seconds,
+            store_op_seconds,
         }
     }
 
@@ -97,4 +150,19 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// An observer for [`skyvisor_store::ObservedStore`] that records into
+/// `family`.
+pub fn store_observer(
+    family: Family<StoreOpLabels, Histogram, fn() -> Histogram>,
+) -> skyvisor_store::Observer {
+    std::sync::Arc::new(move |op, took, ok| {
+        family
+            .get_or_create(&StoreOpLabels {
+                op: op.to_string(),
+                result: if ok { "ok" } else { "error" }.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    })
 }

@@ -29,10 +29,12 @@ use thiserror::Error;
 pub mod conformance;
 pub mod embedded;
 pub mod etcd;
+pub mod observed;
 pub mod testing;
 
 pub use embedded::{EmbeddedOptions, EmbeddedStore};
 pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
+pub use observed::{ObservedStore, Observer};
 
 /// A point in the store's history. Every successful write bumps it by one.
 pub type Revision = i64;

@@ -185,12 +185,18 @@ fn a_real_prometheus_finds_and_scrapes_every_endpoint_and_tells_a_busy_guest_fro
         "skyvisor_vm_network_receive_bytes_total{",
         "skyvisor_host_cpu_seconds_total{",
         "skyvisor_vm_phase{",
+        "skyvisor_store_operation_duration_seconds_bucket{",
     ] {
         assert!(agent_text.contains(name), "no {name} in:\n{agent_text}");
     }
     assert!(
         server_text.contains("route=\"/v1/instances\""),
         "no per-route request counts in:\n{server_text}"
+    );
+    assert!(
+        server_text
+            .contains("skyvisor_store_operation_duration_seconds_count{op=\"txn\",result=\"ok\"}"),
+        "no store latency in:\n{server_text}"
     );
 
     // A real Prometheus: discovers both through the API, scrapes them.

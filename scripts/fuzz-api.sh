@@ -97,12 +97,19 @@ for who in member admin; do
     token=$member headers=(-H "X-Skyvisor-Project: fuzz")
   fi
   say "fuzzing as $who for ${secs}s"
+  # Left out: uploads and key pairs (their content is a file's, which no
+  # schema describes); the price sheet (TOML in a string) and usage (a
+  # period whose end must follow its start, which JSON Schema cannot say):
+  # the API's tests send them bad input on purpose. Token and identity
+  # deletion would cut the run's own access.
   # From the run's directory: schemathesis keeps a cache where it runs.
   if ! (cd "$dir" && "$venv/bin/st" run "$url/v1/openapi.json" \
     -H "Authorization: Bearer $token" "${headers[@]}" \
     --checks all --workers 1 --max-time "$secs" --seed "$seed" \
     --exclude-operation-id post_images_import \
     --exclude-operation-id post_keypairs \
+    --exclude-operation-id put_price_sheet \
+    --exclude-operation-id get_usage \
     --exclude-operation-id delete_tokens_by_id \
     --exclude-operation-id delete_identities_by_name \
     --request-timeout 30 --max-examples 20 \

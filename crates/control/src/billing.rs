@@ -53,11 +53,10 @@ impl ControlPlane {
         };
         let now = Utc::now();
         if start > now {
-            let mut e = ApiError::invalid(format!(
-                "month {month} has not begun; allowed: this month or an earlier one"
-            ));
-            e.field = Some("month".into());
-            return Err(e);
+            // No such invoice (yet): like any object that does not exist.
+            return Err(ApiError::not_found(format!(
+                "no invoice for {month}: the month has not begun; allowed: this month or an earlier one"
+            )));
         }
         let key = keys::invoice(project, month);
         let closed = now >= end + CLOSE_GRACE;
@@ -68,7 +67,9 @@ impl ControlPlane {
         let usage = skyvisor_metering::usage(&events, start, end.min(now));
         let sheet = self.price_sheet().await?;
         let invoice = skyvisor_metering::invoice(project, month, &usage, &sheet, closed, now);
-        if !closed {
+        // An open month changes still; an empty closed one is the same
+        // whenever it is made, and a GET should not leave records behind.
+        if !closed || invoice.lines.is_empty() {
             return Ok(invoice);
         }
         // The first to close the month stores it; everyone else reads that.

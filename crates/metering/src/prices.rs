@@ -103,8 +103,9 @@ impl PriceSheet {
     pub fn parse(text: &str) -> Result<Self, PriceError> {
         // Prices are strings in the file: a TOML float would pass through
         // binary floating point on its way to a decimal.
-        let raw: RawSheet =
-            toml::from_str(text).map_err(|e| PriceError::Syntax(e.message().to_string()))?;
+        // The parser's message names the line, the column and the field.
+        let raw: RawSheet = toml::from_str(text)
+            .map_err(|e| PriceError::Syntax(e.to_string().trim().replace('\n', " ")))?;
         let decimal = |what: String, v: &str| {
             v.trim().parse::<Decimal>().map_err(|_| {
                 PriceError::Syntax(format!("{what} is {v:?}, not a decimal like \"0.0100\""))

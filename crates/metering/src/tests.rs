@@ -101,6 +101,14 @@ fn the_built_in_sheet_is_valid_and_bad_sheets_say_what_is_wrong() {
         sheet
     );
     let text = sheet.to_toml();
+    // A syntax error names its line.
+    let nano_line = format!(
+        "line {}",
+        text.lines()
+            .position(|l| l == "nano = \"0.0050\"")
+            .expect("nano's running price")
+            + 1
+    );
     for (bad, says) in [
         (text.replace("nano = \"0.0050\"", "nano = 0.005"), "string"),
         (
@@ -124,6 +132,10 @@ fn the_built_in_sheet_is_valid_and_bad_sheets_say_what_is_wrong() {
             "not a decimal",
         ),
         (format!("{text}\nsurprise = 1\n"), "surprise"),
+        (
+            text.replace("nano = \"0.0050\"", "nano = 0.005"),
+            nano_line.as_str(),
+        ),
     ] {
         let e = PriceSheet::parse(&bad).expect_err(says).to_string();
         assert!(e.contains(says), "{says}: {e}");

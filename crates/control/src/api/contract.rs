@@ -509,7 +509,8 @@ pub fn constrain(doc: &mut serde_json::Value) {
                     let pname = pname.as_str();
                     let named = (p["in"] == "path"
                         && ["name", "volume", "snapshot", "identity"].contains(&pname))
-                        || (p["in"] == "query" && ["name", "host", "identity"].contains(&pname));
+                        || (p["in"] == "query"
+                            && ["name", "host", "identity", "instance"].contains(&pname));
                     let required = p["required"] == true;
                     if p["in"] == "query" && pname == "label" {
                         use skyvisor_core::labels::{LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN};
@@ -520,6 +521,15 @@ pub fn constrain(doc: &mut serde_json::Value) {
                             strip(LABEL_VALUE_PATTERN)
                         );
                         p["schema"] = json!({"type": ["string", "null"], "pattern": format!("^{term}(,{term})*$")});
+                    }
+                    if p["in"] == "path" && pname == "month" {
+                        p["schema"] =
+                            json!({"type": "string", "pattern": "^[0-9]{4}-(0[1-9]|1[0-2])$"});
+                    }
+                    if p["in"] == "query" && (pname == "from" || pname == "to") {
+                        p["schema"] = json!({"type": ["string", "null"], "anyOf": [
+                            {"format": "date-time"}, {"format": "date"}, {"type": "null"}
+                        ]});
                     }
                     if migration && p["in"] == "path" && pname == "id" {
                         p["schema"] = json!({"type": "string", "format": "uuid"});

@@ -8,7 +8,11 @@ use crate::harness::{Cloud, alive, guest_call, guest_json, wait_until};
 #[test]
 fn create_serves_page_and_keeps_disk_across_stop_start() {
     let cloud = Cloud::start();
+    // The test's own clock around each command bounds how long the VM
+    // ran; metering must fall inside those bounds.
+    let t0 = std::time::Instant::now();
     let ip = cloud.create_vm("web", &["--type", "micro"]);
+    let t1 = std::time::Instant::now();
 
     // The guest's page names it.
     let id = guest_json(ip, "/identity");
@@ -41,7 +45,9 @@ fn create_serves_page_and_keeps_disk_across_stop_start() {
         assert_eq!(v["value"], want);
     }
     let boot_before = guest_json(ip, "/identity")["boot_id"].clone();
+    let t2 = std::time::Instant::now();
     let stopped = cloud.sv_json(&["vm", "stop", "web"]);
+    let t3 = std::time::Instant::now();
     assert_eq!(stopped["status"]["phase"], "stopped");
     assert_eq!(
         stopped["status"]["last_exit"]["detail"],
@@ -49,7 +55,9 @@ fn create_serves_page_and_keeps_disk_across_stop_start() {
         "{stopped}"
     );
     assert!(cloud.qemu_pids().is_empty(), "QEMU still runs after stop");
+    let t4 = std::time::Instant::now();
     cloud.sv_ok(&["vm", "start", "web", "--wait"]);
+    let t5 = std::time::Instant::now();
     let after = guest_json(ip, "/counter");
     assert_eq!(after["value"], 3, "the counter on disk was lost");
     assert_ne!(
@@ -92,7 +100,9 @@ fn create_serves_page_and_keeps_disk_across_stop_start() {
 
     // Usage is metered from that record: the time it ran, to the
     // millisecond, and no more than the time since it was created.
+    let t6 = std::time::Instant::now();
     let usage = cloud.sv_json(&["usage"]);
+    let t7 = std::time::Instant::now();
     let ran = usage["lines"]
         .as_array()
         .and_then(|l| {
@@ -107,6 +117,16 @@ fn create_serves_page_and_keeps_disk_across_stop_start() {
     assert!(
         ran > 0.0 && ran < since,
         "ran {ran} s of {since} s: {usage}"
+    );
+    // Surely running from create's return to stop's call and from start's
+    // return to the usage query; at most from create's call to stop's
+    // return and from start's call to the answer. One second of slack per
+    // transition (the agent times them).
+    let surely = ((t2 - t1) + (t6 - t5)).as_secs_f64();
+    let at_most = ((t3 - t0) + (t7 - t4)).as_secs_f64();
+    assert!(
+        ran >= surely - 2.0 && ran <= at_most + 2.0,
+        "metered {ran:.3} s running; the test saw between {surely:.3} and {at_most:.3} s"
     );
     let csv = cloud.sv_ok(&["invoice", "--csv"]);
     assert!(

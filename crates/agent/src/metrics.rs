@@ -320,9 +320,8 @@ impl AgentMetrics {
         }
     }
 
-    /// Reads every number now and encodes them (OpenMetrics text).
-    pub async fn scrape(&self) -> String {
-        let started = Instant::now();
+    /// Reads the VMs' and the host's numbers now (the VMs at once).
+    async fn read_all(&self) -> (Vec<VmSample>, HostSample) {
         let vms: Vec<(InstanceId, VmEntry)> =
             self.vms().iter().map(|(k, v)| (*k, v.clone())).collect();
         let samples =
@@ -333,6 +332,13 @@ impl AgentMetrics {
         })
         .await
         .unwrap_or_default();
+        (samples, host)
+    }
+
+    /// Reads every number now and encodes them (OpenMetrics text).
+    pub async fn scrape(&self) -> String {
+        let started = Instant::now();
+        let (samples, host) = self.read_all().await;
         let snapshot = Snapshot {
             host_label: self.host.clone(),
             host,
@@ -366,16 +372,7 @@ impl AgentMetrics {
     pub async fn samples(&self) -> Option<skyvisor_core::top::AgentSamples> {
         use skyvisor_core::top::{AgentSamples, HostSample as HostView, VmSample as VmView};
         let at = chrono::Utc::now();
-        let vms: Vec<(InstanceId, VmEntry)> =
-            self.vms().iter().map(|(k, v)| (*k, v.clone())).collect();
-        let samples =
-            futures::future::join_all(vms.into_iter().map(|(id, vm)| self.sample_vm(id, vm))).await;
-        let host = tokio::task::spawn_blocking({
-            let data_dir = self.data_dir.clone();
-            move || HostSample::read(&data_dir)
-        })
-        .await
-        .unwrap_or_default();
+        let (samples, host) = self.read_all().await;
         let host_name = skyvisor_core::HostName::new(&self.host).ok()?;
         let cpu = |modes: &[&str]| -> f64 {
             host.cpu

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use skyvisor_core::{
     Event, EventKind, FailoverOutcome, FailoverRecord, HaPolicy, HearingReport, HostName,
-    HostState, Instance, InstanceRef, PowerState, keys,
+    HostState, Instance, InstanceRef, ObjectKind, PowerState, keys,
 };
 use skyvisor_store::{Compare, Op, StoreExt, put_json};
 use tracing::{info, warn};
@@ -338,9 +338,25 @@ async fn fail_over(
         &next,
         format!("{}; down since its host's lease was lost", record.reason),
     );
-    event.at =
+    let fenced_at =
         lost_at - chrono::Duration::from_std(cp.config.cluster.lease_ttl / 4).unwrap_or_default();
+    event.at = fenced_at;
     ops.push(crate::events::op(event));
+    // The host's own event: the same key for each of its VMs' rebinds
+    // (same host, kind and time), so it is recorded once.
+    let mut fenced = Event::new(
+        EventKind::Fenced,
+        ObjectKind::Host,
+        None,
+        dead.to_string(),
+        format!(
+            "host {dead} lost its lease at {} and fenced itself; its protected VMs are restarted elsewhere",
+            lost_at.format("%Y-%m-%d %H:%M:%S UTC")
+        ),
+    )
+    .on(dead);
+    fenced.at = fenced_at;
+    ops.push(crate::events::op(fenced));
     let out = cp
         .store
         .txn(compares, ops.clone())

@@ -192,6 +192,14 @@ fn a_killed_hosts_protected_vm_runs_elsewhere_with_every_acknowledged_write() {
         .position(|k| *k == "failed-over")
         .unwrap_or_else(|| panic!("no failed-over event: {events}"));
     assert!(kinds[over + 1..].contains(&"started"), "{events}");
+    // The dead host's fencing is one cluster-wide event.
+    let cluster = bed.sv_json(&["event", "list", "--cluster", "--limit", "1000"]);
+    let fenced: Vec<&Value> = cluster
+        .as_array()
+        .map(|a| a.iter().filter(|e| e["kind"] == "fenced").collect())
+        .unwrap_or_default();
+    assert_eq!(fenced.len(), 1, "{cluster}");
+    assert_eq!(fenced[0]["name"], format!("h{h}"), "{cluster}");
     let local = wait_until("the refusal for local", Duration::from_secs(30), || {
         failovers(&bed)
             .into_iter()

@@ -1650,3 +1650,68 @@ async fn usage_and_invoices_come_from_the_record_and_a_closed_month_never_change
     assert_eq!(st, 400, "{body}");
     assert!(body.to_string().contains("negative"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_usage_and_invoices_survive_new_servers() {
+    use skyvisor_core::EventKind::{Created, Started, Stopped};
+    // The store outlives its servers, as etcd does: the second server
+    // starts from nothing but the store.
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));
+    let first = server(store.clone(), "first").await;
+    let admin = admin_token(&first);
+    fake_host(store.as_ref(), "h1").await;
+    image(store.as_ref(), "img", "default", true).await;
+    let vm = json!({"name": "web", "image": "img", "instance_type": "nano", "start": false});
+    let (st, body) = call(
+        &first.base,
+        "POST",
+        "/v1/instances",
+        Some(&admin),
+        None,
+        Some(vm),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    record(store.as_ref(), "default", Created, "2026-11-01T00:00:00Z").await;
+    record(store.as_ref(), "default", Started, "2026-11-02T00:00:00Z").await;
+    record(store.as_ref(), "default", Stopped, "2026-11-02T06:30:00Z").await;
+    let read = |base: String, token: String| async move {
+        let (_, events) = call(
+            &base,
+            "GET",
+            "/v1/events?limit=1000",
+            Some(&token),
+            None,
+            None,
+        )
+        .await;
+        let (_, usage) = call(
+            &base,
+            "GET",
+            "/v1/usage?from=2026-11-01&to=2026-12-01",
+            Some(&token),
+            None,
+            None,
+        )
+        .await;
+        let (_, invoice) = call(
+            &base,
+            "GET",
+            "/v1/invoices/2026-11",
+            Some(&token),
+            None,
+            None,
+        )
+        .await;
+        (events, usage["lines"].clone(), invoice)
+    };
+    let before = read(first.base.clone(), admin.clone()).await;
+    assert_eq!(before.0.as_array().map(Vec::len), Some(4), "{:?}", before.0);
+    // 6.5 h running at 0.0100 (0.065, rounded half away from zero: 0.07)
+    // and 713.5 h stopped at 0.0010 (0.7135: 0.71).
+    assert_eq!(before.2["total"], "0.78", "{}", before.2);
+    drop(first);
+    let second = server(store.clone(), "second").await;
+    let after = read(second.base.clone(), admin.clone()).await;
+    assert_eq!(after, before, "a new server sees another record");
+}

@@ -19,52 +19,19 @@ pub const MAX_LIST: usize = 1000;
 /// Most records written in one transaction.
 const BATCH: usize = 256;
 
-/// The writer of the trail: records queue in memory and a task writes
-/// whatever has queued in one store transaction, so a burst of requests
-/// costs a few writes, not one each.
+/// The writer of the trail (see [`crate::queued`]).
 #[derive(Clone)]
 pub struct AuditLog {
-    queue: tokio::sync::mpsc::UnboundedSender<AuditRecord>,
+    writer: crate::queued::QueuedWriter,
 }
 
 impl AuditLog {
     /// A trail written to `store` by a task of its own, which ends when
     /// every `AuditLog` handle is gone.
     pub fn start(store: std::sync::Arc<dyn Store>) -> Self {
-        let (queue, mut rx) = tokio::sync::mpsc::unbounded_channel::<AuditRecord>();
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < BATCH {
-                    match rx.try_recv() {
-                        Ok(r) => batch.push(r),
-                        Err(_) => break,
-                    }
-                }
-                let ops = batch
-                    .iter()
-                    .map(|rec| {
-                        // Time-ordered keys; the random tail keeps two
-                        // records of one nanosecond apart.
-                        let key = format!(
-                            "{}{:020}-{:08x}",
-                            keys::audit_prefix(rec.project.as_ref()),
-                            rec.at.timestamp_nanos_opt().unwrap_or_default(),
-                            rand::random::<u32>()
-                        );
-                        skyvisor_store::Op::Put {
-                            key,
-                            value: encode(rec),
-                            lease: None,
-                        }
-                    })
-                    .collect();
-                if let Err(e) = store.txn(vec![], ops).await {
-                    tracing::warn!(error = %e, records = batch.len(), "cannot record audit entries");
-                }
-            }
-        });
-        Self { queue }
+        Self {
+            writer: crate::queued::QueuedWriter::start(store, "audit entries"),
+        }
     }
 
     /// Records one request.
@@ -93,7 +60,19 @@ impl AuditLog {
             status = rec.status,
             "audit"
         );
-        let _ = self.queue.send(rec);
+        // Time-ordered keys; the random tail keeps two records of one
+        // nanosecond apart.
+        let key = format!(
+            "{}{:020}-{:08x}",
+            keys::audit_prefix(rec.project.as_ref()),
+            rec.at.timestamp_nanos_opt().unwrap_or_default(),
+            rand::random::<u32>()
+        );
+        self.writer.write(skyvisor_store::Op::Put {
+            key,
+            value: encode(&rec),
+            lease: None,
+        });
     }
 }
 

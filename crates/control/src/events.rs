@@ -53,33 +53,19 @@ pub fn op(mut event: Event) -> Op {
 }
 
 /// Records events that go with no transaction of their own (refusals,
-/// token changes): queued and written in batches off the request's path;
-/// a write that fails is logged and never fails the request.
+/// token changes), through a [`crate::queued::QueuedWriter`].
 #[derive(Clone)]
 pub struct EventLog {
-    queue: tokio::sync::mpsc::UnboundedSender<Op>,
+    writer: crate::queued::QueuedWriter,
 }
 
 impl EventLog {
     /// A log written to `store` by a task of its own, which ends when every
     /// handle is gone.
     pub fn start(store: Arc<dyn Store>) -> Self {
-        let (queue, mut rx) = tokio::sync::mpsc::unbounded_channel::<Op>();
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < 128 {
-                    match rx.try_recv() {
-                        Ok(op) => batch.push(op),
-                        Err(_) => break,
-                    }
-                }
-                if let Err(e) = store.txn(vec![], batch).await {
-                    tracing::warn!(error = %e, "cannot record events");
-                }
-            }
-        });
-        Self { queue }
+        Self {
+            writer: crate::queued::QueuedWriter::start(store, "events"),
+        }
     }
 
     /// Records `event` (see [`op`] for who it names).
@@ -91,7 +77,7 @@ impl EventLog {
             project = ?event.project.as_ref().map(|p| p.to_string()),
             "event"
         );
-        let _ = self.queue.send(op(event));
+        self.writer.write(op(event));
     }
 }
 

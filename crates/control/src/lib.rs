@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod migrations;
 pub mod networks;
 pub mod protection;
+mod queued;
 pub mod replicas;
 pub mod scheduler;
 pub mod snapshots;

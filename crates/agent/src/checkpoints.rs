@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use skyvisor_core::{
-    InstanceId, InstanceRef, InstanceSpec, InstanceVolume, Snapshot, SnapshotKind, SnapshotName,
-    SnapshotOrigin, SnapshotProgress, SnapshotState, keys,
+    Event, EventKind, InstanceId, InstanceRef, InstanceSpec, InstanceVolume, Snapshot,
+    SnapshotKind, SnapshotName, SnapshotOrigin, SnapshotProgress, SnapshotState, keys,
 };
 use skyvisor_store::{Compare, Store, StoreError, StoreExt, WatchEvent, decode, put_json};
 use tokio::process::Command;
@@ -104,14 +104,35 @@ pub async fn update(
             return Ok(None);
         };
         let mut snap: Snapshot = decode(&kv)?;
+        let was_ready = snap.state == SnapshotState::Ready;
+        let was_deleting = snap.deleting;
         if !change(&mut snap) {
             return Ok(Some(snap));
         }
         snap.updated_at = Utc::now();
+        let mut ops = vec![put_json(key.clone(), &snap)];
+        // Its storage is metered from the moment it is ready.
+        if !was_ready && snap.state == SnapshotState::Ready {
+            ops.push(crate::event_op(&Event::snapshot(
+                EventKind::Ready,
+                &snap,
+                format!(
+                    "ready: {} bytes of memory, {} bytes of disk",
+                    snap.memory_bytes, snap.disk_bytes
+                ),
+            )));
+        }
+        if !was_deleting && snap.deleting {
+            ops.push(crate::event_op(&Event::snapshot(
+                EventKind::Deleted,
+                &snap,
+                "deleted by its VM's checkpoint schedule",
+            )));
+        }
         let out = store
             .txn(
                 vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
-                vec![put_json(key.clone(), &snap)],
+                ops,
             )
             .await?;
         if out.succeeded {

@@ -9,6 +9,7 @@ pub mod checkpoints;
 pub mod cluster;
 pub mod credentials;
 pub mod disks;
+pub mod egress;
 pub mod fake_hv;
 pub mod fencing;
 pub mod firewall;
@@ -217,9 +218,31 @@ pub struct AgentContext {
     pub outgoing: migration::OutgoingVms,
     /// Self-fencing, in a cluster.
     pub fence: Option<Arc<fencing::Fence>>,
+    /// Network egress metering.
+    pub egress: egress::Egress,
 }
 
 impl AgentContext {
+    /// Removes instance `spec`'s tap here, reporting what the VM sent
+    /// through it first (its last network egress).
+    pub async fn remove_tap(&self, spec: &InstanceSpec) {
+        let tap = skyvisor_net::tap_name(&spec.id);
+        self.egress
+            .final_report(
+                self.store.as_ref(),
+                &self.host,
+                &spec.instance_ref(),
+                spec.id,
+                &tap,
+                async {
+                    if let Err(e) = self.network.delete_tap(&tap).await {
+                        tracing::warn!(instance = %spec.name, error = %e, "could not delete a tap");
+                    }
+                },
+            )
+            .await;
+    }
+
     /// Guards instance `spec`'s tap `tap` (on `bridge`) before its VM
     /// sends a frame, then serves it metadata: the service knows a caller
     /// by its source address only because the guard pins it to the tap.
@@ -418,6 +441,9 @@ async fn bring_up(
         capacity.allocatable.vcpus,
         capacity.allocatable.memory_mib * 1024 * 1024,
     ));
+    if let Some(v) = &volumes {
+        metrics.set_volumes(v);
+    }
     // From here on every store call of the agent is timed for /metrics.
     let store: Arc<dyn Store> = Arc::new(skyvisor_store::ObservedStore::new(
         store,
@@ -455,6 +481,7 @@ async fn bring_up(
             .fencing
             .as_ref()
             .map(|_| Arc::new(fencing::Fence::new(cfg.lease_ttl))),
+        egress: egress::Egress::default(),
     });
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -568,6 +595,7 @@ async fn bring_up(
     guard.0.push(tokio::spawn(dispatch(ctx.clone())));
     guard.0.push(tokio::spawn(firewall::follow(ctx.clone())));
     guard.0.push(tokio::spawn(checkpoints::follow(ctx.clone())));
+    guard.0.push(tokio::spawn(egress::run(ctx.clone())));
     if let Some(v) = volumes {
         guard.0.push(tokio::spawn(volumes::controller::run(v)));
     }
@@ -740,6 +768,16 @@ struct Supervised {
     id: InstanceId,
     spec: watch::Sender<InstanceSpec>,
     task: JoinHandle<()>,
+}
+
+/// The write that records `event`, to put in the transaction of the
+/// change it records.
+pub(crate) fn event_op(event: &skyvisor_core::Event) -> Op {
+    Op::Put {
+        key: keys::event(event),
+        value: skyvisor_store::encode(event),
+        lease: None,
+    }
 }
 
 /// The writes that store `spec`: the spec and its copy under its host.

@@ -2,7 +2,9 @@
 //! `docs/metrics.md` for every name): the host's CPU, memory, disk and
 //! network use, its capacity and what its VMs are given, and per VM
 //! (labels `project`, `vm`, `host`, `type`) vCPU and process CPU time,
-//! memory in use, disk and network counters, phase and restarts.
+//! memory in use, disk and network counters, phase and restarts; and per
+//! replicated volume it serves, its I/O, replicas and epoch
+//! ([`volumes`]).
 //!
 //! Nothing is sampled in the background: a scrape reads `/proc`, `/sys`
 //! and each VM's QMP counters at that moment (the VMs at once, each with a
@@ -24,6 +26,9 @@ use prometheus_client::registry::Registry;
 use skyvisor_core::{InstanceId, InstancePhase, InstanceSpec, InstanceStatus};
 
 use crate::hypervisor::{DiskCounters, VmCounters};
+use crate::volumes::{ServedSample, VolumeService};
+
+mod volumes;
 
 /// A label set of one `result` or `outcome` label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -175,6 +180,8 @@ pub struct AgentMetrics {
     /// Microseconds the previous scrape took.
     last_scrape_us: AtomicU64,
     running: Running,
+    /// The host's volume service, when it serves volumes.
+    volumes: std::sync::OnceLock<std::sync::Weak<VolumeService>>,
 }
 
 impl AgentMetrics {
@@ -197,12 +204,26 @@ impl AgentMetrics {
             scrapes: AtomicU64::new(0),
             last_scrape_us: AtomicU64::new(0),
             running: Running::new(),
+            volumes: std::sync::OnceLock::new(),
         }
     }
 
     /// The host's fence, whose lease health `/metrics` shows.
     pub fn set_fence(&self, fence: Arc<crate::fencing::Fence>) {
         let _ = self.running.fence.set(fence);
+    }
+
+    /// The host's volume service, whose served volumes `/metrics` shows.
+    pub fn set_volumes(&self, volumes: &Arc<VolumeService>) {
+        let _ = self.volumes.set(Arc::downgrade(volumes));
+    }
+
+    fn served_volumes(&self) -> Vec<ServedSample> {
+        self.volumes
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .map(|v| v.served_samples())
+            .unwrap_or_default()
     }
 
     /// Counts a renewal of the host's lease: `ok`, `failed` or `expired`.
@@ -297,6 +318,20 @@ impl AgentMetrics {
         self.vms().insert(spec.id, entry);
     }
 
+    /// The VMs this host has, by id and name.
+    pub fn instances(&self) -> Vec<(InstanceId, skyvisor_core::InstanceRef)> {
+        self.vms()
+            .iter()
+            .filter_map(|(id, vm)| {
+                let name = skyvisor_core::InstanceName::new(&vm.name).ok()?;
+                Some((
+                    *id,
+                    skyvisor_core::InstanceRef::new(vm.project.clone()?, name),
+                ))
+            })
+            .collect()
+    }
+
     /// Forgets a VM that is no longer this host's.
     pub fn forget(&self, id: &InstanceId) {
         self.vms().remove(id);
@@ -343,6 +378,7 @@ impl AgentMetrics {
             host_label: self.host.clone(),
             host,
             vms: samples,
+            volumes: self.served_volumes(),
             capacity_vcpus: self.capacity_vcpus,
             capacity_memory_bytes: self.capacity_memory_bytes,
             started_unix: self
@@ -615,6 +651,7 @@ struct Snapshot {
     host_label: String,
     host: HostSample,
     vms: Vec<VmSample>,
+    volumes: Vec<ServedSample>,
     capacity_vcpus: u32,
     capacity_memory_bytes: u64,
     started_unix: f64,
@@ -990,7 +1027,7 @@ impl Collector for Snapshot {
                     .collect(),
             )?;
         }
-        Ok(())
+        volumes::encode(&mut enc, &self.host_label, &self.volumes)
     }
 }
 

@@ -28,7 +28,7 @@ use skyvisor_core::{
     Host, InstanceRef, InstanceSpec, MacAddr, Migration, MigrationId, MigrationPhase,
     MigrationProgress, MigrationRequest, MigrationResult, Resources, keys,
 };
-use skyvisor_store::{Compare, Op, StoreExt, decode, encode, put_json};
+use skyvisor_store::{Compare, Op, StoreExt, decode, put_json};
 use tracing::{debug, info, warn};
 
 use crate::AgentContext;
@@ -597,10 +597,7 @@ async fn cleanup_files(ctx: &AgentContext, spec: &InstanceSpec) {
     if let Some(v) = &ctx.volumes {
         v.release_instance(&spec.instance_ref()).await;
     }
-    let tap = skyvisor_net::tap_name(&spec.id);
-    if let Err(e) = ctx.network.delete_tap(&tap).await {
-        warn!(instance = %spec.name, error = %e, "could not delete a tap");
-    }
+    ctx.remove_tap(spec).await;
     let dir = ctx.vm_dir(&spec.id);
     if let Err(e) = tokio::fs::remove_dir_all(&dir).await
         && e.kind() != std::io::ErrorKind::NotFound
@@ -1393,11 +1390,7 @@ async fn hand_over(
             &next,
             format!("moved from {old_host} to {} while running", next.host),
         );
-        ops.push(Op::Put {
-            key: keys::event(&event),
-            value: encode(&event),
-            lease: None,
-        });
+        ops.push(crate::event_op(&event));
         match ctx
             .store
             .txn(vec![Compare::ModRevision(key.clone(), rev)], ops)

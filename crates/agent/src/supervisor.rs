@@ -438,11 +438,7 @@ impl Supervisor {
             skyvisor_core::event::status_transitions(spec, self.written.as_ref(), &self.status)
         {
             info!(instance = %spec.name, kind = %event.kind, "{}", event.message);
-            ops.push(Op::Put {
-                key: keys::event(&event),
-                value: encode(&event),
-                lease: None,
-            });
+            ops.push(crate::event_op(&event));
         }
         match self.ctx.store.txn(vec![], ops).await {
             Ok(_) => self.written = Some(self.status.clone()),
@@ -1290,10 +1286,7 @@ impl Supervisor {
         if self.running.is_some() {
             self.stop(spec, true).await;
         }
-        let tap = skyvisor_net::tap_name(&spec.id);
-        if let Err(e) = self.ctx.network.delete_tap(&tap).await {
-            warn!(instance = %spec.name, error = %e, "could not delete tap");
-        }
+        self.ctx.remove_tap(spec).await;
         let dir = self.vm_dir(spec);
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await
             && e.kind() != std::io::ErrorKind::NotFound

@@ -43,7 +43,7 @@ pub async fn usage(
         .get(&format!("/v1/usage?{}", query.join("&")))
         .await?;
     if csv {
-        println!("meter,instance_type,quantity,unit");
+        println!("meter,instance_type,replicas,quantity,unit");
         for l in &report.lines {
             println!(
                 "{}",
@@ -52,7 +52,8 @@ pub async fn usage(
                         .as_str()
                         .unwrap_or_default()
                         .to_string(),
-                    l.instance_type.clone(),
+                    l.instance_type.clone().unwrap_or_default(),
+                    l.replicas.map(|r| r.to_string()).unwrap_or_default(),
                     l.quantity.to_string(),
                     l.unit.clone(),
                 ])
@@ -67,14 +68,18 @@ pub async fn usage(
             r.from.format("%Y-%m-%d %H:%M:%S"),
             r.to.format("%Y-%m-%d %H:%M:%S")
         );
-        let mut t = table(&["METER", "TYPE", "QUANTITY", "UNIT"]);
+        let mut t = table(&["METER", "TYPE / REPLICAS", "QUANTITY", "UNIT"]);
         for l in &r.lines {
             t.add_row(vec![
                 serde_json::to_value(l.meter)
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_string))
                     .unwrap_or_default(),
-                l.instance_type.clone(),
+                match (&l.instance_type, l.replicas) {
+                    (Some(t), _) => t.clone(),
+                    (None, Some(r)) => format!("{r} replicas"),
+                    (None, None) => "-".into(),
+                },
                 l.quantity.to_string(),
                 l.unit.clone(),
             ]);

@@ -4,10 +4,10 @@
 //! month's invoice the first time it is made, so that it never changes.
 
 use chrono::{DateTime, Utc};
-use skyvisor_core::usage::{Invoice, UsageReport};
+use skyvisor_core::usage::{EgressHour, Invoice, UsageLine, UsageReport};
 use skyvisor_core::{ProjectName, keys};
 use skyvisor_metering::PriceSheet;
-use skyvisor_store::{Compare, Op, StoreExt, encode};
+use skyvisor_store::{Compare, Op, StoreExt, decode, encode};
 
 use crate::ControlPlane;
 use crate::error::{ApiError, ApiResult};
@@ -32,13 +32,39 @@ impl ControlPlane {
             e.field = Some("from".into());
             return Err(e);
         }
-        let events = crate::events::all(self.store.as_ref(), project).await?;
         Ok(UsageReport {
             project: project.clone(),
             from,
             to,
-            lines: skyvisor_metering::usage(&events, from, to),
+            lines: self.usage_lines(project, from, to).await?,
         })
+    }
+
+    /// Every usage line of `project` in `[from, to)`: from its events, and
+    /// its hourly egress records.
+    async fn usage_lines(
+        &self,
+        project: &ProjectName,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> ApiResult<Vec<UsageLine>> {
+        let events = crate::events::all(self.store.as_ref(), project).await?;
+        let mut lines = skyvisor_metering::usage(&events, from, to);
+        let prefix = keys::egress_hours(project);
+        let listing = self.store.list(&prefix).await?;
+        let mut hours: Vec<(DateTime<Utc>, u64)> = Vec::with_capacity(listing.items.len());
+        for kv in &listing.items {
+            let record: EgressHour = decode(kv)?;
+            if let Some(hour) = kv
+                .key
+                .strip_prefix(&prefix)
+                .and_then(skyvisor_core::usage::parse_hour_name)
+            {
+                hours.push((hour, record.bytes));
+            }
+        }
+        lines.extend(skyvisor_metering::egress(&hours, from, to));
+        Ok(lines)
     }
 
     /// The invoice of `project` for `month` (`YYYY-MM`): final once the
@@ -63,8 +89,7 @@ impl ControlPlane {
         if closed && let Some((stored, _)) = self.store.get_json::<Invoice>(&key).await? {
             return Ok(stored);
         }
-        let events = crate::events::all(self.store.as_ref(), project).await?;
-        let usage = skyvisor_metering::usage(&events, start, end.min(now));
+        let usage = self.usage_lines(project, start, end.min(now)).await?;
         let sheet = self.price_sheet().await?;
         let invoice = skyvisor_metering::invoice(project, month, &usage, &sheet, closed, now);
         // An open month changes still; an empty closed one is the same

@@ -57,7 +57,13 @@ pub fn op(mut event: Event) -> Op {
 #[derive(Clone)]
 pub struct EventLog {
     writer: crate::queued::QueuedWriter,
+    /// When this server last recorded each token's use.
+    token_uses: Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
 }
+
+/// How often one server records the use of one token at most: the audit
+/// trail has every request; the event says a token is in use.
+pub const TOKEN_USE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl EventLog {
     /// A log written to `store` by a task of its own, which ends when every
@@ -65,6 +71,7 @@ impl EventLog {
     pub fn start(store: Arc<dyn Store>) -> Self {
         Self {
             writer: crate::queued::QueuedWriter::start(store, "events"),
+            token_uses: Default::default(),
         }
     }
 
@@ -78,6 +85,34 @@ impl EventLog {
             "event"
         );
         self.writer.write(op(event));
+    }
+
+    /// Records that `identity` used token `token_id`, unless this server
+    /// did within [`TOKEN_USE_EVERY`].
+    pub fn token_used(&self, identity: &IdentityName, token_id: &str) {
+        let now = std::time::Instant::now();
+        {
+            let mut seen = self
+                .token_uses
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if seen
+                .get(token_id)
+                .is_some_and(|t| now.duration_since(*t) < TOKEN_USE_EVERY)
+            {
+                return;
+            }
+            seen.insert(token_id.to_string(), now);
+        }
+        let mut event = Event::new(
+            EventKind::TokenUsed,
+            ObjectKind::Token,
+            None,
+            token_id,
+            format!("token {token_id} of identity {identity} in use"),
+        );
+        event.identity = Some(identity.clone());
+        self.record(event);
     }
 }
 
@@ -239,17 +274,28 @@ pub async fn prune(
     let mut doomed = Vec::new();
     for events in scopes.values_mut() {
         events.sort_by_key(|(_, e)| e.as_ref().map_or(0, |e| e.seq));
-        let mut current: std::collections::HashMap<&str, usize> = Default::default();
+        // The newest event that sets each existing object's metered state:
+        // an instance's run or stop, a stored object's size.
+        let mut current: std::collections::HashMap<(ObjectKind, &str), usize> = Default::default();
         for (i, (_, e)) in events.iter().enumerate() {
-            if let Some(e) = e
-                && e.object == ObjectKind::Instance
-                && sets_state(e.kind)
-            {
-                if e.kind == EventKind::Deleted {
-                    current.remove(e.name.as_str());
-                } else {
-                    current.insert(e.name.as_str(), i);
-                }
+            let Some(e) = e else { continue };
+            let metered = (e.object == ObjectKind::Instance && sets_state(e.kind))
+                || e.stored.is_some()
+                || (e.object != ObjectKind::Instance && e.kind == EventKind::Deleted);
+            if !metered {
+                continue;
+            }
+            if e.kind != EventKind::Deleted {
+                current.insert((e.object, e.name.as_str()), i);
+                continue;
+            }
+            current.remove(&(e.object, e.name.as_str()));
+            // A volume's snapshots go with it.
+            if e.object == ObjectKind::Volume {
+                let prefix = format!("{}/", e.name);
+                current.retain(|(kind, name), _| {
+                    !(*kind == ObjectKind::VolumeSnapshot && name.starts_with(&prefix))
+                });
             }
         }
         let protected: std::collections::HashSet<usize> = current.into_values().collect();
@@ -419,6 +465,76 @@ mod tests {
                 .await
                 .expect("prune"),
             0
+        );
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_what_a_stored_object_is_metered_from() {
+        use skyvisor_core::{Event, ObjectKind, ProjectName};
+        use skyvisor_store::{EmbeddedStore, StoreExt, encode};
+        let store = EmbeddedStore::in_memory().expect("store");
+        let project = ProjectName::new("web").expect("project");
+        let now = Utc::now();
+        let ev = |kind, object, name: &str, days_ago: i64, bytes: Option<u64>| {
+            let mut e = Event::new(kind, object, Some(project.clone()), name, "test");
+            if let Some(b) = bytes {
+                e = e.stored(b, 2);
+            }
+            e.at = now - Duration::days(days_ago);
+            e
+        };
+        use EventKind::{Created, Deleted, Resized};
+        use ObjectKind::{Volume, VolumeSnapshot};
+        let events = [
+            // "kept" was created 200 days ago and grown 150 days ago: the
+            // grow is what it is metered from now.
+            ev(Created, Volume, "kept", 200, Some(1 << 30)),
+            ev(Resized, Volume, "kept", 150, Some(2 << 30)),
+            ev(Created, VolumeSnapshot, "kept/s", 140, Some(1 << 30)),
+            // "old" and its snapshot went 100 days ago: nothing to keep.
+            ev(Created, Volume, "old", 120, Some(1 << 30)),
+            ev(Created, VolumeSnapshot, "old/s", 110, Some(1 << 30)),
+            ev(Deleted, Volume, "old", 100, None),
+        ];
+        for e in &events {
+            store
+                .put(&skyvisor_core::keys::event(e), encode(e))
+                .await
+                .expect("put");
+        }
+        let retention = std::time::Duration::from_secs(90 * 24 * 3600);
+        let deleted = super::prune(&store, retention, 100, now)
+            .await
+            .expect("prune");
+        assert_eq!(deleted, 4);
+        let left: Vec<String> = super::all(&store, &project)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|e| format!("{} {}", e.kind, e.name))
+            .collect();
+        assert_eq!(left, ["resized kept", "created kept/s"]);
+        let usage = skyvisor_metering::usage(
+            &super::all(&store, &project).await.expect("list"),
+            now - Duration::days(10),
+            now,
+        );
+        let of = |m| {
+            usage
+                .iter()
+                .find(|l| l.meter == m)
+                .map(|l| l.quantity)
+                .unwrap_or_default()
+        };
+        use skyvisor_core::usage::Meter;
+        // 10 days of 2 GiB, and of the 1 GiB snapshot's 2 copies.
+        assert_eq!(
+            of(Meter::VolumeStorage),
+            rust_decimal::Decimal::from(2 * 10 * 86_400)
+        );
+        assert_eq!(
+            of(Meter::SnapshotStorage),
+            rust_decimal::Decimal::from(2 * 10 * 86_400)
         );
     }
 

@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use sha2::{Digest, Sha256};
 use skyvisor_core::image::{DiskFormat, FileRole, ImageKind, ImageSource, ImageState};
-use skyvisor_core::{Image, ImageFile, ImageName, ImageRef, ValidationError, keys};
-use skyvisor_store::{StoreExt, encode};
+use skyvisor_core::{
+    Event, EventKind, Image, ImageFile, ImageName, ImageRef, ValidationError, keys,
+};
+use skyvisor_store::{Op, StoreError, StoreExt, encode};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tracing::{info, warn};
@@ -306,11 +308,7 @@ impl ControlPlane {
                 image.files.clear();
             }
         }
-        if let Err(e) = self
-            .store
-            .put(&keys::image(&image.image_ref()), encode(&image))
-            .await
-        {
+        if let Err(e) = self.record_image(&image).await {
             warn!(image = %name, error = %e, "could not record image build result");
         }
     }
@@ -467,6 +465,24 @@ impl ControlPlane {
         }
     }
 
+    /// Writes `image`'s record; one that is ready is recorded as an event
+    /// too (its storage is metered from then).
+    pub(crate) async fn record_image(&self, image: &Image) -> Result<(), StoreError> {
+        let mut ops = vec![Op::Put {
+            key: keys::image(&image.image_ref()),
+            value: encode(image),
+            lease: None,
+        }];
+        if image.state == ImageState::Ready {
+            ops.push(crate::events::op(Event::image(
+                EventKind::Ready,
+                image,
+                format!("ready: {} file(s)", image.files.len()),
+            )));
+        }
+        self.store.txn(vec![], ops).await.map(drop)
+    }
+
     /// Deletes an image no instance uses.
     pub async fn delete_image(&self, image: &Image) -> ApiResult<()> {
         let name = &image.name;
@@ -492,7 +508,15 @@ impl ControlPlane {
                 users.join(", ")
             )));
         }
-        self.store.delete(&keys::image(&image.image_ref())).await?;
+        let mut ops = vec![Op::Delete(keys::image(&image.image_ref()))];
+        if image.state == ImageState::Ready {
+            ops.push(crate::events::op(Event::image(
+                EventKind::Deleted,
+                image,
+                "deleted",
+            )));
+        }
+        self.store.txn(vec![], ops).await?;
         let dir = self.image_dir(&image.image_ref());
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await
             && e.kind() != std::io::ErrorKind::NotFound
@@ -555,9 +579,7 @@ pub(crate) async fn publish_import(
     tokio::fs::rename(tmp_dir, &final_dir)
         .await
         .map_err(|e| storage_error("publishing the image", &e))?;
-    cp.store
-        .put(&keys::image(&image.image_ref()), encode(image))
-        .await?;
+    cp.record_image(image).await?;
     Ok(())
 }
 

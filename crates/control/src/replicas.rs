@@ -118,7 +118,14 @@ impl ControlPlane {
             .store
             .txn(
                 vec![Compare::ModRevision(keys::volume_spec(&vref), rev)],
-                vec![put_json(keys::volume_spec(&vref), &next)],
+                vec![
+                    put_json(keys::volume_spec(&vref), &next),
+                    crate::events::op(skyvisor_core::Event::volume(
+                        skyvisor_core::EventKind::Resized,
+                        &next,
+                        format!("replicas now on {}", host_list(&next.hosts)),
+                    )),
+                ],
             )
             .await?;
         if !out.succeeded {

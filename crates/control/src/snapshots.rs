@@ -8,8 +8,9 @@ use chrono::Utc;
 use skyvisor_core::api::{CreateSnapshotRequest, RestoreInstanceRequest};
 use skyvisor_core::auth::Usage;
 use skyvisor_core::{
-    CheckpointSchedule, Instance, InstanceName, InstanceRef, InstanceSpec, PowerState, ProjectName,
-    RestoreRequest, Snapshot, SnapshotKind, SnapshotName, SnapshotOrigin, SnapshotState, keys,
+    CheckpointSchedule, Event, EventKind, Instance, InstanceName, InstanceRef, InstanceSpec,
+    PowerState, ProjectName, RestoreRequest, Snapshot, SnapshotKind, SnapshotName, SnapshotOrigin,
+    SnapshotState, keys,
 };
 use skyvisor_store::{Compare, StoreExt, put_json};
 use tracing::info;
@@ -258,7 +259,14 @@ impl ControlPlane {
                 .store
                 .txn(
                     vec![Compare::ModRevision(key.clone(), rev)],
-                    vec![put_json(key.clone(), &snap)],
+                    vec![
+                        put_json(key.clone(), &snap),
+                        crate::events::op(Event::snapshot(
+                            EventKind::Deleted,
+                            &snap,
+                            "deletion requested",
+                        )),
+                    ],
                 )
                 .await?;
             if out.succeeded {
@@ -298,7 +306,14 @@ impl ControlPlane {
                     .store
                     .txn(
                         vec![Compare::ModRevision(key.clone(), rev)],
-                        vec![put_json(key.clone(), &s)],
+                        vec![
+                            put_json(key.clone(), &s),
+                            crate::events::op(Event::snapshot(
+                                EventKind::Deleted,
+                                &s,
+                                "deleted with its VM",
+                            )),
+                        ],
                     )
                     .await?;
                 if out.succeeded {

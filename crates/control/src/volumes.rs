@@ -9,8 +9,8 @@
 //! (see the agent's `volumes::controller`); this module only reads the
 //! data path's membership record, as `MembershipView`.
 
-use skyvisor_core::ProjectName;
 use skyvisor_core::auth::Usage;
+use skyvisor_core::{Event, EventKind, ProjectName};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -575,6 +575,15 @@ impl ControlPlane {
             let ops = vec![
                 put_json(keys::volume_spec(&vref), &spec),
                 put_json(keys::volume_status(&vref), &VolumeStatus::creating()),
+                crate::events::op(Event::volume(
+                    EventKind::Created,
+                    &spec,
+                    format!(
+                        "created: {}, {} replica(s)",
+                        size_text(spec.size_bytes),
+                        spec.replicas
+                    ),
+                )),
             ];
             let more = Usage {
                 volumes: 1,
@@ -615,7 +624,7 @@ impl ControlPlane {
             && s.phase == VolumePhase::Failed
         {
             // Nothing half-created: the controller removed the replicas it made.
-            if let Some((_, rev)) = self
+            if let Some((failed, rev)) = self
                 .store
                 .get_json::<VolumeSpec>(&keys::volume_spec(&vref))
                 .await?
@@ -626,6 +635,11 @@ impl ControlPlane {
                         vec![
                             Op::Delete(keys::volume_spec(&vref)),
                             Op::Delete(keys::volume_status(&vref)),
+                            crate::events::op(Event::volume(
+                                EventKind::Deleted,
+                                &failed,
+                                "removed: it could not be created",
+                            )),
                         ],
                     )
                     .await?;
@@ -726,7 +740,18 @@ impl ControlPlane {
             .store
             .txn(
                 vec![Compare::ModRevision(keys::volume_spec(&vref), rev)],
-                vec![put_json(keys::volume_spec(&vref), &grown)],
+                vec![
+                    put_json(keys::volume_spec(&vref), &grown),
+                    crate::events::op(Event::volume(
+                        EventKind::Resized,
+                        &grown,
+                        format!(
+                            "grown from {} to {}",
+                            size_text(spec.size_bytes),
+                            size_text(size)
+                        ),
+                    )),
+                ],
             )
             .await?;
         if !out.succeeded {
@@ -770,16 +795,22 @@ impl ControlPlane {
                 .await?
                 .map(|(s, _)| s);
             let view_before = spec.clone();
+            let deleted = crate::events::op(Event::volume(
+                EventKind::Deleted,
+                &spec,
+                "deletion requested",
+            ));
             let ops = if !has_replicas && status.is_some_and(|s| s.phase == VolumePhase::Failed) {
                 // Never created: nothing on any host to remove.
                 vec![
                     Op::Delete(keys::volume_spec(&vref)),
                     Op::Delete(keys::volume_status(&vref)),
+                    deleted,
                 ]
             } else {
                 spec.deleting = true;
                 spec.generation += 1;
-                vec![put_json(keys::volume_spec(&vref), &spec)]
+                vec![put_json(keys::volume_spec(&vref), &spec), deleted]
             };
             let out = self
                 .store

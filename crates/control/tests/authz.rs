@@ -1445,6 +1445,12 @@ async fn events_record_who_did_what_in_order_per_project_and_stream_live() {
     let all = all.as_array().cloned().unwrap_or_default();
     assert!(all.iter().any(|e| e["project"] == "beta"), "{all:?}");
     assert!(all.iter().any(|e| e["kind"] == "token-created"), "{all:?}");
+    // Alice's token was used many times: one event, naming her.
+    let used: Vec<&serde_json::Value> = all
+        .iter()
+        .filter(|e| e["kind"] == "token-used" && e["identity"] == "alice")
+        .collect();
+    assert_eq!(used.len(), 1, "{all:?}");
 
     // Bad input: a clear 400 naming the field.
     for (query, field) in [

@@ -51,6 +51,11 @@ pub enum EventKind {
     TokenCreated,
     /// An API token was revoked.
     TokenRevoked,
+    /// An API token was used (recorded at most hourly per token and server;
+    /// the audit trail has each request).
+    TokenUsed,
+    /// A snapshot or an image became ready (its size is known).
+    Ready,
 }
 
 impl fmt::Display for EventKind {
@@ -64,7 +69,9 @@ impl fmt::Display for EventKind {
 }
 
 /// The kind of object an event is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum ObjectKind {
     /// A VM.
@@ -75,6 +82,14 @@ pub enum ObjectKind {
     Project,
     /// An API token.
     Token,
+    /// A replicated volume.
+    Volume,
+    /// A snapshot of a volume (named `volume/snapshot`).
+    VolumeSnapshot,
+    /// A VM checkpoint (named `vm/snapshot`).
+    Snapshot,
+    /// An image.
+    Image,
 }
 
 impl fmt::Display for ObjectKind {
@@ -84,6 +99,10 @@ impl fmt::Display for ObjectKind {
             ObjectKind::Host => "host",
             ObjectKind::Project => "project",
             ObjectKind::Token => "token",
+            ObjectKind::Volume => "volume",
+            ObjectKind::VolumeSnapshot => "volume-snapshot",
+            ObjectKind::Snapshot => "snapshot",
+            ObjectKind::Image => "image",
         })
     }
 }
@@ -130,6 +149,20 @@ pub struct Event {
     /// (what usage is metered from).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<EventSize>,
+    /// What a stored object (volume, snapshot, image) takes up from this
+    /// event on: what storage is metered from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored: Option<EventStored>,
+}
+
+/// What a stored object takes up, as an event records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EventStored {
+    /// Bytes of one copy.
+    pub bytes: u64,
+    /// Copies kept (a volume's replicas; the replicas holding a volume
+    /// snapshot; 1 otherwise).
+    pub copies: u32,
 }
 
 /// An instance's type and size, as an event records them.
@@ -162,7 +195,14 @@ impl Event {
             message: message.into(),
             host: None,
             size: None,
+            stored: None,
         }
+    }
+
+    /// The same event, recording what the object takes up.
+    pub fn stored(mut self, bytes: u64, copies: u32) -> Self {
+        self.stored = Some(EventStored { bytes, copies });
+        self
     }
 
     /// The same event, on `host`.
@@ -200,6 +240,50 @@ impl Event {
             spec.instance_type.as_ref().map(|t| t.to_string()),
             spec.resources,
         )
+    }
+}
+
+impl Event {
+    /// An event about volume `spec`, recording its size and replicas.
+    pub fn volume(kind: EventKind, spec: &crate::VolumeSpec, message: impl Into<String>) -> Self {
+        Event::new(
+            kind,
+            ObjectKind::Volume,
+            Some(spec.project.clone()),
+            spec.name.to_string(),
+            message,
+        )
+        .stored(spec.size_bytes, spec.replicas)
+    }
+}
+
+impl Event {
+    /// An event about VM snapshot `snap` (named `vm/snapshot`), recording
+    /// what its files take up.
+    pub fn snapshot(kind: EventKind, snap: &crate::Snapshot, message: impl Into<String>) -> Self {
+        Event::new(
+            kind,
+            ObjectKind::Snapshot,
+            Some(snap.project.clone()),
+            format!("{}/{}", snap.instance, snap.name),
+            message,
+        )
+        .on(&snap.host)
+        .stored(snap.memory_bytes + snap.disk_bytes, 1)
+    }
+}
+
+impl Event {
+    /// An event about image `image`, recording what its files take up.
+    pub fn image(kind: EventKind, image: &crate::Image, message: impl Into<String>) -> Self {
+        Event::new(
+            kind,
+            ObjectKind::Image,
+            Some(image.project.clone()),
+            image.name.to_string(),
+            message,
+        )
+        .stored(image.files.iter().map(|f| f.size_bytes).sum(), 1)
     }
 }
 

@@ -128,6 +128,22 @@ pub fn event(event: &crate::Event) -> String {
     )
 }
 
+/// The bytes `project`'s instances sent in `hour` (`YYYY-MM-DDTHH`, UTC).
+pub fn egress_hour(project: &crate::ProjectName, hour: &str) -> String {
+    format!("{}{hour}", egress_hours(project))
+}
+
+/// Prefix of [`egress_hour`] records of `project`.
+pub fn egress_hours(project: &crate::ProjectName) -> String {
+    format!("billing/egress/{project}/")
+}
+
+/// How much of instance `name`'s network counter on `host` has been
+/// reported.
+pub fn egress_mark(name: &InstanceRef, host: &HostName) -> String {
+    format!("billing/egress-marks/{}/{}/{host}", name.project, name.name)
+}
+
 /// The price sheet invoices are made with.
 pub const PRICE_SHEET: &str = "billing/price-sheet";
 

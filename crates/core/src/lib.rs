@@ -30,7 +30,7 @@ pub mod volume;
 
 pub use accel::{Accel, AccelMode};
 pub use error::ValidationError;
-pub use event::{Event, EventKind, EventResult, EventSize, ObjectKind};
+pub use event::{Event, EventKind, EventResult, EventSize, EventStored, ObjectKind};
 pub use firewall::{HostFirewall, Protocol, SecurityGroup, SecurityRule};
 pub use ha::{
     FailoverOutcome, FailoverRecord, HaPolicy, HearingReport, Protection, ProtectionState,

@@ -23,6 +23,16 @@ pub enum Meter {
     CustomVcpu,
     /// GiB-seconds of memory of running instances of a custom size.
     CustomMemory,
+    /// GiB-seconds of volumes, by replica count (their provisioned size,
+    /// from creation until deletion is asked).
+    VolumeStorage,
+    /// GiB-seconds of snapshots: VM checkpoints' files and volume
+    /// snapshots' copies (one per replica holding one).
+    SnapshotStorage,
+    /// GiB-seconds of the project's own images (built or uploaded).
+    ImageStorage,
+    /// Bytes the project's instances sent on their network interfaces.
+    NetworkEgress,
 }
 
 impl Meter {
@@ -31,7 +41,11 @@ impl Meter {
         match self {
             Meter::InstanceRunning | Meter::InstanceStopped => "instance-seconds",
             Meter::CustomVcpu => "vcpu-seconds",
-            Meter::CustomMemory => "gib-seconds",
+            Meter::CustomMemory
+            | Meter::VolumeStorage
+            | Meter::SnapshotStorage
+            | Meter::ImageStorage => "gib-seconds",
+            Meter::NetworkEgress => "bytes",
         }
     }
 }
@@ -41,9 +55,13 @@ impl Meter {
 pub struct UsageLine {
     /// What it counts.
     pub meter: Meter,
-    /// The instance type (`custom` for a custom size).
-    pub instance_type: String,
-    /// How much, in `unit` (to the millisecond).
+    /// The instance type (`custom` for a custom size), for instance meters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    /// The replica count, for volume storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// How much, in `unit` (instance time to the millisecond).
     #[schema(value_type = String, example = "3600.000")]
     pub quantity: Decimal,
     /// The unit.
@@ -70,12 +88,16 @@ pub struct InvoiceLine {
     pub description: String,
     /// The meter.
     pub meter: Meter,
-    /// The instance type (`custom` for a custom size).
-    pub instance_type: String,
+    /// The instance type (`custom` for a custom size), for instance meters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    /// The replica count, for volume storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
     /// How much, in `unit`.
     #[schema(value_type = String, example = "720")]
     pub quantity: Decimal,
-    /// The billing unit (hours, vCPU-hours, GiB-hours).
+    /// The billing unit (hours, vCPU-hours, GiB-hours, GiB).
     pub unit: String,
     /// The price of one unit.
     #[schema(value_type = String, example = "0.0100")]
@@ -110,7 +132,49 @@ pub struct Invoice {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PriceSheetText {
     /// The sheet: `currency`, `[running]` and `[stopped]` prices per hour by
-    /// instance type, `[custom]` `vcpu_hour` and `memory_gib_hour`; every
-    /// price a string like "0.0100".
+    /// instance type, `[custom]` `vcpu_hour` and `memory_gib_hour`,
+    /// `[storage]` `volume_replica_gib_hour`, `snapshot_gib_hour` and
+    /// `image_gib_hour`, `[network]` `egress_gib`; every price a string
+    /// like "0.0100".
     pub toml: String,
+}
+
+/// The bytes a project's instances sent in one hour, as their agents
+/// reported them (`billing/egress/<project>/<hour>`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressHour {
+    /// Bytes sent.
+    pub bytes: u64,
+}
+
+/// The name of the hour `at` falls in, as egress records are keyed
+/// (`YYYY-MM-DDTHH`, UTC).
+pub fn hour_name(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%dT%H").to_string()
+}
+
+/// The start of an hour named by [`hour_name`].
+pub fn parse_hour_name(hour: &str) -> Option<DateTime<Utc>> {
+    let t = chrono::NaiveDateTime::parse_from_str(&format!("{hour}:00:00"), "%Y-%m-%dT%H:%M:%S")
+        .ok()?;
+    Some(t.and_utc())
+}
+
+/// How much of an instance's network counter one host's agent has
+/// reported (`billing/egress-marks/<project>/<instance>/<host>`): each report adds the
+/// counter's growth since the mark, in the same transaction that moves
+/// the mark, so no byte is counted twice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressMark {
+    /// The instance (a re-created one of the same name starts again).
+    pub instance_id: crate::InstanceId,
+    /// The host whose counter it is.
+    pub host: crate::HostName,
+    /// That host's boot (`/proc/sys/kernel/random/boot_id`): interface
+    /// indexes start again after a reboot.
+    pub boot: String,
+    /// The interface's index on that host: a new tap starts from zero.
+    pub ifindex: u32,
+    /// The counter's value already reported.
+    pub bytes: u64,
 }

@@ -10,6 +10,13 @@
 //! failed over (from the moment its dead host fenced it) or is deleted; a
 //! live migration does not interrupt it. An instance is "stopped" from its
 //! creation or the end of a run until the next start or its deletion.
+//!
+//! Storage is metered the same way: a volume from its creation (at its
+//! size and replica count, changed by a grow or a replica change) until
+//! its deletion is asked, and its snapshots until they or it are deleted;
+//! a VM checkpoint and an image from when they are ready (their size known)
+//! until their deletion. Network egress is not a state: agents report each
+//! instance's sent bytes by the hour ([`egress`]).
 
 mod prices;
 
@@ -38,9 +45,25 @@ enum State {
     },
 }
 
-/// Milliseconds per meter and type, as they add up.
+/// What a line is keyed by: its meter, the instance type (instance
+/// meters), the replica count (volume storage).
+type LineKey = (Meter, Option<String>, Option<u32>);
+
+/// Milliseconds per meter and type (times vCPUs, MiB or bytes where the
+/// meter is per unit), as they add up.
 #[derive(Default)]
-struct Tally(BTreeMap<(Meter, String), i128>);
+struct Tally(BTreeMap<LineKey, i128>);
+
+/// What a stored object takes up since `since`.
+#[derive(Debug, Clone, Copy)]
+struct Stored {
+    since: DateTime<Utc>,
+    bytes: u64,
+    copies: u32,
+}
+
+/// The key of a stored object in the tally of [`usage`].
+type StoredKey<'a> = (ObjectKind, &'a str);
 
 impl Tally {
     /// Adds the part of `[start, end)` inside `[from, to)`.
@@ -56,14 +79,15 @@ impl Tally {
             return;
         }
         let ms = i128::from((b - a).num_milliseconds());
-        let type_name = size
-            .as_ref()
-            .and_then(|s| s.instance_type.clone())
-            .unwrap_or_else(|| CUSTOM.to_string());
+        let type_name = Some(
+            size.as_ref()
+                .and_then(|s| s.instance_type.clone())
+                .unwrap_or_else(|| CUSTOM.to_string()),
+        );
         if !running {
             *self
                 .0
-                .entry((Meter::InstanceStopped, type_name))
+                .entry((Meter::InstanceStopped, type_name, None))
                 .or_default() += ms;
             return;
         }
@@ -74,35 +98,73 @@ impl Tally {
             }) => {
                 *self
                     .0
-                    .entry((Meter::CustomVcpu, type_name.clone()))
+                    .entry((Meter::CustomVcpu, type_name.clone(), None))
                     .or_default() += ms * i128::from(resources.vcpus);
                 // GiB-milliseconds scaled by 1024 (memory is in MiB).
-                *self.0.entry((Meter::CustomMemory, type_name)).or_default() +=
-                    ms * i128::from(resources.memory_mib);
+                *self
+                    .0
+                    .entry((Meter::CustomMemory, type_name, None))
+                    .or_default() += ms * i128::from(resources.memory_mib);
             }
             _ => {
                 *self
                     .0
-                    .entry((Meter::InstanceRunning, type_name))
+                    .entry((Meter::InstanceRunning, type_name, None))
                     .or_default() += ms;
             }
         }
     }
 
+    /// Adds the part of stored object `what`'s `[stored.since, end)`
+    /// inside `[from, to)`, in byte-milliseconds.
+    fn add_stored(
+        &mut self,
+        what: ObjectKind,
+        stored: Stored,
+        end: DateTime<Utc>,
+        (from, to): (DateTime<Utc>, DateTime<Utc>),
+    ) {
+        let (a, b) = (stored.since.max(from), end.min(to));
+        if b <= a {
+            return;
+        }
+        let ms = i128::from((b - a).num_milliseconds());
+        let bytes = i128::from(stored.bytes);
+        let (key, per_ms) = match what {
+            // Volumes are priced per replica: one line per replica count.
+            ObjectKind::Volume => ((Meter::VolumeStorage, None, Some(stored.copies)), bytes),
+            ObjectKind::VolumeSnapshot | ObjectKind::Snapshot => (
+                (Meter::SnapshotStorage, None, None),
+                bytes * i128::from(stored.copies),
+            ),
+            ObjectKind::Image => (
+                (Meter::ImageStorage, None, None),
+                bytes * i128::from(stored.copies),
+            ),
+            _ => return,
+        };
+        *self.0.entry(key).or_default() += ms * per_ms;
+    }
+
     fn lines(self) -> Vec<UsageLine> {
         self.0
             .into_iter()
-            .map(|((meter, instance_type), ms)| {
+            .map(|((meter, instance_type, replicas), ms)| {
                 let quantity = match meter {
                     // MiB-milliseconds to GiB-seconds.
                     Meter::CustomMemory => {
                         Decimal::from_i128_with_scale(ms, 3) / Decimal::from(1024)
+                    }
+                    // Byte-milliseconds to GiB-seconds, to the nano-GiB-second.
+                    Meter::VolumeStorage | Meter::SnapshotStorage | Meter::ImageStorage => {
+                        (Decimal::from_i128_with_scale(ms, 3) / Decimal::from(GIB)).round_dp(9)
                     }
                     _ => Decimal::from_i128_with_scale(ms, 3),
                 };
                 UsageLine {
                     meter,
                     instance_type,
+                    replicas,
                     quantity: quantity.normalize(),
                     unit: meter.unit().to_string(),
                 }
@@ -111,14 +173,22 @@ impl Tally {
     }
 }
 
+/// Bytes in a GiB.
+const GIB: u64 = 1 << 30;
+
 /// The usage recorded by `events` (one project's, in their order) within
-/// `[from, to)`; a run still going at `to` counts up to `to`. Events of
-/// other kinds and objects are ignored.
+/// `[from, to)`; a run still going (an object still stored) at `to` counts
+/// up to `to`. Events of other kinds and objects are ignored.
 pub fn usage(events: &[Event], from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<UsageLine> {
     let mut states: BTreeMap<&str, State> = BTreeMap::new();
+    let mut stored: BTreeMap<StoredKey<'_>, Stored> = BTreeMap::new();
     let mut tally = Tally::default();
     let window = (from, to);
-    for e in events.iter().filter(|e| e.object == ObjectKind::Instance) {
+    for e in events {
+        if e.object != ObjectKind::Instance {
+            track_stored(e, &mut stored, &mut tally, window);
+            continue;
+        }
         let name = e.name.as_str();
         let close = |tally: &mut Tally, state: &State| match state {
             State::Running { since, size } => tally.add(true, size, (*since, e.at), window),
@@ -189,7 +259,86 @@ pub fn usage(events: &[Event], from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<Us
             State::Stopped { since, size } => tally.add(false, size, (*since, to), window),
         }
     }
+    for ((what, _), s) in stored {
+        tally.add_stored(what, s, to, window);
+    }
     tally.lines()
+}
+
+/// Follows one event of a stored object: one that records its size starts
+/// (or, resized, restarts) its storage; a deletion ends it, and a volume's
+/// deletion ends its snapshots' too.
+fn track_stored<'a>(
+    e: &'a Event,
+    stored: &mut BTreeMap<StoredKey<'a>, Stored>,
+    tally: &mut Tally,
+    window: (DateTime<Utc>, DateTime<Utc>),
+) {
+    if !matches!(
+        e.object,
+        ObjectKind::Volume | ObjectKind::VolumeSnapshot | ObjectKind::Snapshot | ObjectKind::Image
+    ) {
+        return;
+    }
+    let key = (e.object, e.name.as_str());
+    if let Some(s) = e.stored
+        && e.kind != EventKind::Deleted
+    {
+        if let Some(old) = stored.insert(
+            key,
+            Stored {
+                since: e.at,
+                bytes: s.bytes,
+                copies: s.copies,
+            },
+        ) {
+            tally.add_stored(e.object, old, e.at, window);
+        }
+        return;
+    }
+    if e.kind != EventKind::Deleted {
+        return;
+    }
+    if let Some(old) = stored.remove(&key) {
+        tally.add_stored(e.object, old, e.at, window);
+    }
+    if e.object == ObjectKind::Volume {
+        let prefix = format!("{}/", e.name);
+        let snapshots: Vec<StoredKey<'a>> = stored
+            .keys()
+            .filter(|(k, n)| *k == ObjectKind::VolumeSnapshot && n.starts_with(&prefix))
+            .copied()
+            .collect();
+        for k in snapshots {
+            if let Some(old) = stored.remove(&k) {
+                tally.add_stored(k.0, old, e.at, window);
+            }
+        }
+    }
+}
+
+/// The network egress of the hours (start of each, bytes sent in it) that
+/// begin within `[from, to)`: egress is reported, and counted, by the hour.
+pub fn egress(
+    hours: &[(DateTime<Utc>, u64)],
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Vec<UsageLine> {
+    let bytes: u128 = hours
+        .iter()
+        .filter(|(h, _)| *h >= from && *h < to)
+        .map(|(_, b)| u128::from(*b))
+        .sum();
+    if bytes == 0 {
+        return Vec::new();
+    }
+    vec![UsageLine {
+        meter: Meter::NetworkEgress,
+        instance_type: None,
+        replicas: None,
+        quantity: Decimal::from(bytes),
+        unit: Meter::NetworkEgress.unit().to_string(),
+    }]
 }
 
 fn size_of(s: &State) -> &Option<EventSize> {
@@ -237,25 +386,37 @@ pub fn invoice(
     let lines: Vec<InvoiceLine> = usage
         .iter()
         .map(|u| {
+            let ty = u.instance_type.as_deref().unwrap_or(CUSTOM);
             let (unit, description) = match u.meter {
-                Meter::InstanceRunning => {
-                    ("hours", format!("{} instance running", u.instance_type))
-                }
-                Meter::InstanceStopped => {
-                    ("hours", format!("{} instance stopped", u.instance_type))
-                }
+                Meter::InstanceRunning => ("hours", format!("{ty} instance running")),
+                Meter::InstanceStopped => ("hours", format!("{ty} instance stopped")),
                 Meter::CustomVcpu => ("vCPU-hours", "custom-size vCPUs".to_string()),
                 Meter::CustomMemory => ("GiB-hours", "custom-size memory".to_string()),
+                Meter::VolumeStorage => (
+                    "GiB-hours",
+                    format!("volumes with {} replicas", u.replicas.unwrap_or(1)),
+                ),
+                Meter::SnapshotStorage => ("GiB-hours", "snapshots".to_string()),
+                Meter::ImageStorage => ("GiB-hours", "images".to_string()),
+                Meter::NetworkEgress => ("GiB", "network egress".to_string()),
             };
-            let unit_price = sheet.price(u.meter, &u.instance_type);
-            let hours = u.quantity / seconds_per_hour;
-            let amount = (u.quantity * unit_price / seconds_per_hour)
+            let unit_price = sheet.price(u.meter, ty, u.replicas.unwrap_or(1));
+            // Egress is counted in bytes and billed per GiB; the rest is
+            // counted in seconds and billed per hour.
+            let per_unit = if u.meter == Meter::NetworkEgress {
+                Decimal::from(GIB)
+            } else {
+                seconds_per_hour
+            };
+            let billed = u.quantity / per_unit;
+            let amount = (u.quantity * unit_price / per_unit)
                 .round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
             InvoiceLine {
                 description,
                 meter: u.meter,
                 instance_type: u.instance_type.clone(),
-                quantity: hours.round_dp(6).normalize(),
+                replicas: u.replicas,
+                quantity: billed.round_dp(6).normalize(),
                 unit: unit.to_string(),
                 unit_price,
                 amount,

@@ -59,6 +59,22 @@ struct RawSheet {
     running: BTreeMap<String, String>,
     stopped: BTreeMap<String, String>,
     custom: RawCustom,
+    storage: RawStorage,
+    network: RawNetwork,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    volume_replica_gib_hour: String,
+    snapshot_gib_hour: String,
+    image_gib_hour: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    egress_gib: String,
 }
 
 #[derive(Deserialize)]
@@ -77,7 +93,25 @@ pub struct CustomPrices {
     pub memory_gib_hour: Decimal,
 }
 
-/// Prices per hour.
+/// Prices of storage, per GiB and hour.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoragePrices {
+    /// A volume's GiB on one replica (a volume with 2 replicas costs twice).
+    pub volume_replica_gib_hour: Decimal,
+    /// Snapshots (a volume snapshot's every copy counts).
+    pub snapshot_gib_hour: Decimal,
+    /// A project's own images.
+    pub image_gib_hour: Decimal,
+}
+
+/// Prices of network use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetworkPrices {
+    /// Per GiB the project's instances send.
+    pub egress_gib: Decimal,
+}
+
+/// Prices per hour (and per GiB sent).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PriceSheet {
     /// The currency, a three-letter code.
@@ -88,6 +122,10 @@ pub struct PriceSheet {
     pub stopped: BTreeMap<String, Decimal>,
     /// Running instances of a custom size.
     pub custom: CustomPrices,
+    /// Storage.
+    pub storage: StoragePrices,
+    /// Network.
+    pub network: NetworkPrices,
 }
 
 impl PriceSheet {
@@ -126,6 +164,23 @@ impl PriceSheet {
                     "[custom] memory_gib_hour".into(),
                     &raw.custom.memory_gib_hour,
                 )?,
+            },
+            storage: StoragePrices {
+                volume_replica_gib_hour: decimal(
+                    "[storage] volume_replica_gib_hour".into(),
+                    &raw.storage.volume_replica_gib_hour,
+                )?,
+                snapshot_gib_hour: decimal(
+                    "[storage] snapshot_gib_hour".into(),
+                    &raw.storage.snapshot_gib_hour,
+                )?,
+                image_gib_hour: decimal(
+                    "[storage] image_gib_hour".into(),
+                    &raw.storage.image_gib_hour,
+                )?,
+            },
+            network: NetworkPrices {
+                egress_gib: decimal("[network] egress_gib".into(), &raw.network.egress_gib)?,
             },
         };
         sheet.check()?;
@@ -177,6 +232,16 @@ impl PriceSheet {
         for (what, price) in [
             ("[custom] vcpu_hour", self.custom.vcpu_hour),
             ("[custom] memory_gib_hour", self.custom.memory_gib_hour),
+            (
+                "[storage] volume_replica_gib_hour",
+                self.storage.volume_replica_gib_hour,
+            ),
+            (
+                "[storage] snapshot_gib_hour",
+                self.storage.snapshot_gib_hour,
+            ),
+            ("[storage] image_gib_hour", self.storage.image_gib_hour),
+            ("[network] egress_gib", self.network.egress_gib),
         ] {
             if price.is_sign_negative() && !price.is_zero() {
                 return Err(PriceError::Negative {
@@ -188,15 +253,22 @@ impl PriceSheet {
         Ok(())
     }
 
-    /// The price of one hour (vCPU-hour, GiB-hour) of `meter` for
-    /// `instance_type`; zero for a type the sheet does not know (a type
-    /// removed since), which the check keeps from happening otherwise.
-    pub fn price(&self, meter: Meter, instance_type: &str) -> Decimal {
+    /// The price of one hour (vCPU-hour, GiB-hour; one GiB of egress) of
+    /// `meter` for `instance_type` or a volume of `replicas`; zero for a
+    /// type the sheet does not know (a type removed since), which the check
+    /// keeps from happening otherwise.
+    pub fn price(&self, meter: Meter, instance_type: &str, replicas: u32) -> Decimal {
         match meter {
             Meter::InstanceRunning => self.running.get(instance_type).copied(),
             Meter::InstanceStopped => self.stopped.get(instance_type).copied(),
             Meter::CustomVcpu => Some(self.custom.vcpu_hour),
             Meter::CustomMemory => Some(self.custom.memory_gib_hour),
+            Meter::VolumeStorage => {
+                Some(self.storage.volume_replica_gib_hour * Decimal::from(replicas))
+            }
+            Meter::SnapshotStorage => Some(self.storage.snapshot_gib_hour),
+            Meter::ImageStorage => Some(self.storage.image_gib_hour),
+            Meter::NetworkEgress => Some(self.network.egress_gib),
         }
         .unwrap_or_default()
     }

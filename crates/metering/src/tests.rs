@@ -35,7 +35,7 @@ fn ev(kind: EventKind, name: &str, at: i64, ty: Option<&str>, vcpus: u32, mib: u
 fn qty(lines: &[UsageLine], meter: Meter, ty: &str) -> Decimal {
     lines
         .iter()
-        .find(|l| l.meter == meter && l.instance_type == ty)
+        .find(|l| l.meter == meter && l.instance_type.as_deref() == Some(ty))
         .map_or(Decimal::ZERO, |l| l.quantity)
 }
 
@@ -171,6 +171,142 @@ fn an_invoice_prices_hours_and_rounds_each_line_to_the_cent() {
     assert_eq!(inv.currency, "USD");
     assert!(month_bounds("2026-13").is_none() && month_bounds("26-1").is_none());
     assert_eq!(month_of(t(0)), "2026-12");
+}
+
+/// An event of stored object `name` of kind `object`.
+fn stored_ev(
+    kind: EventKind,
+    object: ObjectKind,
+    name: &str,
+    at: i64,
+    stored: Option<(u64, u32)>,
+) -> Event {
+    let mut e = Event::new(
+        kind,
+        object,
+        Some(ProjectName::new("web").expect("p")),
+        name,
+        "",
+    );
+    if let Some((bytes, copies)) = stored {
+        e = e.stored(bytes, copies);
+    }
+    e.at = t(at);
+    e
+}
+
+fn line(lines: &[UsageLine], meter: Meter, replicas: Option<u32>) -> Decimal {
+    lines
+        .iter()
+        .find(|l| l.meter == meter && l.replicas == replicas)
+        .map_or(Decimal::ZERO, |l| l.quantity)
+}
+
+const GIB: u64 = 1 << 30;
+
+#[test]
+fn storage_is_metered_by_size_replicas_and_time_until_deletion() {
+    use EventKind::*;
+    use ObjectKind::*;
+    let events = vec![
+        // 2 GiB on 2 replicas for 100 s, grown to 3 GiB for 50 s, then a
+        // replica added: 3 GiB on 3 replicas until deleted at 200 s.
+        stored_ev(Created, Volume, "data", 0, Some((2 * GIB, 2))),
+        stored_ev(Resized, Volume, "data", 100, Some((3 * GIB, 2))),
+        stored_ev(Resized, Volume, "data", 150, Some((3 * GIB, 3))),
+        // A snapshot of it on both replicas from 120 s: ends with the volume.
+        stored_ev(Created, VolumeSnapshot, "data/s1", 120, Some((GIB, 2))),
+        // Another volume's snapshot of a similar name is not touched.
+        stored_ev(Created, VolumeSnapshot, "data2/s1", 120, Some((GIB, 1))),
+        stored_ev(Deleted, Volume, "data", 200, None),
+        // A checkpoint of 1 GiB, ready at 10 s, deleted at 110 s.
+        stored_ev(Ready, Snapshot, "vm/c1", 10, Some((GIB, 1))),
+        stored_ev(Deleted, Snapshot, "vm/c1", 110, None),
+        // An image of half a GiB, ready at 0 and kept.
+        stored_ev(Ready, Image, "mine", 0, Some((GIB / 2, 1))),
+        // A deletion of something never stored changes nothing.
+        stored_ev(Deleted, Image, "ghost", 5, None),
+    ];
+    let u = usage(&events, t(0), t(1000));
+    assert_eq!(
+        line(&u, Meter::VolumeStorage, Some(2)),
+        Decimal::from(2 * 100 + 3 * 50)
+    );
+    assert_eq!(
+        line(&u, Meter::VolumeStorage, Some(3)),
+        Decimal::from(3 * 50)
+    );
+    // data/s1: 2 copies x 80 s; data2/s1: 880 s; the checkpoint: 100 s.
+    assert_eq!(
+        line(&u, Meter::SnapshotStorage, None),
+        Decimal::from(2 * 80 + 880 + 100)
+    );
+    assert_eq!(line(&u, Meter::ImageStorage, None), Decimal::from(500));
+    // A window cuts storage at its edges.
+    let part = usage(&events, t(50), t(125));
+    assert_eq!(
+        line(&part, Meter::VolumeStorage, Some(2)),
+        Decimal::from(2 * 50 + 3 * 25)
+    );
+}
+
+#[test]
+fn egress_counts_the_hours_that_begin_in_the_period_and_is_billed_per_gib() {
+    let h = |n: i64| t(n * 3600);
+    let hours = vec![(h(0), 3 * GIB), (h(1), GIB), (h(2), GIB / 2)];
+    let all = egress(&hours, h(0), h(3));
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].quantity, Decimal::from(4 * GIB + GIB / 2));
+    assert_eq!(egress(&hours, h(1), h(2))[0].quantity, Decimal::from(GIB));
+    assert!(egress(&hours, h(3), h(4)).is_empty());
+    use skyvisor_core::usage::{hour_name, parse_hour_name};
+    assert_eq!(
+        parse_hour_name(&hour_name(h(2) + Duration::minutes(59))),
+        Some(h(2))
+    );
+    assert!(parse_hour_name("2026-12-01T24").is_none());
+    let sheet = PriceSheet::default_sheet();
+    let inv = invoice(
+        &ProjectName::new("web").expect("p"),
+        "2026-12",
+        &all,
+        &sheet,
+        false,
+        h(3),
+    );
+    // 4.5 GiB at 0.0100.
+    assert_eq!(inv.lines[0].quantity, Decimal::new(45, 1));
+    assert_eq!(inv.lines[0].unit, "GiB");
+    assert_eq!(inv.lines[0].amount, Decimal::new(5, 2));
+}
+
+#[test]
+fn a_volume_is_priced_per_replica() {
+    let sheet = PriceSheet::default_sheet();
+    // 100 GiB on 3 replicas for 744 hours at 0.00014 per replica-GiB-hour.
+    let events = vec![stored_ev(
+        EventKind::Created,
+        ObjectKind::Volume,
+        "big",
+        0,
+        Some((100 * GIB, 3)),
+    )];
+    let (from, to) = month_bounds("2026-12").expect("month");
+    let u = usage(&events, from, to);
+    let inv = invoice(
+        &ProjectName::new("web").expect("p"),
+        "2026-12",
+        &u,
+        &sheet,
+        true,
+        to,
+    );
+    let l = &inv.lines[0];
+    assert_eq!(l.quantity, Decimal::from(74_400));
+    assert_eq!(l.unit_price, Decimal::new(42, 5));
+    // 74,400 x 0.00042 = 31.248.
+    assert_eq!(l.amount, Decimal::new(3125, 2));
+    assert_eq!(l.description, "volumes with 3 replicas");
 }
 
 proptest! {

@@ -25,7 +25,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -44,6 +44,7 @@ use crate::membership::{
     Membership, MembershipError, MembershipStore, ReplicaMember, TransitionError,
 };
 use crate::replica::ReplicaStore;
+use crate::stats::{IoKind, IoSnapshot, IoStats};
 use crate::wire::{DiskState, Request, Response, Role, WireError};
 
 /// Settings of a [`ReplicatedDevice`].
@@ -304,6 +305,7 @@ pub struct ReplicatedDevice {
     resyncing: Mutex<HashSet<NodeId>>,
     resynced_bytes: AtomicU64,
     activity_pending: AtomicBool,
+    stats: IoStats,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -475,6 +477,7 @@ impl ReplicatedDevice {
             resyncing: Mutex::new(HashSet::new()),
             resynced_bytes: AtomicU64::new(0),
             activity_pending: AtomicBool::new(false),
+            stats: IoStats::default(),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -559,6 +562,9 @@ impl ReplicatedDevice {
         let mut guard = self.topo.write().unwrap_or_else(|p| p.into_inner());
         let mut t = (**guard).clone();
         f(&mut t);
+        if t.membership.epoch != guard.membership.epoch {
+            self.stats.epoch_changed();
+        }
         let local = self.local.as_ref().map(|s| s.node().clone());
         t.choose_read_source(local.as_ref());
         *guard = Arc::new(t);
@@ -1466,6 +1472,11 @@ impl ReplicatedDevice {
         }
     }
 
+    /// The I/O this primary has served, counted since it opened.
+    pub fn io_stats(&self) -> IoSnapshot {
+        self.stats.snapshot()
+    }
+
     /// The current membership record as this primary last wrote it.
     pub fn membership(&self) -> Membership {
         self.topo().membership.clone()
@@ -1754,6 +1765,62 @@ impl BlockDevice for ReplicatedDevice {
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes, DeviceError> {
         skyvisor_nbd::device::check_range(offset, len as u64, self.size)?;
+        let started = Instant::now();
+        let r = self.read_inner(offset, len).await;
+        self.stats
+            .record(IoKind::Read, len as u64, started.elapsed(), r.is_ok());
+        r
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
+        skyvisor_nbd::device::check_range(offset, data.len() as u64, self.size)?;
+        let len = data.len() as u64;
+        self.measured(IoKind::Write, len, WriteOp::Write { offset, data, fua })
+            .await
+    }
+
+    async fn flush(&self) -> Result<(), DeviceError> {
+        self.measured(IoKind::Flush, 0, WriteOp::Flush).await
+    }
+
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), DeviceError> {
+        skyvisor_nbd::device::check_range(offset, len, self.size)?;
+        self.measured(IoKind::Discard, len, WriteOp::Trim { offset, len, fua })
+            .await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fua: bool,
+    ) -> Result<(), DeviceError> {
+        skyvisor_nbd::device::check_range(offset, len, self.size)?;
+        self.measured(
+            IoKind::Discard,
+            len,
+            WriteOp::Zeroes {
+                offset,
+                len,
+                may_trim,
+                fua,
+            },
+        )
+        .await
+    }
+}
+
+impl ReplicatedDevice {
+    /// Replicates `op` and counts it as `len` bytes of `kind`.
+    async fn measured(&self, kind: IoKind, len: u64, op: WriteOp) -> Result<(), DeviceError> {
+        let started = Instant::now();
+        let r = self.replicate(op).await;
+        self.stats.record(kind, len, started.elapsed(), r.is_ok());
+        r
+    }
+
+    async fn read_inner(&self, offset: u64, len: usize) -> Result<Bytes, DeviceError> {
         for _ in 0..4 {
             let guard = self.gate.read().await;
             let topo = self.topo();
@@ -1793,36 +1860,5 @@ impl BlockDevice for ReplicatedDevice {
             }
         }
         Err(unavailable("reads keep failing"))
-    }
-
-    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
-        skyvisor_nbd::device::check_range(offset, data.len() as u64, self.size)?;
-        self.replicate(WriteOp::Write { offset, data, fua }).await
-    }
-
-    async fn flush(&self) -> Result<(), DeviceError> {
-        self.replicate(WriteOp::Flush).await
-    }
-
-    async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), DeviceError> {
-        skyvisor_nbd::device::check_range(offset, len, self.size)?;
-        self.replicate(WriteOp::Trim { offset, len, fua }).await
-    }
-
-    async fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        may_trim: bool,
-        fua: bool,
-    ) -> Result<(), DeviceError> {
-        skyvisor_nbd::device::check_range(offset, len, self.size)?;
-        self.replicate(WriteOp::Zeroes {
-            offset,
-            len,
-            may_trim,
-            fua,
-        })
-        .await
     }
 }

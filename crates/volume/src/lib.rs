@@ -13,7 +13,8 @@
 //! - [`device`]: [`ReplicatedDevice`], the primary: replication, failure
 //!   handling, resync, promotion (open with takeover), snapshots; it
 //!   implements `skyvisor_nbd::BlockDevice`;
-//! - [`volume`]: creating a volume.
+//! - [`volume`]: creating a volume;
+//! - [`stats`]: what a primary counts of the I/O it serves.
 //!
 //! The invariant everything serves: a write is acknowledged only when every
 //! replica in the recorded in-sync set has it, and only replicas of that set
@@ -30,6 +31,7 @@ mod locks;
 pub mod membership;
 pub mod replica;
 pub mod server;
+pub mod stats;
 pub mod volume;
 pub mod wire;
 
@@ -43,4 +45,5 @@ pub use membership::{
 };
 pub use replica::{ReplicaStore, ReplicaStoreError, ReplicaStoreOptions};
 pub use server::{ReplicaServer, ReplicaServerError};
+pub use stats::{IoKind, IoKindSnapshot, IoSnapshot, IoStats};
 pub use volume::{VolumeSpec, call_replica, create_volume, delete_replicas, grow_volume};

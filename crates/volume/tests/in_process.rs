@@ -9,8 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use skyvisor_nbd::BlockDevice;
 use skyvisor_volume::{
-    DeviceOptions, MembershipStore, MemoryMembershipStore, NodeId, ReplicaServer, ReplicaStore,
-    ReplicaStoreOptions, ReplicaSyncState, ReplicatedDevice, VolumeId, VolumeSpec, create_volume,
+    DeviceOptions, IoKind, MembershipStore, MemoryMembershipStore, NodeId, ReplicaServer,
+    ReplicaStore, ReplicaStoreOptions, ReplicaSyncState, ReplicatedDevice, VolumeId, VolumeSpec,
+    create_volume,
 };
 
 const SIZE: u64 = 32 << 20;
@@ -178,6 +179,19 @@ async fn drop_and_resync_only_dirty_regions() {
         "replicas differ"
     );
     assert!(d1[(8 << 20)..(12 << 20)].iter().all(|b| *b == 2));
+
+    // The primary counted what it served: 5 writes of 1 MiB, 1 read of
+    // 4 KiB, 1 flush, and the epoch changes of n3 leaving and rejoining.
+    let io = dev.io_stats();
+    let kind = |k: IoKind| io.kinds.iter().find(|s| s.kind == k).expect("kind");
+    let w = kind(IoKind::Write);
+    assert_eq!((w.ops, w.bytes, w.errors), (5, 5 << 20, 0), "{io:?}");
+    assert_eq!(w.buckets.iter().sum::<u64>(), 5);
+    assert!(w.seconds > 0.0);
+    let r = kind(IoKind::Read);
+    assert_eq!((r.ops, r.bytes), (1, 4096));
+    assert_eq!(kind(IoKind::Flush).ops, 1);
+    assert!(io.epoch_changes >= 2, "{io:?}");
     dev.close().await.expect("close");
 }
 

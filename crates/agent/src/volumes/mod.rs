@@ -34,8 +34,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use skyvisor_core::{
-    HostName, InstanceRef, InstanceVolume, ReplicaState, ReplicaView, VolumeId, VolumeName,
-    VolumeRef, VolumeRuntime, VolumeSnapshot, keys,
+    Event, EventKind, HostName, InstanceRef, InstanceVolume, ObjectKind, ReplicaState, ReplicaView,
+    VolumeId, VolumeName, VolumeRef, VolumeRuntime, VolumeSnapshot, keys,
 };
 use skyvisor_nbd::{Export, NbdServer, ServerConfig, ServerError};
 use skyvisor_store::{Compare, Op, Store, StoreError, StoreExt, encode};
@@ -147,6 +147,19 @@ pub struct NbdTarget {
     pub export: String,
 }
 
+/// One served volume as `/metrics` shows it.
+#[derive(Debug, Clone)]
+pub struct ServedSample {
+    /// The volume.
+    pub name: VolumeRef,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its replicas, epoch and writability, as its runtime record says.
+    pub runtime: VolumeRuntime,
+    /// The I/O served since this host became its primary.
+    pub io: skyvisor_volume::IoSnapshot,
+}
+
 /// A volume exported to a migration's destination VM, waiting for the
 /// handover (see [`pending`]).
 struct Pending {
@@ -156,6 +169,7 @@ struct Pending {
 
 struct Served {
     device: Arc<ReplicatedDevice>,
+    name: VolumeRef,
     instance: Option<InstanceRef>,
     stop_report: CancellationToken,
     reporter: JoinHandle<()>,
@@ -267,6 +281,27 @@ impl VolumeService {
             locks: Mutex::new(HashMap::new()),
             scratch_dir: cfg.data_dir.join("tmp"),
         }))
+    }
+
+    /// What each volume this host serves looks like now, for `/metrics`:
+    /// its replicas as the primary sees them and the I/O it served.
+    pub fn served_samples(&self) -> Vec<ServedSample> {
+        let served: Vec<(VolumeRef, Arc<ReplicatedDevice>)> = self
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|s| (s.name.clone(), s.device.clone()))
+            .collect();
+        served
+            .into_iter()
+            .map(|(name, device)| ServedSample {
+                runtime: runtime_of(&self.host, None, &device),
+                size: device.status().size,
+                io: device.io_stats(),
+                name,
+            })
+            .collect()
     }
 
     /// Where other hosts reach this host's replica server (`host:port`).
@@ -636,6 +671,7 @@ impl VolumeService {
                 v.id,
                 Served {
                     device,
+                    name: VolumeRef::new(instance.project.clone(), v.name.clone()),
                     instance: Some(instance.clone()),
                     stop_report,
                     reporter,
@@ -819,15 +855,26 @@ impl VolumeService {
             created_at: Utc::now(),
             consistency,
         };
+        let event = Event::new(
+            EventKind::Created,
+            ObjectKind::VolumeSnapshot,
+            Some(vref.project.clone()),
+            format!("{name}/{snapshot}"),
+            format!("taken on {}", host_list(&record.hosts)),
+        )
+        .stored(record.size_bytes, record.hosts.len() as u32);
         let out = self
             .store
             .txn(
                 vec![Compare::Absent(key.clone())],
-                vec![Op::Put {
-                    key,
-                    value: encode(&record),
-                    lease: None,
-                }],
+                vec![
+                    Op::Put {
+                        key,
+                        value: encode(&record),
+                        lease: None,
+                    },
+                    crate::event_op(&event),
+                ],
             )
             .await?;
         if !out.succeeded {
@@ -897,15 +944,31 @@ impl VolumeService {
                 failed.join("; ")
             )));
         }
+        let event = Event::new(
+            EventKind::Deleted,
+            ObjectKind::VolumeSnapshot,
+            Some(vref.project.clone()),
+            format!("{name}/{snapshot}"),
+            "deleted",
+        );
         self.store
             .txn(
                 vec![Compare::ModRevision(key.clone(), rev)],
-                vec![Op::Delete(key)],
+                vec![Op::Delete(key), crate::event_op(&event)],
             )
             .await?;
         info!(volume = %name, snapshot, "volume snapshot deleted");
         Ok(())
     }
+}
+
+/// Hosts as a comma-separated list, for messages.
+fn host_list(hosts: &[HostName]) -> String {
+    hosts
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn data_id(

@@ -81,6 +81,8 @@ pub async fn authorize(State(cp): State<ControlPlane>, req: Request, next: Next)
         }
     };
     parts.extensions.insert(caller.clone());
+    cp.events
+        .token_used(&caller.principal.identity.name, &caller.principal.token_id);
     // The events the request records name its caller.
     let resp = crate::events::as_actor(
         caller.principal.identity.name.clone(),

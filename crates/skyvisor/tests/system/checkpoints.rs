@@ -123,6 +123,21 @@ fn restore_continues_from_the_checkpoint_and_forgets_later_writes() {
     let paused = snap["paused_ms"].as_u64().expect("paused_ms");
     assert!(paused < 1000, "paused {paused} ms");
     let memory = snap["memory_bytes"].as_u64().expect("memory_bytes");
+    // Its storage is metered from the moment it was ready, at its size.
+    let events = cloud.sv_json(&["event", "list"]);
+    let ready = events
+        .as_array()
+        .and_then(|l| {
+            l.iter()
+                .find(|e| e["object"] == "snapshot" && e["name"] == "keeper/s1")
+        })
+        .unwrap_or_else(|| panic!("no event of snapshot keeper/s1: {events}"));
+    assert_eq!(ready["kind"], "ready", "{ready}");
+    assert_eq!(
+        ready["stored"]["bytes"].as_u64(),
+        Some(memory + snap["disk_bytes"].as_u64().expect("disk_bytes")),
+        "{ready}"
+    );
     assert!(
         memory > 1 << 20 && memory <= 128 << 20,
         "memory file of a 128 MiB guest is {memory} bytes"

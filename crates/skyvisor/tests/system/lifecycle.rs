@@ -58,6 +58,13 @@ fn create_serves_page_and_keeps_disk_across_stop_start() {
     let t4 = std::time::Instant::now();
     cloud.sv_ok(&["vm", "start", "web", "--wait"]);
     let t5 = std::time::Instant::now();
+    // The server and agent are killed and started again midway: the VM
+    // runs on, and its run is metered as one (the restarted agent's report
+    // of it writes the same event again, not a second one).
+    let mut cloud = cloud;
+    cloud.kill_up();
+    cloud.spawn_up();
+    cloud.wait_ready();
     let after = guest_json(ip, "/counter");
     assert_eq!(after["value"], 3, "the counter on disk was lost");
     assert_ne!(
@@ -177,6 +184,19 @@ fn reboot_resize_and_delete_leaves_no_trace() {
     assert_eq!(guest_json(ip, "/counter")["value"], 1);
     assert_eq!(cloud.instance("app")["spec"]["instance_type"], "micro");
 
+    // The guest sends 8 MiB (a 4 MiB file, fetched twice): its network
+    // egress, which is metered when it is deleted.
+    let blob = "x".repeat(4 << 20);
+    let url = format!("http://{ip}/files/blob");
+    let (status, body) =
+        crate::harness::http("PUT", &url, Some(&blob), Duration::from_secs(120)).expect("put");
+    assert!((200..300).contains(&status), "{status} {body}");
+    for _ in 0..2 {
+        let (status, body) =
+            crate::harness::http("GET", &url, None, Duration::from_secs(120)).expect("get");
+        assert_eq!((status, body.len()), (200, blob.len()));
+    }
+
     // Delete: record, disk, tap, process and address all gone.
     let inst = cloud.instance("app");
     let id = inst["spec"]["id"].as_str().expect("id").replace('-', "");
@@ -196,6 +216,18 @@ fn reboot_resize_and_delete_leaves_no_trace() {
     assert!(
         !cloud.data_dir.join("agent/vms").join(&id).exists(),
         "VM files left"
+    );
+    // Its last bytes were reported before its tap went: at least the 8 MiB,
+    // counted once (the rest is the guest's DHCP, ARP and other answers).
+    let usage = cloud.sv_json(&["usage"]);
+    let sent = usage["lines"]
+        .as_array()
+        .and_then(|l| l.iter().find(|x| x["meter"] == "network-egress"))
+        .and_then(|x| x["quantity"].as_str()?.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no network egress in {usage}"));
+    assert!(
+        (8 << 20..12 << 20).contains(&sent),
+        "metered {sent} bytes of egress for 8 MiB sent: {usage}"
     );
     let host = cloud.sv_json(&["host", "show"]);
     assert_eq!(host["instances"], 0);

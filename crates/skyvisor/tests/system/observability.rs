@@ -110,8 +110,15 @@ fn a_real_prometheus_finds_and_scrapes_every_endpoint_and_tells_a_busy_guest_fro
     let monitor = token_for(&cloud, "prom", &["--service-account", "--cluster-monitor"]);
     let viewer = token_for(&cloud, "watcher", &["--role", "default=viewer"]);
 
-    let busy = cloud.create_vm("busy", &["--type", "nano"]);
+    cloud.sv_json(&["volume", "create", "data", "--size", "64M"]);
+    let busy = cloud.create_vm("busy", &["--type", "nano", "--volume", "data"]);
     cloud.create_vm("idle", &["--type", "nano"]);
+    // The busy guest writes 8 KiB to its volume, so that the volume's
+    // families have something to count.
+    let dev = wait_until("the volume in the guest", Duration::from_secs(60), || {
+        crate::volumes::device_with_serial(busy, "data")
+    });
+    crate::volumes::guest_put(busy, &format!("/blk/{dev}?offset=0"), &"x".repeat(8192));
     // Unthrottled: the guest's one vCPU rewrites memory as fast as it can.
     guest_call(busy, "POST", "/memtest/start?mib=16&rate_mib_s=0", None);
 
@@ -186,6 +193,8 @@ fn a_real_prometheus_finds_and_scrapes_every_endpoint_and_tells_a_busy_guest_fro
         "skyvisor_host_cpu_seconds_total{",
         "skyvisor_vm_phase{",
         "skyvisor_store_operation_duration_seconds_bucket{",
+        "skyvisor_volume_operation_duration_seconds_bucket{",
+        "skyvisor_volume_replica_state{",
     ] {
         assert!(agent_text.contains(name), "no {name} in:\n{agent_text}");
     }
@@ -313,6 +322,38 @@ fn a_real_prometheus_finds_and_scrapes_every_endpoint_and_tells_a_busy_guest_fro
     )
     .expect("network counter");
     assert!(sent > 0.0, "the busy guest sent nothing: {sent}");
+    // The volume's primary counted the guest's write (at least the 8 KiB
+    // it was sent, plus what the guest's kernel wrote on its own), and its
+    // one replica is in sync.
+    let written = query_one(
+        &prometheus,
+        "skyvisor_volume_bytes_total{volume=\"data\",project=\"default\",op=\"write\"}",
+    )
+    .unwrap_or_else(|| panic!("no volume write counter; log:\n{}", log()));
+    assert!(
+        written >= 8192.0,
+        "the volume counted {written} bytes written"
+    );
+    assert_eq!(
+        query_one(
+            &prometheus,
+            "skyvisor_volume_replicas_in_sync{volume=\"data\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        query_one(
+            &prometheus,
+            "skyvisor_volume_replica_state{volume=\"data\",state=\"in-sync\"}"
+        ),
+        Some(1.0)
+    );
+    let writes = query_one(
+        &prometheus,
+        "sum(skyvisor_volume_operation_duration_seconds_count{volume=\"data\",op=\"write\"})",
+    )
+    .expect("write latency histogram");
+    assert!(writes >= 1.0, "{writes} writes in the latency histogram");
 
     // vm top and host top compute the same from two samples of the agent.
     let top = cloud.sv_json(&["vm", "top", "--once", "--interval", "3"]);

@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::harness::{Cloud, guest_json, http, wait_until};
 
 /// The guest device (`vdb`...) whose serial is `serial`, if plugged.
-fn device_with_serial(ip: Ipv4Addr, serial: &str) -> Option<String> {
+pub(crate) fn device_with_serial(ip: Ipv4Addr, serial: &str) -> Option<String> {
     let list = guest_json(ip, "/blk");
     list.as_array()?
         .iter()
@@ -20,7 +20,7 @@ fn device_with_serial(ip: Ipv4Addr, serial: &str) -> Option<String> {
         .and_then(|d| d["name"].as_str().map(str::to_owned))
 }
 
-fn guest_put(ip: Ipv4Addr, path: &str, body: &str) {
+pub(crate) fn guest_put(ip: Ipv4Addr, path: &str, body: &str) {
     let (status, text) = http(
         "PUT",
         &format!("http://{ip}{path}"),
@@ -158,6 +158,51 @@ fn root_volume_keeps_data_and_a_volume_moves_between_vms() {
     cloud.sv_ok(&["volume", "delete", "root1"]);
     let all = cloud.sv_json(&["volume", "list"]);
     assert_eq!(all.as_array().map(Vec::len), Some(0), "{all}");
+
+    // The record has each volume's life, and usage meters its storage from
+    // it: 320 MiB on one replica, for less than the time since root1 was
+    // created; the snapshot's copy, and the demo image `up` built.
+    let events = cloud.sv_json(&["event", "list"]);
+    let story: Vec<String> = events
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["object"] == "volume" || e["object"] == "volume-snapshot")
+        .map(|e| format!("{} {} {}", e["kind"], e["object"], e["name"]).replace('"', ""))
+        .collect();
+    assert_eq!(
+        story,
+        [
+            "created volume root1",
+            "created volume data",
+            "created volume-snapshot data/s1",
+            "deleted volume-snapshot data/s1",
+            "deleted volume data",
+            "deleted volume root1",
+        ],
+        "{events}"
+    );
+    let created: chrono::DateTime<chrono::Utc> = created["spec"]["created_at"]
+        .as_str()
+        .expect("created_at")
+        .parse()
+        .expect("time");
+    let lived = (chrono::Utc::now() - created).num_milliseconds() as f64 / 1000.0;
+    let usage = cloud.sv_json(&["usage"]);
+    let quantity = |meter: &str| -> f64 {
+        usage["lines"]
+            .as_array()
+            .and_then(|l| l.iter().find(|x| x["meter"] == meter))
+            .and_then(|x| x["quantity"].as_str()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {meter} in {usage}"))
+    };
+    let volume_gib_s = quantity("volume-storage");
+    assert!(
+        volume_gib_s > 0.0 && volume_gib_s < lived * 320.0 / 1024.0,
+        "{volume_gib_s} GiB-s of volumes in {lived} s: {usage}"
+    );
+    assert!(quantity("snapshot-storage") > 0.0, "{usage}");
+    assert!(quantity("image-storage") > 0.0, "{usage}");
     let replicas = cloud.data_dir.join("agent/replicas/volumes");
     wait_until("replica files removed", Duration::from_secs(10), || {
         std::fs::read_dir(&replicas)

@@ -96,6 +96,21 @@ pub(super) async fn list(
     Ok(Json(events))
 }
 
+/// One message of the event stream, as a client's SSE parser gives it.
+#[derive(utoipa::ToSchema)]
+// Only describes the stream in the API document; the stream is written by
+// axum's SSE encoder.
+#[allow(dead_code)]
+pub(crate) struct EventMessage {
+    /// The event, as JSON: an `Event`.
+    #[schema(content_media_type = "application/json")]
+    data: String,
+    /// The SSE event type: always `message`.
+    event: Option<String>,
+    /// The event's `seq`, for `Last-Event-ID`.
+    id: String,
+}
+
 /// The events of the request's project as server-sent events: first the
 /// newest past ones (after `after`, or the `Last-Event-ID` a reconnecting
 /// client sends), then each new one as it is recorded. Each SSE event is
@@ -104,8 +119,8 @@ pub(super) async fn list(
 #[utoipa::path(get, path = "/v1/events/stream", tag = "events",
     params(EventQuery),
     responses(
-        (status = 200, content_type = "text/event-stream", body = Event,
-            description = "one `data:` line of JSON per event, `id:` its seq"),
+        (status = 200, content_type = "text/event-stream", body = EventMessage,
+            description = "one message per event: `data:` the event as JSON (an `Event`), `id:` its seq"),
         (status = 400, body = ErrorBody),
         (status = 403, body = ErrorBody),
     ))]

@@ -1161,7 +1161,7 @@ pub(crate) async fn migrate_out(
     // the migration completed): let go of them, so that the destination
     // becomes their primary without waiting for this host's lease.
     if let Some(v) = &ctx.volumes {
-        v.hand_off(&spec.instance_ref()).await;
+        v.hand_off(&spec.instance_ref(), &req.destination).await;
     }
     // Committed: the destination may run it now. If this call fails its
     // supervisor resumes it when it sees the binding.

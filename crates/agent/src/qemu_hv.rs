@@ -463,7 +463,8 @@ impl Vm for QemuVmHandle {
 
     async fn finish_incoming(&self, timeout: Duration) -> Result<(), HvError> {
         let qmp = self.vm.qmp();
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
         loop {
             let info = qmp.query_migrate().await.map_err(control)?;
             match info.status {
@@ -484,11 +485,19 @@ impl Vm for QemuVmHandle {
         }
         // The guest's clients wait from here: run it and announce it first
         // (`cont` of a running VM does nothing), tidy up after.
+        let completed = started.elapsed();
         qmp.cont().await.map_err(control)?;
+        let running = started.elapsed();
         let announced = qmp
             .announce_self(&AnnounceParameters::default())
             .await
             .map_err(control);
+        tracing::debug!(
+            completed_ms = completed.as_millis() as u64,
+            running_ms = running.as_millis() as u64,
+            announced_ms = started.elapsed().as_millis() as u64,
+            "incoming VM resumed"
+        );
         // Gone already after an earlier attempt, or never started: fine.
         let _ = qmp.nbd_server_stop().await;
         announced

@@ -209,12 +209,16 @@ impl Supervisor {
             return false;
         };
         if !v.resumed {
+            let activating = Instant::now();
             let resumed = match self
                 .launcher()
                 .serve_volumes_as(spec, crate::launch::ServeMode::HandedOver)
                 .await
             {
                 Ok(_) => {
+                    debug!(instance = %spec.name,
+                        volumes_ms = activating.elapsed().as_millis() as u64,
+                        "a migrated VM's volumes are served here");
                     v.vm.finish_incoming(Duration::from_secs(30))
                         .await
                         .map_err(|e| e.to_string())

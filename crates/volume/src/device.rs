@@ -1657,6 +1657,14 @@ impl ReplicatedDevice {
     /// Stops serving: background work ends, replicas are flushed, the
     /// record no longer names this node as primary. I/O fails afterwards.
     pub async fn close(&self) -> Result<(), VolumeError> {
+        self.close_to(None).await
+    }
+
+    /// Closes the device like [`ReplicatedDevice::close`], but names `next`
+    /// the volume's primary in the record instead of none: a live
+    /// migration's handover, whose destination may then open the volume at
+    /// once (it needs no takeover, and waits for no one to let go).
+    pub async fn close_to(&self, next: Option<&NodeId>) -> Result<(), VolumeError> {
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;
@@ -1665,20 +1673,23 @@ impl ReplicatedDevice {
         let topo = self.topo();
         let mut result = Ok(());
         if topo.fenced.is_none() {
-            for n in &topo.in_sync {
-                if let Some(l) = topo.links.get(n) {
-                    let _ = l
-                        .call(
+            // Every in-sync replica at once: a handover waits for this.
+            join_all(
+                topo.in_sync
+                    .iter()
+                    .filter_map(|n| topo.links.get(n))
+                    .map(|l| {
+                        l.call(
                             &self.volume,
                             topo.membership.epoch,
                             Request::Flush,
                             self.options.request_timeout,
                         )
-                        .await;
-                }
-            }
+                    }),
+            )
+            .await;
             let mut m = topo.membership.clone();
-            m.primary = None;
+            m.primary = next.cloned();
             if self
                 .store
                 .cas(&self.volume, Some(topo.version), &m)

@@ -281,6 +281,58 @@ async fn takeover_fences_the_old_primary() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_names_the_next_primary_which_opens_without_a_takeover() {
+    let (nodes, store, v) = setup(2, 1).await;
+    let old = ReplicatedDevice::open(
+        v.clone(),
+        nodes[0].id.clone(),
+        store.clone(),
+        Some(nodes[0].store.clone()),
+        opts(),
+    )
+    .await
+    .expect("open");
+    old.write(0, Bytes::from(vec![7u8; 4096]), false)
+        .await
+        .expect("write");
+    let epoch = old.status().epoch;
+    old.close_to(Some(&nodes[1].id)).await.expect("hand over");
+    let m = store.load(&v).await.expect("load").expect("record");
+    assert_eq!(m.value.primary.as_ref(), Some(&nodes[1].id));
+    // Nobody else may open it without a takeover: it is n2's now.
+    assert!(
+        ReplicatedDevice::open(
+            v.clone(),
+            nodes[0].id.clone(),
+            store.clone(),
+            Some(nodes[0].store.clone()),
+            opts()
+        )
+        .await
+        .is_err()
+    );
+    // n2 opens it as it is, with a newer epoch, and reads what n1 wrote.
+    let new = ReplicatedDevice::open(
+        v.clone(),
+        nodes[1].id.clone(),
+        store.clone(),
+        Some(nodes[1].store.clone()),
+        opts(),
+    )
+    .await
+    .expect("open after the handover");
+    assert!(new.status().epoch > epoch);
+    assert_eq!(new.read(0, 4096).await.expect("read"), vec![7u8; 4096]);
+    // The old device is closed for good.
+    assert!(
+        old.write(0, Bytes::from(vec![8u8; 4096]), false)
+            .await
+            .is_err()
+    );
+    new.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_replica_is_never_promoted() {
     let (mut nodes, store, v) = setup(2, 1).await;
     let dev = ReplicatedDevice::open(

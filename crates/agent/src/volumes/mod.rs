@@ -383,13 +383,14 @@ impl VolumeService {
         ids
     }
 
-    /// At a live migration's handover: closes the devices of `instance`'s
-    /// volumes (flushing every replica and clearing the primary, so that
-    /// the destination takes them at once) but keeps their exports until
+    /// At a live migration's handover to host `to`: closes the devices of
+    /// `instance`'s volumes (flushing every replica and naming `to` their
+    /// primary, so that the destination opens them at once) but keeps their exports until
     /// [`VolumeService::release_instance`]: the paused source QEMU stays
     /// connected and quits at once, instead of trying to reconnect to a
     /// vanished export first.
-    pub async fn hand_off(&self, instance: &InstanceRef) {
+    pub async fn hand_off(&self, instance: &InstanceRef, to: &HostName) {
+        let next = NodeId::new(to.as_str()).ok();
         let ids: Vec<VolumeId> = self
             .served
             .lock()
@@ -415,7 +416,7 @@ impl VolumeService {
                 .insert(id, instance.clone());
             served.stop_report.cancel();
             let _ = served.reporter.await;
-            if let Err(e) = served.device.close().await {
+            if let Err(e) = served.device.close_to(next.as_ref()).await {
                 warn!(volume = %id, error = %e, "closing the volume at the handover failed");
             }
             info!(volume = %id, "handed the volume over");
@@ -528,10 +529,12 @@ impl VolumeService {
         let started = tokio::time::Instant::now();
         let deadline = started + SERVE_WAIT;
         // A live migration's source lets go within milliseconds of the
-        // handover (which the destination may see first): look again soon
-        // at first, then less often.
+        // handover (which the destination may see first, and the guest's
+        // clients wait on): look again very soon at first, then less often.
         let pause = || {
-            if started.elapsed() < Duration::from_secs(2) {
+            if started.elapsed() < Duration::from_secs(1) {
+                Duration::from_millis(2)
+            } else if started.elapsed() < Duration::from_secs(2) {
                 Duration::from_millis(10)
             } else {
                 Duration::from_millis(300)
@@ -577,6 +580,7 @@ impl VolumeService {
                 known_down,
                 ..self.device.clone()
             };
+            let opening = tokio::time::Instant::now();
             match ReplicatedDevice::open(
                 data_id.clone(),
                 self.node.clone(),
@@ -586,7 +590,13 @@ impl VolumeService {
             )
             .await
             {
-                Ok(dev) => return Ok(dev),
+                Ok(dev) => {
+                    tracing::debug!(volume = %name,
+                        waited_ms = (opening - started).as_millis() as u64,
+                        open_ms = opening.elapsed().as_millis() as u64,
+                        "opened the volume as its primary");
+                    return Ok(dev);
+                }
                 Err(
                     VolumeError::PrimaryElsewhere { .. } | VolumeError::ConcurrentChange { .. },
                 ) if tokio::time::Instant::now() < deadline => {

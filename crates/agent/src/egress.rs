@@ -68,10 +68,6 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-fn mark_key(name: &InstanceRef, host: &HostName) -> String {
-    keys::egress_mark(name, host)
-}
-
 /// How many of `reading`'s bytes `mark` has not counted yet.
 fn unreported(mark: Option<&EgressMark>, id: InstanceId, boot: &str, r: TapReading) -> u64 {
     match mark {
@@ -117,7 +113,7 @@ impl Egress {
         }
         remove.await;
         if read_tap(tap).is_none()
-            && let Err(e) = store.delete(&mark_key(name, host)).await
+            && let Err(e) = store.delete(&keys::egress_mark(name, host)).await
         {
             debug!(instance = %name, error = %e, "could not remove an egress mark");
         }
@@ -136,7 +132,7 @@ async fn report_locked(
         return Ok(0);
     };
     let boot = boot_id();
-    let mkey = mark_key(name, host);
+    let mkey = keys::egress_mark(name, host);
     let hkey = keys::egress_hour(&name.project, &hour_name(now));
     for _ in 0..ATTEMPTS {
         let mark_kv = store.get(&mkey).await?;

@@ -153,8 +153,8 @@ type Labels = Vec<(String, String)>;
 #[derive(Clone)]
 struct VmEntry {
     labels: Labels,
-    project: Option<skyvisor_core::ProjectName>,
-    name: String,
+    /// The VM (none only in the default entry).
+    instance: Option<skyvisor_core::InstanceRef>,
     instance_type: String,
     vcpus: u32,
     memory_bytes: u64,
@@ -303,8 +303,7 @@ impl AgentMetrics {
         ];
         let entry = VmEntry {
             labels,
-            project: Some(spec.project.clone()),
-            name: spec.name.to_string(),
+            instance: Some(spec.instance_ref()),
             instance_type: spec.type_label(),
             vcpus: spec.resources.vcpus,
             memory_bytes: spec.resources.memory_mib * 1024 * 1024,
@@ -322,13 +321,7 @@ impl AgentMetrics {
     pub fn instances(&self) -> Vec<(InstanceId, skyvisor_core::InstanceRef)> {
         self.vms()
             .iter()
-            .filter_map(|(id, vm)| {
-                let name = skyvisor_core::InstanceName::new(&vm.name).ok()?;
-                Some((
-                    *id,
-                    skyvisor_core::InstanceRef::new(vm.project.clone()?, name),
-                ))
-            })
+            .filter_map(|(id, vm)| Some((*id, vm.instance.clone()?)))
             .collect()
     }
 
@@ -438,9 +431,10 @@ impl AgentMetrics {
         let vms = samples
             .into_iter()
             .filter_map(|s| {
+                let instance = s.entry.instance.clone()?;
                 Some(VmView {
-                    project: s.entry.project.clone()?,
-                    name: s.entry.name.clone(),
+                    project: instance.project,
+                    name: instance.name.to_string(),
                     host: host_name.clone(),
                     instance_type: s.entry.instance_type.clone(),
                     phase: s.entry.phase,
@@ -503,8 +497,7 @@ impl Default for VmEntry {
     fn default() -> Self {
         Self {
             labels: Vec::new(),
-            project: None,
-            name: String::new(),
+            instance: None,
             instance_type: String::new(),
             vcpus: 0,
             memory_bytes: 0,

@@ -230,27 +230,11 @@ pub(crate) async fn run_retention(cp: crate::ControlPlane) {
     }
 }
 
-/// Whether `kind` sets what state an instance is in (what usage is
-/// metered from).
-fn sets_state(kind: EventKind) -> bool {
-    matches!(
-        kind,
-        EventKind::Created
-            | EventKind::Started
-            | EventKind::Restarted
-            | EventKind::Stopped
-            | EventKind::Crashed
-            | EventKind::Failed
-            | EventKind::FailedOver
-            | EventKind::Resized
-            | EventKind::Deleted
-    )
-}
-
 /// Deletes the events older than `retention` before `now`, and beyond the
-/// newest `keep` of each project, except each existing instance's newest
-/// state-setting event: a VM that has run for longer than the retention
-/// is still metered from its start. Returns how many it deleted.
+/// newest `keep` of each project, except those usage is still metered
+/// from (see `skyvisor_metering::current_states`): a VM that has run for
+/// longer than the retention is still metered from its start. Returns how
+/// many it deleted.
 pub async fn prune(
     store: &dyn Store,
     retention: std::time::Duration,
@@ -274,31 +258,16 @@ pub async fn prune(
     let mut doomed = Vec::new();
     for events in scopes.values_mut() {
         events.sort_by_key(|(_, e)| e.as_ref().map_or(0, |e| e.seq));
-        // The newest event that sets each existing object's metered state:
-        // an instance's run or stop, a stored object's size.
-        let mut current: std::collections::HashMap<(ObjectKind, &str), usize> = Default::default();
-        for (i, (_, e)) in events.iter().enumerate() {
-            let Some(e) = e else { continue };
-            let metered = (e.object == ObjectKind::Instance && sets_state(e.kind))
-                || e.stored.is_some()
-                || (e.object != ObjectKind::Instance && e.kind == EventKind::Deleted);
-            if !metered {
-                continue;
-            }
-            if e.kind != EventKind::Deleted {
-                current.insert((e.object, e.name.as_str()), i);
-                continue;
-            }
-            current.remove(&(e.object, e.name.as_str()));
-            // A volume's snapshots go with it.
-            if e.object == ObjectKind::Volume {
-                let prefix = format!("{}/", e.name);
-                current.retain(|(kind, name), _| {
-                    !(*kind == ObjectKind::VolumeSnapshot && name.starts_with(&prefix))
-                });
-            }
-        }
-        let protected: std::collections::HashSet<usize> = current.into_values().collect();
+        // What usage is still metered from (each existing object's newest
+        // state-setting event) stays, however old.
+        let decoded: Vec<usize> = (0..events.len())
+            .filter(|i| events[*i].1.is_some())
+            .collect();
+        let protected: std::collections::HashSet<usize> =
+            skyvisor_metering::current_states(events.iter().filter_map(|(_, e)| e.as_ref()))
+                .into_iter()
+                .map(|d| decoded[d])
+                .collect();
         let over = events.len().saturating_sub(keep);
         for (i, (key, e)) in events.iter().enumerate() {
             // An undecodable event is kept only while it is young.

@@ -258,6 +258,23 @@ impl Event {
 }
 
 impl Event {
+    /// An event about snapshot `snapshot` of volume `volume` (named
+    /// `volume/snapshot`, which a deletion of the volume ends too).
+    pub fn volume_snapshot(
+        kind: EventKind,
+        volume: &crate::VolumeRef,
+        snapshot: &str,
+        message: impl Into<String>,
+    ) -> Self {
+        Event::new(
+            kind,
+            ObjectKind::VolumeSnapshot,
+            Some(volume.project.clone()),
+            format!("{}/{snapshot}", volume.name),
+            message,
+        )
+    }
+
     /// An event about VM snapshot `snap` (named `vm/snapshot`), recording
     /// what its files take up.
     pub fn snapshot(kind: EventKind, snap: &crate::Snapshot, message: impl Into<String>) -> Self {

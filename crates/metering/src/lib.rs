@@ -180,140 +180,176 @@ const GIB: u64 = 1 << 30;
 /// `[from, to)`; a run still going (an object still stored) at `to` counts
 /// up to `to`. Events of other kinds and objects are ignored.
 pub fn usage(events: &[Event], from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<UsageLine> {
-    let mut states: BTreeMap<&str, State> = BTreeMap::new();
-    let mut stored: BTreeMap<StoredKey<'_>, Stored> = BTreeMap::new();
-    let mut tally = Tally::default();
-    let window = (from, to);
-    for e in events {
-        if e.object != ObjectKind::Instance {
-            track_stored(e, &mut stored, &mut tally, window);
-            continue;
-        }
-        let name = e.name.as_str();
-        let close = |tally: &mut Tally, state: &State| match state {
-            State::Running { since, size } => tally.add(true, size, (*since, e.at), window),
-            State::Stopped { since, size } => tally.add(false, size, (*since, e.at), window),
-        };
-        match e.kind {
-            EventKind::Created => {
-                if let Some(old) = states.get(name) {
-                    close(&mut tally, old);
-                }
-                states.insert(
-                    name,
-                    State::Stopped {
-                        since: e.at,
-                        size: e.size.clone(),
-                    },
-                );
-            }
-            EventKind::Started | EventKind::Restarted => {
-                if let Some(old) = states.get(name) {
-                    // A second start without an end between (an event lost
-                    // before this record existed) never bills twice.
-                    close(&mut tally, old);
-                }
-                states.insert(
-                    name,
-                    State::Running {
-                        since: e.at,
-                        size: e.size.clone(),
-                    },
-                );
-            }
-            EventKind::Stopped | EventKind::Crashed | EventKind::Failed | EventKind::FailedOver => {
-                if let Some(old) = states.get(name) {
-                    close(&mut tally, old);
-                }
-                let size = e
-                    .size
-                    .clone()
-                    .or_else(|| states.get(name).and_then(|s| size_of(s).clone()));
-                states.insert(name, State::Stopped { since: e.at, size });
-            }
-            EventKind::Resized => {
-                // A stopped instance's new size applies from now; a running
-                // one's from its next start (its agent restarts it).
-                if let Some(State::Stopped { since, size }) = states.get(name).cloned() {
-                    tally.add(false, &size, (since, e.at), window);
-                    states.insert(
-                        name,
-                        State::Stopped {
-                            since: e.at,
-                            size: e.size.clone(),
-                        },
-                    );
-                }
-            }
-            EventKind::Deleted => {
-                if let Some(old) = states.remove(name) {
-                    close(&mut tally, &old);
-                }
-            }
-            _ => {}
-        }
+    let mut ledger = Ledger::new((from, to));
+    for (i, e) in events.iter().enumerate() {
+        ledger.apply(i, e);
     }
-    for state in states.values() {
-        match state {
-            State::Running { since, size } => tally.add(true, size, (*since, to), window),
-            State::Stopped { since, size } => tally.add(false, size, (*since, to), window),
-        }
-    }
-    for ((what, _), s) in stored {
-        tally.add_stored(what, s, to, window);
-    }
-    tally.lines()
+    ledger.finish(to)
 }
 
-/// Follows one event of a stored object: one that records its size starts
-/// (or, resized, restarts) its storage; a deletion ends it, and a volume's
-/// deletion ends its snapshots' too.
-fn track_stored<'a>(
-    e: &'a Event,
-    stored: &mut BTreeMap<StoredKey<'a>, Stored>,
-    tally: &mut Tally,
-    window: (DateTime<Utc>, DateTime<Utc>),
-) {
-    if !matches!(
-        e.object,
-        ObjectKind::Volume | ObjectKind::VolumeSnapshot | ObjectKind::Snapshot | ObjectKind::Image
-    ) {
-        return;
+/// The positions in `events` of those that usage after the last of them
+/// is still metered from: for each instance and stored object that still
+/// exists, the event that set what it is metered at now (an instance's
+/// start or stop, a stored object's size). A record pruned of everything
+/// else meters the same from then on.
+pub fn current_states<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<usize> {
+    // An empty window: only the states matter, not what they add up to.
+    let never = DateTime::<Utc>::MIN_UTC;
+    let mut ledger = Ledger::new((never, never));
+    for (i, e) in events.into_iter().enumerate() {
+        ledger.apply(i, e);
     }
-    let key = (e.object, e.name.as_str());
-    if let Some(s) = e.stored
-        && e.kind != EventKind::Deleted
-    {
-        if let Some(old) = stored.insert(
-            key,
-            Stored {
+    ledger
+        .states
+        .values()
+        .map(|(_, i)| *i)
+        .chain(ledger.stored.values().map(|(_, i)| *i))
+        .collect()
+}
+
+/// Every metered object's state as the events so far left it, each with
+/// the index of the event that set it; what ended states add up to within
+/// the window is in the tally.
+struct Ledger<'a> {
+    window: (DateTime<Utc>, DateTime<Utc>),
+    tally: Tally,
+    states: BTreeMap<&'a str, (State, usize)>,
+    stored: BTreeMap<StoredKey<'a>, (Stored, usize)>,
+}
+
+impl<'a> Ledger<'a> {
+    fn new(window: (DateTime<Utc>, DateTime<Utc>)) -> Self {
+        Self {
+            window,
+            tally: Tally::default(),
+            states: BTreeMap::new(),
+            stored: BTreeMap::new(),
+        }
+    }
+
+    /// Follows event `i`, `e`.
+    fn apply(&mut self, i: usize, e: &'a Event) {
+        if e.object == ObjectKind::Instance {
+            self.apply_instance(i, e);
+        } else {
+            self.apply_stored(i, e);
+        }
+    }
+
+    /// Counts `state` of an instance up to `end`.
+    fn close(&mut self, state: &State, end: DateTime<Utc>) {
+        match state {
+            State::Running { since, size } => {
+                self.tally.add(true, size, (*since, end), self.window)
+            }
+            State::Stopped { since, size } => {
+                self.tally.add(false, size, (*since, end), self.window)
+            }
+        }
+    }
+
+    fn apply_instance(&mut self, i: usize, e: &'a Event) {
+        let name = e.name.as_str();
+        let next = match e.kind {
+            EventKind::Created => State::Stopped {
+                since: e.at,
+                size: e.size.clone(),
+            },
+            // A second start without an end between (an event lost before
+            // this record existed) never bills twice: the first ends here.
+            EventKind::Started | EventKind::Restarted => State::Running {
+                since: e.at,
+                size: e.size.clone(),
+            },
+            EventKind::Stopped | EventKind::Crashed | EventKind::Failed | EventKind::FailedOver => {
+                State::Stopped {
+                    since: e.at,
+                    size: e
+                        .size
+                        .clone()
+                        .or_else(|| self.states.get(name).and_then(|(s, _)| size_of(s).clone())),
+                }
+            }
+            // A stopped instance's new size applies from now; a running
+            // one's from its next start (its agent restarts it).
+            EventKind::Resized => match self.states.get(name) {
+                Some((State::Stopped { .. }, _)) => State::Stopped {
+                    since: e.at,
+                    size: e.size.clone(),
+                },
+                _ => return,
+            },
+            EventKind::Deleted => {
+                if let Some((old, _)) = self.states.remove(name) {
+                    self.close(&old, e.at);
+                }
+                return;
+            }
+            _ => return,
+        };
+        if let Some((old, _)) = self.states.insert(name, (next, i)) {
+            self.close(&old, e.at);
+        }
+    }
+
+    /// Follows one event of a stored object: one that records its size
+    /// starts (or, resized, restarts) its storage; a deletion ends it, and
+    /// a volume's deletion ends its snapshots' too.
+    fn apply_stored(&mut self, i: usize, e: &'a Event) {
+        if !matches!(
+            e.object,
+            ObjectKind::Volume
+                | ObjectKind::VolumeSnapshot
+                | ObjectKind::Snapshot
+                | ObjectKind::Image
+        ) {
+            return;
+        }
+        let key = (e.object, e.name.as_str());
+        if let Some(s) = e.stored
+            && e.kind != EventKind::Deleted
+        {
+            let now = Stored {
                 since: e.at,
                 bytes: s.bytes,
                 copies: s.copies,
-            },
-        ) {
-            tally.add_stored(e.object, old, e.at, window);
+            };
+            if let Some((old, _)) = self.stored.insert(key, (now, i)) {
+                self.tally.add_stored(e.object, old, e.at, self.window);
+            }
+            return;
         }
-        return;
-    }
-    if e.kind != EventKind::Deleted {
-        return;
-    }
-    if let Some(old) = stored.remove(&key) {
-        tally.add_stored(e.object, old, e.at, window);
-    }
-    if e.object == ObjectKind::Volume {
-        let prefix = format!("{}/", e.name);
-        let snapshots: Vec<StoredKey<'a>> = stored
-            .keys()
-            .filter(|(k, n)| *k == ObjectKind::VolumeSnapshot && n.starts_with(&prefix))
-            .copied()
-            .collect();
-        for k in snapshots {
-            if let Some(old) = stored.remove(&k) {
-                tally.add_stored(k.0, old, e.at, window);
+        if e.kind != EventKind::Deleted {
+            return;
+        }
+        let mut ended = vec![key];
+        if e.object == ObjectKind::Volume {
+            let prefix = format!("{}/", e.name);
+            ended.extend(
+                self.stored
+                    .keys()
+                    .filter(|(k, n)| *k == ObjectKind::VolumeSnapshot && n.starts_with(&prefix))
+                    .copied(),
+            );
+        }
+        for k in ended {
+            if let Some((old, _)) = self.stored.remove(&k) {
+                self.tally.add_stored(k.0, old, e.at, self.window);
             }
         }
+    }
+
+    /// What the events added up to, with every state still open counted
+    /// up to `to`.
+    fn finish(mut self, to: DateTime<Utc>) -> Vec<UsageLine> {
+        let states = std::mem::take(&mut self.states);
+        for (state, _) in states.values() {
+            self.close(state, to);
+        }
+        for ((what, _), (s, _)) in std::mem::take(&mut self.stored) {
+            self.tally.add_stored(what, s, to, self.window);
+        }
+        self.tally.lines()
     }
 }
 

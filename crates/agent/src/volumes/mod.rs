@@ -34,8 +34,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use skyvisor_core::{
-    Event, EventKind, HostName, InstanceRef, InstanceVolume, ObjectKind, ReplicaState, ReplicaView,
-    VolumeId, VolumeName, VolumeRef, VolumeRuntime, VolumeSnapshot, keys,
+    Event, EventKind, HostName, InstanceRef, InstanceVolume, ReplicaState, ReplicaView, VolumeId,
+    VolumeName, VolumeRef, VolumeRuntime, VolumeSnapshot, keys,
 };
 use skyvisor_nbd::{Export, NbdServer, ServerConfig, ServerError};
 use skyvisor_store::{Compare, Op, Store, StoreError, StoreExt, encode};
@@ -297,7 +297,7 @@ impl VolumeService {
             .into_iter()
             .map(|(name, device)| ServedSample {
                 runtime: runtime_of(&self.host, None, &device),
-                size: device.status().size,
+                size: skyvisor_nbd::BlockDevice::size(device.as_ref()),
                 io: device.io_stats(),
                 name,
             })
@@ -865,11 +865,10 @@ impl VolumeService {
             created_at: Utc::now(),
             consistency,
         };
-        let event = Event::new(
+        let event = Event::volume_snapshot(
             EventKind::Created,
-            ObjectKind::VolumeSnapshot,
-            Some(vref.project.clone()),
-            format!("{name}/{snapshot}"),
+            vref,
+            snapshot,
             format!("taken on {}", host_list(&record.hosts)),
         )
         .stored(record.size_bytes, record.hosts.len() as u32);
@@ -954,13 +953,7 @@ impl VolumeService {
                 failed.join("; ")
             )));
         }
-        let event = Event::new(
-            EventKind::Deleted,
-            ObjectKind::VolumeSnapshot,
-            Some(vref.project.clone()),
-            format!("{name}/{snapshot}"),
-            "deleted",
-        );
+        let event = Event::volume_snapshot(EventKind::Deleted, vref, snapshot, "deleted");
         self.store
             .txn(
                 vec![Compare::ModRevision(key.clone(), rev)],

@@ -333,3 +333,46 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn what_usage_is_still_metered_from_is_each_live_objects_state_setting_event() {
+    let nano = Some("nano");
+    let events = vec![
+        ev(EventKind::Created, "run", 0, nano, 1, 128),
+        ev(EventKind::Started, "run", 10, nano, 1, 128),
+        // Resized while running: it still runs from its start.
+        ev(EventKind::Resized, "run", 20, Some("micro"), 1, 256),
+        ev(EventKind::Created, "gone", 30, nano, 1, 128),
+        ev(EventKind::Deleted, "gone", 40, nano, 1, 128),
+        stored_ev(
+            EventKind::Created,
+            ObjectKind::Volume,
+            "v",
+            50,
+            Some((GIB, 2)),
+        ),
+        stored_ev(
+            EventKind::Created,
+            ObjectKind::VolumeSnapshot,
+            "v/s",
+            60,
+            Some((GIB, 2)),
+        ),
+        stored_ev(
+            EventKind::Resized,
+            ObjectKind::Volume,
+            "v",
+            70,
+            Some((2 * GIB, 2)),
+        ),
+    ];
+    let mut kept = current_states(&events);
+    kept.sort_unstable();
+    assert_eq!(kept, vec![1, 6, 7]);
+    // What they meter from on is what the whole record meters.
+    let pruned: Vec<Event> = kept.iter().map(|i| events[*i].clone()).collect();
+    assert_eq!(
+        usage(&pruned, t(100), t(200)),
+        usage(&events, t(100), t(200))
+    );
+}

@@ -15,6 +15,8 @@
 //! - [`file`]: [`FileDevice`], a device on a sparse file;
 //! - [`memory`]: [`MemoryDevice`], a device in RAM for tests;
 //! - [`server`]: [`NbdServer`], exports, listeners and shutdown;
+//! - [`io`]: a stream shared by many writers, and running a request in
+//!   place unless it waits (shared with the replica protocol);
 //! - [`client`]: [`NbdClient`], a small client for tests and tools.
 //!
 //! ```no_run
@@ -35,6 +37,7 @@ pub mod client;
 pub mod device;
 pub mod file;
 mod handshake;
+pub mod io;
 pub mod memory;
 pub mod proto;
 pub mod server;

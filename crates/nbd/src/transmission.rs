@@ -1,5 +1,5 @@
 //! The transmission phase: read requests, run them concurrently against the
-//! device, and write replies (out of order) from one writer task.
+//! device, and write replies (out of order) to the shared stream.
 //!
 //! Every request is validated (flags, range, alignment, size) before the
 //! device sees it. Requests in flight are bounded in count and in payload
@@ -7,18 +7,18 @@
 //! requests in flight are answered. This module must never panic on client
 //! input nor buffer an unbounded amount of it.
 
-use std::io::IoSlice;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, trace};
 
 use crate::device::{BlockDevice, DeviceError, MAX_PAYLOAD};
 use crate::handshake::{BASE_ALLOCATION_ID, Session};
+use crate::io::{SharedWriter, run_now_or_spawn};
 use crate::proto::{
     self, REQUEST_HEADER_LEN, RequestHeader, cmd, cmd_flags, errno, reply_flags, reply_type,
     state_flags,
@@ -59,27 +59,22 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, rx) = mpsc::channel::<Reply>(config.max_requests_in_flight.max(1));
-    let writer_task = tokio::spawn(write_replies(writer, rx));
+    let writer = Arc::new(SharedWriter::new(writer));
     let in_flight = TaskTracker::new();
     let ctx = Arc::new(Ctx {
         device: session.export.export.device.clone(),
         session,
     });
-    let result = read_requests(&mut reader, &tx, &ctx, config, &cancel, &in_flight).await;
-    // Answer what is in flight, then let the writer finish and close.
+    let result = read_requests(&mut reader, &writer, &ctx, config, &cancel, &in_flight).await;
+    // Answer what is in flight, then close.
     in_flight.close();
     in_flight.wait().await;
-    drop(tx);
-    let write_result = writer_task.await;
+    let write_result = writer.shutdown().await;
     match result {
         Ok(End::Disconnect) | Ok(End::Cancelled) => {}
         Err(e) => return Err(e),
     }
-    match write_result {
-        Ok(r) => r.map_err(TransmissionError::Io),
-        Err(_) => Ok(()),
-    }
+    write_result.map_err(TransmissionError::Io)
 }
 
 struct Ctx {
@@ -316,9 +311,9 @@ impl Ctx {
     }
 }
 
-async fn read_requests<R>(
+async fn read_requests<R, W>(
     reader: &mut BufReader<R>,
-    tx: &mpsc::Sender<Reply>,
+    writer: &Arc<SharedWriter<W>>,
     ctx: &Arc<Ctx>,
     config: &ServerConfig,
     cancel: &CancellationToken,
@@ -326,6 +321,7 @@ async fn read_requests<R>(
 ) -> Result<End, TransmissionError>
 where
     R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
     let requests = Arc::new(Semaphore::new(config.max_requests_in_flight.max(1)));
     let budget_units = (config.max_bytes_in_flight.max(MAX_PAYLOAD as usize) / PERMIT_UNIT) as u32;
@@ -371,7 +367,11 @@ where
                 len = h.length,
                 "refused: {msg}"
             );
-            if tx.send(ctx.error_reply(h.cookie, code, msg)).await.is_err() {
+            if writer
+                .send(ctx.error_reply(h.cookie, code, msg))
+                .await
+                .is_err()
+            {
                 return Ok(End::Disconnect);
             }
             continue;
@@ -405,69 +405,14 @@ where
         } else {
             None
         };
-        let ctx = ctx.clone();
-        let tx = tx.clone();
-        in_flight.spawn(async move {
+        let (ctx, writer) = (ctx.clone(), writer.clone());
+        run_now_or_spawn(in_flight, async move {
             let reply = ctx.execute(h, payload).await;
             // The client may be gone; nothing to do then.
-            let _ = tx.send(reply).await;
+            let _ = writer.send(reply).await;
             drop(memory_permit);
             drop(request_permit);
-        });
+        })
+        .await;
     }
-}
-
-async fn write_replies<W: AsyncWrite + Unpin>(
-    mut w: W,
-    mut rx: mpsc::Receiver<Reply>,
-) -> std::io::Result<()> {
-    let mut pending: Vec<Bytes> = Vec::with_capacity(64);
-    while let Some(first) = rx.recv().await {
-        pending.extend(first);
-        // Batch whatever else is ready into one vectored write.
-        while pending.len() < 64 {
-            match rx.try_recv() {
-                Ok(more) => pending.extend(more),
-                Err(_) => break,
-            }
-        }
-        write_all_vectored(&mut w, &mut pending).await?;
-    }
-    w.flush().await?;
-    w.shutdown().await
-}
-
-/// Writes every segment fully, using vectored writes.
-pub(crate) async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    segs: &mut Vec<Bytes>,
-) -> std::io::Result<()> {
-    let mut idx = 0;
-    while idx < segs.len() {
-        let slices: Vec<IoSlice<'_>> = segs[idx..]
-            .iter()
-            .take(64)
-            .map(|b| IoSlice::new(b))
-            .collect();
-        let mut n = w.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 && idx < segs.len() {
-            let l = segs[idx].len();
-            if n >= l {
-                n -= l;
-                idx += 1;
-            } else {
-                let rest = segs[idx].split_off(n);
-                segs[idx] = rest;
-                n = 0;
-            }
-        }
-        while idx < segs.len() && segs[idx].is_empty() {
-            idx += 1;
-        }
-    }
-    segs.clear();
-    w.flush().await
 }

@@ -21,8 +21,9 @@ use tokio_util::either::Either;
 
 use crate::ids::{NodeId, VolumeId};
 use crate::replica::{Replica, ReplicaStore};
-use crate::server::{FrameWriter, read_frame};
+use crate::server::read_frame;
 use crate::wire::{self, Request, RequestFrame, Response, WireError};
+use skyvisor_nbd::io::SharedWriter;
 
 /// Why a call to a replica failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -64,7 +65,7 @@ type LinkReader = Either<OwnedReadHalf, ReadHalf<TlsLink>>;
 #[derive(Debug)]
 pub struct RemoteReplica {
     node: NodeId,
-    writer: FrameWriter<LinkWriter>,
+    writer: SharedWriter<LinkWriter>,
     pending: Pending,
     next_id: AtomicU64,
     broken: Arc<AtomicBool>,
@@ -149,7 +150,7 @@ impl RemoteReplica {
         tracing::debug!(node = %node, addr = %addr_shown, "connected to replica");
         Ok(Arc::new(Self {
             node: node.clone(),
-            writer: FrameWriter::new(w),
+            writer: SharedWriter::new(w),
             pending,
             next_id: AtomicU64::new(1),
             broken,
@@ -204,7 +205,12 @@ impl RemoteReplica {
             request,
         };
         let r = tokio::time::timeout(timeout, async {
-            if let Err(e) = self.writer.send(frame.encode()).await {
+            let (header, payload) = frame.encode();
+            if let Err(e) = self
+                .writer
+                .send(std::iter::once(header).chain(payload))
+                .await
+            {
                 // Part of a frame may be out: the stream is unusable.
                 self.close();
                 return Err(err(&format!("sending: {e}")));
@@ -290,13 +296,23 @@ impl Link {
                     volume: volume.clone(),
                     request,
                 };
-                // A task of its own, as a remote replica server runs each
-                // request: a caller that times out must not cancel the
-                // replica's work half-way (a half-done sync or metadata
-                // update would wedge the replica for every later request).
+                // Run here while it need not wait (a small write to the
+                // page cache: no hop to another thread), else in a task of
+                // its own, as a remote replica server runs each request: a
+                // caller that times out must not cancel the replica's work
+                // half-way (a half-done sync or metadata update would wedge
+                // the replica for every later request).
                 let store = store.clone();
-                let work = tokio::spawn(async move { store.handle(frame).await });
-                match tokio::time::timeout(timeout, work).await {
+                let mut work = Box::pin(async move { store.handle(frame).await });
+                let first =
+                    std::future::poll_fn(|cx| std::task::Poll::Ready(work.as_mut().poll(cx))).await;
+                let result = match first {
+                    std::task::Poll::Ready(r) => Ok(Ok(r)),
+                    std::task::Poll::Pending => {
+                        tokio::time::timeout(timeout, tokio::spawn(work)).await
+                    }
+                };
+                match result {
                     Ok(Ok(Ok(r))) => Ok(r),
                     Ok(Ok(Err(error))) => Err(LinkError::Replica {
                         node: node.clone(),

@@ -903,6 +903,9 @@ impl ReplicatedDevice {
                 targets.push((n, l, Some(abort)));
             }
         }
+        // Remote replicas first: each call's first step sends its frame,
+        // so the network works while the local replica writes in place.
+        targets.sort_by_key(|(_, l, _)| matches!(l, Link::Local { .. }));
         let results = join_all(
             targets
                 .iter()

@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use skyvisor_nbd::io::{SharedWriter, run_now_or_spawn};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -176,110 +177,6 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Resu
     Ok(Some(buf.freeze()))
 }
 
-/// Writes (header, payload) frames to a stream from the tasks that have
-/// them, without a writer task: a sender that finds the stream free writes
-/// its frame and every frame queued meanwhile in one vectored write; a
-/// sender that finds it busy leaves its frame to the writer of the moment,
-/// which looks at the queue again after each write. So a lone request
-/// costs no hop to another task, and a busy connection still batches.
-pub(crate) struct FrameWriter<W> {
-    queue: std::sync::Mutex<Vec<Bytes>>,
-    stream: tokio::sync::Mutex<W>,
-}
-
-impl<W> std::fmt::Debug for FrameWriter<W> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FrameWriter").finish_non_exhaustive()
-    }
-}
-
-impl<W: AsyncWrite + Unpin> FrameWriter<W> {
-    /// A writer on `stream`.
-    pub(crate) fn new(stream: W) -> Self {
-        Self {
-            queue: std::sync::Mutex::new(Vec::with_capacity(64)),
-            stream: tokio::sync::Mutex::new(stream),
-        }
-    }
-
-    /// Queues a frame and writes the queue unless another sender is
-    /// writing (which then writes this frame too). A frame is written
-    /// whole or, after an error, the stream must not be used again.
-    pub(crate) async fn send(&self, (h, p): (Bytes, Option<Bytes>)) -> std::io::Result<()> {
-        {
-            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            q.push(h);
-            q.extend(p);
-        }
-        loop {
-            let Ok(mut w) = self.stream.try_lock() else {
-                return Ok(());
-            };
-            let mut segs =
-                std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
-            if segs.is_empty() {
-                return Ok(());
-            }
-            write_all_vectored(&mut *w, &mut segs).await?;
-            // TLS keeps records it could not send yet; TCP has none.
-            w.flush().await?;
-            drop(w);
-            // A sender that queued while this one wrote found the stream
-            // busy and left: its frame is written here.
-            if self
-                .queue
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_empty()
-            {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Shuts the stream's write side down once the frames queued are out.
-    pub(crate) async fn shutdown(&self) -> std::io::Result<()> {
-        let mut w = self.stream.lock().await;
-        let mut segs = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
-        write_all_vectored(&mut *w, &mut segs).await?;
-        w.shutdown().await
-    }
-}
-
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    segs: &mut Vec<Bytes>,
-) -> std::io::Result<()> {
-    use std::io::IoSlice;
-    let mut idx = 0;
-    while idx < segs.len() {
-        let slices: Vec<IoSlice<'_>> = segs[idx..]
-            .iter()
-            .take(64)
-            .map(|b| IoSlice::new(b))
-            .collect();
-        let mut n = w.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 && idx < segs.len() {
-            let l = segs[idx].len();
-            if n >= l {
-                n -= l;
-                idx += 1;
-            } else {
-                segs[idx] = segs[idx].split_off(n);
-                n = 0;
-            }
-        }
-        while idx < segs.len() && segs[idx].is_empty() {
-            idx += 1;
-        }
-    }
-    segs.clear();
-    Ok(())
-}
-
 async fn serve<R, W>(
     store: Arc<ReplicaStore>,
     r: R,
@@ -291,7 +188,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut r = BufReader::with_capacity(256 * 1024, r);
-    let writer = Arc::new(FrameWriter::new(w));
+    let writer = Arc::new(SharedWriter::new(w));
     let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let in_flight = TaskTracker::new();
     let result = loop {
@@ -312,66 +209,18 @@ where
             break Ok(());
         };
         let (store, writer) = (store.clone(), writer.clone());
-        in_flight.spawn(async move {
+        run_now_or_spawn(&in_flight, async move {
             let id = frame.id;
             let result = store.handle(frame).await;
+            let (header, payload) = wire::encode_response(id, &result);
             // A failed write ends the connection: the reader sees it closed.
-            let _ = writer.send(wire::encode_response(id, &result)).await;
+            let _ = writer.send(std::iter::once(header).chain(payload)).await;
             drop(permit);
-        });
+        })
+        .await;
     };
     in_flight.close();
     in_flight.wait().await;
     let _ = writer.shutdown().await;
     result
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_senders_frames_arrive_whole_and_none_is_lost() {
-        let (a, mut b) = tokio::io::duplex(4096);
-        let writer = Arc::new(FrameWriter::new(a));
-        let senders = 16u32;
-        let per = 50u32;
-        let mut tasks = vec![];
-        for t in 0..senders {
-            let w = writer.clone();
-            tasks.push(tokio::spawn(async move {
-                for i in 0..per {
-                    // A frame: length, then (sender, index) and a payload
-                    // whose bytes all say who sent it.
-                    let payload = Bytes::from(vec![t as u8; 100 + (i as usize % 7) * 300]);
-                    let mut h = BytesMut::new();
-                    h.extend_from_slice(&((8 + payload.len()) as u32).to_be_bytes());
-                    h.extend_from_slice(&t.to_be_bytes());
-                    h.extend_from_slice(&i.to_be_bytes());
-                    w.send((h.freeze(), Some(payload))).await.expect("send");
-                }
-            }));
-        }
-        let reader = tokio::spawn(async move {
-            let mut next = vec![0u32; senders as usize];
-            for _ in 0..senders * per {
-                let body = read_frame(&mut b).await.expect("read").expect("frame");
-                let t = u32::from_be_bytes(body[0..4].try_into().expect("t"));
-                let i = u32::from_be_bytes(body[4..8].try_into().expect("i"));
-                assert!(body[8..].iter().all(|x| *x == t as u8), "mixed frame");
-                assert_eq!(i, next[t as usize], "sender {t}'s frames out of order");
-                next[t as usize] += 1;
-            }
-            next
-        });
-        for t in tasks {
-            t.await.expect("sender");
-        }
-        let next = tokio::time::timeout(std::time::Duration::from_secs(10), reader)
-            .await
-            .expect("every frame arrives")
-            .expect("reader");
-        assert!(next.iter().all(|n| *n == per), "{next:?}");
-        writer.shutdown().await.expect("shutdown");
-    }
 }

@@ -78,6 +78,7 @@ fn spec(i: usize) -> InstanceSpec {
         clone_of: None,
         checkpoint_schedule: None,
         spread_group: None,
+        group: None,
         accel: None,
         volumes: vec![],
         ha: Default::default(),

@@ -14,6 +14,7 @@ pub mod fake_hv;
 pub mod fencing;
 pub mod firewall;
 mod guest_report;
+mod health;
 pub mod host;
 pub mod http;
 pub mod hypervisor;

@@ -63,6 +63,8 @@ pub struct Supervisor {
     restart_at: Option<Instant>,
     backoff: Duration,
     probe: Option<(oneshot::Receiver<GuestReady>, tokio::task::JoinHandle<()>)>,
+    /// A group member's health check, while it runs.
+    health: Option<crate::health::HealthChecker>,
     /// Snapshot requests for this VM (see [`crate::checkpoints::follow`]).
     snap_tx: mpsc::UnboundedSender<Snapshot>,
     snap_rx: mpsc::UnboundedReceiver<Snapshot>,
@@ -125,6 +127,7 @@ impl Supervisor {
             restart_at: None,
             backoff: Duration::ZERO,
             probe: None,
+            health: None,
             snap_tx,
             snap_rx,
             schedule: None,
@@ -189,6 +192,9 @@ impl Supervisor {
                         }
                     }
                 }
+                report = health_changed(&mut self.health) => {
+                    self.status.health = Some(report);
+                }
                 () = sleep_until(restart_at) => { self.restart_at = None; }
                 Some(snap) = self.snap_rx.recv() => self.snapshot(&spec, snap).await,
                 () = sleep_until(checkpoint_at) => {
@@ -204,7 +210,8 @@ impl Supervisor {
     /// Takes over a VM that migrated here (prepared by the migration's
     /// destination endpoint); resumes it if the source could not ask.
     async fn adopt_incoming(&mut self, spec: &InstanceSpec) -> bool {
-        let mut incoming = self.ctx.incoming.lock().await;
+        let ctx = self.ctx.clone();
+        let mut incoming = ctx.incoming.lock().await;
         let Some(v) = incoming.remove(&spec.instance_ref()) else {
             return false;
         };
@@ -233,6 +240,7 @@ impl Supervisor {
             }
         }
         info!(instance = %spec.name, pid = ?v.vm.pid(), "took over a migrated VM");
+        self.start_health_check(spec, self.status.health.clone());
         self.status.pid = v.vm.pid();
         self.status.phase = InstancePhase::Running;
         self.status.host = Some(self.ctx.host.clone());
@@ -322,6 +330,8 @@ impl Supervisor {
         });
         if !self.status.guest_ready {
             self.start_probe(spec);
+        } else {
+            self.start_health_check(spec, self.status.health.clone());
         }
     }
 
@@ -1017,6 +1027,7 @@ impl Supervisor {
         if !self.ctx.probe_guests {
             return;
         }
+        self.start_health_check(spec, None);
         if !self.status.guest_service {
             if self.status.guest_agent_channel {
                 let (tx, rx) = oneshot::channel();
@@ -1063,9 +1074,38 @@ impl Supervisor {
         self.probe = Some((rx, handle));
     }
 
+    /// Starts a group member's health check: judged anew after a boot,
+    /// or going on from `from` for a VM taken over running (an agent
+    /// restart, a migration), which served all along.
+    fn start_health_check(
+        &mut self,
+        spec: &InstanceSpec,
+        from: Option<skyvisor_core::group::HealthReport>,
+    ) {
+        self.health = None;
+        if !self.ctx.probe_guests {
+            return;
+        }
+        let Some(check) = spec.group.as_ref().and_then(|g| g.health_check.clone()) else {
+            return;
+        };
+        let router = spec
+            .network
+            .vni
+            .map(|v| skyvisor_net::private_devices(v).namespace);
+        let checker = crate::health::HealthChecker::start(check, spec.network.ip, router, from);
+        self.status.health = Some(checker.reports.borrow().clone());
+        self.health = Some(checker);
+    }
+
     fn cancel_probe(&mut self) {
         if let Some((_, h)) = self.probe.take() {
             h.abort();
+        }
+        // Not running: no health to judge.
+        self.health = None;
+        if self.status.health.is_some() {
+            self.status.health = None;
         }
     }
 
@@ -1370,6 +1410,19 @@ async fn probe_done(
     match probe {
         Some((rx, _)) => match rx.await {
             Ok(r) => r,
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// The next health judgement of a member whose check runs.
+async fn health_changed(
+    health: &mut Option<crate::health::HealthChecker>,
+) -> skyvisor_core::group::HealthReport {
+    match health {
+        Some(h) => match h.reports.changed().await {
+            Ok(()) => h.reports.borrow_and_update().clone(),
             Err(_) => std::future::pending().await,
         },
         None => std::future::pending().await,

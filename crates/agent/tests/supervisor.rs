@@ -140,6 +140,7 @@ fn spec(name: &str, policy: RestartPolicy) -> InstanceSpec {
         clone_of: None,
         checkpoint_schedule: None,
         spread_group: None,
+        group: None,
         accel: None,
         volumes: vec![],
         ha: Default::default(),

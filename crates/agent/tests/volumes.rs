@@ -200,6 +200,7 @@ fn vm_spec(host: &HostName, volumes: Vec<InstanceVolume>) -> InstanceSpec {
         clone_of: None,
         checkpoint_schedule: None,
         spread_group: None,
+        group: None,
         accel: None,
         volumes,
         ha: Default::default(),

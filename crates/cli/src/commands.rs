@@ -49,6 +49,10 @@ pub enum ClientCommand {
     /// Security groups: what may reach the project's instances.
     #[command(subcommand, name = "security-group", alias = "sg")]
     SecurityGroup(crate::networks::SecurityGroupCommand),
+    /// Instance groups: identical members kept at a desired count,
+    /// health-checked and replaced when they fail (scale-out).
+    #[command(subcommand)]
+    Group(crate::groups::GroupCommand),
     /// SSH key pairs of the project.
     #[command(subcommand)]
     Keypair(crate::keypairs::KeyPairCommand),
@@ -684,6 +688,7 @@ pub async fn run(args: ConnectionArgs, format: OutputFormat, cmd: ClientCommand)
             crate::networks::security_group(&client, format, c).await
         }
         ClientCommand::Keypair(c) => crate::keypairs::keypair(&client, format, c).await,
+        ClientCommand::Group(c) => crate::groups::group(&client, format, c).await,
         ClientCommand::Migration(c) => crate::migrations::migration(&client, format, c).await,
         ClientCommand::Failover(c) => crate::failovers::failover(&client, format, c).await,
         ClientCommand::Type(TypeCommand::List) => {
@@ -821,7 +826,7 @@ fn ssh_args(
 }
 
 /// User data read from `path`: text, since cloud-init's forms are text.
-fn read_user_data(path: &std::path::Path) -> Result<String> {
+pub(crate) fn read_user_data(path: &std::path::Path) -> Result<String> {
     let bytes =
         std::fs::read(path).with_context(|| format!("cannot read user data {}", path.display()))?;
     let text = String::from_utf8(bytes).map_err(|_| {

@@ -8,6 +8,7 @@ pub mod commands;
 pub mod config;
 pub mod events;
 pub mod failovers;
+pub mod groups;
 pub mod identities;
 pub mod keypairs;
 pub mod migrations;

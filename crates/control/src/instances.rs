@@ -3,12 +3,13 @@
 use skyvisor_core::ProjectName;
 use skyvisor_core::auth::Usage;
 use skyvisor_core::{Event, EventKind};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use skyvisor_core::api::{CreateInstanceRequest, ResizeInstanceRequest, StopInstanceRequest};
 use skyvisor_core::cluster::AllocMark;
+use skyvisor_core::group::GroupMembership;
 use skyvisor_core::image::ImageState;
 use skyvisor_core::resources::{builtin_types, find_type};
 use skyvisor_core::{
@@ -65,7 +66,7 @@ pub const DEFAULT_STOP_TIMEOUT_SECS: u32 = 30;
 pub const MAX_STOP_TIMEOUT_SECS: u32 = 3600;
 
 /// Resolves a type name and per-field overrides to a size.
-fn resolve_size(
+pub(crate) fn resolve_size(
     instance_type: Option<&str>,
     vcpus: Option<u32>,
     memory_mib: Option<u64>,
@@ -162,7 +163,19 @@ impl ControlPlane {
     pub async fn create_instance(
         &self,
         project: &ProjectName,
+        req: CreateInstanceRequest,
+    ) -> ApiResult<Instance> {
+        self.create_instance_as(project, req, None).await
+    }
+
+    /// [`Self::create_instance`], for a member of an instance group when
+    /// `membership` is given (placed apart from the group's other members
+    /// where it can be).
+    pub(crate) async fn create_instance_as(
+        &self,
+        project: &ProjectName,
         mut req: CreateInstanceRequest,
+        membership: Option<GroupMembership>,
     ) -> ApiResult<Instance> {
         skyvisor_core::labels::validate_labels("labels", &req.labels)?;
         // Refused before anything is made (the create checks it again).
@@ -170,7 +183,7 @@ impl ControlPlane {
         // In a cluster the root disk can be a replicated volume made for the
         // VM, so that it can run elsewhere when its host dies.
         let made = self.make_root_volume(project, &mut req).await?;
-        let created = self.create_instance_with(project, req).await;
+        let created = self.create_instance_with(project, req, membership).await;
         if created.is_err()
             && let Some(volume) = made
         {
@@ -367,6 +380,7 @@ impl ControlPlane {
         &self,
         project: &ProjectName,
         req: CreateInstanceRequest,
+        membership: Option<GroupMembership>,
     ) -> ApiResult<Instance> {
         let name = InstanceName::new(req.name.clone())?;
         let iref = InstanceRef::new(project.clone(), name.clone());
@@ -507,6 +521,10 @@ impl ControlPlane {
                 }
                 None => None,
             };
+            let prefer_apart = match &membership {
+                Some(m) => self.group_members_by_host(project, &m.group).await,
+                None => HashMap::new(),
+            };
             let host = self.place_with_volumes(
                 &hosts,
                 PlacementRequest {
@@ -515,6 +533,7 @@ impl ControlPlane {
                     spread,
                     // A clone starts where its snapshot's files are.
                     only: clone.as_ref().map(|(_, s)| s.host.clone()),
+                    prefer_apart,
                     ..Default::default()
                 },
                 &volumes,
@@ -595,6 +614,7 @@ impl ControlPlane {
                 clone_of: clone.as_ref().map(|(src, _)| src.clone()),
                 checkpoint_schedule: req.checkpoint_schedule,
                 spread_group: spread_group.clone(),
+                group: membership.clone(),
                 accel: req.accel,
                 security_groups: req.security_groups.clone(),
                 labels: req.labels.clone(),

@@ -14,6 +14,7 @@ pub mod election;
 pub mod error;
 pub mod events;
 pub mod firewall;
+pub mod groups;
 pub mod guest_config;
 pub mod ha;
 pub mod image_sync;
@@ -231,6 +232,7 @@ impl ControlPlane {
         tokio::spawn(image_sync::run(self.clone()));
         tokio::spawn(migrations::run(self.clone()));
         tokio::spawn(ha::run(self.clone()));
+        tokio::spawn(groups::controller::run(self.clone()));
         tokio::spawn(firewall::run(self.clone()));
         tokio::spawn(audit::run_retention(self.clone()));
         tokio::spawn(events::run_retention(self.clone()));

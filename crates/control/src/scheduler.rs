@@ -43,6 +43,10 @@ pub struct PlacementRequest {
     pub accel: Option<Accel>,
     /// The VM's spread group and where its members already run.
     pub spread: Option<SpreadConstraint>,
+    /// A soft spread (an instance group's): how many of the group's
+    /// members each host runs; the weigher prefers the hosts with fewest,
+    /// but a host with some is not ruled out.
+    pub prefer_apart: HashMap<HostName, u32>,
 }
 
 /// Anti-affinity: hosts that already run a member of the group are out.
@@ -166,6 +170,13 @@ pub fn place(
             .memory_mib
             .saturating_sub(h.allocated.memory_mib)
     };
+    // Group members first go where the group has fewest.
+    let fewest = fits
+        .iter()
+        .map(|h| req.prefer_apart.get(&h.host.name).copied().unwrap_or(0))
+        .min()
+        .unwrap_or(0);
+    fits.retain(|h| req.prefer_apart.get(&h.host.name).copied().unwrap_or(0) == fewest);
     let best = match weigher {
         Weigher::Spread => fits.iter().max_by(|a, b| {
             free_mem(a)

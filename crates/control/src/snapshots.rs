@@ -470,6 +470,7 @@ pub(crate) mod tests {
             clone_of: None,
             checkpoint_schedule: None,
             spread_group: None,
+            group: None,
             accel: None,
             volumes: vec![],
             ha: Default::default(),

@@ -258,7 +258,7 @@ fn concrete(path: &str, token_id: &str) -> String {
     concrete_with(
         path,
         token_id,
-        ["vm-a", "vol-a", "img-a", "net-a", "sg-a", "kp-a"],
+        ["vm-a", "vol-a", "img-a", "net-a", "sg-a", "kp-a", "grp-a"],
     )
 }
 
@@ -267,11 +267,17 @@ fn missing(path: &str, token_id: &str) -> String {
     concrete_with(
         path,
         token_id,
-        ["vm-zz", "vol-zz", "img-zz", "net-zz", "sg-zz", "kp-zz"],
+        [
+            "vm-zz", "vol-zz", "img-zz", "net-zz", "sg-zz", "kp-zz", "grp-zz",
+        ],
     )
 }
 
-fn concrete_with(path: &str, token_id: &str, [vm, vol, img, net, sg, kp]: [&str; 6]) -> String {
+fn concrete_with(
+    path: &str,
+    token_id: &str,
+    [vm, vol, img, net, sg, kp, grp]: [&str; 7],
+) -> String {
     let object = if path.starts_with("/v1/instances/") {
         vm
     } else if path.starts_with("/v1/volumes/") {
@@ -284,6 +290,8 @@ fn concrete_with(path: &str, token_id: &str, [vm, vol, img, net, sg, kp]: [&str;
         sg
     } else if path.starts_with("/v1/keypairs/") {
         kp
+    } else if path.starts_with("/v1/groups/") {
+        grp
     } else if path.starts_with("/v1/hosts/") {
         "h1"
     } else if path.starts_with("/v1/projects/") {
@@ -310,6 +318,7 @@ fn names_an_object(path: &str) -> bool {
         "/v1/networks/{",
         "/v1/security-groups/{",
         "/v1/keypairs/{",
+        "/v1/groups/{",
     ]
     .iter()
     .any(|p| path.starts_with(p))
@@ -324,7 +333,8 @@ fn unmissing(v: &Value) -> Value {
         .replace("img-zz", "img-a")
         .replace("net-zz", "net-a")
         .replace("sg-zz", "sg-a")
-        .replace("kp-zz", "kp-a");
+        .replace("kp-zz", "kp-a")
+        .replace("grp-zz", "grp-a");
     serde_json::from_str(&text).unwrap_or(Value::Null)
 }
 
@@ -406,6 +416,18 @@ async fn every_route_answers_each_role_as_its_rule_says() {
         .await;
         assert_eq!(st, 201, "{body}");
     }
+    // Alpha's instance group, with no members.
+    let (st, body) = call(
+        &s.base,
+        "POST",
+        "/v1/groups",
+        Some(&member),
+        Some("alpha"),
+        Some(json!({"name": "grp-a", "min": 0, "desired": 0, "max": 2,
+            "template": {"image": "img-a", "instance_type": "nano"}})),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
     // A token to revoke on the token route.
     let (_, spare) = call(
         &s.base,

@@ -10,10 +10,12 @@ use crate::instance::RestartPolicy;
 use crate::snapshot::CheckpointSchedule;
 
 /// Body of `POST /v1/instances`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateInstanceRequest {
-    /// Unique name (a DNS label).
+    /// Unique name (a DNS label); required, except in a group's launch
+    /// template, where it is left out (members are named after the group).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
     /// Image to boot (required, unless cloning).
     #[serde(default, skip_serializing_if = "String::is_empty")]

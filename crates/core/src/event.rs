@@ -56,6 +56,15 @@ pub enum EventKind {
     TokenUsed,
     /// A snapshot or an image became ready (its size is known).
     Ready,
+    /// An instance group's desired size changed (asked, or by a policy:
+    /// the message has the numbers).
+    Scaled,
+    /// An instance group's launch template or health check changed.
+    Updated,
+    /// An instance group made a member.
+    MemberAdded,
+    /// An instance group removed a member (the message says why).
+    MemberRemoved,
 }
 
 impl fmt::Display for EventKind {
@@ -90,6 +99,8 @@ pub enum ObjectKind {
     Snapshot,
     /// An image.
     Image,
+    /// An instance group.
+    Group,
 }
 
 impl fmt::Display for ObjectKind {
@@ -103,6 +114,7 @@ impl fmt::Display for ObjectKind {
             ObjectKind::VolumeSnapshot => "volume-snapshot",
             ObjectKind::Snapshot => "snapshot",
             ObjectKind::Image => "image",
+            ObjectKind::Group => "group",
         })
     }
 }

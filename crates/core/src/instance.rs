@@ -170,6 +170,10 @@ pub struct InstanceSpec {
     /// What cloud-init gives the guest at first boot.
     #[serde(default, skip_serializing_if = "GuestConfig::is_empty")]
     pub guest: GuestConfig,
+    /// The instance group it is a member of (made by the group's
+    /// controller), with the health check its agent runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<crate::group::GroupMembership>,
 }
 
 impl InstanceSpec {
@@ -378,6 +382,9 @@ pub struct InstanceStatus {
     /// The guest's IPv4 addresses as its guest agent reports them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub guest_addresses: Vec<String>,
+    /// A group member's health checks (none outside a group with a check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<crate::group::HealthReport>,
     /// When this status was written.
     pub updated_at: DateTime<Utc>,
 }
@@ -414,6 +421,7 @@ impl InstanceStatus {
             cloud_init_expected: false,
             cloud_init: None,
             guest_addresses: Vec::new(),
+            health: None,
             updated_at: Utc::now(),
         }
     }

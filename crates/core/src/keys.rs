@@ -254,6 +254,22 @@ pub fn vni_claim(vni: u32) -> String {
     format!("{VNIS}{vni}")
 }
 
+/// Prefix of all instance groups: `groups/<project>/<name>`.
+pub const GROUPS: &str = "groups/";
+
+/// Instance group `name` of `project`.
+pub fn group(project: &crate::ProjectName, name: &crate::GroupName) -> String {
+    format!("{GROUPS}{project}/{name}")
+}
+
+/// Prefix of the group controller's notes: `group-status/<project>/<name>`.
+pub const GROUP_STATUSES: &str = "group-status/";
+
+/// The controller's note on group `name` of `project`.
+pub fn group_status(project: &crate::ProjectName, name: &crate::GroupName) -> String {
+    format!("{GROUP_STATUSES}{project}/{name}")
+}
+
 /// Prefix of all security groups: `security-groups/<project>/<name>`.
 pub const SECURITY_GROUPS: &str = "security-groups/";
 

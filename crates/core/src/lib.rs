@@ -12,6 +12,7 @@ pub mod error;
 pub mod event;
 pub mod exposition;
 pub mod firewall;
+pub mod group;
 pub mod ha;
 pub mod host;
 pub mod image;

@@ -132,6 +132,13 @@ const RULES: &[(&str, &str, Rule)] = &[
     ("GET", "/v1/security-groups/{name}", Project(Read)),
     ("DELETE", "/v1/security-groups/{name}", Project(Write)),
     ("PUT", "/v1/security-groups/{name}/rules", Project(Write)),
+    // Instance groups.
+    ("GET", "/v1/groups", Project(Read)),
+    ("POST", "/v1/groups", Project(Write)),
+    ("GET", "/v1/groups/{name}", Project(Read)),
+    ("PATCH", "/v1/groups/{name}", Project(Write)),
+    ("DELETE", "/v1/groups/{name}", Project(Write)),
+    ("POST", "/v1/groups/{name}/scale", Project(Write)),
     ("GET", "/v1/keypairs", Project(Read)),
     ("POST", "/v1/keypairs", Project(Write)),
     ("GET", "/v1/keypairs/{name}", Project(Read)),

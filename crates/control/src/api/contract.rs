@@ -264,6 +264,16 @@ pub fn constrain(doc: &mut serde_json::Value) {
             json!({"type": "string", "pattern": format!("^{OCTETS}/([89]|1[0-9]|2[0-9])$")}),
         ),
         ("CreateSecurityGroupRequest", "name", name.clone()),
+        (
+            "CreateGroupRequest",
+            "name",
+            json!({"type": "string", "pattern": NAME_PATTERN, "minLength": 1, "maxLength": crate::groups::MAX_GROUP_NAME}),
+        ),
+        (
+            "HealthCheck",
+            "path",
+            json!({"type": "string", "pattern": "^/[!-~]*$", "maxLength": 256}),
+        ),
         ("CreateKeyPairRequest", "name", name.clone()),
         (
             "CreateKeyPairRequest",

@@ -11,6 +11,7 @@ mod contract;
 mod events;
 mod extract;
 mod failovers;
+mod groups;
 mod hosts;
 mod images;
 mod instances;
@@ -169,6 +170,9 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(networks::list_groups, networks::create_group))
         .routes(routes!(networks::show_group, networks::delete_group))
         .routes(routes!(networks::set_rules))
+        .routes(routes!(groups::list, groups::create))
+        .routes(routes!(groups::show, groups::update, groups::delete))
+        .routes(routes!(groups::scale))
         .routes(routes!(keypairs::list, keypairs::create))
         .routes(routes!(keypairs::show, keypairs::delete))
         .routes(routes!(volumes::list, volumes::create))

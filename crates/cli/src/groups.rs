@@ -48,6 +48,10 @@ pub struct TemplateArgs {
     /// User data for cloud-init, from FILE.
     #[arg(long, value_name = "FILE")]
     pub user_data: Option<PathBuf>,
+    /// What a member's host does when it ends unasked: never (the group
+    /// then replaces it), on-failure, always.
+    #[arg(long)]
+    pub restart: Option<skyvisor_core::RestartPolicy>,
     /// In a cluster: replicas of each member's root disk (1-3).
     #[arg(long)]
     pub disk_replicas: Option<u32>,
@@ -69,6 +73,7 @@ impl TemplateArgs {
             || !self.keys.is_empty()
             || self.user_data.is_some()
             || self.disk_replicas.is_some()
+            || self.restart.is_some()
             || self.local_disk
     }
 
@@ -102,6 +107,7 @@ impl TemplateArgs {
             keys: self.keys.clone(),
             user_data,
             disk_replicas: self.disk_replicas,
+            restart_policy: self.restart,
             local_disk: self.local_disk.then_some(true),
             ..Default::default()
         })

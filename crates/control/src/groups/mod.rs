@@ -58,6 +58,12 @@ fn check_template(t: &CreateInstanceRequest) -> Result<(), ValidationError> {
             "members boot from the template's image; leave from_snapshot out",
         ));
     }
+    if t.start == Some(false) {
+        return Err(ValidationError::new(
+            "template.start",
+            "members run: a stopped member is replaced; leave start out",
+        ));
+    }
     if t.hostname.is_some() {
         return Err(ValidationError::new(
             "template.hostname",

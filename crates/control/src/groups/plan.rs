@@ -2,8 +2,8 @@
 //! the group's spec and its members, so every rule is unit-tested.
 //!
 //! Rules:
-//! - a member that failed, or whose health check judged it unhealthy, is
-//!   removed (and so replaced);
+//! - a member that failed or stopped, or whose health check judged it
+//!   unhealthy, is removed (and so replaced);
 //! - members are added until the group has `desired` that are not leaving;
 //! - extra members are removed: made from an older template first, then
 //!   not serving, then the newest;
@@ -65,9 +65,12 @@ impl MemberView {
         self.phase == InstancePhase::Running && self.health == HealthState::Healthy
     }
 
-    /// Whether it must be replaced.
+    /// Whether it must be replaced: it failed, stopped (a member that
+    /// powered itself off serves nobody; as EC2 Auto Scaling does, the
+    /// group replaces it), or its health check judged it unhealthy.
     pub fn broken(&self) -> bool {
-        self.phase == InstancePhase::Failed || self.health == HealthState::Unhealthy
+        matches!(self.phase, InstancePhase::Failed | InstancePhase::Stopped)
+            || self.health == HealthState::Unhealthy
     }
 }
 

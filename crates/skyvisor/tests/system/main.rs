@@ -7,6 +7,7 @@ mod checkpoints;
 mod cloud_guests;
 mod cluster;
 mod contract;
+mod groups;
 mod ha;
 mod harness;
 mod images;

@@ -20,6 +20,7 @@ pub mod http;
 pub mod hypervisor;
 pub mod images;
 mod launch;
+pub mod lb;
 pub mod metadata;
 pub mod metrics;
 pub mod migration;
@@ -189,6 +190,8 @@ pub struct AgentContext {
     pub private_nets: Arc<private_nets::PrivateNets>,
     /// The instance firewall.
     pub firewall: firewall::Firewall,
+    /// This host's part of the load balancers' datapath.
+    pub load_balancers: lb::LoadBalancers,
     /// The instance metadata service.
     pub metadata: Arc<metadata::MetadataService>,
     /// The host's and its VMs' metrics.
@@ -460,6 +463,7 @@ async fn bring_up(
         bridge: cfg.bridge.clone(),
         private_nets: private_nets.clone(),
         firewall,
+        load_balancers: lb::LoadBalancers::default(),
         metadata,
         metrics: metrics.clone(),
         mtu: net.mtu,
@@ -595,6 +599,7 @@ async fn bring_up(
         .push(tokio::spawn(migration::sweep_orphans(ctx.clone())));
     guard.0.push(tokio::spawn(dispatch(ctx.clone())));
     guard.0.push(tokio::spawn(firewall::follow(ctx.clone())));
+    guard.0.push(tokio::spawn(lb::follow(ctx.clone())));
     guard.0.push(tokio::spawn(checkpoints::follow(ctx.clone())));
     guard.0.push(tokio::spawn(egress::run(ctx.clone())));
     if let Some(v) = volumes {

@@ -74,6 +74,11 @@ impl PrivateNets {
         Ok(private_devices(vni).bridge)
     }
 
+    /// Whether private network `vni` is set up on this host now.
+    pub async fn carries(&self, vni: u32) -> bool {
+        self.state.lock().await.ready.contains_key(&vni)
+    }
+
     /// The bridge of an attachment's network, without setting anything up.
     pub fn bridge_name(&self, vni: Option<u32>) -> String {
         match vni {

@@ -53,6 +53,9 @@ pub enum ClientCommand {
     /// health-checked and replaced when they fail (scale-out).
     #[command(subcommand)]
     Group(crate::groups::GroupCommand),
+    /// Load balancers in front of instance groups.
+    #[command(subcommand)]
+    Lb(crate::lbs::LbCommand),
     /// SSH key pairs of the project.
     #[command(subcommand)]
     Keypair(crate::keypairs::KeyPairCommand),
@@ -689,6 +692,7 @@ pub async fn run(args: ConnectionArgs, format: OutputFormat, cmd: ClientCommand)
         }
         ClientCommand::Keypair(c) => crate::keypairs::keypair(&client, format, c).await,
         ClientCommand::Group(c) => crate::groups::group(&client, format, c).await,
+        ClientCommand::Lb(c) => crate::lbs::lb(&client, format, c).await,
         ClientCommand::Migration(c) => crate::migrations::migration(&client, format, c).await,
         ClientCommand::Failover(c) => crate::failovers::failover(&client, format, c).await,
         ClientCommand::Type(TypeCommand::List) => {

@@ -11,6 +11,7 @@ pub mod failovers;
 pub mod groups;
 pub mod identities;
 pub mod keypairs;
+pub mod lbs;
 pub mod migrations;
 pub mod networks;
 pub mod output;

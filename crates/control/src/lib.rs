@@ -25,6 +25,7 @@ pub mod inventory;
 pub mod ipam;
 pub mod keypairs;
 pub mod layout;
+pub mod lbs;
 pub mod metrics;
 pub mod migrations;
 pub mod networks;
@@ -233,6 +234,7 @@ impl ControlPlane {
         tokio::spawn(migrations::run(self.clone()));
         tokio::spawn(ha::run(self.clone()));
         tokio::spawn(groups::controller::run(self.clone()));
+        tokio::spawn(lbs::run(self.clone()));
         tokio::spawn(firewall::run(self.clone()));
         tokio::spawn(audit::run_retention(self.clone()));
         tokio::spawn(events::run_retention(self.clone()));

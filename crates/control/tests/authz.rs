@@ -258,7 +258,9 @@ fn concrete(path: &str, token_id: &str) -> String {
     concrete_with(
         path,
         token_id,
-        ["vm-a", "vol-a", "img-a", "net-a", "sg-a", "kp-a", "grp-a"],
+        [
+            "vm-a", "vol-a", "img-a", "net-a", "sg-a", "kp-a", "grp-a", "lb-a",
+        ],
     )
 }
 
@@ -268,7 +270,7 @@ fn missing(path: &str, token_id: &str) -> String {
         path,
         token_id,
         [
-            "vm-zz", "vol-zz", "img-zz", "net-zz", "sg-zz", "kp-zz", "grp-zz",
+            "vm-zz", "vol-zz", "img-zz", "net-zz", "sg-zz", "kp-zz", "grp-zz", "lb-zz",
         ],
     )
 }
@@ -276,7 +278,7 @@ fn missing(path: &str, token_id: &str) -> String {
 fn concrete_with(
     path: &str,
     token_id: &str,
-    [vm, vol, img, net, sg, kp, grp]: [&str; 7],
+    [vm, vol, img, net, sg, kp, grp, lb]: [&str; 8],
 ) -> String {
     let object = if path.starts_with("/v1/instances/") {
         vm
@@ -292,6 +294,8 @@ fn concrete_with(
         kp
     } else if path.starts_with("/v1/groups/") {
         grp
+    } else if path.starts_with("/v1/load-balancers/") {
+        lb
     } else if path.starts_with("/v1/hosts/") {
         "h1"
     } else if path.starts_with("/v1/projects/") {
@@ -319,6 +323,7 @@ fn names_an_object(path: &str) -> bool {
         "/v1/security-groups/{",
         "/v1/keypairs/{",
         "/v1/groups/{",
+        "/v1/load-balancers/{",
     ]
     .iter()
     .any(|p| path.starts_with(p))
@@ -334,7 +339,8 @@ fn unmissing(v: &Value) -> Value {
         .replace("net-zz", "net-a")
         .replace("sg-zz", "sg-a")
         .replace("kp-zz", "kp-a")
-        .replace("grp-zz", "grp-a");
+        .replace("grp-zz", "grp-a")
+        .replace("lb-zz", "lb-a");
     serde_json::from_str(&text).unwrap_or(Value::Null)
 }
 
@@ -425,6 +431,16 @@ async fn every_route_answers_each_role_as_its_rule_says() {
         Some("alpha"),
         Some(json!({"name": "grp-a", "min": 0, "desired": 0, "max": 2,
             "template": {"image": "img-a", "instance_type": "nano"}})),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    let (st, body) = call(
+        &s.base,
+        "POST",
+        "/v1/load-balancers",
+        Some(&member),
+        Some("alpha"),
+        Some(json!({"name": "lb-a", "group": "grp-a", "listeners": [{"port": 80}]})),
     )
     .await;
     assert_eq!(st, 201, "{body}");

@@ -17,8 +17,8 @@ use skyvisor_control::{ClusterSettings, ControlPlane, ServerConfig, Weigher};
 use skyvisor_core::group::{CreateGroupRequest, Group, ScaleGroupRequest, UpdateGroupRequest};
 use skyvisor_core::image::{ImageKind, ImageSource, ImageState};
 use skyvisor_core::{
-    Accel, Capacity, Host, HostName, Image, ImageName, InstancePhase, InstanceSpec,
-    InstanceStatus, Overcommit, ProjectName, Resources, ServerName, keys,
+    Accel, Capacity, Host, HostName, Image, ImageName, InstancePhase, InstanceSpec, InstanceStatus,
+    Overcommit, ProjectName, Resources, ServerName, keys,
 };
 use skyvisor_store::{EmbeddedStore, Op, Store, StoreExt, encode, put_json};
 
@@ -111,10 +111,7 @@ fn config(dir: &std::path::Path) -> ServerConfig {
 fn fake_agents(store: Arc<dyn Store>, failing: Arc<Mutex<HashSet<String>>>) {
     tokio::spawn(async move {
         loop {
-            if let Ok((specs, _)) = store
-                .list_json::<InstanceSpec>(keys::INSTANCE_SPECS)
-                .await
-            {
+            if let Ok((specs, _)) = store.list_json::<InstanceSpec>(keys::INSTANCE_SPECS).await {
                 for (spec, _) in specs {
                     let iref = spec.instance_ref();
                     if spec.deleting {
@@ -130,10 +127,7 @@ fn fake_agents(store: Arc<dyn Store>, failing: Arc<Mutex<HashSet<String>>>) {
                             .await;
                         continue;
                     }
-                    let failed = failing
-                        .lock()
-                        .expect("lock")
-                        .contains(spec.name.as_str());
+                    let failed = failing.lock().expect("lock").contains(spec.name.as_str());
                     let mut status = InstanceStatus::pending();
                     status.phase = if failed {
                         InstancePhase::Failed
@@ -275,10 +269,7 @@ async fn groups_keep_their_size_replace_failures_roll_updates_and_delete_members
         .expect("create");
     assert_eq!((g.spec.min, g.spec.desired, g.spec.max), (1, 3, 5));
     let e = cp
-        .create_group(
-            &p,
-            request(json!({"name": "web", "template": template})),
-        )
+        .create_group(&p, request(json!({"name": "web", "template": template})))
         .await
         .expect_err("duplicate");
     assert_eq!(e.status.as_u16(), 409, "{e:?}");
@@ -288,9 +279,7 @@ async fn groups_keep_their_size_replace_failures_roll_updates_and_delete_members
     .await;
     let mut per_host: BTreeMap<String, u32> = BTreeMap::new();
     for m in &g.members {
-        *per_host
-            .entry(m.host.clone().expect("host"))
-            .or_default() += 1;
+        *per_host.entry(m.host.clone().expect("host")).or_default() += 1;
         assert!(m.name.starts_with("web-"), "{}", m.name);
     }
     let mut counts: Vec<u32> = per_host.values().copied().collect();
@@ -301,9 +290,7 @@ async fn groups_keep_their_size_replace_failures_roll_updates_and_delete_members
     let victim = g.members[0].name.clone();
     failing.lock().expect("lock").insert(victim.clone());
     let g = wait_group(&cp, &p, "web", "the failed member replaced", |g| {
-        g.healthy == 3
-            && present(g).len() == 3
-            && g.members.iter().all(|m| m.name != victim)
+        g.healthy == 3 && present(g).len() == 3 && g.members.iter().all(|m| m.name != victim)
     })
     .await;
     let before: HashSet<String> = g.members.iter().map(|m| m.name.clone()).collect();
@@ -353,10 +340,7 @@ async fn groups_keep_their_size_replace_failures_roll_updates_and_delete_members
     })
     .await;
     // The newest went first: the two left are from before the scale-out.
-    assert!(
-        g.members.iter().all(|m| before.contains(&m.name)),
-        "{g:#?}"
-    );
+    assert!(g.members.iter().all(|m| before.contains(&m.name)), "{g:#?}");
 
     // A template change rolls through: never fewer than 2 serving.
     let low = Arc::new(Mutex::new(u32::MAX));
@@ -422,7 +406,10 @@ async fn groups_keep_their_size_replace_failures_roll_updates_and_delete_members
         .map(|kv| String::from_utf8_lossy(&kv.value).to_string())
         .collect::<Vec<_>>();
     let added = events.iter().filter(|e| e.contains("member-added")).count();
-    let removed = events.iter().filter(|e| e.contains("member-removed")).count();
+    let removed = events
+        .iter()
+        .filter(|e| e.contains("member-removed"))
+        .count();
     // 3 + 1 replacement + 2 scale-out + 2 rolling update.
     assert_eq!(added, 8, "{events:#?}");
     // 1 replaced + 3 scale-in + 2 update + 2 deleted with the group.

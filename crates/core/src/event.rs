@@ -101,6 +101,8 @@ pub enum ObjectKind {
     Image,
     /// An instance group.
     Group,
+    /// A load balancer.
+    LoadBalancer,
 }
 
 impl fmt::Display for ObjectKind {
@@ -115,6 +117,7 @@ impl fmt::Display for ObjectKind {
             ObjectKind::Snapshot => "snapshot",
             ObjectKind::Image => "image",
             ObjectKind::Group => "group",
+            ObjectKind::LoadBalancer => "load-balancer",
         })
     }
 }

@@ -381,6 +381,11 @@ pub struct GroupStatus {
     /// Why the last attempt to add a member failed, if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Members leaving a group behind a load balancer, and since when:
+    /// they get no new connections and keep theirs until the balancer's
+    /// drain time has passed, then go.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub draining: std::collections::BTreeMap<String, DateTime<Utc>>,
     /// When written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<DateTime<Utc>>,

@@ -254,6 +254,23 @@ pub fn vni_claim(vni: u32) -> String {
     format!("{VNIS}{vni}")
 }
 
+/// Prefix of all load balancers: `load-balancers/<project>/<name>`.
+pub const LOAD_BALANCERS: &str = "load-balancers/";
+
+/// Load balancer `name` of `project`.
+pub fn load_balancer(project: &crate::ProjectName, name: &str) -> String {
+    format!("{LOAD_BALANCERS}{project}/{name}")
+}
+
+/// Prefix of the balancers' backends, which every agent follows:
+/// `lb-backends/<project>/<name>`.
+pub const LB_BACKENDS: &str = "lb-backends/";
+
+/// The backends of load balancer `name` of `project`.
+pub fn lb_backends(project: &crate::ProjectName, name: &str) -> String {
+    format!("{LB_BACKENDS}{project}/{name}")
+}
+
 /// Prefix of all instance groups: `groups/<project>/<name>`.
 pub const GROUPS: &str = "groups/";
 

@@ -20,6 +20,7 @@ pub mod instance;
 pub mod keypair;
 pub mod keys;
 pub mod labels;
+pub mod lb;
 pub mod migration;
 pub mod names;
 pub mod network;

@@ -168,6 +168,24 @@ impl HostNetwork for FakeNetwork {
         validate_ifname(overlay)
     }
 
+    async fn set_service_addresses(
+        &self,
+        _vni: Option<u32>,
+        bridge: &str,
+        _overlay: Option<&str>,
+        _addrs: &[std::net::Ipv4Addr],
+    ) -> Result<(), NetError> {
+        validate_ifname(bridge)
+    }
+
+    async fn listen_service(
+        &self,
+        _vni: Option<u32>,
+        _addr: std::net::SocketAddr,
+    ) -> Result<Option<std::net::TcpListener>, NetError> {
+        Ok(None)
+    }
+
     async fn listen_metadata(
         &self,
         _vni: Option<u32>,

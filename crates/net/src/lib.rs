@@ -194,6 +194,29 @@ pub trait HostNetwork: Send + Sync {
     /// [`HostNetwork::steer_mac`] set up (the bridge and the overlay then
     /// learn `mac`'s place again). No error if there is nothing to remove.
     async fn clear_redirect(&self, mac: MacAddr, overlay: &str) -> Result<(), NetError>;
+
+    /// Makes `addrs` (load balancers' virtual addresses) this host's own
+    /// on a VM network, as the gateway is: on `bridge` for the cluster
+    /// network (`vni` none; `overlay` its VXLAN device, if any) or in
+    /// private network `vni`'s router. ARP about them never crosses the
+    /// overlay, so each instance reaches them on its own host. Addresses
+    /// set before and not in `addrs` are removed. Idempotent.
+    async fn set_service_addresses(
+        &self,
+        vni: Option<u32>,
+        bridge: &str,
+        overlay: Option<&str>,
+        addrs: &[Ipv4Addr],
+    ) -> Result<(), NetError>;
+
+    /// Opens a TCP listener on `addr`, one of the service addresses of
+    /// network `vni` (none: the cluster network, where host processes may
+    /// connect too). None where there is no real network.
+    async fn listen_service(
+        &self,
+        vni: Option<u32>,
+        addr: std::net::SocketAddr,
+    ) -> Result<Option<std::net::TcpListener>, NetError>;
 }
 
 /// The tap device name of an instance: `svt` + the id's first 8 hex digits,

@@ -605,6 +605,164 @@ impl HostNetwork for LinuxNetwork {
         .map(Some)
     }
 
+    async fn set_service_addresses(
+        &self,
+        vni: Option<u32>,
+        bridge: &str,
+        overlay: Option<&str>,
+        addrs: &[Ipv4Addr],
+    ) -> Result<(), NetError> {
+        let (namespace, device, vxlan) = match vni {
+            Some(v) => {
+                let d = private_devices(v);
+                (
+                    Some(d.namespace),
+                    ROUTER_GATEWAY_PORT.to_string(),
+                    Some(d.vxlan),
+                )
+            }
+            None => (None, bridge.to_string(), overlay.map(str::to_string)),
+        };
+        validate_ifname(&device)?;
+        // Ours carry a label of their own, so the gateway and the host's
+        // address are never touched.
+        let label = format!("{device}:lb");
+        let ip = |args: Vec<String>| {
+            let mut full: Vec<String> = Vec::new();
+            if let Some(ns) = &namespace {
+                full.extend(["-n".to_string(), ns.clone()]);
+            }
+            full.extend(args);
+            full
+        };
+        let listed = run(
+            "ip",
+            &ip(vec![
+                "-4".into(),
+                "-o".into(),
+                "addr".into(),
+                "show".into(),
+                "dev".into(),
+                device.clone(),
+                "label".into(),
+                label.clone(),
+            ])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+            None,
+        )
+        .await?;
+        let current: Vec<String> = listed
+            .lines()
+            .filter_map(|l| {
+                let mut words = l.split_whitespace();
+                words.find(|w| *w == "inet")?;
+                words.next().map(str::to_string)
+            })
+            .collect();
+        let wanted: Vec<String> = addrs.iter().map(|a| format!("{a}/32")).collect();
+        for old in current.iter().filter(|c| !wanted.contains(c)) {
+            let args = ip(vec![
+                "addr".into(),
+                "del".into(),
+                old.clone(),
+                "dev".into(),
+                device.clone(),
+            ]);
+            run(
+                "ip",
+                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+                None,
+            )
+            .await?;
+        }
+        for new in wanted.iter().filter(|w| !current.contains(w)) {
+            let args = ip(vec![
+                "addr".into(),
+                "replace".into(),
+                new.clone(),
+                "dev".into(),
+                device.clone(),
+                "label".into(),
+                label.clone(),
+            ]);
+            run(
+                "ip",
+                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+                None,
+            )
+            .await?;
+        }
+        // Every host answers for them: ARP about them stays off the overlay.
+        if let Some(vxlan) = vxlan.filter(|v| link_exists(v)) {
+            validate_ifname(&vxlan)?;
+            let table = format!("skyvisor-svc-{vxlan}");
+            let mut rules = String::new();
+            for a in addrs {
+                for dir in ["iifname", "oifname"] {
+                    for field in ["daddr", "saddr"] {
+                        rules.push_str(&format!("{dir} \"{vxlan}\" arp {field} ip {a} drop\n"));
+                    }
+                }
+            }
+            let script = format!(
+                "table bridge {table} {{}}\n\
+                 delete table bridge {table}\n\
+                 table bridge {table} {{\n\
+                   chain forward {{\n\
+                     type filter hook forward priority filter; policy accept;\n\
+                     {rules}\
+                   }}\n\
+                   chain input {{\n\
+                     type filter hook input priority filter; policy accept;\n\
+                     {rules}\
+                   }}\n\
+                   chain output {{\n\
+                     type filter hook output priority filter; policy accept;\n\
+                     {rules}\
+                   }}\n\
+                 }}\n"
+            );
+            run("nft", &["-f", "-"], Some(&script)).await?;
+        }
+        Ok(())
+    }
+
+    async fn listen_service(
+        &self,
+        vni: Option<u32>,
+        addr: std::net::SocketAddr,
+    ) -> Result<Option<std::net::TcpListener>, NetError> {
+        let fail = |e: String| NetError::Command {
+            command: format!("listen on {addr}"),
+            stderr: e,
+        };
+        match vni {
+            Some(v) => {
+                let ns = private_devices(v).namespace;
+                tokio::task::spawn_blocking(move || {
+                    crate::listen_on_device(Some(&ns), addr, ROUTER_GATEWAY_PORT)
+                })
+                .await
+                .map_err(|e| fail(e.to_string()))?
+                .map(Some)
+            }
+            None => {
+                let open = || -> std::io::Result<std::net::TcpListener> {
+                    use socket2::{Domain, Protocol, Socket, Type};
+                    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+                    socket.set_reuse_address(true)?;
+                    socket.bind(&addr.into())?;
+                    socket.listen(1024)?;
+                    socket.set_nonblocking(true)?;
+                    Ok(socket.into())
+                };
+                open().map(Some).map_err(|e| fail(e.to_string()))
+            }
+        }
+    }
+
     async fn clear_redirect(&self, mac: MacAddr, overlay: &str) -> Result<(), NetError> {
         validate_ifname(overlay)?;
         if !link_exists(overlay) {

@@ -139,6 +139,11 @@ const RULES: &[(&str, &str, Rule)] = &[
     ("PATCH", "/v1/groups/{name}", Project(Write)),
     ("DELETE", "/v1/groups/{name}", Project(Write)),
     ("POST", "/v1/groups/{name}/scale", Project(Write)),
+    // Load balancers.
+    ("GET", "/v1/load-balancers", Project(Read)),
+    ("POST", "/v1/load-balancers", Project(Write)),
+    ("GET", "/v1/load-balancers/{name}", Project(Read)),
+    ("DELETE", "/v1/load-balancers/{name}", Project(Write)),
     ("GET", "/v1/keypairs", Project(Read)),
     ("POST", "/v1/keypairs", Project(Write)),
     ("GET", "/v1/keypairs/{name}", Project(Read)),

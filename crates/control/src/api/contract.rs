@@ -274,6 +274,13 @@ pub fn constrain(doc: &mut serde_json::Value) {
             "path",
             json!({"type": "string", "pattern": "^/[!-~]*$", "maxLength": 256}),
         ),
+        ("CreateLoadBalancerRequest", "name", name.clone()),
+        ("CreateLoadBalancerRequest", "group", name.clone()),
+        (
+            "CreateLoadBalancerRequest",
+            "listeners",
+            json!({"type": "array", "items": {"$ref": "#/components/schemas/Listener"}, "minItems": 1, "maxItems": skyvisor_core::lb::MAX_LISTENERS}),
+        ),
         ("CreateKeyPairRequest", "name", name.clone()),
         (
             "CreateKeyPairRequest",

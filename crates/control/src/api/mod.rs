@@ -16,6 +16,7 @@ mod hosts;
 mod images;
 mod instances;
 mod keypairs;
+mod lbs;
 mod metrics;
 mod migrations;
 mod networks;
@@ -173,6 +174,8 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(groups::list, groups::create))
         .routes(routes!(groups::show, groups::update, groups::delete))
         .routes(routes!(groups::scale))
+        .routes(routes!(lbs::list, lbs::create))
+        .routes(routes!(lbs::show, lbs::delete))
         .routes(routes!(keypairs::list, keypairs::create))
         .routes(routes!(keypairs::show, keypairs::delete))
         .routes(routes!(volumes::list, volumes::create))

@@ -18,7 +18,7 @@ use skyvisor_core::{Event, EventKind, GroupName, ObjectKind, ProjectName, keys};
 use skyvisor_store::{Compare, Op, StoreExt, put_json};
 use tracing::{info, warn};
 
-use super::plan::{self, MemberView};
+use super::plan::{self, MemberView, RemoveReason};
 use crate::ControlPlane;
 use crate::error::ApiResult;
 
@@ -53,22 +53,57 @@ async fn step(
         if retry_at.get(&id).is_some_and(|t| Instant::now() < *t) {
             continue;
         }
-        match reconcile(cp, &spec, rev).await {
-            Ok(()) => {
+        let status_key = keys::group_status(&spec.project, &spec.name);
+        let before = cp
+            .store
+            .get_json::<GroupStatus>(&status_key)
+            .await?
+            .map(|(s, _)| s)
+            .unwrap_or_default();
+        let mut status = before.clone();
+        match reconcile(cp, &spec, rev, &mut status).await {
+            Ok(Outcome::Forgotten) => continue,
+            Ok(Outcome::Done) => {
                 retry_at.remove(&id);
+                status.message = None;
             }
             Err(e) => {
                 warn!(project = %spec.project, group = %spec.name, error = %e.message, "group cannot reach its desired state; retrying");
-                note(cp, &spec, Some(e.message)).await;
+                status.message = Some(e.message);
                 retry_at.insert(id, Instant::now() + RETRY_AFTER);
+            }
+        }
+        if status != before {
+            status.updated_at = Some(Utc::now());
+            if let Err(e) = cp
+                .store
+                .txn(vec![], vec![put_json(status_key, &status)])
+                .await
+            {
+                warn!(group = %spec.name, error = %e, "cannot write the group's status");
             }
         }
     }
     Ok(())
 }
 
-/// Carries out one group's plan.
-async fn reconcile(cp: &ControlPlane, spec: &GroupSpec, rev: i64) -> ApiResult<()> {
+/// How a group's step ended.
+enum Outcome {
+    /// Converging (or converged).
+    Done,
+    /// The group was deleted with its last member.
+    Forgotten,
+}
+
+/// Carries out one group's plan. Members leaving a group behind load
+/// balancers are drained first (see [`GroupStatus::draining`]); a broken
+/// one goes at once, it serves nobody.
+async fn reconcile(
+    cp: &ControlPlane,
+    spec: &GroupSpec,
+    rev: i64,
+    status: &mut GroupStatus,
+) -> ApiResult<Outcome> {
     let checked = spec.health_check.is_some();
     let members: Vec<MemberView> = cp
         .group_instances(&spec.project, &spec.name)
@@ -77,7 +112,27 @@ async fn reconcile(cp: &ControlPlane, spec: &GroupSpec, rev: i64) -> ApiResult<(
         .map(|i| MemberView::of(&i.spec, &i.status, checked))
         .collect();
     let plan = plan::plan(spec, &members);
+    let drain = cp
+        .balancers_of(&spec.project, &spec.name)
+        .await?
+        .iter()
+        .map(|b| b.drain_secs)
+        .max()
+        .unwrap_or(0);
+    // A member no longer to be removed (scaled back out) serves again.
+    status
+        .draining
+        .retain(|name, _| plan.remove.iter().any(|(n, _)| n == name));
     for (name, why) in &plan.remove {
+        if drain > 0 && *why != RemoveReason::Replace {
+            let since = *status.draining.entry(name.clone()).or_insert_with(|| {
+                info!(project = %spec.project, group = %spec.name, member = %name, reason = %why, drain, "draining a member");
+                Utc::now()
+            });
+            if (Utc::now() - since).num_milliseconds() < i64::from(drain) * 1000 {
+                continue;
+            }
+        }
         info!(project = %spec.project, group = %spec.name, member = %name, reason = %why, "removing a member");
         match cp.delete_instance(&spec.project, name, true, true).await {
             Ok(_) => record(cp, spec, EventKind::MemberRemoved, format!("{name}: {why}")),
@@ -85,6 +140,7 @@ async fn reconcile(cp: &ControlPlane, spec: &GroupSpec, rev: i64) -> ApiResult<(
             Err(e) if e.code == "not_found" || e.code == "conflict" => {}
             Err(e) => return Err(e),
         }
+        status.draining.remove(name);
     }
     if plan.forget_group {
         let key = keys::group(&spec.project, &spec.name);
@@ -100,8 +156,9 @@ async fn reconcile(cp: &ControlPlane, spec: &GroupSpec, rev: i64) -> ApiResult<(
             .await?;
         if out.succeeded {
             info!(project = %spec.project, group = %spec.name, "group deleted with its last member");
+            return Ok(Outcome::Forgotten);
         }
-        return Ok(());
+        return Ok(Outcome::Done);
     }
     for _ in 0..plan.add {
         let name = member_name(&spec.name);
@@ -117,8 +174,7 @@ async fn reconcile(cp: &ControlPlane, spec: &GroupSpec, rev: i64) -> ApiResult<(
         info!(project = %spec.project, group = %spec.name, member = %name, "made a member");
         record(cp, spec, EventKind::MemberAdded, name);
     }
-    note(cp, spec, None).await;
-    Ok(())
+    Ok(Outcome::Done)
 }
 
 /// A new member's name: the group's and five random characters.
@@ -139,26 +195,4 @@ fn record(cp: &ControlPlane, spec: &GroupSpec, kind: EventKind, message: String)
         spec.name.to_string(),
         message,
     ));
-}
-
-/// Writes why the group is short (or that it is not), when that changed.
-async fn note(cp: &ControlPlane, spec: &GroupSpec, message: Option<String>) {
-    let key = keys::group_status(&spec.project, &spec.name);
-    let old = cp
-        .store
-        .get_json::<GroupStatus>(&key)
-        .await
-        .ok()
-        .flatten()
-        .map(|(s, _)| s);
-    if old.as_ref().map(|s| &s.message) == Some(&message) || (old.is_none() && message.is_none()) {
-        return;
-    }
-    let status = GroupStatus {
-        message,
-        updated_at: Some(Utc::now()),
-    };
-    if let Err(e) = cp.store.txn(vec![], vec![put_json(key, &status)]).await {
-        warn!(group = %spec.name, error = %e, "cannot write the group's status");
-    }
 }

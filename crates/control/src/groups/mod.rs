@@ -365,6 +365,16 @@ impl ControlPlane {
 
     /// Deletes a group: its members go, then the group.
     pub async fn delete_group(&self, project: &ProjectName, name: &str) -> ApiResult<Group> {
+        let (spec, _) = self.group_spec(project, name).await?;
+        let balancers = self.balancers_of(project, &spec.name).await?;
+        if !balancers.is_empty() {
+            let names: Vec<&str> = balancers.iter().map(|b| b.name.as_str()).collect();
+            return Err(ApiError::conflict(format!(
+                "group \"{name}\" is the target of load balancer {}; delete {} first",
+                names.join(", "),
+                if names.len() == 1 { "it" } else { "them" }
+            )));
+        }
         for _ in 0..16 {
             let (mut spec, rev) = self.group_spec(project, name).await?;
             if spec.deleting {

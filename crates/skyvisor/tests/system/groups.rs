@@ -59,7 +59,13 @@ fn a_group_keeps_its_members_serving_replaces_lost_ones_and_scales() {
     ]);
     assert!(err.contains("min"), "{err}");
     let err = cloud.sv_err(&[
-        "group", "create", "web", "--image", "debian-busybox", "--health", "udp:53",
+        "group",
+        "create",
+        "web",
+        "--image",
+        "debian-busybox",
+        "--health",
+        "udp:53",
     ]);
     assert!(err.contains("http:PORT"), "{err}");
     let (st, list) = cloud.api("GET", "/v1/groups", None);
@@ -127,15 +133,19 @@ fn a_group_keeps_its_members_serving_replaces_lost_ones_and_scales() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("kill QEMU");
-    let g = wait_until("both lost members replaced", Duration::from_secs(400), || {
-        let g = group(&cloud);
-        let now = members(&g);
-        (g["healthy"] == 2
-            && now.len() == 2
-            && g["members"].as_array().is_some_and(|m| m.len() == 2)
-            && now.iter().all(|(n, _)| *n != off && *n != killed))
-        .then_some(g)
-    });
+    let g = wait_until(
+        "both lost members replaced",
+        Duration::from_secs(400),
+        || {
+            let g = group(&cloud);
+            let now = members(&g);
+            (g["healthy"] == 2
+                && now.len() == 2
+                && g["members"].as_array().is_some_and(|m| m.len() == 2)
+                && now.iter().all(|(n, _)| *n != off && *n != killed))
+            .then_some(g)
+        },
+    );
     for (name, ip) in members(&g) {
         assert_eq!(guest_json(ip, "/identity")["name"], name.as_str());
     }
@@ -169,5 +179,188 @@ fn a_group_keeps_its_members_serving_replaces_lost_ones_and_scales() {
     assert_eq!(vms.as_array().map(Vec::len), Some(0), "{vms}");
     wait_until("no QEMU left", Duration::from_secs(60), || {
         cloud.qemu_pids().is_empty().then_some(())
+    });
+}
+
+/// What a client saw: when, and which member answered (or the error).
+type Seen = Vec<(std::time::Instant, Result<String, String>)>;
+
+/// A client opening a new connection to `url` every 10 ms until told to
+/// stop, recording every answer.
+fn client(
+    url: String,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<Seen>,
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let mut seen = Seen::new();
+        while !s.load(std::sync::atomic::Ordering::Relaxed) {
+            let at = std::time::Instant::now();
+            let r = match crate::harness::http("GET", &url, None, Duration::from_secs(5)) {
+                Ok((200, body)) => serde_json::from_str::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v["name"].as_str().map(str::to_string))
+                    .ok_or_else(|| format!("not an identity: {body}")),
+                Ok((st, body)) => Err(format!("HTTP {st}: {body}")),
+                Err(e) => Err(e.to_string()),
+            };
+            seen.push((at, r));
+            // The client's pace: one new connection every 10 ms.
+            std::thread::sleep(Duration::from_millis(10).saturating_sub(at.elapsed()));
+        }
+        seen
+    });
+    (stop, handle)
+}
+
+fn failures(seen: &[(std::time::Instant, Result<String, String>)]) -> Vec<String> {
+    seen.iter()
+        .filter_map(|(_, r)| r.as_ref().err().cloned())
+        .collect()
+}
+
+#[test]
+fn a_load_balancer_spreads_over_serving_members_and_loses_nothing_to_updates_or_scale_in() {
+    let cloud = Cloud::start();
+    cloud.sv_json(&[
+        "group",
+        "create",
+        "web",
+        "--image",
+        "debian-busybox",
+        "--type",
+        "nano",
+        "--restart",
+        "never",
+        "--max",
+        "4",
+        "--desired",
+        "3",
+        "--health",
+        "http:80/health",
+        "--health-interval",
+        "1",
+        "--health-grace",
+        "120",
+        "--wait",
+        "--timeout",
+        "400",
+    ]);
+    // Bad input first: an unknown group, a port listed twice.
+    let err = cloud.sv_err(&["lb", "create", "x", "--group", "nope", "--listen", "80"]);
+    assert!(err.contains("group \"nope\" not found"), "{err}");
+    let err = cloud.sv_err(&[
+        "lb", "create", "x", "--group", "web", "--listen", "80", "--listen", "80:81",
+    ]);
+    assert!(err.contains("listed twice"), "{err}");
+    let lb = cloud.sv_json(&[
+        "lb", "create", "web-lb", "--group", "web", "--listen", "80", "--drain", "2",
+    ]);
+    let vip: std::net::Ipv4Addr = lb["spec"]["address"]
+        .as_str()
+        .expect("address")
+        .parse()
+        .expect("ip");
+    // Deleting a group a balancer sends to is refused, naming it.
+    let err = cloud.sv_err(&["group", "delete", "web"]);
+    assert!(err.contains("web-lb"), "{err}");
+    wait_until("3 active backends", Duration::from_secs(60), || {
+        let (_, lb) = cloud.api("GET", "/v1/load-balancers/web-lb", None);
+        (lb["backends"].as_array().map(Vec::len) == Some(3)).then_some(())
+    });
+    let url = format!("http://{vip}/identity");
+
+    // Requests spread over every member.
+    let (stop, handle) = client(url.clone());
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = handle.join().expect("client");
+    assert!(failures(&seen).is_empty(), "{:?}", failures(&seen));
+    let names: HashSet<String> = seen.iter().filter_map(|(_, r)| r.clone().ok()).collect();
+    let g = group(&cloud);
+    let all: HashSet<String> = members(&g).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, all, "every member answered through the balancer");
+
+    // A member's QEMU dies: only requests in flight to it may fail, none
+    // after the health check's window (3 s), and it is replaced.
+    let (stop, handle) = client(url.clone());
+    std::thread::sleep(Duration::from_secs(1));
+    let victim = members(&g)[0].0.clone();
+    let pid = cloud.instance(&victim)["status"]["pid"]
+        .as_u64()
+        .expect("pid") as i32;
+    let killed_at = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill QEMU");
+    settled_without(&cloud, &victim);
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = handle.join().expect("client");
+    let late: Vec<&String> = seen
+        .iter()
+        .filter(|(at, r)| r.is_err() && at.duration_since(killed_at) > Duration::from_secs(3))
+        .filter_map(|(_, r)| r.as_ref().err())
+        .collect();
+    assert!(late.is_empty(), "failed after the window: {late:?}");
+
+    // A rolling update and a scale-in lose no request: a member leaving
+    // gets no new connection and keeps the ones it has.
+    let (stop, handle) = client(url.clone());
+    cloud.sv_ok(&[
+        "group",
+        "update",
+        "web",
+        "--image",
+        "debian-busybox",
+        "--type",
+        "micro",
+        "--restart",
+        "never",
+    ]);
+    wait_until(
+        "every member from the new template",
+        Duration::from_secs(600),
+        || {
+            let g = group(&cloud);
+            let m = g["members"].as_array().expect("members");
+            (g["healthy"] == 3 && m.len() == 3 && m.iter().all(|m| m["template_generation"] == 2))
+                .then_some(())
+        },
+    );
+    cloud.sv_ok(&["group", "scale", "web", "2"]);
+    settled(&cloud, 2, "2 members after scale-in");
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = handle.join().expect("client");
+    assert!(seen.len() > 100, "the client ran: {}", seen.len());
+    assert!(
+        failures(&seen).is_empty(),
+        "{} of {} requests failed during the update and scale-in: {:?}",
+        failures(&seen).len(),
+        seen.len(),
+        failures(&seen)
+    );
+
+    cloud.sv_ok(&["lb", "delete", "web-lb"]);
+    cloud.sv_ok(&["group", "delete", "web", "--wait"]);
+    let (_, list) = cloud.api("GET", "/v1/load-balancers", None);
+    assert_eq!(list.as_array().map(Vec::len), Some(0));
+}
+
+/// Waits until `gone` is no longer a member and 3 healthy members serve.
+fn settled_without(cloud: &Cloud, gone: &str) {
+    wait_until("the dead member replaced", Duration::from_secs(400), || {
+        let g = group(cloud);
+        (g["healthy"] == 3
+            && g["members"]
+                .as_array()
+                .is_some_and(|m| m.len() == 3 && m.iter().all(|m| m["name"] != gone)))
+        .then_some(())
     });
 }

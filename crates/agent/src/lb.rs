@@ -1,0 +1,385 @@
+//! This host's part of every load balancer's datapath. The datapath is
+//! distributed: each host answers for every balancer's address on its own
+//! bridge (or private network router), the way each carries the gateway,
+//! and proxies the connections of its own instances (and host processes)
+//! to the balancer's backends. No host is in the path of another host's
+//! clients, so a host's death takes no balancer down.
+//!
+//! The agent follows `lb-backends/` (written by the leader from the
+//! groups' members and their health): it sets the addresses, opens a
+//! listener per port, and picks a backend per connection (round robin or
+//! fewest open connections from this host) among the active ones. A
+//! backend that does not accept within [`CONNECT_TIMEOUT`] is skipped for
+//! the next one, so a member that just died costs its clients no failed
+//! connection before its health check removes it. Draining backends get
+//! no new connections and keep the ones they have.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use skyvisor_core::keys;
+use skyvisor_core::lb::{BackendState, LbAlgorithm, LbBackends};
+use skyvisor_store::{WatchEvent, decode};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use tracing::{debug, info, warn};
+
+use crate::AgentContext;
+
+/// How long a backend has to accept a connection before the next is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often addresses and listeners are checked again (a private
+/// network set up or removed meanwhile).
+const RECHECK: Duration = Duration::from_secs(5);
+
+/// One backend as a listener sees it.
+#[derive(Debug)]
+struct Slot {
+    ip: Ipv4Addr,
+    state: BackendState,
+    /// Connections open to it from this host.
+    open: Arc<AtomicU64>,
+}
+
+/// A balancer's backends and how to pick among them.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    algorithm: std::sync::Mutex<LbAlgorithm>,
+    slots: std::sync::RwLock<Vec<Slot>>,
+    next: AtomicUsize,
+    vni: Option<u32>,
+}
+
+impl Pool {
+    fn new(vni: Option<u32>) -> Self {
+        Self {
+            algorithm: std::sync::Mutex::new(LbAlgorithm::RoundRobin),
+            slots: std::sync::RwLock::new(Vec::new()),
+            next: AtomicUsize::new(0),
+            vni,
+        }
+    }
+
+    /// Takes the backends of `doc`, keeping the open-connection counts of
+    /// those that stay.
+    fn update(&self, doc: &LbBackends) {
+        *self.algorithm.lock().unwrap_or_else(|p| p.into_inner()) = doc.spec.algorithm;
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        let mut kept: Vec<Slot> = Vec::new();
+        for b in &doc.backends {
+            let open = slots
+                .iter()
+                .find(|s| s.ip == b.ip)
+                .map(|s| s.open.clone())
+                .unwrap_or_default();
+            kept.push(Slot {
+                ip: b.ip,
+                state: b.state,
+                open,
+            });
+        }
+        *slots = kept;
+    }
+
+    /// The active backends in the order to try them for a new connection.
+    pub(crate) fn order(&self) -> Vec<(Ipv4Addr, Arc<AtomicU64>)> {
+        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        let mut active: Vec<(Ipv4Addr, Arc<AtomicU64>)> = slots
+            .iter()
+            .filter(|s| s.state == BackendState::Active)
+            .map(|s| (s.ip, s.open.clone()))
+            .collect();
+        if active.is_empty() {
+            return active;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % active.len();
+        active.rotate_left(start);
+        if *self.algorithm.lock().unwrap_or_else(|p| p.into_inner())
+            == LbAlgorithm::LeastConnections
+        {
+            // Stable: among equals, round robin's order.
+            active.sort_by_key(|(_, open)| open.load(Ordering::Relaxed));
+        }
+        active
+    }
+}
+
+/// A balancer served here.
+struct Served {
+    doc: LbBackends,
+    pool: Arc<Pool>,
+    listeners: BTreeMap<u16, tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        for l in self.listeners.values() {
+            l.abort();
+        }
+    }
+}
+
+/// Every balancer this host serves.
+#[derive(Default)]
+pub struct LoadBalancers {
+    served: Mutex<BTreeMap<String, Served>>,
+}
+
+impl LoadBalancers {
+    /// Serves exactly `docs` (by key): addresses, listeners, backends.
+    async fn apply(&self, ctx: &AgentContext, docs: &BTreeMap<String, LbBackends>) {
+        let mut served = self.served.lock().await;
+        served.retain(|k, s| {
+            let keep = docs.get(k).is_some_and(|d| {
+                d.spec.address == s.doc.spec.address
+                    && d.spec.vni == s.doc.spec.vni
+                    && d.spec.listeners == s.doc.spec.listeners
+            });
+            if !keep {
+                info!(balancer = %k, "load balancer no longer served here as it was");
+            }
+            keep
+        });
+        // The addresses, network by network (the cluster network always;
+        // a private network where this host carries it).
+        let mut by_net: BTreeMap<Option<u32>, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+        by_net.entry(None).or_default();
+        for d in docs.values() {
+            by_net.entry(d.spec.vni).or_default().insert(d.spec.address);
+        }
+        let mut ready: BTreeSet<Option<u32>> = BTreeSet::new();
+        for (vni, addrs) in &by_net {
+            if let Some(v) = vni
+                && !ctx.private_nets.carries(*v).await
+            {
+                continue;
+            }
+            let addrs: Vec<Ipv4Addr> = addrs.iter().copied().collect();
+            let overlay = ctx.private_nets.overlay_device(*vni);
+            match ctx
+                .network
+                .set_service_addresses(*vni, &ctx.bridge, overlay.as_deref(), &addrs)
+                .await
+            {
+                Ok(()) => {
+                    ready.insert(*vni);
+                }
+                Err(e) => warn!(vni = ?vni, error = %e, "cannot set load balancer addresses"),
+            }
+        }
+        for (key, doc) in docs {
+            if !ready.contains(&doc.spec.vni) {
+                served.remove(key);
+                continue;
+            }
+            let s = served.entry(key.clone()).or_insert_with(|| Served {
+                doc: doc.clone(),
+                pool: Arc::new(Pool::new(doc.spec.vni)),
+                listeners: BTreeMap::new(),
+            });
+            s.doc = doc.clone();
+            s.pool.update(doc);
+            for l in &doc.spec.listeners {
+                if s.listeners.get(&l.port).is_some_and(|h| !h.is_finished()) {
+                    continue;
+                }
+                let addr = SocketAddr::from((doc.spec.address, l.port));
+                match ctx.network.listen_service(doc.spec.vni, addr).await {
+                    Ok(Some(listener)) => match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            info!(balancer = %key, %addr, target = l.target(), "load balancer listening");
+                            s.listeners.insert(
+                                l.port,
+                                tokio::spawn(serve(listener, s.pool.clone(), l.target())),
+                            );
+                        }
+                        Err(e) => warn!(%addr, error = %e, "cannot use a balancer's listener"),
+                    },
+                    Ok(None) => {}
+                    Err(e) => warn!(%addr, error = %e, "cannot listen for a load balancer"),
+                }
+            }
+        }
+    }
+}
+
+/// Accepts a listener's connections and proxies each to a backend.
+async fn serve(listener: tokio::net::TcpListener, pool: Arc<Pool>, target: u16) {
+    loop {
+        let (client, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(error = %e, "accept failed");
+                // A burst of failures (no file descriptors) must not spin.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let _ = client.set_nodelay(true);
+            for (ip, open) in pool.order() {
+                let addr = SocketAddr::from((ip, target));
+                let Some(backend) = connect(pool.vni, addr).await else {
+                    debug!(%addr, "backend did not accept; trying the next");
+                    continue;
+                };
+                let _ = backend.set_nodelay(true);
+                open.fetch_add(1, Ordering::Relaxed);
+                let (mut c, mut b) = (client, backend);
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+                open.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+            debug!(%peer, "no backend accepted; closing the connection");
+        });
+    }
+}
+
+async fn connect(vni: Option<u32>, addr: SocketAddr) -> Option<TcpStream> {
+    match vni {
+        None => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .ok()?
+            .ok(),
+        Some(v) => {
+            let ns = skyvisor_net::private_devices(v).namespace;
+            skyvisor_net::connect_in_namespace(&ns, addr, CONNECT_TIMEOUT)
+                .await
+                .ok()
+        }
+    }
+}
+
+/// Follows `lb-backends/` and serves what it says, for as long as the
+/// agent runs.
+pub async fn follow(ctx: Arc<AgentContext>) {
+    let mut recheck = tokio::time::interval(RECHECK);
+    loop {
+        let (mut docs, revision) = match ctx.store.list(keys::LB_BACKENDS).await {
+            Ok(listing) => {
+                let docs: BTreeMap<String, LbBackends> = listing
+                    .items
+                    .iter()
+                    .filter_map(|kv| Some((kv.key.clone(), decode::<LbBackends>(kv).ok()?)))
+                    .collect();
+                (docs, listing.revision)
+            }
+            Err(e) => {
+                debug!(error = %e, "cannot read load balancers; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        ctx.load_balancers.apply(&ctx, &docs).await;
+        let mut stream = match ctx.store.watch(keys::LB_BACKENDS, revision + 1).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "cannot watch load balancers; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        loop {
+            tokio::select! {
+                event = stream.next() => {
+                    match event {
+                        Some(Ok(WatchEvent::Put(kv))) => {
+                            if let Ok(doc) = decode::<LbBackends>(&kv) {
+                                docs.insert(kv.key.clone(), doc);
+                            }
+                        }
+                        Some(Ok(WatchEvent::Delete { key, .. })) => {
+                            docs.remove(&key);
+                        }
+                        Some(Err(e)) => {
+                            debug!(error = %e, "load balancer watch broke; reading again");
+                            break;
+                        }
+                        None => break,
+                    }
+                    ctx.load_balancers.apply(&ctx, &docs).await;
+                }
+                _ = recheck.tick() => ctx.load_balancers.apply(&ctx, &docs).await,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skyvisor_core::lb::{Backend, Listener, LoadBalancerSpec};
+
+    fn doc(algorithm: LbAlgorithm, backends: &[(u8, BackendState)]) -> LbBackends {
+        LbBackends {
+            spec: LoadBalancerSpec {
+                project: skyvisor_core::ProjectName::new("p").expect("p"),
+                name: "lb".into(),
+                group: skyvisor_core::GroupName::new("web").expect("g"),
+                listeners: vec![Listener {
+                    port: 80,
+                    target_port: None,
+                }],
+                algorithm,
+                drain_secs: 10,
+                address: Ipv4Addr::new(10, 0, 0, 200),
+                network: "default".into(),
+                vni: None,
+                created_at: chrono::Utc::now(),
+            },
+            backends: backends
+                .iter()
+                .map(|(n, state)| Backend {
+                    member: format!("web-{n}"),
+                    ip: Ipv4Addr::new(10, 0, 0, *n),
+                    state: *state,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn round_robin_takes_each_active_backend_in_turn_and_skips_draining_ones() {
+        let pool = Pool::new(None);
+        pool.update(&doc(
+            LbAlgorithm::RoundRobin,
+            &[
+                (1, BackendState::Active),
+                (2, BackendState::Draining),
+                (3, BackendState::Active),
+            ],
+        ));
+        let firsts: Vec<u8> = (0..4).map(|_| pool.order()[0].0.octets()[3]).collect();
+        assert_eq!(firsts, [1, 3, 1, 3]);
+        // Each order lists every active backend, to fall back on.
+        assert_eq!(pool.order().len(), 2);
+    }
+
+    #[test]
+    fn least_connections_prefers_the_least_loaded_and_counts_survive_updates() {
+        let pool = Pool::new(None);
+        let d = doc(
+            LbAlgorithm::LeastConnections,
+            &[(1, BackendState::Active), (2, BackendState::Active)],
+        );
+        pool.update(&d);
+        let busy = pool
+            .order()
+            .into_iter()
+            .find(|(ip, _)| ip.octets()[3] == 1)
+            .expect("1")
+            .1;
+        busy.fetch_add(5, Ordering::Relaxed);
+        pool.update(&d);
+        for _ in 0..4 {
+            assert_eq!(pool.order()[0].0.octets()[3], 2);
+        }
+        pool.update(&doc(LbAlgorithm::LeastConnections, &[]));
+        assert!(pool.order().is_empty());
+    }
+}

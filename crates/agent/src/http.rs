@@ -182,7 +182,10 @@ pub async fn read_slice(
 /// `host top` (members only, like every route here).
 async fn samples(State(ctx): State<Arc<AgentContext>>) -> impl IntoResponse {
     match ctx.metrics.samples().await {
-        Some(s) => Json(s).into_response(),
+        Some(mut s) => {
+            s.lb_connections = ctx.load_balancers.connections();
+            Json(s).into_response()
+        }
         None => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "this agent's host name is not a valid name",

@@ -127,9 +127,31 @@ impl Drop for Served {
 #[derive(Default)]
 pub struct LoadBalancers {
     served: Mutex<BTreeMap<String, Served>>,
+    /// Connections sent to a backend, per balancer (`project/name`).
+    connections: std::sync::Mutex<BTreeMap<String, Arc<AtomicU64>>>,
 }
 
 impl LoadBalancers {
+    /// Connections this host sent to a backend, per balancer, since the
+    /// agent started (the autoscaler's requests-per-member figure).
+    pub fn connections(&self) -> BTreeMap<String, u64> {
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    fn counter(&self, doc: &LbBackends) -> Arc<AtomicU64> {
+        self.connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(format!("{}/{}", doc.spec.project, doc.spec.name))
+            .or_default()
+            .clone()
+    }
+
     /// Serves exactly `docs` (by key): addresses, listeners, backends.
     async fn apply(&self, ctx: &AgentContext, docs: &BTreeMap<String, LbBackends>) {
         let mut served = self.served.lock().await;
@@ -192,9 +214,10 @@ impl LoadBalancers {
                     Ok(Some(listener)) => match tokio::net::TcpListener::from_std(listener) {
                         Ok(listener) => {
                             info!(balancer = %key, %addr, target = l.target(), "load balancer listening");
+                            let counted = self.counter(doc);
                             s.listeners.insert(
                                 l.port,
-                                tokio::spawn(serve(listener, s.pool.clone(), l.target())),
+                                tokio::spawn(serve(listener, s.pool.clone(), l.target(), counted)),
                             );
                         }
                         Err(e) => warn!(%addr, error = %e, "cannot use a balancer's listener"),
@@ -208,7 +231,12 @@ impl LoadBalancers {
 }
 
 /// Accepts a listener's connections and proxies each to a backend.
-async fn serve(listener: tokio::net::TcpListener, pool: Arc<Pool>, target: u16) {
+async fn serve(
+    listener: tokio::net::TcpListener,
+    pool: Arc<Pool>,
+    target: u16,
+    counted: Arc<AtomicU64>,
+) {
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -219,7 +247,7 @@ async fn serve(listener: tokio::net::TcpListener, pool: Arc<Pool>, target: u16) 
                 continue;
             }
         };
-        let pool = pool.clone();
+        let (pool, counted) = (pool.clone(), counted.clone());
         tokio::spawn(async move {
             let _ = client.set_nodelay(true);
             for (ip, open) in pool.order() {
@@ -229,6 +257,7 @@ async fn serve(listener: tokio::net::TcpListener, pool: Arc<Pool>, target: u16) 
                     continue;
                 };
                 let _ = backend.set_nodelay(true);
+                counted.fetch_add(1, Ordering::Relaxed);
                 open.fetch_add(1, Ordering::Relaxed);
                 let (mut c, mut b) = (client, backend);
                 let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;

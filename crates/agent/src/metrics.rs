@@ -454,6 +454,7 @@ impl AgentMetrics {
         Some(AgentSamples {
             host: host_view,
             vms,
+            lb_connections: Default::default(),
         })
     }
 

@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use reqwest::Method;
 use skyvisor_core::api::CreateInstanceRequest;
 use skyvisor_core::group::{
-    CreateGroupRequest, Group, HealthCheck, ScaleGroupRequest, UpdateGroupRequest,
+    CreateGroupRequest, Group, HealthCheck, ScaleGroupRequest, ScheduledSize, UpdateGroupRequest,
 };
 
 use crate::client::{Client, path_segment};
@@ -215,6 +215,34 @@ pub enum GroupCommand {
         #[command(flatten)]
         health: HealthArgs,
     },
+    /// Make the group size itself: by target vCPU utilisation, target new
+    /// connections per second per member (through its load balancers), or
+    /// a schedule; --off removes the policy.
+    Autoscale {
+        /// The group.
+        name: String,
+        /// Target average vCPU utilisation of the members, percent.
+        #[arg(long)]
+        target_cpu: Option<u32>,
+        /// Target new connections per second per member.
+        #[arg(long)]
+        target_rps: Option<u32>,
+        /// A scheduled size, HH:MM=N (UTC, daily; repeatable).
+        #[arg(long = "at", value_name = "HH:MM=N")]
+        schedule: Vec<String>,
+        /// Seconds the metrics are averaged over (default 60).
+        #[arg(long)]
+        window: Option<u32>,
+        /// Seconds after a change before scaling out again (default 60).
+        #[arg(long)]
+        out_cooldown: Option<u32>,
+        /// Seconds after a change before scaling in (default 300).
+        #[arg(long)]
+        in_cooldown: Option<u32>,
+        /// Remove the policy: the group keeps its desired size.
+        #[arg(long, conflicts_with_all = ["target_cpu", "target_rps", "schedule"])]
+        off: bool,
+    },
     /// Delete a group and its members.
     #[command(alias = "rm")]
     Delete {
@@ -268,6 +296,31 @@ fn print_one(format: OutputFormat, g: &Group) {
             ("health check", health),
             ("template", format!("generation {}", s.template_generation)),
         ];
+        if let Some(a) = &s.autoscale {
+            let mut parts = Vec::new();
+            if let Some(c) = a.target_cpu_percent {
+                parts.push(format!("vCPU {c}%"));
+            }
+            if let Some(r) = a.target_requests_per_member {
+                parts.push(format!("{r} conn/s per member"));
+            }
+            for z in &a.schedule {
+                parts.push(format!("{} at {}", z.desired, z.at));
+            }
+            rows.push(("autoscale", parts.join(", ")));
+        }
+        if let Some(d) = &g.autoscaled {
+            rows.push((
+                "last scaled",
+                format!(
+                    "{} -> {} at {}: {}",
+                    d.from,
+                    d.to,
+                    d.at.format("%H:%M:%S"),
+                    d.reason
+                ),
+            ));
+        }
         if s.deleting {
             rows.push(("state", "deleting".into()));
         }
@@ -355,6 +408,7 @@ pub async fn group(client: &Client, format: OutputFormat, cmd: GroupCommand) -> 
                 max,
                 desired,
                 health_check: health.check()?,
+                autoscale: None,
             };
             // Right after `skyvisor up` the image may still be building.
             let needs = Needs {
@@ -423,6 +477,50 @@ pub async fn group(client: &Client, format: OutputFormat, cmd: GroupCommand) -> 
                 health_check: health.check()?,
             };
             let g: Group = client.call(Method::PATCH, &path(&name), Some(&req)).await?;
+            print_one(format, &g);
+        }
+        GroupCommand::Autoscale {
+            name,
+            target_cpu,
+            target_rps,
+            schedule,
+            window,
+            out_cooldown,
+            in_cooldown,
+            off,
+        } => {
+            let url = format!("{}/autoscale", path(&name));
+            let g: Group = if off {
+                client.call::<(), Group>(Method::DELETE, &url, None).await?
+            } else {
+                let mut sizes = Vec::new();
+                for s in &schedule {
+                    let Some((at, n)) = s.split_once('=') else {
+                        bail!("--at {s:?} is not HH:MM=N");
+                    };
+                    let desired = n
+                        .parse()
+                        .map_err(|_| anyhow::anyhow!("--at {s:?}: N is not a number"))?;
+                    sizes.push(ScheduledSize {
+                        at: at.to_string(),
+                        desired,
+                    });
+                }
+                // The server fills the defaults and checks every field.
+                let mut body = serde_json::json!({ "schedule": sizes });
+                for (k, v) in [
+                    ("target_cpu_percent", target_cpu),
+                    ("target_requests_per_member", target_rps),
+                    ("window_secs", window),
+                    ("scale_out_cooldown_secs", out_cooldown),
+                    ("scale_in_cooldown_secs", in_cooldown),
+                ] {
+                    if let Some(v) = v {
+                        body[k] = v.into();
+                    }
+                }
+                client.call(Method::PUT, &url, Some(&body)).await?
+            };
             print_one(format, &g);
         }
         GroupCommand::Delete {

@@ -235,6 +235,7 @@ impl ControlPlane {
         tokio::spawn(ha::run(self.clone()));
         tokio::spawn(groups::controller::run(self.clone()));
         tokio::spawn(lbs::run(self.clone()));
+        tokio::spawn(groups::autoscale::run(self.clone()));
         tokio::spawn(firewall::run(self.clone()));
         tokio::spawn(audit::run_retention(self.clone()));
         tokio::spawn(events::run_retention(self.clone()));

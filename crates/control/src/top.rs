@@ -14,7 +14,10 @@ use crate::ControlPlane;
 const ASK_DEADLINE: Duration = Duration::from_secs(3);
 
 impl ControlPlane {
-    async fn ask_agents(&self, hosts: Vec<HostName>) -> (Vec<AgentSamples>, Vec<String>) {
+    pub(crate) async fn ask_agents(
+        &self,
+        hosts: Vec<HostName>,
+    ) -> (Vec<AgentSamples>, Vec<String>) {
         let asks = hosts.into_iter().map(|name| async move {
             let Some(entry) = self.inventory.host(&name).await else {
                 return Err(format!("{name}: not registered"));

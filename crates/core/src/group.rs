@@ -253,6 +253,9 @@ pub struct CreateGroupRequest {
     /// How members' health is checked; none: a member that runs is healthy.
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
+    /// How the group sizes itself; none: it keeps `desired`.
+    #[serde(default)]
+    pub autoscale: Option<AutoscalePolicy>,
 }
 
 /// Body of `POST /v1/groups/{name}/scale`.
@@ -286,6 +289,134 @@ pub struct UpdateGroupRequest {
     pub health_check: Option<HealthCheck>,
 }
 
+/// A scheduled size: every day at `at` (UTC, `HH:MM`) the group's desired
+/// size becomes `desired` (within min and max).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduledSize {
+    /// Time of day, UTC, `HH:MM`.
+    pub at: String,
+    /// The desired size from then on.
+    #[schema(maximum = 100)]
+    pub desired: u32,
+}
+
+impl ScheduledSize {
+    /// Minutes after midnight UTC, or why `at` is not `HH:MM`.
+    pub fn minute_of_day(&self) -> Result<u32, ValidationError> {
+        let bad = || {
+            ValidationError::new(
+                "autoscale.schedule.at",
+                format!("{:?}; allowed: HH:MM, 00:00 to 23:59 (UTC)", self.at),
+            )
+        };
+        let (h, m) = self.at.split_once(':').ok_or_else(bad)?;
+        if h.len() != 2 || m.len() != 2 {
+            return Err(bad());
+        }
+        let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+        if h > 23 || m > 59 {
+            return Err(bad());
+        }
+        Ok(h * 60 + m)
+    }
+}
+
+/// How a group sizes itself. Each metric proposes a size (members needed
+/// to bring it to its target); the largest proposal wins, within min and
+/// max. Out only after `scale_out_cooldown_secs` since the last change,
+/// in only after `scale_in_cooldown_secs` and only while every member
+/// serves. Every decision is an event with the numbers that drove it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AutoscalePolicy {
+    /// Target average vCPU utilisation of the serving members, percent
+    /// (1 to 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100)]
+    pub target_cpu_percent: Option<u32>,
+    /// Target new connections per second per serving member, counted by
+    /// the group's load balancers (1 to 100000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100000)]
+    pub target_requests_per_member: Option<u32>,
+    /// Sizes by time of day.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedule: Vec<ScheduledSize>,
+    /// Seconds the metrics are averaged over (10 to 3600, default 60).
+    #[serde(default = "default_window")]
+    #[schema(minimum = 10, maximum = 3600)]
+    pub window_secs: u32,
+    /// Seconds after a change before scaling out again (0 to 3600,
+    /// default 60).
+    #[serde(default = "default_out_cooldown")]
+    #[schema(maximum = 3600)]
+    pub scale_out_cooldown_secs: u32,
+    /// Seconds after a change before scaling in (0 to 3600, default 300).
+    #[serde(default = "default_in_cooldown")]
+    #[schema(maximum = 3600)]
+    pub scale_in_cooldown_secs: u32,
+}
+
+fn default_window() -> u32 {
+    60
+}
+fn default_out_cooldown() -> u32 {
+    60
+}
+fn default_in_cooldown() -> u32 {
+    300
+}
+
+impl AutoscalePolicy {
+    /// Checks every field; the error names it.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        let range = |field: &str, v: u32, lo: u32, hi: u32| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(ValidationError::new(
+                    format!("autoscale.{field}"),
+                    format!("{v}; allowed: {lo} to {hi}"),
+                ))
+            }
+        };
+        if self.target_cpu_percent.is_none()
+            && self.target_requests_per_member.is_none()
+            && self.schedule.is_empty()
+        {
+            return Err(ValidationError::new(
+                "autoscale",
+                "no policy: give target_cpu_percent, target_requests_per_member or a schedule",
+            ));
+        }
+        if let Some(c) = self.target_cpu_percent {
+            range("target_cpu_percent", c, 1, 100)?;
+        }
+        if let Some(r) = self.target_requests_per_member {
+            range("target_requests_per_member", r, 1, 100_000)?;
+        }
+        range("window_secs", self.window_secs, 10, 3600)?;
+        range(
+            "scale_out_cooldown_secs",
+            self.scale_out_cooldown_secs,
+            0,
+            3600,
+        )?;
+        range(
+            "scale_in_cooldown_secs",
+            self.scale_in_cooldown_secs,
+            0,
+            3600,
+        )?;
+        for s in &self.schedule {
+            s.minute_of_day()?;
+            range("schedule.desired", s.desired, 0, MAX_GROUP_SIZE)?;
+        }
+        Ok(())
+    }
+}
+
 /// A group as stored: the desired state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct GroupSpec {
@@ -312,6 +443,9 @@ pub struct GroupSpec {
     /// Set once deletion was asked: members go, then the group.
     #[serde(default)]
     pub deleting: bool,
+    /// How it sizes itself, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<AutoscalePolicy>,
     /// When it was made.
     pub created_at: DateTime<Utc>,
 }
@@ -373,6 +507,9 @@ pub struct Group {
     /// quota...): the controller keeps trying.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The autoscaler's last decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaled: Option<AutoscaleDecision>,
 }
 
 /// The controller's note on a group, kept in the store.
@@ -389,6 +526,22 @@ pub struct GroupStatus {
     /// When written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<DateTime<Utc>>,
+    /// The autoscaler's last decision, with its numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<AutoscaleDecision>,
+}
+
+/// What the autoscaler last decided for a group, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AutoscaleDecision {
+    /// When.
+    pub at: DateTime<Utc>,
+    /// The desired size before.
+    pub from: u32,
+    /// The desired size after.
+    pub to: u32,
+    /// The numbers that drove it, for people.
+    pub reason: String,
 }
 
 #[cfg(test)]

@@ -84,6 +84,10 @@ pub struct AgentSamples {
     pub host: HostSample,
     /// Its VMs.
     pub vms: Vec<VmSample>,
+    /// Connections this host's datapath sent to a backend, per load
+    /// balancer (`project/name`), since the agent started.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub lb_connections: std::collections::BTreeMap<String, u64>,
 }
 
 /// `GET /v1/top/instances` and `/v1/top/hosts`: samples, and the hosts

@@ -139,6 +139,8 @@ const RULES: &[(&str, &str, Rule)] = &[
     ("PATCH", "/v1/groups/{name}", Project(Write)),
     ("DELETE", "/v1/groups/{name}", Project(Write)),
     ("POST", "/v1/groups/{name}/scale", Project(Write)),
+    ("PUT", "/v1/groups/{name}/autoscale", Project(Write)),
+    ("DELETE", "/v1/groups/{name}/autoscale", Project(Write)),
     // Load balancers.
     ("GET", "/v1/load-balancers", Project(Read)),
     ("POST", "/v1/load-balancers", Project(Write)),

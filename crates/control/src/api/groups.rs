@@ -4,7 +4,9 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use skyvisor_core::api::ErrorBody;
-use skyvisor_core::group::{CreateGroupRequest, Group, ScaleGroupRequest, UpdateGroupRequest};
+use skyvisor_core::group::{
+    AutoscalePolicy, CreateGroupRequest, Group, ScaleGroupRequest, UpdateGroupRequest,
+};
 
 use super::ApiJson;
 use crate::ControlPlane;
@@ -82,6 +84,37 @@ pub(super) async fn scale(
     ApiJson(req): ApiJson<ScaleGroupRequest>,
 ) -> ApiResult<Json<Group>> {
     Ok(Json(cp.scale_group(&caller.project, &name, req).await?))
+}
+
+/// Sets the group's autoscaling policy (it replaces the one it had).
+#[utoipa::path(put, path = "/v1/groups/{name}/autoscale", tag = "groups",
+    params(("name" = String, Path, description = "group name")),
+    request_body = AutoscalePolicy,
+    responses((status = 200, body = Group), (status = 404, body = ErrorBody)))]
+pub(super) async fn set_autoscale(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    ApiJson(policy): ApiJson<AutoscalePolicy>,
+) -> ApiResult<Json<Group>> {
+    Ok(Json(
+        cp.set_group_autoscale(&caller.project, &name, Some(policy))
+            .await?,
+    ))
+}
+
+/// Removes the group's autoscaling policy: it keeps its desired size.
+#[utoipa::path(delete, path = "/v1/groups/{name}/autoscale", tag = "groups",
+    params(("name" = String, Path, description = "group name")),
+    responses((status = 200, body = Group), (status = 404, body = ErrorBody)))]
+pub(super) async fn remove_autoscale(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Group>> {
+    Ok(Json(
+        cp.set_group_autoscale(&caller.project, &name, None).await?,
+    ))
 }
 
 /// Deletes a group: its members are deleted, then the group. Poll until

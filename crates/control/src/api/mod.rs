@@ -174,6 +174,7 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(groups::list, groups::create))
         .routes(routes!(groups::show, groups::update, groups::delete))
         .routes(routes!(groups::scale))
+        .routes(routes!(groups::set_autoscale, groups::remove_autoscale))
         .routes(routes!(lbs::list, lbs::create))
         .routes(routes!(lbs::show, lbs::delete))
         .routes(routes!(keypairs::list, keypairs::create))

@@ -6,6 +6,7 @@
 //! A member is an ordinary instance of the group's project whose spec
 //! names the group; the API never makes members itself.
 
+pub(crate) mod autoscale;
 pub(crate) mod controller;
 pub mod plan;
 
@@ -14,8 +15,8 @@ use std::collections::HashMap;
 use chrono::Utc;
 use skyvisor_core::api::CreateInstanceRequest;
 use skyvisor_core::group::{
-    CreateGroupRequest, Group, GroupMember, GroupSpec, GroupStatus, HealthCheck, HealthState,
-    ScaleGroupRequest, UpdateGroupRequest, validate_sizes,
+    AutoscalePolicy, CreateGroupRequest, Group, GroupMember, GroupSpec, GroupStatus, HealthCheck,
+    HealthState, ScaleGroupRequest, UpdateGroupRequest, validate_sizes,
 };
 use skyvisor_core::{
     Event, EventKind, GroupName, HostName, ImageName, Instance, ObjectKind, ProjectName,
@@ -81,6 +82,27 @@ fn check_template(t: &CreateInstanceRequest) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// A policy in a few words, for events.
+fn describe(p: &AutoscalePolicy) -> String {
+    let mut parts = Vec::new();
+    if let Some(c) = p.target_cpu_percent {
+        parts.push(format!("vCPU {c}%"));
+    }
+    if let Some(r) = p.target_requests_per_member {
+        parts.push(format!("{r} connections/s per member"));
+    }
+    if !p.schedule.is_empty() {
+        parts.push(format!("{} scheduled sizes", p.schedule.len()));
+    }
+    format!(
+        "{} (window {} s, cooldowns out {} s, in {} s)",
+        parts.join(", "),
+        p.window_secs,
+        p.scale_out_cooldown_secs,
+        p.scale_in_cooldown_secs
+    )
+}
+
 fn check_name(name: &str) -> ApiResult<GroupName> {
     let group = GroupName::new(name)?;
     if name.len() > MAX_GROUP_NAME {
@@ -113,6 +135,9 @@ impl ControlPlane {
         let name = check_name(&req.name)?;
         check_template(&req.template)?;
         check_health(&req.health_check)?;
+        if let Some(a) = &req.autoscale {
+            a.validate()?;
+        }
         let min = req.min.unwrap_or(1);
         let desired = req.desired.unwrap_or(min);
         let max = req.max.unwrap_or(min.max(desired).max(1));
@@ -156,6 +181,7 @@ impl ControlPlane {
             desired,
             health_check: req.health_check,
             deleting: false,
+            autoscale: req.autoscale,
             created_at: Utc::now(),
         };
         let key = keys::group(project, &name);
@@ -363,6 +389,26 @@ impl ControlPlane {
         .await
     }
 
+    /// Sets (or, with none, removes) a group's autoscaling policy.
+    pub async fn set_group_autoscale(
+        &self,
+        project: &ProjectName,
+        name: &str,
+        policy: Option<AutoscalePolicy>,
+    ) -> ApiResult<Group> {
+        if let Some(p) = &policy {
+            p.validate()?;
+        }
+        self.change_group(project, name, EventKind::Updated, |spec| {
+            spec.autoscale = policy.clone();
+            Ok(match &policy {
+                Some(p) => format!("autoscaling set: {}", describe(p)),
+                None => "autoscaling removed: the group keeps its desired size".to_string(),
+            })
+        })
+        .await
+    }
+
     /// Deletes a group: its members go, then the group.
     pub async fn delete_group(&self, project: &ProjectName, name: &str) -> ApiResult<Group> {
         let (spec, _) = self.group_spec(project, name).await?;
@@ -481,6 +527,7 @@ impl ControlPlane {
             spec,
             members,
             healthy,
+            autoscaled: status.as_ref().and_then(|s| s.autoscale.clone()),
             message: status.and_then(|s| s.message),
         }
     }

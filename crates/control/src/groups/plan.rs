@@ -213,6 +213,7 @@ mod tests {
             desired,
             health_check: None,
             deleting: false,
+            autoscale: None,
             created_at: Utc::now(),
         }
     }

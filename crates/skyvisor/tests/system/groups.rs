@@ -364,3 +364,101 @@ fn settled_without(cloud: &Cloud, gone: &str) {
         .then_some(())
     });
 }
+
+#[test]
+fn a_load_step_makes_the_autoscaler_add_members_that_take_traffic() {
+    let cloud = Cloud::start_with(crate::harness::CloudOptions {
+        extra_env: vec![(
+            "RUST_LOG".into(),
+            "info,skyvisor_control::groups::autoscale=debug".into(),
+        )],
+        ..Default::default()
+    });
+    cloud.sv_json(&[
+        "group",
+        "create",
+        "web",
+        "--image",
+        "debian-busybox",
+        "--type",
+        "nano",
+        "--max",
+        "3",
+        "--desired",
+        "1",
+        "--health",
+        "http:80/health",
+        "--health-interval",
+        "1",
+        "--wait",
+        "--timeout",
+        "400",
+    ]);
+    let lb = cloud.sv_json(&["lb", "create", "web-lb", "--group", "web", "--listen", "80"]);
+    let vip = lb["spec"]["address"].as_str().expect("address").to_string();
+    wait_until("1 active backend", Duration::from_secs(60), || {
+        let (_, lb) = cloud.api("GET", "/v1/load-balancers/web-lb", None);
+        (lb["backends"].as_array().map(Vec::len) == Some(1)).then_some(())
+    });
+    // Bad policies are refused naming the field.
+    let err = cloud.sv_err(&["group", "autoscale", "web", "--target-cpu", "0"]);
+    assert!(err.contains("target_cpu_percent"), "{err}");
+    let err = cloud.sv_err(&["group", "autoscale", "web", "--at", "25:00=2"]);
+    assert!(err.contains("HH:MM"), "{err}");
+    let g = cloud.sv_json(&[
+        "group",
+        "autoscale",
+        "web",
+        "--target-rps",
+        "20",
+        "--window",
+        "10",
+        "--out-cooldown",
+        "0",
+    ]);
+    assert_eq!(g["spec"]["autoscale"]["target_requests_per_member"], 20);
+
+    // About 100 new connections a second against 20 per member: the
+    // group grows to its maximum, and the new members take traffic.
+    let (stop, handle) = client(format!("http://{vip}/identity"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let g = loop {
+        let g = group(&cloud);
+        if g["healthy"] == 3 && g["members"].as_array().is_some_and(|m| m.len() == 3) {
+            break g;
+        }
+        if std::time::Instant::now() > deadline {
+            let log: Vec<String> = cloud
+                .log()
+                .lines()
+                .filter(|l| l.contains("autoscal") || l.contains("WARN"))
+                .map(str::to_string)
+                .collect();
+            panic!("not 3 members after the load step: {g}\n{}", log.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = handle.join().expect("client");
+    let all: HashSet<String> = members(&g).into_iter().map(|(n, _)| n).collect();
+    let last: HashSet<String> = seen
+        .iter()
+        .rev()
+        .take(100)
+        .filter_map(|(_, r)| r.clone().ok())
+        .collect();
+    assert_eq!(last, all, "the new members take traffic");
+    assert!(failures(&seen).is_empty(), "{:?}", failures(&seen));
+    // The decision says why, with its numbers.
+    let shown = group(&cloud);
+    let reason = shown["autoscaled"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("connections/s"), "{shown}");
+    let (_, events) = cloud.api("GET", "/v1/events?limit=500", None);
+    assert!(
+        events.to_string().contains("by autoscaling"),
+        "the decision is an event: {events}"
+    );
+    cloud.sv_ok(&["lb", "delete", "web-lb"]);
+    cloud.sv_ok(&["group", "delete", "web", "--wait"]);
+}

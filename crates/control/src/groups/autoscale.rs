@@ -228,7 +228,7 @@ fn scheduled_size(policy: &AutoscalePolicy, last: Option<u32>, now: u32) -> Opti
             }
         })
         .map(|(_, d)| d)
-        .last()
+        .next_back()
 }
 
 /// The rates between the oldest and newest sample of the window.

@@ -329,6 +329,7 @@ mod tests {
             health,
             template_generation: 1,
             leaving: false,
+            lost: false,
             created_at: Utc::now(),
         }
     }

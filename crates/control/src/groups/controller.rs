@@ -105,11 +105,25 @@ async fn reconcile(
     status: &mut GroupStatus,
 ) -> ApiResult<Outcome> {
     let checked = spec.health_check.is_some();
+    let alive: std::collections::HashSet<skyvisor_core::HostName> = cp
+        .inventory
+        .hosts()
+        .await
+        .into_iter()
+        .filter(|h| h.alive)
+        .map(|h| h.host.name.clone())
+        .collect();
     let members: Vec<MemberView> = cp
         .group_instances(&spec.project, &spec.name)
         .await
         .iter()
-        .map(|i| MemberView::of(&i.spec, &i.status, checked))
+        .map(|i| {
+            let mut m = MemberView::of(&i.spec, &i.status, checked);
+            // A dead host fenced its instances; HA restarts the protected
+            // ones elsewhere, the group replaces the others.
+            m.lost = !alive.contains(&i.spec.host) && i.spec.ha == skyvisor_core::HaPolicy::Off;
+            m
+        })
         .collect();
     let plan = plan::plan(spec, &members);
     let drain = cp

@@ -2,8 +2,9 @@
 //! the group's spec and its members, so every rule is unit-tested.
 //!
 //! Rules:
-//! - a member that failed or stopped, or whose health check judged it
-//!   unhealthy, is removed (and so replaced);
+//! - a member that failed or stopped, whose health check judged it
+//!   unhealthy, or whose host died when HA will not restart it, is
+//!   removed (and so replaced);
 //! - members are added until the group has `desired` that are not leaving;
 //! - extra members are removed: made from an older template first, then
 //!   not serving, then the newest;
@@ -31,6 +32,9 @@ pub struct MemberView {
     pub template_generation: u64,
     /// Already being deleted.
     pub leaving: bool,
+    /// Its host is gone and HA will not restart it elsewhere (a local
+    /// disk, or HA off): its host fenced it, it serves nobody.
+    pub lost: bool,
     /// When it was made.
     pub created_at: DateTime<Utc>,
 }
@@ -56,6 +60,7 @@ impl MemberView {
             health,
             template_generation: spec.group.as_ref().map_or(0, |m| m.template_generation),
             leaving: spec.deleting,
+            lost: false,
             created_at: spec.created_at,
         }
     }
@@ -71,6 +76,7 @@ impl MemberView {
     pub fn broken(&self) -> bool {
         matches!(self.phase, InstancePhase::Failed | InstancePhase::Stopped)
             || self.health == HealthState::Unhealthy
+            || self.lost
     }
 }
 
@@ -233,6 +239,7 @@ mod tests {
             },
             template_generation: generation,
             leaving: false,
+            lost: false,
             created_at: Utc::now() - chrono::Duration::seconds(age_secs),
         }
     }
@@ -259,6 +266,15 @@ mod tests {
         assert_eq!(names(&p), ["a", "b"]);
         assert!(p.remove.iter().all(|(_, r)| *r == RemoveReason::Replace));
         assert_eq!(p.add, 2, "two replacements for three wanted");
+    }
+
+    #[test]
+    fn a_member_lost_with_its_host_is_replaced() {
+        let mut lost = member("a", 1, true, 30);
+        lost.lost = true;
+        let p = plan(&spec(2, 1), &[lost, member("b", 1, true, 20)]);
+        assert_eq!(names(&p), ["a"]);
+        assert_eq!(p.add, 1);
     }
 
     #[test]

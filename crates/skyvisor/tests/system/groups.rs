@@ -462,3 +462,114 @@ fn a_load_step_makes_the_autoscaler_add_members_that_take_traffic() {
     cloud.sv_ok(&["lb", "delete", "web-lb"]);
     cloud.sv_ok(&["group", "delete", "web", "--wait"]);
 }
+
+/// Fetches `url` from inside the guest at `ip` (its test hook): the body.
+fn fetch_from(ip: std::net::Ipv4Addr, url: &str) -> Option<Value> {
+    let (st, body) = crate::harness::http(
+        "GET",
+        &format!("http://{ip}/fetch?url={url}"),
+        None,
+        Duration::from_secs(10),
+    )
+    .ok()?;
+    if st != 200 {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&body).ok()?;
+    (v["status"] == 200).then(|| serde_json::from_str(v["body"].as_str()?).ok())?
+}
+
+#[test]
+fn across_hosts_a_guest_reaches_every_member_through_the_balancer_and_a_dead_hosts_member_is_replaced()
+ {
+    use crate::testbed::{TestBed, vm_ip};
+    let bed = TestBed::start(3, 1);
+    // Members on local disks: a dead host's member is the group's to
+    // replace (HA restarts protected ones itself).
+    bed.sv_json(&[
+        "group",
+        "create",
+        "web",
+        "--image",
+        "debian-busybox",
+        "--type",
+        "nano",
+        "--local-disk",
+        "--desired",
+        "2",
+        "--health",
+        "http:80/health",
+        "--health-interval",
+        "1",
+        "--wait",
+        "--timeout",
+        "400",
+    ]);
+    let (_, g) = bed.api("GET", "/v1/groups/web", None);
+    let hosts: HashSet<String> = g["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| m["host"].as_str().expect("host").to_string())
+        .collect();
+    assert_eq!(hosts.len(), 2, "members on two hosts: {g}");
+    let lb = bed.sv_json(&["lb", "create", "web-lb", "--group", "web", "--listen", "80"]);
+    let vip = lb["spec"]["address"].as_str().expect("address").to_string();
+    let client = bed.create_vm("client", &["--type", "nano", "--local-disk"]);
+    let client_ip = vm_ip(&client);
+    let client_host = client["spec"]["host"].as_str().expect("host").to_string();
+
+    // From inside a guest, the balancer's address answers with both
+    // members, wherever they run.
+    let url = format!("http://{vip}/identity");
+    let names_seen = |n: usize| {
+        let mut seen = HashSet::new();
+        for _ in 0..n {
+            if let Some(v) = fetch_from(client_ip, &url) {
+                seen.insert(v["name"].as_str().unwrap_or_default().to_string());
+            }
+        }
+        seen
+    };
+    let all: HashSet<String> = members(&g).into_iter().map(|(n, _)| n).collect();
+    wait_until(
+        "both members through the balancer",
+        Duration::from_secs(60),
+        || (names_seen(10) == all).then_some(()),
+    );
+
+    // A member's host dies (not the client's): the group is back to 2
+    // healthy members elsewhere and the client reaches them.
+    let victim_host = hosts
+        .iter()
+        .find(|h| **h != client_host)
+        .expect("a member host other than the client's")
+        .clone();
+    let h: u32 = victim_host
+        .trim_start_matches('h')
+        .parse()
+        .expect("host number");
+    bed.script_ok(&["host-kill", &h.to_string()]);
+    let g = wait_until(
+        "2 healthy members off the dead host",
+        Duration::from_secs(300),
+        || {
+            let (_, g) = bed.api("GET", "/v1/groups/web", None);
+            let now = members(&g);
+            (g["healthy"] == 2
+                && now.len() == 2
+                && g["members"].as_array().is_some_and(|m| {
+                    m.iter()
+                        .filter(|m| m["leaving"] == false)
+                        .all(|m| m["host"] != victim_host.as_str())
+                }))
+            .then_some(g)
+        },
+    );
+    let now: HashSet<String> = members(&g).into_iter().map(|(n, _)| n).collect();
+    wait_until(
+        "the new members through the balancer",
+        Duration::from_secs(60),
+        || (names_seen(10) == now).then_some(()),
+    );
+}

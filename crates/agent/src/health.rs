@@ -126,7 +126,7 @@ async fn run(
 /// One check: Ok, or why it failed.
 async fn probe(check: &HealthCheck, ip: Ipv4Addr, router: Option<&str>) -> Result<(), String> {
     let addr = SocketAddr::from((ip, check.port));
-    let timeout = Duration::from_secs(u64::from(check.timeout_secs));
+    let timeout = Duration::from_secs(u64::from(check.effective_timeout_secs()));
     let attempt = async {
         let mut stream: TcpStream = match router {
             None => TcpStream::connect(addr)
@@ -163,7 +163,7 @@ async fn probe(check: &HealthCheck, ip: Ipv4Addr, router: Option<&str>) -> Resul
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
-        Err(_) => Err(format!("no answer in {} s", check.timeout_secs)),
+        Err(_) => Err(format!("no answer in {} s", check.effective_timeout_secs())),
     }
 }
 

@@ -45,7 +45,8 @@ pub struct HealthCheck {
     #[serde(default = "default_interval")]
     #[schema(minimum = 1, maximum = 300)]
     pub interval_secs: u32,
-    /// Seconds a check may take (1 to 60, at most the interval; default 2).
+    /// Seconds a check may take (1 to 60, default 2); a check never takes
+    /// longer than the interval (a longer timeout is cut to it).
     #[serde(default = "default_timeout")]
     #[schema(minimum = 1, maximum = 60)]
     pub timeout_secs: u32,
@@ -122,6 +123,11 @@ impl HealthCheck {
         Ok(check)
     }
 
+    /// How long one check may take: the timeout, cut to the interval.
+    pub fn effective_timeout_secs(&self) -> u32 {
+        self.timeout_secs.min(self.interval_secs)
+    }
+
     /// The path an HTTP check asks for.
     pub fn http_path(&self) -> &str {
         self.path.as_deref().unwrap_or("/")
@@ -147,15 +153,6 @@ impl HealthCheck {
         }
         range("interval_secs", self.interval_secs, 1, 300)?;
         range("timeout_secs", self.timeout_secs, 1, 60)?;
-        if self.timeout_secs > self.interval_secs {
-            return Err(ValidationError::new(
-                "health_check.timeout_secs",
-                format!(
-                    "{} is longer than the interval ({} s); allowed: at most the interval",
-                    self.timeout_secs, self.interval_secs
-                ),
-            ));
-        }
         range("healthy_threshold", self.healthy_threshold, 1, 10)?;
         range("unhealthy_threshold", self.unhealthy_threshold, 1, 10)?;
         range("grace_secs", self.grace_secs, 0, 3600)?;
@@ -593,13 +590,11 @@ mod tests {
     }
 
     #[test]
-    fn a_timeout_longer_than_the_interval_is_refused() {
+    fn a_timeout_longer_than_the_interval_is_cut_to_it() {
         let mut c = HealthCheck::new(HealthProtocol::Tcp, 80, None);
         c.interval_secs = 2;
         c.timeout_secs = 3;
-        assert_eq!(
-            c.validate().expect_err("timeout").field,
-            "health_check.timeout_secs"
-        );
+        assert!(c.validate().is_ok());
+        assert_eq!(c.effective_timeout_secs(), 2);
     }
 }

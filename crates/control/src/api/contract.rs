@@ -281,6 +281,11 @@ pub fn constrain(doc: &mut serde_json::Value) {
             "listeners",
             json!({"type": "array", "items": {"$ref": "#/components/schemas/Listener"}, "minItems": 1, "maxItems": skyvisor_core::lb::MAX_LISTENERS}),
         ),
+        (
+            "ScheduledSize",
+            "at",
+            json!({"type": "string", "pattern": "^([01][0-9]|2[0-3]):[0-5][0-9]$"}),
+        ),
         ("CreateKeyPairRequest", "name", name.clone()),
         (
             "CreateKeyPairRequest",
@@ -385,6 +390,69 @@ pub fn constrain(doc: &mut serde_json::Value) {
         }
         *slot = rule;
     }
+    // A create names its instance. A group's launch template is the same
+    // request without what belongs to one instance (its name, hostname,
+    // volumes, clone source); its members run (`start` is not false).
+    schemas["CreateInstanceRequest"]["required"] = json!(["name"]);
+    let mut template = schemas["CreateInstanceRequest"].clone();
+    if let Some(p) = template["properties"].as_object_mut() {
+        for one in [
+            "name",
+            "hostname",
+            "root_volume",
+            "volumes",
+            "from_snapshot",
+        ] {
+            p.remove(one);
+        }
+        p.insert(
+            "start".into(),
+            json!({"description": "Members run: true or absent.", "type": ["boolean", "null"], "enum": [true, null]}),
+        );
+    }
+    template["description"] = json!(
+        "A group's launch template: what each member is made from, as an instance create without a name, hostname, volumes or clone source."
+    );
+    template["required"] = json!(["image"]);
+    template["anyOf"] = json!([
+        {"required": ["instance_type"], "properties": {"instance_type": {"type": "string"}}},
+        {"required": ["vcpus", "memory_mib"],
+         "properties": {"vcpus": {"type": "integer"}, "memory_mib": {"type": "integer"}}}
+    ]);
+    template["allOf"] = json!([
+        {"not": {"required": ["disk_replicas", "local_disk"],
+                 "properties": {"disk_replicas": {"type": "integer"}, "local_disk": {"const": true}}}},
+        {"not": {"required": ["local_disk", "ha"],
+                 "properties": {"local_disk": {"const": true}, "ha": {"const": "restart"}}}}
+    ]);
+    schemas["InstanceTemplate"] = template;
+    // A policy has a target or a schedule; a TCP check has no path.
+    schemas["AutoscalePolicy"]["anyOf"] = json!([
+        {"required": ["target_cpu_percent"], "properties": {"target_cpu_percent": {"type": "integer"}}},
+        {"required": ["target_requests_per_member"], "properties": {"target_requests_per_member": {"type": "integer"}}},
+        {"required": ["schedule"], "properties": {"schedule": {"type": "array", "minItems": 1}}}
+    ]);
+    schemas["UpdateGroupRequest"]["anyOf"] = json!([
+        {"required": ["template"], "properties": {"template": {"type": "object"}}},
+        {"required": ["health_check"], "properties": {"health_check": {"type": "object"}}}
+    ]);
+    schemas["HealthCheck"]["allOf"] = json!([
+        {"if": {"required": ["protocol"], "properties": {"protocol": {"const": "tcp"}}},
+         "then": {"properties": {"path": {"type": "null"}}}}
+    ]);
+    let template_ref = json!({"$ref": "#/components/schemas/InstanceTemplate"});
+    let described = |d: &serde_json::Value| {
+        let mut r = template_ref.clone();
+        if let Some(d) = d.get("description") {
+            r["description"] = d.clone();
+        }
+        r
+    };
+    let create = described(&schemas["CreateGroupRequest"]["properties"]["template"]);
+    schemas["CreateGroupRequest"]["properties"]["template"] = create;
+    let update = described(&schemas["UpdateGroupRequest"]["properties"]["template"]["oneOf"][1]);
+    schemas["UpdateGroupRequest"]["properties"]["template"] =
+        json!({"oneOf": [{"type": "null"}, update]});
     // A create boots an image at a size (a type, or vCPUs and memory), or
     // clones a snapshot, which brings both. A null field is an absent one.
     schemas["CreateInstanceRequest"]["anyOf"] = json!([
@@ -504,6 +572,7 @@ pub fn constrain(doc: &mut serde_json::Value) {
     unsigned_bounds(doc);
     for name in [
         "CreateInstanceRequest",
+        "InstanceTemplate",
         "ResizeInstanceRequest",
         "ChangeReplicasRequest",
         "CreateVolumeRequest",

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use skyvisor_core::keys;
-use skyvisor_core::lb::{BackendState, LbAlgorithm, LbBackends};
+use skyvisor_core::lb::{BackendState, LbAlgorithm, LbBackends, ListenerProtocol};
 use skyvisor_store::{WatchEvent, decode};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
@@ -127,6 +127,9 @@ impl Drop for Served {
 #[derive(Default)]
 pub struct LoadBalancers {
     served: Mutex<BTreeMap<String, Served>>,
+    /// The networks whose service addresses this host set last (their
+    /// last balancer gone, the addresses go too).
+    addressed: Mutex<BTreeSet<Option<u32>>>,
     /// Connections sent to a backend, per balancer (`project/name`).
     connections: std::sync::Mutex<BTreeMap<String, Arc<AtomicU64>>>,
 }
@@ -170,6 +173,10 @@ impl LoadBalancers {
         // a private network where this host carries it).
         let mut by_net: BTreeMap<Option<u32>, BTreeSet<Ipv4Addr>> = BTreeMap::new();
         by_net.entry(None).or_default();
+        let mut addressed = self.addressed.lock().await;
+        for vni in addressed.iter() {
+            by_net.entry(*vni).or_default();
+        }
         for d in docs.values() {
             by_net.entry(d.spec.vni).or_default().insert(d.spec.address);
         }
@@ -178,6 +185,8 @@ impl LoadBalancers {
             if let Some(v) = vni
                 && !ctx.private_nets.carries(*v).await
             {
+                // Not here (any more): its router went with its addresses.
+                addressed.remove(vni);
                 continue;
             }
             let addrs: Vec<Ipv4Addr> = addrs.iter().copied().collect();
@@ -189,6 +198,11 @@ impl LoadBalancers {
             {
                 Ok(()) => {
                     ready.insert(*vni);
+                    if addrs.is_empty() {
+                        addressed.remove(vni);
+                    } else {
+                        addressed.insert(*vni);
+                    }
                 }
                 Err(e) => warn!(vni = ?vni, error = %e, "cannot set load balancer addresses"),
             }
@@ -217,7 +231,13 @@ impl LoadBalancers {
                             let counted = self.counter(doc);
                             s.listeners.insert(
                                 l.port,
-                                tokio::spawn(serve(listener, s.pool.clone(), l.target(), counted)),
+                                tokio::spawn(serve(
+                                    listener,
+                                    s.pool.clone(),
+                                    l.target(),
+                                    l.protocol,
+                                    counted,
+                                )),
                             );
                         }
                         Err(e) => warn!(%addr, error = %e, "cannot use a balancer's listener"),
@@ -235,6 +255,7 @@ async fn serve(
     listener: tokio::net::TcpListener,
     pool: Arc<Pool>,
     target: u16,
+    protocol: ListenerProtocol,
     counted: Arc<AtomicU64>,
 ) {
     loop {
@@ -259,14 +280,62 @@ async fn serve(
                 let _ = backend.set_nodelay(true);
                 counted.fetch_add(1, Ordering::Relaxed);
                 open.fetch_add(1, Ordering::Relaxed);
-                let (mut c, mut b) = (client, backend);
-                let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+                match protocol {
+                    ListenerProtocol::Tcp => {
+                        let (mut c, mut b) = (client, backend);
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+                    }
+                    ListenerProtocol::Http => {
+                        if let Err(e) = http_proxy(client, peer, backend).await {
+                            debug!(%peer, %addr, error = %e, "HTTP connection ended with an error");
+                        }
+                    }
+                }
                 open.fetch_sub(1, Ordering::Relaxed);
                 return;
             }
             debug!(%peer, "no backend accepted; closing the connection");
         });
     }
+}
+
+/// Passes HTTP/1 requests from `client` to `backend` (the connection's
+/// backend), each with `X-Forwarded-For` (the client's address after any
+/// the request had) and `X-Forwarded-Proto`.
+async fn http_proxy(
+    client: TcpStream,
+    peer: SocketAddr,
+    backend: TcpStream,
+) -> Result<(), hyper::Error> {
+    use hyper::header::HeaderValue;
+    use hyper_util::rt::TokioIo;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(backend)).await?;
+    let backend_side = tokio::spawn(conn);
+    let sender = Arc::new(Mutex::new(sender));
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            let sender = sender.clone();
+            async move {
+                let headers = req.headers_mut();
+                let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                    Some(before) => format!("{before}, {}", peer.ip()),
+                    None => peer.ip().to_string(),
+                };
+                if let Ok(v) = HeaderValue::from_str(&forwarded) {
+                    headers.insert("x-forwarded-for", v);
+                }
+                headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+                // HTTP/1 answers one request at a time: never contended.
+                let mut s = sender.lock().await;
+                s.ready().await?;
+                s.send_request(req).await
+            }
+        });
+    let served = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(client), service)
+        .await;
+    backend_side.abort();
+    served
 }
 
 async fn connect(vni: Option<u32>, addr: SocketAddr) -> Option<TcpStream> {
@@ -353,6 +422,7 @@ mod tests {
                 listeners: vec![Listener {
                     port: 80,
                     target_port: None,
+                    protocol: skyvisor_core::lb::ListenerProtocol::Tcp,
                 }],
                 algorithm,
                 drain_secs: 10,
@@ -370,6 +440,93 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    /// Reads one HTTP/1.1 response with a Content-Length body.
+    async fn response_body(r: &mut tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>) -> String {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+        let mut len = 0usize;
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).await.expect("line");
+            let l = line.trim_end().to_ascii_lowercase();
+            if l.is_empty() {
+                break;
+            }
+            if let Some(v) = l.strip_prefix("content-length:") {
+                len = v.trim().parse().expect("length");
+            }
+        }
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body).await.expect("body");
+        String::from_utf8(body).expect("utf-8")
+    }
+
+    #[tokio::test]
+    async fn http_mode_adds_the_clients_address_to_every_request_on_a_connection() {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        // A backend answering each request with the X-Forwarded-For it got.
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let backend_addr = backend.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (s, _) = backend.accept().await.expect("accept");
+            let (r, mut w) = s.into_split();
+            let mut r = tokio::io::BufReader::new(r);
+            loop {
+                let mut forwarded = String::from("none");
+                let mut proto = String::new();
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let l = line.trim_end().to_string();
+                    if l.is_empty() {
+                        break;
+                    }
+                    let lower = l.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("x-forwarded-for:") {
+                        forwarded = v.trim().to_string();
+                    }
+                    if let Some(v) = lower.strip_prefix("x-forwarded-proto:") {
+                        proto = v.trim().to_string();
+                    }
+                }
+                let body = format!("{forwarded}|{proto}");
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if w.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let front_addr = front.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (client, peer) = front.accept().await.expect("accept");
+            let backend = TcpStream::connect(backend_addr).await.expect("backend");
+            let _ = http_proxy(client, peer, backend).await;
+        });
+        let (r, mut w) = TcpStream::connect(front_addr)
+            .await
+            .expect("connect")
+            .into_split();
+        let mut r = tokio::io::BufReader::new(r);
+        w.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 192.0.2.7\r\n\r\n")
+            .await
+            .expect("send");
+        assert_eq!(response_body(&mut r).await, "192.0.2.7, 127.0.0.1|http");
+        // The next request on the same connection gets it too.
+        w.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("send");
+        assert_eq!(response_body(&mut r).await, "127.0.0.1|http");
     }
 
     #[test]

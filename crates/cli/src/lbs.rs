@@ -3,7 +3,9 @@
 use anyhow::{Result, bail};
 use clap::Subcommand;
 use reqwest::Method;
-use skyvisor_core::lb::{CreateLoadBalancerRequest, LbAlgorithm, Listener, LoadBalancer};
+use skyvisor_core::lb::{
+    CreateLoadBalancerRequest, LbAlgorithm, Listener, ListenerProtocol, LoadBalancer,
+};
 
 use crate::client::{Client, path_segment};
 use crate::output::{self, OutputFormat, kv, table};
@@ -31,6 +33,10 @@ pub enum LbCommand {
         /// Seconds a leaving member keeps its connections (default 10).
         #[arg(long)]
         drain: Option<u32>,
+        /// HTTP mode: every request gets X-Forwarded-For and
+        /// X-Forwarded-Proto (default: TCP, bytes as they come).
+        #[arg(long)]
+        http: bool,
     },
     /// List the project's load balancers.
     #[command(alias = "ls")]
@@ -56,7 +62,11 @@ fn parse_algorithm(s: &str) -> Result<LbAlgorithm, String> {
     }
 }
 
-fn listeners(listen: &[String], target_port: Option<u16>) -> Result<Vec<Listener>> {
+fn listeners(
+    listen: &[String],
+    target_port: Option<u16>,
+    protocol: ListenerProtocol,
+) -> Result<Vec<Listener>> {
     if target_port.is_some() && listen.len() != 1 {
         bail!("--target-port goes with a single --listen; give PORT:TARGET_PORT for each instead");
     }
@@ -76,7 +86,11 @@ fn listeners(listen: &[String], target_port: Option<u16>) -> Result<Vec<Listener
                 })?),
                 None => target_port,
             };
-            Ok(Listener { port, target_port })
+            Ok(Listener {
+                port,
+                target_port,
+                protocol,
+            })
         })
         .collect()
 }
@@ -96,7 +110,14 @@ fn ports(lb: &LoadBalancer) -> String {
     lb.spec
         .listeners
         .iter()
-        .map(|l| format!("{}->{}", l.port, l.target()))
+        .map(|l| {
+            let http = if l.protocol == ListenerProtocol::Http {
+                " (http)"
+            } else {
+                ""
+            };
+            format!("{}->{}{http}", l.port, l.target())
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -137,11 +158,17 @@ pub async fn lb(client: &Client, format: OutputFormat, cmd: LbCommand) -> Result
             target_port,
             algorithm,
             drain,
+            http,
         } => {
+            let protocol = if http {
+                ListenerProtocol::Http
+            } else {
+                ListenerProtocol::Tcp
+            };
             let req = CreateLoadBalancerRequest {
                 name,
                 group,
-                listeners: listeners(&listen, target_port)?,
+                listeners: listeners(&listen, target_port, protocol)?,
                 algorithm: algorithm.unwrap_or_default(),
                 drain_secs: drain,
             };

@@ -32,6 +32,18 @@ pub enum LbAlgorithm {
     LeastConnections,
 }
 
+/// What a listener passes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    /// Bytes, as they come (L4).
+    #[default]
+    Tcp,
+    /// HTTP/1: each request gets `X-Forwarded-For` (the client's address,
+    /// after any the request had) and `X-Forwarded-Proto`.
+    Http,
+}
+
 /// One port a load balancer listens on and where it sends connections.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -43,6 +55,9 @@ pub struct Listener {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 65535)]
     pub target_port: Option<u16>,
+    /// `tcp` (default) or `http`.
+    #[serde(default)]
+    pub protocol: ListenerProtocol,
 }
 
 impl Listener {
@@ -183,7 +198,11 @@ mod tests {
 
     #[test]
     fn listeners_are_checked() {
-        let l = |port, target_port| Listener { port, target_port };
+        let l = |port, target_port| Listener {
+            port,
+            target_port,
+            protocol: ListenerProtocol::Tcp,
+        };
         assert!(validate_listeners(&[l(80, None), l(443, Some(8443))]).is_ok());
         assert_eq!(l(80, Some(8080)).target(), 8080);
         assert_eq!(l(80, None).target(), 80);

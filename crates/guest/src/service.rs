@@ -138,6 +138,7 @@ enum Route<'a> {
     Index,
     Health,
     Identity,
+    Headers,
     Uptime,
     Counter,
     CounterIncrement,
@@ -161,6 +162,7 @@ impl Route<'_> {
             "/" => Route::Index,
             "/health" => Route::Health,
             "/identity" => Route::Identity,
+            "/headers" => Route::Headers,
             "/uptime" => Route::Uptime,
             "/counter" => Route::Counter,
             "/counter/increment" => Route::CounterIncrement,
@@ -368,6 +370,20 @@ impl Guest {
                 },
             },
             Route::Identity => Response::json(200, self.identity_json()).into(),
+            // What reached the guest, as a load balancer's HTTP mode shows.
+            Route::Headers => Response::json(
+                200,
+                format!(
+                    "{{{}}}",
+                    req.head
+                        .headers
+                        .iter()
+                        .map(|(k, v)| format!("{}:{}", quote(k), quote(v)))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+            )
+            .into(),
             Route::Uptime => Response::json(
                 200,
                 format!(

@@ -396,15 +396,11 @@ pub fn constrain(doc: &mut serde_json::Value) {
     schemas["CreateInstanceRequest"]["required"] = json!(["name"]);
     let mut template = schemas["CreateInstanceRequest"].clone();
     if let Some(p) = template["properties"].as_object_mut() {
-        for one in [
-            "name",
-            "hostname",
-            "root_volume",
-            "volumes",
-            "from_snapshot",
-        ] {
-            p.remove(one);
+        // Absent, null or empty only (clients send a whole create body).
+        for one in ["name", "hostname", "root_volume", "from_snapshot"] {
+            p.insert(one.into(), json!({"type": "null"}));
         }
+        p.insert("volumes".into(), json!({"type": "array", "maxItems": 0}));
         p.insert(
             "start".into(),
             json!({"description": "Members run: true or absent.", "type": ["boolean", "null"], "enum": [true, null]}),

@@ -104,7 +104,7 @@ fn describe(p: &AutoscalePolicy) -> String {
 }
 
 fn check_name(name: &str) -> ApiResult<GroupName> {
-    let group = GroupName::new(name)?;
+    let group = GroupName::new(name).map_err(|e| ValidationError::new("name", e.message))?;
     if name.len() > MAX_GROUP_NAME {
         return Err(ValidationError::new(
             "name",

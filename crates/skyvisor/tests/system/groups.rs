@@ -1,8 +1,14 @@
-//! Instance groups with real guests: members are made from the template
-//! and answer; their agent's real health checks make them healthy; a
-//! member that powers itself off and one whose QEMU is killed are both
-//! replaced; scale out and in; delete takes every member with it. Bad
-//! input is refused by the CLI with a non-zero exit naming the field.
+//! Instance groups, load balancers and autoscaling with real guests:
+//! members are made from the template and answer; their agent's real
+//! health checks make them healthy; a member that powers itself off and
+//! one whose QEMU is killed are both replaced; scale out and in; delete
+//! takes every member with it. A balancer spreads a client's connections
+//! over every member, loses nothing after a member's death past the
+//! health window, and nothing to a rolling update or a scale-in; a load
+//! step grows a group whose new members take traffic; on the multi-host
+//! test bed a guest reaches members on other hosts through the balancer
+//! and a dead host's member is replaced. Bad input is refused by the CLI
+//! with a non-zero exit naming the field.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -404,7 +410,7 @@ fn a_load_step_makes_the_autoscaler_add_members_that_take_traffic() {
     let err = cloud.sv_err(&["group", "autoscale", "web", "--target-cpu", "0"]);
     assert!(err.contains("target_cpu_percent"), "{err}");
     let err = cloud.sv_err(&["group", "autoscale", "web", "--at", "25:00=2"]);
-    assert!(err.contains("HH:MM"), "{err}");
+    assert!(err.contains("\"25:00\""), "{err}");
     let g = cloud.sv_json(&[
         "group",
         "autoscale",
@@ -537,6 +543,29 @@ fn across_hosts_a_guest_reaches_every_member_through_the_balancer_and_a_dead_hos
         Duration::from_secs(60),
         || (names_seen(10) == all).then_some(()),
     );
+    // In HTTP mode a member learns who asked: X-Forwarded-For is the
+    // guest's own address. In TCP mode nothing is added.
+    let web_http = bed.sv_json(&[
+        "lb", "create", "web-http", "--group", "web", "--listen", "8080:80", "--http",
+    ]);
+    let http_vip = web_http["spec"]["address"]
+        .as_str()
+        .expect("address")
+        .to_string();
+    let headers = wait_until(
+        "headers through the HTTP balancer",
+        Duration::from_secs(60),
+        || fetch_from(client_ip, &format!("http://{http_vip}:8080/headers")),
+    );
+    assert_eq!(
+        headers["x-forwarded-for"],
+        client_ip.to_string(),
+        "{headers}"
+    );
+    assert_eq!(headers["x-forwarded-proto"], "http", "{headers}");
+    let plain = fetch_from(client_ip, &format!("http://{vip}/headers")).expect("headers");
+    assert!(plain.get("x-forwarded-for").is_none(), "{plain}");
+    bed.sv_ok(&["lb", "delete", "web-http"]);
 
     // A member's host dies (not the client's): the group is back to 2
     // healthy members elsewhere and the client reaches them.

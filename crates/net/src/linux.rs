@@ -697,33 +697,7 @@ impl HostNetwork for LinuxNetwork {
         // Every host answers for them: ARP about them stays off the overlay.
         if let Some(vxlan) = vxlan.filter(|v| link_exists(v)) {
             validate_ifname(&vxlan)?;
-            let table = format!("skyvisor-svc-{vxlan}");
-            let mut rules = String::new();
-            for a in addrs {
-                for dir in ["iifname", "oifname"] {
-                    for field in ["daddr", "saddr"] {
-                        rules.push_str(&format!("{dir} \"{vxlan}\" arp {field} ip {a} drop\n"));
-                    }
-                }
-            }
-            let script = format!(
-                "table bridge {table} {{}}\n\
-                 delete table bridge {table}\n\
-                 table bridge {table} {{\n\
-                   chain forward {{\n\
-                     type filter hook forward priority filter; policy accept;\n\
-                     {rules}\
-                   }}\n\
-                   chain input {{\n\
-                     type filter hook input priority filter; policy accept;\n\
-                     {rules}\
-                   }}\n\
-                   chain output {{\n\
-                     type filter hook output priority filter; policy accept;\n\
-                     {rules}\
-                   }}\n\
-                 }}\n"
-            );
+            let script = arp_kept_local(&format!("skyvisor-svc-{vxlan}"), &vxlan, addrs);
             run("nft", &["-f", "-"], Some(&script)).await?;
         }
         Ok(())
@@ -845,35 +819,44 @@ impl HostNetwork for LinuxNetwork {
         }
         // Every host's bridge answers for the gateway: ARP about it must
         // not cross the overlay, or a VM could learn another host's bridge.
-        let table = overlay_table(name);
-        let gw = overlay.gateway;
-        let rules = format!(
-            "iifname \"{name}\" arp daddr ip {gw} drop\n\
-             iifname \"{name}\" arp saddr ip {gw} drop\n\
-             oifname \"{name}\" arp daddr ip {gw} drop\n\
-             oifname \"{name}\" arp saddr ip {gw} drop\n"
-        );
-        let script = format!(
-            "table bridge {table} {{}}\n\
-             delete table bridge {table}\n\
-             table bridge {table} {{\n\
-               chain forward {{\n\
-                 type filter hook forward priority filter; policy accept;\n\
-                 {rules}\
-               }}\n\
-               chain input {{\n\
-                 type filter hook input priority filter; policy accept;\n\
-                 {rules}\
-               }}\n\
-               chain output {{\n\
-                 type filter hook output priority filter; policy accept;\n\
-                 {rules}\
-               }}\n\
-             }}\n"
-        );
+        let script = arp_kept_local(&overlay_table(name), name, &[overlay.gateway]);
         run("nft", &["-f", "-"], Some(&script)).await?;
         Ok(())
     }
+}
+
+/// The nftables script of bridge table `table` that drops ARP about
+/// `addrs` in and out of overlay device `vxlan`: every host answers for
+/// them itself (the gateway, balancers' addresses), so ARP about them
+/// must never cross the overlay, or an instance could learn another
+/// host's bridge. Replaces the table whole.
+fn arp_kept_local(table: &str, vxlan: &str, addrs: &[Ipv4Addr]) -> String {
+    let mut rules = String::new();
+    for a in addrs {
+        for dir in ["iifname", "oifname"] {
+            for field in ["daddr", "saddr"] {
+                rules.push_str(&format!("{dir} \"{vxlan}\" arp {field} ip {a} drop\n"));
+            }
+        }
+    }
+    format!(
+        "table bridge {table} {{}}\n\
+         delete table bridge {table}\n\
+         table bridge {table} {{\n\
+           chain forward {{\n\
+             type filter hook forward priority filter; policy accept;\n\
+             {rules}\
+           }}\n\
+           chain input {{\n\
+             type filter hook input priority filter; policy accept;\n\
+             {rules}\
+           }}\n\
+           chain output {{\n\
+             type filter hook output priority filter; policy accept;\n\
+             {rules}\
+           }}\n\
+         }}\n"
+    )
 }
 
 /// The nft rule that sends what arrives on `device` for the metadata
@@ -958,5 +941,28 @@ mod tests {
                    00:00:00:00:00:00 dst 10.0.0.3 self permanent\n\
                    52:54:00:aa:bb:cc dst 10.0.0.2 self\n";
         assert_eq!(flood_destinations(fdb), vec!["10.0.0.2", "10.0.0.3"]);
+    }
+
+    #[test]
+    fn arp_about_local_addresses_stays_off_the_overlay_in_every_chain() {
+        let a: Ipv4Addr = "10.0.0.1".parse().expect("ip");
+        let b: Ipv4Addr = "10.0.0.200".parse().expect("ip");
+        let script = arp_kept_local("skyvisor-svc-svvx0", "svvx0", &[a, b]);
+        assert!(script.starts_with("table bridge skyvisor-svc-svvx0 {}\ndelete table"));
+        for chain in ["forward", "input", "output"] {
+            assert!(script.contains(&format!("chain {chain} {{")), "{script}");
+        }
+        for ip in ["10.0.0.1", "10.0.0.200"] {
+            for rule in [
+                format!("iifname \"svvx0\" arp daddr ip {ip} drop"),
+                format!("iifname \"svvx0\" arp saddr ip {ip} drop"),
+                format!("oifname \"svvx0\" arp daddr ip {ip} drop"),
+                format!("oifname \"svvx0\" arp saddr ip {ip} drop"),
+            ] {
+                assert_eq!(script.matches(&rule).count(), 3, "{rule} in each chain");
+            }
+        }
+        // No address: an empty table (the last balancer went).
+        assert!(!arp_kept_local("t", "svvx0", &[]).contains("drop"));
     }
 }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use chrono::{Timelike, Utc};
 use skyvisor_core::group::{AutoscaleDecision, AutoscalePolicy, GroupSpec, GroupStatus};
-use skyvisor_core::{Event, EventKind, GroupName, InstancePhase, ObjectKind, ProjectName, keys};
-use skyvisor_store::{Compare, Op, StoreExt, encode, put_json};
+use skyvisor_core::{EventKind, GroupName, InstancePhase, ProjectName, keys};
+use skyvisor_store::{StoreExt, put_json};
 use tracing::{debug, info, warn};
 
 use crate::ControlPlane;
@@ -275,30 +275,11 @@ async fn apply(
 ) -> ApiResult<bool> {
     let mut changed = spec.clone();
     changed.desired = to;
-    let key = keys::group(&spec.project, &spec.name);
     let message = format!("desired {} -> {to} by autoscaling: {why}", spec.desired);
-    let event = Event::new(
-        EventKind::Scaled,
-        ObjectKind::Group,
-        Some(spec.project.clone()),
-        spec.name.to_string(),
-        message.clone(),
-    );
-    let out = cp
-        .store
-        .txn(
-            vec![Compare::ModRevision(key.clone(), rev)],
-            vec![
-                Op::Put {
-                    key,
-                    value: encode(&changed),
-                    lease: None,
-                },
-                crate::events::op(event),
-            ],
-        )
-        .await?;
-    if !out.succeeded {
+    if !cp
+        .put_group(&changed, rev, EventKind::Scaled, message)
+        .await?
+    {
         return Ok(false);
     }
     info!(project = %spec.project, group = %spec.name, from = spec.desired, to, %why, "autoscaled");

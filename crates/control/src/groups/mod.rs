@@ -274,32 +274,7 @@ impl ControlPlane {
                 )));
             }
             let message = change(&mut spec)?;
-            let key = keys::group(project, &spec.name);
-            let event = Event::new(
-                kind,
-                ObjectKind::Group,
-                Some(project.clone()),
-                spec.name.to_string(),
-                message,
-            );
-            let out = self
-                .store
-                .txn(
-                    vec![Compare::ModRevision(key.clone(), rev)],
-                    vec![
-                        Op::Put {
-                            key,
-                            value: encode(&spec),
-                            lease: None,
-                        },
-                        crate::events::op(event),
-                    ],
-                )
-                .await?;
-            if out.succeeded {
-                self.inventory
-                    .wait_for(out.revision, READ_YOUR_WRITES)
-                    .await;
+            if self.put_group(&spec, rev, kind, message).await? {
                 let status = self.group_status(&spec).await;
                 return Ok(self.group_view(spec, status).await);
             }
@@ -307,6 +282,46 @@ impl ControlPlane {
         Err(ApiError::unavailable(format!(
             "group \"{name}\" is changing too fast; retry"
         )))
+    }
+
+    /// Writes `spec` over the revision `rev` it was read at, with event
+    /// `kind` saying `message`, in one transaction; false if the group
+    /// changed meanwhile (read it again and retry).
+    pub(crate) async fn put_group(
+        &self,
+        spec: &GroupSpec,
+        rev: i64,
+        kind: EventKind,
+        message: String,
+    ) -> ApiResult<bool> {
+        let key = keys::group(&spec.project, &spec.name);
+        let event = Event::new(
+            kind,
+            ObjectKind::Group,
+            Some(spec.project.clone()),
+            spec.name.to_string(),
+            message,
+        );
+        let out = self
+            .store
+            .txn(
+                vec![Compare::ModRevision(key.clone(), rev)],
+                vec![
+                    Op::Put {
+                        key,
+                        value: encode(spec),
+                        lease: None,
+                    },
+                    crate::events::op(event),
+                ],
+            )
+            .await?;
+        if out.succeeded {
+            self.inventory
+                .wait_for(out.revision, READ_YOUR_WRITES)
+                .await;
+        }
+        Ok(out.succeeded)
     }
 
     /// Sets a group's desired size (and optionally its bounds).
@@ -428,32 +443,11 @@ impl ControlPlane {
                 return Ok(self.group_view(spec, status).await);
             }
             spec.deleting = true;
-            let key = keys::group(project, &spec.name);
-            let event = Event::new(
-                EventKind::Deleted,
-                ObjectKind::Group,
-                Some(project.clone()),
-                spec.name.to_string(),
-                "group deleted: its members go".to_string(),
-            );
-            let out = self
-                .store
-                .txn(
-                    vec![Compare::ModRevision(key.clone(), rev)],
-                    vec![
-                        Op::Put {
-                            key,
-                            value: encode(&spec),
-                            lease: None,
-                        },
-                        crate::events::op(event),
-                    ],
-                )
-                .await?;
-            if out.succeeded {
-                self.inventory
-                    .wait_for(out.revision, READ_YOUR_WRITES)
-                    .await;
+            let message = "group deleted: its members go".to_string();
+            if self
+                .put_group(&spec, rev, EventKind::Deleted, message)
+                .await?
+            {
                 return Ok(self.group_view(spec, None).await);
             }
         }

@@ -124,7 +124,6 @@ impl Drop for Served {
 }
 
 /// Every balancer this host serves.
-#[derive(Default)]
 pub struct LoadBalancers {
     served: Mutex<BTreeMap<String, Served>>,
     /// The networks whose service addresses this host set last (their
@@ -132,6 +131,18 @@ pub struct LoadBalancers {
     addressed: Mutex<BTreeSet<Option<u32>>>,
     /// Connections sent to a backend, per balancer (`project/name`).
     connections: std::sync::Mutex<BTreeMap<String, Arc<AtomicU64>>>,
+}
+
+impl Default for LoadBalancers {
+    fn default() -> Self {
+        Self {
+            served: Mutex::default(),
+            // The cluster network once at start: addresses an earlier
+            // agent left there go if no balancer has them any more.
+            addressed: Mutex::new(BTreeSet::from([None])),
+            connections: std::sync::Mutex::default(),
+        }
+    }
 }
 
 impl LoadBalancers {
@@ -171,8 +182,9 @@ impl LoadBalancers {
         });
         // The addresses, network by network (the cluster network always;
         // a private network where this host carries it).
+        // Networks with a balancer, and those that had one (their
+        // addresses go): no command runs for the others.
         let mut by_net: BTreeMap<Option<u32>, BTreeSet<Ipv4Addr>> = BTreeMap::new();
-        by_net.entry(None).or_default();
         let mut addressed = self.addressed.lock().await;
         for vni in addressed.iter() {
             by_net.entry(*vni).or_default();

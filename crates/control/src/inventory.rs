@@ -418,6 +418,20 @@ impl Inventory {
         st.instances.values().map(|spec| full(&st, spec)).collect()
     }
 
+    /// The instances whose spec `keep` accepts: only those are copied
+    /// (the group controllers ask several times a second).
+    pub async fn instances_full_where(
+        &self,
+        keep: impl Fn(&InstanceSpec) -> bool,
+    ) -> Vec<Instance> {
+        let st = self.read();
+        st.instances
+            .values()
+            .filter(|spec| keep(spec))
+            .map(|spec| full(&st, spec))
+            .collect()
+    }
+
     /// All instance specs, by project and name.
     pub async fn instances(&self) -> Vec<InstanceSpec> {
         self.read().instances.values().cloned().collect()

@@ -274,20 +274,31 @@ async fn step(cp: &ControlPlane) -> ApiResult<()> {
         .into_iter()
         .map(|(d, _)| (keys::lb_backends(&d.spec.project, &d.spec.name), d))
         .collect();
+    if specs.is_empty() && written.is_empty() {
+        return Ok(());
+    }
+    // Every group and its status once a tick, not once per balancer.
+    let (groups, _) = cp.store.list_json::<GroupSpec>(keys::GROUPS).await?;
+    let groups: BTreeMap<String, GroupSpec> = groups
+        .into_iter()
+        .map(|(g, _)| (keys::group(&g.project, &g.name), g))
+        .collect();
+    let statuses: BTreeMap<String, GroupStatus> = cp
+        .store
+        .list(keys::GROUP_STATUSES)
+        .await?
+        .items
+        .iter()
+        .filter_map(|kv| Some((kv.key.clone(), skyvisor_store::decode(kv).ok()?)))
+        .collect();
     for (spec, _) in specs {
         let key = keys::lb_backends(&spec.project, &spec.name);
-        let Some((group, _)) = cp
-            .store
-            .get_json::<GroupSpec>(&keys::group(&spec.project, &spec.group))
-            .await?
-        else {
+        let Some(group) = groups.get(&keys::group(&spec.project, &spec.group)) else {
             continue;
         };
-        let status = cp
-            .store
-            .get_json::<GroupStatus>(&keys::group_status(&spec.project, &spec.group))
-            .await?
-            .map(|(s, _)| s)
+        let status = statuses
+            .get(&keys::group_status(&spec.project, &spec.group))
+            .cloned()
             .unwrap_or_default();
         let checked = group.health_check.is_some();
         let members: Vec<(MemberView, std::net::Ipv4Addr)> = cp
@@ -302,7 +313,7 @@ async fn step(cp: &ControlPlane) -> ApiResult<()> {
             })
             .collect();
         let doc = LbBackends {
-            backends: backends(&group, &status, &members),
+            backends: backends(group, &status, &members),
             spec,
         };
         if written.remove(&key).as_ref() != Some(&doc) {

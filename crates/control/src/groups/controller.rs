@@ -48,6 +48,17 @@ async fn step(
 ) -> ApiResult<()> {
     let (groups, _) = cp.store.list_json::<GroupSpec>(keys::GROUPS).await?;
     retry_at.retain(|(p, g), _| groups.iter().any(|(s, _)| &s.project == p && &s.name == g));
+    // How long each balanced group's leaving members drain: the longest
+    // of its balancers' (all balancers read once a tick).
+    let (balancers, _) = cp
+        .store
+        .list_json::<skyvisor_core::lb::LoadBalancerSpec>(keys::LOAD_BALANCERS)
+        .await?;
+    let mut drains: HashMap<(ProjectName, GroupName), u32> = HashMap::new();
+    for (b, _) in balancers {
+        let d = drains.entry((b.project, b.group)).or_insert(0);
+        *d = (*d).max(b.drain_secs);
+    }
     for (spec, rev) in groups {
         let id = (spec.project.clone(), spec.name.clone());
         if retry_at.get(&id).is_some_and(|t| Instant::now() < *t) {
@@ -61,7 +72,11 @@ async fn step(
             .map(|(s, _)| s)
             .unwrap_or_default();
         let mut status = before.clone();
-        match reconcile(cp, &spec, rev, &mut status).await {
+        let drain = drains
+            .get(&(spec.project.clone(), spec.name.clone()))
+            .copied()
+            .unwrap_or(0);
+        match reconcile(cp, &spec, rev, drain, &mut status).await {
             Ok(Outcome::Forgotten) => continue,
             Ok(Outcome::Done) => {
                 retry_at.remove(&id);
@@ -102,6 +117,7 @@ async fn reconcile(
     cp: &ControlPlane,
     spec: &GroupSpec,
     rev: i64,
+    drain: u32,
     status: &mut GroupStatus,
 ) -> ApiResult<Outcome> {
     let checked = spec.health_check.is_some();
@@ -126,13 +142,6 @@ async fn reconcile(
         })
         .collect();
     let plan = plan::plan(spec, &members);
-    let drain = cp
-        .balancers_of(&spec.project, &spec.name)
-        .await?
-        .iter()
-        .map(|b| b.drain_secs)
-        .max()
-        .unwrap_or(0);
     // A member no longer to be removed (scaled back out) serves again.
     status
         .draining

@@ -463,14 +463,10 @@ impl ControlPlane {
         group: &GroupName,
     ) -> Vec<Instance> {
         self.inventory
-            .instances_full()
-            .await
-            .into_iter()
-            .filter(|i| {
-                &i.spec.project == project
-                    && i.spec.group.as_ref().is_some_and(|m| &m.group == group)
+            .instances_full_where(|s| {
+                &s.project == project && s.group.as_ref().is_some_and(|m| &m.group == group)
             })
-            .collect()
+            .await
     }
 
     /// How many members of `group` each host runs (a member's placement

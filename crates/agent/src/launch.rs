@@ -367,7 +367,10 @@ impl Launcher {
                 prefix_len: n.prefix_len,
                 gateway: n.gateway,
                 mtu: self.ctx.mtu,
-                nameservers: host_nameservers().await,
+                // The host's DNS server on the gateway: the internal
+                // zone, and other names forwarded upstream.
+                nameservers: vec![n.gateway],
+                search: vec![skyvisor_core::dns::search_domain(&spec.project)],
             }),
         };
         let path = dir.join(SEED_FILE);
@@ -386,8 +389,15 @@ impl Launcher {
         if image.guest_service {
             let n = &spec.network;
             c.push_str(&format!(
-                " sv.name={} sv.id={} sv.ip={}/{} sv.gw={} sv.mtu={}",
-                spec.name, spec.id, n.ip, n.prefix_len, n.gateway, self.ctx.mtu
+                " sv.name={} sv.id={} sv.ip={}/{} sv.gw={} sv.mtu={} sv.dns={} sv.domain={}",
+                spec.name,
+                spec.id,
+                n.ip,
+                n.prefix_len,
+                n.gateway,
+                self.ctx.mtu,
+                n.gateway,
+                skyvisor_core::dns::search_domain(&spec.project)
             ));
             if self.ctx.guest_test_hooks {
                 c.push_str(" sv.hooks=1");
@@ -400,16 +410,3 @@ impl Launcher {
 /// The VM's cloud-init seed drive, in its directory.
 pub(crate) const SEED_FILE: &str = "seed.img";
 
-/// The host's DNS resolvers that a guest can reach (not the host's own
-/// loopback stub), for the guest's network settings.
-async fn host_nameservers() -> Vec<std::net::Ipv4Addr> {
-    let text = tokio::fs::read_to_string("/etc/resolv.conf")
-        .await
-        .unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .filter_map(|a| a.trim().parse::<std::net::Ipv4Addr>().ok())
-        .filter(|a| !a.is_loopback())
-        .take(3)
-        .collect()
-}

@@ -9,6 +9,7 @@ pub mod checkpoints;
 pub mod cluster;
 pub mod credentials;
 pub mod disks;
+pub mod dns;
 pub mod egress;
 pub mod fake_hv;
 pub mod fencing;
@@ -192,6 +193,9 @@ pub struct AgentContext {
     pub firewall: firewall::Firewall,
     /// This host's part of the load balancers' datapath.
     pub load_balancers: lb::LoadBalancers,
+    /// The internal zone's records and upstream resolvers, for every
+    /// network's DNS server.
+    pub dns: Arc<dns::DnsService>,
     /// The instance metadata service.
     pub metadata: Arc<metadata::MetadataService>,
     /// The host's and its VMs' metrics.
@@ -436,7 +440,8 @@ async fn bring_up(
         cfg.bridge.clone(),
     ));
     let firewall = firewall::Firewall::new(network.clone());
-    let metadata = metadata::MetadataService::new(network.clone());
+    let dns = dns::DnsService::new();
+    let metadata = metadata::MetadataService::new(network.clone(), dns.clone());
     let physical = host::physical_resources(&cfg.data_dir, cfg.reserved_memory_mib);
     let capacity = Capacity::new(physical, cfg.overcommit);
     let metrics = Arc::new(metrics::AgentMetrics::new(
@@ -464,6 +469,7 @@ async fn bring_up(
         private_nets: private_nets.clone(),
         firewall,
         load_balancers: lb::LoadBalancers::default(),
+        dns,
         metadata,
         metrics: metrics.clone(),
         mtu: net.mtu,
@@ -600,6 +606,9 @@ async fn bring_up(
     guard.0.push(tokio::spawn(dispatch(ctx.clone())));
     guard.0.push(tokio::spawn(firewall::follow(ctx.clone())));
     guard.0.push(tokio::spawn(lb::follow(ctx.clone())));
+    guard
+        .0
+        .push(tokio::spawn(dns::follow(ctx.store.clone(), ctx.dns.clone())));
     guard.0.push(tokio::spawn(checkpoints::follow(ctx.clone())));
     guard.0.push(tokio::spawn(egress::run(ctx.clone())));
     if let Some(v) = volumes {

@@ -143,6 +143,8 @@ pub struct NetworkSettings {
     pub mtu: u32,
     /// DNS resolvers.
     pub nameservers: Vec<Ipv4Addr>,
+    /// DNS search domains (a bare name is tried in each).
+    pub search: Vec<String>,
 }
 
 /// What a VM's seed says.
@@ -212,6 +214,9 @@ impl Seed {
         if !n.nameservers.is_empty() {
             let ns: Vec<String> = n.nameservers.iter().map(Ipv4Addr::to_string).collect();
             eth["nameservers"] = serde_json::json!({ "addresses": ns });
+            if !n.search.is_empty() {
+                eth["nameservers"]["search"] = serde_json::json!(n.search);
+            }
         }
         let doc = serde_json::json!({ "version": 2, "ethernets": { "eth0": eth } });
         Some(format!("{doc:#}\n"))
@@ -299,6 +304,7 @@ mod tests {
                 gateway: Ipv4Addr::new(10, 0, 0, 1),
                 mtu: 1450,
                 nameservers: vec![Ipv4Addr::new(10, 0, 0, 1)],
+                search: vec!["alpha.skyvisor.internal".into()],
             }),
         }
     }
@@ -361,6 +367,8 @@ mod tests {
         assert_eq!(eth["addresses"][0], "10.0.0.5/24");
         assert_eq!(eth["gateway4"], "10.0.0.1");
         assert_eq!(eth["mtu"], 1450);
+        assert_eq!(eth["nameservers"]["addresses"][0], "10.0.0.1");
+        assert_eq!(eth["nameservers"]["search"][0], "alpha.skyvisor.internal");
         let no_keys = Seed {
             ssh_keys: vec![],
             user_data: None,

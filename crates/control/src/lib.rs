@@ -10,6 +10,7 @@ pub mod api;
 pub mod audit;
 pub mod billing;
 pub mod cluster;
+pub mod dns;
 pub mod election;
 pub mod error;
 pub mod events;
@@ -235,6 +236,7 @@ impl ControlPlane {
         tokio::spawn(ha::run(self.clone()));
         tokio::spawn(groups::controller::run(self.clone()));
         tokio::spawn(lbs::run(self.clone()));
+        tokio::spawn(dns::run(self.clone()));
         tokio::spawn(groups::autoscale::run(self.clone()));
         tokio::spawn(firewall::run(self.clone()));
         tokio::spawn(audit::run_retention(self.clone()));

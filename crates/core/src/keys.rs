@@ -271,6 +271,14 @@ pub fn lb_backends(project: &crate::ProjectName, name: &str) -> String {
     format!("{LB_BACKENDS}{project}/{name}")
 }
 
+/// Prefix of the internal DNS zone's records: `dns/<project>`.
+pub const DNS: &str = "dns/";
+
+/// The DNS records of `project`.
+pub fn dns(project: &crate::ProjectName) -> String {
+    format!("{DNS}{project}")
+}
+
 /// Prefix of all instance groups: `groups/<project>/<name>`.
 pub const GROUPS: &str = "groups/";
 

@@ -8,6 +8,7 @@ pub mod accel;
 pub mod api;
 pub mod auth;
 pub mod cluster;
+pub mod dns;
 pub mod error;
 pub mod event;
 pub mod exposition;

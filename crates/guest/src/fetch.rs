@@ -2,8 +2,10 @@
 //! another machine and reports what it got, so that tests (and people) can
 //! check what a VM itself reaches over the network: another VM, a host.
 //!
-//! Only plain HTTP to a literal IPv4 address, with a short timeout and a
-//! bounded answer; this must never hang a connection thread for long.
+//! Only plain HTTP to an IPv4 address or a name the guest's resolver
+//! knows (`GET /resolve?name=NAME` shows what it answers), with a short
+//! timeout and a bounded answer; this must never hang a connection thread
+//! for long.
 //! `&from=IP` sends from that source address, owned or not (tests of the
 //! host's address guards).
 
@@ -42,13 +44,40 @@ pub fn parse_url(url: &str) -> Result<(SocketAddrV4, String), String> {
         ),
         None => (authority, 80),
     };
-    let ip: Ipv4Addr = host
-        .parse()
-        .map_err(|_| format!("{url:?}: the host must be an IPv4 address, got {host:?}"))?;
+    let ip: Ipv4Addr = match host.parse() {
+        Ok(ip) => ip,
+        Err(_) => *resolve(host)
+            .map_err(|e| format!("{url:?}: {e}"))?
+            .first()
+            .ok_or_else(|| format!("{url:?}: {host:?} has no IPv4 address"))?,
+    };
     if target.chars().any(|c| c.is_ascii_control() || c == ' ') {
         return Err(format!("{url:?}: invalid characters in the path"));
     }
     Ok((SocketAddrV4::new(ip, port), target.to_string()))
+}
+
+/// The IPv4 addresses of `name` by the guest's resolver (the C library's,
+/// configured by `/etc/resolv.conf`), sorted.
+pub fn resolve(name: &str) -> Result<Vec<Ipv4Addr>, String> {
+    use std::net::ToSocketAddrs;
+    if name.is_empty() || name.len() > 253 || name.chars().any(|c| c.is_ascii_control() || c == ' ') {
+        return Err(format!("{name:?} is not a host name"));
+    }
+    let mut found: Vec<Ipv4Addr> = (name, 0)
+        .to_socket_addrs()
+        .map_err(|e| format!("resolving {name:?}: {e}"))?
+        .filter_map(|a| match a {
+            SocketAddr::V4(v4) => Some(*v4.ip()),
+            SocketAddr::V6(_) => None,
+        })
+        .collect();
+    found.sort();
+    found.dedup();
+    if found.is_empty() {
+        return Err(format!("{name:?} has no IPv4 address"));
+    }
+    Ok(found)
 }
 
 /// Connects to `addr` from source address `from`, even one this guest
@@ -144,7 +173,12 @@ mod tests {
         let (a, t) = parse_url("http://10.0.0.2:8080").expect("ok");
         assert_eq!((a.port(), t.as_str()), (8080, "/"));
         assert!(parse_url("https://10.0.0.2/").is_err());
-        assert!(parse_url("http://example.com/").is_err());
+        // .invalid never resolves (RFC 6761).
+        assert!(parse_url("http://nothing.invalid/").is_err());
+        assert_eq!(
+            parse_url("http://localhost:81/").expect("a name").0.to_string(),
+            "127.0.0.1:81"
+        );
         assert!(parse_url("http://10.0.0.2:99999/").is_err());
         assert!(parse_url("http://10.0.0.2/a b").is_err());
     }

@@ -152,6 +152,7 @@ enum Route<'a> {
     PowerOff,
     Reboot,
     Fetch,
+    Resolve,
     Blk,
     BlkDev(&'a str),
 }
@@ -175,6 +176,7 @@ impl Route<'_> {
             "/poweroff" => Route::PowerOff,
             "/reboot" => Route::Reboot,
             "/fetch" => Route::Fetch,
+            "/resolve" => Route::Resolve,
             "/blk" => Route::Blk,
             p if p.starts_with("/blk/") => Route::BlkDev(&p[5..]),
             p => Route::File(p.strip_prefix("/files/")?),
@@ -312,7 +314,12 @@ impl Guest {
         let is_get = matches!(method, "GET" | "HEAD");
         let hook = matches!(
             route,
-            Route::PowerOff | Route::Reboot | Route::Fetch | Route::Blk | Route::BlkDev(_)
+            Route::PowerOff
+                | Route::Reboot
+                | Route::Fetch
+                | Route::Resolve
+                | Route::Blk
+                | Route::BlkDev(_)
         );
         if hook && !self.config.test_hooks {
             return Response::text(
@@ -367,6 +374,26 @@ impl Guest {
                     )
                     .into(),
                     Err(e) => Response::text(502, &e).into(),
+                },
+            },
+            // What the guest's resolver answers for a name.
+            Route::Resolve => match req.query("name") {
+                None => Response::text(400, "give ?name=NAME").into(),
+                Some(name) => match crate::fetch::resolve(name) {
+                    Ok(found) => Response::json(
+                        200,
+                        format!(
+                            r#"{{"name":{},"addresses":[{}]}}"#,
+                            quote(name),
+                            found
+                                .iter()
+                                .map(|a| quote(&a.to_string()))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        ),
+                    )
+                    .into(),
+                    Err(e) => Response::text(404, &e).into(),
                 },
             },
             Route::Identity => Response::json(200, self.identity_json()).into(),
@@ -737,6 +764,7 @@ mod tests {
             ("POST", "/poweroff"),
             ("POST", "/reboot"),
             ("GET", "/fetch?url=http://10.0.0.1/"),
+            ("GET", "/resolve?name=web"),
             ("GET", "/blk"),
             ("PUT", "/blk/vdb"),
         ] {

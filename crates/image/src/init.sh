@@ -2,7 +2,7 @@
 # Skyvisor default guest: /init, PID 1 of the initramfs.
 #
 # Sets the system up from the kernel command line (sv.name, sv.id, sv.ip, sv.gw,
-# sv.dns, sv.probe), then runs skyvisor-guest in a loop, restarting it if it dies.
+# sv.dns, sv.domain, sv.probe), then runs skyvisor-guest in a loop, restarting it if it dies.
 # This shell stays PID 1 for the life of the VM: it must never exit (the kernel
 # would panic), and while it waits for the service it also reaps orphaned
 # processes (busybox ash waits with waitpid(-1)). Poweroff and reboot are done by
@@ -60,7 +60,10 @@ dns=$(arg sv.dns)
 mtu=$(arg sv.mtu)
 
 hostname "${name:-skyvisor-guest}" 2>/dev/null || hostname skyvisor-guest
+domain=$(arg sv.domain)
 [ -n "$dns" ] && echo "nameserver $dns" >/etc/resolv.conf
+[ -n "$dns" ] && [ -n "$domain" ] && echo "search $domain" >>/etc/resolv.conf
+[ -n "$dns" ] && echo "options timeout:2 attempts:2" >>/etc/resolv.conf
 
 ip link set lo up
 if wait_for /sys/class/net/eth0; then

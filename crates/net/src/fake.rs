@@ -186,6 +186,16 @@ impl HostNetwork for FakeNetwork {
         Ok(None)
     }
 
+    async fn listen_dns(
+        &self,
+        _vni: Option<u32>,
+        bridge: &str,
+        _gateway: std::net::Ipv4Addr,
+    ) -> Result<Option<(std::net::UdpSocket, std::net::TcpListener)>, NetError> {
+        // No VM sends a packet here: nothing to listen for.
+        validate_ifname(bridge).map(|()| None)
+    }
+
     async fn listen_metadata(
         &self,
         _vni: Option<u32>,

@@ -33,7 +33,7 @@ pub use firewall::{FirewallConfig, InboundFilter, TapGuard};
 pub use linux::LinuxNetwork;
 pub use private::{
     PrivateDevices, PrivateNetworkConfig, PrivateOverlay, ROUTER_GATEWAY_PORT,
-    connect_in_namespace, listen_on_device, namespace_id, private_devices,
+    connect_in_namespace, dns_sockets_on_device, listen_on_device, namespace_id, private_devices,
 };
 
 /// The link-local address guests reach the instance metadata service at
@@ -47,6 +47,8 @@ pub const METADATA_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 /// so that only the network's instances reach it. The host keeps
 /// [`METADATA_ADDRESS`] itself free for a cloud it may run in.
 pub const METADATA_PORT: u16 = 8775;
+/// The port of the DNS server on every VM network's gateway.
+pub const DNS_PORT: u16 = 53;
 
 /// Longest Linux interface name.
 pub const IFNAME_MAX: usize = 15;
@@ -177,6 +179,17 @@ pub trait HostNetwork: Send + Sync {
     /// that stop each tap from sending as another address, and the
     /// inbound filters of instances in security groups. One atomic change.
     async fn apply_firewall(&self, config: &FirewallConfig) -> Result<(), NetError>;
+
+    /// Opens the DNS server's sockets (UDP and TCP) for a VM network, at
+    /// port 53 of its `gateway`, taking queries from that network's
+    /// segment only, like [`HostNetwork::listen_metadata`]. None where
+    /// there is no real network to listen on.
+    async fn listen_dns(
+        &self,
+        vni: Option<u32>,
+        bridge: &str,
+        gateway: std::net::Ipv4Addr,
+    ) -> Result<Option<(std::net::UdpSocket, std::net::TcpListener)>, NetError>;
 
     /// Opens the metadata service's listener for a VM network: the
     /// cluster network on `bridge` (`vni` none) or private network `vni`

@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 use skyvisor_core::MacAddr;
 
 use crate::{
-    BridgeConfig, FirewallConfig, HostNetwork, METADATA_ADDRESS, METADATA_PORT, NetError,
+    BridgeConfig, DNS_PORT, FirewallConfig, HostNetwork, METADATA_ADDRESS, METADATA_PORT, NetError,
     OverlayConfig, PrivateNetworkConfig, ROUTER_GATEWAY_PORT, private_devices, validate_ifname,
 };
 
@@ -600,6 +600,32 @@ impl HostNetwork for LinuxNetwork {
         .await
         .map_err(|e| NetError::Command {
             command: format!("listen on {addr}"),
+            stderr: e.to_string(),
+        })?
+        .map(Some)
+    }
+
+    async fn listen_dns(
+        &self,
+        vni: Option<u32>,
+        bridge: &str,
+        gateway: Ipv4Addr,
+    ) -> Result<Option<(std::net::UdpSocket, std::net::TcpListener)>, NetError> {
+        let (namespace, device) = match vni {
+            Some(v) => (
+                Some(private_devices(v).namespace),
+                ROUTER_GATEWAY_PORT.to_string(),
+            ),
+            None => (None, bridge.to_string()),
+        };
+        validate_ifname(&device)?;
+        let addr = std::net::SocketAddr::from((gateway, DNS_PORT));
+        tokio::task::spawn_blocking(move || {
+            crate::dns_sockets_on_device(namespace.as_deref(), addr, &device)
+        })
+        .await
+        .map_err(|e| NetError::Command {
+            command: format!("listen for DNS on {addr}"),
             stderr: e.to_string(),
         })?
         .map(Some)

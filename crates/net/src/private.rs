@@ -158,6 +158,36 @@ pub fn listen_on_device(
     in_namespace(&format!("/run/netns/{namespace}"), open).map_err(|e| fail(e.to_string()))
 }
 
+/// A DNS server's sockets on `addr`: UDP and TCP, both taking packets
+/// arriving through interface `device` only, in network namespace
+/// `namespace` or this process's own (see [`listen_on_device`]).
+pub fn dns_sockets_on_device(
+    namespace: Option<&str>,
+    addr: SocketAddr,
+    device: &str,
+) -> Result<(std::net::UdpSocket, std::net::TcpListener), NetError> {
+    let fail = |stderr: String| NetError::Command {
+        command: format!("listen for DNS on {addr} through {device}"),
+        stderr,
+    };
+    let open = || -> std::io::Result<std::net::UdpSocket> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_reuse_address(true)?;
+        socket.bind_device(Some(device.as_bytes()))?;
+        socket.bind(&addr.into())?;
+        socket.set_nonblocking(true)?;
+        Ok(socket.into())
+    };
+    let udp = match namespace {
+        Some(n) => in_namespace(&format!("/run/netns/{n}"), open),
+        None => open(),
+    }
+    .map_err(|e| fail(e.to_string()))?;
+    let tcp = listen_on_device(namespace, addr, device)?;
+    Ok((udp, tcp))
+}
+
 /// Runs `make` on a throwaway thread inside the network namespace at
 /// `path`: a socket it makes is made there and stays there, while the
 /// caller's threads never move.

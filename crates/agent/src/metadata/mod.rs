@@ -26,6 +26,7 @@ use skyvisor_net::HostNetwork;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::dns::DnsService;
 use ec2::{Answer, InstanceMetadata, TOKEN_HEADER, TOKEN_PATH, TOKEN_TTL_HEADER, Tokens};
 
 /// A VM network's key: its private network id, or none for the cluster
@@ -39,16 +40,21 @@ struct Entry {
     meta: Arc<InstanceMetadata>,
 }
 
-/// A listener's task and where it listens.
+/// A network's listeners (the metadata service's and the DNS server's)
+/// and where they listen.
 struct Listener {
     gateway: Ipv4Addr,
     namespace: Option<u64>,
     task: JoinHandle<()>,
+    dns: Option<JoinHandle<()>>,
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(d) = &self.dns {
+            d.abort();
+        }
     }
 }
 
@@ -59,9 +65,11 @@ struct Registry {
     listeners: HashMap<NetKey, Listener>,
 }
 
-/// The host's metadata service.
+/// The host's metadata service, and the DNS server of each network it
+/// listens on (both know a caller the same way).
 pub struct MetadataService {
     network: Arc<dyn HostNetwork>,
+    dns: Arc<DnsService>,
     registry: std::sync::Mutex<Registry>,
 }
 
@@ -73,10 +81,12 @@ struct Served {
 }
 
 impl MetadataService {
-    /// A service with nothing registered and nothing listening yet.
-    pub fn new(network: Arc<dyn HostNetwork>) -> Arc<Self> {
+    /// A service with nothing registered and nothing listening yet, whose
+    /// networks' DNS servers answer from `dns`.
+    pub fn new(network: Arc<dyn HostNetwork>, dns: Arc<DnsService>) -> Arc<Self> {
         Arc::new(Self {
             network,
+            dns,
             registry: std::sync::Mutex::new(Registry::default()),
         })
     }
@@ -151,15 +161,48 @@ impl MetadataService {
             }
         });
         info!(network = ?net, %gateway, "metadata service listening");
+        let dns = self.serve_dns(net, bridge, gateway).await;
         self.registry().listeners.insert(
             net,
             Listener {
                 gateway,
                 namespace,
                 task,
+                dns,
             },
         );
         Ok(())
+    }
+
+    /// Starts network `net`'s DNS server on its gateway. One that cannot
+    /// listen (port 53 taken on the host) is logged, not fatal: guests
+    /// then resolve nothing, but run.
+    async fn serve_dns(
+        self: &Arc<Self>,
+        net: NetKey,
+        bridge: &str,
+        gateway: Ipv4Addr,
+    ) -> Option<JoinHandle<()>> {
+        let (udp, tcp) = match self.network.listen_dns(net, bridge, gateway).await {
+            Ok(Some(sockets)) => sockets,
+            Ok(None) => return None,
+            Err(e) => {
+                warn!(network = ?net, error = %e, "the DNS server cannot listen on this network");
+                return None;
+            }
+        };
+        let service = Arc::downgrade(self);
+        let callers: skyvisor_dns::Callers = Arc::new(move |ip| {
+            let me = service.upgrade()?.caller(net, ip)?;
+            Some(me.project.clone())
+        });
+        let resolver = self.dns.resolver(callers)?;
+        info!(network = ?net, %gateway, "DNS server listening");
+        Some(tokio::spawn(async move {
+            if let Err(e) = resolver.serve(udp, tcp).await {
+                warn!(error = %e, "a DNS server failed");
+            }
+        }))
     }
 
     /// Forgets the instances whose taps are not in `taps` (as listed at

@@ -279,6 +279,33 @@ fn a_load_balancer_spreads_over_serving_members_and_loses_nothing_to_updates_or_
     });
     let url = format!("http://{vip}/identity");
 
+    // From inside a member, the balancer's name answers with its address
+    // and the group's with its healthy members; a page comes through the
+    // balancer by its name.
+    let g = group(&cloud);
+    let mut ips: Vec<std::net::Ipv4Addr> = members(&g).into_iter().map(|(_, ip)| ip).collect();
+    ips.sort();
+    let asker = ips[0];
+    let resolve = |name: &str| -> Vec<String> {
+        let url = format!("http://{asker}/resolve?name={name}");
+        match crate::harness::http("GET", &url, None, Duration::from_secs(30)) {
+            Ok((200, text)) => serde_json::from_str::<Value>(&text).expect("resolve answer")
+                ["addresses"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    };
+    wait_until("the group's name answers with its members", Duration::from_secs(30), || {
+        let want: Vec<String> = ips.iter().map(|i| i.to_string()).collect();
+        (resolve("web") == want).then_some(())
+    });
+    assert_eq!(resolve("web-lb"), vec![vip.to_string()]);
+    assert_eq!(resolve("web-lb.default.skyvisor.internal"), vec![vip.to_string()]);
+    let via_name = guest_json(asker, "/fetch?url=http://web-lb/identity");
+    assert_eq!(via_name["status"], 200, "{via_name}");
+
     // Requests spread over every member.
     let (stop, handle) = client(url.clone());
     std::thread::sleep(Duration::from_secs(3));

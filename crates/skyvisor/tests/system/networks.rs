@@ -58,6 +58,26 @@ fn name_seen(vni: u32, from: Ipv4Addr, target: Ipv4Addr) -> Option<String> {
     v["name"].as_str().map(str::to_string)
 }
 
+/// What guest `from` (on network `vni`) resolves `name` to with its own
+/// resolver (its network's gateway): the addresses, or None when the name
+/// does not resolve there.
+fn resolved_by(vni: u32, from: Ipv4Addr, name: &str) -> Option<Vec<Ipv4Addr>> {
+    let (status, body) = via_router(vni, from, &format!("/resolve?name={name}"))
+        .unwrap_or_else(|| panic!("guest {from} does not answer its router"));
+    if status != 200 {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&body).expect("resolve answer");
+    Some(
+        v["addresses"]
+            .as_array()
+            .expect("addresses")
+            .iter()
+            .map(|a| a.as_str().expect("address").parse().expect("ip"))
+            .collect(),
+    )
+}
+
 #[test]
 fn projects_with_the_same_subnet_never_meet_and_security_groups_open_and_close_ports() {
     let cloud = Cloud::start();
@@ -103,6 +123,24 @@ fn projects_with_the_same_subnet_never_meet_and_security_groups_open_and_close_p
         "project beta reached alpha's a2"
     );
     assert_eq!(name_seen(vb, b1, a1).as_deref(), Some("b1"));
+
+    // DNS on each network's gateway: a bare name is found in the guest's
+    // own project (its search domain), the full name too; another
+    // project's name does not exist for it, whatever its address.
+    wait_until("a2 resolves a1", Duration::from_secs(30), || {
+        (resolved_by(va, a2, "a1") == Some(vec![a1])).then_some(())
+    });
+    assert_eq!(
+        resolved_by(va, a2, "a1.alpha.skyvisor.internal"),
+        Some(vec![a1])
+    );
+    assert_eq!(resolved_by(vb, b1, "b1"), Some(vec![b1]));
+    assert_eq!(resolved_by(vb, b1, "a1.alpha.skyvisor.internal"), None);
+    assert_eq!(resolved_by(vb, b1, "a2"), None);
+    assert_eq!(resolved_by(va, a1, "b1.beta.skyvisor.internal"), None);
+    // And a guest reaches its neighbour by name.
+    let body = fetch_from(va, a2, "http://a1/identity").expect("a2 fetches a1 by name");
+    assert!(body.contains("\"a1\""), "{body}");
     // The host itself has no way in either (whatever answers it there, it
     // is not the VM: this machine's uplink may answer any address).
     if let Ok(mut s) =

@@ -38,12 +38,7 @@ impl DnsService {
 
     /// The server of one network, whose callers `callers` knows.
     pub fn resolver(&self, callers: Callers) -> Option<Resolver> {
-        match Resolver::new(
-            ZONE,
-            self.records.clone(),
-            callers,
-            self.forwarder.clone(),
-        ) {
+        match Resolver::new(ZONE, self.records.clone(), callers, self.forwarder.clone()) {
             Ok(r) => Some(r),
             Err(e) => {
                 warn!(error = %e, "cannot make a DNS server");

@@ -409,4 +409,3 @@ impl Launcher {
 
 /// The VM's cloud-init seed drive, in its directory.
 pub(crate) const SEED_FILE: &str = "seed.img";
-

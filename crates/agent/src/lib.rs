@@ -606,9 +606,10 @@ async fn bring_up(
     guard.0.push(tokio::spawn(dispatch(ctx.clone())));
     guard.0.push(tokio::spawn(firewall::follow(ctx.clone())));
     guard.0.push(tokio::spawn(lb::follow(ctx.clone())));
-    guard
-        .0
-        .push(tokio::spawn(dns::follow(ctx.store.clone(), ctx.dns.clone())));
+    guard.0.push(tokio::spawn(dns::follow(
+        ctx.store.clone(),
+        ctx.dns.clone(),
+    )));
     guard.0.push(tokio::spawn(checkpoints::follow(ctx.clone())));
     guard.0.push(tokio::spawn(egress::run(ctx.clone())));
     if let Some(v) = volumes {

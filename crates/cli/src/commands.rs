@@ -56,6 +56,10 @@ pub enum ClientCommand {
     /// Load balancers in front of instance groups.
     #[command(subcommand)]
     Lb(crate::lbs::LbCommand),
+    /// The project's names in the internal DNS zone
+    /// (NAME.PROJECT.skyvisor.internal), as its guests resolve them.
+    #[command(subcommand)]
+    Dns(crate::dns::DnsCommand),
     /// SSH key pairs of the project.
     #[command(subcommand)]
     Keypair(crate::keypairs::KeyPairCommand),
@@ -693,6 +697,7 @@ pub async fn run(args: ConnectionArgs, format: OutputFormat, cmd: ClientCommand)
         ClientCommand::Keypair(c) => crate::keypairs::keypair(&client, format, c).await,
         ClientCommand::Group(c) => crate::groups::group(&client, format, c).await,
         ClientCommand::Lb(c) => crate::lbs::lb(&client, format, c).await,
+        ClientCommand::Dns(c) => crate::dns::dns(&client, format, c).await,
         ClientCommand::Migration(c) => crate::migrations::migration(&client, format, c).await,
         ClientCommand::Failover(c) => crate::failovers::failover(&client, format, c).await,
         ClientCommand::Type(TypeCommand::List) => {

@@ -6,6 +6,7 @@ pub mod billing;
 pub mod client;
 pub mod commands;
 pub mod config;
+pub mod dns;
 pub mod events;
 pub mod failovers;
 pub mod groups;

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use skyvisor_core::dns::DnsRecords;
+use skyvisor_core::dns::{DnsRecords, DnsZone};
 use skyvisor_core::group::{GroupSpec, GroupStatus};
 use skyvisor_core::lb::{BackendState, LoadBalancerSpec};
 use skyvisor_core::{InstanceSpec, ProjectName, keys};
@@ -25,6 +25,18 @@ use crate::groups::plan::MemberView;
 
 /// How often the leader recomputes the names.
 const TICK: Duration = Duration::from_millis(500);
+
+impl ControlPlane {
+    /// `project`'s names as last published.
+    pub async fn dns_zone(&self, project: &ProjectName) -> ApiResult<DnsZone> {
+        let records = self
+            .store
+            .get_json::<DnsRecords>(&keys::dns(project))
+            .await?
+            .map(|(r, _)| r);
+        Ok(DnsZone::of(project, records.as_ref()))
+    }
+}
 
 /// The leader's loop publishing every project's names.
 pub(crate) async fn run(cp: ControlPlane) {
@@ -59,8 +71,7 @@ async fn step(cp: &ControlPlane) -> ApiResult<()> {
         .filter_map(|kv| Some((kv.key.clone(), skyvisor_store::decode(kv).ok()?)))
         .collect();
     let instances = cp.inventory.instances().await;
-    let mut members: BTreeMap<(ProjectName, String), Vec<(MemberView, Ipv4Addr)>> =
-        BTreeMap::new();
+    let mut members: BTreeMap<(ProjectName, String), Vec<(MemberView, Ipv4Addr)>> = BTreeMap::new();
     let checked: BTreeMap<(ProjectName, String), bool> = groups
         .iter()
         .map(|(g, _)| {

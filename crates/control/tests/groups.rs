@@ -415,3 +415,122 @@ async fn groups_keep_their_size_replace_failures_roll_updates_and_delete_members
     // 1 replaced + 3 scale-in + 2 update + 2 deleted with the group.
     assert_eq!(removed, 8, "{events:#?}");
 }
+
+/// Polls project `p`'s published zone until `done` holds.
+async fn wait_zone(
+    cp: &ControlPlane,
+    p: &ProjectName,
+    what: &str,
+    done: impl Fn(&BTreeMap<String, Vec<std::net::Ipv4Addr>>) -> bool,
+) -> BTreeMap<String, Vec<std::net::Ipv4Addr>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let zone = cp.dns_zone(p).await.expect("zone");
+        let names: BTreeMap<String, Vec<std::net::Ipv4Addr>> = zone
+            .names
+            .iter()
+            .map(|n| (n.name.clone(), n.addresses.clone()))
+            .collect();
+        if done(&names) {
+            for n in &zone.names {
+                assert_eq!(n.fqdn, format!("{}.{}.skyvisor.internal", n.name, p));
+            }
+            return names;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not reached in 60 s; last seen {names:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_internal_zone_names_instances_groups_and_balancers_of_each_project_apart() {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));
+    let dir = tempfile::tempdir().expect("tmp");
+    fake_host(store.as_ref(), "ha").await;
+    ready_image(store.as_ref()).await;
+    let cp = ControlPlane::start(store.clone(), config(dir.path()))
+        .await
+        .expect("server");
+    std::mem::forget(cp.join_cluster().await.expect("join"));
+    let failing = Arc::new(Mutex::new(HashSet::new()));
+    fake_agents(store.clone(), failing.clone());
+    let p = skyvisor_core::auth::default_project();
+    let beta = ProjectName::new("beta").expect("name");
+    cp.directory
+        .create_project(serde_json::from_value(json!({"name": "beta"})).expect("project request"))
+        .await
+        .expect("project beta");
+    let vm = |name: &str| -> skyvisor_core::api::CreateInstanceRequest {
+        serde_json::from_value(json!({"name": name, "image": "img", "instance_type": "nano"}))
+            .expect("request")
+    };
+    let api = cp.create_instance(&p, vm("api")).await.expect("api");
+    let other = cp
+        .create_instance(&beta, vm("api"))
+        .await
+        .expect("beta's api");
+    cp.create_group(
+        &p,
+        request(
+            json!({"name": "web", "template": {"image": "img", "instance_type": "nano"},
+            "min": 0, "max": 4, "desired": 2}),
+        ),
+    )
+    .await
+    .expect("group");
+    let g = wait_group(&cp, &p, "web", "2 serving", |g| g.healthy == 2).await;
+    let ip = |m: &skyvisor_core::group::GroupMember| -> std::net::Ipv4Addr {
+        m.ip.parse().expect("member ip")
+    };
+    let mut members: Vec<std::net::Ipv4Addr> = present(&g).iter().map(|m| ip(m)).collect();
+    members.sort();
+
+    // An instance by its name, a group by its serving members, each
+    // member by its own name; another project's instance of the same
+    // name is in its own zone with its own address.
+    let names = wait_zone(&cp, &p, "api and web published", |n| {
+        n.get("web") == Some(&members)
+    })
+    .await;
+    assert_eq!(names["api"], vec![api.spec.network.ip]);
+    for m in present(&g) {
+        assert_eq!(names[&m.name], vec![ip(m)]);
+    }
+    let theirs = wait_zone(&cp, &beta, "beta's api", |n| n.contains_key("api")).await;
+    assert_eq!(theirs.len(), 1, "{theirs:?}");
+    assert_eq!(theirs["api"], vec![other.spec.network.ip]);
+
+    // A failed member leaves the group's answer.
+    let victim = present(&g)[0].name.clone();
+    let victim_ip = ip(present(&g)[0]);
+    failing.lock().expect("lock").insert(victim.clone());
+    wait_zone(&cp, &p, "the failed member left the group's name", |n| {
+        n.get("web").is_some_and(|a| !a.contains(&victim_ip))
+    })
+    .await;
+    failing.lock().expect("lock").clear();
+
+    // A balancer of the same name as its group takes the name.
+    let lb = cp
+        .create_load_balancer(
+            &p,
+            serde_json::from_value(json!({"name": "web", "group": "web",
+                "listeners": [{"port": 80}]}))
+            .expect("lb request"),
+        )
+        .await
+        .expect("balancer");
+    wait_zone(&cp, &p, "the balancer's name", |n| {
+        n.get("web") == Some(&vec![lb.spec.address])
+    })
+    .await;
+
+    // Deleted, an instance's name goes; a project with no names has none.
+    cp.delete_instance(&beta, "api", true, false)
+        .await
+        .expect("delete");
+    wait_zone(&cp, &beta, "beta emptied", BTreeMap::is_empty).await;
+}

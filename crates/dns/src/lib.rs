@@ -83,7 +83,10 @@ impl Records {
 
     /// The addresses of `name` in `project` (none: no such name).
     pub fn lookup(&self, project: &str, name: &str) -> Option<Vec<Ipv4Addr>> {
-        let map = self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let map = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         map.get(project)?.get(name).cloned()
     }
 

@@ -106,13 +106,25 @@ fn internal(forwarder: Option<Arc<Forwarder>>) -> Resolver {
 #[tokio::test]
 async fn a_project_resolves_its_own_names_with_every_address_of_a_group() {
     let server = start(internal(None)).await;
-    let m = ask(server, "127.0.0.2", "vm1.alpha.skyvisor.internal.", RecordType::A).await;
+    let m = ask(
+        server,
+        "127.0.0.2",
+        "vm1.alpha.skyvisor.internal.",
+        RecordType::A,
+    )
+    .await;
     assert_eq!(m.response_code(), ResponseCode::NoError);
     assert!(m.authoritative());
     assert_eq!(addresses(&m), vec![ip("10.0.0.5")]);
     assert_eq!(m.id(), 4242);
     // Case does not matter in DNS.
-    let m = ask(server, "127.0.0.2", "WEB.Alpha.skyvisor.internal.", RecordType::A).await;
+    let m = ask(
+        server,
+        "127.0.0.2",
+        "WEB.Alpha.skyvisor.internal.",
+        RecordType::A,
+    )
+    .await;
     assert_eq!(addresses(&m), vec![ip("10.0.0.6"), ip("10.0.0.7")]);
     assert!(m.answers().iter().all(|r| r.ttl() == RECORD_TTL));
 }
@@ -120,24 +132,54 @@ async fn a_project_resolves_its_own_names_with_every_address_of_a_group() {
 #[tokio::test]
 async fn another_projects_names_do_not_exist_and_unknown_names_are_nxdomain() {
     let server = start(internal(None)).await;
-    let m = ask(server, "127.0.0.2", "db.beta.skyvisor.internal.", RecordType::A).await;
+    let m = ask(
+        server,
+        "127.0.0.2",
+        "db.beta.skyvisor.internal.",
+        RecordType::A,
+    )
+    .await;
     assert_eq!(m.response_code(), ResponseCode::NXDomain);
     assert!(m.answers().is_empty());
-    let m = ask(server, "127.0.0.3", "db.beta.skyvisor.internal.", RecordType::A).await;
+    let m = ask(
+        server,
+        "127.0.0.3",
+        "db.beta.skyvisor.internal.",
+        RecordType::A,
+    )
+    .await;
     assert_eq!(addresses(&m), vec![ip("10.9.0.5")]);
-    let m = ask(server, "127.0.0.2", "nope.alpha.skyvisor.internal.", RecordType::A).await;
+    let m = ask(
+        server,
+        "127.0.0.2",
+        "nope.alpha.skyvisor.internal.",
+        RecordType::A,
+    )
+    .await;
     assert_eq!(m.response_code(), ResponseCode::NXDomain);
     // Negative answers carry the zone's SOA, so resolvers cache them briefly.
     assert_eq!(m.name_servers().len(), 1);
     assert_eq!(m.name_servers()[0].record_type(), RecordType::SOA);
-    let m = ask(server, "127.0.0.2", "a.vm1.alpha.skyvisor.internal.", RecordType::A).await;
+    let m = ask(
+        server,
+        "127.0.0.2",
+        "a.vm1.alpha.skyvisor.internal.",
+        RecordType::A,
+    )
+    .await;
     assert_eq!(m.response_code(), ResponseCode::NXDomain);
 }
 
 #[tokio::test]
 async fn a_name_without_the_asked_type_has_no_data_rather_than_not_existing() {
     let server = start(internal(None)).await;
-    let m = ask(server, "127.0.0.2", "vm1.alpha.skyvisor.internal.", RecordType::AAAA).await;
+    let m = ask(
+        server,
+        "127.0.0.2",
+        "vm1.alpha.skyvisor.internal.",
+        RecordType::AAAA,
+    )
+    .await;
     assert_eq!(m.response_code(), ResponseCode::NoError);
     assert!(m.answers().is_empty());
     let m = ask(server, "127.0.0.2", "skyvisor.internal.", RecordType::SOA).await;
@@ -159,22 +201,39 @@ async fn strangers_are_refused_even_for_other_names() {
 #[tokio::test]
 async fn records_replaced_are_answered_at_once() {
     let records = records();
-    let server = start(
-        Resolver::new(DEFAULT_ZONE, records.clone(), callers(), None).expect("resolver"),
-    )
-    .await;
+    let server =
+        start(Resolver::new(DEFAULT_ZONE, records.clone(), callers(), None).expect("resolver"))
+            .await;
     records.replace(
         "alpha",
         [("web".to_string(), vec![ip("10.0.0.8")])]
             .into_iter()
             .collect(),
     );
-    let m = ask(server, "127.0.0.2", "web.alpha.skyvisor.internal.", RecordType::A).await;
+    let m = ask(
+        server,
+        "127.0.0.2",
+        "web.alpha.skyvisor.internal.",
+        RecordType::A,
+    )
+    .await;
     assert_eq!(addresses(&m), vec![ip("10.0.0.8")]);
-    let m = ask(server, "127.0.0.2", "vm1.alpha.skyvisor.internal.", RecordType::A).await;
+    let m = ask(
+        server,
+        "127.0.0.2",
+        "vm1.alpha.skyvisor.internal.",
+        RecordType::A,
+    )
+    .await;
     assert_eq!(m.response_code(), ResponseCode::NXDomain);
     records.remove("alpha");
-    let m = ask(server, "127.0.0.2", "web.alpha.skyvisor.internal.", RecordType::A).await;
+    let m = ask(
+        server,
+        "127.0.0.2",
+        "web.alpha.skyvisor.internal.",
+        RecordType::A,
+    )
+    .await;
     assert_eq!(m.response_code(), ResponseCode::NXDomain);
 }
 
@@ -190,7 +249,8 @@ async fn other_names_go_upstream_with_the_upstreams_answer_and_code() {
             .collect(),
     );
     let anyone: Callers = Arc::new(|_| Some("corp".to_string()));
-    let upstream = start(Resolver::new("example.test", corp, anyone, None).expect("upstream")).await;
+    let upstream =
+        start(Resolver::new("example.test", corp, anyone, None).expect("upstream")).await;
     let forwarder = Arc::new(Forwarder::new(vec![upstream]));
     let server = start(internal(Some(forwarder))).await;
     let m = ask(server, "127.0.0.2", "www.corp.example.test.", RecordType::A).await;
@@ -198,10 +258,22 @@ async fn other_names_go_upstream_with_the_upstreams_answer_and_code() {
     assert!(!m.authoritative());
     assert!(m.recursion_available());
     assert_eq!(addresses(&m), vec![ip("192.0.2.7")]);
-    let m = ask(server, "127.0.0.2", "nope.corp.example.test.", RecordType::A).await;
+    let m = ask(
+        server,
+        "127.0.0.2",
+        "nope.corp.example.test.",
+        RecordType::A,
+    )
+    .await;
     assert_eq!(m.response_code(), ResponseCode::NXDomain);
     // The internal zone is still answered here, not upstream.
-    let m = ask(server, "127.0.0.2", "vm1.alpha.skyvisor.internal.", RecordType::A).await;
+    let m = ask(
+        server,
+        "127.0.0.2",
+        "vm1.alpha.skyvisor.internal.",
+        RecordType::A,
+    )
+    .await;
     assert_eq!(addresses(&m), vec![ip("10.0.0.5")]);
 }
 

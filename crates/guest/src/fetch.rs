@@ -61,7 +61,8 @@ pub fn parse_url(url: &str) -> Result<(SocketAddrV4, String), String> {
 /// configured by `/etc/resolv.conf`), sorted.
 pub fn resolve(name: &str) -> Result<Vec<Ipv4Addr>, String> {
     use std::net::ToSocketAddrs;
-    if name.is_empty() || name.len() > 253 || name.chars().any(|c| c.is_ascii_control() || c == ' ') {
+    if name.is_empty() || name.len() > 253 || name.chars().any(|c| c.is_ascii_control() || c == ' ')
+    {
         return Err(format!("{name:?} is not a host name"));
     }
     let mut found: Vec<Ipv4Addr> = (name, 0)
@@ -176,7 +177,10 @@ mod tests {
         // .invalid never resolves (RFC 6761).
         assert!(parse_url("http://nothing.invalid/").is_err());
         assert_eq!(
-            parse_url("http://localhost:81/").expect("a name").0.to_string(),
+            parse_url("http://localhost:81/")
+                .expect("a name")
+                .0
+                .to_string(),
             "127.0.0.1:81"
         );
         assert!(parse_url("http://10.0.0.2:99999/").is_err());

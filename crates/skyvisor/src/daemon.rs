@@ -20,10 +20,14 @@ use tokio::task::JoinHandle;
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
+/// What is logged unless `RUST_LOG` says otherwise: our own information,
+/// libraries' warnings (hickory logs every DNS query at info).
+pub const DEFAULT_LOG_FILTER: &str = "info,tower_http=warn,h2=warn,hyper=warn,hickory_server=warn,hickory_proto=warn,hickory_resolver=warn";
+
 /// Sets up logging to stderr, as text or JSON.
 pub fn init_logs(format: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,tower_http=warn,h2=warn,hyper=warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

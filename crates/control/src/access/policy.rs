@@ -146,6 +146,7 @@ const RULES: &[(&str, &str, Rule)] = &[
     ("POST", "/v1/load-balancers", Project(Write)),
     ("GET", "/v1/load-balancers/{name}", Project(Read)),
     ("DELETE", "/v1/load-balancers/{name}", Project(Write)),
+    ("GET", "/v1/dns", Project(Read)),
     ("GET", "/v1/keypairs", Project(Read)),
     ("POST", "/v1/keypairs", Project(Write)),
     ("GET", "/v1/keypairs/{name}", Project(Read)),

@@ -8,6 +8,7 @@ mod access;
 mod billing;
 mod cluster;
 mod contract;
+mod dns;
 mod events;
 mod extract;
 mod failovers;
@@ -177,6 +178,7 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(groups::set_autoscale, groups::remove_autoscale))
         .routes(routes!(lbs::list, lbs::create))
         .routes(routes!(lbs::show, lbs::delete))
+        .routes(routes!(dns::zone))
         .routes(routes!(keypairs::list, keypairs::create))
         .routes(routes!(keypairs::show, keypairs::delete))
         .routes(routes!(volumes::list, volumes::create))

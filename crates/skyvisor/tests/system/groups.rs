@@ -289,20 +289,48 @@ fn a_load_balancer_spreads_over_serving_members_and_loses_nothing_to_updates_or_
     let resolve = |name: &str| -> Vec<String> {
         let url = format!("http://{asker}/resolve?name={name}");
         match crate::harness::http("GET", &url, None, Duration::from_secs(30)) {
-            Ok((200, text)) => serde_json::from_str::<Value>(&text).expect("resolve answer")
-                ["addresses"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
-                .unwrap_or_default(),
+            Ok((200, text)) => {
+                serde_json::from_str::<Value>(&text).expect("resolve answer")["addresses"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            }
             _ => Vec::new(),
         }
     };
-    wait_until("the group's name answers with its members", Duration::from_secs(30), || {
-        let want: Vec<String> = ips.iter().map(|i| i.to_string()).collect();
-        (resolve("web") == want).then_some(())
-    });
-    assert_eq!(resolve("web-lb"), vec![vip.to_string()]);
-    assert_eq!(resolve("web-lb.default.skyvisor.internal"), vec![vip.to_string()]);
+    wait_until(
+        "the group's name answers with its members",
+        Duration::from_secs(30),
+        || {
+            let want: Vec<String> = ips.iter().map(|i| i.to_string()).collect();
+            (resolve("web") == want).then_some(())
+        },
+    );
+    // Published within a tick of its creation.
+    wait_until(
+        "the balancer's name answers",
+        Duration::from_secs(30),
+        || (resolve("web-lb") == vec![vip.to_string()]).then_some(()),
+    );
+    assert_eq!(
+        resolve("web-lb.default.skyvisor.internal"),
+        vec![vip.to_string()]
+    );
+    // The CLI lists the same names.
+    let zone = cloud.sv_json(&["dns", "list"]);
+    assert_eq!(zone["domain"], "default.skyvisor.internal", "{zone}");
+    let listed = zone["names"]
+        .as_array()
+        .expect("names")
+        .iter()
+        .find(|n| n["name"] == "web-lb")
+        .unwrap_or_else(|| panic!("web-lb not listed: {zone}"));
+    assert_eq!(listed["addresses"][0], vip.to_string());
+    assert_eq!(listed["fqdn"], "web-lb.default.skyvisor.internal");
     let via_name = guest_json(asker, "/fetch?url=http://web-lb/identity");
     assert_eq!(via_name["status"], 200, "{via_name}");
 
@@ -403,7 +431,7 @@ fn a_load_step_makes_the_autoscaler_add_members_that_take_traffic() {
     let cloud = Cloud::start_with(crate::harness::CloudOptions {
         extra_env: vec![(
             "RUST_LOG".into(),
-            "info,skyvisor_control::groups::autoscale=debug".into(),
+            "info,skyvisor_control::groups::autoscale=debug,hickory_server=warn".into(),
         )],
         ..Default::default()
     });

@@ -112,7 +112,8 @@ impl Pool {
 struct Served {
     doc: LbBackends,
     pool: Arc<Pool>,
-    listeners: BTreeMap<u16, tokio::task::JoinHandle<()>>,
+    /// Listeners by (on the host's own address, port).
+    listeners: BTreeMap<(bool, u16), tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Served {
@@ -174,6 +175,7 @@ impl LoadBalancers {
                 d.spec.address == s.doc.spec.address
                     && d.spec.vni == s.doc.spec.vni
                     && d.spec.listeners == s.doc.spec.listeners
+                    && d.spec.external == s.doc.spec.external
             });
             if !keep {
                 info!(balancer = %k, "load balancer no longer served here as it was");
@@ -231,18 +233,31 @@ impl LoadBalancers {
             });
             s.doc = doc.clone();
             s.pool.update(doc);
-            for l in &doc.spec.listeners {
-                if s.listeners.get(&l.port).is_some_and(|h| !h.is_finished()) {
+            // The balancer's address on its network, and for an external
+            // one the host's own address (in the host's namespace).
+            let host_address = ctx.address.parse::<Ipv4Addr>().ok();
+            let wanted = doc.spec.listeners.iter().flat_map(|l| {
+                let external = host_address.filter(|_| doc.spec.external);
+                [
+                    Some((false, l, doc.spec.address, doc.spec.vni)),
+                    external.map(|a| (true, l, a, None)),
+                ]
+                .into_iter()
+                .flatten()
+            });
+            for (external, l, ip, vni) in wanted {
+                let slot = (external, l.port);
+                if s.listeners.get(&slot).is_some_and(|h| !h.is_finished()) {
                     continue;
                 }
-                let addr = SocketAddr::from((doc.spec.address, l.port));
-                match ctx.network.listen_service(doc.spec.vni, addr).await {
+                let addr = SocketAddr::from((ip, l.port));
+                match ctx.network.listen_service(vni, addr).await {
                     Ok(Some(listener)) => match tokio::net::TcpListener::from_std(listener) {
                         Ok(listener) => {
-                            info!(balancer = %key, %addr, target = l.target(), "load balancer listening");
+                            info!(balancer = %key, %addr, target = l.target(), external, "load balancer listening");
                             let counted = self.counter(doc);
                             s.listeners.insert(
-                                l.port,
+                                slot,
                                 tokio::spawn(serve(
                                     listener,
                                     s.pool.clone(),
@@ -431,6 +446,7 @@ mod tests {
                 project: skyvisor_core::ProjectName::new("p").expect("p"),
                 name: "lb".into(),
                 group: skyvisor_core::GroupName::new("web").expect("g"),
+                external: false,
                 listeners: vec![Listener {
                     port: 80,
                     target_port: None,

@@ -37,6 +37,10 @@ pub enum LbCommand {
         /// X-Forwarded-Proto (default: TCP, bytes as they come).
         #[arg(long)]
         http: bool,
+        /// Also listen on every host's own address, for clients outside
+        /// the cluster (the ports are then taken on every host).
+        #[arg(long)]
+        external: bool,
     },
     /// List the project's load balancers.
     #[command(alias = "ls")]
@@ -134,6 +138,14 @@ fn print_one(format: OutputFormat, lb: &LoadBalancer) {
                 ("listeners", ports(lb)),
                 ("algorithm", algorithm_name(lb.spec.algorithm).to_string()),
                 ("drain", format!("{} s", lb.spec.drain_secs)),
+                (
+                    "external",
+                    if lb.external_endpoints.is_empty() {
+                        "-".to_string()
+                    } else {
+                        lb.external_endpoints.join(", ")
+                    },
+                ),
             ])
         );
         let mut t = table(&["BACKEND", "IP", "STATE"]);
@@ -159,6 +171,7 @@ pub async fn lb(client: &Client, format: OutputFormat, cmd: LbCommand) -> Result
             algorithm,
             drain,
             http,
+            external,
         } => {
             let protocol = if http {
                 ListenerProtocol::Http
@@ -171,6 +184,7 @@ pub async fn lb(client: &Client, format: OutputFormat, cmd: LbCommand) -> Result
                 listeners: listeners(&listen, target_port, protocol)?,
                 algorithm: algorithm.unwrap_or_default(),
                 drain_secs: drain,
+                external,
             };
             let lb: LoadBalancer = client.post("/v1/load-balancers", &req).await?;
             print_one(format, &lb);

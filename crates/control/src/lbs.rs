@@ -11,7 +11,7 @@ use chrono::Utc;
 use skyvisor_core::group::{GroupSpec, GroupStatus};
 use skyvisor_core::lb::{
     Backend, BackendState, CreateLoadBalancerRequest, LbBackends, LoadBalancer, LoadBalancerSpec,
-    MAX_DRAIN_SECS, validate_listeners,
+    MAX_DRAIN_SECS, RESERVED_HOST_PORTS, validate_listeners,
 };
 use skyvisor_core::{Event, EventKind, GroupName, ObjectKind, ProjectName, ValidationError, keys};
 use skyvisor_store::{Compare, Op, StoreExt, encode, put_json};
@@ -35,6 +35,21 @@ impl ControlPlane {
     ) -> ApiResult<LoadBalancer> {
         skyvisor_core::names::validate_name("name", &req.name)?;
         validate_listeners(&req.listeners)?;
+        if req.external {
+            for (i, l) in req.listeners.iter().enumerate() {
+                if RESERVED_HOST_PORTS.contains(&l.port) {
+                    return Err(ValidationError::new(
+                        format!("listeners[{i}].port"),
+                        format!(
+                            "{} is Skyvisor's or the host's own on the hosts' addresses; \
+                             an external balancer may use any other port",
+                            l.port
+                        ),
+                    )
+                    .into());
+                }
+            }
+        }
         let drain_secs = req.drain_secs.unwrap_or(DEFAULT_DRAIN_SECS);
         if drain_secs > MAX_DRAIN_SECS {
             return Err(ValidationError::new(
@@ -87,42 +102,52 @@ impl ControlPlane {
                 address,
                 network: network.name.clone(),
                 vni: network.private_vni(),
+                external: req.external,
                 created_at: Utc::now(),
             };
             let claim = keys::ipam_claim(&scope, address);
-            let event = Event::new(
-                EventKind::Created,
-                ObjectKind::LoadBalancer,
-                Some(project.clone()),
-                req.name.clone(),
-                format!("load balancer at {address} for group {group_name}"),
-            );
-            let out = self
-                .store
-                .txn(
-                    vec![Compare::Absent(key.clone()), Compare::Absent(claim.clone())],
-                    vec![
-                        put_json(key.clone(), &spec),
-                        put_json(claim, &format!("load-balancer {project}/{}", req.name)),
-                        crate::events::op(event),
-                    ],
-                )
-                .await?;
+            let owner = format!("load-balancer {project}/{}", req.name);
+            let port_claims: Vec<String> = if req.external {
+                req.listeners
+                    .iter()
+                    .map(|l| keys::lb_host_port(l.port))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let mut compares = vec![Compare::Absent(key.clone()), Compare::Absent(claim.clone())];
+            let mut ops = vec![
+                put_json(key.clone(), &spec),
+                put_json(claim, &owner),
+                crate::events::op(event_of(project, &req.name, address, &group_name)),
+            ];
+            for c in &port_claims {
+                compares.push(Compare::Absent(c.clone()));
+                ops.push(put_json(c.clone(), &owner));
+            }
+            let out = self.store.txn(compares, ops).await?;
             if out.succeeded {
                 info!(project = %project, balancer = %req.name, %address, "load balancer created");
                 self.inventory
                     .wait_for(out.revision, READ_YOUR_WRITES)
                     .await;
-                return Ok(LoadBalancer {
-                    spec,
-                    backends: Vec::new(),
-                });
+                return self.with_backends(spec).await;
             }
             if self.store.get(&key).await?.is_some() {
                 return Err(ApiError::already_exists(format!(
                     "load balancer \"{}\" already exists",
                     req.name
                 )));
+            }
+            for (i, c) in port_claims.iter().enumerate() {
+                if self.store.get(c).await?.is_some() {
+                    // Another project's balancer may hold it: not named.
+                    return Err(ApiError::conflict(format!(
+                        "port {} of the hosts' addresses is taken by another external load balancer",
+                        req.listeners[i].port
+                    ))
+                    .with_field(format!("listeners[{i}].port")));
+                }
             }
             // The address was taken meanwhile: the view catches up first.
             self.inventory
@@ -170,7 +195,19 @@ impl ControlPlane {
             .await?
             .map(|(d, _)| d.backends)
             .unwrap_or_default();
-        Ok(LoadBalancer { spec, backends })
+        let mut external_endpoints = Vec::new();
+        if spec.external {
+            for h in self.inventory.hosts().await.iter().filter(|h| h.alive) {
+                for l in &spec.listeners {
+                    external_endpoints.push(format!("{}:{}", h.host.address, l.port));
+                }
+            }
+        }
+        Ok(LoadBalancer {
+            spec,
+            backends,
+            external_endpoints,
+        })
     }
 
     /// Deletes a load balancer: its address is freed and every host stops
@@ -194,7 +231,16 @@ impl ControlPlane {
                     Op::Delete(keys::lb_backends(project, name)),
                     Op::Delete(keys::ipam_claim(&scope, lb.spec.address)),
                     crate::events::op(event),
-                ],
+                ]
+                .into_iter()
+                .chain(
+                    lb.spec
+                        .listeners
+                        .iter()
+                        .filter(|_| lb.spec.external)
+                        .map(|l| Op::Delete(keys::lb_host_port(l.port))),
+                )
+                .collect(),
             )
             .await?;
         self.inventory
@@ -220,6 +266,22 @@ impl ControlPlane {
             .filter(|s| &s.group == group)
             .collect())
     }
+}
+
+/// The event of a balancer's creation.
+fn event_of(
+    project: &ProjectName,
+    name: &str,
+    address: std::net::Ipv4Addr,
+    group: &GroupName,
+) -> Event {
+    Event::new(
+        EventKind::Created,
+        ObjectKind::LoadBalancer,
+        Some(project.clone()),
+        name.to_string(),
+        format!("load balancer at {address} for group {group}"),
+    )
 }
 
 /// The backends of a balancer of `group`: its members that serve and are

@@ -528,6 +528,45 @@ async fn the_internal_zone_names_instances_groups_and_balancers_of_each_project_
     })
     .await;
 
+    // An external balancer takes its ports on every host's address: a
+    // second one cannot have them, nor can Skyvisor's own ports be used.
+    let ext = |name: &str, port: u16| -> skyvisor_core::lb::CreateLoadBalancerRequest {
+        serde_json::from_value(json!({"name": name, "group": "web", "external": true,
+            "listeners": [{"port": port, "target_port": 80}]}))
+        .expect("lb request")
+    };
+    let e1 = cp
+        .create_load_balancer(&p, ext("ext1", 8443))
+        .await
+        .expect("external");
+    assert_eq!(e1.external_endpoints, vec!["127.0.0.1:8443".to_string()]);
+    let taken = cp
+        .create_load_balancer(&p, ext("ext2", 8443))
+        .await
+        .expect_err("port taken");
+    assert_eq!(
+        (taken.status.as_u16(), taken.field.as_deref()),
+        (409, Some("listeners[0].port")),
+        "{taken:?}"
+    );
+    let reserved = cp
+        .create_load_balancer(&p, ext("ext2", 7780))
+        .await
+        .expect_err("reserved port");
+    assert_eq!(
+        (reserved.status.as_u16(), reserved.field.as_deref()),
+        (400, Some("listeners[0].port")),
+        "{reserved:?}"
+    );
+    assert!(
+        cp.load_balancer(&p, "ext2").await.is_err(),
+        "nothing half-made"
+    );
+    cp.delete_load_balancer(&p, "ext1").await.expect("delete");
+    cp.create_load_balancer(&p, ext("ext2", 8443))
+        .await
+        .expect("the port is free again");
+
     // Deleted, an instance's name goes; a project with no names has none.
     cp.delete_instance(&beta, "api", true, false)
         .await

@@ -271,6 +271,15 @@ pub fn lb_backends(project: &crate::ProjectName, name: &str) -> String {
     format!("{LB_BACKENDS}{project}/{name}")
 }
 
+/// Prefix of the ports external load balancers take on every host's
+/// address: `lb-host-ports/<port>`.
+pub const LB_HOST_PORTS: &str = "lb-host-ports/";
+
+/// The claim of `port` on the hosts' addresses.
+pub fn lb_host_port(port: u16) -> String {
+    format!("{LB_HOST_PORTS}{port}")
+}
+
 /// Prefix of the internal DNS zone's records: `dns/<project>`.
 pub const DNS: &str = "dns/";
 

@@ -87,6 +87,12 @@ pub struct CreateLoadBalancerRequest {
     #[serde(default)]
     #[schema(maximum = 3600)]
     pub drain_secs: Option<u32>,
+    /// Also listen on every host's own address (the hosts' network), for
+    /// clients outside the cluster: any host takes them. Its ports are
+    /// then taken on every host, so another external balancer cannot
+    /// have them, nor can Skyvisor's own ports be used.
+    #[serde(default)]
+    pub external: bool,
 }
 
 /// A load balancer as stored.
@@ -115,6 +121,9 @@ pub struct LoadBalancerSpec {
     /// network).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vni: Option<u32>,
+    /// Whether it also listens on every host's address.
+    #[serde(default)]
+    pub external: bool,
     /// When it was made.
     pub created_at: DateTime<Utc>,
 }
@@ -158,7 +167,16 @@ pub struct LoadBalancer {
     pub spec: LoadBalancerSpec,
     /// Its backends now.
     pub backends: Vec<Backend>,
+    /// Where clients outside the cluster reach it (`HOST_ADDRESS:PORT` of
+    /// every live host, for an external balancer).
+    #[serde(default)]
+    pub external_endpoints: Vec<String>,
 }
+
+/// Ports of the hosts' own addresses an external balancer may not take:
+/// SSH, etcd's client and peer ports, and Skyvisor's server, agent and
+/// replica ports.
+pub const RESERVED_HOST_PORTS: &[u16] = &[22, 2379, 2380, 7780, 7781, 7782];
 
 /// Checks listeners: 1 to [`MAX_LISTENERS`], ports not 0, distinct.
 pub fn validate_listeners(listeners: &[Listener]) -> Result<(), ValidationError> {

@@ -334,6 +334,36 @@ fn a_load_balancer_spreads_over_serving_members_and_loses_nothing_to_updates_or_
     let via_name = guest_json(asker, "/fetch?url=http://web-lb/identity");
     assert_eq!(via_name["status"], 200, "{via_name}");
 
+    // An external balancer of the same group also listens on the host's
+    // own address, where a client outside the cluster reaches every member.
+    let port = crate::harness::free_port();
+    let ext = cloud.sv_json(&[
+        "lb",
+        "create",
+        "web-ext",
+        "--group",
+        "web",
+        "--listen",
+        &format!("{port}:80"),
+        "--external",
+    ]);
+    let endpoint = format!("127.0.0.1:{port}");
+    assert_eq!(ext["external_endpoints"][0], endpoint, "{ext}");
+    let mut outside: HashSet<String> = HashSet::new();
+    wait_until(
+        "every member answers on the host's address",
+        Duration::from_secs(60),
+        || {
+            if let Ok((200, v)) =
+                crate::harness::http_json("GET", &format!("http://{endpoint}/identity"), None)
+            {
+                outside.insert(v["name"].as_str().unwrap_or_default().to_string());
+            }
+            (outside.len() == 3).then_some(())
+        },
+    );
+    cloud.sv_ok(&["lb", "delete", "web-ext"]);
+
     // Requests spread over every member.
     let (stop, handle) = client(url.clone());
     std::thread::sleep(Duration::from_secs(3));

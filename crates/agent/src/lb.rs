@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -32,6 +32,13 @@ use crate::AgentContext;
 
 /// How long a backend has to accept a connection before the next is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often an ejected backend is probed: a backend that did not accept
+/// a client's connection goes to the back of every order (passive
+/// ejection) until a probe of the host's own connects to it, so no other
+/// client waits [`CONNECT_TIMEOUT`] for it before its status catches up
+/// (a dead host's members stay "healthy" until the host is declared
+/// dead).
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// How often addresses and listeners are checked again (a private
 /// network set up or removed meanwhile).
 const RECHECK: Duration = Duration::from_secs(5);
@@ -43,6 +50,17 @@ struct Slot {
     state: BackendState,
     /// Connections open to it from this host.
     open: Arc<AtomicU64>,
+    /// Ejected: it did not accept a connection, and no probe has since.
+    ejected: Arc<AtomicBool>,
+}
+
+/// A backend to try, with its counters.
+pub(crate) struct Pick {
+    /// Its address.
+    pub(crate) ip: Ipv4Addr,
+    /// Connections open to it from this host.
+    pub(crate) open: Arc<AtomicU64>,
+    ejected: Arc<AtomicBool>,
 }
 
 /// A balancer's backends and how to pick among them.
@@ -64,6 +82,39 @@ impl Pool {
         }
     }
 
+    /// Sends `pick` to the back of every order: it did not accept a
+    /// connection at `addr`. A probe tries `addr` every [`PROBE_EVERY`]
+    /// and brings it back when it accepts; the probe ends when the
+    /// backend leaves the pool.
+    pub(crate) fn eject(&self, pick: &Pick, addr: SocketAddr) {
+        if pick.ejected.swap(true, Ordering::Relaxed) {
+            return; // Already ejected: its probe runs.
+        }
+        let flag = Arc::downgrade(&pick.ejected);
+        let vni = self.vni;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_EVERY).await;
+                let Some(flag) = flag.upgrade() else {
+                    return; // No longer a backend.
+                };
+                if !flag.load(Ordering::Relaxed) {
+                    return; // A client's connection brought it back.
+                }
+                if connect(vni, addr).await.is_some() {
+                    debug!(%addr, "an ejected backend accepts again");
+                    flag.store(false, Ordering::Relaxed);
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Brings `pick` back at once: it accepted a connection.
+    pub(crate) fn restore(&self, pick: &Pick) {
+        pick.ejected.store(false, Ordering::Relaxed);
+    }
+
     /// Takes the backends of `doc`, keeping the open-connection counts of
     /// those that stay.
     fn update(&self, doc: &LbBackends) {
@@ -71,27 +122,33 @@ impl Pool {
         let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
         let mut kept: Vec<Slot> = Vec::new();
         for b in &doc.backends {
-            let open = slots
+            let (open, ejected) = slots
                 .iter()
                 .find(|s| s.ip == b.ip)
-                .map(|s| s.open.clone())
+                .map(|s| (s.open.clone(), s.ejected.clone()))
                 .unwrap_or_default();
             kept.push(Slot {
                 ip: b.ip,
                 state: b.state,
                 open,
+                ejected,
             });
         }
         *slots = kept;
     }
 
-    /// The active backends in the order to try them for a new connection.
-    pub(crate) fn order(&self) -> Vec<(Ipv4Addr, Arc<AtomicU64>)> {
+    /// The active backends in the order to try them for a new connection;
+    /// those ejected last, in case every one is.
+    pub(crate) fn order(&self) -> Vec<Pick> {
         let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
-        let mut active: Vec<(Ipv4Addr, Arc<AtomicU64>)> = slots
+        let mut active: Vec<Pick> = slots
             .iter()
             .filter(|s| s.state == BackendState::Active)
-            .map(|s| (s.ip, s.open.clone()))
+            .map(|s| Pick {
+                ip: s.ip,
+                open: s.open.clone(),
+                ejected: s.ejected.clone(),
+            })
             .collect();
         if active.is_empty() {
             return active;
@@ -102,8 +159,9 @@ impl Pool {
             == LbAlgorithm::LeastConnections
         {
             // Stable: among equals, round robin's order.
-            active.sort_by_key(|(_, open)| open.load(Ordering::Relaxed));
+            active.sort_by_key(|p| p.open.load(Ordering::Relaxed));
         }
+        active.sort_by_key(|p| p.ejected.load(Ordering::Relaxed));
         active
     }
 }
@@ -298,12 +356,15 @@ async fn serve(
         let (pool, counted) = (pool.clone(), counted.clone());
         tokio::spawn(async move {
             let _ = client.set_nodelay(true);
-            for (ip, open) in pool.order() {
-                let addr = SocketAddr::from((ip, target));
+            for pick in pool.order() {
+                let addr = SocketAddr::from((pick.ip, target));
                 let Some(backend) = connect(pool.vni, addr).await else {
                     debug!(%addr, "backend did not accept; trying the next");
+                    pool.eject(&pick, addr);
                     continue;
                 };
+                pool.restore(&pick);
+                let open = pick.open.clone();
                 let _ = backend.set_nodelay(true);
                 counted.fetch_add(1, Ordering::Relaxed);
                 open.fetch_add(1, Ordering::Relaxed);
@@ -568,7 +629,7 @@ mod tests {
                 (3, BackendState::Active),
             ],
         ));
-        let firsts: Vec<u8> = (0..4).map(|_| pool.order()[0].0.octets()[3]).collect();
+        let firsts: Vec<u8> = (0..4).map(|_| pool.order()[0].ip.octets()[3]).collect();
         assert_eq!(firsts, [1, 3, 1, 3]);
         // Each order lists every active backend, to fall back on.
         assert_eq!(pool.order().len(), 2);
@@ -585,15 +646,72 @@ mod tests {
         let busy = pool
             .order()
             .into_iter()
-            .find(|(ip, _)| ip.octets()[3] == 1)
+            .find(|p| p.ip.octets()[3] == 1)
             .expect("1")
-            .1;
+            .open;
         busy.fetch_add(5, Ordering::Relaxed);
         pool.update(&d);
         for _ in 0..4 {
-            assert_eq!(pool.order()[0].0.octets()[3], 2);
+            assert_eq!(pool.order()[0].ip.octets()[3], 2);
         }
         pool.update(&doc(LbAlgorithm::LeastConnections, &[]));
         assert!(pool.order().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_did_not_accept_goes_last_until_it_accepts_again() {
+        let pool = Pool::new(None);
+        let d = doc(
+            LbAlgorithm::RoundRobin,
+            &[
+                (1, BackendState::Active),
+                (2, BackendState::Active),
+                (3, BackendState::Active),
+            ],
+        );
+        pool.update(&d);
+        let dead = pool
+            .order()
+            .into_iter()
+            .find(|p| p.ip.octets()[3] == 2)
+            .expect("2");
+        // Nothing listens there (a port just freed), so its probe fails.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        pool.eject(&dead, closed);
+        // Kept across an update of the backends.
+        pool.update(&d);
+        for _ in 0..6 {
+            let order: Vec<u8> = pool.order().iter().map(|p| p.ip.octets()[3]).collect();
+            assert_eq!(order.len(), 3, "still tried, last");
+            assert_eq!(order[2], 2, "{order:?}");
+        }
+        pool.restore(&dead);
+        let firsts: std::collections::BTreeSet<u8> =
+            (0..6).map(|_| pool.order()[0].ip.octets()[3]).collect();
+        assert!(firsts.contains(&2), "back in turn: {firsts:?}");
+    }
+
+    #[tokio::test]
+    async fn an_ejected_backend_comes_back_when_its_probe_connects() {
+        let pool = Pool::new(None);
+        pool.update(&doc(LbAlgorithm::RoundRobin, &[(1, BackendState::Active)]));
+        let pick = pool.order().into_iter().next().expect("one");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        pool.eject(&pick, addr);
+        assert!(pick.ejected.load(Ordering::Relaxed));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while pick.ejected.load(Ordering::Relaxed) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the probe never brought it back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(listener);
     }
 }

@@ -146,6 +146,32 @@ impl HealthArgs {
     }
 }
 
+/// How a template change rolls through the members.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RolloutArgs {
+    /// Members made beyond the desired count at a time during a rolling
+    /// update (default 1).
+    #[arg(long)]
+    max_surge: Option<u32>,
+    /// Members fewer than the desired count that may be serving during a
+    /// rolling update (default 0: never fewer).
+    #[arg(long)]
+    max_unavailable: Option<u32>,
+}
+
+impl RolloutArgs {
+    fn rollout(&self) -> Option<skyvisor_core::group::Rollout> {
+        if self.max_surge.is_none() && self.max_unavailable.is_none() {
+            return None;
+        }
+        let d = skyvisor_core::group::Rollout::default();
+        Some(skyvisor_core::group::Rollout {
+            max_surge: self.max_surge.unwrap_or(d.max_surge),
+            max_unavailable: self.max_unavailable.unwrap_or(d.max_unavailable),
+        })
+    }
+}
+
 /// `skyvisor group ...`
 #[derive(Debug, Subcommand)]
 pub enum GroupCommand {
@@ -159,6 +185,9 @@ pub enum GroupCommand {
         /// The members' health check.
         #[command(flatten)]
         health: HealthArgs,
+        /// How template changes roll.
+        #[command(flatten)]
+        rollout: RolloutArgs,
         /// Fewest members (default 1).
         #[arg(long)]
         min: Option<u32>,
@@ -214,6 +243,9 @@ pub enum GroupCommand {
         /// The new health check.
         #[command(flatten)]
         health: HealthArgs,
+        /// How this and later template changes roll.
+        #[command(flatten)]
+        rollout: RolloutArgs,
     },
     /// Make the group size itself: by target vCPU utilisation, target new
     /// connections per second per member (through its load balancers), or
@@ -279,6 +311,13 @@ fn print_one(format: OutputFormat, g: &Group) {
         let mut rows = vec![
             ("name", s.name.to_string()),
             ("image", s.template.image.clone()),
+            (
+                "rollout",
+                format!(
+                    "max surge {}, max unavailable {}",
+                    s.rollout.max_surge, s.rollout.max_unavailable
+                ),
+            ),
             (
                 "type",
                 s.template
@@ -395,6 +434,7 @@ pub async fn group(client: &Client, format: OutputFormat, cmd: GroupCommand) -> 
             name,
             template,
             health,
+            rollout,
             min,
             max,
             desired,
@@ -409,6 +449,7 @@ pub async fn group(client: &Client, format: OutputFormat, cmd: GroupCommand) -> 
                 desired,
                 health_check: health.check()?,
                 autoscale: None,
+                rollout: rollout.rollout(),
             };
             // Right after `skyvisor up` the image may still be building.
             let needs = Needs {
@@ -467,8 +508,10 @@ pub async fn group(client: &Client, format: OutputFormat, cmd: GroupCommand) -> 
             name,
             template,
             health,
+            rollout,
         } => {
             let req = UpdateGroupRequest {
+                rollout: rollout.rollout(),
                 template: if template.given() {
                     Some(template.template()?)
                 } else {

@@ -245,6 +245,12 @@ async fn groups_keep_their_size_replace_failures_roll_updates_and_delete_members
             "name",
             400,
         ),
+        (
+            json!({"name": "web", "template": template,
+                "rollout": {"max_surge": 0, "max_unavailable": 0}}),
+            "rollout",
+            400,
+        ),
     ] {
         let e = cp
             .create_group(&p, request(body.clone()))
@@ -366,6 +372,7 @@ async fn groups_keep_their_size_replace_failures_roll_updates_and_delete_members
                         .expect("template"),
                 ),
                 health_check: None,
+                rollout: None,
             },
         )
         .await

@@ -253,6 +253,10 @@ pub struct CreateGroupRequest {
     /// How the group sizes itself; none: it keeps `desired`.
     #[serde(default)]
     pub autoscale: Option<AutoscalePolicy>,
+    /// How a template change rolls through the members (default: one
+    /// extra member at a time, none fewer than `desired` serving).
+    #[serde(default)]
+    pub rollout: Option<Rollout>,
 }
 
 /// Body of `POST /v1/groups/{name}/scale`.
@@ -284,6 +288,62 @@ pub struct UpdateGroupRequest {
     /// The new health check.
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
+    /// How this and later template changes roll through the members.
+    #[serde(default)]
+    pub rollout: Option<Rollout>,
+}
+
+/// How a rolling update replaces members: at most `max_surge` members
+/// beyond `desired` at a time, and at most `max_unavailable` fewer than
+/// `desired` serving. The default, 1 and 0, never drops below what serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Rollout {
+    /// Members made beyond `desired` at a time (0 to 100, default 1).
+    #[serde(default = "one")]
+    #[schema(maximum = 100)]
+    pub max_surge: u32,
+    /// Members fewer than `desired` that may be serving meanwhile (0 to
+    /// 100, default 0).
+    #[serde(default)]
+    #[schema(maximum = 100)]
+    pub max_unavailable: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for Rollout {
+    fn default() -> Self {
+        Self {
+            max_surge: 1,
+            max_unavailable: 0,
+        }
+    }
+}
+
+impl Rollout {
+    /// Checks that an update can make progress and stays in bounds.
+    pub fn validate(&self, field: &str) -> Result<(), ValidationError> {
+        if self.max_surge > MAX_GROUP_SIZE || self.max_unavailable > MAX_GROUP_SIZE {
+            return Err(ValidationError::new(
+                field,
+                format!(
+                    "max_surge {} and max_unavailable {}; allowed: 0 to {MAX_GROUP_SIZE} each",
+                    self.max_surge, self.max_unavailable
+                ),
+            ));
+        }
+        if self.max_surge == 0 && self.max_unavailable == 0 {
+            return Err(ValidationError::new(
+                field,
+                "max_surge and max_unavailable are both 0, so no member could ever be replaced; \
+                 allowed: at least one of them 1 or more",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A scheduled size: every day at `at` (UTC, `HH:MM`) the group's desired
@@ -443,6 +503,9 @@ pub struct GroupSpec {
     /// How it sizes itself, if it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<AutoscalePolicy>,
+    /// How a template change rolls through the members.
+    #[serde(default)]
+    pub rollout: Rollout,
     /// When it was made.
     pub created_at: DateTime<Utc>,
 }

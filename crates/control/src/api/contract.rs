@@ -430,7 +430,13 @@ pub fn constrain(doc: &mut serde_json::Value) {
     ]);
     schemas["UpdateGroupRequest"]["anyOf"] = json!([
         {"required": ["template"], "properties": {"template": {"type": "object"}}},
-        {"required": ["health_check"], "properties": {"health_check": {"type": "object"}}}
+        {"required": ["health_check"], "properties": {"health_check": {"type": "object"}}},
+        {"required": ["rollout"], "properties": {"rollout": {"type": "object"}}}
+    ]);
+    // A rollout that could never replace a member is refused.
+    schemas["Rollout"]["anyOf"] = json!([
+        {"required": ["max_unavailable"], "properties": {"max_unavailable": {"minimum": 1}}},
+        {"properties": {"max_surge": {"minimum": 1}}}
     ]);
     schemas["HealthCheck"]["allOf"] = json!([
         {"if": {"required": ["protocol"], "properties": {"protocol": {"const": "tcp"}}},

@@ -142,6 +142,8 @@ impl ControlPlane {
         let desired = req.desired.unwrap_or(min);
         let max = req.max.unwrap_or(min.max(desired).max(1));
         validate_sizes(min, desired, max)?;
+        let rollout = req.rollout.unwrap_or_default();
+        rollout.validate("rollout")?;
         // What a member needs must exist now: the image, the network,
         // security groups and key pairs (and stay: a member made later
         // that cannot be made says so in the group).
@@ -182,6 +184,7 @@ impl ControlPlane {
             health_check: req.health_check,
             deleting: false,
             autoscale: req.autoscale,
+            rollout,
             created_at: Utc::now(),
         };
         let key = keys::group(project, &name);
@@ -367,10 +370,13 @@ impl ControlPlane {
         if let Some(h) = &req.health_check {
             h.validate()?;
         }
-        if req.template.is_none() && req.health_check.is_none() {
+        if let Some(r) = &req.rollout {
+            r.validate("rollout")?;
+        }
+        if req.template.is_none() && req.health_check.is_none() && req.rollout.is_none() {
             return Err(ValidationError::new(
                 "template",
-                "nothing to change: give a template, a health_check, or both",
+                "nothing to change: give a template, a health_check, a rollout, or more",
             )
             .into());
         }
@@ -390,6 +396,18 @@ impl ControlPlane {
             }
             if !changed.is_empty() {
                 spec.template_generation += 1;
+            }
+            // How updates roll is no change to the members themselves.
+            if let Some(r) = req.rollout
+                && r != spec.rollout
+            {
+                spec.rollout = r;
+                if changed.is_empty() {
+                    return Ok(format!(
+                        "rollout set: max surge {}, max unavailable {}",
+                        r.max_surge, r.max_unavailable
+                    ));
+                }
             }
             Ok(if changed.is_empty() {
                 "no change".to_string()

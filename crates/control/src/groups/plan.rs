@@ -8,10 +8,10 @@
 //! - members are added until the group has `desired` that are not leaving;
 //! - extra members are removed: made from an older template first, then
 //!   not serving, then the newest;
-//! - a rolling update (members from an older template) adds one member
-//!   from the new template at a time (max surge 1) and removes an old one
-//!   only once the members serving without it are still `desired` (max
-//!   unavailable 0), so it never drops below what serves;
+//! - a rolling update (members from an older template) keeps at most
+//!   `desired + max_surge` members and removes an old one only while at
+//!   least `desired - max_unavailable` members serve without it (the
+//!   default, surge 1 and unavailable 0, never drops below what serves);
 //! - a group being deleted removes every member, then itself.
 
 use chrono::{DateTime, Utc};
@@ -160,10 +160,15 @@ pub fn plan(spec: &GroupSpec, members: &[MemberView]) -> Plan {
         }
         return out;
     }
-    // Fewer current members than wanted, so some outdated ones stay. Extra
-    // outdated members go while what still serves stays at `desired`.
+    // A rolling update: fewer current members than wanted, so outdated
+    // ones stay while new ones come. Outdated members go (not serving
+    // first, then the oldest) while the group keeps at least
+    // `desired - max_unavailable` members, all serving; new ones come
+    // while it has at most `desired + max_surge`.
+    let floor = desired.saturating_sub(spec.rollout.max_unavailable as usize);
+    let ceiling = desired + spec.rollout.max_surge as usize;
     let mut serving = active.iter().filter(|m| m.serving()).count();
-    let mut excess = active.len() - desired;
+    let mut total = active.len();
     let mut old: Vec<&&MemberView> = outdated.iter().collect();
     old.sort_by(|a, b| {
         a.serving()
@@ -171,33 +176,20 @@ pub fn plan(spec: &GroupSpec, members: &[MemberView]) -> Plan {
             .then(a.created_at.cmp(&b.created_at))
     });
     for m in old {
-        if excess == 0 {
+        let serving_after = serving - usize::from(m.serving());
+        if total - 1 < floor || serving_after < floor {
             break;
         }
-        if m.serving() {
-            if serving <= desired {
-                break;
-            }
-            serving -= 1;
-        }
-        // Beyond `desired` because of a surge, or because it was lowered.
-        let why = if current.is_empty() {
-            RemoveReason::ScaleIn
-        } else {
-            RemoveReason::Update
-        };
-        out.remove.push((m.name.clone(), why));
-        excess -= 1;
+        out.remove.push((m.name.clone(), RemoveReason::Update));
+        serving = serving_after;
+        total -= 1;
     }
-    // A rolling update: one new member at a time, once all that are
-    // current serve and nothing is left to remove.
-    if excess == 0
-        && out.remove.is_empty()
-        && active.len() == desired
-        && !outdated.is_empty()
-        && current.iter().all(|m| m.serving())
-    {
-        out.add = 1;
+    // New ones, in a step that removes nothing (a leaving member still
+    // runs while it drains): as many as the ceiling allows, up to what is
+    // missing.
+    if out.remove.is_empty() {
+        let missing = desired - current.len();
+        out.add = ceiling.saturating_sub(total).min(missing) as u32;
     }
     out
 }
@@ -220,6 +212,7 @@ mod tests {
             health_check: None,
             deleting: false,
             autoscale: None,
+            rollout: skyvisor_core::group::Rollout::default(),
             created_at: Utc::now(),
         }
     }
@@ -325,6 +318,43 @@ mod tests {
         let p = plan(&s, &step5);
         assert_eq!(names(&p), ["b"]);
         assert_eq!(p.remove[0].1, RemoveReason::Update);
+    }
+
+    #[test]
+    fn a_rollout_with_more_surge_adds_more_at_once_and_unavailable_ones_go_first() {
+        let old = |n: &str, age| member(n, 1, true, age);
+        let three_old = [old("a", 300), old("b", 200), old("c", 100)];
+        // Surge 2: two new members at once, nothing old goes yet.
+        let mut s = spec(3, 2);
+        s.rollout = skyvisor_core::group::Rollout {
+            max_surge: 2,
+            max_unavailable: 0,
+        };
+        let p = plan(&s, &three_old);
+        assert_eq!((p.add, p.remove.len()), (2, 0));
+        // Both serve: the two oldest go together.
+        let five = [
+            old("a", 300),
+            old("b", 200),
+            old("c", 100),
+            member("d", 2, true, 5),
+            member("e", 2, true, 4),
+        ];
+        assert_eq!(names(&plan(&s, &five)), ["a", "b"]);
+        // No surge, one unavailable: an old one goes first, then a new
+        // one comes, and the next old one waits until it serves.
+        s.rollout = skyvisor_core::group::Rollout {
+            max_surge: 0,
+            max_unavailable: 1,
+        };
+        let p = plan(&s, &three_old);
+        assert_eq!((names(&p), p.add), (vec!["a"], 0));
+        let p = plan(&s, &[old("b", 200), old("c", 100)]);
+        assert_eq!((p.add, p.remove.len()), (1, 0));
+        let booting = [old("b", 200), old("c", 100), member("d", 2, false, 5)];
+        assert_eq!(plan(&s, &booting), Plan::default());
+        let served = [old("b", 200), old("c", 100), member("d", 2, true, 5)];
+        assert_eq!(names(&plan(&s, &served)), ["b"]);
     }
 
     #[test]

@@ -413,17 +413,24 @@ fn a_load_balancer_spreads_over_serving_members_and_loses_nothing_to_updates_or_
         "micro",
         "--restart",
         "never",
+        "--max-surge",
+        "2",
     ]);
+    // Two new members at a time: the group holds 5 while they boot.
+    let mut most = 0;
     wait_until(
         "every member from the new template",
         Duration::from_secs(600),
         || {
             let g = group(&cloud);
+            most = most.max(members(&g).len());
             let m = g["members"].as_array().expect("members");
             (g["healthy"] == 3 && m.len() == 3 && m.iter().all(|m| m["template_generation"] == 2))
                 .then_some(())
         },
     );
+    assert_eq!(most, 5, "a surge of 2 over 3 desired");
+    assert_eq!(group(&cloud)["spec"]["rollout"]["max_surge"], 2);
     cloud.sv_ok(&["group", "scale", "web", "2"]);
     settled(&cloud, 2, "2 members after scale-in");
     std::thread::sleep(Duration::from_secs(1));

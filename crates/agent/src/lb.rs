@@ -26,12 +26,17 @@ use skyvisor_core::lb::{BackendState, LbAlgorithm, LbBackends, ListenerProtocol}
 use skyvisor_store::{WatchEvent, decode};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::AgentContext;
 
-/// How long a backend has to accept a connection before the next is tried.
+/// How long a backend has to accept a connection before it counts as not
+/// accepting (and is ejected).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a backend has to accept a connection before the next is
+/// tried as well (the first to accept wins).
+const STAGGER: Duration = Duration::from_millis(200);
 /// How often an ejected backend is probed: a backend that did not accept
 /// a client's connection goes to the back of every order (passive
 /// ejection) until a probe of the host's own connects to it, so no other
@@ -52,15 +57,21 @@ struct Slot {
     open: Arc<AtomicU64>,
     /// Ejected: it did not accept a connection, and no probe has since.
     ejected: Arc<AtomicBool>,
+    /// Cancelled when it leaves the balancer (its drain over, or its
+    /// member gone): the connections still open to it are closed, so their
+    /// clients learn at once instead of hanging on a dead member.
+    gone: CancellationToken,
 }
 
 /// A backend to try, with its counters.
+#[derive(Clone)]
 pub(crate) struct Pick {
     /// Its address.
     pub(crate) ip: Ipv4Addr,
     /// Connections open to it from this host.
     pub(crate) open: Arc<AtomicU64>,
     ejected: Arc<AtomicBool>,
+    gone: CancellationToken,
 }
 
 /// A balancer's backends and how to pick among them.
@@ -122,17 +133,23 @@ impl Pool {
         let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
         let mut kept: Vec<Slot> = Vec::new();
         for b in &doc.backends {
-            let (open, ejected) = slots
+            let (open, ejected, gone) = slots
                 .iter()
                 .find(|s| s.ip == b.ip)
-                .map(|s| (s.open.clone(), s.ejected.clone()))
+                .map(|s| (s.open.clone(), s.ejected.clone(), s.gone.clone()))
                 .unwrap_or_default();
             kept.push(Slot {
                 ip: b.ip,
                 state: b.state,
                 open,
                 ejected,
+                gone,
             });
+        }
+        for s in slots.iter() {
+            if !doc.backends.iter().any(|b| b.ip == s.ip) {
+                s.gone.cancel();
+            }
         }
         *slots = kept;
     }
@@ -148,6 +165,7 @@ impl Pool {
                 ip: s.ip,
                 open: s.open.clone(),
                 ejected: s.ejected.clone(),
+                gone: s.gone.clone(),
             })
             .collect();
         if active.is_empty() {
@@ -356,18 +374,17 @@ async fn serve(
         let (pool, counted) = (pool.clone(), counted.clone());
         tokio::spawn(async move {
             let _ = client.set_nodelay(true);
-            for pick in pool.order() {
-                let addr = SocketAddr::from((pick.ip, target));
-                let Some(backend) = connect(pool.vni, addr).await else {
-                    debug!(%addr, "backend did not accept; trying the next");
-                    pool.eject(&pick, addr);
-                    continue;
-                };
-                pool.restore(&pick);
-                let open = pick.open.clone();
-                let _ = backend.set_nodelay(true);
-                counted.fetch_add(1, Ordering::Relaxed);
-                open.fetch_add(1, Ordering::Relaxed);
+            let order = pool.order();
+            let Some((pick, backend)) = connect_first(&pool, order, target).await else {
+                debug!(%peer, "no backend accepted; closing the connection");
+                return;
+            };
+            let addr = SocketAddr::from((pick.ip, target));
+            let open = pick.open.clone();
+            let _ = backend.set_nodelay(true);
+            counted.fetch_add(1, Ordering::Relaxed);
+            open.fetch_add(1, Ordering::Relaxed);
+            let proxied = async {
                 match protocol {
                     ListenerProtocol::Tcp => {
                         let (mut c, mut b) = (client, backend);
@@ -379,11 +396,58 @@ async fn serve(
                         }
                     }
                 }
-                open.fetch_sub(1, Ordering::Relaxed);
-                return;
+            };
+            tokio::select! {
+                () = proxied => {}
+                () = pick.gone.cancelled() => {
+                    debug!(%peer, %addr, "backend left the balancer; its connection closed");
+                }
             }
-            debug!(%peer, "no backend accepted; closing the connection");
+            open.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+}
+
+/// Connects to the first backend of `order` that accepts, staggered: the
+/// next is tried as well when none has accepted within [`STAGGER`], and
+/// the first to accept wins (the others are dropped). A backend that
+/// refuses or does not accept within [`CONNECT_TIMEOUT`] is ejected. So a
+/// backend that vanished costs a client [`STAGGER`], not the timeout.
+async fn connect_first(pool: &Pool, order: Vec<Pick>, target: u16) -> Option<(Pick, TcpStream)> {
+    use futures::stream::FuturesUnordered;
+    let mut trying = FuturesUnordered::new();
+    // Those started and not answered yet: ejected if a later one wins.
+    let mut waiting: Vec<(Pick, SocketAddr)> = Vec::new();
+    let mut rest = order.into_iter();
+    loop {
+        if trying.is_empty() {
+            let pick = rest.next()?;
+            waiting.push((pick.clone(), SocketAddr::from((pick.ip, target))));
+            trying.push(attempt(pool.vni, pick, target));
+        }
+        tokio::select! {
+            Some((got, pick, addr)) = trying.next() => match got {
+                Some(stream) => {
+                    pool.restore(&pick);
+                    for (slow, addr) in waiting.iter().take_while(|(w, _)| w.ip != pick.ip) {
+                        debug!(%addr, "backend slower to accept than another; ejected");
+                        pool.eject(slow, *addr);
+                    }
+                    return Some((pick, stream));
+                }
+                None => {
+                    debug!(%addr, "backend did not accept; trying the next");
+                    waiting.retain(|(w, _)| w.ip != pick.ip);
+                    pool.eject(&pick, addr);
+                }
+            },
+            () = tokio::time::sleep(STAGGER), if rest.len() > 0 => {
+                if let Some(pick) = rest.next() {
+                    waiting.push((pick.clone(), SocketAddr::from((pick.ip, target))));
+                    trying.push(attempt(pool.vni, pick, target));
+                }
+            }
+        }
     }
 }
 
@@ -424,6 +488,16 @@ async fn http_proxy(
         .await;
     backend_side.abort();
     served
+}
+
+/// One connection attempt to `pick`'s `target` port.
+async fn attempt(
+    vni: Option<u32>,
+    pick: Pick,
+    target: u16,
+) -> (Option<TcpStream>, Pick, SocketAddr) {
+    let addr = SocketAddr::from((pick.ip, target));
+    (connect(vni, addr).await, pick, addr)
 }
 
 async fn connect(vni: Option<u32>, addr: SocketAddr) -> Option<TcpStream> {
@@ -691,6 +765,83 @@ mod tests {
         let firsts: std::collections::BTreeSet<u8> =
             (0..6).map(|_| pool.order()[0].ip.octets()[3]).collect();
         assert!(firsts.contains(&2), "back in turn: {firsts:?}");
+    }
+
+    #[test]
+    fn a_backend_leaving_the_balancer_closes_its_connections_and_one_staying_does_not() {
+        let pool = Pool::new(None);
+        pool.update(&doc(
+            LbAlgorithm::RoundRobin,
+            &[(1, BackendState::Active), (2, BackendState::Active)],
+        ));
+        let picks = pool.order();
+        pool.update(&doc(
+            LbAlgorithm::RoundRobin,
+            &[(1, BackendState::Draining)],
+        ));
+        for p in &picks {
+            let gone = p.gone.is_cancelled();
+            assert_eq!(gone, p.ip.octets()[3] == 2, "{}", p.ip);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_does_not_answer_costs_a_client_the_stagger_not_the_timeout() {
+        use socket2::{Domain, Socket, Type};
+        // 127.0.0.1:P takes no connection (a backlog of 0, already full:
+        // further SYNs are dropped, as to a host that died); 127.0.0.2:P
+        // accepts.
+        let hole = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        hole.bind(&"127.0.0.1:0".parse::<SocketAddr>().expect("addr").into())
+            .expect("bind");
+        hole.listen(0).expect("listen");
+        let port = hole
+            .local_addr()
+            .expect("addr")
+            .as_socket()
+            .expect("inet")
+            .port();
+        let mut fill = Vec::new();
+        for _ in 0..4 {
+            if let Ok(c) = std::net::TcpStream::connect_timeout(
+                &SocketAddr::from(([127, 0, 0, 1], port)),
+                Duration::from_millis(100),
+            ) {
+                fill.push(c);
+            }
+        }
+        let live = tokio::net::TcpListener::bind(("127.0.0.2", port))
+            .await
+            .expect("listen on 127.0.0.2");
+        let pool = Pool::new(None);
+        let mut d = doc(LbAlgorithm::RoundRobin, &[]);
+        for ip in ["127.0.0.1", "127.0.0.2"] {
+            d.backends.push(Backend {
+                member: ip.into(),
+                ip: ip.parse().expect("ip"),
+                state: BackendState::Active,
+            });
+        }
+        pool.update(&d);
+        let mut order = pool.order();
+        if order[0].ip.octets()[3] != 1 {
+            order.reverse();
+        }
+        let hole_pick = order[0].clone();
+        let started = std::time::Instant::now();
+        let (won, _stream) = connect_first(&pool, order, port).await.expect("a backend");
+        assert_eq!(won.ip.octets()[3], 2);
+        // The silent one was waited for a stagger, not the timeout.
+        let waited = started.elapsed();
+        assert!(
+            waited >= STAGGER - Duration::from_millis(20) && waited < Duration::from_millis(900),
+            "waited {waited:?}"
+        );
+        assert!(
+            hole_pick.ejected.load(Ordering::Relaxed),
+            "the silent one ejected"
+        );
+        drop((live, hole, fill));
     }
 
     #[tokio::test]

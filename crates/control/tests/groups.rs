@@ -154,6 +154,27 @@ fn fake_agents(store: Arc<dyn Store>, failing: Arc<Mutex<HashSet<String>>>) {
     });
 }
 
+/// Names the members the stand-in agents report failed.
+type Failing = Arc<Mutex<HashSet<String>>>;
+
+/// A server on a fresh store with fake `hosts`, a ready image and the
+/// stand-in agents (the directory must outlive the server).
+async fn start(hosts: &[&str]) -> (Arc<dyn Store>, tempfile::TempDir, ControlPlane, Failing) {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));
+    let dir = tempfile::tempdir().expect("tmp");
+    for h in hosts {
+        fake_host(store.as_ref(), h).await;
+    }
+    ready_image(store.as_ref()).await;
+    let cp = ControlPlane::start(store.clone(), config(dir.path()))
+        .await
+        .expect("server");
+    std::mem::forget(cp.join_cluster().await.expect("join"));
+    let failing: Failing = Arc::new(Mutex::new(HashSet::new()));
+    fake_agents(store.clone(), failing.clone());
+    (store, dir, cp, failing)
+}
+
 /// Polls `cp`'s view of group `name` until `done` holds, or panics with
 /// what it last saw.
 async fn wait_group(
@@ -187,17 +208,7 @@ fn request(v: serde_json::Value) -> CreateGroupRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn groups_keep_their_size_replace_failures_roll_updates_and_delete_members() {
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));
-    let dir = tempfile::tempdir().expect("tmp");
-    fake_host(store.as_ref(), "ha").await;
-    fake_host(store.as_ref(), "hb").await;
-    ready_image(store.as_ref()).await;
-    let cp = ControlPlane::start(store.clone(), config(dir.path()))
-        .await
-        .expect("server");
-    std::mem::forget(cp.join_cluster().await.expect("join"));
-    let failing = Arc::new(Mutex::new(HashSet::new()));
-    fake_agents(store.clone(), failing.clone());
+    let (store, _dir, cp, failing) = start(&["ha", "hb"]).await;
     let p = skyvisor_core::auth::default_project();
     let template = json!({"image": "img", "instance_type": "nano"});
 
@@ -454,16 +465,7 @@ async fn wait_zone(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_internal_zone_names_instances_groups_and_balancers_of_each_project_apart() {
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));
-    let dir = tempfile::tempdir().expect("tmp");
-    fake_host(store.as_ref(), "ha").await;
-    ready_image(store.as_ref()).await;
-    let cp = ControlPlane::start(store.clone(), config(dir.path()))
-        .await
-        .expect("server");
-    std::mem::forget(cp.join_cluster().await.expect("join"));
-    let failing = Arc::new(Mutex::new(HashSet::new()));
-    fake_agents(store.clone(), failing.clone());
+    let (_store, _dir, cp, failing) = start(&["ha"]).await;
     let p = skyvisor_core::auth::default_project();
     let beta = ProjectName::new("beta").expect("name");
     cp.directory

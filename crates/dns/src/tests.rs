@@ -86,6 +86,11 @@ async fn ask(server: SocketAddr, from: &str, name: &str, qtype: RecordType) -> M
     .expect("client thread")
 }
 
+/// Asks `server` for `name`'s A records from `from`.
+async fn ask_a(server: SocketAddr, from: &str, name: &str) -> Message {
+    ask(server, from, name, RecordType::A).await
+}
+
 fn addresses(m: &Message) -> Vec<Ipv4Addr> {
     let mut out: Vec<Ipv4Addr> = m
         .answers()
@@ -106,25 +111,13 @@ fn internal(forwarder: Option<Arc<Forwarder>>) -> Resolver {
 #[tokio::test]
 async fn a_project_resolves_its_own_names_with_every_address_of_a_group() {
     let server = start(internal(None)).await;
-    let m = ask(
-        server,
-        "127.0.0.2",
-        "vm1.alpha.skyvisor.internal.",
-        RecordType::A,
-    )
-    .await;
+    let m = ask_a(server, "127.0.0.2", "vm1.alpha.skyvisor.internal.").await;
     assert_eq!(m.response_code(), ResponseCode::NoError);
     assert!(m.authoritative());
     assert_eq!(addresses(&m), vec![ip("10.0.0.5")]);
     assert_eq!(m.id(), 4242);
     // Case does not matter in DNS.
-    let m = ask(
-        server,
-        "127.0.0.2",
-        "WEB.Alpha.skyvisor.internal.",
-        RecordType::A,
-    )
-    .await;
+    let m = ask_a(server, "127.0.0.2", "WEB.Alpha.skyvisor.internal.").await;
     assert_eq!(addresses(&m), vec![ip("10.0.0.6"), ip("10.0.0.7")]);
     assert!(m.answers().iter().all(|r| r.ttl() == RECORD_TTL));
 }
@@ -132,41 +125,17 @@ async fn a_project_resolves_its_own_names_with_every_address_of_a_group() {
 #[tokio::test]
 async fn another_projects_names_do_not_exist_and_unknown_names_are_nxdomain() {
     let server = start(internal(None)).await;
-    let m = ask(
-        server,
-        "127.0.0.2",
-        "db.beta.skyvisor.internal.",
-        RecordType::A,
-    )
-    .await;
+    let m = ask_a(server, "127.0.0.2", "db.beta.skyvisor.internal.").await;
     assert_eq!(m.response_code(), ResponseCode::NXDomain);
     assert!(m.answers().is_empty());
-    let m = ask(
-        server,
-        "127.0.0.3",
-        "db.beta.skyvisor.internal.",
-        RecordType::A,
-    )
-    .await;
+    let m = ask_a(server, "127.0.0.3", "db.beta.skyvisor.internal.").await;
     assert_eq!(addresses(&m), vec![ip("10.9.0.5")]);
-    let m = ask(
-        server,
-        "127.0.0.2",
-        "nope.alpha.skyvisor.internal.",
-        RecordType::A,
-    )
-    .await;
+    let m = ask_a(server, "127.0.0.2", "nope.alpha.skyvisor.internal.").await;
     assert_eq!(m.response_code(), ResponseCode::NXDomain);
     // Negative answers carry the zone's SOA, so resolvers cache them briefly.
     assert_eq!(m.name_servers().len(), 1);
     assert_eq!(m.name_servers()[0].record_type(), RecordType::SOA);
-    let m = ask(
-        server,
-        "127.0.0.2",
-        "a.vm1.alpha.skyvisor.internal.",
-        RecordType::A,
-    )
-    .await;
+    let m = ask_a(server, "127.0.0.2", "a.vm1.alpha.skyvisor.internal.").await;
     assert_eq!(m.response_code(), ResponseCode::NXDomain);
 }
 
@@ -210,30 +179,12 @@ async fn records_replaced_are_answered_at_once() {
             .into_iter()
             .collect(),
     );
-    let m = ask(
-        server,
-        "127.0.0.2",
-        "web.alpha.skyvisor.internal.",
-        RecordType::A,
-    )
-    .await;
+    let m = ask_a(server, "127.0.0.2", "web.alpha.skyvisor.internal.").await;
     assert_eq!(addresses(&m), vec![ip("10.0.0.8")]);
-    let m = ask(
-        server,
-        "127.0.0.2",
-        "vm1.alpha.skyvisor.internal.",
-        RecordType::A,
-    )
-    .await;
+    let m = ask_a(server, "127.0.0.2", "vm1.alpha.skyvisor.internal.").await;
     assert_eq!(m.response_code(), ResponseCode::NXDomain);
     records.remove("alpha");
-    let m = ask(
-        server,
-        "127.0.0.2",
-        "web.alpha.skyvisor.internal.",
-        RecordType::A,
-    )
-    .await;
+    let m = ask_a(server, "127.0.0.2", "web.alpha.skyvisor.internal.").await;
     assert_eq!(m.response_code(), ResponseCode::NXDomain);
 }
 
@@ -253,34 +204,22 @@ async fn other_names_go_upstream_with_the_upstreams_answer_and_code() {
         start(Resolver::new("example.test", corp, anyone, None).expect("upstream")).await;
     let forwarder = Arc::new(Forwarder::new(vec![upstream]));
     let server = start(internal(Some(forwarder))).await;
-    let m = ask(server, "127.0.0.2", "www.corp.example.test.", RecordType::A).await;
+    let m = ask_a(server, "127.0.0.2", "www.corp.example.test.").await;
     assert_eq!(m.response_code(), ResponseCode::NoError);
     assert!(!m.authoritative());
     assert!(m.recursion_available());
     assert_eq!(addresses(&m), vec![ip("192.0.2.7")]);
-    let m = ask(
-        server,
-        "127.0.0.2",
-        "nope.corp.example.test.",
-        RecordType::A,
-    )
-    .await;
+    let m = ask_a(server, "127.0.0.2", "nope.corp.example.test.").await;
     assert_eq!(m.response_code(), ResponseCode::NXDomain);
     // The internal zone is still answered here, not upstream.
-    let m = ask(
-        server,
-        "127.0.0.2",
-        "vm1.alpha.skyvisor.internal.",
-        RecordType::A,
-    )
-    .await;
+    let m = ask_a(server, "127.0.0.2", "vm1.alpha.skyvisor.internal.").await;
     assert_eq!(addresses(&m), vec![ip("10.0.0.5")]);
 }
 
 #[tokio::test]
 async fn without_upstream_other_names_are_refused() {
     let server = start(internal(None)).await;
-    let m = ask(server, "127.0.0.2", "example.org.", RecordType::A).await;
+    let m = ask_a(server, "127.0.0.2", "example.org.").await;
     assert_eq!(m.response_code(), ResponseCode::Refused);
 }
 

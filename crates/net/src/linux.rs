@@ -585,14 +585,7 @@ impl HostNetwork for LinuxNetwork {
         bridge: &str,
         gateway: Ipv4Addr,
     ) -> Result<Option<std::net::TcpListener>, NetError> {
-        let (namespace, device) = match vni {
-            Some(v) => (
-                Some(private_devices(v).namespace),
-                ROUTER_GATEWAY_PORT.to_string(),
-            ),
-            None => (None, bridge.to_string()),
-        };
-        validate_ifname(&device)?;
+        let (namespace, device) = gateway_side(vni, bridge)?;
         let addr = std::net::SocketAddr::from((gateway, METADATA_PORT));
         tokio::task::spawn_blocking(move || {
             crate::listen_on_device(namespace.as_deref(), addr, &device)
@@ -611,14 +604,7 @@ impl HostNetwork for LinuxNetwork {
         bridge: &str,
         gateway: Ipv4Addr,
     ) -> Result<Option<(std::net::UdpSocket, std::net::TcpListener)>, NetError> {
-        let (namespace, device) = match vni {
-            Some(v) => (
-                Some(private_devices(v).namespace),
-                ROUTER_GATEWAY_PORT.to_string(),
-            ),
-            None => (None, bridge.to_string()),
-        };
-        validate_ifname(&device)?;
+        let (namespace, device) = gateway_side(vni, bridge)?;
         let addr = std::net::SocketAddr::from((gateway, DNS_PORT));
         tokio::task::spawn_blocking(move || {
             crate::dns_sockets_on_device(namespace.as_deref(), addr, &device)
@@ -849,6 +835,21 @@ impl HostNetwork for LinuxNetwork {
         run("nft", &["-f", "-"], Some(&script)).await?;
         Ok(())
     }
+}
+
+/// Where a VM network's gateway services listen: the namespace (a private
+/// network's router; none: the host's own) and the device their sockets
+/// take packets from (the router's port, or the cluster `bridge`).
+fn gateway_side(vni: Option<u32>, bridge: &str) -> Result<(Option<String>, String), NetError> {
+    let (namespace, device) = match vni {
+        Some(v) => (
+            Some(private_devices(v).namespace),
+            ROUTER_GATEWAY_PORT.to_string(),
+        ),
+        None => (None, bridge.to_string()),
+    };
+    validate_ifname(&device)?;
+    Ok((namespace, device))
 }
 
 /// The nftables script of bridge table `table` that drops ARP about

@@ -28,7 +28,7 @@ pub const CLOUD_RECIPE: &str = "debian-12";
 pub const CLOUD_USER: &str = "debian";
 /// Bump when the recipe's logic changes in a way the hashed inputs do not
 /// capture.
-const CLOUD_RECIPE_VERSION: u32 = 2;
+const CLOUD_RECIPE_VERSION: u32 = 3;
 /// Virtual size of the disk; cloud-init grows the partition and file system
 /// to a VM's disk at first boot.
 pub const CLOUD_DISK_SIZE: u64 = 2 << 30;
@@ -275,8 +275,24 @@ async fn build_fresh(
     Ok(())
 }
 
+/// The ifupdown hook that writes `/etc/resolv.conf` from an interface's
+/// `dns-nameservers` and `dns-search` (ifupdown passes them as
+/// `IF_DNS_*`), which cloud-init's network configuration sets: what the
+/// resolvconf package does, without a second resolver manager.
+const RESOLV_HOOK: &str = "#!/bin/sh
+# Written by Skyvisor's debian-12 recipe: /etc/resolv.conf from the
+# interface's dns-nameservers and dns-search options.
+[ -n \"$IF_DNS_NAMESERVERS\" ] || exit 0
+tmp=/etc/resolv.conf.skyvisor.$$
+{
+    for ns in $IF_DNS_NAMESERVERS; do echo \"nameserver $ns\"; done
+    [ -n \"$IF_DNS_SEARCH\" ] && echo \"search $IF_DNS_SEARCH\"
+    echo 'options timeout:2 attempts:2'
+} >\"$tmp\" && mv -f \"$tmp\" /etc/resolv.conf
+";
+
 /// The files of the image Skyvisor writes itself: the boot menu, fstab,
-/// cloud-init's settings; host keys are removed so that every VM makes its
+/// cloud-init's settings, the resolver hook; host keys are removed so that every VM makes its
 /// own at first boot.
 fn configure_tree(rootfs: &Path, fs_uuid: &str) -> Result<(), ImageError> {
     let write = |rel: &str, text: &str| -> Result<(), ImageError> {
@@ -299,6 +315,24 @@ fn configure_tree(rootfs: &Path, fs_uuid: &str) -> Result<(), ImageError> {
     )?;
     write("etc/cloud/cloud.cfg.d/90_skyvisor.cfg", CLOUD_CFG)?;
     write("etc/hostname", "localhost\n")?;
+    // The build host's resolver must not stay in the image: the network
+    // configuration's (cloud-init's dns-nameservers, the gateway's DNS
+    // server) is written at boot by an ifupdown hook, as resolvconf would.
+    let resolv = rootfs.join("etc/resolv.conf");
+    if fs::symlink_metadata(&resolv).is_ok() {
+        fs::remove_file(&resolv).map_err(ImageError::io("removing", &resolv))?;
+    }
+    write(
+        "etc/resolv.conf",
+        "# Written at boot from the network configuration (/etc/network/if-up.d/skyvisor-resolv).\n",
+    )?;
+    write("etc/network/if-up.d/skyvisor-resolv", RESOLV_HOOK)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let hook = rootfs.join("etc/network/if-up.d/skyvisor-resolv");
+        fs::set_permissions(&hook, fs::Permissions::from_mode(0o755))
+            .map_err(ImageError::io("making executable", &hook))?;
+    }
     let ssh = rootfs.join("etc/ssh");
     for e in fs::read_dir(&ssh).map_err(ImageError::io("listing", &ssh))? {
         let e = e.map_err(ImageError::io("listing", &ssh))?;

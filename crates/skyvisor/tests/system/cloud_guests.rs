@@ -178,6 +178,21 @@ fn a_debian_guest_gets_its_key_user_data_and_hostname_and_first_boot_runs_once()
         "{out}"
     );
 
+    // Its resolver is the gateway's DNS server: its own name resolves,
+    // bare (the project's search domain) and in full.
+    let out = ssh_ok(
+        &cloud,
+        &home,
+        "deb",
+        &key,
+        "getent hosts deb | cut -d' ' -f1; getent hosts deb.default.skyvisor.internal | cut -d' ' -f1",
+    );
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [ip.as_str(), ip.as_str()],
+        "{out}"
+    );
+
     // A snapshot of its volume freezes the guest's file systems through
     // its guest agent, and thaws them: the guest writes again at once.
     let snap = cloud.sv_json(&["volume", "snapshot", "create", "data", "s1"]);

@@ -15,14 +15,20 @@ fn ip(s: &str) -> Ipv4Addr {
     s.parse().expect("ip")
 }
 
-/// Sockets on 127.0.0.1 with an unused port.
+/// Sockets on 127.0.0.1 with a port unused by both UDP and TCP (the
+/// kernel picks a free UDP port, which TCP may have taken: try again).
 fn sockets() -> (std::net::UdpSocket, std::net::TcpListener, SocketAddr) {
-    let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
-    let addr = udp.local_addr().expect("addr");
-    let tcp = std::net::TcpListener::bind(addr).expect("tcp on the same port");
-    udp.set_nonblocking(true).expect("nonblocking");
-    tcp.set_nonblocking(true).expect("nonblocking");
-    (udp, tcp, addr)
+    for _ in 0..100 {
+        let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let addr = udp.local_addr().expect("addr");
+        let Ok(tcp) = std::net::TcpListener::bind(addr) else {
+            continue;
+        };
+        udp.set_nonblocking(true).expect("nonblocking");
+        tcp.set_nonblocking(true).expect("nonblocking");
+        return (udp, tcp, addr);
+    }
+    panic!("no port free for both UDP and TCP in 100 tries");
 }
 
 /// Callers: 127.0.0.2 is in project alpha, 127.0.0.3 in beta, nobody else.

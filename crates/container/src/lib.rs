@@ -53,8 +53,10 @@ pub struct Limits {
     pub memory_mib: u64,
     /// Processes and threads at most.
     pub pids: u32,
-    /// Relative block I/O weight, 10 to 1000 (cgroup v2 `io.weight`).
-    pub io_weight: u16,
+    /// Relative block I/O weight, 10 to 1000 (cgroup v2 `io.weight`);
+    /// none where the host's kernel offers no weight (cgroup v1 without
+    /// `blkio.weight`, where the runtime would fail on it).
+    pub io_weight: Option<u16>,
 }
 
 /// What to run, and how it is confined.
@@ -120,11 +122,10 @@ impl Limits {
         if self.pids == 0 {
             return invalid("pids", "0; allowed: 1 or more".into());
         }
-        if !(10..=1000).contains(&self.io_weight) {
-            return invalid(
-                "io_weight",
-                format!("{}; allowed: 10 to 1000", self.io_weight),
-            );
+        if let Some(w) = self.io_weight
+            && !(10..=1000).contains(&w)
+        {
+            return invalid("io_weight", format!("{w}; allowed: 10 to 1000"));
         }
         Ok(())
     }
@@ -190,7 +191,7 @@ pub fn runtime_spec(config: &ContainerConfig) -> Result<Spec, ContainerError> {
             .build()?,
     ];
     let l = &config.limits;
-    let resources = LinuxResourcesBuilder::default()
+    let mut resources = LinuxResourcesBuilder::default()
         .cpu(
             LinuxCpuBuilder::default()
                 .quota(l.cpu_quota_us())
@@ -208,13 +209,15 @@ pub fn runtime_spec(config: &ContainerConfig) -> Result<Spec, ContainerError> {
             LinuxPidsBuilder::default()
                 .limit(i64::from(l.pids))
                 .build()?,
-        )
-        .block_io(
+        );
+    if let Some(w) = l.io_weight {
+        resources = resources.block_io(
             oci_spec::runtime::LinuxBlockIoBuilder::default()
-                .weight(l.io_weight)
+                .weight(w)
                 .build()?,
-        )
-        .build()?;
+        );
+    }
+    let resources = resources.build()?;
     let linux = LinuxBuilder::default()
         .namespaces(namespaces)
         .uid_mappings(ids.clone())

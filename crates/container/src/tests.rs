@@ -15,7 +15,7 @@ fn config() -> ContainerConfig {
             vcpus: 2,
             memory_mib: 256,
             pids: 512,
-            io_weight: 100,
+            io_weight: Some(100),
         },
         cgroup: "skyvisor/c1".into(),
     }
@@ -70,6 +70,10 @@ fn the_type_becomes_cgroup_limits() {
     assert_eq!(r["pids"]["limit"], 512);
     assert_eq!(r["blockIO"]["weight"], 100);
     assert_eq!(v["linux"]["cgroupsPath"], "/skyvisor/c1");
+    // Without a weight the runtime is told nothing about block I/O.
+    let mut c = config();
+    c.limits.io_weight = None;
+    assert!(json(&c)["linux"]["resources"].get("blockIO").is_none());
 }
 
 #[test]
@@ -168,7 +172,7 @@ fn bad_limits_and_no_command_are_refused_naming_what() {
         ),
         (|c| c.limits.memory_mib = 1, "memory_mib"),
         (|c| c.limits.pids = 0, "pids"),
-        (|c| c.limits.io_weight = 5000, "io_weight"),
+        (|c| c.limits.io_weight = Some(5000), "io_weight"),
         (|c| c.args.clear(), "args"),
     ] {
         let mut c = config();

@@ -3,7 +3,6 @@
 //! The metadata service opens one server per VM network on its gateway
 //! (see `metadata::MetadataService`), which knows who asks.
 
-use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,12 +44,6 @@ impl DnsService {
                 None
             }
         }
-    }
-
-    /// The addresses `name` has in `project` here now (for tests and
-    /// diagnostics).
-    pub fn lookup(&self, project: &str, name: &str) -> Option<Vec<Ipv4Addr>> {
-        self.records.lookup(project, name)
     }
 
     fn put(&self, doc: DnsRecords) {

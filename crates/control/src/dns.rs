@@ -62,14 +62,7 @@ async fn step(cp: &ControlPlane) -> ApiResult<()> {
         .store
         .list_json::<LoadBalancerSpec>(keys::LOAD_BALANCERS)
         .await?;
-    let statuses: BTreeMap<String, GroupStatus> = cp
-        .store
-        .list(keys::GROUP_STATUSES)
-        .await?
-        .items
-        .iter()
-        .filter_map(|kv| Some((kv.key.clone(), skyvisor_store::decode(kv).ok()?)))
-        .collect();
+    let statuses = cp.group_statuses().await?;
     let instances = cp.inventory.instances().await;
     let mut members: BTreeMap<(ProjectName, String), Vec<(MemberView, Ipv4Addr)>> = BTreeMap::new();
     let checked: BTreeMap<(ProjectName, String), bool> = groups

@@ -345,14 +345,7 @@ async fn step(cp: &ControlPlane) -> ApiResult<()> {
         .into_iter()
         .map(|(g, _)| (keys::group(&g.project, &g.name), g))
         .collect();
-    let statuses: BTreeMap<String, GroupStatus> = cp
-        .store
-        .list(keys::GROUP_STATUSES)
-        .await?
-        .items
-        .iter()
-        .filter_map(|kv| Some((kv.key.clone(), skyvisor_store::decode(kv).ok()?)))
-        .collect();
+    let statuses = cp.group_statuses().await?;
     for (spec, _) in specs {
         let key = keys::lb_backends(&spec.project, &spec.name);
         let Some(group) = groups.get(&keys::group(&spec.project, &spec.group)) else {

@@ -56,11 +56,6 @@ impl Forwarder {
             .collect()
     }
 
-    /// Where names go.
-    pub fn upstream(&self) -> &[SocketAddr] {
-        &self.upstream
-    }
-
     /// The upstream answer to `name` of type `qtype`.
     pub(crate) async fn forward(&self, name: &Name, qtype: RecordType) -> Answer {
         if self.upstream.is_empty() {

@@ -108,6 +108,8 @@ pub type Callers = Arc<dyn Fn(Ipv4Addr) -> Option<String> + Send + Sync>;
 #[derive(Clone)]
 pub struct Resolver {
     zone: Name,
+    /// The zone's SOA record, sent with every negative answer.
+    soa: Record,
     records: Records,
     callers: Callers,
     forwarder: Option<Arc<Forwarder>>,
@@ -122,8 +124,10 @@ impl Resolver {
         callers: Callers,
         forwarder: Option<Arc<Forwarder>>,
     ) -> Result<Self, DnsError> {
+        let zone = zone_name(zone)?;
         Ok(Self {
-            zone: zone_name(zone)?,
+            soa: soa_of(&zone),
+            zone,
             records,
             callers,
             forwarder,
@@ -164,7 +168,7 @@ impl Resolver {
             code: ResponseCode::NoError,
             authoritative: true,
             answers: Vec::new(),
-            soa: vec![self.soa()],
+            soa: vec![self.soa.clone()],
         };
         match labels.as_slice() {
             // The zone itself, and a project's own domain, exist.
@@ -188,17 +192,18 @@ impl Resolver {
         }
         answer
     }
+}
 
-    fn soa(&self) -> Record {
-        let ns = Name::from_ascii("ns")
-            .and_then(|n| n.append_domain(&self.zone))
-            .unwrap_or_else(|_| self.zone.clone());
-        let mail = Name::from_ascii("hostmaster")
-            .and_then(|n| n.append_domain(&self.zone))
-            .unwrap_or_else(|_| self.zone.clone());
-        let soa = SOA::new(ns, mail, 1, 60, 30, 600, RECORD_TTL);
-        Record::from_rdata(self.zone.clone(), RECORD_TTL, RData::SOA(soa))
-    }
+/// The SOA record of `zone` (negative answers live [`RECORD_TTL`]).
+fn soa_of(zone: &Name) -> Record {
+    let ns = Name::from_ascii("ns")
+        .and_then(|n| n.append_domain(zone))
+        .unwrap_or_else(|_| zone.clone());
+    let mail = Name::from_ascii("hostmaster")
+        .and_then(|n| n.append_domain(zone))
+        .unwrap_or_else(|_| zone.clone());
+    let soa = SOA::new(ns, mail, 1, 60, 30, 600, RECORD_TTL);
+    Record::from_rdata(zone.clone(), RECORD_TTL, RData::SOA(soa))
 }
 
 /// An answer to send: its code, its records and whether it is ours.

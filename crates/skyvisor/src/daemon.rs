@@ -20,14 +20,33 @@ use tokio::task::JoinHandle;
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
-/// What is logged unless `RUST_LOG` says otherwise: our own information,
-/// libraries' warnings (hickory logs every DNS query at info).
-pub const DEFAULT_LOG_FILTER: &str = "info,tower_http=warn,h2=warn,hyper=warn,hickory_server=warn,hickory_proto=warn,hickory_resolver=warn";
+/// Libraries kept at warnings whatever `RUST_LOG` asks, unless it names
+/// them (hickory logs every DNS query at info).
+const QUIET_LIBRARIES: &[&str] = &[
+    "tower_http",
+    "h2",
+    "hyper",
+    "hickory_server",
+    "hickory_proto",
+    "hickory_resolver",
+];
+
+/// The log filter for `RUST_LOG` (none: our own information): what it
+/// says, with the quiet libraries it does not name at warnings.
+fn log_filter(rust_log: Option<&str>) -> String {
+    let asked = rust_log.filter(|s| !s.trim().is_empty()).unwrap_or("info");
+    let mut filter = asked.to_string();
+    for lib in QUIET_LIBRARIES.iter().filter(|l| !asked.contains(*l)) {
+        filter.push_str(&format!(",{lib}=warn"));
+    }
+    filter
+}
 
 /// Sets up logging to stderr, as text or JSON.
 pub fn init_logs(format: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    let asked = std::env::var("RUST_LOG").ok();
+    let filter = EnvFilter::try_new(log_filter(asked.as_deref()))
+        .unwrap_or_else(|_| EnvFilter::new(log_filter(None)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -224,4 +243,25 @@ async fn default_image_files(
         None => None,
     };
     Some((kernel, initrd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quiet_libraries_stay_at_warnings_unless_named() {
+        assert_eq!(
+            log_filter(None),
+            "info,tower_http=warn,h2=warn,hyper=warn,hickory_server=warn,hickory_proto=warn,hickory_resolver=warn"
+        );
+        let f = log_filter(Some("info,skyvisor_agent=debug,hickory_server=debug"));
+        assert!(
+            f.starts_with("info,skyvisor_agent=debug,hickory_server=debug,"),
+            "{f}"
+        );
+        assert!(!f.contains("hickory_server=warn"), "{f}");
+        assert!(f.ends_with("hickory_resolver=warn"), "{f}");
+        assert_eq!(log_filter(Some(" ")), log_filter(None));
+    }
 }

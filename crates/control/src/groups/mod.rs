@@ -474,6 +474,21 @@ impl ControlPlane {
         )))
     }
 
+    /// Every group's status, by its key (`keys::group_status`): read once
+    /// a tick by the loops that need several.
+    pub(crate) async fn group_statuses(
+        &self,
+    ) -> ApiResult<std::collections::BTreeMap<String, skyvisor_core::group::GroupStatus>> {
+        Ok(self
+            .store
+            .list(keys::GROUP_STATUSES)
+            .await?
+            .items
+            .iter()
+            .filter_map(|kv| Some((kv.key.clone(), skyvisor_store::decode(kv).ok()?)))
+            .collect())
+    }
+
     /// The instances of `group` in `project`.
     pub(crate) async fn group_instances(
         &self,

@@ -468,7 +468,7 @@ fn a_load_step_makes_the_autoscaler_add_members_that_take_traffic() {
     let cloud = Cloud::start_with(crate::harness::CloudOptions {
         extra_env: vec![(
             "RUST_LOG".into(),
-            "info,skyvisor_control::groups::autoscale=debug,hickory_server=warn".into(),
+            "info,skyvisor_control::groups::autoscale=debug".into(),
         )],
         ..Default::default()
     });

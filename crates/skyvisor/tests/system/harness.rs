@@ -197,7 +197,7 @@ impl Cloud {
             .expect("log");
         let child = Command::new(skyvisor_bin())
             .args(self.up_args())
-            .env("RUST_LOG", "info,skyvisor_agent=debug,hickory_server=warn,hickory_proto=warn,hickory_resolver=warn")
+            .env("RUST_LOG", "info,skyvisor_agent=debug")
             .envs(self.options.extra_env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

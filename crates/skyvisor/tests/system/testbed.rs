@@ -138,7 +138,7 @@ impl TestBed {
             .env(
                 "RUST_LOG",
                 std::env::var("TESTBED_RUST_LOG")
-                    .unwrap_or_else(|_| "info,skyvisor_agent=debug,hickory_server=warn".into()),
+                    .unwrap_or_else(|_| "info,skyvisor_agent=debug".into()),
             );
         c
     }

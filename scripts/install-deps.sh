@@ -34,6 +34,9 @@ packages=(
   # Guest image recipes: unpacking Debian packages, making the data disk;
   # mmdebstrap bootstraps the full-OS image (debian-12).
   dpkg e2fsprogs cpio kmod mmdebstrap
+  # Containers: the OCI runtime (the agent writes each container's
+  # runtime configuration and runs it with crun).
+  crun
   # Cluster store.
   etcd-server etcd-client
   # Building: etcd-client needs protoc.

@@ -44,6 +44,7 @@ impl VmCounters for Simulated {
 fn spec(i: usize) -> InstanceSpec {
     let id = InstanceId::random();
     InstanceSpec {
+        kind: Default::default(),
         security_groups: Vec::new(),
         labels: Default::default(),
         project: skyvisor_core::auth::default_project(),

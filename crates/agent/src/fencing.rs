@@ -210,6 +210,21 @@ pub fn kill_protected(vms_dir: &Path) -> Vec<i32> {
         if !dir.join(PROTECTED_MARKER).is_file() {
             continue;
         }
+        // A container: its init (killing it ends its pid namespace), if the
+        // pid is still that container's.
+        if let Ok(text) = std::fs::read_to_string(dir.join(crate::containers::PIDFILE))
+            && let Ok(pid) = text.trim().parse::<i32>()
+            && let Some(id) = dir.file_name().and_then(|n| n.to_str())
+            && crate::containers::is_container_init(pid, id)
+            && nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .is_ok()
+        {
+            killed.push(pid);
+            continue;
+        }
         let Ok(text) = std::fs::read_to_string(dir.join(skyvisor_qemu::files::PIDFILE)) else {
             continue;
         };

@@ -26,6 +26,7 @@ pub fn router(ctx: Arc<AgentContext>) -> Router {
             "/agent/v1/instances/{id}/console",
             axum::routing::get(console),
         )
+        .route("/agent/v1/instances/{id}/exec", axum::routing::post(exec))
         .route(
             "/agent/v1/image-files/{sha256}",
             axum::routing::get(image_file),
@@ -88,6 +89,28 @@ async fn console(
             text: String::new(),
         })
         .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Runs a command in a container of this host (the server checked who
+/// may).
+async fn exec(
+    State(ctx): State<Arc<AgentContext>>,
+    Path(id): Path<uuid::Uuid>,
+    Json(req): Json<skyvisor_core::api::ExecRequest>,
+) -> axum::response::Response {
+    let Some(driver) = &ctx.containers else {
+        return (StatusCode::CONFLICT, "this host runs no containers").into_response();
+    };
+    match driver.exec(&InstanceId(id), &req).await {
+        Ok(result) => Json(result).into_response(),
+        Err(e @ crate::containers::ExecError::Invalid(_)) => {
+            (StatusCode::BAD_REQUEST, e.to_string()).into_response()
+        }
+        Err(e @ crate::containers::ExecError::NotRunning) => {
+            (StatusCode::CONFLICT, e.to_string()).into_response()
+        }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }

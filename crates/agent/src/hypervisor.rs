@@ -243,6 +243,12 @@ pub enum VmEvent {
     Reset,
     /// The process is gone.
     Exited(VmExit),
+    /// The kernel killed processes inside for want of memory (a
+    /// container at its limit): `kills` in its life so far.
+    OutOfMemory {
+        /// The count so far.
+        kills: u64,
+    },
 }
 
 /// How a VM's process ended.
@@ -263,6 +269,14 @@ pub enum HvError {
     /// A control command failed.
     #[error("VM control failed: {0}")]
     Control(String),
+    /// The instance's kind cannot do this.
+    #[error("{op} is not supported for {kind}")]
+    Unsupported {
+        /// What was asked.
+        op: &'static str,
+        /// Why not, as the instance's kind.
+        kind: &'static str,
+    },
 }
 
 /// One disk's I/O counters, as the hypervisor counts them.
@@ -313,6 +327,12 @@ pub trait Vm: Send + Sync {
 
     /// Presses the ACPI power button.
     async fn powerdown(&self) -> Result<(), HvError>;
+
+    /// Changes its vCPUs and memory while it runs, if its kind can;
+    /// false if it cannot (a VM restarts with the new size).
+    async fn resize_live(&self, _resources: Resources) -> Result<bool, HvError> {
+        Ok(false)
+    }
 
     /// Resets the VM and lets it run (used to reboot after a guest shutdown).
     async fn reset_and_resume(&self) -> Result<(), HvError>;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use skyvisor_core::image::{FileRole, ImageKind, ImageState};
-use skyvisor_core::{Image, ImageFile, InstanceSpec, InstanceVolume, keys};
+use skyvisor_core::{Image, ImageFile, InstanceKind, InstanceSpec, InstanceVolume, keys};
 use skyvisor_store::{StoreExt, encode};
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -80,6 +80,9 @@ impl Launcher {
         crate::fencing::mark_protected(&dir, protected)
             .await
             .map_err(|e| format!("marking {} as HA-protected: {e}", dir.display()))?;
+        if spec.kind == InstanceKind::Container {
+            return self.launch_container(spec, &dir).await;
+        }
         let image = self.image(spec).await?;
         let volumes = if migration_target {
             self.serve_volumes_as(spec, ServeMode::Incoming).await?
@@ -125,6 +128,12 @@ impl Launcher {
                 }
             }
             ImageKind::Disk => LaunchBoot::Firmware,
+            ImageKind::Rootfs => {
+                return Err(format!(
+                    "image {} is a container's root file system; a VM cannot boot it",
+                    image.name
+                ));
+            }
         };
         let tap = skyvisor_net::tap_name(&spec.id);
         let undo = |created_disk: bool| {
@@ -334,6 +343,7 @@ impl Launcher {
             let needed = match f.role {
                 FileRole::Disk => needs_base,
                 FileRole::Kernel | FileRole::Initrd => image.kind == ImageKind::KernelInitrd,
+                FileRole::Rootfs => image.kind == ImageKind::Rootfs,
             };
             if needed && self.ctx.images.local(&image, f).await.is_none() {
                 missing.push(f.clone());
@@ -387,25 +397,148 @@ impl Launcher {
     pub(crate) fn cmdline(&self, spec: &InstanceSpec, image: &Image) -> String {
         let mut c = image.cmdline.clone().unwrap_or_default();
         if image.guest_service {
-            let n = &spec.network;
-            c.push_str(&format!(
-                " sv.name={} sv.id={} sv.ip={}/{} sv.gw={} sv.mtu={} sv.dns={} sv.domain={}",
-                spec.name,
-                spec.id,
-                n.ip,
-                n.prefix_len,
-                n.gateway,
-                self.ctx.mtu,
-                n.gateway,
-                skyvisor_core::dns::search_domain(&spec.project)
-            ));
-            if self.ctx.guest_test_hooks {
-                c.push_str(" sv.hooks=1");
-            }
+            c.push(' ');
+            c.push_str(&self.guest_words(spec));
         }
         c.trim().to_string()
     }
+
+    /// The instance's identity and network settings as the guest
+    /// service's init reads them (`sv.name=... sv.ip=...`): on a VM's
+    /// kernel command line, in a container's environment.
+    fn guest_words(&self, spec: &InstanceSpec) -> String {
+        let n = &spec.network;
+        let mut c = format!(
+            "sv.name={} sv.id={} sv.ip={}/{} sv.gw={} sv.mtu={} sv.dns={} sv.domain={}",
+            spec.name,
+            spec.id,
+            n.ip,
+            n.prefix_len,
+            n.gateway,
+            self.ctx.mtu,
+            n.gateway,
+            skyvisor_core::dns::search_domain(&spec.project)
+        );
+        if self.ctx.guest_test_hooks {
+            c.push_str(" sv.hooks=1");
+        }
+        c
+    }
+
+    /// Starts a container instance: its image's root file system under
+    /// its own writable layer, its veth on its network's bridge, guarded
+    /// before it sends a frame, and the runtime.
+    async fn launch_container(
+        &self,
+        spec: &InstanceSpec,
+        dir: &std::path::Path,
+    ) -> Result<(Running, GuestFacts), String> {
+        let Some(driver) = self.ctx.containers.clone() else {
+            return Err(format!(
+                "host {} runs no containers: {}",
+                self.ctx.host,
+                self.ctx
+                    .containers_unavailable
+                    .as_deref()
+                    .unwrap_or("its agent runs without a container runtime")
+            ));
+        };
+        let image = self.image(spec).await?;
+        let Some(file) = image
+            .file(FileRole::Rootfs)
+            .filter(|_| image.kind == ImageKind::Rootfs)
+        else {
+            return Err(format!(
+                "image {} is not a container image (kind {}); containers run root file system images",
+                image.name, image.kind
+            ));
+        };
+        let rootfs = self.ctx.images.file(&image, file).await?;
+        let bridge = self
+            .ctx
+            .private_nets
+            .bridge_for(&spec.network)
+            .await
+            .map_err(|e| format!("setting up network {}: {e}", spec.network.network))?;
+        let veth = skyvisor_net::tap_name(&spec.id);
+        let peer = crate::containers::make_veth(&veth, &bridge, self.ctx.mtu).await?;
+        let undo = || async {
+            let _ = self.ctx.network.delete_tap(&veth).await;
+        };
+        // Guarded (and filtered) before the container sends its first frame.
+        if let Err(e) = self.ctx.attach_tap(&veth, spec, &bridge).await {
+            undo().await;
+            return Err(format!("guarding {veth}: {e}"));
+        }
+        let process = match &image.process {
+            // An imported image runs what its configuration names, with
+            // the network's resolver bound in.
+            Some(p) => {
+                let mut env = p.env.clone();
+                if !env.iter().any(|e| e.starts_with("PATH=")) {
+                    env.push(DEFAULT_PATH.to_string());
+                }
+                crate::containers::Process {
+                    args: p.args.clone(),
+                    env,
+                    cwd: p.working_dir.clone(),
+                    resolv_conf: Some(format!(
+                        "nameserver {}\nsearch {}\noptions timeout:2 attempts:2\n",
+                        spec.network.gateway,
+                        skyvisor_core::dns::search_domain(&spec.project)
+                    )),
+                }
+            }
+            // Skyvisor's image: its init, told who it is as a VM's kernel
+            // command line tells it.
+            None => crate::containers::Process {
+                args: vec!["/init".to_string()],
+                env: vec![
+                    DEFAULT_PATH.to_string(),
+                    "SV_CONTAINER=1".to_string(),
+                    format!("SV_CMDLINE={}", self.guest_words(spec)),
+                ],
+                cwd: None,
+                resolv_conf: None,
+            },
+        };
+        let vm = match driver
+            .launch(
+                spec,
+                dir,
+                crate::containers::ImageRoot {
+                    rootfs: &rootfs,
+                    sha256: &file.sha256,
+                },
+                &peer,
+                self.ctx.mtu,
+                process,
+            )
+            .await
+        {
+            Ok(vm) => vm,
+            Err(e) => {
+                undo().await;
+                return Err(e);
+            }
+        };
+        Ok((
+            Running {
+                vm: Box::new(vm),
+                resources: spec.resources,
+                since: Instant::now(),
+                volumes: vec![],
+            },
+            GuestFacts {
+                service: image.guest_service,
+                cloud_init: false,
+            },
+        ))
+    }
 }
+
+/// A container's `PATH` when its image names none.
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The VM's cloud-init seed drive, in its directory.
 pub(crate) const SEED_FILE: &str = "seed.img";

@@ -7,6 +7,7 @@
 
 pub mod checkpoints;
 pub mod cluster;
+pub mod containers;
 pub mod credentials;
 pub mod disks;
 pub mod dns;
@@ -96,6 +97,9 @@ pub struct AgentConfig {
     /// on its public port) in the VMs this host starts: for test beds and
     /// benchmarks, never for tenants.
     pub guest_test_hooks: bool,
+    /// Run containers with this runtime, if the host can; none: this
+    /// host runs VMs only.
+    pub containers: Option<containers::ContainerSettings>,
 }
 
 /// An HTTP client for calls to other parts of the cluster: each request
@@ -175,6 +179,10 @@ pub struct AgentContext {
     pub cluster_key: skyvisor_auth::ClusterKey,
     /// Whether VMs get the default guest's test hooks.
     pub guest_test_hooks: bool,
+    /// The container driver, if this host runs containers.
+    pub containers: Option<Arc<containers::ContainerDriver>>,
+    /// Why this host runs no containers, if it does not.
+    pub containers_unavailable: Option<String>,
     /// The hypervisor.
     pub hypervisor: Arc<dyn Hypervisor>,
     /// The host network.
@@ -442,6 +450,23 @@ async fn bring_up(
     let firewall = firewall::Firewall::new(network.clone());
     let dns = dns::DnsService::new();
     let metadata = metadata::MetadataService::new(network.clone(), dns.clone());
+    // Containers where the runtime and the kernel allow; VMs either way.
+    let (container_driver, containers_unavailable) = match &cfg.containers {
+        Some(settings) => match containers::ContainerDriver::probe(settings, &cfg.data_dir).await {
+            Ok(d) => {
+                info!(runtime = %d.description(), "this host runs containers");
+                (Some(Arc::new(d)), None)
+            }
+            Err(why) => {
+                warn!(reason = %why, "this host runs no containers");
+                (None, Some(why))
+            }
+        },
+        None => (
+            None,
+            Some("its agent runs without a container runtime".to_string()),
+        ),
+    };
     let physical = host::physical_resources(&cfg.data_dir, cfg.reserved_memory_mib);
     let capacity = Capacity::new(physical, cfg.overcommit);
     let metrics = Arc::new(metrics::AgentMetrics::new(
@@ -482,6 +507,8 @@ async fn bring_up(
         member_tls: Some(credentials.links.clone()),
         cluster_key: cluster_key.clone(),
         guest_test_hooks: cfg.guest_test_hooks,
+        containers: container_driver.clone(),
+        containers_unavailable: containers_unavailable.clone(),
         data_dir: cfg.data_dir.clone(),
         checkpoint_inboxes: std::sync::Mutex::new(HashMap::new()),
         volumes: volumes.clone(),
@@ -544,6 +571,10 @@ async fn bring_up(
         disk_free_bytes: host::disk_space(&cfg.data_dir).1,
         replica_addr: volumes.as_ref().map(|v| v.replica_addr().to_owned()),
         started_at: Utc::now(),
+        container_runtime: container_driver
+            .as_ref()
+            .map(|d| d.description().to_string()),
+        containers_unavailable,
     };
     store
         .put(&keys::host(&cfg.host), encode(&registration))

@@ -1127,6 +1127,7 @@ pub(crate) async fn migrate_out(
             let _ = peer.call::<()>("abort").await;
             let message = match e {
                 HvError::Control(m) | HvError::StartFailed(m) => m,
+                e @ HvError::Unsupported { .. } => e.to_string(),
             };
             fail(ctx, spec, record, message, cancelled).await;
             return SourceOutcome::Stayed;

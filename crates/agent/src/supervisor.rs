@@ -263,7 +263,15 @@ impl Supervisor {
             return;
         }
         let dir = self.vm_dir(spec);
-        let Some(vm) = self.ctx.hypervisor.attach(&dir).await else {
+        let found = match (spec.kind, &self.ctx.containers) {
+            (skyvisor_core::InstanceKind::Vm, _) => self.ctx.hypervisor.attach(&dir).await,
+            (skyvisor_core::InstanceKind::Container, Some(c)) => c
+                .attach(&spec.id, &dir)
+                .await
+                .map(|c| Box::new(c) as Box<dyn Vm>),
+            (skyvisor_core::InstanceKind::Container, None) => None,
+        };
+        let Some(vm) = found else {
             return;
         };
         let launched = match tokio::fs::read(dir.join(LAUNCH_FILE)).await {
@@ -395,6 +403,19 @@ impl Supervisor {
                 if running.resources.vcpus != spec.resources.vcpus
                     || running.resources.memory_mib != spec.resources.memory_mib
                 {
+                    match running.vm.resize_live(spec.resources).await {
+                        Ok(true) => {
+                            info!(instance = %spec.name, vcpus = spec.resources.vcpus, memory_mib = spec.resources.memory_mib, "resized live");
+                            if let Some(r) = self.running.as_mut() {
+                                r.resources = spec.resources;
+                            }
+                            return true;
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            warn!(instance = %spec.name, error = %e, "live resize failed; restarting with the new size");
+                        }
+                    }
                     info!(instance = %spec.name, "resizing: restarting with the new size");
                     self.stop(spec, false).await;
                     return true;
@@ -1119,7 +1140,7 @@ impl Supervisor {
             };
             match tokio::time::timeout_at(deadline, running.vm.next_event()).await {
                 Ok(VmEvent::GuestShutdown) => return true,
-                Ok(VmEvent::Reset) => continue,
+                Ok(VmEvent::Reset | VmEvent::OutOfMemory { .. }) => continue,
                 Ok(VmEvent::Exited(_)) => {
                     self.running = None;
                     return false;
@@ -1254,6 +1275,26 @@ impl Supervisor {
 
     async fn on_event(&mut self, spec: &InstanceSpec, event: VmEvent) {
         match event {
+            VmEvent::OutOfMemory { kills } => {
+                let message = format!(
+                    "the kernel killed a process inside for want of memory (limit {} MiB; {kills} so far in this run)",
+                    spec.resources.memory_mib
+                );
+                warn!(instance = %spec.name, kills, "{message}");
+                let event = skyvisor_core::Event::instance(
+                    skyvisor_core::EventKind::OutOfMemory,
+                    spec,
+                    message,
+                );
+                if let Err(e) = self
+                    .ctx
+                    .store
+                    .txn(vec![], vec![crate::event_op(&event)])
+                    .await
+                {
+                    warn!(instance = %spec.name, error = %e, "could not record an out-of-memory event");
+                }
+            }
             VmEvent::Reset => {
                 self.status.boot_count += 1;
                 self.status.guest_ready = false;
@@ -1332,6 +1373,10 @@ impl Supervisor {
         }
         self.ctx.remove_tap(spec).await;
         let dir = self.vm_dir(spec);
+        if let Some(c) = &self.ctx.containers {
+            // Its root is unmounted before its files go.
+            c.forget(&spec.id, &dir).await;
+        }
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await
             && e.kind() != std::io::ErrorKind::NotFound
         {

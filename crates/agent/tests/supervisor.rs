@@ -48,6 +48,7 @@ async fn world() -> World {
         guest_service: false,
         ssh_user: None,
         cloud_init: false,
+        process: None,
         source: ImageSource::Import,
         state: ImageState::Ready,
         message: None,
@@ -78,6 +79,7 @@ async fn world() -> World {
             replica_listen: None,
             fencing: None,
             guest_test_hooks: true,
+            containers: None,
         },
         store.clone(),
         Arc::new(hv.clone()),
@@ -106,6 +108,7 @@ fn spec_ops(s: &InstanceSpec) -> Vec<skyvisor_store::Op> {
 fn spec(name: &str, policy: RestartPolicy) -> InstanceSpec {
     let id = InstanceId::random();
     InstanceSpec {
+        kind: Default::default(),
         security_groups: Vec::new(),
         labels: Default::default(),
         project: skyvisor_core::auth::default_project(),

@@ -51,6 +51,7 @@ async fn start_host(store: &Arc<dyn Store>, name: &str) -> Host {
             replica_listen: Some(([127, 0, 0, 1], 0).into()),
             fencing: None,
             guest_test_hooks: true,
+            containers: None,
         },
         store.clone(),
         Arc::new(hv.clone()),
@@ -99,6 +100,7 @@ async fn world() -> Arc<dyn Store> {
         guest_service: false,
         ssh_user: None,
         cloud_init: false,
+        process: None,
         source: ImageSource::Import,
         state: ImageState::Ready,
         message: None,
@@ -171,6 +173,7 @@ fn vm_spec(host: &HostName, volumes: Vec<InstanceVolume>) -> InstanceSpec {
         project: skyvisor_core::auth::default_project(),
         name: InstanceName::new("vm").expect("name"),
         id,
+        kind: Default::default(),
         image: ImageName::new("blank").expect("image"),
         instance_type: None,
         resources: Resources {

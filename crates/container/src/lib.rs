@@ -71,6 +71,11 @@ pub struct ContainerConfig {
     pub args: Vec<String>,
     /// Its environment, `NAME=value`.
     pub env: Vec<String>,
+    /// Its working directory (`/` if none).
+    pub cwd: Option<String>,
+    /// A file the host writes, bound read-only on `/etc/resolv.conf` (for
+    /// images whose own init does not write it).
+    pub resolv_conf: Option<PathBuf>,
     /// The first host id of the range its user namespace maps to; root
     /// inside is this id outside.
     pub host_id_base: u32,
@@ -78,6 +83,22 @@ pub struct ContainerConfig {
     pub limits: Limits,
     /// Its cgroup, relative to the runtime's root (`skyvisor/ID`).
     pub cgroup: String,
+    /// Run in the runtime's namespace once the container's namespaces
+    /// exist and before its process starts (OCI `createRuntime`): where
+    /// the host moves the container's network device into its network
+    /// namespace. Given the container's state (with its pid) on stdin.
+    pub network_hook: Option<Hook>,
+}
+
+/// A program the runtime runs at a point of the container's life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hook {
+    /// The executable (absolute).
+    pub path: PathBuf,
+    /// Its arguments, `argv[0]` included.
+    pub args: Vec<String>,
+    /// How long it may take.
+    pub timeout_secs: i64,
 }
 
 /// The capabilities a container's processes keep: what a service needs
@@ -156,7 +177,7 @@ pub fn runtime_spec(config: &ContainerConfig) -> Result<Spec, ContainerError> {
         .user(UserBuilder::default().uid(0u32).gid(0u32).build()?)
         .args(config.args.clone())
         .env(config.env.clone())
-        .cwd("/")
+        .cwd(config.cwd.clone().unwrap_or_else(|| "/".to_string()))
         .no_new_privileges(true)
         .capabilities(
             LinuxCapabilitiesBuilder::default()
@@ -239,9 +260,74 @@ pub fn runtime_spec(config: &ContainerConfig) -> Result<Spec, ContainerError> {
     ));
     // proc, a private /dev, devpts, shm, mqueue, and sysfs and the cgroup
     // file system read-only: each a new mount of the container's own.
-    spec.set_mounts(Some(get_default_mounts()));
+    let mut all = mounts()?;
+    if let Some(resolv) = &config.resolv_conf {
+        all.push(
+            oci_spec::runtime::MountBuilder::default()
+                .destination("/etc/resolv.conf")
+                .typ("bind")
+                .source(resolv.clone())
+                .options(vec![
+                    "bind".to_string(),
+                    "ro".to_string(),
+                    "nosuid".to_string(),
+                    "nodev".to_string(),
+                ])
+                .build()?,
+        );
+    }
+    spec.set_mounts(Some(all));
     spec.set_linux(Some(linux));
+    if let Some(h) = &config.network_hook {
+        let hook = oci_spec::runtime::HookBuilder::default()
+            .path(h.path.clone())
+            .args(h.args.clone())
+            .timeout(h.timeout_secs)
+            .build()?;
+        spec.set_hooks(Some(
+            oci_spec::runtime::HooksBuilder::default()
+                .create_runtime(vec![hook])
+                .build()?,
+        ));
+    }
     Ok(spec)
+}
+
+/// The runtime's default mounts, plus a private `/run` and `/tmp`: the
+/// container cannot mount (no `SYS_ADMIN`), so its init finds them made.
+fn mounts() -> Result<Vec<oci_spec::runtime::Mount>, ContainerError> {
+    let mut all = get_default_mounts();
+    for (dest, mode) in [("/run", "mode=755"), ("/tmp", "mode=1777")] {
+        all.push(
+            oci_spec::runtime::MountBuilder::default()
+                .destination(dest)
+                .typ("tmpfs")
+                .source("tmpfs")
+                .options(vec![
+                    "nosuid".to_string(),
+                    "nodev".to_string(),
+                    mode.to_string(),
+                    "size=64m".to_string(),
+                ])
+                .build()?,
+        );
+    }
+    Ok(all)
+}
+
+/// The limits of `limits` as the runtime's `update --resources` file
+/// (OCI `LinuxResources`): what a live resize writes.
+pub fn resources_json(limits: &Limits) -> Result<String, ContainerError> {
+    limits.validate()?;
+    let mut v = serde_json::json!({
+        "cpu": {"quota": limits.cpu_quota_us(), "period": CPU_PERIOD_US},
+        "memory": {"limit": limits.memory_bytes(), "swap": limits.memory_bytes()},
+        "pids": {"limit": i64::from(limits.pids)},
+    });
+    if let Some(w) = limits.io_weight {
+        v["blockIO"] = serde_json::json!({"weight": w});
+    }
+    Ok(v.to_string())
 }
 
 /// Writes `config`'s runtime configuration as `config.json` in bundle

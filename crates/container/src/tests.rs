@@ -10,6 +10,8 @@ fn config() -> ContainerConfig {
         hostname: "web".into(),
         args: vec!["/usr/bin/skyvisor-guest".into(), "serve".into()],
         env: vec!["PATH=/usr/sbin:/usr/bin:/sbin:/bin".into()],
+        cwd: None,
+        resolv_conf: None,
         host_id_base: 1_000_000,
         limits: Limits {
             vcpus: 2,
@@ -18,6 +20,7 @@ fn config() -> ContainerConfig {
             io_weight: Some(100),
         },
         cgroup: "skyvisor/c1".into(),
+        network_hook: None,
     }
 }
 
@@ -184,4 +187,50 @@ fn bad_limits_and_no_command_are_refused_naming_what() {
         );
         assert!(e.to_string().contains("allowed"), "{e}");
     }
+}
+
+#[test]
+fn the_network_hook_runs_at_create_runtime_and_limits_update_live() {
+    let mut c = config();
+    c.network_hook = Some(Hook {
+        path: PathBuf::from("/usr/bin/skyvisor"),
+        args: vec![
+            "skyvisor".into(),
+            "container-net-hook".into(),
+            "svp1".into(),
+        ],
+        timeout_secs: 20,
+    });
+    c.resolv_conf = Some(PathBuf::from("/var/lib/x/resolv.conf"));
+    c.cwd = Some("/srv".into());
+    let v = json(&c);
+    let hooks = &v["hooks"]["createRuntime"];
+    assert_eq!(hooks[0]["path"], "/usr/bin/skyvisor", "{v}");
+    assert_eq!(hooks[0]["args"][1], "container-net-hook");
+    assert_eq!(v["process"]["cwd"], "/srv");
+    let mounts = v["mounts"].as_array().expect("mounts");
+    let resolv = mounts
+        .iter()
+        .find(|m| m["destination"] == "/etc/resolv.conf")
+        .expect("resolv.conf bound");
+    assert!(
+        resolv["options"]
+            .as_array()
+            .expect("options")
+            .iter()
+            .any(|o| o == "ro")
+    );
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m["destination"] == "/run" && m["type"] == "tmpfs")
+    );
+    let r: Value =
+        serde_json::from_str(&resources_json(&c.limits).expect("resources")).expect("json");
+    assert_eq!(r["memory"]["limit"], 256 * 1024 * 1024);
+    assert_eq!(r["cpu"]["quota"], 200_000);
+    assert_eq!(r["pids"]["limit"], 512);
+    let mut bad = c.limits;
+    bad.vcpus = 0;
+    assert!(resources_json(&bad).is_err());
 }

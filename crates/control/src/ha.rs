@@ -181,6 +181,12 @@ async fn step(cp: &ControlPlane, state: &mut State) -> ApiResult<()> {
                 (HaPolicy::Off, _) => Some(format!(
                     "not protected (ha off): it stays down until host {dead} returns"
                 )),
+                // A container starts again elsewhere from its image.
+                (HaPolicy::Restart, None)
+                    if vm.spec.kind == skyvisor_core::InstanceKind::Container =>
+                {
+                    None
+                }
                 (HaPolicy::Restart, None) => Some(format!(
                     "its disk is local to host {dead}: it stays down until that host returns"
                 )),
@@ -284,6 +290,7 @@ async fn fail_over(
     let request = PlacementRequest {
         resources: spec.resources,
         accel: spec.accel,
+        kind: spec.kind,
         spread: cp.spread_for(&spec).await,
         ..Default::default()
     };

@@ -27,6 +27,10 @@ use crate::error::{ApiError, ApiResult};
 pub const DEFAULT_RECIPE: &str = "debian-busybox";
 /// The name of the image `skyvisor up` builds.
 pub const DEFAULT_IMAGE: &str = "debian-busybox";
+/// The public container image every server makes at start.
+pub const CONTAINER_IMAGE: &str = "debian-rootfs";
+/// Its recipe.
+pub const CONTAINER_RECIPE: &str = skyvisor_image::ROOTFS_RECIPE;
 
 /// SHA-256 of a file, hex.
 pub async fn sha256_file(path: &Path) -> std::io::Result<String> {
@@ -150,10 +154,10 @@ impl ControlPlane {
             name: name.clone(),
             project: project.clone(),
             public,
-            kind: if full_os {
-                ImageKind::Disk
-            } else {
-                ImageKind::KernelInitrd
+            kind: match info.kind {
+                skyvisor_image::RecipeKind::Disk => ImageKind::Disk,
+                skyvisor_image::RecipeKind::KernelInitrd => ImageKind::KernelInitrd,
+                skyvisor_image::RecipeKind::Rootfs => ImageKind::Rootfs,
             },
             description: format!("built from recipe {recipe}"),
             files: vec![],
@@ -161,6 +165,7 @@ impl ControlPlane {
             guest_service: !full_os,
             ssh_user: full_os.then(|| skyvisor_image::CLOUD_USER.to_string()),
             cloud_init: full_os,
+            process: None,
             source: ImageSource::Recipe {
                 recipe: recipe.to_string(),
                 packages: vec![],
@@ -358,6 +363,9 @@ impl ControlPlane {
         let built = if recipe == skyvisor_image::CLOUD_RECIPE {
             let built = skyvisor_image::build_cloud_disk(tmp_dir, &opts, &progress).await;
             built.map(|b| (vec![(FileRole::Disk, b.disk)], b.packages, None))
+        } else if recipe == skyvisor_image::ROOTFS_RECIPE {
+            let built = skyvisor_image::build_rootfs(tmp_dir, &opts, &progress).await;
+            built.map(|b| (vec![(FileRole::Rootfs, b.rootfs)], b.packages, None))
         } else {
             let built = skyvisor_image::build(recipe, tmp_dir, &opts, &progress).await;
             built.map(|b| {

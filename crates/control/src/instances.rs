@@ -2,7 +2,7 @@
 
 use skyvisor_core::ProjectName;
 use skyvisor_core::auth::Usage;
-use skyvisor_core::{Event, EventKind};
+use skyvisor_core::{Event, EventKind, InstanceKind};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -178,11 +178,17 @@ impl ControlPlane {
         membership: Option<GroupMembership>,
     ) -> ApiResult<Instance> {
         skyvisor_core::labels::validate_labels("labels", &req.labels)?;
+        crate::containers::check_request(&req)?;
         // Refused before anything is made (the create checks it again).
         self.guest_config(project, &req).await?;
         // In a cluster the root disk can be a replicated volume made for the
-        // VM, so that it can run elsewhere when its host dies.
-        let made = self.make_root_volume(project, &mut req).await?;
+        // VM, so that it can run elsewhere when its host dies (a
+        // container's root is its image under a writable layer).
+        let made = if req.kind == Some(InstanceKind::Container) {
+            None
+        } else {
+            self.make_root_volume(project, &mut req).await?
+        };
         let created = self.create_instance_with(project, req, membership).await;
         if created.is_err()
             && let Some(volume) = made
@@ -449,6 +455,8 @@ impl ControlPlane {
                 )));
             }
         }
+        let kind = req.kind.unwrap_or_default();
+        crate::containers::check_image(kind, &image)?;
         if let Some(disk) = image.file(skyvisor_core::image::FileRole::Disk)
             && req.root_volume.is_none()
         {
@@ -469,7 +477,7 @@ impl ControlPlane {
             // No local disk: the VM's disk is its root volume.
             resources.disk_gib = root.spec.size_bytes.div_ceil(1 << 30).max(1);
         }
-        let (ha, ha_priority) = self.ha_settings(&req, &volumes)?;
+        let (ha, ha_priority) = self.ha_settings(&req, &volumes, kind)?;
         if ha == HaPolicy::Restart && req.start.unwrap_or(true) {
             self.admit_protected(resources).await?;
         }
@@ -530,6 +538,7 @@ impl ControlPlane {
                 PlacementRequest {
                     resources,
                     accel: req.accel,
+                    kind,
                     spread,
                     // A clone starts where its snapshot's files are.
                     only: clone.as_ref().map(|(_, s)| s.host.clone()),
@@ -585,6 +594,7 @@ impl ControlPlane {
                 name: name.clone(),
                 project: project.clone(),
                 id,
+                kind,
                 image: image_name.clone(),
                 instance_type: itype.as_ref().map(|t| t.name.clone()),
                 resources,
@@ -706,10 +716,19 @@ impl ControlPlane {
         &self,
         req: &CreateInstanceRequest,
         volumes: &[ResolvedVolume],
+        kind: InstanceKind,
     ) -> ApiResult<(HaPolicy, u32)> {
         let root = volumes.iter().find(|v| v.volume.root);
         let clustered = !self.config.cluster.etcd_endpoints.is_empty();
         let ha = match (req.ha, root) {
+            // A container restarts elsewhere from its image (cold: its
+            // writable layer stays with its host): protected in a cluster
+            // unless asked otherwise.
+            (ha, _) if kind == InstanceKind::Container => ha.unwrap_or(if clustered {
+                HaPolicy::Restart
+            } else {
+                HaPolicy::Off
+            }),
             // Whether the VM can be protected depends on the pool and its
             // volumes, not on the request's form: a conflict, not a 400.
             (Some(HaPolicy::Restart), None) => {

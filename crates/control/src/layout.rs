@@ -328,6 +328,7 @@ mod tests {
             guest_service: false,
             ssh_user: None,
             cloud_init: false,
+            process: None,
             source: ImageSource::Import,
             state: ImageState::Ready,
             message: None,

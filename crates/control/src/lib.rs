@@ -10,6 +10,7 @@ pub mod api;
 pub mod audit;
 pub mod billing;
 pub mod cluster;
+mod containers;
 pub mod dns;
 pub mod election;
 pub mod error;

@@ -72,6 +72,7 @@ impl ControlPlane {
                     "instance \"{name}\" not found"
                 )));
             };
+            crate::containers::refuse_for_container(&spec)?;
             let status = self.instance_status(&iref).await?;
             check_migratable(&spec, &status)?;
             let hosts = self.inventory.hosts().await;

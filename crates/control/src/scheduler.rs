@@ -41,6 +41,8 @@ pub struct PlacementRequest {
     pub replacing: Resources,
     /// The accelerator the VM must run with, if any.
     pub accel: Option<Accel>,
+    /// What runs the instance: a container needs a host that runs them.
+    pub kind: skyvisor_core::InstanceKind,
     /// The VM's spread group and where its members already run.
     pub spread: Option<SpreadConstraint>,
     /// A soft spread (an instance group's): how many of the group's
@@ -103,6 +105,12 @@ pub fn filter(host: &HostEntry, req: &PlacementRequest) -> Option<String> {
         && host.host.accel != accel
     {
         return Some(format!("runs VMs with {}, needs {accel}", host.host.accel));
+    }
+    if req.kind == skyvisor_core::InstanceKind::Container && host.host.container_runtime.is_none() {
+        return Some(match &host.host.containers_unavailable {
+            Some(why) => format!("runs no containers: {why}"),
+            None => "runs no containers".to_string(),
+        });
     }
     if let Some(spread) = &req.spread
         && let Some(member) = spread.members.get(&host.host.name)
@@ -245,6 +253,8 @@ pub(crate) mod tests {
                 accel: Accel::Tcg,
                 accel_reason: String::new(),
                 qemu_version: String::new(),
+                container_runtime: None,
+                containers_unavailable: None,
                 agent_version: skyvisor_core::VERSION.to_string(),
                 subnet: "10.0.0.0/24".parse().expect("subnet"),
                 bridge_address: None,
@@ -378,6 +388,33 @@ pub(crate) mod tests {
         assert_eq!(
             place(&[a, b], &req, Weigher::Spread).expect("tcg").as_str(),
             "b"
+        );
+    }
+
+    #[test]
+    fn containers_go_only_to_hosts_that_run_them() {
+        let mut a = host("a", 8, 4096);
+        std::sync::Arc::make_mut(&mut a.host).containers_unavailable =
+            Some("crun is not installed".into());
+        let mut b = host("b", 8, 4096);
+        let mut req = need(1, 128);
+        req.kind = skyvisor_core::InstanceKind::Container;
+        let err = place(&[a.clone(), b.clone()], &req, Weigher::Spread).expect_err("none");
+        assert_eq!(
+            err.to_string(),
+            "no host can fit it: a: runs no containers: crun is not installed; b: runs no containers"
+        );
+        std::sync::Arc::make_mut(&mut b.host).container_runtime = Some("crun 1.8.1".into());
+        assert_eq!(
+            place(&[a.clone(), b], &req, Weigher::Spread)
+                .expect("b")
+                .as_str(),
+            "b"
+        );
+        req.kind = skyvisor_core::InstanceKind::Vm;
+        assert!(
+            place(&[a], &req, Weigher::Spread).is_ok(),
+            "VMs go anywhere"
         );
     }
 

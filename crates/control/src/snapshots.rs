@@ -111,6 +111,7 @@ impl ControlPlane {
             None => SnapshotName::at("snap", now)?,
         };
         let spec = self.spec_of(&iref).await?;
+        crate::containers::refuse_for_container(&spec)?;
         if spec.deleting {
             return Err(ApiError::conflict(format!(
                 "instance \"{instance}\" is being deleted"
@@ -337,6 +338,7 @@ impl ControlPlane {
         let iref = InstanceRef::new(project.clone(), name.clone());
         let snap_name = SnapshotName::new(req.snapshot.clone())?;
         let spec = self.spec_of(&iref).await?;
+        crate::containers::refuse_for_container(&spec)?;
         let snap = match self
             .store
             .get_json::<Snapshot>(&keys::snapshot(&iref, &snap_name))
@@ -436,6 +438,7 @@ pub(crate) mod tests {
     /// An instance spec for tests.
     pub(crate) fn spec() -> InstanceSpec {
         InstanceSpec {
+            kind: Default::default(),
             security_groups: Vec::new(),
             labels: Default::default(),
             project: skyvisor_core::auth::default_project(),

@@ -17,6 +17,10 @@ pub struct CreateInstanceRequest {
     /// template, where it is left out (members are named after the group).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
+    /// What runs it: `vm` (the default) or `container` (a root file
+    /// system image run by the host's OCI runtime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<crate::InstanceKind>,
     /// Image to boot (required, unless cloning).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub image: String,
@@ -275,6 +279,94 @@ pub struct ConsoleLog {
     pub offset: u64,
     /// The text.
     pub text: String,
+}
+
+/// Body of `POST /v1/instances/{name}/exec`: a command to run in a
+/// running container.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// The command and its arguments (at most 256, each at most 4096
+    /// bytes).
+    pub command: Vec<String>,
+    /// What the command reads on its standard input (at most 1 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Seconds it may run before it is killed (default 60, 1 to 3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 3600)]
+    pub timeout_secs: Option<u32>,
+}
+
+/// Most arguments of an exec'd command.
+pub const EXEC_MAX_ARGS: usize = 256;
+/// Most bytes of one argument.
+pub const EXEC_MAX_ARG_BYTES: usize = 4096;
+/// Most bytes of an exec's standard input, and of each of its outputs kept.
+pub const EXEC_MAX_IO_BYTES: usize = 1 << 20;
+
+impl ExecRequest {
+    /// Checks the request; gives its timeout.
+    pub fn validate(&self) -> Result<u32, crate::ValidationError> {
+        let invalid = |field: &str, m: String| Err(crate::ValidationError::new(field, m));
+        if self.command.is_empty() {
+            return invalid(
+                "command",
+                "empty; give the program and its arguments".into(),
+            );
+        }
+        if self.command.len() > EXEC_MAX_ARGS {
+            return invalid(
+                "command",
+                format!(
+                    "{} arguments; allowed: at most {EXEC_MAX_ARGS}",
+                    self.command.len()
+                ),
+            );
+        }
+        if let Some(i) = self
+            .command
+            .iter()
+            .position(|a| a.len() > EXEC_MAX_ARG_BYTES || a.contains('\0'))
+        {
+            return invalid(
+                "command",
+                format!(
+                    "argument {i} is longer than {EXEC_MAX_ARG_BYTES} bytes or holds a NUL byte"
+                ),
+            );
+        }
+        if self.command[0].is_empty() {
+            return invalid("command", "the program's name is empty".into());
+        }
+        if self
+            .stdin
+            .as_ref()
+            .is_some_and(|s| s.len() > EXEC_MAX_IO_BYTES)
+        {
+            return invalid("stdin", format!("longer than {EXEC_MAX_IO_BYTES} bytes"));
+        }
+        let t = self.timeout_secs.unwrap_or(60);
+        if !(1..=3600).contains(&t) {
+            return invalid("timeout_secs", format!("{t}; allowed: 1 to 3600"));
+        }
+        Ok(t)
+    }
+}
+
+/// What an exec'd command did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExecResult {
+    /// Its exit status (128 + N when killed by signal N); -1 if unknown.
+    pub exit_code: i32,
+    /// Its standard output (the first MiB; invalid UTF-8 replaced).
+    pub stdout: String,
+    /// Its standard error (the first MiB).
+    pub stderr: String,
+    /// It ran past its timeout and was killed.
+    pub timed_out: bool,
+    /// An output was longer than a MiB and was cut.
+    pub truncated: bool,
 }
 
 /// Body of `POST /v1/instances/{name}/migrate`.

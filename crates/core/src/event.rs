@@ -65,6 +65,9 @@ pub enum EventKind {
     MemberAdded,
     /// An instance group removed a member (the message says why).
     MemberRemoved,
+    /// The kernel killed a process of a container that reached its memory
+    /// limit (the container and the host run on).
+    OutOfMemory,
 }
 
 impl fmt::Display for EventKind {

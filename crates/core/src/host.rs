@@ -143,6 +143,14 @@ pub struct Host {
     pub replica_addr: Option<String>,
     /// When the agent started.
     pub started_at: DateTime<Utc>,
+    /// The container runtime it runs containers with (`crun 1.8.1, cgroup
+    /// v1`); none if it runs none (see `containers_unavailable`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_runtime: Option<String>,
+    /// Why it runs no containers (no runtime installed, cgroups it cannot
+    /// use), as its agent found at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containers_unavailable: Option<String>,
 }
 
 /// A host as the API shows it: registration, state and what is allocated.

@@ -17,6 +17,17 @@ pub enum ImageKind {
     KernelInitrd,
     /// A bootable disk with its own OS, booted by QEMU's firmware.
     Disk,
+    /// A root file system (a tarball) for containers: no kernel, run by an
+    /// OCI runtime on the host's kernel.
+    Rootfs,
+}
+
+impl ImageKind {
+    /// Whether instances of `kind` run this image: containers run root
+    /// file systems, VMs everything else.
+    pub fn runs_as(self, kind: crate::InstanceKind) -> bool {
+        (self == Self::Rootfs) == (kind == crate::InstanceKind::Container)
+    }
 }
 
 impl fmt::Display for ImageKind {
@@ -24,6 +35,7 @@ impl fmt::Display for ImageKind {
         f.write_str(match self {
             Self::KernelInitrd => "kernel-initrd",
             Self::Disk => "disk",
+            Self::Rootfs => "rootfs",
         })
     }
 }
@@ -38,6 +50,9 @@ pub enum FileRole {
     Initrd,
     /// The base disk that VM root disks overlay.
     Disk,
+    /// A container's root file system, a gzip tarball: the read-only lower
+    /// layer of each container's root.
+    Rootfs,
 }
 
 /// The format of a disk file.
@@ -75,6 +90,21 @@ pub struct ImageFile {
     pub format: Option<DiskFormat>,
     /// For disks: the virtual size in bytes.
     pub virtual_size_bytes: Option<u64>,
+}
+
+/// What a container of an imported OCI image runs, from the image's
+/// configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+pub struct ContainerProcess {
+    /// The command and its arguments (the image's entrypoint, then its
+    /// command).
+    pub args: Vec<String>,
+    /// Its environment, `NAME=value`.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Its working directory (`/` if none).
+    #[serde(default)]
+    pub working_dir: Option<String>,
 }
 
 /// Where an image came from.
@@ -136,6 +166,11 @@ pub struct Image {
     /// that a VM is ready once cloud-init reports it has finished.
     #[serde(default)]
     pub cloud_init: bool,
+    /// For a container image imported from an OCI image: the process its
+    /// configuration names. None: the image runs Skyvisor's guest service
+    /// (`/init`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ContainerProcess>,
     /// Where it came from.
     pub source: ImageSource,
     /// Whether it can be used.
@@ -209,6 +244,7 @@ mod tests {
             guest_service: false,
             ssh_user: None,
             cloud_init: false,
+            process: None,
             source: ImageSource::Import,
             state: ImageState::Ready,
             message: None,

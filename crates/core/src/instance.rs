@@ -53,6 +53,34 @@ pub enum PowerState {
     Stopped,
 }
 
+/// What runs an instance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceKind {
+    /// A virtual machine with its own kernel, run by QEMU.
+    #[default]
+    Vm,
+    /// A container: the host's kernel, its own namespaces (user namespace
+    /// included) and cgroup limits, run by an OCI runtime.
+    Container,
+}
+
+impl InstanceKind {
+    /// Whether it is a VM.
+    pub fn is_vm(&self) -> bool {
+        *self == Self::Vm
+    }
+}
+
+impl std::fmt::Display for InstanceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Vm => "vm",
+            Self::Container => "container",
+        })
+    }
+}
+
 /// What the agent does when a VM's QEMU process ends without being asked to.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
@@ -102,6 +130,9 @@ pub struct InstanceSpec {
     pub project: crate::ProjectName,
     /// Unique id, never reused; distinguishes a re-created VM of the same name.
     pub id: InstanceId,
+    /// What runs it: a VM (the default) or a container.
+    #[serde(default, skip_serializing_if = "InstanceKind::is_vm")]
+    pub kind: InstanceKind,
     /// The image the root disk was made from.
     pub image: ImageName,
     /// The instance type, or none for a custom size.

@@ -42,7 +42,7 @@ pub use host::{Capacity, Host, HostState, HostView, Overcommit};
 pub use image::{Image, ImageFile, ImageKind, ImageSource, ImageState};
 pub use instance::{
     CloudInitReport, ExitReason, ExitRecord, GuestConfig, GuestKey, Instance, InstanceId,
-    InstancePhase, InstanceSpec, InstanceStatus, PowerState, RestartPolicy,
+    InstanceKind, InstancePhase, InstanceSpec, InstanceStatus, PowerState, RestartPolicy,
 };
 pub use migration::{
     Migration, MigrationId, MigrationPhase, MigrationProgress, MigrationReason, MigrationRequest,

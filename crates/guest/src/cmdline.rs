@@ -1,5 +1,6 @@
 //! The guest's identity: parsed from the kernel command line (`sv.*` keys set by the
-//! host agent) and later replaceable through the control channel.
+//! host agent; in a container the same words in `SV_CMDLINE`) and later replaceable
+//! through the control channel.
 //!
 //! Parsing must never fail hard: unknown keys are ignored and malformed values are
 //! dropped with a message, so a bad command line still yields a reachable guest.
@@ -112,6 +113,18 @@ pub fn parse(cmdline: &str) -> BootParams {
     p
 }
 
+/// The words to parse: `SV_CMDLINE` if set (a container, where `/proc/cmdline`
+/// is the host's), else the kernel command line `read_proc` returns.
+pub fn boot_words(
+    sv_cmdline: Option<std::ffi::OsString>,
+    read_proc: impl FnOnce() -> String,
+) -> String {
+    match sv_cmdline {
+        Some(words) => words.to_string_lossy().into_owned(),
+        None => read_proc(),
+    }
+}
+
 /// A valid hostname label (what `sethostname` gets), if `name` is one.
 pub fn hostname_for(name: &str) -> Option<&str> {
     let ok = !name.is_empty()
@@ -166,6 +179,21 @@ mod tests {
         for bad in ["1.2.3.4", "1.2.3.4/33", "1.2.3/8", "x/8", "1.2.3.4/"] {
             assert!(bad.parse::<Ipv4Cidr>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn container_words_replace_the_kernel_command_line() {
+        let host = || "BOOT_IMAGE=/vmlinuz root=/dev/sda1 sv.name=host".to_string();
+        let words = boot_words(Some("sv.name=c1 sv.ip=10.0.0.7/24".into()), || {
+            panic!("/proc/cmdline must not be read in a container")
+        });
+        assert_eq!(parse(&words).identity.name.as_deref(), Some("c1"));
+        // Set but empty still means a container: never the host's words.
+        assert_eq!(boot_words(Some("".into()), host), "");
+        assert_eq!(
+            parse(&boot_words(None, host)).identity.name.as_deref(),
+            Some("host")
+        );
     }
 
     #[test]

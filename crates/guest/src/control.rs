@@ -185,10 +185,11 @@ fn run(cmd: &[String]) -> Result<(), String> {
     }
 }
 
-/// Applies an identity update: network (inside a VM), hostname, reported identity.
+/// Applies an identity update: network and hostname (inside a VM), reported
+/// identity.
 pub fn apply_identity(guest: &Guest, update: &IdentityUpdate) -> Result<Identity, String> {
     let next = update.apply_to(&guest.identity());
-    if guest.config().in_guest {
+    if guest.config().place.owns_machine() {
         for cmd in net_commands(update) {
             run(&cmd)?;
         }
@@ -239,10 +240,14 @@ pub fn handle_line(guest: &Guest, line: &str) -> (String, Option<PowerAction>) {
             ),
             Err(e) => (format!(r#"{{"ok":false,"error":{}}}"#, quote(&e)), None),
         },
-        ControlRequest::PowerOff | ControlRequest::Reboot if !guest.config().in_guest => (
-            r#"{"ok":false,"error":"power actions are disabled in host mode"}"#.to_string(),
-            None,
-        ),
+        ControlRequest::PowerOff | ControlRequest::Reboot
+            if !guest.config().place.acts_on_power() =>
+        {
+            (
+                r#"{"ok":false,"error":"power actions are disabled in host mode"}"#.to_string(),
+                None,
+            )
+        }
         ControlRequest::PowerOff => (r#"{"ok":true}"#.to_string(), Some(PowerAction::PowerOff)),
         ControlRequest::Reboot => (r#"{"ok":true}"#.to_string(), Some(PowerAction::Reboot)),
     }
@@ -429,7 +434,7 @@ mod tests {
             Config {
                 port: 0,
                 data_dir: std::env::temp_dir(),
-                in_guest: false,
+                place: crate::service::Place::Host,
                 test_hooks: false,
             },
             cmdline::parse("sv.name=a sv.ip=10.0.0.2/24").identity,

@@ -5,6 +5,10 @@
 //! virtio-serial control channel and the power-button watcher; `probe` prints
 //! `SKYVISOR-PROBE-OK` on the console and powers off (the host's accelerator probe).
 //!
+//! In a container (`SV_CONTAINER=1`, started by the same `/init`) it reads its
+//! identity from `SV_CMDLINE` instead of `/proc/cmdline` (the host's), and runs
+//! only the HTTP service: there is no control channel nor power button.
+//!
 //! The process must never panic on a request, must answer every bad request with a
 //! 4xx and a text reason, and must keep serving while a single connection misbehaves.
 
@@ -46,7 +50,9 @@ fn main() {
 }
 
 fn serve() {
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let cmdline = cmdline::boot_words(std::env::var_os("SV_CMDLINE"), || {
+        std::fs::read_to_string("/proc/cmdline").unwrap_or_default()
+    });
     let boot = cmdline::parse(&cmdline);
     for (key, value, why) in &boot.rejected {
         eprintln!("skyvisor-guest: ignoring {key}={value}: {why}");
@@ -62,7 +68,7 @@ fn serve() {
             ticker.tick();
         }
     });
-    if config.in_guest {
+    if config.place.owns_machine() {
         let g = Arc::clone(&guest);
         spawn("control", move || control::serve(g));
         let g = Arc::clone(&guest);

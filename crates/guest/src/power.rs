@@ -1,6 +1,6 @@
 //! Power handling inside the guest: graceful poweroff/reboot (sync, unmount `/data`,
-//! `reboot(2)`), the ACPI power button (KEY_POWER on `/dev/input/event*`), and the
-//! accelerator probe.
+//! `reboot(2)`; in a container, sync and SIGTERM to PID 1), the ACPI power button
+//! (KEY_POWER on `/dev/input/event*`), and the accelerator probe.
 //!
 //! It must never cut a durable disk write in half: shutdown takes the disk's writer
 //! lock before unmounting.
@@ -15,7 +15,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use crate::service::{Guest, PowerAction};
+use crate::service::{Guest, Place, PowerAction};
+
+/// How long a container's service waits for `/init` to stop it after asking.
+const CONTAINER_STOP_WAIT: Duration = Duration::from_secs(60);
 
 /// Size of `struct input_event` on 64-bit Linux.
 pub const INPUT_EVENT_BYTES: usize = 24;
@@ -98,7 +101,11 @@ fn reboot_syscall(cmd: libc::c_int) -> ! {
 }
 
 /// Syncs, unmounts the data disk and powers off or reboots. Never returns.
+/// In a container, see [`stop_container`].
 pub fn graceful(guest: &Guest, action: PowerAction) -> ! {
+    if guest.config().place == Place::Container {
+        stop_container(guest, action)
+    }
     println!("skyvisor-guest: {action:?}: syncing and unmounting /data");
     // Hold the writer lock for good: no durable write may start or be cut short.
     let guard = guest.disk().lock();
@@ -112,6 +119,32 @@ pub fn graceful(guest: &Guest, action: PowerAction) -> ! {
     };
     let _keep = guard;
     reboot_syscall(cmd)
+}
+
+/// A container cannot reboot(2) (and must not: that is the host's kernel).
+/// Syncs and sends SIGTERM to PID 1 (`/init`), which stops this service, syncs
+/// and exits, ending the container. A reboot is the same: the host's restart
+/// policy starts the container again. Never returns: `/init`'s SIGTERM ends
+/// this process.
+fn stop_container(guest: &Guest, action: PowerAction) -> ! {
+    println!("skyvisor-guest: {action:?} in a container: syncing and stopping PID 1");
+    // Held until the end: no durable write may start or be cut short.
+    let _guard = guest.disk().lock();
+    sync();
+    let _ = std::io::stdout().flush();
+    // SAFETY: kill(2) with a constant pid and signal.
+    if unsafe { libc::kill(1, libc::SIGTERM) } != 0 {
+        eprintln!(
+            "skyvisor-guest: cannot signal PID 1: {}",
+            std::io::Error::last_os_error()
+        );
+        std::process::exit(1);
+    }
+    thread::sleep(CONTAINER_STOP_WAIT);
+    // Still here: /init did not stop us. Let its loop start a fresh service
+    // rather than keep the disk lock forever.
+    eprintln!("skyvisor-guest: PID 1 did not stop the container; exiting");
+    std::process::exit(1)
 }
 
 /// The accelerator probe: prints `SKYVISOR-PROBE-OK` on the console, waits until the

@@ -47,6 +47,51 @@ impl From<Response> for Outcome {
     }
 }
 
+/// Where the service runs, which decides what it may touch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// Inside a VM: `/data` must be a mounted disk; eth0, the hostname, the
+    /// control channel, the power button and the machine's power are ours.
+    Vm,
+    /// Inside a container (`SV_CONTAINER=1`): `/data` is a plain directory of
+    /// the writable layer; the network and hostname belong to the host; a power
+    /// action stops PID 1, which ends the container.
+    Container,
+    /// On a development host (`SKYVISOR_GUEST_HOST_MODE=1`): no network
+    /// changes, no power actions, no mount check.
+    Host,
+}
+
+impl Place {
+    /// The place the environment variables name: host mode wins, then
+    /// container, else a VM.
+    pub fn detect(host_mode: Option<&str>, container: Option<&str>) -> Self {
+        if host_mode == Some("1") {
+            Place::Host
+        } else if container == Some("1") {
+            Place::Container
+        } else {
+            Place::Vm
+        }
+    }
+
+    /// Whether `/data` must be a mount point before the service writes there.
+    pub fn requires_mounted_data(self) -> bool {
+        self == Place::Vm
+    }
+
+    /// Whether power requests are acted on.
+    pub fn acts_on_power(self) -> bool {
+        self != Place::Host
+    }
+
+    /// Whether eth0, the hostname, the control channel and the power button
+    /// are the service's to use.
+    pub fn owns_machine(self) -> bool {
+        self == Place::Vm
+    }
+}
+
 /// How the service is set up.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -54,9 +99,8 @@ pub struct Config {
     pub port: u16,
     /// Persistent disk mount point.
     pub data_dir: PathBuf,
-    /// True inside a VM: require `/data` to be mounted, reconfigure eth0 and the
-    /// hostname on set-identity, and act on power requests.
-    pub in_guest: bool,
+    /// VM, container or development host.
+    pub place: Place,
     /// Serve the test hooks on the public port: power off and reboot,
     /// `/fetch` (which makes the guest a proxy) and raw `/blk` writes. Off
     /// unless the host asks (`sv.hooks=1`), so a tenant's VM is not an open
@@ -66,8 +110,8 @@ pub struct Config {
 
 impl Config {
     /// The configuration inside a VM, overridable through `SKYVISOR_GUEST_PORT`,
-    /// `SKYVISOR_GUEST_DATA` and `SKYVISOR_GUEST_HOST_MODE=1` (run on a dev host:
-    /// no network changes, no power actions, no mount check).
+    /// `SKYVISOR_GUEST_DATA`, `SV_CONTAINER=1` (in a container) and
+    /// `SKYVISOR_GUEST_HOST_MODE=1` (see [`Place`]).
     pub fn from_env() -> Self {
         let port = std::env::var("SKYVISOR_GUEST_PORT")
             .ok()
@@ -76,11 +120,14 @@ impl Config {
         let data_dir = std::env::var_os("SKYVISOR_GUEST_DATA")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/data"));
-        let in_guest = std::env::var("SKYVISOR_GUEST_HOST_MODE").as_deref() != Ok("1");
+        let place = Place::detect(
+            std::env::var("SKYVISOR_GUEST_HOST_MODE").ok().as_deref(),
+            std::env::var("SV_CONTAINER").ok().as_deref(),
+        );
         Config {
             port,
             data_dir,
-            in_guest,
+            place,
             test_hooks: std::env::var("SKYVISOR_GUEST_TEST_HOOKS").as_deref() == Ok("1"),
         }
     }
@@ -222,7 +269,10 @@ fn parse_rate(req: &Request) -> Result<f64, Response> {
 impl Guest {
     /// A guest with `config` and the identity from the kernel command line.
     pub fn new(config: Config, identity: Identity) -> Self {
-        let disk = Disk::new(config.data_dir.clone(), config.in_guest);
+        let disk = Disk::new(
+            config.data_dir.clone(),
+            config.place.requires_mounted_data(),
+        );
         Guest {
             config,
             identity: Mutex::new(identity),
@@ -481,7 +531,7 @@ impl Guest {
                 } else {
                     PowerAction::Reboot
                 };
-                if !self.config.in_guest {
+                if !self.config.place.acts_on_power() {
                     return Response::text(503, "power actions are disabled in host mode").into();
                 }
                 Outcome {
@@ -593,7 +643,7 @@ mod tests {
         let config = Config {
             port: 8080,
             data_dir: dir.clone(),
-            in_guest: false,
+            place: Place::Host,
             test_hooks: true,
         };
         let identity =
@@ -733,21 +783,51 @@ mod tests {
     }
 
     #[test]
-    fn power_actions_are_scheduled_in_guest_mode() {
+    fn power_actions_are_scheduled_in_a_vm_and_a_container() {
         let (g, dir) = guest("power2");
+        for place in [Place::Vm, Place::Container] {
+            let g = Guest::new(
+                Config {
+                    place,
+                    ..g.config().clone()
+                },
+                Identity::default(),
+            );
+            let o = g.handle(&Request::new("POST", "/reboot", b""));
+            assert_eq!(o.response.status, 200);
+            assert_eq!(o.after, Some(PowerAction::Reboot));
+            let o = g.handle(&Request::new("POST", "/poweroff", b""));
+            assert_eq!(o.after, Some(PowerAction::PowerOff));
+        }
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_container_keeps_data_in_a_plain_directory() {
+        let (g, dir) = guest("container-data");
         let g = Guest::new(
             Config {
-                in_guest: true,
+                place: Place::Container,
                 ..g.config().clone()
             },
             Identity::default(),
         );
-        let o = g.handle(&Request::new("POST", "/reboot", b""));
-        assert_eq!(o.response.status, 200);
-        assert_eq!(o.after, Some(PowerAction::Reboot));
-        let o = g.handle(&Request::new("POST", "/poweroff", b""));
-        assert_eq!(o.after, Some(PowerAction::PowerOff));
+        // The temporary directory is no mount point: a VM would answer 503.
+        assert_eq!(call(&g, "POST", "/counter/increment", b"").status, 200);
+        assert_eq!(call(&g, "PUT", "/files/a.txt", b"x").status, 200);
+        assert_eq!(call(&g, "GET", "/files/a.txt", b"").body, b"x");
         let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_place_comes_from_the_environment() {
+        assert_eq!(Place::detect(None, None), Place::Vm);
+        assert_eq!(Place::detect(None, Some("1")), Place::Container);
+        assert_eq!(Place::detect(None, Some("0")), Place::Vm);
+        assert_eq!(Place::detect(Some("1"), Some("1")), Place::Host);
+        assert!(Place::Vm.requires_mounted_data() && Place::Vm.owns_machine());
+        assert!(!Place::Container.requires_mounted_data() && !Place::Container.owns_machine());
+        assert!(Place::Container.acts_on_power() && !Place::Host.acts_on_power());
     }
 
     #[test]

@@ -196,11 +196,35 @@ pub async fn resolve_memoised(
     kernel_meta: &str,
     others: &[&str],
 ) -> Result<Vec<Package>, ImageError> {
+    let query = std::iter::once(kernel_meta).chain(others.iter().copied());
+    memoised(memo_file, query, resolve(kernel_meta, others)).await
+}
+
+/// The candidate versions of `names` (no kernel), memoised like
+/// [`resolve_memoised`].
+pub async fn candidates_memoised(
+    memo_file: &Path,
+    names: &[&str],
+) -> Result<Vec<Package>, ImageError> {
+    memoised(memo_file, names.iter().copied(), async {
+        Ok(candidates(names)
+            .await?
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect())
+    })
+    .await
+}
+
+/// The answer to `query` from `memo_file` if apt's state is unchanged, else
+/// that of `resolver`, then remembered.
+async fn memoised<'a>(
+    memo_file: &Path,
+    query: impl Iterator<Item = &'a str>,
+    resolver: impl std::future::Future<Output = Result<Vec<Package>, ImageError>>,
+) -> Result<Vec<Package>, ImageError> {
     let fingerprint = apt_state_fingerprint();
-    let query: Vec<String> = std::iter::once(kernel_meta)
-        .chain(others.iter().copied())
-        .map(str::to_string)
-        .collect();
+    let query: Vec<String> = query.map(str::to_string).collect();
     if let Ok(bytes) = std::fs::read(memo_file)
         && let Ok(r) = serde_json::from_slice::<Resolved>(&bytes)
         && r.fingerprint == fingerprint
@@ -208,7 +232,7 @@ pub async fn resolve_memoised(
     {
         return Ok(r.packages);
     }
-    let packages = resolve(kernel_meta, others).await?;
+    let packages = resolver.await?;
     let memo = Resolved {
         fingerprint,
         query,

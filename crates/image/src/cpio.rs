@@ -171,6 +171,12 @@ impl Archive {
         self.entries.insert(path, entry);
     }
 
+    /// The entries in writing order (a path sorts before its extensions, so
+    /// parents come first), for writers of other formats.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &Entry)> {
+        self.entries.iter().map(|(p, e)| (p.as_str(), e))
+    }
+
     /// Whether `path` is present.
     #[cfg(test)]
     pub fn contains(&self, path: &str) -> bool {

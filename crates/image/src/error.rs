@@ -1,10 +1,11 @@
-//! Errors of the image builder. Each variant says what failed and on what, so that a
+//! Errors of the image builder, the OCI importer and the root filesystem unpacker. Each variant says what failed and on what, so that a
 //! person reading a CLI message knows which command, package or file to look at.
 //! This module must never hide the underlying cause (it is kept as `source` or text).
 
 use std::path::PathBuf;
 
-/// Everything that can go wrong while building a guest image.
+/// Everything that can go wrong while building a guest image, importing an OCI
+/// image or unpacking a root filesystem.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     /// The recipe name is not one of [`crate::recipes`].
@@ -154,6 +155,34 @@ pub enum ImageError {
         detail: String,
     },
 
+    /// An OCI or docker-archive image could not be imported.
+    #[error("cannot import image {}: {source}", path.display())]
+    Oci {
+        /// The image archive.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: OciError,
+    },
+
+    /// A root filesystem archive holds an entry that may not be unpacked.
+    #[error("unpacking {}: entry {entry:?} {reason}", archive.display())]
+    Unpack {
+        /// The archive.
+        archive: PathBuf,
+        /// The entry's path as the archive names it.
+        entry: String,
+        /// Why it was refused.
+        reason: String,
+    },
+
+    /// The directory to unpack into already holds files.
+    #[error("{} is not empty; a root filesystem is unpacked only into an empty or absent directory", path.display())]
+    NotEmpty {
+        /// The directory.
+        path: PathBuf,
+    },
+
     /// A blocking build step panicked or was cancelled.
     #[error("build step {step} did not complete: {detail}")]
     Task {
@@ -173,4 +202,124 @@ impl ImageError {
         let path = path.into();
         move |source| ImageError::Io { op, path, source }
     }
+}
+
+/// What is wrong with an image given to [`crate::import_oci`].
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    /// The file is not a tar archive (nor a gzip-compressed one).
+    #[error("not a tar archive: {detail}")]
+    NotATar {
+        /// What the tar reader said.
+        detail: String,
+    },
+
+    /// The tar holds neither an OCI image layout nor a docker-archive.
+    #[error(
+        "neither an OCI image layout (oci-layout and index.json) nor a docker-archive \
+         (manifest.json); save it with `docker save` or `skopeo copy ... oci-archive:FILE`"
+    )]
+    UnknownFormat,
+
+    /// A file the manifest names is not in the archive.
+    #[error("{what} {name} is missing from the archive")]
+    Missing {
+        /// What it is, e.g. "layer 2" or "config".
+        what: String,
+        /// Its name or digest.
+        name: String,
+    },
+
+    /// A blob's content does not match its digest (or its size).
+    #[error("{what} {name} does not match its digest: expected {expected}, found {actual}")]
+    DigestMismatch {
+        /// What it is.
+        what: String,
+        /// Its name in the archive.
+        name: String,
+        /// The digest (or size) the manifest gives.
+        expected: String,
+        /// The digest (or size) of the content.
+        actual: String,
+    },
+
+    /// A manifest, index or configuration cannot be understood.
+    #[error("invalid {what}: {detail}")]
+    Invalid {
+        /// Which file.
+        what: String,
+        /// What is wrong.
+        detail: String,
+    },
+
+    /// The archive holds several images and it is not clear which one is meant.
+    #[error("the archive holds {count} images ({names}); import one at a time")]
+    SeveralImages {
+        /// How many.
+        count: usize,
+        /// Their tags or digests.
+        names: String,
+    },
+
+    /// A multi-platform index has no linux/amd64 image.
+    #[error("no linux/amd64 image in the index; it has {}", found.join(", "))]
+    NoMatchingPlatform {
+        /// The platforms it lists, as `os/arch[/variant]`.
+        found: Vec<String>,
+    },
+
+    /// The image's architecture is not amd64.
+    #[error("image is for {architecture}; this cloud runs amd64")]
+    Architecture {
+        /// The architecture the configuration names.
+        architecture: String,
+    },
+
+    /// The image's operating system is not Linux.
+    #[error("image is for {os}; this cloud runs linux")]
+    Os {
+        /// The operating system the configuration names.
+        os: String,
+    },
+
+    /// A manifest, configuration or layer has a media type this importer does
+    /// not handle.
+    #[error("{what} has unsupported media type {media_type}{hint}")]
+    MediaType {
+        /// What it is.
+        what: String,
+        /// Its media type.
+        media_type: String,
+        /// What to do about it (empty or starting with "; ").
+        hint: String,
+    },
+
+    /// A layer entry that may not be applied (escaping the root, a hard link to
+    /// nothing, a name that is not UTF-8).
+    #[error("layer {layer}: entry {path:?} {reason}")]
+    UnsafeEntry {
+        /// The layer, counted from 1.
+        layer: usize,
+        /// The entry's path as the layer names it.
+        path: String,
+        /// Why it was refused.
+        reason: String,
+    },
+
+    /// The flattened image would not fit the in-memory importer.
+    #[error("the image unpacks to more than {limit_bytes} bytes, more than this importer handles")]
+    TooLarge {
+        /// The limit.
+        limit_bytes: u64,
+    },
+
+    /// Reading part of the archive failed (a truncated or corrupt file).
+    #[error("reading {what}: {source}")]
+    Read {
+        /// What was being read.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
 }

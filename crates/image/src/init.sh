@@ -1,5 +1,6 @@
 #!/bin/sh
-# Skyvisor default guest: /init, PID 1 of the initramfs.
+# Skyvisor default guest: /init, PID 1 of the initramfs (a VM) or of the
+# container (a container made from the debian-rootfs recipe).
 #
 # Sets the system up from the kernel command line (sv.name, sv.id, sv.ip, sv.gw,
 # sv.dns, sv.domain, sv.probe), then runs skyvisor-guest in a loop, restarting it if it dies.
@@ -7,12 +8,62 @@
 # would panic), and while it waits for the service it also reaps orphaned
 # processes (busybox ash waits with waitpid(-1)). Poweroff and reboot are done by
 # skyvisor-guest itself (sync, unmount /data, reboot(2)).
+#
+# In a container (SV_CONTAINER=1) the same words come in $SV_CMDLINE, and the
+# runtime has already mounted /proc, /sys, /dev and tmpfs on /run and /tmp, set
+# the hostname and configured the network namespace; the container may change
+# none of that. There this script only writes resolv.conf, runs the service,
+# and on SIGTERM (the runtime's stop signal) stops it, syncs and exits 0.
 
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 umask 022
 set -f # no globbing when splitting the command line
 
 log() { echo "skyvisor-init: $*"; }
+
+arg() {
+    for w in $cmdline; do
+        case "$w" in "$1="*) echo "${w#*=}"; return 0 ;; esac
+    done
+    return 1
+}
+
+if [ "$SV_CONTAINER" = 1 ]; then
+    cmdline=$SV_CMDLINE
+    name=$(arg sv.name)
+    ip=$(arg sv.ip)
+    dns=$(arg sv.dns)
+    domain=$(arg sv.domain)
+    [ -n "$dns" ] && echo "nameserver $dns" >/etc/resolv.conf
+    [ -n "$dns" ] && [ -n "$domain" ] && echo "search $domain" >>/etc/resolv.conf
+    [ -n "$dns" ] && echo "options timeout:2 attempts:2" >>/etc/resolv.conf
+    # A plain directory of the writable layer: it lives as long as the container.
+    mkdir -p /data
+
+    child=
+    stop() {
+        log "SIGTERM: stopping skyvisor-guest"
+        [ -n "$child" ] && kill -TERM "$child" 2>/dev/null && wait "$child"
+        sync
+        exit 0
+    }
+    # A PID 1 without a handler ignores SIGTERM.
+    trap stop TERM
+
+    log "starting skyvisor-guest in a container name=${name:--} ip=${ip:--}"
+    while :; do
+        # In the background, so that `wait` returns (and the trap runs) as soon
+        # as a signal arrives; ash runs traps only between commands.
+        /usr/bin/skyvisor-guest serve &
+        child=$!
+        wait "$child"
+        status=$?
+        child=
+        log "skyvisor-guest exited with status $status; restarting in 1s"
+        sleep 1 &
+        wait $!
+    done
+fi
 
 mount -t proc -o nosuid,nodev,noexec proc /proc
 mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
@@ -23,12 +74,6 @@ mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run
 mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /tmp
 
 cmdline=$(cat /proc/cmdline)
-arg() {
-    for w in $cmdline; do
-        case "$w" in "$1="*) echo "${w#*=}"; return 0 ;; esac
-    done
-    return 1
-}
 
 # Accelerator probe: the host only wants to know that the guest boots.
 if [ "$(arg sv.probe)" = 1 ]; then

@@ -1,6 +1,9 @@
 //! Builds Skyvisor's default guest image from Debian packages alone: the Debian
 //! cloud kernel, a busybox initramfs running `skyvisor-guest`, and an empty ext4
-//! base data disk (qcow2).
+//! base data disk (qcow2); the same busybox userland as a container root
+//! filesystem ([`build_rootfs`]). Also imports OCI and docker-archive images
+//! into a flattened root filesystem ([`import_oci`]) and unpacks root
+//! filesystems for containers with shifted owners ([`unpack_rootfs`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), skyvisor_image::ImageError> {
@@ -19,7 +22,8 @@
 //! binary and its libraries, and the init script) and hard-linked into the output
 //! directory, so a repeated build takes milliseconds. This crate must never install
 //! anything on the host or write outside the cache and output directories (apt's
-//! download directory is a private temporary one).
+//! download directory is a private temporary one) or, when importing and
+//! unpacking, outside the destination it is given.
 
 mod apt;
 mod cache;
@@ -32,6 +36,10 @@ mod error;
 mod initramfs;
 mod libs;
 mod modules;
+mod oci;
+mod rootfs;
+mod rootfs_build;
+mod tarball;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -40,7 +48,10 @@ use std::time::{Duration, Instant};
 pub use cloud::{BuiltDisk, CLOUD_DISK_SIZE, CLOUD_RECIPE, CLOUD_USER, build_cloud_disk};
 pub use cmdline::{BASE_CMDLINE, GuestKernelArgs, guest_cmdline};
 pub use disk::DATA_LABEL;
-pub use error::ImageError;
+pub use error::{ImageError, OciError};
+pub use oci::{OciImport, import_oci};
+pub use rootfs::unpack as unpack_rootfs;
+pub use rootfs_build::{BuiltRootfs, ROOTFS_FILE, ROOTFS_RECIPE, build_rootfs};
 
 use apt::Package;
 
@@ -67,6 +78,8 @@ pub enum RecipeKind {
     KernelInitrd,
     /// One bootable disk with its own OS: [`build_cloud_disk`].
     Disk,
+    /// A root filesystem tarball for containers: [`build_rootfs`].
+    Rootfs,
 }
 
 /// A recipe the builder knows.
@@ -94,6 +107,11 @@ pub fn recipes() -> Vec<RecipeInfo> {
             description: "Debian 12 with systemd, OpenSSH, cloud-init and the QEMU guest agent, \
                           a bootable 2 GiB disk (user debian gets the VM's SSH keys)",
             kind: RecipeKind::Disk,
+        },
+        RecipeInfo {
+            name: ROOTFS_RECIPE,
+            description: "busybox root filesystem running skyvisor-guest, for containers",
+            kind: RecipeKind::Rootfs,
         },
     ]
 }
@@ -196,6 +214,8 @@ pub enum BuildProgress {
     },
     /// Writing the initramfs.
     BuildingInitramfs,
+    /// Writing a container root filesystem.
+    BuildingRootfs,
     /// Creating the base data disk.
     MakingDisk,
     /// Finished.
@@ -219,6 +239,7 @@ impl fmt::Display for BuildProgress {
             BuildProgress::Extracting { package } => write!(f, "extracting {package}"),
             BuildProgress::Bootstrapping { step } => write!(f, "bootstrapping: {step}"),
             BuildProgress::BuildingInitramfs => f.write_str("building initramfs"),
+            BuildProgress::BuildingRootfs => f.write_str("building root filesystem"),
             BuildProgress::MakingDisk => f.write_str("making base disk"),
             BuildProgress::Done { cached, elapsed } => write!(
                 f,
@@ -262,7 +283,7 @@ struct Manifest {
     modules: Vec<String>,
 }
 
-fn read_manifest(path: &Path) -> Result<Option<Manifest>, ImageError> {
+fn read_manifest<M: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<M>, ImageError> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
@@ -368,19 +389,9 @@ pub async fn build(
     }
     let build_dir = builds_dir.join(&key);
     let manifest_path = build_dir.join(MANIFEST);
-    let complete = [KERNEL_FILE, INITRD_FILE]
-        .iter()
-        .all(|f| build_dir.join(f).is_file());
-    let cached_manifest = match read_manifest(&manifest_path) {
-        Ok(Some(m)) if complete && m.key == key => Some(m),
-        Ok(None) => None,
-        // A damaged cache entry is rebuilt rather than trusted.
-        Ok(Some(_)) | Err(_) => {
-            tracing::warn!(build = %build_dir.display(), "discarding incomplete cached build");
-            let _ = std::fs::remove_dir_all(&build_dir);
-            None
-        }
-    };
+    let cached_manifest = cached_build(&build_dir, &[KERNEL_FILE, INITRD_FILE], |m: &Manifest| {
+        m.key == key
+    });
     let (manifest, cached) = match cached_manifest {
         Some(m) => {
             progress(BuildProgress::CacheHit { key: key.clone() });
@@ -431,6 +442,26 @@ pub async fn build(
         kernel_version: manifest.kernel_version,
         build_key: manifest.key,
     })
+}
+
+/// The manifest of the finished build in `build_dir` if it has all of `files`
+/// and `valid` accepts it. A damaged or incomplete entry is removed, to be
+/// rebuilt rather than trusted.
+fn cached_build<M: serde::de::DeserializeOwned>(
+    build_dir: &Path,
+    files: &[&str],
+    valid: impl FnOnce(&M) -> bool,
+) -> Option<M> {
+    let complete = files.iter().all(|f| build_dir.join(f).is_file());
+    match read_manifest::<M>(&build_dir.join(MANIFEST)) {
+        Ok(Some(m)) if complete && valid(&m) => Some(m),
+        Ok(None) => None,
+        Ok(Some(_)) | Err(_) => {
+            tracing::warn!(build = %build_dir.display(), "discarding incomplete cached build");
+            let _ = std::fs::remove_dir_all(build_dir);
+            None
+        }
+    }
 }
 
 /// The cached base disk for `opts.disk_size_bytes`, made if missing. Keyed apart
@@ -493,6 +524,28 @@ fn first_existing(root: &Path, candidates: &[&str], what: &str) -> Result<PathBu
             what: what.to_string(),
             path: root.join(candidates.first().copied().unwrap_or_default()),
         })
+}
+
+/// Extracts the busybox package `deb` into `dir`; returns the busybox
+/// executable and its applet paths (`busybox --list-full`).
+async fn unpack_busybox(
+    pkg: &Package,
+    deb: &Path,
+    dir: &Path,
+    progress: &(dyn Fn(BuildProgress) + Send + Sync),
+) -> Result<(PathBuf, Vec<String>), ImageError> {
+    progress(BuildProgress::Extracting {
+        package: pkg.pinned(),
+    });
+    apt::extract(deb, dir).await?;
+    let busybox = first_existing(dir, &["bin/busybox", "usr/bin/busybox"], "busybox")?;
+    let applets: Vec<String> = command::run(&busybox.to_string_lossy(), &["--list-full"], None)
+        .await?
+        .stdout
+        .lines()
+        .map(str::to_string)
+        .collect();
+    Ok((busybox, applets))
 }
 
 async fn fetch(
@@ -604,10 +657,7 @@ async fn build_fresh(
         package: kernel_pkg.pinned(),
     });
     apt::extract(&kernel_deb, &kroot).await?;
-    progress(BuildProgress::Extracting {
-        package: busybox_pkg.pinned(),
-    });
-    apt::extract(&busybox_deb, &broot).await?;
+    let (busybox, applets) = unpack_busybox(busybox_pkg, &busybox_deb, &broot, progress).await?;
 
     let (kernel_version, module_dir) = kernel_release(&kroot)?;
     let vmlinuz = first_existing(
@@ -615,13 +665,6 @@ async fn build_fresh(
         &[&format!("boot/vmlinuz-{kernel_version}")],
         "kernel image",
     )?;
-    let busybox = first_existing(&broot, &["bin/busybox", "usr/bin/busybox"], "busybox")?;
-    let applets: Vec<String> = command::run(&busybox.to_string_lossy(), &["--list-full"], None)
-        .await?
-        .stdout
-        .lines()
-        .map(str::to_string)
-        .collect();
 
     progress(BuildProgress::BuildingInitramfs);
     let stage = work.path().join("stage");
@@ -643,10 +686,12 @@ async fn build_fresh(
             let index = modules::ModuleIndex::scan(&module_dir)?;
             let mods = modules::resolve(&index, modules::GUEST_MODULES, &kernel_version)?;
             let inputs = initramfs::Inputs {
-                busybox: &busybox,
-                applets: &applets,
-                guest_binary: &guest,
-                libs: &libs,
+                system: initramfs::System {
+                    busybox: &busybox,
+                    applets: &applets,
+                    guest_binary: &guest,
+                    libs: &libs,
+                },
                 modules: &mods,
                 kernel_version: &kernel_version,
             };

@@ -205,6 +205,11 @@ pub async fn start_host_agent(s: HostAgentSettings, store: Arc<dyn Store>) -> Re
             replica_listen: s.replica_listen,
             fencing: s.fencing.clone(),
             guest_test_hooks: s.guest_test_hooks,
+            containers: Some(skyvisor_agent::containers::ContainerSettings {
+                runtime: PathBuf::from("crun"),
+                hook_exe: std::env::current_exe()
+                    .context("finding this executable (the containers' network hook)")?,
+            }),
         },
         store,
         Arc::new(QemuHypervisor {

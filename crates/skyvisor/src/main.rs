@@ -69,6 +69,13 @@ enum Command {
     /// host's HA-protected VMs when the agent stops feeding it.
     #[command(hide = true)]
     FenceWatchdog(FenceWatchdogArgs),
+    /// The container runtime's network hook (run by crun as the agent set
+    /// it up): moves a container's veth into its namespace.
+    #[command(hide = true)]
+    ContainerNetHook {
+        /// PEER MAC ADDRESS/PREFIX GATEWAY MTU.
+        args: Vec<String>,
+    },
     #[command(flatten)]
     Client(ClientCommand),
 }
@@ -159,6 +166,22 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    // Run by the container runtime, single-threaded, before the container
+    // starts: its failure (a non-zero exit) fails the container's start.
+    if let Command::ContainerNetHook { args } = &cli.command {
+        let mut state = String::new();
+        if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut state) {
+            eprintln!("container-net-hook: reading the runtime's state: {e}");
+            return ExitCode::FAILURE;
+        }
+        return match skyvisor_agent::containers::run_net_hook(args, &state) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("container-net-hook: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -174,7 +197,7 @@ fn main() -> ExitCode {
             Command::Up(args) => up::run(args).await,
             Command::Server(args) => server::run(args).await,
             Command::Agent(args) => agent::run(args).await,
-            Command::FenceWatchdog(_) => Ok(()),
+            Command::FenceWatchdog(_) | Command::ContainerNetHook { .. } => Ok(()),
             Command::Client(cmd) => {
                 let args = ConnectionArgs {
                     url: cli.url,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use skyvisor_control::images::{DEFAULT_IMAGE, DEFAULT_RECIPE};
+use skyvisor_control::images::{CONTAINER_IMAGE, CONTAINER_RECIPE, DEFAULT_IMAGE, DEFAULT_RECIPE};
 use skyvisor_control::{ClusterSettings, ControlPlane, ServerConfig, Weigher};
 use skyvisor_core::{Ipv4Net, ServerName};
 use skyvisor_store::{EtcdOptions, EtcdStore, Store};
@@ -358,6 +358,12 @@ pub async fn run(args: ServerArgs) -> Result<()> {
                 Err(e) => {
                     warn!(image = DEFAULT_IMAGE, error = %e.message, "default image not ready")
                 }
+            }
+            if let Err(e) = cp
+                .ensure_image(CONTAINER_IMAGE, CONTAINER_RECIPE, |_| {})
+                .await
+            {
+                warn!(image = CONTAINER_IMAGE, error = %e.message, "container image not ready");
             }
         });
     }

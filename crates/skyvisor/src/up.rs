@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use skyvisor_control::images::{DEFAULT_IMAGE, DEFAULT_RECIPE};
+use skyvisor_control::images::{CONTAINER_IMAGE, CONTAINER_RECIPE, DEFAULT_IMAGE, DEFAULT_RECIPE};
 use skyvisor_control::{ClusterSettings, ControlPlane, ServerConfig, Weigher};
 use skyvisor_core::image::FileRole;
 use skyvisor_core::{HostName, ServerName};
@@ -164,6 +164,16 @@ pub async fn run(args: UpArgs) -> Result<()> {
         let kernel = image.file(FileRole::Kernel).map(|f| dir.join(&f.file_name));
         let initrd = image.file(FileRole::Initrd).map(|f| dir.join(&f.file_name));
         probe_files = kernel.map(|k| (k, initrd));
+        // The container image, from the same packages: in the background.
+        let cp = cp.clone();
+        tokio::spawn(async move {
+            if let Err(e) = cp
+                .ensure_image(CONTAINER_IMAGE, CONTAINER_RECIPE, |_| {})
+                .await
+            {
+                tracing::warn!(image = CONTAINER_IMAGE, error = %e.message, "container image not ready");
+            }
+        });
     }
 
     let agent = daemon::start_host_agent(

@@ -78,6 +78,8 @@ const RULES: &[(&str, &str, Rule)] = &[
     ("POST", "/v1/instances/{name}/reboot", Project(Write)),
     ("POST", "/v1/instances/{name}/resize", Project(Write)),
     ("GET", "/v1/instances/{name}/console", Project(Read)),
+    // Runs commands as root in a container: a writer's act.
+    ("POST", "/v1/instances/{name}/exec", Project(Write)),
     (
         "PUT",
         "/v1/instances/{name}/checkpoint-schedule",

@@ -140,10 +140,12 @@ pub(super) struct ImportQuery {
 }
 
 /// Imports an image from a multipart upload: a part `disk` (qcow2 or raw,
-/// booted by firmware), or parts `kernel` and optionally `initrd`.
+/// booted by firmware), or parts `kernel` and optionally `initrd`, or a
+/// part `oci` (an OCI image layout or docker-archive tarball, for
+/// containers).
 #[utoipa::path(post, path = "/v1/images/import", tag = "images",
     params(ImportQuery),
-    request_body(content_type = "multipart/form-data", description = "parts: disk | kernel, initrd"),
+    request_body(content_type = "multipart/form-data", description = "parts: disk | kernel, initrd | oci"),
     responses(
         (status = 201, body = Image),
         (status = 400, body = ErrorBody),
@@ -164,7 +166,7 @@ pub(super) async fn import(
     }
     let mut multipart = multipart.map_err(|e| {
         ApiError::invalid(format!(
-            "the body must be multipart/form-data with parts disk, or kernel and initrd: {}",
+            "the body must be multipart/form-data with parts disk, or kernel and initrd, or oci: {}",
             e.body_text()
         ))
     })?;
@@ -179,6 +181,7 @@ pub(super) async fn import(
         guest_service: q.guest_service,
         ssh_user: q.ssh_user.clone(),
         cloud_init: q.cloud_init,
+        process: None,
         source: ImageSource::Import,
         state: ImageState::Building,
         message: Some("uploading".into()),
@@ -231,6 +234,7 @@ async fn receive(
     let max = cp.config.max_upload_bytes;
     let mut received = 0u64;
     let mut roles = Vec::new();
+    let mut oci = false;
     while let Some(mut field) = multipart
         .next_field()
         .await
@@ -240,9 +244,12 @@ async fn receive(
             Some("disk") => FileRole::Disk,
             Some("kernel") => FileRole::Kernel,
             Some("initrd") => FileRole::Initrd,
+            // An OCI image (layout or docker-archive), flattened below into
+            // a container's root file system.
+            Some("oci") => FileRole::Rootfs,
             other => {
                 return Err(ApiError::invalid(format!(
-                    "unexpected part {other:?}; allowed parts: disk, kernel, initrd"
+                    "unexpected part {other:?}; allowed parts: disk, kernel, initrd, oci"
                 )));
             }
         };
@@ -253,6 +260,7 @@ async fn receive(
             FileRole::Disk => "disk.img",
             FileRole::Kernel => "vmlinuz",
             FileRole::Initrd => "initrd.img",
+            FileRole::Rootfs => OCI_UPLOAD,
         };
         let path = tmp.join(file_name);
         let mut f = tokio::fs::File::create(&path)
@@ -276,6 +284,11 @@ async fn receive(
         f.sync_all()
             .await
             .map_err(|e| storage_error("storing the upload", &e))?;
+        if role == FileRole::Rootfs {
+            roles.push(role);
+            oci = true;
+            continue;
+        }
         let described = describe_file(tmp, role, file_name)
             .await
             .map_err(|m| ApiError::invalid(format!("part {file_name}: {m}")))?;
@@ -284,6 +297,14 @@ async fn receive(
         }
         roles.push(role);
         image.files.push(described);
+    }
+    if oci {
+        if roles.len() > 1 {
+            return Err(ApiError::invalid(
+                "an oci part comes alone: a container image has no disk, kernel or initrd",
+            ));
+        }
+        return flatten_oci(tmp, image).await;
     }
     let has = |r| roles.contains(&r);
     image.kind = match (
@@ -308,6 +329,63 @@ async fn receive(
     if image.kind == ImageKind::KernelInitrd && image.cmdline.is_none() {
         image.cmdline = Some("console=ttyS0".into());
     }
+    image.state = ImageState::Ready;
+    image.builder = None;
+    image.message = None;
+    Ok(image)
+}
+
+/// Where an uploaded OCI image is kept until it is flattened.
+const OCI_UPLOAD: &str = "oci-upload.tar";
+
+/// Flattens the uploaded OCI image in `tmp` into a container's root file
+/// system (`rootfs.tar.gz`), checking it on the way, and makes `image` a
+/// container image that runs the process its configuration names.
+async fn flatten_oci(tmp: &std::path::Path, mut image: Image) -> ApiResult<Image> {
+    let src = tmp.join(OCI_UPLOAD);
+    let dst = tmp.join(skyvisor_image::ROOTFS_FILE);
+    let (s, d) = (src.clone(), dst.clone());
+    let imported = tokio::task::spawn_blocking(move || skyvisor_image::import_oci(&s, &d))
+        .await
+        .map_err(|e| ApiError::internal(format!("flattening the OCI image: {e}")))?;
+    let _ = tokio::fs::remove_file(&src).await;
+    let imported = imported.map_err(|e| match e {
+        skyvisor_image::ImageError::Io { ref source, .. } if source.raw_os_error() == Some(28) => {
+            storage_error("flattening the OCI image", source)
+        }
+        e => ApiError::invalid(format!("part oci: {e}")),
+    })?;
+    let args: Vec<String> = imported
+        .entrypoint
+        .iter()
+        .chain(imported.cmd.iter())
+        .cloned()
+        .collect();
+    if args.is_empty() && !image.guest_service {
+        return Err(ApiError::invalid(
+            "part oci: the image's configuration names no command (no Entrypoint and no Cmd); a container would have nothing to run",
+        ));
+    }
+    let described =
+        crate::images::describe_file(tmp, FileRole::Rootfs, skyvisor_image::ROOTFS_FILE)
+            .await
+            .map_err(|m| ApiError::invalid(format!("part oci: {m}")))?;
+    image.files.push(described);
+    image.kind = ImageKind::Rootfs;
+    // An image with Skyvisor's guest service runs its `/init`.
+    image.process = (!image.guest_service).then_some(skyvisor_core::image::ContainerProcess {
+        args,
+        env: imported.env,
+        working_dir: imported.working_dir,
+    });
+    image.description = if image.description.is_empty() {
+        format!(
+            "imported {} image ({} layers, {})",
+            imported.format, imported.layers, imported.architecture
+        )
+    } else {
+        image.description
+    };
     image.state = ImageState::Ready;
     image.builder = None;
     image.message = None;

@@ -292,6 +292,29 @@ pub(super) async fn set_labels(
     ))
 }
 
+/// Runs a command in a running container and returns its exit status and
+/// output (`skyvisor vm exec NAME -- COMMAND`).
+#[utoipa::path(post, path = "/v1/instances/{name}/exec", tag = "instances",
+    params(("name" = String, Path, description = "instance name")),
+    request_body = skyvisor_core::api::ExecRequest,
+    responses(
+        (status = 200, body = skyvisor_core::api::ExecResult),
+        (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "a VM, or a container that is not running"),
+    ))]
+pub(super) async fn exec(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<skyvisor_core::api::ExecRequest>,
+) -> ApiResult<Json<skyvisor_core::api::ExecResult>> {
+    cp.visible_instance(&caller, &name).await?;
+    Ok(Json(
+        cp.exec_in_instance(&caller.project, &name, &req).await?,
+    ))
+}
+
 /// Most console bytes one call returns.
 const MAX_CONSOLE_BYTES: u64 = 1 << 20;
 

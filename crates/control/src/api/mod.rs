@@ -130,6 +130,7 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(instances::reboot))
         .routes(routes!(instances::resize))
         .routes(routes!(instances::console))
+        .routes(routes!(instances::exec))
         .routes(routes!(instances::set_security_groups))
         .routes(routes!(instances::set_labels))
         .routes(routes!(snapshots::list, snapshots::create))

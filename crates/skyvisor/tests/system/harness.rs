@@ -365,6 +365,22 @@ impl Cloud {
                         nix::sys::signal::Signal::SIGKILL,
                     );
                 }
+                // A container: its init (its namespace ends with it), its
+                // veth and its root mount.
+                if let Ok(p) = std::fs::read_to_string(e.path().join("container.pid"))
+                    && let Ok(pid) = p.trim().parse::<i32>()
+                    && std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                        .is_ok_and(|c| c.contains("skyvisor/sv-"))
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(e.path().join("rootfs"))
+                    .output();
                 if let Ok(l) = std::fs::read_to_string(e.path().join("launch.json"))
                     && let Ok(v) = serde_json::from_str::<Value>(&l)
                     && let Some(tap) = v["tap"].as_str()

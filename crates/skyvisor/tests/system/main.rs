@@ -6,6 +6,7 @@ mod bad_input;
 mod checkpoints;
 mod cloud_guests;
 mod cluster;
+mod containers;
 mod contract;
 mod groups;
 mod ha;

@@ -169,6 +169,7 @@ impl MultiHost {
             replica_listen: Some(h.replica_listen),
             fencing: None,
             guest_test_hooks: true,
+            containers: None,
         };
         let images = ImageCache::new(
             vec![self.data_dir.join("images")],

@@ -41,7 +41,7 @@ pub(crate) fn via_router(vni: u32, ip: Ipv4Addr, path: &str) -> Option<(u16, Str
 
 /// What `url` answers when guest `from` (on network `vni`) fetches it: the
 /// fetched page's body, or None when the guest could not reach it.
-fn fetch_from(vni: u32, from: Ipv4Addr, url: &str) -> Option<String> {
+pub(crate) fn fetch_from(vni: u32, from: Ipv4Addr, url: &str) -> Option<String> {
     let (status, body) = via_router(vni, from, &format!("/fetch?url={url}"))
         .unwrap_or_else(|| panic!("guest {from} does not answer its router"));
     if status != 200 {
@@ -61,7 +61,7 @@ fn name_seen(vni: u32, from: Ipv4Addr, target: Ipv4Addr) -> Option<String> {
 /// What guest `from` (on network `vni`) resolves `name` to with its own
 /// resolver (its network's gateway): the addresses, or None when the name
 /// does not resolve there.
-fn resolved_by(vni: u32, from: Ipv4Addr, name: &str) -> Option<Vec<Ipv4Addr>> {
+pub(crate) fn resolved_by(vni: u32, from: Ipv4Addr, name: &str) -> Option<Vec<Ipv4Addr>> {
     let (status, body) = via_router(vni, from, &format!("/resolve?name={name}"))
         .unwrap_or_else(|| panic!("guest {from} does not answer its router"));
     if status != 200 {

@@ -1203,7 +1203,10 @@ impl Supervisor {
             .powerdown()
             .await
             .is_ok()
-            .then_some("ACPI power button")
+            .then_some(match spec.kind {
+                skyvisor_core::InstanceKind::Vm => "ACPI power button",
+                skyvisor_core::InstanceKind::Container => "stop signal (SIGTERM to its init)",
+            })
     }
 
     async fn stop(&mut self, spec: &InstanceSpec, force: bool) {

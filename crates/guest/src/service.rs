@@ -174,9 +174,13 @@ pub fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// This boot's random id.
+/// This boot's random id: the kernel's in a VM; in a container (which
+/// shares its host's kernel) the one its init drew at start, `SV_BOOT_ID`.
 pub fn boot_id() -> Option<String> {
-    read_trimmed("/proc/sys/kernel/random/boot_id")
+    std::env::var("SV_BOOT_ID")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .or_else(|| read_trimmed("/proc/sys/kernel/random/boot_id"))
 }
 
 /// The route a path names, before the method is considered.

@@ -39,6 +39,10 @@ if [ "$SV_CONTAINER" = 1 ]; then
     [ -n "$dns" ] && echo "options timeout:2 attempts:2" >>/etc/resolv.conf
     # A plain directory of the writable layer: it lives as long as the container.
     mkdir -p /data
+    # The kernel's boot id is the host's: each start of the container draws
+    # its own, which the service reports as this boot's.
+    SV_BOOT_ID=$(cat /proc/sys/kernel/random/uuid)
+    export SV_BOOT_ID
 
     child=
     stop() {

@@ -210,10 +210,15 @@ token_file() {
 }
 
 host_kill() {
-  local h=$1 pids
+  local h=$1 pids f
   rm -f "$DIR/agent$h.pid"
   pids=$(ip netns pids "$(ns "$h")" 2>/dev/null || true)
   [[ -n $pids ]] && kill -9 $pids 2>/dev/null || true
+  # Its containers live in namespaces of their own: their inits (each
+  # container's processes die with it).
+  for f in "$DIR/h$h"/agent/vms/*/container.pid; do
+    if [[ -f $f ]]; then kill -9 "$(cat "$f")" 2>/dev/null || true; fi
+  done
 }
 
 down() {
@@ -228,6 +233,11 @@ down() {
   done
   ip route del "$VMNET" 2>/dev/null || true
   ip link del "$BR" 2>/dev/null || true
+  # Containers' roots (overlays) left mounted by killed hosts.
+  local m
+  while read -r m; do
+    umount -l "$m" 2>/dev/null || true
+  done < <(awk -v d="$DIR/" 'index($2, d) == 1 && $2 ~ /\/rootfs$/ { print $2 }' /proc/mounts)
   rm -rf "$DIR"
 }
 

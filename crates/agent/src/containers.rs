@@ -610,6 +610,7 @@ async fn unmount_root(merged: &Path) {
 fn prepare_cgroups() -> Result<(&'static str, bool), String> {
     const CGROUP2_MAGIC: i64 = 0x6367_7270;
     let root = Path::new("/sys/fs/cgroup");
+    mount_cgroups_if_missing(root)?;
     let st =
         nix::sys::statfs::statfs(root).map_err(|e| format!("statfs {}: {e}", root.display()))?;
     #[allow(clippy::unnecessary_cast)]
@@ -676,6 +677,54 @@ fn prepare_cgroups() -> Result<(&'static str, bool), String> {
         }
     }
     Ok(("cgroup v1", root.join("blkio/blkio.weight").exists()))
+}
+
+/// Mounts the host's cgroup hierarchies on `root` when this mount
+/// namespace has none there (an agent started by `ip netns exec`, which
+/// mounts a fresh sysfs): the hierarchies this process belongs to, as
+/// `/proc/self/cgroup` lists them (v1 controllers each on their own, or
+/// the v2 hierarchy alone).
+fn mount_cgroups_if_missing(root: &Path) -> Result<(), String> {
+    let empty = std::fs::read_dir(root).map_or(true, |mut d| d.next().is_none());
+    if !empty {
+        return Ok(());
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| format!("reading /proc/self/cgroup: {e}"))?;
+    let v1: Vec<&str> = own
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .filter(|c| !c.is_empty())
+        .collect();
+    let flags = nix::mount::MsFlags::MS_NOSUID
+        | nix::mount::MsFlags::MS_NODEV
+        | nix::mount::MsFlags::MS_NOEXEC;
+    let mount = |what: &str, dir: &Path, fstype: &str, data: Option<&str>| {
+        nix::mount::mount(Some(what), dir, Some(fstype), flags, data).map_err(|e| {
+            format!(
+                "mounting {fstype} {} on {}: {e}",
+                data.unwrap_or(""),
+                dir.display()
+            )
+        })
+    };
+    if v1.is_empty() {
+        mount("cgroup2", root, "cgroup2", None)?;
+        info!("mounted the cgroup v2 hierarchy (this mount namespace had none)");
+        return Ok(());
+    }
+    mount("tmpfs", root, "tmpfs", Some("mode=755"))?;
+    for controllers in v1 {
+        let (dir, options) = match controllers.strip_prefix("name=") {
+            Some(name) => (name.to_string(), format!("none,name={name}")),
+            None => (controllers.to_string(), controllers.to_string()),
+        };
+        let dir = root.join(dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        mount("cgroup", &dir, "cgroup", Some(&options))?;
+    }
+    info!("mounted the host's cgroup v1 hierarchies (this mount namespace had none)");
+    Ok(())
 }
 
 /// What a running container is known by.

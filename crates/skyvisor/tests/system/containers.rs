@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::{Cloud, guest_json, http, ip_of, wait_until};
+use crate::ha::{failovers, route_around, running_elsewhere};
+use crate::harness::{Cloud, alive, guest_json, http, ip_of, wait_until};
 use crate::networks::{fetch_from, resolved_by};
+use crate::testbed::TestBed;
 
 /// Waits until the container image `skyvisor up` builds in the background
 /// is ready.
@@ -490,4 +492,75 @@ fn oci_images_import_and_run_and_what_cannot_be_is_refused_with_nothing_left() {
     for name in ["x1", "x2", "x3"] {
         assert!(!list.contains(name), "{name} half-made: {list}");
     }
+}
+
+#[test]
+fn a_dead_hosts_container_starts_again_on_another_host_once() {
+    let bed = TestBed::start(3, 1);
+    wait_until(
+        "image debian-rootfs ready",
+        Duration::from_secs(600),
+        || {
+            let out = bed.sv_at(
+                &bed.urls(),
+                &["image", "show", "debian-rootfs", "-o", "json"],
+            );
+            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+            (v["state"] == "ready").then_some(())
+        },
+    );
+    let v = bed.sv_json(&[
+        "vm",
+        "create",
+        "c",
+        "--kind",
+        "container",
+        "--type",
+        "nano",
+        "--wait",
+        "--timeout",
+        "300",
+    ]);
+    // In a cluster a container is protected: it starts again from its image.
+    assert_eq!(v["spec"]["ha"], "restart", "{v}");
+    let h = bed.host_of(&v);
+    let old_init = u32::try_from(v["status"]["pid"].as_u64().expect("pid")).expect("pid");
+    let id = id_of(&v);
+    route_around(&bed, h);
+    bed.script_ok(&["host-kill", &h.to_string()]);
+    wait_until(
+        "the dead host's container gone",
+        Duration::from_secs(10),
+        || (!alive(old_init)).then_some(()),
+    );
+    let moved = running_elsewhere(&bed, "c", h);
+    let records = failovers(&bed);
+    let record = records
+        .iter()
+        .find(|r| r["instance"] == "c")
+        .unwrap_or_else(|| panic!("no failover of c: {records:?}"));
+    assert_eq!(record["outcome"], "restarted", "{record}");
+    // Exactly one container of c runs on the machine: the new host's.
+    let inits: Vec<u32> = (1..=bed.hosts)
+        .filter_map(|host| {
+            let f = bed
+                .dir
+                .join(format!("h{host}/agent/vms/{id}/container.pid"));
+            let pid: u32 = std::fs::read_to_string(f).ok()?.trim().parse().ok()?;
+            alive(pid).then_some(pid)
+        })
+        .collect();
+    assert_eq!(inits.len(), 1, "containers of c running: {inits:?}");
+    // Its status is the new host's (its agent reports the init it runs).
+    let new_host = moved["spec"]["host"].clone();
+    wait_until(
+        "c's status from its new host",
+        Duration::from_secs(30),
+        || {
+            let v = bed.instance("c");
+            (v["status"]["host"] == new_host
+                && v["status"]["pid"].as_u64() == inits.first().map(|p| u64::from(*p)))
+            .then_some(())
+        },
+    );
 }

@@ -45,14 +45,14 @@ fn protection(bed: &TestBed, vm: &str) -> (String, String) {
 
 /// Routes this machine's traffic to the VM network through a host other
 /// than `h` (the one about to fail).
-fn route_around(bed: &TestBed, h: u32) {
+pub(crate) fn route_around(bed: &TestBed, h: u32) {
     let via = (1..=bed.hosts).find(|o| *o != h).expect("another host");
     bed.script_ok(&["vmnet-via", &via.to_string()]);
 }
 
 /// Waits until `name` runs on a host other than `not_on` with its service
 /// answering from this machine; returns it.
-fn running_elsewhere(bed: &TestBed, name: &str, not_on: u32) -> Value {
+pub(crate) fn running_elsewhere(bed: &TestBed, name: &str, not_on: u32) -> Value {
     wait_until(
         &format!("{name} running on a host other than h{not_on}"),
         Duration::from_secs(180),
@@ -98,7 +98,7 @@ fn boot_id(ip: Ipv4Addr) -> Value {
     guest_json(ip, "/uptime")["boot_id"].clone()
 }
 
-fn failovers(bed: &TestBed) -> Vec<Value> {
+pub(crate) fn failovers(bed: &TestBed) -> Vec<Value> {
     bed.sv_json(&["failover", "list"])
         .as_array()
         .expect("failovers")

@@ -144,6 +144,19 @@ impl ContainerDriver {
         {
             return Err("user namespaces are turned off (user.max_user_namespaces = 0)".into());
         }
+        // A container's root process (an unprivileged host id) must reach
+        // its root directory, under the agent's data directory.
+        let vms = data_dir.join("vms");
+        if let Some(closed) = vms.ancestors().find(|d| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 == 0)
+        }) {
+            return Err(format!(
+                "{} is not searchable by other users (mode o-x), so a container's root there is out of its own reach; allow it with chmod o+x {}",
+                closed.display(),
+                closed.display()
+            ));
+        }
         let (cgroups, io_weight) = tokio::task::spawn_blocking(prepare_cgroups)
             .await
             .map_err(|e| format!("checking cgroups: {e}"))??;

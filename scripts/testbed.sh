@@ -238,6 +238,13 @@ down() {
   while read -r m; do
     umount -l "$m" 2>/dev/null || true
   done < <(awk -v d="$DIR/" 'index($2, d) == 1 && $2 ~ /\/rootfs$/ { print $2 }' /proc/mounts)
+  # And their cgroups, which their killed runtimes could not remove.
+  for m in "$DIR"/h*/agent/vms/*; do
+    [[ -d $m ]] || continue
+    for cg in /sys/fs/cgroup/*/skyvisor/"sv-${m##*/}" /sys/fs/cgroup/skyvisor/"sv-${m##*/}"; do
+      if [[ -d $cg ]]; then rmdir "$cg" 2>/dev/null || true; fi
+    done
+  done
   rm -rf "$DIR"
 }
 

@@ -472,6 +472,7 @@ impl ContainerDriver {
         };
         Arc::new(Handle {
             oom_counter,
+            cgroup_v2: self.cgroup_v2,
             runtime: self.runtime.clone(),
             state_root: self.state_root.clone(),
             cid,
@@ -752,6 +753,8 @@ struct Handle {
     term_sent: AtomicBool,
     /// The cgroup file counting its out-of-memory kills.
     oom_counter: PathBuf,
+    /// The host's cgroups are v2.
+    cgroup_v2: bool,
 }
 
 /// The out-of-memory kills a cgroup's file counts (`oom_kill N`, in v1's
@@ -869,10 +872,82 @@ fn unsupported(op: &'static str) -> HvError {
     }
 }
 
+/// A container's counters, from its cgroup.
+struct ContainerCounters {
+    /// Its CPU time file (v1 `cpuacct.usage`, nanoseconds; v2 `cpu.stat`).
+    cpu: PathBuf,
+    /// Its memory statistics (`memory.stat`).
+    memory: PathBuf,
+    v2: bool,
+}
+
+#[async_trait]
+impl crate::hypervisor::VmCounters for ContainerCounters {
+    async fn disks(&self) -> Result<Vec<(String, crate::hypervisor::DiskCounters)>, HvError> {
+        Ok(vec![])
+    }
+
+    async fn vcpu_threads(&self) -> Result<Vec<u32>, HvError> {
+        Ok(vec![])
+    }
+
+    async fn cpu_seconds(&self) -> Option<f64> {
+        let text = tokio::fs::read_to_string(&self.cpu).await.ok()?;
+        if self.v2 {
+            let us: u64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))?
+                .trim()
+                .parse()
+                .ok()?;
+            Some(us as f64 / 1e6)
+        } else {
+            let ns: u64 = text.trim().parse().ok()?;
+            Some(ns as f64 / 1e9)
+        }
+    }
+
+    async fn memory_bytes(&self) -> Option<u64> {
+        // Its resident memory: anonymous plus mapped files.
+        let text = tokio::fs::read_to_string(&self.memory).await.ok()?;
+        let keys: [&str; 2] = if self.v2 {
+            ["anon ", "file_mapped "]
+        } else {
+            ["total_rss ", "total_mapped_file "]
+        };
+        let value = |key: &str| -> Option<u64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))?
+                .trim()
+                .parse()
+                .ok()
+        };
+        Some(value(keys[0])? + value(keys[1]).unwrap_or(0))
+    }
+}
+
 #[async_trait]
 impl Vm for ContainerVm {
     fn pid(&self) -> Option<u32> {
         u32::try_from(self.handle.pid).ok()
+    }
+
+    fn counters(&self) -> Option<Arc<dyn crate::hypervisor::VmCounters>> {
+        let cid = &self.handle.cid;
+        let (cpu, memory) = if self.handle.cgroup_v2 {
+            let dir = format!("/sys/fs/cgroup/skyvisor/{cid}");
+            (format!("{dir}/cpu.stat"), format!("{dir}/memory.stat"))
+        } else {
+            (
+                format!("/sys/fs/cgroup/cpuacct/skyvisor/{cid}/cpuacct.usage"),
+                format!("/sys/fs/cgroup/memory/skyvisor/{cid}/memory.stat"),
+            )
+        };
+        Some(Arc::new(ContainerCounters {
+            cpu: PathBuf::from(cpu),
+            memory: PathBuf::from(memory),
+            v2: self.handle.cgroup_v2,
+        }))
     }
 
     async fn next_event(&mut self) -> VmEvent {

@@ -308,6 +308,16 @@ pub trait VmCounters: Send + Sync {
     async fn disks(&self) -> Result<Vec<(String, DiskCounters)>, HvError>;
     /// The host threads that run the vCPUs.
     async fn vcpu_threads(&self) -> Result<Vec<u32>, HvError>;
+    /// CPU time used in all, seconds, where the instance is counted as a
+    /// whole (a container's cgroup) rather than by vCPU threads.
+    async fn cpu_seconds(&self) -> Option<f64> {
+        None
+    }
+    /// Memory in use, bytes, where it is counted as a whole (a
+    /// container's anonymous memory) rather than as one process's RSS.
+    async fn memory_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A running VM the agent owns.

@@ -478,6 +478,16 @@ impl AgentMetrics {
         }
         s.process_seconds = cpu_seconds(&format!("/proc/{pid}/stat"));
         s.rss_bytes = rss_bytes(pid);
+        // A container is counted as a whole, by its cgroup.
+        if let Some(c) = &vm.counters {
+            if let Some(cpu) = c.cpu_seconds().await {
+                s.vcpu_seconds = Some(cpu);
+                s.process_seconds = Some(cpu);
+            }
+            if let Some(m) = c.memory_bytes().await {
+                s.rss_bytes = Some(m);
+            }
+        }
         s.net = NetCounters::of_device(&vm.tap);
         s
     }

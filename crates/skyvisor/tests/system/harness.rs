@@ -381,6 +381,13 @@ impl Cloud {
                     .arg("-l")
                     .arg(e.path().join("rootfs"))
                     .output();
+                let cid = format!("sv-{}", e.file_name().to_string_lossy());
+                if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+                    for h in hierarchies.flatten() {
+                        let _ = std::fs::remove_dir(h.path().join("skyvisor").join(&cid));
+                    }
+                }
+                let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup/skyvisor").join(&cid));
                 if let Ok(l) = std::fs::read_to_string(e.path().join("launch.json"))
                     && let Ok(v) = serde_json::from_str::<Value>(&l)
                     && let Some(tap) = v["tap"].as_str()

@@ -886,7 +886,7 @@ pub(crate) fn read_user_data(path: &std::path::Path) -> Result<String> {
 }
 
 /// Parses `--kind`: vm or container.
-fn parse_kind(s: &str) -> Result<InstanceKind, String> {
+pub(crate) fn parse_kind(s: &str) -> Result<InstanceKind, String> {
     match s {
         "vm" => Ok(InstanceKind::Vm),
         "container" => Ok(InstanceKind::Container),

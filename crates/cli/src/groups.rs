@@ -21,6 +21,9 @@ use crate::readiness::{self, Needs};
 /// The launch template's arguments (`group create` and `group update`).
 #[derive(Debug, Args)]
 pub struct TemplateArgs {
+    /// What members are: vm (the default) or container.
+    #[arg(long, value_parser = crate::commands::parse_kind)]
+    pub kind: Option<skyvisor_core::InstanceKind>,
     /// Image members boot.
     #[arg(long)]
     pub image: Option<String>,
@@ -63,7 +66,8 @@ pub struct TemplateArgs {
 
 impl TemplateArgs {
     fn given(&self) -> bool {
-        self.image.is_some()
+        self.kind.is_some()
+            || self.image.is_some()
             || self.instance_type.is_some()
             || self.vcpus.is_some()
             || self.memory.is_some()
@@ -97,6 +101,9 @@ impl TemplateArgs {
             None => None,
         };
         Ok(CreateInstanceRequest {
+            kind: self
+                .kind
+                .filter(|k| *k == skyvisor_core::InstanceKind::Container),
             image,
             instance_type,
             vcpus: self.vcpus,

@@ -564,3 +564,77 @@ fn a_dead_hosts_container_starts_again_on_another_host_once() {
         },
     );
 }
+
+#[test]
+fn a_group_of_containers_serves_behind_a_balancer_and_replaces_a_killed_member() {
+    let cloud = Cloud::start();
+    wait_for_rootfs_image(&cloud);
+    cloud.sv_ok(&[
+        "group",
+        "create",
+        "web",
+        "--kind",
+        "container",
+        "--image",
+        "debian-rootfs",
+        "--type",
+        "nano",
+        "--min",
+        "2",
+        "--max",
+        "3",
+        "--desired",
+        "2",
+        "--health",
+        "http:80/health",
+        "--wait",
+    ]);
+    let lb = cloud.sv_json(&["lb", "create", "web-lb", "--group", "web", "--listen", "80"]);
+    let vip = lb["spec"]["address"].as_str().expect("address").to_string();
+    let members = || -> Vec<Value> {
+        let (_, g) = cloud.api("GET", "/v1/groups/web", None);
+        g["members"].as_array().cloned().unwrap_or_default()
+    };
+    for m in members() {
+        let name = m["name"].as_str().expect("name");
+        assert_eq!(cloud.instance(name)["spec"]["kind"], "container", "{m}");
+    }
+    // Both members answer through the balancer.
+    let names = |n: usize| -> std::collections::BTreeSet<String> {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..n {
+            if let Ok((200, body)) = http(
+                "GET",
+                &format!("http://{vip}/identity"),
+                None,
+                Duration::from_secs(5),
+            ) {
+                let v: Value = serde_json::from_str(&body).expect("identity");
+                seen.insert(v["name"].as_str().unwrap_or_default().to_string());
+            }
+        }
+        seen
+    };
+    wait_until(
+        "both members behind the balancer",
+        Duration::from_secs(60),
+        || (names(20).len() == 2).then_some(()),
+    );
+    // A member's container killed from the host: the group replaces it.
+    let victim = members()[0]["name"].as_str().expect("name").to_string();
+    let pid = cloud.instance(&victim)["status"]["pid"]
+        .as_u64()
+        .expect("pid");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    wait_until(
+        "two healthy members, the victim replaced or back",
+        Duration::from_secs(120),
+        || {
+            let (_, g) = cloud.api("GET", "/v1/groups/web", None);
+            (g["healthy"] == 2 && names(20).len() == 2).then_some(())
+        },
+    );
+}

@@ -462,6 +462,164 @@ impl ContainerDriver {
         }
     }
 
+    /// Checks that `req` can run with a terminal in instance `id`'s
+    /// container: valid and the container running.
+    pub async fn check_tty(
+        &self,
+        id: &InstanceId,
+        req: &skyvisor_core::api::ExecRequest,
+    ) -> Result<(), ExecError> {
+        req.validate()
+            .map_err(|e| ExecError::Invalid(e.to_string()))?;
+        if req.stdin.is_some() {
+            return Err(ExecError::Invalid(
+                "stdin: a terminal session reads its input from the terminal".into(),
+            ));
+        }
+        let state = self
+            .runtime_cmd(&["state", &Self::container_id(id)])
+            .await
+            .map_err(|_| ExecError::NotRunning)?;
+        if !state.contains("\"running\"") {
+            return Err(ExecError::NotRunning);
+        }
+        Ok(())
+    }
+
+    /// Runs `req` in instance `id`'s container on a terminal, relaying it
+    /// over `stream` as [`skyvisor_core::exec_stream`] frames until the
+    /// command ends (then its exit status) or the stream closes (then the
+    /// command is killed).
+    pub async fn tty_session<S>(
+        &self,
+        id: &InstanceId,
+        req: &skyvisor_core::api::ExecRequest,
+        stream: S,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        use skyvisor_core::exec_stream::{Decoder, Frame};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut from_client, mut to_client) = tokio::io::split(stream);
+        let fail = |e: String| Frame::Data(format!("skyvisor: {e}\r\n").into_bytes());
+        let pty = match nix::pty::openpty(None, None) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = to_client
+                    .write_all(&fail(format!("no terminal: {e}")).encode())
+                    .await;
+                let _ = to_client.write_all(&Frame::Exit(-1).encode()).await;
+                return;
+            }
+        };
+        let stdio = |fd: &OwnedFd| fd.try_clone().map(Stdio::from);
+        let (Ok(i), Ok(o), Ok(e)) = (stdio(&pty.slave), stdio(&pty.slave), stdio(&pty.slave))
+        else {
+            let _ = to_client.write_all(&Frame::Exit(-1).encode()).await;
+            return;
+        };
+        let mut cmd = Command::new(&self.runtime);
+        cmd.arg("--root")
+            .arg(&self.state_root)
+            .arg("exec")
+            .arg("--tty")
+            .arg(Self::container_id(id))
+            .args(&req.command)
+            .stdin(i)
+            .stdout(o)
+            .stderr(e)
+            .kill_on_drop(true);
+        // The terminal is the runtime's controlling terminal, in a session
+        // of its own.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                if libc::ioctl(0, libc::TIOCSCTTY as _, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = to_client
+                    .write_all(&fail(format!("starting the runtime: {e}")).encode())
+                    .await;
+                let _ = to_client.write_all(&Frame::Exit(-1).encode()).await;
+                return;
+            }
+        };
+        // Only the command may hold the terminal's other end (the command
+        // builder keeps copies until dropped): its end is the master's EOF.
+        drop(cmd);
+        drop(pty.slave);
+        let master = std::fs::File::from(pty.master);
+        let Ok(master_in) = master.try_clone() else {
+            let _ = child.start_kill();
+            return;
+        };
+        let mut master_out = tokio::fs::File::from_std(master);
+        let mut master_in = tokio::fs::File::from_std(master_in);
+        // Keystrokes to the terminal.
+        let input = tokio::spawn(async move {
+            let mut decoder = Decoder::default();
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = match from_client.read(&mut buf).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(n) => n,
+                };
+                decoder.push(&buf[..n]);
+                loop {
+                    match decoder.next_frame() {
+                        Ok(Some(Frame::Data(d))) => {
+                            if master_in.write_all(&d).await.is_err() {
+                                return true;
+                            }
+                            let _ = master_in.flush().await;
+                        }
+                        Ok(Some(Frame::Exit(_))) | Ok(None) => break,
+                        Err(_) => return false,
+                    }
+                }
+            }
+        });
+        // Its output to the client, until the terminal closes (EIO once
+        // the command and the runtime are gone).
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut client_gone = false;
+        loop {
+            tokio::select! {
+                read = master_out.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if to_client.write_all(&Frame::Data(buf[..n].to_vec()).encode()).await.is_err() {
+                            client_gone = true;
+                            break;
+                        }
+                    }
+                },
+                // The client hung up: the command goes with the session.
+                _ = async { while !input.is_finished() { tokio::time::sleep(Duration::from_millis(50)).await; } } => {
+                    if !matches!(child.try_wait(), Ok(Some(_))) {
+                        client_gone = true;
+                        break;
+                    }
+                }
+            }
+        }
+        input.abort();
+        if client_gone {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return;
+        }
+        let code = child.wait().await.ok().and_then(|s| s.code()).unwrap_or(-1);
+        let _ = to_client.write_all(&Frame::Exit(code).encode()).await;
+        let _ = to_client.shutdown().await;
+    }
+
     fn handle(&self, cid: String, pid: i32, merged: PathBuf) -> Arc<Handle> {
         let oom_counter = if self.cgroup_v2 {
             PathBuf::from(format!("/sys/fs/cgroup/skyvisor/{cid}/memory.events"))

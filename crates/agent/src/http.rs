@@ -28,6 +28,10 @@ pub fn router(ctx: Arc<AgentContext>) -> Router {
         )
         .route("/agent/v1/instances/{id}/exec", axum::routing::post(exec))
         .route(
+            "/agent/v1/instances/{id}/exec-tty",
+            axum::routing::post(exec_tty),
+        )
+        .route(
             "/agent/v1/image-files/{sha256}",
             axum::routing::get(image_file),
         )
@@ -113,6 +117,68 @@ async fn exec(
         }
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
+}
+
+#[derive(Deserialize)]
+struct TtyQuery {
+    /// The [`skyvisor_core::api::ExecRequest`], as JSON.
+    spec: String,
+}
+
+/// Runs a command on a terminal in a container of this host, over the
+/// upgraded connection (see [`skyvisor_core::exec_stream`]).
+async fn exec_tty(
+    State(ctx): State<Arc<AgentContext>>,
+    Path(id): Path<uuid::Uuid>,
+    Query(q): Query<TtyQuery>,
+    mut req: axum::extract::Request,
+) -> axum::response::Response {
+    use skyvisor_core::exec_stream::UPGRADE_PROTOCOL;
+    let Some(driver) = ctx.containers.clone() else {
+        return (StatusCode::CONFLICT, "this host runs no containers").into_response();
+    };
+    let exec: skyvisor_core::api::ExecRequest = match serde_json::from_str(&q.spec) {
+        Ok(e) => e,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("spec: {e}")).into_response(),
+    };
+    let asked = req
+        .headers()
+        .get(axum::http::header::UPGRADE)
+        .is_some_and(|v| {
+            v.as_bytes()
+                .eq_ignore_ascii_case(UPGRADE_PROTOCOL.as_bytes())
+        });
+    if !asked {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("a terminal session needs Upgrade: {UPGRADE_PROTOCOL}"),
+        )
+            .into_response();
+    }
+    let instance = InstanceId(id);
+    match driver.check_tty(&instance, &exec).await {
+        Ok(()) => {}
+        Err(e @ crate::containers::ExecError::NotRunning) => {
+            return (StatusCode::CONFLICT, e.to_string()).into_response();
+        }
+        Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgrade.await {
+            driver
+                .tty_session(&instance, &exec, hyper_util::rt::TokioIo::new(upgraded))
+                .await;
+        }
+    });
+    (
+        StatusCode::SWITCHING_PROTOCOLS,
+        [
+            (axum::http::header::UPGRADE, UPGRADE_PROTOCOL),
+            (axum::http::header::CONNECTION, "upgrade"),
+        ],
+    )
+        .into_response()
 }
 
 #[derive(Deserialize)]

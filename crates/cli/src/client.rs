@@ -318,6 +318,38 @@ impl Client {
         }
     }
 
+    /// POSTs to `path` asking to upgrade the connection to `protocol`; the
+    /// upgraded connection, or the API's error.
+    pub async fn upgrade(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        protocol: &str,
+    ) -> Result<reqwest::Upgraded, ClientError> {
+        let resp = self
+            .request(Method::POST, path)
+            .query(query)
+            .header(reqwest::header::CONNECTION, "upgrade")
+            .header(reqwest::header::UPGRADE, protocol)
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: self.base().to_string(),
+                message: root_cause(&e),
+            })?;
+        if resp.status() != reqwest::StatusCode::SWITCHING_PROTOCOLS {
+            return match self.decode::<serde_json::Value>(resp).await {
+                Err(e) => Err(e),
+                Ok(_) => Err(ClientError::Protocol(format!(
+                    "the server did not switch to {protocol}"
+                ))),
+            };
+        }
+        resp.upgrade()
+            .await
+            .map_err(|e| ClientError::Protocol(format!("upgrading to {protocol}: {e}")))
+    }
+
     /// A request builder for `path` on the server in use, for callers with
     /// special bodies; it carries the token and project.
     pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {

@@ -372,8 +372,12 @@ pub enum VmCommand {
         #[arg(long, default_value_t = 60)]
         timeout: u32,
         /// Feed this process's standard input to it (read to its end first).
-        #[arg(long, short = 'i')]
+        #[arg(long, short = 'i', conflicts_with = "tty")]
         stdin: bool,
+        /// Run it on a terminal, interactively (keystrokes go to it as you
+        /// type; Ctrl-] ends the session).
+        #[arg(long, short = 't')]
+        tty: bool,
         /// The command and its arguments.
         #[arg(last = true, value_name = "COMMAND", required = true)]
         command: Vec<String>,
@@ -1222,8 +1226,13 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
             name,
             timeout,
             stdin,
+            tty,
             command,
         } => {
+            if tty {
+                let code = crate::terminal::exec_tty(client, &name, &command, timeout).await?;
+                std::process::exit(code.clamp(0, 255));
+            }
             let input = if stdin {
                 let mut text = String::new();
                 std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)

@@ -22,6 +22,7 @@ pub mod projects;
 pub mod readiness;
 pub mod remotes;
 pub mod snapshots;
+pub mod terminal;
 pub mod tokens;
 pub mod top;
 pub mod volumes;

@@ -109,6 +109,83 @@ impl crate::ControlPlane {
         req: &skyvisor_core::api::ExecRequest,
     ) -> ApiResult<skyvisor_core::api::ExecResult> {
         let timeout = req.validate()?;
+        let (inst, agent) = self.exec_target(project, name).await?;
+        let url = format!("{agent}/agent/v1/instances/{}/exec", inst.spec.id);
+        let resp = self
+            .http
+            .post(&url)
+            .json(req)
+            .timeout(std::time::Duration::from_secs(u64::from(timeout) + 30))
+            .send()
+            .await
+            .map_err(|e| {
+                ApiError::unavailable(format!("host {} unreachable: {e}", inst.spec.host))
+            })?;
+        let resp = agent_answer(resp, name, &inst).await?;
+        resp.json().await.map_err(|e| {
+            ApiError::bad_gateway(format!(
+                "host {} sent a bad exec result: {e}",
+                inst.spec.host
+            ))
+        })
+    }
+
+    /// Opens a terminal session of `req` in `project`'s running container
+    /// `name` on its host: the agent's upgraded connection, carrying
+    /// [`skyvisor_core::exec_stream`] frames.
+    pub async fn exec_tty_upstream(
+        &self,
+        project: &skyvisor_core::ProjectName,
+        name: &str,
+        req: &skyvisor_core::api::ExecRequest,
+    ) -> ApiResult<reqwest::Upgraded> {
+        use skyvisor_core::exec_stream::UPGRADE_PROTOCOL;
+        req.validate()?;
+        if req.stdin.is_some() {
+            return Err(ValidationError::new(
+                "stdin",
+                "a terminal session reads its input from the terminal; leave stdin out",
+            )
+            .into());
+        }
+        let (inst, agent) = self.exec_target(project, name).await?;
+        let url = format!("{agent}/agent/v1/instances/{}/exec-tty", inst.spec.id);
+        let spec = serde_json::to_string(req)
+            .map_err(|e| ApiError::internal(format!("encoding the exec request: {e}")))?;
+        let resp = self
+            .http
+            .post(&url)
+            .query(&[("spec", spec)])
+            .header(reqwest::header::UPGRADE, UPGRADE_PROTOCOL)
+            .header(reqwest::header::CONNECTION, "upgrade")
+            .send()
+            .await
+            .map_err(|e| {
+                ApiError::unavailable(format!("host {} unreachable: {e}", inst.spec.host))
+            })?;
+        if resp.status() != reqwest::StatusCode::SWITCHING_PROTOCOLS {
+            let resp = agent_answer(resp, name, &inst).await?;
+            return Err(ApiError::bad_gateway(format!(
+                "host {} answered {} to a terminal session",
+                inst.spec.host,
+                resp.status()
+            )));
+        }
+        resp.upgrade().await.map_err(|e| {
+            ApiError::bad_gateway(format!(
+                "host {} did not open the terminal session: {e}",
+                inst.spec.host
+            ))
+        })
+    }
+
+    /// The running container `name` of `project` and its agent's URL, or
+    /// why a command cannot run in it.
+    async fn exec_target(
+        &self,
+        project: &skyvisor_core::ProjectName,
+        name: &str,
+    ) -> ApiResult<(skyvisor_core::Instance, String)> {
         let inst = self.instance(project, name).await?;
         if inst.spec.kind != InstanceKind::Container {
             let mut e = ApiError::conflict(format!(
@@ -132,40 +209,29 @@ impl crate::ControlPlane {
                 inst.spec.host
             )));
         };
-        let url = format!("{agent}/agent/v1/instances/{}/exec", inst.spec.id);
-        let resp = self
-            .http
-            .post(&url)
-            .json(req)
-            .timeout(std::time::Duration::from_secs(u64::from(timeout) + 30))
-            .send()
-            .await
-            .map_err(|e| {
-                ApiError::unavailable(format!("host {} unreachable: {e}", inst.spec.host))
-            })?;
-        let status = resp.status();
-        if status == reqwest::StatusCode::CONFLICT {
-            let text = resp.text().await.unwrap_or_default();
-            return Err(ApiError::conflict(format!("container \"{name}\": {text}")));
-        }
-        if status == reqwest::StatusCode::BAD_REQUEST {
-            let text = resp.text().await.unwrap_or_default();
-            return Err(ApiError::invalid(text));
-        }
-        if !status.is_success() {
-            let text = resp.text().await.unwrap_or_default();
-            return Err(ApiError::bad_gateway(format!(
-                "host {} answered {status}: {text}",
-                inst.spec.host
-            )));
-        }
-        resp.json().await.map_err(|e| {
-            ApiError::bad_gateway(format!(
-                "host {} sent a bad exec result: {e}",
-                inst.spec.host
-            ))
-        })
+        Ok((inst, agent))
     }
+}
+
+/// The agent's answer if it is a success; its refusal in the API's terms
+/// otherwise.
+async fn agent_answer(
+    resp: reqwest::Response,
+    name: &str,
+    inst: &skyvisor_core::Instance,
+) -> ApiResult<reqwest::Response> {
+    let status = resp.status();
+    if status.is_success() || status == reqwest::StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(resp);
+    }
+    let text = resp.text().await.unwrap_or_default();
+    Err(match status {
+        reqwest::StatusCode::CONFLICT => {
+            ApiError::conflict(format!("container \"{name}\": {text}"))
+        }
+        reqwest::StatusCode::BAD_REQUEST => ApiError::invalid(text),
+        _ => ApiError::bad_gateway(format!("host {} answered {status}: {text}", inst.spec.host)),
+    })
 }
 
 #[cfg(test)]

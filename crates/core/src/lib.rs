@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod dns;
 pub mod error;
 pub mod event;
+pub mod exec_stream;
 pub mod exposition;
 pub mod firewall;
 pub mod group;

@@ -211,6 +211,9 @@ fn main() -> ExitCode {
             }
         }
     });
+    // Blocking reads that never end by themselves (a terminal session's
+    // pty, the CLI's standard input) must not hold the process.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -80,6 +80,7 @@ const RULES: &[(&str, &str, Rule)] = &[
     ("GET", "/v1/instances/{name}/console", Project(Read)),
     // Runs commands as root in a container: a writer's act.
     ("POST", "/v1/instances/{name}/exec", Project(Write)),
+    ("POST", "/v1/instances/{name}/exec-tty", Project(Write)),
     (
         "PUT",
         "/v1/instances/{name}/checkpoint-schedule",

@@ -4,6 +4,7 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use serde::Deserialize;
 use skyvisor_core::api::{
     ConsoleLog, CreateInstanceRequest, ErrorBody, ResizeInstanceRequest, StopInstanceRequest,
@@ -313,6 +314,81 @@ pub(super) async fn exec(
     Ok(Json(
         cp.exec_in_instance(&caller.project, &name, &req).await?,
     ))
+}
+
+/// What `POST /v1/instances/{name}/exec-tty` runs.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ExecTtyQuery {
+    /// The command and its arguments, as a JSON array of strings (e.g.
+    /// `["sh"]`).
+    command: String,
+}
+
+/// Runs a command on a terminal in a running container (`skyvisor vm exec
+/// -t`), until it ends or the client hangs up (no timeout). Send `Connection: upgrade` and `Upgrade: skyvisor-exec`; on 101
+/// the connection carries frames `[kind u8][length u32 BE][payload]`:
+/// kind 0, terminal bytes both ways; kind 1, the command's exit status
+/// (i32 BE), sent last by the server.
+#[utoipa::path(post, path = "/v1/instances/{name}/exec-tty", tag = "instances",
+    params(("name" = String, Path, description = "instance name"), ExecTtyQuery),
+    responses(
+        (status = 101, description = "switched to the skyvisor-exec stream"),
+        (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "a VM, or a container that is not running"),
+    ))]
+pub(super) async fn exec_tty(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<ExecTtyQuery>,
+    mut req: axum::extract::Request,
+) -> ApiResult<axum::response::Response> {
+    use skyvisor_core::exec_stream::UPGRADE_PROTOCOL;
+    cp.visible_instance(&caller, &name).await?;
+    let command: Vec<String> = serde_json::from_str(&q.command).map_err(|e| {
+        let mut err = ApiError::invalid(format!(
+            "command must be a JSON array of strings, such as [\"sh\"]: {e}"
+        ));
+        err.field = Some("command".into());
+        err
+    })?;
+    let asked = req
+        .headers()
+        .get(axum::http::header::UPGRADE)
+        .is_some_and(|v| {
+            v.as_bytes()
+                .eq_ignore_ascii_case(UPGRADE_PROTOCOL.as_bytes())
+        });
+    if !asked {
+        return Err(ApiError::invalid(format!(
+            "a terminal session is an upgraded connection: send Connection: upgrade and Upgrade: {UPGRADE_PROTOCOL} (or use POST /v1/instances/{{name}}/exec without a terminal)"
+        )));
+    }
+    let exec = skyvisor_core::api::ExecRequest {
+        command,
+        stdin: None,
+        timeout_secs: None,
+    };
+    let upstream = cp.exec_tty_upstream(&caller.project, &name, &exec).await?;
+    let client = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(client) = client.await {
+            let mut client = hyper_util::rt::TokioIo::new(client);
+            let mut upstream = upstream;
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        }
+    });
+    Ok((
+        StatusCode::SWITCHING_PROTOCOLS,
+        [
+            (axum::http::header::UPGRADE, UPGRADE_PROTOCOL),
+            (axum::http::header::CONNECTION, "upgrade"),
+        ],
+    )
+        .into_response())
 }
 
 /// Most console bytes one call returns.

@@ -131,6 +131,7 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(instances::resize))
         .routes(routes!(instances::console))
         .routes(routes!(instances::exec))
+        .routes(routes!(instances::exec_tty))
         .routes(routes!(instances::set_security_groups))
         .routes(routes!(instances::set_labels))
         .routes(routes!(snapshots::list, snapshots::create))

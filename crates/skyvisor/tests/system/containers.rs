@@ -45,6 +45,73 @@ fn exec_ok(cloud: &Cloud, name: &str, command: &[&str]) -> String {
     out
 }
 
+/// Runs `skyvisor vm exec -t NAME -- sh` on a pseudo-terminal, types
+/// `lines` into it, and gives (exit status, everything the terminal showed).
+fn tty_session(cloud: &Cloud, name: &str, lines: &[&str]) -> (i32, String) {
+    let script = r##"
+import os, pty, select, sys, time
+argv, lines = sys.argv[1:8], sys.argv[8:]
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvp(argv[0], argv)
+out = b""
+def pump(until, secs):
+    global out
+    end = time.time() + secs
+    while time.time() < end:
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                d = os.read(fd, 4096)
+            except OSError:
+                return
+            if not d:
+                return
+            out += d
+            if until is not None and until in out:
+                return
+pump(b"# ", 60)
+for line in lines:
+    os.write(fd, line.encode() + b"\r")
+pump(None, 30)
+status = None
+for _ in range(60):
+    p, st = os.waitpid(pid, os.WNOHANG)
+    if p:
+        status = os.waitstatus_to_exitcode(st)
+        break
+    time.sleep(0.5)
+if status is None:
+    os.kill(pid, 9)
+    status = -1
+sys.stdout.write(str(status) + "\n" + out.decode(errors="replace"))
+"##;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(crate::harness::skyvisor_bin())
+        .args(["vm", "exec", "-t"])
+        .arg(name)
+        .arg("--")
+        .arg("sh")
+        .args(lines)
+        .env("SKYVISOR_URL", &cloud.url)
+        .env("SKYVISOR_DATA_DIR", &cloud.data_dir)
+        .env("SKYVISOR_CONFIG", cloud.data_dir.join("cli-config.toml"))
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    match text.split_once('\n') {
+        Some((code, shown)) => (code.trim().parse().unwrap_or(-1), shown.to_string()),
+        None => (
+            -1,
+            format!(
+                "(the driver failed: {})",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ),
+    }
+}
+
 /// The memory limit the container reads from its own cgroup (v2 or v1).
 fn memory_limit_inside(cloud: &Cloud, name: &str) -> u64 {
     let out = exec_ok(
@@ -187,6 +254,12 @@ fn a_container_answers_is_isolated_keeps_its_layer_resizes_live_and_leaves_no_tr
     );
     // exec's exit status is the command's.
     assert_eq!(exec(&cloud, "c1", &["sh", "-c", "exit 7"]).0, 7);
+    // Interactively, on a terminal of its own: what is typed runs, its
+    // output comes back, and the session ends with the shell's status.
+    let (code, shown) = tty_session(&cloud, "c1", &["echo $((6*7)); tty", "exit 3"]);
+    assert!(shown.contains("42"), "the typed command's output: {shown}");
+    assert!(shown.contains("/dev/pts/"), "a terminal inside: {shown}");
+    assert_eq!(code, 3, "the session's status is the shell's: {shown}");
 
     // The writable layer outlives a stop.
     exec_ok(&cloud, "c1", &["sh", "-c", "echo kept > /data/keep"]);

@@ -1378,6 +1378,23 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_host_without_the_runtime_says_so() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let settings = ContainerSettings {
+            runtime: PathBuf::from("/nonexistent/crun"),
+            hook_exe: PathBuf::from("/nonexistent/skyvisor"),
+        };
+        let why = ContainerDriver::probe(&settings, dir.path())
+            .await
+            .err()
+            .expect("no runtime, no containers");
+        assert!(
+            why.contains("/nonexistent/crun") && why.contains("apt-get install crun"),
+            "{why}"
+        );
+    }
+
     #[test]
     fn limits_follow_the_type() {
         let l = limits(

@@ -398,6 +398,51 @@ fn containers_and_vms_of_a_project_talk_and_other_projects_reach_neither() {
         None,
         "alpha's names resolve in beta"
     );
+
+    // A security group filters a container as it does a VM: closed while
+    // the group has no rule, open once one allows port 80.
+    cloud.sv_ok(&[
+        "--project",
+        "alpha",
+        "security-group",
+        "create",
+        "web",
+        "--empty",
+    ]);
+    cloud.sv_ok(&[
+        "--project",
+        "alpha",
+        "vm",
+        "set-security-groups",
+        "c1",
+        "--security-group",
+        "web",
+    ]);
+    wait_until(
+        "c1 closed by its empty group",
+        Duration::from_secs(30),
+        || {
+            fetch_from(va, vm, &format!("http://{c1}/identity"))
+                .is_none()
+                .then_some(())
+        },
+    );
+    cloud.sv_ok(&[
+        "--project",
+        "alpha",
+        "security-group",
+        "allow",
+        "web",
+        "--protocol",
+        "tcp",
+        "--port",
+        "80",
+        "--cidr",
+        "10.0.0.0/24",
+    ]);
+    wait_until("c1 open on port 80", Duration::from_secs(30), || {
+        fetch_from(va, vm, &format!("http://{c1}/identity")).filter(|b| b.contains("\"c1\""))
+    });
 }
 
 /// Writes an OCI image layout tarball at `out`: one layer holding busybox

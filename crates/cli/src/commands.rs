@@ -889,6 +889,14 @@ pub(crate) fn read_user_data(path: &std::path::Path) -> Result<String> {
     Ok(text)
 }
 
+/// What to call an instance in messages: "VM" or "container".
+fn kind_word(i: &Instance) -> &'static str {
+    match i.spec.kind {
+        InstanceKind::Vm => "VM",
+        InstanceKind::Container => "container",
+    }
+}
+
 /// Parses `--kind`: vm or container.
 pub(crate) fn parse_kind(s: &str) -> Result<InstanceKind, String> {
     match s {
@@ -1211,8 +1219,10 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                             a.name
                         ),
                         _ => eprintln!(
-                            "VM {} is ready after {took:.1}s: http://{}/",
-                            a.name, inst.spec.network.ip
+                            "{} {} is ready after {took:.1}s: http://{}/",
+                            kind_word(&inst),
+                            a.name,
+                            inst.spec.network.ip
                         ),
                     }
                 }
@@ -1494,9 +1504,12 @@ async fn vm(client: &Client, format: OutputFormat, cmd: VmCommand) -> Result<()>
                 .await?;
                 if !quiet {
                     eprintln!(
-                        "VM {name} deleted{}",
+                        "{} {name} deleted{}",
+                        kind_word(&inst),
                         if with_snapshots {
                             " with its snapshots"
+                        } else if inst.spec.kind == InstanceKind::Container {
+                            ""
                         } else {
                             "; its snapshots are kept (see `skyvisor vm snapshot list`)"
                         }

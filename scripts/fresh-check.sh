@@ -5,7 +5,7 @@
 # (ca-certificates curl e2fsprogs gcc git iproute2 jq procps psmisc python3
 # qemu-utils util-linux, plus the Rust toolchain and nextest bound in from this
 # machine), clones the repository's committed HEAD into a throwaway copy of it
-# and runs, inside it (chroot):
+# and runs, inside it (its own mount namespace, pivoted into it):
 #   1. ./scripts/quickstart.sh  (the demo VM's page must answer)
 #   2. ./scripts/test.sh -E FILTER  (a named part of the suite; --full: all)
 #   3. the Debian package: scripts/package.sh, installed with apt, then
@@ -87,10 +87,12 @@ ip link show svbr0 >/dev/null 2>&1 && bridge_before=1
 
 cleanup() {
   set +e
-  # Every process whose root is the clean root.
+  # Every process started in the clean root: each carries this run's
+  # marker in its environment (or has the clean root as its root).
   for _ in 1 2 3; do
     for p in /proc/[0-9]*; do
-      if [ "$(readlink "$p/root" 2>/dev/null)" = "$root" ]; then
+      if [ "$(readlink "$p/root" 2>/dev/null)" = "$root" ] \
+        || tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -qx "SKYVISOR_FRESH_RUN=$work"; then
         kill -9 "${p#/proc/}" 2>/dev/null
       fi
     done
@@ -142,11 +144,23 @@ mnt --bind "$nextest" "$root/usr/local/bin/cargo-nextest"
 git clone -q "$repo" "$root/root/skyvisor"
 say "clean root at $root (HEAD $(git -C "$repo" rev-parse --short HEAD))"
 
+# Runs a command with the clean root as its root: in a mount namespace of
+# its own whose root it is (pivot_root), not a chroot, because the kernel
+# refuses user namespaces (containers) to a chrooted process and a fresh
+# machine is not one.
 in_root() {
-  chroot "$root" /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 \
-    PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    RUSTUP_HOME=/root/.rustup CARGO_HOME=/root/.cargo \
-    /bin/bash -c "cd /root/skyvisor && $1"
+  unshare --mount /bin/bash -c '
+    set -e
+    cd "$1"
+    mkdir -p .oldroot
+    pivot_root . .oldroot
+    cd /
+    umount -l /.oldroot 2>/dev/null || true
+    exec /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 SKYVISOR_FRESH_RUN="$3" \
+      PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+      RUSTUP_HOME=/root/.rustup CARGO_HOME=/root/.cargo \
+      /bin/bash -c "cd /root/skyvisor && $2"
+  ' in_root "$root" "$1" "$work"
 }
 
 results=()

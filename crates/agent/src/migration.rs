@@ -1435,50 +1435,59 @@ async fn fail(
         MigrationPhase::Failed
     });
     record.error = Some(error);
-    let mut delay = Duration::from_millis(50);
-    for _ in 0..20 {
-        match ctx
-            .store
-            .put(
-                &keys::migration(&record.id),
-                skyvisor_store::encode(&record),
-            )
-            .await
-        {
-            Ok(_) => break,
-            Err(e) => {
-                warn!(migration = %record.id, error = %e, "could not record the failed migration; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-        }
-    }
-    clear_request(ctx, spec, record.id).await;
+    // The record says it failed and the spec stops asking for it in one
+    // write: whoever sees the failure never sees the VM still migrating.
+    let record_op = Op::Put {
+        key: keys::migration(&record.id),
+        value: skyvisor_store::encode(&record),
+        lease: None,
+    };
+    clear_request_with(ctx, spec, record.id, vec![record_op]).await;
 }
 
 /// Removes migration `id`'s request from the instance's spec.
 async fn clear_request(ctx: &AgentContext, spec: &InstanceSpec, id: MigrationId) {
+    clear_request_with(ctx, spec, id, vec![]).await;
+}
+
+/// Removes migration `id`'s request from the instance's spec, writing
+/// `with` in the same transaction (or alone, if the spec no longer asks
+/// for it).
+async fn clear_request_with(
+    ctx: &AgentContext,
+    spec: &InstanceSpec,
+    id: MigrationId,
+    with: Vec<Op>,
+) {
     let key = keys::instance_spec(&spec.instance_ref());
+    let mut delay = Duration::from_millis(50);
     for _ in 0..20 {
-        let Ok(Some((mut s, rev))) = ctx.store.get_json::<InstanceSpec>(&key).await else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
+        let (compares, mut ops) = match ctx.store.get_json::<InstanceSpec>(&key).await {
+            Ok(Some((mut s, rev))) if s.migration.as_ref().map(|m| m.id) == Some(id) => {
+                s.migration = None;
+                s.generation += 1;
+                (
+                    vec![Compare::ModRevision(key.clone(), rev)],
+                    crate::spec_ops(&s),
+                )
+            }
+            Ok(_) if with.is_empty() => return,
+            Ok(_) => (vec![], vec![]),
+            Err(_) => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+                continue;
+            }
         };
-        if s.migration.as_ref().map(|m| m.id) != Some(id) {
-            return;
-        }
-        s.migration = None;
-        s.generation += 1;
-        match ctx
-            .store
-            .txn(
-                vec![Compare::ModRevision(key.clone(), rev)],
-                crate::spec_ops(&s),
-            )
-            .await
-        {
+        ops.extend(with.iter().cloned());
+        match ctx.store.txn(compares, ops).await {
             Ok(t) if t.succeeded => return,
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => {
+                warn!(migration = %id, error = %e, "could not record the end of the migration; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
         }
     }
     warn!(instance = %spec.name, migration = %id, "could not clear the migration request");

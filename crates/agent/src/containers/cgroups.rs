@@ -16,6 +16,7 @@ pub(super) fn prepare_cgroups() -> Result<(&'static str, bool), String> {
     mount_cgroups_if_missing(root)?;
     let st =
         nix::sys::statfs::statfs(root).map_err(|e| format!("statfs {}: {e}", root.display()))?;
+    // f_type's integer type differs between architectures.
     #[allow(clippy::unnecessary_cast)]
     if st.filesystem_type().0 as i64 == CGROUP2_MAGIC {
         let controllers =

@@ -92,7 +92,7 @@ cleanup() {
   for _ in 1 2 3; do
     for p in /proc/[0-9]*; do
       if [ "$(readlink "$p/root" 2>/dev/null)" = "$root" ] \
-        || tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -qx "SKYVISOR_FRESH_RUN=$work"; then
+        || { tr '\0' '\n' <"$p/environ"; } 2>/dev/null | grep -qx "SKYVISOR_FRESH_RUN=$work"; then
         kill -9 "${p#/proc/}" 2>/dev/null
       fi
     done

@@ -498,6 +498,18 @@ async fn ensure_disk(
     Ok(target)
 }
 
+/// Finishes a build staged in `stage`: writes its manifest and makes it
+/// read-only, ready to publish (blocking).
+pub(crate) fn seal_build(stage: &Path, manifest: &impl serde::Serialize) -> Result<(), ImageError> {
+    let json = serde_json::to_vec_pretty(manifest).map_err(|e| ImageError::Manifest {
+        path: stage.join(MANIFEST),
+        detail: e.to_string(),
+    })?;
+    std::fs::write(stage.join(MANIFEST), json)
+        .map_err(ImageError::io("writing", stage.join(MANIFEST)))?;
+    cache::make_read_only(stage)
+}
+
 /// Finds exactly one directory below `root/{lib,usr/lib}/modules`.
 fn kernel_release(root: &Path) -> Result<(String, PathBuf), ImageError> {
     for base in ["lib/modules", "usr/lib/modules"] {
@@ -702,13 +714,7 @@ async fn build_fresh(
                 modules: mods.into_iter().map(|(n, _)| n).collect(),
                 ..manifest
             };
-            let json = serde_json::to_vec_pretty(&manifest).map_err(|e| ImageError::Manifest {
-                path: stage.join(MANIFEST),
-                detail: e.to_string(),
-            })?;
-            std::fs::write(stage.join(MANIFEST), json)
-                .map_err(ImageError::io("writing", stage.join(MANIFEST)))?;
-            cache::make_read_only(&stage)?;
+            seal_build(&stage, &manifest)?;
             Ok(manifest)
         })
         .await?

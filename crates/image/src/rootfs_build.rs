@@ -180,13 +180,7 @@ async fn build_fresh(
                 libs: &libs,
             };
             write_rootfs(&system, &stage.join(ROOTFS_FILE))?;
-            let json = serde_json::to_vec_pretty(&manifest).map_err(|e| ImageError::Manifest {
-                path: stage.join(MANIFEST),
-                detail: e.to_string(),
-            })?;
-            std::fs::write(stage.join(MANIFEST), json)
-                .map_err(ImageError::io("writing", stage.join(MANIFEST)))?;
-            cache::make_read_only(&stage)?;
+            crate::seal_build(&stage, &manifest)?;
             Ok(manifest)
         })
         .await?

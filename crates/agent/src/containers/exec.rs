@@ -12,6 +12,19 @@ use tokio::process::Command;
 use super::ContainerDriver;
 
 impl ContainerDriver {
+    /// Whether instance `id`'s container runs here, as the runtime says.
+    async fn ensure_running(&self, id: &InstanceId) -> Result<(), ExecError> {
+        let state = self
+            .runtime_cmd(&["state", &Self::container_id(id)])
+            .await
+            .map_err(|_| ExecError::NotRunning)?;
+        if state.contains("\"running\"") {
+            Ok(())
+        } else {
+            Err(ExecError::NotRunning)
+        }
+    }
+
     /// Runs `req` in instance `id`'s running container, as its root, with
     /// the container's environment; gives what it did.
     pub async fn exec(
@@ -22,14 +35,8 @@ impl ContainerDriver {
         let timeout = req
             .validate()
             .map_err(|e| ExecError::Invalid(e.to_string()))?;
+        self.ensure_running(id).await?;
         let cid = Self::container_id(id);
-        let state = self
-            .runtime_cmd(&["state", &cid])
-            .await
-            .map_err(|_| ExecError::NotRunning)?;
-        if !state.contains("\"running\"") {
-            return Err(ExecError::NotRunning);
-        }
         let mut cmd = Command::new(&self.runtime);
         cmd.arg("--root")
             .arg(&self.state_root)
@@ -103,14 +110,7 @@ impl ContainerDriver {
                 "stdin: a terminal session reads its input from the terminal".into(),
             ));
         }
-        let state = self
-            .runtime_cmd(&["state", &Self::container_id(id)])
-            .await
-            .map_err(|_| ExecError::NotRunning)?;
-        if !state.contains("\"running\"") {
-            return Err(ExecError::NotRunning);
-        }
-        Ok(())
+        self.ensure_running(id).await
     }
 
     /// Runs `req` in instance `id`'s container on a terminal, relaying it

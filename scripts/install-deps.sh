@@ -51,7 +51,16 @@ packages=(
   # Metrics: the real Prometheus (and promtool) the metrics are tested
   # with and documented for. Without its recommends: no node exporter.
   prometheus
+  # The web console's end-to-end tests drive a real headless Chromium.
+  chromium
 )
+# The web console is bundled with Node.js and npm at build time (its
+# packages come from the npm registry, locked by ui/package-lock.json).
+# A machine with its own Node.js (e.g. NodeSource's, which includes npm)
+# keeps it: Debian's npm would conflict with it.
+if ! command -v npm >/dev/null 2>&1; then
+  packages+=(nodejs npm)
+fi
 
 missing=()
 for p in "${packages[@]}"; do

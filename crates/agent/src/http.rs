@@ -26,6 +26,10 @@ pub fn router(ctx: Arc<AgentContext>) -> Router {
             "/agent/v1/instances/{id}/console",
             axum::routing::get(console),
         )
+        .route(
+            "/agent/v1/instances/{id}/console-session",
+            axum::routing::get(console_session),
+        )
         .route("/agent/v1/instances/{id}/exec", axum::routing::post(exec))
         .route(
             "/agent/v1/instances/{id}/exec-tty",
@@ -37,6 +41,11 @@ pub fn router(ctx: Arc<AgentContext>) -> Router {
         )
         .route("/agent/v1/peer-probe", axum::routing::get(peer_probe))
         .route("/agent/v1/samples", axum::routing::get(samples))
+        .route("/agent/v1/history/host", axum::routing::get(host_history))
+        .route(
+            "/agent/v1/history/instances/{project}/{name}",
+            axum::routing::get(instance_history),
+        )
         .with_state(ctx)
 }
 
@@ -95,6 +104,58 @@ async fn console(
         .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
+}
+
+#[derive(Deserialize)]
+struct SessionQuery {
+    /// Whether the caller may type (the server checked its role).
+    #[serde(default)]
+    input: bool,
+}
+
+/// An interactive console session over an upgraded connection
+/// (`Upgrade: skyvisor-console`): raw terminal bytes both ways (see
+/// [`crate::console`]).
+async fn console_session(
+    State(ctx): State<Arc<AgentContext>>,
+    Path(id): Path<uuid::Uuid>,
+    Query(q): Query<SessionQuery>,
+    mut req: axum::extract::Request,
+) -> axum::response::Response {
+    use crate::console::UPGRADE_PROTOCOL;
+    let asked = req
+        .headers()
+        .get(axum::http::header::UPGRADE)
+        .is_some_and(|v| {
+            v.as_bytes()
+                .eq_ignore_ascii_case(UPGRADE_PROTOCOL.as_bytes())
+        });
+    if !asked {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("a console session needs Upgrade: {UPGRADE_PROTOCOL}"),
+        )
+            .into_response();
+    }
+    let dir = ctx.vm_dir(&InstanceId(id));
+    let files = crate::console::ConsoleFiles {
+        log: dir.join(skyvisor_qemu::files::SERIAL_LOG),
+        socket: dir.join(skyvisor_qemu::files::CONSOLE_SOCKET),
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgrade.await {
+            crate::console::session(files, q.input, hyper_util::rt::TokioIo::new(upgraded)).await;
+        }
+    });
+    (
+        StatusCode::SWITCHING_PROTOCOLS,
+        [
+            (axum::http::header::UPGRADE, UPGRADE_PROTOCOL),
+            (axum::http::header::CONNECTION, "upgrade"),
+        ],
+    )
+        .into_response()
 }
 
 /// Runs a command in a container of this host (the server checked who
@@ -281,6 +342,49 @@ async fn samples(State(ctx): State<Arc<AgentContext>>) -> impl IntoResponse {
         )
             .into_response(),
     }
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    minutes: Option<u64>,
+}
+
+/// The host's recent metric history.
+async fn host_history(
+    State(ctx): State<Arc<AgentContext>>,
+    Query(q): Query<HistoryQuery>,
+) -> impl IntoResponse {
+    use skyvisor_core::top::{HISTORY_MINUTES, HISTORY_STEP_SECONDS, HostMetrics};
+    Json(HostMetrics {
+        host: ctx.host.clone(),
+        step_seconds: HISTORY_STEP_SECONDS,
+        points: ctx
+            .metrics
+            .history
+            .host_points(q.minutes.unwrap_or(HISTORY_MINUTES)),
+    })
+}
+
+/// An instance's recent metric history on this host.
+async fn instance_history(
+    State(ctx): State<Arc<AgentContext>>,
+    Path((project, name)): Path<(String, String)>,
+    Query(q): Query<HistoryQuery>,
+) -> axum::response::Response {
+    use skyvisor_core::top::{HISTORY_MINUTES, HISTORY_STEP_SECONDS, InstanceMetrics};
+    let Ok(project) = skyvisor_core::ProjectName::new(project) else {
+        return (StatusCode::BAD_REQUEST, "project: a project name").into_response();
+    };
+    Json(InstanceMetrics {
+        host: ctx.host.clone(),
+        step_seconds: HISTORY_STEP_SECONDS,
+        points: ctx.metrics.history.instance_points(
+            &project,
+            &name,
+            q.minutes.unwrap_or(HISTORY_MINUTES),
+        ),
+    })
+    .into_response()
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 
 pub mod checkpoints;
 pub mod cluster;
+pub mod console;
 pub mod containers;
 pub mod credentials;
 pub mod disks;
@@ -581,6 +582,10 @@ async fn bring_up(
         .await?;
     info!(host = %cfg.host, accel = %accel.0, reason = %accel.1, %url, "agent registered");
 
+    guard.0.push(tokio::spawn(metrics::history::run(
+        ctx.metrics.clone(),
+        std::time::Duration::from_secs(skyvisor_core::top::HISTORY_STEP_SECONDS),
+    )));
     let lease = Arc::new(std::sync::Mutex::new(lease));
     if let Some(f) = &ctx.fence {
         ctx.metrics.set_fence(f.clone());

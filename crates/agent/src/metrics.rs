@@ -28,6 +28,7 @@ use skyvisor_core::{InstanceId, InstancePhase, InstanceSpec, InstanceStatus};
 use crate::hypervisor::{DiskCounters, VmCounters};
 use crate::volumes::{ServedSample, VolumeService};
 
+pub mod history;
 mod volumes;
 
 /// A label set of one `result` or `outcome` label.
@@ -182,6 +183,8 @@ pub struct AgentMetrics {
     running: Running,
     /// The host's volume service, when it serves volumes.
     volumes: std::sync::OnceLock<std::sync::Weak<VolumeService>>,
+    /// The last hour of samples.
+    pub history: history::History,
 }
 
 impl AgentMetrics {
@@ -205,6 +208,7 @@ impl AgentMetrics {
             last_scrape_us: AtomicU64::new(0),
             running: Running::new(),
             volumes: std::sync::OnceLock::new(),
+            history: history::History::default(),
         }
     }
 
@@ -433,6 +437,7 @@ impl AgentMetrics {
             .filter_map(|s| {
                 let instance = s.entry.instance.clone()?;
                 Some(VmView {
+                    id: s.id,
                     project: instance.project,
                     name: instance.name.to_string(),
                     host: host_name.clone(),
@@ -460,6 +465,7 @@ impl AgentMetrics {
 
     async fn sample_vm(&self, id: InstanceId, vm: VmEntry) -> VmSample {
         let mut s = VmSample {
+            id: Some(id),
             entry: vm.clone(),
             ..VmSample::default()
         };
@@ -496,6 +502,7 @@ impl AgentMetrics {
 /// A VM's numbers at one scrape.
 #[derive(Clone, Default)]
 struct VmSample {
+    id: Option<InstanceId>,
     entry: VmEntry,
     vcpu_seconds: Option<f64>,
     process_seconds: Option<f64>,

@@ -272,6 +272,7 @@ mod tests {
 
     fn vm(at: chrono::DateTime<Utc>, cpu: f64, written: u64) -> VmSample {
         VmSample {
+            id: None,
             project: skyvisor_core::ProjectName::new("web").expect("p"),
             name: "a".into(),
             host: skyvisor_core::HostName::new("h1").expect("h"),

@@ -10,6 +10,7 @@ pub mod api;
 pub mod audit;
 pub mod billing;
 pub mod cluster;
+pub mod console;
 mod containers;
 pub mod dns;
 pub mod election;

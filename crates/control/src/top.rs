@@ -4,10 +4,11 @@
 
 use std::time::Duration;
 
-use skyvisor_core::top::{AgentSamples, TopSamples};
+use skyvisor_core::top::{AgentSamples, HostMetrics, InstanceMetrics, TopSamples};
 use skyvisor_core::{HostName, ProjectName};
 
 use crate::ControlPlane;
+use crate::error::{ApiError, ApiResult};
 
 /// How long an agent gets to answer: a live view shows who is slow rather
 /// than waiting for them.
@@ -96,5 +97,64 @@ impl ControlPlane {
             hosts,
             unreachable,
         }
+    }
+
+    /// The recent metric history of `project`'s instance `name`, from the
+    /// host it is on.
+    pub async fn instance_history(
+        &self,
+        project: &ProjectName,
+        name: &str,
+        minutes: u64,
+    ) -> ApiResult<InstanceMetrics> {
+        let inst = self.instance(project, name).await?;
+        let url = self.history_agent(&inst.spec.host).await?;
+        let url = format!("{url}/agent/v1/history/instances/{project}/{name}");
+        self.ask_history(&inst.spec.host, &url, minutes).await
+    }
+
+    /// The recent metric history of host `name`.
+    pub async fn host_history(&self, name: &HostName, minutes: u64) -> ApiResult<HostMetrics> {
+        let url = self.history_agent(name).await?;
+        self.ask_history(name, &format!("{url}/agent/v1/history/host"), minutes)
+            .await
+    }
+
+    async fn history_agent(&self, host: &HostName) -> ApiResult<String> {
+        let entry = self
+            .inventory
+            .host(host)
+            .await
+            .ok_or_else(|| ApiError::not_found(format!("host \"{host}\" not found")))?;
+        entry
+            .host
+            .agent_url
+            .clone()
+            .ok_or_else(|| ApiError::unavailable(format!("host {host} serves no agent API")))
+    }
+
+    async fn ask_history<T: serde::de::DeserializeOwned>(
+        &self,
+        host: &HostName,
+        url: &str,
+        minutes: u64,
+    ) -> ApiResult<T> {
+        let resp = self
+            .http
+            .get(url)
+            .query(&[("minutes", minutes)])
+            .timeout(ASK_DEADLINE)
+            .send()
+            .await
+            .map_err(|e| ApiError::unavailable(format!("host {host} unreachable: {e}")))?;
+        if !resp.status().is_success() {
+            return Err(ApiError::bad_gateway(format!(
+                "host {host} answered {} to a history request",
+                resp.status()
+            )));
+        }
+        resp.json().await.map_err(|e| {
+            ApiError::bad_gateway(format!("host {host} sent an unreadable history: {e}"))
+        })
     }
 }

@@ -225,6 +225,11 @@ pub struct BuildImageRequest {
     pub recipe: String,
 }
 
+/// The protocol of the upgraded connection between a server and an agent
+/// that carries an interactive console session: raw terminal bytes both
+/// ways.
+pub const CONSOLE_UPGRADE_PROTOCOL: &str = "skyvisor-console";
+
 /// An error as every non-2xx answer carries it.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {

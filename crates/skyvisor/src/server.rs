@@ -335,7 +335,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     .await
     .context("cannot start the control plane")?;
     let membership = cp.join_cluster().await?;
-    let router = skyvisor_control::api::router(cp.clone());
+    let router = skyvisor_control::api::router(cp.clone()).merge(skyvisor_webui::router());
     let mut api = tokio::spawn(skyvisor_auth::tls::serve(listener, tls, router));
     info!(server = %name, %url, etcd = %etcd.join(","), "server running");
     eprintln!(

@@ -149,7 +149,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         .await
         .context("cannot start the control plane")?;
 
-    let router = skyvisor_control::api::router(cp.clone());
+    let router = skyvisor_control::api::router(cp.clone()).merge(skyvisor_webui::router());
     let mut server = tokio::spawn(skyvisor_auth::tls::serve(listener, tls, router));
     eprintln!("API listening on {api_url}");
 

@@ -129,8 +129,14 @@ async fn authenticate(
     cp: &ControlPlane,
     req: &Parts,
 ) -> Result<(Principal, String, Rule), ApiError> {
+    let from_websocket;
     let header = match req.headers.get(axum::http::header::AUTHORIZATION) {
-        None => None,
+        None => {
+            from_websocket = websocket_credential(req, BEARER_PROTOCOL)
+                .map_err(ApiError::unauthenticated)?
+                .map(|token| format!("Bearer {token}"));
+            from_websocket.as_deref()
+        }
         Some(v) => Some(v.to_str().map_err(|_| {
             ApiError::unauthenticated(
                 "malformed API token: the Authorization header is not text".to_string(),
@@ -153,11 +159,48 @@ async fn authenticate(
     Ok((principal, path, rule))
 }
 
+/// The WebSocket subprotocol prefix that carries a browser's token
+/// (browsers cannot set headers on a WebSocket; Kubernetes does the same).
+pub const BEARER_PROTOCOL: &str = "skyvisor.bearer.";
+/// The WebSocket subprotocol prefix that carries the project.
+pub const PROJECT_PROTOCOL: &str = "skyvisor.project.";
+
+/// The value a WebSocket handshake's offered subprotocol `PREFIX<base64url>`
+/// carries, if it offers one.
+fn websocket_credential(req: &Parts, prefix: &str) -> Result<Option<String>, String> {
+    use base64::Engine;
+    let offered = req
+        .headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find_map(|p| p.strip_prefix(prefix));
+    let Some(encoded) = offered else {
+        return Ok(None);
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(encoded.trim_end_matches('='))
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| {
+            format!("the WebSocket subprotocol {prefix}... must carry base64url text")
+        })?;
+    Ok(Some(bytes))
+}
+
 /// The project the header names, or the caller's home project.
 fn header_project(req: &Parts, principal: &Principal) -> Result<ProjectName, ApiError> {
-    match req.headers.get(PROJECT_HEADER) {
-        None => Ok(principal.identity.home_project()),
-        Some(v) => {
+    let from_websocket = websocket_credential(req, PROJECT_PROTOCOL).map_err(ApiError::invalid)?;
+    match (req.headers.get(PROJECT_HEADER), from_websocket) {
+        (None, Some(name)) => ProjectName::new(name).map_err(|e| {
+            let mut err = ApiError::from(e);
+            err.field = Some(PROJECT_HEADER.into());
+            err
+        }),
+        (None, None) => Ok(principal.identity.home_project()),
+        (Some(v), _) => {
             let text = v.to_str().map_err(|_| {
                 ApiError::invalid(format!("the {PROJECT_HEADER} header is not text"))
             })?;

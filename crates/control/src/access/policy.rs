@@ -78,6 +78,9 @@ const RULES: &[(&str, &str, Rule)] = &[
     ("POST", "/v1/instances/{name}/reboot", Project(Write)),
     ("POST", "/v1/instances/{name}/resize", Project(Write)),
     ("GET", "/v1/instances/{name}/console", Project(Read)),
+    ("GET", "/v1/instances/{name}/metrics", Project(Read)),
+    // Viewers watch; only writers' keystrokes reach the serial port.
+    ("GET", "/v1/instances/{name}/console/ws", Project(Read)),
     // Runs commands as root in a container: a writer's act.
     ("POST", "/v1/instances/{name}/exec", Project(Write)),
     ("POST", "/v1/instances/{name}/exec-tty", Project(Write)),
@@ -171,6 +174,7 @@ const RULES: &[(&str, &str, Rule)] = &[
     // register), changed by the operator.
     ("GET", "/v1/hosts", Authenticated),
     ("GET", "/v1/hosts/{name}", Authenticated),
+    ("GET", "/v1/hosts/{name}/metrics", Monitor),
     ("POST", "/v1/hosts/{name}/cordon", ClusterAdmin),
     ("POST", "/v1/hosts/{name}/uncordon", ClusterAdmin),
     ("POST", "/v1/hosts/{name}/drain", ClusterAdmin),

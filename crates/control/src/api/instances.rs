@@ -391,6 +391,49 @@ pub(super) async fn exec_tty(
         .into_response())
 }
 
+/// An interactive serial console over a WebSocket (the web console's
+/// terminal). Ask for the subprotocol `skyvisor.console`; a browser, which
+/// cannot set headers on a WebSocket, may pass its token and project as the
+/// further subprotocols `skyvisor.bearer.BASE64URL(token)` and
+/// `skyvisor.project.BASE64URL(project)`. Binary messages both ways: the
+/// console log's last 64 KiB, then live output; keystrokes (dropped unless
+/// the caller may change the project's objects: viewers watch). Errors
+/// after the handshake close the socket with code 4000 + the HTTP status
+/// and the error's message as reason.
+#[utoipa::path(get, path = "/v1/instances/{name}/console/ws", tag = "instances",
+    params(("name" = String, Path, description = "instance name")),
+    responses(
+        (status = 101, description = "switched to a WebSocket"),
+        (status = 400, body = ErrorBody, description = "not a WebSocket handshake"),
+        (status = 404, body = ErrorBody),
+    ))]
+pub(super) async fn console_ws(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    ws: Result<
+        axum::extract::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
+) -> ApiResult<axum::response::Response> {
+    let ws = ws.map_err(|e| {
+        ApiError::invalid(format!(
+            "this endpoint is a WebSocket: open it with a WebSocket handshake asking for the subprotocol {} ({e}); GET /v1/instances/{{name}}/console reads the log without one",
+            crate::console::WEBSOCKET_PROTOCOL
+        ))
+    })?;
+    let input = caller.may(skyvisor_core::auth::Action::Write, &caller.project);
+    Ok(ws
+        .protocols([crate::console::WEBSOCKET_PROTOCOL])
+        .on_upgrade(move |socket| async move {
+            let upstream = match cp.visible_instance(&caller, &name).await {
+                Ok(_) => cp.console_upstream(&caller.project, &name, input).await,
+                Err(e) => Err(e),
+            };
+            crate::console::relay(socket, upstream).await;
+        }))
+}
+
 /// Most console bytes one call returns.
 const MAX_CONSOLE_BYTES: u64 = 1 << 20;
 

@@ -132,3 +132,74 @@ pub(super) async fn top_hosts(
 ) -> Json<skyvisor_core::top::TopSamples> {
     Json(cp.top_hosts().await)
 }
+
+/// How much metric history to return.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HistoryQuery {
+    /// The last this many minutes (default and most: 60).
+    #[serde(default)]
+    #[param(minimum = 1, maximum = 60)]
+    minutes: Option<u64>,
+}
+
+impl HistoryQuery {
+    fn minutes(&self) -> Result<u64, crate::error::ApiError> {
+        use skyvisor_core::top::HISTORY_MINUTES;
+        let m = self.minutes.unwrap_or(HISTORY_MINUTES);
+        if !(1..=HISTORY_MINUTES).contains(&m) {
+            let mut e = crate::error::ApiError::invalid(format!(
+                "minutes {m} is out of range; allowed: 1 to {HISTORY_MINUTES} (hosts keep an hour)"
+            ));
+            e.field = Some("minutes".into());
+            return Err(e);
+        }
+        Ok(m)
+    }
+}
+
+/// An instance's metrics over the last hour (or `minutes`): CPU, memory,
+/// disk and network rates, one point every 15 s, as its current host
+/// recorded them (a host keeps them in memory: after a migration or an
+/// agent restart the history starts again).
+#[utoipa::path(get, path = "/v1/instances/{name}/metrics", tag = "instances",
+    params(("name" = String, Path, description = "instance name"), HistoryQuery),
+    responses(
+        (status = 200, body = skyvisor_core::top::InstanceMetrics),
+        (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ))]
+pub(super) async fn instance_history(
+    State(cp): State<ControlPlane>,
+    caller: crate::access::Caller,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    super::ApiQuery(q): super::ApiQuery<HistoryQuery>,
+) -> crate::error::ApiResult<Json<skyvisor_core::top::InstanceMetrics>> {
+    let minutes = q.minutes()?;
+    cp.visible_instance(&caller, &name).await?;
+    Ok(Json(
+        cp.instance_history(&caller.project, &name, minutes).await?,
+    ))
+}
+
+/// A host's metrics over the last hour (or `minutes`): CPU busy, memory
+/// in use, network rates and running VMs, one point every 15 s; cluster
+/// admins and monitors.
+#[utoipa::path(get, path = "/v1/hosts/{name}/metrics", tag = "hosts",
+    params(("name" = String, Path, description = "host name"), HistoryQuery),
+    responses(
+        (status = 200, body = skyvisor_core::top::HostMetrics),
+        (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "not a cluster admin or monitor"),
+        (status = 404, body = ErrorBody),
+    ))]
+pub(super) async fn host_history(
+    State(cp): State<ControlPlane>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    super::ApiQuery(q): super::ApiQuery<HistoryQuery>,
+) -> crate::error::ApiResult<Json<skyvisor_core::top::HostMetrics>> {
+    let minutes = q.minutes()?;
+    let host = skyvisor_core::HostName::new(&name)?;
+    Ok(Json(cp.host_history(&host, minutes).await?))
+}

@@ -119,6 +119,8 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(events::stream))
         .routes(routes!(metrics::top_instances))
         .routes(routes!(metrics::top_hosts))
+        .routes(routes!(metrics::instance_history))
+        .routes(routes!(metrics::host_history))
         .routes(routes!(billing::usage))
         .routes(routes!(billing::invoice))
         .routes(routes!(billing::price_sheet, billing::set_price_sheet))
@@ -130,6 +132,7 @@ fn api_router() -> OpenApiRouter<ControlPlane> {
         .routes(routes!(instances::reboot))
         .routes(routes!(instances::resize))
         .routes(routes!(instances::console))
+        .routes(routes!(instances::console_ws))
         .routes(routes!(instances::exec))
         .routes(routes!(instances::exec_tty))
         .routes(routes!(instances::set_security_groups))
@@ -230,8 +233,33 @@ pub fn router(cp: ControlPlane) -> Router {
             cp.clone(),
             cluster::require_store,
         ))
+        .layer(cors())
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(cp)
+}
+
+/// Lets pages of other origins call the API: the web console, when the
+/// server that served it is gone, goes on with another server of the
+/// cluster. Safe for any origin because the API trusts only bearer tokens,
+/// never cookies or other ambient credentials (`credentials` stay off).
+fn cors() -> tower_http::cors::CorsLayer {
+    use axum::http::{HeaderName, Method, header};
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(tower_http::cors::Any)
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+        ])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("x-skyvisor-project"),
+            HeaderName::from_static("last-event-id"),
+        ])
+        .max_age(std::time::Duration::from_secs(600))
 }
 
 /// Counts and times each routed request by its route's template.

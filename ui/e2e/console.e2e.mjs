@@ -1,0 +1,283 @@
+// End-to-end test of the web console in a real headless Chromium against a
+// real Skyvisor (started by the Rust system test `webui::`, which passes
+// what it made through the environment). One story, in order: what a
+// member, a viewer and a user whose token is revoked see and can do.
+//
+//   SV_URL               the server (e.g. http://127.0.0.1:7791)
+//   SV_PROJECT           the project the tokens below act in
+//   SV_MEMBER_TOKEN      a member of SV_PROJECT (its only project)
+//   SV_VIEWER_TOKEN      a viewer of SV_PROJECT
+//   SV_REVOCABLE_TOKEN   another member token, revoked midway
+//   SV_REVOCABLE_ID      its id (to revoke it)
+//   SV_ADMIN_TOKEN       a cluster admin (revokes; takes the screenshots)
+//   SV_OTHER_INSTANCE    an instance of another project, never to be seen
+//   SV_SHOTS             optional: a directory for screenshots of the main pages
+//   SV_CHROMIUM          optional: the browser (default /usr/bin/chromium)
+import { chromium } from 'playwright-core';
+import assert from 'node:assert/strict';
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+
+const env = (k) => {
+  const v = process.env[k];
+  if (!v) throw new Error(`${k} is not set`);
+  return v;
+};
+const URL = env('SV_URL');
+const PROJECT = env('SV_PROJECT');
+const MEMBER = env('SV_MEMBER_TOKEN');
+const VIEWER = env('SV_VIEWER_TOKEN');
+const REVOCABLE = env('SV_REVOCABLE_TOKEN');
+const REVOCABLE_ID = env('SV_REVOCABLE_ID');
+const ADMIN = env('SV_ADMIN_TOKEN');
+const OTHER = env('SV_OTHER_INSTANCE');
+const SHOTS = process.env.SV_SHOTS;
+const VM = 'ui-vm';
+// Guests boot under TCG emulation on a busy machine: generous deadlines.
+const BOOT = 240_000;
+const STEP = 60_000;
+
+const started = Date.now();
+const log = (msg) => console.log(`[${((Date.now() - started) / 1000).toFixed(1)}s] ${msg}`);
+
+/** A direct API call (not through the page), to compare and to set up. */
+async function api(method, path, token, body) {
+  const r = await fetch(URL + path, {
+    method,
+    headers: {
+      authorization: `Bearer ${token}`,
+      'x-skyvisor-project': PROJECT,
+      ...(body ? { 'content-type': 'application/json' } : {}),
+    },
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  const text = await r.text();
+  let json = null;
+  try { json = JSON.parse(text); } catch { /* not JSON */ }
+  return { status: r.status, json, text };
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.SV_CHROMIUM || '/usr/bin/chromium',
+  args: ['--no-sandbox'],
+});
+const context = await browser.newContext({ viewport: { width: 1280, height: 860 } });
+const page = await context.newPage();
+page.setDefaultTimeout(STEP);
+const consoleErrors = [];
+page.on('pageerror', (e) => consoleErrors.push(String(e)));
+
+async function signIn(token) {
+  await page.getByTestId('signin-token').fill(token);
+  await page.getByTestId('signin-button').click();
+  await page.getByTestId('sign-out').waitFor();
+}
+
+async function signOut() {
+  await page.getByTestId('sign-out').click();
+  await page.getByTestId('signin-token').waitFor();
+}
+
+async function shot(name) {
+  if (!SHOTS) return;
+  mkdirSync(SHOTS, { recursive: true });
+  await page.screenshot({ path: join(SHOTS, `${name}.png`) });
+}
+
+async function rowState(name) {
+  return page.getByTestId(`instance-row-${name}`).getByTestId('instance-state').getAttribute('data-state');
+}
+
+/** Waits until the page shows no loading state (the event stream stays
+ * open, so the network is never idle). */
+async function settled() {
+  // Polled from here: the page's CSP (rightly) forbids the eval that
+  // page.waitForFunction needs.
+  await waitFor('the page to finish loading', () => page.evaluate(() => {
+    const main = document.querySelector('main');
+    return !!main && !main.querySelector('[aria-busy="true"]') && !/Loading/.test(main.innerText);
+  }));
+}
+
+async function waitFor(what, check, timeout = STEP) {
+  const deadline = Date.now() + timeout;
+  for (;;) {
+    const v = await check().catch(() => undefined);
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeout / 1000}s waiting for ${what}`);
+    await page.waitForTimeout(250);
+  }
+}
+
+try {
+  // --- Sign in: a bad token is refused in the API's words. ---
+  log('sign-in page');
+  await page.goto(`${URL}/ui/`);
+  await page.getByTestId('signin-token').fill('svt_nosuch_secret');
+  await page.getByTestId('signin-button').click();
+  const refused = await api('GET', '/v1/whoami', 'svt_nosuch_secret');
+  assert.equal(refused.status, 401);
+  await page.getByTestId('error-text').filter({ hasText: refused.json.error.message }).waitFor();
+  await shot('sign-in');
+
+  log('signing in as a member');
+  await signIn(MEMBER);
+  await page.getByTestId('instances-table').waitFor();
+  const projects = await page.getByTestId('project-switcher').locator('option').allTextContents();
+  assert.ok(projects.some((p) => p.includes(PROJECT)), `the switcher offers ${PROJECT}: ${projects}`);
+  assert.equal(projects.length, 1, `a member of one project sees only it: ${projects}`);
+
+  // --- Create a VM; it appears and turns running through the event stream. ---
+  log('creating a VM');
+  await page.getByTestId('create-instance').click();
+  const dialog = page.getByTestId('create-instance-dialog');
+  await dialog.getByTestId('create-name').fill(VM);
+  await dialog.getByTestId('create-type').selectOption('nano');
+  await dialog.getByTestId('create-image').selectOption('debian-busybox');
+  await dialog.getByTestId('dialog-submit').click();
+  await page.getByTestId(`instance-row-${VM}`).waitFor();
+  await waitFor(`${VM} running in the list`, async () => (await rowState(VM)) === 'running', BOOT);
+  log('running');
+  assert.equal(await page.getByTestId(`instance-row-${OTHER}`).count(), 0, 'another project\'s instance is listed');
+
+  // --- The same name again: the API's conflict, shown in the dialog. ---
+  await page.getByTestId('create-instance').click();
+  await dialog.getByTestId('create-name').fill(VM);
+  await dialog.getByTestId('create-type').selectOption('nano');
+  await dialog.getByTestId('create-image').selectOption('debian-busybox');
+  await dialog.getByTestId('dialog-submit').click();
+  const conflict = await api('POST', '/v1/instances', MEMBER, { name: VM, instance_type: 'nano', image: 'debian-busybox' });
+  assert.equal(conflict.status, 409, conflict.text);
+  await dialog.getByTestId('error-text').filter({ hasText: conflict.json.error.message }).waitFor();
+  await page.keyboard.press('Escape');
+  await dialog.waitFor({ state: 'hidden' });
+
+  // --- Its console: the boot output, and keystrokes reach the guest. ---
+  log('console');
+  await page.getByTestId(`instance-row-${VM}`).getByRole('link', { name: VM }).click();
+  await page.getByTestId('tab-console').click();
+  const terminal = page.getByTestId('console-terminal');
+  await waitFor('the boot output in the console', async () =>
+    (await terminal.innerText()).includes(`SKYVISOR-GUEST-READY name=${VM}`), BOOT);
+  await terminal.click();
+  await page.keyboard.type('typed-into-the-console-4242');
+  // The guest's terminal echoes what it received on its serial port.
+  await waitFor('the echo of typed input', async () =>
+    (await terminal.innerText()).includes('typed-into-the-console-4242'));
+  await shot('console');
+
+  // --- A snapshot. ---
+  log('snapshot');
+  await page.getByTestId('instance-action-snapshot').click();
+  const snapDialog = page.getByTestId('snapshot-dialog');
+  await snapDialog.getByTestId('snapshot-name').fill('before-stop');
+  await snapDialog.getByTestId('dialog-submit').click();
+  await page.getByTestId('tab-snapshots').click();
+  const snapRow = page.getByTestId('snapshot-row-before-stop');
+  await waitFor('the snapshot ready', async () =>
+    (await snapRow.getByTestId('snapshot-state').innerText()).trim() === 'ready', BOOT);
+  const snaps = await api('GET', `/v1/instances/${VM}/snapshots`, MEMBER);
+  assert.ok(JSON.stringify(snaps.json).includes('before-stop'), snaps.text);
+
+  // --- Metrics over the last hour (a point every 15 s). ---
+  log('metrics');
+  await page.getByTestId('tab-metrics').click();
+  await waitFor('a metrics chart with points', async () =>
+    (await page.getByTestId('instance-metrics').locator('svg polyline, svg path').count()) > 0, 120_000);
+
+  // --- Stop. ---
+  log('stop');
+  await page.getByTestId('tab-overview').click();
+  await page.getByTestId('instance-action-stop').click();
+  const confirmStop = page.getByTestId('confirm-button');
+  if (await confirmStop.isVisible().catch(() => false)) await confirmStop.click();
+  await waitFor(`${VM} stopped`, async () =>
+    (await page.getByTestId('instance-state').first().innerText()).trim() === 'stopped', BOOT);
+  const stopped = await api('GET', `/v1/instances/${VM}`, MEMBER);
+  assert.equal(stopped.json.status.phase, 'stopped', stopped.text);
+
+  // --- A viewer: no buttons that change anything, and a crafted request is refused anyway. ---
+  log('viewer');
+  await signOut();
+  await signIn(VIEWER);
+  await page.goto(`${URL}/ui/#/instances`);
+  await page.getByTestId(`instance-row-${VM}`).waitFor();
+  assert.equal(await page.getByTestId('create-instance').count(), 0, 'a viewer is offered create');
+  await page.getByTestId(`instance-row-${VM}`).getByRole('link', { name: VM }).click();
+  await page.getByTestId('tab-overview').waitFor();
+  for (const action of ['start', 'stop', 'reboot', 'resize', 'delete', 'snapshot', 'migrate']) {
+    assert.equal(await page.getByTestId(`instance-action-${action}`).count(), 0, `a viewer is offered ${action}`);
+  }
+  const crafted = await page.evaluate(async ({ token, project, name }) => {
+    const r = await fetch('/v1/instances/' + name + '/start', {
+      method: 'POST',
+      headers: { authorization: `Bearer ${token}`, 'x-skyvisor-project': project },
+    });
+    return { status: r.status, body: await r.json() };
+  }, { token: VIEWER, project: PROJECT, name: VM });
+  assert.equal(crafted.status, 403, JSON.stringify(crafted));
+  assert.match(crafted.body.error.message, /member|role/);
+
+  // --- A token revoked while in use: back to sign-in, then back to the same page. ---
+  log('revoked token');
+  await signOut();
+  await signIn(REVOCABLE);
+  await page.goto(`${URL}/ui/#/instances/${VM}/snapshots`);
+  await page.getByTestId('snapshot-row-before-stop').waitFor();
+  const revoked = await api('DELETE', `/v1/tokens/${REVOCABLE_ID}`, ADMIN);
+  assert.ok(revoked.status < 300, revoked.text);
+  // Any call now is 401: the next action the user takes.
+  await page.getByTestId('tab-overview').click();
+  await page.getByTestId('signin-token').waitFor();
+  assert.ok(page.url().endsWith(`#/instances/${VM}/overview`) || page.url().includes(`#/instances/${VM}`),
+    `the page is kept: ${page.url()}`);
+  await signIn(MEMBER);
+  await page.getByTestId('instance-action-delete').waitFor();
+  assert.ok(page.url().includes(`#/instances/${VM}`), `back on the page: ${page.url()}`);
+
+  // --- Delete, with confirmation. ---
+  log('delete');
+  await page.getByTestId('instance-action-delete').click();
+  await page.getByTestId('confirm-button').click();
+  await page.goto(`${URL}/ui/#/instances`);
+  await waitFor(`${VM} gone from the list`, async () =>
+    (await page.getByTestId(`instance-row-${VM}`).count()) === 0, BOOT);
+  await waitFor(`${VM} gone from the API`, async () =>
+    (await api('GET', `/v1/instances/${VM}`, MEMBER)).status === 404, BOOT);
+
+  // --- Another project's objects never appear, anywhere the member looks. ---
+  log('isolation');
+  for (const route of ['instances', 'events', 'volumes', 'networks', 'security-groups']) {
+    await page.goto(`${URL}/ui/#/${route}`);
+    await page.getByTestId('sign-out').waitFor();
+    await settled();
+    const text = await page.locator('main').innerText();
+    assert.ok(!text.includes(OTHER), `${route} shows ${OTHER}`);
+  }
+
+  // --- Screenshots of the main pages, as the cluster admin. ---
+  if (SHOTS) {
+    log('screenshots');
+    await signOut();
+    await signIn(ADMIN);
+    for (const route of ['instances', 'hosts', 'events', 'volumes', 'usage', 'images']) {
+      await page.goto(`${URL}/ui/#/${route}`);
+      await page.getByTestId(`nav-${route}`).waitFor();
+      await settled();
+      await shot(route);
+    }
+    await page.setViewportSize({ width: 375, height: 800 });
+    await page.goto(`${URL}/ui/#/instances`);
+    await settled();
+    await shot('instances-phone');
+  }
+
+  assert.deepEqual(consoleErrors, [], 'uncaught errors in the page');
+  log('all steps passed');
+} catch (e) {
+  if (SHOTS) await shot('failure').catch(() => {});
+  console.error(`FAILED at ${page.url()}:`, e);
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}

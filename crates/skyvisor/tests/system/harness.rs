@@ -250,7 +250,8 @@ impl Cloud {
         std::fs::read_to_string(self.data_dir.join("up.log")).unwrap_or_default()
     }
 
-    fn log_tail(&self) -> String {
+    /// The last lines of the daemon's log.
+    pub fn log_tail(&self) -> String {
         let log = self.log();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")

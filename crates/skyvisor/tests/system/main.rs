@@ -24,3 +24,4 @@ mod testbed;
 mod tls;
 mod volumes;
 mod volumes_multihost;
+mod webui;

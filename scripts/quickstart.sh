@@ -73,3 +73,8 @@ step "the demo VM's web service answers:"
 curl -fsS --max-time 10 "http://$ip/"
 echo
 echo "Demo VM: http://$ip/  (try: $sv vm list; $sv vm console demo; curl http://$ip/identity)"
+if ! curl -fsS "$SKYVISOR_URL/ui/" | grep -q '<title>Skyvisor</title>'; then
+  step "the web console does not answer at $SKYVISOR_URL/ui/"
+  exit 1
+fi
+echo "Web console: $SKYVISOR_URL/ui/  (sign in with the token in $data_dir/admin.token)"

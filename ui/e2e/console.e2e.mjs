@@ -202,6 +202,42 @@ try {
   const stopped = await api('GET', `/v1/instances/${VM}`, MEMBER);
   assert.equal(stopped.json.status.phase, 'stopped', stopped.text);
 
+  // --- The events feed: what happened, and what happens next, live. ---
+  log('events');
+  await page.getByTestId('nav-events').click();
+  const feed = page.getByTestId('events-table');
+  await feed.getByTestId('event-row').filter({ hasText: 'stop-requested' }).filter({ hasText: VM }).first().waitFor();
+  const startedRows = () => feed.getByTestId('event-row').filter({ hasText: 'start-requested' }).filter({ hasText: VM }).count();
+  const before = await startedRows();
+  const startCall = await api('POST', `/v1/instances/${VM}/start`, MEMBER);
+  assert.ok(startCall.status < 300, startCall.text);
+  await waitFor('the start request in the feed without a reload', async () => (await startedRows()) > before);
+
+  // --- A volume: a bad size refused in the API's words at the field, then made and deleted. ---
+  log('volume');
+  await page.getByTestId('nav-volumes').click();
+  await page.getByTestId('create-volume').click();
+  const volDialog = page.getByTestId('create-volume-dialog');
+  await volDialog.getByLabel('Name').fill('ui-vol');
+  await volDialog.getByLabel('Size (GiB)').fill('0.0001');
+  await volDialog.getByTestId('dialog-submit').click();
+  const badSize = await api('POST', '/v1/volumes', MEMBER, { name: 'ui-vol', size_bytes: 0 });
+  assert.equal(badSize.status, 400, badSize.text);
+  await volDialog.getByText(badSize.json.error.message).first().waitFor();
+  assert.equal(await volDialog.getByLabel('Size (GiB)').getAttribute('aria-invalid'), 'true');
+  await volDialog.getByLabel('Size (GiB)').fill('0.0625');
+  await volDialog.getByTestId('dialog-submit').click();
+  const volRow = page.getByTestId('volume-row-ui-vol');
+  await volRow.waitFor();
+  await waitFor('the volume available', async () => (await api('GET', '/v1/volumes/ui-vol', MEMBER)).json?.status?.phase === 'available', BOOT);
+  // Its replicas' health, as the list shows it.
+  await waitFor('the volume healthy in the list', async () =>
+    (await volRow.getByTestId('volume-health').innerText()).trim() === 'healthy');
+  await volRow.getByRole('button', { name: 'Delete' }).click();
+  await page.getByTestId('confirm-button').click();
+  await waitFor('the volume gone', async () => (await api('GET', '/v1/volumes/ui-vol', MEMBER)).status === 404, BOOT);
+  await waitFor('the volume gone from the list', async () => (await volRow.count()) === 0);
+
   // --- A viewer: no buttons that change anything, and a crafted request is refused anyway. ---
   log('viewer');
   await signOut();
@@ -261,11 +297,20 @@ try {
     assert.ok(!text.includes(OTHER), `${route} shows ${OTHER}`);
   }
 
+  // --- A cluster admin's host actions: cordon and uncordon. ---
+  log('hosts');
+  await signOut();
+  await signIn(ADMIN);
+  await page.goto(`${URL}/ui/#/hosts`);
+  const hostState = page.getByTestId('host-state').first();
+  await page.getByTestId('host-action-cordon').first().click();
+  await waitFor('the host cordoned', async () => (await hostState.innerText()).includes('cordoned'));
+  await page.getByTestId('host-action-uncordon').first().click();
+  await waitFor('the host ready again', async () => (await hostState.innerText()).includes('ready'));
+
   // --- Screenshots of the main pages, as the cluster admin. ---
   if (SHOTS) {
     log('screenshots');
-    await signOut();
-    await signIn(ADMIN);
     for (const route of ['hosts', 'events', 'volumes', 'usage', 'images']) {
       await page.goto(`${URL}/ui/#/${route}`);
       await page.getByTestId(`nav-${route}`).waitFor();

@@ -3,13 +3,16 @@
 //! type, forwards input to the VM's serial port.
 //!
 //! Output is read from the log file rather than QEMU's console socket:
-//! the log has everything whether or not anyone is connected, QEMU's socket
-//! takes one client at a time, and any number of sessions can follow a file.
-//! Input connects to the socket for each chunk the user types, so sessions
-//! never hold the single client slot (a held one would stall the others'
-//! input).
+//! the log has everything whether or not anyone is connected, and any
+//! number of sessions can follow a file. QEMU's socket takes one client at a
+//! time, so the sessions of one VM share one connection for their input
+//! ([`SerialPort`]), kept while any of them is open: a connection per
+//! keystroke loses bytes (QEMU drops what it had not read from a client
+//! that hung up, and it reads only as fast as the guest's UART takes them).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWrite, AsyncWriteExt};
@@ -45,22 +48,97 @@ where
 {
     let (mut rx, tx) = tokio::io::split(stream);
     let follow = tokio::spawn(follow_log(files.log.clone(), tx));
+    let port = input.then(|| SerialPort::of(&files.socket));
     let mut buf = vec![0u8; 4096];
     loop {
         match rx.read(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(n) if input => {
-                if let Err(e) = send_input(&files.socket, &buf[..n]).await {
+            Ok(n) => {
+                let Some(port) = &port else { continue };
+                if let Err(e) = port.send(&buf[..n]).await {
                     // The VM may be stopped or restarting; its output (or
                     // lack of it) tells the user, and the next keystroke
                     // tries again.
                     tracing::debug!(error = %e, "console input not delivered");
                 }
             }
-            Ok(_) => {}
         }
     }
     follow.abort();
+}
+
+/// The open serial ports, by console socket: shared by the sessions of a
+/// VM, closed when the last of them ends.
+static PORTS: LazyLock<Mutex<HashMap<PathBuf, Weak<SerialPort>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// One connection to a VM's console socket, for input.
+pub struct SerialPort {
+    socket: PathBuf,
+    conn: tokio::sync::Mutex<Option<Connection>>,
+}
+
+struct Connection {
+    tx: tokio::net::unix::OwnedWriteHalf,
+    /// Reads and drops what QEMU sends the client (the log has it): an
+    /// unread socket would stall the guest's console.
+    drain: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.drain.abort();
+    }
+}
+
+impl SerialPort {
+    /// The port of `socket`, shared with the other sessions that have it.
+    pub fn of(socket: &Path) -> Arc<Self> {
+        let mut ports = PORTS.lock().unwrap_or_else(|p| p.into_inner());
+        ports.retain(|_, p| p.strong_count() > 0);
+        if let Some(port) = ports.get(socket).and_then(Weak::upgrade) {
+            return port;
+        }
+        let port = Arc::new(Self {
+            socket: socket.to_path_buf(),
+            conn: tokio::sync::Mutex::new(None),
+        });
+        ports.insert(socket.to_path_buf(), Arc::downgrade(&port));
+        port
+    }
+
+    /// Writes `bytes` to the serial port, connecting (again) if needed:
+    /// once more after a failed write (QEMU restarted since).
+    pub async fn send(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut conn = self.conn.lock().await;
+        for attempt in 0..2 {
+            if conn.is_none() {
+                *conn = Some(self.connect().await?);
+            }
+            let Some(c) = conn.as_mut() else { continue };
+            match c.tx.write_all(bytes).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt == 1 => return Err(e),
+                Err(_) => *conn = None,
+            }
+        }
+        Ok(())
+    }
+
+    async fn connect(&self) -> std::io::Result<Connection> {
+        let stream = tokio::time::timeout(
+            CONNECT_DEADLINE,
+            tokio::net::UnixStream::connect(&self.socket),
+        )
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "console socket busy"))??;
+        let (mut rx, tx) = stream.into_split();
+        let drain = tokio::spawn(async move {
+            let mut sink = vec![0u8; 4096];
+            while matches!(rx.read(&mut sink).await, Ok(n) if n > 0) {}
+        });
+        Ok(Connection { tx, drain })
+    }
 }
 
 /// Streams the log from its tail onwards into `out` until writing fails.
@@ -102,16 +180,6 @@ async fn read_new(log: &Path, offset: &mut Option<u64>, buf: &mut [u8]) -> std::
     Ok(n)
 }
 
-/// Writes `bytes` to the serial port through QEMU's console socket.
-async fn send_input(socket: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut conn = tokio::time::timeout(CONNECT_DEADLINE, tokio::net::UnixStream::connect(socket))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "console socket busy"))??;
-    conn.write_all(bytes).await?;
-    conn.flush().await?;
-    conn.shutdown().await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,15 +216,43 @@ mod tests {
         seen.clear();
         read_until(&mut crx, &mut seen, b"login: ").await;
 
-        // Typed input reaches the serial port.
-        ctx.write_all(b"root\r").await.expect("test value");
+        // Typed input reaches the serial port, keystroke by keystroke, on
+        // one connection that a second session shares.
+        for b in b"root\r" {
+            ctx.write_all(&[*b]).await.expect("test value");
+        }
         let (mut port, _) = tokio::time::timeout(Duration::from_secs(10), serial.accept())
             .await
             .expect("test value")
             .expect("test value");
-        let mut got = Vec::new();
-        port.read_to_end(&mut got).await.expect("test value");
-        assert_eq!(got, b"root\r");
+        let mut got = [0u8; 5];
+        port.read_exact(&mut got).await.expect("test value");
+        assert_eq!(&got, b"root\r");
+
+        let (client2, server2) = tokio::io::duplex(1 << 20);
+        let files2 = ConsoleFiles {
+            log: log.clone(),
+            socket: socket.clone(),
+        };
+        let second = tokio::spawn(session(files2, true, server2));
+        let (_crx2, mut ctx2) = tokio::io::split(client2);
+        ctx2.write_all(b"ls\r").await.expect("test value");
+        let mut got = [0u8; 3];
+        tokio::time::timeout(Duration::from_secs(10), port.read_exact(&mut got))
+            .await
+            .expect("the second session's input on the same connection")
+            .expect("test value");
+        assert_eq!(&got, b"ls\r");
+
+        // When every session has ended, the port is closed.
+        drop((ctx, crx, ctx2, _crx2));
+        second.await.expect("test value");
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), port.read_to_end(&mut rest))
+            .await
+            .expect("the port closed after the last session")
+            .expect("test value");
+        assert!(rest.is_empty());
     }
 
     #[tokio::test]

@@ -180,14 +180,14 @@ fn websocket_credential(req: &Parts, prefix: &str) -> Result<Option<String>, Str
     let Some(encoded) = offered else {
         return Ok(None);
     };
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+    let text = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(encoded.trim_end_matches('='))
         .ok()
         .and_then(|b| String::from_utf8(b).ok())
         .ok_or_else(|| {
             format!("the WebSocket subprotocol {prefix}... must carry base64url text")
         })?;
-    Ok(Some(bytes))
+    Ok(Some(text))
 }
 
 /// The project the header names, or the caller's home project.
@@ -311,4 +311,44 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handshake(protocols: &str) -> Parts {
+        let (parts, ()) = axum::http::Request::get("/v1/instances/web/console/ws")
+            .header(axum::http::header::SEC_WEBSOCKET_PROTOCOL, protocols)
+            .body(())
+            .expect("request")
+            .into_parts();
+        parts
+    }
+
+    #[test]
+    fn a_websocket_carries_its_token_and_project_as_subprotocols() {
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let parts = handshake(&format!(
+            "skyvisor.console, {BEARER_PROTOCOL}{}, {PROJECT_PROTOCOL}{}",
+            b64("svt_abc_def"),
+            b64("shop")
+        ));
+        assert_eq!(
+            websocket_credential(&parts, BEARER_PROTOCOL),
+            Ok(Some("svt_abc_def".to_string()))
+        );
+        assert_eq!(
+            websocket_credential(&parts, PROJECT_PROTOCOL),
+            Ok(Some("shop".to_string()))
+        );
+        // None offered: no credential (the request is then unauthenticated).
+        let plain = handshake("skyvisor.console");
+        assert_eq!(websocket_credential(&plain, BEARER_PROTOCOL), Ok(None));
+        // Not base64url text: refused with what it must be.
+        let bad = handshake(&format!("{BEARER_PROTOCOL}!!!"));
+        let err = websocket_credential(&bad, BEARER_PROTOCOL).expect_err("refused");
+        assert!(err.contains("base64url"), "{err}");
+    }
 }

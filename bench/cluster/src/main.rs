@@ -15,6 +15,13 @@
 //! Reported: placement latency p50/p99 (from the server's own histogram),
 //! create throughput and latency, the time until every agent reported its
 //! VMs, list-all latency, and the server's memory.
+//!
+//! `--serve-console` measures nothing itself: once the VMs are created and
+//! reported, it prints one JSON line on stdout (`url`, `token` of a cluster
+//! admin, `project`, `hosts`, `vms`, `first` and `last` VM names) and keeps
+//! the server (API and web console at `/ui/`) and the simulated hosts
+//! running until stdin closes or it gets SIGTERM/SIGINT. The web console
+//! benchmark (`bench/console`) drives a browser against it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -66,6 +73,11 @@ struct Args {
     /// How many times to list all VMs.
     #[arg(long, default_value_t = 20)]
     list_runs: usize,
+    /// Measure nothing: once the VMs are created, print the server's URL and
+    /// an admin token as one JSON line on stdout and keep serving (API and
+    /// web console) until stdin closes or SIGTERM/SIGINT.
+    #[arg(long)]
+    serve_console: bool,
 }
 
 /// Targets of the issue.
@@ -350,7 +362,8 @@ async fn start_server(
             let membership = cp.join_cluster().await?;
             std::mem::forget(membership);
             let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-            let router = skyvisor_control::api::router(cp.clone());
+            // As the real binary serves it: the API and the web console.
+            let router = skyvisor_control::api::router(cp.clone()).merge(skyvisor_webui::router());
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, router).await {
                     eprintln!("the in-process server failed: {e}");
@@ -368,6 +381,38 @@ async fn start_server(
             ))
         }
     }
+}
+
+/// Waits until stdin reaches its end (the driver that started this process
+/// closed it, or exited) or a SIGTERM/SIGINT arrives.
+async fn serve_until_stopped() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+        let _ = tx.send(());
+    });
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = rx => eprintln!("stdin closed: stopping"),
+        _ = term.recv() => eprintln!("SIGTERM: stopping"),
+        _ = int.recv() => eprintln!("SIGINT: stopping"),
+    }
+    Ok(())
+}
+
+/// Stops the simulated agents and their runtime.
+async fn stop_agents(agents_rt: tokio::runtime::Runtime, agents: Vec<AgentHandle>) -> Result<()> {
+    agents_rt
+        .spawn(async move {
+            for a in agents {
+                a.shutdown().await;
+            }
+        })
+        .await?;
+    agents_rt.shutdown_background();
+    Ok(())
 }
 
 #[tokio::main]
@@ -519,6 +564,40 @@ async fn main() -> Result<()> {
     };
     let converge = converge_started.elapsed() + create_total;
 
+    if args.serve_console {
+        if let Some(first) = failures.first() {
+            let error = format!(
+                "{} of {} creates failed (first: {first}); give more --hosts",
+                failures.len(),
+                args.vms
+            );
+            // The agents' runtime must not be dropped inside this one.
+            stop_agents(agents_rt, agents).await?;
+            bail!(error);
+        }
+        eprintln!(
+            "{} VMs created ({reported} reported stopped) after {:.1} s; serving {}/ui/ until stdin closes",
+            create_lat.len(),
+            converge.as_secs_f64(),
+            server.url
+        );
+        let ready = serde_json::json!({
+            "url": server.url,
+            "token": token,
+            "project": skyvisor_core::auth::default_project().to_string(),
+            "hosts": args.hosts,
+            "vms": create_lat.len(),
+            "reported": reported,
+            "first": "vm-00000",
+            "last": format!("vm-{:05}", args.vms.saturating_sub(1)),
+        });
+        println!("{ready}");
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        serve_until_stopped().await?;
+        return stop_agents(agents_rt, agents).await;
+    }
+
     // List all.
     let mut list_lat = Vec::new();
     let mut list_bytes = 0;
@@ -615,13 +694,5 @@ async fn main() -> Result<()> {
             failures[0]
         );
     }
-    agents_rt
-        .spawn(async move {
-            for a in agents {
-                a.shutdown().await;
-            }
-        })
-        .await?;
-    agents_rt.shutdown_background();
-    Ok(())
+    stop_agents(agents_rt, agents).await
 }

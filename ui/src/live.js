@@ -107,7 +107,7 @@ export function useLiveList(opts, deps = []) {
   useEffect(() => {
     setItems(null);
     reload();
-    return () => { gen.current++; for (const t of timers.current.values()) clearTimeout(t); timers.current.clear(); };
+    return () => { gen.current++; for (const t of timers.current.values()) clearTimeout(t.timer); timers.current.clear(); };
   }, [api.project, ...deps]);
 
   useEvents((ev) => {
@@ -116,10 +116,19 @@ export function useLiveList(opts, deps = []) {
     if (!o.cluster && !inProject(ev)) return;
     const name = o.eventName ? o.eventName(ev) : ev.name;
     if (!name) return;
-    // Coalesce bursts of events about one object into one call.
-    const t = timers.current.get(name);
-    if (t) clearTimeout(t);
-    timers.current.set(name, setTimeout(() => { timers.current.delete(name); refetch(name); }, 120));
+    // The first event refetches at once; the ones that arrive while that
+    // call runs (or in the 120 ms after it) coalesce into one more call.
+    const pending = timers.current.get(name);
+    if (pending) { pending.again = true; return; }
+    const entry = { again: false, timer: null };
+    timers.current.set(name, entry);
+    const run = () => refetch(name).then(() => {
+      entry.timer = setTimeout(() => {
+        if (timers.current.get(name) !== entry) return;
+        if (entry.again) { entry.again = false; run(); } else timers.current.delete(name);
+      }, 120);
+    });
+    run();
   });
 
   return { items, error, reload, upsert, remove, refetch };

@@ -1,6 +1,6 @@
 // Instances: the live list, CPU/memory sparklines from /v1/top/instances,
 // a search box, a state filter, and the create dialog.
-import { useMemo, useRef, useState } from 'preact/hooks';
+import { useEffect, useMemo, useRef, useState } from 'preact/hooks';
 import { api } from '../api.js';
 import { useFetch, useInterval, useLiveList } from '../live.js';
 import { useSession } from '../session.js';
@@ -46,6 +46,9 @@ function useTop(enabled) {
       const seen = new Set();
       for (const s of t.vms || []) {
         if (s.project && s.project !== api.project) continue;
+        // A stopped instance uses nothing: no sparkline (its configured
+        // memory is not use).
+        if (s.phase !== 'running') continue;
         seen.add(s.name);
         const h = hist.current.get(s.name) || { cpu: [], mem: [], last: null };
         const at = Date.parse(s.at);
@@ -53,7 +56,7 @@ function useTop(enabled) {
           const cpu = ((s.vcpu_seconds - h.last.vcpu_seconds) / ((at - h.last.atMs) / 1000)) * 100;
           h.cpu.push(Math.max(0, cpu));
         }
-        if (!h.last || at !== h.last.atMs) h.mem.push(s.rss_bytes != null ? s.rss_bytes : s.memory_bytes);
+        if ((!h.last || at !== h.last.atMs) && s.rss_bytes != null) h.mem.push(s.rss_bytes);
         h.cpu = h.cpu.slice(-24); h.mem = h.mem.slice(-24);
         h.last = { ...s, atMs: at };
         hist.current.set(s.name, h);
@@ -82,6 +85,18 @@ export function InstancesPage() {
       ...Object.entries(i.spec.labels || {}).map(([k, v]) => `${k}=${v}`)].join(' ').toLowerCase();
     return hay.includes(q.toLowerCase());
   }), [items, q, state]);
+  // Render the first PAGE matches; more as the end of the table nears.
+  const PAGE = 100;
+  const [limit, setLimit] = useState(PAGE);
+  useEffect(() => setLimit(PAGE), [q, state]);
+  const sentinel = useRef(null);
+  useEffect(() => {
+    const el = sentinel.current;
+    if (!el) return undefined;
+    const io = new IntersectionObserver((es) => { if (es.some((e) => e.isIntersecting)) setLimit((l) => l + 2 * PAGE); }, { rootMargin: '800px' });
+    io.observe(el);
+    return () => io.disconnect();
+  });
 
   return (
     <section aria-labelledby="h-instances">
@@ -104,7 +119,7 @@ export function InstancesPage() {
         <Table caption="Instances" testid="instances-table"
           head={['Name', 'Kind', 'State', 'IP', 'Host', 'Type', 'Uptime', 'CPU', 'Memory']}
           empty={shown.length ? null : (items.length ? 'No instance matches.' : 'No instances yet.')}>
-          {shown.map((i) => {
+          {shown.slice(0, limit).map((i) => {
             const name = i.spec.name;
             const h = top.get(name);
             const phase = instancePhase(i);
@@ -133,6 +148,11 @@ export function InstancesPage() {
             );
           })}
         </Table>
+      )}
+      {items && shown.length > limit && (
+        <p ref={sentinel} class="muted" data-testid="instances-more">
+          Showing {limit} of {shown.length}. <button type="button" class="link" onClick={() => setLimit((l) => l + 2 * PAGE)}>Show more</button>
+        </p>
       )}
       {creating && <CreateInstanceDialog onClose={() => setCreating(false)} onCreated={(i) => { upsert(i); announce(`Instance ${i.spec.name} created`); }} />}
     </section>

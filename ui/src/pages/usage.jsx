@@ -4,6 +4,7 @@ import { useEffect, useState } from 'preact/hooks';
 import { api } from '../api.js';
 import { useFetch } from '../live.js';
 import { BarChart, ErrorText, Loading, Table } from '../components/ui.jsx';
+import { fmtTime } from '../util.js';
 
 function monthKey(d) { return `${d.getUTCFullYear()}-${String(d.getUTCMonth() + 1).padStart(2, '0')}`; }
 function lastMonths(n) {
@@ -38,7 +39,7 @@ export function UsagePage() {
         <ErrorText error={usage.error} />
         {usage.data && (
           <>
-            <p class="muted">{usage.data.from} → {usage.data.to}</p>
+            <p class="muted">{fmtTime(usage.data.from)} → {fmtTime(usage.data.to)}</p>
             <Table caption="Usage this month" head={['Meter', 'Type', 'Quantity', 'Unit']} testid="usage-table" empty={usage.data.lines.length ? null : 'Nothing used yet.'}>
               {usage.data.lines.map((l, i) => (
                 <tr key={i}><td data-label="Meter">{l.meter}</td><td data-label="Type">{l.instance_type || (l.replicas ? `${l.replicas} replicas` : '–')}</td>

@@ -233,9 +233,30 @@ pub fn router(cp: ControlPlane) -> Router {
             cp.clone(),
             cluster::require_store,
         ))
+        .layer(compression())
         .layer(cors())
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(cp)
+}
+
+/// Gzips JSON answers for clients that accept it (a list of 1,000
+/// instances is 1 MiB of JSON, 60 KiB gzipped), and nothing else: image
+/// files are large and already packed, and the event stream must flow.
+fn compression()
+-> tower_http::compression::CompressionLayer<impl tower_http::compression::Predicate> {
+    use tower_http::compression::Predicate;
+    use tower_http::compression::predicate::SizeAbove;
+    let json_only = |_: axum::http::StatusCode,
+                     _: axum::http::Version,
+                     headers: &axum::http::HeaderMap,
+                     _: &axum::http::Extensions| {
+        headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"))
+    };
+    tower_http::compression::CompressionLayer::new()
+        .compress_when(SizeAbove::new(1024).and(json_only))
 }
 
 /// Lets pages of other origins call the API: the web console, when the

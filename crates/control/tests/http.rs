@@ -1,0 +1,166 @@
+//! What the API's HTTP layer does for every route, over real HTTP: JSON
+//! answers gzipped for clients that ask (never the event stream), and
+//! cross-origin calls allowed (the web console fails over to another
+//! server) without credentials.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+
+use skyvisor_control::{ClusterSettings, ControlPlane, ServerConfig, Weigher};
+use skyvisor_core::ServerName;
+use skyvisor_store::{EmbeddedStore, Store};
+
+/// A server on the embedded store: its URL, a cluster admin's token, and
+/// its cluster membership (held for as long as the server serves).
+async fn server(dir: &std::path::Path) -> (String, String, impl Sized) {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let cp = ControlPlane::start(
+        store,
+        ServerConfig {
+            data_dir: dir.join("server"),
+            cache_dir: dir.join("cache"),
+            guest_binary: None,
+            subnet: "10.97.0.0/16".parse().expect("subnet"),
+            vni: 4214,
+            private_vni_base: skyvisor_core::network::PRIVATE_VNI_BASE,
+            audit_retention: skyvisor_control::audit::DEFAULT_RETENTION,
+            event_retention: skyvisor_control::events::DEFAULT_RETENTION,
+            mtu: 1450,
+            weigher: Weigher::Spread,
+            cluster: ClusterSettings::single(ServerName::new("http").expect("name"), base.clone()),
+            max_upload_bytes: 1 << 20,
+            bootstrap_token_file: None,
+        },
+    )
+    .await
+    .expect("control plane");
+    let membership = cp.join_cluster().await.expect("join");
+    tokio::spawn(axum::serve(listener, skyvisor_control::api::router(cp.clone())).into_future());
+    let token = cp
+        .directory
+        .create_token(
+            &skyvisor_core::IdentityName::new(skyvisor_core::auth::BOOTSTRAP_IDENTITY)
+                .expect("name"),
+            "test",
+            None,
+        )
+        .await
+        .expect("token")
+        .bearer;
+    (base, token, membership)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_is_gzipped_when_asked_and_the_event_stream_never_is() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (base, token, _membership) = server(dir.path()).await;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+
+    let packed = http
+        .get(format!("{base}/v1/openapi.json"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(packed.headers()["content-encoding"], "gzip");
+    let bytes = packed.bytes().await.expect("body");
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&bytes[..])
+        .read_to_string(&mut text)
+        .expect("gzip");
+    let doc: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert!(doc["paths"]["/v1/instances"].is_object());
+    assert!(
+        bytes.len() * 4 < text.len(),
+        "{} of {}",
+        bytes.len(),
+        text.len()
+    );
+
+    let plain = http
+        .get(format!("{base}/v1/openapi.json"))
+        .send()
+        .await
+        .expect("request");
+    assert!(plain.headers().get("content-encoding").is_none());
+
+    let stream = http
+        .get(format!("{base}/v1/events/stream"))
+        .header("accept-encoding", "gzip")
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(stream.status(), 200);
+    assert!(
+        stream.headers()["content-type"]
+            .to_str()
+            .expect("text")
+            .starts_with("text/event-stream")
+    );
+    assert!(
+        stream.headers().get("content-encoding").is_none(),
+        "the event stream was compressed: a client would wait for a block"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_origins_may_call_with_a_token_and_no_credentials() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (base, token, _membership) = server(dir.path()).await;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let preflight = http
+        .request(reqwest::Method::OPTIONS, format!("{base}/v1/instances"))
+        .header("origin", "http://10.0.0.7:7780")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type,x-skyvisor-project",
+        )
+        .send()
+        .await
+        .expect("request");
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    let h = preflight.headers();
+    assert_eq!(h["access-control-allow-origin"], "*");
+    let allowed = h["access-control-allow-headers"]
+        .to_str()
+        .expect("text")
+        .to_ascii_lowercase();
+    for header in ["authorization", "content-type", "x-skyvisor-project"] {
+        assert!(allowed.contains(header), "{allowed}");
+    }
+    assert!(h.get("access-control-allow-credentials").is_none());
+
+    // The call itself: answered, with the origin allowed; a missing token
+    // is still 401.
+    let call = http
+        .get(format!("{base}/v1/instances"))
+        .header("origin", "http://10.0.0.7:7780")
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(call.status(), 200);
+    assert_eq!(call.headers()["access-control-allow-origin"], "*");
+    let anonymous = http
+        .get(format!("{base}/v1/instances"))
+        .header("origin", "http://10.0.0.7:7780")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(anonymous.status(), 401);
+}

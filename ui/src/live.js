@@ -107,7 +107,7 @@ export function useLiveList(opts, deps = []) {
   useEffect(() => {
     setItems(null);
     reload();
-    return () => { gen.current++; for (const t of timers.current.values()) clearTimeout(t.timer); timers.current.clear(); };
+    return () => { gen.current++; timers.current.clear(); };
   }, [api.project, ...deps]);
 
   useEvents((ev) => {
@@ -117,16 +117,14 @@ export function useLiveList(opts, deps = []) {
     const name = o.eventName ? o.eventName(ev) : ev.name;
     if (!name) return;
     // The first event refetches at once; the ones that arrive while that
-    // call runs (or in the 120 ms after it) coalesce into one more call.
+    // call runs coalesce into one more call, made as soon as it returns.
     const pending = timers.current.get(name);
     if (pending) { pending.again = true; return; }
-    const entry = { again: false, timer: null };
+    const entry = { again: false };
     timers.current.set(name, entry);
     const run = () => refetch(name).then(() => {
-      entry.timer = setTimeout(() => {
-        if (timers.current.get(name) !== entry) return;
-        if (entry.again) { entry.again = false; run(); } else timers.current.delete(name);
-      }, 120);
+      if (timers.current.get(name) !== entry) return;
+      if (entry.again) { entry.again = false; run(); } else timers.current.delete(name);
     });
     run();
   });

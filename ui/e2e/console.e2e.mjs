@@ -13,16 +13,11 @@
 //   SV_OTHER_INSTANCE    an instance of another project, never to be seen
 //   SV_SHOTS             optional: a directory for screenshots of the main pages
 //   SV_CHROMIUM          optional: the browser (default /usr/bin/chromium)
-import { chromium } from 'playwright-core';
+import { env, launch, log, waitFor as waitOn } from './lib.mjs';
 import assert from 'node:assert/strict';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 
-const env = (k) => {
-  const v = process.env[k];
-  if (!v) throw new Error(`${k} is not set`);
-  return v;
-};
 const URL = env('SV_URL');
 const PROJECT = env('SV_PROJECT');
 const MEMBER = env('SV_MEMBER_TOKEN');
@@ -37,8 +32,6 @@ const VM = 'ui-vm';
 const BOOT = 240_000;
 const STEP = 60_000;
 
-const started = Date.now();
-const log = (msg) => console.log(`[${((Date.now() - started) / 1000).toFixed(1)}s] ${msg}`);
 
 /** A direct API call (not through the page), to compare and to set up. */
 async function api(method, path, token, body) {
@@ -57,10 +50,7 @@ async function api(method, path, token, body) {
   return { status: r.status, json, text };
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.SV_CHROMIUM || '/usr/bin/chromium',
-  args: ['--no-sandbox'],
-});
+const browser = await launch();
 const context = await browser.newContext({ viewport: { width: 1280, height: 860 } });
 const page = await context.newPage();
 page.setDefaultTimeout(STEP);
@@ -99,15 +89,7 @@ async function settled() {
   }));
 }
 
-async function waitFor(what, check, timeout = STEP) {
-  const deadline = Date.now() + timeout;
-  for (;;) {
-    const v = await check().catch(() => undefined);
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeout / 1000}s waiting for ${what}`);
-    await page.waitForTimeout(250);
-  }
-}
+const waitFor = (what, check, timeout = STEP) => waitOn(page, what, check, timeout);
 
 try {
   // --- Sign in: a bad token is refused in the API's words. ---
@@ -184,6 +166,31 @@ try {
   const snaps = await api('GET', `/v1/instances/${VM}/snapshots`, MEMBER);
   assert.ok(JSON.stringify(snaps.json).includes('before-stop'), snaps.text);
 
+  // --- Restore it, then clone it into a new VM (and delete the clone). ---
+  log('restore');
+  await snapRow.getByTestId('snapshot-restore').click();
+  await page.getByTestId('confirm-button').click();
+  await waitFor(`${VM} restored from the snapshot`, async () => {
+    const v = (await api('GET', `/v1/instances/${VM}`, MEMBER)).json;
+    return v?.status?.restored_from?.includes('before-stop') && v.status.phase === 'running';
+  }, BOOT);
+  log('clone');
+  await snapRow.getByTestId('snapshot-clone').click();
+  const cloneDialog = page.getByTestId('create-instance-dialog');
+  await cloneDialog.getByTestId('create-name').fill('ui-clone');
+  await cloneDialog.getByTestId('dialog-submit').click();
+  await waitFor('the clone running, on its own page', async () =>
+    page.url().includes('#/instances/ui-clone') &&
+    (await page.getByTestId('instance-state').first().innerText()).trim() === 'running', BOOT);
+  const clone = (await api('GET', '/v1/instances/ui-clone', MEMBER)).json;
+  assert.ok(clone?.status?.restored_from?.includes('before-stop'), JSON.stringify(clone?.status));
+  assert.notEqual(clone.spec.id, (await api('GET', `/v1/instances/${VM}`, MEMBER)).json.spec.id);
+  await page.getByTestId('instance-action-delete').click();
+  await page.getByTestId('confirm-button').click();
+  await waitFor('the clone gone', async () => (await api('GET', '/v1/instances/ui-clone', MEMBER)).status === 404, BOOT);
+  await page.goto(`${URL}/ui/#/instances/${VM}/overview`);
+  await page.getByTestId('instance-action-stop').waitFor();
+
   // --- Metrics over the last hour (a point every 15 s). ---
   log('metrics');
   await page.getByTestId('tab-metrics').click();
@@ -201,6 +208,15 @@ try {
     (await page.getByTestId('instance-state').first().innerText()).trim() === 'stopped', BOOT);
   const stopped = await api('GET', `/v1/instances/${VM}`, MEMBER);
   assert.equal(stopped.json.status.phase, 'stopped', stopped.text);
+
+  // --- Resize while stopped. ---
+  log('resize');
+  await page.getByTestId('instance-action-resize').click();
+  const resizeDialog = page.getByTestId('resize-dialog');
+  await resizeDialog.getByTestId('resize-type').selectOption('micro');
+  await resizeDialog.getByTestId('dialog-submit').click();
+  await waitFor(`${VM} resized to micro`, async () =>
+    (await api('GET', `/v1/instances/${VM}`, MEMBER)).json?.spec?.instance_type === 'micro');
 
   // --- The events feed: what happened, and what happens next, live. ---
   log('events');

@@ -8,41 +8,23 @@
 // Protocol with the test: this script prints READY-TO-KILL once the page
 // knows the cluster's servers; the test kills server 1, creates the stopped
 // VM `after-failover` through server 2 and writes `killed` on stdin.
-import { chromium } from 'playwright-core';
+import { env, launch, log, waitFor as waitOn } from './lib.mjs';
 import assert from 'node:assert/strict';
 import { createInterface } from 'node:readline';
 
-const env = (k) => {
-  const v = process.env[k];
-  if (!v) throw new Error(`${k} is not set`);
-  return v;
-};
 const URL = env('SV_URL');
 const TOKEN = env('SV_TOKEN');
 const VM = 'after-failover';
 const STEP = 60_000;
-const started = Date.now();
-const log = (msg) => console.log(`[${((Date.now() - started) / 1000).toFixed(1)}s] ${msg}`);
 const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
 
-const browser = await chromium.launch({
-  executablePath: process.env.SV_CHROMIUM || '/usr/bin/chromium',
-  args: ['--no-sandbox'],
-});
+const browser = await launch();
 const page = await browser.newPage();
 page.setDefaultTimeout(STEP);
 const pageErrors = [];
 page.on('pageerror', (e) => pageErrors.push(String(e)));
 
-async function waitFor(what, check, timeout = STEP) {
-  const deadline = Date.now() + timeout;
-  for (;;) {
-    const v = await check().catch(() => undefined);
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeout / 1000}s waiting for ${what}`);
-    await page.waitForTimeout(250);
-  }
-}
+const waitFor = (what, check, timeout = STEP) => waitOn(page, what, check, timeout);
 
 const stored = (key) => page.evaluate((k) => localStorage.getItem(k), key);
 

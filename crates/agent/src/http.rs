@@ -123,14 +123,7 @@ async fn console_session(
     mut req: axum::extract::Request,
 ) -> axum::response::Response {
     use crate::console::UPGRADE_PROTOCOL;
-    let asked = req
-        .headers()
-        .get(axum::http::header::UPGRADE)
-        .is_some_and(|v| {
-            v.as_bytes()
-                .eq_ignore_ascii_case(UPGRADE_PROTOCOL.as_bytes())
-        });
-    if !asked {
+    if !asks_upgrade(&req, UPGRADE_PROTOCOL) {
         return (
             StatusCode::BAD_REQUEST,
             format!("a console session needs Upgrade: {UPGRADE_PROTOCOL}"),
@@ -148,10 +141,22 @@ async fn console_session(
             crate::console::session(files, q.input, hyper_util::rt::TokioIo::new(upgraded)).await;
         }
     });
+    switching_to(UPGRADE_PROTOCOL)
+}
+
+/// Whether `req` asks to upgrade its connection to `protocol`.
+fn asks_upgrade(req: &axum::extract::Request, protocol: &str) -> bool {
+    req.headers()
+        .get(axum::http::header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(protocol.as_bytes()))
+}
+
+/// The answer that switches the connection to `protocol`.
+fn switching_to(protocol: &'static str) -> axum::response::Response {
     (
         StatusCode::SWITCHING_PROTOCOLS,
         [
-            (axum::http::header::UPGRADE, UPGRADE_PROTOCOL),
+            (axum::http::header::UPGRADE, protocol),
             (axum::http::header::CONNECTION, "upgrade"),
         ],
     )
@@ -202,14 +207,7 @@ async fn exec_tty(
         Ok(e) => e,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("spec: {e}")).into_response(),
     };
-    let asked = req
-        .headers()
-        .get(axum::http::header::UPGRADE)
-        .is_some_and(|v| {
-            v.as_bytes()
-                .eq_ignore_ascii_case(UPGRADE_PROTOCOL.as_bytes())
-        });
-    if !asked {
+    if !asks_upgrade(&req, UPGRADE_PROTOCOL) {
         return (
             StatusCode::BAD_REQUEST,
             format!("a terminal session needs Upgrade: {UPGRADE_PROTOCOL}"),
@@ -232,14 +230,7 @@ async fn exec_tty(
                 .await;
         }
     });
-    (
-        StatusCode::SWITCHING_PROTOCOLS,
-        [
-            (axum::http::header::UPGRADE, UPGRADE_PROTOCOL),
-            (axum::http::header::CONNECTION, "upgrade"),
-        ],
-    )
-        .into_response()
+    switching_to(UPGRADE_PROTOCOL)
 }
 
 #[derive(Deserialize)]

@@ -47,17 +47,8 @@ impl ControlPlane {
             "{agent}/agent/v1/instances/{}/console-session",
             inst.spec.id
         );
-        let resp = self
-            .http
-            .get(&url)
-            .query(&[("input", input)])
-            .header(reqwest::header::UPGRADE, CONSOLE_UPGRADE_PROTOCOL)
-            .header(reqwest::header::CONNECTION, "upgrade")
-            .send()
-            .await
-            .map_err(|e| {
-                ApiError::unavailable(format!("host {} unreachable: {e}", inst.spec.host))
-            })?;
+        let request = self.http.get(&url).query(&[("input", input)]);
+        let resp = ask_upgrade(request, CONSOLE_UPGRADE_PROTOCOL, &inst.spec.host).await?;
         if resp.status() != reqwest::StatusCode::SWITCHING_PROTOCOLS {
             let status = resp.status();
             let text = resp.text().await.unwrap_or_default();
@@ -66,13 +57,35 @@ impl ControlPlane {
                 inst.spec.host
             )));
         }
-        resp.upgrade().await.map_err(|e| {
-            ApiError::bad_gateway(format!(
-                "host {} did not open the console session: {e}",
-                inst.spec.host
-            ))
-        })
+        upgraded(resp, &inst.spec.host, "console session").await
     }
+}
+
+/// Sends `request` to `host`'s agent asking it to switch the connection to
+/// `protocol` (console and terminal sessions); the agent's answer.
+pub(crate) async fn ask_upgrade(
+    request: reqwest::RequestBuilder,
+    protocol: &str,
+    host: &skyvisor_core::HostName,
+) -> ApiResult<reqwest::Response> {
+    request
+        .header(reqwest::header::UPGRADE, protocol)
+        .header(reqwest::header::CONNECTION, "upgrade")
+        .send()
+        .await
+        .map_err(|e| ApiError::unavailable(format!("host {host} unreachable: {e}")))
+}
+
+/// The connection a `101 Switching Protocols` answer of `host` opened for
+/// its `session`.
+pub(crate) async fn upgraded(
+    resp: reqwest::Response,
+    host: &skyvisor_core::HostName,
+    session: &str,
+) -> ApiResult<reqwest::Upgraded> {
+    resp.upgrade()
+        .await
+        .map_err(|e| ApiError::bad_gateway(format!("host {host} did not open the {session}: {e}")))
 }
 
 /// Relays `socket` to the console session `upstream` opens, or closes it

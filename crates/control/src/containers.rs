@@ -152,17 +152,8 @@ impl crate::ControlPlane {
         let url = format!("{agent}/agent/v1/instances/{}/exec-tty", inst.spec.id);
         let spec = serde_json::to_string(req)
             .map_err(|e| ApiError::internal(format!("encoding the exec request: {e}")))?;
-        let resp = self
-            .http
-            .post(&url)
-            .query(&[("spec", spec)])
-            .header(reqwest::header::UPGRADE, UPGRADE_PROTOCOL)
-            .header(reqwest::header::CONNECTION, "upgrade")
-            .send()
-            .await
-            .map_err(|e| {
-                ApiError::unavailable(format!("host {} unreachable: {e}", inst.spec.host))
-            })?;
+        let request = self.http.post(&url).query(&[("spec", spec)]);
+        let resp = crate::console::ask_upgrade(request, UPGRADE_PROTOCOL, &inst.spec.host).await?;
         if resp.status() != reqwest::StatusCode::SWITCHING_PROTOCOLS {
             let resp = agent_answer(resp, name, &inst).await?;
             return Err(ApiError::bad_gateway(format!(
@@ -171,12 +162,7 @@ impl crate::ControlPlane {
                 resp.status()
             )));
         }
-        resp.upgrade().await.map_err(|e| {
-            ApiError::bad_gateway(format!(
-                "host {} did not open the terminal session: {e}",
-                inst.spec.host
-            ))
-        })
+        crate::console::upgraded(resp, &inst.spec.host, "terminal session").await
     }
 
     /// The running container `name` of `project` and its agent's URL, or

@@ -4,61 +4,14 @@
 //! server) without credentials.
 
 use std::io::Read;
-use std::sync::Arc;
 use std::time::Duration;
 
-use skyvisor_control::{ClusterSettings, ControlPlane, ServerConfig, Weigher};
-use skyvisor_core::ServerName;
-use skyvisor_store::{EmbeddedStore, Store};
-
-/// A server on the embedded store: its URL, a cluster admin's token, and
-/// its cluster membership (held for as long as the server serves).
-async fn server(dir: &std::path::Path) -> (String, String, impl Sized) {
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let cp = ControlPlane::start(
-        store,
-        ServerConfig {
-            data_dir: dir.join("server"),
-            cache_dir: dir.join("cache"),
-            guest_binary: None,
-            subnet: "10.97.0.0/16".parse().expect("subnet"),
-            vni: 4214,
-            private_vni_base: skyvisor_core::network::PRIVATE_VNI_BASE,
-            audit_retention: skyvisor_control::audit::DEFAULT_RETENTION,
-            event_retention: skyvisor_control::events::DEFAULT_RETENTION,
-            mtu: 1450,
-            weigher: Weigher::Spread,
-            cluster: ClusterSettings::single(ServerName::new("http").expect("name"), base.clone()),
-            max_upload_bytes: 1 << 20,
-            bootstrap_token_file: None,
-        },
-    )
-    .await
-    .expect("control plane");
-    let membership = cp.join_cluster().await.expect("join");
-    tokio::spawn(axum::serve(listener, skyvisor_control::api::router(cp.clone())).into_future());
-    let token = cp
-        .directory
-        .create_token(
-            &skyvisor_core::IdentityName::new(skyvisor_core::auth::BOOTSTRAP_IDENTITY)
-                .expect("name"),
-            "test",
-            None,
-        )
-        .await
-        .expect("token")
-        .bearer;
-    (base, token, membership)
-}
+mod common;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_is_gzipped_when_asked_and_the_event_stream_never_is() {
     let dir = tempfile::tempdir().expect("tmp");
-    let (base, token, _membership) = server(dir.path()).await;
+    let (base, token, _membership) = common::server(dir.path(), 1 << 20).await;
     let http = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(30))
@@ -116,7 +69,7 @@ async fn json_is_gzipped_when_asked_and_the_event_stream_never_is() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_origins_may_call_with_a_token_and_no_credentials() {
     let dir = tempfile::tempdir().expect("tmp");
-    let (base, token, _membership) = server(dir.path()).await;
+    let (base, token, _membership) = common::server(dir.path(), 1 << 20).await;
     let http = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(30))

@@ -2,12 +2,9 @@
 //! refused (413, saying the limit) and leaves no record and no files; one
 //! within the limit is imported.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use skyvisor_control::{ClusterSettings, ControlPlane, ServerConfig, Weigher};
-use skyvisor_core::ServerName;
-use skyvisor_store::{EmbeddedStore, Store};
+mod common;
 
 const BOUNDARY: &str = "skyvisor-test-boundary";
 
@@ -26,48 +23,8 @@ fn disk_part(data: &[u8]) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_over_the_limit_is_refused_and_leaves_nothing() {
     let dir = tempfile::tempdir().expect("tmp");
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::in_memory().expect("store"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
     let limit = 1u64 << 20;
-    let cp = ControlPlane::start(
-        store,
-        ServerConfig {
-            data_dir: dir.path().join("server"),
-            cache_dir: dir.path().join("cache"),
-            guest_binary: None,
-            subnet: "10.98.0.0/16".parse().expect("subnet"),
-            vni: 4213,
-            private_vni_base: skyvisor_core::network::PRIVATE_VNI_BASE,
-            audit_retention: skyvisor_control::audit::DEFAULT_RETENTION,
-            event_retention: skyvisor_control::events::DEFAULT_RETENTION,
-            mtu: 1450,
-            weigher: Weigher::Spread,
-            cluster: ClusterSettings::single(
-                ServerName::new("uploads").expect("name"),
-                base.clone(),
-            ),
-            max_upload_bytes: limit,
-            bootstrap_token_file: None,
-        },
-    )
-    .await
-    .expect("control plane");
-    let _membership = cp.join_cluster().await.expect("join");
-    tokio::spawn(axum::serve(listener, skyvisor_control::api::router(cp.clone())).into_future());
-    let token = cp
-        .directory
-        .create_token(
-            &skyvisor_core::IdentityName::new(skyvisor_core::auth::BOOTSTRAP_IDENTITY)
-                .expect("name"),
-            "test",
-            None,
-        )
-        .await
-        .expect("token")
-        .bearer;
+    let (base, token, _membership) = common::server(dir.path(), limit).await;
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(
         reqwest::header::AUTHORIZATION,

@@ -416,12 +416,20 @@ pub(super) async fn console_ws(
         axum::extract::ws::rejection::WebSocketUpgradeRejection,
     >,
 ) -> ApiResult<axum::response::Response> {
-    let ws = ws.map_err(|e| {
-        ApiError::invalid(format!(
-            "this endpoint is a WebSocket: open it with a WebSocket handshake asking for the subprotocol {} ({e}); GET /v1/instances/{{name}}/console reads the log without one",
-            crate::console::WEBSOCKET_PROTOCOL
-        ))
-    })?;
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            // Not a handshake: an instance the caller cannot see is 404
+            // first, as on every route. (A handshake is accepted before the
+            // lookup, because a browser cannot read a refused one's answer:
+            // it learns why from the close frame.)
+            cp.visible_instance(&caller, &name).await?;
+            return Err(ApiError::invalid(format!(
+                "this endpoint is a WebSocket: open it with a WebSocket handshake asking for the subprotocol {} ({e}); GET /v1/instances/{{name}}/console reads the log without one",
+                crate::console::WEBSOCKET_PROTOCOL
+            )));
+        }
+    };
     let input = caller.may(skyvisor_core::auth::Action::Write, &caller.project);
     Ok(ws
         .protocols([crate::console::WEBSOCKET_PROTOCOL])

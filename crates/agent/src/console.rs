@@ -143,10 +143,14 @@ impl SerialPort {
 
 /// Streams the log from its tail onwards into `out` until writing fails.
 async fn follow_log<W: AsyncWrite + Unpin>(log: PathBuf, mut out: W) {
-    let mut offset: Option<u64> = None;
+    let mut follower = Follower {
+        log,
+        file: None,
+        offset: 0,
+    };
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        match read_new(&log, &mut offset, &mut buf).await {
+        match follower.read_new(&mut buf).await {
             Ok(0) => tokio::time::sleep(FOLLOW_INTERVAL).await,
             Ok(n) => {
                 if out.write_all(&buf[..n]).await.is_err() || out.flush().await.is_err() {
@@ -159,25 +163,36 @@ async fn follow_log<W: AsyncWrite + Unpin>(log: PathBuf, mut out: W) {
     }
 }
 
-/// Reads what was appended to `log` after `offset` into `buf`; the first
-/// read starts [`TAIL_BYTES`] before the end. A log that shrank (replaced)
-/// is read again from its start.
-async fn read_new(log: &Path, offset: &mut Option<u64>, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut f = tokio::fs::File::open(log).await?;
-    let len = f.metadata().await?.len();
-    let start = match *offset {
-        None => len.saturating_sub(TAIL_BYTES),
-        Some(o) if o > len => 0,
-        Some(o) => o,
-    };
-    if start == len {
-        *offset = Some(start);
-        return Ok(0);
+/// A console log followed from [`TAIL_BYTES`] before its end, through one
+/// open file (the log is appended across runs, never replaced).
+struct Follower {
+    log: PathBuf,
+    file: Option<tokio::fs::File>,
+    /// Where the next read starts.
+    offset: u64,
+}
+
+impl Follower {
+    /// Reads what was appended since the last read into `buf`. A log that
+    /// shrank (truncated) is read again from its start.
+    async fn read_new(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let file = match &mut self.file {
+            Some(f) => f,
+            None => {
+                let mut f = tokio::fs::File::open(&self.log).await?;
+                self.offset = f.metadata().await?.len().saturating_sub(TAIL_BYTES);
+                f.seek(std::io::SeekFrom::Start(self.offset)).await?;
+                self.file.insert(f)
+            }
+        };
+        let n = file.read(buf).await?;
+        if n == 0 && file.metadata().await?.len() < self.offset {
+            self.offset = 0;
+            file.seek(std::io::SeekFrom::Start(0)).await?;
+        }
+        self.offset += n as u64;
+        Ok(n)
     }
-    f.seek(std::io::SeekFrom::Start(start)).await?;
-    let n = f.read(buf).await?;
-    *offset = Some(start + n as u64);
-    Ok(n)
 }
 
 #[cfg(test)]

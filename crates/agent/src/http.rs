@@ -135,13 +135,9 @@ async fn console_session(
         log: dir.join(skyvisor_qemu::files::SERIAL_LOG),
         socket: dir.join(skyvisor_qemu::files::CONSOLE_SOCKET),
     };
-    let upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        if let Ok(upgraded) = upgrade.await {
-            crate::console::session(files, q.input, hyper_util::rt::TokioIo::new(upgraded)).await;
-        }
-    });
-    switching_to(UPGRADE_PROTOCOL)
+    serve_upgraded(&mut req, UPGRADE_PROTOCOL, move |conn| {
+        crate::console::session(files, q.input, conn)
+    })
 }
 
 /// Whether `req` asks to upgrade its connection to `protocol`.
@@ -151,8 +147,23 @@ fn asks_upgrade(req: &axum::extract::Request, protocol: &str) -> bool {
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(protocol.as_bytes()))
 }
 
-/// The answer that switches the connection to `protocol`.
-fn switching_to(protocol: &'static str) -> axum::response::Response {
+/// Switches `req`'s connection to `protocol` and runs `session` on it
+/// once the client has it (in its own task: it outlives this request).
+fn serve_upgraded<F, Fut>(
+    req: &mut axum::extract::Request,
+    protocol: &'static str,
+    session: F,
+) -> axum::response::Response
+where
+    F: FnOnce(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgrade.await {
+            session(hyper_util::rt::TokioIo::new(upgraded)).await;
+        }
+    });
     (
         StatusCode::SWITCHING_PROTOCOLS,
         [
@@ -222,15 +233,9 @@ async fn exec_tty(
         }
         Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     }
-    let upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        if let Ok(upgraded) = upgrade.await {
-            driver
-                .tty_session(&instance, &exec, hyper_util::rt::TokioIo::new(upgraded))
-                .await;
-        }
-    });
-    switching_to(UPGRADE_PROTOCOL)
+    serve_upgraded(&mut req, UPGRADE_PROTOCOL, move |conn| async move {
+        driver.tty_session(&instance, &exec, conn).await;
+    })
 }
 
 #[derive(Deserialize)]

@@ -8,15 +8,21 @@ use std::time::Duration;
 
 mod common;
 
+/// A plain HTTP client: no compression of its own, so each test says what
+/// it accepts.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_is_gzipped_when_asked_and_the_event_stream_never_is() {
     let dir = tempfile::tempdir().expect("tmp");
     let (base, token, _membership) = common::server(dir.path(), 1 << 20).await;
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("client");
+    let http = client();
 
     let packed = http
         .get(format!("{base}/v1/openapi.json"))
@@ -70,11 +76,7 @@ async fn json_is_gzipped_when_asked_and_the_event_stream_never_is() {
 async fn other_origins_may_call_with_a_token_and_no_credentials() {
     let dir = tempfile::tempdir().expect("tmp");
     let (base, token, _membership) = common::server(dir.path(), 1 << 20).await;
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("client");
+    let http = client();
     let preflight = http
         .request(reqwest::Method::OPTIONS, format!("{base}/v1/instances"))
         .header("origin", "http://10.0.0.7:7780")

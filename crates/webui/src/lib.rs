@@ -7,6 +7,9 @@
 //! compressed once, at build time), with ETags; content-hashed chunks are
 //! cached for good, everything else is revalidated.
 
+use std::path::Path;
+use std::sync::Arc;
+
 use axum::Router;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -28,18 +31,23 @@ pub const DEV_DIR_ENV: &str = "SKYVISOR_UI_DIR";
 
 /// The console's routes: `/ui/...`, and `/` sends browsers there.
 pub fn router() -> Router {
+    // Read once: the files come from one place for the server's life.
+    let dev_dir: Option<Arc<Path>> = std::env::var_os(DEV_DIR_ENV).map(|d| Path::new(&d).into());
+    let index_dir = dev_dir.clone();
     Router::new()
         .route("/", axum::routing::get(|| async { Redirect::to("/ui/") }))
         .route("/ui", axum::routing::get(|| async { Redirect::to("/ui/") }))
         .route(
             "/ui/",
-            axum::routing::get(|h: HeaderMap| async move { serve("index.html", &h).await }),
+            axum::routing::get(move |h: HeaderMap| async move {
+                serve(index_dir.as_deref(), "index.html", &h)
+            }),
         )
         .route(
             "/ui/{*path}",
             axum::routing::get(
-                |axum::extract::Path(path): axum::extract::Path<String>, h: HeaderMap| async move {
-                    serve(&path, &h).await
+                move |axum::extract::Path(path): axum::extract::Path<String>, h: HeaderMap| async move {
+                    serve(dev_dir.as_deref(), &path, &h)
                 },
             ),
         )
@@ -50,9 +58,10 @@ pub fn files() -> impl Iterator<Item = &'static str> {
     ASSETS.iter().map(|a| a.path)
 }
 
-async fn serve(path: &str, headers: &HeaderMap) -> Response {
-    if let Some(dir) = std::env::var_os(DEV_DIR_ENV) {
-        return serve_from_disk(std::path::Path::new(&dir), path);
+/// `path` from `dev_dir` if set, else from the embedded files.
+fn serve(dev_dir: Option<&Path>, path: &str, headers: &HeaderMap) -> Response {
+    if let Some(dir) = dev_dir {
+        return serve_from_disk(dir, path);
     }
     let Some(asset) = ASSETS.iter().find(|a| a.path == path) else {
         return not_found(path);
@@ -86,7 +95,7 @@ async fn serve(path: &str, headers: &HeaderMap) -> Response {
     resp
 }
 
-fn serve_from_disk(dir: &std::path::Path, path: &str) -> Response {
+fn serve_from_disk(dir: &Path, path: &str) -> Response {
     if path.split('/').any(|part| part == ".." || part.is_empty()) {
         return not_found(path);
     }

@@ -273,3 +273,15 @@ export function Tabs({ tabs, current }) {
     </nav>
   );
 }
+
+// An event's kind, who caused it and its message: the cells every event
+// table ends with.
+export function EventCells({ e }) {
+  return (
+    <>
+      <td data-label="Event"><span class={`ev ev-${e.result}`}>{e.kind}</span></td>
+      <td data-label="By">{e.identity || 'system'}</td>
+      <td data-label="Message">{e.message}</td>
+    </>
+  );
+}

@@ -3,7 +3,7 @@ import { useEffect, useMemo, useState } from 'preact/hooks';
 import { api } from '../api.js';
 import { inProject, useEvents, useStreamState } from '../live.js';
 import { useSession } from '../session.js';
-import { ErrorText, Loading, Table } from '../components/ui.jsx';
+import { ErrorText, EventCells, Loading, Table } from '../components/ui.jsx';
 import { fmtTime } from '../util.js';
 
 const MAX = 1000;
@@ -64,9 +64,7 @@ export function EventsPage() {
               {perms.clusterAdmin && <td data-label="Project">{e.project || '–'}</td>}
               <td data-label="Object">{e.object} {e.object === 'instance' && (!e.project || e.project === api.project)
                 ? <a href={`#/instances/${encodeURIComponent(e.name)}`}>{e.name}</a> : e.name}</td>
-              <td data-label="Event"><span class={`ev ev-${e.result}`}>{e.kind}</span></td>
-              <td data-label="By">{e.identity || 'system'}</td>
-              <td data-label="Message">{e.message}</td>
+              <EventCells e={e} />
             </tr>
           ))}
         </Table>

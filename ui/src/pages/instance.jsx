@@ -7,7 +7,7 @@ import { inProject, useEvents, useFetch, useInterval } from '../live.js';
 import { useSession } from '../session.js';
 import { go, href } from '../route.js';
 import {
-  Chart, ConfirmDialog, ErrorText, Field, FormDialog, Loading, Progress, StateBadge, Table, Tabs, announce,
+  Chart, ConfirmDialog, ErrorText, EventCells, Field, FormDialog, Loading, Progress, StateBadge, Table, Tabs, announce,
 } from '../components/ui.jsx';
 import { CreateInstanceDialog, instanceAddrs, instancePhase, instanceType } from './instances.jsx';
 import { ago, fmtBytes, fmtDuration, fmtMiB, fmtMs, fmtPct, fmtRate, fmtTime, since } from '../util.js';
@@ -188,9 +188,7 @@ function InstanceEvents({ name }) {
           {events.map((e) => (
             <tr key={`${e.seq}-${e.kind}`}>
               <td data-label="Time">{fmtTime(e.at)}</td>
-              <td data-label="Event"><span class={`ev ev-${e.result}`}>{e.kind}</span></td>
-              <td data-label="By">{e.identity || 'system'}</td>
-              <td data-label="Message">{e.message}</td>
+              <EventCells e={e} />
             </tr>
           ))}
         </Table>

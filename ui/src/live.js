@@ -86,7 +86,11 @@ export function useLiveList(opts, deps = []) {
   const refetch = useCallback((name) => {
     const my = gen.current;
     return api.get(optsRef.current.item(name)).then((obj) => {
-      if (my === gen.current) upsert(obj);
+      if (my !== gen.current) return;
+      upsert(obj);
+      // Its removal records no event of its own: while it is being
+      // deleted, look at this one object again until it is gone.
+      if (obj && obj.spec && obj.spec.deleting) setTimeout(() => { if (my === gen.current) refetch(name); }, 1000);
     }, (e) => {
       if (my !== gen.current) return;
       if (e.status === 404) remove(name);

@@ -74,6 +74,30 @@ pub struct VmLaunch {
     /// [`Vm::prepare_incoming`]) instead of booting.
     #[serde(default)]
     pub migration_target: bool,
+    /// The tap's open file, handed over from the VM's previous hypervisor
+    /// process (see [`Vm::tap_file`]): the new one uses it instead of
+    /// opening the tap. Not recorded: it means nothing to a later agent.
+    #[serde(skip)]
+    pub tap_file: Option<TapFile>,
+}
+
+/// An open file of a VM's tap device, shared between the agent and the
+/// hypervisor processes it is handed to.
+#[derive(Debug, Clone)]
+pub struct TapFile(pub std::sync::Arc<std::os::fd::OwnedFd>);
+
+impl TapFile {
+    /// Its descriptor in this process.
+    pub fn raw_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.0.as_raw_fd()
+    }
+}
+
+impl PartialEq for TapFile {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 impl VmLaunch {
@@ -349,6 +373,14 @@ pub trait Vm: Send + Sync {
 
     /// Asks the hypervisor process to exit now.
     async fn quit(&self) -> Result<(), HvError>;
+
+    /// A reference to the hypervisor process's open file of tap `tap`, to
+    /// hand to the process that replaces it (a restore): while it is held,
+    /// frames for the guest queue in the tap instead of being dropped.
+    /// `None` if the hypervisor has none or cannot share it.
+    fn tap_file(&self, _tap: &str) -> Option<TapFile> {
+        None
+    }
 
     /// Kills the hypervisor process (last resort).
     fn kill(&self);

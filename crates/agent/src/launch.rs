@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::AgentContext;
 use crate::disks::create_root_disk;
-use crate::hypervisor::{LaunchBoot, LaunchVolume, VmLaunch};
+use crate::hypervisor::{LaunchBoot, LaunchVolume, TapFile, VmLaunch};
 use crate::supervisor::{LAUNCH_FILE, ROOT_DISK, Running, launch_volume};
 use crate::volumes::VolumeService;
 
@@ -63,13 +63,15 @@ impl Launcher {
 
     /// Prepares disk and network and launches the VM; undoes what it did
     /// on failure. With `incoming`, the VM continues from that saved
-    /// memory instead of booting.
+    /// memory instead of booting. `tap_file` is the tap's file held over
+    /// from the VM's previous hypervisor process, if any.
     pub(crate) async fn launch(
         &self,
         spec: &InstanceSpec,
         incoming: Option<PathBuf>,
         link_down: bool,
         migration_target: bool,
+        tap_file: Option<TapFile>,
     ) -> Result<(Running, GuestFacts), String> {
         let dir = self.vm_dir(spec);
         tokio::fs::create_dir_all(&dir)
@@ -198,6 +200,7 @@ impl Launcher {
             link_down,
             volumes: volumes.clone(),
             migration_target,
+            tap_file,
         };
         let vm = match self.ctx.hypervisor.launch(&launch).await {
             Ok(vm) => vm,

@@ -336,7 +336,7 @@ async fn prepare(
         return peer_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     }
     let launcher = Launcher { ctx: ctx.clone() };
-    let (running, guest) = match launcher.launch(&spec, None, false, true).await {
+    let (running, guest) = match launcher.launch(&spec, None, false, true, None).await {
         Ok(r) => r,
         Err(e) => {
             return peer_error(

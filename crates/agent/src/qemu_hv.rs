@@ -25,8 +25,8 @@ use tracing::{debug, info, warn};
 
 use crate::hypervisor::{
     CheckpointOutcome, CheckpointPlan, HvError, Hypervisor, IncomingPlan, LaunchBoot, LaunchVolume,
-    MIGRATION_EXPORT, OutgoingControl, OutgoingOutcome, OutgoingPlan, StreamAddr, Vm, VmEvent,
-    VmExit, VmLaunch,
+    MIGRATION_EXPORT, OutgoingControl, OutgoingOutcome, OutgoingPlan, StreamAddr, TapFile, Vm,
+    VmEvent, VmExit, VmLaunch,
 };
 
 /// The block node of the root disk (its disk id in [`QemuHypervisor::config`]).
@@ -109,6 +109,7 @@ impl QemuHypervisor {
             ifname: l.tap.clone(),
             mac: l.mac,
             vhost: l.accel == skyvisor_core::Accel::Kvm && Path::new("/dev/vhost-net").exists(),
+            fd: l.tap_file.as_ref().map(TapFile::raw_fd),
         }];
         cfg.guest_channel = l.guest_channel;
         cfg.guest_agent = l.guest_agent;
@@ -255,6 +256,16 @@ fn control(e: impl std::fmt::Display) -> HvError {
 impl Vm for QemuVmHandle {
     fn pid(&self) -> Option<u32> {
         u32::try_from(self.vm.pid()).ok()
+    }
+
+    fn tap_file(&self, tap: &str) -> Option<TapFile> {
+        match self.vm.tap_file(tap) {
+            Ok(file) => file.map(|f| TapFile(std::sync::Arc::new(f))),
+            Err(e) => {
+                debug!(tap, error = %e, "cannot share QEMU's tap file");
+                None
+            }
+        }
     }
 
     fn counters(&self) -> Option<std::sync::Arc<dyn crate::hypervisor::VmCounters>> {

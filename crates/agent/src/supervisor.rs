@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::AgentContext;
 use crate::checkpoints;
-use crate::hypervisor::{LaunchVolume, Vm, VmEvent, VmExit, VmLaunch};
+use crate::hypervisor::{LaunchVolume, TapFile, Vm, VmEvent, VmExit, VmLaunch};
 use crate::launch::Launcher;
 
 /// The file in a VM's directory recording how its running process was launched.
@@ -80,6 +80,9 @@ pub struct Supervisor {
     migration_done: Option<skyvisor_core::MigrationId>,
     /// The VM moved to another host: this supervisor is done.
     moved: bool,
+    /// The tap's file, taken from the QEMU a restore replaces, for the
+    /// next launch (frames queue in the tap meanwhile).
+    held_tap: Option<TapFile>,
 }
 
 impl Drop for Supervisor {
@@ -136,6 +139,7 @@ impl Supervisor {
             volume_error: None,
             migration_done: None,
             moved: false,
+            held_tap: None,
         }
     }
 
@@ -733,7 +737,12 @@ impl Supervisor {
         self.cancel_probe();
         self.set_phase(spec, InstancePhase::Starting).await;
         let began = Instant::now();
-        if self.running.is_some() {
+        if let Some(running) = &self.running {
+            // Held across the swap, the tap stays attached: frames for the
+            // guest wait for the restored QEMU instead of being dropped.
+            self.held_tap = running
+                .vm
+                .tap_file(&skyvisor_net::tap_name(&spec.id));
             self.terminate().await;
         }
         let stopped = began.elapsed();
@@ -750,6 +759,7 @@ impl Supervisor {
             "restore: old QEMU stopped, disk restored"
         );
         if let Err(m) = disk {
+            self.held_tap = None;
             self.release_if_stopped(spec).await;
             self.start_failed(spec, format!("restore from {} failed: {m}", snap.name))
                 .await;
@@ -779,6 +789,7 @@ impl Supervisor {
         } else {
             // Disk only (or the VM is to stay stopped): the next turn boots
             // it from the restored disk if it should run.
+            self.held_tap = None;
             self.release_if_stopped(spec).await;
             self.status.phase = InstancePhase::Stopped;
             self.status.restored_from = from;
@@ -868,7 +879,7 @@ impl Supervisor {
     ) -> Result<Running, String> {
         let (running, guest) = self
             .launcher()
-            .launch(spec, incoming, link_down, false)
+            .launch(spec, incoming, link_down, false, self.held_tap.take())
             .await?;
         guest.apply(&mut self.status);
         Ok(running)

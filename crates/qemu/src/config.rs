@@ -604,14 +604,23 @@ pub struct NicConfig {
     /// Use the in-kernel vhost-net backend. Only with KVM and when
     /// `/dev/vhost-net` exists.
     pub vhost: bool,
+    /// An open file of the tap `ifname` that QEMU inherits and uses instead
+    /// of opening the tap itself (`fd=`). The caller keeps the file open
+    /// until QEMU has started. Passing the file along keeps the tap
+    /// attached between two QEMUs, so frames queue instead of being dropped.
+    pub fd: Option<i32>,
 }
 
 impl NicConfig {
     fn netdev_arg(&self) -> String {
-        let mut s = format!(
-            "tap,id={},ifname={},script=no,downscript=no",
-            self.id, self.ifname
-        );
+        // QEMU refuses `ifname` and the scripts next to `fd`.
+        let mut s = match self.fd {
+            Some(fd) => format!("tap,id={},fd={fd}", self.id),
+            None => format!(
+                "tap,id={},ifname={},script=no,downscript=no",
+                self.id, self.ifname
+            ),
+        };
         if self.vhost {
             s.push_str(",vhost=on");
         }
@@ -753,6 +762,7 @@ mod tests {
             ifname: "sv-tap-web1".into(),
             mac: "52:54:00:12:34:56".parse().expect("mac"),
             vhost: true,
+            fd: None,
         });
         c.guest_channel = true;
         c.sandbox = true;
@@ -900,6 +910,7 @@ mod tests {
                         ifname: "a-very-long-tap-name".into(),
                         mac: MacAddr([0x52, 0x54, 0, 0, 0, 1]),
                         vhost: false,
+                        fd: None,
                     })
                 }),
             ),
@@ -911,6 +922,7 @@ mod tests {
                         ifname: "tap0".into(),
                         mac: MacAddr([0x52, 0x54, 0, 0, 0, 1]),
                         vhost: false,
+                        fd: None,
                     };
                     c.nics.push(nic.clone());
                     c.nics.push(nic);
@@ -952,8 +964,18 @@ mod tests {
             ifname: "tap1".into(),
             mac: MacAddr([0x52, 0x54, 0, 1, 2, 3]),
             vhost: false,
+            fd: None,
         };
         assert_eq!(nic.netdev_json()["ifname"], "tap1");
+        assert_eq!(
+            nic.netdev_arg(),
+            "tap,id=net1,ifname=tap1,script=no,downscript=no"
+        );
+        let inherited = NicConfig {
+            fd: Some(7),
+            ..nic.clone()
+        };
+        assert_eq!(inherited.netdev_arg(), "tap,id=net1,fd=7");
         assert_eq!(nic.device_json()["mac"], "52:54:00:01:02:03");
     }
 }

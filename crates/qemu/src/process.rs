@@ -211,6 +211,54 @@ impl QemuVm {
     pub fn exit_watch(&self) -> watch::Receiver<Option<ExitInfo>> {
         self.exit.clone()
     }
+
+    /// A second reference to QEMU's open file of tap `ifname` (the same
+    /// open file, taken with `pidfd_getfd`), or `None` if QEMU has no such
+    /// file. Held while QEMU is replaced and given to the next one
+    /// ([`crate::NicConfig::fd`]), it keeps the tap attached: frames for the
+    /// guest queue in the tap instead of being dropped while no QEMU reads.
+    pub fn tap_file(&self, ifname: &str) -> Result<Option<OwnedFd>, QemuError> {
+        let failed = |source: io::Error| QemuError::Process {
+            action: "find the tap file of",
+            pid: self.pid,
+            source,
+        };
+        let dir = format!("/proc/{}/fdinfo", self.pid);
+        for entry in fs::read_dir(&dir).map_err(failed)? {
+            let Ok(entry) = entry else { continue };
+            let Some(fd) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // Files closed meanwhile simply do not match.
+            let Ok(info) = fs::read_to_string(entry.path()) else {
+                continue;
+            };
+            if tun_interface(&info) != Some(ifname) {
+                continue;
+            }
+            return rustix::process::pidfd_getfd(
+                &*self.pidfd,
+                fd,
+                rustix::process::PidfdGetfdFlags::empty(),
+            )
+            .map(Some)
+            .map_err(|e| failed(e.into()));
+        }
+        Ok(None)
+    }
+}
+
+/// The interface a tun/tap file is attached to, from its `fdinfo` (the
+/// kernel's `iff:` line), if the file is one.
+fn tun_interface(fdinfo: &str) -> Option<&str> {
+    fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("iff:"))
+        .map(str::trim)
 }
 
 fn unknown_exit(run_dir: &Path) -> ExitInfo {
@@ -286,14 +334,22 @@ pub async fn launch(cfg: &VmConfig) -> Result<QemuVm, QemuError> {
         .stdout(stdout)
         .stderr(log)
         .kill_on_drop(false);
+    // Tap files QEMU inherits (`fd=`): opened close-on-exec like every file
+    // here, so only the child's copies are made inheritable.
+    let inherited: Vec<i32> = cfg.nics.iter().filter_map(|n| n.fd).collect();
     // SAFETY: the closure runs in the forked child before exec and only
-    // makes the setsid system call, which is async-signal-safe and touches
-    // no state shared with the parent.
+    // makes the setsid and fcntl system calls, which are async-signal-safe,
+    // on its own copies of the descriptors; it does not allocate.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             // Own session: no signals from the caller's terminal or process
             // group reach QEMU.
             rustix::process::setsid().map_err(io::Error::from)?;
+            for fd in &inherited {
+                let fd = std::os::fd::BorrowedFd::borrow_raw(*fd);
+                rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())
+                    .map_err(io::Error::from)?;
+            }
             Ok(())
         });
     }
@@ -716,6 +772,16 @@ mod tests {
             ProcessExit::from(std::process::ExitStatus::from_raw(3 << 8)),
             ProcessExit::Code(3)
         );
+    }
+
+    #[test]
+    fn tun_files_are_told_by_their_fdinfo() {
+        let tap = "pos:\t0\nflags:\t02004002\nmnt_id:\t25\nino:\t1061\niff:\tsvt0123\n";
+        assert_eq!(tun_interface(tap), Some("svt0123"));
+        let file = "pos:\t0\nflags:\t02100002\nmnt_id:\t25\nino:\t77\n";
+        assert_eq!(tun_interface(file), None);
+        // A tun file not yet attached to an interface names none.
+        assert_eq!(tun_interface("pos:\t0\niff:\t\n"), Some(""));
     }
 
     #[test]

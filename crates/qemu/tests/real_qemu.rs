@@ -584,6 +584,7 @@ fn devices_are_accepted_by_qemu() {
             ifname: tap.name.clone(),
             mac: MacAddr::derived_from(b"devices"),
             vhost: false,
+            fd: None,
         }];
         let vm = launch(&cfg).await.expect("launch with devices");
         reaper.watch(&vm);
@@ -812,6 +813,83 @@ fn probe_boots_a_guest_under_tcg() {
             "probe QEMUs left: {}",
             String::from_utf8_lossy(&left.stdout)
         );
+    });
+}
+
+/// The tap's carrier: on while some open file is attached to it.
+fn carrier(tap: &str) -> String {
+    fs::read_to_string(format!("/sys/class/net/{tap}/carrier"))
+        .expect("carrier")
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn a_tap_file_handed_to_the_next_qemu_keeps_the_tap_attached() {
+    run(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut reaper = Reaper::default();
+        let tap = Tap::create();
+        let st = Command::new("ip")
+            .args(["link", "set", &tap.name, "up"])
+            .status()
+            .expect("ip link");
+        assert!(st.success());
+        let nic = NicConfig {
+            id: "net0".into(),
+            ifname: tap.name.clone(),
+            mac: MacAddr::derived_from(b"handover"),
+            vhost: false,
+            fd: None,
+        };
+        let mut first = config(dir.path(), "first");
+        first.nics = vec![nic.clone()];
+        let vm = launch(&first).await.expect("launch the first QEMU");
+        reaper.watch(&vm);
+        assert_eq!(carrier(&tap.name), "1", "QEMU attached the tap");
+        assert!(
+            vm.tap_file("svqt-none").expect("look up").is_none(),
+            "no file of another tap"
+        );
+        let held = vm
+            .tap_file(&tap.name)
+            .expect("look up")
+            .expect("QEMU's tap file");
+
+        vm.qmp().quit().await.expect("quit");
+        tokio::time::timeout(DEADLINE, vm.wait_exit())
+            .await
+            .expect("exits");
+        assert_eq!(
+            carrier(&tap.name),
+            "1",
+            "the held file keeps the tap attached with no QEMU"
+        );
+
+        let mut second = config(dir.path(), "second");
+        second.nics = vec![NicConfig {
+            fd: Some(std::os::fd::AsRawFd::as_raw_fd(&held)),
+            ..nic
+        }];
+        let next = launch(&second).await.expect("launch with the held file");
+        reaper.watch(&next);
+        drop(held);
+        let nics = next
+            .qmp()
+            .human_monitor_command("info network")
+            .await
+            .expect("info network");
+        assert!(nics.contains("type=tap,fd="), "{nics}");
+        assert_eq!(
+            carrier(&tap.name),
+            "1",
+            "the second QEMU holds the file we let go"
+        );
+        next.qmp().quit().await.expect("quit");
+        tokio::time::timeout(DEADLINE, next.wait_exit())
+            .await
+            .expect("exits");
+        assert_eq!(carrier(&tap.name), "0", "no file is left attached");
     });
 }
 

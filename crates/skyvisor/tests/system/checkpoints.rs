@@ -67,6 +67,53 @@ fn snapshot_json(cloud: &Cloud, vm: &str, snap: &str) -> Value {
     v
 }
 
+/// Reads a tap's carrier every half millisecond until dropped: how often
+/// it was read and how often it was down (no file attached: frames for
+/// the guest dropped).
+struct CarrierWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(u32, u32)>>,
+}
+
+impl CarrierWatch {
+    fn start(tap: &str) -> Self {
+        let path = format!("/sys/class/net/{tap}/carrier");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut reads, mut down) = (0, 0);
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let up = std::fs::read_to_string(&path).is_ok_and(|c| c.trim() == "1");
+                reads += 1;
+                down += u32::from(!up);
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            (reads, down)
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops watching: (reads, reads that found the carrier down).
+    fn finish(mut self) -> (u32, u32) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or((0, 0))
+    }
+}
+
+fn tap_of(cloud: &Cloud, vm: &str) -> String {
+    let id = cloud.instance(vm)["spec"]["id"]
+        .as_str()
+        .expect("id")
+        .replace('-', "");
+    format!("svt{}", &id[..8])
+}
+
 fn snapshots_dir(cloud: &Cloud, vm: &str) -> PathBuf {
     let id = cloud.instance(vm)["spec"]["id"]
         .as_str()
@@ -163,7 +210,16 @@ fn restore_continues_from_the_checkpoint_and_forgets_later_writes() {
     let counter_before_restore = ram_counter(ip);
     let pid = pid_of(&cloud, "keeper");
 
+    let carrier = CarrierWatch::start(&tap_of(&cloud, "keeper"));
     let restored = cloud.sv_json(&["vm", "restore", "keeper", "s1", "--wait"]);
+    let (reads, down) = carrier.finish();
+    // The old QEMU's tap file is handed to the new one: the tap never
+    // loses its carrier, so frames sent meanwhile wait in it.
+    assert!(reads > 20, "the carrier was read only {reads} times");
+    assert_eq!(
+        down, 0,
+        "the tap lost its carrier during the restore ({down} of {reads} reads)"
+    );
     assert_eq!(restored["status"]["restored_from"], "s1");
     assert_eq!(
         restored["status"]["boot_count"], 1,

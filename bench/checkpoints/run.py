@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -159,15 +160,13 @@ def nonzero_pages(path):
     return n * PAGE
 
 
-def quick_get(ip, path):
-    """GET with a 50 ms connect timeout: a SYN lost while no QEMU owns the
-    tap is retried at once rather than after TCP's 1 s retransmit. The
-    answer gets 0.5 s: a poll that reached the guest just before its QEMU
-    was stopped for the restore never gets one, and is retried then rather
-    than after 2 s (the same client measures raw QEMU and Skyvisor)."""
-    s = socket.create_connection((ip, 80), timeout=0.05)
+def quick_get(ip, path, connect_timeout=0.05, answer_timeout=0.5):
+    """GET with short timeouts (by default 50 ms to connect, 0.5 s for the
+    answer): for polling a guest that is coming up. Restores are timed by
+    `poll_from_now`, whose overlapping probes need no short timeouts."""
+    s = socket.create_connection((ip, 80), timeout=connect_timeout)
     try:
-        s.settimeout(0.5)
+        s.settimeout(answer_timeout)
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while True:
@@ -186,26 +185,91 @@ def quick_get(ip, path):
 TRACE = os.environ.get("BENCH_TRACE") == "1"
 
 
-def wait_guest(ip, want_ram=None, timeout=300):
-    start = time.time()
-    deadline = start + timeout
-    seen = []
+def wait_guest(ip, timeout=300):
+    """Waits until the guest's service answers."""
+    deadline = time.time() + timeout
     while time.time() < deadline:
-        t = time.time()
         try:
-            body = quick_get(ip, "/ram")
-            if want_ram is None or json.loads(body).get("value") == want_ram:
-                if TRACE and want_ram:
-                    seen.append((round(time.time() - start, 3), "ok"))
-                    log(f"    wait {ip}: {seen}")
-                return
-            what = "other value"
-        except Exception as e:
-            what = type(e).__name__
-        if TRACE and want_ram and (not seen or seen[-1][1] != what):
-            seen.append((round(t - start, 3), what))
-        time.sleep(0.002)
+            quick_get(ip, "/ram")
+            return
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.002)
     raise RuntimeError(f"guest {ip} did not answer in {timeout}s")
+
+
+AGENT_STEPS = [("restore: old QEMU stopped", ("stop_ms", "disk_ms")),
+               ("QEMU started, QMP connected", ("ms",)),
+               ("memory loaded", ("took_ms",))]
+
+
+def agent_steps(log_text):
+    """The agent's debug timings of the last restore in its log."""
+    out = []
+    for marker, fields in AGENT_STEPS:
+        line = next((l for l in reversed(log_text.splitlines()) if marker in l), "")
+        for f in fields:
+            for word in line.split():
+                if word.startswith(f + "="):
+                    out.append(f"{f} {word.split('=', 1)[1]}")
+    return ", ".join(out)
+
+
+def poll_from_now(ip, want_ram, every=0.01, timeout=300):
+    """Starts probing the guest at once: a new connection every `every`
+    seconds, each in its own thread, so a probe that stalls (one the old
+    guest accepted just before it stopped: the restored guest knows nothing
+    of it) holds back none of the later ones. Both sides are timed the same
+    way, from the restore request to the first answer with the checkpoint's
+    value. Returns a function that waits for that instant."""
+    start = time.time()
+    answered = threading.Event()
+    result = {}
+    seen = []
+    lock = threading.Lock()
+
+    def probe(t):
+        try:
+            body = quick_get(ip, "/ram", connect_timeout=3.0, answer_timeout=2.0)
+            what = "ok" if json.loads(body).get("value") == want_ram else "other value"
+        except Exception as e:  # noqa: BLE001 - a failed probe is traced
+            what = type(e).__name__
+        with lock:
+            seen.append((round(t - start, 3), round(time.time() - t, 3), what))
+            if what == "ok" and not answered.is_set():
+                result["at"] = time.time()
+                answered.set()
+
+    def launch():
+        while not answered.is_set() and time.time() < start + timeout:
+            t = threading.Thread(target=probe, args=(time.time(),), daemon=True)
+            t.start()
+            threads.append(t)
+            answered.wait(every)
+
+    threads = []
+    threading.Thread(target=launch, daemon=True).start()
+
+    def answered_at():
+        """(first answer's time, (probes sent before it that waited for
+        TCP's 1 s SYN retransmit, probes sent before it and answered)):
+        how many clients that connected during the restore lost their SYN.
+        Probes the old guest took and lost are left out (a reset or a hang:
+        the same for both sides)."""
+        if not answered.wait(timeout):
+            raise RuntimeError(f"guest {ip} did not answer in {timeout}s")
+        for t in list(threads):
+            t.join(5.0)
+        with lock:
+            before = [p for p in seen if start + p[0] <= result["at"]]
+            ok = [p for p in before if p[2] == "ok"]
+            lost_syn = (sum(1 for p in ok if p[1] >= 1.0), len(ok))
+            if TRACE:
+                # Probes that did not answer at once: (sent at, took, outcome).
+                odd = sorted(p for p in before if p[2] != "ok" or p[1] > 0.05)
+                log(f"    probes of {ip}: {len(before)}, slow or failed: {odd[:12]}")
+        return result["at"], lost_syn
+
+    return answered_at
 
 
 def start_load(ip, mem_mib, busy):
@@ -235,7 +299,10 @@ class Skyvisor:
             [binary, "up", "--data-dir", self.data, "--cache-dir", cache,
              "--listen", f"127.0.0.1:{self.port}", "--accel", "tcg", "--bridge", BRIDGE,
              "--subnet", f"{SUBNET}.0/24", "--host-name", "bench"],
-            stdout=self.logf, stderr=self.logf)
+            stdout=self.logf, stderr=self.logf,
+            # BENCH_TRACE: the agent's timings of a restore's steps.
+            env={**os.environ, "RUST_LOG": "info,skyvisor_agent::supervisor=debug,"
+                 "skyvisor_agent::qemu_hv=debug"} if TRACE else None)
         deadline = time.time() + 900
         while time.time() < deadline:
             try:
@@ -257,6 +324,11 @@ class Skyvisor:
 
     def token(self):
         return read_token(os.path.join(self.data, "admin.token"))
+
+    def log_restore_steps(self):
+        self.logf.flush()
+        with open(self.logf.name) as f:
+            log(f"    agent restore steps: {agent_steps(f.read())}")
 
     def api(self, method, path, body=None):
         return http(method, f"{self.url}{path}", json.dumps(body) if body is not None else None,
@@ -285,9 +357,12 @@ class Skyvisor:
         root_delta = allocated(os.path.join(self.data, "agent", "vms", vm_id, "root.qcow2"))
         http("PUT", f"http://{ip}/ram", "after-checkpoint")
         t0 = time.time()
+        answered_at = poll_from_now(ip, "at-checkpoint")
         self.api("POST", f"/v1/instances/{name}/restore", {"snapshot": "b"})
-        wait_guest(ip, "at-checkpoint")
-        restore = time.time() - t0
+        at, lost_syn = answered_at()
+        restore = at - t0
+        if TRACE:
+            self.log_restore_steps()
         self.api("DELETE", f"/v1/instances/{name}?force=true&with_snapshots=true")
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -297,7 +372,8 @@ class Skyvisor:
                 break
             time.sleep(0.1)
         return {"take": took, "pause_ms": s["paused_ms"], "size": s["memory_bytes"] + s["disk_bytes"],
-                "used": used, "disk_delta": root_delta, "restore": restore}
+                "used": used, "disk_delta": root_delta, "restore": restore,
+                "lost_syn": lost_syn}
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
@@ -400,6 +476,7 @@ class Raw:
         http("PUT", f"http://{RAW_IP}/ram", "after-checkpoint")
         # Restore by hand.
         t0 = time.time()
+        answered_at = poll_from_now(RAW_IP, "at-checkpoint")
         steps = []
         q.cmd("quit")
         p.wait()
@@ -414,14 +491,14 @@ class Raw:
         q.wait_event(lambda e: e["event"] == "MIGRATION" and e["data"]["status"] in ("completed", "failed"))
         steps.append(("loaded", time.time() - t0))
         q.cmd("cont")
-        wait_guest(RAW_IP, "at-checkpoint")
-        restore = time.time() - t0
+        at, lost_syn = answered_at()
+        restore = at - t0
         if TRACE:
             log("    raw restore steps: " + ", ".join(f"{n} {t * 1000:.0f} ms" for n, t in steps))
         q.cmd("quit")
         p.wait()
         return {"take": took, "pause_ms": pause_ms, "size": size, "used": used,
-                "disk_delta": disk_delta, "restore": restore}
+                "disk_delta": disk_delta, "restore": restore, "lost_syn": lost_syn}
 
     def close(self):
         subprocess.run(["ip", "link", "del", RAW_TAP], stderr=subprocess.DEVNULL)
@@ -437,12 +514,15 @@ def main():
     ap.add_argument("--repeat", type=int, default=3, help="runs per case (median reported)")
     ap.add_argument("--sizes", default="256,1024")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    ap.add_argument("--no-build", action="store_true",
+                    help="run the binaries already built (e.g. an A/B of a change)")
     args = ap.parse_args()
     profile = "release" if args.release else "debug"
     build = ["cargo", "build", "-q", "-p", "skyvisor", "-p", "skyvisor-guest"]
     if args.release:
         build.append("--release")
-    subprocess.run(build, cwd=ROOT, check=True)
+    if not args.no_build:
+        subprocess.run(build, cwd=ROOT, check=True)
     target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
     binary = os.path.join(target, profile, "skyvisor")
     work = tempfile.mkdtemp(prefix="svbench-", dir="/var/tmp")
@@ -499,6 +579,10 @@ def main():
             rv, sv_ = median_of(r, key), median_of(s, key)
             ratio = f"{sv_ / rv:.2f}x" if rv else "-"
             out.append(f"| {label} | {name} | {fmt(rv)} | {fmt(sv_)} | {ratio} |")
+        lost = lambda runs: (sum(x["lost_syn"][0] for x in runs), sum(x["lost_syn"][1] for x in runs))
+        (rl, rn), (sl, sn) = lost(r), lost(s)
+        out.append(f"| {label} | connections made during the restore that lost their SYN "
+                   f"(waited ≥ 1 s), all runs | {rl} of {rn} | {sl} of {sn} | - |")
         used = median_of(s, "used") + median_of(s, "disk_delta")
         out.append(f"| {label} | RAM in use + disk delta (MiB) | "
                    f"{mib(median_of(r, 'used') + median_of(r, 'disk_delta')):.1f} | {mib(used):.1f} | "

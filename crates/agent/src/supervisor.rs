@@ -740,9 +740,7 @@ impl Supervisor {
         if let Some(running) = &self.running {
             // Held across the swap, the tap stays attached: frames for the
             // guest wait for the restored QEMU instead of being dropped.
-            self.held_tap = running
-                .vm
-                .tap_file(&skyvisor_net::tap_name(&spec.id));
+            self.held_tap = running.vm.tap_file(&skyvisor_net::tap_name(&spec.id));
             self.terminate().await;
         }
         let stopped = began.elapsed();

@@ -197,6 +197,13 @@ def wait_guest(ip, timeout=300):
     raise RuntimeError(f"guest {ip} did not answer in {timeout}s")
 
 
+def cached(path):
+    """How much of a file is in the page cache (util-linux fincore)."""
+    r = subprocess.run(["fincore", "-b", "-n", "-o", "RES,SIZE", path],
+                       capture_output=True, text=True)
+    return r.stdout.strip() or r.stderr.strip()
+
+
 AGENT_STEPS = [("restore: old QEMU stopped", ("stop_ms", "disk_ms")),
                ("QEMU started, QMP connected", ("ms",)),
                ("memory loaded", ("took_ms",))]
@@ -357,6 +364,8 @@ class Skyvisor:
         root_delta = allocated(os.path.join(self.data, "agent", "vms", vm_id, "root.qcow2"))
         http("PUT", f"http://{ip}/ram", "after-checkpoint")
         t0 = time.time()
+        if TRACE:
+            log(f"    sv memory file in the page cache: {cached(os.path.join(snap_dir, 'memory'))}")
         answered_at = poll_from_now(ip, "at-checkpoint")
         self.api("POST", f"/v1/instances/{name}/restore", {"snapshot": "b"})
         at, lost_syn = answered_at()
@@ -476,6 +485,8 @@ class Raw:
         http("PUT", f"http://{RAW_IP}/ram", "after-checkpoint")
         # Restore by hand.
         t0 = time.time()
+        if TRACE:
+            log(f"    raw memory file in the page cache: {cached(f'{d}/memory')}")
         answered_at = poll_from_now(RAW_IP, "at-checkpoint")
         steps = []
         q.cmd("quit")

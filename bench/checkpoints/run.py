@@ -9,7 +9,10 @@ rewriting half of its RAM) it measures:
   - the checkpoint's size on disk, against the RAM the guest really uses
     (its non-zero pages at the checkpoint) plus the disk delta,
   - time from asking for a restore to the guest's service answering with
-    the checkpoint's RAM state.
+    the checkpoint's RAM state: both sides probed the same way from the
+    request on, a new connection every 10 ms in its own thread,
+  - how many of the connections made during the restore lost their SYN
+    (waited TCP's 1 s retransmit).
 
 Raw QEMU by hand: the guest is started with the same devices; a checkpoint
 is `migrate` to `file:` with mapped-ram while it runs, then, paused in
@@ -20,9 +23,12 @@ disk, `cont`; a restore is `quit`, copy the disk back, start QEMU with
 Skyvisor: `POST /v1/instances/NAME/snapshots`, poll until ready;
 `POST /v1/instances/NAME/restore`, poll the guest.
 
-Usage: bench/checkpoints/run.py [--release] [--repeat N]
-Needs root, qemu-system-x86_64, qemu-img; builds skyvisor first. Writes
-bench/checkpoints/results.md and prints it.
+Usage: [BENCH_TRACE=1] bench/checkpoints/run.py [--release] [--repeat N]
+       [--sizes 256,1024] [--no-build] [--keep]
+Needs root, qemu-system-x86_64, qemu-img, fincore (with BENCH_TRACE); builds
+skyvisor first unless --no-build. Writes bench/checkpoints/results.md and
+prints it. BENCH_TRACE=1 also prints each restore's probes, the agent's and
+raw QEMU's step timings and how much of the memory file is cached.
 """
 
 import argparse

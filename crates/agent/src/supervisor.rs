@@ -80,9 +80,6 @@ pub struct Supervisor {
     migration_done: Option<skyvisor_core::MigrationId>,
     /// The VM moved to another host: this supervisor is done.
     moved: bool,
-    /// The tap's file, taken from the QEMU a restore replaces, for the
-    /// next launch (frames queue in the tap meanwhile).
-    held_tap: Option<TapFile>,
 }
 
 impl Drop for Supervisor {
@@ -139,7 +136,6 @@ impl Supervisor {
             volume_error: None,
             migration_done: None,
             moved: false,
-            held_tap: None,
         }
     }
 
@@ -516,7 +512,7 @@ impl Supervisor {
             return;
         }
         let cloned = incoming.is_some();
-        let launched = self.launch(spec, incoming, cloned).await;
+        let launched = self.launch(spec, incoming, cloned, None).await;
         match launched {
             Ok(running) => {
                 self.status.attached_volumes =
@@ -737,10 +733,13 @@ impl Supervisor {
         self.cancel_probe();
         self.set_phase(spec, InstancePhase::Starting).await;
         let began = Instant::now();
-        if let Some(running) = &self.running {
-            // Held across the swap, the tap stays attached: frames for the
-            // guest wait for the restored QEMU instead of being dropped.
-            self.held_tap = running.vm.tap_file(&skyvisor_net::tap_name(&spec.id));
+        // Held across the swap, the tap stays attached: frames for the
+        // guest wait for the restored QEMU instead of being dropped.
+        let held_tap = self
+            .running
+            .as_ref()
+            .and_then(|r| r.vm.tap_file(&skyvisor_net::tap_name(&spec.id)));
+        if self.running.is_some() {
             self.terminate().await;
         }
         let stopped = began.elapsed();
@@ -757,7 +756,6 @@ impl Supervisor {
             "restore: old QEMU stopped, disk restored"
         );
         if let Err(m) = disk {
-            self.held_tap = None;
             self.release_if_stopped(spec).await;
             self.start_failed(spec, format!("restore from {} failed: {m}", snap.name))
                 .await;
@@ -770,6 +768,7 @@ impl Supervisor {
                     spec,
                     Some(checkpoints::memory_file(&self.ctx, &snap)),
                     false,
+                    held_tap,
                 )
                 .await
             {
@@ -787,7 +786,6 @@ impl Supervisor {
         } else {
             // Disk only (or the VM is to stay stopped): the next turn boots
             // it from the restored disk if it should run.
-            self.held_tap = None;
             self.release_if_stopped(spec).await;
             self.status.phase = InstancePhase::Stopped;
             self.status.restored_from = from;
@@ -874,10 +872,11 @@ impl Supervisor {
         spec: &InstanceSpec,
         incoming: Option<PathBuf>,
         link_down: bool,
+        tap_file: Option<TapFile>,
     ) -> Result<Running, String> {
         let (running, guest) = self
             .launcher()
-            .launch(spec, incoming, link_down, false, self.held_tap.take())
+            .launch(spec, incoming, link_down, false, tap_file)
             .await?;
         guest.apply(&mut self.status);
         Ok(running)

@@ -107,11 +107,9 @@ impl CarrierWatch {
 }
 
 fn tap_of(cloud: &Cloud, vm: &str) -> String {
-    let id = cloud.instance(vm)["spec"]["id"]
-        .as_str()
-        .expect("id")
-        .replace('-', "");
-    format!("svt{}", &id[..8])
+    let id: skyvisor_core::InstanceId =
+        serde_json::from_value(cloud.instance(vm)["spec"]["id"].clone()).expect("id");
+    skyvisor_net::tap_name(&id)
 }
 
 fn snapshots_dir(cloud: &Cloud, vm: &str) -> PathBuf {

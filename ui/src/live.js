@@ -66,7 +66,8 @@ export function useLiveList(opts, deps = []) {
   const [error, setError] = useState(null);
   const optsRef = useRef(opts);
   optsRef.current = opts;
-  const timers = useRef(new Map());
+  // Names whose refetch is under way: { again } asks for one more call.
+  const inflight = useRef(new Map());
   const gen = useRef(0);
 
   const upsert = useCallback((obj) => {
@@ -88,14 +89,21 @@ export function useLiveList(opts, deps = []) {
     return api.get(optsRef.current.item(name)).then((obj) => {
       if (my !== gen.current) return;
       upsert(obj);
-      // Its removal records no event of its own: while it is being
-      // deleted, look at this one object again until it is gone.
-      if (obj && obj.spec && obj.spec.deleting) setTimeout(() => { if (my === gen.current) refetch(name); }, 1000);
+      followIfDeleting(obj, my);
     }, (e) => {
       if (my !== gen.current) return;
       if (e.status === 404) remove(name);
     });
   }, [upsert, remove]);
+
+  // A removal records no event of its own: an object being deleted, from
+  // a refetch or from the list itself, is looked at again each second
+  // until it is gone.
+  function followIfDeleting(obj, my) {
+    if (obj && obj.spec && obj.spec.deleting) {
+      setTimeout(() => { if (my === gen.current) refetch(optsRef.current.key(obj)); }, 1000);
+    }
+  }
 
   const reload = useCallback(() => {
     const my = ++gen.current;
@@ -105,13 +113,14 @@ export function useLiveList(opts, deps = []) {
       const list = Array.isArray(r) ? r : (r && r.items) || [];
       list.sort((a, b) => byName(optsRef.current.key(a), optsRef.current.key(b)));
       setItems(list);
+      for (const obj of list) followIfDeleting(obj, my);
     }, (e) => { if (my === gen.current) setError(e); });
   }, []);
 
   useEffect(() => {
     setItems(null);
     reload();
-    return () => { gen.current++; timers.current.clear(); };
+    return () => { gen.current++; inflight.current.clear(); };
   }, [api.project, ...deps]);
 
   useEvents((ev) => {
@@ -122,13 +131,13 @@ export function useLiveList(opts, deps = []) {
     if (!name) return;
     // The first event refetches at once; the ones that arrive while that
     // call runs coalesce into one more call, made as soon as it returns.
-    const pending = timers.current.get(name);
+    const pending = inflight.current.get(name);
     if (pending) { pending.again = true; return; }
     const entry = { again: false };
-    timers.current.set(name, entry);
+    inflight.current.set(name, entry);
     const run = () => refetch(name).then(() => {
-      if (timers.current.get(name) !== entry) return;
-      if (entry.again) { entry.again = false; run(); } else timers.current.delete(name);
+      if (inflight.current.get(name) !== entry) return;
+      if (entry.again) { entry.again = false; run(); } else inflight.current.delete(name);
     });
     run();
   });

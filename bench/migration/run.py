@@ -497,7 +497,8 @@ class Skyvisor:
         r = m["result"]
         return {"total_ms": r["total_ms"], "downtime_ms": r["qemu_downtime_ms"],
                 "pause_ms": r["pause_ms"], "wall_ms": wall, "ram_mib": r["ram_transferred"] / 2**20,
-                "disk_mib": r["disk_copied"] / 2**20, "encrypted": r.get("encrypted", False)}
+                "disk_mib": r["disk_copied"] / 2**20, "encrypted": r.get("encrypted", False),
+                "held_frames": r.get("held_frames")}
 
     def case(self, mem, busy, repeat, rate, tls_compare=False):
         """`repeat` migrations; with `tls_compare`, every other one sends
@@ -749,7 +750,8 @@ def fmt_run(r):
                 f"total {r['total_ms']:.0f} ms (request → done seen: {r['wall_ms']:.0f} ms), "
                 f"QEMU downtime {r['downtime_ms']} ms, "
                 f"pause {r['pause_ms']:.0f} ms, RAM sent {r['ram_mib']:.0f} MiB, "
-                f"disk copied {r['disk_mib']:.1f} MiB")
+                f"disk copied {r['disk_mib']:.1f} MiB"
+                f"{'' if r.get('held_frames') is None else ', frames held in the pause ' + str(r['held_frames'])}")
     slowest = "-" if r.get("slowest_ms") is None else f"{r['slowest_ms']:.0f}"
     silence = "-" if r.get("silence_ms") is None else f"{r['silence_ms']:.0f}"
     tail = (f"; client: {r.get('requests', 0)} requests, {r.get('failed', 0)} failed, "

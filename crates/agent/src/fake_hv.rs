@@ -209,7 +209,7 @@ impl Vm for FakeVm {
         if !control.progress(MigrationPhase::Transferring, &p).await {
             return Err(HvError::Control("the migration was cancelled".into()));
         }
-        control.before_stop().await.map_err(HvError::Control)?;
+        control.switch_network().await.map_err(HvError::Control)?;
         Ok(OutgoingOutcome {
             stopped_at: std::time::Instant::now(),
             qemu_downtime_ms: 1,

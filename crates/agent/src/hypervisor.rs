@@ -242,16 +242,16 @@ pub struct OutgoingOutcome {
 }
 
 /// The source's driver of a live migration reports progress through this
-/// and asks it before it pauses the guest.
+/// and has it switch the network once the guest is paused.
 #[async_trait]
 pub trait OutgoingControl: Send {
     /// New figures. Returns false to cancel the migration.
     async fn progress(&mut self, phase: MigrationPhase, progress: &MigrationProgress) -> bool;
 
-    /// The memory left fits the budget: the guest is about to be paused for
-    /// the switchover (send its network traffic to the destination now).
+    /// The guest is paused for the switchover (the hypervisor sends the
+    /// last of its state): send its network traffic to the destination now.
     /// An error fails the migration.
-    async fn before_stop(&mut self) -> Result<(), String>;
+    async fn switch_network(&mut self) -> Result<(), String>;
 
     /// The migration failed: break its streams to the destination, so that
     /// QEMU is not held by sends to a host that stopped answering.
@@ -374,9 +374,10 @@ pub trait Vm: Send + Sync {
     /// Asks the hypervisor process to exit now.
     async fn quit(&self) -> Result<(), HvError>;
 
-    /// A reference to the hypervisor process's open file of tap `tap`, to
-    /// hand to the process that replaces it (a restore): while it is held,
-    /// frames for the guest queue in the tap instead of being dropped.
+    /// A reference to the hypervisor process's open file of tap `tap`: while
+    /// it is held, frames for the guest queue in the tap instead of being
+    /// dropped. A restore hands it to the process that replaces this one; a
+    /// live migration's source sends what queued during the pause on.
     /// `None` if the hypervisor has none or cannot share it.
     fn tap_file(&self, _tap: &str) -> Option<TapFile> {
         None
@@ -428,6 +429,12 @@ pub trait Vm: Send + Sync {
     /// Destination side: listens for the root disk's mirror and the
     /// migration stream (a VM launched as a migration target).
     async fn prepare_incoming(&self, plan: &IncomingPlan) -> Result<(), HvError>;
+
+    /// Destination side: waits until all of the migration's state arrived
+    /// (the guest stays paused).
+    async fn incoming_arrived(&self, _timeout: Duration) -> Result<(), HvError> {
+        Ok(())
+    }
 
     /// Destination side, after the handover is committed: waits until all
     /// state arrived, closes the disk export and lets the guest run, then

@@ -3,9 +3,10 @@
 //! The source's agent drives a migration from the VM's supervisor (which
 //! owns the QEMU process): it asks the destination's agent to prepare an
 //! empty VM waiting for the state, has QEMU mirror the disk and copy memory
-//! straight to it, redirects the VM's traffic, pauses the guest for the
-//! last pages, commits the handover to the store and asks the destination
-//! to resume. The destination's side is a few HTTP endpoints.
+//! straight to it until QEMU pauses the guest for the last pages, redirects
+//! the VM's traffic, commits the handover to the store, asks the
+//! destination to resume and sends on the frames that reached the old tap
+//! during the pause. The destination's side is a few HTTP endpoints.
 //!
 //! The VM runs in exactly one place: the destination resumes only after
 //! the store says the VM is bound to it (the handover's transaction), and
@@ -34,7 +35,7 @@ use tracing::{debug, info, warn};
 use crate::AgentContext;
 use crate::hypervisor::{
     HvError, IncomingPlan, MIGRATION_EXPORT, NbdTarget, OutgoingControl, OutgoingPlan, StreamAddr,
-    Vm,
+    TapFile, Vm,
 };
 use crate::launch::{Launcher, ServeMode};
 use crate::tunnel::{self, Tunnel};
@@ -523,17 +524,25 @@ async fn resume(
     match incoming.get_mut(&spec.instance_ref()) {
         Some(v) if v.migration == id => {
             if !v.resumed {
-                // The source let go of the volumes before asking: become
-                // their primary, then run.
+                // Become the volumes' primary (once the source let go of
+                // them: it does so while this request travels) while the
+                // last of the state arrives, then run.
                 let activating = Instant::now();
                 let launcher = Launcher { ctx: ctx.clone() };
-                if let Err(e) = launcher
-                    .serve_volumes_as(&spec, ServeMode::HandedOver)
-                    .await
-                {
+                let volumes = async {
+                    let r = launcher
+                        .serve_volumes_as(&spec, ServeMode::HandedOver)
+                        .await;
+                    (r, activating.elapsed())
+                };
+                let ((served, activated), arrived) =
+                    tokio::join!(volumes, v.vm.incoming_arrived(Duration::from_secs(30)));
+                if let Err(e) = served {
                     return peer_error(StatusCode::INTERNAL_SERVER_ERROR, e);
                 }
-                let activated = activating.elapsed();
+                if let Err(e) = arrived {
+                    return peer_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+                }
                 if let Err(e) = v.vm.finish_incoming(Duration::from_secs(30)).await {
                     return peer_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
                 }
@@ -816,9 +825,9 @@ struct SourceControl<'a> {
     streams: Vec<(Ipv4Addr, u16)>,
     redirected: bool,
     cancelled: bool,
-    /// The spec as read just before the switchover began, so that the
-    /// handover's commit needs no read of its own while the guest's
-    /// traffic waits (a stale one only costs a retry).
+    /// The spec as read at the last progress report before the pause, so
+    /// that the handover's commit needs no read of its own while the guest
+    /// is paused (a stale one only costs a retry).
     prefetched: Option<(InstanceSpec, skyvisor_store::Revision)>,
 }
 
@@ -852,6 +861,17 @@ impl OutgoingControl for SourceControl<'_> {
             return false;
         }
         self.record.progress = progress.clone();
+        if phase == MigrationPhase::Transferring {
+            // Read while the guest still runs: the handover's commit then
+            // needs no read of its own inside the pause.
+            self.prefetched = self
+                .ctx
+                .store
+                .get_json::<InstanceSpec>(&keys::instance_spec(&self.spec.instance_ref()))
+                .await
+                .ok()
+                .flatten();
+        }
         if self.record.phase != phase {
             info!(instance = %self.spec.name, migration = %self.record.id, %phase, "migration phase");
             self.record.set_phase(phase);
@@ -870,41 +890,37 @@ impl OutgoingControl for SourceControl<'_> {
         }
     }
 
-    async fn before_stop(&mut self) -> Result<(), String> {
+    async fn switch_network(&mut self) -> Result<(), String> {
         self.record.set_phase(MigrationPhase::SwitchingOver);
-        // Read before the guest's traffic starts to wait: from the pin on,
-        // every millisecond here is one its clients see.
-        self.prefetched = self
-            .ctx
-            .store
-            .get_json::<InstanceSpec>(&keys::instance_spec(&self.spec.instance_ref()))
-            .await
-            .ok()
-            .flatten();
-        // Frames for the VM queue at the destination's tap from now on.
+        // Frames for the VM queue at the destination's tap from now on
+        // (first, so that none sent there meanwhile bounces back here).
         self.peer.call::<()>("pin").await?;
-        // Every other host sends the VM's frames straight there too.
-        if let Some(to) = self.dest_address {
-            steer_others(
-                self.ctx,
-                &self.others,
-                self.spec.network.mac,
-                self.spec.network.vni,
-                to,
-            )
-            .await;
-        }
-        if let (Some(overlay), Some(dest)) = (
-            self.ctx.private_nets.overlay_device(self.spec.network.vni),
-            self.dest_address,
-        ) {
-            self.ctx
-                .network
-                .redirect_mac(self.spec.network.mac, &overlay, dest)
-                .await
-                .map_err(|e| e.to_string())?;
-            self.redirected = true;
-        }
+        let Some(to) = self.dest_address else {
+            return Ok(());
+        };
+        // Every other host sends the VM's frames straight there too, and
+        // so does this one.
+        let others = steer_others(
+            self.ctx,
+            &self.others,
+            self.spec.network.mac,
+            self.spec.network.vni,
+            to,
+        );
+        let here = async {
+            match self.ctx.private_nets.overlay_device(self.spec.network.vni) {
+                Some(overlay) => self
+                    .ctx
+                    .network
+                    .redirect_mac(self.spec.network.mac, &overlay, to)
+                    .await
+                    .map(|()| true)
+                    .map_err(|e| e.to_string()),
+                None => Ok(false),
+            }
+        };
+        let ((), redirected) = tokio::join!(others, here);
+        self.redirected = redirected?;
         Ok(())
     }
 }
@@ -1116,6 +1132,10 @@ pub(crate) async fn migrate_out(
         max_duration: max_duration(),
         max_bandwidth: req.max_bandwidth_mib_s.map(|m| m << 20),
     };
+    // Held through the pause: frames for the guest that reach its tap then
+    // wait there for the handover, to be sent on, instead of dying with
+    // this QEMU.
+    let tap = vm.tap_file(&skyvisor_net::tap_name(&spec.id));
     let outcome = vm.migrate_out(&plan, &mut control).await;
     let (redirected, cancelled) = (control.redirected, control.cancelled);
     let prefetched = control.prefetched.take();
@@ -1161,20 +1181,35 @@ pub(crate) async fn migrate_out(
     // The paused guest's volumes are flushed (QEMU inactivated them when
     // the migration completed): let go of them, so that the destination
     // becomes their primary without waiting for this host's lease.
-    if let Some(v) = &ctx.volumes {
-        v.hand_off(&spec.instance_ref(), &req.destination).await;
-    }
-    // Committed: the destination may run it now. If this call fails its
-    // supervisor resumes it when it sees the binding.
-    if let Err(e) = peer.call::<()>("resume").await {
-        warn!(instance = %spec.name, error = %e, "the destination did not confirm the resume; its agent resumes the VM on its own");
-    }
+    let handed_off = async {
+        if let Some(v) = &ctx.volumes {
+            v.hand_off(&spec.instance_ref(), &req.destination).await;
+        }
+    };
+    // Committed: the destination may run it now (it waits for the volumes
+    // to be let go of). If this call fails its supervisor resumes it when
+    // it sees the binding.
+    let resumed = async {
+        if let Err(e) = peer.call::<()>("resume").await {
+            warn!(instance = %spec.name, error = %e, "the destination did not confirm the resume; its agent resumes the VM on its own");
+        }
+    };
+    // Meanwhile, what reached the old tap during the pause goes on: it
+    // waits in the destination's tap until the guest runs there.
+    let (held_frames, (), ()) = tokio::join!(
+        forward_queued(ctx, spec, tap.as_ref(), redirected),
+        handed_off,
+        resumed
+    );
     let pause = outcome.stopped_at.elapsed();
     debug!(instance = %spec.name, migration = %req.id,
         copied_ms = completed_after.as_millis() as u64,
         committed_ms = committed_at.as_millis() as u64,
         resumed_ms = pause.as_millis() as u64,
+        held_frames,
         "switchover steps (from the pause)");
+    // After the redirect nothing but floods reaches the old tap.
+    drop(tap);
     record.result = Some(MigrationResult {
         total_ms: started.elapsed().as_millis() as u64,
         qemu_downtime_ms: outcome.qemu_downtime_ms,
@@ -1182,10 +1217,11 @@ pub(crate) async fn migrate_out(
         ram_transferred: outcome.ram_transferred,
         disk_copied: outcome.disk_copied,
         encrypted,
+        held_frames: held_frames as u64,
     });
     info!(instance = %spec.name, migration = %req.id, to = %req.destination,
         pause_ms = pause.as_millis() as u64, total_ms = started.elapsed().as_millis() as u64,
-        "migration completed");
+        held_frames, "migration completed");
     ctx.metrics.migration(record.result.as_ref());
     if let Err(e) = ctx
         .store
@@ -1227,6 +1263,35 @@ pub(crate) async fn migrate_out(
         });
     }
     SourceOutcome::Moved
+}
+
+/// Sends the frames for the VM that queued in its old tap (held in `tap`)
+/// on through the overlay, whose entry for the VM points at its new host
+/// once `redirected`. Returns how many; failures are only logged, as the
+/// senders retransmit.
+async fn forward_queued(
+    ctx: &AgentContext,
+    spec: &InstanceSpec,
+    tap: Option<&TapFile>,
+    redirected: bool,
+) -> usize {
+    let (Some(tap), true) = (tap, redirected) else {
+        return 0;
+    };
+    let Some(overlay) = ctx.private_nets.overlay_device(spec.network.vni) else {
+        return 0;
+    };
+    match ctx
+        .network
+        .forward_queued_frames(tap.0.clone(), spec.network.mac, &overlay)
+        .await
+    {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(instance = %spec.name, error = %e, "could not send on the frames queued during the pause");
+            0
+        }
+    }
 }
 
 /// How long a migration waits for its destination's new replica.

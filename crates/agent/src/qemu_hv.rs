@@ -12,7 +12,7 @@ use skyvisor_qemu::checkpoint::{self, DiskCapture, SavePlan};
 use skyvisor_qemu::qmp::{
     AnnounceParameters, BlockJobInfo, BlockdevMirror, EventKind, EventStreamError,
     MigrationCapability, MigrationInfo, MigrationParameters, MigrationStatus, MirrorSync,
-    NbdListen, RamStats, RunState, ShutdownCause,
+    NbdListen, RunState, ShutdownCause,
 };
 use skyvisor_qemu::{
     Boot, CacheMode, DiskConfig, DiskSource, ExitInfo, Incoming, NbdServer, NicConfig, ProcessExit,
@@ -472,14 +472,13 @@ impl Vm for QemuVmHandle {
             .map_err(control)
     }
 
-    async fn finish_incoming(&self, timeout: Duration) -> Result<(), HvError> {
+    async fn incoming_arrived(&self, timeout: Duration) -> Result<(), HvError> {
         let qmp = self.vm.qmp();
-        let started = Instant::now();
-        let deadline = started + timeout;
+        let deadline = Instant::now() + timeout;
         loop {
             let info = qmp.query_migrate().await.map_err(control)?;
             match info.status {
-                Some(MigrationStatus::Completed) => break,
+                Some(MigrationStatus::Completed) => return Ok(()),
                 Some(MigrationStatus::Failed | MigrationStatus::Cancelled) => {
                     return Err(HvError::Control(format!(
                         "the incoming migration failed: {}",
@@ -494,6 +493,12 @@ impl Vm for QemuVmHandle {
                 _ => tokio::time::sleep(Duration::from_millis(1)).await,
             }
         }
+    }
+
+    async fn finish_incoming(&self, timeout: Duration) -> Result<(), HvError> {
+        let qmp = self.vm.qmp();
+        let started = Instant::now();
+        self.incoming_arrived(timeout).await?;
         // The guest's clients wait from here: run it and announce it first
         // (`cont` of a running VM does nothing), tidy up after.
         let completed = started.elapsed();
@@ -543,22 +548,13 @@ impl Vm for QemuVmHandle {
 
 /// The mirror job and target node of a migrating root disk.
 const MIRROR_JOB: &str = "svmig-root";
-/// How often the source checks memory transfer while it waits to switch over.
-const MIGRATION_POLL: Duration = Duration::from_millis(5);
+/// How often the source looks at the memory transfer (the pause for the
+/// switchover is seen at once, as QEMU's event).
+const MIGRATION_POLL: Duration = Duration::from_millis(50);
 /// How often progress is reported.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
-/// After the network switch, how long the still-running source gets to
-/// read the frames already queued on its tap (a paused QEMU never reads
-/// them: they would be lost with it). The guest's inbound traffic queues
-/// at the destination meanwhile, so this delays it but drops nothing.
-const RING_DRAIN: Duration = Duration::from_millis(20);
 /// How long a `query-migrate` may take during a migration.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pause the guest once the memory left takes at most this long to send.
-const FINAL_BUDGET: Duration = Duration::from_millis(10);
-/// Pause the guest at the latest this long after the network switch (its
-/// inbound traffic queues at the destination meanwhile).
-const MAX_QUEUEING: Duration = Duration::from_millis(120);
 /// The longest the last stop-and-copy may take before it counts as failed.
 const COMPLETION_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -582,28 +578,15 @@ fn ram_progress(info: &MigrationInfo, disk: (u64, u64)) -> MigrationProgress {
     }
 }
 
-/// How fast the memory left to send goes, bytes per second: QEMU's
-/// throughput, or how fast the remaining count falls between two looks if
-/// that is faster (zero pages cost nothing to send, so an idle guest's
-/// memory drains far faster than the throughput says).
-#[derive(Default)]
-struct DrainRate {
-    last: Option<(u64, Instant)>,
-}
-
-impl DrainRate {
-    fn rate(&mut self, ram: &RamStats) -> f64 {
-        let now = Instant::now();
-        let mut rate = ram.mbps * 1e6 / 8.0;
-        if let Some((prev, at)) = self.last
-            && prev > ram.remaining
-        {
-            let secs = now.duration_since(at).as_secs_f64().max(1e-3);
-            rate = rate.max((prev - ram.remaining) as f64 / secs);
-        }
-        self.last = Some((ram.remaining, now));
-        rate
-    }
+/// Whether `event` says QEMU paused the guest to switch a migration over.
+fn guest_paused_for_switchover(event: &EventKind) -> bool {
+    matches!(
+        event,
+        EventKind::Stop
+            | EventKind::Migration {
+                status: MigrationStatus::Device | MigrationStatus::Completed
+            }
+    )
 }
 
 /// Tracks whether bytes still move.
@@ -732,8 +715,12 @@ async fn migrate_out(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    // 2. Memory, while the guest runs. QEMU must not switch over by itself
-    // (downtime limit 0): the network is redirected first, then we pause.
+    // 2. Memory, while the guest runs, until QEMU finds that what is left
+    // fits the budget and pauses the guest itself, as plain QEMU does (it
+    // judges by what crosses the wire, and counts untouched pages at full
+    // size). Frames that reach the tap while the guest is paused wait in
+    // the tap, since QEMU does not read a paused guest's: the agent holds
+    // the tap's file and sends them on after the handover.
     qmp.migrate_set_capabilities(&[
         (MigrationCapability::Events, true),
         (MigrationCapability::AutoConverge, true),
@@ -743,20 +730,32 @@ async fn migrate_out(
     .await
     .map_err(control)?;
     qmp.migrate_set_parameters(&MigrationParameters {
-        downtime_limit: Some(0),
+        downtime_limit: Some(plan.switchover_budget.as_millis() as u64),
         max_bandwidth: Some(plan.max_bandwidth.unwrap_or(u64::MAX >> 8)),
         ..Default::default()
     })
     .await
     .map_err(control)?;
+    let mut events = qmp.events();
     qmp.migrate(&plan.memory.migration_uri())
         .await
         .map_err(control)?;
     let mut stall = StallWatch::new(plan.stall_timeout);
     let mut reported = Instant::now() - PROGRESS_EVERY;
     let mut disk = (0, 0);
-    let mut drain = DrainRate::default();
-    loop {
+    let mut events_open = true;
+    let stopped_at = loop {
+        let paused = tokio::select! {
+            e = events.wait_for(|e| guest_paused_for_switchover(&e.kind())), if events_open => {
+                // None: no more events; the polls below still see the end.
+                events_open = e.is_some();
+                events_open
+            }
+            () = tokio::time::sleep(MIGRATION_POLL) => false,
+        };
+        if paused {
+            break Instant::now();
+        }
         let info = query_migrate(qmp).await?;
         match info.status {
             Some(MigrationStatus::Failed | MigrationStatus::Cancelled) => {
@@ -766,16 +765,14 @@ async fn migrate_out(
                         .unwrap_or_else(|| "QEMU gave no reason".into())
                 )));
             }
-            // Everything was sent while the guest ran, between two polls;
-            // QEMU paused it itself (before the network switch: frames that
-            // reached its tap after the pause may be lost).
+            // Paused meanwhile (the event stream lagged or closed).
             Some(MigrationStatus::Completed) => {
-                warn!("QEMU completed the migration on its own, before the network switch");
-                ctl.before_stop()
-                    .await
-                    .map_err(|e| HvError::Control(format!("switching the network: {e}")))?;
-                return finish_outgoing(qmp, plan, Instant::now(), &info).await;
+                let paused = Duration::from_millis(info.downtime.unwrap_or(0));
+                break Instant::now()
+                    .checked_sub(paused)
+                    .unwrap_or_else(Instant::now);
             }
+            Some(MigrationStatus::Device) => break Instant::now(),
             _ => {}
         }
         let ram = info.ram.clone().unwrap_or_default();
@@ -795,98 +792,33 @@ async fn migrate_out(
         if started.elapsed() > plan.max_duration {
             return Err(timed_out());
         }
-        let drained = drain.rate(&ram);
-        // In the first pass the memory left is the untouched rest, mostly
-        // zero pages skipped at gigabytes a second: a few milliseconds of
-        // that said "it fits" with 100+ MiB of real pages still to send,
-        // which then went inside the pause. Until a pass is complete, judge
-        // by what crosses the wire.
-        let rate = if ram.dirty_sync_count <= 1 {
-            ram.mbps * 1e6 / 8.0
-        } else {
-            drained
-        };
-        let fits = rate > 0.0
-            && ram.transferred > 0
-            && (ram.remaining as f64) <= rate * plan.switchover_budget.as_secs_f64();
-        if fits && info.status == Some(MigrationStatus::Active) {
-            debug!(
-                remaining = ram.remaining,
-                rate = rate as u64,
-                pass = ram.dirty_sync_count,
-                "switching over"
-            );
-            break;
-        }
-        tokio::time::sleep(MIGRATION_POLL).await;
-    }
-    // 3. Switchover: traffic for the guest now queues at the destination;
-    // let the guest take what already reached it. From here QEMU may
-    // finish on its own (nothing is lost any more): let it send what it
-    // can while the guest runs, then pause it.
-    ctl.before_stop()
-        .await
-        .map_err(|e| HvError::Control(format!("preparing the switchover: {e}")))?;
-    let redirected = Instant::now();
-    tokio::time::sleep(RING_DRAIN).await;
+    };
+    // 3. Switchover: the guest is paused and QEMU sends the rest; move its
+    // traffic to the destination meanwhile.
+    debug!("the guest is paused for the switchover");
+    let switched = async {
+        let r = ctl
+            .switch_network()
+            .await
+            .map_err(|e| HvError::Control(format!("switching the network: {e}")));
+        debug!(
+            switched_ms = stopped_at.elapsed().as_millis() as u64,
+            "network switched"
+        );
+        r
+    };
+    let (switched, info) = tokio::join!(switched, last_copy(qmp));
+    switched?;
+    finish_outgoing(qmp, plan, stopped_at, &info?).await
+}
+
+/// Waits until QEMU sent the last of the memory (the guest is paused).
+async fn last_copy(qmp: &Qmp) -> Result<MigrationInfo, HvError> {
+    let deadline = Instant::now() + COMPLETION_TIMEOUT;
     loop {
         let info = query_migrate(qmp).await?;
         match info.status {
-            Some(MigrationStatus::Completed) => {
-                let paused = Duration::from_millis(info.downtime.unwrap_or(0));
-                let stopped_at = Instant::now()
-                    .checked_sub(paused)
-                    .unwrap_or_else(Instant::now);
-                return finish_outgoing(qmp, plan, stopped_at, &info).await;
-            }
-            Some(MigrationStatus::Active) => {}
-            // Device state or failure: handled below, after the stop.
-            _ => break,
-        }
-        let ram = info.ram.clone().unwrap_or_default();
-        // The network is switched: no hurry any more, so judge by what really
-        // crosses the wire (zero pages make the count fall fast, the last
-        // real pages do not).
-        let rate = ram.mbps * 1e6 / 8.0;
-        // Pause once little is left, or at once if what is left cannot be
-        // sent within the time the guest's traffic may queue (a guest that
-        // dirties memory keeps it from shrinking: waiting only adds delay).
-        // With no rate yet, look again.
-        let eta = if rate > 0.0 {
-            Duration::from_secs_f64(ram.remaining as f64 / rate)
-        } else {
-            MAX_QUEUEING.saturating_sub(redirected.elapsed()) / 2
-        };
-        // In the first pass what is left only shrinks (it is the untouched
-        // rest of memory, mostly zero pages that cost nothing): waiting for
-        // it always pays, up to the limit.
-        let first_pass = ram.dirty_sync_count <= 1;
-        let cannot_shrink = !first_pass && redirected.elapsed() + eta >= MAX_QUEUEING;
-        if eta <= FINAL_BUDGET || cannot_shrink || redirected.elapsed() >= MAX_QUEUEING {
-            debug!(
-                remaining = ram.remaining,
-                rate = rate as u64,
-                pass = ram.dirty_sync_count,
-                after_ms = redirected.elapsed().as_millis() as u64,
-                "pausing the guest"
-            );
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let stopped_at = Instant::now();
-    if let Err(e) = qmp.stop().await {
-        // It may have completed (and stopped the guest) meanwhile.
-        let info = query_migrate(qmp).await?;
-        if info.status != Some(MigrationStatus::Completed) {
-            return Err(control(e));
-        }
-    }
-    let deadline = Instant::now() + COMPLETION_TIMEOUT;
-    let info = loop {
-        let info = query_migrate(qmp).await?;
-        match info.status {
-            Some(MigrationStatus::Completed) => break info,
+            Some(MigrationStatus::Completed) => return Ok(info),
             Some(MigrationStatus::Failed | MigrationStatus::Cancelled) => {
                 return Err(HvError::Control(format!(
                     "the last copy failed: {}",
@@ -902,8 +834,7 @@ async fn migrate_out(
             }
             _ => tokio::time::sleep(Duration::from_millis(1)).await,
         }
-    };
-    finish_outgoing(qmp, plan, stopped_at, &info).await
+    }
 }
 
 /// Ends the disk mirror after the memory arrived (the guest is paused):

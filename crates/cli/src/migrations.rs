@@ -77,6 +77,7 @@ fn show_table(m: &Migration) {
         rows.push(("QEMU downtime", format!("{} ms", r.qemu_downtime_ms)));
         rows.push(("memory sent", mib_of(r.ram_transferred)));
         rows.push(("disk copied", mib_of(r.disk_copied)));
+        rows.push(("frames held in the pause", r.held_frames.to_string()));
         let streams = if r.encrypted {
             "mutual TLS"
         } else {

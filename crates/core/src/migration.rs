@@ -156,6 +156,11 @@ pub struct MigrationResult {
     /// with the cluster's certificates.
     #[serde(default)]
     pub encrypted: bool,
+    /// Frames for the guest that reached its old tap while it was paused
+    /// and were sent on to the destination (a plain QEMU migration drops
+    /// them).
+    #[serde(default)]
+    pub held_frames: u64,
 }
 
 /// One migration, as the store keeps it (`migrations/record/<id>`).

@@ -156,6 +156,16 @@ impl HostNetwork for FakeNetwork {
         validate_ifname(overlay)
     }
 
+    async fn forward_queued_frames(
+        &self,
+        _tap: std::sync::Arc<std::os::fd::OwnedFd>,
+        _mac: MacAddr,
+        overlay: &str,
+    ) -> Result<usize, NetError> {
+        validate_ifname(overlay)?;
+        Ok(0)
+    }
+
     async fn kill_connections(
         &self,
         _remote: std::net::Ipv4Addr,

@@ -21,6 +21,7 @@ mod fake;
 mod firewall;
 mod linux;
 mod private;
+mod queued;
 
 use std::net::Ipv4Addr;
 
@@ -35,6 +36,7 @@ pub use private::{
     PrivateDevices, PrivateNetworkConfig, PrivateOverlay, ROUTER_GATEWAY_PORT,
     connect_in_namespace, dns_sockets_on_device, listen_on_device, namespace_id, private_devices,
 };
+pub use queued::forward_queued_frames;
 
 /// The link-local address guests reach the instance metadata service at
 /// (EC2's and OpenStack's).
@@ -69,6 +71,14 @@ pub enum NetError {
     ToolMissing {
         /// The missing tool.
         tool: String,
+    },
+    /// A system call on a device, file or socket failed.
+    #[error("could not {action}: {source}")]
+    System {
+        /// What was being done, to what.
+        action: String,
+        /// The operating system's error.
+        source: std::io::Error,
     },
     /// An interface name is not usable.
     #[error("invalid interface name {name:?}: {reason}")]
@@ -159,6 +169,17 @@ pub trait HostNetwork: Send + Sync {
         overlay: &str,
         remote: Ipv4Addr,
     ) -> Result<(), NetError>;
+
+    /// Live migration, source side, after the handover: sends the frames
+    /// for `mac` that queued in the paused guest's tap (`tap`: a reference
+    /// to the tap's open file, taken from its QEMU) out of overlay device
+    /// `overlay`, to the guest's new host. Returns how many were sent.
+    async fn forward_queued_frames(
+        &self,
+        tap: std::sync::Arc<std::os::fd::OwnedFd>,
+        mac: MacAddr,
+        overlay: &str,
+    ) -> Result<usize, NetError>;
 
     /// Breaks this host's TCP connections to `remote`:`port` (a live
     /// migration's streams to a destination that stopped answering: a

@@ -311,6 +311,25 @@ impl HostNetwork for LinuxNetwork {
         .map(drop)
     }
 
+    async fn forward_queued_frames(
+        &self,
+        tap: std::sync::Arc<std::os::fd::OwnedFd>,
+        mac: MacAddr,
+        overlay: &str,
+    ) -> Result<usize, NetError> {
+        use std::os::fd::AsFd;
+        validate_ifname(overlay)?;
+        let overlay = overlay.to_string();
+        tokio::task::spawn_blocking(move || {
+            crate::forward_queued_frames(tap.as_fd(), mac, &overlay)
+        })
+        .await
+        .map_err(|e| NetError::System {
+            action: "forward queued frames".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+    }
+
     async fn kill_connections(&self, remote: Ipv4Addr, port: u16) -> Result<(), NetError> {
         run(
             "ss",

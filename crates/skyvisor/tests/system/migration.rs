@@ -72,6 +72,39 @@ impl Client {
     }
 }
 
+/// A stream of UDP datagrams to the guest's discard port, one every 2 ms
+/// until stopped: frames that keep arriving during every pause.
+struct Datagrams {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<usize>,
+}
+
+impl Datagrams {
+    fn start(ip: Ipv4Addr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket");
+            let mut sent = 0;
+            while !flag.load(Ordering::SeqCst) {
+                if socket.send_to(b"frame", (ip, 9)).is_ok() {
+                    sent += 1;
+                }
+                // Pacing, not waiting for anything.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            sent
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops; how many were sent.
+    fn finish(self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().expect("datagram thread")
+    }
+}
+
 /// One request on a fresh connection; generous timeouts (TCP retries a
 /// lost SYN after 1 s): only a request that does not complete fails.
 fn get_health(ip: Ipv4Addr) -> std::io::Result<()> {
@@ -155,6 +188,7 @@ fn running_vm_moves_between_hosts_without_failed_requests_and_keeps_its_state() 
         .collect();
     order.push(first.clone());
     let client = Client::start(ip);
+    let datagrams = Datagrams::start(ip);
     let writer = std::thread::spawn(move || {
         let mut acked = 0;
         for _ in 0..20 {
@@ -177,11 +211,20 @@ fn running_vm_moves_between_hosts_without_failed_requests_and_keeps_its_state() 
     // Migrations may take less time than a meaningful sample of requests.
     client.wait_for_requests(60);
     let report = client.finish();
+    let sent = datagrams.finish();
     assert!(
         records
             .iter()
             .all(|m| m["result"]["disk_copied"].as_u64() > Some(0)),
         "a local disk is mirrored: {records:?}"
+    );
+    // With a datagram every 2 ms, some reach the old tap in the pauses:
+    // the source holds them and sends them on to the destination.
+    assert!(
+        records
+            .iter()
+            .any(|m| m["result"]["held_frames"].as_u64() > Some(0)),
+        "no move held a frame of the {sent} datagrams sent: {records:?}"
     );
 
     assert!(
@@ -197,12 +240,15 @@ fn running_vm_moves_between_hosts_without_failed_requests_and_keeps_its_state() 
         report.failures
     );
     eprintln!(
-        "{} requests, slowest {:?}; pauses {:?}",
+        "{} requests, slowest {:?}; pauses (ms) and frames held {:?}",
         report.requests,
         report.slowest,
         records
             .iter()
-            .map(|m| m["result"]["pause_ms"].as_u64())
+            .map(|m| (
+                m["result"]["pause_ms"].as_u64(),
+                m["result"]["held_frames"].as_u64()
+            ))
             .collect::<Vec<_>>()
     );
 

@@ -24,6 +24,14 @@ use tracing::{debug, warn};
 
 /// Bytes read from one side before they are written to the other.
 const BUFFER: usize = 256 * 1024;
+/// The kernel buffers of a tunnel's TCP connection, each way. Left to
+/// autotuning they grow to many MiB, and the destination, which loads what
+/// it receives more slowly than the source sends, fell tens of
+/// milliseconds behind: the source's QEMU reported the last copy done
+/// while the guest still waited for it at the destination, inside the
+/// pause. 1 MiB still carries gigabytes a second at a data centre's
+/// round-trip times.
+const SOCKET_BUFFER: usize = 1 << 20;
 /// How long connecting and a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -60,6 +68,7 @@ pub async fn listen(tls: LinkTls, host: &str, qemu: PathBuf) -> std::io::Result<
             let (tls, qemu) = (tls.clone(), qemu.clone());
             conns.spawn(async move {
                 let _ = tcp.set_nodelay(true);
+                let _ = socket2::SockRef::from(&tcp).set_recv_buffer_size(SOCKET_BUFFER);
                 let mut remote = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await
                 {
                     Ok(Ok(s)) => s,
@@ -112,6 +121,7 @@ pub async fn forward(tls: LinkTls, at: &Path, addr: String) -> std::io::Result<T
                 let connected = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
                     let tcp = TcpStream::connect(&addr).await?;
                     let _ = tcp.set_nodelay(true);
+                    let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(SOCKET_BUFFER);
                     tls.connect(&addr, tcp).await
                 })
                 .await;

@@ -719,8 +719,9 @@ async fn migrate_out(
     // fits the budget and pauses the guest itself, as plain QEMU does (it
     // judges by what crosses the wire, and counts untouched pages at full
     // size). Frames that reach the tap while the guest is paused wait in
-    // the tap, since QEMU does not read a paused guest's: the agent holds
-    // the tap's file and sends them on after the handover.
+    // the tap, since QEMU stops reading a paused guest's (after at most one
+    // frame, kept in its own queue): the agent holds the tap's file and
+    // sends them on after the handover.
     qmp.migrate_set_capabilities(&[
         (MigrationCapability::Events, true),
         (MigrationCapability::AutoConverge, true),

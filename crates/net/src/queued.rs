@@ -1,8 +1,9 @@
 //! Frames a tap holds for a guest that stopped reading them (a live
 //! migration's paused source), sent on to where the guest runs now.
 //!
-//! QEMU does not read a paused guest's tap, so frames that reach the tap
-//! during a migration's pause wait in the tap's queue. The queue lives as
+//! QEMU stops reading a paused guest's tap (after at most one frame, which
+//! it keeps in its own queue), so frames that reach the tap during a
+//! migration's pause wait in the tap's queue. The queue lives as
 //! long as some process holds the tap's open file: the source agent takes
 //! a reference to QEMU's before the migration, and after the handover it
 //! reads the queue and sends the guest's frames out of the overlay, whose

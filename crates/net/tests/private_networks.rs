@@ -19,19 +19,8 @@ use skyvisor_net::{
     private_devices,
 };
 
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .expect("run sh");
-    assert!(
-        out.status.success(),
-        "`{cmd}` failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+mod common;
+use common::sh;
 
 /// An "instance": a namespace with one veth on `bridge`, named like a tap.
 struct Instance {

@@ -15,18 +15,8 @@ const TAP: &str = "svq-tap";
 /// An EtherType for local experiments: nothing else on the veth uses it.
 const ETHERTYPE: &str = "88b5";
 
-fn sh(cmd: &str) {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .expect("run sh");
-    assert!(
-        out.status.success(),
-        "`{cmd}` failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+mod common;
+use common::sh;
 
 /// Opens tap [`TAP`] as QEMU does for a virtio-net NIC: no packet info,
 /// 12-byte virtio-net headers.

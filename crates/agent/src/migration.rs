@@ -825,9 +825,9 @@ struct SourceControl<'a> {
     streams: Vec<(Ipv4Addr, u16)>,
     redirected: bool,
     cancelled: bool,
-    /// The spec as read at the last progress report before the pause, so
-    /// that the handover's commit needs no read of its own while the guest
-    /// is paused (a stale one only costs a retry).
+    /// The spec as read during the last copy, so that the handover's
+    /// commit needs no read of its own after it (a stale one only costs a
+    /// retry).
     prefetched: Option<(InstanceSpec, skyvisor_store::Revision)>,
 }
 
@@ -861,17 +861,6 @@ impl OutgoingControl for SourceControl<'_> {
             return false;
         }
         self.record.progress = progress.clone();
-        if phase == MigrationPhase::Transferring {
-            // Read while the guest still runs: the handover's commit then
-            // needs no read of its own inside the pause.
-            self.prefetched = self
-                .ctx
-                .store
-                .get_json::<InstanceSpec>(&keys::instance_spec(&self.spec.instance_ref()))
-                .await
-                .ok()
-                .flatten();
-        }
         if self.record.phase != phase {
             info!(instance = %self.spec.name, migration = %self.record.id, %phase, "migration phase");
             self.record.set_phase(phase);
@@ -921,6 +910,15 @@ impl OutgoingControl for SourceControl<'_> {
         };
         let ((), redirected) = tokio::join!(others, here);
         self.redirected = redirected?;
+        // Read while QEMU still sends the last of the memory, after the
+        // switch: the handover's commit then needs no read of its own.
+        self.prefetched = self
+            .ctx
+            .store
+            .get_json::<InstanceSpec>(&keys::instance_spec(&self.spec.instance_ref()))
+            .await
+            .ok()
+            .flatten();
         Ok(())
     }
 }

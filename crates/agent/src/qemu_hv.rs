@@ -584,7 +584,7 @@ fn guest_paused_for_switchover(event: &EventKind) -> bool {
         event,
         EventKind::Stop
             | EventKind::Migration {
-                status: MigrationStatus::Device | MigrationStatus::Completed
+                status: MigrationStatus::Completed
             }
     )
 }
@@ -773,7 +773,6 @@ async fn migrate_out(
                     .checked_sub(paused)
                     .unwrap_or_else(Instant::now);
             }
-            Some(MigrationStatus::Device) => break Instant::now(),
             _ => {}
         }
         let ram = info.ram.clone().unwrap_or_default();
